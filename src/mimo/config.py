@@ -1,0 +1,336 @@
+"""Per-module parallel layouts and their validation (DESIGN §2–3).
+
+A module's layout is TP × CP × DP × PP (plus EP) on a contiguous span of ranks. `finalize` derives what
+can be derived and rejects, with a message naming the module(s), the ranks and what would be valid,
+everything that cannot train to the single-process answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+LANGUAGE = "language"
+Deployment = Literal["homogeneous", "colocated", "heterogeneous"]
+_SIZE_FIELDS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "context_parallel_size",
+    "expert_model_parallel_size",
+)
+
+
+class LayoutError(ValueError):
+    """A parallel layout that mimo cannot run, with the reason and what would be valid."""
+
+
+@dataclass
+class ModuleParallelismConfig:
+    """One module's layout and where its span starts; DP may be left None where it can be derived."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    data_parallel_size: int | None = None
+    rank_offset: int = 0
+
+    @property
+    def total_model_parallel_size(self) -> int:
+        """Ranks of one model replica: TP · CP · PP."""
+        return self.tensor_model_parallel_size * self.context_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def total_ranks(self) -> int:
+        """Ranks of the whole span: TP · CP · PP · DP (DP must be known)."""
+        if self.data_parallel_size is None:
+            raise LayoutError("total_ranks is unknown until data_parallel_size is set or derived by finalize()")
+        return self.total_model_parallel_size * self.data_parallel_size
+
+    @property
+    def span(self) -> range:
+        """The ranks this module lives on."""
+        return range(self.rank_offset, self.rank_offset + self.total_ranks)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The (pp, dp, cp, tp) mesh shape of the span."""
+        return (self.pipeline_model_parallel_size, self.data_parallel_size or 0,
+                self.context_parallel_size, self.tensor_model_parallel_size)
+
+    def finalize(self, world_size: int, name: str = "module") -> ModuleParallelismConfig:
+        """Check sizes and derive DP when the module spans the whole world; returns self."""
+        self._check_sizes(name)
+        if self.data_parallel_size is None:
+            self.data_parallel_size = self._derived_dp(world_size, name)
+        return self
+
+    def _check_sizes(self, name: str) -> None:
+        for f in (*_SIZE_FIELDS, "data_parallel_size"):
+            v = getattr(self, f)
+            if v is None and f == "data_parallel_size":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LayoutError(f"module '{name}': {f} must be a positive integer, got {v!r}")
+        if not isinstance(self.rank_offset, int) or isinstance(self.rank_offset, bool) or self.rank_offset < 0:
+            raise LayoutError(f"module '{name}': rank_offset must be an integer >= 0, got {self.rank_offset!r}")
+
+    def _derived_dp(self, world_size: int, name: str) -> int:
+        mp = self.total_model_parallel_size
+        if self.rank_offset != 0:
+            raise LayoutError(
+                f"module '{name}': data_parallel_size is None but the module starts at rank {self.rank_offset}; "
+                f"DP can be derived only for a module that spans the whole world (rank_offset 0) — "
+                f"set data_parallel_size explicitly"
+            )
+        if world_size % mp:
+            raise LayoutError(
+                f"module '{name}': cannot derive data_parallel_size: world_size {world_size} is not divisible "
+                f"by TP·CP·PP = {mp}; use a world size that is a multiple of {mp} or set data_parallel_size"
+            )
+        return world_size // mp
+
+    def describe(self) -> str:
+        """A short layout string, e.g. 'TP2 x PP2 x DP1 on ranks 2-5'."""
+        parts = [f"TP{self.tensor_model_parallel_size}"]
+        if self.context_parallel_size > 1:
+            parts.append(f"CP{self.context_parallel_size}")
+        if self.pipeline_model_parallel_size > 1:
+            parts.append(f"PP{self.pipeline_model_parallel_size}")
+        parts.append(f"DP{self.data_parallel_size}")
+        return " x ".join(parts) + f" on ranks {_ranks(self.span)}"
+
+    def same_layout(self, other: ModuleParallelismConfig) -> bool:
+        """True if both have the same sizes in every dimension (offsets aside)."""
+        keys = (*_SIZE_FIELDS, "data_parallel_size")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+@dataclass
+class MimoParallelismConfig:
+    """The layouts of all modules of a MIMO model; `finalize(world_size)` validates them together."""
+
+    module_parallelisms: dict[str, ModuleParallelismConfig]
+    topology: dict[str, list[str]] | None = None
+    _world_size: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MimoParallelismConfig:
+        """Build from {module: {field: value}}; an unknown field names itself and the allowed ones."""
+        if not isinstance(data, Mapping) or not data:
+            raise LayoutError(f"parallelism must be a mapping of module name -> layout fields, got {data!r}")
+        allowed = [f.name for f in dataclasses.fields(ModuleParallelismConfig)]
+        modules = {}
+        for name, fields_ in data.items():
+            if not isinstance(name, str) or not name:
+                raise LayoutError(f"module names must be non-empty strings, got {name!r}")
+            fields_ = fields_ or {}
+            if not isinstance(fields_, Mapping):
+                raise LayoutError(f"module '{name}': expected a mapping of layout fields, got {fields_!r}")
+            unknown = sorted(set(fields_) - set(allowed))
+            if unknown:
+                raise LayoutError(
+                    f"module '{name}': unknown key(s) {unknown}; allowed keys are {allowed}"
+                )
+            modules[name] = ModuleParallelismConfig(**fields_)
+        return cls(modules)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The plain-dict (YAML) form, the inverse of `from_dict`."""
+        return {name: dataclasses.asdict(m) for name, m in self.module_parallelisms.items()}
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def module_names(self) -> list[str]:
+        """Module names in the global order used everywhere (the order they were declared)."""
+        return list(self.module_parallelisms)
+
+    @property
+    def modality_names(self) -> list[str]:
+        """Every module but the language model."""
+        return [n for n in self.module_parallelisms if n != LANGUAGE]
+
+    def get_parallelism(self, name: str) -> ModuleParallelismConfig:
+        """The layout of module `name`; a KeyError names the modules that exist."""
+        try:
+            return self.module_parallelisms[name]
+        except KeyError:
+            raise KeyError(f"no module '{name}'; modules are {self.module_names}") from None
+
+    @property
+    def edges(self) -> list[tuple[str, str]]:
+        """Data dependencies (src, dst): the topology, by default every modality -> language."""
+        topo = self.topology or {m: [LANGUAGE] for m in self.modality_names}
+        return [(src, dst) for src, dsts in topo.items() for dst in dsts]
+
+    @property
+    def total_world_size(self) -> int:
+        """The smallest world that holds every span: the end of the last span."""
+        return max(m.rank_offset + m.total_ranks for m in self.module_parallelisms.values())
+
+    def stub_ranks(self, world_size: int | None = None) -> list[int]:
+        """Ranks in no module's span (only leading ranks can be; anything else fails validation)."""
+        world_size = world_size if world_size is not None else self.total_world_size
+        used = set()
+        for m in self.module_parallelisms.values():
+            used.update(m.span)
+        return [r for r in range(world_size) if r not in used]
+
+    def modules_on_rank(self, rank: int) -> list[str]:
+        """The modules whose span holds `rank`, in module order."""
+        return [n for n, m in self.module_parallelisms.items() if rank in m.span]
+
+    @property
+    def deployment(self) -> Deployment:
+        """homogeneous (same span, same layout), colocated (same span) or heterogeneous (spans differ)."""
+        mods = list(self.module_parallelisms.values())
+        if any(m.span != mods[0].span for m in mods):
+            return "heterogeneous"
+        if all(m.same_layout(mods[0]) for m in mods):
+            return "homogeneous"
+        return "colocated"
+
+    # -- validation ---------------------------------------------------------------------------
+    def finalize(self, world_size: int) -> MimoParallelismConfig:
+        """Derive DP where possible and apply every rule of DESIGN §3 "Validation"; returns self.
+
+        Finalizing again for the same world size is a no-op (no second round of warnings).
+        """
+        if self._world_size == world_size:
+            return self
+        if not isinstance(world_size, int) or world_size < 1:
+            raise LayoutError(f"world_size must be a positive integer, got {world_size!r}")
+        if LANGUAGE not in self.module_parallelisms:
+            raise LayoutError(
+                f"no '{LANGUAGE}' module: every MIMO model has one; modules given: {self.module_names}"
+            )
+        for name, m in self.module_parallelisms.items():
+            m.finalize(world_size, name)
+            self._check_supported(name, m)
+        self._check_topology()
+        self._check_spans(world_size)
+        self._check_edges()
+        self._world_size = world_size
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """The world size given to `finalize`."""
+        if self._world_size is None:
+            raise LayoutError("the parallelism config is not finalized: call finalize(world_size) first")
+        return self._world_size
+
+    @staticmethod
+    def _check_supported(name: str, m: ModuleParallelismConfig) -> None:
+        if m.context_parallel_size > 1:
+            raise LayoutError(
+                f"module '{name}': context_parallel_size={m.context_parallel_size} is not supported yet; use 1"
+            )
+        if m.expert_model_parallel_size > 1:
+            raise LayoutError(
+                f"module '{name}': expert_model_parallel_size={m.expert_model_parallel_size} is not supported "
+                f"yet; use 1"
+            )
+        if name != LANGUAGE and m.pipeline_model_parallel_size > 1:
+            raise LayoutError(
+                f"module '{name}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} is not "
+                f"supported yet for modality modules (only '{LANGUAGE}' may be pipelined); use 1"
+            )
+
+    def _check_topology(self) -> None:
+        for src, dst in self.edges:
+            for end in (src, dst):
+                if end not in self.module_parallelisms:
+                    raise LayoutError(f"edge {src} -> {dst}: no module '{end}'; modules are {self.module_names}")
+            if src == dst:
+                raise LayoutError(f"edge {src} -> {dst}: a module cannot feed itself")
+
+    def _check_spans(self, world_size: int) -> None:
+        items = sorted(self.module_parallelisms.items(), key=lambda kv: (kv[1].rank_offset, kv[0]))
+        for name, m in items:
+            if m.span.stop > world_size:
+                raise LayoutError(
+                    f"module '{name}' ({m.describe()}) runs past world_size {world_size}: it needs ranks up to "
+                    f"{m.span.stop - 1}; lower its offset or sizes, or use world_size >= {m.span.stop}"
+                )
+        spans = _distinct_spans(items)
+        for (a_names, a), (b_names, b) in zip(spans, spans[1:], strict=False):
+            if b.start < a.stop:
+                raise LayoutError(
+                    f"modules {_names(a_names)} (ranks {_ranks(a)}) and {_names(b_names)} (ranks {_ranks(b)}) "
+                    f"partially "
+                    f"overlap; two spans must either coincide (colocated) or be disjoint (heterogeneous)"
+                )
+            if b.start > a.stop:
+                raise LayoutError(
+                    f"ranks {_ranks(range(a.stop, b.start))} between modules {_names(a_names)} (ranks "
+                    f"{_ranks(a)}) and {_names(b_names)} (ranks {_ranks(b)}) belong to no module; spans must be "
+                    f"contiguous — start {_names(b_names)} at rank {a.stop}"
+                )
+        first, last = spans[0][1], spans[-1][1]
+        if last.stop < world_size:
+            raise LayoutError(
+                f"ranks {_ranks(range(last.stop, world_size))} after the last module {_names(spans[-1][0])} belong to "
+                f"no module; use world_size {last.stop} or extend a module's span to rank {world_size - 1}"
+            )
+        if first.start > 0:
+            warnings.warn(
+                f"ranks {_ranks(range(0, first.start))} come before the first module {_names(spans[0][0])} and belong to "
+                f"no module: they will be stub ranks (no parameters); if unintended, start a module at rank 0",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_edges(self) -> None:
+        for src, dst in self.edges:
+            a = self.module_parallelisms[src].data_parallel_size
+            b = self.module_parallelisms[dst].data_parallel_size
+            if a % b and b % a:
+                raise LayoutError(
+                    f"edge {src} -> {dst}: data_parallel_size {a} ({src}) and {b} ({dst}) do not divide one "
+                    f"another, so samples cannot be fanned in or out between the replicas; choose DP sizes "
+                    f"where one is a multiple of the other"
+                )
+
+    def validate_batch(self, global_batch_size: int, num_microbatches: int = 1) -> int:
+        """Check that every module's DP size splits each micro-batch; returns the micro-batch size."""
+        if num_microbatches < 1 or global_batch_size < 1:
+            raise LayoutError(
+                f"global_batch_size ({global_batch_size}) and num_microbatches ({num_microbatches}) must be >= 1"
+            )
+        if global_batch_size % num_microbatches:
+            raise LayoutError(
+                f"global_batch_size {global_batch_size} is not divisible by num_microbatches {num_microbatches}"
+            )
+        micro = global_batch_size // num_microbatches
+        for name, m in self.module_parallelisms.items():
+            if micro % m.data_parallel_size:
+                raise LayoutError(
+                    f"module '{name}': micro-batch size {micro} (global batch {global_batch_size} / "
+                    f"{num_microbatches} micro-batches) is not divisible by its data_parallel_size "
+                    f"{m.data_parallel_size}; use a global batch that is a multiple of "
+                    f"{num_microbatches * m.data_parallel_size}"
+                )
+        return micro
+
+
+def _distinct_spans(items: list[tuple[str, ModuleParallelismConfig]]) -> list[tuple[list[str], range]]:
+    """Group modules by span (colocated modules share one), sorted by start rank."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, m in items:
+        groups.setdefault((m.span.start, m.span.stop), []).append(name)
+    return [(names, range(*key)) for key, names in sorted(groups.items())]
+
+
+def _ranks(r: range) -> str:
+    """'3' or '2-5' for a contiguous range of ranks."""
+    return str(r.start) if len(r) == 1 else f"{r.start}-{r.stop - 1}"
+
+
+def _names(names: list[str]) -> str:
+    """'images' or 'images', 'audio' for messages."""
+    return ", ".join(f"'{n}'" for n in names)

@@ -1,0 +1,214 @@
+"""Per-module grids: a DeviceMesh over each module's span and every process group of every module.
+
+Ranks of a span form a mesh of shape (pp, dp, cp, tp), tp fastest (DESIGN §3). `build_module_grids`
+creates every group of every module on every rank in one global order (module order, then
+`GROUP_ORDER`), because ranks that create groups in different orders hang or mix up collectives.
+Groups with the same ranks are created once and shared (with CP = 1, dp×cp *is* dp): fewer
+communicators, and the global order still decides everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from mimo.config import LANGUAGE, MimoParallelismConfig, ModuleParallelismConfig
+
+MESH_DIMS = ("pp", "dp", "cp", "tp")
+# Every group of a module, in creation order; each maps to the mesh dims it spans.
+GROUP_DIMS: dict[str, tuple[str, ...]] = {
+    "tp": ("tp",),
+    "cp": ("cp",),
+    "dp": ("dp",),
+    "pp": ("pp",),
+    "dp_cp": ("dp", "cp"),
+    "tp_cp": ("tp", "cp"),
+    "span": MESH_DIMS,
+}
+GROUP_ORDER = (*GROUP_DIMS, "pos_embd", "embd")
+
+GroupFactory = Callable[[Sequence[int]], "dist.ProcessGroup | None"]
+
+
+@dataclass
+class ProcessGroupCollection:
+    """One module's process groups as seen from the current rank; None where the rank is not a member."""
+
+    tp: dist.ProcessGroup | None = None
+    cp: dist.ProcessGroup | None = None
+    dp: dist.ProcessGroup | None = None
+    pp: dist.ProcessGroup | None = None
+    dp_cp: dist.ProcessGroup | None = None
+    tp_cp: dist.ProcessGroup | None = None
+    span: dist.ProcessGroup | None = None
+    embd: dist.ProcessGroup | None = None
+    pos_embd: dist.ProcessGroup | None = None
+
+
+class ModuleGrid:
+    """One module's span as a (pp, dp, cp, tp) grid: rank arithmetic for every rank, handles for members."""
+
+    def __init__(self, name: str, config: ModuleParallelismConfig, rank: int | None = None) -> None:
+        if config.data_parallel_size is None:
+            raise ValueError(f"module '{name}': finalize the parallelism config before building its grid")
+        self.name = name
+        self.config = config
+        self.rank = dist.get_rank() if rank is None else rank
+        self.shape: tuple[int, int, int, int] = config.shape
+        self.ranks = torch.arange(config.span.start, config.span.stop).reshape(self.shape)
+        self.groups: dict[str, dist.ProcessGroup] = {}
+        self.mesh: DeviceMesh | None = None
+
+    # -- arithmetic (valid on every rank) ---------------------------------------------------
+    @property
+    def span(self) -> range:
+        """The global ranks of this module."""
+        return self.config.span
+
+    def size(self, dim: str) -> int:
+        """The size of mesh dim `dim` ('pp', 'dp', 'cp' or 'tp')."""
+        return self.shape[MESH_DIMS.index(dim)]
+
+    def coordinates(self, rank: int | None = None) -> tuple[int, int, int, int] | None:
+        """(pp, dp, cp, tp) of `rank` (default: this rank), or None off the span."""
+        rank = self.rank if rank is None else rank
+        if rank not in self.span:
+            return None
+        return tuple(int(c) for c in torch.unravel_index(torch.tensor(rank - self.span.start), self.shape))
+
+    @property
+    def coord(self) -> tuple[int, int, int, int] | None:
+        """This rank's (pp, dp, cp, tp), or None if it is not in the module."""
+        return self.coordinates()
+
+    def rank_groups(self, dims: str | Sequence[str]) -> list[list[int]]:
+        """Every group over mesh dims `dims` (a group name like 'dp_cp' or dim names) as rank lists."""
+        dims = GROUP_DIMS[dims] if isinstance(dims, str) else tuple(dims)
+        unknown = [d for d in dims if d not in MESH_DIMS]
+        if unknown:
+            raise ValueError(f"unknown mesh dims {unknown}; dims are {MESH_DIMS}")
+        inner = [MESH_DIMS.index(d) for d in MESH_DIMS if d in dims]  # keep mesh order inside a group
+        outer = [i for i in range(4) if i not in inner]
+        width = math.prod(self.shape[i] for i in inner)
+        return self.ranks.permute(*outer, *inner).reshape(-1, width).tolist()
+
+    def group_ranks(self, dims: str | Sequence[str], rank: int | None = None) -> list[int] | None:
+        """The ranks of the `dims` group that holds `rank` (default: this rank), or None off the span."""
+        rank = self.rank if rank is None else rank
+        return next((g for g in self.rank_groups(dims) if rank in g), None)
+
+    def embedding_rank_groups(self) -> list[tuple[list[int], list[int]]]:
+        """(pos_embd, embd) rank lists per pipeline group: first stage; first and last stage."""
+        return [_embedding_ranks(pp) for pp in self.rank_groups("pp")]
+
+    # -- handles (members only) -------------------------------------------------------------
+    def pg_collection(self) -> ProcessGroupCollection:
+        """This rank's groups of the module (all None on a rank outside the span)."""
+        return ProcessGroupCollection(**{k: self.groups.get(k) for k in GROUP_ORDER})
+
+    def get_group(self, name: str) -> dist.ProcessGroup | None:
+        """This rank's group `name` (see GROUP_ORDER), or None if it is not a member."""
+        if name not in GROUP_ORDER:
+            raise ValueError(f"unknown group '{name}'; groups are {GROUP_ORDER}")
+        return self.groups.get(name)
+
+    def __repr__(self) -> str:
+        return f"ModuleGrid({self.name!r}, {self.config.describe()}, coord={self.coord})"
+
+
+def is_pp_first_stage(pp_group: dist.ProcessGroup | None) -> bool:
+    """True on the first pipeline stage; a None group means PP = 1, where every rank is first."""
+    return pp_group is None or dist.get_rank(pp_group) == 0
+
+
+def is_pp_last_stage(pp_group: dist.ProcessGroup | None) -> bool:
+    """True on the last pipeline stage; a None group means PP = 1, where every rank is last."""
+    return pp_group is None or dist.get_rank(pp_group) == dist.get_world_size(pp_group) - 1
+
+
+def is_current_rank_in_grid(grid: ModuleGrid) -> bool:
+    """True if this process's global rank lies in the grid's span."""
+    return dist.get_rank() in grid.span
+
+
+def populate_embedding_and_position_groups(
+    pp_rank_groups: Sequence[Sequence[int]], new_group: GroupFactory | None = None
+) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """Create (pos_embd, embd) for every pipeline group, in order, on every rank; return this rank's pair.
+
+    pos_embd holds a pipeline's first stage; embd its first and last stages (one rank when PP = 1),
+    over which tied word-embedding gradients are all-reduced.
+    """
+    new_group = new_group or _new_group
+    rank = dist.get_rank()
+    pos_embd = embd = None
+    for pp_ranks in pp_rank_groups:
+        pos_ranks, embd_ranks = _embedding_ranks(pp_ranks)
+        pos = new_group(pos_ranks)
+        emb = new_group(embd_ranks)
+        if rank in pos_ranks:
+            pos_embd = pos
+        if rank in embd_ranks:
+            embd = emb
+    return pos_embd, embd
+
+
+def build_module_grids(config: MimoParallelismConfig) -> dict[str, ModuleGrid]:
+    """Create every group of every module on every rank in the global order; return the grids by module."""
+    config.finalize(dist.get_world_size())
+    factory = _SharedGroups()
+    grids = {name: ModuleGrid(name, m) for name, m in config.module_parallelisms.items()}
+    for grid in grids.values():
+        for name in GROUP_DIMS:
+            for ranks in grid.rank_groups(name):
+                pg = factory(ranks)
+                if grid.rank in ranks:
+                    grid.groups[name] = pg
+        if grid.name == LANGUAGE:
+            pos, emb = populate_embedding_and_position_groups(grid.rank_groups("pp"), factory)
+            grid.groups.update({k: v for k, v in (("pos_embd", pos), ("embd", emb)) if v is not None})
+        grid.mesh = _device_mesh(grid)
+    return grids
+
+
+class _SharedGroups:
+    """Creates one process group per distinct rank list, in call order, on every rank."""
+
+    def __init__(self) -> None:
+        self.by_ranks: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+
+    def __call__(self, ranks: Sequence[int]) -> dist.ProcessGroup | None:
+        key = tuple(ranks)
+        if key not in self.by_ranks:
+            self.by_ranks[key] = _new_group(key)
+        return self.by_ranks[key]
+
+
+def _new_group(ranks: Sequence[int]) -> dist.ProcessGroup | None:
+    """`dist.new_group` (a call every rank makes), None on ranks outside the group."""
+    pg = dist.new_group(list(ranks))
+    return None if pg in (None, dist.GroupMember.NON_GROUP_MEMBER) else pg
+
+
+def _embedding_ranks(pp_ranks: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(first stage), (first, last stage) of one pipeline group."""
+    first, last = pp_ranks[0], pp_ranks[-1]
+    return [first], sorted({first, last})
+
+
+def device_type() -> str:
+    """'cuda' when the default backend is NCCL, else 'cpu' (gloo, fake)."""
+    return "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
+
+
+def _device_mesh(grid: ModuleGrid) -> DeviceMesh | None:
+    """The (pp, dp, cp, tp) DeviceMesh over the span, built from the groups already created."""
+    if grid.coord is None:
+        return None
+    groups = [grid.groups[d] for d in MESH_DIMS]
+    return DeviceMesh.from_group(groups, device_type(), mesh=grid.ranks, mesh_dim_names=MESH_DIMS)
