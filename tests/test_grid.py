@@ -162,7 +162,10 @@ def check_mesh(grid, rank: int) -> None:
 
 
 # -- tests ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("kind", "layout", "world_size"), LAYOUTS + PP_LAYOUTS, ids=[x[0] for x in LAYOUTS + PP_LAYOUTS])
+ALL_LAYOUTS = LAYOUTS + PP_LAYOUTS
+
+
+@pytest.mark.parametrize(("kind", "layout", "world_size"), ALL_LAYOUTS, ids=[x[0] for x in ALL_LAYOUTS])
 def test_groups_match_arithmetic(kind, layout, world_size):
     results = run_distributed(check_grids, world_size, layout)
     assert results[0]["created"] == expected_creation_order(layout, world_size)

@@ -262,8 +262,7 @@ class MimoParallelismConfig:
             if b.start < a.stop:
                 raise LayoutError(
                     f"modules {_names(a_names)} (ranks {_ranks(a)}) and {_names(b_names)} (ranks {_ranks(b)}) "
-                    f"partially "
-                    f"overlap; two spans must either coincide (colocated) or be disjoint (heterogeneous)"
+                    f"partially overlap; two spans must either coincide (colocated) or be disjoint (heterogeneous)"
                 )
             if b.start > a.stop:
                 raise LayoutError(
@@ -279,8 +278,8 @@ class MimoParallelismConfig:
             )
         if first.start > 0:
             warnings.warn(
-                f"ranks {_ranks(range(0, first.start))} come before the first module {_names(spans[0][0])} and belong to "
-                f"no module: they will be stub ranks (no parameters); if unintended, start a module at rank 0",
+                f"ranks {_ranks(range(0, first.start))} come before the first module {_names(spans[0][0])} and "
+                f"belong to no module: they will be stub ranks (no parameters); if unintended, start a module at 0",
                 UserWarning,
                 stacklevel=3,
             )
