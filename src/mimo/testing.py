@@ -1,12 +1,13 @@
-"""Run a function on N real gloo processes and collect what each rank returns.
+"""Multi-process and fake-world harnesses for tests and benchmarks.
 
-The harness behind every multi-process test: a parent-owned TCPStore (no free-port race), workers
-started from a forkserver that has already imported torch (fast start), every rank's traceback on
-failure, and a timeout that names the ranks that never finished instead of hanging.
+`run_distributed` runs a function on N real gloo processes and collects what each rank returns: a
+parent-owned TCPStore (no free-port race), workers started from a forkserver that has already imported
+torch (fast start), every rank's traceback on failure, and a timeout that names the ranks that never finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -14,7 +15,7 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -157,3 +158,19 @@ def _outcome_or_raise(fn: Callable, world_size: int, outcome: dict, timeout_s: f
         why = "after another rank failed" if failed else f"within {timeout_s:.0f} s"
         lines.append(f"--- ranks {missing} did not finish {why} (killed) ---")
     raise DistributedTestError("\n".join(lines))
+
+
+@contextlib.contextmanager
+def fake_world(rank: int, world_size: int) -> Iterator[None]:
+    """Be rank `rank` of a world of any size in this one process, on PyTorch's fake backend.
+
+    The fake backend accepts every collective without moving data: enough to check group arithmetic
+    and creation at thousands of ranks.
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # also registers the "fake" backend
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
