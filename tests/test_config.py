@@ -100,14 +100,14 @@ def test_partial_overlap_same_start():
 
 def test_gap_between_modules():
     c = cfg(images={"data_parallel_size": 2}, language={"data_parallel_size": 2, "rank_offset": 3})
-    with pytest.raises(LayoutError, match=r"ranks 2 between modules 'images' \(ranks 0-1\) and 'language' \(ranks "
-                                          r"3-4\) belong to no module.*start 'language' at rank 2"):
+    with pytest.raises(LayoutError, match=r"rank 2 between modules 'images' \(ranks 0-1\) and 'language' \(ranks "
+                                          r"3-4\): no module holds them.*start 'language' at rank 2"):
         c.finalize(5)
 
 
 def test_unused_trailing_ranks():
     c = cfg(images={"data_parallel_size": 2}, language={"data_parallel_size": 2, "rank_offset": 2})
-    with pytest.raises(LayoutError, match=r"ranks 4-5 after the last module 'language' belong to no module; "
+    with pytest.raises(LayoutError, match=r"ranks 4-5 after the last module 'language': no module holds them; "
                                           r"use world_size 4"):
         c.finalize(6)
 
@@ -115,7 +115,8 @@ def test_unused_trailing_ranks():
 def test_leading_ranks_warn_and_become_stub_ranks():
     c = cfg(images={"data_parallel_size": 1, "rank_offset": 1},
             language={"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 2})
-    with pytest.warns(UserWarning, match=r"ranks 0 come before the first module 'images'.*stub ranks"):
+    with pytest.warns(UserWarning, match=r"rank 0 before the first module 'images': no module holds them, so "
+                                        r"they will be stub ranks"):
         c.finalize(4)
     assert c.stub_ranks(4) == [0]
     assert c.deployment == "heterogeneous"

@@ -101,7 +101,7 @@ class ModuleParallelismConfig:
         if self.pipeline_model_parallel_size > 1:
             parts.append(f"PP{self.pipeline_model_parallel_size}")
         parts.append(f"DP{self.data_parallel_size}")
-        return " x ".join(parts) + f" on ranks {_ranks(self.span)}"
+        return " x ".join(parts) + f" on {_ranks(self.span)}"
 
     def same_layout(self, other: ModuleParallelismConfig) -> bool:
         """True if both have the same sizes in every dimension (offsets aside)."""
@@ -261,25 +261,25 @@ class MimoParallelismConfig:
         for (a_names, a), (b_names, b) in zip(spans, spans[1:], strict=False):
             if b.start < a.stop:
                 raise LayoutError(
-                    f"modules {_names(a_names)} (ranks {_ranks(a)}) and {_names(b_names)} (ranks {_ranks(b)}) "
+                    f"modules {_names(a_names)} ({_ranks(a)}) and {_names(b_names)} ({_ranks(b)}) "
                     f"partially overlap; two spans must either coincide (colocated) or be disjoint (heterogeneous)"
                 )
             if b.start > a.stop:
                 raise LayoutError(
-                    f"ranks {_ranks(range(a.stop, b.start))} between modules {_names(a_names)} (ranks "
-                    f"{_ranks(a)}) and {_names(b_names)} (ranks {_ranks(b)}) belong to no module; spans must be "
+                    f"{_ranks(range(a.stop, b.start))} between modules {_names(a_names)} ({_ranks(a)}) and "
+                    f"{_names(b_names)} ({_ranks(b)}): no module holds them; spans must be "
                     f"contiguous — start {_names(b_names)} at rank {a.stop}"
                 )
         first, last = spans[0][1], spans[-1][1]
         if last.stop < world_size:
             raise LayoutError(
-                f"ranks {_ranks(range(last.stop, world_size))} after the last module {_names(spans[-1][0])} belong to "
-                f"no module; use world_size {last.stop} or extend a module's span to rank {world_size - 1}"
+                f"{_ranks(range(last.stop, world_size))} after the last module {_names(spans[-1][0])}: no module "
+                f"holds them; use world_size {last.stop} or extend a module's span to rank {world_size - 1}"
             )
         if first.start > 0:
             warnings.warn(
-                f"ranks {_ranks(range(0, first.start))} come before the first module {_names(spans[0][0])} and "
-                f"belong to no module: they will be stub ranks (no parameters); if unintended, start a module at 0",
+                f"{_ranks(range(0, first.start))} before the first module {_names(spans[0][0])}: no module "
+                f"holds them, so they will be stub ranks (no parameters); if unintended, start a module at 0",
                 UserWarning,
                 stacklevel=3,
             )
@@ -326,8 +326,8 @@ def _distinct_spans(items: list[tuple[str, ModuleParallelismConfig]]) -> list[tu
 
 
 def _ranks(r: range) -> str:
-    """'3' or '2-5' for a contiguous range of ranks."""
-    return str(r.start) if len(r) == 1 else f"{r.start}-{r.stop - 1}"
+    """'rank 3' or 'ranks 2-5' for a contiguous range of ranks."""
+    return f"rank {r.start}" if len(r) == 1 else f"ranks {r.start}-{r.stop - 1}"
 
 
 def _names(names: list[str]) -> str:
