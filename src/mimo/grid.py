@@ -79,7 +79,11 @@ class ModuleGrid:
         rank = self.rank if rank is None else rank
         if rank not in self.span:
             return None
-        return tuple(int(c) for c in torch.unravel_index(torch.tensor(rank - self.span.start), self.shape))
+        local, coord = rank - self.span.start, []
+        for size in reversed(self.shape):  # tp fastest
+            local, c = divmod(local, size)
+            coord.append(c)
+        return tuple(reversed(coord))
 
     @property
     def coord(self) -> tuple[int, int, int, int] | None:
