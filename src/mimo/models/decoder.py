@@ -1,0 +1,267 @@
+"""A Llama-style decoder-only language model that can be built for a range of its layers.
+
+RMSNorm, rotary positions, grouped-query causal attention (SDPA), SwiGLU MLP, no biases, optional tied
+input/output embeddings. Built for `layer_range = (start, end)` it is one pipeline stage: the embedding
+lives on the stage holding layer 0, the final norm and output head on the stage holding the last layer,
+and layers sit in an `nn.ModuleDict` keyed by their *global* index, so every parameter has the same
+name on every layout (`layers.17.mlp.up_proj.weight` is that on whichever stage holds layer 17).
+Parameter names follow Hugging Face's `LlamaModel` (without its `model.` prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from mimo.models.rmsnorm import RMSNorm
+from mimo.models.rotary import apply_rotary, rotary_tables
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Shape of a Llama-style decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        """Reject shapes the attention cannot split evenly."""
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer: q/o (H×H), k/v (H×kv·d), gate/up/down (H×F), two norms."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * self.ffn_hidden_size + 2 * h
+
+    def num_params(self, layer_range: tuple[int, int] | None = None) -> int:
+        """Closed-form parameter count of `Decoder(self, layer_range)` (a tied head counted once)."""
+        start, end = layer_range or (0, self.num_layers)
+        embedding = self.vocab_size * self.hidden_size
+        count = (end - start) * self.layer_params()
+        if start == 0:
+            count += embedding
+        if end == self.num_layers:
+            count += self.hidden_size + (0 if self.tie_embeddings and start == 0 else embedding)
+        return count
+
+    @classmethod
+    def tiny(cls, **overrides: object) -> DecoderConfig:
+        """Vocab 256, width 64, 2 layers, 4 heads over 2 KV heads: trains on a CPU in seconds."""
+        base = cls(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   ffn_hidden_size=128, max_seq_len=256)
+        return replace(base, **overrides)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> DecoderConfig:
+        """A named preset: "tiny", "1b", "3b" or "7b" (Vicuna-7B / Llama-2-7B shape)."""
+        if name == "tiny":
+            return cls.tiny(**overrides)
+        if name not in _PRESETS:
+            raise ValueError(f"unknown decoder preset {name!r}; expected one of {['tiny', *_PRESETS]}")
+        return replace(_PRESETS[name], **overrides)
+
+
+_PRESETS = {
+    "1b": DecoderConfig(vocab_size=32000, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+                        ffn_hidden_size=5504),
+    "3b": DecoderConfig(vocab_size=32000, hidden_size=3072, num_layers=26, num_heads=24, num_kv_heads=24,
+                        ffn_hidden_size=8192),
+    "7b": DecoderConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                        ffn_hidden_size=11008),
+}
+
+
+class DecoderAttention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions; heads inferred from the local width."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        """Build bias-free q/k/v/o projections."""
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.head_dim = d
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, h·d] → [B, h, S, d]; h (-1) is whatever this rank holds: all heads, or its TP shard of them."""
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] → [B, S, H]; cos/sin are the rotary tables for positions 0..S-1."""
+        q = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
+        k = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
+        v = self._heads(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) · up(x)), bias-free."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+        """Build the gate, up and down projections."""
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Position-wise gated feed-forward: [B, S, H] → [B, S, H]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        """Build the norms, the attention and the MLP."""
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DecoderAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One decoder layer: [B, S, H] → [B, S, H]."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The language model, or the pipeline stage of it that holds layers [start, end)."""
+
+    def __init__(self, config: DecoderConfig, layer_range: tuple[int, int] | None = None) -> None:
+        """Build this stage's layers, plus the embedding if it holds layer 0 and the head if the last."""
+        super().__init__()
+        start, end = layer_range or (0, config.num_layers)
+        if not 0 <= start < end <= config.num_layers:
+            raise ValueError(f"layer_range ({start}, {end}) is not a non-empty range inside "
+                             f"[0, {config.num_layers}) layers")
+        self.config = config
+        self.layer_range = (start, end)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.has_embedding else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
+        if self.has_head:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            self.norm, self.lm_head = None, None
+        self.tie_weights()
+        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("rope_sin", sin.to(torch.get_default_dtype()), persistent=False)
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether this stage holds layer 0 and so the input embedding."""
+        return self.layer_range[0] == 0
+
+    @property
+    def has_head(self) -> bool:
+        """Whether this stage holds the last layer and so the final norm and the output head."""
+        return self.layer_range[1] == self.config.num_layers
+
+    @property
+    def head_is_tied(self) -> bool:
+        """Whether the head shares the embedding's Parameter (tied embeddings on a stage holding both)."""
+        return self.config.tie_embeddings and self.has_embedding and self.has_head
+
+    def tie_weights(self) -> None:
+        """Make the head reuse the embedding's weight when tied on this stage; call again after TP wrapping."""
+        if self.head_is_tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_aliases(self) -> dict[str, str]:
+        """Parameter names to seed as another name: a tied head on a later stage starts as the embedding."""
+        return {"lm_head.weight": "embed_tokens.weight"} if self.config.tie_embeddings and self.has_head else {}
+
+    def reset_buffers(self) -> None:
+        """Recompute the rotary tables in float64 on the buffers' device and dtype (e.g. after `to_empty`)."""
+        c = self.config
+        cos, sin = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.rope_cos.device)
+        self.rope_cos = cos.to(self.rope_cos.dtype)
+        self.rope_sin = sin.to(self.rope_sin.dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, S] → embeddings [B, S, H]; only on the stage holding layer 0."""
+        if self.embed_tokens is None:
+            raise RuntimeError(f"this decoder stage holds layers {self.layer_range}, not the embedding")
+        return self.embed_tokens(input_ids)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run this stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
+        seq_len = hidden.shape[1]
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
+        cos = self.rope_cos[:seq_len].to(hidden.dtype)
+        sin = self.rope_sin[:seq_len].to(hidden.dtype)
+        for layer in self.layers.values():
+            hidden = layer(hidden, cos, sin)
+        return self.norm(hidden) if self.norm is not None else hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, S, H] (already normed by `forward`) → logits [B, S, V]."""
+        if self.lm_head is None:
+            raise RuntimeError(f"this decoder stage holds layers {self.layer_range}, not the output head")
+        return self.lm_head(hidden)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and the number of label tokens; `labels[b, t]` is position t's target."""
+        logits = self.logits(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+                                   ignore_index=IGNORE_INDEX)
+        return loss_sum, (labels != IGNORE_INDEX).sum()
+
+    def tp_plan(self) -> dict[str, ParallelStyle]:
+        """Megatron-style TP: q/k/v/gate/up column-sharded, o/down row-sharded.
+
+        The embedding is sharded over the vocabulary (`RowwiseParallel`, output all-reduced to a replicated
+        [B, S, H]) and the head too (`ColwiseParallel`, logits all-gathered so a plain full-vocabulary
+        cross-entropy works). Both shard their weight as Shard(0), so a tied weight stays one tensor:
+        `parallelize_module` unshares it, `tie_weights()` (which `init_parameters` calls) re-shares it.
+        Note: DTensor's embedding backward yields a Replicate (full-table) gradient for the sharded weight.
+        """
+        plan: dict[str, ParallelStyle] = {}
+        if self.has_embedding:
+            plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
+        for i in self.layers:
+            plan.update({
+                f"layers.{i}.self_attn.q_proj": ColwiseParallel(),
+                f"layers.{i}.self_attn.k_proj": ColwiseParallel(),
+                f"layers.{i}.self_attn.v_proj": ColwiseParallel(),
+                f"layers.{i}.self_attn.o_proj": RowwiseParallel(),
+                f"layers.{i}.mlp.gate_proj": ColwiseParallel(),
+                f"layers.{i}.mlp.up_proj": ColwiseParallel(),
+                f"layers.{i}.mlp.down_proj": RowwiseParallel(),
+            })
+        if self.has_head:
+            plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+        return plan

@@ -1,0 +1,172 @@
+"""The multimodal model: modality submodules (encoder + projection) feeding one language model.
+
+`MimoModel` knows how to encode each modality, where its embeddings go in the text sequence (at that
+modality's special-token positions, in sample order) and how to score the language model's output. Its
+`forward` is the single-process reference every parity test compares a distributed run against; the
+distributed training code calls the same pieces (`encode`, `align_embeddings`, `language_loss`) on the
+ranks that hold them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from mimo.models.decoder import IGNORE_INDEX, Decoder
+
+
+@dataclass
+class ModalityBatch:
+    """One modality's inputs for a batch: all items stacked in sample order, and how many each sample has."""
+
+    items: torch.Tensor
+    items_per_sample: torch.Tensor
+
+    def __post_init__(self) -> None:
+        """Check that the stacked items are exactly the ones the per-sample counts announce."""
+        if self.items_per_sample.dim() != 1:
+            raise ValueError(f"items_per_sample must be 1-D [B], got shape {tuple(self.items_per_sample.shape)}")
+        total = int(self.items_per_sample.sum())
+        if self.items.shape[0] != total:
+            raise ValueError(f"items holds {self.items.shape[0]} items but items_per_sample sums to {total}")
+
+
+class ModalitySubmodule(nn.Module):
+    """One modality's encoder and projection: items → [N, tokens_per_item, language hidden size]."""
+
+    def __init__(self, encoder: nn.Module, projection: nn.Module) -> None:
+        """Hold the encoder (must expose `tokens_per_item`) and the projection to the language width."""
+        super().__init__()
+        self.encoder = encoder
+        self.projection = projection
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Embeddings produced per item."""
+        return self.encoder.tokens_per_item
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """Encode then project a stack of items."""
+        return self.projection(self.encoder(items))
+
+    def tp_plan(self) -> dict[str, ParallelStyle]:
+        """The encoder's and the projection's plans, under their attribute names."""
+        plan = {f"encoder.{k}": v for k, v in self.encoder.tp_plan().items()}
+        plan.update({f"projection.{k}": v for k, v in self.projection.tp_plan().items()})
+        return plan
+
+
+class MimoModel(nn.Module):
+    """Modality submodules and a language model (either may be absent on a rank that does not hold it)."""
+
+    def __init__(
+        self,
+        language_model: Decoder | None,
+        modality_submodules: Mapping[str, ModalitySubmodule] | None,
+        special_token_ids: Mapping[str, int],
+    ) -> None:
+        """Hold the parts; every modality needs its own special token id."""
+        super().__init__()
+        self.language_model = language_model
+        self.modality_submodules = nn.ModuleDict(dict(modality_submodules or {}))
+        self.special_token_ids = dict(special_token_ids)
+        missing = sorted(set(self.modality_submodules) - set(self.special_token_ids))
+        if missing:
+            raise ValueError(f"modalities {missing} have no entry in special_token_ids")
+        if len(set(self.special_token_ids.values())) != len(self.special_token_ids):
+            raise ValueError(f"special token ids must be distinct, got {self.special_token_ids}")
+
+    def encode(self, modality_inputs: Mapping[str, ModalityBatch]) -> dict[str, torch.Tensor]:
+        """Each modality's projected embeddings, flattened to [total_tokens, H] in sample order."""
+        out = {}
+        for name, batch in modality_inputs.items():
+            if name not in self.modality_submodules:
+                raise ValueError(f"no submodule for modality {name!r}; have {sorted(self.modality_submodules)}")
+            out[name] = self.modality_submodules[name](batch.items).flatten(0, 1)
+        return out
+
+    def tokens_per_sample(self, modality_inputs: Mapping[str, ModalityBatch]) -> dict[str, torch.Tensor]:
+        """Per modality, how many embeddings each sample receives: items_per_sample × tokens per item."""
+        return {
+            name: batch.items_per_sample * self.modality_submodules[name].tokens_per_item
+            for name, batch in modality_inputs.items()
+        }
+
+    def align_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        modality_embeddings: Mapping[str, torch.Tensor],
+        tokens_per_sample: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Text embeddings [B, S, H] with each modality's embeddings written, in order, at its special tokens."""
+        decoder = self._language_model()
+        special = self._is_special(input_ids)
+        embeddings = decoder.embed(input_ids.masked_fill(special, 0))
+        for name, token_id in self.special_token_ids.items():
+            positions = input_ids == token_id
+            values = modality_embeddings.get(name)
+            expected = tokens_per_sample.get(name, torch.zeros_like(input_ids[:, 0]))
+            _check_counts(name, token_id, positions.sum(dim=1), expected, values)
+            if values is not None:
+                embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), values.to(embeddings.dtype))
+        return embeddings
+
+    def language_loss(
+        self, embeddings: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, label count) over text positions; modality positions never carry a label."""
+        decoder = self._language_model()
+        ignore = self._is_special(input_ids) | self._is_special(labels)
+        return decoder.loss(decoder(embeddings), labels.masked_fill(ignore, IGNORE_INDEX))
+
+    def language_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] of aligned embeddings, for evaluation."""
+        decoder = self._language_model()
+        return decoder.logits(decoder(embeddings))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        modality_inputs: Mapping[str, ModalityBatch] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode, align and score in one process: the reference for every parity test."""
+        modality_inputs = modality_inputs or {}
+        embeddings = self.align_embeddings(
+            input_ids, self.encode(modality_inputs), self.tokens_per_sample(modality_inputs)
+        )
+        return self.language_loss(embeddings, input_ids, labels)
+
+    def _language_model(self) -> Decoder:
+        """The language model, or a clear error on a rank that does not hold one."""
+        if self.language_model is None:
+            raise RuntimeError("this MimoModel holds no language model (an encoder-only rank)")
+        return self.language_model
+
+    def _is_special(self, ids: torch.Tensor) -> torch.Tensor:
+        """Where `ids` holds any modality's special token id."""
+        special = torch.tensor(list(self.special_token_ids.values()), dtype=ids.dtype, device=ids.device)
+        return torch.isin(ids, special)
+
+
+def _check_counts(
+    name: str, token_id: int, found: torch.Tensor, expected: torch.Tensor, values: torch.Tensor | None
+) -> None:
+    """Raise if any sample's special-token count differs from its modality-token count."""
+    if found.shape != expected.shape:
+        raise ValueError(f"modality {name!r}: tokens_per_sample has shape {tuple(expected.shape)}, "
+                         f"input_ids has {found.shape[0]} samples")
+    expected = expected.to(found.device)
+    mismatch = (found != expected).nonzero()
+    if mismatch.numel():
+        b = int(mismatch[0, 0])
+        raise ValueError(f"sample {b}: {int(found[b])} special tokens for modality {name!r} (id {token_id}) "
+                         f"in input_ids, but {int(expected[b])} {name!r} embeddings for it")
+    rows = 0 if values is None else values.shape[0]
+    if rows != int(expected.sum()):
+        raise ValueError(f"modality {name!r}: {rows} embeddings given, but tokens_per_sample sums to "
+                         f"{int(expected.sum())}")

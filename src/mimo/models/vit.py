@@ -1,0 +1,161 @@
+"""A CLIP-style vision transformer that turns images into a sequence of patch embeddings.
+
+The mould is OpenAI's CLIP vision tower as LLaVA uses it: bias-free conv patch embedding, a class token,
+learned positions, a LayerNorm before the first block ("pre_layrnorm", CLIP's spelling), pre-norm blocks
+with quick_gelu, and the output of a selected layer (LLaVA: the penultimate) rather than the last one.
+Only the layers up to the selected one are built, so no parameter is left without a gradient. Names
+follow Hugging Face's `CLIPVisionTransformer` so pretrained weights load by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from mimo.models.encoder_block import EncoderBlock, encoder_block_params, encoder_block_tp_plan
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Shape of a ViT encoder; `select_layer` indexes hidden states like HF (0 = embeddings, -1 = last)."""
+
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_hidden_size: int = 4096
+    layer_norm_eps: float = 1e-5
+    select_layer: int = -2
+    drop_class_token: bool = True
+    activation: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        """Reject shapes that cannot build: partial patches, uneven heads, an out-of-range layer."""
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
+            raise ValueError(
+                f"select_layer {self.select_layer} is outside [-{self.num_layers + 1}, {self.num_layers}] "
+                f"for a {self.num_layers}-layer encoder"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image: (image_size / patch_size)²."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Output tokens per image: one per patch, plus the class token unless it is dropped."""
+        return self.num_patches + (0 if self.drop_class_token else 1)
+
+    @property
+    def num_layers_built(self) -> int:
+        """How many blocks run (and are built) to reach `select_layer`."""
+        return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+
+    def num_params(self) -> int:
+        """Closed-form parameter count of `ViTEncoder(self)` (built layers only)."""
+        h = self.hidden_size
+        embeddings = self.num_channels * self.patch_size**2 * h + h + (self.num_patches + 1) * h
+        blocks = self.num_layers_built * encoder_block_params(h, self.ffn_hidden_size)
+        return embeddings + 2 * h + blocks
+
+    @classmethod
+    def clip_vit_l14_336(cls) -> ViTConfig:
+        """OpenAI CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower): 576 tokens of width 1024."""
+        return cls(image_size=336, patch_size=14)
+
+    @classmethod
+    def tiny(cls) -> ViTConfig:
+        """8×8 RGB images in 2×2 patches (16 tokens), width 32, 3 layers of which 2 run: CPU-test size."""
+        return cls(image_size=8, patch_size=2, hidden_size=32, num_layers=3, num_heads=4, ffn_hidden_size=64)
+
+
+class ViTEmbeddings(nn.Module):
+    """Patches → tokens, with a class token in front and learned absolute positions added."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        """Build the conv patch embedding (no bias), the class token and the position table."""
+        super().__init__()
+        h = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(h))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, h, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(config.num_patches + 1, h)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] → [N, 1 + patches, hidden]."""
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class ViTLayers(nn.Module):
+    """The stack of encoder blocks (a module of its own so names read `encoder.layers.N`, as in CLIP)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        """Build the blocks that run up to `select_layer`."""
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderBlock(
+                config.hidden_size,
+                config.num_heads,
+                config.ffn_hidden_size,
+                config.layer_norm_eps,
+                config.activation,
+            )
+            for _ in range(config.num_layers_built)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run every built block in order."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ViTEncoder(nn.Module):
+    """CLIP vision tower: images [N, C, H, W] → features [N, tokens_per_item, hidden] of `select_layer`."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        """Build embeddings, the pre-LayerNorm and the blocks up to the selected layer."""
+        super().__init__()
+        self.config = config
+        self.embeddings = ViTEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = ViTLayers(config)
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Tokens this encoder emits per image."""
+        return self.config.tokens_per_image
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the emitted tokens."""
+        return self.config.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encode a stack of images; the class token is dropped if the config says so."""
+        size = self.config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(f"expected pixel_values [N, C, {size}, {size}], got {tuple(pixel_values.shape)}")
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+        return x[:, 1:] if self.config.drop_class_token else x
+
+    def tp_plan(self) -> dict[str, ParallelStyle]:
+        """Shard every block's attention and MLP (Megatron style); embeddings and norms stay replicated."""
+        plan: dict[str, ParallelStyle] = {}
+        for i in range(len(self.encoder.layers)):
+            plan.update(encoder_block_tp_plan(f"encoder.layers.{i}."))
+        return plan
