@@ -1,0 +1,280 @@
+"""Build, on each rank, only the parts of a MIMO model that the rank hosts (names as in Megatron-Bridge).
+
+`MimoModelProvider` turns module specs plus a `MimoParallelismConfig` into the process groups
+(`build_infra`, once) and a model (`provide`): the modality submodules of the modules whose span holds
+this rank, the language model's pipeline stage, or a parameter-free `MimoStubModel` on a stub rank.
+Everything is built on the meta device and then materialized with layout-independent values, so each
+rank holds exactly the single-process model's numbers for the parts it has.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mimo.config import LANGUAGE, Deployment, MimoParallelismConfig
+from mimo.grid import ModuleGrid, ProcessGroupCollection, build_module_grids
+from mimo.models import (
+    Decoder,
+    DecoderConfig,
+    MimoModel,
+    MimoStubModel,
+    MLPProjector,
+    ModalitySubmodule,
+    ViTConfig,
+    ViTEncoder,
+    init_parameters,
+)
+
+
+class ProviderError(ValueError):
+    """Specs, freezing flags or layouts that do not fit together."""
+
+
+@dataclass
+class ModuleSpec:
+    """A module to build later: a class or factory, its keyword arguments and sub-specs built first."""
+
+    module: Callable[..., nn.Module]
+    params: dict[str, Any] = field(default_factory=dict)
+    submodules: dict[str, ModuleSpec] = field(default_factory=dict)
+
+    def build(self, **extra: Any) -> nn.Module:
+        """Build the submodules, then the module with them, its params and `extra` as keywords."""
+        built = {name: spec.build() for name, spec in self.submodules.items()}
+        return self.module(**self.params, **built, **extra)
+
+
+@dataclass
+class MimoModelInfra:
+    """What a rank knows about the deployment: grids, its process groups, the modules it hosts."""
+
+    module_to_grid_map: dict[str, ModuleGrid]
+    pg_collections: dict[str, ProcessGroupCollection]
+    participating_modules: list[str]
+    topology: dict[str, list[str]]
+    deployment: Deployment
+    is_stub_rank: bool
+    config: MimoParallelismConfig | None
+
+
+def pipeline_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
+    """Layers [start, end) of stage `pp_rank`: as even as possible, earlier stages take the remainder."""
+    if num_layers < pp_size:
+        raise ProviderError(f"the language model has {num_layers} layers, fewer than its {pp_size} pipeline "
+                            f"stages; use pipeline_model_parallel_size <= {num_layers}")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)
+
+
+class MimoModelProvider:
+    """Builds a MIMO model's process groups and, on each rank, the parts of the model that rank hosts."""
+
+    def __init__(
+        self,
+        language_model_spec: ModuleSpec,
+        modality_submodules_spec: Mapping[str, ModuleSpec],
+        special_token_ids: Mapping[str, int],
+        mimo_parallelism_config: MimoParallelismConfig | None = None,
+        topology: Mapping[str, list[str]] | None = None,
+        freeze_language_model: bool = False,
+        freeze_modality_encoders: Mapping[str, bool] | None = None,
+        freeze_modality_projections: Mapping[str, bool] | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        seed: int = 1234,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Keep the specs and flags; check that they name the same modalities. Nothing is built yet."""
+        self.language_model_spec = language_model_spec
+        self.modality_submodules_spec = dict(modality_submodules_spec)
+        self.special_token_ids = dict(special_token_ids)
+        self.mimo_parallelism_config = mimo_parallelism_config
+        self.topology = {k: list(v) for k, v in (topology or {m: [LANGUAGE] for m in modality_submodules_spec}).items()}
+        self.freeze_language_model = freeze_language_model
+        self.freeze_modality_encoders = dict(freeze_modality_encoders or {})
+        self.freeze_modality_projections = dict(freeze_modality_projections or {})
+        self.params_dtype = params_dtype
+        self.seed = seed
+        self.device = device
+        self._infra: MimoModelInfra | None = None
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """Every modality has a special token; freezing flags and the layout name only known modules."""
+        modalities = sorted(self.modality_submodules_spec)
+        if LANGUAGE in self.modality_submodules_spec:
+            raise ProviderError(f"'{LANGUAGE}' is the language model, not a modality; rename that modality")
+        missing = sorted(set(modalities) - set(self.special_token_ids))
+        if missing:
+            raise ProviderError(f"modalities {missing} have no special_token_ids entry; give each modality a token id")
+        for what, flags in (("freeze_modality_encoders", self.freeze_modality_encoders),
+                            ("freeze_modality_projections", self.freeze_modality_projections)):
+            unknown = sorted(set(flags) - set(modalities))
+            if unknown:
+                raise ProviderError(f"{what} names unknown modalities {unknown}; modalities are {modalities}")
+        if self.mimo_parallelism_config is not None:
+            layouts = set(self.mimo_parallelism_config.module_names)
+            wanted = {LANGUAGE, *modalities}
+            if layouts != wanted:
+                raise ProviderError(
+                    f"the parallelism config has layouts for {sorted(layouts)} but the model has modules "
+                    f"{sorted(wanted)}; give exactly one layout per module"
+                )
+
+    # -- process groups ---------------------------------------------------------------------------
+    def build_infra(self) -> MimoModelInfra:
+        """The grids and this rank's groups; built on the first call, returned as is afterwards."""
+        if self._infra is None:
+            self._infra = self._single_process_infra() if self.mimo_parallelism_config is None else self._infra_()
+        return self._infra
+
+    def _single_process_infra(self) -> MimoModelInfra:
+        """One process holds everything: no groups."""
+        return MimoModelInfra({}, {}, [*self.modality_submodules_spec, LANGUAGE], self.topology,
+                              "homogeneous", False, None)
+
+    def _infra_(self) -> MimoModelInfra:
+        """Finalize the layout for this world, create every group on every rank, note what this rank hosts."""
+        if not dist.is_initialized():
+            raise ProviderError("a parallelism config needs torch.distributed to be initialized first "
+                                "(init_process_group), or pass mimo_parallelism_config=None for one process")
+        config = self.mimo_parallelism_config
+        config.topology = self.topology
+        grids = build_module_grids(config)
+        hosted = config.modules_on_rank(dist.get_rank())
+        return MimoModelInfra(
+            module_to_grid_map=grids,
+            pg_collections={name: g.pg_collection() for name, g in grids.items()},
+            participating_modules=hosted,
+            topology=self.topology,
+            deployment=config.deployment,
+            is_stub_rank=not hosted,
+            config=config,
+        )
+
+    # -- the model ------------------------------------------------------------------------------
+    def build_meta_model(self) -> MimoModel | MimoStubModel:
+        """This rank's parts on the meta device, in `params_dtype`; no memory is used for parameters."""
+        infra = self.build_infra()
+        if infra.is_stub_rank:
+            return MimoStubModel()
+        with torch.device("meta"):
+            language = self._build_language(infra) if LANGUAGE in infra.participating_modules else None
+            modalities = {m: self.modality_submodules_spec[m].build()
+                          for m in self.modality_submodules_spec if m in infra.participating_modules}
+            model = MimoModel(language, modalities, self.special_token_ids)
+        return model.to(self.params_dtype)
+
+    def provide(self) -> MimoModel | MimoStubModel:
+        """This rank's parts, materialized on `device` with layout-independent values, freezing applied."""
+        model = self.build_meta_model()
+        if isinstance(model, MimoStubModel):
+            return model
+        init_parameters(model, self.seed, device=self.device or "cpu")
+        self.apply_freezing(model)
+        return model
+
+    def _build_language(self, infra: MimoModelInfra) -> nn.Module:
+        """The language model, or only the pipeline stage this rank holds."""
+        grid = infra.module_to_grid_map.get(LANGUAGE)
+        if grid is None or grid.size("pp") == 1:
+            return self.language_model_spec.build()
+        num_layers = _num_layers(self.language_model_spec)
+        return self.language_model_spec.build(layer_range=pipeline_layer_range(num_layers, grid.size("pp"),
+                                                                               grid.coord[0]))
+
+    def apply_freezing(self, model: MimoModel) -> None:
+        """`requires_grad=False` on the frozen language model, encoders and projections."""
+        if self.freeze_language_model and model.language_model is not None:
+            model.language_model.requires_grad_(False)
+        for name, sub in model.modality_submodules.items():
+            if self.freeze_modality_encoders.get(name, False):
+                sub.encoder.requires_grad_(False)
+            if self.freeze_modality_projections.get(name, False):
+                sub.projection.requires_grad_(False)
+
+
+def _num_layers(spec: ModuleSpec) -> int:
+    """The layer count a pipelined language model spec declares (its `config.num_layers`)."""
+    config = spec.params.get("config")
+    if config is None or not hasattr(config, "num_layers"):
+        raise ProviderError("a pipelined language model spec needs params['config'] with num_layers, and its "
+                            "module must accept layer_range=(start, end)")
+    return config.num_layers
+
+
+class LlavaMimoProvider(MimoModelProvider):
+    """LLaVA: a CLIP-style ViT and a 2-layer MLP projector feeding a Llama-style decoder; one modality, images.
+
+    Defaults are LLaVA-1.5-7B's shapes: CLIP ViT-L/14 at 336 px (576 image tokens) and Vicuna-7B.
+    """
+
+    MODALITY = "images"
+    PRESETS = ("tiny", "1b", "3b", "7b")
+
+    def __init__(
+        self,
+        vision_config: ViTConfig | None = None,
+        language_config: DecoderConfig | None = None,
+        image_token_id: int | None = None,
+        mimo_parallelism_config: MimoParallelismConfig | None = None,
+        freeze_language_model: bool = False,
+        freeze_vision_encoder: bool = False,
+        freeze_projection: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        seed: int = 1234,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Specs from the two configs; the image token defaults to the first id past the vocabulary."""
+        self.vision_config = vision_config or ViTConfig.clip_vit_l14_336()
+        self.language_config = language_config or DecoderConfig.preset("7b")
+        self.image_token_id = self.language_config.vocab_size if image_token_id is None else image_token_id
+        h_vision, h_language = self.vision_config.hidden_size, self.language_config.hidden_size
+        images = ModuleSpec(ModalitySubmodule, submodules={
+            "encoder": ModuleSpec(ViTEncoder, {"config": self.vision_config}),
+            "projection": ModuleSpec(MLPProjector, {"in_features": h_vision, "out_features": h_language,
+                                                    "hidden_features": h_language}),
+        })
+        super().__init__(
+            language_model_spec=ModuleSpec(Decoder, {"config": self.language_config}),
+            modality_submodules_spec={self.MODALITY: images},
+            special_token_ids={self.MODALITY: self.image_token_id},
+            mimo_parallelism_config=mimo_parallelism_config,
+            freeze_language_model=freeze_language_model,
+            freeze_modality_encoders={self.MODALITY: freeze_vision_encoder},
+            freeze_modality_projections={self.MODALITY: freeze_projection},
+            params_dtype=params_dtype,
+            seed=seed,
+            device=device,
+        )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlavaMimoProvider:
+        """`tiny` (CPU, seconds), `1b` / `3b` (the GPU benchmark shapes) or `7b` (LLaVA-1.5-7B); any argument
+        of the constructor may be overridden."""
+        if name not in cls.PRESETS:
+            raise ProviderError(f"unknown LLaVA preset {name!r}; presets are {list(cls.PRESETS)}")
+        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ProviderError(f"unknown override(s) {unknown} for LlavaMimoProvider.preset; allowed: {allowed}")
+        vision = ViTConfig.tiny() if name == "tiny" else ViTConfig.clip_vit_l14_336()
+        kwargs: dict[str, Any] = {"vision_config": vision, "language_config": DecoderConfig.preset(name)}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def num_params(self) -> dict[str, int]:
+        """Closed-form parameter counts: vision encoder, projection, language model."""
+        h_v, h_l = self.vision_config.hidden_size, self.language_config.hidden_size
+        return {
+            "vision_encoder": self.vision_config.num_params(),
+            "projection": h_v * h_l + h_l + h_l * h_l + h_l,
+            "language_model": self.language_config.num_params(),
+        }
