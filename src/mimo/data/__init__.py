@@ -1,0 +1,1 @@
+"""Batches, samplers and the built-in datasets."""

@@ -1,0 +1,1 @@
+"""Training: the step and its schedule, loss normalization, optimizers and clipping, checkpoints, metrics."""
