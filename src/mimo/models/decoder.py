@@ -10,6 +10,7 @@ Parameter names follow Hugging Face's `LlamaModel` (without its `model.` prefix)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +23,8 @@ from mimo.models.rmsnorm import RMSNorm
 from mimo.models.rotary import apply_rotary, rotary_tables
 
 IGNORE_INDEX = -100
+# (mask [B, S], values [n, H]) pairs: embeddings to write over the masked positions of the text embedding.
+EmbeddingsAt = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -209,14 +212,37 @@ class Decoder(nn.Module):
         self.rope_cos = cos.to(self.rope_cos.dtype)
         self.rope_sin = sin.to(self.rope_sin.dtype)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, S] → embeddings [B, S, H]; only on the stage holding layer 0."""
+    def embed(self, input_ids: torch.Tensor, embeddings_at: EmbeddingsAt = ()) -> torch.Tensor:
+        """Token ids [B, S] → embeddings [B, S, H], with each (mask [B, S], values [n, H]) of `embeddings_at`
+        written over its masked positions in row-major order; only on the stage holding layer 0."""
         if self.embed_tokens is None:
             raise RuntimeError(f"this decoder stage holds layers {self.layer_range}, not the embedding")
-        return self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids)
+        for mask, values in embeddings_at:
+            hidden = hidden.masked_scatter(mask.unsqueeze(-1), values.to(hidden.dtype))
+        return hidden
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run this stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
+    def forward(
+        self,
+        hidden: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        embeddings_at: EmbeddingsAt = (),
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One stage's whole work in one call (the entry point DDP and FSDP wrap).
+
+        First stage: embed `input_ids` (see `embed`); other stages: take `hidden` [B, S, H]. Then run this
+        stage's layers (and the final norm on the last stage); with `labels` (last stage) return
+        `(loss_sum, num_label_tokens)`, else the hidden states.
+        """
+        if input_ids is not None:
+            hidden = self.embed(input_ids, embeddings_at)
+        hidden = self._layers(hidden)
+        return self.loss(hidden, labels) if labels is not None else hidden
+
+    def _layers(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
         seq_len = hidden.shape[1]
         if seq_len > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")

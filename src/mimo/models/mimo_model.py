@@ -3,14 +3,15 @@
 `MimoModel` knows how to encode each modality, where its embeddings go in the text sequence (at that
 modality's special-token positions, in sample order) and how to score the language model's output. Its
 `forward` is the single-process reference every parity test compares a distributed run against; the
-distributed training code calls the same pieces (`encode`, `align_embeddings`, `language_loss`) on the
-ranks that hold them.
+distributed training code calls the same pieces (`encode`, `language_inputs`, `language_labels`, and the
+language model's single-call `forward`) on the ranks that hold them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,6 +97,32 @@ class MimoModel(nn.Module):
             for name, batch in modality_inputs.items()
         }
 
+    def language_inputs(
+        self,
+        input_ids: torch.Tensor,
+        modality_embeddings: Mapping[str, torch.Tensor],
+        tokens_per_sample: Mapping[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """The first stage's keyword inputs: text ids (special ids zeroed, so an id past the vocabulary is
+        fine) and, per modality, (special-token mask, embeddings) to write over those positions in order.
+
+        Raises if a sample's special-token count differs from its modality-token count.
+        """
+        embeddings_at = []
+        for name, token_id in self.special_token_ids.items():
+            positions = input_ids == token_id
+            values = modality_embeddings.get(name)
+            expected = tokens_per_sample.get(name, torch.zeros_like(input_ids[:, 0]))
+            _check_counts(name, token_id, positions.sum(dim=1), expected, values)
+            if values is not None:
+                embeddings_at.append((positions, values))
+        return {"input_ids": input_ids.masked_fill(self._is_special(input_ids), 0), "embeddings_at": embeddings_at}
+
+    def language_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with modality positions (special-token inputs or targets) set to ignore: they never count."""
+        ignore = self._is_special(input_ids) | self._is_special(labels)
+        return labels.masked_fill(ignore, IGNORE_INDEX)
+
     def align_embeddings(
         self,
         input_ids: torch.Tensor,
@@ -103,25 +130,13 @@ class MimoModel(nn.Module):
         tokens_per_sample: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
         """Text embeddings [B, S, H] with each modality's embeddings written, in order, at its special tokens."""
-        decoder = self._language_model()
-        special = self._is_special(input_ids)
-        embeddings = decoder.embed(input_ids.masked_fill(special, 0))
-        for name, token_id in self.special_token_ids.items():
-            positions = input_ids == token_id
-            values = modality_embeddings.get(name)
-            expected = tokens_per_sample.get(name, torch.zeros_like(input_ids[:, 0]))
-            _check_counts(name, token_id, positions.sum(dim=1), expected, values)
-            if values is not None:
-                embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), values.to(embeddings.dtype))
-        return embeddings
+        return self._language_model().embed(**self.language_inputs(input_ids, modality_embeddings, tokens_per_sample))
 
     def language_loss(
         self, embeddings: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy, label count) over text positions; modality positions never carry a label."""
-        decoder = self._language_model()
-        ignore = self._is_special(input_ids) | self._is_special(labels)
-        return decoder.loss(decoder(embeddings), labels.masked_fill(ignore, IGNORE_INDEX))
+        return self._language_model()(embeddings, labels=self.language_labels(input_ids, labels))
 
     def language_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of aligned embeddings, for evaluation."""
@@ -134,12 +149,10 @@ class MimoModel(nn.Module):
         labels: torch.Tensor,
         modality_inputs: Mapping[str, ModalityBatch] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode, align and score in one process: the reference for every parity test."""
+        """Encode, align and score in one process, with one language-model call: the parity reference."""
         modality_inputs = modality_inputs or {}
-        embeddings = self.align_embeddings(
-            input_ids, self.encode(modality_inputs), self.tokens_per_sample(modality_inputs)
-        )
-        return self.language_loss(embeddings, input_ids, labels)
+        inputs = self.language_inputs(input_ids, self.encode(modality_inputs), self.tokens_per_sample(modality_inputs))
+        return self._language_model()(**inputs, labels=self.language_labels(input_ids, labels))
 
     def _language_model(self) -> Decoder:
         """The language model, or a clear error on a rank that does not hold one."""
