@@ -1,1 +1,22 @@
 """Batches, samplers and the built-in datasets."""
+
+from mimo.data.batch import MimoBatch, Sample
+from mimo.data.digits import WORDS, DigitsDataset, DigitsTokenizer, digits_split, load_digit_scans
+from mimo.data.labels import loss_token_mask, next_token_labels
+from mimo.data.sampler import GlobalBatchSampler
+from mimo.data.synthetic import ModalitySpec, SyntheticDataset
+
+__all__ = [
+    "WORDS",
+    "DigitsDataset",
+    "DigitsTokenizer",
+    "GlobalBatchSampler",
+    "MimoBatch",
+    "ModalitySpec",
+    "Sample",
+    "SyntheticDataset",
+    "digits_split",
+    "load_digit_scans",
+    "loss_token_mask",
+    "next_token_labels",
+]

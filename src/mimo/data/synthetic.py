@@ -1,0 +1,175 @@
+"""A generated multimodal dataset: any number of items per sample, uneven text, and something to learn.
+
+Sample i depends only on (seed, i). Its text is `[bos] filler { <special ×T> query answer filler } [eos]`:
+one block per item, modalities interleaved, each modality's items in the order they appear. Two rules make
+the loss fall: an item is a constant level plus noise, and the answer token after it names that level's
+bucket (the model has to look at the item); filler is an arithmetic sequence over the filler tokens that
+runs on through the sample (predictable from the two tokens before). Labels are next-token targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mimo.data.batch import MimoBatch, Sample
+from mimo.data.labels import next_token_labels
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+_FILLER_STEPS = (1, 2, 3)
+_SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # spreads (seed, index) over the generator's seed space
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One modality of the dataset: its special token id, tokens per item and the shape of an item."""
+
+    token_id: int
+    tokens_per_item: int
+    item_shape: tuple[int, ...]
+
+    @classmethod
+    def image(cls, token_id: int, tokens_per_item: int, size: int = 8, channels: int = 3) -> ModalitySpec:
+        """Images [channels, size, size] (the tiny ViT: 3×8×8, 16 tokens)."""
+        return cls(token_id, tokens_per_item, (channels, size, size))
+
+    @classmethod
+    def audio(cls, token_id: int, tokens_per_item: int, n_mels: int = 16, frames: int = 16) -> ModalitySpec:
+        """Log-mel clips [n_mels, frames] (the tiny audio encoder: 16×16, 8 tokens)."""
+        return cls(token_id, tokens_per_item, (n_mels, frames))
+
+
+class SyntheticDataset:
+    """`num_samples` generated samples over text ids [0, vocab_size) and the given modalities.
+
+    Text ids: 0 pad, 1 bos, 2 eos, then one query token per modality, then `num_buckets` answer tokens,
+    then the filler tokens up to `vocab_size`. Every special token id must lie outside [0, vocab_size)."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        modalities: Mapping[str, ModalitySpec],
+        vocab_size: int = 256,
+        items_per_sample: Sequence[int] = (0, 1, 3),
+        text_length: tuple[int, int] = (2, 12),
+        num_buckets: int = 4,
+        noise: float = 0.5,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Keep the settings and check that they can generate valid samples."""
+        self.num_samples = num_samples
+        self.modalities = dict(modalities)
+        self.vocab_size = vocab_size
+        self.items_per_sample = tuple(items_per_sample)
+        self.text_length = text_length
+        self.num_buckets = num_buckets
+        self.noise = noise
+        self.seed = seed
+        self.dtype = dtype
+        self.pad_id = PAD_ID
+        self.query_ids = {name: 3 + m for m, name in enumerate(self.modalities)}
+        self.answer_base = 3 + len(self.modalities)
+        self.filler_base = self.answer_base + num_buckets
+        self._check()
+
+    def _check(self) -> None:
+        """Reject settings that would produce clashing ids, no filler, or impossible counts."""
+        if self.num_samples < 1 or self.num_buckets < 1:
+            raise ValueError(f"num_samples and num_buckets must be positive, got {self.num_samples}, "
+                             f"{self.num_buckets}")
+        if not self.items_per_sample or min(self.items_per_sample) < 0:
+            raise ValueError(f"items_per_sample must be non-empty choices >= 0, got {self.items_per_sample}")
+        lo, hi = self.text_length
+        if not 0 <= lo <= hi:
+            raise ValueError(f"text_length must be (min, max) with 0 <= min <= max, got {self.text_length}")
+        if self.vocab_size - self.filler_base < 2:
+            raise ValueError(f"vocab_size {self.vocab_size} leaves fewer than 2 filler ids after "
+                             f"{self.filler_base} reserved ones; use vocab_size >= {self.filler_base + 2}")
+        ids = [spec.token_id for spec in self.modalities.values()]
+        inside = [i for i in ids if 0 <= i < self.vocab_size]
+        if inside or len(set(ids)) != len(ids):
+            raise ValueError(f"special token ids {ids} must be distinct and outside the text ids "
+                             f"[0, {self.vocab_size}); use ids >= {self.vocab_size}")
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Sample:
+        """Sample `index`, generated from (seed, index) alone."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"sample {index} is outside [0, {self.num_samples})")
+        gen = torch.Generator().manual_seed((self.seed * _SEED_MULTIPLIER + index) % 2**63)
+        counts = {name: self.items_per_sample[_randint(gen, len(self.items_per_sample))] for name in self.modalities}
+        buckets = {name: torch.randint(self.num_buckets, (k,), generator=gen) for name, k in counts.items()}
+        items = {name: self._items(spec, buckets[name], gen) for name, spec in self.modalities.items()}
+        input_ids = torch.tensor(self._text(self._block_order(counts, gen), buckets, gen), dtype=torch.long)
+        return Sample(input_ids, next_token_labels(input_ids), items)
+
+    def bucket_levels(self) -> torch.Tensor:
+        """The constant each bucket's items scatter around: evenly spaced over [-1, 1]."""
+        if self.num_buckets == 1:
+            return torch.zeros(1, dtype=torch.float64)
+        return torch.linspace(-1.0, 1.0, self.num_buckets, dtype=torch.float64)
+
+    def batch(self, indices: Sequence[int], seq_len: int | None = None) -> MimoBatch:
+        """The collated batch of these samples (text padded with `pad_id`)."""
+        return MimoBatch.collate([self[i] for i in indices], self.pad_id, seq_len)
+
+    def _items(self, spec: ModalitySpec, buckets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Items [k, *item_shape]: their bucket's level plus Gaussian noise."""
+        noise = torch.randn((buckets.shape[0], *spec.item_shape), generator=gen, dtype=torch.float64)
+        levels = self.bucket_levels()[buckets].view(-1, *([1] * len(spec.item_shape)))
+        return (levels + self.noise * noise).to(self.dtype)
+
+    def _block_order(self, counts: Mapping[str, int], gen: torch.Generator) -> list[tuple[str, int]]:
+        """(modality, k) per item block, modalities interleaved at random, each modality's k in order."""
+        names = [name for name, k in counts.items() for _ in range(k)]
+        names = [names[j] for j in torch.randperm(len(names), generator=gen).tolist()]
+        seen: dict[str, int] = {}
+        order = []
+        for name in names:
+            order.append((name, seen.get(name, 0)))
+            seen[name] = seen.get(name, 0) + 1
+        return order
+
+    def _text(
+        self, order: list[tuple[str, int]], buckets: Mapping[str, torch.Tensor], gen: torch.Generator
+    ) -> list[int]:
+        """bos, filler, then per item block: specials, query, answer, filler; then eos."""
+        filler = self._filler(gen)
+        ids = [BOS_ID, *filler(self._length(gen))]
+        for name, k in order:
+            spec = self.modalities[name]
+            ids += [spec.token_id] * spec.tokens_per_item
+            ids += [self.query_ids[name], self.answer_base + int(buckets[name][k])]
+            ids += filler(self._length(gen))
+        return [*ids, EOS_ID]
+
+    def _filler(self, gen: torch.Generator) -> Callable[[int], list[int]]:
+        """A function giving the next n tokens of this sample's arithmetic filler sequence."""
+        count = self.vocab_size - self.filler_base
+        position = _randint(gen, count)
+        step = _FILLER_STEPS[_randint(gen, len(_FILLER_STEPS))]
+
+        def take(n: int) -> list[int]:
+            """The next n filler tokens; the sequence continues on the next call."""
+            nonlocal position
+            out = [self.filler_base + (position + j * step) % count for j in range(n)]
+            position += n * step
+            return out
+
+        return take
+
+    def _length(self, gen: torch.Generator) -> int:
+        """A filler length drawn uniformly from text_length (inclusive)."""
+        lo, hi = self.text_length
+        return lo + _randint(gen, hi - lo + 1)
+
+
+def _randint(gen: torch.Generator, n: int) -> int:
+    """A uniform integer in [0, n) from `gen`."""
+    return int(torch.randint(n, (1,), generator=gen))
