@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mimo.config import LANGUAGE, Deployment, MimoParallelismConfig
+from mimo.distributed import DistributedConfig, apply_data_parallel, apply_tensor_parallel
 from mimo.grid import ModuleGrid, ProcessGroupCollection, build_module_grids
 from mimo.models import (
     Decoder,
@@ -180,6 +181,18 @@ class MimoModelProvider:
         init_parameters(model, self.seed, device=self.device or "cpu")
         self.apply_freezing(model)
         return model
+
+    def provide_distributed_model(self, config: DistributedConfig | None = None) -> MimoModel | MimoStubModel:
+        """`provide` and wrap: build on meta, shard by TP, materialize (one full parameter at a time, then
+        only this rank's shard), freeze, then DDP/FSDP2 per module."""
+        model = self.build_meta_model()
+        if isinstance(model, MimoStubModel):
+            return model
+        infra = self.build_infra()
+        apply_tensor_parallel(model, infra)
+        init_parameters(model, self.seed, device=self.device or "cpu")
+        self.apply_freezing(model)
+        return apply_data_parallel(model, infra, config or DistributedConfig())
 
     def _build_language(self, infra: MimoModelInfra) -> nn.Module:
         """The language model, or only the pipeline stage this rank holds."""

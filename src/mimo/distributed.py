@@ -1,0 +1,292 @@
+"""Per-module parallel wrapping: tensor parallelism, DDP or FSDP2, mixed precision, frozen modules.
+
+Each module a rank hosts is wrapped with its own mesh and groups (Megatron-Bridge's
+`wrap_mimo_model_distributed`, with FSDP2 as well as DDP). Gradient semantics live here in one rule:
+**every data-parallel reduction is a SUM**. The loss each rank backpropagates is already divided by the
+global number of label tokens (`mimo.training.loss`), so summing over replicas gives exactly the
+gradient of the global per-token mean — whatever a module's DP size, and whether its gradient came
+from its own loss or across the bridge. DDP gets a sum comm hook, FSDP2 a divide factor of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mimo.config import LANGUAGE
+from mimo.models import MimoModel
+
+DataParallel = Literal["ddp", "fsdp"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class WrapError(ValueError):
+    """A distributed config that does not fit the model."""
+
+
+@dataclass
+class ModuleDistributedConfig:
+    """How one module is data-parallel and in which dtype it computes.
+
+    `compute_dtype` None computes in the parameters' dtype; bfloat16/float16 compute in that dtype while
+    parameters, optimizer state and gradient reduction stay in the parameters' dtype.
+    """
+
+    data_parallel: DataParallel = "ddp"
+    compute_dtype: str | None = None
+
+    def check(self, name: str) -> None:
+        """Reject unknown DP kinds and dtypes with the allowed values."""
+        if self.data_parallel not in ("ddp", "fsdp"):
+            raise WrapError(f"module '{name}': data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+            raise WrapError(f"module '{name}': compute_dtype must be one of {list(DTYPES)} or None, "
+                            f"got {self.compute_dtype!r}")
+
+
+@dataclass
+class DistributedConfig:
+    """A default for every module plus per-module overrides, e.g. images 'ddp', language 'fsdp'."""
+
+    default: ModuleDistributedConfig = field(default_factory=ModuleDistributedConfig)
+    modules: dict[str, ModuleDistributedConfig] = field(default_factory=dict)
+
+    def for_module(self, name: str) -> ModuleDistributedConfig:
+        """The config of module `name` (its override, else the default)."""
+        return self.modules.get(name, self.default)
+
+    def check(self, module_names: list[str]) -> None:
+        """Every override names a module of the model; every setting is valid."""
+        unknown = sorted(set(self.modules) - set(module_names))
+        if unknown:
+            raise WrapError(f"distributed config names unknown module(s) {unknown}; modules are {module_names}")
+        self.default.check("default")
+        for name, cfg in self.modules.items():
+            cfg.check(name)
+
+
+def module_of(model: MimoModel, name: str) -> nn.Module:
+    """The part of `model` that is module `name` (the language model or a modality submodule)."""
+    return model.language_model if name == LANGUAGE else model.modality_submodules[name]
+
+
+def _set_module(model: MimoModel, name: str, module: nn.Module) -> None:
+    if name == LANGUAGE:
+        model.language_model = module
+    else:
+        model.modality_submodules[name] = module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 modules are not wrapped)."""
+    return module.module if isinstance(module, DDP) else module
+
+
+# -- tensor parallelism ------------------------------------------------------------------------------
+def apply_tensor_parallel(model: MimoModel, infra) -> None:
+    """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`.
+
+    Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
+    """
+    for name in infra.participating_modules:
+        grid = infra.module_to_grid_map.get(name)
+        if grid is None or grid.size("tp") == 1:
+            continue
+        module = module_of(model, name)
+        plan = module.tp_plan()
+        check_tensor_parallel(name, module, plan, grid.size("tp"))
+        parallelize_module(module, grid.mesh["tp"], plan)
+
+
+def check_tensor_parallel(name: str, module: nn.Module, plan: Mapping[str, ParallelStyle], tp: int) -> None:
+    """Every sharded dim of the plan (features, vocabulary, attention heads) splits evenly over `tp` ranks."""
+    for fqn, style in plan.items():
+        layer = module.get_submodule(fqn)
+        dim = _sharded_size(layer, style)
+        if dim is not None and dim % tp:
+            raise WrapError(f"module '{name}': {fqn} has {dim} {_what(layer, style)}, not divisible by "
+                            f"tensor_model_parallel_size {tp}; choose a TP size that divides {dim}")
+        parent = module.get_submodule(fqn.rsplit(".", 1)[0]) if "." in fqn else module
+        head_dim = getattr(parent, "head_dim", None)
+        if isinstance(style, ColwiseParallel) and isinstance(layer, nn.Linear) and head_dim:
+            heads = layer.out_features // head_dim
+            if heads % tp:
+                raise WrapError(f"module '{name}': {fqn} holds {heads} attention heads, not divisible by "
+                                f"tensor_model_parallel_size {tp}; choose a TP size that divides {heads}")
+
+
+def _sharded_size(layer: nn.Module, style: ParallelStyle) -> int | None:
+    """The size of the dim a style shards: out features (colwise), in features (rowwise), the vocabulary."""
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings
+    if isinstance(layer, nn.Linear):
+        return layer.out_features if isinstance(style, ColwiseParallel) else layer.in_features
+    return None
+
+
+def _what(layer: nn.Module, style: ParallelStyle) -> str:
+    if isinstance(layer, nn.Embedding):
+        return "vocabulary entries"
+    return "output features" if isinstance(style, ColwiseParallel) else "input features"
+
+
+# -- data parallelism and precision ------------------------------------------------------------------
+def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> MimoModel:
+    """Wrap each hosted module with DDP or FSDP2 over its own DP group; frozen modules are not DDP-wrapped."""
+    config.check(list(infra.module_to_grid_map) or infra.participating_modules)
+    for name in infra.participating_modules:
+        grid = infra.module_to_grid_map.get(name)
+        if grid is None:
+            continue
+        cfg = config.for_module(name)
+        module = module_of(model, name)
+        trainable = any(p.requires_grad for p in module.parameters())
+        if cfg.data_parallel == "fsdp":
+            _fully_shard(module, grid, cfg)
+        elif trainable:
+            _set_module(model, name, _ddp(module, grid, cfg))
+        else:
+            _autocast_forward(module, cfg)  # frozen, DDP-free: still computes in the module's compute dtype
+    return model
+
+
+def wrap_mimo_model_distributed(model: MimoModel, infra, config: DistributedConfig | None = None) -> MimoModel:
+    """TP (for a model not yet sharded) then DDP/FSDP2 per module; stub ranks and non-hosted parts untouched."""
+    if getattr(model, "is_stub", False):
+        return model
+    apply_tensor_parallel(model, infra)
+    return apply_data_parallel(model, infra, config or DistributedConfig())
+
+
+def _ddp(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> DDP:
+    """torch DDP over the module's dp×cp group, summing (not averaging) gradients."""
+    if grid.size("tp") > 1:
+        _localize_for_ddp(module)
+    _autocast_forward(module, cfg)
+    group = grid.get_group("dp_cp")
+    ddp = DDP(module, process_group=group, broadcast_buffers=False, init_sync=False)
+    ddp.register_comm_hook(group, _allreduce_sum_hook)
+    return ddp
+
+
+def _localize_for_ddp(module: nn.Module) -> None:
+    """Let DDP see a TP module's local shards as its parameters; DTensors exist only inside forward.
+
+    PyTorch's `_pre_dp_module_transform` does this but loses nested parameters after the first forward
+    (its own TODO); this keeps the same local `Parameter` objects registered between forwards, each
+    with its DTensor spec in `_st_info`, so the optimizer, DDP's reducer and `full_tensor` agree.
+    """
+    shards = []
+    for owner in module.modules():
+        for attr, param in list(owner._parameters.items()):
+            if isinstance(param, DTensor):
+                local = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
+                local._st_info = param._spec
+                owner._parameters[attr] = local
+                shards.append((owner, attr, local))
+
+    def to_dtensors(*_: object) -> None:
+        for owner, attr, local in shards:
+            spec = local._st_info
+            del owner._parameters[attr]
+            setattr(owner, attr, DTensor.from_local(local, spec.mesh, spec.placements, run_check=False,
+                                                    shape=spec.shape, stride=spec.stride))
+
+    def to_locals(*_: object) -> None:
+        for owner, attr, local in shards:
+            delattr(owner, attr)
+            owner._parameters[attr] = local
+
+    module.register_forward_pre_hook(to_dtensors)
+    module.register_forward_hook(to_locals)
+
+
+def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them against real classes
+    """DDP comm hook: all-reduce a bucket with SUM (DDP's default divides by the group size)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _fully_shard(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> None:
+    """FSDP2 over the module's dp mesh dim, per block and at the root, summing gradients."""
+    param_dtype = next(module.parameters()).dtype
+    compute = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else param_dtype
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
+    mesh = grid.mesh["dp"]
+    units = [*_blocks(module), module]  # blocks first, the root last
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)  # per unit: each has its own reduce-scatter
+
+
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP2 shards one by one: every entry of a `layers` container, at any depth."""
+    return [m for name, m in module.named_modules() if _BLOCK.search(name)]
+
+
+_BLOCK = re.compile(r"(^|\.)layers\.\d+$")
+
+
+def dtensor_spec(param: torch.Tensor):
+    """How a parameter is sharded: its DTensor spec, or the spec DDP+TP keeps on a local shard; None if plain."""
+    return param._spec if isinstance(param, DTensor) else getattr(param, "_st_info", None)
+
+
+def full_tensor(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole value of `tensor` (a parameter or its gradient, laid out like `param`); a collective on
+    the parameter's mesh when it is sharded."""
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    spec = getattr(param, "_st_info", None)
+    if spec is None:
+        return tensor
+    return DTensor.from_local(tensor, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
+                              stride=spec.stride).full_tensor()
+
+
+def _autocast_forward(module: nn.Module, cfg: ModuleDistributedConfig) -> None:
+    """Run the module's forward under autocast to `compute_dtype` (DDP's mixed precision)."""
+    if cfg.compute_dtype is None:
+        return
+    dtype = DTYPES[cfg.compute_dtype]
+    param = next(module.parameters())
+    if dtype == param.dtype:
+        return
+    module.forward = torch.autocast(param.device.type, dtype=dtype)(module.forward)
+
+
+# -- gradient accumulation ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def gradient_sync(modules: Mapping[str, nn.Module] | list[nn.Module], enabled: bool) -> Iterator[None]:
+    """Within the block, DP gradient reduction happens (enabled) or is deferred (accumulate locally).
+
+    DDP: `no_sync()` around the forward and backward; FSDP2: `set_requires_gradient_sync`.
+    """
+    modules = list(modules.values()) if isinstance(modules, Mapping) else list(modules)
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            if isinstance(m, DDP) and not enabled:
+                stack.enter_context(m.no_sync())
+            elif isinstance(m, FSDPModule):
+                m.set_requires_gradient_sync(enabled)
+        yield
+
+
+def wrapped_modules(model: MimoModel) -> dict[str, nn.Module]:
+    """The hosted modules as they are after wrapping, by module name."""
+    out = dict(model.modality_submodules.items())
+    if model.language_model is not None:
+        out[LANGUAGE] = model.language_model
+    return out
