@@ -12,7 +12,8 @@ from mimo.distributed import (
     ModuleDistributedConfig,
     WrapError,
     full_tensor,
-    gradient_sync,
+    no_sync_forward,
+    prepare_backward,
     unwrap,
 )
 from mimo.models import Decoder, DecoderConfig
@@ -55,9 +56,10 @@ def train(model_lm, dp_rank: int, dp_size: int, dp_group, on_first_step=None) ->
             mb = slice(m * micro, (m + 1) * micro)
             b = micro // dp_size
             mine = slice(mb.start + dp_rank * b, mb.start + (dp_rank + 1) * b)
-            with gradient_sync([model_lm], enabled=(m == MICRO - 1)):
+            with no_sync_forward(model_lm):
                 loss_sum, _ = model_lm(input_ids=ids[mine], labels=labels[mine])
-                (loss_sum / global_tokens).backward()
+            prepare_backward(model_lm, loss_sum, last=(m == MICRO - 1))
+            (loss_sum / global_tokens).backward()
             local_sum += loss_sum.detach()
         if dp_group is not None:
             dist.all_reduce(local_sum, group=dp_group)

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel.distributed import _find_tensors
 
 from mimo.config import LANGUAGE
 from mimo.models import MimoModel
@@ -268,20 +269,25 @@ def _autocast_forward(module: nn.Module, cfg: ModuleDistributedConfig) -> None:
 
 
 # -- gradient accumulation ---------------------------------------------------------------------------
+# A step runs several micro-batches, possibly all forwards before any backward (colocated encoders, a
+# pipeline's warm-up). So reduction is decided per backward, not per forward: forwards never arm DDP,
+# and only the last backward to reach a module reduces (as torch.distributed.pipelining does for DDP).
 @contextlib.contextmanager
-def gradient_sync(modules: Mapping[str, nn.Module] | list[nn.Module], enabled: bool) -> Iterator[None]:
-    """Within the block, DP gradient reduction happens (enabled) or is deferred (accumulate locally).
-
-    DDP: `no_sync()` around the forward and backward; FSDP2: `set_requires_gradient_sync`.
-    """
-    modules = list(modules.values()) if isinstance(modules, Mapping) else list(modules)
-    with contextlib.ExitStack() as stack:
-        for m in modules:
-            if isinstance(m, DDP) and not enabled:
-                stack.enter_context(m.no_sync())
-            elif isinstance(m, FSDPModule):
-                m.set_requires_gradient_sync(enabled)
+def no_sync_forward(module: nn.Module) -> Iterator[None]:
+    """A forward that does not arm DDP's reducer (a no-op for other modules)."""
+    with module.no_sync() if isinstance(module, DDP) else contextlib.nullcontext():
         yield
+
+
+def prepare_backward(module: nn.Module, outputs: object, last: bool) -> None:
+    """Before a micro-batch's backward through `module`: reduce gradients over DP only if it is the last.
+
+    DDP: arm the reducer for this micro-batch's `outputs`; FSDP2: toggle gradient sync.
+    """
+    if isinstance(module, DDP) and last:
+        module.reducer.prepare_for_backward(list(_find_tensors(outputs)))
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(last)
 
 
 def wrapped_modules(model: MimoModel) -> dict[str, nn.Module]:
