@@ -1,0 +1,367 @@
+"""One edge's embeddings forward and their gradients back, between two module layouts (DESIGN §3 "The bridge").
+
+Per micro-batch an edge src → dst carries a 2-D tensor [n_tokens, H] in sample order plus the token count of
+each sample. The training step calls `forward(m)` and `backward(m)` itself, so it decides the order:
+
+- heterogeneous (disjoint spans): one leader per DP replica on each side (TP rank 0 of src's last and dst's
+  first pipeline stage) talks point-to-point with global ranks, counts first, then rows; fan-in and fan-out
+  follow the replicas' sample ranges; the receiving leader broadcasts in its TP group. Sends never block
+  (their tensors are kept until the works complete); receives do.
+- colocated (same span): the whole span re-partitions with collectives: an all-gather of each rank's rows,
+  padded to the longest replica, sliced per dst replica; backward is the matching reduce-scatter.
+- homogeneous: nothing moves.
+
+Only each dst replica's TP leader sends a gradient back: its TP peers hold identical copies (TP all-reduces
+the input gradient), so sending theirs too would count it twice.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mimo.grid import ModuleGrid
+
+Kind = Literal["homogeneous", "colocated", "heterogeneous"]
+Piece = tuple[int, int, int]  # (peer replica or rank, start, stop)
+
+# A gloo tag: 16 bits of edge, 13 of micro-batch, 2 of message kind (< 2**31, as gloo requires).
+_COUNTS, _ROWS, _GRAD = 0, 1, 2
+_KIND_BITS, _MICROBATCH_BITS, _EDGE_BITS = 2, 13, 16
+
+
+def bridge_kind(src: ModuleGrid, dst: ModuleGrid) -> Kind:
+    """heterogeneous (spans differ), homogeneous (same span and layout) or colocated (same span)."""
+    if src.span != dst.span:
+        return "heterogeneous"
+    return "homogeneous" if src.config.same_layout(dst.config) else "colocated"
+
+
+def sample_overlaps(replica: int, own: int, other: int) -> list[Piece]:
+    """(peer, start, stop) for each replica of the other side (`other` samples each) that shares samples with
+    `replica` (`own` samples each); start and stop count from `replica`'s first sample."""
+    first, last = replica * own, (replica + 1) * own
+    return [(p, max(first, p * other) - first, min(last, (p + 1) * other) - first)
+            for p in range(first // other, (last - 1) // other + 1)]
+
+
+def row_offsets(counts: Tensor) -> list[int]:
+    """Where each sample's rows start, plus the total: [0, c0, c0 + c1, ...]."""
+    return [0, *torch.cumsum(counts, 0).tolist()]
+
+
+@dataclass
+class _Sent:
+    """What a sender keeps between forward and backward of one micro-batch."""
+
+    embeddings: Tensor  # with autograd history
+    counts: Tensor  # CPU int64, one per sample of this rank's src replica
+
+
+class Bridge:
+    """Moves one edge's embeddings forward and their gradients back, micro-batch by micro-batch."""
+
+    def __init__(self, src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_size: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        """Plan the edge from the two grids; no communication happens here."""
+        self.src, self.dst = src, dst
+        self.name = f"{src.name} -> {dst.name}"
+        self.micro_batch_size, self.hidden_size = micro_batch_size, hidden_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.kind: Kind = bridge_kind(src, dst)
+        self._src_samples = self._samples_per_replica(src)
+        self._dst_samples = self._samples_per_replica(dst)
+        src_coord, dst_coord = src.coord, dst.coord
+        self.is_sender = src_coord is not None and src_coord[0] == src.size("pp") - 1
+        self.is_receiver = dst_coord is not None and dst_coord[0] == 0
+        self._src_replica = src_coord[1] if self.is_sender else -1
+        self._dst_replica = dst_coord[1] if self.is_receiver else -1
+        self._is_src_leader = self.is_sender and src_coord[2:] == (0, 0)
+        self._is_dst_leader = self.is_receiver and dst_coord[2:] == (0, 0)
+        self._edge_tag = zlib.crc32(self.name.encode()) % 2**_EDGE_BITS
+        self._sent: dict[int, _Sent] = {}
+        self._received: dict[int, Tensor] = {}  # receiver: its counts per micro-batch
+        self._offsets: dict[int, list[int]] = {}  # colocated: row offsets of the whole micro-batch
+        self._pending: dict[int, list[tuple[dist.Work, Tensor]]] = {}  # sends in flight, tensors kept alive
+
+    def __repr__(self) -> str:
+        return f"Bridge({self.name!r}, {self.kind}, sender={self.is_sender}, receiver={self.is_receiver})"
+
+    # -- public API ---------------------------------------------------------------------------
+    def forward(self, microbatch: int, embeddings: Tensor | None = None,
+                tokens_per_sample: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """Senders pass their replica's embeddings and counts; receivers get (rows of their dst replica's
+        samples, their counts on CPU), the rows a leaf with requires_grad unless homogeneous; others None."""
+        counts = self._accept(microbatch, embeddings, tokens_per_sample)
+        if not (self.is_sender or self.is_receiver):
+            return None
+        if self.kind == "homogeneous":
+            return embeddings, counts
+        if self.kind == "colocated":
+            return self._colocated_forward(microbatch)
+        if self.is_sender:
+            self._send_rows(microbatch)
+        return self._receive_rows(microbatch) if self.is_receiver else None
+
+    def backward(self, microbatch: int, grad: Tensor | None = None) -> None:
+        """Receivers pass their leaf's grad (None means zeros); senders get their embeddings' gradient and
+        run autograd through them. Colocated: every rank of the span calls it, in the same order."""
+        if grad is not None and not self.is_receiver:
+            raise ValueError(f"bridge {self.name}, micro-batch {microbatch}: rank {self.dst.rank} is not a "
+                             f"receiver (first pipeline stage of '{self.dst.name}') but was given a grad")
+        if self.kind == "homogeneous" or not (self.is_sender or self.is_receiver):
+            return
+        if self.kind == "colocated":
+            self._colocated_backward(microbatch, grad)
+            return
+        if self.is_receiver:
+            self._send_grad(microbatch, grad)
+        if self.is_sender:
+            self._receive_grad(microbatch)
+
+    def wait(self) -> None:
+        """Complete every send still in flight (call at the end of a step)."""
+        for microbatch in list(self._pending):
+            self._wait_sends(microbatch)
+
+    # -- checks -------------------------------------------------------------------------------
+    def _samples_per_replica(self, grid: ModuleGrid) -> int:
+        """B / DP of `grid`, or a clear error if the micro-batch does not split evenly."""
+        dp = grid.size("dp")
+        if self.micro_batch_size < 1 or self.micro_batch_size % dp:
+            raise ValueError(f"bridge {self.name}: micro_batch_size {self.micro_batch_size} must be a positive "
+                             f"multiple of '{grid.name}' data_parallel_size {dp}")
+        return self.micro_batch_size // dp
+
+    def _accept(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None) -> Tensor | None:
+        """Check a sender's inputs and keep them for backward; returns the counts on CPU."""
+        where = f"bridge {self.name}, micro-batch {microbatch}"
+        if not self.is_sender:
+            if embeddings is not None or counts is not None:
+                raise ValueError(f"{where}: rank {self.src.rank} does not hold '{self.src.name}' (its last "
+                                 f"pipeline stage) but was given embeddings or tokens_per_sample")
+            return None
+        if embeddings is None or counts is None:
+            raise ValueError(f"{where}: a sender must pass both embeddings and tokens_per_sample")
+        if microbatch in self._sent:
+            raise RuntimeError(f"{where}: forward was already called for this micro-batch without backward")
+        counts = self._check_counts(where, counts)
+        self._check_embeddings(where, embeddings, int(counts.sum()))
+        if self.kind != "homogeneous":
+            self._sent[microbatch] = _Sent(embeddings, counts)
+        return counts
+
+    def _check_counts(self, where: str, counts: Tensor) -> Tensor:
+        """tokens_per_sample as CPU int64, or a ValueError: one non-negative count per replica sample."""
+        expected = (self._src_samples,)
+        if tuple(counts.shape) != expected or counts.is_floating_point() or counts.is_complex():
+            raise ValueError(f"{where}: tokens_per_sample must be an integer tensor with one count per sample of "
+                             f"this '{self.src.name}' replica: expected shape {expected}, got "
+                             f"{tuple(counts.shape)} ({counts.dtype})")
+        counts = counts.detach().to("cpu", torch.long)
+        if (counts < 0).any():
+            raise ValueError(f"{where}: tokens_per_sample must be >= 0, got {counts.tolist()}")
+        return counts
+
+    def _check_embeddings(self, where: str, embeddings: Tensor, rows: int) -> None:
+        """A ValueError unless embeddings are [sum of counts, hidden_size] of the bridge's dtype."""
+        expected = (rows, self.hidden_size)
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(f"{where}: embeddings must be [sum of tokens_per_sample, hidden_size]: expected "
+                             f"{expected}, got {tuple(embeddings.shape)}")
+        if embeddings.dtype != self.dtype:
+            raise ValueError(f"{where}: embeddings must be {self.dtype}, got {embeddings.dtype}")
+
+    def _grad_or_zeros(self, microbatch: int, grad: Tensor | None, rows: int) -> Tensor:
+        """The receiver's gradient (zeros for None), checked against the rows it received."""
+        shape = (rows, self.hidden_size)
+        if grad is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if tuple(grad.shape) != shape:
+            raise ValueError(f"bridge {self.name}, micro-batch {microbatch}: grad must have the received "
+                             f"embeddings' shape: expected {shape}, got {tuple(grad.shape)}")
+        return grad.detach().to(self.dtype).contiguous()
+
+    def _pop(self, store: dict[int, Any], microbatch: int) -> Any:
+        """The state forward kept for `microbatch`, or a clear error if forward did not run."""
+        if microbatch not in store:
+            raise RuntimeError(f"bridge {self.name}, micro-batch {microbatch}: backward without forward")
+        return store.pop(microbatch)
+
+    # -- heterogeneous: point-to-point between leaders ----------------------------------------
+    def _src_leader(self, replica: int) -> int:
+        """Global rank of src replica `replica`'s leader: TP/CP rank 0 of the last pipeline stage."""
+        return int(self.src.ranks[-1, replica, 0, 0])
+
+    def _dst_leader(self, replica: int) -> int:
+        """Global rank of dst replica `replica`'s leader: TP/CP rank 0 of the first pipeline stage."""
+        return int(self.dst.ranks[0, replica, 0, 0])
+
+    def _tag(self, microbatch: int, kind: int) -> int:
+        """A gloo tag unique per edge, micro-batch (mod 2**13) and message kind."""
+        mb = microbatch % 2**_MICROBATCH_BITS
+        return (self._edge_tag << (_MICROBATCH_BITS + _KIND_BITS)) | (mb << _KIND_BITS) | kind
+
+    def _isend(self, tensor: Tensor, peer: int, microbatch: int, kind: int) -> None:
+        """Start a non-blocking send; the tensor stays referenced until `_wait_sends` completes it."""
+        if tensor.numel():
+            work = dist.isend(tensor, dst=peer, tag=self._tag(microbatch, kind))
+            self._pending.setdefault(microbatch, []).append((work, tensor))
+
+    def _recv(self, buffer: Tensor, pieces: list[Piece], microbatch: int, kind: int) -> None:
+        """Fill rows [start, stop) of `buffer` from each (peer rank, start, stop); block until all arrived."""
+        tag = self._tag(microbatch, kind)
+        works = [dist.irecv(buffer[a:b], src=peer, tag=tag) for peer, a, b in pieces if b > a]
+        for work in works:
+            work.wait()
+
+    def _wait_sends(self, microbatch: int) -> None:
+        """Complete and release the sends of `microbatch`."""
+        for work, _ in self._pending.pop(microbatch, []):
+            work.wait()
+
+    @staticmethod
+    def _broadcast(tensor: Tensor, group: dist.ProcessGroup | None, leader: int) -> None:
+        """Broadcast from global rank `leader` within `group` (skipped for one rank or no data)."""
+        if group is not None and dist.get_world_size(group) > 1 and tensor.numel():
+            dist.broadcast(tensor, src=leader, group=group)
+
+    def _send_rows(self, microbatch: int) -> None:
+        """Src leader: post counts, then rows, to every dst leader sharing samples; returns at once."""
+        if not self._is_src_leader:
+            return
+        sent = self._sent[microbatch]
+        offsets = row_offsets(sent.counts)
+        counts, rows = sent.counts.to(self.device), sent.embeddings.detach().contiguous()
+        for j, a, b in sample_overlaps(self._src_replica, self._src_samples, self._dst_samples):
+            self._isend(counts[a:b], self._dst_leader(j), microbatch, _COUNTS)
+            self._isend(rows[offsets[a]:offsets[b]], self._dst_leader(j), microbatch, _ROWS)
+
+    def _receive_rows(self, microbatch: int) -> tuple[Tensor, Tensor]:
+        """Dst first stage: the leader receives from its src leaders, then broadcasts counts and rows."""
+        pieces = [(self._src_leader(i), a, b)
+                  for i, a, b in sample_overlaps(self._dst_replica, self._dst_samples, self._src_samples)]
+        leader, group = self._dst_leader(self._dst_replica), self.dst.get_group("tp")
+        counts = torch.empty(self._dst_samples, dtype=torch.long, device=self.device)
+        if self._is_dst_leader:
+            self._recv(counts, pieces, microbatch, _COUNTS)
+        self._broadcast(counts, group, leader)
+        counts = counts.cpu()
+        offsets = row_offsets(counts)
+        rows = torch.empty(offsets[-1], self.hidden_size, dtype=self.dtype, device=self.device)
+        if self._is_dst_leader:
+            self._recv(rows, [(p, offsets[a], offsets[b]) for p, a, b in pieces], microbatch, _ROWS)
+        self._broadcast(rows, group, leader)
+        self._received[microbatch] = counts
+        return rows.requires_grad_(), counts
+
+    def _send_grad(self, microbatch: int, grad: Tensor | None) -> None:
+        """Dst leader: post each src replica's slice of the gradient; other TP ranks send nothing."""
+        counts = self._pop(self._received, microbatch)
+        offsets = row_offsets(counts)
+        grad = self._grad_or_zeros(microbatch, grad, offsets[-1])
+        if not self._is_dst_leader:
+            return
+        for i, a, b in sample_overlaps(self._dst_replica, self._dst_samples, self._src_samples):
+            self._isend(grad[offsets[a]:offsets[b]], self._src_leader(i), microbatch, _GRAD)
+
+    def _receive_grad(self, microbatch: int) -> None:
+        """Src: the leader receives the gradient from its dst leaders and broadcasts it; all run backward."""
+        sent: _Sent = self._pop(self._sent, microbatch)
+        offsets = row_offsets(sent.counts)
+        grad = torch.empty(offsets[-1], self.hidden_size, dtype=self.dtype, device=self.device)
+        if self._is_src_leader:
+            pieces = sample_overlaps(self._src_replica, self._src_samples, self._dst_samples)
+            spans = [(self._dst_leader(j), offsets[a], offsets[b]) for j, a, b in pieces]
+            self._recv(grad, spans, microbatch, _GRAD)
+            self._wait_sends(microbatch)  # the gradient came back, so the forward sends are done
+        self._broadcast(grad, self.src.get_group("tp"), self._src_leader(self._src_replica))
+        _backward(sent.embeddings, grad)
+
+    # -- colocated: collectives over the span -------------------------------------------------
+    def _span_group(self) -> dist.ProcessGroup:
+        """The span's process group (the same span for both modules)."""
+        return self.src.get_group("span")
+
+    def _replica_rows(self, offsets: list[int], replica: int, samples: int) -> tuple[int, int]:
+        """Rows [lo, hi) of the whole micro-batch that a replica of `samples` samples owns."""
+        return offsets[replica * samples], offsets[(replica + 1) * samples]
+
+    def _colocated_counts(self, counts: Tensor) -> Tensor:
+        """Counts of the whole micro-batch (CPU), from an all-gather of every span rank's replica counts."""
+        span = self.src.span
+        gathered = [torch.empty_like(counts) for _ in span]
+        dist.all_gather(gathered, counts, group=self._span_group())
+        return torch.cat([gathered[self._src_leader(i) - span.start] for i in range(self.src.size("dp"))]).cpu()
+
+    def _max_rows(self, offsets: list[int]) -> int:
+        """The most rows any src replica holds (every rank's slot in the collectives has this size)."""
+        sizes = (self._replica_rows(offsets, i, self._src_samples) for i in range(self.src.size("dp")))
+        return max(hi - lo for lo, hi in sizes)
+
+    def _slots(self, width: int) -> Tensor:
+        """One zeroed [width, H] slot per span rank, for the colocated collectives."""
+        return torch.zeros(len(self.src.span), width, self.hidden_size, dtype=self.dtype, device=self.device)
+
+    def _colocated_forward(self, microbatch: int) -> tuple[Tensor, Tensor] | None:
+        """Every span rank all-gathers its rows (padded); receivers slice their dst replica's rows."""
+        sent = self._sent[microbatch]
+        full = self._colocated_counts(sent.counts.to(self.device))
+        offsets = self._offsets[microbatch] = row_offsets(full)
+        slots = self._slots(self._max_rows(offsets))
+        if slots.shape[1]:
+            mine = torch.zeros_like(slots[0])
+            mine[:sent.embeddings.shape[0]] = sent.embeddings.detach()
+            dist.all_gather(list(slots.unbind(0)), mine, group=self._span_group())
+        if not self.is_receiver:
+            return None
+        start = self._dst_replica * self._dst_samples
+        counts = self._received[microbatch] = full[start:start + self._dst_samples]
+        return self._gathered_rows(slots, offsets).requires_grad_(), counts
+
+    def _gathered_rows(self, slots: Tensor, offsets: list[int]) -> Tensor:
+        """This receiver's dst replica's rows, cut from the src leaders' gathered slots."""
+        lo, hi = self._replica_rows(offsets, self._dst_replica, self._dst_samples)
+        pieces = []
+        for i in range(self.src.size("dp")):
+            lo_i, hi_i = self._replica_rows(offsets, i, self._src_samples)
+            a, b = max(lo, lo_i), min(hi, hi_i)
+            if a < b:
+                pieces.append(slots[self._src_leader(i) - self.src.span.start, a - lo_i:b - lo_i])
+        return torch.cat(pieces) if pieces else slots.new_empty(0, self.hidden_size)
+
+    def _colocated_backward(self, microbatch: int, grad: Tensor | None) -> None:
+        """Dst TP leaders place their gradient in each src rank's slot; a reduce-scatter delivers it."""
+        sent: _Sent = self._pop(self._sent, microbatch)
+        offsets: list[int] = self._pop(self._offsets, microbatch)
+        width = self._max_rows(offsets)
+        slots = self._slots(width)
+        if self.is_receiver:
+            self._pop(self._received, microbatch)
+            lo, hi = self._replica_rows(offsets, self._dst_replica, self._dst_samples)
+            grad = self._grad_or_zeros(microbatch, grad, hi - lo)
+            if self._is_dst_leader:
+                self._place(slots, grad, offsets, lo, hi)
+        mine = torch.empty(width, self.hidden_size, dtype=self.dtype, device=self.device)
+        if width:
+            dist.reduce_scatter(mine, list(slots.unbind(0)), group=self._span_group())
+        _backward(sent.embeddings, mine[:sent.embeddings.shape[0]])
+
+    def _place(self, slots: Tensor, grad: Tensor, offsets: list[int], lo: int, hi: int) -> None:
+        """Copy the gradient of rows [lo, hi) into the slot of every span rank whose src replica owns them."""
+        for r in self.src.span:
+            lo_i, hi_i = self._replica_rows(offsets, self.src.coordinates(r)[1], self._src_samples)
+            a, b = max(lo, lo_i), min(hi, hi_i)
+            if a < b:
+                slots[r - self.src.span.start, a - lo_i:b - lo_i] = grad[a - lo:b - lo]
+
+
+def _backward(embeddings: Tensor, grad: Tensor) -> None:
+    """Backpropagate `grad` through the sender's embeddings (nothing to do if they carry no graph)."""
+    if embeddings.requires_grad:
+        torch.autograd.backward(embeddings, grad)
