@@ -1,0 +1,138 @@
+"""Optimizers and learning-rate schedules per module, and one global gradient norm for clipping.
+
+Each module steps its own AdamW (modules live on different ranks and may differ in precision); steps
+happen in lock-step because every rank calls `step` once per global batch. The clipping norm is one
+number over every parameter of every module, each counted once: a TP shard by the rank that holds it,
+a tensor replicated over TP or DP by its replica at coordinate 0, a tied head on the last pipeline stage
+not at all (the embedding on stage 0 stands for it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+
+from mimo.distributed import dtensor_spec, unwrap, wrapped_modules
+from mimo.models import MimoModel
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and a warm-up + cosine schedule (to `min_lr_ratio` · lr at `total_steps`)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.1
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of `lr` at optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if not self.total_steps or self.total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: matrices decay; vectors (norms, biases) do not."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizers(model: MimoModel, config: OptimizerConfig) -> dict[str, torch.optim.Optimizer]:
+    """One AdamW per hosted module with trainable parameters (fused on CUDA for plain tensors)."""
+    optimizers = {}
+    for name, module in wrapped_modules(model).items():
+        groups = [g for g in param_groups(module, config.weight_decay) if g["params"]]
+        if not groups:
+            continue
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+        optimizers[name] = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                             fused=fused or None)
+    return optimizers
+
+
+def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], config: OptimizerConfig) -> dict:
+    """A LambdaLR per optimizer following `config.lr_factor`."""
+    return {n: torch.optim.lr_scheduler.LambdaLR(o, config.lr_factor) for n, o in optimizers.items()}
+
+
+# -- global gradient norm --------------------------------------------------------------------------------
+def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
+    """The 2-norm over all modules' gradients, each parameter counted once; every rank must call it."""
+    device = _device(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if not getattr(model, "is_stub", False):
+        for name, module in wrapped_modules(model).items():
+            grid = infra.module_to_grid_map.get(name)
+            for p in _counted_grads(module, grid):
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                total += g.detach().double().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+def clip_grad_norm(model: MimoModel | nn.Module, infra, max_norm: float | None) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / norm) with the global norm; returns the norm (pre-clip)."""
+    norm = global_grad_norm(model, infra)
+    if max_norm is None or getattr(model, "is_stub", False):
+        return norm
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for module in wrapped_modules(model).values():
+        for p in module.parameters():
+            if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                g.mul_(coef.to(g.dtype))
+    return norm
+
+
+def _counted_grads(module: nn.Module, grid) -> Iterable[torch.Tensor]:
+    """Parameters whose gradient this rank counts in the global norm.
+
+    Along each of the module's dp and tp dims, a gradient is either sharded (the spec has the dim with a
+    Shard placement: every rank counts its piece) or replicated (a Replicate placement, or the dim is
+    absent from the spec, e.g. a norm weight under TP or any DDP gradient): then only coordinate 0 counts.
+    """
+    inner = unwrap(module)
+    aliased = set(getattr(inner, "init_aliases", dict)())  # e.g. a tied head on the last stage
+    coord = {"dp": grid.coord[1], "tp": grid.coord[3]} if grid is not None else {"dp": 0, "tp": 0}
+    for name, p in inner.named_parameters():
+        if p.grad is not None and name not in aliased and _owned_here(dtensor_spec(p), coord):
+            yield p
+
+
+def _owned_here(spec, coord: dict[str, int]) -> bool:
+    """True if this rank holds its own piece of the gradient along every dim (see `_counted_grads`)."""
+    placements = {}
+    if spec is not None:
+        names = spec.mesh.mesh_dim_names or ()
+        placements = {n: (pl, spec.mesh.get_local_rank(i)) for i, (n, pl) in enumerate(zip(names, spec.placements,
+                                                                                            strict=True))}
+    for dim, c in coord.items():
+        placement, local = placements.get(dim, (Replicate(), c))
+        if isinstance(placement, Replicate) and local != 0:
+            return False
+    return True
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is not None:
+        return p.device
+    return torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and \
+        "nccl" in str(dist.get_backend()) else torch.device("cpu")

@@ -1,0 +1,260 @@
+"""One training step of a MIMO model on every rank: encoders, bridges, the language pipeline, one update.
+
+Every rank (stub ranks too) calls `MimoTrainer.train_step(batch)` with the same global batch and runs
+the part it hosts, in three phases:
+1. encoder ranks encode their DP replica's items micro-batch by micro-batch and hand each result to
+   the bridge (heterogeneous: sent at once, so the language pipeline can start on micro-batch 0);
+2. language ranks run the 1F1B schedule; stage 0 takes each micro-batch's embeddings from the bridge
+   and, on a heterogeneous edge, returns their gradient as soon as its backward is done;
+3. encoder ranks run each micro-batch's backward as its gradient arrives (colocated: all ranks of the
+   span exchange the gradients collectively first).
+Loss normalization (DESIGN §3): every rank backpropagates loss_sum / (label tokens of the whole global
+batch), and every DP reduction sums (`mimo.distributed`), so gradients are those of the global mean.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from mimo.bridge import Bridge
+from mimo.config import LANGUAGE, LayoutError
+from mimo.data import MimoBatch
+from mimo.distributed import no_sync_forward, prepare_backward, unwrap, wrapped_modules
+from mimo.grid import is_pp_first_stage, is_pp_last_stage
+from mimo.models import MimoModel
+from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grad_norm
+from mimo.training.pipeline import PipelineSchedule, StageWork
+
+
+@dataclass
+class StepResult:
+    """What a step reports on every rank: the global per-token loss, its token count, the gradient norm."""
+
+    loss: float
+    tokens: int
+    grad_norm: float
+    lr: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class MimoTrainer:
+    """Runs training steps of a wrapped MIMO model (or a stub) with its bridges, optimizers and schedules."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        infra,
+        *,
+        hidden_size: int,
+        global_batch_size: int,
+        num_microbatches: int,
+        optimizer: OptimizerConfig | None = None,
+        clip_grad: float | None = 1.0,
+        activation_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Check the batch against every module's DP size, build the bridges and the optimizers."""
+        self.model, self.infra, self.device = model, infra, torch.device(device)
+        self.num_microbatches = num_microbatches
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = infra.config.validate_batch(global_batch_size, num_microbatches)
+        self.hidden_size, self.activation_dtype, self.clip_grad = hidden_size, activation_dtype, clip_grad
+        self.is_stub = bool(getattr(model, "is_stub", False))
+        self.special_token_ids = {} if self.is_stub else dict(model.special_token_ids)
+        self.bridges = {src: Bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst],
+                                    self.micro_batch_size, hidden_size, activation_dtype, self.device)
+                        for src, dst in infra.config.edges if dst == LANGUAGE}
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.optimizers = {} if self.is_stub else build_optimizers(model, self.optimizer_config)
+        self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
+        self.step_count = 0
+
+    # -- the step -----------------------------------------------------------------------------------------
+    def train_step(self, batch: MimoBatch) -> StepResult:
+        """Forward and backward of every micro-batch, then one clipped optimizer step on every module."""
+        if batch.num_samples != self.global_batch_size:
+            raise ValueError(f"the batch has {batch.num_samples} samples, but the trainer was built for a "
+                             f"global batch of {self.global_batch_size}")
+        t0 = time.perf_counter()
+        seconds: dict[str, float] = defaultdict(float)
+        self.tokens = int(batch.num_label_tokens(self.special_token_ids)) if not self.is_stub else 0
+        self.tokens = self._agree(self.tokens)
+        self._state = _StepState()
+        hosted = self.infra.participating_modules
+        for name in hosted:
+            if name != LANGUAGE:
+                self._timed(seconds, f"{name}.forward", self._encode_all, name, batch)
+        if LANGUAGE in hosted:
+            self._timed(seconds, "language.forward_backward", self._language, batch)
+        for src in self.bridges:
+            self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
+        for bridge in self.bridges.values():
+            bridge.wait()
+        self._sync_tied_embeddings()
+        loss = self._global_loss()
+        grad_norm = clip_grad_norm(self.model, self.infra, self.clip_grad)
+        self._timed(seconds, "optimizer", self._optimizer_step)
+        seconds["step"] = time.perf_counter() - t0
+        lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
+        return StepResult(loss, self.tokens, float(grad_norm), lr, dict(seconds))
+
+    # -- phase 1: encoders ---------------------------------------------------------------------------------
+    def _encode_all(self, name: str, batch: MimoBatch) -> None:
+        """Encode this replica's items of every micro-batch and hand them to the bridge."""
+        grid, bridge = self.infra.module_to_grid_map[name], self.bridges[name]
+        encoder = self.model.modality_submodules[name]
+        tokens_per_item = unwrap(encoder).tokens_per_item
+        for m in range(self.num_microbatches):
+            mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))
+            items = mb.modality_inputs[name]
+            with no_sync_forward(encoder):
+                out = self._encode(encoder, items.items.to(self.device))
+            self._state.encoder_out[name][m] = out
+            received = bridge.forward(m, out, items.items_per_sample.to(self.device) * tokens_per_item)
+            if received is not None:
+                self._state.received[name][m] = received
+
+    @staticmethod
+    def _encode(encoder: torch.nn.Module, items: torch.Tensor) -> torch.Tensor:
+        """[N, ...] items → [N·T, H] embeddings. A replica with no items this micro-batch encodes one zero
+        item and keeps none of its rows: the graph (and so DDP's reduction) still reaches every parameter,
+        with exactly zero gradient, and no sharded op ever sees an empty tensor."""
+        if items.shape[0] == 0:
+            return encoder(items.new_zeros((1, *items.shape[1:]))).flatten(0, 1)[:0]
+        return encoder(items).flatten(0, 1)
+
+    # -- phase 2: the language pipeline --------------------------------------------------------------------
+    def _language(self, batch: MimoBatch) -> None:
+        """The 1F1B schedule over this rank's stage; stage 0 talks to the bridges."""
+        grid = self.infra.module_to_grid_map[LANGUAGE]
+        pp = grid.get_group("pp") if grid.size("pp") > 1 else None
+        b = self.micro_batch_size // grid.size("dp")
+        shape = (b, batch.input_ids.shape[1], self.hidden_size)
+        schedule = PipelineSchedule(pp, self.num_microbatches, shape, self.activation_dtype, self.device)
+        first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
+        lm = self.model.language_model
+
+        def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
+            mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp")).to(self.device)
+            kwargs = self._first_stage_inputs(m, mb) if first else {}
+            labels = self.model.language_labels(mb.input_ids, mb.labels) if last else None
+            with no_sync_forward(lm):
+                out = lm(x, **kwargs, labels=labels)
+            if not last:
+                return out
+            self._state.loss_sum += out[0].detach().double()
+            return out[0] / max(self.tokens, 1)
+
+        def before_backward(m: int, out: torch.Tensor, is_last: bool) -> None:
+            prepare_backward(lm, out, is_last)
+            for src, bridge in self.bridges.items():  # homogeneous: this backward reaches the encoder too
+                if bridge.kind == "homogeneous" and first:
+                    prepare_backward(self.model.modality_submodules[src], self._state.encoder_out[src][m], is_last)
+
+        def after_backward(m: int) -> None:
+            if not first:
+                return
+            for src, bridge in self.bridges.items():
+                leaf = self._state.leaves[src].pop(m, None)
+                if bridge.kind == "heterogeneous":
+                    bridge.backward(m, leaf.grad if leaf is not None else None)
+                elif bridge.kind == "colocated":
+                    self._state.grads[src][m] = leaf.grad if leaf is not None else None
+
+        schedule.run(StageWork(forward, before_backward, after_backward))
+
+    def _first_stage_inputs(self, m: int, mb: MimoBatch) -> dict:
+        """Stage 0's keyword inputs: text ids and every modality's embeddings for this replica's samples."""
+        embeddings, counts = {}, {}
+        for src, bridge in self.bridges.items():
+            received = bridge.forward(m) if bridge.kind == "heterogeneous" else self._state.received[src].pop(m)
+            embeddings[src], counts[src] = received
+            if bridge.kind != "homogeneous":
+                self._state.leaves[src][m] = received[0]
+        return self.model.language_inputs(mb.input_ids, embeddings, counts)
+
+    # -- phase 3: encoder backward ------------------------------------------------------------------------
+    def _encoder_backward(self, src: str) -> None:
+        """Deliver each micro-batch's embedding gradient to the encoder replicas and run their backward."""
+        bridge = self.bridges[src]
+        hosts_src = src in self.infra.participating_modules
+        if bridge.kind == "homogeneous" or (bridge.kind == "heterogeneous" and not hosts_src):
+            return
+        if bridge.kind == "colocated" and src not in self.infra.participating_modules:
+            return
+        encoder = self.model.modality_submodules[src] if hosts_src else None
+        for m in range(self.num_microbatches):
+            if encoder is not None:
+                prepare_backward(encoder, self._state.encoder_out[src][m], m == self.num_microbatches - 1)
+            bridge.backward(m, self._state.grads[src].pop(m, None))
+
+    # -- after the backward ----------------------------------------------------------------------------------
+    def _sync_tied_embeddings(self) -> None:
+        """With tied embeddings split over pipeline stages, sum the two copies' gradients over `embd`."""
+        if LANGUAGE not in self.infra.participating_modules:
+            return
+        grid = self.infra.module_to_grid_map[LANGUAGE]
+        lm = unwrap(self.model.language_model)
+        if grid.size("pp") == 1 or not lm.config.tie_embeddings:
+            return
+        embd = grid.get_group("embd")
+        if embd is None:
+            return
+        weight = lm.embed_tokens.weight if lm.has_embedding else lm.lm_head.weight
+        grad = weight.grad.to_local() if hasattr(weight.grad, "to_local") else weight.grad
+        dist.all_reduce(grad, group=embd)
+
+    def _global_loss(self) -> float:
+        """The per-token mean over the global batch, on every rank (one world all-reduce)."""
+        total = self._state.loss_sum if self._owns_loss() else torch.zeros((), dtype=torch.float64)
+        total = total.to(self._comm_device())
+        dist.all_reduce(total)
+        return float(total) / max(self.tokens, 1)
+
+    def _owns_loss(self) -> bool:
+        """One rank per language DP replica reports its loss sum: last stage, TP rank 0."""
+        if LANGUAGE not in self.infra.participating_modules:
+            return False
+        pp, _, cp, tp = self.infra.module_to_grid_map[LANGUAGE].coord
+        return pp == self.infra.module_to_grid_map[LANGUAGE].size("pp") - 1 and tp == 0 and cp == 0
+
+    def _optimizer_step(self) -> None:
+        for name, opt in self.optimizers.items():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.schedulers[name].step()
+        self.step_count += 1
+
+    def _agree(self, value: int) -> int:
+        """Every rank computes the label count from the same batch; stub ranks take it from the world."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def _comm_device(self) -> torch.device:
+        return self.device
+
+    @staticmethod
+    def _timed(seconds: dict[str, float], key: str, fn, *args) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        seconds[key] += time.perf_counter() - t0
+
+
+@dataclass
+class _StepState:
+    """Per-step scratch: encoder outputs, received embeddings, their leaves and gradients, the loss sum."""
+
+    encoder_out: dict = field(default_factory=lambda: defaultdict(dict))
+    received: dict = field(default_factory=lambda: defaultdict(dict))
+    leaves: dict = field(default_factory=lambda: defaultdict(dict))
+    grads: dict = field(default_factory=lambda: defaultdict(dict))
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+
+
+__all__ = ["LayoutError", "MimoModel", "MimoTrainer", "StepResult", "wrapped_modules"]

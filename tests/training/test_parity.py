@@ -1,0 +1,206 @@
+"""The parity matrix (DESIGN §3): every supported layout trains like the single-process model.
+
+float64, 3 steps of AdamW with global-norm clipping, batches mixing samples of 0, 1 and 3 images and
+uneven text; every step's loss and every final parameter equal the reference to a relative 1e-8.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mimo.config import MimoParallelismConfig
+from mimo.data import ModalitySpec, SyntheticDataset
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, full_tensor, unwrap, wrapped_modules
+from mimo.models import (
+    AudioConfig,
+    AudioEncoder,
+    Decoder,
+    DecoderConfig,
+    MLPProjector,
+    ModalitySubmodule,
+    ViTConfig,
+    ViTEncoder,
+)
+from mimo.provider import MimoModelProvider, ModuleSpec
+from mimo.testing import run_distributed
+from mimo.training.optim import OptimizerConfig, param_groups
+from mimo.training.step import MimoTrainer
+
+STEPS, GLOBAL_BATCH, MICRO = 3, 8, 2
+OPTIM = OptimizerConfig(lr=1e-2, weight_decay=0.1)
+CLIP = 1.0
+TOKENS = {"images": 256, "audio": 257}
+# Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all keys), so they
+# hold only rounding noise (~1e-15); relative differences are taken against at least this scale, far
+# below any parameter that trains (init std 0.02, lr 1e-2).
+SCALE_FLOOR = 1e-6
+
+
+def decoder_config(tied: bool) -> DecoderConfig:
+    return DecoderConfig.tiny(num_layers=2, tie_embeddings=tied)
+
+
+def modality_spec(name: str) -> ModuleSpec:
+    """Tiny ViT or audio encoder + MLP projector to the decoder width."""
+    cfg = ViTConfig.tiny() if name == "images" else AudioConfig.tiny()
+    encoder = ModuleSpec(ViTEncoder if name == "images" else AudioEncoder, {"config": cfg})
+    projection = ModuleSpec(MLPProjector, {"in_features": cfg.hidden_size, "out_features": 64})
+    return ModuleSpec(ModalitySubmodule, submodules={"encoder": encoder, "projection": projection})
+
+
+def provider(layout: dict | None, modalities: tuple[str, ...], tied: bool = False, **kw) -> MimoModelProvider:
+    config = None if layout is None else MimoParallelismConfig.from_dict(layout)
+    return MimoModelProvider(ModuleSpec(Decoder, {"config": decoder_config(tied)}),
+                             {m: modality_spec(m) for m in modalities}, {m: TOKENS[m] for m in modalities},
+                             config, params_dtype=torch.float64, seed=3, **kw)
+
+
+def dataset(modalities: tuple[str, ...]) -> SyntheticDataset:
+    specs = {"images": ModalitySpec.image(256, ViTConfig.tiny().tokens_per_image),
+             "audio": ModalitySpec.audio(257, AudioConfig.tiny().tokens_per_item)}
+    return SyntheticDataset(64, {m: specs[m] for m in modalities}, items_per_sample=(0, 1, 3), seed=5,
+                            dtype=torch.float64)
+
+
+def batches(modalities: tuple[str, ...]) -> list:
+    data = dataset(modalities)
+    return [data.batch(range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)) for s in range(STEPS)]
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """Every parameter this rank hosts, whole, under its single-process name."""
+    out = {}
+    for name, module in wrapped_modules(model).items():
+        prefix = "language_model." if name == "language" else f"modality_submodules.{name}."
+        for n, p in unwrap(module).named_parameters():
+            out[prefix + n] = full_tensor(p.detach(), p).clone()
+    return out
+
+
+# -- the reference ---------------------------------------------------------------------------------------
+def reference(modalities: tuple[str, ...], frozen: bool = False, tied: bool = False) -> tuple[list, list, dict]:
+    """Single process: MimoModel.forward per micro-batch, torch's clipping, AdamW with the same groups.
+    Returns the losses, the gradient norms and the final parameters."""
+    prov = provider(None, modalities, tied, **_freezing(frozen, modalities))
+    model = prov.provide()
+    opt = torch.optim.AdamW(param_groups(model, OPTIM.weight_decay), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps)
+    losses, norms = [], []
+    for batch in batches(modalities):
+        tokens = int(batch.num_label_tokens(model.special_token_ids))
+        total = 0.0
+        for m in range(MICRO):
+            mb = batch.microbatch(m, MICRO)
+            loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs)
+            (loss_sum / tokens).backward()
+            total += float(loss_sum)
+        norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / tokens)
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _freezing(frozen: bool, modalities: tuple[str, ...]) -> dict:
+    """LLaVA stage 1: encoders and language model frozen, projections trained."""
+    if not frozen:
+        return {}
+    return {"freeze_language_model": True, "freeze_modality_encoders": {m: True for m in modalities}}
+
+
+# -- the distributed run ---------------------------------------------------------------------------------
+def train_layout(rank: int, world_size: int, layout: dict, modalities: tuple[str, ...], frozen: bool,
+                 tied: bool, dp_kind: str) -> dict:
+    """Train STEPS on this rank's part; return the losses and the parameters it holds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # leading stub ranks warn
+        prov = provider(layout, modalities, tied, **_freezing(frozen, modalities))
+        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(dp_kind)))
+    trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
+                          num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64)
+    results = [trainer.train_step(batch) for batch in batches(modalities)]
+    return {"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
+            "params": {} if trainer.is_stub else full_params(model)}
+
+
+IMG2_LANG_TP2 = {"images": {"data_parallel_size": 2},
+                 "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 2}}
+MATRIX = [
+    # id, world, layout, modalities, frozen, tied, dp kind
+    ("1-homogeneous-dp2", 2, {"images": {}, "language": {}}, ("images",), False, False, "ddp"),
+    ("2-homogeneous-tp2dp2", 4, {"images": {"tensor_model_parallel_size": 2},
+                                 "language": {"tensor_model_parallel_size": 2}}, ("images",), False, False, "ddp"),
+    ("3-colocated-dp4-tp2dp2", 4, {"images": {"data_parallel_size": 4},
+                                   "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2}},
+     ("images",), False, False, "ddp"),
+    ("4-colocated-dp4-pp2dp2", 4, {"images": {"data_parallel_size": 4},
+                                   "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
+     ("images",), False, False, "ddp"),
+    ("5-heterogeneous-1-1", 2, {"images": {"data_parallel_size": 1},
+                                "language": {"data_parallel_size": 1, "rank_offset": 1}}, ("images",), False, False,
+     "ddp"),
+    ("6-fan-in-dp2-tp2", 4, IMG2_LANG_TP2, ("images",), False, False, "ddp"),
+    ("7-fan-out-dp1-dp2", 3, {"images": {"data_parallel_size": 1},
+                              "language": {"data_parallel_size": 2, "rank_offset": 1}}, ("images",), False, False,
+     "ddp"),
+    ("8-tp2-to-tp2pp2", 6, {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 1},
+                            "language": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                         "data_parallel_size": 1, "rank_offset": 2}}, ("images",), False, False,
+     "ddp"),
+    ("9-two-modalities", 5, {"images": {"data_parallel_size": 2},
+                             "audio": {"data_parallel_size": 1, "rank_offset": 2},
+                             "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                          "rank_offset": 3}}, ("images", "audio"), False, False, "ddp"),
+    ("10-leading-stub", 4, {"images": {"data_parallel_size": 1, "rank_offset": 1},
+                            "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                         "rank_offset": 2}}, ("images",), False, False, "ddp"),
+    ("11-llava-stage1", 3, {"images": {"data_parallel_size": 1},
+                            "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                         "rank_offset": 1}}, ("images",), True, False, "ddp"),
+    ("12-tied-pp2", 4, {"images": {"data_parallel_size": 2},
+                        "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1,
+                                     "rank_offset": 2}}, ("images",), False, True, "ddp"),
+    ("13-language-first", 4, {"language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1},
+                              "images": {"data_parallel_size": 2, "rank_offset": 2}}, ("images",), False, False,
+     "ddp"),
+    ("6-fan-in-fsdp", 4, IMG2_LANG_TP2, ("images",), False, False, "fsdp"),
+    ("4-colocated-pp2dp2-fsdp", 4, {"images": {"data_parallel_size": 4},
+                                    "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
+     ("images",), False, False, "fsdp"),
+]
+
+_REFERENCES: dict = {}
+
+
+def cached_reference(modalities, frozen, tied):
+    key = (modalities, frozen, tied)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = reference(modalities, frozen, tied)
+    return _REFERENCES[key]
+
+
+@pytest.mark.parametrize(("name", "world", "layout", "modalities", "frozen", "tied", "dp_kind"), MATRIX,
+                         ids=[row[0] for row in MATRIX])
+def test_parity(name, world, layout, modalities, frozen, tied, dp_kind):
+    ref_losses, ref_norms, ref_params = cached_reference(modalities, frozen, tied)
+    results = run_distributed(train_layout, world, layout, modalities, frozen, tied, dp_kind, timeout_s=240)
+    worst, seen = 0.0, set()
+    for rank, res in enumerate(results):
+        for s, (got, want) in enumerate(zip(res["losses"], ref_losses, strict=True)):
+            rel = abs(got - want) / abs(want)
+            assert rel <= 1e-8, f"{name}: rank {rank} step {s} loss {got!r} != reference {want!r} ({rel:.1e})"
+            worst = max(worst, rel)
+        for s, (got, want) in enumerate(zip(res["norms"], ref_norms, strict=True)):  # Adam hides a wrong clip
+            rel = abs(got - want) / abs(want)
+            assert rel <= 1e-8, f"{name}: rank {rank} step {s} gradient norm {got!r} != reference {want!r}"
+            worst = max(worst, rel)
+        for n, p in res["params"].items():
+            want = ref_params[n] if n in ref_params else ref_params[n.replace("lm_head", "embed_tokens")]  # tied
+            rel = float((p - want).abs().max() / want.abs().max().clamp_min(SCALE_FLOOR))
+            assert rel <= 1e-8, f"{name}: rank {rank} parameter {n} differs ({rel:.1e})"
+            worst = max(worst, rel)
+            seen.add(n if n in ref_params else n.replace("lm_head", "embed_tokens"))
+    assert seen == set(ref_params), f"{name}: parameters nobody holds: {sorted(set(ref_params) - seen)}"
+    print(f"\n{name}: largest relative difference {worst:.1e}")
