@@ -230,6 +230,7 @@ def _fully_shard(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> None:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # per unit: each has its own reduce-scatter
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo rejects PREMUL_SUM(1.0), a no-op anyway
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:

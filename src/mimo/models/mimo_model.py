@@ -93,7 +93,7 @@ class MimoModel(nn.Module):
     def tokens_per_sample(self, modality_inputs: Mapping[str, ModalityBatch]) -> dict[str, torch.Tensor]:
         """Per modality, how many embeddings each sample receives: items_per_sample × tokens per item."""
         return {
-            name: batch.items_per_sample * self.modality_submodules[name].tokens_per_item
+            name: batch.items_per_sample * _inner(self.modality_submodules[name]).tokens_per_item
             for name, batch in modality_inputs.items()
         }
 
@@ -183,3 +183,9 @@ def _check_counts(
     if rows != int(expected.sum()):
         raise ValueError(f"modality {name!r}: {rows} embeddings given, but tokens_per_sample sums to "
                          f"{int(expected.sum())}")
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    """The module itself, or the one a data-parallel wrapper holds in `.module` (wrapping is applied from
+    outside, so the model only looks through it)."""
+    return getattr(module, "module", module)
