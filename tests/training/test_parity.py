@@ -55,7 +55,7 @@ def provider(layout: dict | None, modalities: tuple[str, ...], tied: bool = Fals
     config = None if layout is None else MimoParallelismConfig.from_dict(layout)
     return MimoModelProvider(ModuleSpec(Decoder, {"config": decoder_config(tied)}),
                              {m: modality_spec(m) for m in modalities}, {m: TOKENS[m] for m in modalities},
-                             config, params_dtype=torch.float64, seed=3, **kw)
+                             config, **{"params_dtype": torch.float64, "seed": 3, **kw})
 
 
 def dataset(modalities: tuple[str, ...]) -> SyntheticDataset:

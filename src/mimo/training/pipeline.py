@@ -87,13 +87,13 @@ class PipelineSchedule:
         if not self.is_first:
             x = self._recv(self._peer(-1), self._tag(m, 0)).requires_grad_()
         out = work.forward(m, x)
-        if not self.is_last:
-            self._send(out.detach(), self._peer(+1), self._tag(m, 0))
+        if not self.is_last:  # activations travel in the schedule's dtype, whatever autocast produced
+            self._send(out.detach().to(self.dtype), self._peer(+1), self._tag(m, 0))
         return x, out
 
     def _backward(self, work: StageWork, m: int, x: torch.Tensor | None, out: torch.Tensor) -> None:
         work.before_backward(m, out, m == self.num_microbatches - 1)
-        grad = None if self.is_last else self._recv(self._peer(+1), self._tag(m, 1))
+        grad = None if self.is_last else self._recv(self._peer(+1), self._tag(m, 1)).to(out.dtype)
         torch.autograd.backward(out, grad)
         if x is not None:
             self._send(x.grad, self._peer(-1), self._tag(m, 1))

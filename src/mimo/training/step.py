@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 
 from mimo.bridge import Bridge
-from mimo.config import LANGUAGE, LayoutError
+from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
-from mimo.distributed import no_sync_forward, prepare_backward, unwrap, wrapped_modules
+from mimo.distributed import no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage
-from mimo.models import MimoModel
+from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grad_norm
 from mimo.training.pipeline import PipelineSchedule, StageWork
 
@@ -40,6 +40,7 @@ class StepResult:
     grad_norm: float
     lr: float
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False  # fp16: an overflow somewhere made every rank skip this update
 
 
 class MimoTrainer:
@@ -56,6 +57,7 @@ class MimoTrainer:
         optimizer: OptimizerConfig | None = None,
         clip_grad: float | None = 1.0,
         activation_dtype: torch.dtype = torch.float32,
+        scaler: GlobalGradScaler | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         """Check the batch against every module's DP size, build the bridges and the optimizers."""
@@ -64,6 +66,7 @@ class MimoTrainer:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = infra.config.validate_batch(global_batch_size, num_microbatches)
         self.hidden_size, self.activation_dtype, self.clip_grad = hidden_size, activation_dtype, clip_grad
+        self.scaler = scaler  # fp16: one loss scale for the whole model (GlobalGradScaler)
         self.is_stub = bool(getattr(model, "is_stub", False))
         self.special_token_ids = {} if self.is_stub else dict(model.special_token_ids)
         self.bridges = {src: Bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst],
@@ -97,11 +100,12 @@ class MimoTrainer:
             bridge.wait()
         self._sync_tied_embeddings()
         loss = self._global_loss()
-        grad_norm = clip_grad_norm(self.model, self.infra, self.clip_grad)
-        self._timed(seconds, "optimizer", self._optimizer_step)
+        skipped = self._unscale_and_check()
+        grad_norm = clip_grad_norm(self.model, self.infra, None if skipped else self.clip_grad)
+        self._timed(seconds, "optimizer", self._optimizer_step, skipped)
         seconds["step"] = time.perf_counter() - t0
         lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
-        return StepResult(loss, self.tokens, float(grad_norm), lr, dict(seconds))
+        return StepResult(loss, self.tokens, float(grad_norm), lr, dict(seconds), skipped)
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str, batch: MimoBatch) -> None:
@@ -115,7 +119,8 @@ class MimoTrainer:
             with no_sync_forward(encoder):
                 out = self._encode(encoder, items.items.to(self.device))
             self._state.encoder_out[name][m] = out
-            received = bridge.forward(m, out, items.items_per_sample.to(self.device) * tokens_per_item)
+            counts = items.items_per_sample.to(self.device) * tokens_per_item
+            received = bridge.forward(m, out.to(self.activation_dtype), counts)
             if received is not None:
                 self._state.received[name][m] = received
 
@@ -147,8 +152,9 @@ class MimoTrainer:
                 out = lm(x, **kwargs, labels=labels)
             if not last:
                 return out
-            self._state.loss_sum += out[0].detach().double()
-            return out[0] / max(self.tokens, 1)
+            self._state.loss_sum += out[0].detach().double().cpu()
+            loss = out[0] / max(self.tokens, 1)
+            return self.scaler.scale(loss) if self.scaler is not None else loss
 
         def before_backward(m: int, out: torch.Tensor, is_last: bool) -> None:
             prepare_backward(lm, out, is_last)
@@ -223,11 +229,23 @@ class MimoTrainer:
         pp, _, cp, tp = self.infra.module_to_grid_map[LANGUAGE].coord
         return pp == self.infra.module_to_grid_map[LANGUAGE].size("pp") - 1 and tp == 0 and cp == 0
 
-    def _optimizer_step(self) -> None:
+    def _unscale_and_check(self) -> bool:
+        """fp16: unscale every gradient and agree world-wide whether any overflowed (then skip the step)."""
+        if self.scaler is None:
+            return False
+        params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
+        self.scaler.unscale_(params)
+        return self.scaler.found_inf(params)
+
+    def _optimizer_step(self, skipped: bool) -> None:
+        """Every module steps (or, after an overflow, none does), then its schedule advances."""
         for name, opt in self.optimizers.items():
-            opt.step()
+            if not skipped:
+                opt.step()
+                self.schedulers[name].step()
             opt.zero_grad(set_to_none=True)
-            self.schedulers[name].step()
+        if self.scaler is not None:
+            self.scaler.update()
         self.step_count += 1
 
     def _agree(self, value: int) -> int:
@@ -256,5 +274,3 @@ class _StepState:
     grads: dict = field(default_factory=lambda: defaultdict(dict))
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
-
-__all__ = ["LayoutError", "MimoModel", "MimoTrainer", "StepResult", "wrapped_modules"]

@@ -1,0 +1,93 @@
+"""The training step beyond parity: bf16 runs of the heterogeneous layouts, fp16 through the step, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mimo.config import LayoutError
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.testing import run_distributed
+from mimo.training.grad_scaler import GlobalGradScaler
+from mimo.training.optim import OptimizerConfig
+from mimo.training.step import MimoTrainer
+from tests.training.test_parity import IMG2_LANG_TP2, MATRIX, dataset, provider
+
+TP2_TO_TP2PP2 = next(row[2] for row in MATRIX if row[0].startswith("8-"))
+
+
+def low_precision_losses(rank: int, world_size: int, layout: dict, dtype: str, steps: int) -> list:
+    """`steps` steps on one fixed batch with float32 parameters and `dtype` compute; the losses and skips."""
+    prov = provider(layout, ("images",), params_dtype=torch.float32)
+    model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("ddp", dtype)))
+    scaler = GlobalGradScaler(init_scale=2.0**10) if dtype == "float16" else None
+    trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
+                          optimizer=OptimizerConfig(lr=3e-3), activation_dtype=getattr(torch, dtype), scaler=scaler)
+    batch = _batch32()
+    return [(r.loss, r.skipped) for r in (trainer.train_step(batch) for _ in range(steps))]
+
+
+def _batch32():
+    data = dataset(("images",))
+    batch = data.batch(range(8))
+    for mb in batch.modality_inputs.values():
+        mb.items = mb.items.float()
+    return batch
+
+
+@pytest.mark.parametrize(("layout", "world"), [(IMG2_LANG_TP2, 4), (TP2_TO_TP2PP2, 6)], ids=["fan-in", "tp2-pp2"])
+def test_bf16_loss_falls_over_20_steps(layout, world):
+    results = run_distributed(low_precision_losses, world, layout, "bfloat16", 20, timeout_s=300)
+    losses = [loss for loss, _ in results[0]]
+    assert all(r == results[0] for r in results), "ranks disagree on the loss"
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+    print(f"\nbf16: {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+def test_fp16_with_one_scaler_trains():
+    results = run_distributed(low_precision_losses, 4, IMG2_LANG_TP2, "float16", 8, timeout_s=300)
+    losses = [loss for loss, _ in results[0]]
+    assert all(r == results[0] for r in results), "ranks disagree on the loss or on skipping"
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+
+
+def build_trainer_with(rank: int, world_size: int, global_batch: int, micro: int) -> str:
+    prov = provider(IMG2_LANG_TP2, ("images",))
+    model = prov.provide_distributed_model()
+    try:
+        MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=global_batch,
+                    num_microbatches=micro)
+    except LayoutError as e:
+        return str(e)
+    return "no error"
+
+
+def wrong_batch_size(rank: int, world_size: int) -> str:
+    prov = provider(IMG2_LANG_TP2, ("images",))
+    trainer = MimoTrainer(prov.provide_distributed_model(), prov.build_infra(), hidden_size=64,
+                          global_batch_size=8, num_microbatches=2, activation_dtype=torch.float64)
+    try:
+        trainer.train_step(dataset(("images",)).batch(range(4)))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "micro", "message"),
+    [
+        (6, 4, "global_batch_size 6 is not divisible by num_microbatches 4"),
+        (6, 2, "module 'images': micro-batch size 3 (global batch 6 / 2 micro-batches) is not divisible by its "
+               "data_parallel_size 2; use a global batch that is a multiple of 4"),
+    ],
+)
+def test_bad_batch_shapes_fail_before_the_first_step(global_batch, micro, message):
+    assert run_distributed(build_trainer_with, 4, global_batch, micro)[0] == message
+
+
+def test_a_batch_of_the_wrong_size_is_refused():
+    msg = run_distributed(wrong_batch_size, 4)[0]
+    assert msg == "the batch has 4 samples, but the trainer was built for a global batch of 8"
