@@ -1,0 +1,135 @@
+"""Plot runs from their `metrics.jsonl`: loss and tokens/s against step, one line per run (`mimo plot`).
+
+Eval lines (`"kind": "eval"`) show as points: eval loss on the loss panel, accuracy on its right-hand axis.
+Matplotlib draws with its non-interactive Agg canvas (no pyplot), so it works on a machine with no display
+and leaves the backend of a notebook or script that calls it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"  # as mimo.training.metrics writes it (not imported: plotting needs no torch)
+
+
+class PlotError(ValueError):
+    """A run directory whose metrics cannot be plotted."""
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of `run_dir/metrics.jsonl`; a cut-off last line (a run still writing) is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise PlotError(f"{path}: no such file; is {run_dir} a mimo run directory?")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: the writer was interrupted mid-line
+                continue
+            raise PlotError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+    return records
+
+
+def split_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training steps, evaluations) of a run; an error if it has no training step with a loss."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind", "train") == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train:
+        raise PlotError(f"{Path(run_dir) / METRICS_FILE}: no training steps logged yet, nothing to plot")
+    return train, evals
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that hold `key`."""
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Write a PNG of loss and tokens/s against step for each run (labelled by its directory's name)."""
+    if not run_dirs:
+        raise PlotError("no run directories given")
+    runs = {Path(d): split_records(Path(d)) for d in run_dirs}  # read everything before drawing anything
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)  # Agg, attached to this figure only: no pyplot, no global backend switch
+    ax_loss, ax_speed = fig.subplots(1, 2)
+    ax_acc = None
+    for i, (run_dir, (train, evals)) in enumerate(runs.items()):
+        color, label = f"C{i}", run_dir.resolve().name
+        ax_loss.plot(*_series(train, "loss"), color=color, label=label)
+        ax_speed.plot(*_series(train, "tokens_per_s"), color=color, label=label)
+        eval_steps, eval_loss = _series(evals, "loss")
+        if eval_steps:
+            ax_loss.plot(eval_steps, eval_loss, "o", color=color, label=f"{label} (eval)")
+        acc_steps, acc = _series(evals, "accuracy")
+        if acc_steps:
+            ax_acc = ax_acc or ax_loss.twinx()
+            ax_acc.plot(acc_steps, acc, "^", color=color, label=f"{label} accuracy (eval)")
+    _finish(ax_loss, ax_speed, ax_acc)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def _finish(ax_loss: Any, ax_speed: Any, ax_acc: Any | None) -> None:
+    """Titles, axis labels, grids and legends."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax_loss.set(title="loss", xlabel="step", ylabel="loss")
+    ax_speed.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    for ax in (ax_loss, ax_speed):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if ax_acc is not None:
+        ax_acc.set_ylabel("eval accuracy")
+        more = ax_acc.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax_loss.legend(handles, labels, fontsize="small")
+    ax_speed.legend(fontsize="small")
+
+
+def default_output(run_dirs: Sequence[str | Path]) -> Path:
+    """`RUN_DIR/plot.png` for one run; `comparison.png` in the working directory for several."""
+    return Path(run_dirs[0]) / "plot.png" if len(run_dirs) == 1 else Path("comparison.png")
+
+
+def build_parser(prog: str = "mimo plot") -> argparse.ArgumentParser:
+    """`RUN_DIR [RUN_DIR ...] [--out FILE]`."""
+    parser = argparse.ArgumentParser(prog=prog, description="Plot loss and tokens/s of one or more runs.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory with metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="PNG to write (default: RUN_DIR/plot.png for one run, ./comparison.png for several)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mimo plot") -> int:
+    """Parse the arguments, write the plot, print its path; a bad run prints one error line and returns 2."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        path = plot_runs(args.run_dirs, args.out or default_output(args.run_dirs))
+    except PlotError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

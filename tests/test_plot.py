@@ -1,0 +1,85 @@
+"""`mimo.plot`: a PNG for one run and for several, the default output paths, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mimo.plot import PlotError, default_output, main, plot_runs, read_metrics
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(path: Path, steps: int = 20, with_eval: bool = True, cut_last_line: bool = False) -> Path:
+    """A run directory with a metrics.jsonl like MetricsWriter's (train lines, some eval lines)."""
+    path.mkdir(parents=True)
+    records = [{"kind": "train", "step": s, "loss": 3.0 / s, "tokens_per_s": 1000.0 + 10 * s}
+               for s in range(1, steps + 1)]
+    if with_eval:
+        records += [{"kind": "eval", "step": s, "loss": 3.2 / s, "accuracy": s / steps} for s in (5, 10, 20)]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (path / "metrics.jsonl").write_text(text + ('{"kind": "train", "st' if cut_last_line else ""))
+    return path
+
+
+def assert_png(path: Path) -> None:
+    """A real PNG of some size (two panels of lines are tens of kB; an empty canvas would be far smaller)."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+
+
+def test_one_run(tmp_path) -> None:
+    """One run with eval points; the returned path is the file written."""
+    run = make_run(tmp_path / "run_a")
+    out = plot_runs([run], tmp_path / "out" / "a.png")
+    assert out == tmp_path / "out" / "a.png"
+    assert_png(out)
+
+
+def test_two_runs_one_without_eval(tmp_path) -> None:
+    """Two runs, only one with evaluations; a run still writing (cut last line) plots what it has."""
+    a = make_run(tmp_path / "a")
+    b = make_run(tmp_path / "b", steps=12, with_eval=False, cut_last_line=True)
+    assert len(read_metrics(b)) == 12
+    assert_png(plot_runs([a, b], tmp_path / "cmp.png"))
+
+
+def test_main_default_outputs(tmp_path, monkeypatch, capsys) -> None:
+    """One run: RUN_DIR/plot.png; several: ./comparison.png; --out wins."""
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(a)]) == 0
+    assert_png(a / "plot.png")
+    assert main([str(a), str(b)]) == 0
+    assert_png(tmp_path / "comparison.png")
+    assert main([str(a), "--out", str(tmp_path / "x.png")]) == 0
+    assert_png(tmp_path / "x.png")
+    assert f"wrote {tmp_path / 'x.png'}" in capsys.readouterr().out
+    assert default_output([a]) == a / "plot.png" and default_output([a, b]) == Path("comparison.png")
+
+
+def test_errors(tmp_path, capsys) -> None:
+    """Missing file, empty file, a broken line in the middle: one clear line each, exit 2, no PNG."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    (tmp_path / "evalonly").mkdir()
+    (tmp_path / "evalonly" / "metrics.jsonl").write_text('{"kind": "eval", "step": 1, "accuracy": 0.5}\n')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2}\n')
+    cases = {
+        "missing": "metrics.jsonl: no such file; is ",
+        "empty": "no training steps logged yet",
+        "evalonly": "no training steps logged yet",
+        "broken": "metrics.jsonl:2: not a JSON line",
+    }
+    for name, message in cases.items():
+        with pytest.raises(PlotError, match=message):
+            plot_runs([tmp_path / name], tmp_path / f"{name}.png")
+        assert main([str(tmp_path / name), "--out", str(tmp_path / f"{name}.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mimo plot: error: ") and message in err and err.count("\n") == 1
+        assert not (tmp_path / f"{name}.png").exists()
+    with pytest.raises(PlotError, match="no run directories"):
+        plot_runs([], tmp_path / "none.png")
