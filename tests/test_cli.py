@@ -64,6 +64,7 @@ def write(tmp_path: Path, text: str) -> str:
         ("parallelism: [", [], "not valid YAML"),
         ("- 1\n- 2\n", [], "expected a mapping at the top level, got list"),
         ("parallelism: {language: {}}\nsteps: 3\n", [], r"unknown top-level key(s) ['steps']; allowed keys"),
+        ("parallelism: {language: {data_parallel_size: 1}}\ntrain: {steps: 3}\n", [], None),
         ("world_size: 2\n", [], "missing 'parallelism'"),
         ("parallelism: {language: {tensor_model_parallel_size: 2}}\n", [], "the world size must be given"),
         ("parallelism: {language: {tp: 2}}\n", [], "module 'language': unknown key(s) ['tp']"),

@@ -1,46 +1,29 @@
-"""The `mimo` command line: `mimo layout CONFIG.yaml [--world-size N]` (training arrives with `mimo train`)."""
+"""The `mimo` command line: `mimo train | validate | layout | plot`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from mimo.config import LANGUAGE, LayoutError, MimoParallelismConfig
+from mimo.config import LANGUAGE, ConfigFileError, LayoutError, MimoParallelismConfig, read_yaml
 from mimo.grid import MESH_DIMS, ModuleGrid
 
 LAYOUT_KEYS = ("parallelism", "world_size")
 
 
-class ConfigFileError(ValueError):
-    """A config file that cannot be read or does not have the expected shape."""
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping safely (no object construction); errors name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigFileError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigFileError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigFileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
 def load_layout(path: str | Path, world_size: int | None = None) -> MimoParallelismConfig:
     """Read and finalize a layout file (`parallelism:` plus optional `world_size:`)."""
+    from mimo.training.run_config import SECTIONS
+
     data = read_yaml(path)
-    unknown = sorted(set(data) - set(LAYOUT_KEYS))
+    allowed = [*LAYOUT_KEYS, *(k for k in SECTIONS if k not in LAYOUT_KEYS)]  # a run config is a layout too
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigFileError(f"{path}: unknown top-level key(s) {unknown}; allowed keys are {list(LAYOUT_KEYS)}")
+        raise ConfigFileError(f"{path}: unknown top-level key(s) {unknown}; allowed keys are {allowed}")
     if "parallelism" not in data:
         raise ConfigFileError(f"{path}: missing 'parallelism' (a mapping of module name -> layout fields)")
     config = MimoParallelismConfig.from_dict(data["parallelism"])
@@ -107,10 +90,82 @@ def cmd_layout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
+    from mimo.training.run_config import load_run_config
+
+    config = load_run_config(args.config, args.set)
+    world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
+    layout, warns = _finalized(config.layout, world)
+    rank_map = render_rank_map(layout)
+    if _launched():
+        from mimo.training.loop import run_training
+
+        run_training(config, resume=args.resume, quiet=args.quiet, rank_map=rank_map)
+        return 0
+    for w in warns:
+        print(f"warning: {w}", file=sys.stderr)
+    from mimo.launch import launch
+
+    return launch(config.to_dict(), world, resume=args.resume, quiet=args.quiet, rank_map=rank_map)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a run config (keys, types, layout for its world size) without starting anything."""
+    from mimo.training.run_config import load_run_config
+
+    config = load_run_config(args.config, args.set)
+    layout, warns = _finalized(config.layout, args.nproc_per_node or config.world_size)
+    for w in warns:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"{args.config}: valid; {layout.deployment} on {layout.world_size} ranks")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot loss and throughput of one or more run directories."""
+    from mimo.plot import plot_runs
+
+    runs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else (runs[0] / "plot.png" if len(runs) == 1 else Path("comparison.png"))
+    plot_runs(runs, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _finalized(layout: MimoParallelismConfig, world_size: int) -> tuple[MimoParallelismConfig, list[str]]:
+    """The layout finalized for `world_size`, with its warnings as strings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layout.finalize(world_size)
+    return layout, [str(w.message) for w in caught]
+
+
+def _launched() -> bool:
+    """True under torchrun / our launcher / srun-with-env: the world is described by the environment."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mimo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, run, text in (("train", cmd_train, "train a multimodal model from a YAML run config"),
+                            ("validate", cmd_validate, "check a run config and its layout")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="a YAML run config (see examples/llava_digits.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any key, e.g. --set train.steps=50 (repeatable)")
+        p.add_argument("--nproc-per-node", type=_positive_int, default=None,
+                       help="worker processes (default: the layout's world size)")
+        p.set_defaults(run=run)
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            p.add_argument("--quiet", action="store_true", help="plain progress lines, no config dump")
+    plot = sub.add_parser("plot", help="plot loss and throughput of run directories")
+    plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+    plot.add_argument("--out", default=None, help="the PNG to write")
+    plot.set_defaults(run=cmd_plot)
     layout = sub.add_parser("layout", help="validate a parallel layout and print its rank map")
     layout.add_argument("config", help="a YAML file with a 'parallelism' section")
     layout.add_argument("--world-size", type=_positive_int, default=None,
@@ -131,9 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (LayoutError, ConfigFileError) as e:  # the user's input, not a bug: no traceback
+    except (LayoutError, ConfigFileError, *_input_errors()) as e:  # the user's input, not a bug: no traceback
         print(f"mimo {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (config, checkpoint), reported in one line."""
+    from mimo.training.checkpoint import CheckpointError
+    from mimo.training.run_config import RunConfigError
+
+    return (RunConfigError, CheckpointError)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 LANGUAGE = "language"
 Deployment = Literal["homogeneous", "colocated", "heterogeneous"]
@@ -25,6 +28,24 @@ _SIZE_FIELDS = (
 
 class LayoutError(ValueError):
     """A parallel layout that mimo cannot run, with the reason and what would be valid."""
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be read or does not have the expected shape."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely (no object construction); errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigFileError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigFileError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 @dataclass

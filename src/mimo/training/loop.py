@@ -1,0 +1,190 @@
+"""The training run behind `mimo train`, on every rank: build, (resume,) train, checkpoint, evaluate.
+
+It runs inside an initialized world (its own launcher, torchrun or srun set the environment). Rank 0
+writes the run directory: the resolved config, `metrics.jsonl`, the progress line and the evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from mimo.data import DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.provider import LlavaMimoProvider
+from mimo.training.checkpoint import Checkpointer, load_model_only
+from mimo.training.evaluate import digits_accuracy
+from mimo.training.flops import batch_flops
+from mimo.training.grad_scaler import GlobalGradScaler
+from mimo.training.metrics import MetricsWriter, Progress
+from mimo.training.optim import OptimizerConfig
+from mimo.training.run_config import RunConfig
+from mimo.training.step import MimoTrainer
+
+PARAM_DTYPE = {"float32": torch.float32, "bfloat16": torch.float32, "float16": torch.float32,
+               "float64": torch.float64}
+
+
+def init_distributed(timeout_s: float) -> torch.device:
+    """Join the world the launcher set up (NCCL with CUDA, else gloo); the device this rank computes on."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    return torch.device("cpu")
+
+
+def build_provider(config: RunConfig, device: torch.device | None = None, distributed: bool = True):
+    """The LLaVA provider of the run (distributed: with the run's layout; else the whole model, one process)."""
+    return LlavaMimoProvider.preset(
+        config.model.preset,
+        mimo_parallelism_config=config.layout if distributed else None,
+        freeze_language_model=config.model.freeze_language_model,
+        freeze_vision_encoder=config.model.freeze_vision_encoder,
+        freeze_projection=config.model.freeze_projection,
+        params_dtype=PARAM_DTYPE[config.train.dtype],
+        seed=config.train.seed,
+        device=device,
+    )
+
+
+def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "train"):
+    """The run's dataset, shaped to the model (image token id, tokens per image)."""
+    dtype = PARAM_DTYPE[config.train.dtype]
+    tokens = provider.vision_config.tokens_per_image
+    if config.data.name == "digits":
+        return DigitsDataset(split, image_token_id=provider.image_token_id, tokens_per_image=tokens, dtype=dtype)
+    spec = ModalitySpec.image(provider.image_token_id, tokens, size=provider.vision_config.image_size,
+                              channels=provider.vision_config.num_channels)
+    return SyntheticDataset(config.data.num_samples, {"images": spec}, vocab_size=provider.language_config.vocab_size,
+                            items_per_sample=tuple(config.data.items_per_sample), seed=config.train.seed, dtype=dtype)
+
+
+def distributed_config(config: RunConfig) -> DistributedConfig:
+    """Per-module DP kind; compute dtype from train.dtype (mixed precision for bfloat16/float16)."""
+    compute = config.train.dtype if config.train.dtype in ("bfloat16", "float16") else None
+    return DistributedConfig(ModuleDistributedConfig("ddp", compute),
+                             {m: ModuleDistributedConfig(s.data_parallel, compute)
+                              for m, s in config.distributed.items()})
+
+
+def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device: torch.device) -> MimoTrainer:
+    """The step runner with the run's optimizer, schedule, clipping and precision."""
+    t = config.train
+    activation = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(t.dtype, PARAM_DTYPE[t.dtype])
+    optimizer = OptimizerConfig(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+                                total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
+    return MimoTrainer(model, provider.build_infra(), hidden_size=provider.language_config.hidden_size,
+                       global_batch_size=t.global_batch_size, num_microbatches=t.num_microbatches,
+                       optimizer=optimizer, clip_grad=t.clip_grad, activation_dtype=activation,
+                       scaler=GlobalGradScaler() if t.dtype == "float16" else None, device=device)
+
+
+def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
+                 rank_map: str = "") -> dict[str, Any]:
+    """Train `config.train.steps` steps (from the newest checkpoint if `resume`); returns the final metrics."""
+    device = init_distributed(config.train.timeout_s)
+    rank = dist.get_rank()
+    if rank == 0:
+        _write_run_dir(config, rank_map, quiet)
+    provider = build_provider(config, device)
+    model = provider.provide_distributed_model(distributed_config(config))
+    dataset = build_dataset(config, provider)
+    sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
+    trainer = build_trainer(config, provider, model, device)
+    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep)
+    if resume:
+        _resume(checkpointer, trainer, sampler, rank)
+    writer = MetricsWriter(config.run_dir, enabled=rank == 0, tensorboard=config.log.tensorboard and rank == 0)
+    progress = Progress(config.train.steps, enabled=rank == 0, quiet=quiet, initial_step=trainer.step_count)
+    last: dict[str, Any] = {}
+    fault = _injected_fault(rank)
+    for step in range(trainer.step_count, config.train.steps):
+        if fault == step + 1:
+            raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
+        batch = dataset.batch(next(sampler))
+        result = trainer.train_step(batch)
+        last = {"step": step + 1, "loss": result.loss}
+        if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
+            result.seconds = _slowest_rank_seconds(result.seconds)
+            writer.log_step(step + 1, result, flops=batch_flops(provider, batch))
+        progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
+        if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
+            checkpointer.save(step + 1, trainer, _extra(sampler, config))
+    progress.close()
+    final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, config))
+    if config.eval.enabled and config.data.name == "digits" and rank == 0:
+        last["accuracy"] = _evaluate(config, final)
+        writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
+        print(f"held-out caption accuracy: {last['accuracy']:.1%} "
+              f"({len(build_dataset(config, provider, 'held_out'))} digits)", flush=True)
+    dist.barrier()
+    writer.close()
+    dist.destroy_process_group()
+    return last
+
+
+def _injected_fault(rank: int) -> int | None:
+    """`MIMO_INJECT_FAULT=RANK:STEP` makes that rank raise at that step: how tests prove a failing rank
+    ends the whole job promptly. Unset in normal runs."""
+    spec = os.environ.get("MIMO_INJECT_FAULT")
+    if not spec:
+        return None
+    fault_rank, step = (int(x) for x in spec.split(":"))
+    return step if fault_rank == rank else None
+
+
+def _write_run_dir(config: RunConfig, rank_map: str, quiet: bool) -> None:
+    """The resolved config (saved and printed) and the rank map."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    (config.run_dir / "config.yaml").write_text(text)
+    if not quiet:
+        print(f"resolved config (saved to {config.run_dir / 'config.yaml'}):\n{text}{rank_map}", flush=True)
+
+
+def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, rank: int) -> None:
+    """Continue from the newest complete checkpoint, whatever layout wrote it."""
+    path = checkpointer.latest()
+    if path is None:
+        if rank == 0:
+            print(f"no complete checkpoint in {checkpointer.root}; starting from step 0", flush=True)
+        return
+    extra = checkpointer.load(path, trainer)
+    sampler.load_state_dict(extra["sampler"])
+    if rank == 0:
+        print(f"resumed from {path} at step {trainer.step_count}", flush=True)
+
+
+def _extra(sampler: GlobalBatchSampler, config: RunConfig) -> dict[str, Any]:
+    return {"sampler": sampler.state_dict(), "config": config.to_dict()}
+
+
+def _slowest_rank_seconds(seconds: dict[str, float]) -> dict[str, float]:
+    """Every phase's time on the slowest rank that ran it (each rank times only what it hosts)."""
+    everyone: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, seconds)
+    merged: dict[str, float] = {}
+    for per_rank in everyone:
+        for key, value in per_rank.items():
+            merged[key] = max(merged.get(key, 0.0), value)
+    return merged
+
+
+def _evaluate(config: RunConfig, checkpoint: Path) -> float:
+    """Held-out caption accuracy of the final checkpoint, loaded whole into one process."""
+    provider = build_provider(config, torch.device("cpu"), distributed=False)
+    model = provider.provide()
+    load_model_only(checkpoint, model)
+    return digits_accuracy(model, build_dataset(config, provider, "held_out"))
+

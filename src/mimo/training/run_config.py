@@ -1,0 +1,232 @@
+"""The `mimo train` YAML: sections model, parallelism, distributed, train, data, checkpoint, log, eval.
+
+Read safely, overridden with `--set section.key=value`, checked field by field: an unknown key or a value
+of the wrong type is an error that names the key and what is allowed, before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mimo.config import LayoutError, MimoParallelismConfig, read_yaml
+
+
+class RunConfigError(ValueError):
+    """A training config that cannot run, naming the key and what would be valid."""
+
+
+@dataclass
+class ModelSection:
+    """A LLaVA preset and what to freeze (LLaVA stage 1: freeze_vision_encoder and freeze_language_model)."""
+
+    preset: Literal["tiny", "1b", "3b", "7b"] = "tiny"
+    freeze_language_model: bool = False
+    freeze_vision_encoder: bool = False
+    freeze_projection: bool = False
+
+
+@dataclass
+class ModuleDistributedSection:
+    """How one module is data-parallel."""
+
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
+class TrainSection:
+    """Steps, batch, optimizer and precision. dtype: float32 or float64 everywhere; bfloat16 / float16 compute
+    with float32 parameters (float16 with one dynamic loss scale for the whole model)."""
+
+    steps: int = 100
+    global_batch_size: int = 32
+    num_microbatches: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float | None = 1.0
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    timeout_s: float = 300.0
+
+
+@dataclass
+class DataSection:
+    """The built-in datasets: `digits` (scikit-learn's 8×8 scans, captioned) or `synthetic` (generated)."""
+
+    name: Literal["digits", "synthetic"] = "digits"
+    num_samples: int = 4096
+    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3])
+
+
+@dataclass
+class CheckpointSection:
+    """Where and how often to checkpoint (0: only at the end); `keep` complete checkpoints."""
+
+    dir: str | None = None
+    interval: int = 0
+    keep: int = 2
+
+
+@dataclass
+class LogSection:
+    """The run directory (config, metrics.jsonl, checkpoints by default) and logging cadence."""
+
+    dir: str = "runs/mimo"
+    interval: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation at the end of training (digits: caption accuracy by greedy generation)."""
+
+    enabled: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    parallelism: dict[str, dict[str, Any]]
+    model: ModelSection = field(default_factory=ModelSection)
+    distributed: dict[str, ModuleDistributedSection] = field(default_factory=dict)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @property
+    def layout(self) -> MimoParallelismConfig:
+        """The parallelism section as a (not yet finalized) `MimoParallelismConfig`."""
+        return MimoParallelismConfig.from_dict(self.parallelism)
+
+    @property
+    def world_size(self) -> int:
+        """The world the layout needs: the end of its last span."""
+        return self.layout.total_world_size
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log.dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain-dict form (what `run_dir/config.yaml` holds)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `section.key=value` overrides, check every key and type."""
+    data = read_yaml(path)
+    for item in overrides:
+        _apply_override(data, item)
+    return parse_run_config(data)
+
+
+def parse_run_config(data: dict[str, Any]) -> RunConfig:
+    """A `RunConfig` from a plain dict; errors name the key path and what is allowed."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise RunConfigError(f"unknown section(s) {unknown}; sections are {sorted(SECTIONS)}")
+    if "parallelism" not in data:
+        raise RunConfigError("missing section 'parallelism' (module name -> layout fields)")
+    kwargs: dict[str, Any] = {"parallelism": data["parallelism"]}
+    try:
+        layout = MimoParallelismConfig.from_dict(data["parallelism"])
+    except LayoutError as e:
+        raise RunConfigError(f"parallelism: {e}") from None
+    distributed = data.get("distributed") or {}
+    if not isinstance(distributed, dict):
+        raise RunConfigError(f"distributed: expected a mapping of module -> settings, got {distributed!r}")
+    unknown_modules = sorted(set(distributed) - set(layout.module_names))
+    if unknown_modules:
+        raise RunConfigError(f"distributed: unknown module(s) {unknown_modules}; modules are {layout.module_names}")
+    kwargs["distributed"] = {m: _section(ModuleDistributedSection, v, f"distributed.{m}")
+                             for m, v in distributed.items()}
+    for name, f in SECTIONS.items():
+        if name in ("parallelism", "distributed") or name not in data:
+            continue
+        kwargs[name] = _section(f.default_factory().__class__, data[name], name)
+    return RunConfig(**kwargs)
+
+
+def _section(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and value types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise RunConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
+    return cls(**{k: _checked(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """`value` if it fits type `hint` (int, float, str, bool, None, Literal, list[int]), else an error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise RunConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _checked(value, option, where)
+            except RunConfigError:
+                continue
+        raise RunConfigError(f"{where}: {value!r} is not a {_type_name(hint)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RunConfigError(f"{where}: expected a list, got {value!r}")
+        return [_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is type(None):
+        if value is not None:
+            raise RunConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise RunConfigError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML: 3, 0.1, true, null, [1, 2], text)."""
+    if "=" not in item:
+        raise RunConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RunConfigError(f"--set {item!r}: empty key part in {key!r}")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RunConfigError(f"--set {item!r}: {part!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise RunConfigError(f"--set {item!r}: the value is not valid YAML") from None

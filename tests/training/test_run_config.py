@@ -1,0 +1,95 @@
+"""`mimo train` configs: every bad key or value is a one-line error naming it and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mimo.cli import main
+from mimo.training.run_config import RunConfigError, load_run_config, parse_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "examples" / "llava_digits.yaml"
+LAYOUT = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 1}}
+
+
+def test_the_default_example_parses():
+    config = load_run_config(DIGITS)
+    assert config.model.preset == "tiny" and config.data.name == "digits"
+    assert config.world_size == 4
+    assert config.distributed["language"].data_parallel == "ddp"
+    assert config.checkpoint_dir == Path("runs/llava_digits/checkpoints")
+
+
+def test_set_overrides_any_key_with_yaml_typing():
+    config = load_run_config(DIGITS, ["train.steps=7", "train.lr=0.5", "train.clip_grad=null",
+                                      "distributed.language.data_parallel=fsdp", "log.dir=/tmp/x"])
+    assert (config.train.steps, config.train.lr, config.train.clip_grad) == (7, 0.5, None)
+    assert config.distributed["language"].data_parallel == "fsdp"
+    assert config.run_dir == Path("/tmp/x")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"parallelism": LAYOUT, "trainer": {}}, "unknown section(s) ['trainer']; sections are"),
+        ({"model": {"preset": "tiny"}}, "missing section 'parallelism'"),
+        ({"parallelism": LAYOUT, "train": {"stepz": 3}}, "train: unknown key(s) ['stepz']; allowed keys are ['steps'"),
+        ({"parallelism": LAYOUT, "train": {"steps": "ten"}}, "train.steps: expected int, got 'ten' (str)"),
+        ({"parallelism": LAYOUT, "train": {"steps": 2.5}}, "train.steps: expected int, got 2.5 (float)"),
+        ({"parallelism": LAYOUT, "train": {"dtype": "fp8"}},
+         "train.dtype: 'fp8' is not allowed; choose one of ['float32', 'bfloat16', 'float16', 'float64']"),
+        ({"parallelism": LAYOUT, "model": {"preset": "70b"}}, "model.preset: '70b' is not allowed"),
+        ({"parallelism": LAYOUT, "data": {"name": "imagenet"}},
+         "data.name: 'imagenet' is not allowed; choose one of ['digits', 'synthetic']"),
+        ({"parallelism": LAYOUT, "train": {"clip_grad": "big"}}, "train.clip_grad: 'big' is not a float or null"),
+        ({"parallelism": LAYOUT, "distributed": {"video": {}}},
+         "distributed: unknown module(s) ['video']; modules are ['images', 'language']"),
+        ({"parallelism": LAYOUT, "distributed": {"language": {"data_parallel": "zero"}}},
+         "distributed.language.data_parallel: 'zero' is not allowed; choose one of ['ddp', 'fsdp']"),
+        ({"parallelism": {"language": {"tp": 2}}}, "parallelism: module 'language': unknown key(s) ['tp']"),
+        ({"parallelism": LAYOUT, "log": []}, "log: expected a mapping, got []"),
+    ],
+)
+def test_config_errors(data, message):
+    with pytest.raises(RunConfigError) as e:
+        parse_run_config(data)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("item", "message"), [("train.steps", "expected key=value"),
+                                               ("train..steps=3", "empty key part"),
+                                               ("train.steps=[1", "the value is not valid YAML")])
+def test_bad_set(item, message):
+    with pytest.raises(RunConfigError, match=message):
+        load_run_config(DIGITS, [item])
+
+
+def write(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "argv", "message"),
+    [
+        ({"parallelism": LAYOUT, "train": {"steps": "x"}}, [], "mimo train: error: train.steps: expected int"),
+        ({"parallelism": {"images": {"data_parallel_size": 2},
+                          "language": {"data_parallel_size": 3, "rank_offset": 2}}}, [],
+         "mimo train: error: edge images -> language: data_parallel_size 2"),
+        ({"parallelism": LAYOUT}, ["--nproc-per-node", "3"], "mimo train: error: rank 2 after the last module"),
+        ({"parallelism": LAYOUT}, ["--set", "train.nope=1"], "mimo train: error: train: unknown key(s) ['nope']"),
+    ],
+)
+def test_train_refuses_bad_input_before_starting(capsys, tmp_path, data, argv, message):
+    assert main(["train", write(tmp_path, data), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_validate(capsys):
+    assert main(["validate", str(DIGITS)]) == 0
+    assert "valid; heterogeneous on 4 ranks" in capsys.readouterr().out
