@@ -95,7 +95,7 @@ def reference(modalities: tuple[str, ...], frozen: bool = False, tied: bool = Fa
             mb = batch.microbatch(m, MICRO)
             loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs)
             (loss_sum / tokens).backward()
-            total += float(loss_sum)
+            total += float(loss_sum.detach())
         norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)))
         opt.step()
         opt.zero_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mimo.data.labels import loss_token_mask
-from mimo.models.decoder import IGNORE_INDEX
+from mimo.models.labels import IGNORE_INDEX
 from mimo.models.mimo_model import ModalityBatch
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from mimo.data.batch import MimoBatch, Sample
-from mimo.models.decoder import IGNORE_INDEX
+from mimo.models.labels import IGNORE_INDEX
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_DIGITS = 1797

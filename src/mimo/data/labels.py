@@ -1,33 +1,12 @@
-"""The label convention shared by every dataset and the loss normalizer: next-token targets, -100 ignored.
-
-`labels[t]` is the target of position t. A position is scored when its label is not -100 and neither its
-input nor its label is a modality's special token id. That last rule mirrors `MimoModel.language_loss`
-(which masks `_is_special(input_ids) | _is_special(labels)`); `loss_token_mask` is the one place the data
-side states it, so the per-token normalizer counts exactly the positions the model scores.
-"""
+"""Next-token labels for the datasets; which of them the loss scores is `mimo.models.labels`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import torch
 
-from mimo.models.decoder import IGNORE_INDEX
+from mimo.models.labels import IGNORE_INDEX, loss_token_mask, special_ids_tensor
 
-
-def special_ids_tensor(special_token_ids: Mapping[str, int] | Iterable[int], device: torch.device) -> torch.Tensor:
-    """The special token ids as a 1-D LongTensor; accepts the model's {modality: id} map or plain ids."""
-    ids = special_token_ids.values() if isinstance(special_token_ids, Mapping) else special_token_ids
-    return torch.tensor(list(ids), dtype=torch.long, device=device)
-
-
-def loss_token_mask(
-    input_ids: torch.Tensor, labels: torch.Tensor, special_token_ids: Mapping[str, int] | Iterable[int]
-) -> torch.Tensor:
-    """Where the language loss scores a label; mirrors `MimoModel.language_loss` (keep the two in step)."""
-    special = special_ids_tensor(special_token_ids, labels.device)
-    masked = torch.isin(input_ids, special) | torch.isin(labels, special)
-    return (labels != IGNORE_INDEX) & ~masked
+__all__ = ["loss_token_mask", "next_token_labels", "special_ids_tensor"]
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Built-in modules (ViT, audio encoder, MLP projector, Llama-style decoder), MimoModel and its init."""
 
 from mimo.models.audio import AudioConfig, AudioEncoder
-from mimo.models.decoder import IGNORE_INDEX, Decoder, DecoderConfig
+from mimo.models.decoder import Decoder, DecoderConfig
 from mimo.models.encoder_block import EncoderBlock
 from mimo.models.init import init_parameters, param_seed, reset_buffers
+from mimo.models.labels import IGNORE_INDEX
 from mimo.models.mimo_model import MimoModel, ModalityBatch, ModalitySubmodule
 from mimo.models.projector import MLPProjector
 from mimo.models.rmsnorm import RMSNorm

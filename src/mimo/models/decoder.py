@@ -19,10 +19,10 @@ from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
 from mimo.models.rotary import apply_rotary, rotary_tables
 
-IGNORE_INDEX = -100
 # (mask [B, S], values [n, H]) pairs: embeddings to write over the masked positions of the text embedding.
 EmbeddingsAt = Sequence[tuple[torch.Tensor, torch.Tensor]]
 

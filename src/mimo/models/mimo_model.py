@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from mimo.models.decoder import IGNORE_INDEX, Decoder
+from mimo.models.decoder import Decoder
+from mimo.models.labels import IGNORE_INDEX, loss_token_mask, special_ids_tensor
 
 
 @dataclass
@@ -120,8 +121,7 @@ class MimoModel(nn.Module):
 
     def language_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Labels with modality positions (special-token inputs or targets) set to ignore: they never count."""
-        ignore = self._is_special(input_ids) | self._is_special(labels)
-        return labels.masked_fill(ignore, IGNORE_INDEX)
+        return labels.masked_fill(~loss_token_mask(input_ids, labels, self.special_token_ids), IGNORE_INDEX)
 
     def align_embeddings(
         self,
@@ -162,8 +162,7 @@ class MimoModel(nn.Module):
 
     def _is_special(self, ids: torch.Tensor) -> torch.Tensor:
         """Where `ids` holds any modality's special token id."""
-        special = torch.tensor(list(self.special_token_ids.values()), dtype=ids.dtype, device=ids.device)
-        return torch.isin(ids, special)
+        return torch.isin(ids, special_ids_tensor(self.special_token_ids, ids.device))
 
 
 def _check_counts(
