@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mimo.grid import ModuleGrid
+from mimo.grid import ModuleGrid, P2PGroups
 
 Kind = Literal["homogeneous", "colocated", "heterogeneous"]
 Piece = tuple[int, int, int]  # (peer replica or rank, start, stop)
@@ -67,9 +67,11 @@ class Bridge:
     """Moves one edge's embeddings forward and their gradients back, micro-batch by micro-batch."""
 
     def __init__(self, src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        """Plan the edge from the two grids; no communication happens here."""
+                 dtype: torch.dtype, device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None) -> None:
+        """Plan the edge from the two grids; no communication happens here. `p2p_groups` (world-wide, one
+        per direction) keep forward rows and backward gradients on separate NCCL streams."""
         self.src, self.dst = src, dst
+        self.p2p_groups = p2p_groups
         self.name = f"{src.name} -> {dst.name}"
         self.micro_batch_size, self.hidden_size = micro_batch_size, hidden_size
         self.dtype, self.device = dtype, torch.device(device)
@@ -210,15 +212,22 @@ class Bridge:
     def _isend(self, tensor: Tensor, peer: int, microbatch: int, kind: int) -> None:
         """Start a non-blocking send; the tensor stays referenced until `_wait_sends` completes it."""
         if tensor.numel():
-            work = dist.isend(tensor, dst=peer, tag=self._tag(microbatch, kind))
+            work = dist.isend(tensor, dst=peer, group=self._p2p_group(kind), tag=self._tag(microbatch, kind))
             self._pending.setdefault(microbatch, []).append((work, tensor))
 
     def _recv(self, buffer: Tensor, pieces: list[Piece], microbatch: int, kind: int) -> None:
         """Fill rows [start, stop) of `buffer` from each (peer rank, start, stop); block until all arrived."""
         tag = self._tag(microbatch, kind)
-        works = [dist.irecv(buffer[a:b], src=peer, tag=tag) for peer, a, b in pieces if b > a]
+        group = self._p2p_group(kind)
+        works = [dist.irecv(buffer[a:b], src=peer, group=group, tag=tag) for peer, a, b in pieces if b > a]
         for work in works:
             work.wait()
+
+    def _p2p_group(self, kind: int) -> dist.ProcessGroup | None:
+        """The world-wide group of this message's direction (global rank = group rank), or the default."""
+        if self.p2p_groups is None:
+            return None
+        return self.p2p_groups.backward if kind == _GRAD else self.p2p_groups.forward
 
     def _wait_sends(self, microbatch: int) -> None:
         """Complete and release the sends of `microbatch`."""

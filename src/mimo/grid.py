@@ -180,6 +180,26 @@ def build_module_grids(config: MimoParallelismConfig) -> dict[str, ModuleGrid]:
     return grids
 
 
+@dataclass
+class P2PGroups:
+    """Two world-wide groups for point-to-point traffic: activations/embeddings forward, gradients back.
+
+    NCCL runs all sends and receives between two ranks of one group on one communicator and stream, so a
+    pipeline or bridge that sends micro-batch m+1 forward before receiving m's gradient deadlocks on large
+    messages. One group per direction gives each direction its own stream. Both span the whole world in
+    rank order, so a global rank is also the group rank.
+    """
+
+    forward: dist.ProcessGroup
+    backward: dist.ProcessGroup
+
+
+def build_p2p_groups() -> P2PGroups:
+    """Create the forward and backward p2p groups (a collective every rank calls, after the module groups)."""
+    ranks = list(range(dist.get_world_size()))
+    return P2PGroups(dist.new_group(ranks), dist.new_group(ranks))
+
+
 class _SharedGroups:
     """Creates one process group per distinct rank list, in call order, on every rank."""
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from mimo.config import LANGUAGE, Deployment, MimoParallelismConfig
 from mimo.distributed import DistributedConfig, apply_data_parallel, apply_tensor_parallel
-from mimo.grid import ModuleGrid, ProcessGroupCollection, build_module_grids
+from mimo.grid import ModuleGrid, P2PGroups, ProcessGroupCollection, build_module_grids, build_p2p_groups
 from mimo.models import (
     Decoder,
     DecoderConfig,
@@ -63,6 +63,7 @@ class MimoModelInfra:
     deployment: Deployment
     is_stub_rank: bool
     config: MimoParallelismConfig | None
+    p2p_groups: P2PGroups | None = None  # forward / backward point-to-point groups (None on one process)
 
 
 def pipeline_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
@@ -149,6 +150,7 @@ class MimoModelProvider:
         config = self.mimo_parallelism_config
         config.topology = self.topology
         grids = build_module_grids(config)
+        p2p = build_p2p_groups()
         hosted = config.modules_on_rank(dist.get_rank())
         return MimoModelInfra(
             module_to_grid_map=grids,
@@ -158,6 +160,7 @@ class MimoModelProvider:
             deployment=config.deployment,
             is_stub_rank=not hosted,
             config=config,
+            p2p_groups=p2p,
         )
 
     # -- the model ------------------------------------------------------------------------------

@@ -91,3 +91,33 @@ def test_bad_batch_shapes_fail_before_the_first_step(global_batch, micro, messag
 def test_a_batch_of_the_wrong_size_is_refused():
     msg = run_distributed(wrong_batch_size, 4)[0]
     assert msg == "the batch has 4 samples, but the trainer was built for a global batch of 8"
+
+
+def p2p_directions(rank: int, world_size: int) -> list[str]:
+    """One step of layout #8 (bridge + pipeline) with dist.isend spied on: the group each send used."""
+    import torch.distributed as dist
+
+    prov = provider(TP2_TO_TP2PP2, ("images",))
+    model = prov.provide_distributed_model()
+    infra = prov.build_infra()
+    trainer = MimoTrainer(model, infra, hidden_size=64, global_batch_size=8, num_microbatches=2,
+                          activation_dtype=torch.float64)
+    names = {id(infra.p2p_groups.forward): "forward", id(infra.p2p_groups.backward): "backward"}
+    seen, real = [], dist.isend
+
+    def spy(tensor, dst, group=None, tag=0):
+        seen.append(names.get(id(group), "default"))
+        return real(tensor, dst, group=group, tag=tag)
+
+    dist.isend = spy
+    try:
+        trainer.train_step(dataset(("images",)).batch(range(8)))
+    finally:
+        dist.isend = real
+    return seen
+
+
+def test_point_to_point_traffic_uses_the_direction_groups():
+    groups = [g for per_rank in run_distributed(p2p_directions, 6) for g in per_rank]
+    assert groups and "default" not in groups, groups
+    assert {"forward", "backward"} <= set(groups)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from mimo.grid import P2PGroups
+
 _TAG_BASE = 1 << 20  # p2p tags of the pipeline, clear of the bridge's
 
 
@@ -42,6 +44,7 @@ class PipelineSchedule:
     activation_shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device | str = "cpu"
+    p2p_groups: P2PGroups | None = None  # activations and gradients on separate groups (NCCL streams)
     _sends: list[dist.Work] = field(default_factory=list, repr=False)
 
     @property
@@ -106,10 +109,16 @@ class PipelineSchedule:
     def _tag(self, m: int, direction: int) -> int:
         return _TAG_BASE + 2 * m + direction
 
+    def _group(self, tag: int) -> dist.ProcessGroup | None:
+        """The world-wide group of the message's direction (tags: even forward, odd backward)."""
+        if self.p2p_groups is None:
+            return None
+        return self.p2p_groups.backward if tag % 2 else self.p2p_groups.forward
+
     def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
-        self._sends.append(dist.isend(tensor.contiguous(), peer, tag=tag))
+        self._sends.append(dist.isend(tensor.contiguous(), peer, group=self._group(tag), tag=tag))
 
     def _recv(self, peer: int, tag: int) -> torch.Tensor:
         buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-        dist.recv(buffer, peer, tag=tag)
+        dist.recv(buffer, peer, group=self._group(tag), tag=tag)
         return buffer

@@ -70,7 +70,8 @@ class MimoTrainer:
         self.is_stub = bool(getattr(model, "is_stub", False))
         self.special_token_ids = {} if self.is_stub else dict(model.special_token_ids)
         self.bridges = {src: Bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst],
-                                    self.micro_batch_size, hidden_size, activation_dtype, self.device)
+                                    self.micro_batch_size, hidden_size, activation_dtype, self.device,
+                                    infra.p2p_groups)
                         for src, dst in infra.config.edges if dst == LANGUAGE}
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizers = {} if self.is_stub else build_optimizers(model, self.optimizer_config)
@@ -140,7 +141,8 @@ class MimoTrainer:
         pp = grid.get_group("pp") if grid.size("pp") > 1 else None
         b = self.micro_batch_size // grid.size("dp")
         shape = (b, batch.input_ids.shape[1], self.hidden_size)
-        schedule = PipelineSchedule(pp, self.num_microbatches, shape, self.activation_dtype, self.device)
+        schedule = PipelineSchedule(pp, self.num_microbatches, shape, self.activation_dtype, self.device,
+                                    self.infra.p2p_groups)
         first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
         lm = self.model.language_model
 
