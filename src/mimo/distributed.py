@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -176,7 +177,9 @@ def _ddp(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> DDP:
         _localize_for_ddp(module)
     _autocast_forward(module, cfg)
     group = grid.get_group("dp_cp")
-    ddp = DDP(module, process_group=group, broadcast_buffers=False, init_sync=False)
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only the old name
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        ddp = DDP(module, process_group=group, broadcast_buffers=False, init_sync=False)
     ddp.register_comm_hook(group, _allreduce_sum_hook)
     return ddp
 

@@ -6,11 +6,13 @@ monitor interval and we report which rank failed and why, in one line each; Ctrl
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import uuid
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -28,8 +30,10 @@ def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
         for rank, failure in sorted(e.failures.items()):
             print(f"mimo train: error: rank {rank} failed: {_reason(failure)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("mimo train: interrupted; the newest complete checkpoint is intact", file=sys.stderr)
+    except (KeyboardInterrupt, SignalException) as e:
+        name = signal.Signals(getattr(e, "sigval", signal.SIGINT)).name
+        print(f"mimo train: stopped by {name}; workers ended, and only complete checkpoints are ever loaded",
+              file=sys.stderr)
         return 130
     return 0
 
