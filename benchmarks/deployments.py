@@ -1,0 +1,690 @@
+"""One LLaVA model, one global batch, every deployment: homogeneous, colocated and heterogeneous, side by side.
+
+    python benchmarks/deployments.py --gpus 8 --preset 1b --workload encoder-heavy --steps 10
+    python benchmarks/deployments.py --gpus 4 --preset 1b --workload text-heavy --steps 10
+    python benchmarks/deployments.py --dry-run        # CPU, gloo, tiny preset, 2 steps, worlds of 4 at most (CI)
+
+Each row of `LAYOUTS[--gpus]` is one deployment: an image-encoder layout and a language-model layout. Every
+deployment is its own world (an N+1 deployment needs one more rank than its N-rank baseline), started with
+`torch.distributed.launcher.api.elastic_launch` the way `mimo train` starts its workers (`mimo.launch`). The
+workers build the run exactly as `mimo train` does (`parse_run_config`, `build_provider`,
+`provide_distributed_model(distributed_config)`, `build_trainer`) and draw the same global batches from a
+`SyntheticDataset` (`--workload`: images per sample and sequence length), run `--warmup` + `--steps` steps,
+then (heterogeneous rows) time the bridge against a plain point-to-point send between the same two ranks.
+Rank 0 writes the row (`OUT/<deployment>/result.json`, plus `metrics.jsonl` for `mimo plot`); this process
+collects the rows into one table (`OUT/deployments.json`, `OUT/deployments.md`).
+
+What a row reports (timed steps only; per step the slowest rank, then the mean over steps):
+- step s: `StepResult.seconds["step"]`; tokens/s = global batch × sequence length / step s (every position
+  of every sequence, image tokens included); tokens/s/GPU divides by the deployment's world (active GPUs);
+  TFLOP/s/GPU counts `mimo.training.flops.batch_flops`.
+- encoder busy s: the encoder's forward (the `images.forward` phase less the time blocked in the bridge) plus
+  its backward compute (autograd hooks: from the gradient reaching the encoder's output to the last
+  encoder gradient accumulated), on the slowest encoder rank. language busy s likewise (the
+  `language.forward_backward` phase less blocked time, less the encoder backward where that runs inside it).
+- images / language wait s: on each module's slowest rank, the time blocked waiting on other ranks: in the
+  bridge's receives and broadcasts (heterogeneous) or its collectives (colocated), and in the step's two
+  world-wide agreements (label count at the start, loss at the end).
+- encoder share f = encoder busy / step time. For a homogeneous row this is the bound's f: moving the
+  encoder to its own GPU(s) can speed the same language layout up by at most 1/(1 - f).
+- bridge GB/s (heterogeneous rows): one micro-batch's embeddings forward, then their gradients back, through
+  the step's own `Bridge` (all ranks start together after a barrier; bytes between leaders / slowest rank's
+  time), against one `dist.send` of the same bytes between the first encoder and first language leader.
+On CUDA every timed region ends with `torch.cuda.synchronize()` (the step's phases too: its phase timer is
+replaced by a synchronizing one), so per-phase times are device times, not host launch times.
+Instrumentation is installed from outside (instance attributes over the trainer's and bridges' private
+methods; it fails loudly if one is renamed); the training step itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from mimo.config import LANGUAGE
+from mimo.data import GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.launch import _free_port, _reason
+from mimo.provider import LlavaMimoProvider
+from mimo.training.flops import batch_flops
+from mimo.training.loop import build_provider, build_trainer, distributed_config, init_distributed
+from mimo.training.metrics import MetricsWriter, peak_memory_gb
+from mimo.training.run_config import parse_run_config
+
+IMAGES = "images"
+
+# -- the deployments: per GPU count, the global batch, its micro-batches and one row per deployment -------------
+# A module is {"tp": TP, "dp": DP, "offset": first rank}; the deployment kind follows from the spans
+# (mimo.config). "baseline": the homogeneous row with the same language layout, for the 1/(1 - f) bound.
+# The global batch must split into micro-batches that every DP size divides; heterogeneous rows need
+# several micro-batches to overlap the encoder of micro-batch m+1 with the language model on m.
+LAYOUTS: dict[int, dict[str, Any]] = {
+    8: {"global_batch": 32, "microbatches": 4, "deployments": [
+        {"name": "homogeneous", "images": {"tp": 2, "dp": 4}, "language": {"tp": 2, "dp": 4}},
+        {"name": "colocated", "images": {"dp": 8}, "language": {"tp": 2, "dp": 4}},
+        {"name": "heterogeneous-4+4", "images": {"dp": 4}, "language": {"tp": 2, "dp": 2, "offset": 4}},
+        {"name": "homogeneous-4", "images": {"tp": 2, "dp": 2}, "language": {"tp": 2, "dp": 2}},
+        {"name": "heterogeneous-1+4", "images": {"dp": 1}, "language": {"tp": 2, "dp": 2, "offset": 1},
+         "baseline": "homogeneous-4"},
+        {"name": "heterogeneous-2+4", "images": {"dp": 2}, "language": {"tp": 2, "dp": 2, "offset": 2},
+         "baseline": "homogeneous-4"},
+    ]},
+    4: {"global_batch": 16, "microbatches": 4, "deployments": [
+        {"name": "homogeneous", "images": {"tp": 2, "dp": 2}, "language": {"tp": 2, "dp": 2}},
+        {"name": "colocated", "images": {"dp": 4}, "language": {"tp": 2, "dp": 2}},
+        {"name": "heterogeneous-2+2", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1, "offset": 2}},
+        {"name": "homogeneous-2", "images": {"tp": 2, "dp": 1}, "language": {"tp": 2, "dp": 1}},
+        {"name": "heterogeneous-1+2", "images": {"dp": 1}, "language": {"tp": 2, "dp": 1, "offset": 1},
+         "baseline": "homogeneous-2"},
+    ]},
+}
+
+# images per sample and sequence length (image tokens + text); `tiny_seq_len` for the tiny preset (16 tokens
+# per 8 px image, max_seq_len 256). At 336 px an image is 576 tokens: encoder-heavy is 2304 image + 768 text.
+WORKLOADS: dict[str, dict[str, int]] = {
+    "encoder-heavy": {"images_per_sample": 4, "seq_len": 3072, "tiny_seq_len": 96},
+    "text-heavy": {"images_per_sample": 1, "seq_len": 4096, "tiny_seq_len": 256},
+}
+
+TARGETS = {"non_homogeneous_speedup": 1.3, "bound_fraction": 0.9, "bridge_fraction": 0.8}
+
+
+# -- the run config of one deployment ---------------------------------------------------------------------------
+def parallelism(row: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """The `parallelism` section of `mimo train` for a table row (images first: the global group order)."""
+    out = {}
+    for module in (IMAGES, LANGUAGE):
+        m = row[module]
+        out[module] = {"tensor_model_parallel_size": m.get("tp", 1), "data_parallel_size": m["dp"],
+                       "rank_offset": m.get("offset", 0)}
+    return out
+
+
+def run_config_dict(row: dict[str, Any], args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """The whole `mimo train` config of one deployment (checked by `parse_run_config` before launching)."""
+    return {
+        "model": {"preset": args.preset},
+        "parallelism": parallelism(row),
+        "distributed": {m: {"data_parallel": args.data_parallel} for m in (IMAGES, LANGUAGE)},
+        "train": {"steps": args.warmup + args.steps, "global_batch_size": args.batch,
+                  "num_microbatches": args.microbatches, "lr": args.lr, "warmup_steps": 0, "clip_grad": 1.0,
+                  "seed": args.seed, "dtype": args.dtype, "timeout_s": float(args.timeout)},
+        "data": {"name": "synthetic", "num_samples": args.batch * (args.warmup + args.steps),
+                 "items_per_sample": [args.images]},
+        "log": {"dir": str(run_dir), "interval": 1},
+        "eval": {"enabled": False},
+    }
+
+
+def make_dataset(provider, config, images: int, seq_len: int) -> SyntheticDataset:
+    """The synthetic dataset of `mimo.training.loop.build_dataset`, with `images` images and text filling each
+    sample to `seq_len` tokens (bos, filler, then per image its tokens, query, answer, filler; eos)."""
+    tokens = provider.vision_config.tokens_per_image
+    text = (seq_len - 2 - images * (tokens + 2)) // (images + 1)
+    if text < 0:
+        raise ValueError(f"--seq-len {seq_len} cannot hold {images} images of {tokens} tokens")
+    spec = ModalitySpec.image(provider.image_token_id, tokens, size=provider.vision_config.image_size,
+                              channels=provider.vision_config.num_channels)
+    return SyntheticDataset(config.data.num_samples, {IMAGES: spec}, vocab_size=provider.language_config.vocab_size,
+                            items_per_sample=(images,), text_length=(text, text), seed=config.train.seed)
+
+
+# -- instrumentation (installed from outside the step) ----------------------------------------------------------
+class Probe:
+    """Per-rank times the step does not report by itself: synchronized phases, time blocked on other ranks,
+    and the encoder's backward compute."""
+
+    # bridge methods that block on the other side: heterogeneous receives and TP broadcasts; colocated collectives
+    BLOCKING = {"heterogeneous": ("_recv", "_broadcast"), "colocated": ("_colocated_forward", "_colocated_backward")}
+
+    def __init__(self, trainer, model, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.bridge_kind = trainer.bridges[IMAGES].kind
+        self.phase = "step"
+        self.waits: dict[str, float] = defaultdict(float)
+        self.spans: list[list[Any]] = []  # encoder backward per micro-batch: [start mark, end mark]
+        self._install(trainer, "_timed", self._timed)
+        for name in ("_agree", "_global_loss"):
+            self._install(trainer, name, self._blocking(getattr(trainer, name)))
+        for bridge in trainer.bridges.values():
+            for name in self.BLOCKING.get(bridge.kind, ()):
+                self._install(bridge, name, self._blocking(getattr(bridge, name)))
+        if IMAGES in trainer.infra.participating_modules:
+            encoder = model.modality_submodules[IMAGES]
+            encoder.register_forward_hook(self._encoder_output)
+            for p in encoder.parameters():
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._encoder_grad)
+
+    @staticmethod
+    def _install(obj: Any, name: str, fn: Callable) -> None:
+        if not hasattr(obj, name):  # the step or bridge changed: say so instead of measuring nothing
+            raise AttributeError(f"{type(obj).__name__} has no {name}; update benchmarks/deployments.py's Probe")
+        setattr(obj, name, fn)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _elapsed(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def _timed(self, seconds: dict[str, float], key: str, fn: Callable, *args: Any) -> None:
+        """The step's phase timer, synchronized, remembering the phase for the blocked time."""
+        self.sync()
+        t0 = time.perf_counter()
+        self.phase = key
+        try:
+            fn(*args)
+        finally:
+            self.sync()
+            seconds[key] += time.perf_counter() - t0
+            self.phase = "step"
+
+    def _blocking(self, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.waits[self.phase] += time.perf_counter() - t0
+        return timed
+
+    def _encoder_output(self, _module, _args, out) -> None:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._encoder_backward_starts)
+
+    def _encoder_backward_starts(self, _grad) -> None:
+        self.spans.append([self.mark(), None])
+
+    def _encoder_grad(self, _param) -> None:
+        if self.spans:
+            self.spans[-1][1] = self.mark()
+
+    def take(self, result, hosted: list[str]) -> dict[str, Any]:
+        """This rank's record of the step just run (call after it; the step ended synchronized)."""
+        self.sync()
+        backward = sum(self._elapsed(a, b) for a, b in self.spans if b is not None)
+        out = {"modules": list(hosted), "bridge": self.bridge_kind, "seconds": dict(result.seconds),
+               "waits": dict(self.waits), "encoder_backward_s": backward, "loss": result.loss}
+        self.waits, self.spans = defaultdict(float), []
+        return out
+
+
+# -- the bridge against a plain send ----------------------------------------------------------------------------
+def bridge_bandwidth(trainer, batch, tokens_per_image: int, probe: Probe, reps: int) -> dict[str, Any] | None:
+    """Micro-batch 0's embeddings through the step's own heterogeneous bridge and back, and one plain
+    `dist.send` of the same bytes between the first src and dst leaders; per repetition every rank starts
+    after a barrier and the slowest rank's time counts (median over repetitions, after one warm-up)."""
+    bridge = trainer.bridges[IMAGES]
+    if bridge.kind != "heterogeneous":
+        return None
+    device, dtype, hidden = trainer.device, bridge.dtype, trainer.hidden_size
+    mb = batch.microbatch(0, trainer.num_microbatches)
+    rows = int(mb.modality_inputs[IMAGES].items.shape[0]) * tokens_per_image
+    nbytes = rows * hidden * torch.empty((), dtype=dtype).element_size()
+    src_leader, dst_leader = int(bridge.src.ranks[-1, 0, 0, 0]), int(bridge.dst.ranks[0, 0, 0, 0])
+    embeddings = counts = None
+    if bridge.is_sender:
+        shard = mb.shard(bridge.src.coord[1], bridge.src.size("dp")).modality_inputs[IMAGES]
+        counts = shard.items_per_sample.to(device) * tokens_per_image
+        embeddings = torch.randn(int(counts.sum()), hidden, device=device).to(dtype)
+    rank = dist.get_rank()
+    plain = torch.ones(rows, hidden, dtype=dtype, device=device) if rank in (src_leader, dst_leader) else None
+
+    def clocked(fn: Callable[[], Any]) -> tuple[float, Any]:
+        dist.barrier()
+        probe.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        probe.sync()
+        return time.perf_counter() - t0, out
+
+    def p2p() -> None:
+        if rank == src_leader:
+            dist.send(plain, dst_leader)
+        elif rank == dst_leader:
+            dist.recv(plain, src_leader)
+
+    times = []
+    for i in range(1 + reps):
+        m = 4096 + i  # micro-batch ids (and tags) no training step uses
+        t_fwd, received = clocked(lambda m=m: bridge.forward(m, embeddings, counts) if bridge.is_sender
+                                  else bridge.forward(m))
+        grad = torch.ones_like(received[0]) if received is not None else None
+        t_bwd, _ = clocked(lambda m=m, grad=grad: (bridge.backward(m, grad) if bridge.is_receiver
+                                                   else bridge.backward(m), bridge.wait()))
+        t_p2p, _ = clocked(p2p)
+        times.append((t_fwd, t_bwd, t_p2p))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, times[1:])
+    slowest = [tuple(max(per_rank[i][k] for per_rank in everyone) for k in range(3)) for i in range(reps)]
+    fwd, bwd, ref = (statistics.median(t[k] for t in slowest) for k in range(3))
+    gbps = lambda s: nbytes / s / 1e9 if s > 0 else math.nan  # noqa: E731
+    return {"bytes": nbytes, "src_leader": src_leader, "dst_leader": dst_leader, "forward_s": fwd,
+            "backward_s": bwd, "p2p_s": ref, "forward_gbps": gbps(fwd), "backward_gbps": gbps(bwd),
+            "p2p_gbps": gbps(ref), "fraction_of_p2p": min(gbps(fwd), gbps(bwd)) / gbps(ref)}
+
+
+# -- a worker: one rank of one deployment -----------------------------------------------------------------------
+@record
+def _worker(spec: dict[str, Any]) -> None:
+    """Build the run as `mimo train` does, run warm-up and timed steps, time the bridge; rank 0 writes the row."""
+    config = parse_run_config(spec["config"])
+    device = init_distributed(config.train.timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    provider = build_provider(config, device)
+    model = provider.provide_distributed_model(distributed_config(config))
+    trainer = build_trainer(config, provider, model, device)
+    dataset = make_dataset(provider, config, spec["images"], spec["seq_len"])
+    sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
+    probe = Probe(trainer, model, device)
+    hosted = list(trainer.infra.participating_modules)
+    writer = MetricsWriter(config.run_dir, enabled=rank == 0)
+    timed: list[list[dict[str, Any]]] = []
+    losses, flops = [], None
+    for step in range(config.train.steps):
+        batch = dataset.batch(next(sampler), seq_len=spec["seq_len"])  # drawn outside the timed step
+        flops = flops or batch_flops(provider, batch)
+        result = trainer.train_step(batch)
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, probe.take(result, hosted))
+        losses.append(result.loss)
+        if rank == 0:
+            merged = merge_step(everyone)
+            writer.log_step(step + 1, dataclasses.replace(result, seconds=merged["seconds"]), flops=flops,
+                            extra={"deployment": spec["name"], "images.wait_s": merged["waits"][IMAGES],
+                                   "language.wait_s": merged["waits"][LANGUAGE]})
+        if step >= spec["warmup"]:
+            timed.append(everyone)
+    bridge = bridge_bandwidth(trainer, batch, provider.vision_config.tokens_per_image, probe, spec["bridge_reps"])
+    memory: list[Any] = [None] * world
+    dist.all_gather_object(memory, peak_memory_gb())
+    if rank == 0:
+        tokens = config.train.global_batch_size * spec["seq_len"]
+        row = summarize(spec, timed, world, tokens, flops, trainer.bridges[IMAGES].kind, bridge)
+        row.update(losses=losses, peak_memory_gb=max(memory), deployment=str(trainer.infra.deployment))
+        Path(spec["result"]).write_text(json.dumps(row, indent=1))
+    dist.barrier()
+    writer.close()
+    dist.destroy_process_group()
+
+
+def merge_step(everyone: list[dict[str, Any]]) -> dict[str, Any]:
+    """One step over all ranks: each phase on its slowest rank, each module's busy and blocked time."""
+    seconds: dict[str, float] = {}
+    for r in everyone:
+        for key, value in r["seconds"].items():
+            seconds[key] = max(seconds.get(key, 0.0), value)
+    # homogeneous: the encoder's backward runs inside the language phase (autograd stays connected)
+    inside_language = everyone[0]["bridge"] == "homogeneous"
+
+    def worst(module: str, fn: Callable[[dict[str, Any]], float]) -> float:
+        return max((fn(r) for r in everyone if module in r["modules"]), default=0.0)
+
+    def busy_encoder(r: dict[str, Any]) -> float:
+        key = f"{IMAGES}.forward"
+        return r["seconds"].get(key, 0.0) - r["waits"].get(key, 0.0) + r["encoder_backward_s"]
+
+    def busy_language(r: dict[str, Any]) -> float:
+        key = f"{LANGUAGE}.forward_backward"
+        inside = r["encoder_backward_s"] if inside_language and IMAGES in r["modules"] else 0.0
+        return r["seconds"].get(key, 0.0) - r["waits"].get(key, 0.0) - inside
+
+    return {"seconds": seconds,
+            "busy": {IMAGES: worst(IMAGES, busy_encoder), LANGUAGE: worst(LANGUAGE, busy_language)},
+            "waits": {m: worst(m, lambda r: sum(r["waits"].values())) for m in (IMAGES, LANGUAGE)}}
+
+
+def summarize(spec: dict[str, Any], timed: list[list[dict[str, Any]]], world: int, tokens: int, flops: int,
+              kind: str, bridge: dict[str, Any] | None) -> dict[str, Any]:
+    """A deployment's row from its timed steps (each merged over ranks, then averaged over steps)."""
+    steps = [merge_step(everyone) for everyone in timed]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    phases = {k: mean([s["seconds"].get(k, 0.0) for s in steps]) for k in steps[0]["seconds"]}
+    step_s = phases["step"]
+    busy = {m: mean([s["busy"][m] for s in steps]) for m in (IMAGES, LANGUAGE)}
+    waits = {m: mean([s["waits"][m] for s in steps]) for m in (IMAGES, LANGUAGE)}
+    per_rank = []
+    for rank in range(world):
+        records = [everyone[rank] for everyone in timed]
+        keys = dict.fromkeys(k for r in records for k in r["seconds"])
+        per_rank.append({"rank": rank, "modules": records[0]["modules"],
+                         "seconds": {k: mean([r["seconds"].get(k, 0.0) for r in records]) for k in keys},
+                         "wait_s": mean([sum(r["waits"].values()) for r in records]),
+                         "encoder_backward_s": mean([r["encoder_backward_s"] for r in records])})
+    return {
+        "name": spec["name"], "world": world, "bridge": kind, "layouts": spec["layouts"],
+        "baseline": spec.get("baseline"), "timed_steps": len(steps), "tokens_per_step": tokens,
+        "step_s": step_s, "tokens_per_s": tokens / step_s, "tokens_per_s_per_gpu": tokens / step_s / world,
+        "tflops_per_gpu": flops / step_s / world / 1e12, "step_tflop": flops / 1e12,
+        "phases_s": phases, "busy_s": busy, "wait_s": waits, "encoder_share": busy[IMAGES] / step_s,
+        "bridge_bandwidth": bridge, "ranks": per_rank,
+    }
+
+
+# -- the parent: one world per deployment, one table ------------------------------------------------------------
+def launch_world(nproc: int, spec: dict[str, Any]) -> str | None:
+    """Run `_worker(spec)` on `nproc` local processes as `mimo.launch` does; None, or why it failed."""
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-bench-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        monitor_interval=0.1, start_method="forkserver",
+    )
+    try:
+        elastic_launch(config, _worker)(spec)
+    except ChildFailedError as e:
+        return "; ".join(f"rank {rank}: {_reason(f)}" for rank, f in sorted(e.failures.items()))
+    return None
+
+
+def describe(module: dict[str, int]) -> str:
+    """A table row's module layout in short: 'TP2xDP2 r1-4'."""
+    tp, dp, start = module.get("tp", 1), module["dp"], module.get("offset", 0)
+    ranks = f"r{start}-{start + tp * dp - 1}" if tp * dp > 1 else f"r{start}"
+    return f"TP{tp}xDP{dp} {ranks}"
+
+
+def plan(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A deployment's checked plan: its `mimo train` config, world, layouts and kind; a ValueError (naming the
+    deployment) for a layout, batch or sequence the run could not take, before anything is launched."""
+    run_dir = args.out / row["name"]
+    try:
+        config = parse_run_config(run_config_dict(row, args, run_dir))
+        layout = config.layout.finalize(config.world_size)
+        layout.validate_batch(args.batch, args.microbatches)
+        if row.get("baseline") and row["baseline"] not in {r["name"] for r in LAYOUTS[args.gpus]["deployments"]}:
+            raise ValueError(f"baseline {row['baseline']!r} is not a row of the {args.gpus}-GPU table")
+    except ValueError as e:
+        raise ValueError(f"deployment {row['name']!r}: {e}") from None
+    layouts = {m: describe(row[m]) for m in (IMAGES, LANGUAGE)}
+    return {"name": row["name"], "world": config.world_size, "layouts": layouts, "baseline": row.get("baseline"),
+            "deployment": str(layout.deployment), "config": config, "run_dir": run_dir}
+
+
+def check_workload(args: argparse.Namespace) -> None:
+    """A ValueError if the sequence cannot hold the images (or exceeds the language model's positions)."""
+    provider = LlavaMimoProvider.preset(args.preset)
+    tokens, limit = provider.vision_config.tokens_per_image, provider.language_config.max_seq_len
+    need = 2 + args.images * (tokens + 2)
+    if args.seq_len < need or args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len}: {args.images} images of {tokens} tokens need at least {need}, "
+                         f"and the {args.preset} language model takes at most {limit}")
+
+
+def run_deployment(p: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Launch a planned deployment's world and read back the row its rank 0 wrote (or why there is none)."""
+    base = {k: p[k] for k in ("name", "world", "layouts", "baseline", "deployment")}
+    if args.device == "cuda" and p["world"] > torch.cuda.device_count():
+        return base | {"error": f"skipped: needs {p['world']} GPUs, {torch.cuda.device_count()} visible"}
+    run_dir = p["run_dir"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = run_dir / "result.json"
+    for stale in (result, run_dir / "metrics.jsonl"):
+        stale.unlink(missing_ok=True)
+    spec = {"name": p["name"], "config": p["config"].to_dict(), "images": args.images, "seq_len": args.seq_len,
+            "warmup": args.warmup, "bridge_reps": args.bridge_reps, "result": str(result), "layouts": p["layouts"],
+            "baseline": p["baseline"]}
+    t0 = time.perf_counter()
+    error = launch_world(p["world"], spec)
+    if error is not None or not result.is_file():
+        return base | {"error": error or "no result written"}
+    return json.loads(result.read_text()) | {"wall_s": time.perf_counter() - t0}
+
+
+def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets from the rows: per-GPU gain, the N+1 bound, bridge bandwidth, loss agreement."""
+    ok = [r for r in rows if "error" not in r]
+    by_name = {r["name"]: r for r in ok}
+    out: dict[str, Any] = {"heterogeneous": [], "bridge": []}
+    hom = [r for r in ok if r["deployment"] == "homogeneous"]
+    other = [r for r in ok if r["deployment"] != "homogeneous"]
+    if hom and other:
+        best_hom = max(hom, key=lambda r: r["tokens_per_s_per_gpu"])
+        best = max(other, key=lambda r: r["tokens_per_s_per_gpu"])
+        out["best_non_homogeneous"] = {"row": best["name"], "homogeneous": best_hom["name"],
+                                       "ratio": best["tokens_per_s_per_gpu"] / best_hom["tokens_per_s_per_gpu"]}
+    for r in ok:
+        base = by_name.get(r.get("baseline") or "")
+        if base is not None:
+            f = base["encoder_share"]
+            bound = 1 / (1 - f) if f < 1 else math.inf
+            speedup = r["tokens_per_s"] / base["tokens_per_s"]
+            out["heterogeneous"].append({"row": r["name"], "baseline": base["name"], "f": f, "bound": bound,
+                                         "speedup": speedup, "fraction_of_bound": speedup / bound})
+        if r.get("bridge_bandwidth"):
+            out["bridge"].append({"row": r["name"], **r["bridge_bandwidth"]})
+    curves = [r["losses"] for r in ok]
+    if len(curves) > 1 and len({len(c) for c in curves}) == 1:
+        spread = [max(c[i] for c in curves) - min(c[i] for c in curves) for i in range(len(curves[0]))]
+        out["loss_spread"] = {"max_abs": max(spread), "max_rel": max(s / abs(curves[0][i]) for i, s in
+                                                                      enumerate(spread))}
+    return out
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
+
+
+def markdown(rows: list[dict[str, Any]], comparison: dict[str, Any], env: dict[str, Any]) -> str:
+    """The two tables and the targets, as `OUT/deployments.md` holds them."""
+    hom_best = max((r["tokens_per_s_per_gpu"] for r in rows if "error" not in r and r["deployment"] == "homogeneous"),
+                   default=None)
+    lines = ["| deployment | kind | GPUs | images | language | step s | tokens/s | tokens/s/GPU | vs best hom. "
+             "| TFLOP/s/GPU | loss (last) | peak GB |", "|" + "---|" * 12]
+    for r in rows:
+        head = f"| {r['name']} | {r['deployment']} | {r['world']} | {r['layouts'][IMAGES]} | {r['layouts'][LANGUAGE]}"
+        if "error" in r:
+            lines.append(head + f" | error: {r['error']} |" + " |" * 6)
+            continue
+        ratio = r["tokens_per_s_per_gpu"] / hom_best if hom_best else None
+        lines.append(head + " | ".join(["", _f(r["step_s"]), _f(r["tokens_per_s"]), _f(r["tokens_per_s_per_gpu"]),
+                                         _f(ratio), _f(r["tflops_per_gpu"]), _f(r["losses"][-1], 5),
+                                         _f(r["peak_memory_gb"])]) + " |")
+    lines += ["", "| deployment | encoder busy s | language busy s | images wait s | language wait s | encoder share f "
+              "| bridge fwd GB/s | bridge bwd GB/s | p2p GB/s | bridge/p2p |", "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r:
+            continue
+        b = r.get("bridge_bandwidth") or {}
+        lines.append("| " + " | ".join([r["name"], _f(r["busy_s"][IMAGES]), _f(r["busy_s"][LANGUAGE]),
+                                         _f(r["wait_s"][IMAGES]), _f(r["wait_s"][LANGUAGE]), _f(r["encoder_share"]),
+                                         _f(b.get("forward_gbps")), _f(b.get("backward_gbps")),
+                                         _f(b.get("p2p_gbps")), _f(b.get("fraction_of_p2p"))]) + " |")
+    lines += ["", *target_lines(comparison, env)]
+    return "\n".join(lines)
+
+
+def target_lines(c: dict[str, Any], env: dict[str, Any]) -> list[str]:
+    t = TARGETS
+    out = []
+    if "best_non_homogeneous" in c:
+        b = c["best_non_homogeneous"]
+        target = f"target >= {t['non_homogeneous_speedup']} on encoder-heavy"
+        out.append(f"- best non-homogeneous tokens/s/GPU: {b['row']} = {b['ratio']:.3f}x {b['homogeneous']} ({target})")
+    for h in c["heterogeneous"]:
+        out.append(f"- {h['row']} vs {h['baseline']}: speed-up {h['speedup']:.3f}x, bound 1/(1-f) = {h['bound']:.3f} "
+                   f"(f = {h['f']:.3f}): {100 * h['fraction_of_bound']:.0f}% of the bound "
+                   f"(target >= {100 * t['bound_fraction']:.0f}%)")
+    for b in c["bridge"]:
+        out.append(f"- bridge {b['row']} (ranks {b['src_leader']} -> {b['dst_leader']}, {b['bytes'] / 1e6:.3g} MB): "
+                   f"forward {b['forward_gbps']:.3g} GB/s, backward {b['backward_gbps']:.3g} GB/s, plain p2p "
+                   f"{b['p2p_gbps']:.3g} GB/s: {100 * b['fraction_of_p2p']:.0f}% "
+                   f"(target >= {100 * t['bridge_fraction']:.0f}%)")
+    if "loss_spread" in c:
+        s = c["loss_spread"]
+        runs = " ".join(env["runs"])
+        out.append(f"- losses of all deployments, step by step: max spread {s['max_abs']:.3g} "
+                   f"(relative {s['max_rel']:.3g}); curves: `mimo plot {runs} --out {env['out']}/loss.png`")
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=None, help=f"the machine's GPU count: picks the layout table "
+                        f"({sorted(LAYOUTS)}; default 8, 4 with --dry-run)")
+    parser.add_argument("--preset", default=None, choices=["tiny", "1b", "3b", "7b"], help="LLaVA preset "
+                        "(default 1b, tiny on CPU)")
+    parser.add_argument("--workload", default="encoder-heavy", choices=sorted(WORKLOADS))
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    parser.add_argument("--only", default="", help="comma-separated deployment names (default: every row)")
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default: the layout table's)")
+    parser.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (default: table's)")
+    parser.add_argument("--images", type=int, default=None, help="images per sample (default: the workload's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the workload's)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 0 dry run)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 dry run)")
+    parser.add_argument("--bridge-reps", type=int, default=None, help="bridge/p2p repetitions (default 5; 1 dry run)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                        help="float32 parameters; bfloat16 autocast (default on CUDA) or float32 (default on CPU)")
+    parser.add_argument("--data-parallel", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout per rank, seconds (a "
+                        "hung deployment fails after it and the next one runs)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/deployments/<...>)")
+    parser.add_argument("--dry-run", action="store_true", help="functional CPU run: --device cpu --preset tiny "
+                        "--gpus 4 --batch 8 --microbatches 2 --warmup 0 --steps 2 --bridge-reps 1 (gloo; a "
+                        "functional check, not a performance result)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        defaults = {"device": "cpu", "preset": "tiny", "gpus": 4, "warmup": 0, "steps": 2, "bridge_reps": 1,
+                    "batch": 8, "microbatches": 2}
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = args.device == "cpu"
+    args.gpus = args.gpus or 8
+    args.preset = args.preset or ("tiny" if cpu else "1b")
+    if args.gpus not in LAYOUTS:
+        parser.error(f"--gpus {args.gpus}: layout tables exist for {sorted(LAYOUTS)}; add one to LAYOUTS")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available (use --device cpu or --dry-run)")
+    table, workload = LAYOUTS[args.gpus], WORKLOADS[args.workload]
+    args.batch = args.batch or table["global_batch"]
+    args.microbatches = args.microbatches or table["microbatches"]
+    args.images = workload["images_per_sample"] if args.images is None else args.images
+    args.seq_len = args.seq_len or workload["tiny_seq_len" if args.preset == "tiny" else "seq_len"]
+    args.warmup = 3 if args.warmup is None else args.warmup
+    args.steps = 10 if args.steps is None else args.steps
+    args.bridge_reps = 5 if args.bridge_reps is None else args.bridge_reps
+    args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
+    if args.steps < 1 or args.bridge_reps < 1 or args.warmup < 0:
+        parser.error("--steps and --bridge-reps must be >= 1, --warmup >= 0")
+    names = [r["name"] for r in table["deployments"]]
+    args.rows = [r for r in table["deployments"] if not args.only or r["name"] in args.only.split(",")]
+    unknown = sorted(set(filter(None, args.only.split(","))) - set(names))
+    if unknown:
+        parser.error(f"--only: unknown deployment(s) {unknown}; the {args.gpus}-GPU table has {names}")
+    args.out = Path(args.out or f"runs/deployments/{args.preset}-{args.workload}-{args.gpus}gpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    env = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "python": platform.python_version(), "device": _device_name(args.device),
+        "backend": "nccl" if args.device == "cuda" else "gloo", "preset": args.preset, "workload": args.workload,
+        "gpus": args.gpus, "global_batch": args.batch, "microbatches": args.microbatches,
+        "images_per_sample": args.images, "seq_len": args.seq_len, "dtype": args.dtype, "warmup": args.warmup,
+        "steps": args.steps, "data_parallel": args.data_parallel, "out": str(args.out),
+        "functional_dry_run": args.device == "cpu",
+    }
+    print("# deployments: " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "command"), flush=True)
+    try:
+        check_workload(args)
+        plans = [plan(row, args) for row in args.rows]
+    except ValueError as e:
+        print(f"deployments.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Workers fork from one server that has imported torch and mimo once, for every deployment's world (as
+    # mimo.testing does), instead of each spawned worker importing them again; the server never touches CUDA.
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "mimo.training.loop"])
+    rows = []
+    for p in plans:
+        with _quiet_launcher():
+            result = run_deployment(p, args)
+        rows.append(result)
+        if "error" in result:
+            print(f"# {p['name']}: {result['error']}", flush=True)
+        else:
+            print(f"# {p['name']} ({result['deployment']}, {result['world']} ranks): step {result['step_s']:.4g} s, "
+                  f"{result['tokens_per_s_per_gpu']:.4g} tokens/s/GPU, images wait {result['wait_s'][IMAGES]:.3g} s, "
+                  f"language wait {result['wait_s'][LANGUAGE]:.3g} s, {result['wall_s']:.1f} s wall", flush=True)
+    comparison = compare(rows)
+    env["runs"] = [str(args.out / r["name"]) for r in rows if "error" not in r]
+    text = markdown(rows, comparison, env)
+    header = f"# deployments: {args.preset}, {args.workload}, {args.gpus}-GPU table, {env['device']}"
+    if env["functional_dry_run"]:
+        header += " (CPU functional dry run: not a performance result)"
+    (args.out / "deployments.md").write_text(f"{header}\n\n`{env['command']}`\n\n{text}\n")
+    report = {"env": env, "rows": rows, "comparison": comparison}
+    (args.out / "deployments.json").write_text(json.dumps(report, indent=1, default=str))
+    print()
+    print(text)
+    print(f"\n# written: {args.out / 'deployments.md'}, {args.out / 'deployments.json'}", flush=True)
+    return report
+
+
+@contextlib.contextmanager
+def _quiet_launcher():
+    """The elastic agent logs each start at INFO/WARNING; keep the table readable (errors still show)."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.distributed.launcher")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    report = main()
+    sys.exit(1 if any("error" in r for r in report["rows"]) else 0)

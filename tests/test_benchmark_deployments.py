@@ -1,0 +1,102 @@
+"""benchmarks/deployments.py: its CPU dry run gives every deployment a row, and its layout tables are valid.
+
+Speed is never asserted (DESIGN §5): the dry run only proves that every deployment of the 4-GPU table launches
+as its own world (gloo, tiny preset, 2 steps), trains, reports positive throughput and the same losses, and
+that the bridge timing ran on the heterogeneous rows. The tables of every GPU count are checked without
+launching anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "deployments.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("deployments_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("deployments_bench", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_script()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deployments")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout, json.loads((out / "deployments.json").read_text())
+
+
+def test_dry_run_gives_every_deployment_a_row(dry_run):
+    out, stdout, report = dry_run
+    expected = [row["name"] for row in bench.LAYOUTS[4]["deployments"]]
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == expected
+    for name, r in rows.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s_per_gpu"] > 0 and r["step_s"] > 0, name
+        assert r["world"] <= 4 and len(r["ranks"]) == r["world"]
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert 0 < r["encoder_share"] < 1 and r["busy_s"]["images"] > 0 and r["busy_s"]["language"] > 0
+        assert r["wait_s"]["images"] >= 0 and r["wait_s"]["language"] >= 0
+        assert (out / name / "metrics.jsonl").is_file()  # for `mimo plot`
+        assert f"| {name} | {r['deployment']} | {r['world']} |" in stdout
+    assert {r["deployment"] for r in rows.values()} == {"homogeneous", "colocated", "heterogeneous"}
+    assert report["env"]["functional_dry_run"] is True
+    assert "not a performance result" in (out / "deployments.md").read_text()
+
+
+def test_dry_run_compares_deployments(dry_run):
+    _, _, report = dry_run
+    rows = {r["name"]: r for r in report["rows"]}
+    for r in rows.values():
+        bridge = r["bridge_bandwidth"]
+        if r["deployment"] == "heterogeneous":
+            assert bridge["bytes"] > 0 and bridge["forward_gbps"] > 0 and bridge["p2p_gbps"] > 0
+        else:
+            assert bridge is None
+    comparison = report["comparison"]
+    assert [h["row"] for h in comparison["heterogeneous"]] == ["heterogeneous-1+2"]
+    assert comparison["heterogeneous"][0]["bound"] > 1
+    assert comparison["best_non_homogeneous"]["ratio"] > 0
+    # one model, one batch sequence: every deployment computes the same losses (float32, gloo)
+    assert comparison["loss_spread"]["max_rel"] < 1e-4
+
+
+@pytest.mark.parametrize("gpus", sorted(bench.LAYOUTS))
+@pytest.mark.parametrize("workload", sorted(bench.WORKLOADS))
+@pytest.mark.parametrize("preset", ["tiny", "1b", "7b"])
+def test_layout_tables_plan_without_launching(gpus, workload, preset):
+    args = bench.parse_args(["--device", "cpu", "--gpus", str(gpus), "--preset", preset, "--workload", workload,
+                             "--out", "unused"])
+    bench.check_workload(args)
+    plans = {p["name"]: p for p in (bench.plan(row, args) for row in args.rows)}
+    assert len(plans) == len(bench.LAYOUTS[gpus]["deployments"])
+    assert max(p["world"] for p in plans.values()) <= gpus
+    for row in bench.LAYOUTS[gpus]["deployments"]:
+        if row.get("baseline"):  # the bound compares the same language layout with and without the encoder
+            base = plans[row["baseline"]]
+            assert base["deployment"] == "homogeneous" and plans[row["name"]]["deployment"] == "heterogeneous"
+            assert {k: v for k, v in row["language"].items() if k != "offset"} == \
+                {k: v for k, v in next(r for r in bench.LAYOUTS[gpus]["deployments"]
+                                       if r["name"] == row["baseline"])["language"].items() if k != "offset"}
+
+
+def test_bad_batch_is_reported_before_launching(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--dry-run", "--batch", "6", "--out", "unused-never-written"])
+    assert e.value.code == 2
+    assert "deployment 'homogeneous'" in capsys.readouterr().err
