@@ -190,15 +190,11 @@ class MimoTrainer:
     def _encoder_backward(self, src: str) -> None:
         """Deliver each micro-batch's embedding gradient to the encoder replicas and run their backward."""
         bridge = self.bridges[src]
-        hosts_src = src in self.infra.participating_modules
-        if bridge.kind == "homogeneous" or (bridge.kind == "heterogeneous" and not hosts_src):
-            return
-        if bridge.kind == "colocated" and src not in self.infra.participating_modules:
-            return
-        encoder = self.model.modality_submodules[src] if hosts_src else None
+        if bridge.kind == "homogeneous" or src not in self.infra.participating_modules:
+            return  # homogeneous: the language backward already ran it; receivers of a disjoint span: done
+        encoder = self.model.modality_submodules[src]
         for m in range(self.num_microbatches):
-            if encoder is not None:
-                prepare_backward(encoder, self._state.encoder_out[src][m], m == self.num_microbatches - 1)
+            prepare_backward(encoder, self._state.encoder_out[src][m], m == self.num_microbatches - 1)
             bridge.backward(m, self._state.grads[src].pop(m, None))
 
     # -- after the backward ----------------------------------------------------------------------------------
@@ -220,7 +216,7 @@ class MimoTrainer:
     def _global_loss(self) -> float:
         """The per-token mean over the global batch, on every rank (one world all-reduce)."""
         total = self._state.loss_sum if self._owns_loss() else torch.zeros((), dtype=torch.float64)
-        total = total.to(self._comm_device())
+        total = total.to(self.device)
         dist.all_reduce(total)
         return float(total) / max(self.tokens, 1)
 
@@ -252,12 +248,9 @@ class MimoTrainer:
 
     def _agree(self, value: int) -> int:
         """Every rank computes the label count from the same batch; stub ranks take it from the world."""
-        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device())
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t)
-
-    def _comm_device(self) -> torch.device:
-        return self.device
 
     @staticmethod
     def _timed(seconds: dict[str, float], key: str, fn, *args) -> None:
