@@ -86,3 +86,14 @@ def test_a_failing_rank_ends_the_job_promptly(tmp_path):
     assert done.returncode == 1
     assert "mimo train: error: rank 1 failed: RuntimeError: injected fault at step 2" in done.stderr
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"  # bounded by the agent, not the 300 s PG timeout
+
+
+def test_resume_from_a_corrupt_checkpoint_is_one_line(tmp_path):
+    path, run_dir = write_config(tmp_path, train={"steps": 2})
+    assert mimo("train", str(path), "--quiet").returncode == 0
+    data = next((run_dir / "checkpoints" / "step_00000002").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])  # truncated
+    done = mimo("train", str(path), "--quiet", "--resume", "--set", "train.steps=4")
+    assert done.returncode == 2
+    assert done.stderr.startswith("mimo train: error: checkpoint ") and "truncated or corrupt" in done.stderr
+    assert done.stderr.count("\n") == 1

@@ -98,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     layout, warns = _finalized(config.layout, world)
     rank_map = render_rank_map(layout)
+    if args.resume:
+        _check_resumable(config)
     if _launched():
         from mimo.training.loop import run_training
 
@@ -108,6 +110,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mimo.launch import launch
 
     return launch(config.to_dict(), world, resume=args.resume, quiet=args.quiet, rank_map=rank_map)
+
+
+def _check_resumable(config) -> None:
+    """Before any worker starts: the newest complete checkpoint (if any) is intact, or a one-line error."""
+    from mimo.training.checkpoint import Checkpointer, open_checkpoint
+
+    latest = Checkpointer(config.checkpoint_dir).latest()
+    if latest is not None:
+        open_checkpoint(latest)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
