@@ -92,12 +92,13 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
-    from mimo.training.run_config import load_run_config
+    from mimo.training.run_config import check_data_available, load_run_config
 
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     layout, warns = _finalized(config.layout, world)
     rank_map = render_rank_map(layout)
+    check_data_available(config)
     if args.resume:
         _check_resumable(config)
     if _launched():

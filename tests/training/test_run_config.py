@@ -93,3 +93,14 @@ def test_train_refuses_bad_input_before_starting(capsys, tmp_path, data, argv, m
 def test_validate(capsys):
     assert main(["validate", str(DIGITS)]) == 0
     assert "valid; heterogeneous on 4 ranks" in capsys.readouterr().out
+
+
+def test_digits_without_scikit_learn_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from mimo.training.run_config import check_data_available
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    with pytest.raises(RunConfigError, match="scikit-learn is not installed: pip install scikit-learn"):
+        check_data_available(load_run_config(DIGITS))

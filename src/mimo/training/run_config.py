@@ -7,6 +7,7 @@ of the wrong type is an error that names the key and what is allowed, before any
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,6 +129,13 @@ class RunConfig:
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def check_data_available(config: RunConfig) -> None:
+    """The run's data can be loaded here (digits: scikit-learn, which ships the scans, is installed)."""
+    if config.data.name == "digits" and importlib.util.find_spec("sklearn") is None:
+        raise RunConfigError("data.name 'digits' reads scikit-learn's bundled scans, but scikit-learn is not "
+                             "installed: pip install scikit-learn (or use data.name synthetic)")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
