@@ -99,11 +99,11 @@ def encoder_grads(rank: int, world_size: int, layout: dict | None) -> dict[str, 
     provider = llava(layout, freeze_language_model=True)
     model = provider.provide() if layout is None else provider.provide_distributed_model()
     d, dp = (0, 1) if layout is None else dp_coord(provider)
-    if layout is not None:  # the layout really applies: DDP, and TP shards where TP > 1
+    if layout is not None:  # the layout really applies: DDP where DP > 1, TP shards where TP > 1
         images = model.modality_submodules[IMAGES]
-        assert isinstance(images, DDP)
-        tp = provider.build_infra().module_to_grid_map[IMAGES].size("tp")
-        assert any(dtensor_spec(p) for p in images.parameters()) == (tp > 1)
+        grid = provider.build_infra().module_to_grid_map[IMAGES]
+        assert isinstance(images, DDP) == (grid.size("dp") > 1)
+        assert any(dtensor_spec(p) for p in images.parameters()) == (grid.size("tp") > 1)
     batch = fixed_batch()
     out = model.encode(batch.shard(d, dp).modality_inputs)[IMAGES]
     out.backward(upstream_grad(batch)[token_rows(batch, d, dp)])

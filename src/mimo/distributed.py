@@ -145,7 +145,12 @@ def _what(layer: nn.Module, style: ParallelStyle) -> str:
 
 # -- data parallelism and precision ------------------------------------------------------------------
 def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> MimoModel:
-    """Wrap each hosted module with DDP or FSDP2 over its own DP group; frozen modules are not DDP-wrapped."""
+    """Wrap each hosted module with DDP or FSDP2 over its own DP group.
+
+    `ddp` wraps only a module that trains and has a replica to talk to: a frozen module, or one alone in
+    its DP group, has no gradient to reduce, and DDP's bucket copies would cost memory (a float32 copy of
+    every gradient) and time for nothing. Such a module still computes in its compute dtype.
+    """
     config.check(list(infra.module_to_grid_map) or infra.participating_modules)
     for name in infra.participating_modules:
         grid = infra.module_to_grid_map.get(name)
@@ -156,10 +161,10 @@ def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> M
         trainable = any(p.requires_grad for p in module.parameters())
         if cfg.data_parallel == "fsdp":
             _fully_shard(module, grid, cfg)
-        elif trainable:
+        elif trainable and grid.size("dp") * grid.size("cp") > 1:
             _set_module(model, name, _ddp(module, grid, cfg))
         else:
-            _autocast_forward(module, cfg)  # frozen, DDP-free: still computes in the module's compute dtype
+            _autocast_forward(module, cfg)
     return model
 
 
@@ -292,6 +297,19 @@ def prepare_backward(module: nn.Module, outputs: object, last: bool) -> None:
         module.reducer.prepare_for_backward(list(_find_tensors(outputs)))
     elif isinstance(module, FSDPModule):
         module.set_requires_gradient_sync(last)
+
+
+def align_gradients(model: MimoModel) -> None:
+    """Give every DTensor gradient its parameter's placements (a local slice, no communication).
+
+    DTensor's embedding backward returns a Replicate (whole-table) gradient for a vocabulary-sharded weight;
+    left so, the norm would count the table once per TP rank and the optimizer would mix layouts.
+    """
+    for module in wrapped_modules(model).values():
+        for p in module.parameters():
+            g = p.grad
+            if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
 def wrapped_modules(model: MimoModel) -> dict[str, nn.Module]:

@@ -73,15 +73,17 @@ def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], config: Optim
 
 # -- global gradient norm --------------------------------------------------------------------------------
 def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
-    """The 2-norm over all modules' gradients, each parameter counted once; every rank must call it."""
-    device = _device(model)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    """The 2-norm over all modules' gradients, each parameter counted once; every rank must call it.
+
+    Local norms come from multi-tensor kernels (one launch per dtype, not one per parameter); their
+    squares are summed in float64 and all-reduced world-wide.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=_device(model))
     if not getattr(model, "is_stub", False):
-        for name, module in wrapped_modules(model).items():
-            grid = infra.module_to_grid_map.get(name)
-            for p in _counted_grads(module, grid):
-                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                total += g.detach().double().pow(2).sum()
+        grads = [_local(p.grad) for name, module in wrapped_modules(model).items()
+                 for p in _counted_grads(module, infra.module_to_grid_map.get(name))]
+        if grads:
+            total += torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).double().pow(2)
     if dist.is_initialized():
         dist.all_reduce(total)
     return total.sqrt()
@@ -93,12 +95,16 @@ def clip_grad_norm(model: MimoModel | nn.Module, infra, max_norm: float | None) 
     if max_norm is None or getattr(model, "is_stub", False):
         return norm
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for module in wrapped_modules(model).values():
-        for p in module.parameters():
-            if p.grad is not None:
-                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                g.mul_(coef.to(g.dtype))
+    grads = [_local(p.grad) for module in wrapped_modules(model).values() for p in module.parameters()
+             if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:  # no host sync: the coefficient stays a device tensor
+        torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
     return norm
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a gradient (a DTensor's local shard)."""
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def _counted_grads(module: nn.Module, grid) -> Iterable[torch.Tensor]:

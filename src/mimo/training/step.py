@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mimo.bridge import Bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
-from mimo.distributed import no_sync_forward, prepare_backward, unwrap
+from mimo.distributed import align_gradients, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grad_norm
@@ -99,6 +99,8 @@ class MimoTrainer:
             self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
         for bridge in self.bridges.values():
             bridge.wait()
+        if not self.is_stub:
+            align_gradients(self.model)
         self._sync_tied_embeddings()
         loss = self._global_loss()
         skipped = self._unscale_and_check()
