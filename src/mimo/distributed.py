@@ -47,6 +47,7 @@ class ModuleDistributedConfig:
 
     data_parallel: DataParallel = "ddp"
     compute_dtype: str | None = None
+    compile: bool = False  # torch.compile every `layers.N` block (in place: parameter names do not change)
 
     def check(self, name: str) -> None:
         """Reject unknown DP kinds and dtypes with the allowed values."""
@@ -159,6 +160,9 @@ def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> M
         cfg = config.for_module(name)
         module = module_of(model, name)
         trainable = any(p.requires_grad for p in module.parameters())
+        if cfg.compile:
+            for block in _blocks(module):
+                block.compile()
         if cfg.data_parallel == "fsdp":
             _fully_shard(module, grid, cfg)
         elif trainable and grid.size("dp") * grid.size("cp") > 1:

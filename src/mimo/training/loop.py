@@ -73,8 +73,9 @@ def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "
 def distributed_config(config: RunConfig) -> DistributedConfig:
     """Per-module DP kind; compute dtype from train.dtype (mixed precision for bfloat16/float16)."""
     compute = config.train.dtype if config.train.dtype in ("bfloat16", "float16") else None
-    return DistributedConfig(ModuleDistributedConfig("ddp", compute),
-                             {m: ModuleDistributedConfig(s.data_parallel, compute)
+    compile_ = config.train.compile
+    return DistributedConfig(ModuleDistributedConfig("ddp", compute, compile_),
+                             {m: ModuleDistributedConfig(s.data_parallel, compute, compile_)
                               for m, s in config.distributed.items()})
 
 
