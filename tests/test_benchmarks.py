@@ -1,0 +1,124 @@
+"""benchmarks/llava_speed.py runs on CPU with the tiny preset (one step) and its levers compute the right thing.
+
+Speed is never asserted here (DESIGN §5): only that the script runs, prints the rows and that the chunked
+cross-entropy it offers as a lever equals `Decoder.loss`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimo.models import Decoder, DecoderConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llava_speed.py"
+TINY = ["--presets", "tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--profile-steps", "1"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("llava_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("llava_speed", module)  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path: Path, *extra: str) -> tuple[str, list[dict]]:
+    out = tmp_path / "records.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--json", str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, json.loads(out.read_text())["records"]
+
+
+def _has_transformers() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def test_tiny_cpu_run_prints_mimo_and_plain_rows(tmp_path):
+    stdout, records = _run(tmp_path)
+    rows = {r["row"]: r for r in records}
+    assert set(rows) == {"mimo", "plain", "hf"}
+    for name in ("mimo", "plain"):
+        r = rows[name]
+        assert "error" not in r, r.get("traceback", r)
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and math_finite(r["loss_last"])
+        assert r["encoder_ms"] >= 0 and r["projector_ms"] >= 0 and r["language_ms"] > 0
+        assert f"| tiny {name} | 1 |" in stdout
+    if _has_transformers():
+        assert "error" not in rows["hf"] and rows["hf"]["tokens_per_s"] > 0
+    else:
+        assert "skipped" in rows["hf"]
+        assert "| tiny hf | - | skipped: transformers is not installed" in stdout
+    assert "| row | µbatches | step ms | tokens/s | TFLOP/s | MFU |" in stdout
+    assert "framework tax" in stdout
+    # every row counts its FLOPs with mimo's formulas: the same number for every row of a preset
+    assert len({r["step_tflop"] for r in records}) == 1
+
+
+def test_tiny_cpu_levers_run_and_unknown_ones_are_reported(tmp_path):
+    rows = ("plain+chunkce+sac+mimoclip+syncs@2,plain+foreach,mimo+noddp+chunkce+fastclip+nocheck,mimo+bucketview,"
+            "plain+warp")
+    _, records = _run(tmp_path, "--rows", rows)
+    for r in records[:-1]:
+        assert "error" not in r, (r["row"], r.get("traceback", r))
+    assert records[0]["microbatches"] == 2
+    assert records[2]["notes"] == ["no DDP"]
+    assert "unknown" in records[-1]["error"] and "warp" in records[-1]["error"]
+
+
+def math_finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_chunked_cross_entropy_equals_decoder_loss(monkeypatch, chunk):
+    """Loss and both gradients (hidden, head weight) of the chunked lever match Decoder.loss in float64."""
+    bench = _load_script()
+    monkeypatch.setattr(bench, "CE_CHUNK", chunk)
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig.tiny()).double()
+    hidden = torch.randn(3, 7, 64, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 256, (3, 7))
+    labels[0, :3] = -100
+    expected, count = decoder.loss(hidden, labels)
+    grads = torch.autograd.grad(expected * 0.5, [hidden, decoder.lm_head.weight])
+    loss, count2 = bench.chunked_ce_loss(decoder, hidden, labels)
+    got = torch.autograd.grad(loss * 0.5, [hidden, decoder.lm_head.weight])
+    assert int(count) == int(count2)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    for g, e in zip(got, grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_foreach_clip_matches_mimo_clip():
+    """The benchmark's candidate clip (foreach kernels) counts and scales exactly like mimo's clip_grad_norm."""
+    from types import SimpleNamespace
+
+    from mimo.models import MimoModel, MLPProjector, ModalitySubmodule, ViTConfig, ViTEncoder
+    from mimo.training.optim import clip_grad_norm
+
+    bench = _load_script()
+
+    def model_with_grads() -> MimoModel:
+        torch.manual_seed(0)
+        images = ModalitySubmodule(ViTEncoder(ViTConfig.tiny()), MLPProjector(32, 64))
+        model = MimoModel(Decoder(DecoderConfig.tiny()), {"images": images}, {"images": 256}).double()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        return model
+
+    infra = SimpleNamespace(module_to_grid_map={})
+    a, b = model_with_grads(), model_with_grads()
+    norm_a = clip_grad_norm(a, infra, 1.0)
+    norm_b = bench.foreach_clip_grad_norm(b, infra, 1.0)
+    assert float(norm_a) > 1.0  # clipping is active
+    torch.testing.assert_close(norm_b, norm_a, rtol=1e-12, atol=0)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-12, atol=1e-15)
