@@ -103,21 +103,28 @@ class MimoModel(nn.Module):
         input_ids: torch.Tensor,
         modality_embeddings: Mapping[str, torch.Tensor],
         tokens_per_sample: Mapping[str, torch.Tensor],
+        check: bool = True,
     ) -> dict[str, Any]:
         """The first stage's keyword inputs: text ids (special ids zeroed, so an id past the vocabulary is
         fine) and, per modality, (special-token mask, embeddings) to write over those positions in order.
 
-        Raises if a sample's special-token count differs from its modality-token count.
+        With `check`, first `check_alignment` (a caller that has the ids on the CPU checks there instead, and
+        passes check=False: the check reads counts back, a host sync on an accelerator).
         """
-        embeddings_at = []
-        for name, token_id in self.special_token_ids.items():
-            positions = input_ids == token_id
-            values = modality_embeddings.get(name)
-            expected = tokens_per_sample.get(name, torch.zeros_like(input_ids[:, 0]))
-            _check_counts(name, token_id, positions.sum(dim=1), expected, values)
-            if values is not None:
-                embeddings_at.append((positions, values))
+        if check:
+            self.check_alignment(input_ids, tokens_per_sample, {n: v.shape[0] for n, v in modality_embeddings.items()})
+        embeddings_at = [(input_ids == self.special_token_ids[name], values)
+                         for name, values in modality_embeddings.items()]
         return {"input_ids": input_ids.masked_fill(self._is_special(input_ids), 0), "embeddings_at": embeddings_at}
+
+    def check_alignment(self, input_ids: torch.Tensor, tokens_per_sample: Mapping[str, torch.Tensor],
+                        rows: Mapping[str, int]) -> None:
+        """Raise if a sample's special-token count differs from its modality-token count, or a modality's
+        embedding rows differ from its per-sample counts' sum."""
+        for name, token_id in self.special_token_ids.items():
+            found = (input_ids == token_id).sum(dim=1)
+            expected = tokens_per_sample.get(name, torch.zeros_like(found))
+            _check_counts(name, token_id, found, expected, rows.get(name, 0))
 
     def language_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Labels with modality positions (special-token inputs or targets) set to ignore: they never count."""
@@ -165,9 +172,7 @@ class MimoModel(nn.Module):
         return torch.isin(ids, special_ids_tensor(self.special_token_ids, ids.device))
 
 
-def _check_counts(
-    name: str, token_id: int, found: torch.Tensor, expected: torch.Tensor, values: torch.Tensor | None
-) -> None:
+def _check_counts(name: str, token_id: int, found: torch.Tensor, expected: torch.Tensor, rows: int) -> None:
     """Raise if any sample's special-token count differs from its modality-token count."""
     if found.shape != expected.shape:
         raise ValueError(f"modality {name!r}: tokens_per_sample has shape {tuple(expected.shape)}, "
@@ -178,7 +183,6 @@ def _check_counts(
         b = int(mismatch[0, 0])
         raise ValueError(f"sample {b}: {int(found[b])} special tokens for modality {name!r} (id {token_id}) "
                          f"in input_ids, but {int(expected[b])} {name!r} embeddings for it")
-    rows = 0 if values is None else values.shape[0]
     if rows != int(expected.sum()):
         raise ValueError(f"modality {name!r}: {rows} embeddings given, but tokens_per_sample sums to "
                          f"{int(expected.sum())}")

@@ -122,7 +122,7 @@ class MimoTrainer:
             with no_sync_forward(encoder):
                 out = self._encode(encoder, items.items.to(self.device))
             self._state.encoder_out[name][m] = out
-            counts = items.items_per_sample.to(self.device) * tokens_per_item
+            counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
             received = bridge.forward(m, out.to(self.activation_dtype), counts)
             if received is not None:
                 self._state.received[name][m] = received
@@ -149,14 +149,15 @@ class MimoTrainer:
         lm = self.model.language_model
 
         def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
-            mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp")).to(self.device)
-            kwargs = self._first_stage_inputs(m, mb) if first else {}
-            labels = self.model.language_labels(mb.input_ids, mb.labels) if last else None
+            mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))  # on the CPU
+            ids = mb.input_ids.to(self.device, non_blocking=True)
+            kwargs = self._first_stage_inputs(m, mb, ids) if first else {}
+            labels = self.model.language_labels(ids, mb.labels.to(self.device, non_blocking=True)) if last else None
             with no_sync_forward(lm):
                 out = lm(x, **kwargs, labels=labels)
             if not last:
                 return out
-            self._state.loss_sum += out[0].detach().double().cpu()
+            self._state.loss_sum = self._state.loss_sum + out[0].detach().double()  # no host sync until the end
             loss = out[0] / max(self.tokens, 1)
             return self.scaler.scale(loss) if self.scaler is not None else loss
 
@@ -178,15 +179,18 @@ class MimoTrainer:
 
         schedule.run(StageWork(forward, before_backward, after_backward))
 
-    def _first_stage_inputs(self, m: int, mb: MimoBatch) -> dict:
-        """Stage 0's keyword inputs: text ids and every modality's embeddings for this replica's samples."""
+    def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor) -> dict:
+        """Stage 0's keyword inputs: text ids and every modality's embeddings for this replica's samples
+        (alignment checked on the CPU copy of the ids, so no host sync)."""
         embeddings, counts = {}, {}
         for src, bridge in self.bridges.items():
             received = bridge.forward(m) if bridge.kind == "heterogeneous" else self._state.received[src].pop(m)
             embeddings[src], counts[src] = received
             if bridge.kind != "homogeneous":
                 self._state.leaves[src][m] = received[0]
-        return self.model.language_inputs(mb.input_ids, embeddings, counts)
+        rows = {name: e.shape[0] for name, e in embeddings.items()}
+        self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
+        return self.model.language_inputs(ids, embeddings, counts, check=False)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
     def _encoder_backward(self, src: str) -> None:
@@ -218,7 +222,7 @@ class MimoTrainer:
     def _global_loss(self) -> float:
         """The per-token mean over the global batch, on every rank (one world all-reduce)."""
         total = self._state.loss_sum if self._owns_loss() else torch.zeros((), dtype=torch.float64)
-        total = total.to(self.device)
+        total = torch.as_tensor(total, device=self.device).double()
         dist.all_reduce(total)
         return float(total) / max(self.tokens, 1)
 
