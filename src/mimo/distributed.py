@@ -253,6 +253,11 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
 _BLOCK = re.compile(r"(^|\.)layers\.\d+$")
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a tensor: a DTensor's local shard; a plain (or DDP+TP local) tensor as is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def dtensor_spec(param: torch.Tensor):
     """How a parameter is sharded: its DTensor spec, or the spec DDP+TP keeps on a local shard; None if plain."""
     return param._spec if isinstance(param, DTensor) else getattr(param, "_st_info", None)

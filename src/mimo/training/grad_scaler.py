@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+
+from mimo.distributed import local_tensor
 
 
 class GlobalGradScaler:
@@ -113,8 +114,7 @@ class GlobalGradScaler:
 
 def _local_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's gradient storage: a DTensor's local shard, a plain (or DDP+TP local) tensor as is."""
-    grads = (p.grad for p in params if p.grad is not None)
-    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    return [local_tensor(p.grad) for p in params if p.grad is not None]
 
 
 def _flag_device(group: dist.ProcessGroup | None) -> torch.device:

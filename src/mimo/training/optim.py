@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
-from mimo.distributed import dtensor_spec, unwrap, wrapped_modules
+from mimo.distributed import dtensor_spec, local_tensor, unwrap, wrapped_modules
 from mimo.models import MimoModel
 
 
@@ -80,7 +80,7 @@ def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
     """
     total = torch.zeros((), dtype=torch.float64, device=_device(model))
     if not getattr(model, "is_stub", False):
-        grads = [_local(p.grad) for name, module in wrapped_modules(model).items()
+        grads = [local_tensor(p.grad) for name, module in wrapped_modules(model).items()
                  for p in _counted_grads(module, infra.module_to_grid_map.get(name))]
         if grads:
             total += torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).double().pow(2)
@@ -95,16 +95,11 @@ def clip_grad_norm(model: MimoModel | nn.Module, infra, max_norm: float | None) 
     if max_norm is None or getattr(model, "is_stub", False):
         return norm
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    grads = [_local(p.grad) for module in wrapped_modules(model).values() for p in module.parameters()
+    grads = [local_tensor(p.grad) for module in wrapped_modules(model).values() for p in module.parameters()
              if p.grad is not None]
     for dtype in {g.dtype for g in grads}:  # no host sync: the coefficient stays a device tensor
         torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
     return norm
-
-
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a gradient (a DTensor's local shard)."""
-    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def _counted_grads(module: nn.Module, grid) -> Iterable[torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mimo.bridge import Bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
-from mimo.distributed import align_gradients, no_sync_forward, prepare_backward, unwrap
+from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grad_norm
@@ -216,8 +216,7 @@ class MimoTrainer:
         if embd is None:
             return
         weight = lm.embed_tokens.weight if lm.has_embedding else lm.lm_head.weight
-        grad = weight.grad.to_local() if hasattr(weight.grad, "to_local") else weight.grad
-        dist.all_reduce(grad, group=embd)
+        dist.all_reduce(local_tensor(weight.grad), group=embd)
 
     def _global_loss(self) -> float:
         """The per-token mean over the global batch, on every rank (one world all-reduce)."""
