@@ -86,8 +86,8 @@ class MimoTrainer:
                              f"global batch of {self.global_batch_size}")
         t0 = time.perf_counter()
         seconds: dict[str, float] = defaultdict(float)
-        self.tokens = int(batch.num_label_tokens(self.special_token_ids)) if not self.is_stub else 0
-        self.tokens = self._agree(self.tokens)
+        # the normalizer, from the batch every rank holds (a stub learns it with the loss, at the end)
+        self.tokens = 0 if self.is_stub else int(batch.num_label_tokens(self.special_token_ids))
         self._state = _StepState()
         hosted = self.infra.participating_modules
         for name in hosted:
@@ -102,7 +102,7 @@ class MimoTrainer:
         if not self.is_stub:
             align_gradients(self.model)
         self._sync_tied_embeddings()
-        loss = self._global_loss()
+        loss, self.tokens = self._global_loss()
         skipped = self._unscale_and_check()
         grad_norm = clip_grad_norm(self.model, self.infra, None if skipped else self.clip_grad)
         self._timed(seconds, "optimizer", self._optimizer_step, skipped)
@@ -218,19 +218,25 @@ class MimoTrainer:
         weight = lm.embed_tokens.weight if lm.has_embedding else lm.lm_head.weight
         dist.all_reduce(local_tensor(weight.grad), group=embd)
 
-    def _global_loss(self) -> float:
-        """The per-token mean over the global batch, on every rank (one world all-reduce)."""
-        total = self._state.loss_sum if self._owns_loss() else torch.zeros((), dtype=torch.float64)
-        total = torch.as_tensor(total, device=self.device).double()
+    def _global_loss(self) -> tuple[float, int]:
+        """(per-token mean over the global batch, its label count) on every rank, stub ranks included, from
+        one world all-reduce: each language DP replica's loss owner adds its loss sum, replica 0's the count."""
+        owner, replica = self._loss_owner()
+        loss_sum = self._state.loss_sum if owner else torch.zeros((), dtype=torch.float64)
+        tokens = self.tokens if owner and replica == 0 else 0
+        total = torch.stack([torch.as_tensor(loss_sum, device=self.device).double(),
+                             torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
         dist.all_reduce(total)
-        return float(total) / max(self.tokens, 1)
+        loss_sum, tokens = total.tolist()
+        return loss_sum / max(tokens, 1), int(tokens)
 
-    def _owns_loss(self) -> bool:
-        """One rank per language DP replica reports its loss sum: last stage, TP rank 0."""
+    def _loss_owner(self) -> tuple[bool, int]:
+        """(whether this rank reports its language replica's loss sum, that replica): last stage, TP rank 0."""
         if LANGUAGE not in self.infra.participating_modules:
-            return False
-        pp, _, cp, tp = self.infra.module_to_grid_map[LANGUAGE].coord
-        return pp == self.infra.module_to_grid_map[LANGUAGE].size("pp") - 1 and tp == 0 and cp == 0
+            return False, -1
+        grid = self.infra.module_to_grid_map[LANGUAGE]
+        pp, dp, cp, tp = grid.coord
+        return pp == grid.size("pp") - 1 and tp == 0 and cp == 0, dp
 
     def _unscale_and_check(self) -> bool:
         """fp16: unscale every gradient and agree world-wide whether any overflowed (then skip the step)."""
@@ -250,12 +256,6 @@ class MimoTrainer:
         if self.scaler is not None:
             self.scaler.update()
         self.step_count += 1
-
-    def _agree(self, value: int) -> int:
-        """Every rank computes the label count from the same batch; stub ranks take it from the world."""
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t)
 
     @staticmethod
     def _timed(seconds: dict[str, float], key: str, fn, *args) -> None:
