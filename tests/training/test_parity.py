@@ -16,18 +16,15 @@ from mimo.data import ModalitySpec, SyntheticDataset
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, full_tensor, unwrap, wrapped_modules
 from mimo.models import (
     AudioConfig,
-    AudioEncoder,
     Decoder,
     DecoderConfig,
-    MLPProjector,
-    ModalitySubmodule,
     ViTConfig,
-    ViTEncoder,
 )
 from mimo.provider import MimoModelProvider, ModuleSpec
 from mimo.testing import run_distributed
 from mimo.training.optim import OptimizerConfig, param_groups
 from mimo.training.step import MimoTrainer
+from tests.test_provider import modality_spec  # tiny ViT / audio encoder + projector to width 64
 
 STEPS, GLOBAL_BATCH, MICRO = 3, 8, 2
 OPTIM = OptimizerConfig(lr=1e-2, weight_decay=0.1)
@@ -41,14 +38,6 @@ SCALE_FLOOR = 1e-6
 
 def decoder_config(tied: bool) -> DecoderConfig:
     return DecoderConfig.tiny(num_layers=2, tie_embeddings=tied)
-
-
-def modality_spec(name: str) -> ModuleSpec:
-    """Tiny ViT or audio encoder + MLP projector to the decoder width."""
-    cfg = ViTConfig.tiny() if name == "images" else AudioConfig.tiny()
-    encoder = ModuleSpec(ViTEncoder if name == "images" else AudioEncoder, {"config": cfg})
-    projection = ModuleSpec(MLPProjector, {"in_features": cfg.hidden_size, "out_features": 64})
-    return ModuleSpec(ModalitySubmodule, submodules={"encoder": encoder, "projection": projection})
 
 
 def provider(layout: dict | None, modalities: tuple[str, ...], tied: bool = False, **kw) -> MimoModelProvider:

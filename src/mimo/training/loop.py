@@ -125,10 +125,9 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     progress.close()
     final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, config))
     if config.eval.enabled and config.data.name == "digits" and rank == 0:
-        last["accuracy"] = _evaluate(config, final)
+        last["accuracy"], count = _evaluate(config, final)
         writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
-        print(f"held-out caption accuracy: {last['accuracy']:.1%} "
-              f"({len(build_dataset(config, provider, 'held_out'))} digits)", flush=True)
+        print(f"held-out caption accuracy: {last['accuracy']:.1%} ({count} digits)", flush=True)
     dist.barrier()
     writer.close()
     dist.destroy_process_group()
@@ -182,10 +181,11 @@ def _slowest_rank_seconds(seconds: dict[str, float]) -> dict[str, float]:
     return merged
 
 
-def _evaluate(config: RunConfig, checkpoint: Path) -> float:
-    """Held-out caption accuracy of the final checkpoint, loaded whole into one process."""
+def _evaluate(config: RunConfig, checkpoint: Path) -> tuple[float, int]:
+    """(held-out caption accuracy, number of digits) of the final checkpoint, loaded whole into one process."""
     provider = build_provider(config, torch.device("cpu"), distributed=False)
     model = provider.provide()
     load_model_only(checkpoint, model)
-    return digits_accuracy(model, build_dataset(config, provider, "held_out"))
+    held_out = build_dataset(config, provider, "held_out")
+    return digits_accuracy(model, held_out), len(held_out)
 
