@@ -1,0 +1,40 @@
+"""How `mimo train` names the rank that failed first when several ranks end in error."""
+
+from __future__ import annotations
+
+import json
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from mimo.launch import _failure_report, _read_failures, _write_failure
+
+
+def _failure(rank: int, exitcode: int, tmp_path) -> ProcessFailure:
+    """A failure as the elastic agent reports it: no error file when the process died without raising."""
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode,
+                          error_file=str(tmp_path / f"missing_{rank}.json"))
+
+
+def test_the_rank_that_raised_first_is_named_even_if_a_peer_exited_sooner(tmp_path, monkeypatch):
+    # rank 1 raises; rank 0's collective then fails and rank 0 exits before rank 1 does, so the agent
+    # saw only rank 0: the report must still lead with rank 1, by the time each error happened
+    monkeypatch.setenv("RANK", "1")
+    _write_failure(tmp_path, RuntimeError("injected fault at step 2"))
+    monkeypatch.setenv("RANK", "0")
+    _write_failure(tmp_path, RuntimeError("[gloo] Connection closed by peer\n  on rank 0"))
+    records = _read_failures(tmp_path)
+    assert [r["rank"] for r in records] == [1, 0]
+    error = ChildFailedError("mimo", {0: _failure(0, 1, tmp_path)})
+    assert _failure_report(error, records) == [
+        "mimo train: error: rank 1 failed: RuntimeError: injected fault at step 2",
+        "mimo train: then rank 0 failed: RuntimeError: on rank 0",
+    ]
+
+
+def test_a_rank_killed_without_raising_comes_first(tmp_path):
+    # rank 3 was killed (out of memory): it left no record, and rank 2 failed because it was gone
+    (tmp_path / "rank_2.json").write_text(json.dumps({"rank": 2, "time": 5.0, "error": "RuntimeError: peer"}))
+    error = ChildFailedError("mimo", {2: _failure(2, 1, tmp_path), 3: _failure(3, -9, tmp_path)})
+    first, then = _failure_report(error, _read_failures(tmp_path))
+    assert first.startswith("mimo train: error: rank 3 failed: ") and "SIGKILL" in first
+    assert then == "mimo train: then rank 2 failed: RuntimeError: peer"
