@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # only a type here; importing the trainer would make step.py 
     from mimo.training.step import StepResult
 
 METRICS_FILE = "metrics.jsonl"
-STEP_KEYS = ("kind", "step", "time", "loss", "tokens", "tokens_per_s", "step_time_s", "tflops", "grad_norm", "lr",
-             "peak_memory_gb")
+STEP_KEYS = ("kind", "step", "time", "loss", "tokens", "label_tokens", "tokens_per_s", "step_time_s", "tflops",
+             "grad_norm", "lr", "peak_memory_gb")
 
 
 def peak_memory_gb() -> float:
@@ -43,7 +43,7 @@ def step_record(step: int, result: StepResult, flops: float | None = None) -> di
     per_s = 1 / step_time if step_time > 0 else math.nan
     record = {
         "kind": "train", "step": step, "time": time.time(), "loss": result.loss, "tokens": result.tokens,
-        "tokens_per_s": result.tokens * per_s, "step_time_s": step_time,
+        "label_tokens": result.label_tokens, "tokens_per_s": result.tokens * per_s, "step_time_s": step_time,
         "tflops": flops * per_s / 1e12 if flops is not None else None,
         "grad_norm": result.grad_norm, "lr": result.lr, "peak_memory_gb": peak_memory_gb(),
     }

@@ -33,9 +33,13 @@ from mimo.training.pipeline import PipelineSchedule, StageWork
 
 @dataclass
 class StepResult:
-    """What a step reports on every rank: the global per-token loss, its token count, the gradient norm."""
+    """What a step reports on every rank: the global per-token loss, the token counts, the gradient norm.
+
+    `tokens` counts every position of every sequence in the global batch (what throughput is measured in,
+    as in the benchmarks); `label_tokens` counts the positions that carry a label (the loss's divisor)."""
 
     loss: float
+    label_tokens: int
     tokens: int
     grad_norm: float
     lr: float
@@ -108,7 +112,8 @@ class MimoTrainer:
         self._timed(seconds, "optimizer", self._optimizer_step, skipped)
         seconds["step"] = time.perf_counter() - t0
         lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
-        return StepResult(loss, self.tokens, float(grad_norm), lr, dict(seconds), skipped)
+        return StepResult(loss=loss, label_tokens=self.tokens, tokens=batch.input_ids.numel(),
+                          grad_norm=float(grad_norm), lr=lr, seconds=dict(seconds), skipped=skipped)
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str, batch: MimoBatch) -> None:
