@@ -137,3 +137,37 @@ def test_compiled_blocks_train_like_eager():
     eager = run_distributed(compiled_losses, 4, False)[0]
     compiled = run_distributed(compiled_losses, 4, True, timeout_s=600)[0]
     assert compiled == pytest.approx(eager, rel=1e-4), (compiled, eager)  # float32, fused kernels
+
+
+def phase_order(rank: int, world_size: int, layout: dict) -> list[str]:
+    """One float64 step in 2 micro-batches with the encoder's forward, the gradient reaching its output and
+    the language forward recorded in order: when each micro-batch's encoder activations can be freed."""
+    from mimo.distributed import unwrap
+
+    prov = provider(layout, ("images",))
+    model = prov.provide_distributed_model()
+    trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
+                          activation_dtype=torch.float64)
+    events: list[str] = []
+
+    def encoder_hook(module, args, out):
+        events.append("encode")
+        out.register_hook(lambda grad: events.append("encoder backward"))
+
+    unwrap(model.modality_submodules["images"]).register_forward_hook(encoder_hook)
+    unwrap(model.language_model).register_forward_hook(lambda *_: events.append("language"))
+    trainer.train_step(dataset(("images",)).batch(range(8)))
+    return events
+
+
+def test_homogeneous_encodes_each_microbatch_just_before_its_language_forward():
+    # as a plain loop: micro-batch 0's encoder activations are freed before micro-batch 1 is encoded
+    homogeneous = next(row[2] for row in MATRIX if row[0].startswith("1-"))
+    assert run_distributed(phase_order, 2, homogeneous)[0] == ["encode", "language", "encoder backward"] * 2
+
+
+def test_colocated_encodes_every_microbatch_before_the_language_phase():
+    # different layouts on one span: the bridge's collectives need every rank at the same micro-batch
+    colocated = next(row[2] for row in MATRIX if row[0].startswith("3-"))
+    order = run_distributed(phase_order, 4, colocated)[0]
+    assert order == ["encode"] * 2 + ["language"] * 2 + ["encoder backward"] * 2, order

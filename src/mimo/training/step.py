@@ -8,6 +8,9 @@ the part it hosts, in three phases:
    and, on a heterogeneous edge, returns their gradient as soon as its backward is done;
 3. encoder ranks run each micro-batch's backward as its gradient arrives (colocated: all ranks of the
    span exchange the gradients collectively first).
+A homogeneous edge skips phases 1 and 3: stage 0 encodes micro-batch m when its forward needs it, and
+the language backward runs on into the encoder, so only one micro-batch's encoder activations are alive
+at a time (the memory of a plain loop).
 Loss normalization (DESIGN §3): every rank backpropagates loss_sum / (label tokens of the whole global
 batch), and every DP reduction sums (`mimo.distributed`), so gradients are those of the global mean.
 """
@@ -94,11 +97,15 @@ class MimoTrainer:
         self.tokens = 0 if self.is_stub else int(batch.num_label_tokens(self.special_token_ids))
         self._state = _StepState()
         hosted = self.infra.participating_modules
+        self._seconds = seconds
         for name in hosted:
-            if name != LANGUAGE:
+            if name != LANGUAGE and self.bridges[name].kind != "homogeneous":
                 self._timed(seconds, f"{name}.forward", self._encode_all, name, batch)
         if LANGUAGE in hosted:
             self._timed(seconds, "language.forward_backward", self._language, batch)
+            for name in hosted:  # homogeneous encoders ran inside the language phase; keep phases disjoint
+                if name != LANGUAGE and self.bridges[name].kind == "homogeneous":
+                    seconds["language.forward_backward"] -= seconds[f"{name}.forward"]
         for src in self.bridges:
             self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
         for bridge in self.bridges.values():
@@ -118,19 +125,22 @@ class MimoTrainer:
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str, batch: MimoBatch) -> None:
         """Encode this replica's items of every micro-batch and hand them to the bridge."""
-        grid, bridge = self.infra.module_to_grid_map[name], self.bridges[name]
-        encoder = self.model.modality_submodules[name]
-        tokens_per_item = unwrap(encoder).tokens_per_item
         for m in range(self.num_microbatches):
-            mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))
-            items = mb.modality_inputs[name]
-            with no_sync_forward(encoder):
-                out = self._encode(encoder, items.items.to(self.device))
-            self._state.encoder_out[name][m] = out
-            counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
-            received = bridge.forward(m, out.to(self.activation_dtype), counts)
+            received = self._encode_microbatch(name, batch, m)
             if received is not None:
                 self._state.received[name][m] = received
+
+    def _encode_microbatch(self, name: str, batch: MimoBatch, m: int) -> tuple | None:
+        """Encode this replica's items of micro-batch m and hand them to the bridge; what it delivers here."""
+        grid, bridge = self.infra.module_to_grid_map[name], self.bridges[name]
+        encoder = self.model.modality_submodules[name]
+        mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))
+        items = mb.modality_inputs[name]
+        with no_sync_forward(encoder):
+            out = self._encode(encoder, items.items.to(self.device))
+        self._state.encoder_out[name][m] = out
+        counts = items.items_per_sample * unwrap(encoder).tokens_per_item  # host metadata: stays on the CPU
+        return bridge.forward(m, out.to(self.activation_dtype), counts)
 
     @staticmethod
     def _encode(encoder: torch.nn.Module, items: torch.Tensor) -> torch.Tensor:
@@ -156,7 +166,7 @@ class MimoTrainer:
         def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))  # on the CPU
             ids = mb.input_ids.to(self.device, non_blocking=True)
-            kwargs = self._first_stage_inputs(m, mb, ids) if first else {}
+            kwargs = self._first_stage_inputs(m, batch, mb, ids) if first else {}
             labels = self.model.language_labels(ids, mb.labels.to(self.device, non_blocking=True)) if last else None
             with no_sync_forward(lm):
                 out = lm(x, **kwargs, labels=labels)
@@ -176,6 +186,8 @@ class MimoTrainer:
             if not first:
                 return
             for src, bridge in self.bridges.items():
+                if bridge.kind == "homogeneous":
+                    self._state.encoder_out[src].pop(m, None)
                 leaf = self._state.leaves[src].pop(m, None)
                 if bridge.kind == "heterogeneous":
                     bridge.backward(m, leaf.grad if leaf is not None else None)
@@ -184,12 +196,19 @@ class MimoTrainer:
 
         schedule.run(StageWork(forward, before_backward, after_backward))
 
-    def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor) -> dict:
+    def _first_stage_inputs(self, m: int, batch: MimoBatch, mb: MimoBatch, ids: torch.Tensor) -> dict:
         """Stage 0's keyword inputs: text ids and every modality's embeddings for this replica's samples
-        (alignment checked on the CPU copy of the ids, so no host sync)."""
+        of micro-batch m (alignment checked on the CPU copy of the ids, so no host sync)."""
         embeddings, counts = {}, {}
         for src, bridge in self.bridges.items():
-            received = bridge.forward(m) if bridge.kind == "heterogeneous" else self._state.received[src].pop(m)
+            if bridge.kind == "homogeneous":  # encoded now, so its activations live for this micro-batch only
+                t0 = time.perf_counter()
+                received = self._encode_microbatch(src, batch, m)
+                self._seconds[f"{src}.forward"] += time.perf_counter() - t0
+            elif bridge.kind == "heterogeneous":
+                received = bridge.forward(m)
+            else:
+                received = self._state.received[src].pop(m)
             embeddings[src], counts[src] = received
             if bridge.kind != "homogeneous":
                 self._state.leaves[src][m] = received[0]
