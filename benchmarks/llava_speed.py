@@ -851,6 +851,12 @@ def parse_per_preset(text: str, presets: list[str], default: int) -> dict[str, i
     return {p: int(values.get(p, default)) for p in presets}
 
 
+def write_json(path: str, env: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Every record so far, with the environment, as one JSON document."""
+    with open(path, "w") as f:
+        json.dump({"env": env, "records": records}, f, indent=1, default=str)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", "--preset", default=None, help="comma separated: tiny, 1b, 3b (default: "
@@ -913,13 +919,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(table_line(record), flush=True)
             if "traceback" in record:
                 print(record["traceback"], file=sys.stderr, flush=True)
+            if args.json:  # after every row, so a run cut short by a time limit keeps what it measured
+                write_json(args.json, env, records)
     print()
     print(table(records))
     for line in comparisons(records):
         print("# " + line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "records": records}, f, indent=1, default=str)
     if dist.is_initialized():
         dist.destroy_process_group()
     return records
