@@ -109,6 +109,18 @@ def test_to_keeps_values_and_item_dtype() -> None:
     assert moved.modality_inputs["images"].items.dtype == torch.float64
 
 
+def test_prefetch_keeps_what_a_module_needs_and_counts_on_the_cpu() -> None:
+    """An encoder's share: its items only; the language's: text only. On the CPU nothing is copied; the
+    pinned, non-blocking copy itself runs in the CUDA smoke test (it needs a GPU)."""
+    batch = _batch()
+    encoder = batch.prefetch("cpu", modalities=("images",), text=False)
+    assert list(encoder.modality_inputs) == ["images"]
+    assert encoder.modality_inputs["images"].items is batch.modality_inputs["images"].items
+    language = batch.prefetch("cpu")
+    assert language.modality_inputs == {} and language.input_ids is batch.input_ids
+    assert encoder.select(2, 5).modality_inputs["images"].items_per_sample.tolist() == [3, 0, 3]
+
+
 def test_num_label_tokens_is_the_models_loss_count(tiny_llava) -> None:
     """The loss normalizer counts exactly the labels `MimoModel.forward` scores, on a synthetic batch."""
     ds = SyntheticDataset(16, {"images": ModalitySpec.image(256, 16)}, dtype=torch.float64, seed=3)

@@ -1,4 +1,5 @@
-"""On a GPU (skipped without one): meta build + init straight onto CUDA, float64 parity with CPU, bf16 runs."""
+"""On a GPU (skipped without one): meta build + init straight onto CUDA, float64 parity with CPU, bf16 runs,
+batches prefetched to the device."""
 
 from __future__ import annotations
 
@@ -53,3 +54,16 @@ def test_cuda_float64_matches_cpu_and_bf16_trains() -> None:
     loss = _loss(bf16, "cuda", torch.bfloat16)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in bf16.parameters())
+
+
+def test_prefetch_copies_to_the_gpu_and_keeps_counts_on_the_cpu() -> None:
+    """`MimoBatch.prefetch` pins and copies without blocking; `select` still slices by the CPU counts."""
+    from mimo.data import MimoBatch
+
+    ids = torch.arange(12).view(3, 4)
+    batch = MimoBatch(ids, ids + 1, {"images": ModalityBatch(torch.randn(3, 3, 8, 8), torch.tensor([1, 0, 2]))})
+    on_gpu = batch.prefetch("cuda", modalities=("images",))
+    assert on_gpu.input_ids.is_cuda and on_gpu.modality_inputs["images"].items.is_cuda
+    assert not on_gpu.modality_inputs["images"].items_per_sample.is_cuda
+    torch.testing.assert_close(on_gpu.select(1, 3).modality_inputs["images"].items.cpu(),
+                               batch.modality_inputs["images"].items[1:])

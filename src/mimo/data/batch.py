@@ -85,6 +85,19 @@ class MimoBatch:
              for name, b in self.modality_inputs.items()},
         )
 
+    def prefetch(self, device: torch.device | str, modalities: Iterable[str] = (), text: bool = True) -> MimoBatch:
+        """A batch with text and labels (if `text`) and the named modalities' items on `device`, copied from
+        pinned memory without blocking the host, so the GPU queue stays full. Other modalities are left out;
+        text not asked for and item counts stay on the CPU (where `select` reads the counts)."""
+        device = torch.device(device)
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+        return MimoBatch(copy(self.input_ids) if text else self.input_ids, copy(self.labels) if text else self.labels,
+                         {name: ModalityBatch(copy(self.modality_inputs[name].items),
+                                              self.modality_inputs[name].items_per_sample) for name in modalities})
+
     def num_label_tokens(self, special_token_ids: Mapping[str, int] | Iterable[int]) -> int:
         """How many labels the language loss scores: the per-token mean's denominator (see `loss_token_mask`)."""
         return int(loss_token_mask(self.input_ids, self.labels, special_token_ids).sum())

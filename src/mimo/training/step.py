@@ -98,9 +98,10 @@ class MimoTrainer:
         self._state = _StepState()
         hosted = self.infra.participating_modules
         self._seconds = seconds
+        self._inputs = self._prefetch(batch)
         for name in hosted:
             if name != LANGUAGE and self.bridges[name].kind != "homogeneous":
-                self._timed(seconds, f"{name}.forward", self._encode_all, name, batch)
+                self._timed(seconds, f"{name}.forward", self._encode_all, name)
         if LANGUAGE in hosted:
             self._timed(seconds, "language.forward_backward", self._language, batch)
             for name in hosted:  # homogeneous encoders ran inside the language phase; keep phases disjoint
@@ -113,34 +114,47 @@ class MimoTrainer:
         if not self.is_stub:
             align_gradients(self.model)
         self._sync_tied_embeddings()
-        loss, self.tokens = self._global_loss()
+        totals = self._global_loss_sums()
         skipped = self._unscale_and_check()
         grad_norm = clip_grad_norm(self.model, self.infra, None if skipped else self.clip_grad)
-        self._timed(seconds, "optimizer", self._optimizer_step, skipped)
-        seconds["step"] = time.perf_counter() - t0
         lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
-        return StepResult(loss=loss, label_tokens=self.tokens, tokens=batch.input_ids.numel(),
-                          grad_norm=float(grad_norm), lr=lr, seconds=dict(seconds), skipped=skipped)
+        self._timed(seconds, "optimizer", self._optimizer_step, skipped)
+        # the step's one host sync, after the update is queued: reading earlier would leave the GPU idle
+        # while the host launches clipping and the optimizer
+        loss_sum, tokens, norm = torch.cat([totals, grad_norm.reshape(1).to(totals)]).tolist()
+        self.tokens = int(tokens)
+        seconds["step"] = time.perf_counter() - t0
+        return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=self.tokens, tokens=batch.input_ids.numel(),
+                          grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped)
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
-    def _encode_all(self, name: str, batch: MimoBatch) -> None:
+    def _encode_all(self, name: str) -> None:
         """Encode this replica's items of every micro-batch and hand them to the bridge."""
         for m in range(self.num_microbatches):
-            received = self._encode_microbatch(name, batch, m)
+            received = self._encode_microbatch(name, m)
             if received is not None:
                 self._state.received[name][m] = received
 
-    def _encode_microbatch(self, name: str, batch: MimoBatch, m: int) -> tuple | None:
+    def _encode_microbatch(self, name: str, m: int) -> tuple | None:
         """Encode this replica's items of micro-batch m and hand them to the bridge; what it delivers here."""
-        grid, bridge = self.infra.module_to_grid_map[name], self.bridges[name]
-        encoder = self.model.modality_submodules[name]
-        mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))
-        items = mb.modality_inputs[name]
+        bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
+        items = self._inputs[name][m].modality_inputs[name]
         with no_sync_forward(encoder):
-            out = self._encode(encoder, items.items.to(self.device))
+            out = self._encode(encoder, items.items)
         self._state.encoder_out[name][m] = out
         counts = items.items_per_sample * unwrap(encoder).tokens_per_item  # host metadata: stays on the CPU
         return bridge.forward(m, out.to(self.activation_dtype), counts)
+
+    def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch]]:
+        """This rank's share of every micro-batch, per hosted module, on the device: all copies queued at the
+        start of the step from pinned memory, so no copy later waits for the GPU to drain."""
+        shares = {}
+        for name in self.infra.participating_modules:
+            grid = self.infra.module_to_grid_map[name]
+            wanted = {"text": True} if name == LANGUAGE else {"modalities": (name,), "text": False}
+            shares[name] = [batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))
+                            .prefetch(self.device, **wanted) for m in range(self.num_microbatches)]
+        return shares
 
     @staticmethod
     def _encode(encoder: torch.nn.Module, items: torch.Tensor) -> torch.Tensor:
@@ -165,9 +179,10 @@ class MimoTrainer:
 
         def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))  # on the CPU
-            ids = mb.input_ids.to(self.device, non_blocking=True)
-            kwargs = self._first_stage_inputs(m, batch, mb, ids) if first else {}
-            labels = self.model.language_labels(ids, mb.labels.to(self.device, non_blocking=True)) if last else None
+            on_device = self._inputs[LANGUAGE][m]
+            ids = on_device.input_ids
+            kwargs = self._first_stage_inputs(m, mb, ids) if first else {}
+            labels = self.model.language_labels(ids, on_device.labels) if last else None
             with no_sync_forward(lm):
                 out = lm(x, **kwargs, labels=labels)
             if not last:
@@ -196,14 +211,14 @@ class MimoTrainer:
 
         schedule.run(StageWork(forward, before_backward, after_backward))
 
-    def _first_stage_inputs(self, m: int, batch: MimoBatch, mb: MimoBatch, ids: torch.Tensor) -> dict:
+    def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor) -> dict:
         """Stage 0's keyword inputs: text ids and every modality's embeddings for this replica's samples
         of micro-batch m (alignment checked on the CPU copy of the ids, so no host sync)."""
         embeddings, counts = {}, {}
         for src, bridge in self.bridges.items():
             if bridge.kind == "homogeneous":  # encoded now, so its activations live for this micro-batch only
                 t0 = time.perf_counter()
-                received = self._encode_microbatch(src, batch, m)
+                received = self._encode_microbatch(src, m)
                 self._seconds[f"{src}.forward"] += time.perf_counter() - t0
             elif bridge.kind == "heterogeneous":
                 received = bridge.forward(m)
@@ -242,17 +257,17 @@ class MimoTrainer:
         weight = lm.embed_tokens.weight if lm.has_embedding else lm.lm_head.weight
         dist.all_reduce(local_tensor(weight.grad), group=embd)
 
-    def _global_loss(self) -> tuple[float, int]:
-        """(per-token mean over the global batch, its label count) on every rank, stub ranks included, from
-        one world all-reduce: each language DP replica's loss owner adds its loss sum, replica 0's the count."""
+    def _global_loss_sums(self) -> torch.Tensor:
+        """[loss sum, label count] of the global batch on every rank, stub ranks included, as a device tensor
+        from one world all-reduce: each language DP replica's loss owner adds its loss sum, replica 0's the
+        count (how stub ranks learn it)."""
         owner, replica = self._loss_owner()
         loss_sum = self._state.loss_sum if owner else torch.zeros((), dtype=torch.float64)
         tokens = self.tokens if owner and replica == 0 else 0
         total = torch.stack([torch.as_tensor(loss_sum, device=self.device).double(),
                              torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
         dist.all_reduce(total)
-        loss_sum, tokens = total.tolist()
-        return loss_sum / max(tokens, 1), int(tokens)
+        return total
 
     def _loss_owner(self) -> tuple[bool, int]:
         """(whether this rank reports its language replica's loss sum, that replica): last stage, TP rank 0."""
