@@ -262,10 +262,11 @@ class MimoTrainer:
         from one world all-reduce: each language DP replica's loss owner adds its loss sum, replica 0's the
         count (how stub ranks learn it)."""
         owner, replica = self._loss_owner()
-        loss_sum = self._state.loss_sum if owner else torch.zeros((), dtype=torch.float64)
-        tokens = self.tokens if owner and replica == 0 else 0
-        total = torch.stack([torch.as_tensor(loss_sum, device=self.device).double(),
-                             torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # filled on the device: no blocking copy
+        if owner:
+            total[0] = self._state.loss_sum
+        if owner and replica == 0:
+            total[1] = self.tokens
         dist.all_reduce(total)
         return total
 

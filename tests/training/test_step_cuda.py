@@ -1,0 +1,66 @@
+"""On a GPU (skipped without one): a training step blocks the host once, at its end.
+
+Every host sync empties the GPU queue, and the work launched after it starts on an idle GPU: on one H100 the
+per-micro-batch syncs of an earlier step cost 6% (benchmarks/NOTES.md §2). CUDA's sync debug mode makes every
+synchronizing call warn; the step must make exactly one, the read of the loss and the norm after the update.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _trainer_and_batches(num_microbatches: int, compile_blocks: bool):
+    """The tiny LLaVA of `mimo train` on a one-rank NCCL world (images and language on rank 0), bf16."""
+    from mimo.training.loop import build_dataset, build_provider, build_trainer, distributed_config
+    from mimo.training.run_config import parse_run_config
+
+    config = parse_run_config({
+        "parallelism": {"images": {}, "language": {}}, "model": {"preset": "tiny"},
+        "train": {"global_batch_size": 8, "num_microbatches": num_microbatches, "dtype": "bfloat16", "steps": 10,
+                  "compile": compile_blocks},
+        "data": {"name": "synthetic"},
+    })
+    device = torch.device("cuda", torch.cuda.current_device())
+    provider = build_provider(config, device)
+    model = provider.provide_distributed_model(distributed_config(config))
+    data = build_dataset(config, provider)
+    return build_trainer(config, provider, model, device), [data.batch(range(i * 8, i * 8 + 8)) for i in range(3)]
+
+
+@pytest.mark.parametrize(("num_microbatches", "compile_blocks"), [(1, False), (2, False), (2, True)])
+def test_a_step_syncs_the_host_once(tmp_path, num_microbatches, compile_blocks):
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=device)
+    try:
+        trainer, batches = _trainer_and_batches(num_microbatches, compile_blocks)
+        for batch in batches[:2]:  # warm up: first-use allocations and NCCL setup may sync
+            trainer.train_step(batch)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer.train_step(batches[2])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        dist.destroy_process_group()
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1 and syncs[0].endswith(_final_read_line()), syncs
+
+
+def _final_read_line() -> str:
+    """step.py's line that reads the step's loss, count and norm (the one sync allowed)."""
+    import mimo.training.step as step
+
+    lines = Path(step.__file__).read_text().splitlines()
+    return f"step.py:{next(i for i, line in enumerate(lines, 1) if '.tolist()' in line)}"
