@@ -105,3 +105,20 @@ def test_labels_on_and_towards_modality_positions_are_ignored() -> None:
     specials = torch.isin(ids, torch.tensor([IMAGE_ID, AUDIO_ID]))
     keep = ~specials & ~torch.isin(labels, torch.tensor([IMAGE_ID, AUDIO_ID, -100]))
     assert int(count) == int(keep.sum())
+
+
+def test_positions_from_the_host_ids_match_the_mask_in_values_and_gradients() -> None:
+    """The trainer passes the CPU ids (`host_ids`): flat positions and `index_copy` instead of a mask and
+    `masked_scatter`, the same copy with a backward that needs no host sync on a GPU."""
+    results = []
+    for host_ids in (False, True):
+        model = _model()
+        ids, embeddings, per_sample = _batch()
+        inputs = model.language_inputs(ids, embeddings, per_sample, host_ids=ids.clone() if host_ids else None)
+        assert all((where.dtype == torch.bool) != host_ids for where, _ in inputs["embeddings_at"])
+        out = model.language_model.embed(**inputs)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), embeddings["images"].grad, embeddings["audio"].grad,
+                        model.language_model.embed_tokens.weight.grad))
+    for mask_result, positions_result in zip(*results, strict=True):
+        assert torch.equal(mask_result, positions_result)

@@ -213,13 +213,19 @@ class Decoder(nn.Module):
         self.rope_sin = sin.to(self.rope_sin.dtype)
 
     def embed(self, input_ids: torch.Tensor, embeddings_at: EmbeddingsAt = ()) -> torch.Tensor:
-        """Token ids [B, S] → embeddings [B, S, H], with each (mask [B, S], values [n, H]) of `embeddings_at`
-        written over its masked positions in row-major order; only on the stage holding layer 0."""
+        """Token ids [B, S] → embeddings [B, S, H], with each (where, values [n, H]) of `embeddings_at` written
+        over its positions in row-major order; only on the stage holding layer 0. `where` is a bool mask
+        [B, S], or n flat indices into B·S: `index_copy`, whose backward never syncs the host (the mask's
+        `masked_scatter` backward does, to size its `masked_select`)."""
         if self.embed_tokens is None:
             raise RuntimeError(f"this decoder stage holds layers {self.layer_range}, not the embedding")
         hidden = self.embed_tokens(input_ids)
-        for mask, values in embeddings_at:
-            hidden = hidden.masked_scatter(mask.unsqueeze(-1), values.to(hidden.dtype))
+        for where, values in embeddings_at:
+            values = values.to(hidden.dtype)
+            if where.dtype == torch.bool:
+                hidden = hidden.masked_scatter(where.unsqueeze(-1), values)
+            else:
+                hidden = hidden.flatten(0, 1).index_copy(0, where, values).view_as(hidden)
         return hidden
 
     def forward(

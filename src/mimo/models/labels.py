@@ -14,16 +14,19 @@ import torch
 IGNORE_INDEX = -100
 
 
-def special_ids_tensor(special_token_ids: Mapping[str, int] | Iterable[int], device: torch.device) -> torch.Tensor:
-    """The special token ids as a 1-D LongTensor; accepts the model's {modality: id} map or plain ids."""
-    ids = special_token_ids.values() if isinstance(special_token_ids, Mapping) else special_token_ids
-    return torch.tensor(list(ids), dtype=torch.long, device=device)
+def is_special(ids: torch.Tensor, special_token_ids: Mapping[str, int] | Iterable[int]) -> torch.Tensor:
+    """Where `ids` holds a special token id; accepts the model's {modality: id} map or plain ids. Compares
+    one id at a time, so no tensor of ids is copied to the device (a host sync on an accelerator)."""
+    ids_ = special_token_ids.values() if isinstance(special_token_ids, Mapping) else special_token_ids
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for token_id in ids_:
+        mask |= ids == token_id
+    return mask
 
 
 def loss_token_mask(
     input_ids: torch.Tensor, labels: torch.Tensor, special_token_ids: Mapping[str, int] | Iterable[int]
 ) -> torch.Tensor:
     """Where the language loss scores a label; mirrors `MimoModel.language_loss` (keep the two in step)."""
-    special = special_ids_tensor(special_token_ids, labels.device)
-    masked = torch.isin(input_ids, special) | torch.isin(labels, special)
+    masked = is_special(input_ids, special_token_ids) | is_special(labels, special_token_ids)
     return (labels != IGNORE_INDEX) & ~masked

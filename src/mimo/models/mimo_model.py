@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from mimo.models.decoder import Decoder
-from mimo.models.labels import IGNORE_INDEX, loss_token_mask, special_ids_tensor
+from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
 
 
 @dataclass
@@ -104,18 +104,32 @@ class MimoModel(nn.Module):
         modality_embeddings: Mapping[str, torch.Tensor],
         tokens_per_sample: Mapping[str, torch.Tensor],
         check: bool = True,
+        host_ids: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """The first stage's keyword inputs: text ids (special ids zeroed, so an id past the vocabulary is
-        fine) and, per modality, (special-token mask, embeddings) to write over those positions in order.
+        fine) and, per modality, (where, embeddings) to write over its special-token positions in order.
 
         With `check`, first `check_alignment` (a caller that has the ids on the CPU checks there instead, and
-        passes check=False: the check reads counts back, a host sync on an accelerator).
+        passes check=False: the check reads counts back, a host sync on an accelerator). Given `host_ids`
+        (the same ids on the CPU), "where" is flat positions found there and copied without a host sync;
+        else a mask, whose `masked_scatter` syncs the host in its backward on an accelerator.
         """
         if check:
             self.check_alignment(input_ids, tokens_per_sample, {n: v.shape[0] for n, v in modality_embeddings.items()})
-        embeddings_at = [(input_ids == self.special_token_ids[name], values)
+        embeddings_at = [(self._positions(name, input_ids, host_ids), values)
                          for name, values in modality_embeddings.items()]
-        return {"input_ids": input_ids.masked_fill(self._is_special(input_ids), 0), "embeddings_at": embeddings_at}
+        return {"input_ids": input_ids.masked_fill(is_special(input_ids, self.special_token_ids), 0),
+                "embeddings_at": embeddings_at}
+
+    def _positions(self, name: str, input_ids: torch.Tensor, host_ids: torch.Tensor | None) -> torch.Tensor:
+        """Modality `name`'s special-token positions: a [B, S] mask, or flat indices from the CPU ids."""
+        token_id = self.special_token_ids[name]
+        if host_ids is None:
+            return input_ids == token_id
+        positions = (host_ids == token_id).flatten().nonzero().squeeze(1)
+        if input_ids.device.type != "cpu":
+            positions = positions.pin_memory().to(input_ids.device, non_blocking=True)
+        return positions
 
     def check_alignment(self, input_ids: torch.Tensor, tokens_per_sample: Mapping[str, torch.Tensor],
                         rows: Mapping[str, int]) -> None:
@@ -166,10 +180,6 @@ class MimoModel(nn.Module):
         if self.language_model is None:
             raise RuntimeError("this MimoModel holds no language model (an encoder-only rank)")
         return self.language_model
-
-    def _is_special(self, ids: torch.Tensor) -> torch.Tensor:
-        """Where `ids` holds any modality's special token id."""
-        return torch.isin(ids, special_ids_tensor(self.special_token_ids, ids.device))
 
 
 def _check_counts(name: str, token_id: int, found: torch.Tensor, expected: torch.Tensor, rows: int) -> None:

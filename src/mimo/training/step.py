@@ -229,7 +229,7 @@ class MimoTrainer:
                 self._state.leaves[src][m] = received[0]
         rows = {name: e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
-        return self.model.language_inputs(ids, embeddings, counts, check=False)
+        return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=mb.input_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
     def _encoder_backward(self, src: str) -> None:
