@@ -264,9 +264,9 @@ class MimoTrainer:
         owner, replica = self._loss_owner()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # filled on the device: no blocking copy
         if owner:
-            total[0] = self._state.loss_sum
+            total[0].copy_(self._state.loss_sum)
         if owner and replica == 0:
-            total[1] = self.tokens
+            total[1].fill_(self.tokens)  # `total[1] = n` would copy n from the host, blocking
         dist.all_reduce(total)
         return total
 
