@@ -139,13 +139,14 @@ class MimoTrainer:
         """Encode this replica's items of micro-batch m and hand them to the bridge; what it delivers here."""
         bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
         items = self._inputs[name][m].modality_inputs[name]
+        self._inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
         with no_sync_forward(encoder):
             out = self._encode(encoder, items.items)
         self._state.encoder_out[name][m] = out
         counts = items.items_per_sample * unwrap(encoder).tokens_per_item  # host metadata: stays on the CPU
         return bridge.forward(m, out.to(self.activation_dtype), counts)
 
-    def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch]]:
+    def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch | None]]:
         """This rank's share of every micro-batch, per hosted module, on the device: all copies queued at the
         start of the step from pinned memory, so no copy later waits for the GPU to drain."""
         shares = {}
@@ -179,7 +180,7 @@ class MimoTrainer:
 
         def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))  # on the CPU
-            on_device = self._inputs[LANGUAGE][m]
+            on_device, self._inputs[LANGUAGE][m] = self._inputs[LANGUAGE][m], None
             ids = on_device.input_ids
             kwargs = self._first_stage_inputs(m, mb, ids) if first else {}
             labels = self.model.language_labels(ids, on_device.labels) if last else None
