@@ -130,10 +130,14 @@ def finalized(layout: dict, world: int) -> MimoParallelismConfig:
         return MimoParallelismConfig.from_dict(layout).finalize(world)
 
 
-def run_edges(rank: int, world_size: int, layout: dict, srcs: list[str]) -> dict:
-    """Heterogeneous senders run ahead (every forward, then every backward); the rest go in lockstep."""
+def run_edges(rank: int, world_size: int, layout: dict, srcs: list[str], known_counts: bool = False) -> dict:
+    """Heterogeneous senders run ahead (every forward, then every backward); the rest go in lockstep. With
+    `known_counts`, colocated senders pass the whole micro-batch's counts, and gathering them is an error."""
     grids = build_module_grids(finalized(layout, world_size))
     bridges = {s: Bridge(grids[s], grids["language"], B, H, DTYPE) for s in srcs}
+    if known_counts:
+        for br in bridges.values():
+            br._colocated_counts = _no_gather
     weights = {s: weight(s).requires_grad_() for s in srcs}
     ahead = [s for s, br in bridges.items() if br.kind == "heterogeneous" and br.is_sender]
     for s in ahead:
@@ -144,6 +148,8 @@ def run_edges(rank: int, world_size: int, layout: dict, srcs: list[str]) -> dict
         leaves = {}
         for s in (s for s in srcs if s not in ahead):
             inputs = sender_inputs(s, m, grids[s], weights[s]) if bridges[s].is_sender else ()
+            if known_counts and inputs:
+                inputs = (*inputs, samples(s, m, 0, B)[1])
             out = bridges[s].forward(m, *inputs)
             if out is not None:
                 check_received(s, m, grids["language"], bridges[s], *out)
@@ -164,10 +170,27 @@ def run_edges(rank: int, world_size: int, layout: dict, srcs: list[str]) -> dict
             "grads": {s: (grids[s].coord[1], grids[s].coord[3], weights[s].grad) for s in srcs if grids[s].coord}}
 
 
+def _no_gather(counts: Tensor) -> Tensor:
+    raise AssertionError("the counts were all-gathered although the caller passed them")
+
+
+COLOCATED = [c for c in CASES if c[4] == "colocated"]
+
+
 @pytest.mark.parametrize("layout, srcs, world, kind", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bridge_delivers_rows_and_single_process_gradient(layout: dict, srcs: list[str], world: int, kind: str):
     """Every receiver holds its replica's exact rows; Σ over src replicas of W.grad is the reference."""
-    results = run_distributed(run_edges, world, layout, srcs)
+    check_edges(layout, srcs, world, kind, known_counts=False)
+
+
+@pytest.mark.parametrize("layout, srcs, world, kind", [c[1:] for c in COLOCATED], ids=[c[0] for c in COLOCATED])
+def test_colocated_bridge_with_the_microbatch_counts_given_needs_no_gather(layout, srcs, world, kind):
+    """What the training step does (every rank holds the global batch): the same rows and gradients."""
+    check_edges(layout, srcs, world, kind, known_counts=True)
+
+
+def check_edges(layout: dict, srcs: list[str], world: int, kind: str, known_counts: bool) -> None:
+    results = run_distributed(run_edges, world, layout, srcs, known_counts)
     cfg = finalized(layout, world)
     lang = cfg.get_parallelism("language")
     first_stage = range(lang.rank_offset, lang.rank_offset + lang.tensor_model_parallel_size * lang.data_parallel_size)
@@ -222,6 +245,14 @@ def test_sender_inputs_are_checked(counts: list[int], rows: int, match: str):
     bridge = bridge_on("fan_in", rank=0)
     with pytest.raises(ValueError, match=match):
         bridge.forward(1, torch.zeros(rows, H, dtype=DTYPE), torch.tensor(counts))
+
+
+def test_microbatch_counts_must_agree_with_the_replicas_own():
+    bridge = bridge_on("colocated", rank=1)  # images replica 1 of 4: sample 1 of the micro-batch
+    with pytest.raises(ValueError, match=r"micro-batch 0: microbatch_tokens must hold the counts of all 4 samples, "
+                                         r"with this 'images' replica's tokens_per_sample \[2\] at \[1, 2\); "
+                                         r"got \[0, 4, 2, 2\]"):
+        bridge.forward(0, torch.zeros(2, H, dtype=DTYPE), torch.tensor([2]), torch.tensor([0, 4, 2, 2]))
 
 
 def test_sender_must_pass_inputs_of_its_dtype_and_width():

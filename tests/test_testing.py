@@ -49,8 +49,8 @@ def test_failure_shows_the_failing_rank_traceback():
 
 def test_timeout_names_the_ranks_that_did_not_finish():
     t0 = time.monotonic()
-    with pytest.raises(DistributedTestError, match=r"ranks \[1\] did not finish within 3 s"):
-        run_distributed(hang_on_one, 2, timeout_s=3)
+    with pytest.raises(DistributedTestError, match=r"ranks \[1\] did not finish within 8 s"):
+        run_distributed(hang_on_one, 2, timeout_s=8)  # room for a slow start on a busy machine
     assert time.monotonic() - t0 < 30  # killed, not waited for (a bound on the harness, not a speed claim)
 
 

@@ -95,11 +95,17 @@ class Bridge:
         return f"Bridge({self.name!r}, {self.kind}, sender={self.is_sender}, receiver={self.is_receiver})"
 
     # -- public API ---------------------------------------------------------------------------
-    def forward(self, microbatch: int, embeddings: Tensor | None = None,
-                tokens_per_sample: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    def forward(self, microbatch: int, embeddings: Tensor | None = None, tokens_per_sample: Tensor | None = None,
+                microbatch_tokens: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """Senders pass their replica's embeddings and counts; receivers get (rows of their dst replica's
-        samples, their counts on CPU), the rows a leaf with requires_grad unless homogeneous; others None."""
+        samples, their counts on CPU), the rows a leaf with requires_grad unless homogeneous; others None.
+
+        Colocated senders may also pass `microbatch_tokens`, the counts of the whole micro-batch (every rank
+        holds the global batch): that spares the all-gather of counts, and its host sync, per micro-batch."""
         counts = self._accept(microbatch, embeddings, tokens_per_sample)
+        if microbatch_tokens is not None and self.kind == "colocated" and self.is_sender:
+            self._offsets[microbatch] = row_offsets(self._check_microbatch_tokens(microbatch, microbatch_tokens,
+                                                                                  counts))
         if not (self.is_sender or self.is_receiver):
             return None
         if self.kind == "homogeneous":
@@ -169,6 +175,17 @@ class Bridge:
         if (counts < 0).any():
             raise ValueError(f"{where}: tokens_per_sample must be >= 0, got {counts.tolist()}")
         return counts
+
+    def _check_microbatch_tokens(self, microbatch: int, full: Tensor, counts: Tensor) -> Tensor:
+        """The whole micro-batch's counts as CPU int64, or a ValueError unless this replica's slice is `counts`."""
+        where = f"bridge {self.name}, micro-batch {microbatch}"
+        full = full.detach().to("cpu", torch.long)
+        start = self._src_replica * self._src_samples
+        if full.shape != (self.micro_batch_size,) or not torch.equal(full[start:start + self._src_samples], counts):
+            raise ValueError(f"{where}: microbatch_tokens must hold the counts of all {self.micro_batch_size} "
+                             f"samples, with this '{self.src.name}' replica's tokens_per_sample {counts.tolist()} "
+                             f"at [{start}, {start + self._src_samples}); got {full.tolist()}")
+        return full
 
     def _check_embeddings(self, where: str, embeddings: Tensor, rows: int) -> None:
         """A ValueError unless embeddings are [sum of counts, hidden_size] of the bridge's dtype."""
@@ -320,8 +337,10 @@ class Bridge:
     def _colocated_forward(self, microbatch: int) -> tuple[Tensor, Tensor] | None:
         """Every span rank all-gathers its rows (padded); receivers slice their dst replica's rows."""
         sent = self._sent[microbatch]
-        full = self._colocated_counts(sent.counts.to(self.device))
-        offsets = self._offsets[microbatch] = row_offsets(full)
+        if microbatch not in self._offsets:  # the caller did not pass the micro-batch's counts: gather them
+            self._offsets[microbatch] = row_offsets(self._colocated_counts(sent.counts.to(self.device)))
+        offsets = self._offsets[microbatch]
+        full = torch.tensor(offsets).diff()
         slots = self._slots(self._max_rows(offsets))
         if slots.shape[1]:
             mine = torch.zeros_like(slots[0])

@@ -98,7 +98,7 @@ class MimoTrainer:
         self._state = _StepState()
         hosted = self.infra.participating_modules
         self._seconds = seconds
-        self._inputs = self._prefetch(batch)
+        self._inputs, self._batch = self._prefetch(batch), batch
         for name in hosted:
             if name != LANGUAGE and self.bridges[name].kind != "homogeneous":
                 self._timed(seconds, f"{name}.forward", self._encode_all, name)
@@ -143,8 +143,10 @@ class MimoTrainer:
         with no_sync_forward(encoder):
             out = self._encode(encoder, items.items)
         self._state.encoder_out[name][m] = out
-        counts = items.items_per_sample * unwrap(encoder).tokens_per_item  # host metadata: stays on the CPU
-        return bridge.forward(m, out.to(self.activation_dtype), counts)
+        tokens_per_item = unwrap(encoder).tokens_per_item
+        counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
+        everyone = self._batch.microbatch(m, self.num_microbatches).modality_inputs[name].items_per_sample
+        return bridge.forward(m, out.to(self.activation_dtype), counts, everyone * tokens_per_item)
 
     def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch | None]]:
         """This rank's share of every micro-batch, per hosted module, on the device: all copies queued at the
