@@ -92,13 +92,11 @@ class MimoTrainer:
             raise ValueError(f"the batch has {batch.num_samples} samples, but the trainer was built for a "
                              f"global batch of {self.global_batch_size}")
         t0 = time.perf_counter()
-        seconds: dict[str, float] = defaultdict(float)
         # the normalizer, from the batch every rank holds (a stub learns it with the loss, at the end)
         self.tokens = 0 if self.is_stub else int(batch.num_label_tokens(self.special_token_ids))
-        self._state = _StepState()
+        self._state = _StepState(batch, self._prefetch(batch))
+        seconds = self._state.seconds
         hosted = self.infra.participating_modules
-        self._seconds = seconds
-        self._inputs, self._batch = self._prefetch(batch), batch
         for name in hosted:
             if name != LANGUAGE and self.bridges[name].kind != "homogeneous":
                 self._timed(seconds, f"{name}.forward", self._encode_all, name)
@@ -138,14 +136,14 @@ class MimoTrainer:
     def _encode_microbatch(self, name: str, m: int) -> tuple | None:
         """Encode this replica's items of micro-batch m and hand them to the bridge; what it delivers here."""
         bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
-        items = self._inputs[name][m].modality_inputs[name]
-        self._inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
+        items = self._state.inputs[name][m].modality_inputs[name]
+        self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
         with no_sync_forward(encoder):
             out = self._encode(encoder, items.items)
         self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
-        everyone = self._batch.microbatch(m, self.num_microbatches).modality_inputs[name].items_per_sample
+        everyone = self._state.batch.microbatch(m, self.num_microbatches).modality_inputs[name].items_per_sample
         return bridge.forward(m, out.to(self.activation_dtype), counts, everyone * tokens_per_item)
 
     def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch | None]]:
@@ -182,7 +180,7 @@ class MimoTrainer:
 
         def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))  # on the CPU
-            on_device, self._inputs[LANGUAGE][m] = self._inputs[LANGUAGE][m], None
+            on_device, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
             ids = on_device.input_ids
             kwargs = self._first_stage_inputs(m, mb, ids) if first else {}
             labels = self.model.language_labels(ids, on_device.labels) if last else None
@@ -222,7 +220,7 @@ class MimoTrainer:
             if bridge.kind == "homogeneous":  # encoded now, so its activations live for this micro-batch only
                 t0 = time.perf_counter()
                 received = self._encode_microbatch(src, m)
-                self._seconds[f"{src}.forward"] += time.perf_counter() - t0
+                self._state.seconds[f"{src}.forward"] += time.perf_counter() - t0
             elif bridge.kind == "heterogeneous":
                 received = bridge.forward(m)
             else:
@@ -309,8 +307,12 @@ class MimoTrainer:
 
 @dataclass
 class _StepState:
-    """Per-step scratch: encoder outputs, received embeddings, their leaves and gradients, the loss sum."""
+    """Per-step scratch: the batch and this rank's prefetched shares of it, encoder outputs, received
+    embeddings, their leaves and gradients, the loss sum, each phase's seconds."""
 
+    batch: MimoBatch
+    inputs: dict[str, list[MimoBatch | None]]
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     encoder_out: dict = field(default_factory=lambda: defaultdict(dict))
     received: dict = field(default_factory=lambda: defaultdict(dict))
     leaves: dict = field(default_factory=lambda: defaultdict(dict))
