@@ -155,6 +155,10 @@ MATRIX = [
                               "images": {"data_parallel_size": 2, "rank_offset": 2}}, ("images",), False, False,
      "ddp"),
     ("6-fan-in-fsdp", 4, IMG2_LANG_TP2, ("images",), False, False, "fsdp"),
+    # homogeneous interleaves encoder and language per micro-batch: FSDP2's unshard/reshard order changes
+    ("2-homogeneous-tp2dp2-fsdp", 4, {"images": {"tensor_model_parallel_size": 2},
+                                      "language": {"tensor_model_parallel_size": 2}}, ("images",), False, False,
+     "fsdp"),
     ("4-colocated-pp2dp2-fsdp", 4, {"images": {"data_parallel_size": 4},
                                     "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
      ("images",), False, False, "fsdp"),
