@@ -10,6 +10,7 @@ Each worker writes `{rank, time, error}` to a shared directory as it raises, bef
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,7 +68,8 @@ def _write_failure(failure_dir: Path, error: BaseException) -> None:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = type(error).__name__ + (f": {lines[-1]}" if lines else "")
     entry = {"rank": rank, "time": time.time(), "error": reason}
-    (failure_dir / f"rank_{rank}.json").write_text(json.dumps(entry))
+    with contextlib.suppress(OSError):  # never let the report hide the error itself; the agent sees the exit
+        (failure_dir / f"rank_{rank}.json").write_text(json.dumps(entry))
 
 
 def _read_failures(failure_dir: Path) -> list[dict[str, Any]]:
