@@ -437,8 +437,11 @@ def build_mimo(ctx: Context, levers: set[str]) -> Row:
     apply_model_levers(levers, list(lm.layers.values()), list(sub.encoder.encoder.layers), lm, sub.encoder)
     state: dict[str, Any] = {}
 
+    # pinned once, as plain and hf get theirs and as `mimo train`'s BatchPrefetcher does (runs 1-12 pinned in the step)
+    batch = ctx.batch.pin_memory() if ctx.device.type == "cuda" else ctx.batch
+
     def step() -> None:
-        state["result"] = trainer.train_step(ctx.batch)
+        state["result"] = trainer.train_step(batch)
 
     notes = [] if isinstance(model.language_model, nn.parallel.DistributedDataParallel) else ["no DDP"]
     row = Row(step, lambda: state["result"].loss,

@@ -62,7 +62,9 @@ def test_prefetch_copies_to_the_gpu_and_keeps_counts_on_the_cpu() -> None:
 
     ids = torch.arange(12).view(3, 4)
     batch = MimoBatch(ids, ids + 1, {"images": ModalityBatch(torch.randn(3, 3, 8, 8), torch.tensor([1, 0, 2]))})
-    on_gpu = batch.prefetch("cuda", modalities=("images",))
+    pinned = batch.pin_memory()
+    assert pinned.input_ids.is_pinned() and pinned.select(1, 3).modality_inputs["images"].items.is_pinned()
+    on_gpu = pinned.prefetch("cuda", modalities=("images",))
     assert on_gpu.input_ids.is_cuda and on_gpu.modality_inputs["images"].items.is_cuda
     assert not on_gpu.modality_inputs["images"].items_per_sample.is_cuda
     torch.testing.assert_close(on_gpu.select(1, 3).modality_inputs["images"].items.cpu(),

@@ -3,11 +3,13 @@
 from mimo.data.batch import MimoBatch, Sample
 from mimo.data.digits import WORDS, DigitsDataset, DigitsTokenizer, digits_split, load_digit_scans
 from mimo.data.labels import loss_token_mask, next_token_labels
+from mimo.data.prefetch import BatchPrefetcher
 from mimo.data.sampler import GlobalBatchSampler
 from mimo.data.synthetic import ModalitySpec, SyntheticDataset
 
 __all__ = [
     "WORDS",
+    "BatchPrefetcher",
     "DigitsDataset",
     "DigitsTokenizer",
     "GlobalBatchSampler",

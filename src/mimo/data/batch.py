@@ -85,14 +85,23 @@ class MimoBatch:
              for name, b in self.modality_inputs.items()},
         )
 
+    def pin_memory(self) -> MimoBatch:
+        """The same batch in page-locked host memory, so copies to a GPU need not block (slices stay pinned)."""
+        return MimoBatch(self.input_ids.pin_memory(), self.labels.pin_memory(),
+                         {name: ModalityBatch(b.items.pin_memory(), b.items_per_sample)
+                          for name, b in self.modality_inputs.items()})
+
     def prefetch(self, device: torch.device | str, modalities: Iterable[str] = (), text: bool = True) -> MimoBatch:
         """A batch with text and labels (if `text`) and the named modalities' items on `device`, copied from
-        pinned memory without blocking the host, so the GPU queue stays full. Other modalities are left out;
+        pinned memory (pinned here unless `pin_memory` was) without blocking the host, so the GPU queue
+        stays full. Other modalities are left out;
         text not asked for and item counts stay on the CPU (where `select` reads the counts)."""
         device = torch.device(device)
 
         def copy(t: torch.Tensor) -> torch.Tensor:
-            return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+            if device.type == "cpu":
+                return t
+            return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
         return MimoBatch(copy(self.input_ids) if text else self.input_ids, copy(self.labels) if text else self.labels,
                          {name: ModalityBatch(copy(self.modality_inputs[name].items),

@@ -69,6 +69,10 @@ class GlobalBatchSampler:
         """The sampler itself: it continues from its current position."""
         return self
 
+    def peek(self) -> list[int]:
+        """The batch at the current position, without moving on (what `next` will return)."""
+        return self.batch_at(self.epoch, self.step)
+
     def __next__(self) -> list[int]:
         """The batch at the current position; the position moves on before it is returned."""
         batch = self.batch_at(self.epoch, self.step)

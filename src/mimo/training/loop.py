@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mimo.data import DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.provider import LlavaMimoProvider
 from mimo.training.checkpoint import Checkpointer, load_model_only
@@ -110,18 +110,19 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     progress = Progress(config.train.steps, enabled=rank == 0, quiet=quiet, initial_step=trainer.step_count)
     last: dict[str, Any] = {}
     fault = _injected_fault(rank)
-    for step in range(trainer.step_count, config.train.steps):
-        if fault == step + 1:
-            raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
-        batch = dataset.batch(next(sampler))
-        result = trainer.train_step(batch)
-        last = {"step": step + 1, "loss": result.loss}
-        if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
-            result.seconds = _slowest_rank_seconds(result.seconds)
-            writer.log_step(step + 1, result, flops=batch_flops(provider, batch))
-        progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
-        if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
-            checkpointer.save(step + 1, trainer, _extra(sampler, config))
+    with BatchPrefetcher(dataset, sampler, pin_memory=device.type == "cuda") as batches:
+        for step in range(trainer.step_count, config.train.steps):
+            if fault == step + 1:
+                raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
+            batch = next(batches)
+            result = trainer.train_step(batch)
+            last = {"step": step + 1, "loss": result.loss}
+            if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
+                result.seconds = _slowest_rank_seconds(result.seconds)
+                writer.log_step(step + 1, result, flops=batch_flops(provider, batch))
+            progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
+            if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
+                checkpointer.save(step + 1, trainer, _extra(sampler, config))
     progress.close()
     final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, config))
     if config.eval.enabled and config.data.name == "digits" and rank == 0:
