@@ -303,6 +303,7 @@ def atomicity(rank: int, world: int, root: str, other_model: str) -> dict:
         FileSystemWriter.write_data = original
     out["latest_after_failure"] = ckpt.latest().name
     out["left_after_failure"] = sorted(p.name for p in Path(root).iterdir())
+    torch.distributed.barrier()  # every rank has looked before rank 0's next save clears the leftover
     ckpt.save(2, trainer, {})  # clears the leftover of the failed save
     at_2 = snapshot(trainer)
     trainer.train_step(batches[2])  # moves the schedule, the optimizer and the parameters on
