@@ -98,3 +98,30 @@ def test_resume_from_a_corrupt_checkpoint_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("mimo train: error: checkpoint ") and "truncated or corrupt" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_ctrl_c_stops_every_process_and_leaves_only_complete_checkpoints(tmp_path):
+    import signal
+
+    from mimo.training.checkpoint import Checkpointer, open_checkpoint
+
+    path, run_dir = write_config(tmp_path, train={"steps": 100_000}, checkpoint={"interval": 1, "keep": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    root = run_dir / "checkpoints"
+    try:
+        deadline = time.monotonic() + 180  # bounds on waiting, not speed claims
+        while not (root.is_dir() and Checkpointer(root).complete()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert Checkpointer(root).complete(), "no checkpoint was written within 180 s"
+        time.sleep(1.0)  # let saves be in flight: a checkpoint is written every step
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "mimo train: stopped by SIGINT" in stderr
+    complete = Checkpointer(root).complete()
+    assert complete and len(complete) <= 2
+    open_checkpoint(complete[-1])  # the newest complete one opens; an interrupted save is never among them
