@@ -88,7 +88,7 @@ class Bridge:
         self._edge_tag = zlib.crc32(self.name.encode()) % 2**_EDGE_BITS
         self._sent: dict[int, _Sent] = {}
         self._received: dict[int, Tensor] = {}  # receiver: its counts per micro-batch
-        self._offsets: dict[int, list[int]] = {}  # colocated: row offsets of the whole micro-batch
+        self._counts: dict[int, Tensor] = {}  # colocated: per-sample counts of the whole micro-batch (CPU)
         self._pending: dict[int, list[tuple[dist.Work, Tensor]]] = {}  # sends in flight, tensors kept alive
 
     def __repr__(self) -> str:
@@ -104,8 +104,7 @@ class Bridge:
         holds the global batch): that spares the all-gather of counts, and its host sync, per micro-batch."""
         counts = self._accept(microbatch, embeddings, tokens_per_sample)
         if microbatch_tokens is not None and self.kind == "colocated" and self.is_sender:
-            self._offsets[microbatch] = row_offsets(self._check_microbatch_tokens(microbatch, microbatch_tokens,
-                                                                                  counts))
+            self._counts[microbatch] = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts)
         if not (self.is_sender or self.is_receiver):
             return None
         if self.kind == "homogeneous":
@@ -337,10 +336,10 @@ class Bridge:
     def _colocated_forward(self, microbatch: int) -> tuple[Tensor, Tensor] | None:
         """Every span rank all-gathers its rows (padded); receivers slice their dst replica's rows."""
         sent = self._sent[microbatch]
-        if microbatch not in self._offsets:  # the caller did not pass the micro-batch's counts: gather them
-            self._offsets[microbatch] = row_offsets(self._colocated_counts(sent.counts.to(self.device)))
-        offsets = self._offsets[microbatch]
-        full = torch.tensor(offsets).diff()
+        if microbatch not in self._counts:  # the caller did not pass the micro-batch's counts: gather them
+            self._counts[microbatch] = self._colocated_counts(sent.counts.to(self.device))
+        full = self._counts[microbatch]
+        offsets = row_offsets(full)
         slots = self._slots(self._max_rows(offsets))
         if slots.shape[1]:
             mine = torch.zeros_like(slots[0])
@@ -366,7 +365,7 @@ class Bridge:
     def _colocated_backward(self, microbatch: int, grad: Tensor | None) -> None:
         """Dst TP leaders place their gradient in each src rank's slot; a reduce-scatter delivers it."""
         sent: _Sent = self._pop(self._sent, microbatch)
-        offsets: list[int] = self._pop(self._offsets, microbatch)
+        offsets = row_offsets(self._pop(self._counts, microbatch))
         width = self._max_rows(offsets)
         slots = self._slots(width)
         if self.is_receiver:

@@ -143,8 +143,11 @@ class MimoTrainer:
         self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
-        everyone = self._state.batch.microbatch(m, self.num_microbatches).modality_inputs[name].items_per_sample
-        return bridge.forward(m, out.to(self.activation_dtype), counts, everyone * tokens_per_item)
+        everyone = None  # colocated: the whole micro-batch's counts, known here, spare the bridge gathering them
+        if bridge.kind == "colocated":
+            mb = self._state.batch.microbatch(m, self.num_microbatches)
+            everyone = mb.modality_inputs[name].items_per_sample * tokens_per_item
+        return bridge.forward(m, out.to(self.activation_dtype), counts, everyone)
 
     def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch | None]]:
         """This rank's share of every micro-batch, per hosted module, on the device: all copies queued at the
