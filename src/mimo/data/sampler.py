@@ -75,7 +75,7 @@ class GlobalBatchSampler:
 
     def __next__(self) -> list[int]:
         """The batch at the current position; the position moves on before it is returned."""
-        batch = self.batch_at(self.epoch, self.step)
+        batch = self.peek()
         self.step += 1
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
