@@ -101,14 +101,6 @@ def test_collate_pads_text_and_stacks_items() -> None:
         MimoBatch.collate([a], pad_id=0, seq_len=2)
 
 
-def test_to_keeps_values_and_item_dtype() -> None:
-    """`to` returns the same batch on the target device (CPU here: the tests run without accelerators)."""
-    batch = _batch()
-    moved = batch.to(torch.device("cpu"))
-    _assert_equal(moved, batch)
-    assert moved.modality_inputs["images"].items.dtype == torch.float64
-
-
 def test_prefetch_keeps_what_a_module_needs_and_counts_on_the_cpu() -> None:
     """An encoder's share: its items only; the language's: text only. On the CPU nothing is copied; the
     pinned, non-blocking copy itself runs in the CUDA smoke test (it needs a GPU)."""

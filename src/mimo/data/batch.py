@@ -76,15 +76,6 @@ class MimoBatch:
         start, end = _chunk(self.num_samples, d, dp_size, "DP rank", "dp_size")
         return self.select(start, end)
 
-    def to(self, device: torch.device | str) -> MimoBatch:
-        """The same batch on `device` (items keep their dtype)."""
-        return MimoBatch(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            {name: ModalityBatch(b.items.to(device), b.items_per_sample.to(device))
-             for name, b in self.modality_inputs.items()},
-        )
-
     def pin_memory(self) -> MimoBatch:
         """The same batch in page-locked host memory, so copies to a GPU need not block (slices stay pinned)."""
         return MimoBatch(self.input_ids.pin_memory(), self.labels.pin_memory(),
