@@ -1,4 +1,4 @@
-"""`mimo.plot`: a PNG for one run and for several, the default output paths, one-line errors."""
+"""`mimo.plot` and `mimo plot`: a PNG for one run and for several, the default output paths, one-line errors."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from mimo.plot import PlotError, default_output, main, plot_runs, read_metrics
+from mimo.cli import main as cli_main
+from mimo.plot import PlotError, default_output, plot_runs, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def main(argv: list[str]) -> int:
+    """`mimo plot ARGV`, as the command line runs it."""
+    return cli_main(["plot", *argv])
 
 
 def make_run(path: Path, steps: int = 20, with_eval: bool = True, cut_last_line: bool = False) -> Path:

@@ -136,10 +136,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot loss and throughput of one or more run directories."""
-    from mimo.plot import plot_runs
+    from mimo.plot import default_output, plot_runs
 
     runs = [Path(d) for d in args.run_dirs]
-    out = Path(args.out) if args.out else (runs[0] / "plot.png" if len(runs) == 1 else Path("comparison.png"))
+    out = Path(args.out) if args.out else default_output(runs)
     plot_runs(runs, out)
     print(f"wrote {out}")
     return 0
@@ -204,11 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input (config, checkpoint), reported in one line."""
+    """Errors that mean bad input (config, checkpoint, run directory), reported in one line."""
+    from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError
 
-    return (RunConfigError, CheckpointError)
+    return (RunConfigError, CheckpointError, PlotError)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ and leaves the backend of a notebook or script that calls it alone.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,28 +106,3 @@ def _finish(ax_loss: Any, ax_speed: Any, ax_acc: Any | None) -> None:
 def default_output(run_dirs: Sequence[str | Path]) -> Path:
     """`RUN_DIR/plot.png` for one run; `comparison.png` in the working directory for several."""
     return Path(run_dirs[0]) / "plot.png" if len(run_dirs) == 1 else Path("comparison.png")
-
-
-def build_parser(prog: str = "mimo plot") -> argparse.ArgumentParser:
-    """`RUN_DIR [RUN_DIR ...] [--out FILE]`."""
-    parser = argparse.ArgumentParser(prog=prog, description="Plot loss and tokens/s of one or more runs.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory with metrics.jsonl")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="PNG to write (default: RUN_DIR/plot.png for one run, ./comparison.png for several)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "mimo plot") -> int:
-    """Parse the arguments, write the plot, print its path; a bad run prints one error line and returns 2."""
-    args = build_parser(prog).parse_args(argv)
-    try:
-        path = plot_runs(args.run_dirs, args.out or default_output(args.run_dirs))
-    except PlotError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
