@@ -32,7 +32,6 @@ def _full(cfg: DecoderConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_seed_hash_is_stable() -> None:
     """The hash is SHA-256 based, not Python's salted hash(): pinned values never change."""
-    assert param_seed(0, "layers.0.mlp.up_proj.weight") == param_seed(0, "layers.0.mlp.up_proj.weight")
     assert param_seed(0, "a") != param_seed(1, "a") != param_seed(0, "b")
     assert param_seed(0, "a") == 676882205362561491
 
