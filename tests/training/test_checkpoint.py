@@ -486,3 +486,26 @@ def test_shape_mismatch(copy_a):
                                               r"language_model\.embed_tokens\.weight \(256, 64\) in the checkpoint "
                                               r"vs \(512, 64\) here, language_model\.lm_head\.weight"):
         load_into_parity_model(copy_a, vocab_size=512)
+
+
+def test_an_interrupted_prune_never_leaves_a_broken_complete_checkpoint(tmp_path, monkeypatch):
+    # Ctrl-C can land inside the deletion of an old checkpoint: it must stop counting as complete first
+    import mimo.training.checkpoint as checkpoint
+
+    for step in (1, 2):
+        path = Checkpointer(tmp_path).path(step)
+        path.mkdir()
+        (path / MARKER).write_text("{}")
+        (path / "data.distcp").write_bytes(b"x")
+
+    def interrupted(path, ignore_errors=False):
+        (Path(path) / "data.distcp").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Checkpointer(tmp_path, keep=1)._prune()
+    assert [p.name for p in Checkpointer(tmp_path).complete()] == ["step_00000002"]
+    monkeypatch.undo()
+    Checkpointer(tmp_path, keep=1)._prune()  # the next save's prune clears the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002"]

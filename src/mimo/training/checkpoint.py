@@ -114,7 +114,8 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
         if self.keep is not None:
             for old in self.complete()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = old.rename(old.with_name(f"{old.name}.tmp"))  # atomic: never a half-deleted "complete" one
+                shutil.rmtree(doomed, ignore_errors=True)
 
     # -- load ------------------------------------------------------------------------------------------
     def load(self, path: str | Path, trainer) -> dict:
