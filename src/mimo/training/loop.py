@@ -16,7 +16,7 @@ import torch.distributed as dist
 import yaml
 
 from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.distributed import DTYPES, DistributedConfig, ModuleDistributedConfig
 from mimo.provider import LlavaMimoProvider
 from mimo.training.checkpoint import Checkpointer, load_model_only
 from mimo.training.evaluate import digits_accuracy
@@ -82,7 +82,7 @@ def distributed_config(config: RunConfig) -> DistributedConfig:
 def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device: torch.device) -> MimoTrainer:
     """The step runner with the run's optimizer, schedule, clipping and precision."""
     t = config.train
-    activation = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(t.dtype, PARAM_DTYPE[t.dtype])
+    activation = DTYPES[t.dtype]  # the compute dtype (parameters: PARAM_DTYPE)
     optimizer = OptimizerConfig(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
                                 total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
     return MimoTrainer(model, provider.build_infra(), hidden_size=provider.language_config.hidden_size,
