@@ -163,7 +163,7 @@ class Probe:
         self.waits: dict[str, float] = defaultdict(float)
         self.spans: list[list[Any]] = []  # encoder backward per micro-batch: [start mark, end mark]
         self._install(trainer, "_timed", self._timed)
-        for name in ("_global_loss_sums",):
+        for name in ("_global_sums",):
             self._install(trainer, name, self._blocking(getattr(trainer, name)))
         for bridge in trainer.bridges.values():
             for name in self.BLOCKING.get(bridge.kind, ()):

@@ -71,7 +71,6 @@ LEVERS = {
     "mimoclip": "mimo's clip_grad_norm (float64 per-parameter norm) instead of torch's (plain)",
     "noddp": "mimo built without DDP on a data-parallel size of 1 (patched mimo.distributed._ddp)",
     "bucketview": "mimo's DDP with gradient_as_bucket_view=True (patched mimo.distributed.DDP)",
-    "fastclip": "mimo's clipping with torch._foreach_norm / _foreach_mul_ (patched mimo.training.step.clip_grad_norm)",
     "nocheck": "mimo without the per-step alignment check and its host syncs (patched _check_counts)",
 }
 LR, BETAS, CLIP = 1e-4, (0.9, 0.95), 1.0
@@ -447,46 +446,12 @@ def build_mimo(ctx: Context, levers: set[str]) -> Row:
     row = Row(step, lambda: state["result"].loss,
               ModuleParts(sub.encoder, sub.projection, lm, lm, lambda out: out[0]), notes)
     import mimo.models.mimo_model as mm
-    import mimo.training.step as ms
 
-    if "fastclip" in levers:
-        saved_clip = ms.clip_grad_norm
-        ms.clip_grad_norm = foreach_clip_grad_norm
-        row.cleanup.append(lambda: setattr(ms, "clip_grad_norm", saved_clip))
     if "nocheck" in levers:
         saved_check = mm._check_counts
         mm._check_counts = lambda *args: None
         row.cleanup.append(lambda: setattr(mm, "_check_counts", saved_check))
     return row
-
-
-def foreach_clip_grad_norm(model, infra, max_norm: float | None) -> torch.Tensor:
-    """mimo's `clip_grad_norm` (same parameters counted, same global norm) with multi-tensor kernels: one
-    `_foreach_norm` over the counted gradients, float64 only for the sum of the per-tensor squares, one
-    `_foreach_mul_` to clip. The candidate replacement for `mimo.training.optim.clip_grad_norm`."""
-    from torch.distributed.tensor import DTensor
-
-    from mimo.distributed import wrapped_modules
-    from mimo.training.optim import _counted_grads, _device
-
-    def local(g: torch.Tensor) -> torch.Tensor:
-        return g.to_local() if isinstance(g, DTensor) else g
-
-    counted, every = [], []
-    if not getattr(model, "is_stub", False):
-        for name, module in wrapped_modules(model).items():
-            counted += [local(p.grad) for p in _counted_grads(module, infra.module_to_grid_map.get(name))]
-            every += [local(p.grad) for p in module.parameters() if p.grad is not None]
-    total = torch.zeros((), dtype=torch.float64, device=_device(model))
-    if counted:
-        total = torch.stack(torch._foreach_norm(counted)).double().pow(2).sum()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    norm = total.sqrt()
-    if max_norm is not None and every:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(every, coef.to(every[0].dtype))
-    return norm
 
 
 def build_plain(ctx: Context, levers: set[str]) -> Row:

@@ -63,7 +63,7 @@ def test_tiny_cpu_run_prints_mimo_and_plain_rows(tmp_path):
 
 
 def test_tiny_cpu_levers_run_and_unknown_ones_are_reported(tmp_path):
-    rows = ("plain+chunkce+sac+mimoclip+syncs@2,plain+foreach,mimo+noddp+chunkce+fastclip+nocheck,mimo+bucketview,"
+    rows = ("plain+chunkce+sac+mimoclip+syncs@2,plain+foreach,mimo+noddp+chunkce+nocheck,mimo+bucketview,"
             "plain+warp")
     _, records = _run(tmp_path, "--rows", rows)
     for r in records[:-1]:
@@ -95,30 +95,3 @@ def test_chunked_cross_entropy_equals_decoder_loss(monkeypatch, chunk):
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
     for g, e in zip(got, grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-
-
-def test_foreach_clip_matches_mimo_clip():
-    """The benchmark's candidate clip (foreach kernels) counts and scales exactly like mimo's clip_grad_norm."""
-    from types import SimpleNamespace
-
-    from mimo.models import MimoModel, MLPProjector, ModalitySubmodule, ViTConfig, ViTEncoder
-    from mimo.training.optim import clip_grad_norm
-
-    bench = _load_script()
-
-    def model_with_grads() -> MimoModel:
-        torch.manual_seed(0)
-        images = ModalitySubmodule(ViTEncoder(ViTConfig.tiny()), MLPProjector(32, 64))
-        model = MimoModel(Decoder(DecoderConfig.tiny()), {"images": images}, {"images": 256}).double()
-        for p in model.parameters():
-            p.grad = torch.randn_like(p)
-        return model
-
-    infra = SimpleNamespace(module_to_grid_map={})
-    a, b = model_with_grads(), model_with_grads()
-    norm_a = clip_grad_norm(a, infra, 1.0)
-    norm_b = bench.foreach_clip_grad_norm(b, infra, 1.0)
-    assert float(norm_a) > 1.0  # clipping is active
-    torch.testing.assert_close(norm_b, norm_a, rtol=1e-12, atol=0)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-12, atol=1e-15)

@@ -72,11 +72,12 @@ def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], config: Optim
 
 
 # -- global gradient norm --------------------------------------------------------------------------------
-def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
-    """The 2-norm over all modules' gradients, each parameter counted once; every rank must call it.
+def local_grad_sq(model: MimoModel | nn.Module, infra) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm (a float64 device scalar), each parameter
+    counted once over the world; summed over all ranks it is the squared norm.
 
     Local norms come from multi-tensor kernels (one launch per dtype, not one per parameter); their
-    squares are summed in float64 and all-reduced world-wide.
+    squares are summed in float64.
     """
     total = torch.zeros((), dtype=torch.float64, device=_device(model))
     if not getattr(model, "is_stub", False):
@@ -84,21 +85,32 @@ def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
                  for p in _counted_grads(module, infra.module_to_grid_map.get(name))]
         if grads:
             total += torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).double().pow(2)
+    return total
+
+
+def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
+    """The 2-norm over all modules' gradients, each parameter counted once; every rank must call it."""
+    total = local_grad_sq(model, infra)
     if dist.is_initialized():
         dist.all_reduce(total)
     return total.sqrt()
 
 
-def clip_grad_norm(model: MimoModel | nn.Module, infra, max_norm: float | None) -> torch.Tensor:
-    """Scale every gradient by min(1, max_norm / norm) with the global norm; returns the norm (pre-clip)."""
-    norm = global_grad_norm(model, infra)
+def clip_grads(model: MimoModel | nn.Module, norm: torch.Tensor, max_norm: float | None) -> None:
+    """Scale every gradient by min(1, max_norm / norm), `norm` being the global norm (no host sync)."""
     if max_norm is None or getattr(model, "is_stub", False):
-        return norm
+        return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     grads = [local_tensor(p.grad) for module in wrapped_modules(model).values() for p in module.parameters()
              if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:  # no host sync: the coefficient stays a device tensor
+    for dtype in {g.dtype for g in grads}:  # the coefficient stays a device tensor
         torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
+
+
+def clip_grad_norm(model: MimoModel | nn.Module, infra, max_norm: float | None) -> torch.Tensor:
+    """Clip with the global norm (`global_grad_norm`, `clip_grads`); returns the norm before clipping."""
+    norm = global_grad_norm(model, infra)
+    clip_grads(model, norm, max_norm)
     return norm
 
 

@@ -30,7 +30,7 @@ from mimo.data import MimoBatch
 from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage
 from mimo.training.grad_scaler import GlobalGradScaler
-from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grad_norm
+from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
 from mimo.training.pipeline import PipelineSchedule, StageWork
 
 
@@ -112,14 +112,15 @@ class MimoTrainer:
         if not self.is_stub:
             align_gradients(self.model)
         self._sync_tied_embeddings()
-        totals = self._global_loss_sums()
         skipped = self._unscale_and_check()
-        grad_norm = clip_grad_norm(self.model, self.infra, None if skipped else self.clip_grad)
+        totals = self._global_sums()
+        grad_norm = totals[2].sqrt()
+        clip_grads(self.model, grad_norm, None if skipped else self.clip_grad)
         lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
         self._timed(seconds, "optimizer", self._optimizer_step, skipped)
         # the step's one host sync, after the update is queued: reading earlier would leave the GPU idle
         # while the host launches clipping and the optimizer
-        loss_sum, tokens, norm = torch.cat([totals, grad_norm.reshape(1).to(totals)]).tolist()
+        loss_sum, tokens, norm = torch.cat([totals[:2], grad_norm.reshape(1)]).tolist()
         self.tokens = int(tokens)
         seconds["step"] = time.perf_counter() - t0
         return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=self.tokens, tokens=batch.input_ids.numel(),
@@ -261,16 +262,17 @@ class MimoTrainer:
         weight = lm.embed_tokens.weight if lm.has_embedding else lm.lm_head.weight
         dist.all_reduce(local_tensor(weight.grad), group=embd)
 
-    def _global_loss_sums(self) -> torch.Tensor:
-        """[loss sum, label count] of the global batch on every rank, stub ranks included, as a device tensor
-        from one world all-reduce: each language DP replica's loss owner adds its loss sum, replica 0's the
-        count (how stub ranks learn it)."""
+    def _global_sums(self) -> torch.Tensor:
+        """[loss sum, label count, squared gradient norm] of the global batch on every rank, stub ranks
+        included, from one world all-reduce: each language DP replica's loss owner adds its loss sum, replica
+        0's the count (how stub ranks learn it), every rank its share of the norm (`local_grad_sq`)."""
         owner, replica = self._loss_owner()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # filled on the device: no blocking copy
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # filled on the device: no blocking copy
         if owner:
             total[0].copy_(self._state.loss_sum)
         if owner and replica == 0:
             total[1].fill_(self.tokens)  # `total[1] = n` would copy n from the host, blocking
+        total[2].copy_(local_grad_sq(self.model, self.infra))
         dist.all_reduce(total)
         return total
 
