@@ -33,13 +33,10 @@ def load_layout(path: str | Path, world_size: int | None = None) -> MimoParallel
 
 def _implied_world_size(config: MimoParallelismConfig, path: str | Path) -> int:
     """The end of the last span, when every module's DP size is given."""
-    missing = [n for n, m in config.module_parallelisms.items() if m.data_parallel_size is None]
-    if missing:
-        raise ConfigFileError(
-            f"{path}: modules {missing} leave data_parallel_size to be derived, so the world size must be "
-            f"given: pass --world-size N or set world_size in the file"
-        )
-    return config.total_world_size
+    try:
+        return config.total_world_size
+    except LayoutError as e:
+        raise ConfigFileError(f"{path}: {e} (--world-size N, or world_size in the file)") from None
 
 
 def render_rank_map(config: MimoParallelismConfig) -> str:

@@ -190,7 +190,11 @@ class MimoParallelismConfig:
 
     @property
     def total_world_size(self) -> int:
-        """The smallest world that holds every span: the end of the last span."""
+        """The smallest world that holds every span: the end of the last span (every DP size must be known)."""
+        missing = [n for n, m in self.module_parallelisms.items() if m.data_parallel_size is None]
+        if missing:
+            raise LayoutError(f"modules {missing} leave data_parallel_size to be derived, so the layout does not "
+                              f"say its world size: set their data_parallel_size, or give the world size")
         return max(m.rank_offset + m.total_ranks for m in self.module_parallelisms.values())
 
     def stub_ranks(self, world_size: int | None = None) -> list[int]:

@@ -82,6 +82,8 @@ def write(tmp_path: Path, data: dict) -> str:
          "mimo train: error: edge images -> language: data_parallel_size 2"),
         ({"parallelism": LAYOUT}, ["--nproc-per-node", "3"], "mimo train: error: rank 2 after the last module"),
         ({"parallelism": LAYOUT}, ["--set", "train.nope=1"], "mimo train: error: train: unknown key(s) ['nope']"),
+        ({"parallelism": {"images": {}, "language": {}}}, [],
+         "mimo train: error: parallelism: modules ['images', 'language'] leave data_parallel_size to be derived"),
     ],
 )
 def test_train_refuses_bad_input_before_starting(capsys, tmp_path, data, argv, message):
@@ -93,6 +95,15 @@ def test_train_refuses_bad_input_before_starting(capsys, tmp_path, data, argv, m
 def test_validate(capsys):
     assert main(["validate", str(DIGITS)]) == 0
     assert "valid; heterogeneous on 4 ranks" in capsys.readouterr().out
+
+
+def test_validate_names_an_unknown_world_size(capsys, tmp_path):
+    assert main(["validate", write(tmp_path, {"parallelism": {"images": {}, "language": {}}})]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimo validate: error: parallelism: modules ['images', 'language'] leave "
+                          "data_parallel_size to be derived") and err.rstrip().endswith("(--nproc-per-node N)")
+    assert main(["validate", write(tmp_path, {"parallelism": {"images": {}, "language": {}}}),
+                 "--nproc-per-node", "2"]) == 0  # homogeneous: both derive DP 2
 
 
 def test_digits_without_scikit_learn_is_a_clear_error(monkeypatch):

@@ -114,7 +114,10 @@ class RunConfig:
     @property
     def world_size(self) -> int:
         """The world the layout needs: the end of its last span."""
-        return self.layout.total_world_size
+        try:
+            return self.layout.total_world_size
+        except LayoutError as e:
+            raise RunConfigError(f"parallelism: {e} (--nproc-per-node N)") from None
 
     @property
     def run_dir(self) -> Path:
