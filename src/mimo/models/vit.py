@@ -57,6 +57,11 @@ class ViTConfig:
         return self.num_patches + (0 if self.drop_class_token else 1)
 
     @property
+    def tokens_per_item(self) -> int:
+        """`tokens_per_image` under the name every modality's config answers to (an image is the item)."""
+        return self.tokens_per_image
+
+    @property
     def num_layers_built(self) -> int:
         """How many blocks run (and are built) to reach `select_layer`."""
         return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
@@ -138,7 +143,7 @@ class ViTEncoder(nn.Module):
     @property
     def tokens_per_item(self) -> int:
         """Tokens this encoder emits per image."""
-        return self.config.tokens_per_image
+        return self.config.tokens_per_item
 
     @property
     def hidden_size(self) -> int:

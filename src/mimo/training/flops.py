@@ -120,8 +120,7 @@ class ModalityFlops:
     @property
     def tokens_per_item(self) -> int:
         """Tokens one item sends to the projector (and the language model)."""
-        enc = self.encoder
-        return enc.tokens_per_image if isinstance(enc, ViTConfig) else enc.tokens_per_item
+        return self.encoder.tokens_per_item
 
     def encoder_flops(self, items: int) -> int:
         """The encoder's FLOPs over `items`."""
