@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
+from mimo.models.labels import IGNORE_INDEX, loss_token_mask
 
-__all__ = ["is_special", "loss_token_mask", "next_token_labels"]
+__all__ = ["loss_token_mask", "next_token_labels"]
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
