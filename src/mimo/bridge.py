@@ -241,9 +241,7 @@ class Bridge:
 
     def _p2p_group(self, kind: int) -> dist.ProcessGroup | None:
         """The world-wide group of this message's direction (global rank = group rank), or the default."""
-        if self.p2p_groups is None:
-            return None
-        return self.p2p_groups.backward if kind == _GRAD else self.p2p_groups.forward
+        return P2PGroups.pick(self.p2p_groups, backward=kind == _GRAD)
 
     def _wait_sends(self, microbatch: int) -> None:
         """Complete and release the sends of `microbatch`."""

@@ -193,6 +193,13 @@ class P2PGroups:
     forward: dist.ProcessGroup
     backward: dist.ProcessGroup
 
+    @staticmethod
+    def pick(groups: P2PGroups | None, backward: bool) -> dist.ProcessGroup | None:
+        """The group of one direction (gradients if `backward`), or None (the default group) without any."""
+        if groups is None:
+            return None
+        return groups.backward if backward else groups.forward
+
 
 def build_p2p_groups() -> P2PGroups:
     """Create the forward and backward p2p groups (a collective every rank calls, after the module groups)."""

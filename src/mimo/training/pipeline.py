@@ -111,9 +111,7 @@ class PipelineSchedule:
 
     def _group(self, tag: int) -> dist.ProcessGroup | None:
         """The world-wide group of the message's direction (tags: even forward, odd backward)."""
-        if self.p2p_groups is None:
-            return None
-        return self.p2p_groups.backward if tag % 2 else self.p2p_groups.forward
+        return P2PGroups.pick(self.p2p_groups, backward=tag % 2 == 1)
 
     def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         self._sends.append(dist.isend(tensor.contiguous(), peer, group=self._group(tag), tag=tag))
