@@ -93,8 +93,8 @@ class MimoTrainer:
                              f"global batch of {self.global_batch_size}")
         t0 = time.perf_counter()
         # the normalizer, from the batch every rank holds (a stub learns it with the loss, at the end)
-        self.tokens = 0 if self.is_stub else int(batch.num_label_tokens(self.special_token_ids))
-        self._state = _StepState(batch, self._prefetch(batch))
+        label_tokens = 0 if self.is_stub else int(batch.num_label_tokens(self.special_token_ids))
+        self._state = _StepState(batch, label_tokens, self._prefetch(batch))
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
         for name in hosted:
@@ -121,9 +121,8 @@ class MimoTrainer:
         # the step's one host sync, after the update is queued: reading earlier would leave the GPU idle
         # while the host launches clipping and the optimizer
         loss_sum, tokens, norm = torch.cat([totals[:2], grad_norm.reshape(1)]).tolist()
-        self.tokens = int(tokens)
         seconds["step"] = time.perf_counter() - t0
-        return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=self.tokens, tokens=batch.input_ids.numel(),
+        return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens), tokens=batch.input_ids.numel(),
                           grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped)
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
@@ -193,7 +192,7 @@ class MimoTrainer:
             if not last:
                 return out
             self._state.loss_sum = self._state.loss_sum + out[0].detach().double()  # no host sync until the end
-            loss = out[0] / max(self.tokens, 1)
+            loss = out[0] / max(self._state.label_tokens, 1)
             return self.scaler.scale(loss) if self.scaler is not None else loss
 
         def before_backward(m: int, out: torch.Tensor, is_last: bool) -> None:
@@ -271,7 +270,7 @@ class MimoTrainer:
         if owner:
             total[0].copy_(self._state.loss_sum)
         if owner and replica == 0:
-            total[1].fill_(self.tokens)  # `total[1] = n` would copy n from the host, blocking
+            total[1].fill_(self._state.label_tokens)  # `total[1] = n` would copy n from the host, blocking
         total[2].copy_(local_grad_sq(self.model, self.infra))
         dist.all_reduce(total)
         return total
@@ -312,10 +311,11 @@ class MimoTrainer:
 
 @dataclass
 class _StepState:
-    """Per-step scratch: the batch and this rank's prefetched shares of it, encoder outputs, received
-    embeddings, their leaves and gradients, the loss sum, each phase's seconds."""
+    """Per-step scratch: the batch, its label count (the loss divisor) and this rank's prefetched shares of
+    it, encoder outputs, received embeddings, their leaves and gradients, the loss sum, each phase's seconds."""
 
     batch: MimoBatch
+    label_tokens: int
     inputs: dict[str, list[MimoBatch | None]]
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     encoder_out: dict = field(default_factory=lambda: defaultdict(dict))
