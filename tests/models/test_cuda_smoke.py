@@ -7,16 +7,11 @@ import pytest
 import torch
 
 from mimo.models import (
-    Decoder,
-    DecoderConfig,
     MimoModel,
-    MLPProjector,
     ModalityBatch,
-    ModalitySubmodule,
-    ViTConfig,
-    ViTEncoder,
     init_parameters,
 )
+from tests.models.tiny import tiny_llava
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 IMAGE_ID = 400
@@ -25,8 +20,7 @@ IMAGE_ID = 400
 def _model(device: str, dtype: torch.dtype) -> MimoModel:
     """Tiny LLaVA-like model built on meta and materialized on `device` by init_parameters."""
     with torch.device("meta"):
-        images = ModalitySubmodule(ViTEncoder(ViTConfig.tiny()), MLPProjector(32, 64))
-        model = MimoModel(Decoder(DecoderConfig.tiny()), {"images": images}, {"images": IMAGE_ID}).to(dtype)
+        model = tiny_llava(IMAGE_ID).to(dtype)
     init_parameters(model, seed=1, device=device)
     return model
 

@@ -8,14 +8,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from mimo.models import (
     Decoder,
     DecoderConfig,
-    MimoModel,
-    MLPProjector,
-    ModalitySubmodule,
     ViTConfig,
     ViTEncoder,
     init_parameters,
     param_seed,
 )
+from tests.models.tiny import tiny_llava
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -90,11 +88,7 @@ def test_prefix_matches_the_submodule_inside_the_whole_model() -> None:
     """An encoder initialized alone with its prefix equals the one initialized inside MimoModel."""
     vit_alone = ViTEncoder(ViTConfig.tiny())
     init_parameters(vit_alone, seed=4, prefix="modality_submodules.images.encoder.")
-    model = MimoModel(
-        Decoder(DecoderConfig.tiny()),
-        {"images": ModalitySubmodule(ViTEncoder(ViTConfig.tiny()), MLPProjector(32, 64))},
-        {"images": 999},
-    )
+    model = tiny_llava(999)
     init_parameters(model, seed=4)
     inside = _params(model.modality_submodules["images"].encoder)
     for name, value in _params(vit_alone).items():

@@ -6,32 +6,21 @@ import pytest
 import torch
 
 from mimo.models import (
-    AudioConfig,
-    AudioEncoder,
-    Decoder,
-    DecoderConfig,
     MimoModel,
     MimoStubModel,
-    MLPProjector,
     ModalityBatch,
-    ModalitySubmodule,
     ViTConfig,
     ViTEncoder,
     init_parameters,
 )
+from tests.models.tiny import tiny_llava
 
 IMAGE_ID, AUDIO_ID = 300, 301
 
 
 def _llava(dtype: torch.dtype = torch.float64, with_audio: bool = False) -> MimoModel:
     """ViT tiny → projector → decoder tiny (and optionally an audio branch), initialized with seed 7."""
-    dec = DecoderConfig.tiny()
-    subs = {"images": ModalitySubmodule(ViTEncoder(ViTConfig.tiny()), MLPProjector(32, dec.hidden_size))}
-    ids = {"images": IMAGE_ID}
-    if with_audio:
-        subs["audio"] = ModalitySubmodule(AudioEncoder(AudioConfig.tiny()), MLPProjector(32, dec.hidden_size))
-        ids["audio"] = AUDIO_ID
-    model = MimoModel(Decoder(dec), subs, ids).to(dtype)
+    model = tiny_llava(IMAGE_ID, AUDIO_ID if with_audio else None).to(dtype)
     init_parameters(model, seed=7)
     return model
 

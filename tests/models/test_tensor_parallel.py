@@ -18,14 +18,13 @@ from mimo.models import (
     Decoder,
     DecoderConfig,
     MimoModel,
-    MLPProjector,
     ModalityBatch,
-    ModalitySubmodule,
     ViTConfig,
     ViTEncoder,
     init_parameters,
 )
 from mimo.testing import run_distributed
+from tests.models.tiny import tiny_llava
 
 SEED = 3
 IMAGE_ID = 500
@@ -116,17 +115,14 @@ def _encoder_worker(rank: int, world: int) -> None:
 
 def _llava(rank: int | None = None, world: int | None = None) -> MimoModel:
     """A tiny LLaVA-like MimoModel; with a rank, every part is TP-sharded over the world from meta."""
-    def parts() -> tuple[Decoder, ModalitySubmodule]:
-        return Decoder(DecoderConfig.tiny()), ModalitySubmodule(ViTEncoder(ViTConfig.tiny()), MLPProjector(32, 64))
     if rank is None:
-        decoder, images = parts()
-        model = MimoModel(decoder, {"images": images}, {"images": IMAGE_ID}).double()
+        model = tiny_llava(IMAGE_ID).double()
         init_parameters(model, SEED)
         return model
     with torch.device("meta"):
-        decoder, images = parts()
-        model = MimoModel(decoder, {"images": images}, {"images": IMAGE_ID}).double()
+        model = tiny_llava(IMAGE_ID).double()
     mesh = init_device_mesh("cpu", (world,))
+    images = model.modality_submodules["images"]
     parallelize_module(model.language_model, mesh, model.language_model.tp_plan())
     parallelize_module(images, mesh, images.tp_plan())
     init_parameters(model, SEED)
