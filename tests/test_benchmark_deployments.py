@@ -8,24 +8,20 @@ launching anything.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "deployments.py"
+from tests.scripts import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "deployments.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("deployments_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("deployments_bench", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("deployments", "deployments_bench")
 
 
 bench = _load_script()

@@ -16,17 +16,14 @@ import pytest
 import torch
 
 from mimo.models import Decoder, DecoderConfig
+from tests.scripts import BENCHMARKS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llava_speed.py"
+SCRIPT = BENCHMARKS / "llava_speed.py"
 TINY = ["--presets", "tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--profile-steps", "1"]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("llava_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llava_speed", module)  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("llava_speed", "llava_speed")
 
 
 def _run(tmp_path: Path, *extra: str) -> tuple[str, list[dict]]:
