@@ -67,7 +67,7 @@ from mimo.launch import _free_port, _reason
 from mimo.provider import LlavaMimoProvider
 from mimo.training.flops import batch_flops
 from mimo.training.loop import build_provider, build_trainer, distributed_config, init_distributed
-from mimo.training.metrics import MetricsWriter, peak_memory_gb
+from mimo.training.metrics import Clock, MetricsWriter, peak_memory_gb
 from mimo.training.run_config import parse_run_config
 
 IMAGES = "images"
@@ -157,7 +157,7 @@ class Probe:
     BLOCKING = {"heterogeneous": ("_recv", "_broadcast"), "colocated": ("_colocated_forward", "_colocated_backward")}
 
     def __init__(self, trainer, model, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.clock = Clock(device)
         self.bridge_kind = trainer.bridges[IMAGES].kind
         self.phase = "step"
         self.waits: dict[str, float] = defaultdict(float)
@@ -181,40 +181,26 @@ class Probe:
             raise AttributeError(f"{type(obj).__name__} has no {name}; update benchmarks/deployments.py's Probe")
         setattr(obj, name, fn)
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _elapsed(self, a: Any, b: Any) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
     def _timed(self, seconds: dict[str, float], key: str, fn: Callable, *args: Any) -> None:
         """The step's phase timer, synchronized, remembering the phase for the blocked time."""
-        self.sync()
+        self.clock.sync()
         t0 = time.perf_counter()
         self.phase = key
         try:
             fn(*args)
         finally:
-            self.sync()
+            self.clock.sync()
             seconds[key] += time.perf_counter() - t0
             self.phase = "step"
 
     def _blocking(self, fn: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self.sync()
+            self.clock.sync()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.sync()
+                self.clock.sync()
                 self.waits[self.phase] += time.perf_counter() - t0
         return timed
 
@@ -223,16 +209,16 @@ class Probe:
             out.register_hook(self._encoder_backward_starts)
 
     def _encoder_backward_starts(self, _grad) -> None:
-        self.spans.append([self.mark(), None])
+        self.spans.append([self.clock.mark(), None])
 
     def _encoder_grad(self, _param) -> None:
         if self.spans:
-            self.spans[-1][1] = self.mark()
+            self.spans[-1][1] = self.clock.mark()
 
     def take(self, result, hosted: list[str]) -> dict[str, Any]:
         """This rank's record of the step just run (call after it; the step ended synchronized)."""
-        self.sync()
-        backward = sum(self._elapsed(a, b) for a, b in self.spans if b is not None)
+        self.clock.sync()
+        backward = sum(self.clock.ms(a, b) for a, b in self.spans if b is not None) / 1e3
         out = {"modules": list(hosted), "bridge": self.bridge_kind, "seconds": dict(result.seconds),
                "waits": dict(self.waits), "encoder_backward_s": backward, "loss": result.loss}
         self.waits, self.spans = defaultdict(float), []
@@ -262,10 +248,10 @@ def bridge_bandwidth(trainer, batch, tokens_per_image: int, probe: Probe, reps: 
 
     def clocked(fn: Callable[[], Any]) -> tuple[float, Any]:
         dist.barrier()
-        probe.sync()
+        probe.clock.sync()
         t0 = time.perf_counter()
         out = fn()
-        probe.sync()
+        probe.clock.sync()
         return time.perf_counter() - t0, out
 
     def p2p() -> None:

@@ -58,6 +58,7 @@ from mimo.models.decoder import IGNORE_INDEX  # noqa: E402
 from mimo.models.rmsnorm import RMSNorm  # noqa: E402
 from mimo.provider import LlavaMimoProvider  # noqa: E402
 from mimo.training.flops import batch_flops  # noqa: E402
+from mimo.training.metrics import Clock  # noqa: E402
 
 # preset -> (global batch, sequence length) of the issue; tiny is the CPU/CI size.
 SHAPES = {"tiny": (4, 64), "1b": (8, 2048), "3b": (4, 2048), "7b": (4, 2048)}
@@ -133,27 +134,6 @@ class DeviceBatch:
 
 
 # -- clocks and per-module timing -------------------------------------------------------------------------
-class Clock:
-    """CUDA events on a GPU (read after a synchronize), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, a: Any, b: Any) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
 @dataclass
 class ModuleParts:
     """Where a row's modules are: encoder, projector, the module whose forward starts the language part, the

@@ -36,6 +36,31 @@ def peak_memory_gb() -> float:
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # macOS reports bytes, Linux KiB
 
 
+class Clock:
+    """Timestamps that measure device time: CUDA events on a GPU (read after a synchronize), perf_counter on
+    the CPU. For benchmarks and probes, which synchronize where they measure; the step itself never does."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        """A timestamp now (an event recorded on the current stream, on a GPU)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, a: Any, b: Any) -> float:
+        """Milliseconds from mark `a` to mark `b`."""
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def sync(self) -> None:
+        """Wait for the device (a no-op on the CPU)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
 def step_record(step: int, result: StepResult, flops: float | None = None) -> dict[str, Any]:
     """A training step's metrics: throughput, model TFLOP/s from the step's FLOPs, each phase's seconds."""
     seconds = dict(result.seconds)
