@@ -52,17 +52,32 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def split_by_kind(groups: list[dict]) -> list[dict]:
+    """Each group as two: its DTensor parameters, then its plain ones.
+
+    A multi-tensor kernel (fused or foreach AdamW) cannot take a list that mixes DTensors and tensors, and a
+    TP module holds both (sharded weights, replicated norms). Both halves are kept even when one is empty, so
+    the number of groups, which the schedule's checkpoint records, is the same on every layout."""
+    out = []
+    for group in groups:
+        for is_dtensor in (True, False):
+            out.append({**group, "params": [p for p in group["params"] if isinstance(p, DTensor) == is_dtensor]})
+    return out
+
+
+def make_adamw(groups: list[dict], config: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW with the fused implementation on every device: the fastest on CUDA, and the same kernel (through
+    the same DTensor dispatch) on CPU, so the CPU suite runs the code path the GPUs take."""
+    return torch.optim.AdamW(split_by_kind(groups), lr=config.lr, betas=config.betas, eps=config.eps, fused=True)
+
+
 def build_optimizers(model: MimoModel, config: OptimizerConfig) -> dict[str, torch.optim.Optimizer]:
-    """One AdamW per hosted module with trainable parameters (fused on CUDA for plain tensors)."""
+    """One AdamW per hosted module with trainable parameters."""
     optimizers = {}
     for name, module in wrapped_modules(model).items():
         groups = [g for g in param_groups(module, config.weight_decay) if g["params"]]
-        if not groups:
-            continue
-        params = [p for g in groups for p in g["params"]]
-        fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
-        optimizers[name] = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
-                                             fused=fused or None)
+        if groups:
+            optimizers[name] = make_adamw(groups, config)
     return optimizers
 
 
