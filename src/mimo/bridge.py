@@ -136,6 +136,14 @@ class Bridge:
         for microbatch in list(self._pending):
             self._wait_sends(microbatch)
 
+    def p2p_pairs(self) -> list[tuple[int, int]]:
+        """The (src leader, dst leader) rank pairs this edge's point-to-point messages travel between; none
+        unless heterogeneous. Known on every rank, so all can open the same channels before the first step."""
+        if self.kind != "heterogeneous":
+            return []
+        return [(self._src_leader(i), self._dst_leader(j)) for i in range(self.src.size("dp"))
+                for j, _, _ in sample_overlaps(i, self._src_samples, self._dst_samples)]
+
     # -- checks -------------------------------------------------------------------------------
     def _samples_per_replica(self, grid: ModuleGrid) -> int:
         """B / DP of `grid`, or a clear error if the micro-batch does not split evenly."""

@@ -9,8 +9,9 @@ communicators, and the global order still decides everything.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,6 +200,35 @@ class P2PGroups:
         if groups is None:
             return None
         return groups.backward if backward else groups.forward
+
+
+    def warm_up(self, pairs: Iterable[tuple[int, int]], device: torch.device) -> list[tuple[int, int]]:
+        """Open, before the first step, every point-to-point channel a step uses: one exchange per pair of
+        ranks in each direction's group. Returns the pairs, sorted.
+
+        NCCL creates a pair's communicator at the pair's first send or receive and needs both ranks for it.
+        Inside a step, that first gradient send would wait on a peer that may be blocked in a host sync
+        (a phase timer, a `.item()`) until messages the sender will only receive later: a deadlock. Every
+        rank walks the same sorted list, so no two ranks wait on each other in a cycle.
+        """
+        ordered = sorted({(min(a, b), max(a, b)) for a, b in pairs if a != b})
+        me, token = dist.get_rank(), torch.zeros(1, device=device)
+        for low, high in ordered:
+            if me not in (low, high):
+                continue
+            for group in (self.forward, self.backward):
+                if me == low:
+                    dist.send(token, high, group=group)
+                    dist.recv(token, high, group=group)
+                else:
+                    dist.recv(token, low, group=group)
+                    dist.send(token, low, group=group)
+        return ordered
+
+
+def pipeline_pairs(grid: ModuleGrid) -> list[tuple[int, int]]:
+    """The (stage s, stage s + 1) rank pairs of every pipeline of `grid` (activations and gradients travel there)."""
+    return [(a, b) for ranks in grid.rank_groups("pp") for a, b in itertools.pairwise(ranks)]
 
 
 def build_p2p_groups() -> P2PGroups:

@@ -32,16 +32,21 @@ PARAM_DTYPE = {"float32": torch.float32, "bfloat16": torch.float32, "float16": t
 
 
 def init_distributed(timeout_s: float) -> torch.device:
-    """Join the world the launcher set up (NCCL with CUDA, else gloo); the device this rank computes on."""
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    """Join the world the launcher set up (NCCL with CUDA, else gloo); the device this rank computes on.
+
+    With CUDA the device is bound at `init_process_group`, so every NCCL communicator (the world's and each
+    group's) is created when its group is, never lazily inside a training step."""
+    device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        return device
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
-    return torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    return device
 
 
 def build_provider(config: RunConfig, device: torch.device | None = None, distributed: bool = True):

@@ -28,7 +28,7 @@ from mimo.bridge import Bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
 from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
-from mimo.grid import is_pp_first_stage, is_pp_last_stage
+from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
 from mimo.training.pipeline import PipelineSchedule, StageWork
@@ -80,10 +80,20 @@ class MimoTrainer:
                                     self.micro_batch_size, hidden_size, activation_dtype, self.device,
                                     infra.p2p_groups)
                         for src, dst in infra.config.edges if dst == LANGUAGE}
+        self.p2p_pairs = self._open_p2p_channels()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizers = {} if self.is_stub else build_optimizers(model, self.optimizer_config)
         self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
         self.step_count = 0
+
+    def _open_p2p_channels(self) -> list[tuple[int, int]]:
+        """Every rank pair the bridges and the language pipeline send between, opened now (`P2PGroups.warm_up`):
+        no NCCL communicator is created inside a step."""
+        if self.infra.p2p_groups is None:
+            return []
+        pairs = [pair for bridge in self.bridges.values() for pair in bridge.p2p_pairs()]
+        pairs += pipeline_pairs(self.infra.module_to_grid_map[LANGUAGE])
+        return self.infra.p2p_groups.warm_up(pairs, self.device)
 
     # -- the step -----------------------------------------------------------------------------------------
     def train_step(self, batch: MimoBatch) -> StepResult:
