@@ -52,10 +52,11 @@ def _worker(
     port: int,
     pg_timeout_s: float,
     results: mp.Queue,
+    backend: str,
     args: tuple,
     kwargs: dict,
 ) -> None:
-    """Body of one rank: join the gloo world, run `fn`, report its result or traceback."""
+    """Body of one rank: join the world (gloo, or NCCL on GPU `rank`), run `fn`, report its result or traceback."""
     torch.set_num_threads(1)
     iface = _loopback_interface()
     if iface:
@@ -63,8 +64,12 @@ def _worker(
     try:
         store = dist.TCPStore(_HOST, port, world_size + 1, is_master=False,
                               timeout=timedelta(seconds=pg_timeout_s))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=pg_timeout_s))
+        device = None
+        if backend == "nccl":  # one GPU per rank, bound at init as mimo's own launcher does
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=pg_timeout_s), device_id=device)
         out = fn(rank, world_size, *args, **kwargs)
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -80,9 +85,11 @@ def run_distributed(
     *args: Any,
     timeout_s: float = 180.0,
     pg_timeout_s: float = 60.0,
+    backend: str = "gloo",
     **kwargs: Any,
 ) -> list[Any]:
-    """Call `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo processes; return results by rank.
+    """Call `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo processes (or NCCL ones, one GPU per
+    rank, with `backend="nccl"`); return results by rank.
 
     `fn` must be importable (a module-level function); its return value must pickle. Raises
     `DistributedTestError` with every failing rank's traceback, the ranks that died without a word,
@@ -96,7 +103,7 @@ def run_distributed(
     results: mp.Queue = ctx.Queue()
     procs = [
         ctx.Process(target=_worker, name=f"mimo-rank{r}",
-                    args=(fn, r, world_size, store.port, pg_timeout_s, results, args, kwargs))
+                    args=(fn, r, world_size, store.port, pg_timeout_s, results, backend, args, kwargs))
         for r in range(world_size)
     ]
     for p in procs:
@@ -109,7 +116,7 @@ def run_distributed(
                 p.kill()
             p.join(5)
         del store
-    return _outcome_or_raise(fn, world_size, outcome, timeout_s)
+    return _outcome_or_raise(fn, world_size, backend, outcome, timeout_s)
 
 
 def _collect(procs: list[mp.Process], results: mp.Queue, deadline: float) -> dict[int, tuple[str, Any]]:
@@ -144,14 +151,14 @@ def _drain_pending(results: mp.Queue, outcome: dict[int, tuple[str, Any]]) -> bo
     return True
 
 
-def _outcome_or_raise(fn: Callable, world_size: int, outcome: dict, timeout_s: float) -> list[Any]:
+def _outcome_or_raise(fn: Callable, world_size: int, backend: str, outcome: dict, timeout_s: float) -> list[Any]:
     """The per-rank results, or one error that shows every rank's failure and every silent rank."""
     failed = {r: o for r, o in sorted(outcome.items()) if o[0] != "ok"}
     missing = [r for r in range(world_size) if r not in outcome]
     if not failed and not missing:
         return [pickle.loads(outcome[r][1]) for r in range(world_size)]
     name = getattr(fn, "__qualname__", repr(fn))
-    lines = [f"{name} on {world_size} gloo processes failed:"]
+    lines = [f"{name} on {world_size} {backend} processes failed:"]
     for r, (status, payload) in failed.items():
         lines.append(f"--- rank {r} ({status}) ---\n{payload}")
     if missing:

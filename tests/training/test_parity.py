@@ -22,7 +22,7 @@ from mimo.models import (
 )
 from mimo.provider import MimoModelProvider, ModuleSpec
 from mimo.testing import run_distributed
-from mimo.training.optim import OptimizerConfig, param_groups
+from mimo.training.optim import OptimizerConfig, make_adamw, param_groups
 from mimo.training.step import MimoTrainer
 from tests.test_provider import modality_spec  # tiny ViT / audio encoder + projector to width 64
 
@@ -71,11 +71,12 @@ def full_params(model) -> dict[str, torch.Tensor]:
 
 # -- the reference ---------------------------------------------------------------------------------------
 def reference(modalities: tuple[str, ...], frozen: bool = False, tied: bool = False) -> tuple[list, list, dict]:
-    """Single process: MimoModel.forward per micro-batch, torch's clipping, AdamW with the same groups.
+    """Single process: MimoModel.forward per micro-batch, torch's clipping, mimo's AdamW (`make_adamw`: the same
+    fused kernel, so the exactly-zero key-bias gradients' rounding noise is scaled the same way).
     Returns the losses, the gradient norms and the final parameters."""
     prov = provider(None, modalities, tied, **_freezing(frozen, modalities))
     model = prov.provide()
-    opt = torch.optim.AdamW(param_groups(model, OPTIM.weight_decay), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps)
+    opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
     losses, norms = [], []
     for batch in batches(modalities):
         tokens = int(batch.num_label_tokens(model.special_token_ids))

@@ -1,0 +1,240 @@
+"""Every layout that fits on two GPUs trains correctly under NCCL (two CUDA devices; skipped without them).
+
+Each layout runs in one pair of NCCL processes (one GPU each), three checks in turn:
+1. **float32 parity**, TF32 off (matmuls and cuDNN convolutions), 3 AdamW steps with global-norm clipping: every
+   step's loss and gradient norm, and every final parameter, against the same 3 steps in one process on one GPU.
+   Tolerance `RTOL` = 1e-5, relative. Why it holds and is tight: the runs differ only in the order of float32
+   sums (a TP split of a contraction, a DP all-reduce of two halves, two micro-batches summed in another order).
+   Each such sum is off by a few ulps (float32: 6e-8 relative), so losses and norms agree to ~1e-6; AdamW's
+   first steps move a parameter by about lr·sign(gradient), which the rounding of a gradient does not change
+   except where the gradient is within rounding of zero, so parameters agree as a whole (relative 2-norm of
+   the difference per tensor). The exception is named: the ViT's attention key biases get an exactly zero
+   gradient in exact arithmetic (softmax ignores a shift shared by all keys), so in float32 they hold rounding
+   noise that AdamW scales up to ±lr; their values are noise in every run and are checked by the float64 CPU
+   parity suite instead (tests/training/test_parity.py, to 1e-8, where the noise is 1e-17).
+2. **bfloat16** compute with float32 master weights, 20 steps: finite, decreasing, and within `BF16_BAND` of the
+   one-GPU bf16 curve at every step. Steps 4-20 run with a host sync (`torch.cuda.synchronize()`) at every phase
+   boundary on every rank: the deployments benchmark's phase timer, which once deadlocked the heterogeneous
+   layout on a lazily created NCCL communicator.
+3. **one host sync per step** (CUDA's sync debug mode), on step 3, after two warm-up steps.
+Run: `python -m pytest tests/gpu -q` on a machine with two GPUs (tests/gpu/README.md has the last figures).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimo.config import MimoParallelismConfig
+from mimo.data import ModalitySpec, SyntheticDataset
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.models import ViTConfig
+from mimo.testing import run_distributed
+from mimo.training.optim import make_adamw, param_groups
+from mimo.training.step import MimoTrainer
+from tests.training.test_parity import CLIP, GLOBAL_BATCH, MICRO, OPTIM, _freezing, full_params, provider
+
+RTOL = 1e-5
+BF16_STEPS, SYNCED_FROM = 20, 3  # steps 0-1 warm up, step 2 counts syncs, steps 3.. sync at every phase boundary
+BF16_BAND = 0.02  # bf16 keeps 8 bits of mantissa (0.4% per rounding); DDP autocasts, FSDP2 casts its parameters
+NOISE_ONLY = ("attn.k_proj.bias",)  # exactly-zero gradient in exact arithmetic: see the module docstring
+
+
+def _tf32_off() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _batches(steps: int) -> list:
+    spec = ModalitySpec.image(256, ViTConfig.tiny().tokens_per_image)
+    data = SyntheticDataset(GLOBAL_BATCH * steps, {"images": spec}, items_per_sample=(0, 1, 3), seed=5,
+                            dtype=torch.float32)
+    return [data.batch(range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)) for s in range(steps)]
+
+
+def _cpu(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.float().cpu() for n, p in params.items()}
+
+
+# -- one GPU ---------------------------------------------------------------------------------------------
+def reference(frozen: bool, tied: bool, compute: torch.dtype, steps: int) -> tuple[list, list, dict]:
+    """One process on GPU 0: MimoModel.forward per micro-batch (under autocast for bf16), torch's clipping,
+    mimo's AdamW (the same fused kernel); the losses, gradient norms and final parameters."""
+    _tf32_off()
+    device = torch.device("cuda", 0)
+    prov = provider(None, ("images",), tied, params_dtype=torch.float32, device=device,
+                    **_freezing(frozen, ("images",)))
+    model = prov.provide()
+    opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
+    losses, norms = [], []
+    for batch in _batches(steps):
+        tokens = int(batch.num_label_tokens(model.special_token_ids))
+        total = 0.0
+        for m in range(MICRO):
+            mb = batch.microbatch(m, MICRO).prefetch(device, modalities=("images",))
+            with torch.autocast("cuda", dtype=compute, enabled=compute != torch.float32):
+                loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs)
+            (loss_sum.float() / tokens).backward()
+            total += float(loss_sum.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / tokens)
+    return losses, norms, _cpu({n: p.detach() for n, p in model.named_parameters()})
+
+
+# -- two GPUs --------------------------------------------------------------------------------------------
+def _trainer(layout: dict, frozen: bool, tied: bool, dp_kind: str, compute: str | None) -> MimoTrainer:
+    device = torch.device("cuda", torch.cuda.current_device())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prov = provider(layout, ("images",), tied, params_dtype=torch.float32, device=device,
+                        **_freezing(frozen, ("images",)))
+        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(dp_kind, compute)))
+    dtype = torch.bfloat16 if compute == "bfloat16" else torch.float32
+    return MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
+                       num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=dtype, device=device)
+
+
+def _synced_timer(seconds: dict[str, float], key: str, fn, *args) -> None:
+    """The step's phase timer with a host sync on both sides of every phase."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    torch.cuda.synchronize()
+    seconds[key] += time.perf_counter() - t0
+
+
+def _count_syncs(trainer: MimoTrainer, batch):
+    """One step's result, and file:line of every synchronizing call it makes."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = trainer.train_step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return result, [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def train_layout(rank: int, world_size: int, layout: dict, frozen: bool, tied: bool, dp_kind: str) -> dict:
+    """float32 parity steps, then the bf16 run with its sync count and its synchronized phases."""
+    _tf32_off()
+    trainer = _trainer(layout, frozen, tied, dp_kind, None)
+    fp32 = [trainer.train_step(b) for b in _batches(3)]
+    params = _cpu(full_params(trainer.model))
+    trainer = _trainer(layout, frozen, tied, dp_kind, "bfloat16")
+    bf16, syncs = [], []
+    for step, batch in enumerate(_batches(BF16_STEPS)):
+        if step == SYNCED_FROM - 1:
+            result, syncs = _count_syncs(trainer, batch)
+            bf16.append(result)
+            continue
+        if step == SYNCED_FROM:
+            trainer._timed = _synced_timer
+        bf16.append(trainer.train_step(batch))
+    return {"losses": [r.loss for r in fp32], "norms": [r.grad_norm for r in fp32], "params": params,
+            "bf16": [r.loss for r in bf16], "syncs": syncs}
+
+
+LAYOUTS = {
+    # id: layout, frozen (LLaVA stage 1), tied embeddings, DP kind
+    "homogeneous-dp2": ({"images": {}, "language": {}}, False, False, "ddp"),
+    "homogeneous-dp2-fsdp": ({"images": {}, "language": {}}, False, False, "fsdp"),
+    "homogeneous-tp2": ({"images": {"tensor_model_parallel_size": 2}, "language": {"tensor_model_parallel_size": 2}},
+                        False, False, "ddp"),
+    "homogeneous-tp2-fsdp": ({"images": {"tensor_model_parallel_size": 2},
+                              "language": {"tensor_model_parallel_size": 2}}, False, False, "fsdp"),
+    "colocated-dp2-tp2": ({"images": {"data_parallel_size": 2},
+                           "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1}},
+                          False, False, "ddp"),
+    "colocated-dp2-tp2-fsdp": ({"images": {"data_parallel_size": 2},
+                                "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1}},
+                               False, False, "fsdp"),
+    "colocated-dp2-pp2": ({"images": {"data_parallel_size": 2},
+                           "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}},
+                          False, False, "ddp"),
+    "colocated-dp2-pp2-fsdp": ({"images": {"data_parallel_size": 2},
+                                "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}},
+                               False, False, "fsdp"),
+    "colocated-pp2-tied": ({"images": {"data_parallel_size": 2},
+                            "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}},
+                           False, True, "ddp"),
+    "heterogeneous-images-first": ({"images": {"data_parallel_size": 1},
+                                    "language": {"data_parallel_size": 1, "rank_offset": 1}}, False, False, "ddp"),
+    "heterogeneous-language-first": ({"language": {"data_parallel_size": 1},
+                                      "images": {"data_parallel_size": 1, "rank_offset": 1}}, False, False, "ddp"),
+    "heterogeneous-fsdp": ({"images": {"data_parallel_size": 1},
+                            "language": {"data_parallel_size": 1, "rank_offset": 1}}, False, False, "fsdp"),
+    "llava-stage1-heterogeneous": ({"images": {"data_parallel_size": 1},
+                                    "language": {"data_parallel_size": 1, "rank_offset": 1}}, True, False, "ddp"),
+}
+
+_REFERENCES: dict = {}
+
+
+def _reference(frozen: bool, tied: bool) -> dict:
+    if (frozen, tied) not in _REFERENCES:
+        losses, norms, params = reference(frozen, tied, torch.float32, 3)
+        bf16, _, _ = reference(frozen, tied, torch.bfloat16, BF16_STEPS)
+        _REFERENCES[frozen, tied] = {"losses": losses, "norms": norms, "params": params, "bf16": bf16}
+    return _REFERENCES[frozen, tied]
+
+
+def _rel(got: float, want: float) -> float:
+    return abs(got - want) / abs(want)
+
+
+def _param_rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def _report(name: str, row: dict) -> None:
+    """Append this layout's figures to $MIMO_GPU_REPORT (a JSON-lines file), if set, for tests/gpu/README.md."""
+    path = os.environ.get("MIMO_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"layout": name, **row}) + "\n")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_on_two_gpus(name):
+    layout, frozen, tied, dp_kind = LAYOUTS[name]
+    MimoParallelismConfig.from_dict(layout)  # a typo in the table fails here, not in the workers
+    want = _reference(frozen, tied)
+    results = run_distributed(train_layout, 2, layout, frozen, tied, dp_kind, backend="nccl", timeout_s=300,
+                              pg_timeout_s=120)
+    worst = {"loss": 0.0, "norm": 0.0, "param": 0.0, "bf16": 0.0}
+    seen = set()
+    for res in results:
+        worst["loss"] = max(worst["loss"], *(_rel(g, w) for g, w in zip(res["losses"], want["losses"], strict=True)))
+        worst["norm"] = max(worst["norm"], *(_rel(g, w) for g, w in zip(res["norms"], want["norms"], strict=True)))
+        for n, p in res["params"].items():
+            key = n if n in want["params"] else n.replace("lm_head", "embed_tokens")  # the tied head
+            seen.add(key)
+            if not n.endswith(NOISE_ONLY):
+                worst["param"] = max(worst["param"], _param_rel(p, want["params"][key]))
+        worst["bf16"] = max(worst["bf16"], *(_rel(g, w) for g, w in zip(res["bf16"], want["bf16"], strict=True)))
+    syncs = {rank: res["syncs"] for rank, res in enumerate(results)}
+    _report(name, {**worst, "syncs": {r: len(s) for r, s in syncs.items()}})
+    print(f"\n{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    assert seen == set(want["params"]), f"parameters nobody holds: {sorted(set(want['params']) - seen)}"
+    assert worst["loss"] <= RTOL and worst["norm"] <= RTOL, worst
+    assert worst["param"] <= RTOL, worst
+    for rank, res in enumerate(results):
+        curve = res["bf16"]
+        assert all(math.isfinite(x) for x in curve), curve
+        assert sum(curve[-5:]) < sum(curve[:5]), f"rank {rank}: bf16 loss did not decrease: {curve}"
+    assert worst["bf16"] <= BF16_BAND, worst
+    for rank, found in syncs.items():
+        assert len(found) == 1 and found[0].startswith("step.py"), f"rank {rank}: {sorted(Counter(found).items())}"
