@@ -52,7 +52,11 @@ class ModalitySubmodule(nn.Module):
         return self.encoder.tokens_per_item
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """Encode then project a stack of items."""
+        """Encode then project a stack of items. With none (a text-only micro-batch), one zero item is encoded
+        and none of its rows kept: [0, T, H] with a graph to every parameter (exactly zero gradients), and no
+        kernel sees an empty batch (CUDA's scaled_dot_product_attention returns None for one)."""
+        if items.shape[0] == 0:
+            return self.projection(self.encoder(items.new_zeros((1, *items.shape[1:]))))[:0]
         return self.projection(self.encoder(items))
 
     def tp_plan(self) -> dict[str, ParallelStyle]:
