@@ -100,8 +100,10 @@ class Bridge:
         """Senders pass their replica's embeddings and counts; receivers get (rows of their dst replica's
         samples, their counts on CPU), the rows a leaf with requires_grad unless homogeneous; others None.
 
-        Colocated senders may also pass `microbatch_tokens`, the counts of the whole micro-batch (every rank
-        holds the global batch): that spares the all-gather of counts, and its host sync, per micro-batch."""
+        Any rank may also pass `microbatch_tokens`, the counts of the whole micro-batch (every rank holds the
+        global batch): that spares moving the counts, and the host sync of reading them, per micro-batch (the
+        colocated all-gather; the heterogeneous counts message). Heterogeneous: all of the edge's ranks pass it, or
+        none."""
         counts = self._accept(microbatch, embeddings, tokens_per_sample)
         if microbatch_tokens is not None and self.kind == "colocated" and self.is_sender:
             self._counts[microbatch] = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts)
@@ -111,9 +113,13 @@ class Bridge:
             return embeddings, counts
         if self.kind == "colocated":
             return self._colocated_forward(microbatch)
+        known = None
+        if microbatch_tokens is not None:
+            known = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts) if self.is_sender else \
+                self._whole_microbatch(microbatch, microbatch_tokens)
         if self.is_sender:
-            self._send_rows(microbatch)
-        return self._receive_rows(microbatch) if self.is_receiver else None
+            self._send_rows(microbatch, send_counts=known is None)
+        return self._receive_rows(microbatch, known) if self.is_receiver else None
 
     def backward(self, microbatch: int, grad: Tensor | None = None) -> None:
         """Receivers pass their leaf's grad (None means zeros); senders get their embeddings' gradient and
@@ -194,6 +200,14 @@ class Bridge:
                              f"at [{start}, {start + self._src_samples}); got {full.tolist()}")
         return full
 
+    def _whole_microbatch(self, microbatch: int, full: Tensor) -> Tensor:
+        """A receiver's `microbatch_tokens` as CPU int64, or a ValueError unless it has one count per sample."""
+        full = full.detach().to("cpu", torch.long)
+        if full.shape != (self.micro_batch_size,):
+            raise ValueError(f"bridge {self.name}, micro-batch {microbatch}: microbatch_tokens must hold the counts of "
+                             f"all {self.micro_batch_size} samples, got shape {tuple(full.shape)}")
+        return full
+
     def _check_embeddings(self, where: str, embeddings: Tensor, rows: int) -> None:
         """A ValueError unless embeddings are [sum of counts, hidden_size] of the bridge's dtype."""
         expected = (rows, self.hidden_size)
@@ -262,27 +276,31 @@ class Bridge:
         if group is not None and dist.get_world_size(group) > 1 and tensor.numel():
             dist.broadcast(tensor, src=leader, group=group)
 
-    def _send_rows(self, microbatch: int) -> None:
-        """Src leader: post counts, then rows, to every dst leader sharing samples; returns at once."""
+    def _send_rows(self, microbatch: int, send_counts: bool = True) -> None:
+        """Src leader: post counts (unless the receivers know them), then rows, to every dst leader sharing
+        samples; returns at once."""
         if not self._is_src_leader:
             return
         sent = self._sent[microbatch]
         offsets = row_offsets(sent.counts)
-        counts, rows = sent.counts.to(self.device), sent.embeddings.detach().contiguous()
+        rows = sent.embeddings.detach().contiguous()
+        counts = sent.counts.to(self.device) if send_counts else None  # from pageable memory: a host sync
         for j, a, b in sample_overlaps(self._src_replica, self._src_samples, self._dst_samples):
-            self._isend(counts[a:b], self._dst_leader(j), microbatch, _COUNTS)
+            if counts is not None:
+                self._isend(counts[a:b], self._dst_leader(j), microbatch, _COUNTS)
             self._isend(rows[offsets[a]:offsets[b]], self._dst_leader(j), microbatch, _ROWS)
 
-    def _receive_rows(self, microbatch: int) -> tuple[Tensor, Tensor]:
-        """Dst first stage: the leader receives from its src leaders, then broadcasts counts and rows."""
+    def _receive_rows(self, microbatch: int, full: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Dst first stage: the leader receives from its src leaders, then broadcasts counts (unless `full`, the
+        whole micro-batch's, is known here) and rows."""
         pieces = [(self._src_leader(i), a, b)
                   for i, a, b in sample_overlaps(self._dst_replica, self._dst_samples, self._src_samples)]
         leader, group = self._dst_leader(self._dst_replica), self.dst.get_group("tp")
-        counts = torch.empty(self._dst_samples, dtype=torch.long, device=self.device)
-        if self._is_dst_leader:
-            self._recv(counts, pieces, microbatch, _COUNTS)
-        self._broadcast(counts, group, leader)
-        counts = counts.cpu()
+        if full is None:
+            counts = self._receive_counts(microbatch, pieces, group, leader)
+        else:
+            start = self._dst_replica * self._dst_samples
+            counts = full[start:start + self._dst_samples]
         offsets = row_offsets(counts)
         rows = torch.empty(offsets[-1], self.hidden_size, dtype=self.dtype, device=self.device)
         if self._is_dst_leader:
@@ -290,6 +308,15 @@ class Bridge:
         self._broadcast(rows, group, leader)
         self._received[microbatch] = counts
         return rows.requires_grad_(), counts
+
+    def _receive_counts(self, microbatch: int, pieces: list[Piece], group: dist.ProcessGroup | None,
+                        leader: int) -> Tensor:
+        """This dst replica's per-sample counts from its src leaders, broadcast in the TP group (CPU int64)."""
+        counts = torch.empty(self._dst_samples, dtype=torch.long, device=self.device)
+        if self._is_dst_leader:
+            self._recv(counts, pieces, microbatch, _COUNTS)
+        self._broadcast(counts, group, leader)
+        return counts.cpu()
 
     def _send_grad(self, microbatch: int, grad: Tensor | None) -> None:
         """Dst leader: post each src replica's slice of the gradient; other TP ranks send nothing."""

@@ -24,19 +24,15 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 
 def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
     """Run `_worker(config, **kwargs)` on `nproc` local processes; 0, or 1 with the failed ranks named."""
-    launch_config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
-        monitor_interval=0.5, start_method="spawn",
-    )
     with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir:
         try:
-            elastic_launch(launch_config, _worker)(config, kwargs, failure_dir)
+            _launch_on_a_free_port(nproc, config, kwargs, failure_dir)
         except ChildFailedError as e:
             for line in _failure_report(e, _read_failures(Path(failure_dir))):
                 print(line, file=sys.stderr)
@@ -47,6 +43,27 @@ def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
                   file=sys.stderr)
             return 130
     return 0
+
+
+_RENDEZVOUS_TRIES = 3
+
+
+def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) -> None:
+    """Start the agent's rendezvous store on a free port, and the workers. A port found free can be taken before
+    the store binds it (NCCL binds ports at random): this process then fails at once (`is_host`, rather than
+    waiting a minute as a client of nobody), before any worker started, and tries another port."""
+    for attempt in range(_RENDEZVOUS_TRIES):
+        launch_config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"is_host": True},
+            max_restarts=0, monitor_interval=0.5, start_method="spawn",
+        )
+        try:
+            elastic_launch(launch_config, _worker)(config, kwargs, failure_dir)
+            return
+        except RendezvousConnectionError:
+            if attempt + 1 == _RENDEZVOUS_TRIES:
+                raise
 
 
 @record

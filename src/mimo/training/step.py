@@ -153,11 +153,17 @@ class MimoTrainer:
         self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
-        everyone = None  # colocated: the whole micro-batch's counts, known here, spare the bridge gathering them
-        if bridge.kind == "colocated":
-            mb = self._state.batch.microbatch(m, self.num_microbatches)
-            everyone = mb.modality_inputs[name].items_per_sample * tokens_per_item
-        return bridge.forward(m, out.to(self.activation_dtype), counts, everyone)
+        return bridge.forward(m, out.to(self.activation_dtype), counts, self._microbatch_tokens(name, m))
+
+    def _microbatch_tokens(self, name: str, m: int) -> torch.Tensor | None:
+        """Tokens per sample of modality `name` in the whole micro-batch m, counted on the CPU ids every rank holds
+        (a rank that receives embeddings need not host the encoder): given to a bridge that moves embeddings, they
+        spare it moving the counts and reading them back (a host sync). The ids must match the items; the bridge
+        and `check_alignment` say so if they do not."""
+        if self.bridges[name].kind == "homogeneous":
+            return None
+        ids = self._state.batch.microbatch(m, self.num_microbatches).input_ids
+        return (ids == self.special_token_ids[name]).sum(1)
 
     def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch | None]]:
         """This rank's share of every micro-batch, per hosted module, on the device: all copies queued at the
@@ -235,7 +241,7 @@ class MimoTrainer:
                 received = self._encode_microbatch(src, m)
                 self._state.seconds[f"{src}.forward"] += time.perf_counter() - t0
             elif bridge.kind == "heterogeneous":
-                received = bridge.forward(m)
+                received = bridge.forward(m, microbatch_tokens=self._microbatch_tokens(src, m))
             else:
                 received = self._state.received[src].pop(m)
             embeddings[src], counts[src] = received
