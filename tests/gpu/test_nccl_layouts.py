@@ -24,8 +24,8 @@ Each layout runs in one pair of NCCL processes (one GPU each), three checks in t
    FSDP2 row runs in bf16 and drifts from float32 about twice as far; the two drifts add. (A first run with 2
    failed only colocated-dp2-tp2-fsdp, at 2.3×; a wrong gradient shows in the float32 check, not here, where
    Adam's scale invariance would hide it anyway.) Steps 4-20 run with a host sync (`torch.cuda.synchronize()`)
-   at every phase boundary on every rank: the deployments benchmark's phase timer, which once deadlocked the heterogeneous
-   layout on a lazily created NCCL communicator.
+   at every phase boundary on every rank: the deployments benchmark's phase timer, which once deadlocked the
+   heterogeneous layout on a lazily created NCCL communicator.
 3. **one host sync per step** (CUDA's sync debug mode), on step 3, after two warm-up steps.
 Run: `python -m pytest tests/gpu -q` on a machine with two GPUs (tests/gpu/README.md has the last figures).
 """
