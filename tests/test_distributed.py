@@ -92,7 +92,7 @@ def run_layout(rank: int, world_size: int, layout: dict, dp_kind: str) -> dict:
     grid = provider.build_infra().module_to_grid_map["language"]
     lm = model.language_model
     grads = {}
-    losses = train(lm, grid.coord[1], grid.size("dp"), grid.get_group("dp"),
+    losses = train(lm, grid.coord.dp, grid.size("dp"), grid.get_group("dp"),
                    on_first_step=lambda: grads.update(full_state(lm, grads=True)))
     return {"losses": losses, "grads": grads, "params": full_state(lm, grads=False)}
 

@@ -62,7 +62,7 @@ def token_rows(batch: MimoBatch, d: int, dp: int) -> slice:
 def dp_coord(provider: LlavaMimoProvider) -> tuple[int, int]:
     """(DP rank, DP size) of this rank's images module."""
     grid = provider.build_infra().module_to_grid_map[IMAGES]
-    return grid.coord[1], grid.size("dp")
+    return grid.coord.dp, grid.size("dp")
 
 
 def language_loss_sum(model: MimoModel, batch: MimoBatch) -> torch.Tensor:

@@ -63,14 +63,13 @@ def render_rank_map(config: MimoParallelismConfig) -> str:
 
 def _roles(grid: ModuleGrid, rank: int) -> str:
     """Pipeline and bridge roles: first/last stage, embedding group, leader of its TP group (TP rank 0)."""
-    pp, _, cp, tp = grid.coordinates(rank)
-    n_pp = grid.size("pp")
+    first, last = grid.is_first_stage(rank), grid.is_last_stage(rank)
     roles = []
-    if n_pp > 1:
-        roles.append("first stage" if pp == 0 else "last stage" if pp == n_pp - 1 else "middle stage")
-    if grid.name == LANGUAGE and n_pp > 1 and pp in (0, n_pp - 1):
-        roles.append("embd")
-    if tp == 0 and cp == 0 and grid.size("tp") > 1:
+    if grid.size("pp") > 1:
+        roles.append("first stage" if first else "last stage" if last else "middle stage")
+        if grid.name == LANGUAGE and (first or last):
+            roles.append("embd")
+    if grid.is_tp_leader(rank) and grid.size("tp") > 1:
         roles.append("leader")
     return ", ".join(roles)
 

@@ -204,7 +204,7 @@ class MimoModelProvider:
             return self.language_model_spec.build()
         num_layers = _num_layers(self.language_model_spec)
         return self.language_model_spec.build(layer_range=pipeline_layer_range(num_layers, grid.size("pp"),
-                                                                               grid.coord[0]))
+                                                                               grid.coord.pp))
 
     def apply_freezing(self, model: MimoModel) -> None:
         """`requires_grad=False` on the frozen language model, encoders and projections."""

@@ -123,7 +123,7 @@ def _counted_grads(module: nn.Module, grid) -> Iterable[torch.Tensor]:
     """
     inner = unwrap(module)
     aliased = set(getattr(inner, "init_aliases", dict)())  # e.g. a tied head on the last stage
-    coord = {"dp": grid.coord[1], "tp": grid.coord[3]} if grid is not None else {"dp": 0, "tp": 0}
+    coord = {"dp": grid.coord.dp, "tp": grid.coord.tp} if grid is not None else {"dp": 0, "tp": 0}
     for name, p in inner.named_parameters():
         if p.grad is not None and name not in aliased and _owned_here(dtensor_spec(p), coord):
             yield p
