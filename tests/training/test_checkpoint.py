@@ -30,7 +30,7 @@ from mimo.config import MimoParallelismConfig
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.models import Decoder, DecoderConfig
 from mimo.provider import MimoModelProvider, ModuleSpec
-from mimo.testing import run_distributed
+from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.checkpoint import MARKER, Checkpointer, CheckpointError, load_model_only, open_checkpoint
 from mimo.training.optim import OptimizerConfig
 from mimo.training.step import MimoTrainer
@@ -140,10 +140,8 @@ def check_run(results: list[dict], reference: tuple[list, dict], start: int, wha
             rel = abs(got - want) / abs(want)
             assert rel <= RTOL, f"{what}: rank {rank} step {start + s + 1} loss {got!r} != {want!r} ({rel:.1e})"
             worst = max(worst, rel)
-        for n, p in res["params"].items():
-            want = ref_params[single_process_name(n, ref_params)]
-            rel = float((p - want).abs().max() / want.abs().max().clamp_min(test_parity.SCALE_FLOOR))
-            assert rel <= RTOL, f"{what}: rank {rank} parameter {n} differs ({rel:.1e})"
+        params = {single_process_name(n, ref_params): p for n, p in res["params"].items()}
+        assert_matches_reference(params, ref_params, f"{what}: rank {rank} parameter", rel=RTOL)
     print(f"\n{what}: largest relative loss difference {worst:.1e}")
     return worst
 
