@@ -185,6 +185,24 @@ def test_llava_preset_errors():
         LlavaMimoProvider.preset("tiny", layers=3)
 
 
+@pytest.mark.parametrize("kwargs, encoder, projection", [
+    ({"freeze_modality_encoders": {"images": True}}, False, True),
+    ({"freeze_modality_projections": {"images": True}}, True, False),
+    ({"freeze_vision_encoder": True, "freeze_modality_projections": {"images": False}}, False, True),
+    ({"freeze_projection": True, "freeze_modality_encoders": {"images": True}}, False, False),
+])
+def test_llava_takes_the_base_providers_freezing_arguments(kwargs, encoder, projection):
+    """Megatron-Bridge's LlavaMimoProvider is a MimoModelProvider: its per-modality flags work here too,
+    in the constructor and in `preset`; a part is frozen if either argument says so."""
+    for provider in (LlavaMimoProvider.preset("tiny", **kwargs),
+                     LlavaMimoProvider(ViTConfig.tiny(), DecoderConfig.tiny(), **kwargs)):
+        images = provider.provide().modality_submodules["images"]
+        assert all(p.requires_grad == encoder for p in images.encoder.parameters()), kwargs
+        assert all(p.requires_grad == projection for p in images.projection.parameters()), kwargs
+    with pytest.raises(ProviderError, match=r"freeze_modality_encoders names unknown modalities \['audio'\]"):
+        LlavaMimoProvider.preset("tiny", freeze_modality_encoders={"audio": True})
+
+
 @pytest.mark.parametrize("name", ["tiny", "1b", "3b", "7b"])
 def test_llava_preset_parameter_counts_on_meta(name):
     provider = LlavaMimoProvider.preset(name)

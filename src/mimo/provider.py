@@ -217,6 +217,13 @@ class MimoModelProvider:
                 sub.projection.requires_grad_(False)
 
 
+def _with_flag(flags: Mapping[str, bool] | None, modality: str, flag: bool) -> dict[str, bool]:
+    """Per-modality freezing flags with `modality` also frozen if `flag` (unknown names kept: checked later)."""
+    flags = dict(flags or {})
+    flags[modality] = bool(flag or flags.get(modality, False))
+    return flags
+
+
 def _num_layers(spec: ModuleSpec) -> int:
     """The layer count a pipelined language model spec declares (its `config.num_layers`)."""
     config = spec.params.get("config")
@@ -247,8 +254,13 @@ class LlavaMimoProvider(MimoModelProvider):
         params_dtype: torch.dtype = torch.float32,
         seed: int = 1234,
         device: torch.device | str | None = None,
+        freeze_modality_encoders: Mapping[str, bool] | None = None,
+        freeze_modality_projections: Mapping[str, bool] | None = None,
     ) -> None:
-        """Specs from the two configs; the image token defaults to the first id past the vocabulary."""
+        """Specs from the two configs; the image token defaults to the first id past the vocabulary.
+
+        The base provider's per-modality `freeze_modality_encoders` / `freeze_modality_projections` are
+        taken too (as Megatron-Bridge's subclass does); a part is frozen if either way says so."""
         self.vision_config = vision_config or ViTConfig.clip_vit_l14_336()
         self.language_config = language_config or DecoderConfig.preset("7b")
         self.image_token_id = self.language_config.vocab_size if image_token_id is None else image_token_id
@@ -264,8 +276,8 @@ class LlavaMimoProvider(MimoModelProvider):
             special_token_ids={self.MODALITY: self.image_token_id},
             mimo_parallelism_config=mimo_parallelism_config,
             freeze_language_model=freeze_language_model,
-            freeze_modality_encoders={self.MODALITY: freeze_vision_encoder},
-            freeze_modality_projections={self.MODALITY: freeze_projection},
+            freeze_modality_encoders=_with_flag(freeze_modality_encoders, self.MODALITY, freeze_vision_encoder),
+            freeze_modality_projections=_with_flag(freeze_modality_projections, self.MODALITY, freeze_projection),
             params_dtype=params_dtype,
             seed=seed,
             device=device,
