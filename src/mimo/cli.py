@@ -88,12 +88,12 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
-    from mimo.training.run_config import check_data_available, load_run_config
+    from mimo.training.run_config import check_data_available, load_run_config, validate_run
 
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
-    layout, warns = _finalized(config.layout, world)
-    rank_map = render_rank_map(layout)
+    warns = validate_run(config, world)
+    rank_map = render_rank_map(config.layout)
     check_data_available(config)
     if args.resume:
         _check_resumable(config)
@@ -120,13 +120,13 @@ def _check_resumable(config) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a run config (keys, types, layout for its world size) without starting anything."""
-    from mimo.training.run_config import load_run_config
+    from mimo.training.run_config import load_run_config, validate_run
 
     config = load_run_config(args.config, args.set)
-    layout, warns = _finalized(config.layout, args.nproc_per_node or config.world_size)
+    warns = validate_run(config, args.nproc_per_node or config.world_size)
     for w in warns:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"{args.config}: valid; {layout.deployment} on {layout.world_size} ranks")
+    print(f"{args.config}: valid; {config.layout.deployment} on {config.layout.world_size} ranks")
     return 0
 
 
@@ -139,14 +139,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     plot_runs(runs, out)
     print(f"wrote {out}")
     return 0
-
-
-def _finalized(layout: MimoParallelismConfig, world_size: int) -> tuple[MimoParallelismConfig, list[str]]:
-    """The layout finalized for `world_size`, with its warnings as strings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layout.finalize(world_size)
-    return layout, [str(w.message) for w in caught]
 
 
 def _launched() -> bool:

@@ -24,7 +24,7 @@ from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import MetricsWriter, Progress
 from mimo.training.optim import OptimizerConfig
-from mimo.training.run_config import RunConfig
+from mimo.training.run_config import RunConfig, validate_run
 from mimo.training.step import MimoTrainer
 
 PARAM_DTYPE = {"float32": torch.float32, "bfloat16": torch.float32, "float16": torch.float32,
@@ -95,6 +95,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
                  rank_map: str = "") -> dict[str, Any]:
     """Train `config.train.steps` steps (from the newest checkpoint if `resume`); returns the final metrics."""
     device = init_distributed(config.train.timeout_s)
+    validate_run(config, dist.get_world_size())  # the parent checked too; a torchrun/srun world did not
     rank = dist.get_rank()
     if rank == 0:
         _write_run_dir(config, rank_map, quiet)
