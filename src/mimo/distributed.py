@@ -28,9 +28,9 @@ from torch.nn.parallel.distributed import _find_tensors
 
 from mimo.config import LANGUAGE
 from mimo.models import MimoModel
+from mimo.precision import DTYPES, PrecisionError, dtype_of
 
 DataParallel = Literal["ddp", "fsdp"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class WrapError(ValueError):
@@ -42,7 +42,8 @@ class ModuleDistributedConfig:
     """How one module is data-parallel and in which dtype it computes.
 
     `compute_dtype` None computes in the parameters' dtype; bfloat16/float16 compute in that dtype while
-    parameters, optimizer state and gradient reduction stay in the parameters' dtype.
+    parameters, optimizer state and gradient reduction stay in the parameters' dtype (a name of
+    `mimo.precision.DTYPES`; a run takes it from its `PrecisionPolicy`).
     """
 
     data_parallel: DataParallel = "ddp"
@@ -53,9 +54,15 @@ class ModuleDistributedConfig:
         """Reject unknown DP kinds and dtypes with the allowed values."""
         if self.data_parallel not in ("ddp", "fsdp"):
             raise WrapError(f"module '{name}': data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
-        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+        try:
+            self.compute()
+        except PrecisionError:
             raise WrapError(f"module '{name}': compute_dtype must be one of {list(DTYPES)} or None, "
-                            f"got {self.compute_dtype!r}")
+                            f"got {self.compute_dtype!r}") from None
+
+    def compute(self) -> torch.dtype | None:
+        """The compute dtype, or None for the parameters' own."""
+        return None if self.compute_dtype is None else dtype_of(self.compute_dtype)
 
 
 @dataclass
@@ -234,7 +241,7 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them again
 def _fully_shard(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> None:
     """FSDP2 over the module's dp mesh dim, per block and at the root, summing gradients."""
     param_dtype = next(module.parameters()).dtype
-    compute = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else param_dtype
+    compute = cfg.compute() or param_dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
     mesh = grid.mesh["dp"]
     units = [*_blocks(module), module]  # blocks first, the root last
@@ -277,9 +284,9 @@ def full_tensor(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def _autocast_forward(module: nn.Module, cfg: ModuleDistributedConfig) -> None:
     """Run the module's forward under autocast to `compute_dtype` (DDP's mixed precision)."""
-    if cfg.compute_dtype is None:
+    dtype = cfg.compute()
+    if dtype is None:
         return
-    dtype = DTYPES[cfg.compute_dtype]
     param = next(module.parameters())
     if dtype == param.dtype:
         return

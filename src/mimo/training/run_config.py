@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from mimo.config import LayoutError, MimoParallelismConfig, read_yaml
+from mimo.precision import PrecisionPolicy
 
 
 class RunConfigError(ValueError):
@@ -108,16 +109,22 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
-        """Build the layout once: every reader (validation, the provider) sees the same object."""
+        """Build the layout and the precision policy once: every reader sees the same objects."""
         try:
             self._layout = MimoParallelismConfig.from_dict(self.parallelism)
         except LayoutError as e:
             raise RunConfigError(f"parallelism: {e}") from None
+        self._precision = PrecisionPolicy.from_name(self.train.dtype)
 
     @property
     def layout(self) -> MimoParallelismConfig:
         """The parallelism section as a `MimoParallelismConfig`, built once (finalized by `validate_run`)."""
         return self._layout
+
+    @property
+    def precision(self) -> PrecisionPolicy:
+        """Parameter dtype, compute dtype and loss scaling, decided once from `train.dtype`."""
+        return self._precision
 
     @property
     def world_size(self) -> int:
