@@ -3,7 +3,7 @@
 Each module a rank hosts is wrapped with its own mesh and groups (Megatron-Bridge's
 `wrap_mimo_model_distributed`, with FSDP2 as well as DDP). Gradient semantics live here in one rule:
 **every data-parallel reduction is a SUM**. The loss each rank backpropagates is already divided by the
-global number of label tokens (`mimo.training.loss`), so summing over replicas gives exactly the
+global number of label tokens (by the training step), so summing over replicas gives exactly the
 gradient of the global per-token mean — whatever a module's DP size, and whether its gradient came
 from its own loss or across the bridge. DDP gets a sum comm hook, FSDP2 a divide factor of 1.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.parallel.distributed import _find_tensors
 
 from mimo.config import LANGUAGE
+from mimo.grid import ModuleGrid
+from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
 from mimo.precision import DTYPES, PrecisionError, dtype_of
 
@@ -104,7 +106,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 # -- tensor parallelism ------------------------------------------------------------------------------
-def apply_tensor_parallel(model: MimoModel, infra) -> None:
+def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
     """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`.
 
     Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
@@ -152,7 +154,7 @@ def _what(layer: nn.Module, style: ParallelStyle) -> str:
 
 
 # -- data parallelism and precision ------------------------------------------------------------------
-def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> MimoModel:
+def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig) -> MimoModel:
     """Wrap each hosted module with DDP or FSDP2 over its own DP group.
 
     `ddp` wraps only a module that trains and has a replica to talk to: a frozen module, or one alone in
@@ -179,15 +181,17 @@ def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> M
     return model
 
 
-def wrap_mimo_model_distributed(model: MimoModel, infra, config: DistributedConfig | None = None) -> MimoModel:
-    """TP (for a model not yet sharded) then DDP/FSDP2 per module; stub ranks and non-hosted parts untouched."""
-    if getattr(model, "is_stub", False):
-        return model
+def wrap_mimo_model_distributed(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig | None = None,
+                                materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
+    """TP (for a model not yet sharded), then `materialize` (a meta model's values: the provider's), then
+    DDP/FSDP2 per module; a stub rank's empty model passes through unchanged."""
     apply_tensor_parallel(model, infra)
+    if materialize is not None:
+        model = materialize(model)
     return apply_data_parallel(model, infra, config or DistributedConfig())
 
 
-def _ddp(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> DDP:
+def _ddp(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> DDP:
     """torch DDP over the module's dp×cp group, summing (not averaging) gradients."""
     if grid.size("tp") > 1:
         _localize_for_ddp(module)
@@ -238,7 +242,7 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them again
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def _fully_shard(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> None:
+def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> None:
     """FSDP2 over the module's dp mesh dim, per block and at the root, summing gradients."""
     param_dtype = next(module.parameters()).dtype
     compute = cfg.compute() or param_dtype

@@ -93,7 +93,7 @@ def train(rank: int, world: int, layout: dict, dp_kind: str, root: str, save_at:
         if trainer.step_count in save_at:
             torch.manual_seed(SAVE_SEED + rank)
             ckpt.save(trainer.step_count, trainer, extra_at(trainer.step_count, layout))
-    return {"losses": losses, "params": {} if trainer.is_stub else full_params(trainer.model), "extra": extra,
+    return {"losses": losses, "params": full_params(trainer.model), "extra": extra,
             "rng": rng}
 
 
@@ -271,7 +271,7 @@ def snapshot(trainer: MimoTrainer) -> tuple:
     epochs = {n: s.last_epoch for n, s in trainer.schedulers.items()}
     moments = [o.state[p]["exp_avg"].clone() for o in trainer.optimizers.values() for g in o.param_groups
                for p in g["params"]]
-    return lrs, epochs, moments, {} if trainer.is_stub else full_params(trainer.model)
+    return lrs, epochs, moments, full_params(trainer.model)
 
 
 def same(a: tuple, b: tuple) -> bool:

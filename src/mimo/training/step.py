@@ -29,6 +29,8 @@ from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
 from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage
+from mimo.infra import MimoModelInfra
+from mimo.models import MimoModel
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
 from mimo.training.pipeline import PipelineSchedule, StageWork
@@ -51,12 +53,13 @@ class StepResult:
 
 
 class MimoTrainer:
-    """Runs training steps of a wrapped MIMO model (or a stub) with its bridges, optimizers and schedules."""
+    """Runs training steps of a wrapped MIMO model (a stub rank's is empty) with its bridges, optimizers and
+    schedules."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        infra,
+        model: MimoModel,
+        infra: MimoModelInfra,
         *,
         hidden_size: int,
         global_batch_size: int,
@@ -74,14 +77,13 @@ class MimoTrainer:
         self.micro_batch_size = infra.config.validate_batch(global_batch_size, num_microbatches)
         self.hidden_size, self.activation_dtype, self.clip_grad = hidden_size, activation_dtype, clip_grad
         self.scaler = scaler  # fp16: one loss scale for the whole model (GlobalGradScaler)
-        self.is_stub = bool(getattr(model, "is_stub", False))
-        self.special_token_ids = {} if self.is_stub else dict(model.special_token_ids)
+        self.special_token_ids = dict(model.special_token_ids)
         self.bridges: dict[str, Bridge] = {
             src: make_bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst], self.micro_batch_size,
                              hidden_size, activation_dtype, self.device, infra.p2p_groups)
             for src, dst in infra.config.edges if dst == LANGUAGE}
         self.optimizer_config = optimizer or OptimizerConfig()
-        self.optimizers = {} if self.is_stub else build_optimizers(model, self.optimizer_config)
+        self.optimizers = build_optimizers(model, self.optimizer_config)
         self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
         self.step_count = 0
 
@@ -92,8 +94,8 @@ class MimoTrainer:
             raise ValueError(f"the batch has {batch.num_samples} samples, but the trainer was built for a "
                              f"global batch of {self.global_batch_size}")
         t0 = time.perf_counter()
-        # the normalizer, from the batch every rank holds (a stub learns it with the loss, at the end)
-        label_tokens = 0 if self.is_stub else int(batch.num_label_tokens(self.special_token_ids))
+        # the normalizer, from the batch every rank holds
+        label_tokens = int(batch.num_label_tokens(self.special_token_ids))
         self._state = _StepState(batch, label_tokens, self._prefetch(batch))
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
@@ -109,8 +111,7 @@ class MimoTrainer:
             self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
         for bridge in self.bridges.values():
             bridge.wait()
-        if not self.is_stub:
-            align_gradients(self.model)
+        align_gradients(self.model)
         self._sync_tied_embeddings()
         skipped = self._unscale_and_check()
         totals = self._global_sums()
