@@ -46,7 +46,3 @@ class MimoModelInfra:
         for src, dst in self.config.edges:
             out.setdefault(src, []).append(dst)
         return out
-
-    def grid(self, name: str) -> ModuleGrid | None:
-        """Module `name`'s grid, or None on one process."""
-        return self.module_to_grid_map.get(name)
