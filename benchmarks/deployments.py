@@ -240,7 +240,7 @@ def bridge_bandwidth(trainer, batch, tokens_per_image: int, probe: Probe, reps: 
     src_leader, dst_leader = int(bridge.src.ranks[-1, 0, 0, 0]), int(bridge.dst.ranks[0, 0, 0, 0])
     embeddings = counts = None
     if bridge.is_sender:
-        shard = mb.shard(bridge.src.coord[1], bridge.src.size("dp")).modality_inputs[IMAGES]
+        shard = mb.shard(bridge.src.coord.dp, bridge.src.size("dp")).modality_inputs[IMAGES]
         counts = shard.items_per_sample.to(device) * tokens_per_image
         embeddings = torch.randn(int(counts.sum()), hidden, device=device).to(dtype)
     rank = dist.get_rank()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mimo.bridge import Bridge, bridge_kind, row_offsets, sample_overlaps
+from mimo.bridge import Bridge, bridge_kind, make_bridge, row_offsets, sample_overlaps
 from mimo.config import MimoParallelismConfig
 from mimo.grid import ModuleGrid, build_module_grids
 from mimo.testing import run_distributed
@@ -105,7 +105,7 @@ def reference_grad(src: str) -> Tensor:
 def replica_samples(grid: ModuleGrid) -> tuple[int, int]:
     """[start, stop) of the samples this rank's DP replica of `grid` owns."""
     per = B // grid.size("dp")
-    return grid.coord[1] * per, (grid.coord[1] + 1) * per
+    return grid.coord.dp * per, (grid.coord.dp + 1) * per
 
 
 def sender_inputs(src: str, m: int, grid: ModuleGrid, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +134,7 @@ def run_edges(rank: int, world_size: int, layout: dict, srcs: list[str], known_c
     """Heterogeneous senders run ahead (every forward, then every backward); the rest go in lockstep. With
     `known_counts`, colocated senders pass the whole micro-batch's counts, and gathering them is an error."""
     grids = build_module_grids(finalized(layout, world_size))
-    bridges = {s: Bridge(grids[s], grids["language"], B, H, DTYPE) for s in srcs}
+    bridges = {s: make_bridge(grids[s], grids["language"], B, H, DTYPE) for s in srcs}
     if known_counts:
         for br in bridges.values():
             br._colocated_counts = _no_gather
@@ -167,7 +167,7 @@ def run_edges(rank: int, world_size: int, layout: dict, srcs: list[str], known_c
     return {"kind": {s: br.kind for s, br in bridges.items()},
             "roles": {s: (br.is_sender, br.is_receiver) for s, br in bridges.items()},
             "received": received,
-            "grads": {s: (grids[s].coord[1], grids[s].coord[3], weights[s].grad) for s in srcs if grids[s].coord}}
+            "grads": {s: (grids[s].coord.dp, grids[s].coord.tp, weights[s].grad) for s in srcs if grids[s].coord}}
 
 
 def _no_gather(counts: Tensor) -> Tensor:
@@ -218,7 +218,7 @@ def bridge_on(case: str, rank: int, micro_batch_size: int = B) -> Bridge:
     """The images -> language bridge of CASES[case] on `rank`."""
     _, layout, _, world, _ = next(c for c in CASES if c[0] == case)
     grids = grids_on(layout, world, rank)
-    return Bridge(grids["images"], grids["language"], micro_batch_size, H, DTYPE)
+    return make_bridge(grids["images"], grids["language"], micro_batch_size, H, DTYPE)
 
 
 def test_sample_overlaps_fan_in_fan_out_and_one_to_one():
@@ -233,6 +233,9 @@ def test_kinds_follow_the_grids():
     for case, _, _, world, kind in CASES:
         grids = grids_on(next(c[1] for c in CASES if c[0] == case), world, 0)
         assert bridge_kind(grids["images"], grids["language"]) == kind, case
+        bridge = make_bridge(grids["images"], grids["language"], B, H, DTYPE)
+        assert isinstance(bridge, Bridge) and bridge.kind == kind, case
+        assert bridge.encodes_inside_language_forward == (kind == "homogeneous"), case
 
 
 @pytest.mark.parametrize("counts, rows, match", [
@@ -280,7 +283,7 @@ def test_ranks_off_the_edge_reject_data():
 def test_stub_rank_is_off_every_edge(language: dict):
     layout = {"images": {"data_parallel_size": 2, "rank_offset": 1}, "language": {**language, "rank_offset": 1}}
     grids = grids_on(layout, 3, rank=0)
-    bridge = Bridge(grids["images"], grids["language"], B, H, DTYPE)
+    bridge = make_bridge(grids["images"], grids["language"], B, H, DTYPE)
     assert not bridge.is_sender and not bridge.is_receiver
     assert bridge.forward(0) is None
     bridge.backward(0)

@@ -18,7 +18,7 @@ from mimo.distributed import (
 )
 from mimo.models import Decoder, DecoderConfig
 from mimo.provider import MimoModelProvider, ModuleSpec
-from mimo.testing import run_distributed
+from mimo.testing import assert_matches_reference, run_distributed
 
 DECODER = DecoderConfig.tiny(num_layers=2, num_kv_heads=4)  # 4 heads, 4 KV heads: TP up to 4
 GLOBAL_BATCH, SEQ, MICRO = 8, 12, 2
@@ -92,16 +92,9 @@ def run_layout(rank: int, world_size: int, layout: dict, dp_kind: str) -> dict:
     grid = provider.build_infra().module_to_grid_map["language"]
     lm = model.language_model
     grads = {}
-    losses = train(lm, grid.coord[1], grid.size("dp"), grid.get_group("dp"),
+    losses = train(lm, grid.coord.dp, grid.size("dp"), grid.get_group("dp"),
                    on_first_step=lambda: grads.update(full_state(lm, grads=True)))
     return {"losses": losses, "grads": grads, "params": full_state(lm, grads=False)}
-
-
-def assert_close_rel(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-8) -> float:
-    """Relative difference (max-abs over max-abs) within `rel`; returns it."""
-    diff = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
-    assert diff <= rel, f"{what}: relative difference {diff:.2e} > {rel:.0e}"
-    return diff
 
 
 LAYOUTS = [
@@ -125,13 +118,12 @@ def test_language_model_parity(ref, name, layout, dp_kind, world):
     results = run_distributed(run_layout, world, layout, dp_kind)
     worst = 0.0
     for rank, res in enumerate(results):
-        for s, (got, want) in enumerate(zip(res["losses"], ref_losses, strict=True)):
-            worst = max(worst, assert_close_rel(torch.tensor(got), torch.tensor(want), f"rank {rank} loss {s}"))
-        assert sorted(res["grads"]) == sorted(ref_grads)
-        for n, g in res["grads"].items():
-            worst = max(worst, assert_close_rel(g, ref_grads[n], f"rank {rank} grad {n}"))
-        for n, p in res["params"].items():
-            worst = max(worst, assert_close_rel(p, ref_params[n], f"rank {rank} param {n}"))
+        losses = {f"loss {s}": torch.tensor(got) for s, got in enumerate(res["losses"])}
+        worst = max(worst, assert_matches_reference(
+            losses, {f"loss {s}": torch.tensor(want) for s, want in enumerate(ref_losses)}, f"rank {rank}"))
+        assert sorted(res["grads"]) == sorted(ref_grads) and len(res["losses"]) == len(ref_losses)
+        worst = max(worst, assert_matches_reference(res["grads"], ref_grads, f"rank {rank} grad"))
+        worst = max(worst, assert_matches_reference(res["params"], ref_params, f"rank {rank} param"))
     print(f"\n{name}: largest relative difference {worst:.1e}")
 
 

@@ -158,7 +158,7 @@ def check_mesh(grid, rank: int) -> None:
     assert mesh.mesh.flatten().tolist() == list(grid.span)
     for d in MESH_DIMS:
         assert dist.get_process_group_ranks(mesh[d].get_group()) == grid.group_ranks(d)
-        assert mesh.get_local_rank(d) == grid.coord[MESH_DIMS.index(d)]
+        assert mesh.get_local_rank(d) == getattr(grid.coord, d)
 
 
 # -- tests ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from mimo.provider import (
     ProviderError,
     pipeline_layer_range,
 )
-from mimo.testing import run_distributed
+from mimo.testing import fake_world, run_distributed
 from tests.test_grid import COLOCATED, HETEROGENEOUS, HOMOGENEOUS, STUB
 
 DECODER = DecoderConfig.tiny(num_layers=3)
@@ -185,6 +185,24 @@ def test_llava_preset_errors():
         LlavaMimoProvider.preset("tiny", layers=3)
 
 
+@pytest.mark.parametrize("kwargs, encoder, projection", [
+    ({"freeze_modality_encoders": {"images": True}}, False, True),
+    ({"freeze_modality_projections": {"images": True}}, True, False),
+    ({"freeze_vision_encoder": True, "freeze_modality_projections": {"images": False}}, False, True),
+    ({"freeze_projection": True, "freeze_modality_encoders": {"images": True}}, False, False),
+])
+def test_llava_takes_the_base_providers_freezing_arguments(kwargs, encoder, projection):
+    """Megatron-Bridge's LlavaMimoProvider is a MimoModelProvider: its per-modality flags work here too,
+    in the constructor and in `preset`; a part is frozen if either argument says so."""
+    for provider in (LlavaMimoProvider.preset("tiny", **kwargs),
+                     LlavaMimoProvider(ViTConfig.tiny(), DecoderConfig.tiny(), **kwargs)):
+        images = provider.provide().modality_submodules["images"]
+        assert all(p.requires_grad == encoder for p in images.encoder.parameters()), kwargs
+        assert all(p.requires_grad == projection for p in images.projection.parameters()), kwargs
+    with pytest.raises(ProviderError, match=r"freeze_modality_encoders names unknown modalities \['audio'\]"):
+        LlavaMimoProvider.preset("tiny", freeze_modality_encoders={"audio": True})
+
+
 @pytest.mark.parametrize("name", ["tiny", "1b", "3b", "7b"])
 def test_llava_preset_parameter_counts_on_meta(name):
     provider = LlavaMimoProvider.preset(name)
@@ -215,3 +233,23 @@ def test_llava_tiny_trains_one_step_single_process():
     # every position has a label except the image positions and the one whose target is an image token
     assert torch.isfinite(loss_sum) and count == 2 * 40 - cfg.tokens_per_image - 1
     assert all(p.grad is not None for p in model.parameters())
+
+
+TWO_EDGES = {"images": {"data_parallel_size": 1}, "audio": {"data_parallel_size": 1, "rank_offset": 1},
+             "language": {"data_parallel_size": 1, "rank_offset": 2}}
+
+
+@pytest.mark.parametrize("rank, hosted", [(0, ["images"]), (2, ["language"])])
+def test_infra_derives_what_it_can_and_leaves_the_callers_layout_alone(rank, hosted):
+    """The provider's topology reaches the infra without being written into the caller's config."""
+    topology = {"audio": ["language"], "images": ["language"]}  # the layout's order is images, audio
+    provider = make_provider(TWO_EDGES, ("images", "audio"), topology=topology)
+    with fake_world(rank, 3):
+        infra = provider.build_infra()
+    assert provider.mimo_parallelism_config.topology is None
+    assert infra.topology == topology and infra.config.edges == [("audio", "language"), ("images", "language")]
+    assert infra.participating_modules == hosted and not infra.is_stub_rank
+    assert infra.deployment == "heterogeneous" and sorted(infra.pg_collections) == ["audio", "images", "language"]
+    same = make_provider(TWO_EDGES, ("images", "audio"))  # the default topology: the caller's config itself
+    with fake_world(rank, 3):
+        assert same.build_infra().config is same.mimo_parallelism_config

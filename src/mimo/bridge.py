@@ -1,15 +1,16 @@
 """One edge's embeddings forward and their gradients back, between two module layouts (DESIGN §3 "The bridge").
 
 Per micro-batch an edge src → dst carries a 2-D tensor [n_tokens, H] in sample order plus the token count of
-each sample. The training step calls `forward(m)` and `backward(m)` itself, so it decides the order:
+each sample. The training step calls each micro-batch itself, so it decides the order. One class per kind,
+chosen by `make_bridge`:
 
-- heterogeneous (disjoint spans): one leader per DP replica on each side (TP rank 0 of src's last and dst's
+- `HeterogeneousBridge` (disjoint spans): one leader per DP replica on each side (TP rank 0 of src's last and dst's
   first pipeline stage) talks point-to-point with global ranks, counts first, then rows; fan-in and fan-out
   follow the replicas' sample ranges; the receiving leader broadcasts in its TP group. Sends never block
   (their tensors are kept until the works complete); receives do.
-- colocated (same span): the whole span re-partitions with collectives: an all-gather of each rank's rows,
+- `ColocatedBridge` (same span): the whole span re-partitions with collectives: an all-gather of each rank's rows,
   padded to the longest replica, sliced per dst replica; backward is the matching reduce-scatter.
-- homogeneous: nothing moves.
+- `HomogeneousBridge` (same span and layout): nothing moves.
 
 Only each dst replica's TP leader sends a gradient back: its TP peers hold identical copies (TP all-reduces
 the input gradient), so sending theirs too would count it twice.
@@ -18,8 +19,9 @@ the input gradient), so sending theirs too would count it twice.
 from __future__ import annotations
 
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -63,8 +65,17 @@ class _Sent:
     counts: Tensor  # CPU int64, one per sample of this rank's src replica
 
 
-class Bridge:
-    """Moves one edge's embeddings forward and their gradients back, micro-batch by micro-batch."""
+class Bridge(ABC):
+    """Moves one edge's embeddings forward and their gradients back, micro-batch by micro-batch.
+
+    One subclass per deployment kind (`make_bridge` picks it). The training step drives it through four
+    questions: does this edge encode inside the language forward (`encodes_inside_language_forward`);
+    stage 0's rows of micro-batch m (`receive`); hand their gradient back (`return_grad`); run the
+    encoder's backward of m (`run_encoder_backward`). `forward` / `backward` are the transport itself."""
+
+    kind: ClassVar[Kind]
+    encodes_inside_language_forward: ClassVar[bool] = False  # stage 0 encodes m when its forward needs it
+    uses_microbatch_tokens: ClassVar[bool] = False  # `microbatch_tokens` spare moving (and reading) counts
 
     def __init__(self, src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None) -> None:
@@ -75,51 +86,36 @@ class Bridge:
         self.name = f"{src.name} -> {dst.name}"
         self.micro_batch_size, self.hidden_size = micro_batch_size, hidden_size
         self.dtype, self.device = dtype, torch.device(device)
-        self.kind: Kind = bridge_kind(src, dst)
         self._src_samples = self._samples_per_replica(src)
         self._dst_samples = self._samples_per_replica(dst)
-        src_coord, dst_coord = src.coord, dst.coord
-        self.is_sender = src_coord is not None and src_coord[0] == src.size("pp") - 1
-        self.is_receiver = dst_coord is not None and dst_coord[0] == 0
-        self._src_replica = src_coord[1] if self.is_sender else -1
-        self._dst_replica = dst_coord[1] if self.is_receiver else -1
-        self._is_src_leader = self.is_sender and src_coord[2:] == (0, 0)
-        self._is_dst_leader = self.is_receiver and dst_coord[2:] == (0, 0)
+        self.is_sender = src.is_last_stage()
+        self.is_receiver = dst.is_first_stage()
+        self._src_replica = src.coord.dp if self.is_sender else -1
+        self._dst_replica = dst.coord.dp if self.is_receiver else -1
+        self._is_src_leader = self.is_sender and src.is_tp_leader()
+        self._is_dst_leader = self.is_receiver and dst.is_tp_leader()
         self._edge_tag = zlib.crc32(self.name.encode()) % 2**_EDGE_BITS
         self._sent: dict[int, _Sent] = {}
         self._received: dict[int, Tensor] = {}  # receiver: its counts per micro-batch
-        self._counts: dict[int, Tensor] = {}  # colocated: per-sample counts of the whole micro-batch (CPU)
+        self._leaves: dict[int, Tensor] = {}  # receiver: the rows `receive` handed out, whose .grad goes back
         self._pending: dict[int, list[tuple[dist.Work, Tensor]]] = {}  # sends in flight, tensors kept alive
 
     def __repr__(self) -> str:
-        return f"Bridge({self.name!r}, {self.kind}, sender={self.is_sender}, receiver={self.is_receiver})"
+        return f"{type(self).__name__}({self.name!r}, sender={self.is_sender}, receiver={self.is_receiver})"
 
-    # -- public API ---------------------------------------------------------------------------
+    # -- the transport ------------------------------------------------------------------------
     def forward(self, microbatch: int, embeddings: Tensor | None = None, tokens_per_sample: Tensor | None = None,
                 microbatch_tokens: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """Senders pass their replica's embeddings and counts; receivers get (rows of their dst replica's
         samples, their counts on CPU), the rows a leaf with requires_grad unless homogeneous; others None.
 
-        Any rank may also pass `microbatch_tokens`, the counts of the whole micro-batch (every rank holds the
-        global batch): that spares moving the counts, and the host sync of reading them, per micro-batch (the
-        colocated all-gather; the heterogeneous counts message). Heterogeneous: all of the edge's ranks pass it, or
-        none."""
+        Where `uses_microbatch_tokens`, every rank of the edge passes `microbatch_tokens`, the counts of the
+        whole micro-batch (every rank holds the global batch), or none does: that spares moving the counts, and
+        the host sync of reading them, per micro-batch (colocated: the all-gather; heterogeneous: the message)."""
         counts = self._accept(microbatch, embeddings, tokens_per_sample)
-        if microbatch_tokens is not None and self.kind == "colocated" and self.is_sender:
-            self._counts[microbatch] = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts)
         if not (self.is_sender or self.is_receiver):
             return None
-        if self.kind == "homogeneous":
-            return embeddings, counts
-        if self.kind == "colocated":
-            return self._colocated_forward(microbatch)
-        known = None
-        if microbatch_tokens is not None:
-            known = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts) if self.is_sender else \
-                self._whole_microbatch(microbatch, microbatch_tokens)
-        if self.is_sender:
-            self._send_rows(microbatch, send_counts=known is None)
-        return self._receive_rows(microbatch, known) if self.is_receiver else None
+        return self._forward(microbatch, embeddings, counts, microbatch_tokens)
 
     def backward(self, microbatch: int, grad: Tensor | None = None) -> None:
         """Receivers pass their leaf's grad (None means zeros); senders get their embeddings' gradient and
@@ -127,28 +123,51 @@ class Bridge:
         if grad is not None and not self.is_receiver:
             raise ValueError(f"bridge {self.name}, micro-batch {microbatch}: rank {self.dst.rank} is not a "
                              f"receiver (first pipeline stage of '{self.dst.name}') but was given a grad")
-        if self.kind == "homogeneous" or not (self.is_sender or self.is_receiver):
-            return
-        if self.kind == "colocated":
-            self._colocated_backward(microbatch, grad)
-            return
-        if self.is_receiver:
-            self._send_grad(microbatch, grad)
-        if self.is_sender:
-            self._receive_grad(microbatch)
+        if self.is_sender or self.is_receiver:
+            self._backward(microbatch, grad)
 
     def wait(self) -> None:
         """Complete every send still in flight (call at the end of a step)."""
         for microbatch in list(self._pending):
             self._wait_sends(microbatch)
 
+    @abstractmethod
+    def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
+                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """The kind's forward on a sender or receiver (inputs already checked)."""
+
+    @abstractmethod
+    def _backward(self, microbatch: int, grad: Tensor | None) -> None:
+        """The kind's backward on a sender or receiver."""
+
     def p2p_pairs(self) -> list[tuple[int, int]]:
-        """The (src leader, dst leader) rank pairs this edge's point-to-point messages travel between; none
-        unless heterogeneous. Known on every rank, so all can open the same channels before the first step."""
-        if self.kind != "heterogeneous":
-            return []
-        return [(self._src_leader(i), self._dst_leader(j)) for i in range(self.src.size("dp"))
-                for j, _, _ in sample_overlaps(i, self._src_samples, self._dst_samples)]
+        """The rank pairs this edge sends between point to point (none but heterogeneous). Known on every rank,
+        so all can open the same channels before the first step (`P2PGroups.warm_up`)."""
+        return []
+
+    # -- what the training step asks ----------------------------------------------------------
+    def receive(self, microbatch: int, microbatch_tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Stage 0 of dst: micro-batch m's rows (a leaf, kept for `return_grad`) and counts on CPU."""
+        rows, counts = self._deliver(microbatch, microbatch_tokens)
+        self._leaves[microbatch] = rows
+        return rows, counts
+
+    def return_grad(self, microbatch: int) -> None:
+        """Stage 0 of dst, after micro-batch m's backward: hand the gradient of `receive`'s rows back."""
+        leaf = self._leaves.pop(microbatch, None)
+        self._hand_back(microbatch, leaf.grad if leaf is not None else None)
+
+    def run_encoder_backward(self, microbatch: int) -> None:
+        """Encoder ranks: get micro-batch m's embedding gradient and run the encoder's backward."""
+        self.backward(microbatch)
+
+    @abstractmethod
+    def _deliver(self, microbatch: int, microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Stage 0's rows and counts of micro-batch m."""
+
+    @abstractmethod
+    def _hand_back(self, microbatch: int, grad: Tensor | None) -> None:
+        """What the kind does with stage 0's gradient of micro-batch m."""
 
     # -- checks -------------------------------------------------------------------------------
     def _samples_per_replica(self, grid: ModuleGrid) -> int:
@@ -173,8 +192,6 @@ class Bridge:
             raise RuntimeError(f"{where}: forward was already called for this micro-batch without backward")
         counts = self._check_counts(where, counts)
         self._check_embeddings(where, embeddings, int(counts.sum()))
-        if self.kind != "homogeneous":
-            self._sent[microbatch] = _Sent(embeddings, counts)
         return counts
 
     def _check_counts(self, where: str, counts: Tensor) -> Tensor:
@@ -233,7 +250,7 @@ class Bridge:
             raise RuntimeError(f"bridge {self.name}, micro-batch {microbatch}: backward without forward")
         return store.pop(microbatch)
 
-    # -- heterogeneous: point-to-point between leaders ----------------------------------------
+    # -- rank arithmetic ------------------------------------------------------------------------
     def _src_leader(self, replica: int) -> int:
         """Global rank of src replica `replica`'s leader: TP/CP rank 0 of the last pipeline stage."""
         return int(self.src.ranks[-1, replica, 0, 0])
@@ -241,6 +258,52 @@ class Bridge:
     def _dst_leader(self, replica: int) -> int:
         """Global rank of dst replica `replica`'s leader: TP/CP rank 0 of the first pipeline stage."""
         return int(self.dst.ranks[0, replica, 0, 0])
+
+    def _wait_sends(self, microbatch: int) -> None:
+        """Complete and release the sends of `microbatch`."""
+        for work, _ in self._pending.pop(microbatch, []):
+            work.wait()
+
+
+class HeterogeneousBridge(Bridge):
+    """Disjoint spans: TP leaders talk point to point (counts, then rows; gradients back), fan-in and
+    fan-out by sample overlap; each receiving leader broadcasts in its TP group."""
+
+    kind = "heterogeneous"
+    uses_microbatch_tokens = True
+
+    def p2p_pairs(self) -> list[tuple[int, int]]:
+        """(src leader, dst leader) of every pair of replicas that share samples."""
+        return [(self._src_leader(i), self._dst_leader(j)) for i in range(self.src.size("dp"))
+                for j, _, _ in sample_overlaps(i, self._src_samples, self._dst_samples)]
+
+    def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
+                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Senders post their rows at once (and the counts, unless the receivers know them); receivers block
+        until theirs arrived."""
+        known = None
+        if microbatch_tokens is not None:
+            known = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts) if self.is_sender else \
+                self._whole_microbatch(microbatch, microbatch_tokens)
+        if self.is_sender:
+            self._sent[microbatch] = _Sent(embeddings, counts)
+            self._send_rows(microbatch, send_counts=known is None)
+        return self._receive_rows(microbatch, known) if self.is_receiver else None
+
+    def _backward(self, microbatch: int, grad: Tensor | None) -> None:
+        """Receivers post their gradient; senders receive theirs and run the encoder's backward."""
+        if self.is_receiver:
+            self._send_grad(microbatch, grad)
+        if self.is_sender:
+            self._receive_grad(microbatch)
+
+    def _deliver(self, microbatch: int, microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Receive micro-batch m now (the encoders sent it in their phase)."""
+        return self.forward(microbatch, microbatch_tokens=microbatch_tokens)
+
+    def _hand_back(self, microbatch: int, grad: Tensor | None) -> None:
+        """Send it at once, so the encoder's backward of m can start."""
+        self.backward(microbatch, grad)
 
     def _tag(self, microbatch: int, kind: int) -> int:
         """A gloo tag unique per edge, micro-batch (mod 2**13) and message kind."""
@@ -264,11 +327,6 @@ class Bridge:
     def _p2p_group(self, kind: int) -> dist.ProcessGroup | None:
         """The world-wide group of this message's direction (global rank = group rank), or the default."""
         return P2PGroups.pick(self.p2p_groups, backward=kind == _GRAD)
-
-    def _wait_sends(self, microbatch: int) -> None:
-        """Complete and release the sends of `microbatch`."""
-        for work, _ in self._pending.pop(microbatch, []):
-            work.wait()
 
     @staticmethod
     def _broadcast(tensor: Tensor, group: dist.ProcessGroup | None, leader: int) -> None:
@@ -341,7 +399,47 @@ class Bridge:
         self._broadcast(grad, self.src.get_group("tp"), self._src_leader(self._src_replica))
         _backward(sent.embeddings, grad)
 
-    # -- colocated: collectives over the span -------------------------------------------------
+
+class ColocatedBridge(Bridge):
+    """The same span, different layouts: the span re-partitions rows with a padded all-gather and
+    gradients with the matching reduce-scatter; every rank of the span calls both, in the same order."""
+
+    kind = "colocated"
+    uses_microbatch_tokens = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counts: dict[int, Tensor] = {}  # per-sample counts of the whole micro-batch (CPU)
+        self._delivered: dict[int, tuple[Tensor, Tensor]] = {}  # receiver: what forward gathered, until receive
+        self._grads: dict[int, Tensor | None] = {}  # receiver: stage 0's gradients, until the collective
+
+    def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
+                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Keep the sender's inputs (and the micro-batch's counts, if given), then the all-gather."""
+        self._sent[microbatch] = _Sent(embeddings, counts)
+        if microbatch_tokens is not None:
+            self._counts[microbatch] = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts)
+        out = self._colocated_forward(microbatch)
+        if out is not None:
+            self._delivered[microbatch] = out
+        return out
+
+    def _backward(self, microbatch: int, grad: Tensor | None) -> None:
+        self._delivered.pop(microbatch, None)
+        self._colocated_backward(microbatch, grad)
+
+    def _deliver(self, microbatch: int, microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """What the all-gather of the encoders' phase delivered for micro-batch m."""
+        return self._pop(self._delivered, microbatch)
+
+    def _hand_back(self, microbatch: int, grad: Tensor | None) -> None:
+        """Keep it: the reduce-scatter needs every rank of the span at the same micro-batch."""
+        self._grads[microbatch] = grad
+
+    def run_encoder_backward(self, microbatch: int) -> None:
+        """The reduce-scatter of micro-batch m's gradients (stage 0's, kept by `return_grad`), then backward."""
+        self.backward(microbatch, self._grads.pop(microbatch, None))
+
     def _span_group(self) -> dist.ProcessGroup:
         """The span's process group (the same span for both modules)."""
         return self.src.get_group("span")
@@ -415,10 +513,44 @@ class Bridge:
     def _place(self, slots: Tensor, grad: Tensor, offsets: list[int], lo: int, hi: int) -> None:
         """Copy the gradient of rows [lo, hi) into the slot of every span rank whose src replica owns them."""
         for r in self.src.span:
-            lo_i, hi_i = self._replica_rows(offsets, self.src.coordinates(r)[1], self._src_samples)
+            lo_i, hi_i = self._replica_rows(offsets, self.src.coordinates(r).dp, self._src_samples)
             a, b = max(lo, lo_i), min(hi, hi_i)
             if a < b:
                 slots[r - self.src.span.start, a - lo_i:b - lo_i] = grad[a - lo:b - lo]
+
+
+class HomogeneousBridge(Bridge):
+    """The same span and layout: nothing moves and autograd stays connected, so stage 0 encodes micro-batch m
+    inside its forward and the language backward runs on into the encoder."""
+
+    kind = "homogeneous"
+    encodes_inside_language_forward = True
+
+    def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
+                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        return embeddings, counts
+
+    def _backward(self, microbatch: int, grad: Tensor | None) -> None:
+        """Nothing: the language backward already ran through the encoder."""
+
+    def _deliver(self, microbatch: int, microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise RuntimeError(f"bridge {self.name} is homogeneous: stage 0 encodes micro-batch {microbatch} itself "
+                           f"and passes the embeddings to forward")
+
+    def _hand_back(self, microbatch: int, grad: Tensor | None) -> None:
+        """Nothing: autograd is connected."""
+
+    def run_encoder_backward(self, microbatch: int) -> None:
+        """Nothing: the language backward already ran it."""
+
+
+BRIDGES: dict[Kind, type[Bridge]] = {b.kind: b for b in (HeterogeneousBridge, ColocatedBridge, HomogeneousBridge)}
+
+
+def make_bridge(src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_size: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None) -> Bridge:
+    """The bridge of the edge's kind (`bridge_kind`), planned from the two grids."""
+    return BRIDGES[bridge_kind(src, dst)](src, dst, micro_batch_size, hidden_size, dtype, device, p2p_groups)
 
 
 def _backward(embeddings: Tensor, grad: Tensor) -> None:

@@ -63,14 +63,13 @@ def render_rank_map(config: MimoParallelismConfig) -> str:
 
 def _roles(grid: ModuleGrid, rank: int) -> str:
     """Pipeline and bridge roles: first/last stage, embedding group, leader of its TP group (TP rank 0)."""
-    pp, _, cp, tp = grid.coordinates(rank)
-    n_pp = grid.size("pp")
+    first, last = grid.is_first_stage(rank), grid.is_last_stage(rank)
     roles = []
-    if n_pp > 1:
-        roles.append("first stage" if pp == 0 else "last stage" if pp == n_pp - 1 else "middle stage")
-    if grid.name == LANGUAGE and n_pp > 1 and pp in (0, n_pp - 1):
-        roles.append("embd")
-    if tp == 0 and cp == 0 and grid.size("tp") > 1:
+    if grid.size("pp") > 1:
+        roles.append("first stage" if first else "last stage" if last else "middle stage")
+        if grid.name == LANGUAGE and (first or last):
+            roles.append("embd")
+    if grid.is_tp_leader(rank) and grid.size("tp") > 1:
         roles.append("leader")
     return ", ".join(roles)
 
@@ -89,12 +88,12 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
-    from mimo.training.run_config import check_data_available, load_run_config
+    from mimo.training.run_config import check_data_available, load_run_config, validate_run
 
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
-    layout, warns = _finalized(config.layout, world)
-    rank_map = render_rank_map(layout)
+    warns = validate_run(config, world)
+    rank_map = render_rank_map(config.layout)
     check_data_available(config)
     if args.resume:
         _check_resumable(config)
@@ -121,13 +120,13 @@ def _check_resumable(config) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a run config (keys, types, layout for its world size) without starting anything."""
-    from mimo.training.run_config import load_run_config
+    from mimo.training.run_config import load_run_config, validate_run
 
     config = load_run_config(args.config, args.set)
-    layout, warns = _finalized(config.layout, args.nproc_per_node or config.world_size)
+    warns = validate_run(config, args.nproc_per_node or config.world_size)
     for w in warns:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"{args.config}: valid; {layout.deployment} on {layout.world_size} ranks")
+    print(f"{args.config}: valid; {config.layout.deployment} on {config.layout.world_size} ranks")
     return 0
 
 
@@ -140,14 +139,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     plot_runs(runs, out)
     print(f"wrote {out}")
     return 0
-
-
-def _finalized(layout: MimoParallelismConfig, world_size: int) -> tuple[MimoParallelismConfig, list[str]]:
-    """The layout finalized for `world_size`, with its warnings as strings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layout.finalize(world_size)
-    return layout, [str(w.message) for w in caught]
 
 
 def _launched() -> bool:

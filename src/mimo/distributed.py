@@ -3,7 +3,7 @@
 Each module a rank hosts is wrapped with its own mesh and groups (Megatron-Bridge's
 `wrap_mimo_model_distributed`, with FSDP2 as well as DDP). Gradient semantics live here in one rule:
 **every data-parallel reduction is a SUM**. The loss each rank backpropagates is already divided by the
-global number of label tokens (`mimo.training.loss`), so summing over replicas gives exactly the
+global number of label tokens (by the training step), so summing over replicas gives exactly the
 gradient of the global per-token mean — whatever a module's DP size, and whether its gradient came
 from its own loss or across the bridge. DDP gets a sum comm hook, FSDP2 a divide factor of 1.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,10 +27,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.parallel.distributed import _find_tensors
 
 from mimo.config import LANGUAGE
+from mimo.grid import ModuleGrid
+from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
+from mimo.precision import DTYPES, PrecisionError, dtype_of
 
 DataParallel = Literal["ddp", "fsdp"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class WrapError(ValueError):
@@ -42,7 +44,8 @@ class ModuleDistributedConfig:
     """How one module is data-parallel and in which dtype it computes.
 
     `compute_dtype` None computes in the parameters' dtype; bfloat16/float16 compute in that dtype while
-    parameters, optimizer state and gradient reduction stay in the parameters' dtype.
+    parameters, optimizer state and gradient reduction stay in the parameters' dtype (a name of
+    `mimo.precision.DTYPES`; a run takes it from its `PrecisionPolicy`).
     """
 
     data_parallel: DataParallel = "ddp"
@@ -53,9 +56,15 @@ class ModuleDistributedConfig:
         """Reject unknown DP kinds and dtypes with the allowed values."""
         if self.data_parallel not in ("ddp", "fsdp"):
             raise WrapError(f"module '{name}': data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
-        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+        try:
+            self.compute()
+        except PrecisionError:
             raise WrapError(f"module '{name}': compute_dtype must be one of {list(DTYPES)} or None, "
-                            f"got {self.compute_dtype!r}")
+                            f"got {self.compute_dtype!r}") from None
+
+    def compute(self) -> torch.dtype | None:
+        """The compute dtype, or None for the parameters' own."""
+        return None if self.compute_dtype is None else dtype_of(self.compute_dtype)
 
 
 @dataclass
@@ -97,7 +106,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 # -- tensor parallelism ------------------------------------------------------------------------------
-def apply_tensor_parallel(model: MimoModel, infra) -> None:
+def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
     """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`.
 
     Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
@@ -145,7 +154,7 @@ def _what(layer: nn.Module, style: ParallelStyle) -> str:
 
 
 # -- data parallelism and precision ------------------------------------------------------------------
-def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> MimoModel:
+def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig) -> MimoModel:
     """Wrap each hosted module with DDP or FSDP2 over its own DP group.
 
     `ddp` wraps only a module that trains and has a replica to talk to: a frozen module, or one alone in
@@ -172,15 +181,17 @@ def apply_data_parallel(model: MimoModel, infra, config: DistributedConfig) -> M
     return model
 
 
-def wrap_mimo_model_distributed(model: MimoModel, infra, config: DistributedConfig | None = None) -> MimoModel:
-    """TP (for a model not yet sharded) then DDP/FSDP2 per module; stub ranks and non-hosted parts untouched."""
-    if getattr(model, "is_stub", False):
-        return model
+def wrap_mimo_model_distributed(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig | None = None,
+                                materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
+    """TP (for a model not yet sharded), then `materialize` (a meta model's values: the provider's), then
+    DDP/FSDP2 per module; a stub rank's empty model passes through unchanged."""
     apply_tensor_parallel(model, infra)
+    if materialize is not None:
+        model = materialize(model)
     return apply_data_parallel(model, infra, config or DistributedConfig())
 
 
-def _ddp(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> DDP:
+def _ddp(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> DDP:
     """torch DDP over the module's dp×cp group, summing (not averaging) gradients."""
     if grid.size("tp") > 1:
         _localize_for_ddp(module)
@@ -231,10 +242,10 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them again
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def _fully_shard(module: nn.Module, grid, cfg: ModuleDistributedConfig) -> None:
+def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> None:
     """FSDP2 over the module's dp mesh dim, per block and at the root, summing gradients."""
     param_dtype = next(module.parameters()).dtype
-    compute = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else param_dtype
+    compute = cfg.compute() or param_dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
     mesh = grid.mesh["dp"]
     units = [*_blocks(module), module]  # blocks first, the root last
@@ -277,9 +288,9 @@ def full_tensor(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def _autocast_forward(module: nn.Module, cfg: ModuleDistributedConfig) -> None:
     """Run the module's forward under autocast to `compute_dtype` (DDP's mixed precision)."""
-    if cfg.compute_dtype is None:
+    dtype = cfg.compute()
+    if dtype is None:
         return
-    dtype = DTYPES[cfg.compute_dtype]
     param = next(module.parameters())
     if dtype == param.dtype:
         return

@@ -13,6 +13,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,27 @@ GROUP_DIMS: dict[str, tuple[str, ...]] = {
     "span": MESH_DIMS,
 }
 GROUP_ORDER = (*GROUP_DIMS, "pos_embd", "embd")
+
+
+
+class Coord(NamedTuple):
+    """A rank's place in its module's grid."""
+
+    pp: int
+    dp: int
+    cp: int
+    tp: int
+
+
+def is_first_pp_stage(stage: int) -> bool:
+    """The one definition of a first pipeline stage."""
+    return stage == 0
+
+
+def is_last_pp_stage(stage: int, num_stages: int) -> bool:
+    """The one definition of a last pipeline stage."""
+    return stage == num_stages - 1
+
 
 GroupFactory = Callable[[Sequence[int]], "dist.ProcessGroup | None"]
 
@@ -75,7 +97,7 @@ class ModuleGrid:
         """The size of mesh dim `dim` ('pp', 'dp', 'cp' or 'tp')."""
         return self.shape[MESH_DIMS.index(dim)]
 
-    def coordinates(self, rank: int | None = None) -> tuple[int, int, int, int] | None:
+    def coordinates(self, rank: int | None = None) -> Coord | None:
         """(pp, dp, cp, tp) of `rank` (default: this rank), or None off the span."""
         rank = self.rank if rank is None else rank
         if rank not in self.span:
@@ -84,12 +106,27 @@ class ModuleGrid:
         for size in reversed(self.shape):  # tp fastest
             local, c = divmod(local, size)
             coord.append(c)
-        return tuple(reversed(coord))
+        return Coord(*reversed(coord))
 
     @property
-    def coord(self) -> tuple[int, int, int, int] | None:
+    def coord(self) -> Coord | None:
         """This rank's (pp, dp, cp, tp), or None if it is not in the module."""
         return self.coordinates()
+
+    def is_first_stage(self, rank: int | None = None) -> bool:
+        """True if `rank` (default: this rank) is on the module's first pipeline stage."""
+        coord = self.coordinates(rank)
+        return coord is not None and is_first_pp_stage(coord.pp)
+
+    def is_last_stage(self, rank: int | None = None) -> bool:
+        """True if `rank` (default: this rank) is on the module's last pipeline stage."""
+        coord = self.coordinates(rank)
+        return coord is not None and is_last_pp_stage(coord.pp, self.size("pp"))
+
+    def is_tp_leader(self, rank: int | None = None) -> bool:
+        """True if `rank` (default: this rank) is TP and CP rank 0: who talks for its TP group."""
+        coord = self.coordinates(rank)
+        return coord is not None and coord.tp == 0 and coord.cp == 0
 
     def rank_groups(self, dims: str | Sequence[str]) -> list[list[int]]:
         """Every group over mesh dims `dims` (a group name like 'dp_cp' or dim names) as rank lists."""
@@ -128,12 +165,12 @@ class ModuleGrid:
 
 def is_pp_first_stage(pp_group: dist.ProcessGroup | None) -> bool:
     """True on the first pipeline stage; a None group means PP = 1, where every rank is first."""
-    return pp_group is None or dist.get_rank(pp_group) == 0
+    return pp_group is None or is_first_pp_stage(dist.get_rank(pp_group))
 
 
 def is_pp_last_stage(pp_group: dist.ProcessGroup | None) -> bool:
     """True on the last pipeline stage; a None group means PP = 1, where every rank is last."""
-    return pp_group is None or dist.get_rank(pp_group) == dist.get_world_size(pp_group) - 1
+    return pp_group is None or is_last_pp_stage(dist.get_rank(pp_group), dist.get_world_size(pp_group))
 
 
 def is_current_rank_in_grid(grid: ModuleGrid) -> bool:

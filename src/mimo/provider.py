@@ -9,6 +9,7 @@ rank holds exactly the single-process model's numbers for the parts it has.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mimo.config import LANGUAGE, Deployment, MimoParallelismConfig
-from mimo.distributed import DistributedConfig, apply_data_parallel, apply_tensor_parallel
-from mimo.grid import ModuleGrid, P2PGroups, ProcessGroupCollection, build_module_grids, build_p2p_groups
+from mimo.config import LANGUAGE, MimoParallelismConfig
+from mimo.distributed import DistributedConfig, wrap_mimo_model_distributed
+from mimo.grid import build_module_grids, build_p2p_groups
+from mimo.infra import MimoModelInfra
 from mimo.models import (
     Decoder,
     DecoderConfig,
@@ -50,20 +52,6 @@ class ModuleSpec:
         """Build the submodules, then the module with them, its params and `extra` as keywords."""
         built = {name: spec.build() for name, spec in self.submodules.items()}
         return self.module(**self.params, **built, **extra)
-
-
-@dataclass
-class MimoModelInfra:
-    """What a rank knows about the deployment: grids, its process groups, the modules it hosts."""
-
-    module_to_grid_map: dict[str, ModuleGrid]
-    pg_collections: dict[str, ProcessGroupCollection]
-    participating_modules: list[str]
-    topology: dict[str, list[str]]
-    deployment: Deployment
-    is_stub_rank: bool
-    config: MimoParallelismConfig | None
-    p2p_groups: P2PGroups | None = None  # forward / backward point-to-point groups (None on one process)
 
 
 def pipeline_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
@@ -98,6 +86,7 @@ class MimoModelProvider:
         self.modality_submodules_spec = dict(modality_submodules_spec)
         self.special_token_ids = dict(special_token_ids)
         self.mimo_parallelism_config = mimo_parallelism_config
+        topology = topology or (mimo_parallelism_config and mimo_parallelism_config.topology)
         self.topology = {k: list(v) for k, v in (topology or {m: [LANGUAGE] for m in modality_submodules_spec}).items()}
         self.freeze_language_model = freeze_language_model
         self.freeze_modality_encoders = dict(freeze_modality_encoders or {})
@@ -139,36 +128,31 @@ class MimoModelProvider:
 
     def _single_process_infra(self) -> MimoModelInfra:
         """One process holds everything: no groups."""
-        return MimoModelInfra({}, {}, [*self.modality_submodules_spec, LANGUAGE], self.topology,
-                              "homogeneous", False, None)
+        return MimoModelInfra({}, [*self.modality_submodules_spec, LANGUAGE], None)
 
     def _infra_(self) -> MimoModelInfra:
         """Finalize the layout for this world, create every group on every rank, note what this rank hosts."""
         if not dist.is_initialized():
             raise ProviderError("a parallelism config needs torch.distributed to be initialized first "
                                 "(init_process_group), or pass mimo_parallelism_config=None for one process")
-        config = self.mimo_parallelism_config
-        config.topology = self.topology
+        config = self._layout_with_topology()
         grids = build_module_grids(config)
         p2p = build_p2p_groups()
-        hosted = config.modules_on_rank(dist.get_rank())
-        return MimoModelInfra(
-            module_to_grid_map=grids,
-            pg_collections={name: g.pg_collection() for name, g in grids.items()},
-            participating_modules=hosted,
-            topology=self.topology,
-            deployment=config.deployment,
-            is_stub_rank=not hosted,
-            config=config,
-            p2p_groups=p2p,
-        )
+        return MimoModelInfra(grids, config.modules_on_rank(dist.get_rank()), config, p2p)
+
+    def _layout_with_topology(self) -> MimoParallelismConfig:
+        """The layout with the provider's topology: the given config when its edges agree, else a copy (the
+        caller's config is never written to)."""
+        config = self.mimo_parallelism_config
+        edges = [(src, dst) for src, dsts in self.topology.items() for dst in dsts]
+        return config if config.edges == edges else dataclasses.replace(config, topology=self.topology)
 
     # -- the model ------------------------------------------------------------------------------
     def build_meta_model(self) -> MimoModel | MimoStubModel:
         """This rank's parts on the meta device, in `params_dtype`; no memory is used for parameters."""
         infra = self.build_infra()
         if infra.is_stub_rank:
-            return MimoStubModel()
+            return MimoStubModel(self.special_token_ids)
         with torch.device("meta"):
             language = self._build_language(infra) if LANGUAGE in infra.participating_modules else None
             modalities = {m: self.modality_submodules_spec[m].build()
@@ -178,24 +162,20 @@ class MimoModelProvider:
 
     def provide(self) -> MimoModel | MimoStubModel:
         """This rank's parts, materialized on `device` with layout-independent values, freezing applied."""
-        model = self.build_meta_model()
-        if isinstance(model, MimoStubModel):
-            return model
-        init_parameters(model, self.seed, device=self.device or "cpu")
-        self.apply_freezing(model)
-        return model
+        return self._materialize(self.build_meta_model())
 
     def provide_distributed_model(self, config: DistributedConfig | None = None) -> MimoModel | MimoStubModel:
         """`provide` and wrap: build on meta, shard by TP, materialize (one full parameter at a time, then
         only this rank's shard), freeze, then DDP/FSDP2 per module."""
-        model = self.build_meta_model()
-        if isinstance(model, MimoStubModel):
-            return model
-        infra = self.build_infra()
-        apply_tensor_parallel(model, infra)
+        return wrap_mimo_model_distributed(self.build_meta_model(), self.build_infra(), config,
+                                           materialize=self._materialize)
+
+    def _materialize(self, model: MimoModel) -> MimoModel:
+        """Layout-independent values on `device` (one full parameter at a time, sliced to a shard), then
+        freezing; an empty (stub) model has nothing to do."""
         init_parameters(model, self.seed, device=self.device or "cpu")
         self.apply_freezing(model)
-        return apply_data_parallel(model, infra, config or DistributedConfig())
+        return model
 
     def _build_language(self, infra: MimoModelInfra) -> nn.Module:
         """The language model, or only the pipeline stage this rank holds."""
@@ -204,7 +184,7 @@ class MimoModelProvider:
             return self.language_model_spec.build()
         num_layers = _num_layers(self.language_model_spec)
         return self.language_model_spec.build(layer_range=pipeline_layer_range(num_layers, grid.size("pp"),
-                                                                               grid.coord[0]))
+                                                                               grid.coord.pp))
 
     def apply_freezing(self, model: MimoModel) -> None:
         """`requires_grad=False` on the frozen language model, encoders and projections."""
@@ -215,6 +195,13 @@ class MimoModelProvider:
                 sub.encoder.requires_grad_(False)
             if self.freeze_modality_projections.get(name, False):
                 sub.projection.requires_grad_(False)
+
+
+def _with_flag(flags: Mapping[str, bool] | None, modality: str, flag: bool) -> dict[str, bool]:
+    """Per-modality freezing flags with `modality` also frozen if `flag` (unknown names kept: checked later)."""
+    flags = dict(flags or {})
+    flags[modality] = bool(flag or flags.get(modality, False))
+    return flags
 
 
 def _num_layers(spec: ModuleSpec) -> int:
@@ -247,8 +234,13 @@ class LlavaMimoProvider(MimoModelProvider):
         params_dtype: torch.dtype = torch.float32,
         seed: int = 1234,
         device: torch.device | str | None = None,
+        freeze_modality_encoders: Mapping[str, bool] | None = None,
+        freeze_modality_projections: Mapping[str, bool] | None = None,
     ) -> None:
-        """Specs from the two configs; the image token defaults to the first id past the vocabulary."""
+        """Specs from the two configs; the image token defaults to the first id past the vocabulary.
+
+        The base provider's per-modality `freeze_modality_encoders` / `freeze_modality_projections` are
+        taken too (as Megatron-Bridge's subclass does); a part is frozen if either way says so."""
         self.vision_config = vision_config or ViTConfig.clip_vit_l14_336()
         self.language_config = language_config or DecoderConfig.preset("7b")
         self.image_token_id = self.language_config.vocab_size if image_token_id is None else image_token_id
@@ -264,8 +256,8 @@ class LlavaMimoProvider(MimoModelProvider):
             special_token_ids={self.MODALITY: self.image_token_id},
             mimo_parallelism_config=mimo_parallelism_config,
             freeze_language_model=freeze_language_model,
-            freeze_modality_encoders={self.MODALITY: freeze_vision_encoder},
-            freeze_modality_projections={self.MODALITY: freeze_projection},
+            freeze_modality_encoders=_with_flag(freeze_modality_encoders, self.MODALITY, freeze_vision_encoder),
+            freeze_modality_projections=_with_flag(freeze_modality_projections, self.MODALITY, freeze_projection),
             params_dtype=params_dtype,
             seed=seed,
             device=device,

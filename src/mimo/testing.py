@@ -3,6 +3,7 @@
 `run_distributed` runs a function on N real gloo processes and collects what each rank returns: a
 parent-owned TCPStore (no free-port race), workers started from a forkserver that has already imported
 torch (fast start), every rank's traceback on failure, and a timeout that names the ranks that never finished.
+`assert_matches_reference` is the one way parity tests compare tensors with the single-process numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -181,3 +182,31 @@ def fake_world(rank: int, world_size: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+# Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all keys), so their
+# gradients, and what the optimizer makes of them, are rounding noise (~1e-15) with no scale of their own.
+# A tensor is compared relative to its own largest value, but never to less than this floor: 1e-6, or
+# 1e-6 of the reference set's largest value where that exceeds 1. Far below anything that trains (init std
+# 0.02, lr 1e-2), far above the noise.
+SCALE_FLOOR = 1e-6
+
+
+def relative_difference(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """max |got - want| over max(max |want|, floor)."""
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    return float((got - want).abs().max() / want.abs().max().clamp_min(max(floor, 1e-300)))
+
+
+def assert_matches_reference(got: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], what: str,
+                             rel: float = 1e-8) -> float:
+    """Every tensor of `got` within `rel` of `reference[name]` (see SCALE_FLOOR for the scale); the largest
+    relative difference. Names must exist in `reference`; `got` may hold only some of them (a rank's part)."""
+    floor = SCALE_FLOOR * max((float(t.abs().max()) for t in reference.values() if t.numel()), default=1.0)
+    floor = max(floor, SCALE_FLOOR)
+    worst = 0.0
+    for name, tensor in got.items():
+        diff = relative_difference(tensor, reference[name], floor)
+        assert diff <= rel, f"{what}: {name} differs from the reference by {diff:.1e} (relative) > {rel:.0e}"
+        worst = max(worst, diff)
+    return worst

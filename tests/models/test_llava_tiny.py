@@ -105,3 +105,13 @@ def test_stub_model_has_no_parameters_and_refuses_data() -> None:
     assert stub() is None
     with pytest.raises(RuntimeError, match="stub rank"):
         stub(torch.zeros(1))
+
+
+def test_stub_model_is_an_empty_mimo_model() -> None:
+    """Code that walks a model's parts (optimizers, norms, checkpoints) finds nothing on a stub rank."""
+    from mimo.distributed import wrapped_modules
+    from mimo.models import MimoModel
+
+    stub = MimoStubModel({"images": 7})
+    assert isinstance(stub, MimoModel) and stub.language_model is None and len(stub.modality_submodules) == 0
+    assert wrapped_modules(stub) == {} and stub.special_token_ids == {"images": 7}

@@ -30,7 +30,7 @@ from mimo.config import MimoParallelismConfig
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.models import Decoder, DecoderConfig
 from mimo.provider import MimoModelProvider, ModuleSpec
-from mimo.testing import run_distributed
+from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.checkpoint import MARKER, Checkpointer, CheckpointError, load_model_only, open_checkpoint
 from mimo.training.optim import OptimizerConfig
 from mimo.training.step import MimoTrainer
@@ -93,7 +93,7 @@ def train(rank: int, world: int, layout: dict, dp_kind: str, root: str, save_at:
         if trainer.step_count in save_at:
             torch.manual_seed(SAVE_SEED + rank)
             ckpt.save(trainer.step_count, trainer, extra_at(trainer.step_count, layout))
-    return {"losses": losses, "params": {} if trainer.is_stub else full_params(trainer.model), "extra": extra,
+    return {"losses": losses, "params": full_params(trainer.model), "extra": extra,
             "rng": rng}
 
 
@@ -140,10 +140,8 @@ def check_run(results: list[dict], reference: tuple[list, dict], start: int, wha
             rel = abs(got - want) / abs(want)
             assert rel <= RTOL, f"{what}: rank {rank} step {start + s + 1} loss {got!r} != {want!r} ({rel:.1e})"
             worst = max(worst, rel)
-        for n, p in res["params"].items():
-            want = ref_params[single_process_name(n, ref_params)]
-            rel = float((p - want).abs().max() / want.abs().max().clamp_min(test_parity.SCALE_FLOOR))
-            assert rel <= RTOL, f"{what}: rank {rank} parameter {n} differs ({rel:.1e})"
+        params = {single_process_name(n, ref_params): p for n, p in res["params"].items()}
+        assert_matches_reference(params, ref_params, f"{what}: rank {rank} parameter", rel=RTOL)
     print(f"\n{what}: largest relative loss difference {worst:.1e}")
     return worst
 
@@ -273,7 +271,7 @@ def snapshot(trainer: MimoTrainer) -> tuple:
     epochs = {n: s.last_epoch for n, s in trainer.schedulers.items()}
     moments = [o.state[p]["exp_avg"].clone() for o in trainer.optimizers.values() for g in o.param_groups
                for p in g["params"]]
-    return lrs, epochs, moments, {} if trainer.is_stub else full_params(trainer.model)
+    return lrs, epochs, moments, full_params(trainer.model)
 
 
 def same(a: tuple, b: tuple) -> bool:

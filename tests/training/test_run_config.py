@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mimo.cli import main
-from mimo.training.run_config import RunConfigError, load_run_config, parse_run_config
+from mimo.training.run_config import RunConfigError, load_run_config, parse_run_config, validate_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "llava_digits.yaml"
@@ -86,10 +87,38 @@ def write(tmp_path: Path, data: dict) -> str:
          "mimo train: error: parallelism: modules ['images', 'language'] leave data_parallel_size to be derived"),
     ],
 )
-def test_train_refuses_bad_input_before_starting(capsys, tmp_path, data, argv, message):
+def test_train_refuses_bad_input_before_starting(capsys, tmp_path, monkeypatch, data, argv, message):
+    monkeypatch.setattr("mimo.launch.launch", _no_workers)
     assert main(["train", write(tmp_path, data), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def _no_workers(*args, **kwargs) -> int:
+    raise AssertionError("workers were started for a config that does not validate")
+
+
+SPLIT = {"images": {"data_parallel_size": 2}, "language": {"data_parallel_size": 4, "rank_offset": 2}}
+UNSPLIT = (r"module 'language': micro-batch size 6 \(global batch 12 / 2 micro-batches\) is not divisible by "
+           r"its data_parallel_size 4; use a global batch that is a multiple of 8")
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_batch_that_does_not_split_is_refused_before_any_worker(capsys, tmp_path, monkeypatch, command):
+    """Global batch / micro-batches must split over every module's DP size: one line, exit 2, no worker."""
+    monkeypatch.setattr("mimo.launch.launch", _no_workers)
+    data = {"parallelism": SPLIT, "train": {"global_batch_size": 12, "num_microbatches": 2}}
+    assert main([command, write(tmp_path, data)]) == 2
+    err = capsys.readouterr().err
+    assert re.match(f"mimo {command}: error: {UNSPLIT}\n$", err), err
+    data["train"]["global_batch_size"] = 16
+    assert main(["validate", write(tmp_path, data)]) == 0
+
+
+def test_the_layout_is_built_once():
+    config = parse_run_config({"parallelism": LAYOUT})
+    assert config.layout is config.layout
+    assert validate_run(config, 2) == [] and config.layout.world_size == 2
 
 
 def test_validate(capsys):

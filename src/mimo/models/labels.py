@@ -27,6 +27,6 @@ def is_special(ids: torch.Tensor, special_token_ids: Mapping[str, int] | Iterabl
 def loss_token_mask(
     input_ids: torch.Tensor, labels: torch.Tensor, special_token_ids: Mapping[str, int] | Iterable[int]
 ) -> torch.Tensor:
-    """Where the language loss scores a label; mirrors `MimoModel.language_loss` (keep the two in step)."""
+    """Where the language loss scores a label (what `MimoModel.language_labels` keeps and the data counts)."""
     masked = is_special(input_ids, special_token_ids) | is_special(labels, special_token_ids)
     return (labels != IGNORE_INDEX) & ~masked

@@ -3,8 +3,9 @@
 `MimoModel` knows how to encode each modality, where its embeddings go in the text sequence (at that
 modality's special-token positions, in sample order) and how to score the language model's output. Its
 `forward` is the single-process reference every parity test compares a distributed run against; the
-distributed training code calls the same pieces (`encode`, `language_inputs`, `language_labels`, and the
-language model's single-call `forward`) on the ranks that hold them.
+distributed training step calls the modality submodules itself (per micro-batch and replica) and then the
+same pieces (`language_inputs`, `language_labels`, the language model's single-call `forward`) on the
+ranks that hold them.
 """
 
 from __future__ import annotations

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+from mimo.models.mimo_model import MimoModel
 
 
-class MimoStubModel(nn.Module):
-    """No parameters, no data: a stub rank only takes part in world-wide collectives."""
+class MimoStubModel(MimoModel):
+    """An empty `MimoModel` (no language model, no modalities, no parameters): code that walks a model's
+    parts walks nothing here, and the rank only takes part in world-wide collectives."""
 
-    is_stub = True
+    def __init__(self, special_token_ids: Mapping[str, int] | None = None) -> None:
+        """Nothing hosted; the special token ids (if given) still say which positions carry no label."""
+        super().__init__(None, {}, special_token_ids or {})
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         """Do nothing when called empty; raise if handed data, which would be a routing bug upstream."""

@@ -127,10 +127,10 @@ class Checkpointer:
         """
         path = Path(path)
         metadata, info = open_checkpoint(path)
-        model_targets = {} if trainer.is_stub else _model_targets(trainer.model)
+        model_targets = _model_targets(trainer.model)
         problems = _scheduler_problems(trainer, info)
         _agree_on_keys(path, metadata, model_targets, problems)
-        optim_targets = {} if trainer.is_stub else _optimizer_targets(trainer, metadata)
+        optim_targets = _optimizer_targets(trainer, metadata)
         rng = torch.empty_like(torch.get_rng_state())
         state = {k: t for k, (t, _) in model_targets.items()}
         state.update({f"{OPTIMIZER}{key}.{name}": t for key, ts in optim_targets.items() for name, t in ts.items()})
@@ -296,8 +296,6 @@ def _global(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def _trainer_state(trainer) -> dict[str, torch.Tensor]:
     """This rank's parameters and optimizer state under single-process keys; rank 0 adds its RNG state."""
     state: dict[str, torch.Tensor] = {RNG: torch.get_rng_state()} if _rank() == 0 else {}
-    if trainer.is_stub:
-        return state
     for module, key, p, aliased in _parameters(trainer.model):
         if aliased:
             continue
@@ -323,8 +321,6 @@ def _model_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int,
 
 def _copy_into_shards(trainer, targets: dict[str, tuple[torch.Tensor, tuple[int, ...]]]) -> None:
     """Copy a loaded DTensor into its DDP+TP local shard, where it is not already a view of it."""
-    if trainer.is_stub:
-        return
     with torch.no_grad():
         for _, key, p, _ in _parameters(trainer.model):
             target = targets[key][0]
@@ -361,7 +357,7 @@ def _empty(meta: TensorStorageMetadata, like: torch.Tensor) -> torch.Tensor:
 
 def _restore_optimizers(trainer, targets: dict[str, dict[str, torch.Tensor]]) -> None:
     """Give each optimizer its loaded state (DDP+TP shards as local tensors) through `load_state_dict`."""
-    key_of = {id(p): key for _, key, p, _ in _parameters(trainer.model)} if not trainer.is_stub else {}
+    key_of = {id(p): key for _, key, p, _ in _parameters(trainer.model)}
     for opt in trainer.optimizers.values():
         state_dict = opt.state_dict()
         params = [p for g in opt.param_groups for p in g["params"]]

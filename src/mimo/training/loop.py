@@ -16,7 +16,7 @@ import torch.distributed as dist
 import yaml
 
 from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
-from mimo.distributed import DTYPES, DistributedConfig, ModuleDistributedConfig
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.provider import LlavaMimoProvider
 from mimo.training.checkpoint import Checkpointer, load_model_only
 from mimo.training.evaluate import digits_accuracy
@@ -24,11 +24,8 @@ from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import MetricsWriter, Progress
 from mimo.training.optim import OptimizerConfig
-from mimo.training.run_config import RunConfig
+from mimo.training.run_config import RunConfig, validate_run
 from mimo.training.step import MimoTrainer
-
-PARAM_DTYPE = {"float32": torch.float32, "bfloat16": torch.float32, "float16": torch.float32,
-               "float64": torch.float64}
 
 
 def init_distributed(timeout_s: float) -> torch.device:
@@ -57,7 +54,7 @@ def build_provider(config: RunConfig, device: torch.device | None = None, distri
         freeze_language_model=config.model.freeze_language_model,
         freeze_vision_encoder=config.model.freeze_vision_encoder,
         freeze_projection=config.model.freeze_projection,
-        params_dtype=PARAM_DTYPE[config.train.dtype],
+        params_dtype=config.precision.param_dtype,
         seed=config.train.seed,
         device=device,
     )
@@ -65,7 +62,7 @@ def build_provider(config: RunConfig, device: torch.device | None = None, distri
 
 def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "train"):
     """The run's dataset, shaped to the model (image token id, tokens per image)."""
-    dtype = PARAM_DTYPE[config.train.dtype]
+    dtype = config.precision.param_dtype
     tokens = provider.vision_config.tokens_per_image
     if config.data.name == "digits":
         return DigitsDataset(split, image_token_id=provider.image_token_id, tokens_per_image=tokens, dtype=dtype)
@@ -76,8 +73,9 @@ def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "
 
 
 def distributed_config(config: RunConfig) -> DistributedConfig:
-    """Per-module DP kind; compute dtype from train.dtype (mixed precision for bfloat16/float16)."""
-    compute = config.train.dtype if config.train.dtype in ("bfloat16", "float16") else None
+    """Per-module DP kind; compute dtype from the run's precision (mixed for bfloat16/float16)."""
+    precision = config.precision
+    compute = precision.name if precision.mixed else None
     compile_ = config.train.compile
     return DistributedConfig(ModuleDistributedConfig("ddp", compute, compile_),
                              {m: ModuleDistributedConfig(s.data_parallel, compute, compile_)
@@ -87,19 +85,20 @@ def distributed_config(config: RunConfig) -> DistributedConfig:
 def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device: torch.device) -> MimoTrainer:
     """The step runner with the run's optimizer, schedule, clipping and precision."""
     t = config.train
-    activation = DTYPES[t.dtype]  # the compute dtype (parameters: PARAM_DTYPE)
+    precision = config.precision
     optimizer = OptimizerConfig(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
                                 total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
     return MimoTrainer(model, provider.build_infra(), hidden_size=provider.language_config.hidden_size,
                        global_batch_size=t.global_batch_size, num_microbatches=t.num_microbatches,
-                       optimizer=optimizer, clip_grad=t.clip_grad, activation_dtype=activation,
-                       scaler=GlobalGradScaler() if t.dtype == "float16" else None, device=device)
+                       optimizer=optimizer, clip_grad=t.clip_grad, activation_dtype=precision.compute_dtype,
+                       scaler=GlobalGradScaler() if precision.loss_scaling else None, device=device)
 
 
 def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
                  rank_map: str = "") -> dict[str, Any]:
     """Train `config.train.steps` steps (from the newest checkpoint if `resume`); returns the final metrics."""
     device = init_distributed(config.train.timeout_s)
+    validate_run(config, dist.get_world_size())  # the parent checked too; a torchrun/srun world did not
     rank = dist.get_rank()
     if rank == 0:
         _write_run_dir(config, rank_map, quiet)

@@ -19,6 +19,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 from mimo.distributed import dtensor_spec, local_tensor, unwrap, wrapped_modules
+from mimo.grid import ModuleGrid
+from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
 
 
@@ -87,7 +89,7 @@ def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], config: Optim
 
 
 # -- global gradient norm --------------------------------------------------------------------------------
-def local_grad_sq(model: MimoModel | nn.Module, infra) -> torch.Tensor:
+def local_grad_sq(model: MimoModel, infra: MimoModelInfra) -> torch.Tensor:
     """This rank's share of the squared global gradient norm (a float64 device scalar), each parameter
     counted once over the world; summed over all ranks it is the squared norm.
 
@@ -95,15 +97,14 @@ def local_grad_sq(model: MimoModel | nn.Module, infra) -> torch.Tensor:
     squares are summed in float64.
     """
     total = torch.zeros((), dtype=torch.float64, device=_device(model))
-    if not getattr(model, "is_stub", False):
-        grads = [local_tensor(p.grad) for name, module in wrapped_modules(model).items()
-                 for p in _counted_grads(module, infra.module_to_grid_map.get(name))]
-        if grads:
-            total += torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).double().pow(2)
+    grads = [local_tensor(p.grad) for name, module in wrapped_modules(model).items()
+             for p in _counted_grads(module, infra.module_to_grid_map.get(name))]
+    if grads:
+        total += torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).double().pow(2)
     return total
 
 
-def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
+def global_grad_norm(model: MimoModel, infra: MimoModelInfra) -> torch.Tensor:
     """The 2-norm over all modules' gradients, each parameter counted once; every rank must call it."""
     total = local_grad_sq(model, infra)
     if dist.is_initialized():
@@ -113,7 +114,7 @@ def global_grad_norm(model: MimoModel | nn.Module, infra) -> torch.Tensor:
 
 def clip_grads(model: MimoModel | nn.Module, norm: torch.Tensor, max_norm: float | None) -> None:
     """Scale every gradient by min(1, max_norm / norm), `norm` being the global norm (no host sync)."""
-    if max_norm is None or getattr(model, "is_stub", False):
+    if max_norm is None:
         return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     grads = [local_tensor(p.grad) for module in wrapped_modules(model).values() for p in module.parameters()
@@ -122,14 +123,14 @@ def clip_grads(model: MimoModel | nn.Module, norm: torch.Tensor, max_norm: float
         torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
 
 
-def clip_grad_norm(model: MimoModel | nn.Module, infra, max_norm: float | None) -> torch.Tensor:
+def clip_grad_norm(model: MimoModel, infra: MimoModelInfra, max_norm: float | None) -> torch.Tensor:
     """Clip with the global norm (`global_grad_norm`, `clip_grads`); returns the norm before clipping."""
     norm = global_grad_norm(model, infra)
     clip_grads(model, norm, max_norm)
     return norm
 
 
-def _counted_grads(module: nn.Module, grid) -> Iterable[torch.Tensor]:
+def _counted_grads(module: nn.Module, grid: ModuleGrid | None) -> Iterable[torch.Tensor]:
     """Parameters whose gradient this rank counts in the global norm.
 
     Along each of the module's dp and tp dims, a gradient is either sharded (the spec has the dim with a
@@ -138,7 +139,7 @@ def _counted_grads(module: nn.Module, grid) -> Iterable[torch.Tensor]:
     """
     inner = unwrap(module)
     aliased = set(getattr(inner, "init_aliases", dict)())  # e.g. a tied head on the last stage
-    coord = {"dp": grid.coord[1], "tp": grid.coord[3]} if grid is not None else {"dp": 0, "tp": 0}
+    coord = {"dp": grid.coord.dp, "tp": grid.coord.tp} if grid is not None else {"dp": 0, "tp": 0}
     for name, p in inner.named_parameters():
         if p.grad is not None and name not in aliased and _owned_here(dtensor_spec(p), coord):
             yield p

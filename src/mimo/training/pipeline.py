@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mimo.grid import P2PGroups
+from mimo.grid import P2PGroups, is_first_pp_stage, is_last_pp_stage
 
 _TAG_BASE = 1 << 20  # p2p tags of the pipeline, clear of the bridge's
 
@@ -59,11 +59,11 @@ class PipelineSchedule:
 
     @property
     def is_first(self) -> bool:
-        return self.stage == 0
+        return is_first_pp_stage(self.stage)
 
     @property
     def is_last(self) -> bool:
-        return self.stage == self.num_stages - 1
+        return is_last_pp_stage(self.stage, self.num_stages)
 
     def order(self) -> list[tuple[str, int]]:
         """This stage's ('F' | 'B', micro-batch) sequence: warm-up forwards, 1F1B steady state, cool-down."""

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from mimo.config import LayoutError, MimoParallelismConfig, read_yaml
+from mimo.precision import PrecisionPolicy
 
 
 class RunConfigError(ValueError):
@@ -106,10 +108,23 @@ class RunConfig:
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
+    def __post_init__(self) -> None:
+        """Build the layout and the precision policy once: every reader sees the same objects."""
+        try:
+            self._layout = MimoParallelismConfig.from_dict(self.parallelism)
+        except LayoutError as e:
+            raise RunConfigError(f"parallelism: {e}") from None
+        self._precision = PrecisionPolicy.from_name(self.train.dtype)
+
     @property
     def layout(self) -> MimoParallelismConfig:
-        """The parallelism section as a (not yet finalized) `MimoParallelismConfig`."""
-        return MimoParallelismConfig.from_dict(self.parallelism)
+        """The parallelism section as a `MimoParallelismConfig`, built once (finalized by `validate_run`)."""
+        return self._layout
+
+    @property
+    def precision(self) -> PrecisionPolicy:
+        """Parameter dtype, compute dtype and loss scaling, decided once from `train.dtype`."""
+        return self._precision
 
     @property
     def world_size(self) -> int:
@@ -158,23 +173,38 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
     if "parallelism" not in data:
         raise RunConfigError("missing section 'parallelism' (module name -> layout fields)")
     kwargs: dict[str, Any] = {"parallelism": data["parallelism"]}
-    try:
-        layout = MimoParallelismConfig.from_dict(data["parallelism"])
-    except LayoutError as e:
-        raise RunConfigError(f"parallelism: {e}") from None
     distributed = data.get("distributed") or {}
     if not isinstance(distributed, dict):
         raise RunConfigError(f"distributed: expected a mapping of module -> settings, got {distributed!r}")
-    unknown_modules = sorted(set(distributed) - set(layout.module_names))
-    if unknown_modules:
-        raise RunConfigError(f"distributed: unknown module(s) {unknown_modules}; modules are {layout.module_names}")
     kwargs["distributed"] = {m: _section(ModuleDistributedSection, v, f"distributed.{m}")
                              for m, v in distributed.items()}
     for name, f in SECTIONS.items():
         if name in ("parallelism", "distributed") or name not in data:
             continue
         kwargs[name] = _section(f.default_factory().__class__, data[name], name)
-    return RunConfig(**kwargs)
+    config = RunConfig(**kwargs)
+    _check_distributed_modules(config)
+    return config
+
+
+def validate_run(config: RunConfig, world_size: int) -> list[str]:
+    """The one check of a run before any work, on `world_size` ranks: the layout (finalized here), the
+    batch split over micro-batches and every module's DP size, the distributed section. `mimo validate`,
+    the `mimo train` parent and every worker call it. Returns the layout's warnings (e.g. stub ranks)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config.layout.finalize(world_size)
+    config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
+    _check_distributed_modules(config)
+    return [str(w.message) for w in caught]
+
+
+def _check_distributed_modules(config: RunConfig) -> None:
+    """The distributed section names only modules of the layout."""
+    names = config.layout.module_names
+    unknown = sorted(set(config.distributed) - set(names))
+    if unknown:
+        raise RunConfigError(f"distributed: unknown module(s) {unknown}; modules are {names}")
 
 
 def _section(cls: type, data: Any, where: str) -> Any:

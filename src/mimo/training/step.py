@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mimo.bridge import Bridge
+from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
 from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
+from mimo.infra import MimoModelInfra
+from mimo.models import MimoModel
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
 from mimo.training.pipeline import PipelineSchedule, StageWork
@@ -51,12 +53,13 @@ class StepResult:
 
 
 class MimoTrainer:
-    """Runs training steps of a wrapped MIMO model (or a stub) with its bridges, optimizers and schedules."""
+    """Runs training steps of a wrapped MIMO model (a stub rank's is empty) with its bridges, optimizers and
+    schedules."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        infra,
+        model: MimoModel,
+        infra: MimoModelInfra,
         *,
         hidden_size: int,
         global_batch_size: int,
@@ -74,15 +77,14 @@ class MimoTrainer:
         self.micro_batch_size = infra.config.validate_batch(global_batch_size, num_microbatches)
         self.hidden_size, self.activation_dtype, self.clip_grad = hidden_size, activation_dtype, clip_grad
         self.scaler = scaler  # fp16: one loss scale for the whole model (GlobalGradScaler)
-        self.is_stub = bool(getattr(model, "is_stub", False))
-        self.special_token_ids = {} if self.is_stub else dict(model.special_token_ids)
-        self.bridges = {src: Bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst],
-                                    self.micro_batch_size, hidden_size, activation_dtype, self.device,
-                                    infra.p2p_groups)
-                        for src, dst in infra.config.edges if dst == LANGUAGE}
+        self.special_token_ids = dict(model.special_token_ids)
+        self.bridges: dict[str, Bridge] = {
+            src: make_bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst], self.micro_batch_size,
+                             hidden_size, activation_dtype, self.device, infra.p2p_groups)
+            for src, dst in infra.config.edges if dst == LANGUAGE}
         self.p2p_pairs = self._open_p2p_channels()
         self.optimizer_config = optimizer or OptimizerConfig()
-        self.optimizers = {} if self.is_stub else build_optimizers(model, self.optimizer_config)
+        self.optimizers = build_optimizers(model, self.optimizer_config)
         self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
         self.step_count = 0
 
@@ -102,25 +104,24 @@ class MimoTrainer:
             raise ValueError(f"the batch has {batch.num_samples} samples, but the trainer was built for a "
                              f"global batch of {self.global_batch_size}")
         t0 = time.perf_counter()
-        # the normalizer, from the batch every rank holds (a stub learns it with the loss, at the end)
-        label_tokens = 0 if self.is_stub else int(batch.num_label_tokens(self.special_token_ids))
+        # the normalizer, from the batch every rank holds
+        label_tokens = int(batch.num_label_tokens(self.special_token_ids))
         self._state = _StepState(batch, label_tokens, self._prefetch(batch))
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
+        inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
         for name in hosted:
-            if name != LANGUAGE and self.bridges[name].kind != "homogeneous":
+            if name != LANGUAGE and name not in inside:
                 self._timed(seconds, f"{name}.forward", self._encode_all, name)
         if LANGUAGE in hosted:
             self._timed(seconds, "language.forward_backward", self._language, batch)
-            for name in hosted:  # homogeneous encoders ran inside the language phase; keep phases disjoint
-                if name != LANGUAGE and self.bridges[name].kind == "homogeneous":
-                    seconds["language.forward_backward"] -= seconds[f"{name}.forward"]
+            for name in inside:  # those encoders ran inside the language phase; keep phases disjoint
+                seconds["language.forward_backward"] -= seconds[f"{name}.forward"]
         for src in self.bridges:
             self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
         for bridge in self.bridges.values():
             bridge.wait()
-        if not self.is_stub:
-            align_gradients(self.model)
+        align_gradients(self.model)
         self._sync_tied_embeddings()
         skipped = self._unscale_and_check()
         totals = self._global_sums()
@@ -137,11 +138,10 @@ class MimoTrainer:
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str) -> None:
-        """Encode this replica's items of every micro-batch and hand them to the bridge."""
+        """Encode this replica's items of every micro-batch and hand them to the bridge (which keeps what it
+        delivers here for stage 0's `receive`)."""
         for m in range(self.num_microbatches):
-            received = self._encode_microbatch(name, m)
-            if received is not None:
-                self._state.received[name][m] = received
+            self._encode_microbatch(name, m)
 
     def _encode_microbatch(self, name: str, m: int) -> tuple | None:
         """Encode this replica's items of micro-batch m and hand them to the bridge; what it delivers here."""
@@ -157,10 +157,10 @@ class MimoTrainer:
 
     def _microbatch_tokens(self, name: str, m: int) -> torch.Tensor | None:
         """Tokens per sample of modality `name` in the whole micro-batch m, counted on the CPU ids every rank holds
-        (a rank that receives embeddings need not host the encoder): given to a bridge that moves embeddings, they
-        spare it moving the counts and reading them back (a host sync). The ids must match the items; the bridge
-        and `check_alignment` say so if they do not."""
-        if self.bridges[name].kind == "homogeneous":
+        (a rank that receives embeddings need not host the encoder), for a bridge that `uses_microbatch_tokens`:
+        they spare it moving the counts and reading them back (a host sync). The ids must match the items; the
+        bridge and `check_alignment` say so if they do not."""
+        if not self.bridges[name].uses_microbatch_tokens:
             return None
         ids = self._state.batch.microbatch(m, self.num_microbatches).input_ids
         return (ids == self.special_token_ids[name]).sum(1)
@@ -172,7 +172,7 @@ class MimoTrainer:
         for name in self.infra.participating_modules:
             grid = self.infra.module_to_grid_map[name]
             wanted = {"text": True} if name == LANGUAGE else {"modalities": (name,), "text": False}
-            shares[name] = [batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))
+            shares[name] = [batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
                             .prefetch(self.device, **wanted) for m in range(self.num_microbatches)]
         return shares
 
@@ -198,7 +198,7 @@ class MimoTrainer:
         lm = self.model.language_model
 
         def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
-            mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord[1], grid.size("dp"))  # on the CPU
+            mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))  # on the CPU
             on_device, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
             ids = on_device.input_ids
             kwargs = self._first_stage_inputs(m, mb, ids) if first else {}
@@ -213,21 +213,18 @@ class MimoTrainer:
 
         def before_backward(m: int, out: torch.Tensor, is_last: bool) -> None:
             prepare_backward(lm, out, is_last)
-            for src, bridge in self.bridges.items():  # homogeneous: this backward reaches the encoder too
-                if bridge.kind == "homogeneous" and first:
+            for src, bridge in self.bridges.items():  # an encoder run inside the forward: backward reaches it
+                if bridge.encodes_inside_language_forward and first:
                     prepare_backward(self.model.modality_submodules[src], self._state.encoder_out[src][m], is_last)
 
         def after_backward(m: int) -> None:
             if not first:
                 return
             for src, bridge in self.bridges.items():
-                if bridge.kind == "homogeneous":
+                if bridge.encodes_inside_language_forward:
                     self._state.encoder_out[src].pop(m, None)
-                leaf = self._state.leaves[src].pop(m, None)
-                if bridge.kind == "heterogeneous":
-                    bridge.backward(m, leaf.grad if leaf is not None else None)
-                elif bridge.kind == "colocated":
-                    self._state.grads[src][m] = leaf.grad if leaf is not None else None
+                else:
+                    bridge.return_grad(m)
 
         schedule.run(StageWork(forward, before_backward, after_backward))
 
@@ -236,17 +233,12 @@ class MimoTrainer:
         of micro-batch m (alignment checked on the CPU copy of the ids, so no host sync)."""
         embeddings, counts = {}, {}
         for src, bridge in self.bridges.items():
-            if bridge.kind == "homogeneous":  # encoded now, so its activations live for this micro-batch only
+            if bridge.encodes_inside_language_forward:  # encoded now: its activations live for this micro-batch
                 t0 = time.perf_counter()
-                received = self._encode_microbatch(src, m)
+                embeddings[src], counts[src] = self._encode_microbatch(src, m)
                 self._state.seconds[f"{src}.forward"] += time.perf_counter() - t0
-            elif bridge.kind == "heterogeneous":
-                received = bridge.forward(m, microbatch_tokens=self._microbatch_tokens(src, m))
             else:
-                received = self._state.received[src].pop(m)
-            embeddings[src], counts[src] = received
-            if bridge.kind != "homogeneous":
-                self._state.leaves[src][m] = received[0]
+                embeddings[src], counts[src] = bridge.receive(m, self._microbatch_tokens(src, m))
         rows = {name: e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
         return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=mb.input_ids)
@@ -255,12 +247,12 @@ class MimoTrainer:
     def _encoder_backward(self, src: str) -> None:
         """Deliver each micro-batch's embedding gradient to the encoder replicas and run their backward."""
         bridge = self.bridges[src]
-        if bridge.kind == "homogeneous" or src not in self.infra.participating_modules:
-            return  # homogeneous: the language backward already ran it; receivers of a disjoint span: done
+        if bridge.encodes_inside_language_forward or src not in self.infra.participating_modules:
+            return  # the language backward already ran it; receivers of a disjoint span: done
         encoder = self.model.modality_submodules[src]
         for m in range(self.num_microbatches):
             prepare_backward(encoder, self._state.encoder_out[src][m], m == self.num_microbatches - 1)
-            bridge.backward(m, self._state.grads[src].pop(m, None))
+            bridge.run_encoder_backward(m)
 
     # -- after the backward ----------------------------------------------------------------------------------
     def _sync_tied_embeddings(self) -> None:
@@ -296,8 +288,7 @@ class MimoTrainer:
         if LANGUAGE not in self.infra.participating_modules:
             return False, -1
         grid = self.infra.module_to_grid_map[LANGUAGE]
-        pp, dp, cp, tp = grid.coord
-        return pp == grid.size("pp") - 1 and tp == 0 and cp == 0, dp
+        return grid.is_last_stage() and grid.is_tp_leader(), grid.coord.dp
 
     def _unscale_and_check(self) -> bool:
         """fp16: unscale every gradient and agree world-wide whether any overflowed (then skip the step)."""
@@ -328,15 +319,12 @@ class MimoTrainer:
 @dataclass
 class _StepState:
     """Per-step scratch: the batch, its label count (the loss divisor) and this rank's prefetched shares of
-    it, encoder outputs, received embeddings, their leaves and gradients, the loss sum, each phase's seconds."""
+    it, encoder outputs, the loss sum, each phase's seconds."""
 
     batch: MimoBatch
     label_tokens: int
     inputs: dict[str, list[MimoBatch | None]]
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     encoder_out: dict = field(default_factory=lambda: defaultdict(dict))
-    received: dict = field(default_factory=lambda: defaultdict(dict))
-    leaves: dict = field(default_factory=lambda: defaultdict(dict))
-    grads: dict = field(default_factory=lambda: defaultdict(dict))
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
