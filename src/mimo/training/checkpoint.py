@@ -108,7 +108,7 @@ class Checkpointer:
         hashes = _gathered_hashes(tmp)
         if _rank() == 0:
             _write_json(tmp / INFO, {"format": FORMAT, "step": step, "schedulers": schedulers, "extra": extra})
-            hashes.update(file_hashes(tmp, [INFO]))
+            hashes = dict(sorted({**hashes, **file_hashes(tmp, [INFO])}.items()))
             _write_json(tmp / MARKER, {"step": step, "files": _file_sizes(tmp), HASH: hashes})
             _move_into_place(tmp, final)
             _fsync_dir(self.root)
@@ -269,7 +269,7 @@ def _gathered_hashes(directory: Path) -> dict[str, str]:
     if _distributed():
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
-    return {name: digest for part in gathered for name, digest in part.items()}
+    return dict(sorted((name, digest) for part in gathered for name, digest in part.items()))
 
 
 def _agree_on_keys(path: Path, metadata: Metadata, targets: dict, problems: list[str]) -> None:
