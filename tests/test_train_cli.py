@@ -185,10 +185,10 @@ def test_a_stopped_rank_is_named_within_a_bounded_time(tmp_path):
     path, run_dir = write_config(tmp_path, train={"steps": 100_000}, checkpoint={"interval": 1, "keep": 2})
     proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "MIMO_HANG_S": "15"})
+                            env={**os.environ, "MIMO_HANG_S": "15", "TMPDIR": str(tmp_path)})
     try:
         wait_for_a_checkpoint(run_dir / "checkpoints")
-        worker = worker_pid(proc.pid, rank=1)
+        worker = worker_pid(tmp_path, rank=1)
         os.kill(worker, signal.SIGSTOP)
         t0 = time.monotonic()
         _, stderr = proc.communicate(timeout=240)
@@ -213,15 +213,7 @@ def wait_for_a_checkpoint(root: Path) -> None:
     assert Checkpointer(root).complete(), "no checkpoint was written within 180 s"
 
 
-def worker_pid(parent: int, rank: int) -> int:
-    """The pid of the worker of `rank` among `parent`'s children (from /proc: Linux)."""
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            if f"\nPPid:\t{parent}\n" not in status.read_text():
-                continue
-            environ = (status.parent / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return int(status.parent.name)
-    raise AssertionError(f"no worker of rank {rank} under pid {parent}")
+def worker_pid(tmp: Path, rank: int) -> int:
+    """The pid of the worker of `rank`, from its heartbeat file in the launcher's temporary directory."""
+    (beat,) = tmp.glob(f"mimo-failures-*/heartbeat_{rank}")
+    return int(beat.read_text())
