@@ -127,7 +127,7 @@ def test_a_damaged_or_refused_resume_loses_nothing(tmp_path):
     done = mimo("train", str(path), "--quiet", "--resume")
     assert done.returncode == 2
     assert done.stderr.startswith(f"mimo train: error: checkpoint {newest} is corrupt: {shard.name} does not match "
-                                  f"its blake2b hash in COMPLETE")
+                                  f"its sha256 hash in COMPLETE")
     assert done.stderr.endswith("; no earlier checkpoint verifies either\n") and done.stderr.count("\n") == 1
 
     (older / shard.name).write_bytes(intact)
@@ -140,7 +140,7 @@ def test_a_damaged_or_refused_resume_loses_nothing(tmp_path):
     resumed = mimo("train", str(path), "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (f"mimo train: skipping a damaged checkpoint: checkpoint {newest} is corrupt: {shard.name} does not match "
-            f"its blake2b hash in COMPLETE (changed or replaced after the save); resuming from {older} instead\n"
+            f"its sha256 hash in COMPLETE (changed or replaced after the save); resuming from {older} instead\n"
             f"resumed from {older} at step 2\n") in resumed.stdout
     again = steps_and_losses(run_dir)
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]

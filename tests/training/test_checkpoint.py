@@ -494,13 +494,13 @@ def test_a_swapped_shard_of_the_same_size_is_caught(run_a, tmp_path):
     shard = data_file(newest)
     shutil.copyfile(older / shard.name, shard)  # another step's shard: same tensors, so the same size
     open_checkpoint(newest)  # sizes alone (what every worker checks) pass
-    message = rf"checkpoint {newest} is corrupt: {shard.name} does not match its blake2b hash in COMPLETE"
+    message = rf"checkpoint {newest} is corrupt: {shard.name} does not match its sha256 hash in COMPLETE"
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(newest, verify=True)
     reported: list[str] = []
     assert newest_intact(Checkpointer(root), reported.append) == older  # the previous one, with a line
     assert reported == [f"mimo train: skipping a damaged checkpoint: checkpoint {newest} is corrupt: {shard.name} "
-                        f"does not match its blake2b hash in COMPLETE (changed or replaced after the save); "
+                        f"does not match its sha256 hash in COMPLETE (changed or replaced after the save); "
                         f"resuming from {older} instead"]
     os.truncate(data_file(older), 10)  # and when none is left: the newest one's error, and that none verifies
     with pytest.raises(CheckpointError, match=rf"^{message} .*; no earlier checkpoint verifies either$"):

@@ -13,7 +13,7 @@ On disk (one directory per step; DCP's own files plus two JSON files, nothing of
                             allow-list unpickler (`_SafeReader`), never a plain `pickle.load`
         mimo.json           format, step, scheduler states, the caller's `extra` (JSON)
         COMPLETE            written last, after every rank has finished: step, every file's size and its
-                            BLAKE2b hash (each rank hashes a share of the files it just wrote; the parent
+                            SHA-256 hash (each rank hashes a share of the files it just wrote; the parent
                             re-hashes them all before a resume, on threads: one read of the checkpoint)
     root/step_00000006.tmp/ a save in progress, or one that was interrupted: never loaded
 """
@@ -47,7 +47,7 @@ from mimo.distributed import dtensor_spec, unwrap, wrapped_modules
 
 FORMAT = 1
 MARKER, INFO, DCP_METADATA = "COMPLETE", "mimo.json", ".metadata"
-HASH = "blake2b"  # the marker's key for {file: hex digest}; a checkpoint written before hashes has none
+HASH = "sha256"  # the marker's key for {file: hex digest}; a checkpoint written before hashes has none
 _CHUNK = 1 << 22
 OPTIMIZER, RNG = "optimizer.", "rng_state"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -246,14 +246,14 @@ def _check_step(path: Path, marker: dict, info: dict) -> None:
 
 
 def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
-    """{name: BLAKE2b hex digest} of files in `directory`, read in 4 MiB chunks on a few threads (hashlib
+    """{name: SHA-256 hex digest} of files in `directory`, read in 4 MiB chunks on a few threads (hashlib
     releases the GIL), so the cost is one read of the files at the disk's pace."""
     with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
         return dict(zip(names, pool.map(lambda n: _hash_file(directory / n), names), strict=True))
 
 
 def _hash_file(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=32)
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
