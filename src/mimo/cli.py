@@ -100,9 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     owner = not _launched() or os.environ["RANK"] == "0"  # under torchrun, rank 0 claims the run directory
     lock = claim_run_dir(config.run_dir, config.checkpoint_dir, resume=args.resume, restart=args.restart) \
         if owner else None
-    resume_from = _resumable(config) if args.resume else None
-    kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map}
     try:
+        resume_from = _resumable(config, report=owner) if args.resume else None
+        kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map}
         if _launched():
             from mimo.training.loop import run_training
 
@@ -118,12 +118,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             lock.release()
 
 
-def _resumable(config) -> str | None:
+def _resumable(config, report: bool) -> str | None:
     """Before any worker starts: the newest complete checkpoint that verifies (sizes and hashes), None if there
-    is none; a damaged newest one is named and an earlier one used, or a one-line error if none is left."""
+    is none; a damaged newest one is named (if `report`) and an earlier one used, or a one-line error if none
+    is left. Under torchrun every rank decides so (the same files, the same answer), rank 0 alone says it."""
     from mimo.training.checkpoint import Checkpointer, newest_intact
 
-    path = newest_intact(Checkpointer(config.checkpoint_dir), report=lambda line: print(line, flush=True))
+    say = (lambda line: print(line, flush=True)) if report else (lambda line: None)
+    path = newest_intact(Checkpointer(config.checkpoint_dir), report=say)
     return None if path is None else str(path)
 
 
