@@ -95,6 +95,13 @@ def test_bad_world_size_argument(capsys):
     assert "must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_a_huge_world_size_is_refused_at_once(capsys):
+    """Issue 17: --world-size 100000000 grew past 11 GB; now one line naming the cap."""
+    code, out, err = run(capsys, "layout", str(LAYOUTS / "colocated.yaml"), "--world-size", "100000000")
+    assert code == 2 and out == ""
+    assert err == "mimo layout: error: world_size must be an integer from 1 to 131072, got 100000000\n"
+
+
 def test_console_script_runs_without_traceback():
     ok = subprocess.run([sys.executable, "-m", "mimo", "layout", str(LAYOUTS / "colocated.yaml")],
                         capture_output=True, text=True, check=False)

@@ -57,17 +57,16 @@ def test_dp_derived_for_module_spanning_the_world():
 
 @pytest.mark.parametrize("field", ["tensor_model_parallel_size", "pipeline_model_parallel_size",
                                    "context_parallel_size", "expert_model_parallel_size", "data_parallel_size"])
-@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2", "two"])
 def test_non_positive_sizes(field, value):
-    c = cfg(language={field: value})
+    # caught as the file is read (issue 17: "2" or "two" was a TypeError from the world-size sum)
     with pytest.raises(LayoutError, match=rf"module 'language': {field} must be a positive integer, got"):
-        c.finalize(2)
+        cfg(language={field: value}).finalize(2)
 
 
 def test_negative_offset():
-    c = cfg(language={"data_parallel_size": 1, "rank_offset": -1})
     with pytest.raises(LayoutError, match=r"module 'language': rank_offset must be an integer >= 0, got -1"):
-        c.finalize(2)
+        cfg(language={"data_parallel_size": 1, "rank_offset": -1}).finalize(2)
 
 
 # -- MimoParallelismConfig ---------------------------------------------------------------------

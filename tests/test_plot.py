@@ -72,13 +72,11 @@ def test_errors(tmp_path, capsys) -> None:
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     (tmp_path / "evalonly").mkdir()
     (tmp_path / "evalonly" / "metrics.jsonl").write_text('{"kind": "eval", "step": 1, "accuracy": 0.5}\n')
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2}\n')
+    (tmp_path / "file").write_text("")
     cases = {
         "missing": "metrics.jsonl: no such file; is ",
         "empty": "no training steps logged yet",
         "evalonly": "no training steps logged yet",
-        "broken": "metrics.jsonl:2: not a JSON line",
     }
     for name, message in cases.items():
         with pytest.raises(PlotError, match=message):
@@ -89,3 +87,26 @@ def test_errors(tmp_path, capsys) -> None:
         assert not (tmp_path / f"{name}.png").exists()
     with pytest.raises(PlotError, match="no run directories"):
         plot_runs([], tmp_path / "none.png")
+    # --out under a file (issue 17's probe): one line, not a traceback
+    run = make_run(tmp_path / "run")
+    assert main([str(run), "--out", str(tmp_path / "file" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mimo plot: error: cannot write {tmp_path / 'file' / 'x.png'}: ") and err.count("\n") == 1
+
+
+def test_bad_records_are_skipped_and_named_in_one_line(tmp_path, capsys) -> None:
+    """Issue 17's probes: a record that is a list, one without `step`, a line that is not JSON (mid-file)."""
+    run = tmp_path / "bad"
+    run.mkdir()
+    good = [json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    lines = [good[0], "[1, 2]", good[1], '{"kind": "train", "loss": 0.7}', "not json", good[2]]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert len(caught) == 1
+    assert str(caught[0].message) == (f"{run / 'metrics.jsonl'}: skipped 3 bad record(s): line 2 (a JSON list, not "
+                                      f"an object), line 4 (no integer step), line 5 (not JSON: Expecting value)")
+    assert main([str(run), "--out", str(tmp_path / "bad.png")]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"warning: {caught[0].message}\n" and "wrote " in out
+    assert_png(tmp_path / "bad.png")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 RUN = {
@@ -60,21 +64,41 @@ def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
     assert {"loss", "tokens", "tokens_per_s", "step_time_s", "grad_norm", "lr", "tflops", "peak_memory_gb"} <= set(line)
     assert any(k.endswith("forward_s") for k in line) and any(k.startswith("language.") for k in line)
     assert (run_dir / "config.yaml").is_file()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == [
-        "step_00000002", "step_00000004"]
+    checkpoints = ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == checkpoints
 
-    # the same run in two halves: 2 steps, then --resume to 4, gives the same losses (float64)
-    path2, run_dir2 = write_config(tmp_path / "halves")
-    assert mimo("train", str(path2), "--quiet", "--set", "train.steps=2").returncode == 0
-    resumed = mimo("train", str(path2), "--quiet", "--resume", "--set", "train.steps=4")
+    # issue 17: a fresh, shorter run into it (it pruned the old run's checkpoints as older) is refused at once
+    refused = mimo("train", str(path), "--quiet", "--set", "train.steps=2")
+    assert refused.returncode == 2
+    assert refused.stderr == (f"mimo train: error: {run_dir} already holds a run (checkpoints up to step_00000004 in "
+                              f"{run_dir / 'checkpoints'}, metrics.jsonl): --resume to continue it, or --restart to "
+                              f"move it aside and start over (or choose another log.dir)\n")
+    assert steps_and_losses(run_dir) == losses
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == checkpoints
+
+    # the same run in two halves: --restart moves the first aside (never deletes it), 2 steps, then --resume to 4
+    # gives the same losses (float64)
+    first = mimo("train", str(path), "--quiet", "--restart", "--set", "train.steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.") and p.is_dir()]
+    assert f"mimo train: moved the previous run aside: {aside}\n" in first.stdout
+    assert steps_and_losses(aside) == losses and (aside / "checkpoints" / "step_00000004").is_dir()
+    assert sorted(steps_and_losses(run_dir)) == [1, 2]
+    # issue 17: killed after logging step 3 (past its last checkpoint, step 2) and mid-way through step 4's line
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 3, "loss": 9.0}) + "\n" + '{"kind": "train", "st')
+    resumed = mimo("train", str(path), "--quiet", "--resume", "--set", "train.steps=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    halves = steps_and_losses(run_dir2)
+    assert ("metrics.jsonl: dropped 1 record(s) past step 2, a cut-off last line (logged after the checkpoint "
+            "resumed from)") in resumed.stdout
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]  # one series, every line JSON
+    halves = steps_and_losses(run_dir)
     for step in (3, 4):
         assert abs(halves[step] - losses[step]) <= 1e-8 * abs(losses[step])
 
-    plotted = mimo("plot", str(run_dir), str(run_dir2), "--out", str(tmp_path / "both.png"))
-    assert plotted.returncode == 0, plotted.stderr
+    plotted = mimo("plot", str(aside), str(run_dir), "--out", str(tmp_path / "both.png"))
+    assert plotted.returncode == 0 and plotted.stderr == "", plotted.stderr
     assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -89,20 +113,45 @@ def test_a_failing_rank_ends_the_job_promptly(tmp_path):
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"  # bounded by the agent, not the 300 s PG timeout
 
 
-def test_resume_from_a_corrupt_checkpoint_is_one_line(tmp_path):
-    path, run_dir = write_config(tmp_path, train={"steps": 2})
+def test_a_damaged_or_refused_resume_loses_nothing(tmp_path):
+    from mimo.training.checkpoint import open_checkpoint
+
+    path, run_dir = write_config(tmp_path)
     assert mimo("train", str(path), "--quiet").returncode == 0
-    data = next((run_dir / "checkpoints" / "step_00000002").glob("*.distcp"))
-    data.write_bytes(data.read_bytes()[:100])  # truncated
-    done = mimo("train", str(path), "--quiet", "--resume", "--set", "train.steps=4")
+    losses = steps_and_losses(run_dir)
+    newest, older = run_dir / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000002"
+    shard = sorted(newest.glob("*.distcp"))[-1]
+    shutil.copyfile(older / shard.name, shard)  # issue 17: a shard of the same size swapped into the newest
+    intact = (older / shard.name).read_bytes()
+    (older / shard.name).write_bytes(intact[:100])  # and the one before it truncated: none is left
+    done = mimo("train", str(path), "--quiet", "--resume")
     assert done.returncode == 2
-    assert done.stderr.startswith("mimo train: error: checkpoint ") and "truncated or corrupt" in done.stderr
-    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"mimo train: error: checkpoint {newest} is corrupt: {shard.name} does not match "
+                                  f"its sha256 hash in COMPLETE")
+    assert done.stderr.endswith("; no earlier checkpoint verifies either\n") and done.stderr.count("\n") == 1
+
+    (older / shard.name).write_bytes(intact)
+    config, logged = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
+    # issue 17: a resume the workers refuse (another seed) overwrote config.yaml; it leaves the run as it was
+    refused = mimo("train", str(path), "--quiet", "--resume", "--set", "train.seed=7")
+    assert refused.returncode == 1 and "seed" in refused.stderr, refused.stderr[-3000:]
+    assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == logged
+
+    resumed = mimo("train", str(path), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"mimo train: skipping a damaged checkpoint: checkpoint {newest} is corrupt: {shard.name} does not match "
+            f"its sha256 hash in COMPLETE (changed or replaced after the save); resuming from {older} instead\n"
+            f"resumed from {older} at step 2\n") in resumed.stdout
+    again = steps_and_losses(run_dir)
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(again[step] - losses[step]) <= 1e-8 * abs(losses[step])
+    open_checkpoint(newest, verify=True)  # written again, whole
 
 
-def test_ctrl_c_stops_every_process_and_leaves_only_complete_checkpoints(tmp_path):
-    import signal
-
+@pytest.mark.parametrize(("sig", "group", "code"), [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
+def test_a_signal_stops_every_process_and_leaves_only_complete_checkpoints(tmp_path, sig, group, code):
+    """Ctrl-C (SIGINT to the process group), or SIGTERM to `mimo train` alone: 128 + the signal, as a shell says."""
     from mimo.training.checkpoint import Checkpointer, open_checkpoint
 
     path, run_dir = write_config(tmp_path, train={"steps": 100_000}, checkpoint={"interval": 1, "keep": 2})
@@ -110,19 +159,61 @@ def test_ctrl_c_stops_every_process_and_leaves_only_complete_checkpoints(tmp_pat
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     root = run_dir / "checkpoints"
     try:
-        deadline = time.monotonic() + 180  # bounds on waiting, not speed claims
-        while not (root.is_dir() and Checkpointer(root).complete()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert Checkpointer(root).complete(), "no checkpoint was written within 180 s"
+        wait_for_a_checkpoint(root)
+        # issue 17: a second run into the same directory was not refused; now at once, naming the holder
+        second = mimo("train", str(path), "--quiet", "--resume")
+        assert second.returncode == 2
+        assert second.stderr.startswith(f"mimo train: error: {run_dir} is in use by another run (pid {proc.pid} on "
+                                        f"host {socket.gethostname()} since ")
         time.sleep(1.0)  # let saves be in flight: a checkpoint is written every step
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+        os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "mimo train: stopped by SIGINT" in stderr
+    assert proc.returncode == code, stderr[-2000:]
+    assert f"mimo train: stopped by {sig.name}" in stderr
     complete = Checkpointer(root).complete()
     assert complete and len(complete) <= 2
     for path in complete:  # each opens: neither an interrupted save nor an interrupted prune is among them
-        open_checkpoint(path)
+        open_checkpoint(path, verify=True)
+
+
+def test_a_stopped_rank_is_named_within_a_bounded_time(tmp_path):
+    """Issue 17: a SIGSTOPped worker held the job for the collective timeout (300 s here) and was never named;
+    its heartbeat now goes stale and the launcher names and ends it after MIMO_HANG_S (15 s here)."""
+    path, run_dir = write_config(tmp_path, train={"steps": 100_000}, checkpoint={"interval": 1, "keep": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "MIMO_HANG_S": "15", "TMPDIR": str(tmp_path)})
+    try:
+        wait_for_a_checkpoint(run_dir / "checkpoints")
+        worker = worker_pid(tmp_path, rank=1)
+        os.kill(worker, signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=240)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-2000:]
+    first = next(line for line in stderr.splitlines() if line.startswith("mimo train:"))
+    assert first.startswith("mimo train: error: rank 1 failed: hung: no heartbeat for ")
+    assert first.endswith(f"s (process {worker} state T (stopped)); killed by the launcher")
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to end"  # bounded by MIMO_HANG_S, not train.timeout_s
+
+
+def wait_for_a_checkpoint(root: Path) -> None:
+    """Wait until the run has written a complete checkpoint (so every worker is training)."""
+    from mimo.training.checkpoint import Checkpointer
+
+    deadline = time.monotonic() + 180  # bounds on waiting, not speed claims
+    while not (root.is_dir() and Checkpointer(root).complete()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert Checkpointer(root).complete(), "no checkpoint was written within 180 s"
+
+
+def worker_pid(tmp: Path, rank: int) -> int:
+    """The pid of the worker of `rank`, from its heartbeat file in the launcher's temporary directory."""
+    (beat,) = tmp.glob(f"mimo-failures-*/heartbeat_{rank}")
+    return int(beat.read_text())

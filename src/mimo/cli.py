@@ -89,33 +89,43 @@ def cmd_layout(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
     from mimo.training.run_config import check_data_available, load_run_config, validate_run
+    from mimo.training.run_dir import claim_run_dir
 
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     warns = validate_run(config, world)
     rank_map = render_rank_map(config.layout)
     check_data_available(config)
-    if args.resume:
-        _check_resumable(config)
-    if _launched():
-        from mimo.training.loop import run_training
+    owner = not _launched() or os.environ["RANK"] == "0"  # under torchrun, rank 0 claims the run directory
+    lock = claim_run_dir(config.run_dir, config.checkpoint_dir, resume=args.resume, restart=args.restart) \
+        if owner else None
+    try:
+        resume_from = _resumable(config, report=owner) if args.resume else None
+        kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map}
+        if _launched():
+            from mimo.training.loop import run_training
 
-        run_training(config, resume=args.resume, quiet=args.quiet, rank_map=rank_map)
-        return 0
-    for w in warns:
-        print(f"warning: {w}", file=sys.stderr)
-    from mimo.launch import launch
+            run_training(config, **kwargs)
+            return 0
+        for w in warns:
+            print(f"warning: {w}", file=sys.stderr)
+        from mimo.launch import launch
 
-    return launch(config.to_dict(), world, resume=args.resume, quiet=args.quiet, rank_map=rank_map)
+        return launch(config.to_dict(), world, **kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _check_resumable(config) -> None:
-    """Before any worker starts: the newest complete checkpoint (if any) is intact, or a one-line error."""
-    from mimo.training.checkpoint import Checkpointer, open_checkpoint
+def _resumable(config, report: bool) -> str | None:
+    """Before any worker starts: the newest complete checkpoint that verifies (sizes and hashes), None if there
+    is none; a damaged newest one is named (if `report`) and an earlier one used, or a one-line error if none
+    is left. Under torchrun every rank decides so (the same files, the same answer), rank 0 alone says it."""
+    from mimo.training.checkpoint import Checkpointer, newest_intact
 
-    latest = Checkpointer(config.checkpoint_dir).latest()
-    if latest is not None:
-        open_checkpoint(latest)
+    say = (lambda line: print(line, flush=True)) if report else (lambda line: None)
+    path = newest_intact(Checkpointer(config.checkpoint_dir), report=say)
+    return None if path is None else str(path)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -136,7 +146,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     runs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else default_output(runs)
-    plot_runs(runs, out)
+    with warnings.catch_warnings(record=True) as caught:  # bad records: skipped, one line per file
+        warnings.simplefilter("always")
+        plot_runs(runs, out)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 
@@ -160,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes (default: the layout's world size)")
         p.set_defaults(run=run)
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            start = p.add_mutually_exclusive_group()
+            start.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            start.add_argument("--restart", action="store_true",
+                               help="move the run already in log.dir aside (renamed, never deleted) and start over")
             p.add_argument("--quiet", action="store_true", help="plain progress lines, no config dump")
     plot = sub.add_parser("plot", help="plot loss and throughput of run directories")
     plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
@@ -196,8 +213,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError
+    from mimo.training.run_dir import RunDirError
 
-    return (RunConfigError, CheckpointError, PlotError)
+    return (RunConfigError, CheckpointError, PlotError, RunDirError)
 
 
 if __name__ == "__main__":

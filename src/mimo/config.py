@@ -8,6 +8,7 @@ everything that cannot train to the single-process answer.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 LANGUAGE = "language"
+MAX_WORLD_SIZE = 1 << 17  # 131072 ranks: beyond the largest jobs run today; a typo past it must not eat the memory
 Deployment = Literal["homogeneous", "colocated", "heterogeneous"]
 _SIZE_FIELDS = (
     "tensor_model_parallel_size",
@@ -34,13 +36,31 @@ class ConfigFileError(ValueError):
     """A config file that cannot be read or does not have the expected shape."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, but `3e-3` (no dot: a string in YAML 1.1, a float in 1.2 and to users) is a float."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML text safely (no object construction), reading exponent-form numbers as floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping safely (no object construction); errors name the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigFileError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              f"a config is YAML text") from None
+    try:
+        data = load_yaml_text(text)
     except yaml.YAMLError as e:
         raise ConfigFileError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
@@ -158,6 +178,7 @@ class MimoParallelismConfig:
                     f"module '{name}': unknown key(s) {unknown}; allowed keys are {allowed}"
                 )
             modules[name] = ModuleParallelismConfig(**fields_)
+            modules[name]._check_sizes(name)  # a size given as "2" or "two" is named here, not a TypeError later
         return cls(modules)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -227,8 +248,8 @@ class MimoParallelismConfig:
         """
         if self._world_size == world_size:
             return self
-        if not isinstance(world_size, int) or world_size < 1:
-            raise LayoutError(f"world_size must be a positive integer, got {world_size!r}")
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or not 1 <= world_size <= MAX_WORLD_SIZE:
+            raise LayoutError(f"world_size must be an integer from 1 to {MAX_WORLD_SIZE}, got {world_size!r}")
         if LANGUAGE not in self.module_parallelisms:
             raise LayoutError(
                 f"no '{LANGUAGE}' module: every MIMO model has one; modules given: {self.module_names}"

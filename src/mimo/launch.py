@@ -6,6 +6,11 @@ monitor interval and we report which rank failed first and why; Ctrl-C stops eve
 Which rank failed first is decided by time, not by which exit the agent happened to notice first: a
 rank that raises makes its peers' collectives fail a moment later, and those peers may exit sooner.
 Each worker writes `{rank, time, error}` to a shared directory as it raises, before its sockets close.
+
+A rank that hangs without failing (stopped, deadlocked in native code) would hold the others in a collective
+until its timeout (`train.timeout_s`, 300 s by default) and then be blamed on them. So each worker touches a
+heartbeat file every second from a thread of its own, and the launcher names and kills a rank whose heartbeat
+is older than `HANG_S`, whatever the collective timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,10 +33,13 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+HEARTBEAT_S = 1.0  # how often each worker touches its heartbeat file
+HANG_S = float(os.environ.get("MIMO_HANG_S", 60))  # a heartbeat older than this: the rank is hung (tests lower it)
+
 
 def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
     """Run `_worker(config, **kwargs)` on `nproc` local processes; 0, or 1 with the failed ranks named."""
-    with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir:
+    with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir, HangWatch(Path(failure_dir)):
         try:
             _launch_on_a_free_port(nproc, config, kwargs, failure_dir)
         except ChildFailedError as e:
@@ -38,10 +47,10 @@ def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
                 print(line, file=sys.stderr)
             return 1
         except (KeyboardInterrupt, SignalException) as e:
-            name = signal.Signals(getattr(e, "sigval", signal.SIGINT)).name
-            print(f"mimo train: stopped by {name}; workers ended, and only complete checkpoints are ever loaded",
+            sig = signal.Signals(getattr(e, "sigval", signal.SIGINT))
+            print(f"mimo train: stopped by {sig.name}; workers ended, and only complete checkpoints are ever loaded",
                   file=sys.stderr)
-            return 130
+            return 128 + sig.value  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0
 
 
@@ -66,6 +75,78 @@ def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str,
                 raise
 
 
+class HangWatch:
+    """A launcher thread that names and kills a worker whose heartbeat file is older than `HANG_S`.
+
+    The kill (SIGKILL ends even a stopped process) lets the elastic agent end the job as for any dead rank;
+    the failure record written first, stamped with the rank's last heartbeat, makes the report lead with it.
+    """
+
+    def __init__(self, failure_dir: Path, hang_s: float = HANG_S) -> None:
+        self.failure_dir, self.hang_s = failure_dir, hang_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="mimo-hang-watch", daemon=True)
+
+    def __enter__(self) -> HangWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            for beat in self.failure_dir.glob("heartbeat_*"):
+                with contextlib.suppress(OSError, ValueError):  # a worker that just ended removed its file
+                    self._check(beat)
+
+    def _check(self, beat: Path) -> None:
+        """Name and kill the rank behind `beat` if its heartbeat is stale."""
+        last = beat.stat().st_mtime
+        silent = time.time() - last
+        if silent < self.hang_s:
+            return
+        rank, pid = int(beat.name.split("_")[1]), int(beat.read_text())
+        reason = (f"hung: no heartbeat for {silent:.0f} s (process {pid} {_process_state(pid)}); killed by the "
+                  f"launcher")
+        (self.failure_dir / f"rank_{rank}.json").write_text(json.dumps({"rank": rank, "time": last, "error": reason}))
+        beat.unlink()
+        os.kill(pid, signal.SIGKILL)
+
+
+def _process_state(pid: int) -> str:
+    """'stopped', 'sleeping', ... from /proc (Linux), or '' where it cannot be read."""
+    with contextlib.suppress(OSError, IndexError):
+        return "state " + Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].strip()
+    return "state unknown"
+
+
+class _Heartbeat:
+    """A worker's thread touching `failure_dir/heartbeat_<rank>` (holding its pid) every `HEARTBEAT_S`."""
+
+    def __init__(self, failure_dir: Path) -> None:
+        self.path = failure_dir / f"heartbeat_{int(os.environ.get('RANK', '0'))}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="mimo-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self.path.write_text(str(os.getpid()))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+
 @record
 def _worker(config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) -> None:
     """One rank: parse the (already validated) config and run the training loop; record why it failed."""
@@ -73,7 +154,8 @@ def _worker(config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) ->
     from mimo.training.run_config import parse_run_config
 
     try:
-        run_training(parse_run_config(config), **kwargs)
+        with _Heartbeat(Path(failure_dir)):
+            run_training(parse_run_config(config), **kwargs)
     except BaseException as e:
         _write_failure(Path(failure_dir), e)
         raise

@@ -8,6 +8,7 @@ and leaves the backend of a notebook or script that calls it alone.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,23 +20,47 @@ class PlotError(ValueError):
     """A run directory whose metrics cannot be plotted."""
 
 
+class BadRecordsWarning(UserWarning):
+    """Lines of a metrics file that are not records and were skipped."""
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of `run_dir/metrics.jsonl`; a cut-off last line (a run still writing) is skipped."""
+    """Every record of `run_dir/metrics.jsonl`; a cut-off last line (a run still writing) is skipped, and so is
+    any other line that is not a record (not JSON, not an object, no integer `step`), named in one warning."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise PlotError(f"{path}: no such file; is {run_dir} a mimo run directory?")
-    lines = path.read_text(encoding="utf-8").split("\n")
-    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records, bad = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
+        problem = _record_problem(line)
+        if problem and number == len(lines):  # no newline after it: the writer was interrupted mid-line
+            continue
+        if problem:
+            bad.append(f"line {number} ({problem})")
+        else:
             records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):  # no newline after it: the writer was interrupted mid-line
-                continue
-            raise PlotError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"{path}: skipped {len(bad)} bad record(s): {', '.join(bad[:5])}{more}",
+                      BadRecordsWarning, stacklevel=2)
     return records
+
+
+def _record_problem(line: str) -> str:
+    """Why a line is not a metrics record ('' if it is one)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e.msg}"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return "no integer step"
+    return ""
 
 
 def split_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -79,9 +104,12 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             ax_acc.plot(acc_steps, acc, "^", color=color, label=f"{label} accuracy (eval)")
     _finish(ax_loss, ax_speed, ax_acc)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise PlotError(f"cannot write {out}: {e.strerror or e} (is a part of its path a file?)") from None
     return out
 
 

@@ -31,7 +31,16 @@ from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.models import Decoder, DecoderConfig
 from mimo.provider import MimoModelProvider, ModuleSpec
 from mimo.testing import assert_matches_reference, run_distributed
-from mimo.training.checkpoint import MARKER, Checkpointer, CheckpointError, load_model_only, open_checkpoint
+from mimo.training.checkpoint import (
+    HASH,
+    MARKER,
+    Checkpointer,
+    CheckpointError,
+    file_hashes,
+    load_model_only,
+    newest_intact,
+    open_checkpoint,
+)
 from mimo.training.optim import OptimizerConfig
 from mimo.training.step import MimoTrainer
 from tests.training import test_parity
@@ -375,11 +384,12 @@ def copy_a(run_a, tmp_path) -> Path:
 
 
 def forge(path: Path, name: str, content: bytes) -> None:
-    """Replace file `name` of checkpoint `path` and record its new size in the marker: a consistent forgery
-    that the size check cannot catch."""
+    """Replace file `name` of checkpoint `path` and record its new size and hash in the marker: a consistent
+    forgery that neither the size nor the hash check can catch, for the checks behind them."""
     (path / name).write_bytes(content)
     marker = json.loads((path / MARKER).read_text())
     marker["files"][name] = len(content)
+    marker[HASH].update(file_hashes(path, [name]))
     (path / MARKER).write_text(json.dumps(marker))
 
 
@@ -464,6 +474,49 @@ def test_other_format(copy_a):
     forge(copy_a, "mimo.json", json.dumps({**info, "format": 2}).encode())
     with pytest.raises(CheckpointError, match=r"step_00000002 has format 2; this mimo reads 1$"):
         load_into_parity_model(copy_a)
+
+
+def test_every_file_is_hashed_by_the_ranks_that_wrote_it(run_a):
+    """The marker holds a hash of every file (DCP's, written by 4 ranks, and mimo.json), and they verify."""
+    path = Checkpointer(run_a["root"]).path(4)
+    marker = json.loads((path / MARKER).read_text())
+    assert sorted(marker[HASH]) == sorted(marker["files"]) and len(marker[HASH]) >= 4
+    open_checkpoint(path, verify=True)
+
+
+def test_a_swapped_shard_of_the_same_size_is_caught(run_a, tmp_path):
+    """Issue 17: a shard from another checkpoint of the same size loaded silently (the marker held sizes)."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        shutil.copytree(Checkpointer(run_a["root"]).path(step), root / f"step_{step:08d}")
+    newest, older = Checkpointer(root).path(4), Checkpointer(root).path(2)
+    shard = data_file(newest)
+    shutil.copyfile(older / shard.name, shard)  # another step's shard: same tensors, so the same size
+    open_checkpoint(newest)  # sizes alone (what every worker checks) pass
+    message = rf"checkpoint {newest} is corrupt: {shard.name} does not match its sha256 hash in COMPLETE"
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(newest, verify=True)
+    reported: list[str] = []
+    assert newest_intact(Checkpointer(root), reported.append) == older  # the previous one, with a line
+    assert reported == [f"mimo train: skipping a damaged checkpoint: checkpoint {newest} is corrupt: {shard.name} "
+                        f"does not match its sha256 hash in COMPLETE (changed or replaced after the save); "
+                        f"resuming from {older} instead"]
+    os.truncate(data_file(older), 10)  # and when none is left: the newest one's error, and that none verifies
+    with pytest.raises(CheckpointError, match=rf"^{message} .*; no earlier checkpoint verifies either$"):
+        newest_intact(Checkpointer(root), reported.append)
+
+
+def test_the_step_is_cross_checked_with_the_directory_name(copy_a):
+    """Issue 17: a step edited in mimo.json was not cross-checked (forged consistently: sizes and hashes)."""
+    info = json.loads((copy_a / "mimo.json").read_text())
+    forge(copy_a, "mimo.json", json.dumps({**info, "step": 7}).encode())
+    with pytest.raises(CheckpointError, match=r"step_00000002 disagrees about its step \(2 in the directory name, 2 "
+                                              r"in COMPLETE, 7 in mimo.json\): it was edited or moved$"):
+        open_checkpoint(copy_a, verify=True)
+    renamed = copy_a.rename(copy_a.with_name("step_00000009"))  # a directory renamed to another step
+    forge(renamed, "mimo.json", json.dumps(info).encode())
+    with pytest.raises(CheckpointError, match=r"\(9 in the directory name, 2 in COMPLETE, 2 in mimo.json\)"):
+        open_checkpoint(renamed)
 
 
 def test_load_model_only_refuses_a_distributed_model(copy_a):

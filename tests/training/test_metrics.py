@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from mimo.training.metrics import STEP_KEYS, MetricsWriter, Progress, format_duration, format_rate
+from mimo.training.metrics import STEP_KEYS, MetricsWriter, Progress, cut_metrics, format_duration, format_rate
 from mimo.training.step import StepResult
 
 SECONDS = {"images.forward": 0.1, "language.forward_backward": 0.6, "images.backward": 0.2, "optimizer": 0.05,
@@ -135,3 +135,21 @@ def test_formatting() -> None:
     """Durations as M:SS / H:MM:SS, rates with k/M, unknowns as '?'."""
     assert format_duration(75) == "1:15" and format_duration(3725) == "1:02:05" and format_duration(math.nan) == "?"
     assert format_rate(950) == "950" and format_rate(12345) == "12.3k" and format_rate(4.56e6) == "4.56M"
+
+
+def test_cut_metrics_makes_a_resumed_run_one_series(tmp_path) -> None:
+    """Issue 17: killed mid-line after logging past its last checkpoint (step 2), then resumed at step 2: the
+    cut line and the records of steps 3-4 go, so the resumed run's lines follow on as one valid series."""
+    run = tmp_path / "run"
+    with MetricsWriter(run) as w:
+        for step in range(1, 5):
+            w.log_step(step, result())
+        w.log_eval(2, {"accuracy": 0.5})
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # the kill
+    assert cut_metrics(run, 2) == ["2 record(s) past step 2", "a cut-off last line"]
+    with MetricsWriter(run) as w:
+        w.log_step(3, result())
+    assert [(r["kind"], r["step"]) for r in lines(run)] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3)]
+    assert cut_metrics(run, 3) == [] and cut_metrics(tmp_path / "none", 0) == []
+    assert cut_metrics(run, 0) == ["4 record(s) past step 0"] and lines(run) == []  # resumed with no checkpoint

@@ -52,6 +52,23 @@ def test_set_overrides_any_key_with_yaml_typing():
          "distributed.language.data_parallel: 'zero' is not allowed; choose one of ['ddp', 'fsdp']"),
         ({"parallelism": {"language": {"tp": 2}}}, "parallelism: module 'language': unknown key(s) ['tp']"),
         ({"parallelism": LAYOUT, "log": []}, "log: expected a mapping, got []"),
+        # issue 17's range probes: each names its key, before any worker starts
+        ({"parallelism": LAYOUT, "train": {"lr": -0.1}}, "train.lr: must be > 0, got -0.1"),
+        ({"parallelism": LAYOUT, "train": {"lr": float("nan")}}, "train.lr: must be a finite number, got nan"),
+        ({"parallelism": LAYOUT, "train": {"lr": float("inf")}}, "train.lr: must be a finite number, got inf"),
+        ({"parallelism": LAYOUT, "train": {"steps": 0}}, "train.steps: must be >= 1, got 0"),
+        ({"parallelism": LAYOUT, "train": {"global_batch_size": 0}}, "train.global_batch_size: must be >= 1, got 0"),
+        ({"parallelism": LAYOUT, "train": {"num_microbatches": 0}}, "train.num_microbatches: must be >= 1, got 0"),
+        ({"parallelism": LAYOUT, "train": {"min_lr_ratio": 1.5}}, "train.min_lr_ratio: must be >= 0 and <= 1, got 1.5"),
+        ({"parallelism": LAYOUT, "train": {"clip_grad": 0}}, "train.clip_grad: must be > 0, got 0.0"),
+        ({"parallelism": LAYOUT, "train": {"timeout_s": 0}}, "train.timeout_s: must be > 0, got 0.0"),
+        ({"parallelism": LAYOUT, "data": {"items_per_sample": [1, -1]}}, "data.items_per_sample: must be >= 0, got -1"),
+        ({"parallelism": LAYOUT, "checkpoint": {"keep": 0}}, "checkpoint.keep: must be >= 1, got 0"),
+        ({"parallelism": LAYOUT, "checkpoint": {"interval": -2}}, "checkpoint.interval: must be >= 0, got -2"),
+        ({"parallelism": LAYOUT, "log": {"interval": 0}}, "log.interval: must be >= 1, got 0"),
+        ({"parallelism": {"images": {"data_parallel_size": 1},
+                          "language": {"tensor_model_parallel_size": "2", "data_parallel_size": 1, "rank_offset": 1}}},
+         "parallelism: module 'language': tensor_model_parallel_size must be a positive integer, got '2'"),
     ],
 )
 def test_config_errors(data, message):
@@ -85,6 +102,11 @@ def write(tmp_path: Path, data: dict) -> str:
         ({"parallelism": LAYOUT}, ["--set", "train.nope=1"], "mimo train: error: train: unknown key(s) ['nope']"),
         ({"parallelism": {"images": {}, "language": {}}}, [],
          "mimo train: error: parallelism: modules ['images', 'language'] leave data_parallel_size to be derived"),
+        ({"parallelism": {"images": {"data_parallel_size": "two"}, "language": {"data_parallel_size": 1}}}, [],
+         "mimo train: error: parallelism: module 'images': data_parallel_size must be a positive integer, got 'two'"),
+        ({"parallelism": LAYOUT}, ["--set", "parallelism.language.tensor_model_parallel_size=two"],
+         "mimo train: error: parallelism: module 'language': tensor_model_parallel_size must be a positive integer"),
+        ({"parallelism": LAYOUT, "log": {"interval": 0}}, [], "mimo train: error: log.interval: must be >= 1, got 0"),
     ],
 )
 def test_train_refuses_bad_input_before_starting(capsys, tmp_path, monkeypatch, data, argv, message):
@@ -144,3 +166,54 @@ def test_digits_without_scikit_learn_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
     with pytest.raises(RunConfigError, match="scikit-learn is not installed: pip install scikit-learn"):
         check_data_available(load_run_config(DIGITS))
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_sizes_given_as_text_are_one_line(capsys, tmp_path, command):
+    """Issue 17: TP "2" in the file or DP via --set was a TypeError traceback from validate and train."""
+    path = write(tmp_path, {"parallelism": {"images": {"data_parallel_size": 1},
+                                            "language": {"tensor_model_parallel_size": "2", "rank_offset": 1,
+                                                         "data_parallel_size": 1}}})
+    assert main([command, path]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"mimo {command}: error: parallelism: module 'language': tensor_model_parallel_size must be a "
+                   f"positive integer, got '2'\n")
+    assert main([command, write(tmp_path, {"parallelism": LAYOUT}), "--set",
+                 "parallelism.images.data_parallel_size=two"]) == 2
+    assert "data_parallel_size must be a positive integer, got 'two'" in capsys.readouterr().err
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """Issue 17: `lr: 3e-3` (YAML 1.1: a string) is the float users mean, in the file and in --set."""
+    path = tmp_path / "run.yaml"
+    path.write_text("parallelism: {language: {data_parallel_size: 1}}\ntrain: {lr: 3e-3, weight_decay: 1E-2}\n")
+    config = load_run_config(path)
+    assert (config.train.lr, config.train.weight_decay) == (3e-3, 1e-2)
+    assert load_run_config(path, ["train.lr=5e-4"]).train.lr == 5e-4
+    with pytest.raises(RunConfigError, match="train.steps: expected int, got 1000.0"):
+        load_run_config(path, ["train.steps=1e3"])
+
+
+@pytest.mark.parametrize("command", ["validate", "train", "layout"])
+def test_a_file_that_is_not_text_is_one_line(capsys, tmp_path, command):
+    """Issue 17: a config that is not UTF-8 was a UnicodeDecodeError traceback."""
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"parallelism:\n  language: {}\n\xff\xfe\x00binary")
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"mimo {command}: error: {path}: not a UTF-8 text file (byte 0xff at offset 28); a config is "
+                   f"YAML text\n")
+
+
+def test_an_unusable_checkpoint_dir_is_one_line_before_launch(capsys, tmp_path):
+    """Issue 17: a checkpoint.dir that is a file (or under one) failed only at the first save. (A read-only
+    directory is the same check, but cannot be shown here: the tests run as root, who may write anywhere.)"""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    path = write(tmp_path, {"parallelism": LAYOUT, "log": {"dir": str(tmp_path / "run")}})
+    assert main(["train", path, "--set", f"checkpoint.dir={blocker}"]) == 2
+    assert capsys.readouterr().err == f"mimo train: error: checkpoint.dir: {blocker} is a file, not a directory\n"
+    assert main(["train", path, "--set", f"checkpoint.dir={blocker / 'ckpt'}"]) == 2
+    assert capsys.readouterr().err == (f"mimo train: error: checkpoint.dir: {blocker / 'ckpt'} is not a writable "
+                                       f"directory (Not a directory)\n")
+    assert not (tmp_path / "run" / "config.yaml").exists()

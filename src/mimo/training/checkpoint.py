@@ -12,12 +12,15 @@ On disk (one directory per step; DCP's own files plus two JSON files, nothing of
         .metadata           DCP's index of the tensors: a pickle written by DCP itself; read back with an
                             allow-list unpickler (`_SafeReader`), never a plain `pickle.load`
         mimo.json           format, step, scheduler states, the caller's `extra` (JSON)
-        COMPLETE            written last, after every rank has finished: step and every file's size
+        COMPLETE            written last, after every rank has finished: step, every file's size and its
+                            SHA-256 hash (each rank hashes a share of the files it just wrote; the parent
+                            re-hashes them all before a resume, on threads: one read of the checkpoint)
     root/step_00000006.tmp/ a save in progress, or one that was interrupted: never loaded
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -25,7 +28,8 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,8 @@ from mimo.distributed import dtensor_spec, unwrap, wrapped_modules
 
 FORMAT = 1
 MARKER, INFO, DCP_METADATA = "COMPLETE", "mimo.json", ".metadata"
+HASH = "sha256"  # the marker's key for {file: hex digest}; a checkpoint written before hashes has none
+_CHUNK = 1 << 22
 OPTIMIZER, RNG = "optimizer.", "rng_state"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
@@ -99,9 +105,11 @@ class Checkpointer:
             raise CheckpointError(f"saving step {step} into {tmp} failed {_cause(e)}; the previous checkpoints "
                                   f"are untouched") from e
         _barrier()  # every rank has finished writing
+        hashes = _gathered_hashes(tmp)
         if _rank() == 0:
             _write_json(tmp / INFO, {"format": FORMAT, "step": step, "schedulers": schedulers, "extra": extra})
-            _write_json(tmp / MARKER, {"step": step, "files": _file_sizes(tmp)})
+            hashes = dict(sorted({**hashes, **file_hashes(tmp, [INFO])}.items()))
+            _write_json(tmp / MARKER, {"step": step, "files": _file_sizes(tmp), HASH: hashes})
             _move_into_place(tmp, final)
             _fsync_dir(self.root)
             self._prune()
@@ -161,10 +169,12 @@ def load_model_only(path: str | Path, model: nn.Module) -> None:
 
 
 # -- opening and checking a checkpoint ---------------------------------------------------------------------
-def open_checkpoint(path: Path) -> tuple[Metadata, dict]:
+def open_checkpoint(path: Path, verify: bool = False) -> tuple[Metadata, dict]:
     """DCP's metadata and our JSON of a complete, intact checkpoint; a one-line `CheckpointError` otherwise.
 
     Every check is local and reads the same files on every rank, so all ranks agree without talking.
+    `verify` also re-hashes every file (one read of the whole checkpoint): the parent does it once before a
+    resume; the workers then check sizes only.
     """
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: the directory does not exist")
@@ -176,12 +186,15 @@ def open_checkpoint(path: Path) -> tuple[Metadata, dict]:
         if actual != size:
             state = "missing" if actual is None else f"{actual} bytes instead of {size}"
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {name} is {state}")
+    if verify:
+        _verify_hashes(path, marker.get(HASH, {}))
     info = _read_json(path / INFO)
     if info.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {info.get('format')!r}; this mimo reads {FORMAT}")
     lacking = [k for k in ("step", "schedulers", "extra") if k not in info]
     if lacking:
         raise CheckpointError(f"checkpoint {path} has a corrupt {INFO}: no {', '.join(lacking)}")
+    _check_step(path, marker, info)
     try:
         metadata = _SafeReader(path).read_metadata()
     except Exception as e:  # noqa: BLE001 - whatever DCP or the unpickler raises, the file is unusable
@@ -190,6 +203,73 @@ def open_checkpoint(path: Path) -> tuple[Metadata, dict]:
     if RNG not in metadata.state_dict_metadata:
         raise CheckpointError(f"checkpoint {path} has no {RNG}: it was not written by mimo's Checkpointer")
     return metadata, info
+
+
+def newest_intact(checkpointer: Checkpointer, report: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint that verifies (None if there is none). A newer one that fails is named
+    through `report` and skipped; if none verifies, the newest one's error is raised."""
+    complete = checkpointer.complete()
+    failures: list[CheckpointError] = []
+    for path in reversed(complete):
+        try:
+            open_checkpoint(path, verify=True)
+        except CheckpointError as e:
+            failures.append(e)
+            continue
+        for failure in failures:
+            report(f"mimo train: skipping a damaged checkpoint: {failure}; resuming from {path} instead")
+        return path
+    if len(failures) > 1:
+        raise CheckpointError(f"{failures[0]}; no earlier checkpoint verifies either")
+    if failures:
+        raise failures[0]
+    return None
+
+
+def _verify_hashes(path: Path, expected: dict[str, str]) -> None:
+    """Every file hashed in the marker has that hash still (files are hashed in parallel threads)."""
+    actual = file_hashes(path, sorted(expected))
+    for name, digest in expected.items():
+        if actual[name] != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its {HASH} hash in "
+                                  f"{MARKER} (changed or replaced after the save)")
+
+
+def _check_step(path: Path, marker: dict, info: dict) -> None:
+    """The step in the directory name, the marker and `mimo.json` agree."""
+    named = _STEP_DIR.match(path.name)
+    steps = {"the directory name": int(named[1]) if named else info["step"], MARKER: marker.get("step"),
+             INFO: info["step"]}
+    if len(set(steps.values())) > 1:
+        said = ", ".join(f"{v!r} in {k}" for k, v in steps.items())
+        raise CheckpointError(f"checkpoint {path} disagrees about its step ({said}): it was edited or moved")
+
+
+def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
+    """{name: SHA-256 hex digest} of files in `directory`, read in 4 MiB chunks on a few threads (hashlib
+    releases the GIL), so the cost is one read of the files at the disk's pace."""
+    with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
+        return dict(zip(names, pool.map(lambda n: _hash_file(directory / n), names), strict=True))
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _gathered_hashes(directory: Path) -> dict[str, str]:
+    """The hashes of every file in `directory` (DCP's files), each rank hashing its share; on every rank."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+    local = file_hashes(directory, names[rank::world])
+    gathered = [local]
+    if _distributed():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+    return dict(sorted((name, digest) for part in gathered for name, digest in part.items()))
 
 
 def _agree_on_keys(path: Path, metadata: Metadata, targets: dict, problems: list[str]) -> None:
@@ -490,4 +570,4 @@ def _barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["Checkpointer", "CheckpointError", "load_model_only", "open_checkpoint"]
+__all__ = ["Checkpointer", "CheckpointError", "file_hashes", "load_model_only", "newest_intact", "open_checkpoint"]

@@ -22,7 +22,7 @@ from mimo.training.checkpoint import Checkpointer, load_model_only
 from mimo.training.evaluate import digits_accuracy
 from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
-from mimo.training.metrics import MetricsWriter, Progress
+from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, cut_metrics
 from mimo.training.optim import OptimizerConfig
 from mimo.training.run_config import RunConfig, validate_run
 from mimo.training.step import MimoTrainer
@@ -95,13 +95,12 @@ def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device:
 
 
 def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
-                 rank_map: str = "") -> dict[str, Any]:
-    """Train `config.train.steps` steps (from the newest checkpoint if `resume`); returns the final metrics."""
+                 rank_map: str = "", resume_from: str | None = None) -> dict[str, Any]:
+    """Train `config.train.steps` steps (if `resume`: from `resume_from`, by default the newest checkpoint);
+    returns the final metrics."""
     device = init_distributed(config.train.timeout_s)
     validate_run(config, dist.get_world_size())  # the parent checked too; a torchrun/srun world did not
     rank = dist.get_rank()
-    if rank == 0:
-        _write_run_dir(config, rank_map, quiet)
     provider = build_provider(config, device)
     model = provider.provide_distributed_model(distributed_config(config))
     dataset = build_dataset(config, provider)
@@ -109,7 +108,11 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     trainer = build_trainer(config, provider, model, device)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep)
     if resume:
-        _resume(checkpointer, trainer, sampler, rank)
+        _resume(checkpointer, trainer, sampler, rank, resume_from)
+    if rank == 0:  # only now, once a resume has been accepted: a refused one leaves the run directory as it was
+        _write_run_dir(config, rank_map, quiet)
+        if resume:
+            _report_cut(cut_metrics(config.run_dir, trainer.step_count))
     writer = MetricsWriter(config.run_dir, enabled=rank == 0, tensorboard=config.log.tensorboard and rank == 0)
     progress = Progress(config.train.steps, enabled=rank == 0, quiet=quiet, initial_step=trainer.step_count)
     last: dict[str, Any] = {}
@@ -158,9 +161,10 @@ def _write_run_dir(config: RunConfig, rank_map: str, quiet: bool) -> None:
         print(f"resolved config (saved to {config.run_dir / 'config.yaml'}):\n{text}{rank_map}", flush=True)
 
 
-def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, rank: int) -> None:
-    """Continue from the newest complete checkpoint, whatever layout wrote it."""
-    path = checkpointer.latest()
+def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, rank: int,
+            path: str | None = None) -> None:
+    """Continue from `path` (by default the newest complete checkpoint), whatever layout wrote it."""
+    path = Path(path) if path else checkpointer.latest()
     if path is None:
         if rank == 0:
             print(f"no complete checkpoint in {checkpointer.root}; starting from step 0", flush=True)
@@ -169,6 +173,12 @@ def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBat
     sampler.load_state_dict(extra["sampler"])
     if rank == 0:
         print(f"resumed from {path} at step {trainer.step_count}", flush=True)
+
+
+def _report_cut(dropped: list[str]) -> None:
+    """One line when resuming cut `metrics.jsonl` back to the resumed step."""
+    if dropped:
+        print(f"{METRICS_FILE}: dropped {', '.join(dropped)} (logged after the checkpoint resumed from)", flush=True)
 
 
 def _extra(sampler: GlobalBatchSampler, config: RunConfig) -> dict[str, Any]:

@@ -76,6 +76,34 @@ def step_record(step: int, result: StepResult, flops: float | None = None) -> di
     return record
 
 
+def cut_metrics(run_dir: str | Path, step: int) -> list[str]:
+    """Make `run_dir/metrics.jsonl` one series again for a run resumed at `step`: drop a cut-off last line (the
+    run was killed mid-write) and every record past `step` (logged after the checkpoint, to be logged again).
+    Rewritten atomically; returns what was dropped, in words (nothing if there was nothing to drop)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    partial = lines.pop()  # '' if the file ends with a newline, else a line cut off mid-write
+    kept, later = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+            past = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+        except ValueError:
+            past = False  # not ours to judge: `mimo plot` names it
+        later += past
+        if not past:
+            kept.append(line)
+    dropped = ([f"{later} record(s) past step {step}"] if later else []) + (["a cut-off last line"] if partial else [])
+    if dropped:
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
+
+
 def _json_value(value: Any) -> Any:
     """NaN and infinities as null (strict JSON), tensors as numbers."""
     if isinstance(value, torch.Tensor):

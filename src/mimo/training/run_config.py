@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 import warnings
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mimo.config import LayoutError, MimoParallelismConfig, read_yaml
+from mimo.config import LayoutError, MimoParallelismConfig, load_yaml_text, read_yaml
 from mimo.precision import PrecisionPolicy
 
 
@@ -47,18 +48,18 @@ class TrainSection:
     """Steps, batch, optimizer and precision. dtype: float32 or float64 everywhere; bfloat16 / float16 compute
     with float32 parameters (float16 with one dynamic loss scale for the whole model)."""
 
-    steps: int = 100
-    global_batch_size: int = 32
-    num_microbatches: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip_grad: float | None = 1.0
+    steps: int = field(default=100, metadata={"min": 1})
+    global_batch_size: int = field(default=32, metadata={"min": 1})
+    num_microbatches: int = field(default=1, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"above": 0})
+    min_lr_ratio: float = field(default=0.1, metadata={"min": 0, "max": 1})
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    clip_grad: float | None = field(default=1.0, metadata={"above": 0})
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     compile: bool = False  # torch.compile each transformer block (GPU: ~30% faster at 1b, see benchmarks/)
-    timeout_s: float = 300.0
+    timeout_s: float = field(default=300.0, metadata={"above": 0})
 
 
 @dataclass
@@ -66,8 +67,8 @@ class DataSection:
     """The built-in datasets: `digits` (scikit-learn's 8×8 scans, captioned) or `synthetic` (generated)."""
 
     name: Literal["digits", "synthetic"] = "digits"
-    num_samples: int = 4096
-    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3])
+    num_samples: int = field(default=4096, metadata={"min": 1})
+    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})
 
 
 @dataclass
@@ -75,8 +76,8 @@ class CheckpointSection:
     """Where and how often to checkpoint (0: only at the end); `keep` complete checkpoints."""
 
     dir: str | None = None
-    interval: int = 0
-    keep: int = 2
+    interval: int = field(default=0, metadata={"min": 0})
+    keep: int = field(default=2, metadata={"min": 1})
 
 
 @dataclass
@@ -84,7 +85,7 @@ class LogSection:
     """The run directory (config, metrics.jsonl, checkpoints by default) and logging cadence."""
 
     dir: str = "runs/mimo"
-    interval: int = 10
+    interval: int = field(default=10, metadata={"min": 1})
     tensorboard: bool = False
 
 
@@ -214,11 +215,24 @@ def _section(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise RunConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(allowed))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise RunConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
-    return cls(**{k: _checked(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+        raise RunConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {list(fields)}")
+    return cls(**{k: _in_range(_checked(v, hints[k], f"{where}.{k}"), fields[k].metadata, f"{where}.{k}")
+                  for k, v in data.items()})
+
+
+def _in_range(value: Any, bounds: typing.Mapping[str, float], where: str) -> Any:
+    """`value` (or each item of a list; None passes) within the field's `min`/`above`/`max`, else an error."""
+    for item in value if isinstance(value, list) else [value]:
+        low_ok = item is None or (item >= bounds["min"] if "min" in bounds else True) and \
+            (item > bounds["above"] if "above" in bounds else True)
+        if not low_ok or (item is not None and "max" in bounds and item > bounds["max"]):
+            rule = " and ".join(f"{op} {bounds[k]}" for k, op in (("min", ">="), ("above", ">"), ("max", "<="))
+                                if k in bounds)
+            raise RunConfigError(f"{where}: must be {rule}, got {item!r}")
+    return value
 
 
 def _checked(value: Any, hint: Any, where: str) -> Any:
@@ -247,6 +261,8 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise RunConfigError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    if hint is float and not math.isfinite(value):
+        raise RunConfigError(f"{where}: must be a finite number, got {value!r}")
     return value
 
 
@@ -269,6 +285,6 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise RunConfigError(f"--set {item!r}: {part!r} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(text)
+        node[parts[-1]] = load_yaml_text(text)
     except yaml.YAMLError:
         raise RunConfigError(f"--set {item!r}: the value is not valid YAML") from None

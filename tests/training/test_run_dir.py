@@ -1,0 +1,80 @@
+"""Run-directory ownership: one run at a time, and an old run is never mixed with or lost to a fresh one."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from mimo.training.checkpoint import MARKER
+from mimo.training.run_dir import RunDirError, claim_run_dir
+
+
+def old_run(run_dir: Path, checkpoint_dir: Path, steps: tuple[int, ...] = (20, 40)) -> None:
+    """What a finished run leaves: complete checkpoints (marker only: enough to count) and metrics."""
+    for step in steps:
+        (checkpoint_dir / f"step_{step:08d}").mkdir(parents=True)
+        (checkpoint_dir / f"step_{step:08d}" / MARKER).write_text("{}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n')
+    (run_dir / "config.yaml").write_text("old: true\n")
+
+
+def test_a_second_run_into_a_held_directory_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    lock = claim_run_dir(run, run / "checkpoints", resume=False)
+    with pytest.raises(RunDirError) as e:  # a second open file description: flock refuses it as another process's
+        claim_run_dir(run, run / "checkpoints", resume=True)
+    assert str(e.value).startswith(f"{run} is in use by another run (pid {os.getpid()} on host "
+                                   f"{socket.gethostname()} since ")
+    assert str(e.value).endswith("); wait for it to end or choose another log.dir")
+    lock.release()
+    claim_run_dir(run, run / "checkpoints", resume=True).release()  # free again once released
+
+
+def test_a_fresh_run_into_an_old_one_is_refused_and_nothing_changes(tmp_path):
+    run = tmp_path / "run"
+    old_run(run, run / "checkpoints")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != ".lock")
+    with pytest.raises(RunDirError) as e:
+        claim_run_dir(run, run / "checkpoints", resume=False)
+    assert str(e.value) == (f"{run} already holds a run (checkpoints up to step_00000040 in {run / 'checkpoints'}, "
+                            f"metrics.jsonl): --resume to continue it, or --restart to move it aside and start over "
+                            f"(or choose another log.dir)")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != ".lock") == before
+    claim_run_dir(run, run / "checkpoints", resume=True).release()  # the lock was released by the refusal
+
+
+def test_restart_moves_the_old_run_aside_and_deletes_nothing(tmp_path, capsys):
+    run, outside = tmp_path / "run", tmp_path / "ckpt"  # checkpoint.dir outside the run directory too
+    old_run(run, outside)
+    lock = claim_run_dir(run, outside, resume=False, restart=True)
+    lock.release()
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("ckpt.")]
+    assert capsys.readouterr().out == f"mimo train: moved the previous run aside: {aside} (checkpoints: {moved})\n"
+    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in moved.iterdir()) == ["step_00000020", "step_00000040"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"] and list(outside.iterdir()) == []
+
+
+def test_metrics_alone_count_as_a_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError, match=r"already holds a run \(metrics.jsonl\): --resume"):
+        claim_run_dir(run, run / "checkpoints", resume=False)
+    (run / "metrics.jsonl").write_text("")  # an empty file is no run
+    claim_run_dir(run, run / "checkpoints", resume=False).release()
+
+
+def test_unusable_directories(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunDirError, match=rf"^log.dir: {blocker} is a file, not a directory$"):
+        claim_run_dir(blocker, tmp_path / "c", resume=False)
+    with pytest.raises(RunDirError, match=rf"^checkpoint.dir: {blocker / 'x'} is not a writable directory \(Not a "
+                                          rf"directory\)$"):
+        claim_run_dir(tmp_path / "run", blocker / "x", resume=False)
