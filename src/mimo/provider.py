@@ -32,6 +32,7 @@ from mimo.models import (
     ViTEncoder,
     init_parameters,
 )
+from mimo.models.init import ParameterSource
 
 
 class ProviderError(ValueError):
@@ -92,8 +93,11 @@ class MimoModelProvider:
         params_dtype: torch.dtype = torch.float32,
         seed: int = 1234,
         device: torch.device | str | None = None,
+        initial_weights: ParameterSource | None = None,
     ) -> None:
-        """Keep the specs and flags; check that they name the same modalities. Nothing is built yet."""
+        """Keep the specs and flags; check that they name the same modalities. Nothing is built yet.
+        `initial_weights` (e.g. a Hugging Face checkpoint) fills the parameters it holds, each rank reading
+        only its shards; the others start from their seeded values."""
         self.language_model_spec = language_model_spec
         self.modality_submodules_spec = dict(modality_submodules_spec)
         self.special_token_ids = dict(special_token_ids)
@@ -105,6 +109,7 @@ class MimoModelProvider:
         self.params_dtype = params_dtype
         self.seed = seed
         self.device = device
+        self.initial_weights = initial_weights
         self._infra: MimoModelInfra | None = None
         self._check_names()
 
@@ -181,7 +186,7 @@ class MimoModelProvider:
         model = self.build_meta_model()
         if isinstance(model, MimoStubModel):
             return model
-        init_parameters(model, self.seed, device=self.device or "cpu")
+        init_parameters(model, self.seed, device=self.device or "cpu", source=self.initial_weights)
         self.apply_freezing(model)
         return model
 
@@ -193,7 +198,7 @@ class MimoModelProvider:
             return model
         infra = self.build_infra()
         apply_tensor_parallel(model, infra)
-        init_parameters(model, self.seed, device=self.device or "cpu")
+        init_parameters(model, self.seed, device=self.device or "cpu", source=self.initial_weights)
         self.apply_freezing(model)
         return apply_data_parallel(model, infra, config or DistributedConfig())
 
@@ -247,6 +252,9 @@ class LlavaMimoProvider(MimoModelProvider):
         params_dtype: torch.dtype = torch.float32,
         seed: int = 1234,
         device: torch.device | str | None = None,
+        projector_activation: str = "gelu",
+        projector_bias: bool = True,
+        initial_weights: ParameterSource | None = None,
     ) -> None:
         """Specs from the two configs; the image token defaults to the first id past the vocabulary."""
         self.vision_config = vision_config or ViTConfig.clip_vit_l14_336()
@@ -256,7 +264,8 @@ class LlavaMimoProvider(MimoModelProvider):
         images = ModuleSpec(ModalitySubmodule, submodules={
             "encoder": ModuleSpec(ViTEncoder, {"config": self.vision_config}),
             "projection": ModuleSpec(MLPProjector, {"in_features": h_vision, "out_features": h_language,
-                                                    "hidden_features": h_language}),
+                                                    "hidden_features": h_language,
+                                                    "activation": projector_activation, "bias": projector_bias}),
         })
         super().__init__(
             language_model_spec=ModuleSpec(Decoder, {"config": self.language_config}),
@@ -269,7 +278,9 @@ class LlavaMimoProvider(MimoModelProvider):
             params_dtype=params_dtype,
             seed=seed,
             device=device,
+            initial_weights=initial_weights,
         )
+        self.projector_bias = projector_bias
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlavaMimoProvider:
@@ -291,6 +302,6 @@ class LlavaMimoProvider(MimoModelProvider):
         h_v, h_l = self.vision_config.hidden_size, self.language_config.hidden_size
         return {
             "vision_encoder": self.vision_config.num_params(),
-            "projection": h_v * h_l + h_l + h_l * h_l + h_l,
+            "projection": h_v * h_l + h_l * h_l + (2 * h_l if self.projector_bias else 0),
             "language_model": self.language_config.num_params(),
         }
