@@ -89,13 +89,14 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
-    from mimo.training.run_config import check_data_available, load_run_config
+    from mimo.training.run_config import check_data_available, hf_model, load_run_config
 
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     layout, warns = _finalized(config.layout, world)
     rank_map = render_rank_map(layout)
     check_data_available(config)
+    hf_model(config.model)  # Hugging Face directories: their configs are checked before any worker starts
     if args.resume:
         _check_resumable(config)
     if _launched():
@@ -121,10 +122,11 @@ def _check_resumable(config) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a run config (keys, types, layout for its world size) without starting anything."""
-    from mimo.training.run_config import load_run_config
+    from mimo.training.run_config import hf_model, load_run_config
 
     config = load_run_config(args.config, args.set)
     layout, warns = _finalized(config.layout, args.nproc_per_node or config.world_size)
+    hf_model(config.model)
     for w in warns:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{args.config}: valid; {layout.deployment} on {layout.world_size} ranks")

@@ -24,7 +24,7 @@ from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import MetricsWriter, Progress
 from mimo.training.optim import OptimizerConfig
-from mimo.training.run_config import RunConfig
+from mimo.training.run_config import RunConfig, hf_model
 from mimo.training.step import MimoTrainer
 
 PARAM_DTYPE = {"float32": torch.float32, "bfloat16": torch.float32, "float16": torch.float32,
@@ -46,8 +46,25 @@ def init_distributed(timeout_s: float) -> torch.device:
 
 def build_provider(config: RunConfig, device: torch.device | None = None, distributed: bool = True):
     """The LLaVA provider of the run (distributed: with the run's layout; else the whole model, one process)."""
+    if hf_model(config.model) is not None:
+        return build_hf_provider(config, device, distributed)
     return LlavaMimoProvider.preset(
         config.model.preset,
+        mimo_parallelism_config=config.layout if distributed else None,
+        freeze_language_model=config.model.freeze_language_model,
+        freeze_vision_encoder=config.model.freeze_vision_encoder,
+        freeze_projection=config.model.freeze_projection,
+        params_dtype=PARAM_DTYPE[config.train.dtype],
+        seed=config.train.seed,
+        device=device,
+    )
+
+
+def build_hf_provider(config: RunConfig, device: torch.device | None = None, distributed: bool = True):
+    """`build_provider` for a model from Hugging Face directories: their shapes, each rank filling its shards
+    of their weights (a fresh projector seeded as any mimo parameter)."""
+    return LlavaMimoProvider(
+        **hf_model(config.model).provider_kwargs(),
         mimo_parallelism_config=config.layout if distributed else None,
         freeze_language_model=config.model.freeze_language_model,
         freeze_vision_encoder=config.model.freeze_vision_encoder,
@@ -66,7 +83,8 @@ def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "
         return DigitsDataset(split, image_token_id=provider.image_token_id, tokens_per_image=tokens, dtype=dtype)
     spec = ModalitySpec.image(provider.image_token_id, tokens, size=provider.vision_config.image_size,
                               channels=provider.vision_config.num_channels)
-    return SyntheticDataset(config.data.num_samples, {"images": spec}, vocab_size=provider.language_config.vocab_size,
+    text_vocab = min(provider.language_config.vocab_size, provider.image_token_id)  # an image id inside the vocab
+    return SyntheticDataset(config.data.num_samples, {"images": spec}, vocab_size=text_vocab,
                             items_per_sample=tuple(config.data.items_per_sample), seed=config.train.seed, dtype=dtype)
 
 

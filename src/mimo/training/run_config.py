@@ -25,12 +25,22 @@ class RunConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    """A LLaVA preset and what to freeze (LLaVA stage 1: freeze_vision_encoder and freeze_language_model)."""
+    """A LLaVA preset and what to freeze (LLaVA stage 1: freeze_vision_encoder and freeze_language_model).
+
+    Or local Hugging Face directories instead of the preset: `hf` (a whole LlavaForConditionalGeneration) or
+    `vision_hf` (CLIP / SigLIP) with `language_hf` (Llama / Mistral / Qwen2) and a freshly seeded projector,
+    whose tower output is `vision_feature_layer` under `vision_feature_select_strategy` (LLaVA's meanings).
+    """
 
     preset: Literal["tiny", "1b", "3b", "7b"] = "tiny"
     freeze_language_model: bool = False
     freeze_vision_encoder: bool = False
     freeze_projection: bool = False
+    hf: str | None = None
+    vision_hf: str | None = None
+    language_hf: str | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
 
 
 @dataclass
@@ -140,6 +150,30 @@ def check_data_available(config: RunConfig) -> None:
     if config.data.name == "digits" and importlib.util.find_spec("sklearn") is None:
         raise RunConfigError("data.name 'digits' reads scikit-learn's bundled scans, but scikit-learn is not "
                              "installed: pip install scikit-learn (or use data.name synthetic)")
+
+
+def hf_model(section: ModelSection):
+    """The Hugging Face model the section names (`mimo.hf.load.HFModel`), or None for a preset; the
+    directories' configs are read and checked here, so a bad one fails before any process starts."""
+    from mimo.hf.config import HFConfigError
+    from mimo.hf.load import HFLoadError, open_llava, open_pair
+
+    pair = (section.vision_hf, section.language_hf)
+    if section.hf is None and pair == (None, None):
+        return None
+    if section.hf is not None and pair != (None, None):
+        raise RunConfigError("model: give either hf (a whole LLaVA directory) or vision_hf with language_hf, "
+                             "not both")
+    if section.hf is None and None in pair:
+        missing = "language_hf" if section.language_hf is None else "vision_hf"
+        raise RunConfigError(f"model: vision_hf and language_hf go together; {missing} is missing")
+    try:
+        if section.hf is not None:
+            return open_llava(section.hf)
+        return open_pair(section.vision_hf, section.language_hf, feature_layer=section.vision_feature_layer,
+                         strategy=section.vision_feature_select_strategy)
+    except (HFConfigError, HFLoadError) as e:
+        raise RunConfigError(f"model: {e}") from None
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
