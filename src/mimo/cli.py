@@ -1,4 +1,4 @@
-"""The `mimo` command line: `mimo train | validate | layout | plot`."""
+"""The `mimo` command line: `mimo train | validate | layout | plot | export-hf`."""
 
 from __future__ import annotations
 
@@ -144,6 +144,46 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """Write a checkpoint of any layout as a Hugging Face LLaVA directory (transformers loads it)."""
+    from mimo.hf.export import export_llava
+
+    model, spec, origin = _checkpoint_model(Path(args.checkpoint))
+    out = export_llava(model, spec, args.out_dir, origin)
+    print(f"wrote {out} (LlavaForConditionalGeneration)")
+    return 0
+
+
+def _checkpoint_model(path: Path):
+    """(the whole model in one process, its `LlavaSpec`, its Hugging Face `Origin`) of a checkpoint, from the
+    run config the checkpoint carries."""
+    import torch
+
+    from mimo.hf.config import LlavaSpec
+    from mimo.hf.export import Origin
+    from mimo.training.checkpoint import CheckpointError, load_model_only, open_checkpoint
+    from mimo.training.loop import build_provider
+    from mimo.training.run_config import RunConfigError, parse_run_config
+
+    _, info = open_checkpoint(path)
+    if not isinstance(info["extra"].get("config"), dict):
+        raise CheckpointError(f"checkpoint {path} carries no run config (written by mimo train?); cannot tell "
+                              f"which model it holds")
+    try:
+        config = parse_run_config(info["extra"]["config"])
+    except RunConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its run config no longer parses: {e}") from None
+    provider = build_provider(config, torch.device("cpu"), distributed=False)
+    provider.initial_weights = None  # the checkpoint's values replace everything: read no Hugging Face weights
+    model = provider.provide()
+    load_model_only(path, model)
+    m = config.model
+    spec = LlavaSpec(provider.vision_config, provider.language_config, provider.image_token_id,
+                     provider.projector_activation, provider.projector_bias)
+    origin = Origin(*(Path(d) if d else None for d in (m.hf, m.vision_hf, m.language_hf)))
+    return model, spec, origin
+
+
 def _finalized(layout: MimoParallelismConfig, world_size: int) -> tuple[MimoParallelismConfig, list[str]]:
     """The layout finalized for `world_size`, with its warnings as strings."""
     with warnings.catch_warnings(record=True) as caught:
@@ -177,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
     plot.add_argument("--out", default=None, help="the PNG to write")
     plot.set_defaults(run=cmd_plot)
+    export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LLaVA directory")
+    export.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_N)")
+    export.add_argument("out_dir", help="a new directory for config.json, safetensors and tokenizer files")
+    export.set_defaults(run=cmd_export_hf)
     layout = sub.add_parser("layout", help="validate a parallel layout and print its rank map")
     layout.add_argument("config", help="a YAML file with a 'parallelism' section")
     layout.add_argument("--world-size", type=_positive_int, default=None,
@@ -204,11 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (config, checkpoint, run directory), reported in one line."""
+    from mimo.hf.config import HFConfigError
+    from mimo.hf.export import ExportError
+    from mimo.hf.load import HFLoadError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError
 
-    return (RunConfigError, CheckpointError, PlotError)
+    return (RunConfigError, CheckpointError, PlotError, HFConfigError, HFLoadError, ExportError)
 
 
 if __name__ == "__main__":

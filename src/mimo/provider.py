@@ -280,7 +280,7 @@ class LlavaMimoProvider(MimoModelProvider):
             device=device,
             initial_weights=initial_weights,
         )
-        self.projector_bias = projector_bias
+        self.projector_activation, self.projector_bias = projector_activation, projector_bias
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlavaMimoProvider:

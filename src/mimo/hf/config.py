@@ -289,3 +289,59 @@ def pair_config(vision_hf: Mapping[str, Any], language_hf: Mapping[str, Any], im
                             f"implements {sorted(ACTIVATIONS)}")
     token = language.vocab_size if image_token_id is None else image_token_id
     return LlavaSpec(vision, language, token, projector_activation, True)
+
+
+# -- mimo → Hugging Face (export) ----------------------------------------------------------------------------
+def vision_to_hf(vision: ViTConfig, num_layers: int) -> dict[str, Any]:
+    """The `vision_config` of a tower of this shape with `num_layers` layers (CLIP, or SigLIP if classless)."""
+    if vision.class_token == vision.patch_bias or vision.class_token != vision.pre_layernorm:
+        raise HFConfigError(f"a tower with class_token={vision.class_token}, pre_layernorm={vision.pre_layernorm}, "
+                            f"patch_bias={vision.patch_bias} is neither CLIP nor SigLIP; transformers has no class "
+                            f"for it")
+    out = {"model_type": "clip_vision_model" if vision.class_token else "siglip_vision_model",
+           "hidden_size": vision.hidden_size, "intermediate_size": vision.ffn_hidden_size,
+           "num_hidden_layers": num_layers, "num_attention_heads": vision.num_heads,
+           "num_channels": vision.num_channels, "image_size": vision.image_size, "patch_size": vision.patch_size,
+           "hidden_act": vision.activation, "layer_norm_eps": vision.layer_norm_eps, "attention_dropout": 0.0}
+    if not vision.class_token:
+        out["vision_use_head"] = False
+    return out
+
+
+def language_to_hf(language: DecoderConfig, vocab_size: int) -> dict[str, Any]:
+    """The `text_config` of a decoder of this shape: Qwen2 if only q/k/v are biased, else Llama."""
+    qwen2 = language.qkv_bias and not language.output_bias
+    if language.qkv_bias != language.output_bias and not qwen2:
+        raise HFConfigError("a decoder with an output bias but no q/k/v biases is neither Llama nor Qwen2")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": language.rope_theta}
+    if language.rope_scaling is not None:
+        s = language.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": language.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    out = {"model_type": "qwen2" if qwen2 else "llama", "vocab_size": vocab_size,
+           "hidden_size": language.hidden_size, "intermediate_size": language.ffn_hidden_size,
+           "num_hidden_layers": language.num_layers, "num_attention_heads": language.num_heads,
+           "num_key_value_heads": language.num_kv_heads, "head_dim": language.head_dim,
+           "rms_norm_eps": language.rms_norm_eps, "max_position_embeddings": language.max_seq_len,
+           "tie_word_embeddings": language.tie_embeddings, "hidden_act": "silu", "rope_parameters": rope,
+           "attention_dropout": 0.0}
+    if not qwen2:
+        out.update(attention_bias=language.qkv_bias, mlp_bias=False)
+    return out
+
+
+def llava_to_hf(spec: LlavaSpec, vision_layers: int, feature_layer: int, vocab_size: int) -> dict[str, Any]:
+    """A `LlavaForConditionalGeneration` config.json for `spec`, its tower written with `vision_layers` layers
+    read at `feature_layer`, its vocabulary `vocab_size` (the image id must be inside it)."""
+    vision = spec.vision
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "vision_config": vision_to_hf(vision, vision_layers),
+        "text_config": language_to_hf(spec.language, vocab_size),
+        "image_token_index": spec.image_token_id, "image_seq_length": vision.tokens_per_image,
+        "projector_hidden_act": spec.projector_activation, "multimodal_projector_bias": spec.projector_bias,
+        "vision_feature_layer": feature_layer,
+        "vision_feature_select_strategy": "default" if vision.drop_class_token else "full",
+        "tie_word_embeddings": spec.language.tie_embeddings,
+    }

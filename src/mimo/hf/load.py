@@ -83,25 +83,43 @@ class NameRule:
         return [p + rest for p in self.hf_prefixes]
 
 
+# mimo prefix -> a LLaVA file's prefixes: first the names `save_pretrained` writes (transformers 5, and what
+# export writes), then the older `vision_model.` nesting of llava-hf checkpoints and the in-memory `model.` names.
+LLAVA_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (VISION, ("vision_tower.", "vision_tower.vision_model.", "model.vision_tower.")),
+    (PROJECTOR + "fc1.", ("multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_1.")),
+    (PROJECTOR + "fc2.", ("multi_modal_projector.linear_2.", "model.multi_modal_projector.linear_2.")),
+    (LANGUAGE + "lm_head.", ("language_model.lm_head.", "lm_head.")),
+    (LANGUAGE, ("language_model.model.", "model.language_model.")),
+)
+# A vision tower's own directory (CLIPVisionModel / SiglipVisionModel; a whole CLIP model nests it).
+VISION_NAMES = ("", "vision_model.", "vision_tower.")
+
+
 def llava_rules(checkpoint: SafetensorsDir) -> list[NameRule]:
-    """A `LlavaForConditionalGeneration` directory: the names `save_pretrained` writes (transformers 5),
-    the older `vision_model.` nesting of llava-hf checkpoints, and the in-memory `model.` names."""
-    return [
-        NameRule(VISION, checkpoint, ("vision_tower.", "vision_tower.vision_model.", "model.vision_tower.")),
-        NameRule(PROJECTOR + "fc1.", checkpoint, ("multi_modal_projector.linear_1.",
-                                                  "model.multi_modal_projector.linear_1.")),
-        NameRule(PROJECTOR + "fc2.", checkpoint, ("multi_modal_projector.linear_2.",
-                                                  "model.multi_modal_projector.linear_2.")),
-        NameRule(LANGUAGE + "lm_head.", checkpoint, ("language_model.lm_head.", "lm_head.")),
-        NameRule(LANGUAGE, checkpoint, ("language_model.model.", "model.language_model.")),
-    ]
+    """A `LlavaForConditionalGeneration` directory, under any of `LLAVA_NAMES`' spellings."""
+    return [NameRule(prefix, checkpoint, hf) for prefix, hf in LLAVA_NAMES]
+
+
+def to_llava_name(name: str) -> str:
+    """The name `save_pretrained` gives mimo parameter `name` in a LLaVA directory."""
+    for prefix, hf in LLAVA_NAMES:
+        if name.startswith(prefix):
+            return hf[0] + name[len(prefix):]
+    raise HFLoadError(f"{name} has no place in a LLaVA checkpoint")
+
+
+def canonical_llava_name(file_name: str) -> str:
+    """A LLaVA file's tensor name in `save_pretrained`'s current spelling (longest known prefix rewritten)."""
+    matches = [(len(p), hf[0] + file_name[len(p):]) for _, hf in LLAVA_NAMES for p in hf if file_name.startswith(p)]
+    return max(matches)[1] if matches else file_name
 
 
 def pair_rules(vision: SafetensorsDir, language: SafetensorsDir) -> list[NameRule]:
     """A vision tower's directory (`CLIPVisionModel`, `SiglipVisionModel`, or a whole CLIP/SigLIP model) and
     a causal language model's (`LlamaForCausalLM`, ...); the projector is not in either."""
     return [
-        NameRule(VISION, vision, ("", "vision_model.", "vision_tower.")),
+        NameRule(VISION, vision, VISION_NAMES),
         NameRule(LANGUAGE + "lm_head.", language, ("lm_head.",)),
         NameRule(LANGUAGE, language, ("model.",)),
     ]
