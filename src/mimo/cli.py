@@ -1,4 +1,4 @@
-"""The `mimo` command line: `mimo train | validate | layout | plot | export-hf`."""
+"""The `mimo` command line: `mimo train | validate | layout | plot | export-hf | generate`."""
 
 from __future__ import annotations
 
@@ -154,6 +154,48 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the greedy continuation of a prompt about an image, from a Hugging Face directory or a checkpoint."""
+    from PIL import Image, UnidentifiedImageError
+
+    from mimo.hf.generate import eos_token_ids, greedy
+    from mimo.hf.image import ImageProcessor
+    from mimo.hf.prompt import Prompter
+
+    model, files = _generation_model(args)
+    vision = model.modality_submodules["images"].encoder.config
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ConfigFileError(f"--image {args.image}: cannot read it as an image ({e})") from None
+    pixels = ImageProcessor.from_directory(files["preprocessor"])(image)
+    if tuple(pixels.shape[-2:]) != (vision.image_size, vision.image_size):
+        raise ConfigFileError(f"{files['preprocessor']}/preprocessor_config.json makes {tuple(pixels.shape[-2:])} "
+                              f"images, but the tower takes {vision.image_size}x{vision.image_size}")
+    prompter = Prompter.from_directory(files["tokenizer"])
+    ids = prompter.input_ids(args.prompt, vision.tokens_per_image)
+    new = greedy(model, ids, pixels, args.max_new_tokens, eos_token_ids(files["tokenizer"]))
+    print(prompter.decode(new))
+    return 0
+
+
+def _generation_model(args: argparse.Namespace):
+    """(the whole model in one process, the directories holding its tokenizer and image processor)."""
+    if args.hf:
+        from mimo.hf.load import open_llava
+        from mimo.provider import LlavaMimoProvider
+
+        model = LlavaMimoProvider(**open_llava(args.hf).provider_kwargs()).provide()
+        return model, {"tokenizer": Path(args.hf), "preprocessor": Path(args.hf)}
+    model, _, origin = _checkpoint_model(Path(args.checkpoint))
+    text, images = origin.llava or origin.language, origin.llava or origin.vision
+    if text is None:
+        raise ConfigFileError(f"checkpoint {args.checkpoint} was trained from a preset: it has no tokenizer or image "
+                              f"processor to generate with; train from Hugging Face directories (model.hf)")
+    return model, {"tokenizer": text, "preprocessor": images}
+
+
 def _checkpoint_model(path: Path):
     """(the whole model in one process, its `LlavaSpec`, its Hugging Face `Origin`) of a checkpoint, from the
     run config the checkpoint carries."""
@@ -221,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_N)")
     export.add_argument("out_dir", help="a new directory for config.json, safetensors and tokenizer files")
     export.set_defaults(run=cmd_export_hf)
+    gen = sub.add_parser("generate", help="greedy generation about an image (one process)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="a Hugging Face LLaVA directory")
+    source.add_argument("--checkpoint", help="a mimo checkpoint directory (trained from Hugging Face directories)")
+    gen.add_argument("--image", required=True, help="an image file")
+    gen.add_argument("--prompt", required=True, help="the text about the image")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
+    gen.set_defaults(run=cmd_generate)
     layout = sub.add_parser("layout", help="validate a parallel layout and print its rank map")
     layout.add_argument("config", help="a YAML file with a 'parallelism' section")
     layout.add_argument("--world-size", type=_positive_int, default=None,
@@ -250,12 +300,15 @@ def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (config, checkpoint, run directory), reported in one line."""
     from mimo.hf.config import HFConfigError
     from mimo.hf.export import ExportError
+    from mimo.hf.image import ImageConfigError
     from mimo.hf.load import HFLoadError
+    from mimo.hf.prompt import PromptError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError
 
-    return (RunConfigError, CheckpointError, PlotError, HFConfigError, HFLoadError, ExportError)
+    return (RunConfigError, CheckpointError, PlotError, HFConfigError, HFLoadError, ExportError, ImageConfigError,
+            PromptError)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,37 @@ def inputs(tokens_per_image: int, batch: int = 2, text: int = 7, seed: int = 0) 
     ids[:, 2:2 + tokens_per_image] = IMAGE_TOKEN
     pixels = torch.randn(batch, 3, VISION["image_size"], VISION["image_size"], generator=gen)
     return ids, pixels
+
+
+WORDS = ["USER", "ASSISTANT", ":", "describe", "the", "image", "please"]
+LLAVA_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}USER: {% for item in "
+                  "message['content'] %}{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}"
+                  "{{ item['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def tokenizer():
+    """A word-level fast tokenizer over the tiny vocabulary: <unk> <s> </s>, words, w7..w298, <image> (299)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in [*WORDS, *(f"w{i}" for i in range(3 + len(WORDS), IMAGE_TOKEN))]:
+        vocab[word] = len(vocab)
+    vocab["<image>"] = IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    return fast
+
+
+def processor(vision: str = "clip", strategy: str = "default", chat_template: str | None = None):
+    """A LlavaProcessor over `tokenizer()` and the tower's image processor (8×8 images)."""
+    if vision == "clip":
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    else:
+        images = transformers.SiglipImageProcessor(size={"height": 8, "width": 8})
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer(), patch_size=2,
+                                       vision_feature_select_strategy=strategy, chat_template=chat_template,
+                                       num_additional_image_tokens=1 if vision == "clip" else 0)
