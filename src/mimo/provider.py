@@ -21,6 +21,7 @@ from torch import nn
 from mimo.config import LANGUAGE, Deployment, MimoParallelismConfig
 from mimo.distributed import DistributedConfig, apply_data_parallel, apply_tensor_parallel
 from mimo.grid import ModuleGrid, P2PGroups, ProcessGroupCollection, build_module_grids, build_p2p_groups
+from mimo.hf.presets import HF_PRESETS, hf_preset
 from mimo.models import (
     Decoder,
     DecoderConfig,
@@ -238,7 +239,7 @@ class LlavaMimoProvider(MimoModelProvider):
     """
 
     MODALITY = "images"
-    PRESETS = ("tiny", "1b", "3b", "7b")
+    PRESETS = ("tiny", "1b", "3b", "7b", "llava-1.5-7b")  # the last: llava-hf/llava-1.5-7b-hf's config.json
 
     def __init__(
         self,
@@ -292,8 +293,15 @@ class LlavaMimoProvider(MimoModelProvider):
         unknown = sorted(set(overrides) - set(allowed))
         if unknown:
             raise ProviderError(f"unknown override(s) {unknown} for LlavaMimoProvider.preset; allowed: {allowed}")
-        vision = ViTConfig.tiny() if name == "tiny" else ViTConfig.clip_vit_l14_336()
-        kwargs: dict[str, Any] = {"vision_config": vision, "language_config": DecoderConfig.preset(name)}
+        if name in HF_PRESETS:
+            spec = hf_preset(name)
+            kwargs: dict[str, Any] = {"vision_config": spec.vision, "language_config": spec.language,
+                                      "image_token_id": spec.image_token_id,
+                                      "projector_activation": spec.projector_activation,
+                                      "projector_bias": spec.projector_bias}
+        else:
+            vision = ViTConfig.tiny() if name == "tiny" else ViTConfig.clip_vit_l14_336()
+            kwargs = {"vision_config": vision, "language_config": DecoderConfig.preset(name)}
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -84,3 +84,30 @@ def test_not_a_llava_directory(tmp_path):
         llava_config(tiny_hf.text_config("llama").to_dict())
     with pytest.raises(HFConfigError, match=r"model_type='llama' is not a vision tower"):
         pair_config(tiny_hf.text_config("llama").to_dict(), tiny_hf.text_config("llama").to_dict())
+
+
+def test_llava_1_5_7b_preset_is_its_config_json():
+    """llava-hf's config.json (transformers 4: nested configs as differences from the defaults) maps to
+    LLaVA-1.5-7B's shapes, and the provider preset of that name has them (7.06 B parameters)."""
+    from mimo.hf.presets import hf_preset
+    from mimo.provider import LlavaMimoProvider
+
+    spec = hf_preset("llava-1.5-7b")
+    v, lang = spec.vision, spec.language
+    assert (v.hidden_size, v.num_layers, v.num_layers_built, v.tokens_per_image, v.image_size) == \
+        (1024, 24, 23, 576, 336)
+    assert (lang.vocab_size, lang.hidden_size, lang.num_layers, lang.num_heads, lang.num_kv_heads) == \
+        (32064, 4096, 32, 32, 32)
+    assert (lang.ffn_hidden_size, lang.rms_norm_eps, lang.max_seq_len, spec.image_token_id) == \
+        (11008, 1e-5, 4096, 32000)
+    provider = LlavaMimoProvider.preset("llava-1.5-7b")
+    assert provider.image_token_id == 32000
+    assert 7.0e9 < sum(provider.num_params().values()) < 7.1e9
+
+
+def test_transformers_4_configs_fill_family_defaults():
+    spec = llava_config({"model_type": "llava", "text_config": {"model_type": "llama"}, "vocab_size": 32000,
+                         "vision_config": {"model_type": "clip_vision_model"}, "image_token_index": 31999})
+    assert (spec.language.hidden_size, spec.vision.hidden_size, spec.vision.patch_size) == (4096, 768, 32)
+    with pytest.raises(HFConfigError, match="vocab_size=7 differs from text_config's 32000"):
+        llava_config({"model_type": "llava", "vocab_size": 7, "image_token_index": 1})

@@ -33,7 +33,24 @@ NEUTRAL_KEYS = frozenset({
     "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "_attn_implementation_autoset",
+    "ignore_index",  # the label value the loss skips (LLaVA's -100, which is mimo's too); no effect on logits
 })
+# transformers 4 writes a nested config as its difference from the family's defaults (llava-1.5-7b-hf's
+# text_config omits hidden_size, ...), so each family's defaults fill what a config leaves out.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                "rms_norm_eps": 1e-6, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "rms_norm_eps": 1e-6},
+    "clip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32},
+    "siglip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                            "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16},
+}
 TEXT_FAMILIES = ("llama", "mistral", "qwen2")
 VISION_FAMILIES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
 SELECT_STRATEGIES = ("default", "full")
@@ -127,7 +144,8 @@ def vision_config(hf: Mapping[str, Any], feature_layer: int = -2, strategy: str 
     if strategy not in SELECT_STRATEGIES:
         raise HFConfigError(f"vision_feature_select_strategy={strategy!r} is not supported by mimo; it "
                             f"implements {list(SELECT_STRATEGIES)}")
-    keys = _Keys(hf, where)
+    keys = _Keys({**FAMILY_DEFAULTS[model_type], **hf}, where)
+    keys.get("vocab_size")  # llava-hf towers carry an unused vocab_size
     siglip = model_type == "siglip_vision_model"
     activation = keys.require("hidden_act", lambda v: v in ACTIVATIONS, "gelu_pytorch_tanh" if siglip else
                               "quick_gelu", f"hidden_act in {sorted(ACTIVATIONS)}")
@@ -157,7 +175,7 @@ def language_config(hf: Mapping[str, Any], where: str = "text_config") -> Decode
     if family not in TEXT_FAMILIES:
         raise HFConfigError(f"{where}: model_type={family!r} is not a language model mimo implements; it "
                             f"implements {list(TEXT_FAMILIES)}")
-    keys = _Keys(hf, where)
+    keys = _Keys({**FAMILY_DEFAULTS[family], **hf}, where)
     keys.require("hidden_act", lambda v: v == "silu", "silu", "hidden_act 'silu' (SwiGLU)")
     keys.require("attention_dropout", _zero, 0.0, "no dropout (attention_dropout 0)")
     keys.require("mlp_bias", lambda v: v is False, False, "bias-free MLPs (mlp_bias false)")
@@ -262,12 +280,15 @@ def llava_config(hf: Mapping[str, Any], where: str = "config.json") -> LlavaSpec
     keys.get("image_seq_length")  # the processor's token count; the model's comes from the tower's shape
     layer = keys.get("vision_feature_layer", -2)
     strategy = keys.get("vision_feature_select_strategy", "default")
-    vision = vision_config(keys.need("vision_config"), layer, strategy)
-    text = dict(keys.need("text_config"))
+    vision = vision_config(keys.get("vision_config", {}), layer, strategy)
+    text = {"model_type": "llama", **keys.get("text_config", {})}
     top_tie = keys.get("tie_word_embeddings")
     if top_tie is not None and "tie_word_embeddings" not in text:
         text["tie_word_embeddings"] = top_tie
     language = language_config(text)
+    vocab = keys.get("vocab_size")  # transformers 4's echo of the text vocabulary
+    if vocab is not None and vocab != language.vocab_size:
+        raise HFConfigError(f"{where}: vocab_size={vocab} differs from text_config's {language.vocab_size}")
     activation = keys.require("projector_hidden_act", lambda v: v in ACTIVATIONS, "gelu",
                               f"projector_hidden_act in {sorted(ACTIVATIONS)}")
     bias = keys.get("multimodal_projector_bias", True)

@@ -32,7 +32,7 @@ class ModelSection:
     whose tower output is `vision_feature_layer` under `vision_feature_select_strategy` (LLaVA's meanings).
     """
 
-    preset: Literal["tiny", "1b", "3b", "7b"] = "tiny"
+    preset: Literal["tiny", "1b", "3b", "7b", "llava-1.5-7b"] = "tiny"  # llava-1.5-7b: that model's exact shapes
     freeze_language_model: bool = False
     freeze_vision_encoder: bool = False
     freeze_projection: bool = False
