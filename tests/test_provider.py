@@ -179,7 +179,8 @@ def test_layout_needs_an_initialized_world():
 
 
 def test_llava_preset_errors():
-    with pytest.raises(ProviderError, match=r"unknown LLaVA preset '13b'; presets are \['tiny', '1b', '3b', '7b'\]"):
+    with pytest.raises(ProviderError,
+                       match=r"unknown LLaVA preset '13b'; presets are \['tiny', '1b', '3b', '7b', 'llava-1.5-7b'\]"):
         LlavaMimoProvider.preset("13b")
     with pytest.raises(ProviderError, match=r"unknown override\(s\) \['layers'\]"):
         LlavaMimoProvider.preset("tiny", layers=3)

@@ -1,4 +1,4 @@
-"""The `mimo` command line: `mimo train | validate | layout | plot`."""
+"""The `mimo` command line: `mimo train | validate | layout | plot | export-hf | generate`."""
 
 from __future__ import annotations
 
@@ -155,6 +155,96 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """Write a checkpoint of any layout as a Hugging Face LLaVA directory (transformers loads it)."""
+    from mimo.hf.export import export_llava
+
+    model, spec, origin = _checkpoint_model(Path(args.checkpoint))
+    out = export_llava(model, spec, args.out_dir, origin)
+    print(f"wrote {out} (LlavaForConditionalGeneration)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the greedy continuation of a prompt about an image, from a Hugging Face directory or a checkpoint."""
+    from PIL import Image, UnidentifiedImageError
+
+    from mimo.hf.generate import eos_token_ids, greedy
+    from mimo.hf.image import ImageProcessor
+    from mimo.hf.prompt import Prompter
+
+    model, files = _generation_model(args)
+    vision = model.modality_submodules["images"].encoder.config
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ConfigFileError(f"--image {args.image}: cannot read it as an image ({e})") from None
+    pixels = ImageProcessor.from_directory(files["preprocessor"])(image)
+    if tuple(pixels.shape[-2:]) != (vision.image_size, vision.image_size):
+        raise ConfigFileError(f"{files['preprocessor']}/preprocessor_config.json makes {tuple(pixels.shape[-2:])} "
+                              f"images, but the tower takes {vision.image_size}x{vision.image_size}")
+    prompter = Prompter.from_directory(files["tokenizer"])
+    ids = prompter.input_ids(args.prompt, vision.tokens_per_image)
+    new = greedy(model, ids, pixels, args.max_new_tokens, eos_token_ids(files["tokenizer"]))
+    print(prompter.decode(new))
+    return 0
+
+
+def _generation_model(args: argparse.Namespace):
+    """(the whole model in one process, the directories holding its tokenizer and image processor)."""
+    if args.hf:
+        from mimo.hf.load import open_llava
+        from mimo.provider import LlavaMimoProvider
+
+        model = LlavaMimoProvider(**open_llava(args.hf).provider_kwargs()).provide()
+        return model, {"tokenizer": Path(args.hf), "preprocessor": Path(args.hf)}
+    model, _, origin = _checkpoint_model(Path(args.checkpoint))
+    text, images = origin.llava or origin.language, origin.llava or origin.vision
+    if text is None:
+        raise ConfigFileError(f"checkpoint {args.checkpoint} was trained from a preset: it has no tokenizer or image "
+                              f"processor to generate with; train from Hugging Face directories (model.hf)")
+    return model, {"tokenizer": text, "preprocessor": images}
+
+
+def _checkpoint_model(path: Path):
+    """(the whole model in one process, its `LlavaSpec`, its Hugging Face `Origin`) of a checkpoint, from the
+    run config the checkpoint carries."""
+    import torch
+
+    from mimo.hf.config import LlavaSpec
+    from mimo.hf.export import Origin
+    from mimo.training.checkpoint import CheckpointError, load_model_only, open_checkpoint
+    from mimo.training.loop import build_provider
+    from mimo.training.run_config import RunConfigError, parse_run_config
+
+    _, info = open_checkpoint(path)
+    if not isinstance(info["extra"].get("config"), dict):
+        raise CheckpointError(f"checkpoint {path} carries no run config (written by mimo train?); cannot tell "
+                              f"which model it holds")
+    try:
+        config = parse_run_config(info["extra"]["config"])
+    except RunConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its run config no longer parses: {e}") from None
+    provider = build_provider(config, torch.device("cpu"), distributed=False)
+    provider.initial_weights = None  # the checkpoint's values replace everything: read no Hugging Face weights
+    model = provider.provide()
+    load_model_only(path, model)
+    m = config.model
+    spec = LlavaSpec(provider.vision_config, provider.language_config, provider.image_token_id,
+                     provider.projector_activation, provider.projector_bias)
+    origin = Origin(*(Path(d) if d else None for d in (m.hf, m.vision_hf, m.language_hf)))
+    return model, spec, origin
+
+
+def _finalized(layout: MimoParallelismConfig, world_size: int) -> tuple[MimoParallelismConfig, list[str]]:
+    """The layout finalized for `world_size`, with its warnings as strings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layout.finalize(world_size)
+    return layout, [str(w.message) for w in caught]
+
+
 def _launched() -> bool:
     """True under torchrun / our launcher / srun-with-env: the world is described by the environment."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -183,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
     plot.add_argument("--out", default=None, help="the PNG to write")
     plot.set_defaults(run=cmd_plot)
+    export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LLaVA directory")
+    export.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_N)")
+    export.add_argument("out_dir", help="a new directory for config.json, safetensors and tokenizer files")
+    export.set_defaults(run=cmd_export_hf)
+    gen = sub.add_parser("generate", help="greedy generation about an image (one process)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="a Hugging Face LLaVA directory")
+    source.add_argument("--checkpoint", help="a mimo checkpoint directory (trained from Hugging Face directories)")
+    gen.add_argument("--image", required=True, help="an image file")
+    gen.add_argument("--prompt", required=True, help="the text about the image")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
+    gen.set_defaults(run=cmd_generate)
     layout = sub.add_parser("layout", help="validate a parallel layout and print its rank map")
     layout.add_argument("config", help="a YAML file with a 'parallelism' section")
     layout.add_argument("--world-size", type=_positive_int, default=None,
@@ -210,12 +312,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (config, checkpoint, run directory), reported in one line."""
+    from mimo.hf.config import HFConfigError
+    from mimo.hf.export import ExportError
+    from mimo.hf.image import ImageConfigError
+    from mimo.hf.load import HFLoadError
+    from mimo.hf.prompt import PromptError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError
     from mimo.training.run_dir import RunDirError
 
-    return (RunConfigError, CheckpointError, PlotError, RunDirError)
+    return (RunConfigError, CheckpointError, PlotError, RunDirError, HFConfigError, HFLoadError, ExportError,
+            ImageConfigError, PromptError)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch import nn
 from mimo.config import LANGUAGE, MimoParallelismConfig
 from mimo.distributed import DistributedConfig, wrap_mimo_model_distributed
 from mimo.grid import build_module_grids, build_p2p_groups
+from mimo.hf.presets import HF_PRESETS, hf_preset
 from mimo.infra import MimoModelInfra
 from mimo.models import (
     Decoder,
@@ -34,6 +35,7 @@ from mimo.models import (
     ViTEncoder,
     init_parameters,
 )
+from mimo.models.init import ParameterSource
 
 
 class ProviderError(ValueError):
@@ -80,8 +82,11 @@ class MimoModelProvider:
         params_dtype: torch.dtype = torch.float32,
         seed: int = 1234,
         device: torch.device | str | None = None,
+        initial_weights: ParameterSource | None = None,
     ) -> None:
-        """Keep the specs and flags; check that they name the same modalities. Nothing is built yet."""
+        """Keep the specs and flags; check that they name the same modalities. Nothing is built yet.
+        `initial_weights` (e.g. a Hugging Face checkpoint) fills the parameters it holds, each rank reading
+        only its shards; the others start from their seeded values."""
         self.language_model_spec = language_model_spec
         self.modality_submodules_spec = dict(modality_submodules_spec)
         self.special_token_ids = dict(special_token_ids)
@@ -94,6 +99,7 @@ class MimoModelProvider:
         self.params_dtype = params_dtype
         self.seed = seed
         self.device = device
+        self.initial_weights = initial_weights
         self._infra: MimoModelInfra | None = None
         self._check_names()
 
@@ -173,7 +179,7 @@ class MimoModelProvider:
     def _materialize(self, model: MimoModel) -> MimoModel:
         """Layout-independent values on `device` (one full parameter at a time, sliced to a shard), then
         freezing; an empty (stub) model has nothing to do."""
-        init_parameters(model, self.seed, device=self.device or "cpu")
+        init_parameters(model, self.seed, device=self.device or "cpu", source=self.initial_weights)
         self.apply_freezing(model)
         return model
 
@@ -220,7 +226,7 @@ class LlavaMimoProvider(MimoModelProvider):
     """
 
     MODALITY = "images"
-    PRESETS = ("tiny", "1b", "3b", "7b")
+    PRESETS = ("tiny", "1b", "3b", "7b", "llava-1.5-7b")  # the last: llava-hf/llava-1.5-7b-hf's config.json
 
     def __init__(
         self,
@@ -236,6 +242,9 @@ class LlavaMimoProvider(MimoModelProvider):
         device: torch.device | str | None = None,
         freeze_modality_encoders: Mapping[str, bool] | None = None,
         freeze_modality_projections: Mapping[str, bool] | None = None,
+        projector_activation: str = "gelu",
+        projector_bias: bool = True,
+        initial_weights: ParameterSource | None = None,
     ) -> None:
         """Specs from the two configs; the image token defaults to the first id past the vocabulary.
 
@@ -248,7 +257,8 @@ class LlavaMimoProvider(MimoModelProvider):
         images = ModuleSpec(ModalitySubmodule, submodules={
             "encoder": ModuleSpec(ViTEncoder, {"config": self.vision_config}),
             "projection": ModuleSpec(MLPProjector, {"in_features": h_vision, "out_features": h_language,
-                                                    "hidden_features": h_language}),
+                                                    "hidden_features": h_language,
+                                                    "activation": projector_activation, "bias": projector_bias}),
         })
         super().__init__(
             language_model_spec=ModuleSpec(Decoder, {"config": self.language_config}),
@@ -261,7 +271,9 @@ class LlavaMimoProvider(MimoModelProvider):
             params_dtype=params_dtype,
             seed=seed,
             device=device,
+            initial_weights=initial_weights,
         )
+        self.projector_activation, self.projector_bias = projector_activation, projector_bias
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlavaMimoProvider:
@@ -273,8 +285,15 @@ class LlavaMimoProvider(MimoModelProvider):
         unknown = sorted(set(overrides) - set(allowed))
         if unknown:
             raise ProviderError(f"unknown override(s) {unknown} for LlavaMimoProvider.preset; allowed: {allowed}")
-        vision = ViTConfig.tiny() if name == "tiny" else ViTConfig.clip_vit_l14_336()
-        kwargs: dict[str, Any] = {"vision_config": vision, "language_config": DecoderConfig.preset(name)}
+        if name in HF_PRESETS:
+            spec = hf_preset(name)
+            kwargs: dict[str, Any] = {"vision_config": spec.vision, "language_config": spec.language,
+                                      "image_token_id": spec.image_token_id,
+                                      "projector_activation": spec.projector_activation,
+                                      "projector_bias": spec.projector_bias}
+        else:
+            vision = ViTConfig.tiny() if name == "tiny" else ViTConfig.clip_vit_l14_336()
+            kwargs = {"vision_config": vision, "language_config": DecoderConfig.preset(name)}
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -283,6 +302,6 @@ class LlavaMimoProvider(MimoModelProvider):
         h_v, h_l = self.vision_config.hidden_size, self.language_config.hidden_size
         return {
             "vision_encoder": self.vision_config.num_params(),
-            "projection": h_v * h_l + h_l + h_l * h_l + h_l,
+            "projection": h_v * h_l + h_l * h_l + (2 * h_l if self.projector_bias else 0),
             "language_model": self.language_config.num_params(),
         }

@@ -1,10 +1,11 @@
 """A Llama-style decoder-only language model that can be built for a range of its layers.
 
-RMSNorm, rotary positions, grouped-query causal attention (SDPA), SwiGLU MLP, no biases, optional tied
-input/output embeddings. Built for `layer_range = (start, end)` it is one pipeline stage: the embedding
-lives on the stage holding layer 0, the final norm and output head on the stage holding the last layer,
-and layers sit in an `nn.ModuleDict` keyed by their *global* index, so every parameter has the same
-name on every layout (`layers.17.mlp.up_proj.weight` is that on whichever stage holds layer 17).
+RMSNorm, rotary positions (optionally Llama-3-scaled), grouped-query causal attention (SDPA), SwiGLU MLP,
+no biases except optional attention ones (Qwen2: q/k/v), optional tied input/output embeddings. Built
+for `layer_range = (start, end)` it is one pipeline stage: the embedding lives on the stage holding
+layer 0, the final norm and output head on the stage holding the last layer, and layers sit in an
+`nn.ModuleDict` keyed by their *global* index, so every parameter has the same name on every layout
+(`layers.17.mlp.up_proj.weight` is that on whichever stage holds layer 17).
 Parameter names follow Hugging Face's `LlamaModel` (without its `model.` prefix).
 """
 
@@ -21,7 +22,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
-from mimo.models.rotary import apply_rotary, rotary_tables
+from mimo.models.rotary import Llama3RopeScaling, apply_rotary, rotary_tables
 
 # (mask [B, S], values [n, H]) pairs: embeddings to write over the masked positions of the text embedding.
 EmbeddingsAt = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -41,10 +42,14 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    kv_channels: int | None = None  # per-head width when it is not hidden_size / num_heads (Megatron's name)
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2; Llama's attention_bias with output_bias)
+    output_bias: bool = False  # a bias on the attention's output projection (Llama's attention_bias)
+    rope_scaling: Llama3RopeScaling | None = None
 
     def __post_init__(self) -> None:
         """Reject shapes the attention cannot split evenly."""
-        if self.hidden_size % self.num_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -54,12 +59,14 @@ class DecoderConfig:
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
-        return self.hidden_size // self.num_heads
+        return self.kv_channels or self.hidden_size // self.num_heads
 
     def layer_params(self) -> int:
-        """Parameters of one decoder layer: q/o (H×H), k/v (H×kv·d), gate/up/down (H×F), two norms."""
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        return 2 * h * h + 2 * h * kv + 3 * h * self.ffn_hidden_size + 2 * h
+        """Parameters of one decoder layer: q/o (H×heads·d), k/v (H×kv·d), gate/up/down (H×F), two norms,
+        and the attention biases the config asks for."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        biases = (q + 2 * kv) * self.qkv_bias + h * self.output_bias
+        return 2 * h * q + 2 * h * kv + 3 * h * self.ffn_hidden_size + 2 * h + biases
 
     def num_params(self, layer_range: tuple[int, int] | None = None) -> int:
         """Closed-form parameter count of `Decoder(self, layer_range)` (a tied head counted once)."""
@@ -103,14 +110,14 @@ class DecoderAttention(nn.Module):
     """Causal grouped-query self-attention with rotary positions; heads inferred from the local width."""
 
     def __init__(self, config: DecoderConfig) -> None:
-        """Build bias-free q/k/v/o projections."""
+        """Build the q/k/v/o projections, biased where the config says."""
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.head_dim = d
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.output_bias)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, h·d] → [B, h, S, d]; h (-1) is whatever this rank holds: all heads, or its TP shard of them."""
@@ -177,7 +184,8 @@ class Decoder(nn.Module):
         else:
             self.norm, self.lm_head = None, None
         self.tie_weights()
-        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta,
+                                 scaling=config.rope_scaling)
         self.register_buffer("rope_cos", cos.to(torch.get_default_dtype()), persistent=False)
         self.register_buffer("rope_sin", sin.to(torch.get_default_dtype()), persistent=False)
 
@@ -208,7 +216,8 @@ class Decoder(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the rotary tables in float64 on the buffers' device and dtype (e.g. after `to_empty`)."""
         c = self.config
-        cos, sin = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.rope_cos.device)
+        cos, sin = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.rope_cos.device,
+                                 scaling=c.rope_scaling)
         self.rope_cos = cos.to(self.rope_cos.dtype)
         self.rope_sin = sin.to(self.rope_sin.dtype)
 

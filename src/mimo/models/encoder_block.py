@@ -19,7 +19,14 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (SigLIP's `gelu_pytorch_tanh`)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# Keys are Hugging Face's `hidden_act` / `projector_hidden_act` names, so a config's value looks up directly.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh, "silu": F.silu,
+               "relu": F.relu}
 
 
 class EncoderSelfAttention(nn.Module):

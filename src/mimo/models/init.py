@@ -14,6 +14,7 @@ Rules, by owning module and name:
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -26,6 +27,14 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, RMSNorm)
 # Wrappers (activation checkpointing, torch.compile, FSDP1) that insert a level into parameter names;
 # they are dropped from the seeding name so wrapping never changes the initial values.
 _WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+class ParameterSource(Protocol):
+    """Stored values (e.g. a Hugging Face checkpoint) that take precedence over the seeded initial values."""
+
+    def fill(self, name: str, param: torch.Tensor) -> bool:
+        """Write this rank's part of parameter `name` into `param` (its local shard if a DTensor) and return
+        True, or return False to leave it to the seeded initialization."""
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -51,7 +60,8 @@ def initial_value(seed: int, name: str, shape: torch.Size, owner: nn.Module) -> 
 
 
 def init_parameters(
-    module: nn.Module, seed: int, prefix: str = "", device: torch.device | str | None = None
+    module: nn.Module, seed: int, prefix: str = "", device: torch.device | str | None = None,
+    source: ParameterSource | None = None,
 ) -> None:
     """Give every parameter of `module` its layout-independent value; materialize meta tensors first.
 
@@ -60,6 +70,8 @@ def init_parameters(
     (computed locally, no communication). Peak extra memory: one full parameter plus its shard.
     Shared weights broken by `to_empty` or TP wrapping are re-shared through each submodule's
     `tie_weights()`; non-persistent buffers are recomputed by each submodule's `reset_buffers()`.
+    A `source` fills the parameters it holds first (by seeding name, aliases applied), each rank reading
+    only its shard; the rest get their seeded values.
     """
     _materialize(module, device)
     _call_on_submodules(module, "tie_weights")
@@ -72,8 +84,10 @@ def init_parameters(
                     continue
                 seen.add(id(param))
                 name = canonical_name(f"{owner_name}.{leaf}" if owner_name else leaf)
-                full = initial_value(seed, prefix + aliases.get(name, name), param.shape, owner)
-                _copy_full_value(param, full)
+                name = prefix + aliases.get(name, name)
+                if source is not None and source.fill(name, param):
+                    continue
+                _copy_full_value(param, initial_value(seed, name, param.shape, owner))
     reset_buffers(module)
 
 

@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama-3.1's frequency-dependent rope scaling (HF `rope_type: llama3`): long wavelengths are divided by
+    `factor`, short ones kept, the band between interpolated smoothly."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        """The smoothing band needs high_freq_factor > low_freq_factor."""
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope scaling: high_freq_factor {self.high_freq_factor} must exceed "
+                             f"low_freq_factor {self.low_freq_factor}")
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """The scaled inverse frequencies (the same formula as Hugging Face's `_compute_llama3_parameters`)."""
+        old = self.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+
+
 def rotary_tables(
-    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None,
+    scaling: Llama3RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [max_seq_len, head_dim], computed in float64 so any later cast is exact-rounded."""
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
     inv_freq = 1.0 / theta**exponents
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     positions = torch.arange(max_seq_len, dtype=torch.float64, device=device)
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)

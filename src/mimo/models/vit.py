@@ -5,6 +5,9 @@ learned positions, a LayerNorm before the first block ("pre_layrnorm", CLIP's sp
 with quick_gelu, and the output of a selected layer (LLaVA: the penultimate) rather than the last one.
 Only the layers up to the selected one are built, so no parameter is left without a gradient. Names
 follow Hugging Face's `CLIPVisionTransformer` so pretrained weights load by name.
+
+SigLIP's tower is the same stack in a second mould (`ViTConfig.siglip`): a biased patch embedding, no class
+token, no pre-LayerNorm, tanh-GELU; its attention-pooling head is not built (LLaVA reads hidden states).
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ class ViTConfig:
     ffn_hidden_size: int = 4096
     layer_norm_eps: float = 1e-5
     select_layer: int = -2
-    drop_class_token: bool = True
+    drop_class_token: bool = True  # drop the first token (HF LLaVA's "default" strategy; with no class token,
+    # that is the first patch, as HF does)
     activation: str = "quick_gelu"
+    class_token: bool = True  # CLIP: a learned class token in front; SigLIP: none
+    pre_layernorm: bool = True  # CLIP: LayerNorm before the first block; SigLIP: none
+    patch_bias: bool = False  # SigLIP's patch embedding has a bias, CLIP's has none
 
     def __post_init__(self) -> None:
         """Reject shapes that cannot build: partial patches, uneven heads, an out-of-range layer."""
@@ -53,8 +60,8 @@ class ViTConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        """Output tokens per image: one per patch, plus the class token unless it is dropped."""
-        return self.num_patches + (0 if self.drop_class_token else 1)
+        """Output tokens per image: one per patch, plus the class token, less the first token if dropped."""
+        return self.num_patches + int(self.class_token) - int(self.drop_class_token)
 
     @property
     def tokens_per_item(self) -> int:
@@ -68,15 +75,23 @@ class ViTConfig:
 
     def num_params(self) -> int:
         """Closed-form parameter count of `ViTEncoder(self)` (built layers only)."""
-        h = self.hidden_size
-        embeddings = self.num_channels * self.patch_size**2 * h + h + (self.num_patches + 1) * h
+        h, cls = self.hidden_size, int(self.class_token)
+        patches = self.num_channels * self.patch_size**2 * h + (h if self.patch_bias else 0)
+        embeddings = patches + cls * h + (self.num_patches + cls) * h
         blocks = self.num_layers_built * encoder_block_params(h, self.ffn_hidden_size)
-        return embeddings + 2 * h + blocks
+        return embeddings + (2 * h if self.pre_layernorm else 0) + blocks
 
     @classmethod
     def clip_vit_l14_336(cls) -> ViTConfig:
         """OpenAI CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower): 576 tokens of width 1024."""
         return cls(image_size=336, patch_size=14)
+
+    @classmethod
+    def siglip(cls, **fields: object) -> ViTConfig:
+        """A SigLIP tower (no class token, no pre-LayerNorm, biased patches, tanh-GELU) of the given shape."""
+        defaults = {"class_token": False, "pre_layernorm": False, "patch_bias": True,
+                    "activation": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+        return cls(**{**defaults, **fields})
 
     @classmethod
     def tiny(cls) -> ViTConfig:
@@ -88,12 +103,12 @@ class ViTEmbeddings(nn.Module):
     """Patches → tokens, with a class token in front and learned absolute positions added."""
 
     def __init__(self, config: ViTConfig) -> None:
-        """Build the conv patch embedding (no bias), the class token and the position table."""
+        """Build the conv patch embedding (CLIP: no bias), the class token and the position table."""
         super().__init__()
         h = config.hidden_size
         self.class_embedding = nn.Parameter(torch.zeros(h))
         self.patch_embedding = nn.Conv2d(
-            config.num_channels, h, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+            config.num_channels, h, kernel_size=config.patch_size, stride=config.patch_size, bias=config.patch_bias
         )
         self.position_embedding = nn.Embedding(config.num_patches + 1, h)
 
@@ -103,6 +118,25 @@ class ViTEmbeddings(nn.Module):
         patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class PatchEmbeddings(nn.Module):
+    """SigLIP's embeddings: patches → tokens (biased conv), learned positions added, no class token."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        """Build the conv patch embedding and the position table (one row per patch)."""
+        super().__init__()
+        h = config.hidden_size
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, h, kernel_size=config.patch_size, stride=config.patch_size, bias=config.patch_bias
+        )
+        self.position_embedding = nn.Embedding(config.num_patches, h)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] → [N, patches, hidden]."""
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+        return patches + self.position_embedding.weight
 
 
 class ViTLayers(nn.Module):
@@ -130,14 +164,15 @@ class ViTLayers(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """CLIP vision tower: images [N, C, H, W] → features [N, tokens_per_item, hidden] of `select_layer`."""
+    """CLIP (or SigLIP) vision tower: images [N, C, H, W] → features [N, tokens_per_item, hidden] of `select_layer`."""
 
     def __init__(self, config: ViTConfig) -> None:
         """Build embeddings, the pre-LayerNorm and the blocks up to the selected layer."""
         super().__init__()
         self.config = config
-        self.embeddings = ViTEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embeddings = ViTEmbeddings(config) if config.class_token else PatchEmbeddings(config)
+        self.pre_layrnorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm
+                             else nn.Identity())
         self.encoder = ViTLayers(config)
 
     @property
@@ -151,7 +186,7 @@ class ViTEncoder(nn.Module):
         return self.config.hidden_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode a stack of images; the class token is dropped if the config says so."""
+        """Encode a stack of images; the first token is dropped if the config says so."""
         size = self.config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"expected pixel_values [N, C, {size}, {size}], got {tuple(pixel_values.shape)}")

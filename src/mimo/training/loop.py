@@ -24,7 +24,7 @@ from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, cut_metrics
 from mimo.training.optim import OptimizerConfig
-from mimo.training.run_config import RunConfig, validate_run
+from mimo.training.run_config import RunConfig, hf_model, validate_run
 from mimo.training.step import MimoTrainer
 
 
@@ -47,17 +47,22 @@ def init_distributed(timeout_s: float) -> torch.device:
 
 
 def build_provider(config: RunConfig, device: torch.device | None = None, distributed: bool = True):
-    """The LLaVA provider of the run (distributed: with the run's layout; else the whole model, one process)."""
-    return LlavaMimoProvider.preset(
-        config.model.preset,
-        mimo_parallelism_config=config.layout if distributed else None,
-        freeze_language_model=config.model.freeze_language_model,
-        freeze_vision_encoder=config.model.freeze_vision_encoder,
-        freeze_projection=config.model.freeze_projection,
-        params_dtype=config.precision.param_dtype,
-        seed=config.train.seed,
-        device=device,
-    )
+    """The LLaVA provider of the run (distributed: with the run's layout; else the whole model, one process):
+    a preset's shapes, or those of the model section's Hugging Face directories, each rank then filling its
+    shards of their weights (a fresh projector seeded as any mimo parameter)."""
+    common = {
+        "mimo_parallelism_config": config.layout if distributed else None,
+        "freeze_language_model": config.model.freeze_language_model,
+        "freeze_vision_encoder": config.model.freeze_vision_encoder,
+        "freeze_projection": config.model.freeze_projection,
+        "params_dtype": config.precision.param_dtype,
+        "seed": config.train.seed,
+        "device": device,
+    }
+    hf = hf_model(config.model)
+    if hf is not None:
+        return LlavaMimoProvider(**hf.provider_kwargs(), **common)
+    return LlavaMimoProvider.preset(config.model.preset, **common)
 
 
 def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "train"):
@@ -68,7 +73,8 @@ def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "
         return DigitsDataset(split, image_token_id=provider.image_token_id, tokens_per_image=tokens, dtype=dtype)
     spec = ModalitySpec.image(provider.image_token_id, tokens, size=provider.vision_config.image_size,
                               channels=provider.vision_config.num_channels)
-    return SyntheticDataset(config.data.num_samples, {"images": spec}, vocab_size=provider.language_config.vocab_size,
+    text_vocab = min(provider.language_config.vocab_size, provider.image_token_id)  # an image id inside the vocab
+    return SyntheticDataset(config.data.num_samples, {"images": spec}, vocab_size=text_vocab,
                             items_per_sample=tuple(config.data.items_per_sample), seed=config.train.seed, dtype=dtype)
 
 

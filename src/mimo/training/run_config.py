@@ -28,12 +28,22 @@ class RunConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    """A LLaVA preset and what to freeze (LLaVA stage 1: freeze_vision_encoder and freeze_language_model)."""
+    """A LLaVA preset and what to freeze (LLaVA stage 1: freeze_vision_encoder and freeze_language_model).
 
-    preset: Literal["tiny", "1b", "3b", "7b"] = "tiny"
+    Or local Hugging Face directories instead of the preset: `hf` (a whole LlavaForConditionalGeneration) or
+    `vision_hf` (CLIP / SigLIP) with `language_hf` (Llama / Mistral / Qwen2) and a freshly seeded projector,
+    whose tower output is `vision_feature_layer` under `vision_feature_select_strategy` (LLaVA's meanings).
+    """
+
+    preset: Literal["tiny", "1b", "3b", "7b", "llava-1.5-7b"] = "tiny"  # llava-1.5-7b: that model's exact shapes
     freeze_language_model: bool = False
     freeze_vision_encoder: bool = False
     freeze_projection: bool = False
+    hf: str | None = None
+    vision_hf: str | None = None
+    language_hf: str | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
 
 
 @dataclass
@@ -158,6 +168,30 @@ def check_data_available(config: RunConfig) -> None:
                              "installed: pip install scikit-learn (or use data.name synthetic)")
 
 
+def hf_model(section: ModelSection):
+    """The Hugging Face model the section names (`mimo.hf.load.HFModel`), or None for a preset; the
+    directories' configs are read and checked here, so a bad one fails before any process starts."""
+    from mimo.hf.config import HFConfigError
+    from mimo.hf.load import HFLoadError, open_llava, open_pair
+
+    pair = (section.vision_hf, section.language_hf)
+    if section.hf is None and pair == (None, None):
+        return None
+    if section.hf is not None and pair != (None, None):
+        raise RunConfigError("model: give either hf (a whole LLaVA directory) or vision_hf with language_hf, "
+                             "not both")
+    if section.hf is None and None in pair:
+        missing = "language_hf" if section.language_hf is None else "vision_hf"
+        raise RunConfigError(f"model: vision_hf and language_hf go together; {missing} is missing")
+    try:
+        if section.hf is not None:
+            return open_llava(section.hf)
+        return open_pair(section.vision_hf, section.language_hf, feature_layer=section.vision_feature_layer,
+                         strategy=section.vision_feature_select_strategy)
+    except (HFConfigError, HFLoadError) as e:
+        raise RunConfigError(f"model: {e}") from None
+
+
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides, check every key and type."""
     data = read_yaml(path)
@@ -190,13 +224,15 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
 
 def validate_run(config: RunConfig, world_size: int) -> list[str]:
     """The one check of a run before any work, on `world_size` ranks: the layout (finalized here), the
-    batch split over micro-batches and every module's DP size, the distributed section. `mimo validate`,
+    batch split over micro-batches and every module's DP size, the distributed section, the Hugging Face
+    directories the model section names. `mimo validate`,
     the `mimo train` parent and every worker call it. Returns the layout's warnings (e.g. stub ranks)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config.layout.finalize(world_size)
     config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
     _check_distributed_modules(config)
+    hf_model(config.model)  # Hugging Face directories: their configs are read and checked here
     return [str(w.message) for w in caught]
 
 

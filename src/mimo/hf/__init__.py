@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: config mapping, sliced loading onto any layout, export, generation."""

@@ -1,0 +1,368 @@
+"""Hugging Face `config.json` → mimo's `ViTConfig` / `DecoderConfig`, strictly.
+
+Families: LLaVA (`LlavaForConditionalGeneration`), CLIP and SigLIP vision towers, Llama / Vicuna / Mistral and
+Qwen2 language models. Each key of a config is either read into mimo's config, required to have a value mimo
+implements, or known not to change the numbers (token ids, initializer ranges, generation defaults); any other
+key, and any unimplemented value, is an `HFConfigError` naming the key and its value: a model mimo cannot
+reproduce is refused, never loaded to different numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mimo.models.decoder import DecoderConfig
+from mimo.models.encoder_block import ACTIVATIONS
+from mimo.models.rotary import Llama3RopeScaling
+from mimo.models.vit import ViTConfig
+
+# Keys that never change a forward pass: bookkeeping, token ids, initialization, generation defaults.
+NEUTRAL_KEYS = frozenset({
+    "_name_or_path", "architectures", "transformers_version", "model_type", "dtype", "torch_dtype",
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+    "is_decoder", "id2label", "label2id", "problem_type", "initializer_range", "initializer_factor", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+    "prefix", "task_specific_params", "finetuning_task", "tf_legacy_loss", "pruned_heads", "torchscript",
+    "use_bfloat16", "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "max_length",
+    "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "_attn_implementation_autoset",
+    "ignore_index",  # the label value the loss skips (LLaVA's -100, which is mimo's too); no effect on logits
+})
+# transformers 4 writes a nested config as its difference from the family's defaults (llava-1.5-7b-hf's
+# text_config omits hidden_size, ...), so each family's defaults fill what a config leaves out.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                "rms_norm_eps": 1e-6, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "rms_norm_eps": 1e-6},
+    "clip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32},
+    "siglip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                            "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16},
+}
+TEXT_FAMILIES = ("llama", "mistral", "qwen2")
+VISION_FAMILIES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
+SELECT_STRATEGIES = ("default", "full")
+
+
+class HFConfigError(ValueError):
+    """A Hugging Face config mimo cannot reproduce exactly; the message names the key and its value."""
+
+
+@dataclass(frozen=True)
+class LlavaSpec:
+    """What a LLaVA directory (or a vision tower + language model pair) maps to in mimo."""
+
+    vision: ViTConfig
+    language: DecoderConfig
+    image_token_id: int
+    projector_activation: str = "gelu"
+    projector_bias: bool = True
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The `config.json` of a local Hugging Face directory, with a clear error if there is none."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise HFConfigError(f"{directory}: no config.json; expected a local Hugging Face model directory "
+                            f"(what save_pretrained writes)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+class _Keys:
+    """One config dict read strictly: every key must be read, required or neutral by the time `done` runs."""
+
+    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+        self.data, self.where, self.seen = dict(data), where, set(NEUTRAL_KEYS)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of `key` (or `default`), marking it handled."""
+        self.seen.add(key)
+        return self.data.get(key, default)
+
+    def need(self, key: str) -> Any:
+        """The value of a key mimo cannot do without."""
+        if key not in self.data:
+            raise HFConfigError(f"{self.where}: missing {key!r}")
+        return self.get(key)
+
+    def require(self, key: str, allowed: Callable[[Any], bool], default: Any, what: str) -> Any:
+        """A key whose value must satisfy `allowed` (absent: `default`); `what` says what mimo implements."""
+        value = self.get(key, default)
+        if not allowed(value):
+            raise HFConfigError(f"{self.where}: {key}={value!r} is not supported by mimo; it implements {what}")
+        return value
+
+    def fail(self, key: str, what: str) -> None:
+        """Refuse `key`'s value, saying what mimo implements instead."""
+        raise HFConfigError(f"{self.where}: {key}={self.data.get(key)!r} is not supported by mimo; it implements "
+                            f"{what}")
+
+    def done(self) -> None:
+        """Refuse any key nobody read: mimo does not know what it would change."""
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            shown = ", ".join(f"{k}={self.data[k]!r}" for k in unknown[:3])
+            raise HFConfigError(f"{self.where}: unknown key(s) {shown}{' ...' if len(unknown) > 3 else ''}; mimo "
+                                f"does not implement them, so it refuses rather than load different numbers")
+
+
+def _zero(value: Any) -> bool:
+    return value in (0, 0.0, None)
+
+
+# -- vision towers -------------------------------------------------------------------------------------------
+def vision_config(hf: Mapping[str, Any], feature_layer: int = -2, strategy: str = "default",
+                  where: str = "vision_config") -> ViTConfig:
+    """A CLIP or SigLIP vision config (or a full CLIP/SigLIP model's `vision_config`) as a `ViTConfig` whose
+    output is hidden state `feature_layer`, the first token dropped under strategy "default" (as LLaVA does)."""
+    model_type = hf.get("model_type", "clip_vision_model")
+    if model_type in ("clip", "siglip"):
+        if "vision_config" not in hf:
+            raise HFConfigError(f"{where}: a {model_type} config without vision_config")
+        return vision_config(hf["vision_config"], feature_layer, strategy, f"{where}.vision_config")
+    if model_type not in VISION_FAMILIES:
+        raise HFConfigError(f"{where}: model_type={model_type!r} is not a vision tower mimo implements; it "
+                            f"implements {list(VISION_FAMILIES)}")
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise HFConfigError(f"vision_feature_layer={feature_layer!r} is not supported by mimo; it implements one "
+                            f"layer index (an int, negative counts from the last)")
+    if strategy not in SELECT_STRATEGIES:
+        raise HFConfigError(f"vision_feature_select_strategy={strategy!r} is not supported by mimo; it "
+                            f"implements {list(SELECT_STRATEGIES)}")
+    keys = _Keys({**FAMILY_DEFAULTS[model_type], **hf}, where)
+    keys.get("vocab_size")  # llava-hf towers carry an unused vocab_size
+    siglip = model_type == "siglip_vision_model"
+    activation = keys.require("hidden_act", lambda v: v in ACTIVATIONS, "gelu_pytorch_tanh" if siglip else
+                              "quick_gelu", f"hidden_act in {sorted(ACTIVATIONS)}")
+    keys.require("attention_dropout", _zero, 0.0, "no dropout (attention_dropout 0)")
+    keys.get("projection_dim")  # CLIP's image projection head: LLaVA reads hidden states, not it
+    if siglip:
+        keys.get("vision_use_head")  # SigLIP's pooling head: not on LLaVA's path, not built
+    fields = dict(
+        image_size=keys.need("image_size"), patch_size=keys.need("patch_size"),
+        num_channels=keys.get("num_channels", 3), hidden_size=keys.need("hidden_size"),
+        num_layers=keys.need("num_hidden_layers"), num_heads=keys.need("num_attention_heads"),
+        ffn_hidden_size=keys.need("intermediate_size"),
+        layer_norm_eps=keys.get("layer_norm_eps", 1e-6 if siglip else 1e-5),
+        select_layer=feature_layer, drop_class_token=strategy == "default", activation=activation,
+    )
+    keys.done()
+    try:
+        return ViTConfig.siglip(**fields) if siglip else ViTConfig(**fields)
+    except ValueError as e:
+        raise HFConfigError(f"{where}: {e}") from None
+
+
+# -- language models -----------------------------------------------------------------------------------------
+def language_config(hf: Mapping[str, Any], where: str = "text_config") -> DecoderConfig:
+    """A Llama / Vicuna / Mistral or Qwen2 config as a `DecoderConfig`."""
+    family = hf.get("model_type", "llama")
+    if family not in TEXT_FAMILIES:
+        raise HFConfigError(f"{where}: model_type={family!r} is not a language model mimo implements; it "
+                            f"implements {list(TEXT_FAMILIES)}")
+    keys = _Keys({**FAMILY_DEFAULTS[family], **hf}, where)
+    keys.require("hidden_act", lambda v: v == "silu", "silu", "hidden_act 'silu' (SwiGLU)")
+    keys.require("attention_dropout", _zero, 0.0, "no dropout (attention_dropout 0)")
+    keys.require("mlp_bias", lambda v: v is False, False, "bias-free MLPs (mlp_bias false)")
+    keys.require("pretraining_tp", lambda v: v == 1, 1, "pretraining_tp 1")
+    heads = keys.need("num_attention_heads")
+    head_dim = keys.get("head_dim")
+    hidden = keys.need("hidden_size")
+    theta, scaling = _rope(keys)
+    max_positions = keys.get("max_position_embeddings", 4096)
+    bias = _attention_bias(keys, family)
+    max_positions = _full_attention_span(keys, family, max_positions)
+    fields = dict(
+        vocab_size=keys.need("vocab_size"), hidden_size=hidden, num_layers=keys.need("num_hidden_layers"),
+        num_heads=heads, num_kv_heads=keys.get("num_key_value_heads") or heads,
+        ffn_hidden_size=keys.need("intermediate_size"), rms_norm_eps=keys.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), max_seq_len=max_positions,
+        tie_embeddings=bool(keys.get("tie_word_embeddings", False)),
+        kv_channels=head_dim if head_dim not in (None, hidden // heads) else None,
+        qkv_bias=bias[0], output_bias=bias[1], rope_scaling=scaling,
+    )
+    keys.done()
+    try:
+        return DecoderConfig(**fields)
+    except ValueError as e:
+        raise HFConfigError(f"{where}: {e}") from None
+
+
+def _attention_bias(keys: _Keys, family: str) -> tuple[bool, bool]:
+    """(q/k/v bias, output bias): Qwen2 always biases q/k/v only; Llama's `attention_bias` biases all four."""
+    if family == "qwen2":
+        return True, False
+    bias = bool(keys.get("attention_bias", False))
+    return bias, bias
+
+
+def _full_attention_span(keys: _Keys, family: str, max_positions: int) -> int:
+    """The longest sequence mimo's full causal attention computes exactly as the model does.
+
+    A sliding window of w tokens equals full attention on sequences of at most w tokens, so Mistral's window
+    caps the sequence length (a longer sequence is refused by the decoder, not computed differently); Qwen2's
+    sliding layers (use_sliding_window true) are not implemented.
+    """
+    if family == "qwen2":
+        keys.require("use_sliding_window", lambda v: not v, False, "full attention (use_sliding_window false)")
+        keys.get("sliding_window")
+        keys.get("max_window_layers")
+        keys.require("layer_types", lambda v: v is None or set(v) <= {"full_attention"}, None,
+                     "full attention in every layer")
+        return max_positions
+    keys.require("layer_types", lambda v: v is None or set(v) <= {"full_attention"}, None,
+                 "full attention in every layer")
+    window = keys.get("sliding_window") if family == "mistral" else None
+    return min(max_positions, window) if window else max_positions
+
+
+def _rope(keys: _Keys) -> tuple[float, Llama3RopeScaling | None]:
+    """rope θ and scaling from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
+    params = keys.get("rope_parameters")
+    if params is None:
+        params = dict(keys.get("rope_scaling") or {})
+        params.setdefault("rope_theta", keys.get("rope_theta", 10000.0))
+    else:  # transformers 5 writes rope_parameters; older keys alongside it are its legacy echo
+        keys.get("rope_theta")
+        keys.get("rope_scaling")
+    params = dict(params)
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    theta = params.pop("rope_theta", keys.data.get("rope_theta", 10000.0))
+    where = "rope_parameters"
+    if kind == "default":
+        _no_extra(params, where, kind)
+        return theta, None
+    if kind != "llama3":
+        raise HFConfigError(f"{keys.where}: {where}.rope_type={kind!r} is not supported by mimo; it implements "
+                            f"'default' and 'llama3'")
+    try:
+        scaling = Llama3RopeScaling(float(params.pop("factor")), float(params.pop("low_freq_factor")),
+                                    float(params.pop("high_freq_factor")),
+                                    int(params.pop("original_max_position_embeddings")))
+    except KeyError as e:
+        raise HFConfigError(f"{keys.where}: {where} of rope_type 'llama3' lacks {e.args[0]!r}") from None
+    if params.get("attention_factor", 1.0) in (None, 1.0):  # llama3 scales frequencies, not attention
+        params.pop("attention_factor", None)
+    _no_extra(params, where, kind)
+    return theta, scaling
+
+
+def _no_extra(params: dict, where: str, kind: str) -> None:
+    """Refuse rope settings the rope type does not use in mimo."""
+    if params:
+        key, value = next(iter(params.items()))
+        raise HFConfigError(f"{where}.{key}={value!r} is not supported by mimo for rope_type {kind!r}")
+
+
+# -- LLaVA ---------------------------------------------------------------------------------------------------
+def llava_config(hf: Mapping[str, Any], where: str = "config.json") -> LlavaSpec:
+    """A `LlavaForConditionalGeneration` config: the tower, the language model, the projector, the image id."""
+    if hf.get("model_type") != "llava":
+        raise HFConfigError(f"{where}: model_type={hf.get('model_type')!r}; a whole-model directory must be "
+                            f"'llava' (LlavaForConditionalGeneration); give vision_hf and language_hf for a "
+                            f"tower plus a language model")
+    keys = _Keys(hf, where)
+    keys.get("image_seq_length")  # the processor's token count; the model's comes from the tower's shape
+    layer = keys.get("vision_feature_layer", -2)
+    strategy = keys.get("vision_feature_select_strategy", "default")
+    vision = vision_config(keys.get("vision_config", {}), layer, strategy)
+    text = {"model_type": "llama", **keys.get("text_config", {})}
+    top_tie = keys.get("tie_word_embeddings")
+    if top_tie is not None and "tie_word_embeddings" not in text:
+        text["tie_word_embeddings"] = top_tie
+    language = language_config(text)
+    vocab = keys.get("vocab_size")  # transformers 4's echo of the text vocabulary
+    if vocab is not None and vocab != language.vocab_size:
+        raise HFConfigError(f"{where}: vocab_size={vocab} differs from text_config's {language.vocab_size}")
+    activation = keys.require("projector_hidden_act", lambda v: v in ACTIVATIONS, "gelu",
+                              f"projector_hidden_act in {sorted(ACTIVATIONS)}")
+    bias = keys.get("multimodal_projector_bias", True)
+    image_token = keys.get("image_token_index", keys.get("image_token_id"))
+    if image_token is None:
+        raise HFConfigError(f"{where}: missing 'image_token_index'")
+    keys.done()
+    return LlavaSpec(vision, language, int(image_token), activation, bool(bias))
+
+
+def pair_config(vision_hf: Mapping[str, Any], language_hf: Mapping[str, Any], image_token_id: int | None = None,
+                feature_layer: int = -2, strategy: str = "default", projector_activation: str = "gelu") -> LlavaSpec:
+    """A tower and a language model from separate directories, with a fresh projector between them; the image
+    token defaults to the first id past the vocabulary (as mimo's presets)."""
+    vision = vision_config(vision_hf, feature_layer, strategy, "vision_hf config.json")
+    language = language_config(language_hf, "language_hf config.json")
+    if projector_activation not in ACTIVATIONS:
+        raise HFConfigError(f"projector_hidden_act={projector_activation!r} is not supported by mimo; it "
+                            f"implements {sorted(ACTIVATIONS)}")
+    token = language.vocab_size if image_token_id is None else image_token_id
+    return LlavaSpec(vision, language, token, projector_activation, True)
+
+
+# -- mimo → Hugging Face (export) ----------------------------------------------------------------------------
+def vision_to_hf(vision: ViTConfig, num_layers: int) -> dict[str, Any]:
+    """The `vision_config` of a tower of this shape with `num_layers` layers (CLIP, or SigLIP if classless)."""
+    if vision.class_token == vision.patch_bias or vision.class_token != vision.pre_layernorm:
+        raise HFConfigError(f"a tower with class_token={vision.class_token}, pre_layernorm={vision.pre_layernorm}, "
+                            f"patch_bias={vision.patch_bias} is neither CLIP nor SigLIP; transformers has no class "
+                            f"for it")
+    out = {"model_type": "clip_vision_model" if vision.class_token else "siglip_vision_model",
+           "hidden_size": vision.hidden_size, "intermediate_size": vision.ffn_hidden_size,
+           "num_hidden_layers": num_layers, "num_attention_heads": vision.num_heads,
+           "num_channels": vision.num_channels, "image_size": vision.image_size, "patch_size": vision.patch_size,
+           "hidden_act": vision.activation, "layer_norm_eps": vision.layer_norm_eps, "attention_dropout": 0.0}
+    if not vision.class_token:
+        out["vision_use_head"] = False
+    return out
+
+
+def language_to_hf(language: DecoderConfig, vocab_size: int) -> dict[str, Any]:
+    """The `text_config` of a decoder of this shape: Qwen2 if only q/k/v are biased, else Llama."""
+    qwen2 = language.qkv_bias and not language.output_bias
+    if language.qkv_bias != language.output_bias and not qwen2:
+        raise HFConfigError("a decoder with an output bias but no q/k/v biases is neither Llama nor Qwen2")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": language.rope_theta}
+    if language.rope_scaling is not None:
+        s = language.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": language.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    out = {"model_type": "qwen2" if qwen2 else "llama", "vocab_size": vocab_size,
+           "hidden_size": language.hidden_size, "intermediate_size": language.ffn_hidden_size,
+           "num_hidden_layers": language.num_layers, "num_attention_heads": language.num_heads,
+           "num_key_value_heads": language.num_kv_heads, "head_dim": language.head_dim,
+           "rms_norm_eps": language.rms_norm_eps, "max_position_embeddings": language.max_seq_len,
+           "tie_word_embeddings": language.tie_embeddings, "hidden_act": "silu", "rope_parameters": rope,
+           "attention_dropout": 0.0}
+    if not qwen2:
+        out.update(attention_bias=language.qkv_bias, mlp_bias=False)
+    return out
+
+
+def llava_to_hf(spec: LlavaSpec, vision_layers: int, feature_layer: int, vocab_size: int) -> dict[str, Any]:
+    """A `LlavaForConditionalGeneration` config.json for `spec`, its tower written with `vision_layers` layers
+    read at `feature_layer`, its vocabulary `vocab_size` (the image id must be inside it)."""
+    vision = spec.vision
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "vision_config": vision_to_hf(vision, vision_layers),
+        "text_config": language_to_hf(spec.language, vocab_size),
+        "image_token_index": spec.image_token_id, "image_seq_length": vision.tokens_per_image,
+        "projector_hidden_act": spec.projector_activation, "multimodal_projector_bias": spec.projector_bias,
+        "vision_feature_layer": feature_layer,
+        "vision_feature_select_strategy": "default" if vision.drop_class_token else "full",
+        "tie_word_embeddings": spec.language.tie_embeddings,
+    }

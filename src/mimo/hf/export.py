@@ -1,0 +1,151 @@
+"""A whole mimo LLaVA model → a directory `LlavaForConditionalGeneration.from_pretrained` loads.
+
+Parameters are written under the names `save_pretrained` writes (`mimo.hf.load.LLAVA_NAMES`), in safetensors
+(sharded with an index above `max_shard_bytes`). What mimo does not hold comes from where the model came from:
+a LLaVA directory gives its config.json and the tensors LLaVA never reads (the tower's layers past the
+selected one, its post-LayerNorm, SigLIP's pooling head), so HF → mimo → HF is bit-exact; a tower directory
+gives its unread layers the same way. A model with no Hugging Face origin (a preset) is written with its tower
+cut at the selected layer (read as layer -1) and an identity post-LayerNorm, which computes the same.
+Tokenizer, processor and chat-template files are carried over from the origin directories.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mimo.hf.config import LlavaSpec, llava_to_hf, read_config
+from mimo.hf.load import VISION_NAMES, SafetensorsDir, canonical_llava_name, to_llava_name
+
+# Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+                 "preprocessor_config.json", "processor_config.json", "generation_config.json")
+EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+               torch.float16: "float16"}
+
+
+class ExportError(ValueError):
+    """A model or an output directory export cannot write."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The Hugging Face directories a model was loaded from: a whole LLaVA, or a tower and a language model."""
+
+    llava: Path | None = None
+    vision: Path | None = None
+    language: Path | None = None
+
+
+def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin: Origin = Origin(),
+                 max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` (a whole, unwrapped MimoModel of `spec`) as a Hugging Face LLaVA directory."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; give a new directory")
+    tensors = {to_llava_name(n): p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    dtype = next(iter(tensors.values())).dtype
+    if origin.llava is not None:
+        config = read_config(origin.llava)
+        _add_unheld(tensors, SafetensorsDir(origin.llava), canonical_llava_name, spec.language.tie_embeddings, dtype)
+    else:
+        if origin.vision is not None:
+            tower = SafetensorsDir(origin.vision)
+            _add_unheld(tensors, tower, _tower_renamer(tower), False, dtype)
+            layers, feature_layer = spec.vision.num_layers, spec.vision.select_layer
+        else:
+            _identity_post_layernorm(tensors, spec.vision.hidden_size, dtype)
+            layers, feature_layer = spec.vision.num_layers_built, -1
+        vocab = _pad_vocabulary(tensors, spec)
+        config = llava_to_hf(spec, layers, feature_layer, vocab)
+    config["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(tensors, out, max_shard_bytes)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for directory in (origin.llava, origin.language, origin.vision):
+        _carry_files(directory, out)
+    return out
+
+
+def _add_unheld(tensors: dict[str, torch.Tensor], source: SafetensorsDir, rename, tied: bool,
+                dtype: torch.dtype) -> None:
+    """Copy every tensor of `source` the model does not hold, in the model's dtype (a tied head is the
+    embedding, not copied)."""
+    for name in source.names():
+        target = rename(name)
+        if target is None or target in tensors or (tied and target == HEAD):
+            continue
+        tensors[target] = source.slice(name)[:].to(dtype)
+
+
+def _tower_renamer(source: SafetensorsDir):
+    """Names of a tower directory → the LLaVA tower's names (None for what is not the tower: CLIP's text)."""
+    prefix = next((p for p in VISION_NAMES[::-1] if f"{p}embeddings.patch_embedding.weight" in source), "")
+
+    def rename(name: str) -> str | None:
+        return "vision_tower." + name[len(prefix):] if name.startswith(prefix) else None
+    return rename
+
+
+def _identity_post_layernorm(tensors: dict[str, torch.Tensor], hidden: int, dtype: torch.dtype) -> None:
+    """The tower's post-LayerNorm, which LLaVA's hidden-state features never pass through: identity."""
+    tensors["vision_tower.post_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+    tensors["vision_tower.post_layernorm.bias"] = torch.zeros(hidden, dtype=dtype)
+
+
+def _pad_vocabulary(tensors: dict[str, torch.Tensor], spec: LlavaSpec) -> int:
+    """The vocabulary size to write: transformers' LLaVA embeds the image id, so an id past mimo's vocabulary
+    (mimo's default) gets zero rows up to it; they are never read as inputs (image positions are overwritten)
+    and score 0 as outputs."""
+    vocab = spec.language.vocab_size
+    if spec.image_token_id < vocab:
+        return vocab
+    size = spec.image_token_id + 1
+    for name in (EMBED, HEAD):
+        if name in tensors:
+            weight = tensors[name]
+            tensors[name] = torch.cat([weight, weight.new_zeros(size - vocab, weight.shape[1])])
+    return size
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    """One `model.safetensors`, or shards of at most `max_shard_bytes` with `model.safetensors.index.json`."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index: dict[str, Any] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _carry_files(directory: Path | None, out: Path) -> None:
+    """Copy the tokenizer / processor / chat-template files of `directory` that `out` does not have yet."""
+    if directory is None:
+        return
+    for name in CARRIED_FILES:
+        src = Path(directory) / name
+        if src.is_file() and not (out / name).exists():
+            shutil.copy2(src, out / name)

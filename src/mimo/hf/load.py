@@ -1,0 +1,210 @@
+"""Hugging Face safetensors → this rank's parameters, reading only the slices the rank hosts.
+
+`HFWeights` is a `ParameterSource` for `init_parameters`: the provider builds the rank's model on the meta
+device (its pipeline stage only), applies tensor parallelism, and `init_parameters` then asks `fill` for each
+parameter; `fill` opens the tensor lazily (`safe_open(...).get_slice`) and reads exactly the rows/columns of
+the rank's DTensor shard (`compute_local_shape_and_global_offset`), so no rank ever holds a whole tensor it
+does not host. Parameters no rule names (a fresh projector) keep their seeded values.
+
+The name map between mimo's single-process names and the files' names lives here, in `NAME_RULES`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from mimo.hf.config import HFConfigError, LlavaSpec, llava_config, pair_config, read_config
+
+VISION = "modality_submodules.images.encoder."
+PROJECTOR = "modality_submodules.images.projection."
+LANGUAGE = "language_model."
+
+
+class HFLoadError(ValueError):
+    """A Hugging Face directory whose tensors do not fit the model its config describes."""
+
+
+class SafetensorsDir:
+    """The tensors of a local Hugging Face directory: names → file (from the shard index, or every
+    `*.safetensors` file), each file opened lazily once."""
+
+    def __init__(self, directory: str | Path) -> None:
+        """Index the directory's tensors by name; nothing is read yet."""
+        self.directory = Path(directory)
+        self.files: dict[str, Path] = {}
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.directory / file for name, file in weight_map.items()}
+        else:
+            for path in sorted(self.directory.glob("*.safetensors")):
+                with safe_open(path, "pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), path))
+        if not self.files:
+            raise HFLoadError(f"{self.directory}: no safetensors weights (model.safetensors or a sharded index); "
+                              f"mimo reads only safetensors, never pickled .bin files")
+        self._open: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        """Every tensor name in the directory."""
+        return sorted(self.files)
+
+    def slice(self, name: str) -> Any:
+        """The lazy slice handle of tensor `name` (shape and dtype known, nothing read until indexed)."""
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, "pt")
+        return self._open[path].get_slice(name)
+
+
+@dataclass(frozen=True)
+class NameRule:
+    """mimo names starting with `prefix` live in `checkpoint` under the first of `hf_prefixes` that exists."""
+
+    prefix: str
+    checkpoint: SafetensorsDir
+    hf_prefixes: tuple[str, ...]
+
+    def candidates(self, name: str) -> list[str]:
+        """The file names `name` may have, most current first."""
+        rest = name[len(self.prefix):]
+        return [p + rest for p in self.hf_prefixes]
+
+
+# mimo prefix -> a LLaVA file's prefixes: first the names `save_pretrained` writes (transformers 5, and what
+# export writes), then the older `vision_model.` nesting of llava-hf checkpoints and the in-memory `model.` names.
+LLAVA_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (VISION, ("vision_tower.", "vision_tower.vision_model.", "model.vision_tower.")),
+    (PROJECTOR + "fc1.", ("multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_1.")),
+    (PROJECTOR + "fc2.", ("multi_modal_projector.linear_2.", "model.multi_modal_projector.linear_2.")),
+    (LANGUAGE + "lm_head.", ("language_model.lm_head.", "lm_head.")),
+    (LANGUAGE, ("language_model.model.", "model.language_model.")),
+)
+# A vision tower's own directory (CLIPVisionModel / SiglipVisionModel; a whole CLIP model nests it).
+VISION_NAMES = ("", "vision_model.", "vision_tower.")
+
+
+def llava_rules(checkpoint: SafetensorsDir) -> list[NameRule]:
+    """A `LlavaForConditionalGeneration` directory, under any of `LLAVA_NAMES`' spellings."""
+    return [NameRule(prefix, checkpoint, hf) for prefix, hf in LLAVA_NAMES]
+
+
+def to_llava_name(name: str) -> str:
+    """The name `save_pretrained` gives mimo parameter `name` in a LLaVA directory."""
+    for prefix, hf in LLAVA_NAMES:
+        if name.startswith(prefix):
+            return hf[0] + name[len(prefix):]
+    raise HFLoadError(f"{name} has no place in a LLaVA checkpoint")
+
+
+def canonical_llava_name(file_name: str) -> str:
+    """A LLaVA file's tensor name in `save_pretrained`'s current spelling (longest known prefix rewritten)."""
+    matches = [(len(p), hf[0] + file_name[len(p):]) for _, hf in LLAVA_NAMES for p in hf if file_name.startswith(p)]
+    return max(matches)[1] if matches else file_name
+
+
+def pair_rules(vision: SafetensorsDir, language: SafetensorsDir) -> list[NameRule]:
+    """A vision tower's directory (`CLIPVisionModel`, `SiglipVisionModel`, or a whole CLIP/SigLIP model) and
+    a causal language model's (`LlamaForCausalLM`, ...); the projector is not in either."""
+    return [
+        NameRule(VISION, vision, VISION_NAMES),
+        NameRule(LANGUAGE + "lm_head.", language, ("lm_head.",)),
+        NameRule(LANGUAGE, language, ("model.",)),
+    ]
+
+
+@dataclass
+class HFWeights:
+    """A `ParameterSource` over name rules; `reads` records (file name, local shape) of every read."""
+
+    rules: Sequence[NameRule]
+    reads: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+
+    def rule(self, name: str) -> NameRule | None:
+        """The first rule whose prefix `name` starts with."""
+        return next((r for r in self.rules if name.startswith(r.prefix)), None)
+
+    def hf_name(self, name: str) -> str:
+        """The file's name for mimo parameter `name`; an error naming every name tried if none exists."""
+        rule = self.rule(name)
+        if rule is None:
+            raise HFLoadError(f"{name} is not in any Hugging Face directory of this model")
+        candidates = rule.candidates(name)
+        found = next((c for c in candidates if c in rule.checkpoint), None)
+        if found is None:
+            raise HFLoadError(f"{rule.checkpoint.directory}: no tensor for {name} (looked for {candidates}); the "
+                              f"directory does not hold the model its config.json describes")
+        return found
+
+    def fill(self, name: str, param: torch.Tensor) -> bool:
+        """Read this rank's part of `name` into `param`; False for a name no rule covers (kept seeded)."""
+        rule = self.rule(name)
+        if rule is None:
+            return False
+        key = self.hf_name(name)
+        lazy = rule.checkpoint.slice(key)
+        stored = tuple(lazy.get_shape())
+        if stored != tuple(param.shape):
+            raise HFLoadError(f"{rule.checkpoint.directory}: {key} has shape {list(stored)}, but the model its "
+                              f"config.json describes needs {list(param.shape)} for {name}")
+        local = param.to_local() if isinstance(param, DTensor) else param
+        values = lazy[_local_slices(param)]
+        self.reads.append((key, tuple(values.shape)))
+        local.copy_(values.to(local.dtype))
+        return True
+
+
+def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:
+    """The index of this rank's shard in the whole tensor (everything for a plain tensor)."""
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+@dataclass(frozen=True)
+class HFModel:
+    """A model described by Hugging Face directories: mimo's configs and where each weight comes from."""
+
+    spec: LlavaSpec
+    rules: tuple[NameRule, ...]
+
+    def weights(self) -> HFWeights:
+        """A fresh source (with its own read log) for one model build."""
+        return HFWeights(self.rules)
+
+    def provider_kwargs(self) -> dict[str, Any]:
+        """The `LlavaMimoProvider` arguments that build this model and fill it from the directories."""
+        s = self.spec
+        return {"vision_config": s.vision, "language_config": s.language, "image_token_id": s.image_token_id,
+                "projector_activation": s.projector_activation, "projector_bias": s.projector_bias,
+                "initial_weights": self.weights()}
+
+
+def open_llava(directory: str | Path) -> HFModel:
+    """A whole `LlavaForConditionalGeneration` directory."""
+    return HFModel(llava_config(read_config(directory), f"{directory}/config.json"),
+                   tuple(llava_rules(SafetensorsDir(directory))))
+
+
+def open_pair(vision_dir: str | Path, language_dir: str | Path, image_token_id: int | None = None,
+              feature_layer: int = -2, strategy: str = "default", projector_activation: str = "gelu") -> HFModel:
+    """A vision tower directory and a language model directory; the projector starts fresh (seeded)."""
+    spec = pair_config(read_config(vision_dir), read_config(language_dir), image_token_id, feature_layer,
+                       strategy, projector_activation)
+    return HFModel(spec, tuple(pair_rules(SafetensorsDir(vision_dir), SafetensorsDir(language_dir))))
+
+
+__all__ = ["HFConfigError", "HFLoadError", "HFModel", "HFWeights", "SafetensorsDir", "open_llava", "open_pair"]

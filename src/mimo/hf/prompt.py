@@ -1,0 +1,113 @@
+"""Text → token ids as transformers' `LlavaProcessor` makes them, with the `tokenizers` runtime (tokenizer.json).
+
+With a chat template the prompt is one user turn holding the image and the text, rendered with
+`add_generation_prompt` in a sandboxed Jinja environment set up as transformers sets it up (jinja2 is
+what transformers itself uses; mimo imports it only here); without one the text is `<image>\\n` + prompt.
+Each image token is then repeated to the image's token count, and the text tokenized, special tokens added
+unless the rendered text already starts with the BOS token (transformers' rule).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+IMAGE_TOKEN = "<image>"
+
+
+class PromptError(ValueError):
+    """A directory whose tokenizer or chat template cannot be used."""
+
+
+@dataclass
+class Prompter:
+    """A directory's tokenizer, special tokens and (optional) chat template."""
+
+    tokenizer: Tokenizer
+    special_tokens: dict[str, str]
+    chat_template: str | None
+    image_token: str = IMAGE_TOKEN
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> Prompter:
+        """Read tokenizer.json, tokenizer_config.json and the processor's chat template (if any)."""
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            raise PromptError(f"{directory}: no tokenizer.json (the fast tokenizer file mimo runs)")
+        config = _json(directory / "tokenizer_config.json")
+        specials = {k: _content(v) for k, v in {**_json(directory / "special_tokens_map.json"), **config}.items()
+                    if k.endswith("_token") and _content(v) is not None}
+        processor = _json(directory / "processor_config.json")
+        image_token = processor.get("image_token", config.get("image_token", IMAGE_TOKEN))
+        return cls(Tokenizer.from_file(str(directory / "tokenizer.json")), specials, _chat_template(directory, config),
+                   image_token)
+
+    def text(self, prompt: str) -> str:
+        """The text before image expansion: the chat template's rendering, or `<image>\\n` + prompt."""
+        if self.chat_template is None:
+            return f"{self.image_token}\n{prompt}"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return _compile(self.chat_template).render(messages=messages, tools=None, documents=None,
+                                                   add_generation_prompt=True, **self.special_tokens)
+
+    def input_ids(self, prompt: str, image_tokens: int) -> list[int]:
+        """Token ids of the prompt with its one image expanded to `image_tokens` image tokens."""
+        text = self.text(prompt)
+        if text.count(self.image_token) != 1:
+            raise PromptError(f"the prompt holds {text.count(self.image_token)} {self.image_token} tokens; "
+                              f"mimo generate takes one image")
+        text = text.replace(self.image_token, self.image_token * image_tokens)
+        bos = self.special_tokens.get("bos_token")
+        add_special = not (self.chat_template is not None and bos is not None and text.startswith(bos))
+        return self.tokenizer.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids → text, special tokens skipped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _content(value: Any) -> str | None:
+    """A special token's text (tokenizer configs store a string or an AddedToken dict)."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(directory: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The processor's chat template (chat_template.jinja / .json), else the tokenizer's."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    template = _json(directory / "chat_template.json").get("chat_template")
+    template = template or tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _compile(template: str):
+    """A sandboxed Jinja template with the helpers chat templates expect (as transformers provides them)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)

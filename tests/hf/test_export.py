@@ -1,0 +1,129 @@
+"""`mimo export-hf CHECKPOINT OUT_DIR`: transformers loads what it writes, from a checkpoint of any layout.
+
+HF → mimo (train with lr 0) → HF is bit-exact, config included; a trained checkpoint (heterogeneous TP2),
+a tower + language model pair and a preset export to directories whose logits in transformers are mimo's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mimo.cli import _checkpoint_model, main
+from tests.hf import tiny_hf
+from tests.hf.test_load import assert_close, mimo_logits
+from tests.test_train_cli import mimo, write_config
+
+transformers = tiny_hf.transformers
+HETEROGENEOUS_TP2 = {"images": {"data_parallel_size": 1},
+                     "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 1}}
+ONE_RANK = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
+
+
+def train(tmp_path, model: dict, layout: dict, lr: float):
+    """A one-step `mimo train` run on `layout`; its final checkpoint."""
+    path, run_dir = write_config(tmp_path, model=model, parallelism=layout, data={"name": "synthetic",
+                                 "num_samples": 16, "items_per_sample": [1]},
+                                 train={"steps": 1, "global_batch_size": 2, "num_microbatches": 1, "lr": lr,
+                                        "dtype": "float32"}, checkpoint={"interval": 0}, eval={"enabled": False})
+    done = mimo("train", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir / "checkpoints" / "step_00000001"
+
+
+def export(checkpoint, out) -> None:
+    assert main(["export-hf", str(checkpoint), str(out)]) == 0
+
+
+def tensors(directory) -> dict[str, torch.Tensor]:
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def assert_transformers_matches(out, checkpoint, vocab: int | None = None) -> None:
+    """transformers loads `out` with nothing missing or unexpected, and its logits are mimo's."""
+    reference, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model, spec, _ = _checkpoint_model(checkpoint)
+    ids, pixels = tiny_hf.inputs(spec.vision.tokens_per_image)
+    ids = torch.where(ids == tiny_hf.IMAGE_TOKEN, spec.image_token_id, ids % spec.language.vocab_size)
+    with torch.no_grad():
+        want = reference.eval()(input_ids=ids, pixel_values=pixels).logits
+        got = mimo_logits(model, ids, pixels)
+    assert_close(got, want[..., :got.shape[-1]])
+    assert vocab is None or want.shape[-1] == vocab
+
+
+@pytest.mark.parametrize("kw", [{}, {"vision": "siglip", "text": "qwen2", "vision_feature_select_strategy": "full",
+                                     "text_kw": {"tie_word_embeddings": True}, "tie_word_embeddings": True}],
+                         ids=["clip-llama", "siglip-qwen2-tied"])
+def test_round_trip_is_bit_exact(tmp_path, kw):
+    source = tmp_path / "source"
+    tiny_hf.save_llava(source, **kw)
+    (source / "tokenizer.json").write_text('{"stand-in": true}')
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    export(train(tmp_path, {"hf": str(source)}, ONE_RANK, lr=0.0), tmp_path / "out")
+    before, after = tensors(source), tensors(tmp_path / "out")
+    assert sorted(before) == sorted(after)
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), name
+    assert json.loads((source / "config.json").read_text()) == json.loads((tmp_path / "out/config.json").read_text())
+    for carried in ("tokenizer.json", "chat_template.jinja"):
+        assert (tmp_path / "out" / carried).read_text() == (source / carried).read_text()
+
+
+def test_a_trained_heterogeneous_checkpoint_exports(tmp_path):
+    tiny_hf.save_llava(tmp_path / "source")
+    checkpoint = train(tmp_path, {"hf": str(tmp_path / "source")}, HETEROGENEOUS_TP2, lr=0.01)
+    export(checkpoint, tmp_path / "out")
+    assert_transformers_matches(tmp_path / "out", checkpoint)
+    changed = tensors(tmp_path / "out")["multi_modal_projector.linear_1.weight"]
+    assert not torch.equal(changed, tensors(tmp_path / "source")["multi_modal_projector.linear_1.weight"])
+
+
+def test_a_tower_and_language_model_pair_exports(tmp_path):
+    tiny_hf.save_vision(tmp_path / "clip")
+    tiny_hf.save_language(tmp_path / "llama", "llama")
+    checkpoint = train(tmp_path, {"vision_hf": str(tmp_path / "clip"), "language_hf": str(tmp_path / "llama")},
+                       ONE_RANK, lr=0.01)
+    export(checkpoint, tmp_path / "out")
+    assert_transformers_matches(tmp_path / "out", checkpoint, vocab=tiny_hf.VOCAB + 1)  # the image id added
+
+
+def test_a_preset_exports(tmp_path):
+    checkpoint = train(tmp_path, {"preset": "tiny"}, ONE_RANK, lr=0.01)
+    export(checkpoint, tmp_path / "out")
+    assert_transformers_matches(tmp_path / "out", checkpoint)
+    assert json.loads((tmp_path / "out/config.json").read_text())["vision_config"]["num_hidden_layers"] == 2
+
+
+def test_a_large_model_is_written_in_shards_with_an_index(tmp_path):
+    from mimo.hf.config import LlavaSpec
+    from mimo.hf.export import export_llava
+    from mimo.provider import LlavaMimoProvider
+
+    provider = LlavaMimoProvider.preset("tiny", image_token_id=255)
+    model = provider.provide()
+    spec = LlavaSpec(provider.vision_config, provider.language_config, 255)
+    export_llava(model, spec, tmp_path, max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids, pixels = tiny_hf.inputs(16)
+    ids = torch.where(ids == tiny_hf.IMAGE_TOKEN, 255, ids % 255)
+    with torch.no_grad():
+        assert_close(mimo_logits(model, ids, pixels), reference(input_ids=ids, pixel_values=pixels).logits)
+
+
+def test_bad_inputs_are_one_line(tmp_path, capsys):
+    assert main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    checkpoint = train(tmp_path, {"preset": "tiny"}, ONE_RANK, lr=0.01)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    capsys.readouterr()
+    assert main(["export-hf", str(checkpoint), str(tmp_path / "full")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err

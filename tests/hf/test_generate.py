@@ -1,0 +1,119 @@
+"""`mimo generate`: pixels, prompt ids and greedy tokens equal transformers' (LlavaProcessor, generate).
+
+A tiny LLaVA is saved with a word-level tokenizer and a LlavaProcessor (CLIP or SigLIP image processor, with or
+without a chat template); every generated word is one token, so equal printed text is equal tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mimo.hf.image import ImageConfigError, ImageProcessor
+from mimo.hf.prompt import Prompter
+from tests.hf import tiny_hf
+from tests.test_train_cli import mimo
+
+transformers = tiny_hf.transformers
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
+    return Image.frombytes("RGB", (width, height), bytes(data.flatten().tolist()))
+
+
+@pytest.mark.parametrize(("processor", "size"), [
+    (lambda: transformers.CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}),
+     (13, 10)),
+    (lambda: transformers.CLIPImageProcessor(), (500, 333)),  # OpenAI CLIP's 224 shortest edge, center crop
+    (lambda: transformers.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+     (300, 641)),  # upscaled, portrait
+    (lambda: transformers.SiglipImageProcessor(size={"height": 8, "width": 8}), (31, 17)),
+])
+def test_pixels_equal_transformers_processor(tmp_path, processor, size):
+    reference = processor()
+    reference.save_pretrained(tmp_path)
+    image = photo(*size)
+    want = torch.as_tensor(reference(images=image, return_tensors="pt")["pixel_values"][0])
+    got = ImageProcessor.from_directory(tmp_path)(image)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_unsupported_image_processors_are_named(tmp_path):
+    with pytest.raises(ImageConfigError, match="image_processor_type='Idefics3ImageProcessor' is not supported"):
+        ImageProcessor.from_dict({"image_processor_type": "Idefics3ImageProcessor"})
+    with pytest.raises(ImageConfigError, match="no preprocessor_config.json"):
+        ImageProcessor.from_directory(tmp_path)
+
+
+@pytest.mark.parametrize("template", [None, tiny_hf.LLAVA_TEMPLATE, "{{ bos_token }}" + tiny_hf.LLAVA_TEMPLATE],
+                         ids=["no-template", "template", "template-with-bos"])
+def test_prompt_ids_equal_llava_processor(tmp_path, template):
+    processor = tiny_hf.processor(chat_template=template)
+    processor.save_pretrained(tmp_path)
+    image = photo(9, 12)
+    if template is None:
+        want = processor(images=image, text="<image>\ndescribe the image", return_tensors="pt")["input_ids"][0]
+    else:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        want = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image", "image": image}, {"type": "text", "text": "describe the image"}]}],
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"][0]
+        assert Prompter.from_directory(tmp_path).text("describe the image") == text
+    assert Prompter.from_directory(tmp_path).input_ids("describe the image", 16) == want.tolist()
+
+
+@pytest.mark.parametrize(("kw", "template"), [
+    ({}, None),
+    ({"vision": "siglip", "text": "qwen2", "vision_feature_select_strategy": "full"}, tiny_hf.LLAVA_TEMPLATE),
+], ids=["clip-llama-plain", "siglip-qwen2-chat"])
+def test_generate_equals_transformers_greedy(tmp_path, kw, template):
+    model = tiny_hf.save_llava(tmp_path, **kw)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.save_pretrained(tmp_path)
+    strategy = kw.get("vision_feature_select_strategy", "default")
+    processor = tiny_hf.processor(kw.get("vision", "clip"), strategy, template)
+    processor.save_pretrained(tmp_path)
+    image = photo(11, 9, seed=4)
+    image.save(tmp_path / "photo.png")
+    prompt = "describe the image please"
+    if template is None:
+        inputs = processor(images=image, text=f"<image>\n{prompt}", return_tensors="pt")
+    else:
+        inputs = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image", "image": image}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    want = processor.tokenizer.decode(new, skip_special_tokens=True)
+    done = mimo("generate", "--hf", str(tmp_path), "--image", str(tmp_path / "photo.png"), "--prompt", prompt,
+                "--max-new-tokens", "12")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == want.strip() and len(new) == 12, (new, want)
+    assert len(want.split()) == len([t for t in new if t > 2])  # one word per token: equal text is equal tokens
+
+
+def test_generate_bad_inputs_are_one_line(tmp_path):
+    tiny_hf.save_llava(tmp_path)
+    done = mimo("generate", "--hf", str(tmp_path), "--image", str(tmp_path / "none.png"), "--prompt", "x")
+    assert done.returncode == 2 and "cannot read it as an image" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_generate_from_a_checkpoint_uses_its_origin_files(tmp_path):
+    from tests.hf.test_export import ONE_RANK, train
+
+    source = tmp_path / "source"
+    tiny_hf.save_llava(source)
+    tiny_hf.processor().save_pretrained(source)
+    photo(8, 8).save(tmp_path / "photo.png")
+    checkpoint = train(tmp_path, {"hf": str(source)}, ONE_RANK, lr=0.0)  # unchanged weights: same words
+    args = ["--image", str(tmp_path / "photo.png"), "--prompt", "describe the image", "--max-new-tokens", "6"]
+    from_hf, from_checkpoint = mimo("generate", "--hf", str(source), *args), mimo("generate", "--checkpoint",
+                                                                                   str(checkpoint), *args)
+    assert from_hf.returncode == from_checkpoint.returncode == 0, from_checkpoint.stderr[-2000:]
+    assert from_hf.stdout == from_checkpoint.stdout and len(from_hf.stdout.split()) == 6
