@@ -53,7 +53,7 @@ def test_set_overrides_any_key_with_yaml_typing():
         ({"parallelism": {"language": {"tp": 2}}}, "parallelism: module 'language': unknown key(s) ['tp']"),
         ({"parallelism": LAYOUT, "log": []}, "log: expected a mapping, got []"),
         # issue 17's range probes: each names its key, before any worker starts
-        ({"parallelism": LAYOUT, "train": {"lr": -0.1}}, "train.lr: must be > 0, got -0.1"),
+        ({"parallelism": LAYOUT, "train": {"lr": -0.1}}, "train.lr: must be >= 0, got -0.1"),
         ({"parallelism": LAYOUT, "train": {"lr": float("nan")}}, "train.lr: must be a finite number, got nan"),
         ({"parallelism": LAYOUT, "train": {"lr": float("inf")}}, "train.lr: must be a finite number, got inf"),
         ({"parallelism": LAYOUT, "train": {"steps": 0}}, "train.steps: must be >= 1, got 0"),

@@ -61,7 +61,7 @@ class TrainSection:
     steps: int = field(default=100, metadata={"min": 1})
     global_batch_size: int = field(default=32, metadata={"min": 1})
     num_microbatches: int = field(default=1, metadata={"min": 1})
-    lr: float = field(default=1e-3, metadata={"above": 0})
+    lr: float = field(default=1e-3, metadata={"min": 0})  # 0 trains nothing: a conversion or a speed run
     min_lr_ratio: float = field(default=0.1, metadata={"min": 0, "max": 1})
     warmup_steps: int = field(default=0, metadata={"min": 0})
     weight_decay: float = field(default=0.0, metadata={"min": 0})
