@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mimo.config import LANGUAGE, MimoParallelismConfig
-from mimo.distributed import DistributedConfig, wrap_mimo_model_distributed
+from mimo.distributed import DistributedConfig, check_tensor_parallel, module_of, wrap_mimo_model_distributed
 from mimo.grid import build_module_grids, build_p2p_groups
 from mimo.hf.presets import HF_PRESETS, hf_preset
 from mimo.infra import MimoModelInfra
@@ -154,6 +154,23 @@ class MimoModelProvider:
         return config if config.edges == edges else dataclasses.replace(config, topology=self.topology)
 
     # -- the model ------------------------------------------------------------------------------
+    def check_layout(self, layout: MimoParallelismConfig) -> None:
+        """Whether the model splits as `layout` asks, before any process group exists: every module's TP plan
+        divides evenly (heads, KV heads, features, vocabulary: `check_tensor_parallel`, on the whole model built
+        on the meta device, which costs no memory) and the language model has a layer per pipeline stage."""
+        with torch.device("meta"):
+            model = MimoModel(self.language_model_spec.build(),
+                              {m: spec.build() for m, spec in self.modality_submodules_spec.items()},
+                              self.special_token_ids)
+        for name in layout.module_names:
+            tp = layout.get_parallelism(name).tensor_model_parallel_size
+            if tp > 1:
+                module = module_of(model, name)
+                check_tensor_parallel(name, module, module.tp_plan(), tp)
+        pp = layout.get_parallelism(LANGUAGE).pipeline_model_parallel_size
+        if pp > 1:
+            pipeline_layer_range(_num_layers(self.language_model_spec), pp, 0)
+
     def build_meta_model(self) -> MimoModel | MimoStubModel:
         """This rank's parts on the meta device, in `params_dtype`; no memory is used for parameters."""
         infra = self.build_infra()

@@ -19,14 +19,11 @@ from mimo.distributed import DistributedConfig, local_tensor
 from mimo.hf.load import open_llava
 from mimo.provider import LlavaMimoProvider
 from mimo.testing import assert_matches_reference, run_distributed
-from mimo.training.optim import OptimizerConfig, make_adamw, param_groups
 from mimo.training.step import MimoTrainer
 from tests.hf import tiny_hf
-from tests.training.test_parity import full_params
+from tests.training.test_parity import CLIP, OPTIM, full_params, train_one_process  # the reference's settings
 
 STEPS, GLOBAL_BATCH, MICRO = 2, 4, 2
-OPTIM = OptimizerConfig(lr=1e-2, weight_decay=0.1)
-CLIP = 1.0
 
 
 def hf_provider(directory, layout: dict | None) -> LlavaMimoProvider:
@@ -45,20 +42,7 @@ def reference(directory) -> tuple[dict, list, dict]:
     """Single process: the loaded parameters, then the losses and parameters after STEPS steps."""
     model = hf_provider(directory, None).provide()
     loaded = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)  # the kernel mimo runs
-    losses = []
-    for batch in batches():
-        tokens = int(batch.num_label_tokens(model.special_token_ids))
-        total = 0.0
-        for m in range(MICRO):
-            mb = batch.microbatch(m, MICRO)
-            loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs)
-            (loss_sum / tokens).backward()
-            total += float(loss_sum.detach())
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP)
-        opt.step()
-        opt.zero_grad()
-        losses.append(total / tokens)
+    losses, _ = train_one_process(model, batches(), MICRO)
     return loaded, losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

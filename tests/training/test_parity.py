@@ -70,15 +70,21 @@ def reference(modalities: tuple[str, ...], frozen: bool = False, tied: bool = Fa
     """Single process: MimoModel.forward per micro-batch, torch's clipping, mimo's AdamW (`make_adamw`: the same
     fused kernel, so the exactly-zero key-bias gradients' rounding noise is scaled the same way).
     Returns the losses, the gradient norms and the final parameters."""
-    prov = provider(None, modalities, tied, **_freezing(frozen, modalities))
-    model = prov.provide()
+    model = provider(None, modalities, tied, **_freezing(frozen, modalities)).provide()
+    losses, norms = train_one_process(model, batches(modalities))
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train_one_process(model, steps: list, micro: int = MICRO) -> tuple[list, list]:
+    """The single-process reference loop: per-token mean over the global batch, `micro` micro-batches, torch's
+    clipping, mimo's AdamW; the losses and the gradient norms of each step."""
     opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
     losses, norms = [], []
-    for batch in batches(modalities):
+    for batch in steps:
         tokens = int(batch.num_label_tokens(model.special_token_ids))
         total = 0.0
-        for m in range(MICRO):
-            mb = batch.microbatch(m, MICRO)
+        for m in range(micro):
+            mb = batch.microbatch(m, micro)
             loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs)
             (loss_sum / tokens).backward()
             total += float(loss_sum.detach())
@@ -86,7 +92,7 @@ def reference(modalities: tuple[str, ...], frozen: bool = False, tied: bool = Fa
         opt.step()
         opt.zero_grad()
         losses.append(total / tokens)
-    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, norms
 
 
 def _freezing(frozen: bool, modalities: tuple[str, ...]) -> dict:

@@ -217,3 +217,31 @@ def test_an_unusable_checkpoint_dir_is_one_line_before_launch(capsys, tmp_path):
     assert capsys.readouterr().err == (f"mimo train: error: checkpoint.dir: {blocker / 'ckpt'} is not a writable "
                                        f"directory (Not a directory)\n")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(("layout", "world", "message"), [
+    # issue 17's probes: each once passed `mimo validate` and failed inside the workers 10-20 s later
+    ({"images": {"data_parallel_size": 1},
+      "language": {"pipeline_model_parallel_size": 3, "data_parallel_size": 1, "rank_offset": 1}}, 4,
+     "parallelism: the language model has 2 layers, fewer than its 3 pipeline stages; use "
+     "pipeline_model_parallel_size <= 2"),
+    ({"images": {"tensor_model_parallel_size": 3}, "language": {"tensor_model_parallel_size": 3}}, 3,
+     "parallelism: module 'images': encoder.encoder.layers.0.self_attn.q_proj has 32 output features, not "
+     "divisible by tensor_model_parallel_size 3; choose a TP size that divides 32"),
+    ({"images": {"data_parallel_size": 1},
+      "language": {"tensor_model_parallel_size": 3, "data_parallel_size": 1, "rank_offset": 1}}, 4,
+     "parallelism: module 'language': embed_tokens has 256 vocabulary entries, not divisible by "
+     "tensor_model_parallel_size 3"),
+])
+def test_a_model_that_does_not_split_as_the_layout_asks_is_refused_before_launch(layout, world, message):
+    config = parse_run_config({"parallelism": layout, "model": {"preset": "tiny"}, "train": {"global_batch_size": 12}})
+    with pytest.raises(RunConfigError) as caught:
+        validate_run(config, world)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_a_layout_the_model_splits_into_passes():
+    config = parse_run_config({"parallelism": {"images": {"tensor_model_parallel_size": 2},
+                                               "language": {"tensor_model_parallel_size": 2}},
+                               "model": {"preset": "tiny"}})
+    assert validate_run(config, 2) == []

@@ -225,7 +225,7 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
 def validate_run(config: RunConfig, world_size: int) -> list[str]:
     """The one check of a run before any work, on `world_size` ranks: the layout (finalized here), the
     batch split over micro-batches and every module's DP size, the distributed section, the Hugging Face
-    directories the model section names. `mimo validate`,
+    directories the model section names, and whether the model splits as the layout asks. `mimo validate`,
     the `mimo train` parent and every worker call it. Returns the layout's warnings (e.g. stub ranks)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -233,7 +233,21 @@ def validate_run(config: RunConfig, world_size: int) -> list[str]:
     config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
     _check_distributed_modules(config)
     hf_model(config.model)  # Hugging Face directories: their configs are read and checked here
+    _check_model_fits(config)
     return [str(w.message) for w in caught]
+
+
+def _check_model_fits(config: RunConfig) -> None:
+    """The model's shapes split as the layout asks (TP divides heads, KV heads, features and vocabulary; PP at
+    most the layers; the layout's modules are the model's), or a RunConfigError naming the module."""
+    from mimo.distributed import WrapError
+    from mimo.provider import ProviderError
+    from mimo.training.loop import build_provider  # the run's model, as the workers will build it
+
+    try:
+        build_provider(config, distributed=False).check_layout(config.layout)
+    except (WrapError, ProviderError) as e:
+        raise RunConfigError(f"parallelism: {e}") from None
 
 
 def _check_distributed_modules(config: RunConfig) -> None:
