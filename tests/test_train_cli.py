@@ -132,9 +132,13 @@ def test_a_damaged_or_refused_resume_loses_nothing(tmp_path):
 
     (older / shard.name).write_bytes(intact)
     config, logged = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
-    # issue 17: a resume the workers refuse (another seed) overwrote config.yaml; it leaves the run as it was
+    # issue 17: a resume with another seed was refused only by the workers, after their start-up, and it
+    # overwrote config.yaml; now the parent refuses it in one line and the run stays as it was
     refused = mimo("train", str(path), "--quiet", "--resume", "--set", "train.seed=7")
-    assert refused.returncode == 1 and "seed" in refused.stderr, refused.stderr[-3000:]
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.startswith(f"mimo train: error: cannot resume from {older}: the sampler state was saved "
+                                     f"with other settings (seed: saved 0, now 7)"), refused.stderr
+    assert refused.stderr.count("\n") == 1
     assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == logged
 
     resumed = mimo("train", str(path), "--quiet", "--resume")

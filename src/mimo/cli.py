@@ -120,12 +120,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _resumable(config, report: bool) -> str | None:
     """Before any worker starts: the newest complete checkpoint that verifies (sizes and hashes), None if there
     is none; a damaged newest one is named (if `report`) and an earlier one used, or a one-line error if none
-    is left. Under torchrun every rank decides so (the same files, the same answer), rank 0 alone says it."""
+    is left; then its data position must fit this run's batches (another batch, seed or dataset: one line).
+    Under torchrun every rank decides so (the same files, the same answer), rank 0 alone says it."""
     from mimo.training.checkpoint import Checkpointer, newest_intact
+    from mimo.training.loop import check_resume_fits
 
     say = (lambda line: print(line, flush=True)) if report else (lambda line: None)
     path = newest_intact(Checkpointer(config.checkpoint_dir), report=say)
-    return None if path is None else str(path)
+    if path is None:
+        return None
+    check_resume_fits(config, path)  # another batch, seed or dataset: refused here, not by the workers
+    return str(path)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

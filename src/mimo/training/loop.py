@@ -18,7 +18,7 @@ import yaml
 from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.provider import LlavaMimoProvider
-from mimo.training.checkpoint import Checkpointer, load_model_only
+from mimo.training.checkpoint import Checkpointer, CheckpointError, load_model_only, open_checkpoint
 from mimo.training.evaluate import digits_accuracy
 from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
@@ -165,6 +165,21 @@ def _write_run_dir(config: RunConfig, rank_map: str, quiet: bool) -> None:
     (config.run_dir / "config.yaml").write_text(text)
     if not quiet:
         print(f"resolved config (saved to {config.run_dir / 'config.yaml'}):\n{text}{rank_map}", flush=True)
+
+
+def check_resume_fits(config: RunConfig, path: str | Path) -> None:
+    """Before any worker starts: the checkpoint's data position fits this run's batches (dataset size, global
+    batch, seed), by the rule the workers apply (`GlobalBatchSampler.load_state_dict`); else a one-line
+    CheckpointError naming what differs, instead of the workers' refusal after the whole start-up."""
+    _, info = open_checkpoint(Path(path))
+    dataset = build_dataset(config, build_provider(config, distributed=False))
+    sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
+    try:
+        sampler.load_state_dict(info["extra"]["sampler"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"cannot resume from {path}: it records no data position") from None
+    except ValueError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from None
 
 
 def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, rank: int,
