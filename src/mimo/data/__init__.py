@@ -1,5 +1,6 @@
 """Batches, samplers and the built-in datasets."""
 
+from mimo.data.bad_samples import BadSample, SkippedSample
 from mimo.data.batch import MimoBatch, Sample
 from mimo.data.digits import WORDS, DigitsDataset, DigitsTokenizer, digits_split, load_digit_scans
 from mimo.data.labels import loss_token_mask, next_token_labels
@@ -9,6 +10,7 @@ from mimo.data.synthetic import ModalitySpec, SyntheticDataset
 
 __all__ = [
     "WORDS",
+    "BadSample",
     "BatchPrefetcher",
     "DigitsDataset",
     "DigitsTokenizer",
@@ -16,6 +18,7 @@ __all__ = [
     "MimoBatch",
     "ModalitySpec",
     "Sample",
+    "SkippedSample",
     "SyntheticDataset",
     "digits_split",
     "load_digit_scans",

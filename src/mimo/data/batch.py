@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mimo.data.bad_samples import SkippedSample
 from mimo.data.labels import loss_token_mask
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.mimo_model import ModalityBatch
@@ -35,11 +36,15 @@ class Sample:
 
 @dataclass
 class MimoBatch:
-    """N samples: input_ids and labels [N, S], and per modality a `ModalityBatch` with items in sample order."""
+    """N samples: input_ids and labels [N, S], and per modality a `ModalityBatch` with items in sample order.
+
+    `skipped` records the bad samples a global batch's builder replaced (see `mimo.data.bad_samples`); slices
+    of a batch do not carry it."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     modality_inputs: dict[str, ModalityBatch] = field(default_factory=dict)
+    skipped: tuple[SkippedSample, ...] = ()
 
     def __post_init__(self) -> None:
         """Text is [N, S] for both tensors; every modality has one item count per sample."""
@@ -80,7 +85,7 @@ class MimoBatch:
         """The same batch in page-locked host memory, so copies to a GPU need not block (slices stay pinned)."""
         return MimoBatch(self.input_ids.pin_memory(), self.labels.pin_memory(),
                          {name: ModalityBatch(b.items.pin_memory(), b.items_per_sample)
-                          for name, b in self.modality_inputs.items()})
+                          for name, b in self.modality_inputs.items()}, self.skipped)
 
     def prefetch(self, device: torch.device | str, modalities: Iterable[str] = (), text: bool = True) -> MimoBatch:
         """A batch with text and labels (if `text`) and the named modalities' items on `device`, copied from
