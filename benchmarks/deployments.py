@@ -70,6 +70,9 @@ from mimo.training.loop import build_provider, build_trainer, distributed_config
 from mimo.training.metrics import Clock, MetricsWriter, peak_memory_gb
 from mimo.training.run_config import parse_run_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the HF rows and the profiler summary live beside us
+from hf_rows import hf_worker  # noqa: E402
+
 IMAGES = "images"
 
 # -- the deployments: per GPU count, the global batch, its micro-batches and one row per deployment -------------
@@ -77,6 +80,8 @@ IMAGES = "images"
 # (mimo.config). "baseline": the homogeneous row with the same language layout, for the 1/(1 - f) bound.
 # The global batch must split into micro-batches that every DP size divides; heterogeneous rows need
 # several micro-batches to overlap the encoder of micro-batch m+1 with the language model on m.
+# Rows may set their own "microbatches" (each deployment at its best count) and "compile". A row with "hf"
+# ("single", "ddp" or "fsdp") is Hugging Face's LLaVA in a plain loop on "world" GPUs (`hf_rows.py`).
 LAYOUTS: dict[int, dict[str, Any]] = {
     8: {"global_batch": 32, "microbatches": 4, "deployments": [
         {"name": "homogeneous", "images": {"tp": 2, "dp": 4}, "language": {"tp": 2, "dp": 4}},
@@ -87,6 +92,24 @@ LAYOUTS: dict[int, dict[str, Any]] = {
          "baseline": "homogeneous-4"},
         {"name": "heterogeneous-2+4", "images": {"dp": 2}, "language": {"tp": 2, "dp": 2, "offset": 2},
          "baseline": "homogeneous-4"},
+    ]},
+    2: {"global_batch": 8, "microbatches": 2, "deployments": [
+        {"name": "hf-1", "hf": "single", "world": 1},
+        {"name": "hf-ddp", "hf": "ddp", "world": 2, "microbatches": 1},
+        {"name": "hf-fsdp", "hf": "fsdp", "world": 2, "microbatches": 1},
+        {"name": "homogeneous-1", "images": {"dp": 1}, "language": {"dp": 1}},
+        {"name": "homogeneous-dp2", "images": {"dp": 2}, "language": {"dp": 2}, "microbatches": 1},
+        {"name": "homogeneous-tp2", "images": {"tp": 2, "dp": 1}, "language": {"tp": 2, "dp": 1}, "microbatches": 4},
+        {"name": "colocated", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1}, "microbatches": 4},
+        {"name": "heterogeneous-1+1", "images": {"dp": 1}, "language": {"dp": 1, "offset": 1}, "microbatches": 4,
+         "baseline": "homogeneous-1"},
+        {"name": "hf-ddp-compile", "hf": "ddp", "world": 2, "microbatches": 1, "compile": True},
+        {"name": "homogeneous-dp2-compile", "images": {"dp": 2}, "language": {"dp": 2}, "microbatches": 1,
+         "compile": True},
+        {"name": "homogeneous-tp2-compile", "images": {"tp": 2, "dp": 1}, "language": {"tp": 2, "dp": 1},
+         "microbatches": 4, "compile": True},
+        {"name": "colocated-compile", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1}, "microbatches": 4,
+         "compile": True},
     ]},
     4: {"global_batch": 16, "microbatches": 4, "deployments": [
         {"name": "homogeneous", "images": {"tp": 2, "dp": 2}, "language": {"tp": 2, "dp": 2}},
@@ -105,12 +128,16 @@ WORKLOADS: dict[str, dict[str, int]] = {
     "text-heavy": {"images_per_sample": 1, "seq_len": 4096, "tiny_seq_len": 256},
 }
 
-TARGETS = {"non_homogeneous_speedup": 1.3, "bound_fraction": 0.9, "bridge_fraction": 0.8}
+TARGETS = {"non_homogeneous_speedup": 1.3, "bound_fraction": 0.9, "bridge_fraction": 0.8, "dp2_scaling": 1.85,
+           "over_hf": 1.3, "colocated_over_tp2": 1.3}
 
 
 # -- the run config of one deployment ---------------------------------------------------------------------------
 def parallelism(row: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """The `parallelism` section of `mimo train` for a table row (images first: the global group order)."""
+    """The `parallelism` section of `mimo train` for a table row (images first: the global group order); an HF
+    row's world as a DP layout (its config carries only the batch, schedule and data)."""
+    if "hf" in row:
+        return {module: {"data_parallel_size": row["world"]} for module in (IMAGES, LANGUAGE)}
     out = {}
     for module in (IMAGES, LANGUAGE):
         m = row[module]
@@ -126,13 +153,19 @@ def run_config_dict(row: dict[str, Any], args: argparse.Namespace, run_dir: Path
         "parallelism": parallelism(row),
         "distributed": {m: {"data_parallel": args.data_parallel} for m in (IMAGES, LANGUAGE)},
         "train": {"steps": args.warmup + args.steps, "global_batch_size": args.batch,
-                  "num_microbatches": args.microbatches, "lr": args.lr, "warmup_steps": 0, "clip_grad": 1.0,
-                  "seed": args.seed, "dtype": args.dtype, "timeout_s": float(args.timeout)},
+                  "num_microbatches": microbatches_of(row, args), "lr": args.lr, "warmup_steps": 0,
+                  "clip_grad": 1.0, "seed": args.seed, "dtype": args.dtype, "timeout_s": float(args.timeout),
+                  "compile": row.get("compile", args.compile)},
         "data": {"name": "synthetic", "num_samples": args.batch * (args.warmup + args.steps),
                  "items_per_sample": [args.images]},
         "log": {"dir": str(run_dir), "interval": 1},
         "eval": {"enabled": False},
     }
+
+
+def microbatches_of(row: dict[str, Any], args: argparse.Namespace) -> int:
+    """--microbatches if given, else the row's own count, else the table's."""
+    return args.microbatches_override or row.get("microbatches") or LAYOUTS[args.gpus]["microbatches"]
 
 
 def make_dataset(provider, config, images: int, seq_len: int) -> SyntheticDataset:
@@ -144,7 +177,8 @@ def make_dataset(provider, config, images: int, seq_len: int) -> SyntheticDatase
         raise ValueError(f"--seq-len {seq_len} cannot hold {images} images of {tokens} tokens")
     spec = ModalitySpec.image(provider.image_token_id, tokens, size=provider.vision_config.image_size,
                               channels=provider.vision_config.num_channels)
-    return SyntheticDataset(config.data.num_samples, {IMAGES: spec}, vocab_size=provider.language_config.vocab_size,
+    vocab = provider.language_config.vocab_size - 1  # the last id is the image token of the HF rows' LLaVA
+    return SyntheticDataset(config.data.num_samples, {IMAGES: spec}, vocab_size=vocab,
                             items_per_sample=(images,), text_length=(text, text), seed=config.train.seed)
 
 
@@ -162,6 +196,8 @@ class Probe:
         self.phase = "step"
         self.waits: dict[str, float] = defaultdict(float)
         self.spans: list[list[Any]] = []  # encoder backward per micro-batch: [start mark, end mark]
+        self.installed: list[tuple[Any, str]] = []
+        self.handles: list[Any] = []
         self._install(trainer, "_timed", self._timed)
         for name in ("_global_sums",):
             self._install(trainer, name, self._blocking(getattr(trainer, name)))
@@ -170,16 +206,24 @@ class Probe:
                 self._install(bridge, name, self._blocking(getattr(bridge, name)))
         if IMAGES in trainer.infra.participating_modules:
             encoder = model.modality_submodules[IMAGES]
-            encoder.register_forward_hook(self._encoder_output)
+            self.handles.append(encoder.register_forward_hook(self._encoder_output))
             for p in encoder.parameters():
                 if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._encoder_grad)
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._encoder_grad))
 
-    @staticmethod
-    def _install(obj: Any, name: str, fn: Callable) -> None:
+    def _install(self, obj: Any, name: str, fn: Callable) -> None:
         if not hasattr(obj, name):  # the step or bridge changed: say so instead of measuring nothing
             raise AttributeError(f"{type(obj).__name__} has no {name}; update benchmarks/deployments.py's Probe")
         setattr(obj, name, fn)
+        self.installed.append((obj, name))
+
+    def remove(self) -> None:
+        """Take the synchronizing wrappers and hooks out: the step runs as `mimo train` runs it again."""
+        for obj, name in self.installed:
+            delattr(obj, name)  # the instance attribute goes; the class's method shows through
+        for handle in self.handles:
+            handle.remove()
+        self.installed, self.handles = [], []
 
     def _timed(self, seconds: dict[str, float], key: str, fn: Callable, *args: Any) -> None:
         """The step's phase timer, synchronized, remembering the phase for the blocked time."""
@@ -283,7 +327,8 @@ def bridge_bandwidth(trainer, batch, tokens_per_image: int, probe: Probe, reps: 
 # -- a worker: one rank of one deployment -----------------------------------------------------------------------
 @record
 def _worker(spec: dict[str, Any]) -> None:
-    """Build the run as `mimo train` does, run warm-up and timed steps, time the bridge; rank 0 writes the row."""
+    """Build the run as `mimo train` does; warm-up and timed steps exactly as it runs them, then a few probed
+    steps for the per-module breakdown, a profiled step if asked, the bridge; rank 0 writes the row."""
     config = parse_run_config(spec["config"])
     device = init_distributed(config.train.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -292,36 +337,66 @@ def _worker(spec: dict[str, Any]) -> None:
     trainer = build_trainer(config, provider, model, device)
     dataset = make_dataset(provider, config, spec["images"], spec["seq_len"])
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
-    probe = Probe(trainer, model, device)
+    clock = Clock(device)
     hosted = list(trainer.infra.participating_modules)
     writer = MetricsWriter(config.run_dir, enabled=rank == 0)
-    timed: list[list[dict[str, Any]]] = []
-    losses, flops = [], None
+    walls, losses, flops = [], [], None
+
+    def next_batch() -> Any:  # drawn (and pinned, as `mimo train`'s loader does) outside the timed step
+        batch = dataset.batch(next(sampler), seq_len=spec["seq_len"])
+        return batch.pin_memory() if device.type == "cuda" else batch
+
     for step in range(config.train.steps):
-        batch = dataset.batch(next(sampler), seq_len=spec["seq_len"])  # drawn outside the timed step
+        batch = next_batch()
         flops = flops or batch_flops(provider, batch)
+        clock.sync()
+        t0 = time.perf_counter()
         result = trainer.train_step(batch)
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, probe.take(result, hosted))
+        clock.sync()
+        wall = slowest(time.perf_counter() - t0, device)
         losses.append(result.loss)
         if rank == 0:
-            merged = merge_step(everyone)
-            writer.log_step(step + 1, dataclasses.replace(result, seconds=merged["seconds"]), flops=flops,
-                            extra={"deployment": spec["name"], "images.wait_s": merged["waits"][IMAGES],
-                                   "language.wait_s": merged["waits"][LANGUAGE]})
+            writer.log_step(step + 1, dataclasses.replace(result, seconds={**result.seconds, "step": wall}),
+                            flops=flops, extra={"deployment": spec["name"]})
         if step >= spec["warmup"]:
-            timed.append(everyone)
+            walls.append(wall)
+    probe = Probe(trainer, model, device)
+    probed = []
+    for _ in range(spec["probe_steps"]):
+        result = trainer.train_step(next_batch())
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, probe.take(result, hosted))
+        probed.append(everyone)
+    probe.remove()
+    profile = None
+    if spec["profile"]:
+        from step_profile import describe, profile_step
+
+        batch = next_batch()
+        trace = Path(spec["result"]).parent / "trace_rank0.json.gz" if spec["trace"] and rank == 0 else None
+        profile = profile_step(lambda: trainer.train_step(batch), trace)
+        if rank == 0:
+            print(f"# {spec['name']} profile, rank 0: {describe(profile)}", flush=True)
+    probe = Probe(trainer, model, device)
     bridge = bridge_bandwidth(trainer, batch, provider.vision_config.tokens_per_image, probe, spec["bridge_reps"])
     memory: list[Any] = [None] * world
     dist.all_gather_object(memory, peak_memory_gb())
     if rank == 0:
         tokens = config.train.global_batch_size * spec["seq_len"]
-        row = summarize(spec, timed, world, tokens, flops, trainer.bridges[IMAGES].kind, bridge)
-        row.update(losses=losses, peak_memory_gb=max(memory), deployment=str(trainer.infra.deployment))
+        row = summarize(spec, walls, probed, world, tokens, flops, trainer.bridges[IMAGES].kind, bridge)
+        row.update(losses=losses, peak_memory_gb=max(memory), deployment=str(trainer.infra.deployment),
+                   profile=profile, microbatches=config.train.num_microbatches, compile=config.train.compile)
         Path(spec["result"]).write_text(json.dumps(row, indent=1))
     dist.barrier()
     writer.close()
     dist.destroy_process_group()
+
+
+def slowest(seconds: float, device: torch.device) -> float:
+    """The largest of every rank's `seconds` (a world all-reduce)."""
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
 
 
 def merge_step(everyone: list[dict[str, Any]]) -> dict[str, Any]:
@@ -350,13 +425,14 @@ def merge_step(everyone: list[dict[str, Any]]) -> dict[str, Any]:
             "waits": {m: worst(m, lambda r: sum(r["waits"].values())) for m in (IMAGES, LANGUAGE)}}
 
 
-def summarize(spec: dict[str, Any], timed: list[list[dict[str, Any]]], world: int, tokens: int, flops: int,
-              kind: str, bridge: dict[str, Any] | None) -> dict[str, Any]:
-    """A deployment's row from its timed steps (each merged over ranks, then averaged over steps)."""
+def summarize(spec: dict[str, Any], walls: list[float], timed: list[list[dict[str, Any]]], world: int,
+              tokens: int, flops: int, kind: str, bridge: dict[str, Any] | None) -> dict[str, Any]:
+    """A deployment's row: its speed from the timed steps' wall times (slowest rank each), its per-module
+    breakdown from the probed steps (each merged over ranks, then averaged over steps)."""
     steps = [merge_step(everyone) for everyone in timed]
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     phases = {k: mean([s["seconds"].get(k, 0.0) for s in steps]) for k in steps[0]["seconds"]}
-    step_s = phases["step"]
+    step_s = mean(walls)
     busy = {m: mean([s["busy"][m] for s in steps]) for m in (IMAGES, LANGUAGE)}
     waits = {m: mean([s["waits"][m] for s in steps]) for m in (IMAGES, LANGUAGE)}
     per_rank = []
@@ -369,27 +445,37 @@ def summarize(spec: dict[str, Any], timed: list[list[dict[str, Any]]], world: in
                          "encoder_backward_s": mean([r["encoder_backward_s"] for r in records])})
     return {
         "name": spec["name"], "world": world, "bridge": kind, "layouts": spec["layouts"],
-        "baseline": spec.get("baseline"), "timed_steps": len(steps), "tokens_per_step": tokens,
+        "baseline": spec.get("baseline"), "timed_steps": len(walls), "probed_steps": len(steps),
+        "tokens_per_step": tokens,
         "step_s": step_s, "tokens_per_s": tokens / step_s, "tokens_per_s_per_gpu": tokens / step_s / world,
         "tflops_per_gpu": flops / step_s / world / 1e12, "step_tflop": flops / 1e12,
-        "phases_s": phases, "busy_s": busy, "wait_s": waits, "encoder_share": busy[IMAGES] / step_s,
+        "phases_s": phases, "busy_s": busy, "wait_s": waits, "encoder_share": busy[IMAGES] / phases["step"],
         "bridge_bandwidth": bridge, "ranks": per_rank,
     }
 
 
 # -- the parent: one world per deployment, one table ------------------------------------------------------------
 def launch_world(nproc: int, spec: dict[str, Any]) -> str | None:
-    """Run `_worker(spec)` on `nproc` local processes as `mimo.launch` does; None, or why it failed."""
+    """Run the row's worker (`_worker`, or `hf_worker` for an HF row) on `nproc` local processes as
+    `mimo.launch` does; None, or why it failed."""
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-bench-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         monitor_interval=0.1, start_method="forkserver",
     )
     try:
-        elastic_launch(config, _worker)(spec)
+        elastic_launch(config, hf_worker if "hf" in spec else _worker)(spec)
     except ChildFailedError as e:
         return "; ".join(f"rank {rank}: {_reason(f)}" for rank, f in sorted(e.failures.items()))
     return None
+
+
+def describe_row(row: dict[str, Any]) -> dict[str, str]:
+    """Each module's layout in short, for the table (an HF row: its wrapper and world)."""
+    if "hf" in row:
+        what = {"single": "HF, 1 GPU", "ddp": f"HF + DDP x{row['world']}", "fsdp": f"HF + FSDP2 x{row['world']}"}
+        return {IMAGES: what[row["hf"]], LANGUAGE: what[row["hf"]]}
+    return {m: describe(row[m]) for m in (IMAGES, LANGUAGE)}
 
 
 def describe(module: dict[str, int]) -> str:
@@ -406,14 +492,15 @@ def plan(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     try:
         config = parse_run_config(run_config_dict(row, args, run_dir))
         layout = config.layout.finalize(config.world_size)
-        layout.validate_batch(args.batch, args.microbatches)
+        layout.validate_batch(args.batch, microbatches_of(row, args))
         if row.get("baseline") and row["baseline"] not in {r["name"] for r in LAYOUTS[args.gpus]["deployments"]}:
             raise ValueError(f"baseline {row['baseline']!r} is not a row of the {args.gpus}-GPU table")
     except ValueError as e:
         raise ValueError(f"deployment {row['name']!r}: {e}") from None
-    layouts = {m: describe(row[m]) for m in (IMAGES, LANGUAGE)}
-    return {"name": row["name"], "world": config.world_size, "layouts": layouts, "baseline": row.get("baseline"),
-            "deployment": str(layout.deployment), "config": config, "run_dir": run_dir}
+    kind = f"hf-{row['hf']}" if "hf" in row else str(layout.deployment)
+    return {"name": row["name"], "world": config.world_size, "layouts": describe_row(row),
+            "baseline": row.get("baseline"), "deployment": kind, "config": config, "run_dir": run_dir,
+            "hf": row.get("hf")}
 
 
 def check_workload(args: argparse.Namespace) -> None:
@@ -434,11 +521,14 @@ def run_deployment(p: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     run_dir = p["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     result = run_dir / "result.json"
-    for stale in (result, run_dir / "metrics.jsonl"):
+    for stale in (result, run_dir / "metrics.jsonl", run_dir / "trace_rank0.json.gz"):
         stale.unlink(missing_ok=True)
     spec = {"name": p["name"], "config": p["config"].to_dict(), "images": args.images, "seq_len": args.seq_len,
             "warmup": args.warmup, "bridge_reps": args.bridge_reps, "result": str(result), "layouts": p["layouts"],
-            "baseline": p["baseline"]}
+            "baseline": p["baseline"], "probe_steps": args.probe_steps, "profile": args.profile and not cpu_run(args),
+            "trace": args.trace}
+    if p["hf"]:
+        spec["hf"] = p["hf"]
     t0 = time.perf_counter()
     error = launch_world(p["world"], spec)
     if error is not None or not result.is_file():
@@ -446,11 +536,17 @@ def run_deployment(p: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     return json.loads(result.read_text()) | {"wall_s": time.perf_counter() - t0}
 
 
+def cpu_run(args: argparse.Namespace) -> bool:
+    """The profiler summary reads CUDA kernels: a CPU run has none."""
+    return args.device == "cpu"
+
+
 def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets from the rows: per-GPU gain, the N+1 bound, bridge bandwidth, loss agreement."""
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and not is_hf(r)]
+    hf = [r for r in rows if "error" not in r and is_hf(r)]
     by_name = {r["name"]: r for r in ok}
-    out: dict[str, Any] = {"heterogeneous": [], "bridge": []}
+    out: dict[str, Any] = {"heterogeneous": [], "bridge": [], **against_hf(ok, hf)}
     hom = [r for r in ok if r["deployment"] == "homogeneous"]
     other = [r for r in ok if r["deployment"] != "homogeneous"]
     if hom and other:
@@ -468,11 +564,39 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                          "speedup": speedup, "fraction_of_bound": speedup / bound})
         if r.get("bridge_bandwidth"):
             out["bridge"].append({"row": r["name"], **r["bridge_bandwidth"]})
-    curves = [r["losses"] for r in ok]
+    curves = [r["losses"] for r in ok]  # mimo's rows: one model, one init (HF's rows start elsewhere)
     if len(curves) > 1 and len({len(c) for c in curves}) == 1:
         spread = [max(c[i] for c in curves) - min(c[i] for c in curves) for i in range(len(curves[0]))]
         out["loss_spread"] = {"max_abs": max(spread), "max_rel": max(s / abs(curves[0][i]) for i, s in
                                                                       enumerate(spread))}
+    return out
+
+
+def is_hf(row: dict[str, Any]) -> bool:
+    return row["deployment"].startswith("hf-")
+
+
+def against_hf(mimo: list[dict[str, Any]], hf: list[dict[str, Any]]) -> dict[str, Any]:
+    """The two-GPU targets: DP scaling over one GPU, the best mimo row over the best HF row of the same GPU
+    count, colocated over homogeneous TP, and each mimo row's peak memory against the HF row of its GPU count
+    (the best HF row on two GPUs: the one a user would run)."""
+    out: dict[str, Any] = {}
+    by_name = {r["name"]: r for r in mimo}
+    if "homogeneous-1" in by_name and "homogeneous-dp2" in by_name:
+        out["dp2_scaling"] = by_name["homogeneous-dp2"]["tokens_per_s"] / by_name["homogeneous-1"]["tokens_per_s"]
+    if "colocated" in by_name and "homogeneous-tp2" in by_name:
+        out["colocated_over_tp2"] = by_name["colocated"]["tokens_per_s"] / by_name["homogeneous-tp2"]["tokens_per_s"]
+    memory = []
+    for world in sorted({r["world"] for r in hf}):
+        best_hf = max((r for r in hf if r["world"] == world), key=lambda r: r["tokens_per_s"])
+        same = [r for r in mimo if r["world"] == world]
+        if same:
+            best = max(same, key=lambda r: r["tokens_per_s"])
+            out.setdefault("best_over_hf", []).append({"gpus": world, "row": best["name"], "hf": best_hf["name"],
+                                                       "ratio": best["tokens_per_s"] / best_hf["tokens_per_s"]})
+        memory += [{"row": r["name"], "gb": r["peak_memory_gb"], "hf": best_hf["name"],
+                    "hf_gb": best_hf["peak_memory_gb"]} for r in same]
+    out["memory"] = memory
     return out
 
 
@@ -502,13 +626,22 @@ def markdown(rows: list[dict[str, Any]], comparison: dict[str, Any], env: dict[s
     lines += ["", "| deployment | encoder busy s | language busy s | images wait s | language wait s | encoder share f "
               "| bridge fwd GB/s | bridge bwd GB/s | p2p GB/s | bridge/p2p |", "|" + "---|" * 10]
     for r in rows:
-        if "error" in r:
+        if "error" in r or is_hf(r):
             continue
         b = r.get("bridge_bandwidth") or {}
         lines.append("| " + " | ".join([r["name"], _f(r["busy_s"][IMAGES]), _f(r["busy_s"][LANGUAGE]),
                                          _f(r["wait_s"][IMAGES]), _f(r["wait_s"][LANGUAGE]), _f(r["encoder_share"]),
                                          _f(b.get("forward_gbps")), _f(b.get("backward_gbps")),
                                          _f(b.get("p2p_gbps")), _f(b.get("fraction_of_p2p"))]) + " |")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["", "| deployment (rank 0, one step) | wall ms | GPU busy ms | idle ms | compute ms | NCCL ms "
+                  "| exposed NCCL ms | copies ms | kernels |", "|" + "---|" * 9]
+        for r in profiled:
+            p = r["profile"]
+            lines.append("| " + " | ".join([r["name"], *(_f(p[k], 4) for k in (
+                "wall_ms", "gpu_busy_ms", "gpu_idle_ms", "compute_ms", "comm_ms", "comm_exposed_ms", "copy_ms")),
+                str(p["kernels"])]) + " |")
     lines += ["", *target_lines(comparison, env)]
     return "\n".join(lines)
 
@@ -516,6 +649,17 @@ def markdown(rows: list[dict[str, Any]], comparison: dict[str, Any], env: dict[s
 def target_lines(c: dict[str, Any], env: dict[str, Any]) -> list[str]:
     t = TARGETS
     out = []
+    if "dp2_scaling" in c:
+        out.append(f"- homogeneous DP2 over one GPU: {c['dp2_scaling']:.3f}x tokens/s (target >= {t['dp2_scaling']})")
+    for b in c.get("best_over_hf", []):
+        out.append(f"- best mimo row on {b['gpus']} GPU(s), {b['row']}, over the best HF row, {b['hf']}: "
+                   f"{b['ratio']:.3f}x tokens/s (target >= {t['over_hf']} on two GPUs)")
+    if "colocated_over_tp2" in c:
+        out.append(f"- colocated over homogeneous TP2: {c['colocated_over_tp2']:.3f}x tokens/s "
+                   f"(target >= {t['colocated_over_tp2']}, 3b encoder-heavy)")
+    for m in c.get("memory", []):
+        verdict = "ok" if m["gb"] <= m["hf_gb"] else "over"
+        out.append(f"- peak memory {m['row']}: {m['gb']:.1f} GB against {m['hf']} {m['hf_gb']:.1f} GB ({verdict})")
     if "best_non_homogeneous" in c:
         b = c["best_non_homogeneous"]
         target = f"target >= {t['non_homogeneous_speedup']} on encoder-heavy"
@@ -557,6 +701,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                         help="float32 parameters; bfloat16 autocast (default on CUDA) or float32 (default on CPU)")
     parser.add_argument("--data-parallel", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile every layer in every row (mimo's "
+                        "train.compile; the HF rows compile theirs), unless a row says otherwise")
+    parser.add_argument("--probe-steps", type=int, default=None, help="steps after the timed ones with "
+                        "synchronizing probes for the per-module breakdown (default 2; 1 dry run)")
+    parser.add_argument("--profile", action="store_true", help="one more step per row under the PyTorch profiler "
+                        "(CUDA): GPU busy/idle, compute, exposed NCCL, copies, top kernels, in the row's JSON")
+    parser.add_argument("--trace", action="store_true", help="with --profile: keep rank 0's Chrome trace "
+                        "(OUT/<row>/trace_rank0.json.gz)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout per rank, seconds (a "
@@ -568,7 +720,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dry_run:
         defaults = {"device": "cpu", "preset": "tiny", "gpus": 4, "warmup": 0, "steps": 2, "bridge_reps": 1,
-                    "batch": 8, "microbatches": 2}
+                    "batch": 8, "microbatches": 2, "probe_steps": 1}
         for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
@@ -582,15 +734,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--device cuda: CUDA is not available (use --device cpu or --dry-run)")
     table, workload = LAYOUTS[args.gpus], WORKLOADS[args.workload]
     args.batch = args.batch or table["global_batch"]
+    args.microbatches_override = args.microbatches
     args.microbatches = args.microbatches or table["microbatches"]
     args.images = workload["images_per_sample"] if args.images is None else args.images
     args.seq_len = args.seq_len or workload["tiny_seq_len" if args.preset == "tiny" else "seq_len"]
     args.warmup = 3 if args.warmup is None else args.warmup
     args.steps = 10 if args.steps is None else args.steps
     args.bridge_reps = 5 if args.bridge_reps is None else args.bridge_reps
+    args.probe_steps = 2 if args.probe_steps is None else args.probe_steps
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    if args.steps < 1 or args.bridge_reps < 1 or args.warmup < 0:
-        parser.error("--steps and --bridge-reps must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.bridge_reps < 1 or args.probe_steps < 1 or args.warmup < 0:
+        parser.error("--steps, --bridge-reps and --probe-steps must be >= 1, --warmup >= 0")
     names = [r["name"] for r in table["deployments"]]
     args.rows = [r for r in table["deployments"] if not args.only or r["name"] in args.only.split(",")]
     unknown = sorted(set(filter(None, args.only.split(","))) - set(names))
@@ -631,9 +785,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "error" in result:
             print(f"# {p['name']}: {result['error']}", flush=True)
         else:
+            waits = result.get("wait_s", {IMAGES: 0.0, LANGUAGE: 0.0})
             print(f"# {p['name']} ({result['deployment']}, {result['world']} ranks): step {result['step_s']:.4g} s, "
-                  f"{result['tokens_per_s_per_gpu']:.4g} tokens/s/GPU, images wait {result['wait_s'][IMAGES]:.3g} s, "
-                  f"language wait {result['wait_s'][LANGUAGE]:.3g} s, {result['wall_s']:.1f} s wall", flush=True)
+                  f"{result['tokens_per_s_per_gpu']:.4g} tokens/s/GPU, images wait {waits[IMAGES]:.3g} s, "
+                  f"language wait {waits[LANGUAGE]:.3g} s, {result['wall_s']:.1f} s wall", flush=True)
     comparison = compare(rows)
     env["runs"] = [str(args.out / r["name"]) for r in rows if "error" not in r]
     text = markdown(rows, comparison, env)
@@ -642,11 +797,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         header += " (CPU functional dry run: not a performance result)"
     (args.out / "deployments.md").write_text(f"{header}\n\n`{env['command']}`\n\n{text}\n")
     report = {"env": env, "rows": rows, "comparison": comparison}
+    chart(rows, args.out / "tokens_per_gpu.png", header.removeprefix("# "))
     (args.out / "deployments.json").write_text(json.dumps(report, indent=1, default=str))
     print()
     print(text)
     print(f"\n# written: {args.out / 'deployments.md'}, {args.out / 'deployments.json'}", flush=True)
     return report
+
+
+def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """A bar per row: tokens/s per GPU, HF's rows grey, mimo's blue (matplotlib, as `mimo plot` uses)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = [r for r in rows if "error" not in r]
+    if not done:
+        return
+    fig = Figure(figsize=(1.2 + 1.1 * len(done), 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = ["#9a9a9a" if is_hf(r) else "#2f6db5" for r in done]
+    bars = ax.bar([r["name"] for r in done], [r["tokens_per_s_per_gpu"] for r in done], color=colors)
+    ax.bar_label(bars, labels=[f"{r['tokens_per_s_per_gpu']:,.0f}" for r in done], fontsize=8)
+    ax.set_ylabel("tokens/s per GPU")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 @contextlib.contextmanager

@@ -271,7 +271,8 @@ def pipeline_pairs(grid: ModuleGrid) -> list[tuple[int, int]]:
 def build_p2p_groups() -> P2PGroups:
     """Create the forward and backward p2p groups (a collective every rank calls, after the module groups)."""
     ranks = list(range(dist.get_world_size()))
-    return P2PGroups(dist.new_group(ranks), dist.new_group(ranks))
+    options = group_options(dist.get_backend())
+    return P2PGroups(dist.new_group(ranks, pg_options=options), dist.new_group(ranks, pg_options=options))
 
 
 class _SharedGroups:
@@ -289,8 +290,20 @@ class _SharedGroups:
 
 def _new_group(ranks: Sequence[int]) -> dist.ProcessGroup | None:
     """`dist.new_group` (a call every rank makes), None on ranks outside the group."""
-    pg = dist.new_group(list(ranks))
+    pg = dist.new_group(list(ranks), pg_options=group_options(dist.get_backend()))
     return None if pg in (None, dist.GroupMember.NON_GROUP_MEMBER) else pg
+
+
+def group_options(backend: str) -> object | None:
+    """NCCL: run the group's collectives on a high-priority stream. Gradient reduction overlaps the backward,
+    and on a default-priority stream its kernels wait for SMs that compute kernels hold, so a 33 MB bucket
+    took 1-4 ms instead of 0.15 and slowed the compute beside it (benchmarks/RESULTS.md, two H200s).
+    Other backends: their defaults (None)."""
+    if backend != "nccl":
+        return None
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True
+    return options
 
 
 def _embedding_ranks(pp_ranks: Sequence[int]) -> tuple[list[int], list[int]]:

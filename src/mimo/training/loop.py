@@ -17,6 +17,7 @@ import yaml
 
 from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.grid import group_options
 from mimo.provider import LlavaMimoProvider
 from mimo.training.checkpoint import Checkpointer, CheckpointError, load_model_only, open_checkpoint
 from mimo.training.evaluate import digits_accuracy
@@ -39,7 +40,7 @@ def init_distributed(timeout_s: float) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), pg_options=group_options(backend),
                                 device_id=device if device.type == "cuda" else None)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))

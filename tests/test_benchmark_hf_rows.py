@@ -1,0 +1,69 @@
+"""benchmarks/hf_rows.py and step_profile.py: the HF baseline rows train beside mimo's, and the profile summary
+counts busy, idle and exposed-communication time right.
+
+Speed is never asserted: the dry run (gloo, tiny preset) proves that an HF + DDP row and an HF + FSDP2 row of
+the two-GPU table launch, train on the same global batches as mimo's rows and report. The profile summary is
+checked on hand-made kernel intervals (its CUDA input cannot exist here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.scripts import BENCHMARKS, load_script
+
+step_profile = load_script("step_profile", "step_profile_bench")
+
+
+def test_profile_summary_splits_busy_idle_and_exposed_communication():
+    kernels = [("gemm", 0.0, 4.0), ("ncclDevKernel_AllReduce", 3.0, 6.0), ("gemm", 5.0, 7.0),
+               ("Memcpy DtoD", 8.0, 9.0), ("ncclDevKernel_AllReduce", 9.5, 10.0)]
+    s = step_profile.summarize_kernels(kernels, wall_ms=12.0, top=2)
+    assert s["gpu_busy_ms"] == pytest.approx(7.0 + 1.0 + 0.5)  # [0, 7], [8, 9], [9.5, 10]
+    assert s["gpu_idle_ms"] == pytest.approx(12.0 - 8.5)
+    assert s["compute_ms"] == pytest.approx(6.0)  # gemm [0, 4] and [5, 7]
+    assert s["comm_ms"] == pytest.approx(3.5)
+    assert s["comm_exposed_ms"] == pytest.approx(1.0 + 0.5)  # [4, 5] and [9.5, 10]: no compute beside them
+    assert s["copy_ms"] == pytest.approx(1.0)
+    assert [k["name"] for k in s["top_kernels"]] == ["gemm", "ncclDevKernel_AllReduce"]
+    assert s["top_kernels"][0] == {"name": "gemm", "ms": 6.0, "count": 2}
+
+
+def test_hf_inputs_move_the_image_id_into_the_vocabulary_and_shift_labels():
+    import torch
+
+    hf_rows = load_script("hf_rows", "hf_rows_bench")
+    from mimo.data import MimoBatch, next_token_labels
+    from mimo.models import ModalityBatch
+
+    ids = torch.tensor([[1, 300, 300, 5, 6, 7]])
+    batch = MimoBatch(ids, next_token_labels(ids[0]).unsqueeze(0),
+                      {"images": ModalityBatch(torch.zeros(1, 3, 8, 8), torch.tensor([1]))})
+    out = hf_rows.hf_inputs(batch, image_token_id=300, vocab_size=256)
+    assert out["input_ids"].tolist() == [[1, 255, 255, 5, 6, 7]]
+    # mimo's labels [300, 300, 5, 6, 7, -]: image targets and image positions (the last image predicting 5) are
+    # never scored; HF scores position t against labels[t + 1], so the targets 6, 7 move one to the right
+    assert out["labels"].tolist() == [[-100, -100, -100, -100, 6, 7]]
+
+
+def test_dry_run_trains_the_hf_rows_beside_mimo(tmp_path):
+    out = tmp_path / "d"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "deployments.py"), "--dry-run", "--gpus", "2",
+                           "--only", "hf-ddp,hf-fsdp,homogeneous-dp2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((out / "deployments.json").read_text())["rows"]}
+    assert list(rows) == ["hf-ddp", "hf-fsdp", "homogeneous-dp2"]
+    for name, r in rows.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert r["world"] == 2 and r["tokens_per_s"] > 0 and len(r["losses"]) == 2
+        assert all(math.isfinite(x) for x in r["losses"])
+    assert rows["hf-ddp"]["deployment"] == "hf-ddp" and rows["hf-fsdp"]["deployment"] == "hf-fsdp"
+    # DDP and FSDP2 train one model from one init on one batch sequence: the same losses (float32, gloo)
+    assert rows["hf-fsdp"]["losses"] == pytest.approx(rows["hf-ddp"]["losses"], rel=1e-5)
+    assert (out / "tokens_per_gpu.png").stat().st_size > 0
