@@ -158,10 +158,7 @@ class MimoModelProvider:
         """Whether the model splits as `layout` asks, before any process group exists: every module's TP plan
         divides evenly (heads, KV heads, features, vocabulary: `check_tensor_parallel`, on the whole model built
         on the meta device, which costs no memory) and the language model has a layer per pipeline stage."""
-        with torch.device("meta"):
-            model = MimoModel(self.language_model_spec.build(),
-                              {m: spec.build() for m, spec in self.modality_submodules_spec.items()},
-                              self.special_token_ids)
+        model = self.whole_meta_model()
         for name in layout.module_names:
             tp = layout.get_parallelism(name).tensor_model_parallel_size
             if tp > 1:
@@ -170,6 +167,13 @@ class MimoModelProvider:
         pp = layout.get_parallelism(LANGUAGE).pipeline_model_parallel_size
         if pp > 1:
             pipeline_layer_range(_num_layers(self.language_model_spec), pp, 0)
+
+    def whole_meta_model(self) -> MimoModel:
+        """The whole model, every module unsplit, on the meta device: its names and shapes at no memory cost."""
+        with torch.device("meta"):
+            return MimoModel(self.language_model_spec.build(),
+                             {m: spec.build() for m, spec in self.modality_submodules_spec.items()},
+                             self.special_token_ids)
 
     def build_meta_model(self) -> MimoModel | MimoStubModel:
         """This rank's parts on the meta device, in `params_dtype`; no memory is used for parameters."""

@@ -155,17 +155,50 @@ class Checkpointer:
 def load_model_only(path: str | Path, model: nn.Module) -> None:
     """Load a checkpoint's parameters into a whole, unwrapped `MimoModel` in this one process (no groups)."""
     path = Path(path)
-    metadata, _ = open_checkpoint(path)
     if any(dtensor_spec(p) is not None for p in model.parameters()):
         raise CheckpointError("load_model_only takes a whole, unwrapped model; use Checkpointer.load for a "
                               "distributed one")
+    check_weights_fit(path, model)
     targets = _model_targets(model)
-    problem = _key_problems(metadata, {k: s for k, (_, s) in targets.items()})
-    if problem:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {problem}")
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load({k: t for k, (t, _) in targets.items()}, storage_reader=_SafeReader(path), no_dist=True)
+
+
+def weights_path(path: str | Path) -> Path:
+    """Where a pretrained checkpoint's weights are: `path` if it is a checkpoint, else the newest complete
+    checkpoint of the run directory (`path/checkpoints`) or checkpoints directory it names, else `path` (and
+    `open_checkpoint` then says what is wrong)."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = Checkpointer(root).latest()
+        if latest is not None:
+            return latest
+    return path
+
+
+def check_weights_fit(path: str | Path, model: nn.Module) -> None:
+    """`path` is a complete, intact checkpoint whose parameters are exactly those of the whole, unwrapped
+    `model` (names and shapes; a meta model will do), or a one-line `CheckpointError` naming the difference."""
+    path = Path(path)
+    metadata, _ = open_checkpoint(path)
+    problem = _key_problems(metadata, {k: s for k, (_, s) in _model_targets(model).items()})
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {problem}")
+
+
+def load_weights(path: str | Path, trainer) -> None:
+    """Only a checkpoint's parameters, into `trainer`'s model on any layout (a collective): a pretrained
+    checkpoint (`checkpoint.pretrained_checkpoint`, e.g. LLaVA stage 2 from stage 1). The optimizer state,
+    the schedule, the step, the RNG and the data position start fresh, as a new run's do."""
+    path = Path(path)
+    metadata, _ = open_checkpoint(path)
+    targets = _model_targets(trainer.model)
+    _agree_on_keys(path, metadata, targets, [])
+    dcp.load({k: t for k, (t, _) in targets.items()}, storage_reader=_SafeReader(path), no_dist=not _distributed())
+    _copy_into_shards(trainer, targets)
 
 
 # -- opening and checking a checkpoint ---------------------------------------------------------------------
@@ -570,4 +603,5 @@ def _barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["Checkpointer", "CheckpointError", "file_hashes", "load_model_only", "newest_intact", "open_checkpoint"]
+__all__ = ["Checkpointer", "CheckpointError", "check_weights_fit", "file_hashes", "load_model_only", "load_weights",
+           "newest_intact", "open_checkpoint", "weights_path"]

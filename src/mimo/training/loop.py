@@ -19,7 +19,14 @@ from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, Modali
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.grid import group_options
 from mimo.provider import LlavaMimoProvider
-from mimo.training.checkpoint import Checkpointer, CheckpointError, load_model_only, open_checkpoint
+from mimo.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    load_model_only,
+    load_weights,
+    open_checkpoint,
+    weights_path,
+)
 from mimo.training.evaluate import digits_accuracy
 from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
@@ -116,6 +123,11 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep)
     if resume:
         _resume(checkpointer, trainer, sampler, rank, resume_from)
+    elif config.checkpoint.pretrained_checkpoint:
+        source = weights_path(config.checkpoint.pretrained_checkpoint)
+        load_weights(source, trainer)
+        if rank == 0 and not quiet:
+            print(f"weights from {source} (optimizer, schedule and data start fresh)", flush=True)
     if rank == 0:  # only now, once a resume has been accepted: a refused one leaves the run directory as it was
         _write_run_dir(config, rank_map, quiet)
         if resume:

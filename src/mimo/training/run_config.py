@@ -83,11 +83,17 @@ class DataSection:
 
 @dataclass
 class CheckpointSection:
-    """Where and how often to checkpoint (0: only at the end); `keep` complete checkpoints."""
+    """Where and how often to checkpoint (0: only at the end); `keep` complete checkpoints.
+
+    `pretrained_checkpoint`: a mimo checkpoint (any layout; or a run directory: its newest) whose weights a
+    new run starts from, without its
+    optimizer state, schedule, step or data position (Megatron-Bridge's name; LLaVA stage 2 from stage 1).
+    `--resume` continues the run's own checkpoints instead."""
 
     dir: str | None = None
     interval: int = field(default=0, metadata={"min": 0})
     keep: int = field(default=2, metadata={"min": 1})
+    pretrained_checkpoint: str | None = None
 
 
 @dataclass
@@ -234,7 +240,22 @@ def validate_run(config: RunConfig, world_size: int) -> list[str]:
     _check_distributed_modules(config)
     hf_model(config.model)  # Hugging Face directories: their configs are read and checked here
     _check_model_fits(config)
+    _check_pretrained(config)
     return [str(w.message) for w in caught]
+
+
+def _check_pretrained(config: RunConfig) -> None:
+    """`checkpoint.pretrained_checkpoint` is an intact checkpoint with exactly this model's parameters."""
+    path = config.checkpoint.pretrained_checkpoint
+    if path is None:
+        return
+    from mimo.training.checkpoint import CheckpointError, check_weights_fit, weights_path
+    from mimo.training.loop import build_provider
+
+    try:
+        check_weights_fit(weights_path(path), build_provider(config, distributed=False).whole_meta_model())
+    except CheckpointError as e:
+        raise RunConfigError(f"checkpoint.pretrained_checkpoint: {e}") from None
 
 
 def _check_model_fits(config: RunConfig) -> None:
