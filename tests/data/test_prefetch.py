@@ -171,3 +171,13 @@ def test_an_error_that_cannot_travel_is_named_by_its_type_and_message():
 def test_the_default_worker_count_leaves_a_cpu_to_each_rank(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
     assert [default_num_workers(n) for n in (1, 2, 8, 16)] == [8, 7, 1, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA (the GPU machine runs this)")
+def test_workers_batches_come_back_pinned_on_a_gpu():
+    data, plain = _Skipping(), _sampler()
+    with BatchPrefetcher(data, _sampler(), pin_memory=True, num_workers=2) as batches:
+        for _ in range(4):
+            batch = next(batches)
+            assert batch.input_ids.is_pinned() and batch.modality_inputs["images"].items.is_pinned()
+            assert _same(batch, data.batch(next(plain)))
