@@ -1,4 +1,5 @@
-"""benchmarks/llava_speed.py runs on CPU with the tiny preset (one step) and its levers compute the right thing.
+"""benchmarks/llava_speed.py runs on CPU with the tiny preset (one step) and its levers compute the right thing;
+benchmarks/data_wait.py runs its CPU dry run.
 
 Speed is never asserted here (DESIGN §5): only that the script runs, prints the rows and that the chunked
 cross-entropy it offers as a lever equals `Decoder.loss`.
@@ -92,3 +93,17 @@ def test_chunked_cross_entropy_equals_decoder_loss(monkeypatch, chunk):
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
     for g, e in zip(got, grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_data_wait_dry_run_measures_the_loader_with_and_without_workers(tmp_path):
+    """benchmarks/data_wait.py --dry-run: tiny preset on the CPU, JPEGs decoded through real loader workers."""
+    out = tmp_path / "data_wait.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "data_wait.py"), "--dry-run", "--workers", "0,1",
+                           "--steps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["num_workers"] for r in result["records"]] == [0, 1]
+    for r in result["records"]:
+        assert 0 <= r["wait_pct"] <= 100 and r["step_ms_mean"] > 0 and math_finite(r["loss_last"])
+    assert result["env"]["build_ms"] > 0 and result["env"]["jpeg_mb"] > 0
+    assert "| 1 | " in proc.stdout

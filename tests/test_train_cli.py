@@ -221,3 +221,27 @@ def worker_pid(tmp: Path, rank: int) -> int:
     """The pid of the worker of `rank`, from its heartbeat file in the launcher's temporary directory."""
     (beat,) = tmp.glob(f"mimo-failures-*/heartbeat_{rank}")
     return int(beat.read_text())
+
+
+def test_resume_with_loader_workers_on_another_layout_continues_with_exactly_the_next_batch(tmp_path):
+    """Issue 15: two worker processes per rank have batches 3.. prepared when step 2 is checkpointed; a resume
+    from that checkpoint on another layout with one worker per rank trains steps 3 and 4 (across an epoch
+    boundary: 12 samples, 3 batches per epoch) on exactly the batches of the run that went straight through."""
+    data = {"num_samples": 12, "num_workers": 2}
+    path, run_dir = write_config(tmp_path / "straight", data=data)
+    done = mimo("train", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = steps_and_losses(run_dir)
+    homogeneous = {"images": {"data_parallel_size": 2}, "language": {"data_parallel_size": 2}}
+    path, other = write_config(tmp_path / "other", data={**data, "num_workers": 1})
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "parallelism": homogeneous}))
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002", other / "checkpoints" / "step_00000002")
+    resumed = mimo("train", str(path), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {other / 'checkpoints' / 'step_00000002'} at step 2" in resumed.stdout
+    again = steps_and_losses(other)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        assert abs(again[step] - losses[step]) <= 1e-8 * abs(losses[step])
+    assert losses[3] != losses[4]  # the two batches differ: a repeated or skipped batch would show

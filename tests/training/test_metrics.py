@@ -9,7 +9,16 @@ import math
 
 import pytest
 
-from mimo.training.metrics import STEP_KEYS, MetricsWriter, Progress, cut_metrics, format_duration, format_rate
+from mimo.data import SkippedSample
+from mimo.training.metrics import (
+    STEP_KEYS,
+    MetricsWriter,
+    Progress,
+    SkippedSamples,
+    cut_metrics,
+    format_duration,
+    format_rate,
+)
 from mimo.training.step import StepResult
 
 SECONDS = {"images.forward": 0.1, "language.forward_backward": 0.6, "images.backward": 0.2, "optimizer": 0.05,
@@ -153,3 +162,20 @@ def test_cut_metrics_makes_a_resumed_run_one_series(tmp_path) -> None:
     assert [(r["kind"], r["step"]) for r in lines(run)] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3)]
     assert cut_metrics(run, 3) == [] and cut_metrics(tmp_path / "none", 0) == []
     assert cut_metrics(run, 0) == ["4 record(s) past step 0"] and lines(run) == []  # resumed with no checkpoint
+
+
+def test_skipped_samples_are_counted_named_and_carried_over_a_resume() -> None:
+    tally = SkippedSamples()
+    assert tally.summary() is None  # nothing skipped: no line
+    tally.add([SkippedSample(4, "images/4.jpg", "missing image")])
+    assert tally.summary() == "skipped 1 bad sample(s); they were: sample 4 (images/4.jpg): missing image"
+    tally.add(SkippedSample(i, f"images/{i}.jpg", "corrupt") for i in range(10, 16))
+    resumed = SkippedSamples()
+    resumed.load_state_dict(json.loads(json.dumps(tally.state_dict())))  # through a checkpoint's JSON
+    assert (resumed.count, resumed.first) == (7, tally.first)
+    assert resumed.summary() == ("skipped 7 bad sample(s); the first 5: sample 4 (images/4.jpg): missing image; "
+                                 "sample 10 (images/10.jpg): corrupt; sample 11 (images/11.jpg): corrupt; "
+                                 "sample 12 (images/12.jpg): corrupt; sample 13 (images/13.jpg): corrupt")
+    older = SkippedSamples()
+    older.load_state_dict(None)  # a checkpoint written before the tally existed
+    assert older.count == 0

@@ -7,6 +7,7 @@ writes the run directory: the resolved config, `metrics.jsonl`, the progress lin
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.data.prefetch import default_num_workers
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.grid import group_options
 from mimo.provider import LlavaMimoProvider
@@ -30,7 +32,7 @@ from mimo.training.checkpoint import (
 from mimo.training.evaluate import digits_accuracy
 from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
-from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, cut_metrics
+from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.optim import OptimizerConfig
 from mimo.training.run_config import RunConfig, hf_model, validate_run
 from mimo.training.step import MimoTrainer
@@ -121,8 +123,9 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     trainer = build_trainer(config, provider, model, device)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep)
+    skipped = SkippedSamples()
     if resume:
-        _resume(checkpointer, trainer, sampler, rank, resume_from)
+        _resume(checkpointer, trainer, sampler, skipped, rank, resume_from)
     elif config.checkpoint.pretrained_checkpoint:
         source = weights_path(config.checkpoint.pretrained_checkpoint)
         load_weights(source, trainer)
@@ -136,21 +139,28 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     progress = Progress(config.train.steps, enabled=rank == 0, quiet=quiet, initial_step=trainer.step_count)
     last: dict[str, Any] = {}
     fault = _injected_fault(rank)
-    with BatchPrefetcher(dataset, sampler, pin_memory=device.type == "cuda") as batches:
+    with _loader(config, dataset, sampler, device) as batches:
         for step in range(trainer.step_count, config.train.steps):
             if fault == step + 1:
                 raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
+            t0 = time.perf_counter()
             batch = next(batches)
+            waited = time.perf_counter() - t0
+            skipped.add(batch.skipped)
             result = trainer.train_step(batch)
-            last = {"step": step + 1, "loss": result.loss}
+            result.seconds["data_wait"] = waited  # the step's time blocked on the loader (logged as data_wait_s)
+            last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
             if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
                 result.seconds = _slowest_rank_seconds(result.seconds)
-                writer.log_step(step + 1, result, flops=batch_flops(provider, batch))
+                writer.log_step(step + 1, result, flops=batch_flops(provider, batch),
+                                extra={"skipped_samples": skipped.count})
             progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
             if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
-                checkpointer.save(step + 1, trainer, _extra(sampler, config))
+                checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
     progress.close()
-    final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, config))
+    final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
+    if rank == 0 and skipped.summary():
+        print(skipped.summary(), flush=True)
     if config.eval.enabled and config.data.name == "digits" and rank == 0:
         last["accuracy"], count = _evaluate(config, final)
         writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
@@ -159,6 +169,16 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     writer.close()
     dist.destroy_process_group()
     return last
+
+
+def _loader(config: RunConfig, dataset, sampler: GlobalBatchSampler, device: torch.device) -> BatchPrefetcher:
+    """The run's loader: `data.num_workers` processes (unset: `default_num_workers` for this node's ranks),
+    pinned batches on a GPU."""
+    workers = config.data.num_workers
+    if workers is None:
+        workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return BatchPrefetcher(dataset, sampler, pin_memory=device.type == "cuda", num_workers=workers,
+                           prefetch_factor=config.data.prefetch_factor)
 
 
 def _injected_fault(rank: int) -> int | None:
@@ -195,8 +215,8 @@ def check_resume_fits(config: RunConfig, path: str | Path) -> None:
         raise CheckpointError(f"cannot resume from {path}: {e}") from None
 
 
-def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, rank: int,
-            path: str | None = None) -> None:
+def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, skipped: SkippedSamples,
+            rank: int, path: str | None = None) -> None:
     """Continue from `path` (by default the newest complete checkpoint), whatever layout wrote it."""
     path = Path(path) if path else checkpointer.latest()
     if path is None:
@@ -205,6 +225,7 @@ def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBat
         return
     extra = checkpointer.load(path, trainer)
     sampler.load_state_dict(extra["sampler"])
+    skipped.load_state_dict(extra.get("skipped"))
     if rank == 0:
         print(f"resumed from {path} at step {trainer.step_count}", flush=True)
 
@@ -215,8 +236,9 @@ def _report_cut(dropped: list[str]) -> None:
         print(f"{METRICS_FILE}: dropped {', '.join(dropped)} (logged after the checkpoint resumed from)", flush=True)
 
 
-def _extra(sampler: GlobalBatchSampler, config: RunConfig) -> dict[str, Any]:
-    return {"sampler": sampler.state_dict(), "config": config.to_dict()}
+def _extra(sampler: GlobalBatchSampler, skipped: SkippedSamples, config: RunConfig) -> dict[str, Any]:
+    """A checkpoint's run state besides the model: the data position, the skipped samples, the config."""
+    return {"sampler": sampler.state_dict(), "skipped": skipped.state_dict(), "config": config.to_dict()}
 
 
 def _slowest_rank_seconds(seconds: dict[str, float]) -> dict[str, float]:

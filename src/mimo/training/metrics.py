@@ -14,13 +14,14 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
-if TYPE_CHECKING:  # only a type here; importing the trainer would make step.py unable to import metrics
+if TYPE_CHECKING:  # only types here; importing the trainer would make step.py unable to import metrics
+    from mimo.data.bad_samples import SkippedSample
     from mimo.training.step import StepResult
 
 METRICS_FILE = "metrics.jsonl"
@@ -74,6 +75,40 @@ def step_record(step: int, result: StepResult, flops: float | None = None) -> di
     }
     record.update({f"{key}_s": value for key, value in seconds.items()})
     return record
+
+
+class SkippedSamples:
+    """The bad samples a run has skipped so far (`MimoBatch.skipped` of each global batch): the count, which
+    `metrics.jsonl` logs as `skipped_samples`, and the first few named; kept across resume in the checkpoint."""
+
+    NAMED = 5
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: list[str] = []
+
+    def add(self, records: Iterable[SkippedSample]) -> None:
+        """Count one global batch's skipped samples (every rank counts the same ones)."""
+        for record in records:
+            self.count += 1
+            if len(self.first) < self.NAMED:
+                self.first.append(record.describe())
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON)."""
+        return {"count": self.count, "first": list(self.first)}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue a resumed run's tally (a checkpoint from before this tally existed: none skipped)."""
+        state = state or {}
+        self.count, self.first = int(state.get("count", 0)), list(state.get("first", []))[:self.NAMED]
+
+    def summary(self) -> str | None:
+        """The run's closing line about skipped samples: their count and the first few; None if none."""
+        if not self.count:
+            return None
+        first = f"the first {len(self.first)}" if self.count > len(self.first) else "they were"
+        return f"skipped {self.count} bad sample(s); {first}: " + "; ".join(self.first)
 
 
 def cut_metrics(run_dir: str | Path, step: int) -> list[str]:

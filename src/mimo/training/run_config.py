@@ -79,6 +79,9 @@ class DataSection:
     name: Literal["digits", "synthetic"] = "digits"
     num_samples: int = field(default=4096, metadata={"min": 1})
     items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})
+    # loader processes per rank; 0 builds batches in the training process; unset: min(8, CPUs per rank - 1)
+    num_workers: int | None = field(default=None, metadata={"min": 0})
+    prefetch_factor: int = field(default=2, metadata={"min": 1})  # global batches each worker keeps ready
 
 
 @dataclass
