@@ -73,7 +73,8 @@ def test_chat_templates_that_cannot_locate_the_answer_are_refused(tmp_path):
     no_assistant = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}A:{% endif %}"
     with pytest.raises(TemplateError, match="chat template cannot be used for training: .* is not a prefix"):
         dataset(tmp_path, [INSTRUCT], chat_template=no_assistant)
-    with pytest.raises(TemplateError, match="'chat' needs the tokenizer's chat template, and this tokenizer has none"):
+    with pytest.raises(TemplateError, match="the 'chat' template needs the tokenizer's chat template, and this "
+                                            "tokenizer has none"):
         dataset(tmp_path, [INSTRUCT], chat_template=None)
 
 

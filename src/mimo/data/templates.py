@@ -94,7 +94,7 @@ class ChatTemplate:
     def __init__(self, prompter: Prompter) -> None:
         """Check that the tokenizer has a chat template that renders a probe conversation prefix-stably."""
         if prompter.chat_template is None:
-            raise TemplateError("data.template 'chat' needs the tokenizer's chat template, and this tokenizer has "
+            raise TemplateError("the 'chat' template needs the tokenizer's chat template, and this tokenizer has "
                                 "none; use data.template plain or vicuna_v1, or a tokenizer with a chat template")
         self.prompter = prompter
         self.image_parts = "'image'" in prompter.chat_template or '"image"' in prompter.chat_template
