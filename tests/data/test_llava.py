@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -213,3 +214,10 @@ def test_cached_samples_are_made_once(tmp_path):
     save_image(tmp_path / "images" / "missing.png")  # a cached verdict stands: samples are pure functions of i
     with pytest.raises(BadSample, match="image file not found"):
         data[1]
+
+
+def test_the_dataset_pickles_for_loader_workers(tmp_path):
+    data = dataset(tmp_path, bad_files(tmp_path))
+    copy = pickle.loads(pickle.dumps(data))
+    assert torch.equal(copy[0].input_ids, data[0].input_ids) and torch.equal(copy[0].labels, data[0].labels)
+    assert copy.batch([1]).skipped == data.batch([1]).skipped
