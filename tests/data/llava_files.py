@@ -28,15 +28,17 @@ IMAGE_TOKEN_ID = 100  # the model's image id: not the tokenizer's <image> (4), s
 TOKENS_PER_IMAGE = 3
 
 
-def save_tokenizer(directory: Path, chat_template: str | None = CHATML, bos: bool = True) -> Path:
-    """A word-level tokenizer.json (+ tokenizer_config.json): the specials, then WORDS; `<s>` prepended when
-    `bos` (as Llama's tokenizer does)."""
+def save_tokenizer(directory: Path, chat_template: str | None = CHATML, bos: bool = True,
+                   image_token: bool = True) -> Path:
+    """A word-level tokenizer.json (+ tokenizer_config.json): the specials (without `<image>` unless
+    `image_token`), then WORDS; `<s>` prepended when `bos` (as Llama's tokenizer does)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {w: i for i, w in enumerate((*SPECIALS, *WORDS))}
+    specials = [t for t in SPECIALS if image_token or t != "<image>"]
+    vocab = {w: i for i, w in enumerate((*specials, *WORDS))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     directory.mkdir(parents=True, exist_ok=True)
@@ -79,10 +81,10 @@ def dataset(tmp_path: Path, entries: list[Any], name: str = "data.json", **kw: A
 
 
 def open_dataset(tmp_path: Path, path: Path, template: str = "chat", chat_template: str | None = CHATML,
-                 image_folder: Path | None = None, **kw: Any) -> LlavaDataset:
+                 image_folder: Path | None = None, image_token: bool = True, **kw: Any) -> LlavaDataset:
     """A LlavaDataset over the file `path`, images from tmp_path/images (8×8: the model's size), the tokenizer
     saved to tmp_path/tokenizer, float64 pixels."""
-    tokenizer = save_tokenizer(tmp_path / "tokenizer", chat_template)
+    tokenizer = save_tokenizer(tmp_path / "tokenizer", chat_template, image_token=image_token)
     kw = {"image_token_id": IMAGE_TOKEN_ID, "tokens_per_image": TOKENS_PER_IMAGE, "image_size": (8, 8),
           "max_seq_len": 64, "template": template, "dtype": torch.float64, **kw}
     return LlavaDataset(path, image_folder or tmp_path / "images", Prompter.from_directory(tokenizer),

@@ -15,7 +15,9 @@ from mimo.data.templates import TemplateError, VicunaV1Template
 from mimo.hf.image import ImageProcessor
 from tests.data.llava_files import (
     IMAGE_TOKEN_ID,
+    SPECIALS,
     TOKENS_PER_IMAGE,
+    WORDS,
     dataset,
     learned,
     open_dataset,
@@ -119,6 +121,14 @@ def test_the_three_forms_give_the_same_sample(tmp_path, name):
     a, b = llava[0], messages[0]
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.items["images"], b.items["images"])
+
+
+def test_a_tokenizer_without_an_image_token_gets_one(tmp_path):
+    # a plain language model's tokenizer (LLaVA trains from Vicuna's): <image> added, then mapped to the model's id
+    save_image(tmp_path / "images" / "a.png")
+    data = dataset(tmp_path, [INSTRUCT], template="vicuna_v1", image_token=False)
+    assert data.text_image_id == len(SPECIALS) - 1 + len(WORDS)  # the next id after the vocabulary
+    assert words(data, data[0].input_ids)[3:3 + TOKENS_PER_IMAGE + 1] == ["USER:", *IMG]
 
 
 def test_images_are_preprocessed_and_several_or_none_per_sample(tmp_path):

@@ -130,11 +130,14 @@ class LlavaDataset:
             self._check_vocab(vocab_size)
 
     def _text_image_id(self) -> int:
-        """The tokenizer's id of its image token (one token, e.g. an added `<image>`), or an error."""
+        """The tokenizer's id of its image token; a tokenizer without one (a plain language model's, as in
+        LLaVA's own training) gets it added as a special token, its id replaced by the model's anyway."""
         token_id = self.prompter.token_id(self.prompter.image_token)
         if token_id is None:
-            raise ValueError(f"the tokenizer has no {self.prompter.image_token!r} token; add it as a special token "
-                             f"(LLaVA's tokenizers have it)")
+            from tokenizers import AddedToken
+
+            self.prompter.tokenizer.add_special_tokens([AddedToken(self.prompter.image_token, special=True)])
+            token_id = self.prompter.token_id(self.prompter.image_token)
         return token_id
 
     def _pad_id(self) -> int:
