@@ -1,6 +1,6 @@
 """`data: {name: llava, ...}` in a run: each bad data section is one line before any worker starts, the
 tokenizer and image processing come from the model's Hugging Face directory, and `mimo train` trains from a
-LLaVA JSON and a PNG folder, skipping a bad sample."""
+LLaVA JSON and a PNG folder, skipping a bad sample (or, with on_bad_sample error, stops naming it)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,10 @@ def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    stopped = mimo("train", str(path), "--quiet", "--set", "data.on_bad_sample=error", "--set",
+                   f"log.dir={tmp_path / 'stopped'}")
+    assert stopped.returncode != 0
+    # every rank builds the batch; the launcher names the one that failed first
+    missing = re.escape(str(tmp_path / "images" / "missing.png"))
+    assert re.search(f"mimo train: error: rank [01] failed: BadSample: sample 2 \\({missing}\\): image file not found",
+                     stopped.stderr)
