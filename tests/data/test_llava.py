@@ -231,3 +231,25 @@ def test_the_dataset_pickles_for_loader_workers(tmp_path):
     copy = pickle.loads(pickle.dumps(data))
     assert torch.equal(copy[0].input_ids, data[0].input_ids) and torch.equal(copy[0].labels, data[0].labels)
     assert copy.batch([1]).skipped == data.batch([1]).skipped
+
+
+def test_chat_template_labels_equal_transformers_assistant_mask(tmp_path):
+    # a template with {% generation %} markers: transformers' return_assistant_tokens_mask marks the tokens
+    # they enclose; the prefix-by-prefix spans must mark the same tokens (text only: no image expansion)
+    transformers = pytest.importorskip("transformers")
+    template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                "{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}{% else %}{{ m['content'] }}"
+                "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    entry = {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hello"},
+                               {"from": "gpt", "value": "hi"}, {"from": "human", "value": "how are you?"},
+                               {"from": "gpt", "value": "fine"}]}
+    data = dataset(tmp_path, [entry], chat_template=template)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer" / "tokenizer.json"),
+                                                bos_token="<s>", eos_token="</s>", chat_template=template)
+    messages = [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+                for t in entry["conversations"]]
+    want = fast.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    sample = data[0]
+    assert sample.input_ids.tolist() == want["input_ids"]
+    learned_mask = [0] + (sample.labels[:-1] != -100).int().tolist()  # labels[t - 1] targets token t
+    assert learned_mask == want["assistant_masks"] and sum(learned_mask) == 4  # hi <|im_end|> fine <|im_end|>
