@@ -125,7 +125,7 @@ class LlavaDataset:
         self.on_bad_sample, self.dtype = on_bad_sample, dtype
         self.text_image_id = self._text_image_id()
         self.pad_id = self._pad_id()
-        self._cache: dict[int, Sample | BadSample] | None = {} if cache_samples else None
+        self._cache: dict[int, Sample | SkippedSample] | None = {} if cache_samples else None
         if vocab_size is not None:
             self._check_vocab(vocab_size)
 
@@ -169,10 +169,10 @@ class LlavaDataset:
             try:
                 self._cache[index] = self._make(index)
             except BadSample as bad:
-                self._cache[index] = bad
+                self._cache[index] = bad.record
         cached = self._cache[index]
-        if isinstance(cached, BadSample):
-            raise cached
+        if isinstance(cached, SkippedSample):
+            raise BadSample(cached.index, cached.path, cached.reason)
         return cached
 
     def _make(self, index: int) -> Sample:

@@ -84,7 +84,8 @@ class ChatTemplate:
     Assistant spans come from rendering prefix by prefix: for assistant turn i, the rendering of the turns
     before it with `add_generation_prompt=True` must be a prefix of the rendering through turn i, and that of
     the whole conversation; the difference is the answer plus the template's end of turn (e.g. `<|im_end|>\\n`),
-    which is what the loss learns. (`{% generation %}` markers are not used: few templates have them.) A
+    which is what the loss learns. (`{% generation %}` markers are rendered as their body, not used: few
+    templates have them; a test checks the spans equal transformers' assistant mask where they do.) A
     template whose earlier output changes with later turns is refused, on a probe conversation when the
     template is built. Contents are lists of {"type": "image"} / {"type": "text"} parts when the template
     handles image parts (a multimodal processor's template), else strings with `<image>` inline."""
