@@ -36,6 +36,8 @@ def llava_files(tmp_path, chat_template: str | None = CHATML, entries: list | No
      "data.template: 'llama_2' is not allowed; choose one of ['chat', 'plain', 'vicuna_v1']"),
     ({"on_bad_sample": "ignore"}, "data.on_bad_sample: 'ignore' is not allowed; choose one of ['skip', 'error']"),
     ({"max_seq_len": 0}, "data.max_seq_len: must be >= 1, got 0"),
+    ({"name": "digits", "path": "x.json", "template": "plain"},
+     "data: data.path, data.template apply to name 'llava' only, and name is 'digits'"),
 ])
 def test_bad_data_sections_fail_at_parse(data, message):
     with pytest.raises(RunConfigError, match=f"^{re.escape(message)}"):

@@ -91,12 +91,18 @@ class DataSection:
     cache_samples: bool = False  # keep each prepared sample in memory after its first use (small datasets)
 
     def __post_init__(self) -> None:
-        """A llava dataset names its file and image folder."""
+        """A llava dataset names its file and image folder; the built-in ones take none of its keys."""
         if self.name == "llava":
             missing = [k for k in ("path", "image_folder") if getattr(self, k) is None]
             if missing:
                 raise RunConfigError(f"data: name 'llava' needs {' and '.join(f'data.{k}' for k in missing)} "
                                      f"(the LLaVA JSON / JSONL file and the folder its images are in)")
+            return
+        given = [k for k in ("path", "image_folder", "tokenizer") if getattr(self, k) is not None]
+        given += ["template"] if self.template != "chat" else []
+        if given:
+            raise RunConfigError(f"data: {', '.join(f'data.{k}' for k in given)} apply to name 'llava' only, and "
+                                 f"name is {self.name!r} (which brings its own files, tokenizer and template)")
 
 
 @dataclass
