@@ -31,6 +31,12 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     (lambda: transformers.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
      (300, 641)),  # upscaled, portrait
     (lambda: transformers.SiglipImageProcessor(size={"height": 8, "width": 8}), (31, 17)),
+    (lambda: transformers.SiglipImageProcessor(), (500, 333)),  # SigLIP's 224 × 224, no crop
+    # LLaVA-1.5: padded to a square of the mean colour first (landscape, then portrait with odd padding)
+    (lambda: transformers.LlavaImageProcessor(do_pad=True, size={"shortest_edge": 8},
+                                              crop_size={"height": 8, "width": 8}), (13, 10)),
+    (lambda: transformers.LlavaImageProcessor(do_pad=True, size={"shortest_edge": 336},
+                                              crop_size={"height": 336, "width": 336}), (300, 641)),
 ])
 def test_pixels_equal_transformers_processor(tmp_path, processor, size):
     reference = processor()
@@ -41,7 +47,22 @@ def test_pixels_equal_transformers_processor(tmp_path, processor, size):
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_padding_to_a_square_is_llava_s_expand2square():
+    # LLaVA's expand2square: the image centred (odd row at the bottom) on the mean colour, int(mean * 255)
+    processor = ImageProcessor(do_resize=False, do_rescale=False, do_normalize=False, do_pad=True,
+                               image_mean=(0.5, 0.25, 1.0))
+    padded = processor(photo(4, 1))
+    assert padded.shape == (3, 4, 4)
+    assert torch.equal(padded[:, 1], ImageProcessor(do_resize=False, do_rescale=False, do_normalize=False)(
+        photo(4, 1))[:, 0])
+    for row in (0, 2, 3):
+        assert padded[:, row].tolist() == [[127.0] * 4, [63.0] * 4, [255.0] * 4]
+
+
 def test_unsupported_image_processors_are_named(tmp_path):
+    with pytest.raises(ImageConfigError, match="do_pad=True is LlavaImageProcessor's pad to a square; mimo does not "
+                                               "support it for CLIPImageProcessor"):
+        ImageProcessor.from_dict({"image_processor_type": "CLIPImageProcessor", "do_pad": True})
     with pytest.raises(ImageConfigError, match="image_processor_type='Idefics3ImageProcessor' is not supported"):
         ImageProcessor.from_dict({"image_processor_type": "Idefics3ImageProcessor"})
     with pytest.raises(ImageConfigError, match="no preprocessor_config.json"):

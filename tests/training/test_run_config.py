@@ -44,7 +44,7 @@ def test_set_overrides_any_key_with_yaml_typing():
          "train.dtype: 'fp8' is not allowed; choose one of ['float32', 'bfloat16', 'float16', 'float64']"),
         ({"parallelism": LAYOUT, "model": {"preset": "70b"}}, "model.preset: '70b' is not allowed"),
         ({"parallelism": LAYOUT, "data": {"name": "imagenet"}},
-         "data.name: 'imagenet' is not allowed; choose one of ['digits', 'synthetic']"),
+         "data.name: 'imagenet' is not allowed; choose one of ['digits', 'synthetic', 'llava']"),
         ({"parallelism": LAYOUT, "train": {"clip_grad": "big"}}, "train.clip_grad: 'big' is not a float or null"),
         ({"parallelism": LAYOUT, "distributed": {"video": {}}},
          "distributed: unknown module(s) ['video']; modules are ['images', 'language']"),

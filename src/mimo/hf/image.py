@@ -1,8 +1,9 @@
 """A Hugging Face directory's image preprocessing (`preprocessor_config.json`), with Pillow and torch.
 
 The steps and their arithmetic are those of transformers' PIL image processors (CLIP, SigLIP, LLaVA):
-convert to RGB, resize (shortest edge, or a fixed height × width) with the configured Pillow filter on the
-8-bit image, center crop, rescale in float64 then round to float32, normalize per channel in float32.
+convert to RGB, pad to a square (LLaVA-1.5's `do_pad`, LLaVA's `expand2square`: the image centred on the mean
+colour), resize (shortest edge, or a fixed height × width) with the configured Pillow filter on the 8-bit image,
+center crop, rescale in float64 then round to float32, normalize per channel in float32.
 (transformers' optional torchvision backend resizes with its own kernels, which differ slightly from Pillow's.)
 """
 
@@ -38,6 +39,13 @@ class ImageProcessor:
     do_normalize: bool = True
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    do_pad: bool = False
+
+    @classmethod
+    def square(cls, image_size: int) -> ImageProcessor:
+        """A model without a preprocessor config (a mimo preset): resize to its square input size (a no-op for
+        images of that size), rescale to [0, 1], normalize with mean = std = 0.5 to [-1, 1] (SigLIP's defaults)."""
+        return cls(size={"height": image_size, "width": image_size})
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> ImageProcessor:
@@ -60,8 +68,9 @@ class ImageProcessor:
         if kind not in SUPPORTED:
             raise ImageConfigError(f"{where}: image_processor_type={kind!r} is not supported by mimo; it implements "
                                    f"{list(SUPPORTED)}")
-        if data.get("do_pad"):
-            raise ImageConfigError(f"{where}: do_pad=True (padding to a square) is not supported by mimo")
+        if data.get("do_pad") and kind != "LlavaImageProcessor":
+            raise ImageConfigError(f"{where}: do_pad=True is LlavaImageProcessor's pad to a square; mimo does not "
+                                   f"support it for {kind}")
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         for key in ("image_mean", "image_std"):
             if key in fields:
@@ -70,7 +79,9 @@ class ImageProcessor:
         return cls(**fields)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) of an image of this size after resizing and cropping."""
+        """(height, width) of an image of this size after padding, resizing and cropping."""
+        if self.do_pad:
+            height = width = max(height, width)
         if self.do_resize:
             height, width = self._resized(height, width)
         if self.do_center_crop:
@@ -93,6 +104,8 @@ class ImageProcessor:
         """One image → pixel values [3, H, W] in float32."""
         if self.do_convert_rgb:
             image = image.convert("RGB")
+        if self.do_pad:
+            image = self._pad_to_square(image)
         if self.do_resize:
             height, width = self._resized(image.height, image.width)
             image = image.resize((width, height), resample=self.resample)
@@ -107,6 +120,18 @@ class ImageProcessor:
             std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
             values = (values - mean) / std
         return values
+
+    def _pad_to_square(self, image: Image.Image) -> Image.Image:
+        """The image centred on a square of the mean colour (`int(mean * 255)` per channel), the odd row or
+        column of padding at the bottom / right, as transformers' `pad_to_square` and LLaVA's `expand2square`."""
+        width, height = image.size
+        if width == height:
+            return image
+        side = max(width, height)
+        colour = tuple(int(m * 255) for m in self.image_mean)[:len(image.getbands())]
+        square = Image.new(image.mode, (side, side), colour if len(colour) > 1 else colour[0])
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
+        return square
 
 
 def _center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:

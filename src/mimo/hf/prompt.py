@@ -4,18 +4,21 @@ With a chat template the prompt is one user turn holding the image and the text,
 `add_generation_prompt` in a sandboxed Jinja environment set up as transformers sets it up (jinja2 is
 what transformers itself uses; mimo imports it only here); without one the text is `<image>\\n` + prompt.
 Each image token is then repeated to the image's token count, and the text tokenized, special tokens added
-unless the rendered text already starts with the BOS token (transformers' rule).
+unless the rendered text already starts with the BOS token (transformers' rule). Training data renders whole
+conversations through the same template (`render`) and tokenizes with character offsets (`encode`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 IMAGE_TOKEN = "<image>"
 
@@ -52,8 +55,28 @@ class Prompter:
         if self.chat_template is None:
             return f"{self.image_token}\n{prompt}"
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return _compile(self.chat_template).render(messages=messages, tools=None, documents=None,
-                                                   add_generation_prompt=True, **self.special_tokens)
+        return self.render(messages, add_generation_prompt=True)
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """`messages` through the chat template, as transformers' `apply_chat_template(tokenize=False)`."""
+        if self.chat_template is None:
+            raise PromptError("the tokenizer has no chat template to render a conversation with")
+        return _compile(self.chat_template).render(messages=list(messages), tools=None, documents=None,
+                                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
+
+    def adds_special_tokens(self, text: str) -> bool:
+        """Whether tokenizing `text` adds the tokenizer's special tokens: not when a chat template's rendering
+        already starts with the BOS token (transformers' rule)."""
+        bos = self.special_tokens.get("bos_token")
+        return not (self.chat_template is not None and bos is not None and text.startswith(bos))
+
+    def encode(self, text: str, add_special_tokens: bool) -> Encoding:
+        """The tokenizer's encoding of `text`: ids and each token's character offsets."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (e.g. the image token), or None."""
+        return self.tokenizer.token_to_id(token)
 
     def input_ids(self, prompt: str, image_tokens: int) -> list[int]:
         """Token ids of the prompt with its one image expanded to `image_tokens` image tokens."""
@@ -62,9 +85,7 @@ class Prompter:
             raise PromptError(f"the prompt holds {text.count(self.image_token)} {self.image_token} tokens; "
                               f"mimo generate takes one image")
         text = text.replace(self.image_token, self.image_token * image_tokens)
-        bos = self.special_tokens.get("bos_token")
-        add_special = not (self.chat_template is not None and bos is not None and text.startswith(bos))
-        return self.tokenizer.encode(text, add_special_tokens=add_special).ids
+        return self.encode(text, self.adds_special_tokens(text)).ids
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids → text, special tokens skipped."""
@@ -93,6 +114,7 @@ def _chat_template(directory: Path, tokenizer_config: dict[str, Any]) -> str | N
     return template
 
 
+@functools.lru_cache(maxsize=8)
 def _compile(template: str):
     """A sandboxed Jinja template with the helpers chat templates expect (as transformers provides them)."""
     import jinja2
@@ -106,7 +128,18 @@ def _compile(template: str):
                sort_keys: bool = False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}…{% endgeneration %}` (transformers' assistant-mask markers) rendered as their body;
+        mimo's training data finds assistant tokens by rendering prefix by prefix (`mimo.data.templates`)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> list[Any]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

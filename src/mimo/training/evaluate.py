@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mimo.data import DigitsDataset
+from mimo.data import BadSample
 from mimo.models import MimoModel, ModalityBatch
+from mimo.models.labels import IGNORE_INDEX
+
+MODALITY = "images"
 
 
 @torch.no_grad()
@@ -25,16 +28,36 @@ def greedy_generate(model: MimoModel, input_ids: torch.Tensor, modality_inputs: 
     return ids[:, input_ids.shape[1]:]
 
 
-def digits_accuracy(model: MimoModel, dataset: DigitsDataset, batch_size: int = 128) -> float:
-    """Caption accuracy on `dataset`: the generated word after "which digit ?" equals the digit's word."""
+def answer_accuracy(model: MimoModel, dataset, batch_size: int = 128) -> float:
+    """Fraction of samples whose first answer greedy generation reproduces exactly: the first run of labelled
+    positions (for the digits: the word and EOS), generated from the prompt before it and the sample's images.
+    Bad samples (`BadSample`) are left out of the count."""
     model.eval()
-    words = []
-    dtype = next(model.parameters()).dtype
-    for start in range(0, len(dataset), batch_size):
-        indices = list(range(start, min(start + batch_size, len(dataset))))
-        prompts = torch.stack([dataset.prompt_for_generation(i) for i in indices])
-        images = torch.stack([dataset.image(i) for i in indices]).to(dtype)
-        batch = {DigitsDataset.MODALITY: ModalityBatch(images, torch.ones(len(indices), dtype=torch.long))}
-        generated = greedy_generate(model, prompts, batch, max_new_tokens=1)
-        words += [dataset.tokenizer.decode(row) for row in generated]
-    return dataset.caption_accuracy(words, list(range(len(dataset))))
+    groups: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for index in range(len(dataset)):
+        try:
+            sample = dataset[index]
+        except BadSample:
+            continue
+        prompt, answer = _first_answer(sample.input_ids, sample.labels)
+        groups.setdefault((len(prompt), len(answer)), []).append((prompt, answer, sample.items[MODALITY]))
+    hits = total = 0
+    for (_, answer_length), group in groups.items():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            images = ModalityBatch(torch.cat([c[2] for c in chunk]),
+                                   torch.tensor([c[2].shape[0] for c in chunk], dtype=torch.long))
+            generated = greedy_generate(model, torch.stack([c[0] for c in chunk]), {MODALITY: images}, answer_length)
+            hits += int((generated == torch.stack([c[1] for c in chunk])).all(dim=1).sum())
+            total += len(chunk)
+    if total == 0:
+        raise ValueError("answer_accuracy found no good sample to evaluate")
+    return hits / total
+
+
+def _first_answer(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ids up to the first labelled position, the labels of the run of labelled positions from there)."""
+    labelled = (labels != IGNORE_INDEX).tolist()
+    first = labelled.index(True)
+    end = labelled.index(False, first) if False in labelled[first:] else len(labelled)
+    return input_ids[:first + 1], labels[first:end]

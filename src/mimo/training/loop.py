@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mimo.data import BatchPrefetcher, DigitsDataset, GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.data.prefetch import default_num_workers
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.grid import group_options
@@ -29,7 +29,8 @@ from mimo.training.checkpoint import (
     open_checkpoint,
     weights_path,
 )
-from mimo.training.evaluate import digits_accuracy
+from mimo.training.datasets import llava_dataset
+from mimo.training.evaluate import answer_accuracy
 from mimo.training.flops import batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
@@ -76,11 +77,12 @@ def build_provider(config: RunConfig, device: torch.device | None = None, distri
 
 
 def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "train"):
-    """The run's dataset, shaped to the model (image token id, tokens per image)."""
+    """The run's dataset, shaped to the model (image token id, tokens per image): LLaVA-format files (the
+    built-in digits too: its `split`, train or held_out), or generated samples."""
+    if config.data.name in ("digits", "llava"):
+        return llava_dataset(config, provider, split)
     dtype = config.precision.param_dtype
     tokens = provider.vision_config.tokens_per_image
-    if config.data.name == "digits":
-        return DigitsDataset(split, image_token_id=provider.image_token_id, tokens_per_image=tokens, dtype=dtype)
     spec = ModalitySpec.image(provider.image_token_id, tokens, size=provider.vision_config.image_size,
                               channels=provider.vision_config.num_channels)
     text_vocab = min(provider.language_config.vocab_size, provider.image_token_id)  # an image id inside the vocab
@@ -258,5 +260,5 @@ def _evaluate(config: RunConfig, checkpoint: Path) -> tuple[float, int]:
     model = provider.provide()
     load_model_only(checkpoint, model)
     held_out = build_dataset(config, provider, "held_out")
-    return digits_accuracy(model, held_out), len(held_out)
+    return answer_accuracy(model, held_out), len(held_out)
 

@@ -74,14 +74,38 @@ class TrainSection:
 
 @dataclass
 class DataSection:
-    """The built-in datasets: `digits` (scikit-learn's 8×8 scans, captioned) or `synthetic` (generated)."""
+    """`llava`: a LLaVA-format file (JSON array or JSONL; LLaVA's `conversations` or the `messages` form) and
+    its image folder; `digits` (built in: scikit-learn's 8×8 scans, captioned, written once as PNGs and LLaVA
+    JSON to ~/.cache/mimo and read through the same dataset); `synthetic` (generated)."""
 
-    name: Literal["digits", "synthetic"] = "digits"
-    num_samples: int = field(default=4096, metadata={"min": 1})
-    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})
+    name: Literal["digits", "synthetic", "llava"] = "digits"
+    num_samples: int = field(default=4096, metadata={"min": 1})  # synthetic
+    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})  # synthetic
+    path: str | None = None  # llava: the JSON / JSONL file
+    image_folder: str | None = None  # llava: the directory the entries' image paths are relative to
+    template: Literal["chat", "plain", "vicuna_v1"] = "chat"  # llava: chat = the tokenizer's chat template
+    # llava: default the language model's; a longer sample is dropped (a bad sample), never cut
+    max_seq_len: int | None = field(default=None, metadata={"min": 1})
+    on_bad_sample: Literal["skip", "error"] = "skip"  # skip: the next good sample takes its place, counted
+    tokenizer: str | None = None  # llava: a directory with tokenizer.json; default model.hf / model.language_hf
+    cache_samples: bool = False  # keep each prepared sample in memory after its first use (small datasets)
     # loader processes per rank; 0 builds batches in the training process; unset: min(8, CPUs per rank - 1)
     num_workers: int | None = field(default=None, metadata={"min": 0})
     prefetch_factor: int = field(default=2, metadata={"min": 1})  # global batches each worker keeps ready
+
+    def __post_init__(self) -> None:
+        """A llava dataset names its file and image folder; the built-in ones take none of its keys."""
+        if self.name == "llava":
+            missing = [k for k in ("path", "image_folder") if getattr(self, k) is None]
+            if missing:
+                raise RunConfigError(f"data: name 'llava' needs {' and '.join(f'data.{k}' for k in missing)} "
+                                     f"(the LLaVA JSON / JSONL file and the folder its images are in)")
+            return
+        given = [k for k in ("path", "image_folder", "tokenizer") if getattr(self, k) is not None]
+        given += ["template"] if self.template != "chat" else []
+        if given:
+            raise RunConfigError(f"data: {', '.join(f'data.{k}' for k in given)} apply to name 'llava' only, and "
+                                 f"name is {self.name!r} (which brings its own files, tokenizer and template)")
 
 
 @dataclass
@@ -234,7 +258,8 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
 def validate_run(config: RunConfig, world_size: int) -> list[str]:
     """The one check of a run before any work, on `world_size` ranks: the layout (finalized here), the
     batch split over micro-batches and every module's DP size, the distributed section, the Hugging Face
-    directories the model section names, and whether the model splits as the layout asks. `mimo validate`,
+    directories the model section names, whether the model splits as the layout asks, and a llava run's data
+    (file, image folder, tokenizer, template). `mimo validate`,
     the `mimo train` parent and every worker call it. Returns the layout's warnings (e.g. stub ranks)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -244,6 +269,7 @@ def validate_run(config: RunConfig, world_size: int) -> list[str]:
     hf_model(config.model)  # Hugging Face directories: their configs are read and checked here
     _check_model_fits(config)
     _check_pretrained(config)
+    _check_data(config)
     return [str(w.message) for w in caught]
 
 
@@ -272,6 +298,16 @@ def _check_model_fits(config: RunConfig) -> None:
         build_provider(config, distributed=False).check_layout(config.layout)
     except (WrapError, ProviderError) as e:
         raise RunConfigError(f"parallelism: {e}") from None
+
+
+def _check_data(config: RunConfig) -> None:
+    """A llava run's file, image folder, tokenizer, template and max_seq_len (`training.datasets`)."""
+    if config.data.name != "llava":
+        return
+    from mimo.training.datasets import check_llava_data
+    from mimo.training.loop import build_provider
+
+    check_llava_data(config, build_provider(config, distributed=False).language_config.max_seq_len)
 
 
 def _check_distributed_modules(config: RunConfig) -> None:

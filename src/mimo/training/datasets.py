@@ -1,0 +1,87 @@
+"""The run's LLaVA-format datasets, from the data and model sections: which tokenizer, which image processing.
+
+The tokenizer is `data.tokenizer` when given, else the model's Hugging Face directory (`model.hf`, or
+`model.language_hf`); the image preprocessing is the vision directory's preprocessor config (`model.hf` or
+`model.vision_hf`), or for a preset a plain resize to its input size. The built-in digits (`data.name: digits`)
+go through the same dataset: PNGs and LLaVA JSON in mimo's cache, mimo's word-level tokenizer, the chat
+template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
+from mimo.data.llava import LlavaDataset
+from mimo.data.templates import TemplateError, build_template
+from mimo.hf.image import ImageConfigError, ImageProcessor
+from mimo.hf.prompt import Prompter, PromptError
+from mimo.training.run_config import DataSection, RunConfig, RunConfigError
+
+
+def tokenizer_directory(config: RunConfig) -> Path:
+    """Where the tokenizer of a `llava` run comes from (see the module docstring), or an error saying so."""
+    data, model = config.data, config.model
+    directory = data.tokenizer or model.hf or model.language_hf
+    if directory is None:
+        raise RunConfigError("data.tokenizer: a preset model has no tokenizer; give data.tokenizer: DIR (a directory "
+                             "with tokenizer.json), or a model from Hugging Face directories")
+    return Path(directory)
+
+
+def open_prompter(directory: Path) -> Prompter:
+    """The tokenizer of `directory`, or a RunConfigError naming it."""
+    try:
+        return Prompter.from_directory(directory)
+    except (PromptError, OSError, ValueError) as e:
+        raise RunConfigError(f"data.tokenizer: {e} (set data.tokenizer to a directory with tokenizer.json)") from None
+
+
+def image_processor(config: RunConfig, image_size: int) -> ImageProcessor:
+    """The vision directory's image preprocessing, or for a preset a resize to `image_size`."""
+    directory = config.model.hf or config.model.vision_hf
+    if directory is None:
+        return ImageProcessor.square(image_size)
+    try:
+        return ImageProcessor.from_directory(directory)
+    except ImageConfigError as e:
+        raise RunConfigError(f"model: {e}") from None
+
+
+def check_llava_data(config: RunConfig, max_seq_len: int) -> None:
+    """Before any worker starts: the data file and image folder exist, the tokenizer loads, the template suits
+    it, and max_seq_len fits the language model (`max_seq_len`)."""
+    data = config.data
+    if not Path(data.path).is_file():
+        raise RunConfigError(f"data.path: {data.path} is not a file (a LLaVA JSON or JSONL file)")
+    if not Path(data.image_folder).is_dir():
+        raise RunConfigError(f"data.image_folder: {data.image_folder} is not a directory")
+    if data.max_seq_len is not None and data.max_seq_len > max_seq_len:
+        raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
+                             f"{max_seq_len}; use at most {max_seq_len}")
+    try:
+        build_template(data.template, open_prompter(tokenizer_directory(config)))
+    except TemplateError as e:
+        raise RunConfigError(f"data.template: {e}") from None
+
+
+def llava_dataset(config: RunConfig, provider, split: str = "train") -> LlavaDataset:
+    """The run's LlavaDataset (`data.name: llava`, or the built-in digits' `split`), shaped to the model."""
+    data: DataSection = config.data
+    vision, language = provider.vision_config, provider.language_config
+    if data.name == "digits":
+        files = digits_llava_files()
+        path, folder, prompter, template = files / f"{split}.json", files / "images", \
+            Prompter.from_directory(DIGITS_TOKENIZER), "chat"
+    else:
+        path, folder, template = data.path, data.image_folder, data.template
+        prompter = open_prompter(tokenizer_directory(config))
+    try:
+        return LlavaDataset(path, folder, prompter, image_processor(config, vision.image_size),
+                            image_token_id=provider.image_token_id, tokens_per_image=vision.tokens_per_image,
+                            image_size=(vision.image_size, vision.image_size),
+                            max_seq_len=data.max_seq_len or language.max_seq_len, template=template,
+                            on_bad_sample=data.on_bad_sample, vocab_size=language.vocab_size,
+                            dtype=config.precision.param_dtype, cache_samples=data.cache_samples)
+    except ValueError as e:  # DataFileError, TemplateError, a tokenizer that does not fit the model
+        raise RunConfigError(f"data: {e}") from None

@@ -1,0 +1,105 @@
+"""`data: {name: llava, ...}` in a run: each bad data section is one line before any worker starts, the
+tokenizer and image processing come from the model's Hugging Face directory, and `mimo train` trains from a
+LLaVA JSON and a PNG folder, skipping a bad sample (or, with on_bad_sample error, stops naming it)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from mimo.cli import main
+from mimo.training.loop import build_dataset, build_provider
+from mimo.training.run_config import RunConfigError, parse_run_config, validate_run
+from tests.data.llava_files import CHATML, pretrain_entry, save_entries, save_image, save_tokenizer
+from tests.test_train_cli import metrics, mimo, write_config
+
+LAYOUT = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 1}}
+
+
+def llava_files(tmp_path, chat_template: str | None = CHATML, entries: list | None = None) -> dict:
+    """A data section over a JSON file, an image folder of 8×8 PNGs and a word-level tokenizer."""
+    for k in range(4):
+        save_image(tmp_path / "images" / f"{k}.png", seed=k)
+    entries = entries or [pretrain_entry(f"{k}.png", ["a cat", "a dog"][k % 2]) for k in range(4)]
+    return {"name": "llava", "path": str(save_entries(tmp_path / "data.json", entries)),
+            "image_folder": str(tmp_path / "images"),
+            "tokenizer": str(save_tokenizer(tmp_path / "tokenizer", chat_template))}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"name": "llava"}, "data: name 'llava' needs data.path and data.image_folder"),
+    ({"name": "llava", "path": "x.json"}, "data: name 'llava' needs data.image_folder"),
+    ({"name": "llava", "path": "x.json", "image_folder": "i", "template": "llama_2"},
+     "data.template: 'llama_2' is not allowed; choose one of ['chat', 'plain', 'vicuna_v1']"),
+    ({"on_bad_sample": "ignore"}, "data.on_bad_sample: 'ignore' is not allowed; choose one of ['skip', 'error']"),
+    ({"max_seq_len": 0}, "data.max_seq_len: must be >= 1, got 0"),
+    ({"name": "digits", "path": "x.json", "template": "plain"},
+     "data: data.path, data.template apply to name 'llava' only, and name is 'digits'"),
+])
+def test_bad_data_sections_fail_at_parse(data, message):
+    with pytest.raises(RunConfigError, match=f"^{re.escape(message)}"):
+        parse_run_config({"parallelism": LAYOUT, "data": data})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d, t: {**d, "path": str(t / "missing.json")}, "data.path: {t}/missing.json is not a file"),
+    (lambda d, t: {**d, "image_folder": str(t / "data.json")}, "data.image_folder: {t}/data.json is not a directory"),
+    (lambda d, t: {k: v for k, v in d.items() if k != "tokenizer"},
+     "data.tokenizer: a preset model has no tokenizer; give data.tokenizer: DIR"),
+    (lambda d, t: {**d, "tokenizer": str(t / "images")}, "data.tokenizer: {t}/images: no tokenizer.json"),
+    (lambda d, t: {**d, "max_seq_len": 257}, "data.max_seq_len: 257 exceeds the language model's max_seq_len 256"),
+    (lambda d, t: {**d, "tokenizer": str(save_tokenizer(t / "plain_tokenizer", chat_template=None))},
+     "data.template: the 'chat' template needs the tokenizer's chat template, and this tokenizer has none"),
+])
+def test_validate_refuses_bad_llava_data_before_any_worker(tmp_path, capsys, change, message):
+    data = change(llava_files(tmp_path), tmp_path)
+    config = parse_run_config({"parallelism": LAYOUT, "data": data})
+    with pytest.raises(RunConfigError, match=re.escape(message.format(t=tmp_path))):
+        validate_run(config, 2)
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps({"parallelism": LAYOUT, "data": data}))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimo validate: error: ") and message.format(t=tmp_path) in err and err.count("\n") == 1
+
+
+def test_tokenizer_and_image_processing_come_from_the_model_directory(tmp_path):
+    from tests.hf import tiny_hf
+
+    tiny_hf.save_llava(tmp_path / "llava")
+    tiny_hf.processor().save_pretrained(tmp_path / "llava")  # word-level tokenizer, CLIP 8 × 8 processing
+    save_image(tmp_path / "images" / "a.png", width=13, height=10)
+    entry = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\ndescribe the image"},
+                                                 {"from": "gpt", "value": "please"}]}
+    data = {"name": "llava", "path": str(save_entries(tmp_path / "d.json", [entry])),
+            "image_folder": str(tmp_path / "images"), "template": "vicuna_v1"}
+    config = parse_run_config({"parallelism": LAYOUT, "model": {"hf": str(tmp_path / "llava")}, "data": data})
+    validate_run(config, 2)
+    sample = build_dataset(config, build_provider(config, distributed=False))[0]
+    assert int((sample.input_ids == tiny_hf.IMAGE_TOKEN).sum()) == 16  # CLIP 8 × 8 in 2 × 2 patches
+    from PIL import Image
+
+    want = tiny_hf.processor().image_processor(images=Image.open(tmp_path / "images" / "a.png"), return_tensors="pt")
+    assert torch.equal(sample.items["images"], want["pixel_values"])
+
+
+def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
+    entries = [pretrain_entry(f"{k}.png", ["a cat", "a dog"][k % 2]) for k in range(4)]
+    entries[2] = pretrain_entry("missing.png")  # skipped: the next good sample (3) takes its slot
+    data = llava_files(tmp_path, entries=entries)
+    path, run_dir = write_config(tmp_path, data=data, parallelism=LAYOUT,
+                                 train={"steps": 2, "global_batch_size": 4}, checkpoint={"interval": 0})
+    done = mimo("train", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    stopped = mimo("train", str(path), "--quiet", "--set", "data.on_bad_sample=error", "--set",
+                   f"log.dir={tmp_path / 'stopped'}")
+    assert stopped.returncode != 0
+    # every rank builds the batch; the launcher names the one that failed first
+    missing = re.escape(str(tmp_path / "images" / "missing.png"))
+    assert re.search(f"mimo train: error: rank [01] failed: BadSample: sample 2 \\({missing}\\): image file not found",
+                     stopped.stderr)
