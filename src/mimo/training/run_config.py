@@ -79,6 +79,7 @@ class DataSection:
     name: Literal["digits", "synthetic"] = "digits"
     num_samples: int = field(default=4096, metadata={"min": 1})
     items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})
+    packing: bool = False  # each micro-batch's samples end to end in one row, attention kept per sample
 
 
 @dataclass
