@@ -20,8 +20,17 @@ from mimo.models import ViTConfig
 from mimo.models.labels import IGNORE_INDEX
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.step import MimoTrainer
-from tests.training.test_parity import CLIP, GLOBAL_BATCH, IMG2_LANG_TP2, MICRO, OPTIM, STEPS, full_params, provider, \
-    train_one_process
+from tests.training.test_parity import (
+    CLIP,
+    GLOBAL_BATCH,
+    IMG2_LANG_TP2,
+    MICRO,
+    OPTIM,
+    STEPS,
+    full_params,
+    provider,
+    train_one_process,
+)
 
 HOMOGENEOUS = {"images": {}, "language": {}}
 
