@@ -20,6 +20,7 @@ from mimo.models import ViTConfig
 from mimo.models.labels import IGNORE_INDEX
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.step import MimoTrainer
+from tests.test_train_cli import mimo, steps_and_losses, write_config
 from tests.training.test_parity import (
     CLIP,
     GLOBAL_BATCH,
@@ -134,3 +135,17 @@ def test_packing_feeds_fewer_positions_than_padding():
     padded = GLOBAL_BATCH // MICRO * batch.input_ids.shape[1]
     lengths = run_distributed(packed_tokens, 1)[0]
     assert all(n < padded for n in lengths), (lengths, padded)
+
+
+def test_mimo_train_with_data_packing_logs_the_unpacked_losses(tmp_path):
+    """`data.packing: true` reaches the step from the YAML: a float64 `mimo train` logs the losses of the same
+    run without packing."""
+    losses = {}
+    for packing in (False, True):
+        path, run_dir = write_config(tmp_path / str(packing), train={"steps": 2}, data={"packing": packing})
+        done = mimo("train", str(path), "--quiet")
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[packing] = steps_and_losses(run_dir)
+    assert sorted(losses[True]) == [1, 2]
+    for step, want in losses[False].items():
+        assert abs(losses[True][step] - want) <= 1e-8 * abs(want), (step, losses)
