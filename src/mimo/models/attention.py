@@ -61,8 +61,13 @@ class FlexDocumentAttention:
                                             device=document_ids.device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """flex_attention over the blocks the mask keeps (compiled once per process, on first use)."""
-        return _compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=True)
+        """flex_attention over the blocks the mask keeps (compiled once per process, on first use), on q, k, v
+        of one dtype: autocast's, as SDPA would take under autocast (rotary leaves q, k in the residual's
+        float32 while v is bf16), else their common one."""
+        device = q.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+        return _compiled_flex()(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
 
 
 _FLEX = {}
