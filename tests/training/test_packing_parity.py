@@ -149,3 +149,26 @@ def test_mimo_train_with_data_packing_logs_the_unpacked_losses(tmp_path):
     assert sorted(losses[True]) == [1, 2]
     for step, want in losses[False].items():
         assert abs(losses[True][step] - want) <= 1e-8 * abs(want), (step, losses)
+
+
+def too_long(rank: int, world_size: int, packed: bool) -> str:
+    """The trainer's message for a batch whose longest sample exceeds max_seq_len (256), packed or not."""
+    prov = provider(HOMOGENEOUS, ("images",))
+    trainer = MimoTrainer(prov.provide_distributed_model(), prov.build_infra(), hidden_size=64,
+                          global_batch_size=GLOBAL_BATCH, num_microbatches=MICRO, activation_dtype=torch.float64,
+                          text_layout=PackedText() if packed else None)
+    data = SyntheticDataset(8, {"images": ModalitySpec.image(256, ViTConfig.tiny().tokens_per_image)},
+                            items_per_sample=(3,), text_length=(60, 60), seed=1, dtype=torch.float64)
+    try:
+        trainer.train_step(data.batch(range(GLOBAL_BATCH)))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_sample_longer_than_max_seq_len_is_one_clear_error(packed):
+    # bos + 60 + 3 × (16 image tokens + query + answer + 60) + eos = 296 positions, 295 of them kept when packed
+    longest = 295 if packed else 296
+    assert run_distributed(too_long, 1, packed)[0] == (
+        f"sequence length {longest} exceeds the language model's max_seq_len 256; drop or shorten the longer samples")

@@ -191,7 +191,8 @@ class MimoTrainer:
         limit = unwrap(self.model.language_model).config.max_seq_len
         longest = max(text.longest for text in texts)
         if longest > limit:
-            raise ValueError(f"sequence length {longest} exceeds max_seq_len {limit}")
+            raise ValueError(f"sequence length {longest} exceeds the language model's max_seq_len {limit}; "
+                             f"drop or shorten the longer samples")
 
     @staticmethod
     def _encode(encoder: torch.nn.Module, items: torch.Tensor) -> torch.Tensor:
