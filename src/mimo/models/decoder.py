@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from mimo.models.attention import CAUSAL, Attention, document_attention
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
 from mimo.models.rotary import Llama3RopeScaling, apply_rotary, rotary_tables
@@ -123,12 +124,14 @@ class DecoderAttention(nn.Module):
         """[B, S, h·d] → [B, h, S, d]; h (-1) is whatever this rank holds: all heads, or its TP shard of them."""
         return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """[B, S, H] → [B, S, H]; cos/sin are the rotary tables for positions 0..S-1."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: Attention = CAUSAL) -> torch.Tensor:
+        """[B, S, H] → [B, S, H]; cos/sin are the rotary tables of the positions ([S, d], or [B, 1, S, d] per
+        token), `attention` which positions each one sees (causal per row, or per document of a packed row)."""
         q = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
         k = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
         v = self._heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -158,9 +161,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: Attention = CAUSAL) -> torch.Tensor:
         """One decoder layer: [B, S, H] → [B, S, H]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -244,28 +248,41 @@ class Decoder(nn.Module):
         input_ids: torch.Tensor | None = None,
         embeddings_at: EmbeddingsAt = (),
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One stage's whole work in one call (the entry point DDP and FSDP wrap).
 
         First stage: embed `input_ids` (see `embed`); other stages: take `hidden` [B, S, H]. Then run this
         stage's layers (and the final norm on the last stage); with `labels` (last stage) return
-        `(loss_sum, num_label_tokens)`, else the hidden states.
+        `(loss_sum, num_label_tokens)`, else the hidden states. A packed row (`mimo.data.packing`) gives
+        each token's rotary position (`position_ids` [B, S], restarting per sample; by default 0..S-1) and
+        its sample (`document_ids` [B, S]: attention stays inside a sample; by default causal per row).
         """
         if input_ids is not None:
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden)
+        hidden = self._layers(hidden, position_ids, document_ids)
         return self.loss(hidden, labels) if labels is not None else hidden
 
-    def _layers(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
+        cos, sin = self._rotary(hidden, position_ids)
+        attention = CAUSAL if document_ids is None else document_attention(document_ids)
+        for layer in self.layers.values():
+            hidden = layer(hidden, cos, sin, attention)
+        return self.norm(hidden) if self.norm is not None else hidden
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions 0..S-1 ([S, d]), or of each token's `position_ids` ([B, 1, S, d]); the caller
+        keeps positions under max_seq_len (a packed row may be longer: its positions restart per sample)."""
+        if position_ids is not None:
+            return (self.rope_cos[position_ids].unsqueeze(1).to(hidden.dtype),
+                    self.rope_sin[position_ids].unsqueeze(1).to(hidden.dtype))
         seq_len = hidden.shape[1]
         if seq_len > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
-        cos = self.rope_cos[:seq_len].to(hidden.dtype)
-        sin = self.rope_sin[:seq_len].to(hidden.dtype)
-        for layer in self.layers.values():
-            hidden = layer(hidden, cos, sin)
-        return self.norm(hidden) if self.norm is not None else hidden
+        return self.rope_cos[:seq_len].to(hidden.dtype), self.rope_sin[:seq_len].to(hidden.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, S, H] (already normed by `forward`) → logits [B, S, V]."""

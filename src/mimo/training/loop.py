@@ -17,6 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.prefetch import default_num_workers
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.grid import group_options
@@ -109,7 +110,16 @@ def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device:
     return MimoTrainer(model, provider.build_infra(), hidden_size=provider.language_config.hidden_size,
                        global_batch_size=t.global_batch_size, num_microbatches=t.num_microbatches,
                        optimizer=optimizer, clip_grad=t.clip_grad, activation_dtype=precision.compute_dtype,
-                       scaler=GlobalGradScaler() if precision.loss_scaling else None, device=device)
+                       scaler=GlobalGradScaler() if precision.loss_scaling else None, device=device,
+                       text_layout=text_layout(config, device))
+
+
+def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
+    """`data.packing`: each micro-batch's samples end to end in one row (its length rounded up to 128 on a GPU,
+    flex_attention's block, so few distinct lengths compile), else one padded row per sample."""
+    if not config.data.packing:
+        return PaddedText()
+    return PackedText(multiple=128 if device.type == "cuda" else 1)
 
 
 def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,

@@ -9,7 +9,7 @@ module's pipeline group (asynchronous sends, blocking receives), the step supply
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +41,7 @@ class PipelineSchedule:
 
     pp_group: dist.ProcessGroup | None
     num_microbatches: int
-    activation_shape: tuple[int, ...]
+    activation_shapes: Sequence[tuple[int, ...]]  # per micro-batch (a packed row's length varies)
     dtype: torch.dtype
     device: torch.device | str = "cpu"
     p2p_groups: P2PGroups | None = None  # activations and gradients on separate groups (NCCL streams)
@@ -88,7 +88,7 @@ class PipelineSchedule:
     def _forward(self, work: StageWork, m: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         x = None
         if not self.is_first:
-            x = self._recv(self._peer(-1), self._tag(m, 0)).requires_grad_()
+            x = self._recv(self._peer(-1), self._tag(m, 0), self.activation_shapes[m]).requires_grad_()
         out = work.forward(m, x)
         if not self.is_last:  # activations travel in the schedule's dtype, whatever autocast produced
             self._send(out.detach().to(self.dtype), self._peer(+1), self._tag(m, 0))
@@ -96,7 +96,8 @@ class PipelineSchedule:
 
     def _backward(self, work: StageWork, m: int, x: torch.Tensor | None, out: torch.Tensor) -> None:
         work.before_backward(m, out, m == self.num_microbatches - 1)
-        grad = None if self.is_last else self._recv(self._peer(+1), self._tag(m, 1)).to(out.dtype)
+        shape = self.activation_shapes[m]
+        grad = None if self.is_last else self._recv(self._peer(+1), self._tag(m, 1), shape).to(out.dtype)
         torch.autograd.backward(out, grad)
         if x is not None:
             self._send(x.grad, self._peer(-1), self._tag(m, 1))
@@ -116,7 +117,7 @@ class PipelineSchedule:
     def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         self._sends.append(dist.isend(tensor.contiguous(), peer, group=self._group(tag), tag=tag))
 
-    def _recv(self, peer: int, tag: int) -> torch.Tensor:
-        buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
+    def _recv(self, peer: int, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
         dist.recv(buffer, peer, group=self._group(tag), tag=tag)
         return buffer

@@ -92,6 +92,7 @@ class DataSection:
     # loader processes per rank; 0 builds batches in the training process; unset: min(8, CPUs per rank - 1)
     num_workers: int | None = field(default=None, metadata={"min": 0})
     prefetch_factor: int = field(default=2, metadata={"min": 1})  # global batches each worker keeps ready
+    packing: bool = False  # each micro-batch's samples end to end in one row, attention kept per sample
 
     def __post_init__(self) -> None:
         """A llava dataset names its file and image folder; the built-in ones take none of its keys."""

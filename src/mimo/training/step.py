@@ -27,6 +27,7 @@ import torch.distributed as dist
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
+from mimo.data.packing import LanguageText, PaddedText, TextLayout
 from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
 from mimo.infra import MimoModelInfra
@@ -69,9 +70,12 @@ class MimoTrainer:
         activation_dtype: torch.dtype = torch.float32,
         scaler: GlobalGradScaler | None = None,
         device: torch.device | str = "cpu",
+        text_layout: TextLayout | None = None,
     ) -> None:
-        """Check the batch against every module's DP size, build the bridges and the optimizers."""
+        """Check the batch against every module's DP size, build the bridges and the optimizers.
+        `text_layout` is how the language model reads a micro-batch's text: padded rows (default) or packed."""
         self.model, self.infra, self.device = model, infra, torch.device(device)
+        self.text_layout = text_layout or PaddedText()
         self.num_microbatches = num_microbatches
         self.global_batch_size = global_batch_size
         self.micro_batch_size = infra.config.validate_batch(global_batch_size, num_microbatches)
@@ -106,7 +110,7 @@ class MimoTrainer:
         t0 = time.perf_counter()
         # the normalizer, from the batch every rank holds
         label_tokens = int(batch.num_label_tokens(self.special_token_ids))
-        self._state = _StepState(batch, label_tokens, self._prefetch(batch))
+        self._state = _StepState(batch, label_tokens, *self._prefetch(batch))
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
         inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
@@ -165,16 +169,30 @@ class MimoTrainer:
         ids = self._state.batch.microbatch(m, self.num_microbatches).input_ids
         return (ids == self.special_token_ids[name]).sum(1)
 
-    def _prefetch(self, batch: MimoBatch) -> dict[str, list[MimoBatch | None]]:
-        """This rank's share of every micro-batch, per hosted module, on the device: all copies queued at the
-        start of the step from pinned memory, so no copy later waits for the GPU to drain."""
-        shares = {}
+    def _prefetch(self, batch: MimoBatch) -> tuple[dict[str, list], list[LanguageText]]:
+        """This rank's share of every micro-batch, per hosted module, on the device (the language model's as
+        `text_layout` arranges it, also kept on the host): all copies queued at the start of the step from
+        pinned memory, so no copy later waits for the GPU to drain."""
+        shares, host_text = {}, []
         for name in self.infra.participating_modules:
             grid = self.infra.module_to_grid_map[name]
-            wanted = {"text": True} if name == LANGUAGE else {"modalities": (name,), "text": False}
-            shares[name] = [batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
-                            .prefetch(self.device, **wanted) for m in range(self.num_microbatches)]
-        return shares
+            own = [batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
+                   for m in range(self.num_microbatches)]
+            if name == LANGUAGE:
+                host_text = [self.text_layout.arrange(share, self.special_token_ids) for share in own]
+                self._check_positions(host_text)
+                shares[name] = [text.to(self.device) for text in host_text]
+            else:
+                shares[name] = [share.prefetch(self.device, modalities=(name,), text=False) for share in own]
+        return shares, host_text
+
+    def _check_positions(self, texts: list[LanguageText]) -> None:
+        """Every sample's positions fit the language model's rotary table (checked on the host copies)."""
+        limit = unwrap(self.model.language_model).config.max_seq_len
+        longest = max(text.longest for text in texts)
+        if longest > limit:
+            raise ValueError(f"sequence length {longest} exceeds the language model's max_seq_len {limit}; "
+                             f"drop or shorten the longer samples")
 
     @staticmethod
     def _encode(encoder: torch.nn.Module, items: torch.Tensor) -> torch.Tensor:
@@ -190,21 +208,20 @@ class MimoTrainer:
         """The 1F1B schedule over this rank's stage; stage 0 talks to the bridges."""
         grid = self.infra.module_to_grid_map[LANGUAGE]
         pp = grid.get_group("pp") if grid.size("pp") > 1 else None
-        b = self.micro_batch_size // grid.size("dp")
-        shape = (b, batch.input_ids.shape[1], self.hidden_size)
-        schedule = PipelineSchedule(pp, self.num_microbatches, shape, self.activation_dtype, self.device,
+        shapes = [(*text.input_ids.shape, self.hidden_size) for text in self._state.host_text]
+        schedule = PipelineSchedule(pp, self.num_microbatches, shapes, self.activation_dtype, self.device,
                                     self.infra.p2p_groups)
         first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
         lm = self.model.language_model
 
         def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))  # on the CPU
-            on_device, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
-            ids = on_device.input_ids
-            kwargs = self._first_stage_inputs(m, mb, ids) if first else {}
-            labels = self.model.language_labels(ids, on_device.labels) if last else None
+            text, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
+            host_ids = self._state.host_text[m].input_ids
+            kwargs = self._first_stage_inputs(m, mb, text.input_ids, host_ids) if first else {}
+            labels = self.model.language_labels(text.input_ids, text.labels) if last else None
             with no_sync_forward(lm):
-                out = lm(x, **kwargs, labels=labels)
+                out = lm(x, **kwargs, labels=labels, **text.model_kwargs())
             if not last:
                 return out
             self._state.loss_sum = self._state.loss_sum + out[0].detach().double()  # no host sync until the end
@@ -228,9 +245,10 @@ class MimoTrainer:
 
         schedule.run(StageWork(forward, before_backward, after_backward))
 
-    def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor) -> dict:
-        """Stage 0's keyword inputs: text ids and every modality's embeddings for this replica's samples
-        of micro-batch m (alignment checked on the CPU copy of the ids, so no host sync)."""
+    def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor, host_ids: torch.Tensor) -> dict:
+        """Stage 0's keyword inputs: text ids (as arranged, with their host copy) and every modality's
+        embeddings for this replica's samples of micro-batch m (alignment checked per sample on the CPU ids
+        `mb`, so no host sync)."""
         embeddings, counts = {}, {}
         for src, bridge in self.bridges.items():
             if bridge.encodes_inside_language_forward:  # encoded now: its activations live for this micro-batch
@@ -241,7 +259,7 @@ class MimoTrainer:
                 embeddings[src], counts[src] = bridge.receive(m, self._microbatch_tokens(src, m))
         rows = {name: e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
-        return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=mb.input_ids)
+        return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=host_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
     def _encoder_backward(self, src: str) -> None:
@@ -319,11 +337,12 @@ class MimoTrainer:
 @dataclass
 class _StepState:
     """Per-step scratch: the batch, its label count (the loss divisor) and this rank's prefetched shares of
-    it, encoder outputs, the loss sum, each phase's seconds."""
+    it (the language model's text also on the host), encoder outputs, the loss sum, each phase's seconds."""
 
     batch: MimoBatch
     label_tokens: int
-    inputs: dict[str, list[MimoBatch | None]]
+    inputs: dict[str, list]
+    host_text: list[LanguageText]
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     encoder_out: dict = field(default_factory=lambda: defaultdict(dict))
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))

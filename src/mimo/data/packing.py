@@ -1,0 +1,109 @@
+"""Sequence packing: a micro-batch's samples laid end to end in one row, so no compute goes to padding.
+
+Sampling, DP sharding and micro-batching stay by sample (`MimoBatch.shard` / `microbatch`), so the loss's
+normalizer, the bridge's per-sample counts and the data position of a checkpoint do not change. Only the
+language model's text changes shape: `PackedText` turns a micro-batch share [b, S] into one row [1, T],
+with each token's rotary position (restarting at 0 per sample) and its sample's number (`document_ids`,
+which the decoder turns into attention isolated per sample). `PaddedText` is the unpacked layout, behind
+the same interface, so the training step has one path.
+
+A sample keeps its positions up to its last scored label or modality token: nothing after that can change
+the loss (attention is causal), and the labels are per-sample next-token targets (`next_token_labels`),
+so a sample's last kept label never points into the next sample. Modality tokens stay in sample order,
+so embeddings written at the row's special-token positions land where they did unpacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from mimo.data.batch import MimoBatch
+from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
+
+SpecialIds = Mapping[str, int] | Iterable[int]
+
+
+@dataclass
+class LanguageText:
+    """A micro-batch share's text as the language model reads it: ids and labels [R, T]; for a packed row,
+    each token's position and document (sample) number; `longest` the most positions one sample uses."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
+
+    @property
+    def longest(self) -> int:
+        """Positions the longest sample takes (the rotary table must cover them); read on the host copy."""
+        if self.position_ids is None:
+            return self.input_ids.shape[1]
+        return int(self.position_ids.max()) + 1 if self.position_ids.numel() else 0
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The decoder's layout arguments: none for padded rows, positions and documents for a packed one."""
+        if self.document_ids is None:
+            return {}
+        return {"position_ids": self.position_ids, "document_ids": self.document_ids}
+
+    def to(self, device: torch.device | str) -> LanguageText:
+        """The same text on `device`, copied from pinned memory without blocking the host (CPU: itself)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+        return LanguageText(copy(self.input_ids), copy(self.labels), copy(self.position_ids), copy(self.document_ids))
+
+
+class PaddedText:
+    """One sample per row, padded to the batch's width (the layout without packing)."""
+
+    def arrange(self, share: MimoBatch, special_token_ids: SpecialIds) -> LanguageText:
+        """The share's rows as they are."""
+        return LanguageText(share.input_ids, share.labels)
+
+
+@dataclass(frozen=True)
+class PackedText:
+    """A share's samples end to end in one row [1, T]; T rounded up to a multiple of `multiple` (kernels
+    favour round lengths, and fewer distinct lengths mean fewer compilations), the tail a document of its own
+    with no labels."""
+
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        """A row length is rounded to a positive multiple."""
+        if self.multiple < 1:
+            raise ValueError(f"packing multiple must be positive, got {self.multiple}")
+
+    def arrange(self, share: MimoBatch, special_token_ids: SpecialIds) -> LanguageText:
+        """Each sample's kept positions (see the module docstring) one after another, then the tail."""
+        lengths = sample_extents(share.input_ids, share.labels, special_token_ids).tolist()
+        ids = [share.input_ids[i, :n] for i, n in enumerate(lengths)]
+        labels = [share.labels[i, :n] for i, n in enumerate(lengths)]
+        positions = [torch.arange(n) for n in lengths]
+        documents = [torch.full((n,), i) for i, n in enumerate(lengths)]
+        used = sum(lengths)
+        tail = max(-(-used // self.multiple), 1) * self.multiple - used  # at least one position: no empty row
+        ids.append(share.input_ids.new_zeros(tail))
+        labels.append(share.labels.new_full((tail,), IGNORE_INDEX))
+        positions.append(torch.zeros(tail, dtype=torch.long))
+        documents.append(torch.full((tail,), len(lengths)))
+        return LanguageText(*(torch.cat(parts).unsqueeze(0) for parts in (ids, labels, positions, documents)))
+
+
+def sample_extents(input_ids: torch.Tensor, labels: torch.Tensor, special_token_ids: SpecialIds) -> torch.Tensor:
+    """Per row of [N, S] text, one past its last position that is scored or holds a modality token (0 if none):
+    what a sample keeps when packed."""
+    needed = loss_token_mask(input_ids, labels, special_token_ids) | is_special(input_ids, special_token_ids)
+    last = torch.where(needed, torch.arange(1, input_ids.shape[1] + 1), 0)
+    return last.max(dim=1).values if input_ids.shape[1] else input_ids.new_zeros(input_ids.shape[0])
+
+
+TextLayout = PaddedText | PackedText

@@ -1,0 +1,89 @@
+"""Which positions a decoder position attends to: one small class per variant, built once per micro-batch.
+
+`CausalAttention`: every row is one sample (the padded layout); SDPA's causal kernel.
+`MaskedDocumentAttention` and `FlexDocumentAttention`: a packed row holds several samples ("documents",
+numbered per token by `document_ids`) and a position attends only to earlier positions of its own document.
+The first passes SDPA an explicit boolean mask (any device; the CPU path, since flex_attention has no CPU
+backward); the second is `flex_attention` with a block mask, compiled (the CUDA path: it skips the blocks a
+document mask empties). `document_attention` picks between the two by device, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Attention(Protocol):
+    """Attention of q [R, heads, T, d] over k, v [R, kv heads, T, d] (grouped-query) → [R, heads, T, d]."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class CausalAttention:
+    """Each row is one sequence: position t attends to positions 0..t of its row."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA's causal kernel (the unpacked path, unchanged)."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+CAUSAL = CausalAttention()
+
+
+class MaskedDocumentAttention:
+    """Causal within each document of a packed row, through SDPA with an explicit [R, 1, T, T] boolean mask."""
+
+    def __init__(self, document_ids: torch.Tensor) -> None:
+        """Build the mask once from `document_ids` [R, T]; every layer reuses it."""
+        same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+        self.mask = (same & torch.ones_like(same[0]).tril()).unsqueeze(1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA with the document-causal mask (every position sees itself, so no row is fully masked)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+
+
+class FlexDocumentAttention:
+    """Causal within each document of a packed row, through compiled `flex_attention` and a block mask."""
+
+    def __init__(self, document_ids: torch.Tensor) -> None:
+        """Build the block mask once from `document_ids` [R, T] (on their device); every layer reuses it."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+        rows, length = document_ids.shape
+        self.block_mask = create_block_mask(document_causal, rows, None, length, length,
+                                            device=document_ids.device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """flex_attention over the blocks the mask keeps (compiled once per process, on first use), on q, k, v
+        of one dtype: autocast's, as SDPA would take under autocast (rotary leaves q, k in the residual's
+        float32 while v is bf16), else their common one."""
+        device = q.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+        return _compiled_flex()(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
+
+
+_FLEX = {}
+
+
+def _compiled_flex():
+    """`torch.compile(flex_attention)`, made on first use: eager flex_attention materializes every score."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention)
+    return _FLEX["fn"]
+
+
+def document_attention(document_ids: torch.Tensor) -> MaskedDocumentAttention | FlexDocumentAttention:
+    """The document-causal variant for the ids' device: flex_attention on CUDA, the explicit mask elsewhere."""
+    if document_ids.device.type == "cuda":
+        return FlexDocumentAttention(document_ids)
+    return MaskedDocumentAttention(document_ids)

@@ -1,0 +1,82 @@
+"""Sequence packing's arrangement: what each sample keeps, positions, documents, the tail, labels per sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimo.data import MimoBatch, Sample, next_token_labels
+from mimo.data.packing import PackedText, PaddedText, sample_extents
+from mimo.models.labels import IGNORE_INDEX
+
+IMAGE = 300  # a special token id outside the text ids
+SPECIAL = {"images": IMAGE}
+
+
+def _sample(ids: list[int], ignore_last: int = 0) -> Sample:
+    t = torch.tensor(ids)
+    labels = next_token_labels(t)
+    if ignore_last:
+        labels[-ignore_last:] = IGNORE_INDEX
+    return Sample(t, labels)
+
+
+def _batch() -> MimoBatch:
+    """Three samples of lengths 3, 6 and 4: plain text; an image block then text whose last three labels are
+    not scored; text with no scored label at all."""
+    return MimoBatch.collate([
+        _sample([1, 10, 11]),
+        _sample([1, IMAGE, IMAGE, 12, 13, 14], ignore_last=3),
+        _sample([1, 15, 16, 17], ignore_last=4),
+    ], pad_id=0)
+
+
+def test_a_sample_keeps_up_to_its_last_scored_label_or_modality_token():
+    b = _batch()
+    # sample 0: labels at 0,1 (last is ignored) -> 2; sample 1: last scored label at 2 -> 3;
+    # sample 2: nothing scored, no image -> 0
+    assert sample_extents(b.input_ids, b.labels, SPECIAL).tolist() == [2, 3, 0]
+
+
+def test_packed_row_lays_samples_end_to_end_with_restarting_positions():
+    text = PackedText().arrange(_batch(), SPECIAL)
+    assert text.input_ids.tolist() == [[1, 10, 1, IMAGE, IMAGE]]
+    assert text.position_ids.tolist() == [[0, 1, 0, 1, 2]]
+    assert text.document_ids.tolist() == [[0, 0, 1, 1, 1]]
+    # each sample's labels are its own next tokens: the last kept label never names the next sample's first token
+    assert text.labels.tolist() == [[10, 11, IMAGE, IMAGE, 12]]
+    assert text.longest == 3
+    assert text.model_kwargs().keys() == {"position_ids", "document_ids"}
+
+
+def test_the_row_is_rounded_up_with_an_unlabelled_document_of_its_own():
+    text = PackedText(multiple=4).arrange(_batch(), SPECIAL)
+    assert text.input_ids.shape == (1, 8)
+    assert text.labels[0, 5:].tolist() == [IGNORE_INDEX] * 3
+    assert text.document_ids[0, 5:].tolist() == [3, 3, 3]
+    assert text.position_ids[0, 5:].tolist() == [0, 0, 0]
+
+
+def test_a_share_with_nothing_to_keep_packs_to_one_unlabelled_position():
+    b = _batch().select(2, 3)
+    text = PackedText(multiple=1).arrange(b, SPECIAL)
+    assert text.input_ids.shape == (1, 1) and text.labels.tolist() == [[IGNORE_INDEX]]
+
+
+def test_packing_keeps_the_scored_labels_and_modality_tokens():
+    b = _batch()
+    text = PackedText(multiple=8).arrange(b, SPECIAL)
+    assert MimoBatch(text.input_ids, text.labels).num_label_tokens(SPECIAL) == b.num_label_tokens(SPECIAL)
+    assert int((text.input_ids == IMAGE).sum()) == int((b.input_ids == IMAGE).sum())
+
+
+def test_padded_layout_is_the_batch_itself():
+    b = _batch()
+    text = PaddedText().arrange(b, SPECIAL)
+    assert text.input_ids is b.input_ids and text.labels is b.labels and text.model_kwargs() == {}
+    assert text.longest == b.input_ids.shape[1]
+
+
+def test_a_non_positive_multiple_is_refused():
+    with pytest.raises(ValueError, match="packing multiple must be positive, got 0"):
+        PackedText(multiple=0)
