@@ -67,7 +67,7 @@ def test_training_from_a_tower_and_a_language_model(tmp_path):
 @pytest.mark.parametrize(("model", "message"), [
     ({"hf": "A", "vision_hf": "B", "language_hf": "C"}, "give either hf .* not both"),
     ({"vision_hf": "B"}, "vision_hf and language_hf go together; language_hf is missing"),
-    ({"hf": "/nonexistent/dir"}, r"model: /nonexistent/dir: no config.json"),
+    ({"hf": "/nonexistent/dir"}, r"model: /nonexistent/dir: no such directory"),
 ])
 def test_bad_model_sections_are_one_line(model, message):
     config = parse_run_config({"parallelism": ONE_RANK, "model": model})

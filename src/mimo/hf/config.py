@@ -74,6 +74,9 @@ class LlavaSpec:
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The `config.json` of a local Hugging Face directory, with a clear error if there is none."""
     path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise HFConfigError(f"{directory}: no such directory; give a local Hugging Face model directory (what "
+                            f"save_pretrained writes: mimo downloads nothing)")
     if not path.is_file():
         raise HFConfigError(f"{directory}: no config.json; expected a local Hugging Face model directory "
                             f"(what save_pretrained writes)")
