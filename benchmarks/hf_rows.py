@@ -96,14 +96,22 @@ class HfStep:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
 
-    def __call__(self, batch: MimoBatch) -> None:
+    def prepare(self, batch: MimoBatch) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """This rank's micro-batches as LLaVA's inputs (pinned on a GPU) and the global label count: host work a
+        data loader does, outside the timed step, as mimo's rows get their batch pinned outside it."""
         label_tokens = batch.num_label_tokens({IMAGES: self.image_token_id})  # the global batch, on the host
         shard = batch.shard(self.rank, self.world) if self.kind != "single" else batch
+        micro = [hf_inputs(shard.microbatch(m, self.microbatches), self.image_token_id, self.vocab_size)
+                 for m in range(self.microbatches)]
+        if self.device.type == "cuda":
+            micro = [{k: v.pin_memory() for k, v in inputs.items()} for inputs in micro]
+        return label_tokens, micro
+
+    def __call__(self, prepared: tuple[int, list[dict[str, torch.Tensor]]]) -> None:
+        label_tokens, micro = prepared
         self.loss_sum.zero_()
-        for m in range(self.microbatches):
-            inputs = hf_inputs(shard.microbatch(m, self.microbatches), self.image_token_id, self.vocab_size)
-            if self.device.type == "cuda":
-                inputs = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in inputs.items()}
+        for m, inputs in enumerate(micro):
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
             last = m == self.microbatches - 1
             with self._sync(last), self._autocast():
                 loss = self.model(**inputs, num_items_in_batch=label_tokens, use_cache=False).loss
@@ -131,7 +139,7 @@ class HfStep:
 @record
 def hf_worker(spec: dict[str, Any]) -> None:
     """Warm-up and timed steps of one HF row (and one profiled step if asked); rank 0 writes the row."""
-    from deployments import make_dataset
+    from deployments import make_dataset, slowest
     from step_profile import describe, profile_step
 
     config = parse_run_config(spec["config"])
@@ -148,26 +156,26 @@ def hf_worker(spec: dict[str, Any]) -> None:
     for i in range(config.train.steps):
         batch = dataset.batch(next(sampler), seq_len=spec["seq_len"])
         flops = flops or batch_flops(provider, batch)
+        prepared = step.prepare(batch)
         clock.sync()
         t0 = time.perf_counter()
-        step(batch)
+        step(prepared)
         clock.sync()
-        seconds = torch.tensor([time.perf_counter() - t0], device=device)
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        seconds = slowest(time.perf_counter() - t0, device)
         dist.all_reduce(step.loss_sum)
         loss = float(step.loss_sum) / step.label_tokens
         losses.append(loss)
         if rank == 0:
             result = StepResult(loss=loss, label_tokens=step.label_tokens, tokens=batch.input_ids.numel(),
-                                grad_norm=float(step.grad_norm), lr=1e-4, seconds={"step": float(seconds)})
+                                grad_norm=float(step.grad_norm), lr=1e-4, seconds={"step": seconds})
             writer.log_step(i + 1, result, flops=flops, extra={"deployment": spec["name"]})
         if i >= spec["warmup"]:
-            times.append(float(seconds))
+            times.append(seconds)
     profile = None
     if spec["profile"]:
         trace = Path(spec["result"]).parent / f"trace_rank{rank}.json.gz" if spec.get("trace") and rank == 0 else None
-        batch = dataset.batch(next(sampler), seq_len=spec["seq_len"])
-        profile = profile_step(lambda: step(batch), trace)
+        prepared = step.prepare(dataset.batch(next(sampler), seq_len=spec["seq_len"]))
+        profile = profile_step(lambda: step(prepared), trace)
         if rank == 0:
             print(f"# {spec['name']} profile, rank 0: {describe(profile)}", flush=True)
     memory: list[Any] = [None] * world
