@@ -41,6 +41,9 @@ from mimo.data import BatchPrefetcher, GlobalBatchSampler, MimoBatch, Sample, ne
 from mimo.data.prefetch import default_num_workers  # noqa: E402
 from mimo.hf.image import ImageProcessor  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llava_speed import init_world  # noqa: E402  (a world of one: NCCL on CUDA, gloo on CPU)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BOS_ID, PAD_ID = 1, 0
@@ -85,18 +88,6 @@ class JpegCaptions:
 
     def batch(self, indices) -> MimoBatch:
         return MimoBatch.collate([self[i] for i in indices], PAD_ID)
-
-
-def init_world(device: torch.device) -> None:
-    """A world of one in this process: NCCL on CUDA, gloo on CPU, over a FileStore (as llava_speed.py)."""
-    if dist.is_initialized():
-        return
-    if device.type != "cuda":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="data_wait_"), "store"), 1)
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
-                            timeout=datetime.timedelta(minutes=10), **kwargs)
 
 
 def build_trainer(preset: str, batch: int, microbatches: int, dtype: str, device: torch.device):

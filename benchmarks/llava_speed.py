@@ -362,6 +362,8 @@ def init_world(device: torch.device) -> None:
         if "lo" in names:
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="llava_speed_"), "store"), 1)
+    if device.type == "cuda" and device.index is None:  # NCCL's device_id needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
                             timeout=datetime.timedelta(minutes=10), **kwargs)
