@@ -45,3 +45,29 @@ def test_packed_row_scores_like_the_padded_samples_on_the_gpu():
     padded, _ = decoder(input_ids=batch.input_ids.cuda(), labels=batch.labels.cuda())
     packed, _ = decoder(input_ids=text.input_ids, labels=text.labels, **text.model_kwargs())
     assert abs(float(packed) - float(padded)) <= 1e-4 * abs(float(padded))
+
+
+def test_compiled_blocks_train_packed_rows_of_many_lengths_without_recompiling_per_length():
+    """`train.compile` with packing: padded rows, then ten packed lengths, forward and backward; every compiled
+    frame at most 3 times (the limit raises instead of falling back to eager) and flex_attention never eager."""
+    import warnings
+
+    from tests.models.test_packed_compile import _packed_inputs
+
+    torch._dynamo.reset()
+    decoder = Decoder(DecoderConfig.tiny(max_seq_len=2048)).cuda()
+    init_parameters(decoder, seed=1)
+    for layer in decoder.layers.values():
+        layer.compile()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*flex_attention called without torch.compile.*")
+            for length in (40, 64, 96):
+                ids = torch.randint(1, 256, (2, length), device="cuda")
+                decoder(input_ids=ids, labels=ids)[0].backward()
+            for length in range(128, 1281, 128):
+                inputs = {k: v.cuda() for k, v in _packed_inputs(length).items()}
+                decoder(**inputs, labels=inputs["input_ids"])[0].backward()
+    finally:
+        torch._dynamo.reset()

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 class Attention(Protocol):
@@ -51,8 +52,6 @@ class FlexDocumentAttention:
 
     def __init__(self, document_ids: torch.Tensor) -> None:
         """Build the block mask once from `document_ids` [R, T] (on their device); every layer reuses it."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
 
@@ -60,26 +59,22 @@ class FlexDocumentAttention:
         self.block_mask = create_block_mask(document_causal, rows, None, length, length,
                                             device=document_ids.device)
 
+    @torch.compiler.disable
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """flex_attention over the blocks the mask keeps (compiled once per process, on first use), on q, k, v
-        of one dtype: autocast's, as SDPA would take under autocast (rotary leaves q, k in the residual's
-        float32 while v is bf16), else their common one."""
+        """flex_attention over the blocks the mask keeps, on q, k, v of one dtype: autocast's, as SDPA would take
+        under autocast (rotary leaves q, k in the residual's float32 while v is bf16), else their common one.
+        Kept out of an enclosing compiled block's graph (the block breaks around it): traced inside, every
+        micro-batch's new mask (its closure, its lengths) is guarded and a block recompiled per packed length
+        until torch's recompile limit sent it back to eager, unfused flex; here `FLEX_ATTENTION` is its own
+        compiled function, dynamic in the length after its second one."""
         device = q.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
-        return _compiled_flex()(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
+        return FLEX_ATTENTION(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
 
 
-_FLEX = {}
-
-
-def _compiled_flex():
-    """`torch.compile(flex_attention)`, made on first use: eager flex_attention materializes every score."""
-    if "fn" not in _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX["fn"] = torch.compile(flex_attention)
-    return _FLEX["fn"]
+# Compiled once per process (lazily, on first call): eager flex_attention materializes every score.
+FLEX_ATTENTION = torch.compile(flex_attention)
 
 
 def document_attention(document_ids: torch.Tensor) -> MaskedDocumentAttention | FlexDocumentAttention:
