@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -34,6 +36,20 @@ def mimo(*args: str, env: dict | None = None, timeout: float = 240) -> subproces
                           env={**os.environ, **(env or {})}, check=False)
 
 
+def refused(*args: str) -> subprocess.CompletedProcess:
+    """`mimo ARGS` for a command that must be refused before any worker starts, run through `mimo.cli.main` in
+    this process (what the console script calls): the same code and output, without an interpreter's start."""
+    from mimo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return subprocess.CompletedProcess(["mimo", *args], code, out.getvalue(), err.getvalue())
+
+
 def write_config(tmp_path: Path, **changes: dict) -> tuple[Path, Path]:
     config = {k: dict(v) for k, v in RUN.items()}
     for section, values in changes.items():
@@ -54,10 +70,24 @@ def steps_and_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if m["kind"] == "train"}
 
 
-def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
-    path, run_dir = write_config(tmp_path)
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """`RUN` trained straight through its 4 steps, once; tests take copies of its run directory."""
+    path, run_dir = write_config(tmp_path_factory.mktemp("straight"))
     done = mimo("train", str(path), "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def copy_of(straight_run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The config of `RUN` with its log.dir in `tmp_path`, and a copy of the straight run there."""
+    path, run_dir = write_config(tmp_path)
+    shutil.copytree(straight_run, run_dir)
+    return path, run_dir
+
+
+def test_train_writes_metrics_checkpoints_and_resumes(tmp_path, straight_run):
+    path, run_dir = copy_of(straight_run, tmp_path)
     losses = steps_and_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4]
     line = metrics(run_dir)[0]
@@ -68,9 +98,9 @@ def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == checkpoints
 
     # issue 17: a fresh, shorter run into it (it pruned the old run's checkpoints as older) is refused at once
-    refused = mimo("train", str(path), "--quiet", "--set", "train.steps=2")
-    assert refused.returncode == 2
-    assert refused.stderr == (f"mimo train: error: {run_dir} already holds a run (checkpoints up to step_00000004 in "
+    shorter = refused("train", str(path), "--quiet", "--set", "train.steps=2")
+    assert shorter.returncode == 2
+    assert shorter.stderr == (f"mimo train: error: {run_dir} already holds a run (checkpoints up to step_00000004 in "
                               f"{run_dir / 'checkpoints'}, metrics.jsonl): --resume to continue it, or --restart to "
                               f"move it aside and start over (or choose another log.dir)\n")
     assert steps_and_losses(run_dir) == losses
@@ -113,18 +143,17 @@ def test_a_failing_rank_ends_the_job_promptly(tmp_path):
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"  # bounded by the agent, not the 300 s PG timeout
 
 
-def test_a_damaged_or_refused_resume_loses_nothing(tmp_path):
+def test_a_damaged_or_refused_resume_loses_nothing(tmp_path, straight_run):
     from mimo.training.checkpoint import open_checkpoint
 
-    path, run_dir = write_config(tmp_path)
-    assert mimo("train", str(path), "--quiet").returncode == 0
+    path, run_dir = copy_of(straight_run, tmp_path)
     losses = steps_and_losses(run_dir)
     newest, older = run_dir / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000002"
     shard = sorted(newest.glob("*.distcp"))[-1]
     shutil.copyfile(older / shard.name, shard)  # issue 17: a shard of the same size swapped into the newest
     intact = (older / shard.name).read_bytes()
     (older / shard.name).write_bytes(intact[:100])  # and the one before it truncated: none is left
-    done = mimo("train", str(path), "--quiet", "--resume")
+    done = refused("train", str(path), "--quiet", "--resume")
     assert done.returncode == 2
     assert done.stderr.startswith(f"mimo train: error: checkpoint {newest} is corrupt: {shard.name} does not match "
                                   f"its sha256 hash in COMPLETE")
@@ -134,11 +163,11 @@ def test_a_damaged_or_refused_resume_loses_nothing(tmp_path):
     config, logged = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
     # issue 17: a resume with another seed was refused only by the workers, after their start-up, and it
     # overwrote config.yaml; now the parent refuses it in one line and the run stays as it was
-    refused = mimo("train", str(path), "--quiet", "--resume", "--set", "train.seed=7")
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert refused.stderr.startswith(f"mimo train: error: cannot resume from {older}: the sampler state was saved "
-                                     f"with other settings (seed: saved 0, now 7)"), refused.stderr
-    assert refused.stderr.count("\n") == 1
+    seed = refused("train", str(path), "--quiet", "--resume", "--set", "train.seed=7")
+    assert seed.returncode == 2, seed.stderr[-3000:]
+    assert seed.stderr.startswith(f"mimo train: error: cannot resume from {older}: the sampler state was saved "
+                                     f"with other settings (seed: saved 0, now 7)"), seed.stderr
+    assert seed.stderr.count("\n") == 1
     assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == logged
 
     resumed = mimo("train", str(path), "--quiet", "--resume")
@@ -165,7 +194,7 @@ def test_a_signal_stops_every_process_and_leaves_only_complete_checkpoints(tmp_p
     try:
         wait_for_a_checkpoint(root)
         # issue 17: a second run into the same directory was not refused; now at once, naming the holder
-        second = mimo("train", str(path), "--quiet", "--resume")
+        second = refused("train", str(path), "--quiet", "--resume")
         assert second.returncode == 2
         assert second.stderr.startswith(f"mimo train: error: {run_dir} is in use by another run (pid {proc.pid} on "
                                         f"host {socket.gethostname()} since ")

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from torch.distributed import DistNetworkError
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
@@ -58,19 +59,20 @@ _RENDEZVOUS_TRIES = 3
 
 
 def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) -> None:
-    """Start the agent's rendezvous store on a free port, and the workers. A port found free can be taken before
-    the store binds it (NCCL binds ports at random): this process then fails at once (`is_host`, rather than
-    waiting a minute as a client of nobody), before any worker started, and tries another port."""
+    """Start the agent's store on a free port, and the workers. One node: the static rendezvous (torchrun's
+    default; the agent hosts the store, and the dynamic c10d rendezvous spends seconds in `inspect.stack` for
+    its event log). A port found free can be taken before the store binds it (NCCL binds ports at random):
+    the bind then fails at once, before any worker started, and another port is tried."""
     for attempt in range(_RENDEZVOUS_TRIES):
         launch_config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
-            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"is_host": True},
+            rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"rank": 0},
             max_restarts=0, monitor_interval=0.5, start_method="spawn",
         )
         try:
             elastic_launch(launch_config, _worker)(config, kwargs, failure_dir)
             return
-        except RendezvousConnectionError:
+        except (RendezvousConnectionError, DistNetworkError):
             if attempt + 1 == _RENDEZVOUS_TRIES:
                 raise
 

@@ -13,7 +13,7 @@ from PIL import Image
 from mimo.hf.image import ImageConfigError, ImageProcessor
 from mimo.hf.prompt import Prompter
 from tests.hf import tiny_hf
-from tests.test_train_cli import mimo
+from tests.test_train_cli import mimo, refused
 
 transformers = tiny_hf.transformers
 
@@ -120,19 +120,14 @@ def test_generate_equals_transformers_greedy(tmp_path, kw, template):
 
 def test_generate_bad_inputs_are_one_line(tmp_path):
     tiny_hf.save_llava(tmp_path)
-    done = mimo("generate", "--hf", str(tmp_path), "--image", str(tmp_path / "none.png"), "--prompt", "x")
+    done = refused("generate", "--hf", str(tmp_path), "--image", str(tmp_path / "none.png"), "--prompt", "x")
     assert done.returncode == 2 and "cannot read it as an image" in done.stderr
     assert done.stderr.count("\n") == 1
 
 
-def test_generate_from_a_checkpoint_uses_its_origin_files(tmp_path):
-    from tests.hf.test_export import ONE_RANK, train
-
-    source = tmp_path / "source"
-    tiny_hf.save_llava(source)
-    tiny_hf.processor().save_pretrained(source)
+def test_generate_from_a_checkpoint_uses_its_origin_files(tmp_path, unchanged_llava):
+    source, checkpoint = unchanged_llava  # trained at lr 0: the same weights, so the same words
     photo(8, 8).save(tmp_path / "photo.png")
-    checkpoint = train(tmp_path, {"hf": str(source)}, ONE_RANK, lr=0.0)  # unchanged weights: same words
     args = ["--image", str(tmp_path / "photo.png"), "--prompt", "describe the image", "--max-new-tokens", "6"]
     from_hf, from_checkpoint = mimo("generate", "--hf", str(source), *args), mimo("generate", "--checkpoint",
                                                                                    str(checkpoint), *args)

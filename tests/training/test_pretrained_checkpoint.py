@@ -12,7 +12,7 @@ import torch
 from mimo.training.checkpoint import load_model_only
 from mimo.training.loop import build_provider
 from mimo.training.run_config import parse_run_config
-from tests.test_train_cli import RUN, metrics, mimo, write_config
+from tests.test_train_cli import RUN, metrics, mimo, refused, write_config
 
 ONE_RANK = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 0}}
 
@@ -58,14 +58,14 @@ def test_a_run_starts_from_another_runs_weights_on_another_layout(first, tmp_pat
 def test_a_missing_or_unfitting_pretrained_checkpoint_is_refused_before_starting(first, tmp_path):
     missing = tmp_path / "nowhere"
     path, _ = write_config(tmp_path / "a", checkpoint={"pretrained_checkpoint": str(missing)})
-    refused = mimo("validate", str(path))
-    assert refused.returncode == 2
+    missing_one = refused("validate", str(path))
+    assert missing_one.returncode == 2
     assert f"checkpoint.pretrained_checkpoint: no checkpoint at {missing}: the directory does not exist" \
-        in refused.stderr
+        in missing_one.stderr
     # a model of other shapes (the 1b preset, checked on the meta device: nothing is allocated)
     path, _ = write_config(tmp_path / "c", model={"preset": "1b"},
                            checkpoint={"pretrained_checkpoint": str(first / "checkpoints")})
-    refused = mimo("train", str(path), "--quiet")
-    assert refused.returncode == 2
-    assert "checkpoint.pretrained_checkpoint: checkpoint" in refused.stderr and "does not fit this model" \
-        in refused.stderr and "in the checkpoint vs" in refused.stderr
+    unfitting = refused("train", str(path), "--quiet")
+    assert unfitting.returncode == 2
+    assert "checkpoint.pretrained_checkpoint: checkpoint" in unfitting.stderr and "does not fit this model" \
+        in unfitting.stderr and "in the checkpoint vs" in unfitting.stderr
