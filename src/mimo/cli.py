@@ -165,7 +165,11 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from mimo.hf.export import export_llava
 
     model, spec, origin = _checkpoint_model(Path(args.checkpoint))
-    out = export_llava(model, spec, args.out_dir, origin)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a tokenizer that cannot take the image token
+        warnings.simplefilter("always")
+        out = export_llava(model, spec, args.out_dir, origin)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"wrote {out} (LlavaForConditionalGeneration)")
     return 0
 
