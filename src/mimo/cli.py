@@ -194,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigFileError(f"{files['preprocessor']}/preprocessor_config.json makes {tuple(pixels.shape[-2:])} "
                               f"images, but the tower takes {vision.image_size}x{vision.image_size}")
     prompter = Prompter.from_directory(files["tokenizer"])
-    ids = prompter.input_ids(args.prompt, vision.tokens_per_image)
+    ids = prompter.input_ids(args.prompt, vision.tokens_per_image, model.special_token_ids["images"])
     new = greedy(model, ids, pixels, args.max_new_tokens, eos_token_ids(files["tokenizer"]))
     print(prompter.decode(new))
     return 0

@@ -171,3 +171,21 @@ def test_exported_stage2_loads_in_transformers_and_generates_mimos_tokens(runs):
         want = reference.generate(input_ids=inputs["input_ids"], pixel_values=pixels, max_new_tokens=6,
                                   do_sample=False)
     assert new == want[0, len(ids):].tolist()
+
+
+def test_mimo_generate_prints_transformers_words_from_the_checkpoint_and_the_export(runs, capsys):
+    out, image = runs["out"], runs["root"] / "images" / "2.png"
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    processor = transformers.LlavaProcessor.from_pretrained(out)
+    from PIL import Image
+
+    inputs = processor(images=Image.open(image), text="<image>\nlook at this", return_tensors="pt")
+    with torch.no_grad():
+        want = reference.generate(input_ids=inputs["input_ids"], max_new_tokens=6, do_sample=False,
+                                  pixel_values=inputs["pixel_values"].to(torch.float64))
+    words = processor.tokenizer.decode(want[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    capsys.readouterr()
+    for source in (["--checkpoint", str(runs["checkpoints"][1])], ["--hf", str(out)]):
+        args = ["generate", *source, "--image", str(image), "--prompt", "look at this", "--max-new-tokens", "6"]
+        assert main(args) == 0
+        assert capsys.readouterr().out.split() == words.split(), source
