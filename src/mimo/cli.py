@@ -165,7 +165,11 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from mimo.hf.export import export_llava
 
     model, spec, origin = _checkpoint_model(Path(args.checkpoint))
-    out = export_llava(model, spec, args.out_dir, origin)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a tokenizer that cannot take the image token
+        warnings.simplefilter("always")
+        out = export_llava(model, spec, args.out_dir, origin)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"wrote {out} (LlavaForConditionalGeneration)")
     return 0
 
@@ -190,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigFileError(f"{files['preprocessor']}/preprocessor_config.json makes {tuple(pixels.shape[-2:])} "
                               f"images, but the tower takes {vision.image_size}x{vision.image_size}")
     prompter = Prompter.from_directory(files["tokenizer"])
-    ids = prompter.input_ids(args.prompt, vision.tokens_per_image)
+    ids = prompter.input_ids(args.prompt, vision.tokens_per_image, model.special_token_ids["images"])
     new = greedy(model, ids, pixels, args.max_new_tokens, eos_token_ids(files["tokenizer"]))
     print(prompter.decode(new))
     return 0

@@ -142,3 +142,35 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, preset_checkpoint):
     capsys.readouterr()
     assert main(["export-hf", str(checkpoint), str(tmp_path / "full")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def pair_export(tmp_path, image_token: bool):
+    """A tower + language model pair (a Vicuna-like tokenizer, with or without <image>) exported untrained."""
+    from mimo.hf.export import Origin, export_llava
+    from mimo.hf.load import open_pair
+    from mimo.provider import LlavaMimoProvider
+    from tests.data.llava_files import SPECIALS, WORDS, save_tokenizer
+
+    vocab = len(SPECIALS) - (not image_token) + len(WORDS)
+    tiny_hf.save_vision(tmp_path / "clip")
+    tiny_hf.processor().image_processor.save_pretrained(tmp_path / "clip")
+    save_tokenizer(tmp_path / "vicuna", chat_template=None, image_token=image_token)
+    tiny_hf.save_language(tmp_path / "vicuna", "llama", vocab_size=vocab)
+    hf = open_pair(tmp_path / "clip", tmp_path / "vicuna")
+    model = LlavaMimoProvider(**hf.provider_kwargs()).provide()
+    return export_llava(model, hf.spec, tmp_path / "out", Origin(vision=tmp_path / "clip",
+                                                                 language=tmp_path / "vicuna")), hf.spec
+
+
+def test_a_pair_export_gets_the_image_token_and_a_processor(tmp_path):
+    out, spec = pair_export(tmp_path, image_token=False)
+    processor = transformers.LlavaProcessor.from_pretrained(out)
+    assert processor.image_token_id == spec.image_token_id == 35 and processor.patch_size == 2
+    ids = processor(images=torch.zeros(3, 8, 8), text="<image>\nwhat", return_tensors="pt")["input_ids"][0]
+    assert ids.tolist().count(spec.image_token_id) == spec.vision.tokens_per_image == 16
+
+
+def test_a_tokenizer_whose_image_token_is_another_id_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"tokenizer.json: <image> is token 4, not the model's image token 36; "
+                                         r"transformers' LlavaProcessor will not place images"):
+        pair_export(tmp_path, image_token=True)

@@ -123,22 +123,11 @@ class LlavaDataset:
         self.image_token_id, self.tokens_per_image = image_token_id, tokens_per_image
         self.image_size, self.max_seq_len = tuple(image_size), max_seq_len
         self.on_bad_sample, self.dtype = on_bad_sample, dtype
-        self.text_image_id = self._text_image_id()
+        self.text_image_id = self.prompter.image_token_id()
         self.pad_id = self._pad_id()
         self._cache: dict[int, Sample | SkippedSample] | None = {} if cache_samples else None
         if vocab_size is not None:
             self._check_vocab(vocab_size)
-
-    def _text_image_id(self) -> int:
-        """The tokenizer's id of its image token; a tokenizer without one (a plain language model's, as in
-        LLaVA's own training) gets it added as a special token, its id replaced by the model's anyway."""
-        token_id = self.prompter.token_id(self.prompter.image_token)
-        if token_id is None:
-            from tokenizers import AddedToken
-
-            self.prompter.tokenizer.add_special_tokens([AddedToken(self.prompter.image_token, special=True)])
-            token_id = self.prompter.token_id(self.prompter.image_token)
-        return token_id
 
     def _pad_id(self) -> int:
         """The tokenizer's pad token, else its EOS, else 0 (padding carries no label, so any id would do)."""

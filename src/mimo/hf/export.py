@@ -6,13 +6,16 @@ a LLaVA directory gives its config.json and the tensors LLaVA never reads (the t
 selected one, its post-LayerNorm, SigLIP's pooling head), so HF → mimo → HF is bit-exact; a tower directory
 gives its unread layers the same way. A model with no Hugging Face origin (a preset) is written with its tower
 cut at the selected layer (read as layer -1) and an identity post-LayerNorm, which computes the same.
-Tokenizer, processor and chat-template files are carried over from the origin directories.
+Tokenizer, processor and chat-template files are carried over from the origin directories. A model trained from
+a tower and a language model (LLaVA-1.5's recipe) gets what LLaVA's own conversion adds: the image token in
+the tokenizer at the model's image id and a `processor_config.json`, so `LlavaProcessor` loads the directory.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from torch import nn
 
 from mimo.hf.config import LlavaSpec, llava_to_hf, read_config
 from mimo.hf.load import VISION_NAMES, SafetensorsDir, canonical_llava_name, to_llava_name
+from mimo.hf.prompt import IMAGE_TOKEN
 
 # Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -73,6 +77,9 @@ def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for directory in (origin.llava, origin.language, origin.vision):
         _carry_files(directory, out)
+    if origin.llava is None:
+        _add_image_token(out, spec.image_token_id)
+        _write_processor_config(out, spec)
     return out
 
 
@@ -139,6 +146,39 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index: dict[str, Any] = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _add_image_token(out: Path, image_token_id: int, token: str = IMAGE_TOKEN) -> None:
+    """Give the carried tokenizer.json `token` at the model's image id, as a special added token (a language
+    model's tokenizer has none; mimo's training data added it too). `tokenizers` numbers an added token itself,
+    so this works when the image id is the tokenizer's next id (LLaVA-1.5: Vicuna's 32000); otherwise a warning
+    says that transformers' processor will not place images."""
+    path = out / "tokenizer.json"
+    if not path.is_file():
+        return
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    if tokenizer.token_to_id(token) is None and tokenizer.get_vocab_size(with_added_tokens=True) == image_token_id:
+        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        tokenizer.save(str(path))
+    if tokenizer.token_to_id(token) != image_token_id:
+        warnings.warn(f"{path}: {token} is token {tokenizer.token_to_id(token)}, not the model's image token "
+                      f"{image_token_id}; transformers' LlavaProcessor will not place images with this tokenizer",
+                      stacklevel=2)
+
+
+def _write_processor_config(out: Path, spec: LlavaSpec) -> None:
+    """A `LlavaProcessor`'s processor_config.json (patch size, feature strategy, class token) beside a carried
+    tokenizer and image processor, unless one was carried."""
+    if (out / "processor_config.json").exists() or not all(
+            (out / name).is_file() for name in ("tokenizer.json", "preprocessor_config.json")):
+        return
+    vision = spec.vision
+    config = {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": vision.patch_size,
+              "vision_feature_select_strategy": "default" if vision.drop_class_token else "full",
+              "num_additional_image_tokens": int(vision.class_token)}
+    (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _carry_files(directory: Path | None, out: Path) -> None:

@@ -78,14 +78,28 @@ class Prompter:
         """The id of a token of the vocabulary (e.g. the image token), or None."""
         return self.tokenizer.token_to_id(token)
 
-    def input_ids(self, prompt: str, image_tokens: int) -> list[int]:
-        """Token ids of the prompt with its one image expanded to `image_tokens` image tokens."""
+    def image_token_id(self) -> int:
+        """The tokenizer's id of its image token; a tokenizer without one (a plain language model's, as in
+        LLaVA's own training) gets it added as a special token (callers map it to the model's image id)."""
+        token_id = self.token_id(self.image_token)
+        if token_id is None:
+            from tokenizers import AddedToken
+
+            self.tokenizer.add_special_tokens([AddedToken(self.image_token, special=True)])
+            token_id = self.token_id(self.image_token)
+        return token_id
+
+    def input_ids(self, prompt: str, image_tokens: int, model_image_id: int | None = None) -> list[int]:
+        """Token ids of the prompt with its one image expanded to `image_tokens` image tokens, written as
+        `model_image_id` if given (a model trained from a tower and a language model has its own image id)."""
         text = self.text(prompt)
         if text.count(self.image_token) != 1:
             raise PromptError(f"the prompt holds {text.count(self.image_token)} {self.image_token} tokens; "
                               f"mimo generate takes one image")
         text = text.replace(self.image_token, self.image_token * image_tokens)
-        return self.encode(text, self.adds_special_tokens(text)).ids
+        text_id = self.image_token_id()
+        ids = self.encode(text, self.adds_special_tokens(text)).ids
+        return ids if model_image_id is None else [model_image_id if i == text_id else i for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids → text, special tokens skipped."""
