@@ -66,7 +66,8 @@ class FlexDocumentAttention:
         Kept out of an enclosing compiled block's graph (the block breaks around it): traced inside, every
         micro-batch's new mask (its closure, its lengths) is guarded and a block recompiled per packed length
         until torch's recompile limit sent it back to eager, unfused flex; here `FLEX_ATTENTION` is its own
-        compiled function, dynamic in the length after its second one."""
+        compiled function, dynamic in the length after its second one. The block's own graphs still guard on
+        length ranges and can reach the limit after many lengths (benchmarks/DATA.md: packed compiled 0.84x)."""
         device = q.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
