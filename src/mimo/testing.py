@@ -32,9 +32,10 @@ class DistributedTestError(AssertionError):
 
 
 def _context() -> mp.context.BaseContext:
-    """A forkserver context that preloads torch, so each worker starts in well under a second."""
+    """A forkserver context that preloads torch and mimo's training modules (what a test's function imports), so
+    each worker starts in well under a second instead of importing them again (seconds per rank)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "mimo"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "mimo.training.loop", "mimo.testing"])
     return ctx
 
 

@@ -10,6 +10,8 @@ document mask empties). `document_attention` picks between the two by device, in
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -58,24 +60,33 @@ class FlexDocumentAttention:
         rows, length = document_ids.shape
         self.block_mask = create_block_mask(document_causal, rows, None, length, length,
                                             device=document_ids.device)
+        # made here, not as a decorator: `torch.compiler.disable` imports dynamo, seconds for every process
+        self._attend = torch.compiler.disable(self._flex)
 
-    @torch.compiler.disable
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Document-causal attention of q, k, v [R, H, T, D], outside any enclosing compiled graph."""
+        return self._attend(q, k, v)
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """flex_attention over the blocks the mask keeps, on q, k, v of one dtype: autocast's, as SDPA would take
         under autocast (rotary leaves q, k in the residual's float32 while v is bf16), else their common one.
         Kept out of an enclosing compiled block's graph (the block breaks around it): traced inside, every
         micro-batch's new mask (its closure, its lengths) is guarded and a block recompiled per packed length
-        until torch's recompile limit sent it back to eager, unfused flex; here `FLEX_ATTENTION` is its own
-        compiled function, dynamic in the length after its second one. The block's own graphs still guard on
-        length ranges and can reach the limit after many lengths (benchmarks/DATA.md: packed compiled 0.84x)."""
+        until torch's recompile limit sent it back to eager, unfused flex; here `compiled_flex_attention()` is
+        its own compiled function, dynamic in the length after its second one. The block's own graphs still guard
+        on length ranges and can reach the limit after many lengths (benchmarks/DATA.md: packed compiled 0.84x)."""
         device = q.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
-        return FLEX_ATTENTION(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
+        attend = compiled_flex_attention()
+        return attend(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
 
 
-# Compiled once per process (lazily, on first call): eager flex_attention materializes every score.
-FLEX_ATTENTION = torch.compile(flex_attention)
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process (eager flex materializes every score). Made on first use, not at
+    import: `torch.compile` imports dynamo and inductor, seconds that every process importing the models paid."""
+    return torch.compile(flex_attention)
 
 
 def document_attention(document_ids: torch.Tensor) -> MaskedDocumentAttention | FlexDocumentAttention:
