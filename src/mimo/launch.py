@@ -11,6 +11,11 @@ A rank that hangs without failing (stopped, deadlocked in native code) would hol
 until its timeout (`train.timeout_s`, 300 s by default) and then be blamed on them. So each worker touches a
 heartbeat file every second from a thread of its own, and the launcher names and kills a rank whose heartbeat
 is older than `HANG_S`, whatever the collective timeout.
+
+Workers are forked from the launcher with torch and the training modules already imported (`start_method`): a
+spawned worker spent 5-7 s of CPU importing them again, before any work. Fork needs a parent that has not
+touched CUDA (the launcher never does; if something did, workers are spawned), and each forked worker puts
+back the signal handlers a fresh interpreter has (the agent's own would turn SIGTERM into an exception).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ HANG_S = float(os.environ.get("MIMO_HANG_S", 60))  # a heartbeat older than this
 
 def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
     """Run `_worker(config, **kwargs)` on `nproc` local processes; 0, or 1 with the failed ranks named."""
+    import mimo.training.loop  # noqa: F401 - imported once here, inherited by every forked worker
     with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir, HangWatch(Path(failure_dir)):
         try:
             _launch_on_a_free_port(nproc, config, kwargs, failure_dir)
@@ -64,17 +71,53 @@ def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str,
     its event log). A port found free can be taken before the store binds it (NCCL binds ports at random):
     the bind then fails at once, before any worker started, and another port is tried."""
     for attempt in range(_RENDEZVOUS_TRIES):
-        launch_config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
-            rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"rank": 0},
-            max_restarts=0, monitor_interval=0.5, start_method="spawn",
-        )
+        with _cuda_checks_through_nvml():  # LaunchConfig asks torch.cuda.is_available() (for NUMA defaults)
+            launch_config = LaunchConfig(
+                min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
+                rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"rank": 0},
+                max_restarts=0, monitor_interval=0.5, start_method=start_method(),
+            )
         try:
             elastic_launch(launch_config, _worker)(config, kwargs, failure_dir)
             return
         except (RendezvousConnectionError, DistNetworkError):
             if attempt + 1 == _RENDEZVOUS_TRIES:
                 raise
+
+
+def start_method() -> str:
+    """'fork' (workers inherit this process's imports), or 'spawn' once CUDA is initialized here: a forked
+    child cannot use a CUDA context its parent created. (The CUDA runtime's availability check poisons fork
+    too; nothing before the launch calls it, and `_cuda_checks_through_nvml` keeps torch's launcher from it.)"""
+    import torch
+
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
+@contextlib.contextmanager
+def _cuda_checks_through_nvml() -> Iterator[None]:
+    """torch's CUDA availability checks through NVML inside the block: the CUDA runtime's own check
+    (`cudaGetDeviceCount`) poisons fork, and a forked worker could then not use its GPU."""
+    before = os.environ.get(_NVML_CHECK)
+    os.environ[_NVML_CHECK] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_NVML_CHECK]
+        else:
+            os.environ[_NVML_CHECK] = before
+
+
+_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def _as_a_fresh_interpreter() -> None:
+    """A forked worker's signal handlers as a spawned one's: default SIGTERM, SIGHUP and SIGQUIT (the agent's
+    handlers raise instead, which a rank blocked in a collective would not see) and KeyboardInterrupt on SIGINT."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class HangWatch:
@@ -155,6 +198,7 @@ def _worker(config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) ->
     from mimo.training.loop import run_training
     from mimo.training.run_config import parse_run_config
 
+    _as_a_fresh_interpreter()
     try:
         with _Heartbeat(Path(failure_dir)):
             run_training(parse_run_config(config), **kwargs)
