@@ -153,6 +153,20 @@ def _what(layer: nn.Module, style: ParallelStyle) -> str:
     return "output features" if isinstance(style, ColwiseParallel) else "input features"
 
 
+# Compiled graphs one block's code may hold: all layers share its frame, and padded rows, packed rows (inductor
+# guards the packed length on a few ranges: 2-2559, 2560-4095, ... on an H200 at 1b) and the variants of a
+# micro-batch's arguments each add one. At torch's default of 8 a packed run reached it after ~70 micro-batches
+# and ran the blocks eager from then on (benchmarks/DATA.md: 19 compilations there).
+BLOCK_RECOMPILE_LIMIT = 32
+
+
+def _allow_block_variants() -> None:
+    """Raise dynamo's per-frame recompile limit to `BLOCK_RECOMPILE_LIMIT` (never lower a user's)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+
+
 # -- data parallelism and precision ------------------------------------------------------------------
 def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig) -> MimoModel:
     """Wrap each hosted module with DDP or FSDP2 over its own DP group.
@@ -170,6 +184,7 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         module = module_of(model, name)
         trainable = any(p.requires_grad for p in module.parameters())
         if cfg.compile:
+            _allow_block_variants()
             for block in _blocks(module):
                 block.compile()
         if cfg.data_parallel == "fsdp":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimo.config import LayoutError
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.distributed import BLOCK_RECOMPILE_LIMIT, DistributedConfig, ModuleDistributedConfig
 from mimo.testing import run_distributed
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig
@@ -123,20 +123,23 @@ def test_point_to_point_traffic_uses_the_direction_groups():
     assert {"forward", "backward"} <= set(groups)
 
 
-def compiled_losses(rank: int, world_size: int, compile_blocks: bool) -> list[float]:
-    """4 float32 steps of the fan-in layout, every transformer block compiled or not."""
+def compiled_losses(rank: int, world_size: int, compile_blocks: bool) -> tuple[list[float], int]:
+    """4 float32 steps of the fan-in layout, every transformer block compiled or not; and dynamo's recompile
+    limit after the model was built."""
     prov = provider(IMG2_LANG_TP2, ("images",), params_dtype=torch.float32)
     cfg = ModuleDistributedConfig("ddp", None, compile_blocks)
     model = prov.provide_distributed_model(DistributedConfig(cfg))
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
                           optimizer=OptimizerConfig(lr=3e-3))
-    return [trainer.train_step(_batch32()).loss for _ in range(4)]
+    return [trainer.train_step(_batch32()).loss for _ in range(4)], torch._dynamo.config.recompile_limit
 
 
 def test_compiled_blocks_train_like_eager():
-    eager = run_distributed(compiled_losses, 4, False)[0]
-    compiled = run_distributed(compiled_losses, 4, True, timeout_s=600)[0]
+    eager, _ = run_distributed(compiled_losses, 4, False)[0]
+    compiled, limit = run_distributed(compiled_losses, 4, True, timeout_s=600)[0]
     assert compiled == pytest.approx(eager, rel=1e-4), (compiled, eager)  # float32, fused kernels
+    # packed rows of many lengths must not send the blocks back to eager (benchmarks/DATA.md)
+    assert limit >= BLOCK_RECOMPILE_LIMIT
 
 
 def phase_order(rank: int, world_size: int, layout: dict) -> list[str]:

@@ -74,7 +74,7 @@ class FlexDocumentAttention:
         micro-batch's new mask (its closure, its lengths) is guarded and a block recompiled per packed length
         until torch's recompile limit sent it back to eager, unfused flex; here `compiled_flex_attention()` is
         its own compiled function, dynamic in the length after its second one. The block's own graphs still guard
-        on length ranges and can reach the limit after many lengths (benchmarks/DATA.md: packed compiled 0.84x)."""
+        on a few length ranges (one compilation each; benchmarks/DATA.md: packed compiled 0.86x padded)."""
         device = q.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
