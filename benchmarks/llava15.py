@@ -15,11 +15,11 @@ Issue 16's GPU measurement. Everything is written once under OUT and reused by l
   mix (text lengths and image share drawn as `packing.py` draws its instruction mix, split into 1-8 turns; the
   vicuna_v1 template's system prompt and separators count in the text length).
 - OUT/runs/stageN-LAYOUT: one `python -m mimo train examples/llava15_stageN.yaml` per stage and layout, the
-  YAML as it is but for `--set` of paths, steps (warm-up + timed, log every step, no periodic checkpoint)
-  and the layout (`LAYOUTS`: parallelism, the language model's DDP/FSDP2, and micro-batches so that each
-  language DP rank's micro-batch keeps the YAML's sample count). Stage 2 starts from stage 1's checkpoint
-  (`checkpoint.pretrained_checkpoint`, as the recipe does): the first stage-1 row of the call, else
-  `--stage1-from`, else a stage-1 run an earlier call left in OUT.
+  YAML as it is but for `--set` of paths, steps (warm-up + timed, log every step, no periodic checkpoint; no
+  final one in stage 2, below) and the layout (`LAYOUTS`: parallelism, the language model's DDP/FSDP2, and
+  micro-batches so that each language DP rank's micro-batch keeps the YAML's sample count). Stage 2 starts
+  from stage 1's checkpoint (`checkpoint.pretrained_checkpoint`, as the recipe does): the first stage-1 row of
+  the call, else `--stage1-from`, else a stage-1 run an earlier call left in OUT.
 
 Reported per row from `metrics.jsonl` (rank 0 writes it; a step's time is its slowest rank's): samples/s =
 global batch × timed steps / the wall time between the last warm-up step's record and the last step's (data
@@ -29,10 +29,10 @@ step and data-wait time, rank 0's peak memory, and every step's loss (the curves
 markdown table goes to stdout; `--json` keeps every row, merged with the rows an earlier call wrote there
 (same stage and layout: replaced), so split calls fill one file.
 
-Stage checkpoints at 7B are large (stage 1: every parameter in float32, 28 GB; stage 2: plus AdamW's two
-moments of the language model, about 82 GB): each row's checkpoints are deleted after it, except the stage-1
-run stage 2 starts from (`--keep-checkpoints` keeps all). `--time-limit` stops the call in time: no row
-starts past it and a running one is stopped at it, its logged steps still reported.
+Checkpoints at 7B are large (stage 1: every parameter in float32, 28 GB; stage 2: plus AdamW's two moments of
+the language model, about 82 GB): stage-2 rows write none (`checkpoint.final=false`), and a stage-1 row's is
+deleted after it unless stage 2 starts from it (`--keep-checkpoints` keeps and writes all). `--time-limit`
+stops the call in time: no row starts past it and a running one is stopped at it, its logged steps reported.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import argparse
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -50,6 +51,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,16 @@ def stage2_entries(count: int, images: int, vocab: int, image_tokens: int, max_l
     return out
 
 
+def write_models(preset: str, models: Path) -> None:
+    """`hf_random.write_pair` into models/clip and models/vicuna; with CUDA in a child process, so that this
+    process never holds a CUDA context (memory on GPU 0) while the runs train."""
+    where = (preset, models / "clip", models / "vicuna")
+    if not torch.cuda.is_available():
+        return write_pair(*where)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(write_pair, *where).result()
+
+
 def write_data(data: Path, args: argparse.Namespace, provider: LlavaMimoProvider, max_len: int) -> None:
     """The JPEGs and both stages' files, each written once (a file already there is kept)."""
     folder = data / "images"
@@ -206,19 +218,25 @@ def row_overrides(stage: int, layout: Layout, args: argparse.Namespace, run_dir:
     sets = [f"model.vision_hf={models / 'clip'}", f"model.language_hf={models / 'vicuna'}",
             f"data.path={data / f'stage{stage}.json'}", f"data.image_folder={data / 'images'}",
             f"train.steps={args.warmup + args.steps}", f"log.dir={run_dir}", "log.interval=1", "checkpoint.interval=0"]
-    if stage == 2:
+    if stage == 2:  # from stage 1's weights; no checkpoint of its own at the end unless asked (82 GB at 7B)
         sets.append(f"checkpoint.pretrained_checkpoint={stage1}")
+        sets += [] if args.keep_checkpoints else ["checkpoint.final=false"]
     if args.dry_run:  # tiny shapes on the CPU: a small batch, float32, no compilation, the tiny model's length
         base["train"].update(global_batch_size=args.dry_batch, num_microbatches=2)
         sets += [f"train.global_batch_size={args.dry_batch}", "train.num_microbatches=2", "train.dtype=float32",
-                 "train.compile=false", f"data.max_seq_len={args.max_len}"]
+                 "train.compile=false", f"data.max_seq_len={args.max_len}", "data.num_workers=0"]
     return sets + layout.overrides(base)
+
+
+def run_dir_of(out: Path, stage: int, layout: str) -> Path:
+    """Where a row's run goes (its log beside it)."""
+    return out / "runs" / f"stage{stage}-{layout}"
 
 
 def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None, deadline: float) -> dict[str, Any]:
     """`mimo train` on the stage's YAML in `name`'s layout (stopped at `deadline`); the row of its metrics."""
     layout = LAYOUTS[name]
-    run_dir = args.out / "runs" / f"stage{stage}-{name}"
+    run_dir = run_dir_of(args.out, stage, name)
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = row_overrides(stage, layout, args, run_dir, stage1)
     command = [sys.executable, "-m", "mimo", "train", str(EXAMPLES / f"llava15_stage{stage}.yaml"),
@@ -278,7 +296,8 @@ def summarize(stage: int, run_dir: Path, warmup: int, gpus: int) -> dict[str, An
     wall = timed[-1]["time"] - steps[warmup - 1]["time"]
     per_gpu = batch * len(timed) / wall / gpus
     mean = lambda key: sum(r.get(key) or 0.0 for r in timed) / len(timed)  # noqa: E731
-    out.update(global_batch=batch, microbatches=config["train"]["num_microbatches"], steps_timed=len(timed),
+    out.update(step_times_s=[r["step_time_s"] for r in steps], global_batch=batch,
+               microbatches=config["train"]["num_microbatches"], steps_timed=len(timed),
                samples_per_s=per_gpu * gpus, samples_per_s_per_gpu=per_gpu, vs_anchor=per_gpu / ANCHOR[stage],
                vs_target=per_gpu / (TARGET_RATIO * ANCHOR[stage]), step_s=mean("step_time_s"),
                data_wait_s=mean("data_wait_s"), tokens_per_step=mean("tokens"),
@@ -299,36 +318,39 @@ def earlier_stage1(out: Path) -> Path | None:
     return next((c for c in map(stage1_checkpoint, runs) if c is not None), None)
 
 
-def drop_checkpoints(row: dict[str, Any]) -> None:
-    """Delete a row's checkpoints (tens of GB at 7B)."""
-    shutil.rmtree(Path(row["run_dir"]) / "checkpoints", ignore_errors=True)
-
-
 def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
-    """Stage 1 in every asked layout, then stage 2 from stage 1's checkpoint; rows in that order."""
-    rows, stage1 = [], args.stage1_from
+    """Stage 1 in every asked layout, then stage 2 from one stage-1 checkpoint; rows in that order. At most one
+    stage-1 checkpoint is kept: `--stage1-from`, an earlier call's, or else this call's first."""
+    rows, source = [], args.stage1_from or earlier_stage1(args.out)
     for stage in args.stages:
-        if stage == 2 and stage1 is None:
-            stage1 = earlier_stage1(args.out)
         for name in args.layouts:
-            if time.time() >= deadline:
-                rows.append({"stage": stage, "layout": name, "gpus": LAYOUTS[name].gpus, "what": LAYOUTS[name].what,
-                             "error": "not run: --time-limit reached"})
+            layout = LAYOUTS[name]
+            if source is not None and run_dir_of(args.out, stage, name) in source.parents:
+                source = None  # this row replaces the run the checkpoint came from
+            skip = "not run: --time-limit reached" if time.time() >= deadline else \
+                "no stage-1 checkpoint (run stage 1 first, or give --stage1-from)" if stage == 2 and source is None \
+                else None
+            if skip:
+                rows.append({"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "error": skip})
                 continue
-            if stage == 2 and stage1 is None:
-                rows.append({"stage": 2, "layout": name, "gpus": LAYOUTS[name].gpus, "what": LAYOUTS[name].what,
-                             "error": "no stage-1 checkpoint (run stage 1 first, or give --stage1-from)"})
-                continue
-            row = run_row(stage, name, args, stage1, deadline)
+            row = run_row(stage, name, args, source, deadline)
             rows.append(row)
+            if stage == 1:
+                source = keep_or_drop(row, source, args.keep_checkpoints)
             print(f"# stage {stage} {name}: {describe_row(row)}", flush=True)
-            kept = stage == 1 and stage1 is None and stage1_checkpoint(Path(row["run_dir"])) is not None
-            if kept:
-                stage1 = stage1_checkpoint(Path(row["run_dir"]))
-                row["stage1_checkpoint"] = str(stage1)
-            elif not args.keep_checkpoints:
-                drop_checkpoints(row)
     return rows
+
+
+def keep_or_drop(row: dict[str, Any], source: Path | None, keep_all: bool) -> Path | None:
+    """After a stage-1 row: its checkpoint becomes stage 2's source if there is none yet, else it is deleted
+    (28 GB at 7B) unless `keep_all`; the source from now on."""
+    checkpoint = stage1_checkpoint(Path(row["run_dir"]))
+    if source is None and checkpoint is not None:
+        row["stage1_checkpoint"] = str(checkpoint)
+        return checkpoint
+    if not keep_all:
+        shutil.rmtree(Path(row["run_dir"]) / "checkpoints", ignore_errors=True)
+    return source
 
 
 # -- the report -------------------------------------------------------------------------------------------------
@@ -431,7 +453,7 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, 
     deadline = start + args.time_limit if args.time_limit else math.inf
     provider = LlavaMimoProvider.preset(args.preset)
     args.max_len = min(stage_yaml(1)["data"]["max_seq_len"], provider.language_config.max_seq_len)
-    write_pair(args.preset, args.out / "models" / "clip", args.out / "models" / "vicuna")
+    write_models(args.preset, args.out / "models")
     write_data(args.out / "data", args, provider, args.max_len)
     print(f"# models and data in {args.out}: ready after {time.time() - start:.0f} s", flush=True)
     rows = run_stages(args, deadline)
