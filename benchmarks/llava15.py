@@ -21,6 +21,9 @@ Issue 16's GPU measurement. Everything is written once under OUT and reused by l
   from stage 1's checkpoint (`checkpoint.pretrained_checkpoint`, as the recipe does): the first stage-1 row of
   the call, else `--stage1-from`, else a stage-1 run an earlier call left in OUT.
 
+Before any run, every asked row's config is checked as `mimo validate` checks it (`preflight`): a layout mimo
+refuses stops the call at once, naming the row.
+
 Reported per row from `metrics.jsonl` (rank 0 writes it; a step's time is its slowest rank's): samples/s =
 global batch × timed steps / the wall time between the last warm-up step's record and the last step's (data
 waits, logging and everything else a run does between steps included), per GPU of the layout, against the
@@ -219,7 +222,7 @@ def row_overrides(stage: int, layout: Layout, args: argparse.Namespace, run_dir:
             f"data.path={data / f'stage{stage}.json'}", f"data.image_folder={data / 'images'}",
             f"train.steps={args.warmup + args.steps}", f"log.dir={run_dir}", "log.interval=1", "checkpoint.interval=0"]
     if stage == 2:  # from stage 1's weights; no checkpoint of its own at the end unless asked (82 GB at 7B)
-        sets.append(f"checkpoint.pretrained_checkpoint={stage1}")
+        sets.append(f"checkpoint.pretrained_checkpoint={stage1 or 'null'}")
         sets += [] if args.keep_checkpoints else ["checkpoint.final=false"]
     if args.dry_run:  # tiny shapes on the CPU: a small batch, float32, no compilation, the tiny model's length
         base["train"].update(global_batch_size=args.dry_batch, num_microbatches=2)
@@ -304,6 +307,27 @@ def summarize(stage: int, run_dir: Path, warmup: int, gpus: int) -> dict[str, An
                peak_memory_gb_rank0=max((r.get("peak_memory_gb") or 0.0) for r in steps),
                skipped_samples=steps[-1].get("skipped_samples", 0))
     return out
+
+
+def preflight(args: argparse.Namespace) -> list[str]:
+    """Each asked row's config checked as `mimo validate` checks it (keys, layout, micro-batches, the model's
+    split, data and tokenizer; stage 2's pretrained checkpoint aside: it may not exist yet) and its world
+    against the layout's GPUs, before any GPU time; one line per problem."""
+    from mimo.training.run_config import load_run_config, validate_run
+
+    problems = []
+    for stage in args.stages:
+        for name in args.layouts:
+            sets = row_overrides(stage, LAYOUTS[name], args, run_dir_of(args.out, stage, name), None)
+            try:
+                config = load_run_config(EXAMPLES / f"llava15_stage{stage}.yaml", sets)
+                validate_run(config, config.world_size)
+            except ValueError as e:  # RunConfigError, LayoutError: bad input, one line each
+                problems.append(f"stage {stage} {name}: {e}")
+                continue
+            if config.world_size != LAYOUTS[name].gpus:
+                problems.append(f"stage {stage} {name}: a world of {config.world_size}, not {LAYOUTS[name].gpus}")
+    return problems
 
 
 # -- the stage-1 checkpoint stage 2 starts from ------------------------------------------------------------------
@@ -443,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--stage1-from {args.stage1_from}: not a complete checkpoint (give a step_N directory or a "
                     f"run directory holding one)")
     args.out = args.out.resolve()
+    args.max_len = min(stage_yaml(1)["data"]["max_seq_len"],  # the YAMLs' 2048, or the tiny model's 256
+                       LlavaMimoProvider.preset(args.preset).language_config.max_seq_len)
     return args
 
 
@@ -452,10 +478,13 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, 
     start = time.time()
     deadline = start + args.time_limit if args.time_limit else math.inf
     provider = LlavaMimoProvider.preset(args.preset)
-    args.max_len = min(stage_yaml(1)["data"]["max_seq_len"], provider.language_config.max_seq_len)
     write_models(args.preset, args.out / "models")
     write_data(args.out / "data", args, provider, args.max_len)
     print(f"# models and data in {args.out}: ready after {time.time() - start:.0f} s", flush=True)
+    problems = preflight(args)
+    if problems:
+        print("\n".join(f"llava15.py: error: {p}" for p in problems), file=sys.stderr)
+        raise SystemExit(2)
     rows = run_stages(args, deadline)
     report = {"env": environment(args), "rows": merged_rows(args.json, rows)}
     text = markdown(report["rows"])

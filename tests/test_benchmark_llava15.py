@@ -79,6 +79,24 @@ def test_data_and_models_have_the_recipes_form(dry_run):
     assert json.loads((out / "models" / "clip" / "preprocessor_config.json").read_text())["do_center_crop"]
 
 
+def test_every_layout_passes_mimo_validate(dry_run):
+    out, _, _ = dry_run
+    args = bench.parse_args(["--dry-run", "--out", str(out), "--layouts", ",".join(bench.LAYOUTS)])
+    assert bench.preflight(args) == []  # both stages: keys, layout, micro-batches, model split, data, world size
+
+
+def test_a_layout_mimo_refuses_stops_the_call_before_any_run(dry_run, monkeypatch, capsys):
+    out, _, _ = dry_run
+    bad = bench.Layout(2, "TP3 encoder", images={"tensor_model_parallel_size": 3, "data_parallel_size": 1})
+    monkeypatch.setitem(bench.LAYOUTS, "bad", bad)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--dry-run", "--out", str(out), "--layouts", "bad", "--stages", "1"])
+    assert e.value.code == 2
+    assert "llava15.py: error: stage 1 bad: modules 'language' (ranks 0-1) and 'images' (ranks 0-2)" in \
+        capsys.readouterr().err
+    assert not (out / "runs" / "stage1-bad.log").exists()
+
+
 def test_layouts_keep_the_yamls_micro_batch_per_rank():
     base = {s: bench.stage_yaml(s) for s in (1, 2)}
     assert bench.LAYOUTS["yaml"].overrides(base[1]) == []
