@@ -28,9 +28,10 @@ Reported per row from `metrics.jsonl` (rank 0 writes it; a step's time is its sl
 global batch × timed steps / the wall time between the last warm-up step's record and the last step's (data
 waits, logging and everything else a run does between steps included), per GPU of the layout, against the
 anchor (LLaVA-1.5 on 8×A100: stage 1 5.5, stage 2 2.3 samples/s per GPU) and the target (4× that); the mean
-step and data-wait time, rank 0's peak memory, and every step's loss (the curves for `--steps 200`). The
-markdown table goes to stdout; `--json` keeps every row, merged with the rows an earlier call wrote there
-(same stage and layout: replaced), so split calls fill one file.
+step and data-wait time, rank 0's peak memory, each GPU's most memory in use (`GpuMemory`), and every step's
+time and loss (the curves for `--steps 200`). The markdown table goes to stdout; `--json` keeps every row,
+merged with the rows an earlier call wrote there (same stage and layout: replaced), so split calls fill one
+file.
 
 Checkpoints at 7B are large (stage 1: every parameter in float32, 28 GB; stage 2: plus AdamW's two moments of
 the language model, about 82 GB): stage-2 rows write none (`checkpoint.final=false`), and a stage-1 row's is
@@ -53,6 +54,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -248,13 +250,14 @@ def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    with log.open("w") as out:
+    with log.open("w") as out, GpuMemory() as memory:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
         error = wait_or_stop(proc, deadline)
     text = log.read_text()
     row = {"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "overrides": sets,
-           "wall_s": time.perf_counter() - start, "log": str(log), "run_dir": str(run_dir)}
+           "wall_s": time.perf_counter() - start, "log": str(log), "run_dir": str(run_dir),
+           "gpu_memory_max_gib": [memory.peaks[i] for i in sorted(memory.peaks)]}
     row.update(summarize(stage, run_dir, args.warmup, layout.gpus))
     if error or proc.returncode:
         row["error"] = error or last_error(text, proc.returncode)
@@ -264,10 +267,43 @@ def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None
     return row
 
 
+class GpuMemory:
+    """The most memory each GPU had in use while a row ran, from `nvidia-smi` every 2 s (every process on it:
+    CUDA contexts and the caching allocators' reserve included): each GPU's peak, where metrics.jsonl has rank
+    0's only (in hetero1+1 the encoder's GPU). Nothing without nvidia-smi."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> GpuMemory:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"]
+        while True:
+            try:
+                lines = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.splitlines()
+                for index, mib in (map(int, line.split(",")) for line in lines if line.strip()):
+                    self.peaks[index] = max(self.peaks.get(index, 0.0), mib / 1024)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            if self._stop.wait(2.0):
+                return
+
+
 def wait_or_stop(proc: subprocess.Popen, deadline: float) -> str | None:
     """Wait for `proc`; past `deadline`, stop its whole process group (it and its workers) and say so."""
     try:
-        proc.wait(timeout=max(1.0, deadline - time.time()))
+        proc.wait(timeout=None if deadline == math.inf else max(1.0, deadline - time.time()))
         return None
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -392,13 +428,14 @@ def _f(value: Any, digits: int = 3) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The results table (a row per stage and layout) and its notes."""
     lines = ["| stage | layout | GPUs | micro-batches | step s | data wait s | samples/s | samples/s/GPU | x anchor "
-             "| x target | peak GB (rank 0) | steps timed | note |", "|" + "---|" * 13]
+             "| x target | peak GB (rank 0) | GPU GiB (nvidia-smi) | steps timed | note |", "|" + "---|" * 14]
     for r in sorted(rows, key=lambda r: (r["stage"], list(LAYOUTS).index(r["layout"]))):
         lines.append("| " + " | ".join([
             str(r["stage"]), r["layout"], str(r["gpus"]), _f(r.get("microbatches")), _f(r.get("step_s")),
             _f(r.get("data_wait_s")), _f(r.get("samples_per_s")), _f(r.get("samples_per_s_per_gpu")),
             _f(r.get("vs_anchor")), _f(r.get("vs_target")), _f(r.get("peak_memory_gb_rank0")),
-            _f(r.get("steps_timed")), r.get("error", "")]) + " |")
+            " / ".join(f"{g:.0f}" for g in r.get("gpu_memory_max_gib", [])) or "-", _f(r.get("steps_timed")),
+            r.get("error", "")]) + " |")
     lines += ["", f"Anchor: LLaVA-1.5 on 8xA100, stage 1 {ANCHOR[1]}, stage 2 {ANCHOR[2]} samples/s per GPU; "
               f"target {TARGET_RATIO:g}x: {TARGET_RATIO * ANCHOR[1]:g} and {TARGET_RATIO * ANCHOR[2]:g}.",
               "Layouts: " + "; ".join(f"{n}: {LAYOUTS[n].what}" for n in dict.fromkeys(r["layout"] for r in rows))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -129,3 +130,17 @@ def test_rows_of_an_earlier_call_are_kept_unless_rerun(tmp_path):
     path.write_text(json.dumps({"rows": [{"stage": 1, "layout": "yaml", "x": 1}, {"stage": 2, "layout": "yaml"}]}))
     merged = bench.merged_rows(path, [{"stage": 1, "layout": "yaml", "x": 2}])
     assert merged == [{"stage": 2, "layout": "yaml"}, {"stage": 1, "layout": "yaml", "x": 2}]
+
+
+def test_gpu_memory_keeps_each_gpus_peak(tmp_path, monkeypatch):
+    """nvidia-smi cannot exist here (no GPU): a stand-in prints what the real one does, a higher figure on
+    its second call."""
+    calls = tmp_path / "calls"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho x >> {calls}\nif [ $(wc -l < {calls}) -gt 1 ]; then echo '0, 3072'; "
+                   f"else echo '0, 1024'; fi\necho '1, 2048'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with bench.GpuMemory() as memory:
+        time.sleep(2.5)  # the first poll at once, the second after 2 s
+    assert memory.peaks == {0: 3.0, 1: 2.0}
