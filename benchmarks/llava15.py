@@ -387,9 +387,7 @@ def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]
             layout = LAYOUTS[name]
             if source is not None and run_dir_of(args.out, stage, name) in source.parents:
                 source = None  # this row replaces the run the checkpoint came from
-            skip = "not run: --time-limit reached" if time.time() >= deadline else \
-                "no stage-1 checkpoint (run stage 1 first, or give --stage1-from)" if stage == 2 and source is None \
-                else None
+            skip = why_not_run(stage, source, deadline)
             if skip:
                 rows.append({"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "error": skip})
                 continue
@@ -399,6 +397,15 @@ def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]
                 source = keep_or_drop(row, source, args.keep_checkpoints)
             print(f"# stage {stage} {name}: {describe_row(row)}", flush=True)
     return rows
+
+
+def why_not_run(stage: int, source: Path | None, deadline: float) -> str | None:
+    """Why a row cannot start now (None: it can)."""
+    if time.time() >= deadline:
+        return "not run: --time-limit reached"
+    if stage == 2 and source is None:
+        return "no stage-1 checkpoint (run stage 1 first, or give --stage1-from)"
+    return None
 
 
 def keep_or_drop(row: dict[str, Any], source: Path | None, keep_all: bool) -> Path | None:
