@@ -86,14 +86,16 @@ LOG_WEIGHTS = re.compile(r"^weights from (\S+) \(optimizer", re.MULTILINE)  # mi
 
 @dataclass(frozen=True)
 class Layout:
-    """A candidate layout: each module's parallelism (None: the YAML's) and the language model's data-parallel
-    kind (None: the YAML's, DDP on the projector in stage 1, FSDP2 on the language model in stage 2)."""
+    """A candidate layout: each module's parallelism (None: the YAML's), the language model's data-parallel
+    kind (None: the YAML's, DDP on the projector in stage 1, FSDP2 on the language model in stage 2), and the
+    stages it is a candidate for."""
 
     gpus: int
     what: str
     images: dict[str, int] | None = None
     language: dict[str, int] | None = None
     language_dp: str | None = None
+    stages: tuple[int, ...] = (1, 2)  # where it differs from the others
 
     def overrides(self, base: dict[str, Any]) -> list[str]:
         """`--set` items for a stage's YAML `base`: the layout, and micro-batches keeping each language DP
@@ -116,7 +118,8 @@ TP2 = {"tensor_model_parallel_size": 2, "data_parallel_size": 1}
 LAYOUTS: dict[str, Layout] = {
     "yaml": Layout(2, "the YAML's: DP2 (stage 1: both models frozen, DDP on the projector; stage 2: FSDP2 on the "
                       "language model)"),
-    "fsdp2": Layout(2, "DP2, FSDP2 on the language model in both stages", language_dp="fsdp"),
+    "fsdp2": Layout(2, "DP2, FSDP2 on the frozen language model (stage 2's is the YAML's)", language_dp="fsdp",
+                    stages=(1,)),
     "tp2": Layout(2, "TP2 for both modules", images=TP2, language=TP2, language_dp="ddp"),
     "colocated": Layout(2, "encoder DP2, language model TP2, on the same two GPUs", language=TP2, language_dp="ddp"),
     "hetero1+1": Layout(2, "encoder on GPU 0, language model on GPU 1", images=DP1,
@@ -345,6 +348,11 @@ def summarize(stage: int, run_dir: Path, warmup: int, gpus: int) -> dict[str, An
     return out
 
 
+def rows_asked(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(stage, layout) of every row the call runs: stage 1's first, each layout where it applies."""
+    return [(stage, name) for stage in args.stages for name in args.layouts if stage in LAYOUTS[name].stages]
+
+
 def preflight(args: argparse.Namespace) -> list[str]:
     """Each asked row's config checked as `mimo validate` checks it (keys, layout, micro-batches, the model's
     split, data and tokenizer; stage 2's pretrained checkpoint aside: it may not exist yet) and its world
@@ -352,17 +360,16 @@ def preflight(args: argparse.Namespace) -> list[str]:
     from mimo.training.run_config import load_run_config, validate_run
 
     problems = []
-    for stage in args.stages:
-        for name in args.layouts:
-            sets = row_overrides(stage, LAYOUTS[name], args, run_dir_of(args.out, stage, name), None)
-            try:
-                config = load_run_config(EXAMPLES / f"llava15_stage{stage}.yaml", sets)
-                validate_run(config, config.world_size)
-            except ValueError as e:  # RunConfigError, LayoutError: bad input, one line each
-                problems.append(f"stage {stage} {name}: {e}")
-                continue
-            if config.world_size != LAYOUTS[name].gpus:
-                problems.append(f"stage {stage} {name}: a world of {config.world_size}, not {LAYOUTS[name].gpus}")
+    for stage, name in rows_asked(args):
+        sets = row_overrides(stage, LAYOUTS[name], args, run_dir_of(args.out, stage, name), None)
+        try:
+            config = load_run_config(EXAMPLES / f"llava15_stage{stage}.yaml", sets)
+            validate_run(config, config.world_size)
+        except ValueError as e:  # RunConfigError, LayoutError: bad input, one line each
+            problems.append(f"stage {stage} {name}: {e}")
+            continue
+        if config.world_size != LAYOUTS[name].gpus:
+            problems.append(f"stage {stage} {name}: a world of {config.world_size}, not {LAYOUTS[name].gpus}")
     return problems
 
 
@@ -382,20 +389,19 @@ def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]
     """Stage 1 in every asked layout, then stage 2 from one stage-1 checkpoint; rows in that order. At most one
     stage-1 checkpoint is kept: `--stage1-from`, an earlier call's, or else this call's first."""
     rows, source = [], args.stage1_from or earlier_stage1(args.out)
-    for stage in args.stages:
-        for name in args.layouts:
-            layout = LAYOUTS[name]
-            if source is not None and run_dir_of(args.out, stage, name) in source.parents:
-                source = None  # this row replaces the run the checkpoint came from
-            skip = why_not_run(stage, source, deadline)
-            if skip:
-                rows.append({"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "error": skip})
-                continue
-            row = run_row(stage, name, args, source, deadline)
-            rows.append(row)
-            if stage == 1:
-                source = keep_or_drop(row, source, args.keep_checkpoints)
-            print(f"# stage {stage} {name}: {describe_row(row)}", flush=True)
+    for stage, name in rows_asked(args):
+        layout = LAYOUTS[name]
+        if source is not None and run_dir_of(args.out, stage, name) in source.parents:
+            source = None  # this row replaces the run the checkpoint came from
+        skip = why_not_run(stage, source, deadline)
+        if skip:
+            rows.append({"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "error": skip})
+            continue
+        row = run_row(stage, name, args, source, deadline)
+        rows.append(row)
+        if stage == 1:
+            source = keep_or_drop(row, source, args.keep_checkpoints)
+        print(f"# stage {stage} {name}: {describe_row(row)}", flush=True)
     return rows
 
 

@@ -112,6 +112,11 @@ def test_layouts_keep_the_yamls_micro_batch_per_rank():
                                       language.get("tensor_model_parallel_size", 1)), name
 
 
+def test_a_layout_runs_only_in_the_stages_it_is_a_candidate_for():
+    args = bench.parse_args(["--layouts", "yaml,fsdp2", "--stages", "1,2"])
+    assert bench.rows_asked(args) == [(1, "yaml"), (1, "fsdp2"), (2, "yaml")]  # stage 2's yaml is FSDP2 already
+
+
 def test_unknown_layout_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(["--layouts", "yaml,tp8"])
