@@ -538,6 +538,8 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, 
     rows = run_stages(args, deadline)
     report = {"env": environment(args), "rows": merged_rows(args.json, rows)}
     text = markdown(report["rows"])
+    if args.dry_run:
+        text = "CPU dry run at tiny shapes: a functional check, not a measurement.\n\n" + text
     print("\n" + text, flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ def test_both_stages_train_and_report_samples_per_gpu(dry_run):
         assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
         assert r["skipped_samples"] == 0  # every generated sample fits the model
         assert f"| {stage} | {layout} | 2 | 2 |" in stdout
+    assert "not a measurement" in stdout
     # the runs are the examples' own, changed only by --set: stage 1 scores captions, stage 2 packs
     config = [yaml.safe_load((out / "runs" / f"stage{s}-yaml" / "config.yaml").read_text()) for s in (1, 2)]
     assert [c["data"]["template"] for c in config] == ["plain", "vicuna_v1"]
@@ -138,14 +139,17 @@ def test_rows_of_an_earlier_call_are_kept_unless_rerun(tmp_path):
 
 
 def test_gpu_memory_keeps_each_gpus_peak(tmp_path, monkeypatch):
-    """nvidia-smi cannot exist here (no GPU): a stand-in prints what the real one does, a higher figure on
-    its second call."""
+    """nvidia-smi cannot exist here (no GPU): a stand-in prints what the real one does, GPU 0's figure rising
+    on its second call and falling after it; the peak must be kept, not the last figure."""
     calls = tmp_path / "calls"
     smi = tmp_path / "nvidia-smi"
-    smi.write_text(f"#!/bin/sh\necho x >> {calls}\nif [ $(wc -l < {calls}) -gt 1 ]; then echo '0, 3072'; "
-                   f"else echo '0, 1024'; fi\necho '1, 2048'\n")
+    smi.write_text(f"#!/bin/sh\necho x >> {calls}\nn=$(wc -l < {calls})\n"
+                   f"if [ $n -eq 2 ]; then echo '0, 3072'; elif [ $n -eq 1 ]; then echo '0, 1024'; "
+                   f"else echo '0, 512'; fi\necho '1, 2048'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with bench.GpuMemory() as memory:
-        time.sleep(2.5)  # the first poll at once, the second after 2 s
+        give_up = time.time() + 60
+        while time.time() < give_up and (not calls.exists() or len(calls.read_text().split()) < 4):
+            time.sleep(0.1)  # a poll every 2 s: the fourth has started, so the third has been read
     assert memory.peaks == {0: 3.0, 1: 2.0}
