@@ -20,57 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_random import write_directory  # noqa: E402  (the random directory, shared with llava15.py)
+
 LAYOUTS = {
     "tp2": {"images": {"tensor_model_parallel_size": 2}, "language": {"tensor_model_parallel_size": 2}},
     "pp2": {"images": {"data_parallel_size": 2},
             "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}},
 }
-SHARD_BYTES = 2 * 2**30
-
-
-def write_directory(preset: str, directory: Path) -> None:
-    """The preset's parameters, random, as a Hugging Face LLaVA directory (skipped if already written)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from mimo.hf.config import LlavaSpec, llava_to_hf
-    from mimo.hf.load import to_llava_name
-    from mimo.hf.presets import HF_PRESETS
-    from mimo.provider import LlavaMimoProvider
-
-    if (directory / "model.safetensors.index.json").is_file():
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    if preset in HF_PRESETS:
-        provider = LlavaMimoProvider.preset(preset)
-        config = {**HF_PRESETS[preset], "torch_dtype": "bfloat16"}
-    else:  # a mimo preset, its image token moved into the vocabulary as transformers' LLaVA needs
-        vocab = LlavaMimoProvider.preset(preset).language_config.vocab_size
-        provider = LlavaMimoProvider.preset(preset, image_token_id=vocab - 1)
-        spec = LlavaSpec(provider.vision_config, provider.language_config, vocab - 1)
-        config = llava_to_hf(spec, provider.vision_config.num_layers_built, -1, vocab)
-    model = provider.build_meta_model()
-    gen = torch.Generator().manual_seed(0)
-    shard: dict[str, torch.Tensor] = {}
-    weight_map: dict[str, str] = {}
-    files = 0
-
-    def flush() -> None:
-        nonlocal files, shard
-        files += 1
-        name = f"model-{files:05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-        shard = {}
-
-    for name, p in model.named_parameters():
-        shard[to_llava_name(name)] = (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
-        if sum(t.numel() * 2 for t in shard.values()) >= SHARD_BYTES:
-            flush()
-    if shard:
-        flush()
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(config))
 
 
 def _status_kb(field: str) -> int:

@@ -44,6 +44,8 @@ from mimo.data.packing import sample_extents  # noqa: E402
 from mimo.provider import LlavaMimoProvider  # noqa: E402
 
 MAX_LEN = 2048
+# The instruction-mix text lengths (module docstring): lognormal median and sigma, shortest text, image share.
+INSTRUCTION_MIX = {"median": 150.0, "sigma": 1.0, "min_text": 50, "image_fraction": 0.85}
 
 
 def sample_lengths(n: int, median: float, sigma: float, lo: int, hi: int, gen: torch.Generator) -> list[int]:
@@ -136,10 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="timed steps")
-    p.add_argument("--median", type=float, default=150.0, help="median text tokens per sample")
-    p.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the text length")
-    p.add_argument("--min-text", type=int, default=50)
-    p.add_argument("--image-fraction", type=float, default=0.85)
+    mix = INSTRUCTION_MIX
+    p.add_argument("--median", type=float, default=mix["median"], help="median text tokens per sample")
+    p.add_argument("--sigma", type=float, default=mix["sigma"], help="lognormal sigma of the text length")
+    p.add_argument("--min-text", type=int, default=mix["min_text"])
+    p.add_argument("--image-fraction", type=float, default=mix["image_fraction"])
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile every decoder block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")

@@ -69,6 +69,9 @@ def test_set_overrides_any_key_with_yaml_typing():
         ({"parallelism": LAYOUT, "checkpoint": {"keep": 0}}, "checkpoint.keep: must be >= 1, got 0"),
         ({"parallelism": LAYOUT, "checkpoint": {"interval": -2}}, "checkpoint.interval: must be >= 0, got -2"),
         ({"parallelism": LAYOUT, "log": {"interval": 0}}, "log.interval: must be >= 1, got 0"),
+        ({"parallelism": LAYOUT, "checkpoint": {"final": False}},
+         "checkpoint.final: false leaves no checkpoint for the held-out evaluation of the digits; set eval.enabled: "
+         "false, or keep checkpoint.final: true"),
         ({"parallelism": {"images": {"data_parallel_size": 1},
                           "language": {"tensor_model_parallel_size": "2", "data_parallel_size": 1, "rank_offset": 1}}},
          "parallelism: module 'language': tensor_model_parallel_size must be a positive integer, got '2'"),

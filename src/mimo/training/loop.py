@@ -170,7 +170,8 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
                 checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
     progress.close()
-    final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
+    final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config)) \
+        if config.checkpoint.final else None
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
     if config.eval.enabled and config.data.name == "digits" and rank == 0:

@@ -1,0 +1,155 @@
+"""benchmarks/llava15.py: its CPU dry run trains stage 1, then stage 2 from stage 1's checkpoint, and reports both.
+
+Speed is never asserted (DESIGN §5). One dry run (tiny preset, gloo, 2 processes, two `mimo train` runs) is
+shared by the tests that need it; the others check the script's parts without launching anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.scripts import BENCHMARKS, load_script
+
+bench = load_script("llava15", "llava15_bench")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llava15")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "llava15.py"), "--dry-run", "--out", str(out),
+                           "--json", str(out / "llava15.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {(r["stage"], r["layout"]): r for r in json.loads((out / "llava15.json").read_text())["rows"]}
+    return out, proc.stdout, rows
+
+
+def test_both_stages_train_and_report_samples_per_gpu(dry_run):
+    out, stdout, rows = dry_run
+    assert list(rows) == [(1, "yaml"), (2, "yaml")]
+    for (stage, layout), r in rows.items():
+        assert "error" not in r, r
+        assert r["gpus"] == 2 and r["steps_timed"] == 2 and r["global_batch"] == 8
+        assert r["samples_per_s_per_gpu"] > 0 and r["samples_per_s"] == pytest.approx(2 * r["samples_per_s_per_gpu"])
+        assert r["vs_anchor"] == pytest.approx(r["samples_per_s_per_gpu"] / bench.ANCHOR[stage])
+        assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+        assert r["skipped_samples"] == 0  # every generated sample fits the model
+        assert f"| {stage} | {layout} | 2 | 2 |" in stdout
+    assert "not a measurement" in stdout
+    # the runs are the examples' own, changed only by --set: stage 1 scores captions, stage 2 packs
+    config = [yaml.safe_load((out / "runs" / f"stage{s}-yaml" / "config.yaml").read_text()) for s in (1, 2)]
+    assert [c["data"]["template"] for c in config] == ["plain", "vicuna_v1"]
+    assert config[0]["model"]["freeze_language_model"] and not config[1]["model"]["freeze_language_model"]
+    assert config[1]["data"]["packing"] and config[1]["distributed"]["language"]["data_parallel"] == "fsdp"
+
+
+def test_stage2_starts_from_stage1s_checkpoint(dry_run):
+    out, _, rows = dry_run
+    stage1, stage2 = rows[(1, "yaml")], rows[(2, "yaml")]
+    checkpoint = Path(stage1["stage1_checkpoint"])
+    assert checkpoint == out / "runs" / "stage1-yaml" / "checkpoints" / "step_00000003"
+    assert (checkpoint / "COMPLETE").is_file()  # kept: a later call's stage 2 may start from it
+    assert stage2["pretrained_from"] == str(checkpoint)  # mimo train's line, printed after the weights loaded
+    run2 = out / "runs" / "stage2-yaml"
+    assert yaml.safe_load((run2 / "config.yaml").read_text())["checkpoint"]["final"] is False
+    assert list((run2 / "checkpoints").iterdir()) == []  # checkpoint.final=false: 82 GB not written at 7B
+
+
+def test_data_and_models_have_the_recipes_form(dry_run):
+    out, _, _ = dry_run
+    stage1 = json.loads((out / "data" / "stage1.json").read_text())
+    stage2 = json.loads((out / "data" / "stage2.json").read_text())
+    assert len(stage1) == len(stage2) == 8 * 3
+    assert all(e["image"].endswith(".jpg") and len(e["conversations"]) == 2 for e in stage1)
+    captions = [len(e["conversations"][1]["value"].split()) for e in stage1]
+    assert 35 < sum(captions) / len(captions) < 70
+    assert any("image" not in e for e in stage2) and any(len(e["conversations"]) > 2 for e in stage2)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "models" / "vicuna" / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == 256  # the tiny language model's vocabulary (Vicuna-7B's: 32000)
+    caption = stage1[0]["conversations"][1]["value"]
+    assert len(tokenizer.encode(caption).ids) == len(caption.split()) + 1  # one token a word, and <s>
+    assert json.loads((out / "models" / "clip" / "preprocessor_config.json").read_text())["do_center_crop"]
+
+
+def test_every_layout_passes_mimo_validate(dry_run):
+    out, _, _ = dry_run
+    args = bench.parse_args(["--dry-run", "--out", str(out), "--layouts", ",".join(bench.LAYOUTS)])
+    assert bench.preflight(args) == []  # both stages: keys, layout, micro-batches, model split, data, world size
+
+
+def test_a_layout_mimo_refuses_stops_the_call_before_any_run(dry_run, monkeypatch, capsys):
+    out, _, _ = dry_run
+    bad = bench.Layout(2, "TP3 encoder", images={"tensor_model_parallel_size": 3, "data_parallel_size": 1})
+    monkeypatch.setitem(bench.LAYOUTS, "bad", bad)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--dry-run", "--out", str(out), "--layouts", "bad", "--stages", "1"])
+    assert e.value.code == 2
+    assert "llava15.py: error: stage 1 bad: modules 'language' (ranks 0-1) and 'images' (ranks 0-2)" in \
+        capsys.readouterr().err
+    assert not (out / "runs" / "stage1-bad.log").exists()
+
+
+def test_layouts_keep_the_yamls_micro_batch_per_rank():
+    base = {s: bench.stage_yaml(s) for s in (1, 2)}
+    assert bench.LAYOUTS["yaml"].overrides(base[1]) == []
+    one = bench.LAYOUTS["one"].overrides(base[2])
+    assert "train.num_microbatches=32" in one and "distributed.language.data_parallel=ddp" in one
+    assert "train.num_microbatches=16" in bench.LAYOUTS["hetero1+1"].overrides(base[1])
+    for name, layout in bench.LAYOUTS.items():
+        sets = dict(s.split("=", 1) for s in layout.overrides(base[2]))
+        if "parallelism.language" in sets:
+            language = yaml.safe_load(sets["parallelism.language"])
+            assert layout.gpus == max(language.get("rank_offset", 0) + 1, language["data_parallel_size"] *
+                                      language.get("tensor_model_parallel_size", 1)), name
+
+
+def test_a_layout_runs_only_in_the_stages_it_is_a_candidate_for():
+    args = bench.parse_args(["--layouts", "yaml,fsdp2", "--stages", "1,2"])
+    assert bench.rows_asked(args) == [(1, "yaml"), (1, "fsdp2"), (2, "yaml")]  # stage 2's yaml is FSDP2 already
+
+
+def test_unknown_layout_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--layouts", "yaml,tp8"])
+    assert e.value.code == 2 and "unknown ['tp8']" in capsys.readouterr().err
+
+
+def test_a_row_past_the_time_limit_is_stopped():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    start = time.time()
+    assert bench.wait_or_stop(proc, start + 0.5) == "stopped at --time-limit"
+    assert proc.returncode is not None and time.time() - start < 30
+
+
+def test_rows_of_an_earlier_call_are_kept_unless_rerun(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"rows": [{"stage": 1, "layout": "yaml", "x": 1}, {"stage": 2, "layout": "yaml"}]}))
+    merged = bench.merged_rows(path, [{"stage": 1, "layout": "yaml", "x": 2}])
+    assert merged == [{"stage": 2, "layout": "yaml"}, {"stage": 1, "layout": "yaml", "x": 2}]
+
+
+def test_gpu_memory_keeps_each_gpus_peak(tmp_path, monkeypatch):
+    """nvidia-smi cannot exist here (no GPU): a stand-in prints what the real one does, GPU 0's figure rising
+    on its second call and falling after it; the peak must be kept, not the last figure."""
+    calls = tmp_path / "calls"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho x >> {calls}\nn=$(wc -l < {calls})\n"
+                   f"if [ $n -eq 2 ]; then echo '0, 3072'; elif [ $n -eq 1 ]; then echo '0, 1024'; "
+                   f"else echo '0, 512'; fi\necho '1, 2048'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with bench.GpuMemory() as memory:
+        give_up = time.time() + 60
+        while time.time() < give_up and (not calls.exists() or len(calls.read_text().split()) < 4):
+            time.sleep(0.1)  # a poll every 2 s: the fourth has started, so the third has been read
+    assert memory.peaks == {0: 3.0, 1: 2.0}
