@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mimo.data import GlobalBatchSampler, MimoBatch
+from mimo.data.packing import real_tokens
 from mimo.models.labels import IGNORE_INDEX
 from mimo.training.flops import batch_flops
 from mimo.training.loop import build_provider, init_distributed
@@ -166,8 +167,10 @@ def hf_worker(spec: dict[str, Any]) -> None:
         loss = float(step.loss_sum) / step.label_tokens
         losses.append(loss)
         if rank == 0:
-            result = StepResult(loss=loss, label_tokens=step.label_tokens, tokens=batch.input_ids.numel(),
-                                grad_norm=float(step.grad_norm), lr=1e-4, seconds={"step": seconds})
+            result = StepResult(loss=loss, label_tokens=step.label_tokens,
+                                tokens=real_tokens(batch, provider.special_token_ids),
+                                positions=batch.input_ids.numel(), grad_norm=float(step.grad_norm), lr=1e-4,
+                                seconds={"step": seconds})
             writer.log_step(i + 1, result, flops=flops, extra={"deployment": spec["name"]})
         if i >= spec["warmup"]:
             times.append(seconds)
