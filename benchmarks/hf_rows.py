@@ -38,11 +38,16 @@ from mimo.training.step import StepResult
 IMAGES = "images"
 
 
+def image_mask_and_labels(batch: MimoBatch, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's image positions, and its labels with image positions and image targets never scored."""
+    mask = batch.input_ids == image_token_id
+    return mask, batch.labels.masked_fill(mask | (batch.labels == image_token_id), IGNORE_INDEX)
+
+
 def hf_inputs(batch: MimoBatch, image_token_id: int, vocab_size: int) -> dict[str, torch.Tensor]:
     """A mimo batch as LLaVA's inputs: the image id moved inside the vocabulary (its last id), labels shifted
     as HF shifts them back (position t scores labels[t + 1]), image positions never scored."""
-    mask = batch.input_ids == image_token_id
-    labels = batch.labels.masked_fill(mask | (batch.labels == image_token_id), IGNORE_INDEX)
+    mask, labels = image_mask_and_labels(batch, image_token_id)
     hf_labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
     return {"input_ids": batch.input_ids.masked_fill(mask, vocab_size - 1), "labels": hf_labels,
             "pixel_values": batch.modality_inputs[IMAGES].items}
