@@ -166,8 +166,8 @@ class MimoTrainer:
         bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
         items = self._state.inputs[name][m].modality_inputs[name]
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
-        with no_sync_forward(encoder):
-            out = self._encode(encoder, items.items)
+        with no_sync_forward(encoder):  # [N·T, H]; no items: [0, H], the graph still at every parameter
+            out = encoder(items.items).flatten(0, 1)  # (`ModalitySubmodule` encodes one zero item, keeps no rows)
         self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
@@ -207,15 +207,6 @@ class MimoTrainer:
         if longest > limit:
             raise ValueError(f"sequence length {longest} exceeds the language model's max_seq_len {limit}; "
                              f"drop or shorten the longer samples")
-
-    @staticmethod
-    def _encode(encoder: torch.nn.Module, items: torch.Tensor) -> torch.Tensor:
-        """[N, ...] items → [N·T, H] embeddings. A replica with no items this micro-batch encodes one zero
-        item and keeps none of its rows: the graph (and so DDP's reduction) still reaches every parameter,
-        with exactly zero gradient, and no sharded op ever sees an empty tensor."""
-        if items.shape[0] == 0:
-            return encoder(items.new_zeros((1, *items.shape[1:]))).flatten(0, 1)[:0]
-        return encoder(items).flatten(0, 1)
 
     # -- phase 2: the language pipeline --------------------------------------------------------------------
     def _language(self, batch: MimoBatch) -> None:
