@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mimo.data import GlobalBatchSampler, MimoBatch
+from mimo.data.packing import real_tokens
 from mimo.models.labels import IGNORE_INDEX
 from mimo.training.flops import batch_flops
 from mimo.training.loop import build_provider, init_distributed
@@ -37,11 +38,16 @@ from mimo.training.step import StepResult
 IMAGES = "images"
 
 
+def image_mask_and_labels(batch: MimoBatch, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's image positions, and its labels with image positions and image targets never scored."""
+    mask = batch.input_ids == image_token_id
+    return mask, batch.labels.masked_fill(mask | (batch.labels == image_token_id), IGNORE_INDEX)
+
+
 def hf_inputs(batch: MimoBatch, image_token_id: int, vocab_size: int) -> dict[str, torch.Tensor]:
     """A mimo batch as LLaVA's inputs: the image id moved inside the vocabulary (its last id), labels shifted
     as HF shifts them back (position t scores labels[t + 1]), image positions never scored."""
-    mask = batch.input_ids == image_token_id
-    labels = batch.labels.masked_fill(mask | (batch.labels == image_token_id), IGNORE_INDEX)
+    mask, labels = image_mask_and_labels(batch, image_token_id)
     hf_labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
     return {"input_ids": batch.input_ids.masked_fill(mask, vocab_size - 1), "labels": hf_labels,
             "pixel_values": batch.modality_inputs[IMAGES].items}
@@ -166,8 +172,10 @@ def hf_worker(spec: dict[str, Any]) -> None:
         loss = float(step.loss_sum) / step.label_tokens
         losses.append(loss)
         if rank == 0:
-            result = StepResult(loss=loss, label_tokens=step.label_tokens, tokens=batch.input_ids.numel(),
-                                grad_norm=float(step.grad_norm), lr=1e-4, seconds={"step": seconds})
+            result = StepResult(loss=loss, label_tokens=step.label_tokens,
+                                tokens=real_tokens(batch, provider.special_token_ids),
+                                positions=batch.input_ids.numel(), grad_norm=float(step.grad_norm), lr=1e-4,
+                                seconds={"step": seconds})
             writer.log_step(i + 1, result, flops=flops, extra={"deployment": spec["name"]})
         if i >= spec["warmup"]:
             times.append(seconds)

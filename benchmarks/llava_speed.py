@@ -47,9 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hf_rows, beside us, when loaded as a module
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from hf_rows import hf_inputs, image_mask_and_labels  # noqa: E402  (LLaVA's view of a mimo batch)
 from torch import nn  # noqa: E402
 
 from mimo.data import MimoBatch, next_token_labels  # noqa: E402
@@ -113,13 +115,10 @@ class DeviceBatch:
     @classmethod
     def pinned(cls, provider: LlavaMimoProvider, batch: MimoBatch) -> DeviceBatch:
         """Host copies in pinned memory (when CUDA is there), prepared once, as a data loader would."""
-        mask = batch.input_ids == provider.image_token_id
-        labels = batch.labels.masked_fill(mask | (batch.labels == provider.image_token_id), IGNORE_INDEX)
-        hf_image_id = provider.language_config.vocab_size - 1
-        # HF shifts labels itself (position t is scored against labels[t + 1]).
-        hf_labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
-        out = cls(batch.input_ids.masked_fill(mask, 0), batch.input_ids.masked_fill(mask, hf_image_id), labels,
-                  hf_labels, mask, batch.modality_inputs["images"].items, (labels != IGNORE_INDEX).sum())
+        mask, labels = image_mask_and_labels(batch, provider.image_token_id)
+        hf = hf_inputs(batch, provider.image_token_id, provider.language_config.vocab_size)
+        out = cls(batch.input_ids.masked_fill(mask, 0), hf["input_ids"], labels, hf["labels"], mask,
+                  hf["pixel_values"], (labels != IGNORE_INDEX).sum())
         if torch.cuda.is_available():
             out = cls(**{k: v.pin_memory() for k, v in vars(out).items()})
         return out

@@ -14,7 +14,8 @@ long conversations, some text-only samples): text length lognormal (median `--me
 `--sigma`), at least 50 tokens, the whole sample at most 2048; one image (576 tokens at 336 px) on
 `--image-fraction` of the samples. Both rows train on the same batches from the same initial weights.
 
-Reported per row: step time, real tokens/s (tokens of the samples, padding excluded), positions/s (what the
+Reported per row: step time, real tokens/s (`StepResult.tokens`, what `metrics.jsonl`'s `tokens_per_s` counts: each
+sample up to its last scored label or image token, padding excluded), positions/s (`StepResult.positions`, what the
 model computed, padding included), the share of positions that are padding, the first step's loss (the two
 rows' agree to bf16 rounding: same batches, same weights) and peak memory. Warm-up steps are not timed (they
 include flex_attention's compilations: one per new row length until the length dimension turns dynamic).
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 from llava_speed import init_world  # noqa: E402  (a world of one: NCCL on CUDA, gloo on CPU)
 
 from mimo.data import MimoBatch, Sample, next_token_labels  # noqa: E402
-from mimo.data.packing import sample_extents  # noqa: E402
+from mimo.data.packing import real_tokens  # noqa: E402
 from mimo.provider import LlavaMimoProvider  # noqa: E402
 
 MAX_LEN = 2048
@@ -75,13 +76,6 @@ def make_batches(provider: LlavaMimoProvider, args: argparse.Namespace, count: i
     return out
 
 
-def real_tokens(batch: MimoBatch, image_id: int) -> int:
-    """Positions of the samples that can change the loss (`sample_extents`: a sample up to its last scored
-    label or image token; its final id, whose label is ignored, is not one): what the padded row computes
-    besides padding, and all the packed row computes besides its rounding tail."""
-    return int(sample_extents(batch.input_ids, batch.labels, {"images": image_id}).sum())
-
-
 def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device):
     """The model and step exactly as `mimo train` builds them, with `data.packing` as asked."""
     from mimo.training.loop import build_provider, distributed_config
@@ -103,7 +97,6 @@ def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device)
 def run_row(args: argparse.Namespace, packing: bool, batches: list[MimoBatch], device: torch.device) -> dict[str, Any]:
     """Warm-up steps, then timed steps over the batches; the row's figures."""
     trainer = build_trainer(args, packing, device)
-    image_id = trainer.special_token_ids["images"]
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
         torch.cuda.reset_peak_memory_stats()
@@ -115,8 +108,8 @@ def run_row(args: argparse.Namespace, packing: bool, batches: list[MimoBatch], d
         first_loss = result.loss if first_loss is None else first_loss
         if i >= args.warmup:
             times.append(elapsed)
-            real += real_tokens(batch, image_id)
-            positions += sum(t.input_ids.numel() for t in trainer._state.host_text)
+            real += result.tokens  # the step's own counts, as `metrics.jsonl` logs them
+            positions += result.positions
     seconds = sum(times)
     row = {"row": "packed" if packing else "padded", "steps": len(times), "step_ms": 1e3 * seconds / len(times),
            "real_tokens_per_s": real / seconds, "positions_per_s": positions / seconds,
@@ -171,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype, "global_batch": args.batch, "microbatches": args.microbatches,
         "lengths": {"median_text": args.median, "sigma": args.sigma, "min_text": args.min_text, "max": MAX_LEN,
                     "image_fraction": args.image_fraction,
-                    "mean_sample_tokens": sum(real_tokens(b, provider.image_token_id) for b in batches)
+                    "mean_sample_tokens": sum(real_tokens(b, provider.special_token_ids) for b in batches)
                     / (len(batches) * args.batch)},
         "command": " ".join(["python", "benchmarks/packing.py", *(argv if argv is not None else sys.argv[1:])]),
         "rows": rows, "speedup_real_tokens_per_s": packed["real_tokens_per_s"] / padded["real_tokens_per_s"],

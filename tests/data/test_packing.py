@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mimo.data import MimoBatch, Sample, next_token_labels
-from mimo.data.packing import PackedText, PaddedText, sample_extents
+from mimo.data.packing import PackedText, PaddedText, real_tokens, sample_extents
 from mimo.models.labels import IGNORE_INDEX
 
 IMAGE = 300  # a special token id outside the text ids
@@ -80,3 +80,13 @@ def test_padded_layout_is_the_batch_itself():
 def test_a_non_positive_multiple_is_refused():
     with pytest.raises(ValueError, match="packing multiple must be positive, got 0"):
         PackedText(multiple=0)
+
+
+@pytest.mark.parametrize("layout", [PaddedText(), PackedText(), PackedText(multiple=4)], ids=["padded", "1", "4"])
+@pytest.mark.parametrize("samples", [(0, 3), (2, 3)], ids=["three", "nothing-to-keep"])
+def test_a_layout_counts_the_positions_it_arranges(layout, samples):
+    """What the step logs as `positions` is the size of the rows the language model is given."""
+    b = _batch().select(*samples)
+    extents = sample_extents(b.input_ids, b.labels, SPECIAL)
+    assert layout.positions(extents, b.input_ids.shape[1]) == layout.arrange(b, SPECIAL).input_ids.numel()
+    assert real_tokens(b, SPECIAL) == int(extents.sum()) == (5 if samples == (0, 3) else 0)

@@ -10,7 +10,7 @@ def unchanged_llava(tmp_path_factory):
     """A CLIP + Llama HF directory (with its processor) and a one-rank checkpoint of it trained at lr 0, so its
     weights are the source's: shared by the round trip and `mimo generate --checkpoint` (one run, not two)."""
     from tests.hf import tiny_hf
-    from tests.hf.test_export import ONE_RANK, train
+    from tests.hf.runs import ONE_RANK, train
 
     root = tmp_path_factory.mktemp("unchanged_llava")
     source = root / "source"

@@ -13,11 +13,9 @@ from mimo.data import GlobalBatchSampler
 from mimo.training.loop import build_dataset, build_provider
 from mimo.training.run_config import RunConfigError, hf_model, parse_run_config
 from tests.hf import tiny_hf
+from tests.hf.runs import HETEROGENEOUS_TP2, ONE_RANK
 from tests.test_train_cli import mimo, steps_and_losses, write_config
 
-ONE_RANK = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
-HETEROGENEOUS_TP2 = {"images": {"data_parallel_size": 1},
-                     "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 1}}
 TRAIN = {"steps": 2, "global_batch_size": 4, "num_microbatches": 2, "lr": 0.003, "dtype": "float64",
          "min_lr_ratio": 1.0}
 DATA = {"name": "synthetic", "num_samples": 32, "items_per_sample": [0, 1, 2]}

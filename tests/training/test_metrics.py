@@ -26,9 +26,10 @@ SECONDS = {"images.forward": 0.1, "language.forward_backward": 0.6, "images.back
 
 
 def result(loss: float = 2.5, seconds: dict | None = None) -> StepResult:
-    """A step that took 1 s for 4096 positions, 1500 of them labelled."""
+    """A step that took 1 s for 4096 positions, 3000 of them real tokens, 1500 labelled."""
     seconds = dict(SECONDS if seconds is None else seconds)
-    return StepResult(loss=loss, label_tokens=1500, tokens=4096, grad_norm=0.75, lr=1e-4, seconds=seconds)
+    return StepResult(loss=loss, label_tokens=1500, tokens=3000, positions=4096, grad_norm=0.75, lr=1e-4,
+                      seconds=seconds)
 
 
 def lines(run_dir) -> list[dict]:
@@ -48,8 +49,9 @@ def test_step_and_eval_lines(tmp_path) -> None:
     first, second, ev = lines(run)
     assert set(STEP_KEYS) <= set(first)
     assert first["kind"] == "train" and first["step"] == 1 and first["loss"] == 2.5 and first["epoch"] == 0
-    assert first["tokens_per_s"] == pytest.approx(4096) and first["step_time_s"] == 1.0  # every position, as
-    assert first["tokens"] == 4096 and first["label_tokens"] == 1500  # the benchmarks count throughput
+    assert first["tokens_per_s"] == pytest.approx(3000) and first["step_time_s"] == 1.0  # real tokens, and
+    assert first["positions_per_s"] == pytest.approx(4096) and first["positions"] == 4096  # what was computed
+    assert first["tokens"] == 3000 and first["label_tokens"] == 1500
     assert first["tflops"] == pytest.approx(3.0) and second["tflops"] is None
     assert first["images.forward_s"] == 0.1 and first["language.forward_backward_s"] == 0.6
     assert first["images.backward_s"] == 0.2 and first["optimizer_s"] == 0.05 and "step_s" not in first
@@ -65,6 +67,7 @@ def test_appends_on_resume_and_writes_strict_json(tmp_path) -> None:
         w.log_step(2, result(loss=math.nan, seconds={}))
     a, b = lines(tmp_path)
     assert (a["step"], b["step"]) == (1, 2) and b["loss"] is None and b["tokens_per_s"] is None
+    assert b["positions_per_s"] is None
 
 
 def test_disabled_writer_touches_nothing(tmp_path) -> None:

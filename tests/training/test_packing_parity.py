@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from mimo.data import ModalitySpec, SyntheticDataset
-from mimo.data.packing import PackedText
+from mimo.data.packing import PackedText, sample_extents
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.models import ViTConfig
 from mimo.models.labels import IGNORE_INDEX
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.step import MimoTrainer
-from tests.test_train_cli import mimo, steps_and_losses, write_config
+from tests.test_train_cli import metrics, mimo, steps_and_losses, write_config
 from tests.training.test_parity import (
     CLIP,
     GLOBAL_BATCH,
@@ -117,12 +117,17 @@ def test_packed_training_matches_the_unpacked_reference(name, world, layout, tie
     print(f"\n{name}: largest relative difference to the unpacked run {worst:.1e}")
 
 
+def homogeneous_trainer(text_layout: PackedText | None) -> MimoTrainer:
+    """A trainer of the homogeneous layout over this world, text laid out as asked (None: padded)."""
+    prov = provider(HOMOGENEOUS, ("images",))
+    return MimoTrainer(prov.provide_distributed_model(), prov.build_infra(), hidden_size=64,
+                       global_batch_size=GLOBAL_BATCH, num_microbatches=MICRO, optimizer=OPTIM,
+                       activation_dtype=torch.float64, text_layout=text_layout)
+
+
 def packed_tokens(rank: int, world_size: int) -> list[int]:
     """The row length the packed step gives the language model, per micro-batch, on a world of one."""
-    prov = provider(HOMOGENEOUS, ("images",))
-    trainer = MimoTrainer(prov.provide_distributed_model(), prov.build_infra(), hidden_size=64,
-                          global_batch_size=GLOBAL_BATCH, num_microbatches=MICRO, optimizer=OPTIM,
-                          activation_dtype=torch.float64, text_layout=PackedText())
+    trainer = homogeneous_trainer(PackedText())
     batch = batches()[0]
     trainer.train_step(batch)
     return [t.input_ids.shape[1] for t in trainer._state.host_text]
@@ -137,18 +142,42 @@ def test_packing_feeds_fewer_positions_than_padding():
     assert all(n < padded for n in lengths), (lengths, padded)
 
 
+def token_counts(rank: int, world_size: int, multiple: int | None) -> dict:
+    """One step on DP2, packed to `multiple` (None: padded): the step's token counts, the batch's real tokens
+    and the positions this rank's language rows hold."""
+    trainer = homogeneous_trainer(None if multiple is None else PackedText(multiple))
+    batch = batches()[0]
+    result = trainer.train_step(batch)
+    return {"tokens": result.tokens, "positions": result.positions,
+            "real": int(sample_extents(batch.input_ids, batch.labels, trainer.special_token_ids).sum()),
+            "rows": sum(t.input_ids.numel() for t in trainer._state.host_text), "padded": batch.input_ids.numel()}
+
+
+@pytest.mark.parametrize("multiple", [None, 16], ids=["padded", "packed"])
+def test_tokens_count_real_tokens_and_positions_what_the_model_computed(multiple):
+    """`tokens` leaves padding out, packed or not; `positions` sums every DP replica's language rows (padding
+    and a packed row's tail included)."""
+    a, b = run_distributed(token_counts, 2, multiple)
+    assert a["tokens"] == b["tokens"] == a["real"] < a["padded"]
+    assert a["positions"] == b["positions"] == a["rows"] + b["rows"]
+    assert a["positions"] == a["padded"] if multiple is None else a["real"] < a["positions"] < a["padded"]
+
+
 def test_mimo_train_with_data_packing_logs_the_unpacked_losses(tmp_path):
     """`data.packing: true` reaches the step from the YAML: a float64 `mimo train` logs the losses of the same
     run without packing."""
-    losses = {}
+    losses, counts = {}, {}
     for packing in (False, True):
         path, run_dir = write_config(tmp_path / str(packing), train={"steps": 2}, data={"packing": packing})
         done = mimo("train", str(path), "--quiet")
         assert done.returncode == 0, done.stderr[-3000:]
         losses[packing] = steps_and_losses(run_dir)
+        counts[packing] = [(m["tokens"], m["positions"]) for m in metrics(run_dir) if m["kind"] == "train"]
     assert sorted(losses[True]) == [1, 2]
     for step, want in losses[False].items():
         assert abs(losses[True][step] - want) <= 1e-8 * abs(want), (step, losses)
+    for (tokens, padded), (packed_tokens, packed) in zip(counts[False], counts[True], strict=True):
+        assert tokens == packed_tokens <= packed < padded, counts  # real tokens: the same work, packed or not
 
 
 def too_long(rank: int, world_size: int, packed: bool) -> str:

@@ -68,6 +68,11 @@ class PaddedText:
         """The share's rows as they are."""
         return LanguageText(share.input_ids, share.labels)
 
+    def positions(self, extents: torch.Tensor, width: int) -> int:
+        """Positions the language model computes for a share of samples with these `sample_extents`: every
+        row, padding included."""
+        return extents.numel() * width
+
 
 @dataclass(frozen=True)
 class PackedText:
@@ -90,12 +95,21 @@ class PackedText:
         positions = [torch.arange(n) for n in lengths]
         documents = [torch.full((n,), i) for i, n in enumerate(lengths)]
         used = sum(lengths)
-        tail = max(-(-used // self.multiple), 1) * self.multiple - used  # at least one position: no empty row
+        tail = self.row_length(used) - used
         ids.append(share.input_ids.new_zeros(tail))
         labels.append(share.labels.new_full((tail,), IGNORE_INDEX))
         positions.append(torch.zeros(tail, dtype=torch.long))
         documents.append(torch.full((tail,), len(lengths)))
         return LanguageText(*(torch.cat(parts).unsqueeze(0) for parts in (ids, labels, positions, documents)))
+
+    def row_length(self, used: int) -> int:
+        """The packed row's length for `used` kept positions: rounded up, and at least one (no empty row)."""
+        return max(-(-used // self.multiple), 1) * self.multiple
+
+    def positions(self, extents: torch.Tensor, width: int) -> int:
+        """Positions the language model computes for a share of samples with these `sample_extents`: its
+        packed row, the rounding tail included."""
+        return self.row_length(int(extents.sum()))
 
 
 def sample_extents(input_ids: torch.Tensor, labels: torch.Tensor, special_token_ids: SpecialIds) -> torch.Tensor:
@@ -104,6 +118,12 @@ def sample_extents(input_ids: torch.Tensor, labels: torch.Tensor, special_token_
     needed = loss_token_mask(input_ids, labels, special_token_ids) | is_special(input_ids, special_token_ids)
     last = torch.where(needed, torch.arange(1, input_ids.shape[1] + 1), 0)
     return last.max(dim=1).values if input_ids.shape[1] else input_ids.new_zeros(input_ids.shape[0])
+
+
+def real_tokens(batch: MimoBatch, special_token_ids: SpecialIds) -> int:
+    """A batch's real tokens, what throughput counts: each sample's positions up to its last scored label or
+    modality token (`sample_extents`), so no padding, and no trailing position that cannot change the loss."""
+    return int(sample_extents(batch.input_ids, batch.labels, special_token_ids).sum())
 
 
 TextLayout = PaddedText | PackedText

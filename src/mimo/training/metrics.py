@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # only types here; importing the trainer would make step.py u
     from mimo.training.step import StepResult
 
 METRICS_FILE = "metrics.jsonl"
-STEP_KEYS = ("kind", "step", "time", "loss", "tokens", "label_tokens", "tokens_per_s", "step_time_s", "tflops",
-             "grad_norm", "lr", "peak_memory_gb")
+STEP_KEYS = ("kind", "step", "time", "loss", "tokens", "positions", "label_tokens", "tokens_per_s", "positions_per_s",
+             "step_time_s", "tflops", "grad_norm", "lr", "peak_memory_gb")
 
 
 def peak_memory_gb() -> float:
@@ -63,13 +63,15 @@ class Clock:
 
 
 def step_record(step: int, result: StepResult, flops: float | None = None) -> dict[str, Any]:
-    """A training step's metrics: throughput, model TFLOP/s from the step's FLOPs, each phase's seconds."""
+    """A training step's metrics: throughput, model TFLOP/s from the step's FLOPs, each phase's seconds.
+    `tokens_per_s` is real tokens (no padding, packed or not), `positions_per_s` what the model computed."""
     seconds = dict(result.seconds)
     step_time = seconds.pop("step", math.nan)
     per_s = 1 / step_time if step_time > 0 else math.nan
     record = {
         "kind": "train", "step": step, "time": time.time(), "loss": result.loss, "tokens": result.tokens,
-        "label_tokens": result.label_tokens, "tokens_per_s": result.tokens * per_s, "step_time_s": step_time,
+        "positions": result.positions, "label_tokens": result.label_tokens, "tokens_per_s": result.tokens * per_s,
+        "positions_per_s": result.positions * per_s, "step_time_s": step_time,
         "tflops": flops * per_s / 1e12 if flops is not None else None,
         "grad_norm": result.grad_norm, "lr": result.lr, "peak_memory_gb": peak_memory_gb(),
     }

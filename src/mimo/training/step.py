@@ -27,7 +27,7 @@ import torch.distributed as dist
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
-from mimo.data.packing import LanguageText, PaddedText, TextLayout
+from mimo.data.packing import LanguageText, PaddedText, TextLayout, sample_extents
 from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
 from mimo.infra import MimoModelInfra
@@ -41,12 +41,15 @@ from mimo.training.pipeline import PipelineSchedule, StageWork
 class StepResult:
     """What a step reports on every rank: the global per-token loss, the token counts, the gradient norm.
 
-    `tokens` counts every position of every sequence in the global batch (what throughput is measured in,
-    as in the benchmarks); `label_tokens` counts the positions that carry a label (the loss's divisor)."""
+    Over the global batch: `tokens` counts the samples' real tokens (each up to its last scored label or
+    modality token, `sample_extents`: no padding, packed or not); `positions` the positions the language
+    model computed (padding and a packed row's tail included); `label_tokens` the labels the loss scores
+    (its divisor)."""
 
     loss: float
     label_tokens: int
     tokens: int
+    positions: int
     grad_norm: float
     lr: float
     seconds: dict[str, float] = field(default_factory=dict)
@@ -137,8 +140,19 @@ class MimoTrainer:
         # while the host launches clipping and the optimizer
         loss_sum, tokens, norm = torch.cat([totals[:2], grad_norm.reshape(1)]).tolist()
         seconds["step"] = time.perf_counter() - t0
-        return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens), tokens=batch.input_ids.numel(),
+        return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens), **self._token_counts(batch),
                           grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped)
+
+    def _token_counts(self, batch: MimoBatch) -> dict[str, int]:
+        """The global batch's real tokens and the positions the language model computes for them: every
+        language DP replica's share of every micro-batch, as `text_layout` lays it out."""
+        extents = sample_extents(batch.input_ids, batch.labels, self.special_token_ids)
+        dp = self.infra.config.module_parallelisms[LANGUAGE].data_parallel_size
+        # micro-batch m's DP share d is the (m·dp + d)-th of num_microbatches·dp equal runs of samples
+        shares = extents.reshape(self.num_microbatches * dp, -1)
+        width = batch.input_ids.shape[1]
+        return {"tokens": int(extents.sum()),
+                "positions": sum(self.text_layout.positions(share, width) for share in shares)}
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str) -> None:
@@ -152,8 +166,8 @@ class MimoTrainer:
         bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
         items = self._state.inputs[name][m].modality_inputs[name]
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
-        with no_sync_forward(encoder):
-            out = self._encode(encoder, items.items)
+        with no_sync_forward(encoder):  # [N·T, H]; no items: [0, H], the graph still at every parameter
+            out = encoder(items.items).flatten(0, 1)  # (`ModalitySubmodule` encodes one zero item, keeps no rows)
         self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
@@ -193,15 +207,6 @@ class MimoTrainer:
         if longest > limit:
             raise ValueError(f"sequence length {longest} exceeds the language model's max_seq_len {limit}; "
                              f"drop or shorten the longer samples")
-
-    @staticmethod
-    def _encode(encoder: torch.nn.Module, items: torch.Tensor) -> torch.Tensor:
-        """[N, ...] items → [N·T, H] embeddings. A replica with no items this micro-batch encodes one zero
-        item and keeps none of its rows: the graph (and so DDP's reduction) still reaches every parameter,
-        with exactly zero gradient, and no sharded op ever sees an empty tensor."""
-        if items.shape[0] == 0:
-            return encoder(items.new_zeros((1, *items.shape[1:]))).flatten(0, 1)[:0]
-        return encoder(items).flatten(0, 1)
 
     # -- phase 2: the language pipeline --------------------------------------------------------------------
     def _language(self, batch: MimoBatch) -> None:
