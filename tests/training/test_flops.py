@@ -35,8 +35,10 @@ from mimo.training.flops import (
     batch_flops,
     decoder_flops,
     decoder_matmul_weights,
+    matmul_flops,
     mimo_step_flops,
     mimo_step_flops_by_module,
+    packed_decoder_flops,
     projector_flops,
     vit_flops,
 )
@@ -69,6 +71,19 @@ def test_decoder_formula_by_hand() -> None:
     assert decoder_flops(cfg, batch, seq, trainable=False, input_grad=True) == 4 * weights * batch * seq + attention
     assert decoder_flops(cfg, batch, seq, trainable=False) == 2 * weights * batch * seq + attention // 3
     assert decoder_flops(cfg, batch, seq, causal_half=True) == dense + attention * (seq + 1) // (2 * seq)
+
+
+def test_packed_rows_count_each_document_and_the_computed_positions() -> None:
+    """Packed: two documents of 20 and 12 cost what they cost as separate sequences (attention stays within
+    each), and a row's 8-position rounding tail adds its matmuls only; never the padded batch's [2, 20]."""
+    cfg = DecoderConfig.tiny()
+    documents = packed_decoder_flops(cfg, 32, [20, 12])
+    assert documents == decoder_flops(cfg, 1, 20) + decoder_flops(cfg, 1, 12)
+    assert packed_decoder_flops(cfg, 40, [20, 12]) == documents + matmul_flops(decoder_matmul_weights(cfg), 8)
+    assert documents < decoder_flops(cfg, 2, 20)
+    frozen = packed_decoder_flops(cfg, 32, [20, 12], trainable=False, input_grad=True)
+    assert frozen == decoder_flops(cfg, 1, 20, trainable=False, input_grad=True) + decoder_flops(
+        cfg, 1, 12, trainable=False, input_grad=True)
 
 
 def test_tied_head_still_counts() -> None:

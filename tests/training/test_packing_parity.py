@@ -166,18 +166,21 @@ def test_tokens_count_real_tokens_and_positions_what_the_model_computed(multiple
 def test_mimo_train_with_data_packing_logs_the_unpacked_losses(tmp_path):
     """`data.packing: true` reaches the step from the YAML: a float64 `mimo train` logs the losses of the same
     run without packing."""
-    losses, counts = {}, {}
+    losses, counts, flops = {}, {}, {}
     for packing in (False, True):
         path, run_dir = write_config(tmp_path / str(packing), train={"steps": 2}, data={"packing": packing})
         done = mimo("train", str(path), "--quiet")
         assert done.returncode == 0, done.stderr[-3000:]
         losses[packing] = steps_and_losses(run_dir)
         counts[packing] = [(m["tokens"], m["positions"]) for m in metrics(run_dir) if m["kind"] == "train"]
+        flops[packing] = [m["tflops"] * m["step_time_s"] for m in metrics(run_dir) if m["kind"] == "train"]
     assert sorted(losses[True]) == [1, 2]
     for step, want in losses[False].items():
         assert abs(losses[True][step] - want) <= 1e-8 * abs(want), (step, losses)
     for (tokens, padded), (packed_tokens, packed) in zip(counts[False], counts[True], strict=True):
         assert tokens == packed_tokens <= packed < padded, counts  # real tokens: the same work, packed or not
+    # TFLOP/s counts the FLOPs of the rows computed: fewer packed (no padding, attention within each sample)
+    assert all(p < 0.9 * u for p, u in zip(flops[True], flops[False], strict=True)), flops
 
 
 def too_long(rank: int, world_size: int, packed: bool) -> str:

@@ -18,7 +18,7 @@ one multiply-add = 2 FLOPs):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,16 @@ def decoder_flops(config: DecoderConfig, batch: int, seq_len: int, *, trainable:
     attention = attention_flops(seq_len, config.hidden_size, config.num_layers, batch, backward=backward,
                                 causal_half=causal_half)
     return dense + attention
+
+
+def packed_decoder_flops(config: DecoderConfig, positions: int, documents: Sequence[int], *, trainable: bool = True,
+                         input_grad: bool = False, causal_half: bool = False) -> int:
+    """`decoder_flops` for packed rows: the matmuls over the `positions` computed (a row's rounding tail
+    included), attention within each document of `documents` lengths (the document mask skips the rest)."""
+    backward = trainable or input_grad
+    dense = matmul_flops(decoder_matmul_weights(config), positions, trainable=trainable, input_grad=backward)
+    return dense + sum(attention_flops(length, config.hidden_size, config.num_layers, 1, backward=backward,
+                                       causal_half=causal_half) for length in documents)
 
 
 def _encoder_flops(stem: list[tuple[int, int]], block_weights: int, seq_len: int, layers: int, width: int,
@@ -190,12 +200,28 @@ def modalities_from_provider(provider: Any) -> dict[str, ModalityFlops]:
     return out
 
 
-def batch_flops(provider: Any, batch: Any, *, causal_half: bool = False) -> int:
-    """One training step's model FLOPs of `provider`'s model on a global `MimoBatch`."""
+def batch_flops(provider: Any, batch: Any, *, causal_half: bool = False, packed: PackedRows | None = None) -> int:
+    """One training step's model FLOPs of `provider`'s model on a global `MimoBatch`: the language model over
+    the padded [N, S] text, or over `packed` rows when the run packs its samples."""
     language = provider.language_model_spec.params.get("config")
     if not isinstance(language, DecoderConfig):
         raise TypeError("no FLOP formula for the language model: it must be built from a DecoderConfig")
     items = {name: int(b.items.shape[0]) for name, b in batch.modality_inputs.items()}
-    return mimo_step_flops(language, batch.num_samples, int(batch.input_ids.shape[1]),
-                           modalities_from_provider(provider), items,
-                           freeze_language=provider.freeze_language_model, causal_half=causal_half)
+    modalities = modalities_from_provider(provider)
+    by_module = mimo_step_flops_by_module(language, batch.num_samples, int(batch.input_ids.shape[1]), modalities,
+                                          items, freeze_language=provider.freeze_language_model,
+                                          causal_half=causal_half)
+    if packed is not None:
+        by_module["language"] = packed_decoder_flops(
+            language, packed.positions, packed.documents, trainable=not provider.freeze_language_model,
+            input_grad=any(spec.trains for spec in modalities.values()), causal_half=causal_half)
+    return sum(by_module.values())
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """What packed rows hand the language model: `positions` computed in all, and each sample's length
+    (`documents`), within which alone it attends."""
+
+    positions: int
+    documents: Sequence[int]

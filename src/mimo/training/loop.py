@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
-from mimo.data.packing import PackedText, PaddedText, TextLayout
+from mimo.data import BatchPrefetcher, GlobalBatchSampler, MimoBatch, ModalitySpec, SyntheticDataset
+from mimo.data.packing import PackedText, PaddedText, TextLayout, sample_extents
 from mimo.data.prefetch import default_num_workers
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.grid import group_options
@@ -32,12 +32,12 @@ from mimo.training.checkpoint import (
 )
 from mimo.training.datasets import llava_dataset
 from mimo.training.evaluate import answer_accuracy
-from mimo.training.flops import batch_flops
+from mimo.training.flops import PackedRows, batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.optim import OptimizerConfig
 from mimo.training.run_config import RunConfig, hf_model, validate_run
-from mimo.training.step import MimoTrainer
+from mimo.training.step import MimoTrainer, StepResult
 
 
 def init_distributed(timeout_s: float) -> torch.device:
@@ -114,6 +114,14 @@ def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device:
                        text_layout=text_layout(config, device))
 
 
+def packed_rows(config: RunConfig, trainer: MimoTrainer, batch: MimoBatch, result: StepResult) -> PackedRows | None:
+    """For the FLOP count of a packing run: the positions its rows computed and each sample's length."""
+    if not config.data.packing:
+        return None
+    extents = sample_extents(batch.input_ids, batch.labels, trainer.special_token_ids)
+    return PackedRows(result.positions, [int(n) for n in extents if n > 0])
+
+
 def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
     """`data.packing`: each micro-batch's samples end to end in one row (its length rounded up to 128 on a GPU,
     flex_attention's block, so few distinct lengths compile), else one padded row per sample."""
@@ -164,8 +172,8 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
             if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
                 result.seconds = _slowest_rank_seconds(result.seconds)
-                writer.log_step(step + 1, result, flops=batch_flops(provider, batch),
-                                extra={"skipped_samples": skipped.count})
+                writer.log_step(step + 1, result, flops=batch_flops(provider, batch, packed=packed_rows(
+                                    config, trainer, batch, result)), extra={"skipped_samples": skipped.count})
             progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
             if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
                 checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
