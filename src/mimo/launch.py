@@ -42,6 +42,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 HEARTBEAT_S = 1.0  # how often each worker touches its heartbeat file
 HANG_S = float(os.environ.get("MIMO_HANG_S", 60))  # a heartbeat older than this: the rank is hung (tests lower it)
+_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch checks CUDA through NVML (which leaves fork usable)
 
 
 def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
@@ -107,9 +108,6 @@ def _cuda_checks_through_nvml() -> Iterator[None]:
             del os.environ[_NVML_CHECK]
         else:
             os.environ[_NVML_CHECK] = before
-
-
-_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def _as_a_fresh_interpreter() -> None:
