@@ -1,4 +1,4 @@
-"""How `mimo train` names the rank that failed first when several ranks end in error."""
+"""The launcher: how `mimo train` names the rank that failed first, and its retry of a port lost to a race."""
 
 from __future__ import annotations
 
@@ -38,3 +38,36 @@ def test_a_rank_killed_without_raising_comes_first(tmp_path):
     first, then = _failure_report(error, _read_failures(tmp_path))
     assert first.startswith("mimo train: error: rank 3 failed: ") and "SIGKILL" in first
     assert then == "mimo train: then rank 2 failed: RuntimeError: peer"
+
+
+PORT_TAKEN = """
+import socket, sys
+import mimo.launch as launch
+from mimo.cli import main
+
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()  # the port `_free_port` finds first is taken before the agent's store binds it
+ports, free = [held.getsockname()[1]], launch._free_port
+launch._free_port = lambda: ports.pop() if ports else free()
+code = main(["train", sys.argv[1], "--quiet"])
+print("first port tried:", not ports)
+sys.exit(code)
+"""
+
+
+def test_a_port_taken_before_the_store_binds_it_is_retried(tmp_path):
+    """The launcher's race: a port found free is taken (NCCL binds ports at random) before the agent's store
+    binds it. The bind fails before any worker starts, and the launch goes on on another port."""
+    import subprocess
+    import sys
+
+    from tests.test_train_cli import steps_and_losses, write_config
+
+    one_rank = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 0}}
+    path, run_dir = write_config(tmp_path, parallelism=one_rank, train={"steps": 2})
+    done = subprocess.run([sys.executable, "-c", PORT_TAKEN, str(path)], capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "first port tried: True" in done.stdout
+    assert sorted(steps_and_losses(run_dir)) == [1, 2]
