@@ -30,9 +30,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from torch.distributed import DistNetworkError
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -72,7 +72,8 @@ def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str,
     its event log). A port found free can be taken before the store binds it (NCCL binds ports at random):
     the bind then fails at once, before any worker started, and another port is tried."""
     for attempt in range(_RENDEZVOUS_TRIES):
-        with _cuda_checks_through_nvml():  # LaunchConfig asks torch.cuda.is_available() (for NUMA defaults)
+        # LaunchConfig asks torch.cuda.is_available() (for NUMA defaults): through NVML, which leaves fork usable
+        with mock.patch.dict(os.environ, {_NVML_CHECK: "1"}):
             launch_config = LaunchConfig(
                 min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
                 rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"rank": 0},
@@ -89,25 +90,10 @@ def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str,
 def start_method() -> str:
     """'fork' (workers inherit this process's imports), or 'spawn' once CUDA is initialized here: a forked
     child cannot use a CUDA context its parent created. (The CUDA runtime's availability check poisons fork
-    too; nothing before the launch calls it, and `_cuda_checks_through_nvml` keeps torch's launcher from it.)"""
+    too; nothing before the launch calls it, and `_NVML_CHECK` keeps torch's launcher from it.)"""
     import torch
 
     return "spawn" if torch.cuda.is_initialized() else "fork"
-
-
-@contextlib.contextmanager
-def _cuda_checks_through_nvml() -> Iterator[None]:
-    """torch's CUDA availability checks through NVML inside the block: the CUDA runtime's own check
-    (`cudaGetDeviceCount`) poisons fork, and a forked worker could then not use its GPU."""
-    before = os.environ.get(_NVML_CHECK)
-    os.environ[_NVML_CHECK] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[_NVML_CHECK]
-        else:
-            os.environ[_NVML_CHECK] = before
 
 
 def _as_a_fresh_interpreter() -> None:
