@@ -233,7 +233,7 @@ def row_overrides(stage: int, layout: Layout, args: argparse.Namespace, run_dir:
         base["train"].update(global_batch_size=args.dry_batch, num_microbatches=2)
         sets += [f"train.global_batch_size={args.dry_batch}", "train.num_microbatches=2", "train.dtype=float32",
                  "train.compile=false", f"data.max_seq_len={args.max_len}", "data.num_workers=0"]
-    return sets + layout.overrides(base)
+    return sets + layout.overrides(base) + args.sets
 
 
 def run_dir_of(out: Path, stage: int, layout: str) -> Path:
@@ -491,6 +491,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole call (rows past it are "
                    "not started; a running one is stopped, its logged steps reported)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every row's checkpoints")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help="a `mimo train --set` for every row, after the layout's (repeatable), e.g. "
+                        "train.recompute_granularity=full")
     p.add_argument("--json", type=Path, default=None, help="write (merge) the rows here")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU (gloo, 2 processes, float32, no "
                    "compilation, global batch 8): seconds; a functional check, not a measurement")

@@ -153,3 +153,13 @@ def test_gpu_memory_keeps_each_gpus_peak(tmp_path, monkeypatch):
         while time.time() < give_up and (not calls.exists() or len(calls.read_text().split()) < 4):
             time.sleep(0.1)  # a poll every 2 s: the fourth has started, so the third has been read
     assert memory.peaks == {0: 3.0, 1: 2.0}
+
+
+def test_extra_overrides_come_last_and_are_checked_before_any_run(tmp_path, capsys):
+    args = bench.parse_args(["--out", str(tmp_path), "--layouts", "one", "--stages", "2",
+                             "--set", "train.recompute_granularity=full", "--set", "train.num_microbatches=16"])
+    sets = bench.row_overrides(2, bench.LAYOUTS["one"], args, tmp_path / "run", None)
+    assert sets[-2:] == ["train.recompute_granularity=full", "train.num_microbatches=16"]  # after the layout's 32
+    bad = bench.parse_args(["--dry-run", "--out", str(tmp_path), "--layouts", "one", "--stages", "1",
+                            "--set", "train.recompute_granularity=some"])
+    assert any("train.recompute_granularity: 'some' is not allowed" in p for p in bench.preflight(bad))

@@ -31,8 +31,10 @@ from mimo.grid import ModuleGrid
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
 from mimo.precision import DTYPES, PrecisionError, dtype_of
+from mimo.recompute import recompute_blocks, recomputed
 
 DataParallel = Literal["ddp", "fsdp"]
+Recompute = Literal["none", "full"]
 
 
 class WrapError(ValueError):
@@ -50,12 +52,22 @@ class ModuleDistributedConfig:
 
     data_parallel: DataParallel = "ddp"
     compute_dtype: str | None = None
-    compile: bool = False  # torch.compile every `layers.N` block (in place: parameter names do not change)
+    compile: bool = False  # torch.compile every `layers.N` block's forward (in place: parameter names do not change)
+    # "full": the blocks recompute their activations in the backward (`mimo.recompute`); the first
+    # `recompute_num_layers` of the module's stage, all if None
+    recompute_granularity: Recompute = "none"
+    recompute_num_layers: int | None = None
 
     def check(self, name: str) -> None:
         """Reject unknown DP kinds and dtypes with the allowed values."""
         if self.data_parallel not in ("ddp", "fsdp"):
             raise WrapError(f"module '{name}': data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
+        if self.recompute_granularity not in ("none", "full"):
+            raise WrapError(f"module '{name}': recompute_granularity must be 'none' or 'full', "
+                            f"got {self.recompute_granularity!r}")
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+            raise WrapError(f"module '{name}': recompute_num_layers must be at least 1 (or None: every block), "
+                            f"got {self.recompute_num_layers}")
         try:
             self.compute()
         except PrecisionError:
@@ -183,13 +195,20 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         cfg = config.for_module(name)
         module = module_of(model, name)
         trainable = any(p.requires_grad for p in module.parameters())
+        ddp = cfg.data_parallel == "ddp" and trainable and grid.size("dp") * grid.size("cp") > 1
         if cfg.compile:
             _allow_block_variants()
             for block in _blocks(module):
-                block.compile()
+                block.forward = torch.compile(block.forward)
+        # outside the compiled forward: torch's compiled checkpoint fails with DTensor parameters (AOTAutograd
+        # saves their DeviceMesh: "expected all tensors_saved_with_vc_check to be Tensors", torch 2.13)
+        if cfg.recompute_granularity == "full":
+            local_shards = ddp and grid.size("tp") > 1  # `_localize_for_ddp`: DTensors only inside forward
+            recompute_blocks(recomputed(_blocks(module), cfg.recompute_num_layers),
+                             around=dtensor_params if local_shards else None)
         if cfg.data_parallel == "fsdp":
             _fully_shard(module, grid, cfg)
-        elif trainable and grid.size("dp") * grid.size("cp") > 1:
+        elif ddp:
             _set_module(model, name, _ddp(module, grid, cfg))
         else:
             _autocast_forward(module, cfg)
@@ -226,7 +245,7 @@ def _localize_for_ddp(module: nn.Module) -> None:
     (its own TODO); this keeps the same local `Parameter` objects registered between forwards, each
     with its DTensor spec in `_st_info`, so the optimizer, DDP's reducer and `full_tensor` agree.
     """
-    shards = []
+    shards: list[LocalShard] = []
     for owner in module.modules():
         for attr, param in list(owner._parameters.items()):
             if isinstance(param, DTensor):
@@ -234,21 +253,40 @@ def _localize_for_ddp(module: nn.Module) -> None:
                 local._st_info = param._spec
                 owner._parameters[attr] = local
                 shards.append((owner, attr, local))
+    module.register_forward_pre_hook(lambda *_: _as_dtensors(shards))
+    module.register_forward_hook(lambda *_: _as_locals(shards))
 
-    def to_dtensors(*_: object) -> None:
-        for owner, attr, local in shards:
-            spec = local._st_info
-            del owner._parameters[attr]
-            setattr(owner, attr, DTensor.from_local(local, spec.mesh, spec.placements, run_check=False,
-                                                    shape=spec.shape, stride=spec.stride))
 
-    def to_locals(*_: object) -> None:
-        for owner, attr, local in shards:
-            delattr(owner, attr)
-            owner._parameters[attr] = local
+LocalShard = tuple[nn.Module, str, nn.Parameter]  # owner, attribute, the local shard (with `_st_info`)
 
-    module.register_forward_pre_hook(to_dtensors)
-    module.register_forward_hook(to_locals)
+
+def _as_dtensors(shards: list[LocalShard]) -> None:
+    """Each local shard's DTensor view in its owner's attribute (the forward's parameters)."""
+    for owner, attr, local in shards:
+        spec = local._st_info
+        del owner._parameters[attr]
+        setattr(owner, attr, DTensor.from_local(local, spec.mesh, spec.placements, run_check=False,
+                                                shape=spec.shape, stride=spec.stride))
+
+
+def _as_locals(shards: list[LocalShard]) -> None:
+    """The local shards registered again (what DDP and the optimizer hold)."""
+    for owner, attr, local in shards:
+        delattr(owner, attr)
+        owner._parameters[attr] = local
+
+
+@contextlib.contextmanager
+def dtensor_params(module: nn.Module) -> Iterator[None]:
+    """Inside, a DDP+TP module's local shards are their DTensors again, as in its forward; a no-op inside
+    the forward itself. A recomputed block runs its forward again during the backward, outside the hooks."""
+    shards = [(owner, attr, p) for owner in module.modules() for attr, p in owner._parameters.items()
+              if hasattr(p, "_st_info")]
+    _as_dtensors(shards)
+    try:
+        yield
+    finally:
+        _as_locals(shards)
 
 
 def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them against real classes

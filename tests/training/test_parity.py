@@ -104,12 +104,12 @@ def _freezing(frozen: bool, modalities: tuple[str, ...]) -> dict:
 
 # -- the distributed run ---------------------------------------------------------------------------------
 def train_layout(rank: int, world_size: int, layout: dict, modalities: tuple[str, ...], frozen: bool,
-                 tied: bool, dp_kind: str) -> dict:
+                 tied: bool, wrap: dict) -> dict:
     """Train STEPS on this rank's part; return the losses and the parameters it holds."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # leading stub ranks warn
         prov = provider(layout, modalities, tied, **_freezing(frozen, modalities))
-        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(dp_kind)))
+        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(**wrap)))
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
                           num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64)
     results = [trainer.train_step(batch) for batch in batches(modalities)]
@@ -117,54 +117,70 @@ def train_layout(rank: int, world_size: int, layout: dict, modalities: tuple[str
             "params": full_params(model)}
 
 
+DDP, FSDP = {"data_parallel": "ddp"}, {"data_parallel": "fsdp"}
+RECOMPUTE = {"recompute_granularity": "full"}  # every block runs its forward again in the backward: same numbers
 IMG2_LANG_TP2 = {"images": {"data_parallel_size": 2},
                  "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 2}}
 MATRIX = [
-    # id, world, layout, modalities, frozen, tied, dp kind
-    ("1-homogeneous-dp2", 2, {"images": {}, "language": {}}, ("images",), False, False, "ddp"),
+    # id, world, layout, modalities, frozen, tied, how each module is wrapped (`ModuleDistributedConfig`)
+    ("1-homogeneous-dp2", 2, {"images": {}, "language": {}}, ("images",), False, False, DDP),
     ("2-homogeneous-tp2dp2", 4, {"images": {"tensor_model_parallel_size": 2},
-                                 "language": {"tensor_model_parallel_size": 2}}, ("images",), False, False, "ddp"),
+                                 "language": {"tensor_model_parallel_size": 2}}, ("images",), False, False, DDP),
     ("3-colocated-dp4-tp2dp2", 4, {"images": {"data_parallel_size": 4},
                                    "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2}},
-     ("images",), False, False, "ddp"),
+     ("images",), False, False, DDP),
     ("4-colocated-dp4-pp2dp2", 4, {"images": {"data_parallel_size": 4},
                                    "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
-     ("images",), False, False, "ddp"),
+     ("images",), False, False, DDP),
     ("5-heterogeneous-1-1", 2, {"images": {"data_parallel_size": 1},
                                 "language": {"data_parallel_size": 1, "rank_offset": 1}}, ("images",), False, False,
-     "ddp"),
-    ("6-fan-in-dp2-tp2", 4, IMG2_LANG_TP2, ("images",), False, False, "ddp"),
+     DDP),
+    ("6-fan-in-dp2-tp2", 4, IMG2_LANG_TP2, ("images",), False, False, DDP),
     ("7-fan-out-dp1-dp2", 3, {"images": {"data_parallel_size": 1},
                               "language": {"data_parallel_size": 2, "rank_offset": 1}}, ("images",), False, False,
-     "ddp"),
+     DDP),
     ("8-tp2-to-tp2pp2", 6, {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 1},
                             "language": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
                                          "data_parallel_size": 1, "rank_offset": 2}}, ("images",), False, False,
-     "ddp"),
+     DDP),
     ("9-two-modalities", 5, {"images": {"data_parallel_size": 2},
                              "audio": {"data_parallel_size": 1, "rank_offset": 2},
                              "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
-                                          "rank_offset": 3}}, ("images", "audio"), False, False, "ddp"),
+                                          "rank_offset": 3}}, ("images", "audio"), False, False, DDP),
     ("10-leading-stub", 4, {"images": {"data_parallel_size": 1, "rank_offset": 1},
                             "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
-                                         "rank_offset": 2}}, ("images",), False, False, "ddp"),
+                                         "rank_offset": 2}}, ("images",), False, False, DDP),
     ("11-llava-stage1", 3, {"images": {"data_parallel_size": 1},
                             "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
-                                         "rank_offset": 1}}, ("images",), True, False, "ddp"),
+                                         "rank_offset": 1}}, ("images",), True, False, DDP),
     ("12-tied-pp2", 4, {"images": {"data_parallel_size": 2},
                         "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1,
-                                     "rank_offset": 2}}, ("images",), False, True, "ddp"),
+                                     "rank_offset": 2}}, ("images",), False, True, DDP),
     ("13-language-first", 4, {"language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1},
                               "images": {"data_parallel_size": 2, "rank_offset": 2}}, ("images",), False, False,
-     "ddp"),
-    ("6-fan-in-fsdp", 4, IMG2_LANG_TP2, ("images",), False, False, "fsdp"),
+     DDP),
+    ("6-fan-in-fsdp", 4, IMG2_LANG_TP2, ("images",), False, False, FSDP),
     # homogeneous interleaves encoder and language per micro-batch: FSDP2's unshard/reshard order changes
     ("2-homogeneous-tp2dp2-fsdp", 4, {"images": {"tensor_model_parallel_size": 2},
                                       "language": {"tensor_model_parallel_size": 2}}, ("images",), False, False,
-     "fsdp"),
+     FSDP),
     ("4-colocated-pp2dp2-fsdp", 4, {"images": {"data_parallel_size": 4},
                                     "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
-     ("images",), False, False, "fsdp"),
+     ("images",), False, False, FSDP),
+    # recomputation: DDP over TP (its local shards are DTensors again while a block recomputes), FSDP2 over TP,
+    # TP alone behind a fan-in, a frozen language model the gradient crosses (stage 1), and only the first block
+    ("2-homogeneous-tp2dp2-recompute", 4, {"images": {"tensor_model_parallel_size": 2},
+                                           "language": {"tensor_model_parallel_size": 2}}, ("images",), False,
+     False, DDP | RECOMPUTE),
+    ("2-homogeneous-tp2dp2-fsdp-recompute", 4, {"images": {"tensor_model_parallel_size": 2},
+                                                "language": {"tensor_model_parallel_size": 2}}, ("images",),
+     False, False, FSDP | RECOMPUTE),
+    ("6-fan-in-dp2-tp2-recompute", 4, IMG2_LANG_TP2, ("images",), False, False, DDP | RECOMPUTE),
+    ("11-llava-stage1-recompute", 3, {"images": {"data_parallel_size": 1},
+                                      "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                                   "rank_offset": 1}}, ("images",), True, False, DDP | RECOMPUTE),
+    ("1-homogeneous-dp2-recompute-1", 2, {"images": {}, "language": {}}, ("images",), False, False,
+     DDP | RECOMPUTE | {"recompute_num_layers": 1}),
 ]
 
 _REFERENCES: dict = {}
@@ -177,11 +193,11 @@ def cached_reference(modalities, frozen, tied):
     return _REFERENCES[key]
 
 
-@pytest.mark.parametrize(("name", "world", "layout", "modalities", "frozen", "tied", "dp_kind"), MATRIX,
+@pytest.mark.parametrize(("name", "world", "layout", "modalities", "frozen", "tied", "wrap"), MATRIX,
                          ids=[row[0] for row in MATRIX])
-def test_parity(name, world, layout, modalities, frozen, tied, dp_kind):
+def test_parity(name, world, layout, modalities, frozen, tied, wrap):
     ref_losses, ref_norms, ref_params = cached_reference(modalities, frozen, tied)
-    results = run_distributed(train_layout, world, layout, modalities, frozen, tied, dp_kind, timeout_s=240)
+    results = run_distributed(train_layout, world, layout, modalities, frozen, tied, wrap, timeout_s=240)
     worst, seen = 0.0, set()
     for rank, res in enumerate(results):
         for s, (got, want) in enumerate(zip(res["losses"], ref_losses, strict=True)):

@@ -92,12 +92,15 @@ def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "
 
 
 def distributed_config(config: RunConfig) -> DistributedConfig:
-    """Per-module DP kind; compute dtype from the run's precision (mixed for bfloat16/float16)."""
+    """Per-module DP kind; compute dtype from the run's precision (mixed for bfloat16/float16); compile and
+    recomputation as the train section says."""
     precision = config.precision
     compute = precision.name if precision.mixed else None
-    compile_ = config.train.compile
-    return DistributedConfig(ModuleDistributedConfig("ddp", compute, compile_),
-                             {m: ModuleDistributedConfig(s.data_parallel, compute, compile_)
+    t = config.train
+    common = {"compute_dtype": compute, "compile": t.compile, "recompute_granularity": t.recompute_granularity,
+              "recompute_num_layers": t.recompute_num_layers}
+    return DistributedConfig(ModuleDistributedConfig("ddp", **common),
+                             {m: ModuleDistributedConfig(s.data_parallel, **common)
                               for m, s in config.distributed.items()})
 
 

@@ -69,7 +69,18 @@ class TrainSection:
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     compile: bool = False  # torch.compile each transformer block (GPU: ~30% faster at 1b, see benchmarks/)
+    # full: each transformer block keeps only its input and runs its forward again in the backward (memory of
+    # its activations for about a third more compute); recompute_num_layers: only the first N of each
+    # module's stage (null: all)
+    recompute_granularity: Literal["none", "full"] = "none"
+    recompute_num_layers: int | None = field(default=None, metadata={"min": 1})
     timeout_s: float = field(default=300.0, metadata={"above": 0})
+
+    def __post_init__(self) -> None:
+        """recompute_num_layers only means something with recompute_granularity full."""
+        if self.recompute_num_layers is not None and self.recompute_granularity == "none":
+            raise RunConfigError(f"train.recompute_num_layers: {self.recompute_num_layers} needs "
+                                 f"train.recompute_granularity: full (it picks which blocks recompute)")
 
 
 @dataclass
