@@ -5,8 +5,13 @@ The deployments benchmark's workload (`deployments.py`: preset, encoder-heavy ba
 built as `mimo train` builds it, then the trainable modules wrapped per `--variant`:
 
 - `none`: as mimo builds DP 1 (no DDP: nothing to reduce);
-- `mimo`: `mimo.distributed._ddp`, as DP > 1 builds it (torch DDP with mimo's Python SUM comm hook);
-- `torch`: torch DDP with its built-in C++ all-reduce (a mean: the same at one rank), no hook;
+- `mimo`: `mimo.distributed._ddp`, as DP > 1 builds it (torch DDP with mimo's Python SUM comm hook, the
+  gradients as bucket views, dynamo's DDP optimizer off);
+- `mimo-split-copy`: mimo's DDP as it was before 2026-12-01 (runs 1-2 in RESULTS.md): the DDP optimizer splits
+  every compiled block at the bucket boundaries, and the gradients are copied into the buckets and back;
+- `mimo-copy`: only the second of those two;
+- `torch`: torch DDP with its built-in C++ all-reduce (a mean: the same at one rank), no hook, torch's defaults
+  (split, copies);
 - `torch-100mb`: the same with 100 MB buckets instead of 25.
 
 Each variant runs in its own process (rebuilt, recompiled); `--warmup` steps, then `--steps` timed ones (wall,
@@ -18,6 +23,7 @@ synchronized), then one profiled step (GPU busy and idle, `step_profile.py`). On
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -38,7 +45,12 @@ from mimo.distributed import ModuleDistributedConfig, _ddp, _set_module, module_
 from mimo.training.loop import build_provider, build_trainer, distributed_config  # noqa: E402
 from mimo.training.run_config import parse_run_config  # noqa: E402
 
-VARIANTS = ("none", "mimo", "torch", "torch-100mb")
+VARIANTS = ("none", "mimo", "mimo-copy", "mimo-split-copy", "torch", "torch-100mb")
+
+
+def _ddp_with(*args, gradient_as_bucket_view: bool, **kwargs) -> DDP:
+    """torch DDP with `gradient_as_bucket_view` set here, whatever mimo passes."""
+    return DDP(*args, **{**kwargs, "gradient_as_bucket_view": gradient_as_bucket_view})
 
 
 def wrap(model, infra, variant: str, compute: str | None) -> None:
@@ -49,8 +61,13 @@ def wrap(model, infra, variant: str, compute: str | None) -> None:
         module = module_of(model, name)
         if not any(p.requires_grad for p in module.parameters()):
             continue
-        if variant == "mimo":
-            _set_module(model, name, _ddp(module, grid, ModuleDistributedConfig("ddp", compute)))
+        if variant.startswith("mimo"):
+            if "split" in variant:  # graphs split at DDP's buckets (the setting compiled blocks now turn off)
+                torch._dynamo.config.optimize_ddp = True
+            views = not variant.endswith("copy")
+            ddp = functools.partial(_ddp_with, gradient_as_bucket_view=views)
+            with mock.patch("mimo.distributed.DDP", ddp):
+                _set_module(model, name, _ddp(module, grid, ModuleDistributedConfig("ddp", compute)))
             continue
         if compute is not None:
             module.forward = torch.autocast("cuda", dtype=getattr(torch, compute))(module.forward)  # as `_ddp`

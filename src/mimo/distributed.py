@@ -172,11 +172,16 @@ def _what(layer: nn.Module, style: ParallelStyle) -> str:
 BLOCK_RECOMPILE_LIMIT = 32
 
 
-def _allow_block_variants() -> None:
-    """Raise dynamo's per-frame recompile limit to `BLOCK_RECOMPILE_LIMIT` (never lower a user's)."""
+def _compile_blocks_settings() -> None:
+    """Dynamo's settings for compiled blocks: the per-frame recompile limit raised to `BLOCK_RECOMPILE_LIMIT`
+    (never lower a user's), and its DDP optimizer off. That one splits every graph compiled inside a DDP
+    forward at the 25 MB bucket boundaries, so that reductions can start within it; but each block is already
+    a graph of its own, whose gradients reach DDP's buckets as its backward ends. Split, a 1b step ran 1,810
+    more kernels: DDP cost +39 ms a step at one rank with it, +18 without (benchmarks/ddp_overhead.py)."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    torch._dynamo.config.optimize_ddp = False
 
 
 # -- data parallelism and precision ------------------------------------------------------------------
@@ -197,7 +202,7 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         trainable = any(p.requires_grad for p in module.parameters())
         ddp = cfg.data_parallel == "ddp" and trainable and grid.size("dp") * grid.size("cp") > 1
         if cfg.compile:
-            _allow_block_variants()
+            _compile_blocks_settings()
             for block in _blocks(module):
                 block.forward = torch.compile(block.forward)
         # outside the compiled forward: torch's compiled checkpoint fails with DTensor parameters (AOTAutograd
@@ -233,7 +238,9 @@ def _ddp(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> D
     group = grid.get_group("dp_cp")
     with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only the old name
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        ddp = DDP(module, process_group=group, broadcast_buffers=False, init_sync=False)
+        # the gradients are views of DDP's buckets: no copy into them before the all-reduce nor back after
+        ddp = DDP(module, process_group=group, broadcast_buffers=False, init_sync=False,
+                  gradient_as_bucket_view=True)
     ddp.register_comm_hook(group, _allreduce_sum_hook)
     return ddp
 
