@@ -1,5 +1,5 @@
 """benchmarks/llava_speed.py runs on CPU with the tiny preset (one step) and its levers compute the right thing;
-benchmarks/data_wait.py runs its CPU dry run.
+benchmarks/data_wait.py runs its CPU dry run; benchmarks/ddp_overhead.py its tiny CPU check.
 
 Speed is never asserted here (DESIGN §5): only that the script runs, prints the rows and that the chunked
 cross-entropy it offers as a lever equals `Decoder.loss`.
@@ -107,3 +107,14 @@ def test_data_wait_dry_run_measures_the_loader_with_and_without_workers(tmp_path
         assert 0 <= r["wait_pct"] <= 100 and r["step_ms_mean"] > 0 and math_finite(r["loss_last"])
     assert result["env"]["build_ms"] > 0 and result["env"]["jpeg_mb"] > 0
     assert "| 1 | " in proc.stdout
+
+
+def test_ddp_overhead_runs_each_variant_in_its_own_process(tmp_path):
+    out = tmp_path / "ddp.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "ddp_overhead.py"), "--preset", "tiny", "--warmup", "1",
+                           "--steps", "1", "--variant", "none,mimo,mimo-split-copy", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "failed" not in proc.stdout, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["none", "mimo", "mimo-split-copy"]
+    assert all(r["step_s"] > 0 and r["device"] == "cpu" for r in rows)
