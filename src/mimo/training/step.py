@@ -171,16 +171,18 @@ class MimoTrainer:
         self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
-        return bridge.forward(m, out.to(self.activation_dtype), counts, self._microbatch_tokens(name, m))
+        tokens = self.microbatch_tokens(self._state.batch, name, m)
+        return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
 
-    def _microbatch_tokens(self, name: str, m: int) -> torch.Tensor | None:
-        """Tokens per sample of modality `name` in the whole micro-batch m, counted on the CPU ids every rank holds
-        (a rank that receives embeddings need not host the encoder), for a bridge that `uses_microbatch_tokens`:
-        they spare it moving the counts and reading them back (a host sync). The ids must match the items; the
-        bridge and `check_alignment` say so if they do not."""
+    def microbatch_tokens(self, batch: MimoBatch, name: str, m: int) -> torch.Tensor | None:
+        """Tokens per sample of modality `name` in the whole micro-batch m of `batch`, counted on the CPU ids every
+        rank holds (a rank that receives embeddings need not host the encoder), for a bridge that
+        `uses_microbatch_tokens`: they spare it moving the counts and reading them back (a host sync); None for
+        other bridges. The ids must match the items; the bridge and `check_alignment` say so if they do not.
+        Public so that a benchmark drives the bridge exactly as the step does."""
         if not self.bridges[name].uses_microbatch_tokens:
             return None
-        ids = self._state.batch.microbatch(m, self.num_microbatches).input_ids
+        ids = batch.microbatch(m, self.num_microbatches).input_ids
         return (ids == self.special_token_ids[name]).sum(1)
 
     def _prefetch(self, batch: MimoBatch) -> tuple[dict[str, list], list[LanguageText]]:
@@ -261,7 +263,7 @@ class MimoTrainer:
                 embeddings[src], counts[src] = self._encode_microbatch(src, m)
                 self._state.seconds[f"{src}.forward"] += time.perf_counter() - t0
             else:
-                embeddings[src], counts[src] = bridge.receive(m, self._microbatch_tokens(src, m))
+                embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m))
         rows = {name: e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
         return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=host_ids)
