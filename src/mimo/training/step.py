@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,8 @@ class StepResult:
     Over the global batch: `tokens` counts the samples' real tokens (each up to its last scored label or
     modality token, `sample_extents`: no padding, packed or not); `positions` the positions the language
     model computed (padding and a packed row's tail included); `label_tokens` the labels the loss scores
-    (its divisor)."""
+    (its divisor); `documents` each sample's length in packed rows, within which it attends (None: padded rows,
+    `TextLayout.documents`)."""
 
     loss: float
     label_tokens: int
@@ -54,6 +56,7 @@ class StepResult:
     lr: float
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # fp16: an overflow somewhere made every rank skip this update
+    documents: tuple[int, ...] | None = None
 
 
 class MimoTrainer:
@@ -143,16 +146,17 @@ class MimoTrainer:
         return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens), **self._token_counts(batch),
                           grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped)
 
-    def _token_counts(self, batch: MimoBatch) -> dict[str, int]:
-        """The global batch's real tokens and the positions the language model computes for them: every
-        language DP replica's share of every micro-batch, as `text_layout` lays it out."""
+    def _token_counts(self, batch: MimoBatch) -> dict[str, Any]:
+        """The global batch's real tokens, the positions the language model computes for them (every language DP
+        replica's share of every micro-batch, as `text_layout` lays it out) and the documents it attends within."""
         extents = sample_extents(batch.input_ids, batch.labels, self.special_token_ids)
         dp = self.infra.config.module_parallelisms[LANGUAGE].data_parallel_size
         # micro-batch m's DP share d is the (m·dp + d)-th of num_microbatches·dp equal runs of samples
         shares = extents.reshape(self.num_microbatches * dp, -1)
         width = batch.input_ids.shape[1]
         return {"tokens": int(extents.sum()),
-                "positions": sum(self.text_layout.positions(share, width) for share in shares)}
+                "positions": sum(self.text_layout.positions(share, width) for share in shares),
+                "documents": self.text_layout.documents(extents)}
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str) -> None:
