@@ -28,8 +28,11 @@ What a row reports (timed steps only; per step the slowest rank, then the mean o
 - encoder share f = encoder busy / step time. For a homogeneous row this is the bound's f: moving the
   encoder to its own GPU(s) can speed the same language layout up by at most 1/(1 - f).
 - bridge GB/s (heterogeneous rows): one micro-batch's embeddings forward, then their gradients back, through
-  the step's own `Bridge` (all ranks start together after a barrier; bytes between leaders / slowest rank's
-  time), against one `dist.send` of the same bytes between the first encoder and first language leader.
+  the step's own `Bridge` driven as the step drives it (every rank passes the micro-batch's token counts, so
+  no counts message and no host sync; no probe wraps it), all ranks starting together after a barrier (bytes
+  of the micro-batch / slowest rank's time), against one `dist.send` of the same bytes and dtype between the
+  first encoder and first language leader on the bridge's forward p2p group. With several replicas on a side
+  the bridge's bytes travel between several leader pairs at once, the plain send's between one pair.
 On CUDA every timed region ends with `torch.cuda.synchronize()` (the step's phases too: its phase timer is
 replaced by a synchronizing one), so per-phase times are device times, not host launch times.
 Instrumentation is installed from outside (instance attributes over the trainer's and bridges' private
@@ -63,6 +66,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from mimo.config import LANGUAGE
 from mimo.data import GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.grid import P2PGroups
 from mimo.launch import _free_port, _reason
 from mimo.provider import LlavaMimoProvider
 from mimo.training.flops import batch_flops
@@ -274,45 +278,53 @@ class Probe:
 
 
 # -- the bridge against a plain send ----------------------------------------------------------------------------
-def bridge_bandwidth(trainer, batch, tokens_per_image: int, probe: Probe, reps: int) -> dict[str, Any] | None:
-    """Micro-batch 0's embeddings through the step's own heterogeneous bridge and back, and one plain
-    `dist.send` of the same bytes between the first src and dst leaders; per repetition every rank starts
-    after a barrier and the slowest rank's time counts (median over repetitions, after one warm-up)."""
+def bridge_bandwidth(trainer, batch, clock: Clock, reps: int) -> dict[str, Any] | None:
+    """Micro-batch 0's embeddings through the step's own heterogeneous bridge and back, driven as the step drives
+    it (CPU counts, and on every rank the micro-batch's token counts from `MimoTrainer.microbatch_tokens`: no
+    counts message, no host sync), and one plain send of the same bytes between the first src and dst leaders on
+    the bridge's own forward p2p group; per repetition every rank starts after a barrier and the slowest rank's
+    time counts (median over repetitions, after one warm-up). No probe wraps the bridge here: its synchronizing
+    wrappers would add device syncs inside the transfer that the step does not have."""
     bridge = trainer.bridges[IMAGES]
     if bridge.kind != "heterogeneous":
         return None
     device, dtype, hidden = trainer.device, bridge.dtype, trainer.hidden_size
-    mb = batch.microbatch(0, trainer.num_microbatches)
-    rows = int(mb.modality_inputs[IMAGES].items.shape[0]) * tokens_per_image
-    nbytes = rows * hidden * torch.empty((), dtype=dtype).element_size()
+    tokens = trainer.microbatch_tokens(batch, IMAGES, 0)  # the whole micro-batch's, on the CPU
+    nbytes = int(tokens.sum()) * hidden * torch.empty((), dtype=dtype).element_size()
     src_leader, dst_leader = int(bridge.src.ranks[-1, 0, 0, 0]), int(bridge.dst.ranks[0, 0, 0, 0])
     embeddings = counts = None
-    if bridge.is_sender:
-        shard = mb.shard(bridge.src.coord.dp, bridge.src.size("dp")).modality_inputs[IMAGES]
-        counts = shard.items_per_sample.to(device) * tokens_per_image
+    if bridge.is_sender:  # this replica's share, as `_encode_microbatch` hands it over (counts stay on the CPU)
+        samples = bridge.micro_batch_size // bridge.src.size("dp")
+        counts = tokens[bridge.src.coord.dp * samples:(bridge.src.coord.dp + 1) * samples]
         embeddings = torch.randn(int(counts.sum()), hidden, device=device).to(dtype)
     rank = dist.get_rank()
-    plain = torch.ones(rows, hidden, dtype=dtype, device=device) if rank in (src_leader, dst_leader) else None
+    plain = torch.ones(int(tokens.sum()), hidden, dtype=dtype, device=device) \
+        if rank in (src_leader, dst_leader) else None
+    group = P2PGroups.pick(bridge.p2p_groups, backward=False)  # the channel the bridge's rows travel on
 
     def clocked(fn: Callable[[], Any]) -> tuple[float, Any]:
         dist.barrier()
-        probe.clock.sync()
+        clock.sync()
         t0 = time.perf_counter()
         out = fn()
-        probe.clock.sync()
+        clock.sync()
         return time.perf_counter() - t0, out
 
     def p2p() -> None:
         if rank == src_leader:
-            dist.send(plain, dst_leader)
+            dist.send(plain, dst_leader, group=group)
         elif rank == dst_leader:
-            dist.recv(plain, src_leader)
+            dist.recv(plain, src_leader, group=group)
+
+    def forward(m: int) -> Any:  # the step: senders in `_encode_microbatch`, receivers in `receive`
+        if bridge.is_sender:
+            return bridge.forward(m, embeddings, counts, tokens)
+        return bridge.forward(m, microbatch_tokens=tokens)
 
     times = []
     for i in range(1 + reps):
         m = 4096 + i  # micro-batch ids (and tags) no training step uses
-        t_fwd, received = clocked(lambda m=m: bridge.forward(m, embeddings, counts) if bridge.is_sender
-                                  else bridge.forward(m))
+        t_fwd, received = clocked(lambda m=m: forward(m))
         grad = torch.ones_like(received[0]) if received is not None else None
         t_bwd, _ = clocked(lambda m=m, grad=grad: (bridge.backward(m, grad) if bridge.is_receiver
                                                    else bridge.backward(m), bridge.wait()))
@@ -381,8 +393,7 @@ def _worker(spec: dict[str, Any]) -> None:
         profile = profile_step(lambda: trainer.train_step(batch), trace)
         if rank == 0:
             print(f"# {spec['name']} profile, rank 0: {describe(profile)}", flush=True)
-    probe = Probe(trainer, model, device)
-    bridge = bridge_bandwidth(trainer, batch, provider.vision_config.tokens_per_image, probe, spec["bridge_reps"])
+    bridge = bridge_bandwidth(trainer, batch, clock, spec["bridge_reps"])
     memory: list[Any] = [None] * world
     dist.all_gather_object(memory, peak_memory_gb())
     if rank == 0:

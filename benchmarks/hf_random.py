@@ -4,8 +4,9 @@
 tower directory and a Llama language model directory (`model.vision_hf` + `model.language_hf`, as LLaVA-1.5's
 recipe and `examples/llava15_stage*.yaml` name them), with what `mimo train` reads besides the weights: the
 tower's `preprocessor_config.json` (CLIP ViT-L/14-336's preprocessing) and the language model's tokenizer
-(`write_tokenizer`). Weights are bfloat16 safetensors shards of at most 2 GiB with an index, under the names
-`save_pretrained` writes; each parameter drawn from N(0, 0.02²) with a fixed seed (on the GPU if any).
+(`write_tokenizer`). Weights are bfloat16 safetensors shards of at most 2 GiB (with an index when there are
+several), under the names `save_pretrained` writes; each parameter drawn from N(0, 0.02²) with a fixed seed (on
+the GPU if any).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 SHARD_BYTES = 2 * 2**30
-INDEX = "model.safetensors.index.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -34,27 +34,12 @@ def random_tensors(model, name_of: Callable[[str], str | None]) -> Iterator[tupl
             yield file_name, (torch.randn(p.shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
 
 
-def write_safetensors(tensors: Iterator[tuple[str, Any]], directory: Path, config: dict[str, Any]) -> None:
-    """Shards of at most SHARD_BYTES, their index and `config.json` (written last: it marks the directory done)."""
-    from safetensors.torch import save_file
+def write_model(tensors: Iterator[tuple[str, Any]], directory: Path, config: dict[str, Any]) -> None:
+    """The tensors streamed into shards of at most SHARD_BYTES (`mimo.hf.shards.write_safetensors`, as `mimo
+    export-hf` writes them), then `config.json` (written last: it marks the directory done)."""
+    from mimo.hf.shards import write_safetensors
 
-    directory.mkdir(parents=True, exist_ok=True)
-    shard: dict[str, Any] = {}
-    weight_map: dict[str, str] = {}
-
-    def flush() -> None:
-        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-        shard.clear()
-
-    for name, tensor in tensors:
-        shard[name] = tensor
-        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
-            flush()
-    if shard:
-        flush()
-    (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_safetensors(tensors, directory, SHARD_BYTES)
     (directory / "config.json").write_text(json.dumps(config))
 
 
@@ -75,7 +60,7 @@ def write_directory(preset: str, directory: Path) -> None:
         provider = LlavaMimoProvider.preset(preset, image_token_id=vocab - 1)
         spec = LlavaSpec(provider.vision_config, provider.language_config, vocab - 1)
         config = llava_to_hf(spec, provider.vision_config.num_layers_built, -1, vocab)
-    write_safetensors(random_tensors(provider.build_meta_model(), to_llava_name), directory, config)
+    write_model(random_tensors(provider.build_meta_model(), to_llava_name), directory, config)
 
 
 def write_pair(preset: str, vision_dir: Path, language_dir: Path) -> None:
@@ -94,14 +79,14 @@ def write_pair(preset: str, vision_dir: Path, language_dir: Path) -> None:
         else provider.build_meta_model()
     if not (vision_dir / "config.json").is_file():
         config = {**vision_to_hf(vision, vision.num_layers), "torch_dtype": "bfloat16"}
-        write_safetensors(random_tensors(model, lambda n: n[len(VISION):] if n.startswith(VISION) else None),
+        write_model(random_tensors(model, lambda n: n[len(VISION):] if n.startswith(VISION) else None),
                           vision_dir, config)
         write_preprocessor(vision_dir, vision.image_size)
     if not (language_dir / "config.json").is_file():
         write_tokenizer(language_dir, language.vocab_size)
         config = {**language_to_hf(language, language.vocab_size), "torch_dtype": "bfloat16",
                   "bos_token_id": 1, "eos_token_id": 2}
-        write_safetensors(random_tensors(model, _language_name), language_dir, config)
+        write_model(random_tensors(model, _language_name), language_dir, config)
 
 
 def _language_name(name: str) -> str | None:

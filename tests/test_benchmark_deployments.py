@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from mimo.testing import run_distributed
 from tests.scripts import BENCHMARKS, load_script
 
 SCRIPT = BENCHMARKS / "deployments.py"
@@ -96,3 +97,52 @@ def test_bad_batch_is_reported_before_launching(capsys):
         bench.main(["--dry-run", "--batch", "6", "--out", "unused-never-written"])
     assert e.value.code == 2
     assert "deployment 'homogeneous'" in capsys.readouterr().err
+
+
+def bridge_traffic(rank: int, world_size: int) -> dict:
+    """One step of the fan-in layout (images DP 2 -> language TP 2), then `bridge_bandwidth` with the
+    point-to-point calls spied on: the counts messages the bridge sent, the groups the plain send used."""
+    import torch
+    import torch.distributed as dist
+
+    from mimo.training.metrics import Clock
+    from mimo.training.step import MimoTrainer
+    from tests.training.test_parity import IMG2_LANG_TP2, dataset, provider
+
+    prov = provider(IMG2_LANG_TP2, ("images",))
+    infra = prov.build_infra()
+    trainer = MimoTrainer(prov.provide_distributed_model(), infra, hidden_size=64, global_batch_size=8,
+                          num_microbatches=2, activation_dtype=torch.float64)
+    batch = dataset(("images",)).batch(range(8))
+    trainer.train_step(batch)
+    names = {id(infra.p2p_groups.forward): "forward", id(infra.p2p_groups.backward): "backward"}
+    seen = {"counts_messages": 0, "plain_send_groups": []}
+    isend, send = dist.isend, dist.send
+
+    def spy_isend(tensor, dst, group=None, tag=0):
+        seen["counts_messages"] += not tensor.is_floating_point()  # rows and gradients are float
+        return isend(tensor, dst, group=group, tag=tag)
+
+    def spy_send(tensor, dst, group=None, tag=0):
+        seen["plain_send_groups"].append(names.get(id(group), "default"))
+        return send(tensor, dst, group=group, tag=tag)
+
+    dist.isend, dist.send = spy_isend, spy_send
+    try:
+        result = bench.bridge_bandwidth(trainer, batch, Clock(torch.device("cpu")), reps=2)
+    finally:
+        dist.isend, dist.send = isend, send
+    tokens = trainer.microbatch_tokens(batch, "images", 0)
+    return {**seen, "bytes": result["bytes"], "expected_bytes": int(tokens.sum()) * 64 * 8,
+            "bridge_wrapped": sorted(vars(trainer.bridges["images"]).keys() & {"_recv", "_broadcast"})}
+
+
+def test_bridge_bandwidth_drives_the_bridge_as_the_step_does():
+    """No counts message (every rank passes the micro-batch's token counts, as the step does), no probe wrapping
+    the bridge, and the plain send on the bridge's own forward p2p group, with the micro-batch's bytes."""
+    results = run_distributed(bridge_traffic, 4)
+    assert [r["counts_messages"] for r in results] == [0, 0, 0, 0]
+    assert all(r["bridge_wrapped"] == [] for r in results)
+    sends = [g for r in results for g in r["plain_send_groups"]]
+    assert sends == ["forward"] * 3, sends  # one warm-up and two timed repetitions, from the first images leader
+    assert all(r["bytes"] == r["expected_bytes"] > 0 for r in results)

@@ -90,3 +90,15 @@ def test_a_layout_counts_the_positions_it_arranges(layout, samples):
     extents = sample_extents(b.input_ids, b.labels, SPECIAL)
     assert layout.positions(extents, b.input_ids.shape[1]) == layout.arrange(b, SPECIAL).input_ids.numel()
     assert real_tokens(b, SPECIAL) == int(extents.sum()) == (5 if samples == (0, 3) else 0)
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_packed_layout_hands_on_each_kept_sample_as_a_document(multiple):
+    """What the step reports for the FLOP count: the documents the packed row's attention is confined to, one
+    per sample with something to keep (in arrange's order), and none for padded rows."""
+    b = _batch()
+    extents = sample_extents(b.input_ids, b.labels, SPECIAL)
+    text = PackedText(multiple).arrange(b, SPECIAL)
+    kept = [int((text.document_ids == d).sum()) for d in range(b.num_samples)]
+    assert PackedText(multiple).documents(extents) == tuple(n for n in kept if n) == (2, 3)
+    assert PaddedText().documents(extents) is None

@@ -30,6 +30,7 @@ from mimo.models import (
 from mimo.provider import LlavaMimoProvider
 from mimo.training.flops import (
     ModalityFlops,
+    PackedRows,
     attention_flops,
     audio_flops,
     batch_flops,
@@ -42,6 +43,8 @@ from mimo.training.flops import (
     projector_flops,
     vit_flops,
 )
+from mimo.training.loop import packed_rows
+from mimo.training.step import StepResult
 
 
 def measure(fn: Callable[[], None], math_sdpa: bool = True) -> int:
@@ -84,6 +87,14 @@ def test_packed_rows_count_each_document_and_the_computed_positions() -> None:
     frozen = packed_decoder_flops(cfg, 32, [20, 12], trainable=False, input_grad=True)
     assert frozen == decoder_flops(cfg, 1, 20, trainable=False, input_grad=True) + decoder_flops(
         cfg, 1, 12, trainable=False, input_grad=True)
+
+
+@pytest.mark.parametrize("documents", [None, (20, 12)], ids=["padded", "packed"])
+def test_the_loop_counts_packed_rows_from_the_step_result(documents) -> None:
+    """`mimo train` takes the packed rows for the FLOP count from what the step reported, not from the config."""
+    result = StepResult(loss=1.0, label_tokens=30, tokens=32, positions=40, grad_norm=1.0, lr=1e-4,
+                        documents=documents)
+    assert packed_rows(result) == (None if documents is None else PackedRows(40, (20, 12)))
 
 
 def test_tied_head_still_counts() -> None:

@@ -148,8 +148,9 @@ def token_counts(rank: int, world_size: int, multiple: int | None) -> dict:
     trainer = homogeneous_trainer(None if multiple is None else PackedText(multiple))
     batch = batches()[0]
     result = trainer.train_step(batch)
-    return {"tokens": result.tokens, "positions": result.positions,
-            "real": int(sample_extents(batch.input_ids, batch.labels, trainer.special_token_ids).sum()),
+    extents = sample_extents(batch.input_ids, batch.labels, trainer.special_token_ids)
+    return {"tokens": result.tokens, "positions": result.positions, "documents": result.documents,
+            "real": int(extents.sum()), "extents": [int(n) for n in extents if n > 0],
             "rows": sum(t.input_ids.numel() for t in trainer._state.host_text), "padded": batch.input_ids.numel()}
 
 
@@ -161,6 +162,8 @@ def test_tokens_count_real_tokens_and_positions_what_the_model_computed(multiple
     assert a["tokens"] == b["tokens"] == a["real"] < a["padded"]
     assert a["positions"] == b["positions"] == a["rows"] + b["rows"]
     assert a["positions"] == a["padded"] if multiple is None else a["real"] < a["positions"] < a["padded"]
+    # the documents the FLOP count needs come with the step's result: each kept sample's length when packed
+    assert a["documents"] == b["documents"] == (None if multiple is None else tuple(a["extents"]))
 
 
 def test_mimo_train_with_data_packing_logs_the_unpacked_losses(tmp_path):

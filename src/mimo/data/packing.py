@@ -73,6 +73,10 @@ class PaddedText:
         row, padding included."""
         return extents.numel() * width
 
+    def documents(self, extents: torch.Tensor) -> None:
+        """The documents a row's attention is confined to: none, each padded row attends over itself."""
+        return None
+
 
 @dataclass(frozen=True)
 class PackedText:
@@ -110,6 +114,11 @@ class PackedText:
         """Positions the language model computes for a share of samples with these `sample_extents`: its
         packed row, the rounding tail included."""
         return self.row_length(int(extents.sum()))
+
+    def documents(self, extents: torch.Tensor) -> tuple[int, ...]:
+        """Each sample's length in the packed rows, within which alone it attends (what the FLOP count needs);
+        a sample with nothing to keep adds no document."""
+        return tuple(int(n) for n in extents.tolist() if n > 0)
 
 
 def sample_extents(input_ids: torch.Tensor, labels: torch.Tensor, special_token_ids: SpecialIds) -> torch.Tensor:

@@ -18,15 +18,14 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from mimo.hf.config import LlavaSpec, llava_to_hf, read_config
 from mimo.hf.load import VISION_NAMES, SafetensorsDir, canonical_llava_name, to_llava_name
 from mimo.hf.prompt import IMAGE_TOKEN
+from mimo.hf.shards import write_safetensors
 
 # Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -73,7 +72,7 @@ def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin:
         config = llava_to_hf(spec, layers, feature_layer, vocab)
     config["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     out.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(tensors, out, max_shard_bytes)
+    write_safetensors(((name, tensors[name]) for name in sorted(tensors)), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for directory in (origin.llava, origin.language, origin.vision):
         _carry_files(directory, out)
@@ -122,30 +121,6 @@ def _pad_vocabulary(tensors: dict[str, torch.Tensor], spec: LlavaSpec) -> int:
             weight = tensors[name]
             tensors[name] = torch.cat([weight, weight.new_zeros(size - vocab, weight.shape[1])])
     return size
-
-
-def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    """One `model.safetensors`, or shards of at most `max_shard_bytes` with `model.safetensors.index.json`."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    if len(shards) == 1:
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, out / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index: dict[str, Any] = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _add_image_token(out: Path, image_token_id: int, token: str = IMAGE_TOKEN) -> None:

@@ -38,7 +38,8 @@ class Prompter:
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Prompter:
-        """Read tokenizer.json, tokenizer_config.json and the processor's chat template (if any)."""
+        """Read tokenizer.json, tokenizer_config.json and the processor's chat template (if any), and give the
+        tokenizer its image token if it has none (`add_image_token`): every user of a prompter reads images."""
         directory = Path(directory)
         if not (directory / "tokenizer.json").is_file():
             raise PromptError(f"{directory}: no tokenizer.json (the fast tokenizer file mimo runs)")
@@ -47,8 +48,10 @@ class Prompter:
                     if k.endswith("_token") and _content(v) is not None}
         processor = _json(directory / "processor_config.json")
         image_token = processor.get("image_token", config.get("image_token", IMAGE_TOKEN))
-        return cls(Tokenizer.from_file(str(directory / "tokenizer.json")), specials, _chat_template(directory, config),
-                   image_token)
+        prompter = cls(Tokenizer.from_file(str(directory / "tokenizer.json")), specials,
+                       _chat_template(directory, config), image_token)
+        prompter.add_image_token()
+        return prompter
 
     def text(self, prompt: str) -> str:
         """The text before image expansion: the chat template's rendering, or `<image>\\n` + prompt."""
@@ -78,15 +81,22 @@ class Prompter:
         """The id of a token of the vocabulary (e.g. the image token), or None."""
         return self.tokenizer.token_to_id(token)
 
-    def image_token_id(self) -> int:
-        """The tokenizer's id of its image token; a tokenizer without one (a plain language model's, as in
-        LLaVA's own training) gets it added as a special token (callers map it to the model's image id)."""
-        token_id = self.token_id(self.image_token)
-        if token_id is None:
+    def add_image_token(self) -> int:
+        """Add the image token to a tokenizer without one (a plain language model's, as in LLaVA's own training;
+        callers map it to the model's image id) as a special token; done once where the prompter is set up
+        (`from_directory`), a no-op if it is there. Its id."""
+        if self.token_id(self.image_token) is None:
             from tokenizers import AddedToken
 
             self.tokenizer.add_special_tokens([AddedToken(self.image_token, special=True)])
-            token_id = self.token_id(self.image_token)
+        return self.image_token_id()
+
+    def image_token_id(self) -> int:
+        """The tokenizer's id of its image token, or a PromptError if it has none (see `add_image_token`)."""
+        token_id = self.token_id(self.image_token)
+        if token_id is None:
+            raise PromptError(f"the tokenizer has no image token {self.image_token!r}; give it one first "
+                              f"(Prompter.add_image_token, which Prompter.from_directory calls)")
         return token_id
 
     def input_ids(self, prompt: str, image_tokens: int, model_image_id: int | None = None) -> list[int]:

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mimo.data import BatchPrefetcher, GlobalBatchSampler, MimoBatch, ModalitySpec, SyntheticDataset
-from mimo.data.packing import PackedText, PaddedText, TextLayout, sample_extents
+from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.prefetch import default_num_workers
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.grid import group_options
@@ -117,12 +117,10 @@ def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device:
                        text_layout=text_layout(config, device))
 
 
-def packed_rows(config: RunConfig, trainer: MimoTrainer, batch: MimoBatch, result: StepResult) -> PackedRows | None:
-    """For the FLOP count of a packing run: the positions its rows computed and each sample's length."""
-    if not config.data.packing:
-        return None
-    extents = sample_extents(batch.input_ids, batch.labels, trainer.special_token_ids)
-    return PackedRows(result.positions, [int(n) for n in extents if n > 0])
+def packed_rows(result: StepResult) -> PackedRows | None:
+    """For the FLOP count of a step on packed rows: the positions they computed and each sample's length, as the
+    step reported them (None for padded rows)."""
+    return None if result.documents is None else PackedRows(result.positions, result.documents)
 
 
 def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
@@ -175,8 +173,8 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
             if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
                 result.seconds = _slowest_rank_seconds(result.seconds)
-                writer.log_step(step + 1, result, flops=batch_flops(provider, batch, packed=packed_rows(
-                                    config, trainer, batch, result)), extra={"skipped_samples": skipped.count})
+                writer.log_step(step + 1, result, flops=batch_flops(provider, batch, packed=packed_rows(result)),
+                                 extra={"skipped_samples": skipped.count})
             progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
             if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
                 checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))

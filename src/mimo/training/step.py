@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,8 @@ class StepResult:
     Over the global batch: `tokens` counts the samples' real tokens (each up to its last scored label or
     modality token, `sample_extents`: no padding, packed or not); `positions` the positions the language
     model computed (padding and a packed row's tail included); `label_tokens` the labels the loss scores
-    (its divisor)."""
+    (its divisor); `documents` each sample's length in packed rows, within which it attends (None: padded rows,
+    `TextLayout.documents`)."""
 
     loss: float
     label_tokens: int
@@ -54,6 +56,7 @@ class StepResult:
     lr: float
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # fp16: an overflow somewhere made every rank skip this update
+    documents: tuple[int, ...] | None = None
 
 
 class MimoTrainer:
@@ -143,16 +146,17 @@ class MimoTrainer:
         return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens), **self._token_counts(batch),
                           grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped)
 
-    def _token_counts(self, batch: MimoBatch) -> dict[str, int]:
-        """The global batch's real tokens and the positions the language model computes for them: every
-        language DP replica's share of every micro-batch, as `text_layout` lays it out."""
+    def _token_counts(self, batch: MimoBatch) -> dict[str, Any]:
+        """The global batch's real tokens, the positions the language model computes for them (every language DP
+        replica's share of every micro-batch, as `text_layout` lays it out) and the documents it attends within."""
         extents = sample_extents(batch.input_ids, batch.labels, self.special_token_ids)
         dp = self.infra.config.module_parallelisms[LANGUAGE].data_parallel_size
         # micro-batch m's DP share d is the (m·dp + d)-th of num_microbatches·dp equal runs of samples
         shares = extents.reshape(self.num_microbatches * dp, -1)
         width = batch.input_ids.shape[1]
         return {"tokens": int(extents.sum()),
-                "positions": sum(self.text_layout.positions(share, width) for share in shares)}
+                "positions": sum(self.text_layout.positions(share, width) for share in shares),
+                "documents": self.text_layout.documents(extents)}
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str) -> None:
@@ -171,16 +175,18 @@ class MimoTrainer:
         self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
-        return bridge.forward(m, out.to(self.activation_dtype), counts, self._microbatch_tokens(name, m))
+        tokens = self.microbatch_tokens(self._state.batch, name, m)
+        return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
 
-    def _microbatch_tokens(self, name: str, m: int) -> torch.Tensor | None:
-        """Tokens per sample of modality `name` in the whole micro-batch m, counted on the CPU ids every rank holds
-        (a rank that receives embeddings need not host the encoder), for a bridge that `uses_microbatch_tokens`:
-        they spare it moving the counts and reading them back (a host sync). The ids must match the items; the
-        bridge and `check_alignment` say so if they do not."""
+    def microbatch_tokens(self, batch: MimoBatch, name: str, m: int) -> torch.Tensor | None:
+        """Tokens per sample of modality `name` in the whole micro-batch m of `batch`, counted on the CPU ids every
+        rank holds (a rank that receives embeddings need not host the encoder), for a bridge that
+        `uses_microbatch_tokens`: they spare it moving the counts and reading them back (a host sync); None for
+        other bridges. The ids must match the items; the bridge and `check_alignment` say so if they do not.
+        Public so that a benchmark drives the bridge exactly as the step does."""
         if not self.bridges[name].uses_microbatch_tokens:
             return None
-        ids = self._state.batch.microbatch(m, self.num_microbatches).input_ids
+        ids = batch.microbatch(m, self.num_microbatches).input_ids
         return (ids == self.special_token_ids[name]).sum(1)
 
     def _prefetch(self, batch: MimoBatch) -> tuple[dict[str, list], list[LanguageText]]:
@@ -261,7 +267,7 @@ class MimoTrainer:
                 embeddings[src], counts[src] = self._encode_microbatch(src, m)
                 self._state.seconds[f"{src}.forward"] += time.perf_counter() - t0
             else:
-                embeddings[src], counts[src] = bridge.receive(m, self._microbatch_tokens(src, m))
+                embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m))
         rows = {name: e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
         return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=host_ids)
