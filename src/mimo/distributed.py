@@ -107,7 +107,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 # -- tensor parallelism ------------------------------------------------------------------------------
 def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
-    """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`.
+    """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`
+    (sequence-parallel where its layout says `sequence_parallel`).
 
     Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
     """
@@ -116,9 +117,15 @@ def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
         if grid is None or grid.size("tp") == 1:
             continue
         module = module_of(model, name)
-        plan = module.tp_plan()
+        plan = tp_plan_of(module, grid.config.sequence_parallel)
         check_tensor_parallel(name, module, plan, grid.size("tp"))
         parallelize_module(module, grid.mesh["tp"], plan)
+
+
+def tp_plan_of(module: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The module's TP plan, sequence-parallel where its layout asks (only then is the argument passed, so a
+    user's module whose `tp_plan()` takes none still works without it)."""
+    return module.tp_plan(sequence_parallel=True) if sequence_parallel else module.tp_plan()
 
 
 def check_tensor_parallel(name: str, module: nn.Module, plan: Mapping[str, ParallelStyle], tp: int) -> None:

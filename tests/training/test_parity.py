@@ -119,6 +119,9 @@ def train_layout(rank: int, world_size: int, layout: dict, modalities: tuple[str
 
 IMG2_LANG_TP2 = {"images": {"data_parallel_size": 2},
                  "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 2}}
+SP = {"sequence_parallel": True}
+IMG2_LANG_TP2_SP = {"images": {"data_parallel_size": 2},
+                    "language": {**IMG2_LANG_TP2["language"], **SP}}
 MATRIX = [
     # id, world, layout, modalities, frozen, tied, dp kind
     ("1-homogeneous-dp2", 2, {"images": {}, "language": {}}, ("images",), False, False, "ddp"),
@@ -165,6 +168,15 @@ MATRIX = [
     ("4-colocated-pp2dp2-fsdp", 4, {"images": {"data_parallel_size": 4},
                                     "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
      ("images",), False, False, "fsdp"),
+    # sequence parallelism (issue 13): the ViT's 17 tokens and the padded text split unevenly over TP 2
+    ("14-homogeneous-tp2dp2-sp", 4, {"images": {"tensor_model_parallel_size": 2, **SP},
+                                     "language": {"tensor_model_parallel_size": 2, **SP}}, ("images",), False, False,
+     "ddp"),
+    ("15-tp2sp-to-tp2pp2sp", 6, {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, **SP},
+                                 "language": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                              "data_parallel_size": 1, "rank_offset": 2, **SP}}, ("images",),
+     False, False, "ddp"),
+    ("16-fan-in-tp2sp-fsdp", 4, IMG2_LANG_TP2_SP, ("images",), False, False, "fsdp"),
 ]
 
 _REFERENCES: dict = {}
