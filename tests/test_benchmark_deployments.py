@@ -96,3 +96,19 @@ def test_bad_batch_is_reported_before_launching(capsys):
         bench.main(["--dry-run", "--batch", "6", "--out", "unused-never-written"])
     assert e.value.code == 2
     assert "deployment 'homogeneous'" in capsys.readouterr().err
+
+
+def test_sequence_parallel_rows_and_option():
+    """`-sp` rows and `--sequence-parallel` (every TP module of every row) give mimo train's sequence_parallel."""
+    args = bench.parse_args(["--device", "cpu", "--gpus", "2", "--preset", "tiny", "--out", "unused"])
+    plans = {p["name"]: p for p in (bench.plan(row, args) for row in args.rows)}
+    layout = plans["colocated-sp"]["config"].layout
+    assert layout.get_parallelism("language").sequence_parallel
+    assert not layout.get_parallelism("images").sequence_parallel
+    assert not plans["colocated"]["config"].layout.get_parallelism("language").sequence_parallel
+    assert plans["homogeneous-tp2-sp"]["layouts"] == {"images": "TP2+SPxDP1 r0-1", "language": "TP2+SPxDP1 r0-1"}
+    args = bench.parse_args(["--device", "cpu", "--gpus", "4", "--preset", "tiny", "--out", "unused",
+                             "--sequence-parallel"])
+    for p in (bench.plan(row, args) for row in args.rows):
+        for name, m in p["config"].layout.module_parallelisms.items():
+            assert m.sequence_parallel == (m.tensor_model_parallel_size > 1), (p["name"], name)
