@@ -177,6 +177,9 @@ MATRIX = [
                                               "data_parallel_size": 1, "rank_offset": 2, **SP}}, ("images",),
      False, False, "ddp"),
     ("16-fan-in-tp2sp-fsdp", 4, IMG2_LANG_TP2_SP, ("images",), False, False, "fsdp"),
+    ("17-llava-stage1-sp", 3, {"images": {"data_parallel_size": 1},  # gradients through a frozen SP model
+                               "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                            "rank_offset": 1, **SP}}, ("images",), True, False, "ddp"),
 ]
 
 _REFERENCES: dict = {}
