@@ -7,6 +7,7 @@ looks at the activations themselves during a real training step on 2 gloo ranks.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
@@ -58,3 +59,31 @@ def test_without_sequence_parallel_blocks_see_every_token() -> None:
     for rank, seen in enumerate(run_distributed(second_block_inputs, 2, False)):
         for module, calls in seen.items():
             assert calls and all(not sharded and local == full for sharded, local, full in calls), (rank, module)
+
+
+class _PlainEncoder(torch.nn.Module):
+    """A user's encoder whose TP plan knows nothing of sequence parallelism."""
+
+    tokens_per_item = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def tp_plan(self) -> dict:
+        return {}
+
+
+def test_a_module_that_cannot_run_sequence_parallel_is_named():
+    """Plain TP still asks `tp_plan()` without the argument; asking for SP names the module and the class."""
+    from mimo.distributed import WrapError, tp_plan_of
+    from mimo.models import MLPProjector, ModalitySubmodule
+
+    submodule = ModalitySubmodule(_PlainEncoder(), MLPProjector(8, 8))
+    assert set(tp_plan_of("images", submodule, False)) == {"projection.fc1", "projection.fc2"}
+    with pytest.raises(WrapError, match=r"^module 'images': its encoder's _PlainEncoder.tp_plan takes no "
+                                        r"sequence_parallel argument, so it cannot run sequence-parallel; set "
+                                        r"sequence_parallel false$"):
+        tp_plan_of("images", submodule, True)
+    with pytest.raises(WrapError, match=r"^module 'audio': _PlainEncoder.tp_plan takes no sequence_parallel"):
+        tp_plan_of("audio", _PlainEncoder(), True)

@@ -11,6 +11,7 @@ from its own loss or across the bridge. DDP gets a sum comm hook, FSDP2 a divide
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -117,15 +118,23 @@ def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
         if grid is None or grid.size("tp") == 1:
             continue
         module = module_of(model, name)
-        plan = tp_plan_of(module, grid.config.sequence_parallel)
+        plan = tp_plan_of(name, module, grid.config.sequence_parallel)
         check_tensor_parallel(name, module, plan, grid.size("tp"))
         parallelize_module(module, grid.mesh["tp"], plan)
 
 
-def tp_plan_of(module: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """The module's TP plan, sequence-parallel where its layout asks (only then is the argument passed, so a
-    user's module whose `tp_plan()` takes none still works without it)."""
-    return module.tp_plan(sequence_parallel=True) if sequence_parallel else module.tp_plan()
+def tp_plan_of(name: str, module: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Module `name`'s TP plan, sequence-parallel where its layout asks (only then is the argument passed, so a
+    user's module whose `tp_plan()` takes none works without it, and is refused with it)."""
+    if not sequence_parallel:
+        return module.tp_plan()
+    if "sequence_parallel" not in inspect.signature(module.tp_plan).parameters:
+        raise WrapError(f"module '{name}': {type(module).__name__}.tp_plan takes no sequence_parallel argument, "
+                        f"so it cannot run sequence-parallel; set sequence_parallel false for '{name}'")
+    try:
+        return module.tp_plan(sequence_parallel=True)
+    except ValueError as e:  # a modality submodule whose encoder cannot
+        raise WrapError(f"module '{name}': {e}") from None
 
 
 def check_tensor_parallel(name: str, module: nn.Module, plan: Mapping[str, ParallelStyle], tp: int) -> None:

@@ -170,7 +170,7 @@ class MimoModelProvider:
             tp = module_layout.tensor_model_parallel_size
             if tp > 1:
                 module = module_of(model, name)
-                check_tensor_parallel(name, module, tp_plan_of(module, module_layout.sequence_parallel), tp)
+                check_tensor_parallel(name, module, tp_plan_of(name, module, module_layout.sequence_parallel), tp)
         pp = layout.get_parallelism(LANGUAGE).pipeline_model_parallel_size
         if pp > 1:
             pipeline_layer_range(_num_layers(self.language_model_spec), pp, 0)

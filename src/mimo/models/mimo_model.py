@@ -65,8 +65,8 @@ class ModalitySubmodule(nn.Module):
         """The encoder's and the projection's plans, under their attribute names; `sequence_parallel` is the
         encoder's (the projection maps whole tokens, after the encoder has gathered its sequence back)."""
         if sequence_parallel and "sequence_parallel" not in inspect.signature(self.encoder.tp_plan).parameters:
-            raise ValueError(f"{type(self.encoder).__name__}.tp_plan takes no sequence_parallel argument, so this "
-                             f"encoder cannot run sequence-parallel; set sequence_parallel false for its module")
+            raise ValueError(f"its encoder's {type(self.encoder).__name__}.tp_plan takes no sequence_parallel "
+                             f"argument, so it cannot run sequence-parallel; set sequence_parallel false")
         encoder_plan = self.encoder.tp_plan(sequence_parallel=True) if sequence_parallel else self.encoder.tp_plan()
         plan = {f"encoder.{k}": v for k, v in encoder_plan.items()}
         plan.update({f"projection.{k}": v for k, v in self.projection.tp_plan().items()})
