@@ -351,10 +351,12 @@ def prepare_backward(module: nn.Module, outputs: object, last: bool) -> None:
 
 
 def align_gradients(model: MimoModel) -> None:
-    """Give every DTensor gradient its parameter's placements (a local slice, no communication).
+    """Give every DTensor gradient its parameter's placements.
 
     DTensor's embedding backward returns a Replicate (whole-table) gradient for a vocabulary-sharded weight;
-    left so, the norm would count the table once per TP rank and the optimizer would mix layouts.
+    left so, the norm would count the table once per TP rank and the optimizer would mix layouts (a local
+    slice, no communication). A sequence-parallel norm's replicated weight gets a Partial gradient (each TP
+    rank's tokens' share), summed here over TP once per step (an all-reduce) where no DDP wrapper did it.
     """
     for module in wrapped_modules(model).values():
         for p in module.parameters():
