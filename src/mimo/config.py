@@ -76,8 +76,8 @@ class ModuleParallelismConfig:
     TP group between and around its blocks' attention and MLP: norms and residual adds run on 1/TP of the
     tokens, each all-reduce becomes an all-gather before and a reduce-scatter after (same traffic, 1/TP of the
     activation memory outside the matmuls). It needs tensor_model_parallel_size > 1. Any sequence length works
-    (DTensor's uneven sharding: 577 ViT tokens over TP 2 are 289 + 288), and it changes no number: the model
-    computes the same sums on the same values.
+    (DTensor's uneven sharding: 577 ViT tokens over TP 2 are 289 + 288), and results change only by rounding (a
+    norm weight's gradient is summed per TP rank's tokens, then over TP). Plans: `models/sequence_parallel.py`.
     """
 
     tensor_model_parallel_size: int = 1
