@@ -84,6 +84,8 @@ IMAGES = "images"
 # (mimo.config). "baseline": the homogeneous row with the same language layout, for the 1/(1 - f) bound.
 # The global batch must split into micro-batches that every DP size divides; heterogeneous rows need
 # several micro-batches to overlap the encoder of micro-batch m+1 with the language model on m.
+# A module may say "sp": True (sequence parallelism over its TP group; `--sequence-parallel` turns it on for
+# every module with TP > 1 of every row).
 # Rows may set their own "microbatches" (each deployment at its best count) and "compile". A row with "hf"
 # ("single", "ddp" or "fsdp") is Hugging Face's LLaVA in a plain loop on "world" GPUs (`hf_rows.py`).
 LAYOUTS: dict[int, dict[str, Any]] = {
@@ -105,6 +107,9 @@ LAYOUTS: dict[int, dict[str, Any]] = {
         {"name": "homogeneous-dp2", "images": {"dp": 2}, "language": {"dp": 2}, "microbatches": 1},
         {"name": "homogeneous-tp2", "images": {"tp": 2, "dp": 1}, "language": {"tp": 2, "dp": 1}, "microbatches": 4},
         {"name": "colocated", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1}, "microbatches": 4},
+        {"name": "homogeneous-tp2-sp", "images": {"tp": 2, "dp": 1, "sp": True},
+         "language": {"tp": 2, "dp": 1, "sp": True}, "microbatches": 4},
+        {"name": "colocated-sp", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1, "sp": True}, "microbatches": 4},
         {"name": "heterogeneous-1+1", "images": {"dp": 1}, "language": {"dp": 1, "offset": 1}, "microbatches": 4,
          "baseline": "homogeneous-1"},
         {"name": "hf-1-compile", "hf": "single", "world": 1, "compile": True},
@@ -116,6 +121,10 @@ LAYOUTS: dict[int, dict[str, Any]] = {
          "microbatches": 4, "compile": True},
         {"name": "colocated-compile", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1}, "microbatches": 4,
          "compile": True},
+        {"name": "homogeneous-tp2-sp-compile", "images": {"tp": 2, "dp": 1, "sp": True},
+         "language": {"tp": 2, "dp": 1, "sp": True}, "microbatches": 4, "compile": True},
+        {"name": "colocated-sp-compile", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1, "sp": True},
+         "microbatches": 4, "compile": True},
         {"name": "heterogeneous-1+1-compile", "images": {"dp": 1}, "language": {"dp": 1, "offset": 1},
          "microbatches": 4, "compile": True, "baseline": "homogeneous-1-compile"},
     ]},
@@ -141,24 +150,31 @@ TARGETS = {"non_homogeneous_speedup": 1.3, "bound_fraction": 0.9, "bridge_fracti
 
 
 # -- the run config of one deployment ---------------------------------------------------------------------------
-def parallelism(row: dict[str, Any]) -> dict[str, dict[str, int]]:
+def parallelism(row: dict[str, Any], sequence_parallel: bool = False) -> dict[str, dict[str, Any]]:
     """The `parallelism` section of `mimo train` for a table row (images first: the global group order); an HF
-    row's world as a DP layout (its config carries only the batch, schedule and data)."""
+    row's world as a DP layout (its config carries only the batch, schedule and data). `sequence_parallel`
+    (`--sequence-parallel`) turns it on for every module with TP > 1."""
     if "hf" in row:
         return {module: {"data_parallel_size": row["world"]} for module in (IMAGES, LANGUAGE)}
     out = {}
     for module in (IMAGES, LANGUAGE):
         m = row[module]
         out[module] = {"tensor_model_parallel_size": m.get("tp", 1), "data_parallel_size": m["dp"],
-                       "rank_offset": m.get("offset", 0)}
+                       "rank_offset": m.get("offset", 0),
+                       "sequence_parallel": is_sequence_parallel(m, sequence_parallel)}
     return out
+
+
+def is_sequence_parallel(module: dict[str, Any], everywhere: bool) -> bool:
+    """A table module is sequence-parallel if it says "sp", or with `--sequence-parallel` wherever TP > 1."""
+    return bool(module.get("sp", False) or (everywhere and module.get("tp", 1) > 1))
 
 
 def run_config_dict(row: dict[str, Any], args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """The whole `mimo train` config of one deployment (checked by `parse_run_config` before launching)."""
     return {
         "model": {"preset": args.preset},
-        "parallelism": parallelism(row),
+        "parallelism": parallelism(row, args.sequence_parallel),
         "distributed": {m: {"data_parallel": args.data_parallel} for m in (IMAGES, LANGUAGE)},
         "train": {"steps": args.warmup + args.steps, "global_batch_size": args.batch,
                   "num_microbatches": microbatches_of(row, args), "lr": args.lr, "warmup_steps": 0,
@@ -485,19 +501,20 @@ def launch_world(nproc: int, spec: dict[str, Any]) -> str | None:
     return None
 
 
-def describe_row(row: dict[str, Any]) -> dict[str, str]:
+def describe_row(row: dict[str, Any], sequence_parallel: bool = False) -> dict[str, str]:
     """Each module's layout in short, for the table (an HF row: its wrapper and world)."""
     if "hf" in row:
         what = {"single": "HF, 1 GPU", "ddp": f"HF + DDP x{row['world']}", "fsdp": f"HF + FSDP2 x{row['world']}"}
         return {IMAGES: what[row["hf"]], LANGUAGE: what[row["hf"]]}
-    return {m: describe(row[m]) for m in (IMAGES, LANGUAGE)}
+    return {m: describe(row[m], sequence_parallel) for m in (IMAGES, LANGUAGE)}
 
 
-def describe(module: dict[str, int]) -> str:
-    """A table row's module layout in short: 'TP2xDP2 r1-4'."""
+def describe(module: dict[str, Any], sequence_parallel: bool = False) -> str:
+    """A table row's module layout in short: 'TP2xDP2 r1-4' ('TP2+SPxDP2 r1-4' sequence-parallel)."""
     tp, dp, start = module.get("tp", 1), module["dp"], module.get("offset", 0)
     ranks = f"r{start}-{start + tp * dp - 1}" if tp * dp > 1 else f"r{start}"
-    return f"TP{tp}xDP{dp} {ranks}"
+    sp = "+SP" if is_sequence_parallel(module, sequence_parallel) else ""
+    return f"TP{tp}{sp}xDP{dp} {ranks}"
 
 
 def plan(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -513,7 +530,7 @@ def plan(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise ValueError(f"deployment {row['name']!r}: {e}") from None
     kind = f"hf-{row['hf']}" if "hf" in row else str(layout.deployment)
-    return {"name": row["name"], "world": config.world_size, "layouts": describe_row(row),
+    return {"name": row["name"], "world": config.world_size, "layouts": describe_row(row, args.sequence_parallel),
             "baseline": row.get("baseline"), "deployment": kind, "config": config, "run_dir": run_dir,
             "hf": row.get("hf")}
 
@@ -724,6 +741,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(CUDA): GPU busy/idle, compute, exposed NCCL, copies, top kernels, in the row's JSON")
     parser.add_argument("--trace", action="store_true", help="with --profile: keep rank 0's Chrome trace "
                         "(OUT/<row>/trace_rank0.json.gz)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism on every module "
+                        "with TP > 1 of every row (rows named -sp have it anyway): run the table twice to compare")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout per rank, seconds (a "

@@ -146,3 +146,19 @@ def test_bridge_bandwidth_drives_the_bridge_as_the_step_does():
     sends = [g for r in results for g in r["plain_send_groups"]]
     assert sends == ["forward"] * 3, sends  # one warm-up and two timed repetitions, from the first images leader
     assert all(r["bytes"] == r["expected_bytes"] > 0 for r in results)
+
+
+def test_sequence_parallel_rows_and_option():
+    """`-sp` rows and `--sequence-parallel` (every TP module of every row) give mimo train's sequence_parallel."""
+    args = bench.parse_args(["--device", "cpu", "--gpus", "2", "--preset", "tiny", "--out", "unused"])
+    plans = {p["name"]: p for p in (bench.plan(row, args) for row in args.rows)}
+    layout = plans["colocated-sp"]["config"].layout
+    assert layout.get_parallelism("language").sequence_parallel
+    assert not layout.get_parallelism("images").sequence_parallel
+    assert not plans["colocated"]["config"].layout.get_parallelism("language").sequence_parallel
+    assert plans["homogeneous-tp2-sp"]["layouts"] == {"images": "TP2+SPxDP1 r0-1", "language": "TP2+SPxDP1 r0-1"}
+    args = bench.parse_args(["--device", "cpu", "--gpus", "4", "--preset", "tiny", "--out", "unused",
+                             "--sequence-parallel"])
+    for p in (bench.plan(row, args) for row in args.rows):
+        for name, m in p["config"].layout.module_parallelisms.items():
+            assert m.sequence_parallel == (m.tensor_model_parallel_size > 1), (p["name"], name)

@@ -160,6 +160,27 @@ def test_encoder_pipeline_unsupported():
         c.finalize(2)
 
 
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"sequence_parallel": True}, r"module 'language': sequence_parallel shards the sequence over the "
+                                  r"tensor-parallel group, but tensor_model_parallel_size is 1; set sequence_parallel "
+                                  r"false or tensor_model_parallel_size > 1"),
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": "yes"},
+     r"module 'language': sequence_parallel must be true or false, got 'yes'"),
+])
+def test_sequence_parallel_errors(fields, message):
+    with pytest.raises(LayoutError, match=message):
+        cfg(language=fields)
+
+
+def test_sequence_parallel_is_described_and_keeps_the_deployment():
+    """SP changes no module's output (its blocks gather the sequence back), so TP2+SP next to TP2 is homogeneous."""
+    c = cfg(images={"tensor_model_parallel_size": 2},
+            language={"tensor_model_parallel_size": 2, "sequence_parallel": True}).finalize(2)
+    assert c.get_parallelism("language").describe() == "TP2+SP x DP1 on ranks 0-1"
+    assert c.deployment == "homogeneous"
+    assert MimoParallelismConfig.from_dict(c.to_dict()).get_parallelism("language").sequence_parallel
+
+
 def test_unknown_key_names_key_and_allowed():
     with pytest.raises(LayoutError, match=r"module 'images': unknown key\(s\) \['tp'\]; allowed keys are "
                                           r"\['tensor_model_parallel_size'"):

@@ -70,7 +70,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class ModuleParallelismConfig:
-    """One module's layout and where its span starts; DP may be left None where it can be derived."""
+    """One module's layout and where its span starts; DP may be left None where it can be derived.
+
+    `sequence_parallel` (Megatron's name) keeps a TP module's activations sharded along the sequence over its
+    TP group between and around its blocks' attention and MLP: norms and residual adds run on 1/TP of the
+    tokens, each all-reduce becomes an all-gather before and a reduce-scatter after (same traffic, 1/TP of the
+    activation memory outside the matmuls). It needs tensor_model_parallel_size > 1. Any sequence length works
+    (DTensor's uneven sharding: 577 ViT tokens over TP 2 are 289 + 288), and results change only by rounding (a
+    norm weight's gradient is summed per TP rank's tokens, then over TP). Plans: `models/sequence_parallel.py`.
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -78,6 +86,7 @@ class ModuleParallelismConfig:
     expert_model_parallel_size: int = 1
     data_parallel_size: int | None = None
     rank_offset: int = 0
+    sequence_parallel: bool = False
 
     @property
     def total_model_parallel_size(self) -> int:
@@ -118,6 +127,13 @@ class ModuleParallelismConfig:
                 raise LayoutError(f"module '{name}': {f} must be a positive integer, got {v!r}")
         if not isinstance(self.rank_offset, int) or isinstance(self.rank_offset, bool) or self.rank_offset < 0:
             raise LayoutError(f"module '{name}': rank_offset must be an integer >= 0, got {self.rank_offset!r}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise LayoutError(f"module '{name}': sequence_parallel must be true or false, "
+                              f"got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise LayoutError(f"module '{name}': sequence_parallel shards the sequence over the tensor-parallel "
+                              f"group, but tensor_model_parallel_size is 1; set sequence_parallel false or "
+                              f"tensor_model_parallel_size > 1")
 
     def _derived_dp(self, world_size: int, name: str) -> int:
         mp = self.total_model_parallel_size
@@ -135,8 +151,8 @@ class ModuleParallelismConfig:
         return world_size // mp
 
     def describe(self) -> str:
-        """A short layout string, e.g. 'TP2 x PP2 x DP1 on ranks 2-5'."""
-        parts = [f"TP{self.tensor_model_parallel_size}"]
+        """A short layout string, e.g. 'TP2 x PP2 x DP1 on ranks 2-5' ('TP2+SP' with sequence parallelism)."""
+        parts = [f"TP{self.tensor_model_parallel_size}" + ("+SP" if self.sequence_parallel else "")]
         if self.context_parallel_size > 1:
             parts.append(f"CP{self.context_parallel_size}")
         if self.pipeline_model_parallel_size > 1:

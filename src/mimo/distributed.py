@@ -11,6 +11,7 @@ from its own loss or across the bridge. DDP gets a sum comm hook, FSDP2 a divide
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -119,7 +120,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 # -- tensor parallelism ------------------------------------------------------------------------------
 def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
-    """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`.
+    """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`
+    (sequence-parallel where its layout says `sequence_parallel`).
 
     Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
     """
@@ -128,9 +130,23 @@ def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
         if grid is None or grid.size("tp") == 1:
             continue
         module = module_of(model, name)
-        plan = module.tp_plan()
+        plan = tp_plan_of(name, module, grid.config.sequence_parallel)
         check_tensor_parallel(name, module, plan, grid.size("tp"))
         parallelize_module(module, grid.mesh["tp"], plan)
+
+
+def tp_plan_of(name: str, module: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Module `name`'s TP plan, sequence-parallel where its layout asks (only then is the argument passed, so a
+    user's module whose `tp_plan()` takes none works without it, and is refused with it)."""
+    if not sequence_parallel:
+        return module.tp_plan()
+    if "sequence_parallel" not in inspect.signature(module.tp_plan).parameters:
+        raise WrapError(f"module '{name}': {type(module).__name__}.tp_plan takes no sequence_parallel argument, "
+                        f"so it cannot run sequence-parallel; set sequence_parallel false for '{name}'")
+    try:
+        return module.tp_plan(sequence_parallel=True)
+    except ValueError as e:  # a modality submodule whose encoder cannot
+        raise WrapError(f"module '{name}': {e}") from None
 
 
 def check_tensor_parallel(name: str, module: nn.Module, plan: Mapping[str, ParallelStyle], tp: int) -> None:
@@ -380,10 +396,12 @@ def prepare_backward(module: nn.Module, outputs: object, last: bool) -> None:
 
 
 def align_gradients(model: MimoModel) -> None:
-    """Give every DTensor gradient its parameter's placements (a local slice, no communication).
+    """Give every DTensor gradient its parameter's placements.
 
     DTensor's embedding backward returns a Replicate (whole-table) gradient for a vocabulary-sharded weight;
-    left so, the norm would count the table once per TP rank and the optimizer would mix layouts.
+    left so, the norm would count the table once per TP rank and the optimizer would mix layouts (a local
+    slice, no communication). A sequence-parallel norm's replicated weight gets a Partial gradient (each TP
+    rank's tokens' share), summed here over TP once per step (an all-reduce) where no DDP wrapper did it.
     """
     for module in wrapped_modules(model).values():
         for p in module.parameters():

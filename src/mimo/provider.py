@@ -20,7 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from mimo.config import LANGUAGE, MimoParallelismConfig
-from mimo.distributed import DistributedConfig, check_tensor_parallel, module_of, wrap_mimo_model_distributed
+from mimo.distributed import (
+    DistributedConfig,
+    check_tensor_parallel,
+    module_of,
+    tp_plan_of,
+    wrap_mimo_model_distributed,
+)
 from mimo.grid import build_module_grids, build_p2p_groups
 from mimo.hf.presets import HF_PRESETS, hf_preset
 from mimo.infra import MimoModelInfra
@@ -160,10 +166,11 @@ class MimoModelProvider:
         on the meta device, which costs no memory) and the language model has a layer per pipeline stage."""
         model = self.whole_meta_model()
         for name in layout.module_names:
-            tp = layout.get_parallelism(name).tensor_model_parallel_size
+            module_layout = layout.get_parallelism(name)
+            tp = module_layout.tensor_model_parallel_size
             if tp > 1:
                 module = module_of(model, name)
-                check_tensor_parallel(name, module, module.tp_plan(), tp)
+                check_tensor_parallel(name, module, tp_plan_of(name, module, module_layout.sequence_parallel), tp)
         pp = layout.get_parallelism(LANGUAGE).pipeline_model_parallel_size
         if pp > 1:
             pipeline_layer_range(_num_layers(self.language_model_spec), pp, 0)

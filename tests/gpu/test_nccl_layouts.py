@@ -214,6 +214,16 @@ LAYOUTS = {
                             "language": {"data_parallel_size": 1, "rank_offset": 1}}, False, False, "fsdp"),
     "llava-stage1-heterogeneous": ({"images": {"data_parallel_size": 1},
                                     "language": {"data_parallel_size": 1, "rank_offset": 1}}, True, False, "ddp"),
+    # sequence parallelism (issue 13): the same checks as the TP2 rows above, the ViT's 17 tokens split 9 + 8
+    "homogeneous-tp2-sp": ({"images": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                            "language": {"tensor_model_parallel_size": 2, "sequence_parallel": True}},
+                           False, False, "ddp"),
+    "homogeneous-tp2-sp-fsdp": ({"images": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                                 "language": {"tensor_model_parallel_size": 2, "sequence_parallel": True}},
+                                False, False, "fsdp"),
+    "colocated-dp2-tp2-sp": ({"images": {"data_parallel_size": 2},
+                              "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                           "sequence_parallel": True}}, False, False, "ddp"),
 }
 
 _REFERENCES: dict = {}

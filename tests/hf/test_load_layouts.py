@@ -64,6 +64,8 @@ def load_and_train(rank: int, world_size: int, directory: str, layout: dict) -> 
 
 LAYOUTS = {
     "language-tp2": (2, {"images": {"tensor_model_parallel_size": 2}, "language": {"tensor_model_parallel_size": 2}}),
+    "language-tp2-sp": (2, {"images": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                            "language": {"tensor_model_parallel_size": 2, "sequence_parallel": True}}),
     "colocated-pp2": (2, {"images": {"data_parallel_size": 2},
                           "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}}),
     "heterogeneous-tp2pp2": (5, {"images": {"data_parallel_size": 1},

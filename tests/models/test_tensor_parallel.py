@@ -60,11 +60,11 @@ def _assert_matches(full: torch.nn.Module, sharded: torch.nn.Module, rank: int, 
                                        msg=lambda m, n=name: f"rank {rank}: grad of {n}: {m}")
 
 
-def _sharded(build, rank: int, world: int) -> torch.nn.Module:  # noqa: ANN001 - a zero-arg builder
-    """Build on meta in float64, apply the module's TP plan over all ranks, then init."""
+def _sharded(build, rank: int, world: int, sequence_parallel: bool = False) -> torch.nn.Module:  # noqa: ANN001
+    """Build (a zero-arg builder) on meta in float64, apply the module's TP plan over all ranks, then init."""
     with torch.device("meta"):
         module = build().double()
-    parallelize_module(module, init_device_mesh("cpu", (world,)), module.tp_plan())
+    parallelize_module(module, init_device_mesh("cpu", (world,)), module.tp_plan(sequence_parallel=sequence_parallel))
     init_parameters(module, SEED)
     return module
 
@@ -76,15 +76,15 @@ def _reference(build) -> torch.nn.Module:  # noqa: ANN001 - a zero-arg builder
     return module
 
 
-def _decoder_worker(rank: int, world: int, tie: bool) -> float:
+def _decoder_worker(rank: int, world: int, tie: bool, sequence_parallel: bool = False, seq: int = 12) -> float:
     """Decoder: shard values, loss (rel 1e-8) and gradients against the full model."""
     cfg = DecoderConfig.tiny(tie_embeddings=tie)
-    full, tp = _reference(lambda: Decoder(cfg)), _sharded(lambda: Decoder(cfg), rank, world)
+    full, tp = _reference(lambda: Decoder(cfg)), _sharded(lambda: Decoder(cfg), rank, world, sequence_parallel)
     assert isinstance(tp.layers["0"].self_attn.k_proj.weight, DTensor)
     if tie:
         assert tp.lm_head.weight is tp.embed_tokens.weight
     _assert_matches(full, tp, rank, world, grads=False)
-    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
     results = []
     for model in (full, tp):
@@ -96,7 +96,7 @@ def _decoder_worker(rank: int, world: int, tie: bool) -> float:
     return float(results[1])
 
 
-def _encoder_worker(rank: int, world: int) -> None:
+def _encoder_worker(rank: int, world: int, sequence_parallel: bool = False) -> None:
     """ViT and audio encoders: shard values, features and gradients against the full encoders."""
     gen = torch.Generator().manual_seed(0)
     cases = [
@@ -104,7 +104,7 @@ def _encoder_worker(rank: int, world: int) -> None:
         (lambda: AudioEncoder(AudioConfig.tiny()), torch.randn(2, 16, 16, dtype=torch.float64, generator=gen)),
     ]
     for build, items in cases:
-        full, tp = _reference(build), _sharded(build, rank, world)
+        full, tp = _reference(build), _sharded(build, rank, world, sequence_parallel)
         outs = [model(items) for model in (full, tp)]
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-8, atol=1e-14)
         weights = torch.randn_like(outs[0])
@@ -162,3 +162,15 @@ def test_encoders_tensor_parallel_match_full_encoders() -> None:
 def test_llava_all_parts_tensor_parallel_matches_reference() -> None:
     """ViT + projector + decoder all sharded over 2 ranks, through MimoModel.forward."""
     run_distributed(_llava_worker, 2)
+
+
+def test_decoder_sequence_parallel_matches_full_model() -> None:
+    """Sequence-parallel norms, 13 tokens over 2 ranks (7 + 6: DTensor's uneven shards), untied and tied."""
+    for tie in (False, True):
+        losses = run_distributed(_decoder_worker, 2, tie, True, 13)
+        assert losses[0] == losses[1]
+
+
+def test_encoders_sequence_parallel_match_full_encoders() -> None:
+    """ViT tiny (17 tokens with the class token: 9 + 8) and audio tiny, sequence-parallel over 2 ranks."""
+    run_distributed(_encoder_worker, 2, True)

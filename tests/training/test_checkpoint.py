@@ -6,7 +6,9 @@ against the single-process reference (losses to a relative 1e-8, final parameter
   B. the same layout loads A's step 2 in new processes and trains steps 3-4;
   C. colocated images DP 4 / language PP 2 × DP 2, FSDP2, loads A's step 2, trains 3-4, saving after 3 and 4;
   D. homogeneous DP 2 on a world of 2 (DDP) loads C's FSDP2 step 3 and trains step 4;
-  E. layout #6 with FSDP2 (language TP 2 × FSDP: 2-D DTensors) loads A's step 2, trains 3-4, saves after 4.
+  E. layout #6 with FSDP2 (language TP 2 × FSDP: 2-D DTensors) loads A's step 2, trains 3-4, saves after 4;
+  F. layout #6 with sequence parallelism (replicated norm DTensors where A saved plain tensors) loads A's
+     step 2, trains 3-4, saves after 4 (loaded back into one process below).
 Each distributed checkpoint loaded into one whole single-process model holds its run's final parameters.
 A tied embedding split over pipeline stages, atomicity, `keep`, stub ranks and every bad checkpoint
 have their own tests.
@@ -48,6 +50,7 @@ from tests.training.test_parity import (
     CLIP,
     GLOBAL_BATCH,
     IMG2_LANG_TP2,
+    IMG2_LANG_TP2_SP,
     MATRIX,
     MICRO,
     OPTIM,
@@ -139,6 +142,14 @@ def run_e(tmp_path_factory, run_a) -> dict:
     return {"root": root, "results": run_distributed(train, 4, IMG2_LANG_TP2, "fsdp", str(root), (4,), load)}
 
 
+@pytest.fixture(scope="module")
+def run_f(tmp_path_factory, run_a) -> dict:
+    """F: layout #6 with the language model sequence-parallel loads A's step 2, trains steps 3-4, saving after 4."""
+    root = tmp_path_factory.mktemp("f")
+    load = str(Checkpointer(run_a["root"]).path(2))
+    return {"root": root, "results": run_distributed(train, 4, IMG2_LANG_TP2_SP, "ddp", str(root), (4,), load)}
+
+
 def check_run(results: list[dict], reference: tuple[list, dict], start: int, what: str) -> float:
     """Every rank's losses from step `start` and its final parameters equal the reference; returns the
     largest relative loss difference."""
@@ -200,6 +211,11 @@ def test_e_resume_tp_ddp_onto_tp_fsdp(run_e, reference):
     check_resumed(run_e["results"], 2, IMG2_LANG_TP2)
 
 
+def test_f_resume_tp_onto_tp_sequence_parallel(run_f, reference):
+    check_run(run_f["results"], reference, 2, "F: #6 TP2 -> #6 TP2+SP")
+    check_resumed(run_f["results"], 2, IMG2_LANG_TP2)
+
+
 # -- tied embeddings: the head on a later pipeline stage is saved as, and loaded from, the embedding -----------
 TIED_PP2 = LAYOUTS["12-tied-pp2"][1]
 
@@ -219,7 +235,7 @@ def test_tied_resume_homogeneous_onto_pp2(tmp_path):
 
 
 # -- model-only loading --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("run", ["run_a", "run_c", "run_e"])
+@pytest.mark.parametrize("run", ["run_a", "run_c", "run_e", "run_f"])
 def test_load_model_only_equals_the_distributed_run(run, request):
     """A whole single-process model loaded from a distributed checkpoint holds the run's final parameters."""
     done = request.getfixturevalue(run)

@@ -121,6 +121,9 @@ DDP, FSDP = {"data_parallel": "ddp"}, {"data_parallel": "fsdp"}
 RECOMPUTE = {"recompute_granularity": "full"}  # every block runs its forward again in the backward: same numbers
 IMG2_LANG_TP2 = {"images": {"data_parallel_size": 2},
                  "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 2}}
+SP = {"sequence_parallel": True}
+IMG2_LANG_TP2_SP = {"images": {"data_parallel_size": 2},
+                    "language": {**IMG2_LANG_TP2["language"], **SP}}
 MATRIX = [
     # id, world, layout, modalities, frozen, tied, how each module is wrapped (`ModuleDistributedConfig`)
     ("1-homogeneous-dp2", 2, {"images": {}, "language": {}}, ("images",), False, False, DDP),
@@ -181,6 +184,21 @@ MATRIX = [
                                                    "rank_offset": 1}}, ("images",), True, False, DDP | RECOMPUTE),
     ("1-homogeneous-dp2-recompute-1", 2, {"images": {}, "language": {}}, ("images",), False, False,
      DDP | RECOMPUTE | {"recompute_num_layers": 1}),
+    # sequence parallelism (issue 13): the ViT's 17 tokens and the padded text split unevenly over TP 2
+    ("14-homogeneous-tp2dp2-sp", 4, {"images": {"tensor_model_parallel_size": 2, **SP},
+                                     "language": {"tensor_model_parallel_size": 2, **SP}}, ("images",), False, False,
+     DDP),
+    ("15-tp2sp-to-tp2pp2sp", 6, {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, **SP},
+                                 "language": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                              "data_parallel_size": 1, "rank_offset": 2, **SP}}, ("images",),
+     False, False, DDP),
+    ("16-fan-in-tp2sp-fsdp", 4, IMG2_LANG_TP2_SP, ("images",), False, False, FSDP),
+    ("17-llava-stage1-sp", 3, {"images": {"data_parallel_size": 1},  # gradients through a frozen SP model
+                               "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                            "rank_offset": 1, **SP}}, ("images",), True, False, DDP),
+    ("14-homogeneous-tp2dp2-sp-recompute", 4, {"images": {"tensor_model_parallel_size": 2, **SP},
+                                               "language": {"tensor_model_parallel_size": 2, **SP}}, ("images",),
+     False, False, DDP | RECOMPUTE),
 ]
 
 _REFERENCES: dict = {}

@@ -251,3 +251,18 @@ def test_a_layout_the_model_splits_into_passes():
                                                "language": {"tensor_model_parallel_size": 2}},
                                "model": {"preset": "tiny"}})
     assert validate_run(config, 2) == []
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_sequence_parallel_without_tensor_parallelism_is_one_line(capsys, tmp_path, monkeypatch, command):
+    """sequence_parallel shards over the TP group: with TP 1 it is refused before any worker, with TP 2 valid."""
+    monkeypatch.setattr("mimo.launch.launch", _no_workers)
+    layout = {"images": {"data_parallel_size": 1},
+              "language": {"data_parallel_size": 1, "rank_offset": 1, "sequence_parallel": True}}
+    assert main([command, write(tmp_path, {"parallelism": layout})]) == 2
+    assert capsys.readouterr().err == (
+        f"mimo {command}: error: parallelism: module 'language': sequence_parallel shards the sequence over the "
+        f"tensor-parallel group, but tensor_model_parallel_size is 1; set sequence_parallel false or "
+        f"tensor_model_parallel_size > 1\n")
+    layout["language"]["tensor_model_parallel_size"] = 2
+    assert main(["validate", write(tmp_path, {"parallelism": layout})]) == 0

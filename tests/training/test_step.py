@@ -132,7 +132,7 @@ def compiled_losses(rank: int, world_size: int, compile_blocks: bool,
     model = prov.provide_distributed_model(DistributedConfig(cfg))
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
                           optimizer=OptimizerConfig(lr=3e-3))
-    images = model.modality_submodules["images"] if "images" in model.modality_submodules else None  # DDP: DP2
+    images = dict(model.modality_submodules).get("images")  # DDP: DP2 (ranks 0-1 host it)
     settings = {"recompile_limit": torch._dynamo.config.recompile_limit,
                 "optimize_ddp": torch._dynamo.config.optimize_ddp,
                 "bucket_views": getattr(images, "gradient_as_bucket_view", None)}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from mimo.models.encoder_block import EncoderBlock, encoder_block_params, encoder_block_tp_plan
+from mimo.models.encoder_block import EncoderBlock, encoder_block_params, encoder_stack_tp_plan
 
 _KERNEL = 3
 
@@ -97,9 +97,7 @@ class AudioEncoder(nn.Module):
             x = layer(x)
         return self.layer_norm(x)
 
-    def tp_plan(self) -> dict[str, ParallelStyle]:
-        """Shard every block's attention and MLP; the conv stem, positions and norms stay replicated."""
-        plan: dict[str, ParallelStyle] = {}
-        for i in range(len(self.layers)):
-            plan.update(encoder_block_tp_plan(f"layers.{i}."))
-        return plan
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+        """Shard every block's attention and MLP; the conv stem, positions and norms stay replicated
+        (with `sequence_parallel`, the blocks' norms run on sequence shards)."""
+        return encoder_stack_tp_plan("layers.", len(self.layers), sequence_parallel)

@@ -24,6 +24,7 @@ from mimo.models.attention import CAUSAL, Attention, document_attention
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
 from mimo.models.rotary import Llama3RopeScaling, apply_rotary, rotary_tables
+from mimo.models.sequence_parallel import gathered_input, scattered_output, sharded_norm, stack_boundaries
 
 # (mask [B, S], values [n, H]) pairs: embeddings to write over the masked positions of the text embedding.
 EmbeddingsAt = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -298,7 +299,7 @@ class Decoder(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return loss_sum, (labels != IGNORE_INDEX).sum()
 
-    def tp_plan(self) -> dict[str, ParallelStyle]:
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
         """Megatron-style TP: q/k/v/gate/up column-sharded, o/down row-sharded.
 
         The embedding is sharded over the vocabulary (`RowwiseParallel`, output all-reduced to a replicated
@@ -306,6 +307,9 @@ class Decoder(nn.Module):
         cross-entropy works). Both shard their weight as Shard(0), so a tied weight stays one tensor:
         `parallelize_module` unshares it, `tie_weights()` (which `init_parameters` calls) re-shares it.
         Note: DTensor's embedding backward yields a Replicate (full-table) gradient for the sharded weight.
+        With `sequence_parallel` the layers' norms and residuals run sequence-sharded (`models.sequence_parallel`);
+        the embedding stays replicated (modality rows are written at global positions), and so does the final
+        norm (the last layer's output is gathered: a stage's output is what the pipeline sends).
         """
         plan: dict[str, ParallelStyle] = {}
         if self.has_embedding:
@@ -320,6 +324,17 @@ class Decoder(nn.Module):
                 f"layers.{i}.mlp.up_proj": ColwiseParallel(),
                 f"layers.{i}.mlp.down_proj": RowwiseParallel(),
             })
+            if sequence_parallel:
+                plan.update({
+                    f"layers.{i}.input_layernorm": sharded_norm(),
+                    f"layers.{i}.self_attn": gathered_input(num_args=4),  # (x, cos, sin, attention)
+                    f"layers.{i}.self_attn.o_proj": scattered_output(),
+                    f"layers.{i}.post_attention_layernorm": sharded_norm(),
+                    f"layers.{i}.mlp": gathered_input(),
+                    f"layers.{i}.mlp.down_proj": scattered_output(),
+                })
+        if sequence_parallel:
+            plan.update(stack_boundaries([f"layers.{i}" for i in self.layers], num_args=4))
         if self.has_head:
             plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
         return plan

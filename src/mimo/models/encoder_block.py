@@ -3,7 +3,7 @@
 Bidirectional self-attention with biased q/k/v/out projections and a two-layer MLP, each behind a
 LayerNorm and a residual. Parameter names follow Hugging Face's CLIP (`self_attn.q_proj`, `layer_norm1`,
 `mlp.fc1`, ...) so pretrained CLIP weights load by name. No distributed code: tensor parallelism is
-applied from outside with `encoder_block_tp_plan`.
+applied from outside with `encoder_block_tp_plan` / `encoder_stack_tp_plan`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from mimo.models.sequence_parallel import gathered_input, scattered_output, sharded_norm, stack_boundaries
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +99,10 @@ def encoder_block_params(hidden_size: int, ffn_hidden_size: int) -> int:
     return attention + mlp + 2 * 2 * hidden_size
 
 
-def encoder_block_tp_plan(prefix: str) -> dict[str, ParallelStyle]:
-    """Megatron-style TP for one block at `prefix`: q/k/v/fc1 column-sharded, out_proj/fc2 row-sharded."""
-    return {
+def encoder_block_tp_plan(prefix: str, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """Megatron-style TP for one block at `prefix`: q/k/v/fc1 column-sharded, out_proj/fc2 row-sharded; with
+    `sequence_parallel` its norms and residuals on sequence shards (`models.sequence_parallel`)."""
+    plan: dict[str, ParallelStyle] = {
         f"{prefix}self_attn.q_proj": ColwiseParallel(),
         f"{prefix}self_attn.k_proj": ColwiseParallel(),
         f"{prefix}self_attn.v_proj": ColwiseParallel(),
@@ -107,3 +110,24 @@ def encoder_block_tp_plan(prefix: str) -> dict[str, ParallelStyle]:
         f"{prefix}mlp.fc1": ColwiseParallel(),
         f"{prefix}mlp.fc2": RowwiseParallel(),
     }
+    if sequence_parallel:
+        plan.update({
+            f"{prefix}layer_norm1": sharded_norm(),
+            f"{prefix}self_attn": gathered_input(),
+            f"{prefix}self_attn.out_proj": scattered_output(),
+            f"{prefix}layer_norm2": sharded_norm(),
+            f"{prefix}mlp": gathered_input(),
+            f"{prefix}mlp.fc2": scattered_output(),
+        })
+    return plan
+
+
+def encoder_stack_tp_plan(prefix: str, num_blocks: int, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """The plan of `num_blocks` blocks at `{prefix}0.`, `{prefix}1.`, ...: each block's, and with
+    `sequence_parallel` the stack's input sliced and its output gathered (`stack_boundaries`)."""
+    plan: dict[str, ParallelStyle] = {}
+    for i in range(num_blocks):
+        plan.update(encoder_block_tp_plan(f"{prefix}{i}.", sequence_parallel))
+    if sequence_parallel:
+        plan.update(stack_boundaries([f"{prefix}{i}" for i in range(num_blocks)]))
+    return plan

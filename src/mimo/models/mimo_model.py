@@ -10,6 +10,7 @@ ranks that hold them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +61,14 @@ class ModalitySubmodule(nn.Module):
             return self.projection(self.encoder(items.new_zeros((1, *items.shape[1:]))))[:0]
         return self.projection(self.encoder(items))
 
-    def tp_plan(self) -> dict[str, ParallelStyle]:
-        """The encoder's and the projection's plans, under their attribute names."""
-        plan = {f"encoder.{k}": v for k, v in self.encoder.tp_plan().items()}
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+        """The encoder's and the projection's plans, under their attribute names; `sequence_parallel` is the
+        encoder's (the projection maps whole tokens, after the encoder has gathered its sequence back)."""
+        if sequence_parallel and "sequence_parallel" not in inspect.signature(self.encoder.tp_plan).parameters:
+            raise ValueError(f"its encoder's {type(self.encoder).__name__}.tp_plan takes no sequence_parallel "
+                             f"argument, so it cannot run sequence-parallel; set sequence_parallel false")
+        encoder_plan = self.encoder.tp_plan(sequence_parallel=True) if sequence_parallel else self.encoder.tp_plan()
+        plan = {f"encoder.{k}": v for k, v in encoder_plan.items()}
         plan.update({f"projection.{k}": v for k, v in self.projection.tp_plan().items()})
         return plan
 

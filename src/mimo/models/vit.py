@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from mimo.models.encoder_block import EncoderBlock, encoder_block_params, encoder_block_tp_plan
+from mimo.models.encoder_block import EncoderBlock, encoder_block_params, encoder_stack_tp_plan
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,7 @@ class ViTEncoder(nn.Module):
         x = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
         return x[:, 1:] if self.config.drop_class_token else x
 
-    def tp_plan(self) -> dict[str, ParallelStyle]:
-        """Shard every block's attention and MLP (Megatron style); embeddings and norms stay replicated."""
-        plan: dict[str, ParallelStyle] = {}
-        for i in range(len(self.encoder.layers)):
-            plan.update(encoder_block_tp_plan(f"encoder.layers.{i}."))
-        return plan
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+        """Shard every block's attention and MLP (Megatron style); embeddings and norms stay replicated
+        (with `sequence_parallel`, the blocks' norms run on sequence shards)."""
+        return encoder_stack_tp_plan("encoder.layers.", len(self.encoder.layers), sequence_parallel)
