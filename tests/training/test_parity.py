@@ -171,7 +171,8 @@ MATRIX = [
                                     "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
      ("images",), False, False, FSDP),
     # recomputation: DDP over TP (its local shards are DTensors again while a block recomputes), FSDP2 over TP,
-    # TP alone behind a fan-in, a frozen language model the gradient crosses (stage 1), and only the first block
+    # TP alone behind a fan-in, a frozen language model the gradient crosses (stage 1), only the first block, and
+    # a pipeline
     ("2-homogeneous-tp2dp2-recompute", 4, {"images": {"tensor_model_parallel_size": 2},
                                            "language": {"tensor_model_parallel_size": 2}}, ("images",), False,
      False, DDP | RECOMPUTE),
@@ -184,6 +185,10 @@ MATRIX = [
                                                    "rank_offset": 1}}, ("images",), True, False, DDP | RECOMPUTE),
     ("1-homogeneous-dp2-recompute-1", 2, {"images": {}, "language": {}}, ("images",), False, False,
      DDP | RECOMPUTE | {"recompute_num_layers": 1}),
+    ("4-colocated-dp4-pp2dp2-recompute", 4, {"images": {"data_parallel_size": 4},  # 1F1B: several in flight
+                                             "language": {"pipeline_model_parallel_size": 2,
+                                                          "data_parallel_size": 2}}, ("images",), False, False,
+     DDP | RECOMPUTE),
     # sequence parallelism (issue 13): the ViT's 17 tokens and the padded text split unevenly over TP 2
     ("14-homogeneous-tp2dp2-sp", 4, {"images": {"tensor_model_parallel_size": 2, **SP},
                                      "language": {"tensor_model_parallel_size": 2, **SP}}, ("images",), False, False,
