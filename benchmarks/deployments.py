@@ -114,6 +114,9 @@ LAYOUTS: dict[int, dict[str, Any]] = {
          "baseline": "homogeneous-1"},
         {"name": "hf-1-compile", "hf": "single", "world": 1, "compile": True},
         {"name": "hf-ddp-compile", "hf": "ddp", "world": 2, "microbatches": 1, "compile": True},
+        # HF + DDP with mimo's DDP settings (RESULTS.md, session 7): the HF side at its best
+        {"name": "hf-ddp-compile-tuned", "hf": "ddp", "world": 2, "microbatches": 1, "compile": True,
+         "ddp_tuned": True},
         {"name": "homogeneous-1-compile", "images": {"dp": 1}, "language": {"dp": 1}, "compile": True},
         {"name": "homogeneous-dp2-compile", "images": {"dp": 2}, "language": {"dp": 2}, "microbatches": 1,
          "compile": True},
@@ -532,7 +535,7 @@ def plan(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     kind = f"hf-{row['hf']}" if "hf" in row else str(layout.deployment)
     return {"name": row["name"], "world": config.world_size, "layouts": describe_row(row, args.sequence_parallel),
             "baseline": row.get("baseline"), "deployment": kind, "config": config, "run_dir": run_dir,
-            "hf": row.get("hf")}
+            "hf": row.get("hf"), "ddp_tuned": row.get("ddp_tuned", False)}
 
 
 def check_workload(args: argparse.Namespace) -> None:
@@ -560,7 +563,7 @@ def run_deployment(p: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             "baseline": p["baseline"], "probe_steps": args.probe_steps, "profile": args.profile and not cpu_run(args),
             "trace": args.trace}
     if p["hf"]:
-        spec["hf"] = p["hf"]
+        spec["hf"], spec["ddp_tuned"] = p["hf"], p["ddp_tuned"]
     t0 = time.perf_counter()
     error = launch_world(p["world"], spec)
     if error is not None or not result.is_file():

@@ -53,8 +53,10 @@ def hf_inputs(batch: MimoBatch, image_token_id: int, vocab_size: int) -> dict[st
             "pixel_values": batch.modality_inputs[IMAGES].items}
 
 
-def build_model(provider, kind: str, device: torch.device, compile_: bool) -> tuple[nn.Module, list[nn.Module]]:
-    """The HF model on `device`, wrapped for `kind` (single, ddp, fsdp); and its ViT + decoder layers."""
+def build_model(provider, kind: str, device: torch.device, compile_: bool,
+                tuned: bool = False) -> tuple[nn.Module, list[nn.Module]]:
+    """The HF model on `device`, wrapped for `kind` (single, ddp, fsdp); and its ViT + decoder layers. `tuned`
+    DDP gets mimo's two settings (dynamo's DDP optimizer off, gradients as bucket views): HF at its best."""
     from llava_speed import hf_config  # benchmarks/ is on sys.path: deployments.py runs from there
     from transformers import LlavaForConditionalGeneration
 
@@ -76,8 +78,10 @@ def build_model(provider, kind: str, device: torch.device, compile_: bool) -> tu
         ids = [device.index] if device.type == "cuda" else None
         # LLaVA leaves the vision tower's post-layernorm out of the loss, so
         # DDP needs find_unused_parameters, as transformers' Trainer sets it by default
+        if tuned:
+            torch._dynamo.config.optimize_ddp = False
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                                    find_unused_parameters=True)
+                                                    find_unused_parameters=True, gradient_as_bucket_view=tuned)
     elif kind == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -154,7 +158,7 @@ def hf_worker(spec: dict[str, Any]) -> None:
     provider = build_provider(config, device)
     dataset = make_dataset(provider, config, spec["images"], spec["seq_len"])
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
-    model, _ = build_model(provider, spec["hf"], device, config.train.compile)
+    model, _ = build_model(provider, spec["hf"], device, config.train.compile, spec.get("ddp_tuned", False))
     step = HfStep(model, spec["hf"], config.train.num_microbatches, provider, device)
     writer = MetricsWriter(config.run_dir, enabled=rank == 0)
     clock = Clock(device)

@@ -8,6 +8,7 @@ checked on hand-made kernel intervals (its CUDA input cannot exist here).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -67,3 +68,23 @@ def test_dry_run_trains_the_hf_rows(tmp_path):
     # DDP and FSDP2 train one model from one init on one batch sequence: the same losses (float32, gloo)
     assert rows["hf-fsdp"]["losses"] == pytest.approx(rows["hf-ddp"]["losses"], rel=1e-5)
     assert (out / "tokens_per_gpu.png").stat().st_size > 0
+
+
+def tuned_ddp(rank: int, world_size: int, tuned: bool) -> tuple[bool, bool]:
+    """The HF + DDP row's wrapper, tuned or not: its bucket views and dynamo's DDP optimizer setting."""
+    import torch
+
+    from mimo.provider import LlavaMimoProvider
+
+    sys.path.insert(0, str(BENCHMARKS))  # hf_rows imports its neighbours, as deployments.py runs it
+    hf_rows = load_script("hf_rows", "hf_rows_bench")
+    model, _ = hf_rows.build_model(LlavaMimoProvider.preset("tiny"), "ddp", torch.device("cpu"), False, tuned)
+    return model.gradient_as_bucket_view, torch._dynamo.config.optimize_ddp
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_the_tuned_hf_ddp_row_takes_mimos_ddp_settings():
+    from mimo.testing import run_distributed
+
+    assert run_distributed(tuned_ddp, 1, True) == [(True, False)]
+    assert run_distributed(tuned_ddp, 1, False) == [(False, True)]  # a fresh process: torch's defaults
