@@ -150,3 +150,28 @@ def test_tp_that_does_not_divide_heads_is_rejected():
     msg = run_distributed(tp4_with_two_kv_heads, 4)[0]
     assert msg == ("module 'language': layers.0.self_attn.k_proj holds 2 attention heads, not divisible by "
                    "tensor_model_parallel_size 4; choose a TP size that divides 2")
+
+
+def fsdp_view_warnings(rank: int, world_size: int) -> list[str]:
+    """FSDP2's warnings about views a wrapped module returned, over 3 steps of homogeneous DP2 (images+language)."""
+    import warnings
+
+    from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+    from mimo.training.step import MimoTrainer
+    from tests.training.test_parity import batches, provider
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prov = provider({"images": {}, "language": {}}, ("images",))
+        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("fsdp")))
+        trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
+                              activation_dtype=torch.float64)
+        for batch in batches(("images",)):
+            trainer.train_step(batch)
+    return [str(w.message) for w in caught if "returned a view tensor" in str(w.message)]
+
+
+def test_fsdp_modules_return_no_views():
+    """The projector's Linear on 3-d rows returns a view, which FSDP2 warns about on every rank (an in-place op
+    on it would skip the pre-backward hook); the wrapped module hands out a tensor of its own instead."""
+    assert run_distributed(fsdp_view_warnings, 2) == [[], []]

@@ -324,12 +324,22 @@ def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConf
     compute = cfg.compute() or param_dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
     mesh = grid.mesh["dp"]
+    module.register_forward_hook(_not_a_view)  # before FSDP2's own hooks, so they see its output
     units = [*_blocks(module), module]  # blocks first, the root last
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # per unit: each has its own reduce-scatter
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo rejects PREMUL_SUM(1.0), a no-op anyway
+
+
+def _not_a_view(module: nn.Module, args: object, output: object) -> object:
+    """A module's tensor output as a tensor of its own, not a view: FSDP2 warns on every view a wrapped module
+    returns (an in-place op on it would skip the pre-backward hook). A Linear on 3-d input returns one (the
+    projector's output); the copy is the size of the embeddings, nothing beside the encoder's work."""
+    if isinstance(output, torch.Tensor) and output._base is not None:
+        return output.clone()
+    return None
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
