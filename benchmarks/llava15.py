@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +96,12 @@ class Layout:
     language: dict[str, int] | None = None
     language_dp: str | None = None
     stages: tuple[int, ...] = (1, 2)  # where it differs from the others
+    to_fit: dict[int, tuple[str, ...]] = field(default_factory=dict)  # per stage: what it needs to fit in memory
 
-    def overrides(self, base: dict[str, Any]) -> list[str]:
-        """`--set` items for a stage's YAML `base`: the layout, and micro-batches keeping each language DP
-        rank's micro-batch at the YAML's sample count."""
-        out = []
+    def overrides(self, base: dict[str, Any], stage: int) -> list[str]:
+        """`--set` items for stage `stage`'s YAML `base`: the layout, micro-batches keeping each language DP
+        rank's micro-batch at the YAML's sample count, and what the stage needs to fit."""
+        out = list(self.to_fit.get(stage, ()))
         if self.images is not None:
             out.append(f"parallelism.images={json.dumps(self.images)}")
         if self.language is not None:
@@ -114,6 +115,9 @@ class Layout:
 
 
 DP1 = {"data_parallel_size": 1}
+# stage 2 with the whole of Vicuna-7B training on one GPU: its float32 state is ~104 GiB, and only recomputed
+# activations fit beside it (one H200: 118 GB peak, LLAVA15.md)
+RECOMPUTE = ("train.recompute_granularity=full",)
 TP2 = {"tensor_model_parallel_size": 2, "data_parallel_size": 1}
 LAYOUTS: dict[str, Layout] = {
     "yaml": Layout(2, "the YAML's: DP2 (stage 1: both models frozen, DDP on the projector; stage 2: FSDP2 on the "
@@ -123,9 +127,10 @@ LAYOUTS: dict[str, Layout] = {
     "tp2": Layout(2, "TP2 for both modules", images=TP2, language=TP2, language_dp="ddp"),
     "colocated": Layout(2, "encoder DP2, language model TP2, on the same two GPUs", language=TP2, language_dp="ddp"),
     "hetero1+1": Layout(2, "encoder on GPU 0, language model on GPU 1", images=DP1,
-                        language={"data_parallel_size": 1, "rank_offset": 1}, language_dp="ddp"),
-    "one": Layout(1, "one GPU: both modules on it (stage 2: 16 bytes per language parameter, ~108 GB, plus "
-                     "activations)", images=DP1, language=DP1, language_dp="ddp"),
+                        language={"data_parallel_size": 1, "rank_offset": 1}, language_dp="ddp",
+                        to_fit={2: RECOMPUTE}),
+    "one": Layout(1, "one GPU: both modules on it (stage 2: 16 bytes per language parameter, ~104 GiB, plus "
+                     "activations: recomputed)", images=DP1, language=DP1, language_dp="ddp", to_fit={2: RECOMPUTE}),
 }
 
 
@@ -233,7 +238,7 @@ def row_overrides(stage: int, layout: Layout, args: argparse.Namespace, run_dir:
         base["train"].update(global_batch_size=args.dry_batch, num_microbatches=2)
         sets += [f"train.global_batch_size={args.dry_batch}", "train.num_microbatches=2", "train.dtype=float32",
                  "train.compile=false", f"data.max_seq_len={args.max_len}", "data.num_workers=0"]
-    return sets + layout.overrides(base) + args.sets
+    return sets + layout.overrides(base, stage) + args.sets
 
 
 def run_dir_of(out: Path, stage: int, layout: str) -> Path:

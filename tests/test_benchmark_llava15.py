@@ -101,12 +101,16 @@ def test_a_layout_mimo_refuses_stops_the_call_before_any_run(dry_run, monkeypatc
 
 def test_layouts_keep_the_yamls_micro_batch_per_rank():
     base = {s: bench.stage_yaml(s) for s in (1, 2)}
-    assert bench.LAYOUTS["yaml"].overrides(base[1]) == []
-    one = bench.LAYOUTS["one"].overrides(base[2])
+    assert bench.LAYOUTS["yaml"].overrides(base[1], 1) == []
+    one = bench.LAYOUTS["one"].overrides(base[2], 2)
     assert "train.num_microbatches=32" in one and "distributed.language.data_parallel=ddp" in one
-    assert "train.num_microbatches=16" in bench.LAYOUTS["hetero1+1"].overrides(base[1])
+    assert "train.num_microbatches=16" in bench.LAYOUTS["hetero1+1"].overrides(base[1], 1)
+    # Vicuna-7B trains on one GPU (one, and hetero1+1's language GPU) only with recomputed activations
+    for name in ("one", "hetero1+1"):
+        assert "train.recompute_granularity=full" in bench.LAYOUTS[name].overrides(base[2], 2)
+        assert "train.recompute_granularity=full" not in bench.LAYOUTS[name].overrides(base[1], 1)
     for name, layout in bench.LAYOUTS.items():
-        sets = dict(s.split("=", 1) for s in layout.overrides(base[2]))
+        sets = dict(s.split("=", 1) for s in layout.overrides(base[2], 2))
         if "parallelism.language" in sets:
             language = yaml.safe_load(sets["parallelism.language"])
             assert layout.gpus == max(language.get("rank_offset", 0) + 1, language["data_parallel_size"] *
