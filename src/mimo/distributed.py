@@ -193,7 +193,8 @@ def _compile_blocks_settings() -> None:
     (never lower a user's), and its DDP optimizer off. That one splits every graph compiled inside a DDP
     forward at the 25 MB bucket boundaries, so that reductions can start within it; but each block is already
     a graph of its own, whose gradients reach DDP's buckets as its backward ends. Split, a 1b step ran 1,810
-    more kernels: DDP cost +39 ms a step at one rank with it, +18 without (benchmarks/ddp_overhead.py)."""
+    more kernels and DDP cost 39 ms a step at one rank; 18 ms without the split, 3-11 with the buckets as the
+    gradients too (`_ddp`; benchmarks/ddp_overhead.py, RESULTS.md)."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
