@@ -220,8 +220,11 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         ddp = cfg.data_parallel == "ddp" and trainable and grid.size("dp") * grid.size("cp") > 1
         if cfg.compile:
             _compile_blocks_settings()
+            # TP: static shapes (each new length or item count compiles once, up to the recompile limit): torch's
+            # dynamic-shape recompile of a DTensor block recurses without end (RecursionError, torch 2.13 CPU)
+            dynamic = False if grid.size("tp") > 1 else None
             for block in _blocks(module):
-                block.forward = torch.compile(block.forward)
+                block.forward = torch.compile(block.forward, dynamic=dynamic)
         # outside the compiled forward: torch's compiled checkpoint fails with DTensor parameters (AOTAutograd
         # saves their DeviceMesh: "expected all tensors_saved_with_vc_check to be Tensors", torch 2.13)
         if cfg.recompute_granularity == "full":
