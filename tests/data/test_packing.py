@@ -7,7 +7,7 @@ import torch
 
 from mimo.data import MimoBatch, Sample, next_token_labels
 from mimo.data.packing import PackedText, PaddedText, real_tokens, sample_extents
-from mimo.models.labels import IGNORE_INDEX
+from mimo.models.labels import IGNORE_INDEX, is_special
 
 IMAGE = 300  # a special token id outside the text ids
 SPECIAL = {"images": IMAGE}
@@ -80,9 +80,21 @@ def test_padded_layout_is_the_batch_itself():
 def test_a_non_positive_multiple_is_refused():
     with pytest.raises(ValueError, match="packing multiple must be positive, got 0"):
         PackedText(multiple=0)
+    with pytest.raises(ValueError, match="padding multiple must be positive, got 0"):
+        PaddedText(multiple=0)
 
 
-@pytest.mark.parametrize("layout", [PaddedText(), PackedText(), PackedText(multiple=4)], ids=["padded", "1", "4"])
+def test_padded_rows_widen_to_a_multiple_with_unlabelled_columns():
+    b = _batch()
+    text = PaddedText(multiple=64).arrange(b, SPECIAL)
+    width = b.input_ids.shape[1]
+    assert text.input_ids.shape == (b.num_samples, 64 * -(-width // 64)) and text.labels.shape == text.input_ids.shape
+    assert torch.equal(text.input_ids[:, :width], b.input_ids) and torch.equal(text.labels[:, :width], b.labels)
+    assert (text.labels[:, width:] == IGNORE_INDEX).all() and not is_special(text.input_ids[:, width:], SPECIAL).any()
+
+
+@pytest.mark.parametrize("layout", [PaddedText(), PaddedText(multiple=64), PackedText(), PackedText(multiple=4)],
+                         ids=["padded", "padded-64", "1", "4"])
 @pytest.mark.parametrize("samples", [(0, 3), (2, 3)], ids=["three", "nothing-to-keep"])
 def test_a_layout_counts_the_positions_it_arranges(layout, samples):
     """What the step logs as `positions` is the size of the rows the language model is given."""
@@ -102,3 +114,18 @@ def test_packed_layout_hands_on_each_kept_sample_as_a_document(multiple):
     kept = [int((text.document_ids == d).sum()) for d in range(b.num_samples)]
     assert PackedText(multiple).documents(extents) == tuple(n for n in kept if n) == (2, 3)
     assert PaddedText().documents(extents) is None
+
+
+@pytest.mark.parametrize(("packing", "compile_", "tp", "device", "want"), [
+    (True, False, 1, "cuda", PackedText(128)), (True, False, 1, "cpu", PackedText(1)),
+    (False, True, 2, "cuda", PaddedText(64)),  # compiled TP blocks take static shapes: few widths to compile
+    (False, True, 2, "cpu", PaddedText(1)), (False, True, 1, "cuda", PaddedText(1)),
+    (False, False, 2, "cuda", PaddedText(1)),
+])
+def test_the_run_picks_its_text_layout(packing, compile_, tp, device, want):
+    from mimo.training.loop import text_layout
+    from mimo.training.run_config import parse_run_config
+
+    config = parse_run_config({"parallelism": {"images": {}, "language": {"tensor_model_parallel_size": tp}},
+                               "train": {"compile": compile_}, "data": {"name": "synthetic", "packing": packing}})
+    assert text_layout(config, torch.device(device)) == want

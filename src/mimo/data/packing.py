@@ -61,17 +61,35 @@ class LanguageText:
         return LanguageText(copy(self.input_ids), copy(self.labels), copy(self.position_ids), copy(self.document_ids))
 
 
+@dataclass(frozen=True)
 class PaddedText:
-    """One sample per row, padded to the batch's width (the layout without packing)."""
+    """One sample per row, padded to the batch's width (the layout without packing), rounded up to a multiple of
+    `multiple` (fewer distinct widths: a model compiled with static shapes compiles once per width). The added
+    columns carry no label and come after every sample's tokens, so causal attention keeps them out of the loss."""
+
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        """A width is rounded to a positive multiple."""
+        if self.multiple < 1:
+            raise ValueError(f"padding multiple must be positive, got {self.multiple}")
 
     def arrange(self, share: MimoBatch, special_token_ids: SpecialIds) -> LanguageText:
-        """The share's rows as they are."""
-        return LanguageText(share.input_ids, share.labels)
+        """The share's rows as they are, widened with unlabelled columns to a multiple."""
+        extra = self.width(share.input_ids.shape[1]) - share.input_ids.shape[1]
+        if not extra:
+            return LanguageText(share.input_ids, share.labels)
+        return LanguageText(torch.nn.functional.pad(share.input_ids, (0, extra), value=0),
+                            torch.nn.functional.pad(share.labels, (0, extra), value=IGNORE_INDEX))
+
+    def width(self, width: int) -> int:
+        """A row's width once rounded."""
+        return -(-width // self.multiple) * self.multiple
 
     def positions(self, extents: torch.Tensor, width: int) -> int:
         """Positions the language model computes for a share of samples with these `sample_extents`: every
         row, padding included."""
-        return extents.numel() * width
+        return extents.numel() * self.width(width)
 
     def documents(self, extents: torch.Tensor) -> None:
         """The documents a row's attention is confined to: none, each padded row attends over itself."""

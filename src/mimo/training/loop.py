@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from mimo.config import LANGUAGE
 from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.prefetch import default_num_workers
@@ -125,10 +126,12 @@ def packed_rows(result: StepResult) -> PackedRows | None:
 
 def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
     """`data.packing`: each micro-batch's samples end to end in one row (its length rounded up to 128 on a GPU,
-    flex_attention's block, so few distinct lengths compile), else one padded row per sample."""
-    if not config.data.packing:
-        return PaddedText()
-    return PackedText(multiple=128 if device.type == "cuda" else 1)
+    flex_attention's block, so few distinct lengths compile), else one padded row per sample (its width rounded
+    up to 64 on a GPU where compiled TP blocks take static shapes: each width compiles, `apply_data_parallel`)."""
+    if config.data.packing:
+        return PackedText(multiple=128 if device.type == "cuda" else 1)
+    static = config.train.compile and config.layout.get_parallelism(LANGUAGE).tensor_model_parallel_size > 1
+    return PaddedText(multiple=64 if device.type == "cuda" and static else 1)
 
 
 def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
