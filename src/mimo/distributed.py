@@ -11,7 +11,6 @@ from its own loss or across the bridge. DDP gets a sum comm hook, FSDP2 a divide
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +30,7 @@ from mimo.config import LANGUAGE
 from mimo.grid import ModuleGrid
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
+from mimo.models.sequence_parallel import takes_sequence_parallel
 from mimo.precision import DTYPES, PrecisionError, dtype_of
 from mimo.recompute import recompute_blocks, recomputed
 
@@ -140,7 +140,7 @@ def tp_plan_of(name: str, module: nn.Module, sequence_parallel: bool) -> dict[st
     user's module whose `tp_plan()` takes none works without it, and is refused with it)."""
     if not sequence_parallel:
         return module.tp_plan()
-    if "sequence_parallel" not in inspect.signature(module.tp_plan).parameters:
+    if not takes_sequence_parallel(module):
         raise WrapError(f"module '{name}': {type(module).__name__}.tp_plan takes no sequence_parallel argument, "
                         f"so it cannot run sequence-parallel; set sequence_parallel false for '{name}'")
     try:
@@ -188,6 +188,13 @@ def _what(layer: nn.Module, style: ParallelStyle) -> str:
 BLOCK_RECOMPILE_LIMIT = 32
 
 
+def static_shapes(tp: int) -> bool:
+    """Whether a compiled module's blocks take static shapes (each new length or item count compiles once, up to
+    the recompile limit): TP's do, since torch's dynamic-shape recompile of a DTensor block recurses without end
+    (RecursionError, torch 2.13). The text layout rounds padded widths for them (`loop.text_layout`)."""
+    return tp > 1
+
+
 def _compile_blocks_settings() -> None:
     """Dynamo's settings for compiled blocks: the per-frame recompile limit raised to `BLOCK_RECOMPILE_LIMIT`
     (never lower a user's), and its DDP optimizer off. That one splits every graph compiled inside a DDP
@@ -220,9 +227,7 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         ddp = cfg.data_parallel == "ddp" and trainable and grid.size("dp") * grid.size("cp") > 1
         if cfg.compile:
             _compile_blocks_settings()
-            # TP: static shapes (each new length or item count compiles once, up to the recompile limit): torch's
-            # dynamic-shape recompile of a DTensor block recurses without end (RecursionError, torch 2.13 CPU)
-            dynamic = False if grid.size("tp") > 1 else None
+            dynamic = False if static_shapes(grid.size("tp")) else None
             for block in _blocks(module):
                 block.forward = torch.compile(block.forward, dynamic=dynamic)
         # outside the compiled forward: torch's compiled checkpoint fails with DTensor parameters (AOTAutograd

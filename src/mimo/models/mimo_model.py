@@ -10,7 +10,6 @@ ranks that hold them.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from mimo.models.decoder import Decoder
 from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
+from mimo.models.sequence_parallel import takes_sequence_parallel
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ModalitySubmodule(nn.Module):
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
         """The encoder's and the projection's plans, under their attribute names; `sequence_parallel` is the
         encoder's (the projection maps whole tokens, after the encoder has gathered its sequence back)."""
-        if sequence_parallel and "sequence_parallel" not in inspect.signature(self.encoder.tp_plan).parameters:
+        if sequence_parallel and not takes_sequence_parallel(self.encoder):
             raise ValueError(f"its encoder's {type(self.encoder).__name__}.tp_plan takes no sequence_parallel "
                              f"argument, so it cannot run sequence-parallel; set sequence_parallel false")
         encoder_plan = self.encoder.tp_plan(sequence_parallel=True) if sequence_parallel else self.encoder.tp_plan()

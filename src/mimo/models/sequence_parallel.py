@@ -12,8 +12,10 @@ DTensors carry their global shape, so a sequence that does not divide by TP (577
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
+from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ParallelStyle,
@@ -64,3 +66,8 @@ def stack_boundaries(blocks: Sequence[str], num_args: int = 1) -> dict[str, Para
         return {blocks[0]: PrepareModuleInputOutput(**shard_in, use_local_input=False, **gather_out)}
     return {blocks[0]: PrepareModuleInput(**shard_in, use_local_output=False),
             blocks[-1]: PrepareModuleOutput(**gather_out)}
+
+
+def takes_sequence_parallel(module: nn.Module) -> bool:
+    """Whether `module.tp_plan` accepts `sequence_parallel` (a user's module may have a plan without it)."""
+    return "sequence_parallel" in inspect.signature(module.tp_plan).parameters

@@ -20,7 +20,7 @@ from mimo.config import LANGUAGE
 from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.prefetch import default_num_workers
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, static_shapes
 from mimo.grid import group_options
 from mimo.provider import LlavaMimoProvider
 from mimo.training.checkpoint import (
@@ -127,10 +127,10 @@ def packed_rows(result: StepResult) -> PackedRows | None:
 def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
     """`data.packing`: each micro-batch's samples end to end in one row (its length rounded up to 128 on a GPU,
     flex_attention's block, so few distinct lengths compile), else one padded row per sample (its width rounded
-    up to 64 on a GPU where compiled TP blocks take static shapes: each width compiles, `apply_data_parallel`)."""
+    up to 64 on a GPU where the language model's compiled blocks take static shapes: each width compiles)."""
     if config.data.packing:
         return PackedText(multiple=128 if device.type == "cuda" else 1)
-    static = config.train.compile and config.layout.get_parallelism(LANGUAGE).tensor_model_parallel_size > 1
+    static = config.train.compile and static_shapes(config.layout.get_parallelism(LANGUAGE).tensor_model_parallel_size)
     return PaddedText(multiple=64 if device.type == "cuda" and static else 1)
 
 
