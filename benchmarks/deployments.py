@@ -53,7 +53,6 @@ import platform
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -62,12 +61,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from mimo.config import LANGUAGE
 from mimo.data import GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.grid import P2PGroups
-from mimo.launch import _free_port, _reason
+from mimo.launch import _reason, run_on_a_free_port
 from mimo.provider import LlavaMimoProvider
 from mimo.training.flops import batch_flops
 from mimo.training.loop import build_provider, build_trainer, distributed_config, init_distributed
@@ -492,13 +490,9 @@ def summarize(spec: dict[str, Any], walls: list[float], timed: list[list[dict[st
 def launch_world(nproc: int, spec: dict[str, Any]) -> str | None:
     """Run the row's worker (`_worker`, or `hf_worker` for an HF row) on `nproc` local processes as
     `mimo.launch` does; None, or why it failed."""
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-bench-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
-        monitor_interval=0.1, start_method="forkserver",
-    )
     try:
-        elastic_launch(config, hf_worker if "hf" in spec else _worker)(spec)
+        run_on_a_free_port(nproc, hf_worker if "hf" in spec else _worker, (spec,), "forkserver",
+                           monitor_interval=0.1)
     except ChildFailedError as e:
         return "; ".join(f"rank {rank}: {_reason(f)}" for rank, f in sorted(e.failures.items()))
     return None

@@ -52,12 +52,34 @@ def test_hf_inputs_move_the_image_id_into_the_vocabulary_and_shift_labels():
     assert out["labels"].tolist() == [[-100, -100, -100, -100, 6, 7]]
 
 
+# deployments.py's main, its first free port taken before the agent's store binds it (by another job's store or
+# NCCL's sockets, say): the launch must go on on another port. (Once its rendezvous was c10d's, which then joined
+# whatever listened on the port and hung there: a CI run lost 420 s so.)
+PORT_TAKEN = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+import deployments
+import mimo.launch as launch
+
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+ports, free = [held.getsockname()[1]], launch._free_port
+launch._free_port = lambda: ports.pop() if ports else free()
+sys.argv = ["deployments.py", *sys.argv[2:]]
+report = deployments.main()
+print("first port tried:", not ports)
+sys.exit(1 if any("error" in r for r in report["rows"]) else 0)
+"""
+
+
 def test_dry_run_trains_the_hf_rows(tmp_path):
     out = tmp_path / "d"  # (mimo's rows: tests/test_benchmark_deployments.py's dry run)
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "deployments.py"), "--dry-run", "--gpus", "2",
+    proc = subprocess.run([sys.executable, "-c", PORT_TAKEN, str(BENCHMARKS), "--dry-run", "--gpus", "2",
                            "--only", "hf-ddp,hf-fsdp", "--out", str(out)],
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "first port tried: True" in proc.stdout
     rows = {r["name"]: r for r in json.loads((out / "deployments.json").read_text())["rows"]}
     assert list(rows) == ["hf-ddp", "hf-fsdp"]
     for name, r in rows.items():

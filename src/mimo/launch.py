@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -67,20 +68,29 @@ _RENDEZVOUS_TRIES = 3
 
 
 def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) -> None:
-    """Start the agent's store on a free port, and the workers. One node: the static rendezvous (torchrun's
-    default; the agent hosts the store, and the dynamic c10d rendezvous spends seconds in `inspect.stack` for
-    its event log). A port found free can be taken before the store binds it (NCCL binds ports at random):
-    the bind then fails at once, before any worker started, and another port is tried."""
+    """`mimo train`'s workers, forked (or spawned: `start_method`), the agent watching every half second."""
+    run_on_a_free_port(nproc, _worker, (config, kwargs, failure_dir), start_method(), monitor_interval=0.5)
+
+
+def run_on_a_free_port(nproc: int, entrypoint: Callable[..., Any], args: tuple[Any, ...], method: str,
+                       monitor_interval: float) -> None:
+    """Run `entrypoint(*args)` on `nproc` local workers started by `method`; raises ChildFailedError.
+
+    One node: the static rendezvous (torchrun's default; the agent hosts the store, and the dynamic c10d
+    rendezvous spends seconds in `inspect.stack` for its event log, and when its port is taken it joins whatever
+    store holds the port, another job's included, and hangs there). A port found free can be taken before the
+    store binds it (NCCL binds ports at random): the bind then fails at once, before any worker started, and
+    another port is tried."""
     for attempt in range(_RENDEZVOUS_TRIES):
         # LaunchConfig asks torch.cuda.is_available() (for NUMA defaults): through NVML, which leaves fork usable
         with mock.patch.dict(os.environ, {_NVML_CHECK: "1"}):
             launch_config = LaunchConfig(
                 min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
                 rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"rank": 0},
-                max_restarts=0, monitor_interval=0.5, start_method=start_method(),
+                max_restarts=0, monitor_interval=monitor_interval, start_method=method,
             )
         try:
-            elastic_launch(launch_config, _worker)(config, kwargs, failure_dir)
+            elastic_launch(launch_config, entrypoint)(*args)
             return
         except (RendezvousConnectionError, DistNetworkError):
             if attempt + 1 == _RENDEZVOUS_TRIES:
