@@ -132,6 +132,33 @@ def test_train_writes_metrics_checkpoints_and_resumes(tmp_path, straight_run):
     assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_deadline_stops_at_a_step_boundary_with_a_checkpoint_and_resume_finishes_the_run(tmp_path, straight_run):
+    """train.exit_duration_in_mins (a scheduler's wall-time limit): the run stops after the step that passed it,
+    checkpointed there, exit 0; resumed under the deadline again it stops after the next step (whose interval
+    checkpoint it keeps: no second save), and resumed without one it ends with the straight run's losses."""
+    path, run_dir = write_config(tmp_path)  # checkpoints every 2 steps
+    deadline = ("--set", "train.exit_duration_in_mins=0.0001")  # passed by the end of any step
+    first = mimo("train", str(path), "--quiet", *deadline)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert ("mimo train: stopped after step 1 of 4, " in first.stdout
+            and f"checkpoint {run_dir / 'checkpoints' / 'step_00000001'}: --resume continues" in first.stdout)
+    assert sorted(steps_and_losses(run_dir)) == [1]
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001"]
+    second = mimo("train", str(path), "--quiet", "--resume", *deadline)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "stopped after step 2 of 4" in second.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001", "step_00000002"]
+    last = mimo("train", str(path), "--quiet", "--resume")
+    assert last.returncode == 0 and "stopped" not in last.stdout, last.stderr[-3000:]
+    straight, pieces = steps_and_losses(straight_run), steps_and_losses(run_dir)
+    assert sorted(pieces) == [1, 2, 3, 4]
+    for step, loss in straight.items():
+        assert abs(pieces[step] - loss) <= 1e-8 * abs(loss)
+    refused_zero = refused("validate", str(path), "--set", "train.exit_duration_in_mins=0")
+    assert refused_zero.returncode == 2 and "train.exit_duration_in_mins" in refused_zero.stderr, refused_zero.stderr
+
+
 def test_a_failing_rank_ends_the_job_promptly(tmp_path):
     path, _ = write_config(tmp_path, train={"steps": 50})
     t0 = time.monotonic()

@@ -32,6 +32,7 @@ from mimo.training.checkpoint import (
     weights_path,
 )
 from mimo.training.datasets import llava_dataset
+from mimo.training.deadline import Deadline
 from mimo.training.evaluate import answer_accuracy
 from mimo.training.flops import PackedRows, batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
@@ -138,6 +139,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
                  rank_map: str = "", resume_from: str | None = None) -> dict[str, Any]:
     """Train `config.train.steps` steps (if `resume`: from `resume_from`, by default the newest checkpoint);
     returns the final metrics."""
+    start = time.monotonic()  # train.exit_duration_in_mins counts from here: start-up and loading too
     device = init_distributed(config.train.timeout_s)
     validate_run(config, dist.get_world_size())  # the parent checked too; a torchrun/srun world did not
     rank = dist.get_rank()
@@ -163,6 +165,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     progress = Progress(config.train.steps, enabled=rank == 0, quiet=quiet, initial_step=trainer.step_count)
     last: dict[str, Any] = {}
     fault = _injected_fault(rank)
+    deadline, saved = Deadline(config.train.exit_duration_in_mins, device, start), None
     with _loader(config, dataset, sampler, device) as batches:
         for step in range(trainer.step_count, config.train.steps):
             if fault == step + 1:
@@ -180,13 +183,24 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
                                  extra={"skipped_samples": skipped.count})
             progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
             if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
-                checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
+                saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
+            if step + 1 < config.train.steps and deadline.passed():
+                break
     progress.close()
-    final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config)) \
-        if config.checkpoint.final else None
+    stopped = trainer.step_count < config.train.steps
+    final = None
+    if stopped:  # the deadline passed: this step's checkpoint (the interval's if it just wrote one) to resume from
+        final = saved if saved == checkpointer.path(trainer.step_count) else \
+            checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
+        if rank == 0:
+            print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
+                  f"{deadline.elapsed() / 60:.1f} min into the run (train.exit_duration_in_mins: "
+                  f"{config.train.exit_duration_in_mins:g}); checkpoint {final}: --resume continues", flush=True)
+    elif config.checkpoint.final:
+        final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
-    if config.eval.enabled and config.data.name == "digits" and rank == 0:
+    if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped:
         last["accuracy"], count = _evaluate(config, final)
         writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
         print(f"held-out caption accuracy: {last['accuracy']:.1%} ({count} digits)", flush=True)

@@ -1,0 +1,21 @@
+"""`Deadline`: the ranks stop after the same step, whichever rank's clock passes the deadline first."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mimo.testing import run_distributed
+from mimo.training.deadline import Deadline
+
+
+def passed_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool]:
+    """A 1-minute deadline with rank 1 started 10 minutes ago and rank 0 just now; with both just started; none."""
+    now, cpu = time.monotonic(), torch.device("cpu")
+    late = now - (600.0 if rank == 1 else 0.0)
+    return Deadline(1.0, cpu, late).passed(), Deadline(1.0, cpu, now).passed(), Deadline(None, cpu, late).passed()
+
+
+def test_one_rank_past_the_deadline_stops_every_rank():
+    assert run_distributed(passed_on_each_rank, 2) == [(True, False, False), (True, False, False)]
