@@ -37,6 +37,11 @@ Checkpoints at 7B are large (stage 1: every parameter in float32, 28 GB; stage 2
 the language model, about 82 GB): stage-2 rows write none (`checkpoint.final=false`), and a stage-1 row's is
 deleted after it unless stage 2 starts from it (`--keep-checkpoints` keeps and writes all). `--time-limit`
 stops the call in time: no row starts past it and a running one is stopped at it, its logged steps reported.
+
+A loss curve longer than one call (`--steps 200`) takes `--resume` on every call: a row continues its earlier
+run from that run's checkpoint (`mimo train --resume`), and with `--time-limit` it gets its own
+`train.exit_duration_in_mins`, early enough (`SAVE_S`) to stop after a step and write a checkpoint before the
+limit. The losses are the whole run's; the speed is the call's own timed steps (each call warms up again).
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ ANCHOR = {1: 5.5, 2: 2.3}
 TARGET_RATIO = 4.0
 CAPTION = {"median": 50.0, "sigma": 0.25, "min": 16}  # stage-1 caption tokens: lognormal about 50
 MAX_TURNS = 8  # stage 2: one question/answer pair per 200 text tokens, at most this many
+# seconds a resumable row leaves before the call's limit: one step past its deadline, then its checkpoint at 7B
+# (stage 1: 28 GB of float32 weights; stage 2: plus the language model's AdamW moments, ~82 GB), written and hashed
+SAVE_S = {1: 90.0, 2: 240.0}
+LOG_STOPPED = re.compile(r"^mimo train: stopped after step (\d+) ", re.MULTILINE)  # train.exit_duration_in_mins
 LOG_WEIGHTS = re.compile(r"^weights from (\S+) \(optimizer", re.MULTILINE)  # mimo train's line (not --quiet)
 
 
@@ -247,26 +256,32 @@ def run_dir_of(out: Path, stage: int, layout: str) -> Path:
 
 
 def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None, deadline: float) -> dict[str, Any]:
-    """`mimo train` on the stage's YAML in `name`'s layout (stopped at `deadline`); the row of its metrics."""
+    """`mimo train` on the stage's YAML in `name`'s layout (stopped at `deadline`); the row of its metrics.
+    With `--resume` the row continues its earlier run from that run's checkpoint, and a deadline ends it with one."""
     layout = LAYOUTS[name]
     run_dir = run_dir_of(args.out, stage, name)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    sets = row_overrides(stage, layout, args, run_dir, stage1)
+    resumed = resumed_step(run_dir) if args.resume else None
+    if resumed is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    sets = row_overrides(stage, layout, args, run_dir, stage1) + stop_before(deadline, stage, args.resume)
     command = [sys.executable, "-m", "mimo", "train", str(EXAMPLES / f"llava15_stage{stage}.yaml"),
-               *(a for s in sets for a in ("--set", s))]
+               *(a for s in sets for a in ("--set", s)), *(["--resume"] if resumed is not None else [])]
     log = run_dir.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    with log.open("w") as out, GpuMemory() as memory:
+    with log.open("a" if resumed is not None else "w") as out, GpuMemory() as memory:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
         error = wait_or_stop(proc, deadline)
     text = log.read_text()
     row = {"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "overrides": sets,
            "wall_s": time.perf_counter() - start, "log": str(log), "run_dir": str(run_dir),
-           "gpu_memory_max_gib": [memory.peaks[i] for i in sorted(memory.peaks)]}
-    row.update(summarize(stage, run_dir, args.warmup, layout.gpus))
+           "gpu_memory_max_gib": [memory.peaks[i] for i in sorted(memory.peaks)], "resumed_at": resumed}
+    row.update(summarize(stage, run_dir, args.warmup, layout.gpus, resumed or 0))
+    stopped = LOG_STOPPED.findall(text)
+    if stopped and not proc.returncode and row.get("steps_logged", 0) < args.warmup + args.steps:
+        row["stopped"] = f"stopped after step {stopped[-1]} at --time-limit: --resume continues"
     if error or proc.returncode:
         row["error"] = error or last_error(text, proc.returncode)
     if stage == 2:
@@ -308,6 +323,20 @@ class GpuMemory:
                 return
 
 
+def resumed_step(run_dir: Path) -> int | None:
+    """The step a resumed row continues from: its run's newest complete checkpoint's (None: none, start afresh)."""
+    checkpoint = Checkpointer(run_dir / "checkpoints").latest() if run_dir.is_dir() else None
+    return None if checkpoint is None else int(checkpoint.name.removeprefix("step_"))
+
+
+def stop_before(deadline: float, stage: int, resumable: bool) -> list[str]:
+    """A resumable row's own deadline (`train.exit_duration_in_mins`): it stops after a step and checkpoints in
+    time for the call's limit (`SAVE_S`: a 7B checkpoint's write), so that a later `--resume` call continues it."""
+    if not resumable or deadline == math.inf:
+        return []
+    return [f"train.exit_duration_in_mins={max(deadline - SAVE_S[stage] - time.time(), 6.0) / 60:.4f}"]
+
+
 def wait_or_stop(proc: subprocess.Popen, deadline: float) -> str | None:
     """Wait for `proc`; past `deadline`, stop its whole process group (it and its workers) and say so."""
     try:
@@ -329,18 +358,20 @@ def last_error(text: str, code: int) -> str:
     return (lines[-1] if lines else f"exit code {code}")[:400]
 
 
-def summarize(stage: int, run_dir: Path, warmup: int, gpus: int) -> dict[str, Any]:
-    """The row's figures from `metrics.jsonl` (see the module docstring); empty if no step was timed."""
+def summarize(stage: int, run_dir: Path, warmup: int, gpus: int, resumed: int = 0) -> dict[str, Any]:
+    """The row's figures from `metrics.jsonl` (see the module docstring); empty if no step was timed. Losses are
+    the whole run's (every call's, for the curve); times are this call's, the steps after `resumed`."""
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     steps = [r for r in records if r.get("kind") == "train"]
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     out: dict[str, Any] = {"losses": [r["loss"] for r in steps], "steps_logged": len(steps)}
-    timed = steps[warmup:]
+    ours = [r for r in steps if r["step"] > resumed]
+    timed = ours[warmup:]
     if warmup < 1 or not timed:
         return out
     batch = config["train"]["global_batch_size"]
-    wall = timed[-1]["time"] - steps[warmup - 1]["time"]
+    wall = timed[-1]["time"] - ours[warmup - 1]["time"]
     per_gpu = batch * len(timed) / wall / gpus
     mean = lambda key: sum(r.get(key) or 0.0 for r in timed) / len(timed)  # noqa: E731
     out.update(step_times_s=[r["step_time_s"] for r in steps], global_batch=batch,
@@ -421,7 +452,10 @@ def why_not_run(stage: int, source: Path | None, deadline: float) -> str | None:
 
 def keep_or_drop(row: dict[str, Any], source: Path | None, keep_all: bool) -> Path | None:
     """After a stage-1 row: its checkpoint becomes stage 2's source if there is none yet, else it is deleted
-    (28 GB at 7B) unless `keep_all`; the source from now on."""
+    (28 GB at 7B) unless `keep_all`; the source from now on. A row stopped before its last step keeps its
+    checkpoint for the call that resumes it, and is no stage 2's source: stage 2 starts from a finished stage 1."""
+    if "stopped" in row:
+        return source
     checkpoint = stage1_checkpoint(Path(row["run_dir"]))
     if source is None and checkpoint is not None:
         row["stage1_checkpoint"] = str(checkpoint)
@@ -453,7 +487,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _f(r.get("data_wait_s")), _f(r.get("samples_per_s")), _f(r.get("samples_per_s_per_gpu")),
             _f(r.get("vs_anchor")), _f(r.get("vs_target")), _f(r.get("peak_memory_gb_rank0")),
             " / ".join(f"{g:.0f}" for g in r.get("gpu_memory_max_gib", [])) or "-", _f(r.get("steps_timed")),
-            r.get("error", "")]) + " |")
+            r.get("error", r.get("stopped", ""))]) + " |")
     lines += ["", f"Anchor: LLaVA-1.5 on 8xA100, stage 1 {ANCHOR[1]}, stage 2 {ANCHOR[2]} samples/s per GPU; "
               f"target {TARGET_RATIO:g}x: {TARGET_RATIO * ANCHOR[1]:g} and {TARGET_RATIO * ANCHOR[2]:g}.",
               "Layouts: " + "; ".join(f"{n}: {LAYOUTS[n].what}" for n in dict.fromkeys(r["layout"] for r in rows))]
@@ -496,6 +530,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole call (rows past it are "
                    "not started; a running one is stopped, its logged steps reported)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every row's checkpoints")
+    p.add_argument("--resume", action="store_true", help="rows continue their earlier calls' runs from their "
+                   "checkpoints, and stop at --time-limit with one (a curve longer than one call)")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="a `mimo train --set` for every row, after the layout's (repeatable), e.g. "
                         "train.recompute_granularity=full")

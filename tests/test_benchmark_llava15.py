@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -167,3 +168,34 @@ def test_extra_overrides_come_last_and_are_checked_before_any_run(tmp_path, caps
     bad = bench.parse_args(["--dry-run", "--out", str(tmp_path), "--layouts", "one", "--stages", "1",
                             "--set", "train.recompute_granularity=some"])
     assert any("train.recompute_granularity: 'some' is not allowed" in p for p in bench.preflight(bad))
+
+
+def test_a_row_stopped_at_its_deadline_is_resumed_by_the_next_call(dry_run, tmp_path):
+    """--resume (curves longer than one call): the first call's row stops after step 1 with a checkpoint (its
+    deadline, here passed at once), the next call continues it to the end: the whole run's losses are the
+    uninterrupted dry run's, the timed steps the second call's own."""
+    out, json_path = tmp_path / "out", tmp_path / "rows.json"
+    shutil.copytree(dry_run[0] / "models", out / "models")  # written once, as a warm machine keeps them
+    call = [sys.executable, str(BENCHMARKS / "llava15.py"), "--dry-run", "--out", str(out), "--stages", "1",
+            "--resume", "--json", str(json_path)]
+    first = subprocess.run([*call, "--set", "train.exit_duration_in_mins=0.0001"], capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (row,) = json.loads(json_path.read_text())["rows"]
+    assert row["stopped"] == "stopped after step 1 at --time-limit: --resume continues" and row["steps_logged"] == 1
+    assert "stage1_checkpoint" not in row  # a stopped stage 1 is no stage 2's source
+    second = subprocess.run(call, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    (row,) = json.loads(json_path.read_text())["rows"]
+    assert row["resumed_at"] == 1 and "stopped" not in row and row["steps_timed"] == 1  # steps 2 (warm-up), 3
+    assert row["losses"] == pytest.approx(dry_run[2][(1, "yaml")]["losses"], rel=1e-6)
+
+
+def test_a_resumable_row_stops_in_time_to_checkpoint_before_the_limit():
+    args = bench.parse_args(["--resume"])
+    now = time.time()
+    (stop,) = bench.stop_before(now + 1000.0, 2, resumable=True)
+    minutes = float(stop.removeprefix("train.exit_duration_in_mins="))
+    assert minutes * 60 == pytest.approx(1000.0 - bench.SAVE_S[2], abs=2.0)
+    assert bench.stop_before(now + 1000.0, 2, resumable=False) == []  # a speed row is stopped at the limit
+    assert bench.stop_before(math.inf, 1, resumable=args.resume) == []  # no limit, no deadline
