@@ -118,6 +118,12 @@ LAYOUTS: dict[int, dict[str, Any]] = {
         {"name": "homogeneous-1-compile", "images": {"dp": 1}, "language": {"dp": 1}, "compile": True},
         {"name": "homogeneous-dp2-compile", "images": {"dp": 2}, "language": {"dp": 2}, "microbatches": 1,
          "compile": True},
+        # FSDP2 beside DDP (a row's "fsdp": its reshard policy): "never" gathers each block once a step (ZeRO-2's
+        # traffic) and runs the optimizer on half the parameters per GPU
+        {"name": "homogeneous-dp2-fsdp-compile", "images": {"dp": 2}, "language": {"dp": 2}, "microbatches": 1,
+         "compile": True, "fsdp": "default"},
+        {"name": "homogeneous-dp2-fsdp-never-compile", "images": {"dp": 2}, "language": {"dp": 2},
+         "microbatches": 1, "compile": True, "fsdp": "never"},
         {"name": "homogeneous-tp2-compile", "images": {"tp": 2, "dp": 1}, "language": {"tp": 2, "dp": 1},
          "microbatches": 4, "compile": True},
         {"name": "colocated-compile", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1}, "microbatches": 4,
@@ -176,7 +182,7 @@ def run_config_dict(row: dict[str, Any], args: argparse.Namespace, run_dir: Path
     return {
         "model": {"preset": args.preset},
         "parallelism": parallelism(row, args.sequence_parallel),
-        "distributed": {m: {"data_parallel": args.data_parallel} for m in (IMAGES, LANGUAGE)},
+        "distributed": {m: distributed_of(row, args) for m in (IMAGES, LANGUAGE)},
         "train": {"steps": args.warmup + args.steps, "global_batch_size": args.batch,
                   "num_microbatches": microbatches_of(row, args), "lr": args.lr, "warmup_steps": 0,
                   "clip_grad": 1.0, "seed": args.seed, "dtype": args.dtype, "timeout_s": float(args.timeout),
@@ -186,6 +192,16 @@ def run_config_dict(row: dict[str, Any], args: argparse.Namespace, run_dir: Path
         "log": {"dir": str(run_dir), "interval": 1},
         "eval": {"enabled": False},
     }
+
+
+def distributed_of(row: dict[str, Any], args: argparse.Namespace) -> dict[str, str]:
+    """A module's `distributed` section: the row's "fsdp" (FSDP2 with that reshard policy), else --data-parallel
+    (and --reshard-after-forward with fsdp)."""
+    if "fsdp" in row:
+        return {"data_parallel": "fsdp", "reshard_after_forward": row["fsdp"]}
+    if args.data_parallel == "fsdp":
+        return {"data_parallel": "fsdp", "reshard_after_forward": args.reshard_after_forward}
+    return {"data_parallel": args.data_parallel}
 
 
 def microbatches_of(row: dict[str, Any], args: argparse.Namespace) -> int:
@@ -503,7 +519,8 @@ def describe_row(row: dict[str, Any], sequence_parallel: bool = False) -> dict[s
     if "hf" in row:
         what = {"single": "HF, 1 GPU", "ddp": f"HF + DDP x{row['world']}", "fsdp": f"HF + FSDP2 x{row['world']}"}
         return {IMAGES: what[row["hf"]], LANGUAGE: what[row["hf"]]}
-    return {m: describe(row[m], sequence_parallel) for m in (IMAGES, LANGUAGE)}
+    fsdp = f" FSDP2 ({row['fsdp']})" if "fsdp" in row else ""
+    return {m: describe(row[m], sequence_parallel) + fsdp for m in (IMAGES, LANGUAGE)}
 
 
 def describe(module: dict[str, Any], sequence_parallel: bool = False) -> str:
@@ -730,6 +747,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                         help="float32 parameters; bfloat16 autocast (default on CUDA) or float32 (default on CPU)")
     parser.add_argument("--data-parallel", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--reshard-after-forward", default="default", choices=["default", "always", "never"],
+                        help="FSDP2's policy for every module with --data-parallel fsdp (a row's \"fsdp\" wins)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every layer in every row (mimo's "
                         "train.compile; the HF rows compile theirs), unless a row says otherwise")
     parser.add_argument("--probe-steps", type=int, default=None, help="steps after the timed ones with "

@@ -36,6 +36,7 @@ from mimo.recompute import recompute_blocks, recomputed
 
 DataParallel = Literal["ddp", "fsdp"]
 Recompute = Literal["none", "full"]
+Reshard = Literal["default", "always", "never"]
 
 
 class WrapError(ValueError):
@@ -58,11 +59,23 @@ class ModuleDistributedConfig:
     # `recompute_num_layers` of the module's stage, all if None
     recompute_granularity: Recompute = "none"
     recompute_num_layers: int | None = None
+    # FSDP2: when a block's gathered parameters are freed (torchtitan's policy names). "always": after every
+    # forward and backward (least memory; ZeRO-3). "never": gathered once a step, kept until the last
+    # micro-batch's backward (ZeRO-2's communication; a full compute-dtype copy held). "default": "always" but
+    # for the last block (its backward comes next), and "never" in a pipeline stage (its micro-batches interleave)
+    reshard_after_forward: Reshard = "default"
 
     def check(self, name: str) -> None:
-        """Reject unknown DP kinds and dtypes with the allowed values."""
+        """Reject unknown DP kinds, reshard policies and dtypes with the allowed values."""
         if self.data_parallel not in ("ddp", "fsdp"):
             raise WrapError(f"module '{name}': data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
+        if self.reshard_after_forward not in ("default", "always", "never"):
+            raise WrapError(f"module '{name}': reshard_after_forward must be 'default', 'always' or 'never', "
+                            f"got {self.reshard_after_forward!r}")
+        if self.reshard_after_forward != "default" and self.data_parallel != "fsdp":
+            raise WrapError(f"module '{name}': reshard_after_forward {self.reshard_after_forward!r} applies to "
+                            f"data_parallel 'fsdp' only, and it is {self.data_parallel!r} (use 'fsdp', or "
+                            f"leave reshard_after_forward 'default')")
         if self.recompute_granularity not in ("none", "full"):
             raise WrapError(f"module '{name}': recompute_granularity must be 'none' or 'full', "
                             f"got {self.recompute_granularity!r}")
@@ -328,18 +341,37 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them again
 
 
 def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> None:
-    """FSDP2 over the module's dp mesh dim, per block and at the root, summing gradients."""
+    """FSDP2 over the module's dp mesh dim, per block and at the root, summing gradients; blocks resharded
+    after forward as `cfg.reshard_after_forward` says (the root never is: FSDP2's own rule)."""
     param_dtype = next(module.parameters()).dtype
     compute = cfg.compute() or param_dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
     mesh = grid.mesh["dp"]
     module.register_forward_hook(_not_a_view)  # before FSDP2's own hooks, so they see its output
-    units = [*_blocks(module), module]  # blocks first, the root last
-    for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    blocks = _blocks(module)
+    policy_of = reshard_policy(cfg.reshard_after_forward, grid.size("pp"))
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=policy_of(i, len(blocks)))
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    module._mimo_hold_unsharded = holds_gathered(cfg.reshard_after_forward, grid.size("pp"))  # `prepare_backward`
+    units = [*blocks, module]  # blocks first, the root last
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # per unit: each has its own reduce-scatter
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo rejects PREMUL_SUM(1.0), a no-op anyway
+
+
+def holds_gathered(name: Reshard, pp: int) -> bool:
+    """Whether a policy keeps every block gathered from its first forward to the step's last backward."""
+    return name == "never" or (name == "default" and pp > 1)
+
+
+def reshard_policy(name: Reshard, pp: int) -> Callable[[int, int], bool]:
+    """Whether block i of n frees its gathered parameters after forward, for a policy name and pipeline size."""
+    if holds_gathered(name, pp):
+        return lambda i, n: False
+    if name == "always":
+        return lambda i, n: True
+    return lambda i, n: i < n - 1  # default: not the last block, whose backward starts right after the forward
 
 
 def _not_a_view(module: nn.Module, args: object, output: object) -> object:
@@ -406,12 +438,15 @@ def no_sync_forward(module: nn.Module) -> Iterator[None]:
 def prepare_backward(module: nn.Module, outputs: object, last: bool) -> None:
     """Before a micro-batch's backward through `module`: reduce gradients over DP only if it is the last.
 
-    DDP: arm the reducer for this micro-batch's `outputs`; FSDP2: toggle gradient sync.
+    DDP: arm the reducer for this micro-batch's `outputs`; FSDP2: toggle gradient sync (and, where its blocks
+    are never resharded, keep them gathered until the last backward).
     """
     if isinstance(module, DDP) and last:
         module.reducer.prepare_for_backward(list(_find_tensors(outputs)))
     elif isinstance(module, FSDPModule):
         module.set_requires_gradient_sync(last)
+        if getattr(module, "_mimo_hold_unsharded", False):
+            module.set_reshard_after_backward(last)
 
 
 def align_gradients(model: MimoModel) -> None:

@@ -119,6 +119,7 @@ def train_layout(rank: int, world_size: int, layout: dict, modalities: tuple[str
 
 DDP, FSDP = {"data_parallel": "ddp"}, {"data_parallel": "fsdp"}
 RECOMPUTE = {"recompute_granularity": "full"}  # every block runs its forward again in the backward: same numbers
+NEVER = {"reshard_after_forward": "never"}  # FSDP2 gathers each block once a step and keeps it: same numbers
 IMG2_LANG_TP2 = {"images": {"data_parallel_size": 2},
                  "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 2}}
 SP = {"sequence_parallel": True}
@@ -167,6 +168,11 @@ MATRIX = [
     ("2-homogeneous-tp2dp2-fsdp", 4, {"images": {"tensor_model_parallel_size": 2},
                                       "language": {"tensor_model_parallel_size": 2}}, ("images",), False, False,
      FSDP),
+    ("1-homogeneous-dp2-fsdp-never", 2, {"images": {}, "language": {}}, ("images",), False, False, FSDP | NEVER),
+    ("2-homogeneous-tp2dp2-fsdp-never", 4, {"images": {"tensor_model_parallel_size": 2},
+                                            "language": {"tensor_model_parallel_size": 2}}, ("images",), False,
+     False, FSDP | NEVER),
+    # a pipeline stage's blocks are never resharded by default (micro-batches interleave)
     ("4-colocated-pp2dp2-fsdp", 4, {"images": {"data_parallel_size": 4},
                                     "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
      ("images",), False, False, FSDP),

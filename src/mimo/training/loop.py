@@ -102,7 +102,8 @@ def distributed_config(config: RunConfig) -> DistributedConfig:
     common = {"compute_dtype": compute, "compile": t.compile, "recompute_granularity": t.recompute_granularity,
               "recompute_num_layers": t.recompute_num_layers}
     return DistributedConfig(ModuleDistributedConfig("ddp", **common),
-                             {m: ModuleDistributedConfig(s.data_parallel, **common)
+                             {m: ModuleDistributedConfig(s.data_parallel, reshard_after_forward=s.reshard_after_forward,
+                                                         **common)
                               for m, s in config.distributed.items()})
 
 

@@ -48,9 +48,10 @@ class ModelSection:
 
 @dataclass
 class ModuleDistributedSection:
-    """How one module is data-parallel."""
+    """How one module is data-parallel (FSDP2: and when its blocks free their gathered parameters)."""
 
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    reshard_after_forward: Literal["default", "always", "never"] = "default"  # fsdp: ModuleDistributedConfig's
 
 
 @dataclass
@@ -332,11 +333,20 @@ def _check_data(config: RunConfig) -> None:
 
 
 def _check_distributed_modules(config: RunConfig) -> None:
-    """The distributed section names only modules of the layout."""
+    """The distributed section names only modules of the layout, each with settings that go together (the
+    wrapper's own check, here before any worker starts)."""
+    from mimo.distributed import ModuleDistributedConfig, WrapError
+
     names = config.layout.module_names
     unknown = sorted(set(config.distributed) - set(names))
     if unknown:
         raise RunConfigError(f"distributed: unknown module(s) {unknown}; modules are {names}")
+    for name, section in config.distributed.items():
+        try:
+            ModuleDistributedConfig(section.data_parallel, reshard_after_forward=section.reshard_after_forward
+                                    ).check(name)
+        except WrapError as e:
+            raise RunConfigError(f"distributed.{name}: {str(e).removeprefix(f'module {name!r}: ')}") from None
 
 
 def _section(cls: type, data: Any, where: str) -> Any:
