@@ -5,7 +5,7 @@ The deployments benchmark's workload (`deployments.py`: preset, encoder-heavy ba
 built as `mimo train` builds it, then the trainable modules wrapped per `--variant`:
 
 - `none`: as mimo builds DP 1 (no DDP: nothing to reduce);
-- `mimo`: `mimo.distributed._ddp`, as DP > 1 builds it (torch DDP with mimo's Python SUM comm hook, the
+- `mimo`: `mimo.distributed.wrap_ddp`, as DP > 1 builds it (torch DDP with mimo's Python SUM comm hook, the
   gradients as bucket views, dynamo's DDP optimizer off);
 - `mimo-split-copy`: mimo's DDP as it was before 2026-12-01 (runs 1-2 in RESULTS.md): the DDP optimizer splits
   every compiled block at the bucket boundaries, and the gradients are copied into the buckets and back;
@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).parent))
 from deployments import WORKLOADS, make_dataset  # noqa: E402
 
-from mimo.distributed import ModuleDistributedConfig, _ddp, _set_module, module_of  # noqa: E402
+from mimo.distributed import ModuleDistributedConfig, module_of, set_module, wrap_ddp  # noqa: E402
 from mimo.training.loop import build_provider, build_trainer, distributed_config  # noqa: E402
 from mimo.training.run_config import parse_run_config  # noqa: E402
 
@@ -67,13 +67,13 @@ def wrap(model, infra, variant: str, compute: str | None) -> None:
             views = not variant.endswith("copy")
             ddp = functools.partial(_ddp_with, gradient_as_bucket_view=views)
             with mock.patch("mimo.distributed.DDP", ddp):
-                _set_module(model, name, _ddp(module, grid, ModuleDistributedConfig("ddp", compute)))
+                wrap_ddp(model, name, grid, ModuleDistributedConfig("ddp", compute))
             continue
         if compute is not None:
-            module.forward = torch.autocast("cuda", dtype=getattr(torch, compute))(module.forward)  # as `_ddp`
+            module.forward = torch.autocast("cuda", dtype=getattr(torch, compute))(module.forward)  # as `wrap_ddp`
         cap = 100 if variant == "torch-100mb" else 25
-        _set_module(model, name, DDP(module, process_group=grid.get_group("dp_cp"), init_sync=False,
-                                     bucket_cap_mb=cap))
+        set_module(model, name, DDP(module, process_group=grid.get_group("dp_cp"), init_sync=False,
+                                    bucket_cap_mb=cap))
 
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:

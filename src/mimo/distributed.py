@@ -119,11 +119,18 @@ def module_of(model: MimoModel, name: str) -> nn.Module:
     return model.language_model if name == LANGUAGE else model.modality_submodules[name]
 
 
-def _set_module(model: MimoModel, name: str, module: nn.Module) -> None:
+def set_module(model: MimoModel, name: str, module: nn.Module) -> None:
+    """Put `module` in `model` as module `name` (`module_of`'s inverse): how a wrapper replaces what it wraps."""
     if name == LANGUAGE:
         model.language_model = module
     else:
         model.modality_submodules[name] = module
+
+
+def wrap_ddp(model: MimoModel, name: str, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> None:
+    """Wrap module `name` of `model` in mimo's DDP over its grid's dp×cp group, as `apply_data_parallel` does
+    when DP > 1; public so that a benchmark can measure DDP's cost over a one-rank group, which that skips."""
+    set_module(model, name, _ddp(module_of(model, name), grid, cfg))
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -252,7 +259,7 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         if cfg.data_parallel == "fsdp":
             _fully_shard(module, grid, cfg)
         elif ddp:
-            _set_module(model, name, _ddp(module, grid, cfg))
+            wrap_ddp(model, name, grid, cfg)
         else:
             _autocast_forward(module, cfg)
     return model

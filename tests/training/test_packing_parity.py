@@ -13,6 +13,8 @@ import warnings
 import pytest
 import torch
 
+import mimo.data.packing as packing_module
+import mimo.training.step as step_module
 from mimo.data import ModalitySpec, SyntheticDataset
 from mimo.data.packing import PackedText, PaddedText, TextLayout, sample_extents
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
@@ -216,3 +218,24 @@ def test_a_sample_longer_than_max_seq_len_is_one_clear_error(packed):
     longest = 295 if packed else 296
     assert run_distributed(too_long, 1, packed)[0] == (
         f"sequence length {longest} exceeds the language model's max_seq_len 256; drop or shorten the longer samples")
+
+
+def extents_calls(rank: int, world_size: int) -> int:
+    """How many times one packed step computes `sample_extents` on this rank (spied where it is looked up)."""
+    calls, real = [0], packing_module.sample_extents
+
+    def spy(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    packing_module.sample_extents = step_module.sample_extents = spy
+    try:
+        homogeneous_trainer(PackedText()).train_step(batches()[0])
+    finally:
+        packing_module.sample_extents = step_module.sample_extents = real
+    return calls[0]
+
+
+def test_a_step_finds_the_sample_extents_once():
+    """The layout and the token counts read one host computation of the extents, not one per micro-batch share."""
+    assert run_distributed(extents_calls, 1) == [1]

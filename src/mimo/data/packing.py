@@ -74,8 +74,10 @@ class PaddedText:
         if self.multiple < 1:
             raise ValueError(f"padding multiple must be positive, got {self.multiple}")
 
-    def arrange(self, share: MimoBatch, special_token_ids: SpecialIds) -> LanguageText:
-        """The share's rows as they are, widened with unlabelled columns to a multiple."""
+    def arrange(self, share: MimoBatch, special_token_ids: SpecialIds,
+                extents: torch.Tensor | None = None) -> LanguageText:
+        """The share's rows as they are, widened with unlabelled columns to a multiple (every position kept:
+        the ids and `extents` are not read)."""
         extra = self.width(share.input_ids.shape[1]) - share.input_ids.shape[1]
         if not extra:
             return LanguageText(share.input_ids, share.labels)
@@ -109,9 +111,13 @@ class PackedText:
         if self.multiple < 1:
             raise ValueError(f"packing multiple must be positive, got {self.multiple}")
 
-    def arrange(self, share: MimoBatch, special_token_ids: SpecialIds) -> LanguageText:
-        """Each sample's kept positions (see the module docstring) one after another, then the tail."""
-        lengths = sample_extents(share.input_ids, share.labels, special_token_ids).tolist()
+    def arrange(self, share: MimoBatch, special_token_ids: SpecialIds,
+                extents: torch.Tensor | None = None) -> LanguageText:
+        """Each sample's kept positions (see the module docstring) one after another, then the tail; `extents`
+        the share's `sample_extents` where the caller has them (the trainer finds them once per step)."""
+        if extents is None:
+            extents = sample_extents(share.input_ids, share.labels, special_token_ids)
+        lengths = extents.tolist()
         ids = [share.input_ids[i, :n] for i, n in enumerate(lengths)]
         labels = [share.labels[i, :n] for i, n in enumerate(lengths)]
         positions = [torch.arange(n) for n in lengths]

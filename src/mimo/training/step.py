@@ -116,7 +116,9 @@ class MimoTrainer:
         t0 = time.perf_counter()
         # the normalizer, from the batch every rank holds
         label_tokens = int(batch.num_label_tokens(self.special_token_ids))
-        self._state = _StepState(batch, label_tokens, *self._prefetch(batch))
+        # each sample's kept positions, found once on the host ids: the text layout and the token counts read them
+        extents = self._extent_shares(sample_extents(batch.input_ids, batch.labels, self.special_token_ids))
+        self._state = _StepState(batch, label_tokens, *self._prefetch(batch, extents))
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
         inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
@@ -143,20 +145,23 @@ class MimoTrainer:
         # while the host launches clipping and the optimizer
         loss_sum, tokens, norm = torch.cat([totals[:2], grad_norm.reshape(1)]).tolist()
         seconds["step"] = time.perf_counter() - t0
-        return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens), **self._token_counts(batch),
+        return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens),
+                          **self._token_counts(extents, batch.input_ids.shape[1]),
                           grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped)
 
-    def _token_counts(self, batch: MimoBatch) -> dict[str, Any]:
-        """The global batch's real tokens, the positions the language model computes for them (every language DP
-        replica's share of every micro-batch, as `text_layout` lays it out) and the documents it attends within."""
-        extents = sample_extents(batch.input_ids, batch.labels, self.special_token_ids)
+    def _extent_shares(self, extents: torch.Tensor) -> torch.Tensor:
+        """The global batch's `sample_extents` [N] as [micro-batch, language DP replica, sample]: micro-batch m's
+        share d (`microbatch(m).shard(d)`) is the (m·dp + d)-th of num_microbatches·dp equal runs of samples."""
         dp = self.infra.config.module_parallelisms[LANGUAGE].data_parallel_size
-        # micro-batch m's DP share d is the (m·dp + d)-th of num_microbatches·dp equal runs of samples
-        shares = extents.reshape(self.num_microbatches * dp, -1)
-        width = batch.input_ids.shape[1]
+        return extents.reshape(self.num_microbatches, dp, -1)
+
+    def _token_counts(self, extents: torch.Tensor, width: int) -> dict[str, Any]:
+        """The global batch's real tokens, the positions the language model computes for them (every language DP
+        replica's share of every micro-batch of `width` columns, as `text_layout` lays it out) and the documents
+        it attends within; `extents` as `_extent_shares` gives them."""
         return {"tokens": int(extents.sum()),
-                "positions": sum(self.text_layout.positions(share, width) for share in shares),
-                "documents": self.text_layout.documents(extents)}
+                "positions": sum(self.text_layout.positions(share, width) for share in extents.flatten(0, 1)),
+                "documents": self.text_layout.documents(extents.flatten())}
 
     # -- phase 1: encoders ---------------------------------------------------------------------------------
     def _encode_all(self, name: str) -> None:
@@ -189,17 +194,18 @@ class MimoTrainer:
         ids = batch.microbatch(m, self.num_microbatches).input_ids
         return (ids == self.special_token_ids[name]).sum(1)
 
-    def _prefetch(self, batch: MimoBatch) -> tuple[dict[str, list], list[LanguageText]]:
+    def _prefetch(self, batch: MimoBatch, extents: torch.Tensor) -> tuple[dict[str, list], list[LanguageText]]:
         """This rank's share of every micro-batch, per hosted module, on the device (the language model's as
-        `text_layout` arranges it, also kept on the host): all copies queued at the start of the step from
-        pinned memory, so no copy later waits for the GPU to drain."""
+        `text_layout` arranges it with the share's `extents`, `_extent_shares`, also kept on the host): all copies
+        queued at the start of the step from pinned memory, so no copy later waits for the GPU to drain."""
         shares, host_text = {}, []
         for name in self.infra.participating_modules:
             grid = self.infra.module_to_grid_map[name]
             own = [batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
                    for m in range(self.num_microbatches)]
             if name == LANGUAGE:
-                host_text = [self.text_layout.arrange(share, self.special_token_ids) for share in own]
+                host_text = [self.text_layout.arrange(share, self.special_token_ids, extents[m, grid.coord.dp])
+                             for m, share in enumerate(own)]
                 self._check_positions(host_text)
                 shares[name] = [text.to(self.device) for text in host_text]
             else:
