@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
+from torch.distributed.tensor._api import _FromTorchTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.parallel.distributed import _find_tensors
@@ -295,7 +297,10 @@ def _localize_for_ddp(module: nn.Module) -> None:
 
     PyTorch's `_pre_dp_module_transform` does this but loses nested parameters after the first forward
     (its own TODO); this keeps the same local `Parameter` objects registered between forwards, each
-    with its DTensor spec in `_st_info`, so the optimizer, DDP's reducer and `full_tensor` agree.
+    with its DTensor spec in `_st_info`, so the optimizer, DDP's reducer and `full_tensor` agree. A replicated
+    shard whose gradient comes back partial over TP (a sequence-parallel norm's weight) keeps it unreduced
+    through every micro-batch (DDP sums it over DP) and `align_gradients` sums it over TP once per step
+    (`_ShardView`).
     """
     shards: list[LocalShard] = []
     for owner in module.modules():
@@ -317,8 +322,36 @@ def _as_dtensors(shards: list[LocalShard]) -> None:
     for owner, attr, local in shards:
         spec = local._st_info
         del owner._parameters[attr]
-        setattr(owner, attr, DTensor.from_local(local, spec.mesh, spec.placements, run_check=False,
-                                                shape=spec.shape, stride=spec.stride))
+        setattr(owner, attr, _ShardView.apply(local, spec))
+
+
+class _ShardView(_FromTorchTensor):
+    """`DTensor.from_local(shard, spec)` with torch's own forward and backward, but for one case: a gradient
+    partial (a sum) over a mesh dim where the parameter is replicated comes back to the shard unreduced, the
+    shard marked (`_tp_partial_dims`) for `align_gradients` to sum it there once per step, not in every
+    micro-batch's backward (torch all-reduces each: every norm weight and bias, in every micro-batch)."""
+
+    @staticmethod
+    def forward(ctx, local: nn.Parameter, spec: DTensorSpec) -> DTensor:  # type: ignore[override]
+        ctx.local = local
+        return _FromTorchTensor.forward(ctx, local, spec.mesh, spec.placements, False, spec.shape, spec.stride)
+
+    @staticmethod
+    def backward(ctx, grad: DTensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        dims = () if grad is None else _partial_over_replicate(grad.placements, ctx.forward_input_placements)
+        if not dims:
+            return _FromTorchTensor.backward(ctx, grad)[0], None
+        ctx.local._tp_partial_dims = dims
+        return grad._local_tensor, None
+
+
+def _partial_over_replicate(grad: tuple[Placement, ...], param: tuple[Placement, ...]) -> tuple[int, ...]:
+    """The mesh dims where a gradient is a partial sum of a replicated parameter's, if it differs from the
+    parameter's placements in those alone; else () (torch's `from_local` backward redistributes it)."""
+    dims = tuple(i for i, (g, p) in enumerate(zip(grad, param, strict=True))
+                 if isinstance(g, Partial) and g.reduce_op == "sum" and isinstance(p, Replicate))
+    alike = all(g == p for i, (g, p) in enumerate(zip(grad, param, strict=True)) if i not in dims)
+    return dims if alike else ()
 
 
 def _as_locals(shards: list[LocalShard]) -> None:
@@ -457,18 +490,37 @@ def prepare_backward(module: nn.Module, outputs: object, last: bool) -> None:
 
 
 def align_gradients(model: MimoModel) -> None:
-    """Give every DTensor gradient its parameter's placements.
+    """Give every gradient its parameter's placements, once per step, after every micro-batch's backward.
 
     DTensor's embedding backward returns a Replicate (whole-table) gradient for a vocabulary-sharded weight;
     left so, the norm would count the table once per TP rank and the optimizer would mix layouts (a local
     slice, no communication). A sequence-parallel norm's replicated weight gets a Partial gradient (each TP
-    rank's tokens' share), summed here over TP once per step (an all-reduce) where no DDP wrapper did it.
+    rank's tokens' share), summed here over TP: a DTensor's by redistribution (FSDP2, no wrapper), a DDP+TP local
+    shard's (`_ShardView`, already summed over DP by DDP) in one all-reduce per TP group and dtype.
     """
-    for module in wrapped_modules(model).values():
-        for p in module.parameters():
-            g = p.grad
-            if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
-                p.grad = g.redistribute(p.device_mesh, p.placements)
+    params = [p for module in wrapped_modules(model).values() for p in module.parameters()]
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+    _sum_partial_shard_grads(params)
+
+
+def _sum_partial_shard_grads(params: list[torch.Tensor]) -> None:
+    """Sum the gradients DDP+TP shards hold partial (`_tp_partial_dims`) over those mesh dims' groups, in place:
+    one flat all-reduce per group and dtype. Every rank of a group marks the same shards, in the same order."""
+    pending: dict[tuple[dist.ProcessGroup, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        dims = p.__dict__.pop("_tp_partial_dims", ())  # read and cleared: the next step marks afresh
+        if p.grad is None:
+            continue
+        for dim in dims:
+            pending.setdefault((p._st_info.mesh.get_group(dim), p.grad.dtype), []).append(p.grad)
+    for (group, _), grads in pending.items():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        for g, piece in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(piece.view_as(g))
 
 
 def wrapped_modules(model: MimoModel) -> dict[str, nn.Module]:

@@ -207,6 +207,14 @@ MATRIX = [
     ("17-llava-stage1-sp", 3, {"images": {"data_parallel_size": 1},  # gradients through a frozen SP model
                                "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
                                             "rank_offset": 1, **SP}}, ("images",), True, False, DDP),
+    # DDP over SP with 1F1B: the norms' partial gradients stay local through every micro-batch's backward and are
+    # summed over TP once, after the pipeline drains (`mimo.distributed._ShardView`)
+    ("18-colocated-tp2dp4sp-tp2pp2dp2sp", 8, {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 4,
+                                                         **SP},
+                                              "language": {"tensor_model_parallel_size": 2,
+                                                           "pipeline_model_parallel_size": 2,
+                                                           "data_parallel_size": 2, **SP}}, ("images",), False,
+     False, DDP),
     ("14-homogeneous-tp2dp2-sp-recompute", 4, {"images": {"tensor_model_parallel_size": 2, **SP},
                                                "language": {"tensor_model_parallel_size": 2, **SP}}, ("images",),
      False, False, DDP | RECOMPUTE),
