@@ -333,12 +333,14 @@ class _ShardView(_FromTorchTensor):
 
     @staticmethod
     def forward(ctx, local: nn.Parameter, spec: DTensorSpec) -> DTensor:  # type: ignore[override]
-        ctx.local = local
+        # the placements kept here, not read from torch's own ctx fields: their names differ between versions
+        # (`previous_placement` before, `forward_input_placements` in 2.13); torch's backward reads its own
+        ctx.local, ctx.placements = local, spec.placements
         return _FromTorchTensor.forward(ctx, local, spec.mesh, spec.placements, False, spec.shape, spec.stride)
 
     @staticmethod
     def backward(ctx, grad: DTensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
-        dims = () if grad is None else _partial_over_replicate(grad.placements, ctx.forward_input_placements)
+        dims = () if grad is None else _partial_over_replicate(grad.placements, ctx.placements)
         if not dims:
             return _FromTorchTensor.backward(ctx, grad)[0], None
         ctx.local._tp_partial_dims = dims
