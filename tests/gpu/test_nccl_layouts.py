@@ -108,7 +108,9 @@ def _trainer(layout: dict, frozen: bool, tied: bool, dp_kind: str, compute: str 
         warnings.simplefilter("ignore")
         prov = provider(layout, ("images",), tied, params_dtype=torch.float32, device=device,
                         **_freezing(frozen, ("images",)))
-        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(dp_kind, compute)))
+        kind, _, reshard = dp_kind.partition("-")  # "fsdp-never": FSDP2 with that reshard policy
+        wrap = ModuleDistributedConfig(kind, compute, reshard_after_forward=reshard or "default")
+        model = prov.provide_distributed_model(DistributedConfig(wrap))
     dtype = torch.bfloat16 if compute == "bfloat16" else torch.float32
     return MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
                        num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=dtype, device=device)
@@ -187,6 +189,8 @@ LAYOUTS = {
     # id: layout, frozen (LLaVA stage 1), tied embeddings, DP kind
     "homogeneous-dp2": ({"images": {}, "language": {}}, False, False, "ddp"),
     "homogeneous-dp2-fsdp": ({"images": {}, "language": {}}, False, False, "fsdp"),
+    # FSDP2 gathering each block once a step (the blocks stay gathered over the micro-batches)
+    "homogeneous-dp2-fsdp-never": ({"images": {}, "language": {}}, False, False, "fsdp-never"),
     "homogeneous-tp2": ({"images": {"tensor_model_parallel_size": 2}, "language": {"tensor_model_parallel_size": 2}},
                         False, False, "ddp"),
     "homogeneous-tp2-fsdp": ({"images": {"tensor_model_parallel_size": 2},
