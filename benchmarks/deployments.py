@@ -34,7 +34,11 @@ What a row reports (timed steps only; per step the slowest rank, then the mean o
   first encoder and first language leader on the bridge's forward p2p group. With several replicas on a side
   the bridge's bytes travel between several leader pairs at once, the plain send's between one pair.
 On CUDA every timed region ends with `torch.cuda.synchronize()` (the step's phases too: its phase timer is
-replaced by a synchronizing one), so per-phase times are device times, not host launch times.
+replaced by a synchronizing one), so per-phase times are device times, not host launch times. A phase's busy
+time ends when its own stream is done: what it left on communication streams after that (a heterogeneous
+encoder's sends, which complete only when the language rank receives; a DDP all-reduce's tail) counts as its
+blocked time. (Before session 8 those sends counted as encoder work: a heterogeneous row's encoder busy time
+and share came out too large; the bound's f, its homogeneous baseline's, has no sends.)
 Instrumentation is installed from outside (instance attributes over the trainer's and bridges' private
 methods; it fails loudly if one is renamed); the training step itself is unchanged.
 """
@@ -267,15 +271,20 @@ class Probe:
         self.installed, self.handles = [], []
 
     def _timed(self, seconds: dict[str, float], key: str, fn: Callable, *args: Any) -> None:
-        """The step's phase timer, synchronized, remembering the phase for the blocked time."""
+        """The step's phase timer, synchronized, remembering the phase for the blocked time. What the phase left
+        on communication streams when its own stream is done counts as blocked: a heterogeneous encoder's sends
+        finish only once the language rank posts the matching receives, and were counted as encoder work."""
         self.clock.sync()
         t0 = time.perf_counter()
         self.phase = key
         try:
             fn(*args)
         finally:
+            self.clock.sync_stream()
+            done = time.perf_counter()
             self.clock.sync()
             seconds[key] += time.perf_counter() - t0
+            self.waits[key] += time.perf_counter() - done
             self.phase = "step"
 
     def _blocking(self, fn: Callable) -> Callable:

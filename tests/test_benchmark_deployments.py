@@ -8,10 +8,12 @@ launching anything.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -162,3 +164,30 @@ def test_sequence_parallel_rows_and_option():
     for p in (bench.plan(row, args) for row in args.rows):
         for name, m in p["config"].layout.module_parallelisms.items():
             assert m.sequence_parallel == (m.tensor_model_parallel_size > 1), (p["name"], name)
+
+
+class _SendPendingClock:
+    """A GPU's clock (there is none here): the phase's own stream is done at once; the device 50 ms later, as
+    when a heterogeneous encoder's send waits on a communication stream for the language rank's receive."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def sync_stream(self) -> None:
+        self.pending = True
+
+    def sync(self) -> None:
+        if self.pending:
+            time.sleep(0.05)
+        self.pending = False
+
+
+def test_a_phases_pending_sends_count_as_blocked_not_busy():
+    probe = bench.Probe.__new__(bench.Probe)  # only the timer: no trainer, no model
+    probe.clock, probe.phase, probe.waits = _SendPendingClock(), "step", collections.defaultdict(float)
+    seconds = collections.defaultdict(float)
+    probe._timed(seconds, "images.forward", lambda: None)
+    assert seconds["images.forward"] >= 0.05 and probe.waits["images.forward"] >= 0.05
+    busy = seconds["images.forward"] - probe.waits["images.forward"]
+    assert busy < 0.01  # the encoder's own work: nothing here (was the whole 50 ms)
+    assert probe.phase == "step"

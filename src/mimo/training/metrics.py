@@ -61,6 +61,12 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def sync_stream(self) -> None:
+        """Wait for the current stream only: work left on other streams (a send waiting for its receiver on a
+        communication stream) is not waited for (a no-op on the CPU)."""
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()
+
 
 def step_record(step: int, result: StepResult, flops: float | None = None) -> dict[str, Any]:
     """A training step's metrics: throughput, model TFLOP/s from the step's FLOPs, each phase's seconds.
