@@ -138,6 +138,10 @@ LAYOUTS: dict[int, dict[str, Any]] = {
          "microbatches": 4, "compile": True},
         {"name": "heterogeneous-1+1-compile", "images": {"dp": 1}, "language": {"dp": 1, "offset": 1},
          "microbatches": 4, "compile": True, "baseline": "homogeneous-1-compile"},
+        # 2 micro-batches of 4 samples: a longer pipeline fill and drain, but the language rank was host-bound at
+        # 4 of 2 (session 5: busy 0.663 s against 0.603 s at 2 of 4)
+        {"name": "heterogeneous-1+1-mb2-compile", "images": {"dp": 1}, "language": {"dp": 1, "offset": 1},
+         "microbatches": 2, "compile": True, "baseline": "homogeneous-1-compile"},
     ]},
     4: {"global_batch": 16, "microbatches": 4, "deployments": [
         {"name": "homogeneous", "images": {"tp": 2, "dp": 2}, "language": {"tp": 2, "dp": 2}},
