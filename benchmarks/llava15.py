@@ -33,8 +33,10 @@ time and loss (the curves for `--steps 200`). The markdown table goes to stdout;
 merged with the rows an earlier call wrote there (same stage and layout: replaced), so split calls fill one
 file.
 
-Checkpoints at 7B are large (stage 1: every parameter in float32, 28 GB; stage 2: plus AdamW's two moments of
-the language model, about 82 GB): stage-2 rows write none (`checkpoint.final=false`), and a stage-1 row's is
+Checkpoints leave out the frozen parts read from Hugging Face directories (`checkpoint.save_frozen_hf_weights`:
+false), so at 7B stage 1's holds the projector only (~250 MB with its AdamW moments; 28 GB when every parameter
+was saved) and stage 2's all but the CLIP tower (about 81 GB: the language model's weights and AdamW's two
+moments): stage-2 rows write none (`checkpoint.final=false`), and a stage-1 row's is
 deleted after it unless stage 2 starts from it (`--keep-checkpoints` keeps and writes all). `--time-limit`
 stops the call in time: no row starts past it and a running one is stopped at it, its logged steps reported.
 
@@ -87,7 +89,7 @@ TARGET_RATIO = 4.0
 CAPTION = {"median": 50.0, "sigma": 0.25, "min": 16}  # stage-1 caption tokens: lognormal about 50
 MAX_TURNS = 8  # stage 2: one question/answer pair per 200 text tokens, at most this many
 # seconds a resumable row leaves before the call's limit: one step past its deadline, then its checkpoint at 7B
-# (stage 1: 28 GB of float32 weights; stage 2: plus the language model's AdamW moments, ~82 GB), written and hashed
+# (stage 1: the projector, ~250 MB, once 28 GB, for which 90 s was set; stage 2: ~81 GB), written and hashed
 SAVE_S = {1: 90.0, 2: 240.0}
 LOG_STOPPED = re.compile(r"^mimo train: stopped after step (\d+) ", re.MULTILINE)  # train.exit_duration_in_mins
 LOG_WEIGHTS = re.compile(r"^weights from (\S+) \(optimizer", re.MULTILINE)  # mimo train's line (not --quiet)
@@ -240,7 +242,7 @@ def row_overrides(stage: int, layout: Layout, args: argparse.Namespace, run_dir:
     sets = [f"model.vision_hf={models / 'clip'}", f"model.language_hf={models / 'vicuna'}",
             f"data.path={data / f'stage{stage}.json'}", f"data.image_folder={data / 'images'}",
             f"train.steps={args.warmup + args.steps}", f"log.dir={run_dir}", "log.interval=1", "checkpoint.interval=0"]
-    if stage == 2:  # from stage 1's weights; no checkpoint of its own at the end unless asked (82 GB at 7B)
+    if stage == 2:  # from stage 1's weights; no checkpoint of its own at the end unless asked (81 GB at 7B)
         sets.append(f"checkpoint.pretrained_checkpoint={stage1 or 'null'}")
         sets += [] if args.keep_checkpoints else ["checkpoint.final=false"]
     if args.dry_run:  # tiny shapes on the CPU: a small batch, float32, no compilation, the tiny model's length
@@ -452,8 +454,9 @@ def why_not_run(stage: int, source: Path | None, deadline: float) -> str | None:
 
 def keep_or_drop(row: dict[str, Any], source: Path | None, keep_all: bool) -> Path | None:
     """After a stage-1 row: its checkpoint becomes stage 2's source if there is none yet, else it is deleted
-    (28 GB at 7B) unless `keep_all`; the source from now on. A row stopped before its last step keeps its
-    checkpoint for the call that resumes it, and is no stage 2's source: stage 2 starts from a finished stage 1."""
+    (the projector's ~250 MB at 7B) unless `keep_all`; the source from now on. A row stopped before its last step
+    keeps its checkpoint for the call that resumes it, and is no stage 2's source: stage 2 starts from a finished
+    stage 1."""
     if "stopped" in row:
         return source
     checkpoint = stage1_checkpoint(Path(row["run_dir"]))

@@ -218,14 +218,14 @@ def _generation_model(args: argparse.Namespace):
 
 def _checkpoint_model(path: Path):
     """(the whole model in one process, its `LlavaSpec`, its Hugging Face `Origin`) of a checkpoint, from the
-    run config the checkpoint carries."""
+    run config the checkpoint carries; the parts it leaves out from that config's Hugging Face directories."""
     import torch
 
     from mimo.hf.config import LlavaSpec
     from mimo.hf.export import Origin
-    from mimo.training.checkpoint import CheckpointError, load_model_only, open_checkpoint
+    from mimo.training.checkpoint import HF_WEIGHTS, CheckpointError, load_model_only, omitted_prefixes, open_checkpoint
     from mimo.training.loop import build_provider
-    from mimo.training.run_config import RunConfigError, parse_run_config
+    from mimo.training.run_config import RunConfigError, hf_parts, parse_run_config
 
     _, info = open_checkpoint(path)
     if not isinstance(info["extra"].get("config"), dict):
@@ -235,10 +235,13 @@ def _checkpoint_model(path: Path):
         config = parse_run_config(info["extra"]["config"])
     except RunConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its run config no longer parses: {e}") from None
+    parts = hf_parts(config)
+    omitted_prefixes(path, info, parts)  # the parts it leaves out are where it says: refused before any reading
     provider = build_provider(config, torch.device("cpu"), distributed=False)
-    provider.initial_weights = None  # the checkpoint's values replace everything: read no Hugging Face weights
+    if not info[HF_WEIGHTS]:  # the checkpoint's values replace everything: read no Hugging Face weights
+        provider.initial_weights = None
     model = provider.provide()
-    load_model_only(path, model)
+    load_model_only(path, model, parts)
     m = config.model
     spec = LlavaSpec(provider.vision_config, provider.language_config, provider.image_token_id,
                      provider.projector_activation, provider.projector_bias)

@@ -11,6 +11,7 @@ The name map between mimo's single-process names and the files' names lives here
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -207,4 +208,28 @@ def open_pair(vision_dir: str | Path, language_dir: str | Path, image_token_id: 
     return HFModel(spec, tuple(pair_rules(SafetensorsDir(vision_dir), SafetensorsDir(language_dir))))
 
 
-__all__ = ["HFConfigError", "HFLoadError", "HFModel", "HFWeights", "SafetensorsDir", "open_llava", "open_pair"]
+def fingerprint(directory: str | Path) -> dict[str, Any]:
+    """A cheap identity of a Hugging Face directory's weights, for a checkpoint that leaves them out: the SHA-256 of
+    config.json (and of the shard index, if any) and every safetensors file's name and size; no weight is read."""
+    directory = Path(directory)
+    small = [name for name in ("config.json", "model.safetensors.index.json") if (directory / name).is_file()]
+    return {"sha256": {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in small},
+            "sizes": {p.name: p.stat().st_size for p in sorted(directory.glob("*.safetensors"))}}
+
+
+def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> str:
+    """How `actual` differs from `recorded` (both `fingerprint`s), in a few words; '' if they agree."""
+    for name in sorted({*recorded.get("sha256", {}), *actual.get("sha256", {})}):
+        if recorded.get("sha256", {}).get(name) != actual.get("sha256", {}).get(name):
+            return f"its {name} differs" if name in actual.get("sha256", {}) else f"it has no {name}"
+    was, now = recorded.get("sizes", {}), actual.get("sizes", {})
+    for name in sorted({*was, *now}):
+        if was.get(name) != now.get(name):
+            if name not in now:
+                return f"it has no {name}"
+            return f"{name} is new there" if name not in was else f"{name} is {now[name]} bytes, not {was[name]}"
+    return ""
+
+
+__all__ = ["HFConfigError", "HFLoadError", "HFModel", "HFWeights", "SafetensorsDir", "fingerprint",
+           "fingerprint_difference", "open_llava", "open_pair"]

@@ -5,13 +5,18 @@ Every tensor is saved under its single-process name (`language_model.layers.0.ml
 onto any other layout on load: TP/DP/PP sizes, deployment and world size may all change. A tied head
 on a later pipeline stage is never saved: it loads from the embedding it is tied to (`init_aliases`).
 
+A part of the model that is frozen and read from a Hugging Face directory (`HFPart`: the vision encoder, the
+projector, the language model) is left out too, unless `checkpoint.save_frozen_hf_weights`: its weights are
+already on disk and every run rebuilds them from there. `mimo.json` records where they come from (the directory
+and its `fingerprint`); every load takes them from the loading run's own directory, which must match it.
+
 On disk (one directory per step; DCP's own files plus two JSON files, nothing of ours is pickled):
     root/step_00000004/
         __<rank>_0.distcp   tensor data written by DCP (one `torch.save` record per tensor chunk, read back
                             by DCP with `torch.load(weights_only=True)`)
         .metadata           DCP's index of the tensors: a pickle written by DCP itself; read back with an
                             allow-list unpickler (`_SafeReader`), never a plain `pickle.load`
-        mimo.json           format, step, scheduler states, the caller's `extra` (JSON)
+        mimo.json           format, step, scheduler states, the caller's `extra`, the parts left out (JSON)
         COMPLETE            written last, after every rank has finished: step, every file's size and its
                             SHA-256 hash (each rank hashes a share of the files it just wrote; the parent
                             re-hashes them all before a resume, on threads: one read of the checkpoint)
@@ -28,8 +33,9 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,7 @@ MARKER, INFO, DCP_METADATA = "COMPLETE", "mimo.json", ".metadata"
 HASH = "sha256"  # the marker's key for {file: hex digest}; a checkpoint written before hashes has none
 _CHUNK = 1 << 22
 OPTIMIZER, RNG = "optimizer.", "rng_state"
+HF_WEIGHTS = "weights_from_hf"  # mimo.json's key for the parts left out: {name: where their weights come from}
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -57,14 +64,37 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read, or that does not fit the model."""
 
 
-class Checkpointer:
-    """Saves and loads training checkpoints under `root`, keeping the newest `keep` (all if None)."""
+@dataclass(frozen=True)
+class HFPart:
+    """A part of a run's model whose weights the run reads from a Hugging Face directory (`run_config.hf_parts`).
 
-    def __init__(self, root: str | Path, keep: int | None = None) -> None:
+    `name`: vision_encoder, projector or language_model; `prefix`: its parameters' keys; `setting`: the config key
+    naming `directory`; `fingerprint`: `mimo.hf.load.fingerprint` of it; `omitted`: the run's checkpoints leave
+    it out (it is frozen and `checkpoint.save_frozen_hf_weights` is false).
+    """
+
+    name: str
+    prefix: str
+    setting: str
+    directory: str
+    fingerprint: dict[str, Any]
+    omitted: bool
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint that leaves this part out says about it in `mimo.json`."""
+        return {"prefix": self.prefix, "setting": self.setting, "directory": self.directory,
+                "fingerprint": self.fingerprint}
+
+
+class Checkpointer:
+    """Saves and loads training checkpoints under `root`, keeping the newest `keep` (all if None); `hf_parts`:
+    the run's parts read from Hugging Face directories (those `omitted` are not saved; loads take them from there)."""
+
+    def __init__(self, root: str | Path, keep: int | None = None, hf_parts: Sequence[HFPart] = ()) -> None:
         """Remember where checkpoints live and how many to keep; nothing is touched yet."""
         if keep is not None and keep < 1:
             raise CheckpointError(f"keep must be at least 1 (or None to keep all), got {keep}")
-        self.root, self.keep = Path(root), keep
+        self.root, self.keep, self.hf_parts = Path(root), keep, tuple(hf_parts)
 
     # -- where checkpoints are ---------------------------------------------------------------------------
     def path(self, step: int) -> Path:
@@ -98,16 +128,19 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
             tmp.mkdir(parents=True)
         schedulers = _gather_schedulers(trainer)
+        omitted = {p.name: p.record() for p in self.hf_parts if p.omitted}
+        state = _trainer_state(trainer, tuple(r["prefix"] for r in omitted.values()))
         _barrier()
         try:
-            dcp.save(_trainer_state(trainer), storage_writer=FileSystemWriter(tmp), no_dist=not _distributed())
+            dcp.save(state, storage_writer=FileSystemWriter(tmp), no_dist=not _distributed())
         except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
             raise CheckpointError(f"saving step {step} into {tmp} failed {_cause(e)}; the previous checkpoints "
                                   f"are untouched") from e
         _barrier()  # every rank has finished writing
         hashes = _gathered_hashes(tmp)
         if _rank() == 0:
-            _write_json(tmp / INFO, {"format": FORMAT, "step": step, "schedulers": schedulers, "extra": extra})
+            _write_json(tmp / INFO, {"format": FORMAT, "step": step, "schedulers": schedulers, "extra": extra,
+                                     HF_WEIGHTS: omitted})
             hashes = dict(sorted({**hashes, **file_hashes(tmp, [INFO])}.items()))
             _write_json(tmp / MARKER, {"step": step, "files": _file_sizes(tmp), HASH: hashes})
             _move_into_place(tmp, final)
@@ -131,11 +164,12 @@ class Checkpointer:
 
         DCP reads every rank's parameters and optimizer state straight into its own shards (DTensor
         targets reshard; a DDP+TP shard is viewed as the DTensor it is), then the optimizers, schedulers,
-        `trainer.step_count` (the saved step) and rank 0's RNG state (on every rank) are restored.
+        `trainer.step_count` (the saved step) and rank 0's RNG state (on every rank) are restored. Parts the
+        checkpoint leaves out keep the weights the model was built with, from this run's `hf_parts`.
         """
         path = Path(path)
         metadata, info = open_checkpoint(path)
-        model_targets = _model_targets(trainer.model)
+        model_targets = _model_targets(trainer.model, omitted_prefixes(path, info, self.hf_parts))
         problems = _scheduler_problems(trainer, info)
         _agree_on_keys(path, metadata, model_targets, problems)
         optim_targets = _optimizer_targets(trainer, metadata)
@@ -152,14 +186,14 @@ class Checkpointer:
         return info["extra"]
 
 
-def load_model_only(path: str | Path, model: nn.Module) -> None:
-    """Load a checkpoint's parameters into a whole, unwrapped `MimoModel` in this one process (no groups)."""
+def load_model_only(path: str | Path, model: nn.Module, hf_parts: Sequence[HFPart] = ()) -> None:
+    """Load a checkpoint's parameters into a whole, unwrapped `MimoModel` in this one process (no groups); the
+    parts it leaves out must be `hf_parts` of the same directories, whose weights `model` already holds."""
     path = Path(path)
     if any(dtensor_spec(p) is not None for p in model.parameters()):
         raise CheckpointError("load_model_only takes a whole, unwrapped model; use Checkpointer.load for a "
                               "distributed one")
-    check_weights_fit(path, model)
-    targets = _model_targets(model)
+    targets = _fitting_targets(path, model, hf_parts)
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load({k: t for k, (t, _) in targets.items()}, storage_reader=_SafeReader(path), no_dist=True)
@@ -179,23 +213,31 @@ def weights_path(path: str | Path) -> Path:
     return path
 
 
-def check_weights_fit(path: str | Path, model: nn.Module) -> None:
+def check_weights_fit(path: str | Path, model: nn.Module, hf_parts: Sequence[HFPart] = ()) -> None:
     """`path` is a complete, intact checkpoint whose parameters are exactly those of the whole, unwrapped
-    `model` (names and shapes; a meta model will do), or a one-line `CheckpointError` naming the difference."""
-    path = Path(path)
-    metadata, _ = open_checkpoint(path)
-    problem = _key_problems(metadata, {k: s for k, (_, s) in _model_targets(model).items()})
+    `model` (names and shapes; a meta model will do) but the parts it leaves out, which come from the same
+    Hugging Face directories as this run's `hf_parts`; or a one-line `CheckpointError` naming the difference."""
+    _fitting_targets(Path(path), model, hf_parts)
+
+
+def _fitting_targets(path: Path, model: nn.Module, hf_parts: Sequence[HFPart]) -> dict:
+    """`_model_targets` of the parameters checkpoint `path` holds, once it is found to fit `model`."""
+    metadata, info = open_checkpoint(path)
+    targets = _model_targets(model, omitted_prefixes(path, info, hf_parts))
+    problem = _key_problems(metadata, {k: s for k, (_, s) in targets.items()})
     if problem:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {problem}")
+    return targets
 
 
-def load_weights(path: str | Path, trainer) -> None:
+def load_weights(path: str | Path, trainer, hf_parts: Sequence[HFPart] = ()) -> None:
     """Only a checkpoint's parameters, into `trainer`'s model on any layout (a collective): a pretrained
     checkpoint (`checkpoint.pretrained_checkpoint`, e.g. LLaVA stage 2 from stage 1). The optimizer state,
-    the schedule, the step, the RNG and the data position start fresh, as a new run's do."""
+    the schedule, the step, the RNG and the data position start fresh, as a new run's do. Parts it leaves out
+    keep the weights the model was built with, from the run's `hf_parts`."""
     path = Path(path)
-    metadata, _ = open_checkpoint(path)
-    targets = _model_targets(trainer.model)
+    metadata, info = open_checkpoint(path)
+    targets = _model_targets(trainer.model, omitted_prefixes(path, info, hf_parts))
     _agree_on_keys(path, metadata, targets, [])
     dcp.load({k: t for k, (t, _) in targets.items()}, storage_reader=_SafeReader(path), no_dist=not _distributed())
     _copy_into_shards(trainer, targets)
@@ -227,6 +269,8 @@ def open_checkpoint(path: Path, verify: bool = False) -> tuple[Metadata, dict]:
     lacking = [k for k in ("step", "schedulers", "extra") if k not in info]
     if lacking:
         raise CheckpointError(f"checkpoint {path} has a corrupt {INFO}: no {', '.join(lacking)}")
+    info.setdefault(HF_WEIGHTS, {})  # written before parts were left out: it holds every parameter
+    _check_hf_records(path, info[HF_WEIGHTS])
     _check_step(path, marker, info)
     try:
         metadata = _SafeReader(path).read_metadata()
@@ -236,6 +280,38 @@ def open_checkpoint(path: Path, verify: bool = False) -> tuple[Metadata, dict]:
     if RNG not in metadata.state_dict_metadata:
         raise CheckpointError(f"checkpoint {path} has no {RNG}: it was not written by mimo's Checkpointer")
     return metadata, info
+
+
+def _check_hf_records(path: Path, records: Any) -> None:
+    """Each part left out is recorded with its key prefix, setting, directory and fingerprint."""
+    fields = ("prefix", "setting", "directory", "fingerprint")
+    if not isinstance(records, dict) or not all(isinstance(r, dict) and all(f in r for f in fields)
+                                                for r in records.values()):
+        raise CheckpointError(f"checkpoint {path} has a corrupt {INFO}: {HF_WEIGHTS} must map each part left out "
+                              f"to its {', '.join(fields)}")
+
+
+def omitted_prefixes(path: Path, info: dict, hf_parts: Sequence[HFPart]) -> tuple[str, ...]:
+    """The key prefixes of the parts checkpoint `path` (its `info`) leaves out, each checked to come from a
+    Hugging Face directory of this run (`hf_parts`) with the fingerprint recorded; else a one-line
+    `CheckpointError` naming the part, the directory recorded, the one configured and what to do."""
+    from mimo.hf.load import fingerprint_difference
+
+    ours = {p.name: p for p in hf_parts}
+    for name, recorded in info[HF_WEIGHTS].items():
+        part, was = ours.get(name), recorded["directory"]
+        if part is None:
+            raise CheckpointError(f"checkpoint {path} leaves out the frozen {name}, whose weights come from the "
+                                  f"Hugging Face directory {was} ({recorded['setting']}), but this run reads "
+                                  f"{name} from no Hugging Face directory: set {recorded['setting']} to {was} "
+                                  f"(or to a copy of it)")
+        difference = fingerprint_difference(recorded["fingerprint"], part.fingerprint)
+        if difference:
+            raise CheckpointError(f"checkpoint {path} leaves out the frozen {name}, whose weights come from the "
+                                  f"Hugging Face directory {was}, but this run's {part.setting} {part.directory} "
+                                  f"is not that directory ({difference}): set {part.setting} to {was} (or to an "
+                                  f"unchanged copy of it)")
+    return tuple(recorded["prefix"] for recorded in info[HF_WEIGHTS].values())
 
 
 def newest_intact(checkpointer: Checkpointer, report: Callable[[str], None] = print) -> Path | None:
@@ -406,11 +482,12 @@ def _global(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                               stride=spec.stride)
 
 
-def _trainer_state(trainer) -> dict[str, torch.Tensor]:
-    """This rank's parameters and optimizer state under single-process keys; rank 0 adds its RNG state."""
+def _trainer_state(trainer, omitted: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """This rank's parameters and optimizer state under single-process keys, but those under the `omitted`
+    prefixes (frozen parts read from Hugging Face directories); rank 0 adds its RNG state."""
     state: dict[str, torch.Tensor] = {RNG: torch.get_rng_state()} if _rank() == 0 else {}
     for module, key, p, aliased in _parameters(trainer.model):
-        if aliased:
+        if aliased or key.startswith(omitted):
             continue
         state[key] = _global(p.detach(), p)
         opt = trainer.optimizers.get(module)
@@ -423,10 +500,13 @@ def _trainer_state(trainer) -> dict[str, torch.Tensor]:
 
 
 # -- what a rank loads ---------------------------------------------------------------------------------
-def _model_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
-    """key → (the tensor DCP reads into, in place, and the parameter's global shape)."""
+def _model_targets(model: nn.Module, omitted: tuple[str, ...] = ()) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """key → (the tensor DCP reads into, in place, and the parameter's global shape), but for keys under the
+    `omitted` prefixes (parts a checkpoint leaves out: they keep the values the model was built with)."""
     targets = {}
     for _, key, p, _ in _parameters(model):
+        if key.startswith(omitted):
+            continue
         target = _global(p.detach(), p)
         targets[key] = (target, tuple(target.shape))
     return targets
@@ -436,7 +516,7 @@ def _copy_into_shards(trainer, targets: dict[str, tuple[torch.Tensor, tuple[int,
     """Copy a loaded DTensor into its DDP+TP local shard, where it is not already a view of it."""
     with torch.no_grad():
         for _, key, p, _ in _parameters(trainer.model):
-            target = targets[key][0]
+            target = targets[key][0] if key in targets else None
             if isinstance(target, DTensor) and not isinstance(p, DTensor):
                 local = target.to_local()
                 if local.data_ptr() != p.data_ptr():
@@ -603,5 +683,5 @@ def _barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["Checkpointer", "CheckpointError", "check_weights_fit", "file_hashes", "load_model_only", "load_weights",
-           "newest_intact", "open_checkpoint", "weights_path"]
+__all__ = ["Checkpointer", "CheckpointError", "HFPart", "check_weights_fit", "file_hashes", "load_model_only",
+           "load_weights", "newest_intact", "omitted_prefixes", "open_checkpoint", "weights_path"]

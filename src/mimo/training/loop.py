@@ -28,6 +28,7 @@ from mimo.training.checkpoint import (
     CheckpointError,
     load_model_only,
     load_weights,
+    omitted_prefixes,
     open_checkpoint,
     weights_path,
 )
@@ -38,7 +39,7 @@ from mimo.training.flops import PackedRows, batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.optim import OptimizerConfig
-from mimo.training.run_config import RunConfig, hf_model, validate_run
+from mimo.training.run_config import RunConfig, hf_model, hf_parts, validate_run
 from mimo.training.step import MimoTrainer, StepResult
 
 
@@ -149,13 +150,13 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     dataset = build_dataset(config, provider)
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     trainer = build_trainer(config, provider, model, device)
-    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep)
+    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, hf_parts=hf_parts(config))
     skipped = SkippedSamples()
     if resume:
         _resume(checkpointer, trainer, sampler, skipped, rank, resume_from)
     elif config.checkpoint.pretrained_checkpoint:
         source = weights_path(config.checkpoint.pretrained_checkpoint)
-        load_weights(source, trainer)
+        load_weights(source, trainer, checkpointer.hf_parts)
         if rank == 0 and not quiet:
             print(f"weights from {source} (optimizer, schedule and data start fresh)", flush=True)
     if rank == 0:  # only now, once a resume has been accepted: a refused one leaves the run directory as it was
@@ -241,10 +242,12 @@ def _write_run_dir(config: RunConfig, rank_map: str, quiet: bool) -> None:
 
 
 def check_resume_fits(config: RunConfig, path: str | Path) -> None:
-    """Before any worker starts: the checkpoint's data position fits this run's batches (dataset size, global
-    batch, seed), by the rule the workers apply (`GlobalBatchSampler.load_state_dict`); else a one-line
-    CheckpointError naming what differs, instead of the workers' refusal after the whole start-up."""
+    """Before any worker starts: the parts the checkpoint leaves out come from this run's Hugging Face directories
+    (`omitted_prefixes`), and its data position fits this run's batches (dataset size, global batch, seed), by
+    the rule the workers apply (`GlobalBatchSampler.load_state_dict`); else a one-line CheckpointError naming
+    what differs, instead of the workers' refusal after the whole start-up."""
     _, info = open_checkpoint(Path(path))
+    omitted_prefixes(Path(path), info, hf_parts(config))
     dataset = build_dataset(config, build_provider(config, distributed=False))
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     try:
@@ -296,7 +299,7 @@ def _evaluate(config: RunConfig, checkpoint: Path) -> tuple[float, int]:
     """(held-out caption accuracy, number of digits) of the final checkpoint, loaded whole into one process."""
     provider = build_provider(config, torch.device("cpu"), distributed=False)
     model = provider.provide()
-    load_model_only(checkpoint, model)
+    load_model_only(checkpoint, model, hf_parts(config))
     held_out = build_dataset(config, provider, "held_out")
     return answer_accuracy(model, held_out), len(held_out)
 

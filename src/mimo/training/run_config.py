@@ -21,6 +21,9 @@ import yaml
 from mimo.config import LayoutError, MimoParallelismConfig, load_yaml_text, read_yaml
 from mimo.precision import PrecisionPolicy
 
+if typing.TYPE_CHECKING:
+    from mimo.training.checkpoint import HFPart
+
 
 class RunConfigError(ValueError):
     """A training config that cannot run, naming the key and what would be valid."""
@@ -133,13 +136,19 @@ class CheckpointSection:
     new run starts from, without its
     optimizer state, schedule, step or data position (Megatron-Bridge's name; LLaVA stage 2 from stage 1).
     `--resume` continues the run's own checkpoints instead. `final: false` skips the checkpoint at the end (a
-    speed run: at 7B a stage-2 checkpoint is about 82 GB of weights and AdamW state)."""
+    speed run: at 7B a stage-2 checkpoint is about 82 GB of weights and AdamW state).
+
+    `save_frozen_hf_weights: false` leaves out of every checkpoint each frozen part whose weights the run reads
+    from a Hugging Face directory (LLaVA stage 1 keeps only the projector: ~250 MB with its AdamW moments at 7B,
+    not 28 GB); the checkpoint records the directory and a fingerprint of it, and whatever loads it reads those
+    parts from its own run's directory, which must match."""
 
     dir: str | None = None
     interval: int = field(default=0, metadata={"min": 0})
     keep: int = field(default=2, metadata={"min": 1})
     pretrained_checkpoint: str | None = None
     final: bool = True
+    save_frozen_hf_weights: bool = False
 
 
 @dataclass
@@ -247,6 +256,27 @@ def hf_model(section: ModelSection):
         raise RunConfigError(f"model: {e}") from None
 
 
+def hf_parts(config: RunConfig) -> list[HFPart]:
+    """The parts of the run's model read from Hugging Face directories (`checkpoint.HFPart`, each with its
+    directory's fingerprint), and whether its checkpoints leave each out: frozen, unless
+    `checkpoint.save_frozen_hf_weights`. A preset's model has none (its random weights are always saved)."""
+    from mimo.hf.load import LANGUAGE as LANGUAGE_PREFIX
+    from mimo.hf.load import PROJECTOR, VISION, fingerprint
+    from mimo.training.checkpoint import HFPart
+
+    m, keep = config.model, config.checkpoint.save_frozen_hf_weights
+    parts = []
+    for name, prefix, freeze, own in (("vision_encoder", VISION, m.freeze_vision_encoder, "vision_hf"),
+                                      ("projector", PROJECTOR, m.freeze_projection, None),  # a pair's is seeded
+                                      ("language_model", LANGUAGE_PREFIX, m.freeze_language_model, "language_hf")):
+        setting = "hf" if m.hf is not None else own
+        directory = getattr(m, setting) if setting else None
+        if directory is not None:
+            parts.append(HFPart(name, prefix, f"model.{setting}", str(Path(directory).absolute()),
+                                fingerprint(directory), omitted=freeze and not keep))
+    return parts
+
+
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides, check every key and type."""
     data = read_yaml(path)
@@ -296,7 +326,8 @@ def validate_run(config: RunConfig, world_size: int) -> list[str]:
 
 
 def _check_pretrained(config: RunConfig) -> None:
-    """`checkpoint.pretrained_checkpoint` is an intact checkpoint with exactly this model's parameters."""
+    """`checkpoint.pretrained_checkpoint` is an intact checkpoint with exactly this model's parameters (those it
+    leaves out from this run's own Hugging Face directories)."""
     path = config.checkpoint.pretrained_checkpoint
     if path is None:
         return
@@ -304,7 +335,8 @@ def _check_pretrained(config: RunConfig) -> None:
     from mimo.training.loop import build_provider
 
     try:
-        check_weights_fit(weights_path(path), build_provider(config, distributed=False).whole_meta_model())
+        check_weights_fit(weights_path(path), build_provider(config, distributed=False).whole_meta_model(),
+                          hf_parts(config))
     except CheckpointError as e:
         raise RunConfigError(f"checkpoint.pretrained_checkpoint: {e}") from None
 

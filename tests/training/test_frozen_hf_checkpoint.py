@@ -1,0 +1,211 @@
+"""Checkpoints leave out the frozen parts read from Hugging Face directories (`checkpoint.save_frozen_hf_weights`).
+
+A LLaVA-stage-1-like run (a CLIP tower and a Llama from tiny random directories, both frozen; the projector trains)
+writes only the projector: `--resume` (on another layout), a pretrained checkpoint for stage 2, `load_model_only` and
+`mimo export-hf` take the rest from the run's own directories and match a full checkpoint exactly (float64). A
+checkpoint whose directory is not named, or whose fingerprint differs, is refused in one line before any worker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mimo.training.checkpoint import HF_WEIGHTS, OPTIMIZER, RNG, load_model_only, open_checkpoint
+from mimo.training.loop import build_provider, check_resume_fits
+from mimo.training.run_config import hf_parts, load_run_config, parse_run_config
+from tests.hf import tiny_hf
+from tests.test_train_cli import mimo, refused, steps_and_losses, write_config
+
+HOMOGENEOUS = {"images": {"data_parallel_size": 2}, "language": {"data_parallel_size": 2}}
+LANGUAGE_TP2 = {"images": {"data_parallel_size": 1},
+                "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1, "rank_offset": 1}}
+DATA = {"name": "synthetic", "num_samples": 32, "items_per_sample": [0, 1, 2]}
+PROJECTOR = "modality_submodules.images.projection."
+
+
+def stage1_model(root: Path, **changes) -> dict:
+    """Stage 1's model section over the tiny directories in `root`: both towers frozen, the projector trains."""
+    return {"vision_hf": str(root / "clip"), "language_hf": str(root / "llama"), "freeze_vision_encoder": True,
+            "freeze_language_model": True, **changes}
+
+
+def train(tmp_path: Path, model: dict, *args: str, **sections: dict) -> Path:
+    """`mimo train` of the stage-1 run (RUN's two-rank layout, 4 float64 steps, checkpoints at 2 and 4); its
+    run directory."""
+    path, run_dir = write_config(tmp_path, model=model, data=DATA, **sections)
+    done = mimo("train", str(path), "--quiet", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The tiny directories, and stage 1 straight through twice: leaving the towers out (`small`) and, with
+    save_frozen_hf_weights, saving every parameter (`full`, 2 steps)."""
+    root = tmp_path_factory.mktemp("frozen_hf")
+    tiny_hf.save_vision(root / "clip", "clip")
+    tiny_hf.save_language(root / "llama", "llama")
+    small = train(root / "small", stage1_model(root))
+    full = train(root / "full", stage1_model(root), "--set", "train.steps=2",
+                 checkpoint={"save_frozen_hf_weights": True})
+    return {"root": root, "small": small, "full": full}
+
+
+def saved_keys(checkpoint: Path) -> set[str]:
+    """The tensor keys DCP's metadata lists (parameters, optimizer state, RNG)."""
+    return set(open_checkpoint(checkpoint)[0].state_dict_metadata)
+
+
+def size(checkpoint: Path) -> int:
+    return sum(p.stat().st_size for p in checkpoint.iterdir())
+
+
+def whole_model(root: Path, checkpoint: Path, **model_changes) -> dict[str, torch.Tensor]:
+    """The whole stage-1 model built in this process (from the directories) with `checkpoint` loaded."""
+    config = parse_run_config({"parallelism": HOMOGENEOUS, "model": stage1_model(root, **model_changes),
+                               "train": {"dtype": "float64"}})
+    model = build_provider(config, torch.device("cpu"), distributed=False).provide()
+    load_model_only(checkpoint, model, hf_parts(config))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_a_stage1_checkpoint_holds_only_the_projector(runs):
+    small, full = runs["small"] / "checkpoints" / "step_00000002", runs["full"] / "checkpoints" / "step_00000002"
+    keys = saved_keys(small)
+    parameters = {k for k in keys if not k.startswith(OPTIMIZER) and k != RNG}
+    assert parameters and all(k.startswith(PROJECTOR) for k in parameters), sorted(parameters)
+    assert {k for k in keys if k.startswith(OPTIMIZER)} == {f"{OPTIMIZER}{k}.{s}" for k in parameters
+                                                            for s in ("exp_avg", "exp_avg_sq", "step")}
+    # save_frozen_hf_weights: true keeps every parameter (as before), the towers' too
+    everything = saved_keys(full)
+    assert keys < everything
+    assert any(k.startswith("modality_submodules.images.encoder.") for k in everything)
+    assert any(k.startswith("language_model.") for k in everything)
+    assert size(small) * 5 < size(full), (size(small), size(full))  # 0.19 MB vs 1.34 MB (float64, AdamW)
+    # where the towers come from: the directories and their fingerprints
+    info = json.loads((small / "mimo.json").read_text())
+    assert sorted(info[HF_WEIGHTS]) == ["language_model", "vision_encoder"]
+    vision = info[HF_WEIGHTS]["vision_encoder"]
+    assert vision["directory"] == str(runs["root"] / "clip") and vision["setting"] == "model.vision_hf"
+    assert vision["prefix"] == "modality_submodules.images.encoder."
+    assert vision["fingerprint"]["sizes"] == {"model.safetensors": (runs["root"] / "clip" / "model.safetensors")
+                                              .stat().st_size}
+    assert set(vision["fingerprint"]["sha256"]) == {"config.json"}
+    assert json.loads((full / "mimo.json").read_text())[HF_WEIGHTS] == {}
+    # leaving the towers out changes nothing in training
+    assert steps_and_losses(runs["full"]) == {s: v for s, v in steps_and_losses(runs["small"]).items() if s <= 2}
+
+
+def test_resume_from_a_projector_only_checkpoint_on_another_layout_continues_the_run(runs, tmp_path):
+    """Saved with the language model whole on rank 1, resumed with it tensor-parallel on ranks 1-2: each rank
+    reads its shard of the frozen model from the directory, and only the projector from the checkpoint."""
+    losses = steps_and_losses(runs["small"])
+    path, run_dir = write_config(tmp_path, model=stage1_model(runs["root"]), data=DATA, parallelism=LANGUAGE_TP2)
+    shutil.copytree(runs["small"] / "checkpoints" / "step_00000002", run_dir / "checkpoints" / "step_00000002")
+    resumed = mimo("train", str(path), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = steps_and_losses(run_dir)
+    assert sorted(again) == [3, 4] and losses[3] != losses[4]
+    for step in (3, 4):
+        assert abs(again[step] - losses[step]) <= 1e-8 * abs(losses[step]), (step, again[step], losses[step])
+
+
+def test_stage2_and_export_from_a_projector_only_checkpoint_equal_a_full_ones(runs, tmp_path):
+    root = runs["root"]
+    small, full = runs["small"] / "checkpoints" / "step_00000002", runs["full"] / "checkpoints" / "step_00000002"
+    reference = whole_model(root, full)
+    loaded = whole_model(root, small)
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    # stage 2 (the language model trains, lr 0 here) on one rank: the projector from the small checkpoint, the
+    # rest from the directories; its own checkpoint leaves out only the still-frozen tower
+    stage2 = train(tmp_path / "stage2", stage1_model(root, freeze_language_model=False),
+                   parallelism={"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}},
+                   train={"steps": 1, "lr": 0.0}, checkpoint={"interval": 0, "pretrained_checkpoint": str(small)})
+    after = stage2 / "checkpoints" / "step_00000001"
+    assert sorted(json.loads((after / "mimo.json").read_text())[HF_WEIGHTS]) == ["vision_encoder"]
+    assert any(k.startswith("language_model.") for k in saved_keys(after))
+    weights = whole_model(root, after, freeze_language_model=False)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    # mimo export-hf writes the same tensors from either checkpoint
+    for name, checkpoint in (("small", small), ("full", full)):
+        done = mimo("export-hf", str(checkpoint), str(tmp_path / f"export_{name}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    exported = [load_file(tmp_path / f"export_{n}" / "model.safetensors") for n in ("small", "full")]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[1])
+
+
+def refusal(checkpoint: Path, name: str, recorded: Path, setting: str, configured: Path, difference: str) -> str:
+    return (f"checkpoint {checkpoint} leaves out the frozen {name}, whose weights come from the Hugging Face "
+            f"directory {recorded}, but this run's {setting} {configured} is not that directory ({difference}): "
+            f"set {setting} to {recorded} (or to an unchanged copy of it)")
+
+
+def test_a_resume_with_another_directory_is_refused_before_any_worker_starts(runs, tmp_path):
+    root = runs["root"]
+    shutil.copytree(root / "clip", tmp_path / "clip")
+    shutil.copytree(root / "llama", tmp_path / "llama")
+    path, run_dir = write_config(tmp_path / "run", model=stage1_model(tmp_path), data=DATA)
+    checkpoint = run_dir / "checkpoints" / "step_00000002"
+    shutil.copytree(runs["small"] / "checkpoints" / "step_00000002", checkpoint)
+    check_resume_fits(load_run_config(path), checkpoint)  # an unchanged copy is the same directory
+    # its config.json rewritten (the same model, another text)
+    text = json.loads((tmp_path / "clip" / "config.json").read_text())
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(text, indent=4, sort_keys=True))
+    done = refused("train", str(path), "--quiet", "--resume")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "mimo train: error: " + refusal(checkpoint, "vision_encoder", root / "clip",
+                                                         "model.vision_hf", tmp_path / "clip",
+                                                         "its config.json differs") + "\n"
+    shutil.copy(root / "clip" / "config.json", tmp_path / "clip" / "config.json")
+    # a weight file of another size (one tensor more)
+    tensors = load_file(tmp_path / "llama" / "model.safetensors")
+    save_file({**tensors, "extra": torch.zeros(3)}, tmp_path / "llama" / "model.safetensors", {"format": "pt"})
+    before, after = ((d / "model.safetensors").stat().st_size for d in (root / "llama", tmp_path / "llama"))
+    done = refused("train", str(path), "--quiet", "--resume")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "mimo train: error: " + refusal(checkpoint, "language_model", root / "llama",
+                                                         "model.language_hf", tmp_path / "llama",
+                                                         f"model.safetensors is {after} bytes, not {before}") + "\n"
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.yaml").exists()  # nothing started
+
+
+def test_a_run_naming_no_directory_for_a_part_left_out_is_refused(runs, tmp_path):
+    small = runs["small"] / "checkpoints" / "step_00000002"
+    expected = (f"checkpoint {small} leaves out the frozen vision_encoder, whose weights come from the Hugging Face "
+                f"directory {runs['root'] / 'clip'} (model.vision_hf), but this run reads vision_encoder from no "
+                f"Hugging Face directory: set model.vision_hf to {runs['root'] / 'clip'} (or to a copy of it)")
+    # a preset model as stage 2: refused by mimo validate and mimo train before any worker
+    path, _ = write_config(tmp_path, model={"preset": "tiny"}, checkpoint={"pretrained_checkpoint": str(small)})
+    for command in ("validate", "train"):
+        done = refused(command, str(path))
+        assert done.returncode == 2 and done.stderr == f"mimo {command}: error: checkpoint.pretrained_checkpoint: " \
+                                                       f"{expected}\n", done.stderr
+    # load_model_only into a model with no directory for it
+    config = parse_run_config({"parallelism": HOMOGENEOUS, "model": {"preset": "tiny"}})
+    with pytest.raises(Exception, match="leaves out the frozen vision_encoder"):
+        load_model_only(small, build_provider(config, torch.device("cpu"), distributed=False).provide(),
+                        hf_parts(config))
+
+
+def test_export_refuses_when_the_recorded_directory_changed(runs, tmp_path):
+    root, small = runs["root"], runs["small"] / "checkpoints" / "step_00000002"
+    config = root / "clip" / "config.json"
+    original = config.read_bytes()
+    try:
+        config.write_bytes(original + b"\n")
+        done = refused("export-hf", str(small), str(tmp_path / "out"))
+    finally:
+        config.write_bytes(original)
+    assert done.returncode == 2
+    assert done.stderr == "mimo export-hf: error: " + refusal(small, "vision_encoder", root / "clip",
+                                                             "model.vision_hf", root / "clip",
+                                                             "its config.json differs") + "\n"
+    assert not (tmp_path / "out").exists()
