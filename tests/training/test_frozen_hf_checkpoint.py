@@ -209,3 +209,19 @@ def test_export_refuses_when_the_recorded_directory_changed(runs, tmp_path):
                                                              "model.vision_hf", root / "clip",
                                                              "its config.json differs") + "\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["full", "small"])
+def test_a_frozen_part_a_pretrained_checkpoint_overwrote_is_saved(runs, tmp_path, source):
+    """A frozen part holds the weights of the pretrained checkpoint the run starts from, if that checkpoint has
+    them (`full`), not its directory's: the run's checkpoints must keep it, or a resume would silently take the
+    directory's weights. One the pretrained checkpoint left out too (`small`) is left out again."""
+    pretrained = runs[source] / "checkpoints" / "step_00000002"
+    run_dir = train(tmp_path, stage1_model(runs["root"]), "--set", "train.steps=2",
+                    checkpoint={"pretrained_checkpoint": str(pretrained)})
+    def towers(checkpoint: Path) -> set[str]:
+        return {k for k in saved_keys(checkpoint) if k.startswith(("language_model.", "modality_submodules.images."
+                                                                   "encoder."))}
+
+    saved = towers(run_dir / "checkpoints" / "step_00000002")
+    assert bool(saved) == (source == "full") and saved == towers(pretrained)

@@ -291,6 +291,15 @@ def _check_hf_records(path: Path, records: Any) -> None:
                               f"to its {', '.join(fields)}")
 
 
+def parts_left_out(path: str | Path) -> set[str]:
+    """The parts a checkpoint (or a run directory: its newest) leaves out, by name, from its `mimo.json` alone;
+    none if it cannot be read (whatever loads it refuses it then, naming why)."""
+    try:
+        return set(_read_json(weights_path(path) / INFO).get(HF_WEIGHTS, {}))
+    except CheckpointError:
+        return set()
+
+
 def omitted_prefixes(path: Path, info: dict, hf_parts: Sequence[HFPart]) -> tuple[str, ...]:
     """The key prefixes of the parts checkpoint `path` (its `info`) leaves out, each checked to come from a
     Hugging Face directory of this run (`hf_parts`) with the fingerprint recorded; else a one-line

@@ -259,12 +259,16 @@ def hf_model(section: ModelSection):
 def hf_parts(config: RunConfig) -> list[HFPart]:
     """The parts of the run's model read from Hugging Face directories (`checkpoint.HFPart`, each with its
     directory's fingerprint), and whether its checkpoints leave each out: frozen, unless
-    `checkpoint.save_frozen_hf_weights`. A preset's model has none (its random weights are always saved)."""
+    `checkpoint.save_frozen_hf_weights`, and not overwritten by `checkpoint.pretrained_checkpoint` (a part that
+    checkpoint holds has its weights, not the directory's: only one that it left out too is left out). A preset's
+    model has none (its random weights are always saved)."""
     from mimo.hf.load import LANGUAGE as LANGUAGE_PREFIX
     from mimo.hf.load import PROJECTOR, VISION, fingerprint
-    from mimo.training.checkpoint import HFPart
+    from mimo.training.checkpoint import HFPart, parts_left_out
 
     m, keep = config.model, config.checkpoint.save_frozen_hf_weights
+    pretrained = config.checkpoint.pretrained_checkpoint
+    from_directory = (lambda name: True) if pretrained is None else parts_left_out(pretrained).__contains__
     parts = []
     for name, prefix, freeze, own in (("vision_encoder", VISION, m.freeze_vision_encoder, "vision_hf"),
                                       ("projector", PROJECTOR, m.freeze_projection, None),  # a pair's is seeded
@@ -273,7 +277,7 @@ def hf_parts(config: RunConfig) -> list[HFPart]:
         directory = getattr(m, setting) if setting else None
         if directory is not None:
             parts.append(HFPart(name, prefix, f"model.{setting}", str(Path(directory).absolute()),
-                                fingerprint(directory), omitted=freeze and not keep))
+                                fingerprint(directory), omitted=freeze and not keep and from_directory(name)))
     return parts
 
 
