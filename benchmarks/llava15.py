@@ -88,9 +88,9 @@ ANCHOR = {1: 5.5, 2: 2.3}
 TARGET_RATIO = 4.0
 CAPTION = {"median": 50.0, "sigma": 0.25, "min": 16}  # stage-1 caption tokens: lognormal about 50
 MAX_TURNS = 8  # stage 2: one question/answer pair per 200 text tokens, at most this many
-# seconds a resumable row leaves before the call's limit: one step past its deadline, then its checkpoint at 7B
-# (stage 1: the projector, ~250 MB, once 28 GB, for which 90 s was set; stage 2: ~81 GB), written and hashed
-SAVE_S = {1: 90.0, 2: 240.0}
+# seconds a resumable row leaves before the call's limit: one step past its deadline (~4-10 s at 7B), then its
+# checkpoint, written and hashed (stage 1: the projector and its AdamW moments, ~250 MB; stage 2: ~81 GB)
+SAVE_S = {1: 30.0, 2: 240.0}
 LOG_STOPPED = re.compile(r"^mimo train: stopped after step (\d+) ", re.MULTILINE)  # train.exit_duration_in_mins
 LOG_WEIGHTS = re.compile(r"^weights from (\S+) \(optimizer", re.MULTILINE)  # mimo train's line (not --quiet)
 
