@@ -159,6 +159,45 @@ def test_a_deadline_stops_at_a_step_boundary_with_a_checkpoint_and_resume_finish
     assert refused_zero.returncode == 2 and "train.exit_duration_in_mins" in refused_zero.stderr, refused_zero.stderr
 
 
+def test_sigterm_with_the_signal_handler_checkpoints_the_step_in_flight_and_resume_continues(tmp_path):
+    """train.exit_signal_handler (a scheduler's preemption notice): SIGTERM to `mimo train` reaches every worker
+    (the launcher forwards it); they finish the step in flight, checkpoint it and exit; the parent says 143, as a
+    shell does. Resumed, the run continues with the losses of a run never stopped."""
+    path, run_dir = write_config(tmp_path / "a", train={"steps": 100_000, "exit_signal_handler": True},
+                                 checkpoint={"interval": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        give_up = time.monotonic() + 180  # a bound on waiting, not a speed claim
+        while time.monotonic() < give_up and len(_lines(run_dir / "metrics.jsonl")) < 2:
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr[-3000:]
+    steps = sorted(steps_and_losses(run_dir))
+    stopped = steps[-1]
+    assert steps == list(range(1, stopped + 1)) and stopped >= 2
+    checkpoint = run_dir / "checkpoints" / f"step_{stopped:08d}"
+    assert (f"mimo train: stopped after step {stopped} of 100000, a rank received SIGTERM "
+            f"(train.exit_signal_handler); checkpoint {checkpoint}: --resume continues") in stdout, stdout[-2000:]
+    resumed = mimo("train", str(path), "--quiet", "--resume", "--set", f"train.steps={stopped + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight_path, straight_dir = write_config(tmp_path / "b", train={"steps": stopped + 2})
+    straight = mimo("train", str(straight_path), "--quiet")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    got, want = steps_and_losses(run_dir), steps_and_losses(straight_dir)
+    assert sorted(got) == sorted(want) == list(range(1, stopped + 3))
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-8 * abs(loss), (step, got[step], loss)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 def test_a_failing_rank_ends_the_job_promptly(tmp_path):
     path, _ = write_config(tmp_path, train={"steps": 50})
     t0 = time.monotonic()

@@ -19,3 +19,19 @@ def passed_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool]:
 
 def test_one_rank_past_the_deadline_stops_every_rank():
     assert run_distributed(passed_on_each_rank, 2) == [(True, False, False), (True, False, False)]
+
+
+def signalled_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool]:
+    """The signal handler on, no time limit: SIGTERM reaches rank 1 only (before the check: after, and on the
+    next step, as the handler only notes it). Each rank's (passed, signalled, timed out)."""
+    import os
+    import signal
+
+    deadline = Deadline(None, torch.device("cpu"), on_signal=True)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return deadline.passed(), deadline.signalled, deadline.timed_out
+
+
+def test_sigterm_on_one_rank_stops_every_rank():
+    assert run_distributed(signalled_on_each_rank, 2) == [(True, True, False), (True, True, False)]

@@ -167,7 +167,8 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     progress = Progress(config.train.steps, enabled=rank == 0, quiet=quiet, initial_step=trainer.step_count)
     last: dict[str, Any] = {}
     fault = _injected_fault(rank)
-    deadline, saved = Deadline(config.train.exit_duration_in_mins, device, start), None
+    deadline = Deadline(config.train.exit_duration_in_mins, device, start, config.train.exit_signal_handler)
+    saved = None
     with _loader(config, dataset, sampler, device) as batches:
         for step in range(trainer.step_count, config.train.steps):
             if fault == step + 1:
@@ -196,8 +197,8 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
         if rank == 0:
             print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
-                  f"{deadline.elapsed() / 60:.1f} min into the run (train.exit_duration_in_mins: "
-                  f"{config.train.exit_duration_in_mins:g}); checkpoint {final}: --resume continues", flush=True)
+                  f"{deadline.why(config.train.exit_duration_in_mins)}; checkpoint {final}: --resume continues",
+                  flush=True)
     elif config.checkpoint.final:
         final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
     if rank == 0 and skipped.summary():

@@ -83,6 +83,9 @@ class TrainSection:
     # step that passed it (whatever checkpoint.final says), then exit 0; `--resume` continues (a scheduler's
     # wall-time limit; Megatron's name)
     exit_duration_in_mins: float | None = field(default=None, metadata={"above": 0})
+    # on SIGTERM (a scheduler's preemption notice) finish the step in flight, checkpoint it, exit; the launcher
+    # gives its workers 30 s after forwarding the signal (torch elastic's grace) before it kills them
+    exit_signal_handler: bool = False
 
     def __post_init__(self) -> None:
         """recompute_num_layers only means something with recompute_granularity full."""
