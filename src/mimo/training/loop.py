@@ -190,17 +190,13 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             if step + 1 < config.train.steps and deadline.passed():
                 break
     progress.close()
-    stopped = trainer.step_count < config.train.steps
-    final = None
-    if stopped:  # the deadline passed: this step's checkpoint (the interval's if it just wrote one) to resume from
-        final = saved if saved == checkpointer.path(trainer.step_count) else \
-            checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
-        if rank == 0:
-            print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
-                  f"{deadline.why(config.train.exit_duration_in_mins)}; checkpoint {final}: --resume continues",
-                  flush=True)
-    elif config.checkpoint.final:
-        final = checkpointer.save(trainer.step_count, trainer, _extra(sampler, skipped, config))
+    stopped = trainer.step_count < config.train.steps  # the deadline passed
+    final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config), saved,
+                             stopped or config.checkpoint.final)
+    if stopped and rank == 0:
+        print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
+              f"{deadline.why(config.train.exit_duration_in_mins)}; checkpoint {final}: --resume continues",
+              flush=True)
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
     if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped:
@@ -211,6 +207,17 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     writer.close()
     dist.destroy_process_group()
     return last
+
+
+def _last_checkpoint(checkpointer: Checkpointer, trainer: MimoTrainer, extra: dict[str, Any], saved: Path | None,
+                     wanted: bool) -> Path | None:
+    """The run's last checkpoint, if `wanted` (a stop before the last step always wants one, to resume from): the
+    interval's if it has just written this step's, else a new save (a collective)."""
+    if not wanted:
+        return None
+    if saved == checkpointer.path(trainer.step_count):
+        return saved
+    return checkpointer.save(trainer.step_count, trainer, extra)
 
 
 def _loader(config: RunConfig, dataset, sampler: GlobalBatchSampler, device: torch.device) -> BatchPrefetcher:
