@@ -136,6 +136,11 @@ LAYOUTS: dict[int, dict[str, Any]] = {
          "language": {"tp": 2, "dp": 1, "sp": True}, "microbatches": 4, "compile": True},
         {"name": "colocated-sp-compile", "images": {"dp": 2}, "language": {"tp": 2, "dp": 1, "sp": True},
          "microbatches": 4, "compile": True},
+        # "overlap": tp_comm_overlap, torch's asynchronous TP (CUDA only: a CPU dry run skips these rows)
+        {"name": "homogeneous-tp2-sp-overlap-compile", "images": {"tp": 2, "dp": 1, "sp": True, "overlap": True},
+         "language": {"tp": 2, "dp": 1, "sp": True, "overlap": True}, "microbatches": 4, "compile": True},
+        {"name": "colocated-sp-overlap-compile", "images": {"dp": 2},
+         "language": {"tp": 2, "dp": 1, "sp": True, "overlap": True}, "microbatches": 4, "compile": True},
         {"name": "heterogeneous-1+1-compile", "images": {"dp": 1}, "language": {"dp": 1, "offset": 1},
          "microbatches": 4, "compile": True, "baseline": "homogeneous-1-compile"},
         # 2 micro-batches of 4 samples: a longer pipeline fill and drain, but the language rank was host-bound at
@@ -176,7 +181,8 @@ def parallelism(row: dict[str, Any], sequence_parallel: bool = False) -> dict[st
         m = row[module]
         out[module] = {"tensor_model_parallel_size": m.get("tp", 1), "data_parallel_size": m["dp"],
                        "rank_offset": m.get("offset", 0),
-                       "sequence_parallel": is_sequence_parallel(m, sequence_parallel)}
+                       "sequence_parallel": is_sequence_parallel(m, sequence_parallel),
+                       "tp_comm_overlap": m.get("overlap", False)}
     return out
 
 
@@ -541,7 +547,8 @@ def describe(module: dict[str, Any], sequence_parallel: bool = False) -> str:
     tp, dp, start = module.get("tp", 1), module["dp"], module.get("offset", 0)
     ranks = f"r{start}-{start + tp * dp - 1}" if tp * dp > 1 else f"r{start}"
     sp = "+SP" if is_sequence_parallel(module, sequence_parallel) else ""
-    return f"TP{tp}{sp}xDP{dp} {ranks}"
+    overlap = "+overlap" if module.get("overlap") else ""
+    return f"TP{tp}{sp}{overlap}xDP{dp} {ranks}"
 
 
 def plan(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -577,6 +584,8 @@ def run_deployment(p: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     base = {k: p[k] for k in ("name", "world", "layouts", "baseline", "deployment")}
     if args.device == "cuda" and p["world"] > torch.cuda.device_count():
         return base | {"error": f"skipped: needs {p['world']} GPUs, {torch.cuda.device_count()} visible"}
+    if args.device == "cpu" and any(m.tp_comm_overlap for m in p["config"].layout.module_parallelisms.values()):
+        return base | {"error": "skipped: tp_comm_overlap needs CUDA GPUs (symmetric memory)"}
     run_dir = p["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     result = run_dir / "result.json"

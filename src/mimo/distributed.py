@@ -217,6 +217,28 @@ def static_shapes(tp: int) -> bool:
     return tp > 1
 
 
+def overlap_tp_comms(name: str, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> None:
+    """`tp_comm_overlap`: torch's asynchronous TP (as torchtitan enables it). Inductor's micro-pipeline pass
+    splits each compiled block's sequence-parallel all-gather + matmul and matmul + reduce-scatter into chunks
+    that overlap, through symmetric memory over the TP group: NCCL on CUDA GPUs only. The inductor switch is
+    process-wide (every TP group of the process gets it; each is enabled here)."""
+    if not cfg.compile:
+        raise WrapError(f"module '{name}': tp_comm_overlap is a torch.compile pass over the blocks, and compile is "
+                        f"off; turn compile on or tp_comm_overlap off")
+    group = grid.get_group("tp")
+    backend = dist.get_backend(group)
+    if backend != "nccl":
+        raise WrapError(f"module '{name}': tp_comm_overlap needs CUDA GPUs (NCCL and symmetric memory), but the "
+                        f"TP group's backend is {backend}; set tp_comm_overlap false")
+    import torch._inductor.config as inductor
+    from torch.distributed import _symmetric_memory
+
+    inductor._micro_pipeline_tp = True
+    enable = getattr(_symmetric_memory, "enable_symm_mem_for_group", None)  # automatic in newer torch
+    if enable is not None:
+        enable(group.group_name)
+
+
 def _compile_blocks_settings() -> None:
     """Dynamo's settings for compiled blocks: the per-frame recompile limit raised to `BLOCK_RECOMPILE_LIMIT`
     (never lower a user's), and its DDP optimizer off. That one splits every graph compiled inside a DDP
@@ -247,6 +269,8 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         module = module_of(model, name)
         trainable = any(p.requires_grad for p in module.parameters())
         ddp = cfg.data_parallel == "ddp" and trainable and grid.size("dp") * grid.size("cp") > 1
+        if grid.config.tp_comm_overlap:
+            overlap_tp_comms(name, grid, cfg)
         if cfg.compile:
             _compile_blocks_settings()
             dynamic = False if static_shapes(grid.size("tp")) else None

@@ -325,11 +325,20 @@ def validate_run(config: RunConfig, world_size: int) -> list[str]:
         config.layout.finalize(world_size)
     config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
     _check_distributed_modules(config)
+    _check_tp_comm_overlap(config)
     hf_model(config.model)  # Hugging Face directories: their configs are read and checked here
     _check_model_fits(config)
     _check_pretrained(config)
     _check_data(config)
     return [str(w.message) for w in caught]
+
+
+def _check_tp_comm_overlap(config: RunConfig) -> None:
+    """`tp_comm_overlap` is a pass of torch.compile over the blocks: it needs `train.compile`."""
+    asked = [n for n, m in config.layout.module_parallelisms.items() if m.tp_comm_overlap]
+    if asked and not config.train.compile:
+        raise RunConfigError(f"parallelism.{asked[0]}.tp_comm_overlap: the overlap is a torch.compile pass over the "
+                             f"blocks, and train.compile is false; set train.compile true or tp_comm_overlap false")
 
 
 def _check_pretrained(config: RunConfig) -> None:

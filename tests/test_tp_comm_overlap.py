@@ -1,0 +1,72 @@
+"""`tp_comm_overlap` (torch's asynchronous TP) is refused clearly wherever it cannot run: without sequence
+parallelism, without compile, on ranks it would reach unasked, and without CUDA GPUs (its fused collectives use
+symmetric memory: NCCL only). Whether it fuses and trains like plain TP: `tests/gpu/test_async_tp.py`."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from mimo.config import LayoutError, MimoParallelismConfig
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, WrapError
+from mimo.testing import run_distributed
+from mimo.training.run_config import RunConfigError, parse_run_config, validate_run
+from tests.training.test_parity import provider
+
+SP = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+
+
+@pytest.mark.parametrize(("modules", "message"), [
+    ({"images": {}, "language": {"tensor_model_parallel_size": 2, "tp_comm_overlap": True}},
+     "module 'language': tp_comm_overlap overlaps sequence parallelism's all-gathers and reduce-scatters with the "
+     "matmuls, but sequence_parallel is false; set sequence_parallel true (with tensor_model_parallel_size > 1) or "
+     "tp_comm_overlap false"),
+    ({"images": {}, "language": {**SP, "tp_comm_overlap": "yes"}},
+     "module 'language': tp_comm_overlap must be true or false, got 'yes'"),
+    ({"images": SP, "language": {**SP, "tp_comm_overlap": True}},
+     "modules 'language' and 'images' share ranks 0-1 and are sequence-parallel, but only 'language' sets "
+     "tp_comm_overlap: it is one torch.compile switch for a whole process; set it on all of them or on none"),
+])
+def test_a_layout_it_cannot_serve_is_refused(modules, message):
+    with pytest.raises(LayoutError) as e:
+        MimoParallelismConfig.from_dict(modules).finalize(2)
+    assert str(e.value) == message
+
+
+def test_a_layout_that_asks_it_everywhere_it_applies_is_described():
+    c = MimoParallelismConfig.from_dict({"images": {"data_parallel_size": 2},  # no SP: nothing to overlap
+                                         "language": {**SP, "tp_comm_overlap": True}}).finalize(2)
+    assert c.get_parallelism("language").describe() == "TP2+SP+overlap x DP1 on ranks 0-1"
+
+
+def test_a_run_without_compile_is_refused_before_any_worker():
+    config = parse_run_config({"model": {"preset": "tiny"},
+                               "parallelism": {"images": {}, "language": {**SP, "tp_comm_overlap": True}}})
+    with pytest.raises(RunConfigError) as e:
+        validate_run(config, 2)
+    assert str(e.value) == ("parallelism.language.tp_comm_overlap: the overlap is a torch.compile pass over the "
+                            "blocks, and train.compile is false; set train.compile true or tp_comm_overlap false")
+
+
+def wrapped(rank: int, world_size: int, compile_: bool) -> str:
+    """The wrapper's refusal of TP2+SP with the overlap on a gloo group (mocking a GPU is not possible)."""
+    layout = {"images": {"data_parallel_size": 2}, "language": {**SP, "tp_comm_overlap": True}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prov = provider(layout, ("images",))
+        try:
+            prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("ddp", compile=compile_)))
+        except WrapError as e:
+            return str(e)
+    return "wrapped"
+
+
+@pytest.mark.parametrize(("compile_", "message"), [
+    (True, "module 'language': tp_comm_overlap needs CUDA GPUs (NCCL and symmetric memory), but the TP group's "
+           "backend is gloo; set tp_comm_overlap false"),
+    (False, "module 'language': tp_comm_overlap is a torch.compile pass over the blocks, and compile is off; turn "
+            "compile on or tp_comm_overlap off"),
+])
+def test_the_wrapper_refuses_it_without_compile_or_without_gpus(compile_, message):
+    assert run_distributed(wrapped, 2, compile_) == [message, message]
