@@ -225,3 +225,41 @@ def test_a_frozen_part_a_pretrained_checkpoint_overwrote_is_saved(runs, tmp_path
 
     saved = towers(run_dir / "checkpoints" / "step_00000002")
     assert bool(saved) == (source == "full") and saved == towers(pretrained)
+
+
+def test_a_part_frozen_on_resume_keeps_the_weights_its_checkpoint_gave_it(runs, tmp_path):
+    """A run that trained the language model, resumed with it frozen: the model holds the checkpoint's weights, not
+    its directory's, so the resumed run's checkpoints must keep them (left out, a later resume or export would
+    silently take the directory's). (Found by this session's review.)"""
+    root = runs["root"]
+    path, run_dir = write_config(tmp_path, model=stage1_model(root, freeze_language_model=False), data=DATA,
+                                 train={"steps": 2})
+    done = mimo("train", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    path, _ = write_config(tmp_path, model=stage1_model(root), data=DATA)  # 4 steps, the language model frozen
+    done = mimo("train", str(path), "--quiet", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = (run_dir / "checkpoints" / f"step_{s:08d}" for s in (2, 4))
+    assert sorted(json.loads((after / "mimo.json").read_text())[HF_WEIGHTS]) == ["vision_encoder"]
+    trained = whole_model(root, before, freeze_language_model=False)
+    resumed = whole_model(root, after)
+    assert all(torch.equal(resumed[k], trained[k]) for k in trained if k.startswith("language_model."))
+
+
+def test_resume_with_nothing_to_resume_starts_from_the_pretrained_checkpoint(runs, tmp_path):
+    """`--resume` of a run that has no checkpoint yet starts it as configured: from its pretrained checkpoint's
+    weights (it once started from the model as built, silently)."""
+    pretrained = runs["small"] / "checkpoints" / "step_00000002"
+    path, run_dir = write_config(tmp_path, model=stage1_model(runs["root"]), data=DATA, train={"steps": 2},
+                                 checkpoint={"pretrained_checkpoint": str(pretrained)})
+    done = mimo("train", str(path), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0" in done.stdout
+    assert f"weights from {pretrained} (optimizer, schedule and data start fresh)" in done.stdout
+    got = whole_model(runs["root"], run_dir / "checkpoints" / "step_00000002")
+    fresh = mimo("train", str(write_config(tmp_path / "fresh", model=stage1_model(runs["root"]), data=DATA,
+                                           train={"steps": 2},
+                                           checkpoint={"pretrained_checkpoint": str(pretrained)})[0]), "--quiet")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    want = whole_model(runs["root"], tmp_path / "fresh" / "run" / "checkpoints" / "step_00000002")
+    assert all(torch.equal(got[k], want[k]) for k in want)

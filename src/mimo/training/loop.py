@@ -150,15 +150,18 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     dataset = build_dataset(config, provider)
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     trainer = build_trainer(config, provider, model, device)
-    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, hf_parts=hf_parts(config))
+    start_from, resuming = _start_checkpoint(config, resume, resume_from)
+    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep,
+                                hf_parts=hf_parts(config, start_from))
     skipped = SkippedSamples()
-    if resume:
-        _resume(checkpointer, trainer, sampler, skipped, rank, resume_from)
-    elif config.checkpoint.pretrained_checkpoint:
-        source = weights_path(config.checkpoint.pretrained_checkpoint)
-        load_weights(source, trainer, checkpointer.hf_parts)
+    if resume and not resuming and rank == 0:
+        print(f"no complete checkpoint in {checkpointer.root}; starting from step 0", flush=True)
+    if resuming:
+        _resume(checkpointer, trainer, sampler, skipped, rank, start_from)
+    elif start_from is not None:
+        load_weights(start_from, trainer, checkpointer.hf_parts)
         if rank == 0 and not quiet:
-            print(f"weights from {source} (optimizer, schedule and data start fresh)", flush=True)
+            print(f"weights from {start_from} (optimizer, schedule and data start fresh)", flush=True)
     if rank == 0:  # only now, once a resume has been accepted: a refused one leaves the run directory as it was
         _write_run_dir(config, rank_map, quiet)
         if resume:
@@ -266,14 +269,21 @@ def check_resume_fits(config: RunConfig, path: str | Path) -> None:
         raise CheckpointError(f"cannot resume from {path}: {e}") from None
 
 
+def _start_checkpoint(config: RunConfig, resume: bool, resume_from: str | None) -> tuple[Path | None, bool]:
+    """The checkpoint the run's weights start from, and whether the run resumes it: with `resume`, `resume_from`
+    or the run's newest complete checkpoint; else (or with none yet) `checkpoint.pretrained_checkpoint`'s, whose
+    weights only are taken (None: the model as built)."""
+    if resume:
+        path = Path(resume_from) if resume_from else Checkpointer(config.checkpoint_dir).latest()
+        if path is not None:
+            return path, True
+    pretrained = config.checkpoint.pretrained_checkpoint
+    return (weights_path(pretrained) if pretrained else None), False
+
+
 def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, skipped: SkippedSamples,
-            rank: int, path: str | None = None) -> None:
-    """Continue from `path` (by default the newest complete checkpoint), whatever layout wrote it."""
-    path = Path(path) if path else checkpointer.latest()
-    if path is None:
-        if rank == 0:
-            print(f"no complete checkpoint in {checkpointer.root}; starting from step 0", flush=True)
-        return
+            rank: int, path: Path) -> None:
+    """Continue from checkpoint `path`, whatever layout wrote it."""
     extra = checkpointer.load(path, trainer)
     sampler.load_state_dict(extra["sampler"])
     skipped.load_state_dict(extra.get("skipped"))

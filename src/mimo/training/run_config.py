@@ -259,19 +259,20 @@ def hf_model(section: ModelSection):
         raise RunConfigError(f"model: {e}") from None
 
 
-def hf_parts(config: RunConfig) -> list[HFPart]:
+def hf_parts(config: RunConfig, start_from: str | Path | None = None) -> list[HFPart]:
     """The parts of the run's model read from Hugging Face directories (`checkpoint.HFPart`, each with its
     directory's fingerprint), and whether its checkpoints leave each out: frozen, unless
-    `checkpoint.save_frozen_hf_weights`, and not overwritten by `checkpoint.pretrained_checkpoint` (a part that
-    checkpoint holds has its weights, not the directory's: only one that it left out too is left out). A preset's
-    model has none (its random weights are always saved)."""
+    `checkpoint.save_frozen_hf_weights`, and not given other weights by `start_from`, the checkpoint the run's
+    weights start from (its `--resume` checkpoint, else `checkpoint.pretrained_checkpoint`): a part that checkpoint
+    holds has its weights, not the directory's, so only a part it left out too is left out (a part frozen on
+    resume after training, or a stage 3 from a trained stage 2). A preset's model has none (its random weights
+    are always saved)."""
     from mimo.hf.load import LANGUAGE as LANGUAGE_PREFIX
     from mimo.hf.load import PROJECTOR, VISION, fingerprint
     from mimo.training.checkpoint import HFPart, parts_left_out
 
     m, keep = config.model, config.checkpoint.save_frozen_hf_weights
-    pretrained = config.checkpoint.pretrained_checkpoint
-    from_directory = (lambda name: True) if pretrained is None else parts_left_out(pretrained).__contains__
+    from_directory = (lambda name: True) if start_from is None else parts_left_out(start_from).__contains__
     parts = []
     for name, prefix, freeze, own in (("vision_encoder", VISION, m.freeze_vision_encoder, "vision_hf"),
                                       ("projector", PROJECTOR, m.freeze_projection, None),  # a pair's is seeded
