@@ -174,6 +174,15 @@ def test_a_resume_with_another_directory_is_refused_before_any_worker_starts(run
     assert done.stderr == "mimo train: error: " + refusal(checkpoint, "language_model", root / "llama",
                                                          "model.language_hf", tmp_path / "llama",
                                                          f"model.safetensors is {after} bytes, not {before}") + "\n"
+    # other weights of the same size and shapes (a fine-tune, another revision): the sampled bytes tell
+    save_file({k: v + 0.5 for k, v in tensors.items()}, tmp_path / "llama" / "model.safetensors", {"format": "pt"})
+    assert (tmp_path / "llama" / "model.safetensors").stat().st_size == before
+    done = refused("train", str(path), "--quiet", "--resume")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "mimo train: error: " + refusal(checkpoint, "language_model", root / "llama",
+                                                         "model.language_hf", tmp_path / "llama",
+                                                         "model.safetensors holds other weights of the same "
+                                                         "size") + "\n"
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.yaml").exists()  # nothing started
 
 

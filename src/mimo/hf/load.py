@@ -208,13 +208,31 @@ def open_pair(vision_dir: str | Path, language_dir: str | Path, image_token_id: 
     return HFModel(spec, tuple(pair_rules(SafetensorsDir(vision_dir), SafetensorsDir(language_dir))))
 
 
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # a weight file's fingerprint reads 16 slices of 64 KiB, spread over it
+
+
 def fingerprint(directory: str | Path) -> dict[str, Any]:
     """A cheap identity of a Hugging Face directory's weights, for a checkpoint that leaves them out: the SHA-256 of
-    config.json (and of the shard index, if any) and every safetensors file's name and size; no weight is read."""
+    config.json (and of the shard index, if any), every safetensors file's name and size, and a SHA-256 of
+    `SAMPLES` slices spread over each (1 MiB read a file: a fine-tune or another revision of the same shapes
+    changes nearly every byte, so the same sizes alone would not tell them apart)."""
     directory = Path(directory)
     small = [name for name in ("config.json", "model.safetensors.index.json") if (directory / name).is_file()]
+    weights = sorted(directory.glob("*.safetensors"))
     return {"sha256": {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in small},
-            "sizes": {p.name: p.stat().st_size for p in sorted(directory.glob("*.safetensors"))}}
+            "sizes": {p.name: p.stat().st_size for p in weights},
+            "samples": {p.name: _sampled_sha256(p) for p in weights}}
+
+
+def _sampled_sha256(path: Path) -> str:
+    """SHA-256 of `SAMPLES` slices of `SAMPLE_BYTES` at evenly spaced offsets (the whole file if it is smaller)."""
+    size, digest = path.stat().st_size, hashlib.sha256()
+    last = max(size - SAMPLE_BYTES, 0)
+    with path.open("rb") as f:
+        for offset in sorted({i * last // (SAMPLES - 1) for i in range(SAMPLES)}):
+            f.seek(offset)
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> str:
@@ -228,6 +246,10 @@ def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> 
             if name not in now:
                 return f"it has no {name}"
             return f"{name} is new there" if name not in was else f"{name} is {now[name]} bytes, not {was[name]}"
+    was, now = recorded.get("samples", {}), actual.get("samples", {})
+    for name in sorted(was):
+        if was[name] != now.get(name):
+            return f"{name} holds other weights of the same size"
     return ""
 
 
