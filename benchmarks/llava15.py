@@ -88,9 +88,11 @@ ANCHOR = {1: 5.5, 2: 2.3}
 TARGET_RATIO = 4.0
 CAPTION = {"median": 50.0, "sigma": 0.25, "min": 16}  # stage-1 caption tokens: lognormal about 50
 MAX_TURNS = 8  # stage 2: one question/answer pair per 200 text tokens, at most this many
-# seconds a resumable row leaves before the call's limit: one step past its deadline (~4-10 s at 7B), then its
-# checkpoint, written and hashed (stage 1: the projector and its AdamW moments, ~250 MB; stage 2: ~81 GB)
-SAVE_S = {1: 30.0, 2: 240.0}
+# seconds a resumable row leaves before the call's limit: its workers' start after this process asked for the row
+# (their deadline counts from there), one step past the deadline (~4-10 s at 7B), then its checkpoint, written and
+# hashed (stage 1: the projector and its AdamW moments, ~250 MB; stage 2: ~81 GB)
+SAVE_S = {1: 45.0, 2: 240.0}
+START_S = 120.0  # a 7B row's start before its first step: launch, load the weights, compile
 LOG_STOPPED = re.compile(r"^mimo train: stopped after step (\d+) ", re.MULTILINE)  # train.exit_duration_in_mins
 LOG_WEIGHTS = re.compile(r"^weights from (\S+) \(optimizer", re.MULTILINE)  # mimo train's line (not --quiet)
 
@@ -418,9 +420,19 @@ def stage1_checkpoint(run_dir: Path) -> Path | None:
 
 
 def earlier_stage1(out: Path) -> Path | None:
-    """A stage-1 checkpoint an earlier call left (the YAML layout's first)."""
+    """A finished stage-1 run's checkpoint an earlier call left (the YAML layout's first): a run stopped before its
+    last step (`--resume` continues it) is no stage 2's source."""
     runs = sorted((out / "runs").glob("stage1-*"), key=lambda p: (p.name != "stage1-yaml", p.name))
-    return next((c for c in map(stage1_checkpoint, runs) if c is not None), None)
+    return next((c for c in map(finished_stage1, runs) if c is not None), None)
+
+
+def finished_stage1(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint if it is of the run's last step (`config.yaml`'s train.steps)."""
+    checkpoint, config = stage1_checkpoint(run_dir), run_dir / "config.yaml"
+    if checkpoint is None or not config.is_file():
+        return None
+    steps = yaml.safe_load(config.read_text())["train"]["steps"]
+    return checkpoint if int(checkpoint.name.removeprefix("step_")) == steps else None
 
 
 def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
@@ -431,22 +443,26 @@ def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]
         layout = LAYOUTS[name]
         if source is not None and run_dir_of(args.out, stage, name) in source.parents:
             source = None  # this row replaces the run the checkpoint came from
-        skip = why_not_run(stage, source, deadline)
+        skip = why_not_run(stage, source, deadline, args.resume)
         if skip:
             rows.append({"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "error": skip})
             continue
         row = run_row(stage, name, args, source, deadline)
         rows.append(row)
-        if stage == 1:
-            source = keep_or_drop(row, source, args.keep_checkpoints)
+        if stage == 1:  # under --resume every row's checkpoints stay: a later call continues from them
+            source = keep_or_drop(row, source, args.keep_checkpoints or args.resume)
         print(f"# stage {stage} {name}: {describe_row(row)}", flush=True)
     return rows
 
 
-def why_not_run(stage: int, source: Path | None, deadline: float) -> str | None:
-    """Why a row cannot start now (None: it can)."""
-    if time.time() >= deadline:
+def why_not_run(stage: int, source: Path | None, deadline: float, resumable: bool = False) -> str | None:
+    """Why a row cannot start now (None: it can): a resumable row needs time to load and to checkpoint
+    (`START_S` + `SAVE_S`) before the limit."""
+    left = deadline - time.time()
+    if left <= 0:
         return "not run: --time-limit reached"
+    if resumable and left < START_S + SAVE_S[stage]:
+        return f"not run: {left:.0f} s left before --time-limit, too few to load, train a step and checkpoint"
     if stage == 2 and source is None:
         return "no stage-1 checkpoint (run stage 1 first, or give --stage1-from)"
     return None

@@ -183,12 +183,14 @@ def test_a_row_stopped_at_its_deadline_is_resumed_by_the_next_call(dry_run, tmp_
     assert first.returncode == 0, first.stdout + first.stderr
     (row,) = json.loads(json_path.read_text())["rows"]
     assert row["stopped"] == "stopped after step 1 at --time-limit: --resume continues" and row["steps_logged"] == 1
-    assert "stage1_checkpoint" not in row  # a stopped stage 1 is no stage 2's source
+    assert "stage1_checkpoint" not in row  # a stopped stage 1 is no stage 2's source, in this call or a later one
+    assert bench.earlier_stage1(out) is None
     second = subprocess.run(call, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     (row,) = json.loads(json_path.read_text())["rows"]
     assert row["resumed_at"] == 1 and "stopped" not in row and row["steps_timed"] == 1  # steps 2 (warm-up), 3
     assert row["losses"] == pytest.approx(dry_run[2][(1, "yaml")]["losses"], rel=1e-6)
+    assert bench.earlier_stage1(out) == out / "runs" / "stage1-yaml" / "checkpoints" / "step_00000003"
 
 
 def test_a_resumable_row_stops_in_time_to_checkpoint_before_the_limit():
@@ -199,3 +201,6 @@ def test_a_resumable_row_stops_in_time_to_checkpoint_before_the_limit():
     assert minutes * 60 == pytest.approx(1000.0 - bench.SAVE_S[2], abs=2.0)
     assert bench.stop_before(now + 1000.0, 2, resumable=False) == []  # a speed row is stopped at the limit
     assert bench.stop_before(math.inf, 1, resumable=args.resume) == []  # no limit, no deadline
+    tight = now + bench.START_S + bench.SAVE_S[2] - 5
+    assert bench.why_not_run(2, Path("x"), tight, resumable=True).startswith("not run: ")  # too little time
+    assert bench.why_not_run(2, Path("x"), tight, resumable=False) is None  # a speed row is stopped at the limit
