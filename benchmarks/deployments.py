@@ -36,9 +36,9 @@ What a row reports (timed steps only; per step the slowest rank, then the mean o
 On CUDA every timed region ends with `torch.cuda.synchronize()` (the step's phases too: its phase timer is
 replaced by a synchronizing one), so per-phase times are device times, not host launch times. A phase's busy
 time ends when its own stream is done: what it left on communication streams after that (a heterogeneous
-encoder's sends, which complete only when the language rank receives; a DDP all-reduce's tail) counts as its
-blocked time. (Before session 8 those sends counted as encoder work: a heterogeneous row's encoder busy time
-and share came out too large; the bound's f, its homogeneous baseline's, has no sends.)
+encoder's sends, which complete only when the language rank receives) counts as its blocked time. (Before
+session 8 those sends counted as encoder work: a heterogeneous row's encoder busy time and share came out too
+large; the bound's f, its homogeneous baseline's, has no sends.)
 Instrumentation is installed from outside (instance attributes over the trainer's and bridges' private
 methods; it fails loudly if one is renamed); the training step itself is unchanged.
 """
@@ -817,6 +817,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
     if args.steps < 1 or args.bridge_reps < 1 or args.probe_steps < 1 or args.warmup < 0:
         parser.error("--steps, --bridge-reps and --probe-steps must be >= 1, --warmup >= 0")
+    if args.reshard_after_forward != "default" and args.data_parallel != "fsdp":
+        parser.error(f"--reshard-after-forward {args.reshard_after_forward}: FSDP2's policy, and --data-parallel is "
+                     f"{args.data_parallel}; add --data-parallel fsdp")
     names = [r["name"] for r in table["deployments"]]
     args.rows = [r for r in table["deployments"] if not args.only or r["name"] in args.only.split(",")]
     unknown = sorted(set(filter(None, args.only.split(","))) - set(names))

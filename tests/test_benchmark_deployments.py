@@ -191,3 +191,17 @@ def test_a_phases_pending_sends_count_as_blocked_not_busy():
     busy = seconds["images.forward"] - probe.waits["images.forward"]
     assert busy < 0.01  # the encoder's own work: nothing here (was the whole 50 ms)
     assert probe.phase == "step"
+
+
+def test_an_fsdp_policy_without_fsdp_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu", "--gpus", "2", "--reshard-after-forward", "never"])
+    assert e.value.code == 2
+    assert ("--reshard-after-forward never: FSDP2's policy, and --data-parallel is ddp; add --data-parallel fsdp"
+            in capsys.readouterr().err)
+    args = bench.parse_args(["--device", "cpu", "--gpus", "2", "--reshard-after-forward", "never",
+                             "--data-parallel", "fsdp", "--only", "homogeneous-dp2"])
+    assert bench.distributed_of(args.rows[0], args) == {"data_parallel": "fsdp", "reshard_after_forward": "never"}
+    row = next(r for r in bench.LAYOUTS[2]["deployments"] if r["name"] == "homogeneous-dp2-fsdp-never-compile")
+    assert bench.distributed_of(row, bench.parse_args(["--device", "cpu", "--gpus", "2"])) == {
+        "data_parallel": "fsdp", "reshard_after_forward": "never"}  # a row's own policy wins

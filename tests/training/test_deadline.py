@@ -28,10 +28,35 @@ def signalled_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool
     import signal
 
     deadline = Deadline(None, torch.device("cpu"), on_signal=True)
-    if rank == 1:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return deadline.passed(), deadline.signalled, deadline.timed_out
+    with deadline.watching():
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return deadline.passed(), deadline.signalled, deadline.timed_out
 
 
 def test_sigterm_on_one_rank_stops_every_rank():
     assert run_distributed(signalled_on_each_rank, 2) == [(True, True, False), (True, True, False)]
+
+
+def test_the_handler_is_put_back_and_a_process_forked_under_it_still_ends_on_sigterm():
+    """A data loader's worker forked while the handler is installed must not ignore SIGTERM (its parent ends it so
+    when it is stuck); after the loop the process's own handler is back."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    deadline = Deadline(None, torch.device("cpu"), on_signal=True)
+    with deadline.watching():
+        assert signal.getsignal(signal.SIGTERM) == deadline._receive
+        ready, told = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: say it runs (a signal in fork's own window is dropped), wait to be ended
+            os.write(told, b"1")
+            time.sleep(60)
+            os._exit(0)
+        os.read(ready, 1)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert not deadline._received  # the child's signal is not the parent's
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -9,8 +9,11 @@ two flags per step, only when either setting is on.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,11 +30,28 @@ class Deadline:
         self.start = time.monotonic() if start is None else start  # the workers' start: loading counts too
         self.signalled = self.timed_out = False  # as all ranks agreed, once `passed` is true
         self._received = False
-        if on_signal:
-            signal.signal(signal.SIGTERM, self._receive)
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[Deadline]:
+        """While inside, SIGTERM (with `on_signal`) is noted instead of ending the process; the handler before is
+        put back after."""
+        if not self.on_signal:
+            yield self
+            return
+        before = signal.signal(signal.SIGTERM, self._receive)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, before)
 
     def _receive(self, signum: int, frame: object) -> None:
-        """SIGTERM: stop after the step in flight (the handler only notes it; the loop decides at the step's end)."""
+        """SIGTERM: stop after the step in flight (the handler only notes it; the loop decides at the step's end).
+        A process forked while it was installed (a data loader worker) ends as it would have without it."""
+        if os.getpid() != self._pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self._received = True
 
     def passed(self) -> bool:

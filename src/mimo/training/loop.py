@@ -172,7 +172,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     fault = _injected_fault(rank)
     deadline = Deadline(config.train.exit_duration_in_mins, device, start, config.train.exit_signal_handler)
     saved = None
-    with _loader(config, dataset, sampler, device) as batches:
+    with _loader(config, dataset, sampler, device) as batches, deadline.watching():
         for step in range(trainer.step_count, config.train.steps):
             if fault == step + 1:
                 raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
