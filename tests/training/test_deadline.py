@@ -1,37 +1,45 @@
-"""`Deadline`: the ranks stop after the same step, whichever rank's clock passes the deadline first."""
+"""`Deadline`: the ranks stop after the same step, whichever rank's clock passes the deadline first or receives
+SIGTERM (its votes summed over the world, as `MimoTrainer.train_step` sums them in its own all-reduce)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import torch
+import torch.distributed as dist
 
 from mimo.testing import run_distributed
 from mimo.training.deadline import Deadline
 
 
-def passed_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool]:
+def agreed(deadline: Deadline) -> bool:
+    """The step's sum of every rank's votes (one all-reduce here, inside the step in a run)."""
+    summed = torch.tensor(deadline.votes(), dtype=torch.float64)
+    dist.all_reduce(summed)
+    return deadline.agreed(tuple(summed.tolist()))
+
+
+def stops_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool]:
     """A 1-minute deadline with rank 1 started 10 minutes ago and rank 0 just now; with both just started; none."""
-    now, cpu = time.monotonic(), torch.device("cpu")
+    now = time.monotonic()
     late = now - (600.0 if rank == 1 else 0.0)
-    return Deadline(1.0, cpu, late).passed(), Deadline(1.0, cpu, now).passed(), Deadline(None, cpu, late).passed()
+    return agreed(Deadline(1.0, late)), agreed(Deadline(1.0, now)), Deadline(None, late).agreed((1.0, 1.0))
 
 
 def test_one_rank_past_the_deadline_stops_every_rank():
-    assert run_distributed(passed_on_each_rank, 2) == [(True, False, False), (True, False, False)]
+    assert run_distributed(stops_on_each_rank, 2) == [(True, False, False), (True, False, False)]
 
 
 def signalled_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool]:
-    """The signal handler on, no time limit: SIGTERM reaches rank 1 only (before the check: after, and on the
-    next step, as the handler only notes it). Each rank's (passed, signalled, timed out)."""
-    import os
-    import signal
-
-    deadline = Deadline(None, torch.device("cpu"), on_signal=True)
+    """The signal handler on, no time limit: SIGTERM reaches rank 1 only (it is only noted, then voted). Each rank's
+    (stops, signalled, timed out)."""
+    deadline = Deadline(None, on_signal=True)
     with deadline.watching():
         if rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return deadline.passed(), deadline.signalled, deadline.timed_out
+        return agreed(deadline), deadline.signalled, deadline.timed_out
 
 
 def test_sigterm_on_one_rank_stops_every_rank():
@@ -41,11 +49,8 @@ def test_sigterm_on_one_rank_stops_every_rank():
 def test_the_handler_is_put_back_and_a_process_forked_under_it_still_ends_on_sigterm():
     """A data loader's worker forked while the handler is installed must not ignore SIGTERM (its parent ends it so
     when it is stuck); after the loop the process's own handler is back."""
-    import os
-    import signal
-
     before = signal.getsignal(signal.SIGTERM)
-    deadline = Deadline(None, torch.device("cpu"), on_signal=True)
+    deadline = Deadline(None, on_signal=True)
     with deadline.watching():
         assert signal.getsignal(signal.SIGTERM) == deadline._receive
         ready, told = os.pipe()
@@ -58,5 +63,5 @@ def test_the_handler_is_put_back_and_a_process_forked_under_it_still_ends_on_sig
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-        assert not deadline._received  # the child's signal is not the parent's
+        assert deadline.votes() == (0.0, 0.0)  # the child's signal is not the parent's
     assert signal.getsignal(signal.SIGTERM) == before

@@ -209,3 +209,29 @@ def test_colocated_encodes_every_microbatch_before_the_language_phase():
     colocated = next(row[2] for row in MATRIX if row[0].startswith("3-"))
     order = run_distributed(phase_order, 4, colocated)[0]
     assert order == ["encode"] * 2 + ["language"] * 2 + ["encoder backward"] * 2, order
+
+
+def summed_votes(rank: int, world_size: int) -> list[tuple[tuple[float, ...], int]]:
+    """Two float64 steps on the heterogeneous 1+1 layout (a rank without the language model too), without and with
+    votes (rank r votes (r, 1)); per step the summed votes and the world collectives the step issued."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    layout = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 1}}
+    prov = provider(layout, ("images",))
+    trainer = MimoTrainer(prov.provide_distributed_model(), prov.build_infra(), hidden_size=64, global_batch_size=8,
+                          num_microbatches=2, activation_dtype=torch.float64)
+    batch, out = dataset(("images",)).batch(range(8)), []
+    for votes in (None, lambda: (float(rank), 1.0)):
+        with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as reduce:
+            result = trainer.train_step(batch, votes)
+        out.append((result.votes, reduce.call_count))
+    return out
+
+
+def test_votes_ride_on_the_steps_own_all_reduce():
+    """`train.exit_*`'s votes (mimo.training.deadline) are summed over every rank with no collective of their own."""
+    for (plain, plain_calls), (voted, voted_calls) in run_distributed(summed_votes, 2):
+        assert plain == () and voted == (1.0, 2.0)
+        assert voted_calls == plain_calls

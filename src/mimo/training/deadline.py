@@ -3,8 +3,9 @@
 
 A job scheduler's wall-time limit, or a preemption, kills a run mid-step; with either setting the run checkpoints
 after the step in flight and exits, and `mimo train --resume` continues exactly where it stopped. Every rank must
-stop after the same step (a checkpoint is a collective), so the ranks decide together: one all-reduce (MAX) of
-two flags per step, only when either setting is on.
+stop after the same step (a checkpoint is a collective), so the ranks decide together: each rank's two votes (time
+used, SIGTERM received) ride on the step's own world all-reduce (`MimoTrainer.train_step(votes=...)`), and a
+sum above 0 stops every rank; no collective or host sync is added.
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ import signal
 import time
 from collections.abc import Iterator
 
-import torch
-import torch.distributed as dist
-
 
 class Deadline:
     """Whether the run must stop, as every rank sees it: its time is used, or a rank received SIGTERM (with
     `on_signal`); true on all ranks once true on any."""
 
-    def __init__(self, minutes: float | None, device: torch.device, start: float | None = None,
-                 on_signal: bool = False) -> None:
+    def __init__(self, minutes: float | None, start: float | None = None, on_signal: bool = False) -> None:
         self.seconds = None if minutes is None else minutes * 60.0
-        self.device, self.on_signal = device, on_signal
+        self.on_signal = on_signal
         self.start = time.monotonic() if start is None else start  # the workers' start: loading counts too
-        self.signalled = self.timed_out = False  # as all ranks agreed, once `passed` is true
+        self.signalled = self.timed_out = False  # as all ranks agreed, once `agreed` is true
         self._received = False
         self._pid = os.getpid()
 
@@ -54,14 +51,21 @@ class Deadline:
             return
         self._received = True
 
-    def passed(self) -> bool:
-        """Collective when either setting is on (every rank calls it after every step); False without them."""
-        if self.seconds is None and not self.on_signal:
-            return False
+    @property
+    def enabled(self) -> bool:
+        """Whether either setting is on (else the run never stops early, and nothing is exchanged)."""
+        return self.seconds is not None or self.on_signal
+
+    def votes(self) -> tuple[float, float]:
+        """This rank's (time used, SIGTERM received), as 0/1, for the ranks to sum (`MimoTrainer.train_step`)."""
         late = self.seconds is not None and self.elapsed() >= self.seconds
-        flags = torch.tensor([float(late), float(self._received)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.timed_out, self.signalled = (bool(f) for f in flags.tolist())
+        return float(late), float(self._received)
+
+    def agreed(self, summed: tuple[float, ...]) -> bool:
+        """Whether to stop, from every rank's `votes` summed: true on all ranks once true on any."""
+        if not self.enabled:
+            return False
+        self.timed_out, self.signalled = summed[0] > 0, summed[1] > 0
         return self.timed_out or self.signalled
 
     def elapsed(self) -> float:
@@ -69,7 +73,7 @@ class Deadline:
         return time.monotonic() - self.start
 
     def why(self, minutes: float | None) -> str:
-        """Why the run stopped, for its last line (after `passed` was true)."""
+        """Why the run stopped, for its last line (after `agreed` was true)."""
         if self.signalled:
             return "a rank received SIGTERM (train.exit_signal_handler)"
         return f"{self.elapsed() / 60:.1f} min into the run (train.exit_duration_in_mins: {minutes:g})"

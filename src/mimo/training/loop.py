@@ -170,7 +170,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     progress = Progress(config.train.steps, enabled=rank == 0, quiet=quiet, initial_step=trainer.step_count)
     last: dict[str, Any] = {}
     fault = _injected_fault(rank)
-    deadline = Deadline(config.train.exit_duration_in_mins, device, start, config.train.exit_signal_handler)
+    deadline = Deadline(config.train.exit_duration_in_mins, start, config.train.exit_signal_handler)
     saved = None
     with _loader(config, dataset, sampler, device) as batches, deadline.watching():
         for step in range(trainer.step_count, config.train.steps):
@@ -180,7 +180,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             batch = next(batches)
             waited = time.perf_counter() - t0
             skipped.add(batch.skipped)
-            result = trainer.train_step(batch)
+            result = trainer.train_step(batch, deadline.votes if deadline.enabled else None)
             result.seconds["data_wait"] = waited  # the step's time blocked on the loader (logged as data_wait_s)
             last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
             if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
@@ -190,7 +190,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
             if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
                 saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
-            if step + 1 < config.train.steps and deadline.passed():
+            if step + 1 < config.train.steps and deadline.agreed(result.votes):
                 break
     progress.close()
     stopped = trainer.step_count < config.train.steps  # the deadline passed

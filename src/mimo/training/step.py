@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ class StepResult:
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # fp16: an overflow somewhere made every rank skip this update
     documents: tuple[int, ...] | None = None
+    votes: tuple[float, ...] = ()  # the caller's `votes`, summed over every rank (`train_step`)
 
 
 class MimoTrainer:
@@ -108,8 +110,10 @@ class MimoTrainer:
         return self.infra.p2p_groups.warm_up(pairs, self.device)
 
     # -- the step -----------------------------------------------------------------------------------------
-    def train_step(self, batch: MimoBatch) -> StepResult:
-        """Forward and backward of every micro-batch, then one clipped optimizer step on every module."""
+    def train_step(self, batch: MimoBatch, votes: Callable[[], Sequence[float]] | None = None) -> StepResult:
+        """Forward and backward of every micro-batch, then one clipped optimizer step on every module. `votes`:
+        numbers the caller wants summed over the world (asked for just before the step's one all-reduce, which
+        carries them: no collective or host sync of their own), returned in `StepResult.votes`."""
         if batch.num_samples != self.global_batch_size:
             raise ValueError(f"the batch has {batch.num_samples} samples, but the trainer was built for a "
                              f"global batch of {self.global_batch_size}")
@@ -136,18 +140,19 @@ class MimoTrainer:
         align_gradients(self.model)
         self._sync_tied_embeddings()
         skipped = self._unscale_and_check()
-        totals = self._global_sums()
+        asked = tuple(votes()) if votes is not None else ()
+        totals = self._global_sums(asked)
         grad_norm = totals[2].sqrt()
         clip_grads(self.model, grad_norm, None if skipped else self.clip_grad)
         lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
         self._timed(seconds, "optimizer", self._optimizer_step, skipped)
         # the step's one host sync, after the update is queued: reading earlier would leave the GPU idle
         # while the host launches clipping and the optimizer
-        loss_sum, tokens, norm = torch.cat([totals[:2], grad_norm.reshape(1)]).tolist()
+        loss_sum, tokens, norm, *summed = torch.cat([totals[:2], grad_norm.reshape(1), totals[3:]]).tolist()
         seconds["step"] = time.perf_counter() - t0
         return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens),
                           **self._token_counts(extents, batch.input_ids.shape[1]),
-                          grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped)
+                          grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped, votes=tuple(summed))
 
     def _extent_shares(self, extents: torch.Tensor) -> torch.Tensor:
         """The global batch's `sample_extents` [N] as [micro-batch, language DP replica, sample]: micro-batch m's
@@ -304,17 +309,21 @@ class MimoTrainer:
         weight = lm.embed_tokens.weight if lm.has_embedding else lm.lm_head.weight
         dist.all_reduce(local_tensor(weight.grad), group=embd)
 
-    def _global_sums(self) -> torch.Tensor:
-        """[loss sum, label count, squared gradient norm] of the global batch on every rank, stub ranks
+    def _global_sums(self, votes: tuple[float, ...] = ()) -> torch.Tensor:
+        """[loss sum, label count, squared gradient norm, *votes] of the global batch on every rank, stub ranks
         included, from one world all-reduce: each language DP replica's loss owner adds its loss sum, replica
-        0's the count (how stub ranks learn it), every rank its share of the norm (`local_grad_sq`)."""
+        0's the count (how stub ranks learn it), every rank its share of the norm (`local_grad_sq`) and its
+        `votes` (the caller's)."""
         owner, replica = self._loss_owner()
-        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # filled on the device: no blocking copy
+        total = torch.zeros(3 + len(votes), dtype=torch.float64, device=self.device)  # no blocking copy
         if owner:
             total[0].copy_(self._state.loss_sum)
         if owner and replica == 0:
             total[1].fill_(self._state.label_tokens)  # `total[1] = n` would copy n from the host, blocking
         total[2].copy_(local_grad_sq(self.model, self.infra))
+        for i, vote in enumerate(votes):
+            if vote:
+                total[3 + i].fill_(vote)  # fill_, not `=`: a host number, no blocking copy
         dist.all_reduce(total)
         return total
 
