@@ -487,8 +487,8 @@ def test_corrupt_marker(copy_a):
 
 def test_other_format(copy_a):
     info = json.loads((copy_a / "mimo.json").read_text())
-    forge(copy_a, "mimo.json", json.dumps({**info, "format": 2}).encode())
-    with pytest.raises(CheckpointError, match=r"step_00000002 has format 2; this mimo reads 1$"):
+    forge(copy_a, "mimo.json", json.dumps({**info, "format": 3}).encode())
+    with pytest.raises(CheckpointError, match=r"step_00000002 has format 3; this mimo reads 1 or 2$"):
         load_into_parity_model(copy_a)
 
 

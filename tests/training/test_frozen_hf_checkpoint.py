@@ -91,6 +91,8 @@ def test_a_stage1_checkpoint_holds_only_the_projector(runs):
     # where the towers come from: the directories and their fingerprints
     info = json.loads((small / "mimo.json").read_text())
     assert sorted(info[HF_WEIGHTS]) == ["language_model", "vision_encoder"]
+    # format 2: a mimo from before refuses it by its format ("this mimo reads 1"), not by missing keys
+    assert info["format"] == 2 and json.loads((full / "mimo.json").read_text())["format"] == 1
     vision = info[HF_WEIGHTS]["vision_encoder"]
     assert vision["directory"] == str(runs["root"] / "clip") and vision["setting"] == "model.vision_hf"
     assert vision["prefix"] == "modality_submodules.images.encoder."

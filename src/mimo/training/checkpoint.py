@@ -51,7 +51,9 @@ from torch.distributed.tensor import DTensor
 from mimo.config import LANGUAGE
 from mimo.distributed import dtensor_spec, unwrap, wrapped_modules
 
-FORMAT = 1
+# mimo.json's format: 2 for a checkpoint that leaves parts out (`weights_from_hf`), so that a mimo from before
+# reads "has format 2; this mimo reads 1" rather than missing keys; 1 for one that holds every parameter
+FORMAT, FORMAT_LEAVING_OUT = 1, 2
 MARKER, INFO, DCP_METADATA = "COMPLETE", "mimo.json", ".metadata"
 HASH = "sha256"  # the marker's key for {file: hex digest}; a checkpoint written before hashes has none
 _CHUNK = 1 << 22
@@ -139,8 +141,8 @@ class Checkpointer:
         _barrier()  # every rank has finished writing
         hashes = _gathered_hashes(tmp)
         if _rank() == 0:
-            _write_json(tmp / INFO, {"format": FORMAT, "step": step, "schedulers": schedulers, "extra": extra,
-                                     HF_WEIGHTS: omitted})
+            _write_json(tmp / INFO, {"format": FORMAT_LEAVING_OUT if omitted else FORMAT, "step": step,
+                                     "schedulers": schedulers, "extra": extra, HF_WEIGHTS: omitted})
             hashes = dict(sorted({**hashes, **file_hashes(tmp, [INFO])}.items()))
             _write_json(tmp / MARKER, {"step": step, "files": _file_sizes(tmp), HASH: hashes})
             _move_into_place(tmp, final)
@@ -264,8 +266,9 @@ def open_checkpoint(path: Path, verify: bool = False) -> tuple[Metadata, dict]:
     if verify:
         _verify_hashes(path, marker.get(HASH, {}))
     info = _read_json(path / INFO)
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {info.get('format')!r}; this mimo reads {FORMAT}")
+    if info.get("format") not in (FORMAT, FORMAT_LEAVING_OUT):
+        raise CheckpointError(f"checkpoint {path} has format {info.get('format')!r}; this mimo reads {FORMAT} or "
+                              f"{FORMAT_LEAVING_OUT}")
     lacking = [k for k in ("step", "schedulers", "extra") if k not in info]
     if lacking:
         raise CheckpointError(f"checkpoint {path} has a corrupt {INFO}: no {', '.join(lacking)}")
