@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -62,17 +63,29 @@ class LanguageText:
 
 
 @dataclass(frozen=True)
-class PaddedText:
+class _Rounded:
+    """A text layout whose row length is rounded up to a positive `multiple` (`rounded`)."""
+
+    multiple: int = 1
+    _what: ClassVar[str]  # for the refusal: "padding" or "packing"
+
+    def __post_init__(self) -> None:
+        """A length is rounded to a positive multiple."""
+        if self.multiple < 1:
+            raise ValueError(f"{self._what} multiple must be positive, got {self.multiple}")
+
+    def rounded(self, length: int) -> int:
+        """`length` rounded up to the multiple."""
+        return -(-length // self.multiple) * self.multiple
+
+
+@dataclass(frozen=True)
+class PaddedText(_Rounded):
     """One sample per row, padded to the batch's width (the layout without packing), rounded up to a multiple of
     `multiple` (fewer distinct widths: a model compiled with static shapes compiles once per width). The added
     columns carry no label and come after every sample's tokens, so causal attention keeps them out of the loss."""
 
-    multiple: int = 1
-
-    def __post_init__(self) -> None:
-        """A width is rounded to a positive multiple."""
-        if self.multiple < 1:
-            raise ValueError(f"padding multiple must be positive, got {self.multiple}")
+    _what: ClassVar[str] = "padding"
 
     def arrange(self, share: MimoBatch, special_token_ids: SpecialIds,
                 extents: torch.Tensor | None = None) -> LanguageText:
@@ -86,7 +99,7 @@ class PaddedText:
 
     def width(self, width: int) -> int:
         """A row's width once rounded."""
-        return -(-width // self.multiple) * self.multiple
+        return self.rounded(width)
 
     def positions(self, extents: torch.Tensor, width: int) -> int:
         """Positions the language model computes for a share of samples with these `sample_extents`: every
@@ -99,17 +112,12 @@ class PaddedText:
 
 
 @dataclass(frozen=True)
-class PackedText:
+class PackedText(_Rounded):
     """A share's samples end to end in one row [1, T]; T rounded up to a multiple of `multiple` (kernels
     favour round lengths, and fewer distinct lengths mean fewer compilations), the tail a document of its own
     with no labels."""
 
-    multiple: int = 1
-
-    def __post_init__(self) -> None:
-        """A row length is rounded to a positive multiple."""
-        if self.multiple < 1:
-            raise ValueError(f"packing multiple must be positive, got {self.multiple}")
+    _what: ClassVar[str] = "packing"
 
     def arrange(self, share: MimoBatch, special_token_ids: SpecialIds,
                 extents: torch.Tensor | None = None) -> LanguageText:
@@ -132,7 +140,7 @@ class PackedText:
 
     def row_length(self, used: int) -> int:
         """The packed row's length for `used` kept positions: rounded up, and at least one (no empty row)."""
-        return max(-(-used // self.multiple), 1) * self.multiple
+        return self.rounded(max(used, 1))
 
     def positions(self, extents: torch.Tensor, width: int) -> int:
         """Positions the language model computes for a share of samples with these `sample_extents`: its
