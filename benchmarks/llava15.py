@@ -78,7 +78,7 @@ from packing import INSTRUCTION_MIX, sample_lengths  # noqa: E402  (the instruct
 
 from mimo.data.templates import VicunaV1Template  # noqa: E402
 from mimo.provider import LlavaMimoProvider  # noqa: E402
-from mimo.training.checkpoint import Checkpointer, weights_path  # noqa: E402
+from mimo.training.checkpoint import Checkpointer, checkpoint_step, weights_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -330,7 +330,7 @@ class GpuMemory:
 def resumed_step(run_dir: Path) -> int | None:
     """The step a resumed row continues from: its run's newest complete checkpoint's (None: none, start afresh)."""
     checkpoint = Checkpointer(run_dir / "checkpoints").latest() if run_dir.is_dir() else None
-    return None if checkpoint is None else int(checkpoint.name.removeprefix("step_"))
+    return None if checkpoint is None else checkpoint_step(checkpoint)
 
 
 def stop_before(deadline: float, stage: int, resumable: bool) -> list[str]:
@@ -432,7 +432,7 @@ def finished_stage1(run_dir: Path) -> Path | None:
     if checkpoint is None or not config.is_file():
         return None
     steps = yaml.safe_load(config.read_text())["train"]["steps"]
-    return checkpoint if int(checkpoint.name.removeprefix("step_")) == steps else None
+    return checkpoint if checkpoint_step(checkpoint) == steps else None
 
 
 def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:

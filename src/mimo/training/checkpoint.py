@@ -107,7 +107,7 @@ class Checkpointer:
         """Every complete checkpoint (named `step_N` and holding the marker), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [(int(m[1]), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))]
+        found = [(step, p) for p in self.root.iterdir() if (step := checkpoint_step(p)) is not None]
         return [p for _, p in sorted(found) if (p / MARKER).is_file()]
 
     def latest(self) -> Path | None:
@@ -199,6 +199,12 @@ def load_model_only(path: str | Path, model: nn.Module, hf_parts: Sequence[HFPar
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load({k: t for k, (t, _) in targets.items()}, storage_reader=_SafeReader(path), no_dist=True)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory's name says (`step_00000004`: 4), None for any other name."""
+    named = _STEP_DIR.match(path.name)
+    return int(named[1]) if named else None
 
 
 def weights_path(path: str | Path) -> Path:
@@ -695,5 +701,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["Checkpointer", "CheckpointError", "HFPart", "check_weights_fit", "file_hashes", "load_model_only",
-           "load_weights", "newest_intact", "omitted_prefixes", "open_checkpoint", "weights_path"]
+__all__ = ["Checkpointer", "CheckpointError", "HFPart", "check_weights_fit", "checkpoint_step", "file_hashes",
+           "load_model_only", "load_weights", "newest_intact", "omitted_prefixes", "open_checkpoint",
+           "parts_left_out", "weights_path"]
