@@ -56,8 +56,11 @@ class Deadline:
         """Whether either setting is on (else the run never stops early, and nothing is exchanged)."""
         return self.seconds is not None or self.on_signal
 
-    def votes(self) -> tuple[float, float]:
-        """This rank's (time used, SIGTERM received), as 0/1, for the ranks to sum (`MimoTrainer.train_step`)."""
+    def votes(self) -> tuple[float, ...]:
+        """This rank's (time used, SIGTERM received), as 0/1, for the ranks to sum (`MimoTrainer.train_step`);
+        none when neither setting is on (nothing to exchange)."""
+        if not self.enabled:
+            return ()
         late = self.seconds is not None and self.elapsed() >= self.seconds
         return float(late), float(self._received)
 

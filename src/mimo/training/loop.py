@@ -180,7 +180,7 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
             batch = next(batches)
             waited = time.perf_counter() - t0
             skipped.add(batch.skipped)
-            result = trainer.train_step(batch, deadline.votes if deadline.enabled else None)
+            result = trainer.train_step(batch, deadline.votes)
             result.seconds["data_wait"] = waited  # the step's time blocked on the loader (logged as data_wait_s)
             last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
             if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
