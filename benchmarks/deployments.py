@@ -72,9 +72,9 @@ from mimo.grid import P2PGroups
 from mimo.launch import _reason, run_on_a_free_port
 from mimo.provider import LlavaMimoProvider
 from mimo.training.flops import batch_flops
-from mimo.training.loop import build_provider, build_trainer, distributed_config, init_distributed
+from mimo.training.loop import build_provider, build_trainer, distributed_config, run_in_world
 from mimo.training.metrics import Clock, MetricsWriter, peak_memory_gb
-from mimo.training.run_config import parse_run_config
+from mimo.training.run_config import RunConfig, parse_run_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the HF rows and the profiler summary live beside us
 from hf_rows import hf_worker  # noqa: E402
@@ -398,7 +398,11 @@ def _worker(spec: dict[str, Any]) -> None:
     """Build the run as `mimo train` does; warm-up and timed steps exactly as it runs them, then a few probed
     steps for the per-module breakdown, a profiled step if asked, the bridge; rank 0 writes the row."""
     config = parse_run_config(spec["config"])
-    device = init_distributed(config.train.timeout_s)
+    run_in_world(config.train.timeout_s, _row, spec, config)
+
+
+def _row(device: torch.device, spec: dict[str, Any], config: RunConfig) -> None:
+    """`_worker`'s body, in the world `run_in_world` set up (the trainer freed before its groups)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     provider = build_provider(config, device)
     model = provider.provide_distributed_model(distributed_config(config))
@@ -456,7 +460,6 @@ def _worker(spec: dict[str, Any]) -> None:
         Path(spec["result"]).write_text(json.dumps(row, indent=1))
     dist.barrier()
     writer.close()
-    dist.destroy_process_group()
 
 
 def slowest(seconds: float, device: torch.device) -> float:

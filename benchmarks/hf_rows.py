@@ -30,9 +30,9 @@ from mimo.data import GlobalBatchSampler, MimoBatch
 from mimo.data.packing import real_tokens
 from mimo.models.labels import IGNORE_INDEX
 from mimo.training.flops import batch_flops
-from mimo.training.loop import build_provider, init_distributed
+from mimo.training.loop import build_provider, run_in_world
 from mimo.training.metrics import Clock, MetricsWriter, peak_memory_gb
-from mimo.training.run_config import parse_run_config
+from mimo.training.run_config import RunConfig, parse_run_config
 from mimo.training.step import StepResult
 
 IMAGES = "images"
@@ -149,11 +149,15 @@ class HfStep:
 @record
 def hf_worker(spec: dict[str, Any]) -> None:
     """Warm-up and timed steps of one HF row (and one profiled step if asked); rank 0 writes the row."""
+    config = parse_run_config(spec["config"])
+    run_in_world(config.train.timeout_s, _hf_row, spec, config)
+
+
+def _hf_row(device: torch.device, spec: dict[str, Any], config: RunConfig) -> None:
+    """`hf_worker`'s body, in the world `run_in_world` set up (the DDP model freed before its group)."""
     from deployments import make_dataset, slowest
     from step_profile import describe, profile_step
 
-    config = parse_run_config(spec["config"])
-    device = init_distributed(config.train.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     provider = build_provider(config, device)
     dataset = make_dataset(provider, config, spec["images"], spec["seq_len"])
@@ -204,4 +208,3 @@ def hf_worker(spec: dict[str, Any]) -> None:
         Path(spec["result"]).write_text(json.dumps(row, indent=1))
     dist.barrier()
     writer.close()
-    dist.destroy_process_group()

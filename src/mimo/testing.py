@@ -78,7 +78,9 @@ def _worker(
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from mimo.training.loop import leave_world
+
+            leave_world()
 
 
 def run_distributed(

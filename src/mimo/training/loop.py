@@ -6,11 +6,13 @@ writes the run directory: the resolved config, `metrics.jsonl`, the progress lin
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,27 @@ def init_distributed(timeout_s: float) -> torch.device:
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
     return device
+
+
+T = TypeVar("T")
+
+
+def run_in_world(timeout_s: float, body: Callable[..., T], *args: Any) -> T:
+    """`body(device, *args)` between joining the world (`init_distributed`) and leaving it (`leave_world`): what
+    the body built (models, DDP reducers) is freed at its return, before any process group is destroyed."""
+    result = body(init_distributed(timeout_s), *args)
+    leave_world()
+    return result
+
+
+def leave_world() -> None:
+    """Destroy the process groups, garbage collected first (a model in a reference cycle outlives its function).
+
+    A DDP reducer freed after its group was destroyed frees the group with the GIL held (torch binds the group,
+    not the reducer, with a GIL-free destructor) and joins the group's gloo thread, which may be waiting for the
+    GIL to free a finished collective's tensors: a deadlock (the HF benchmark rows hung so, one run in ~6)."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def build_provider(config: RunConfig, device: torch.device | None = None, distributed: bool = True):
@@ -142,7 +165,12 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
     """Train `config.train.steps` steps (if `resume`: from `resume_from`, by default the newest checkpoint);
     returns the final metrics."""
     start = time.monotonic()  # train.exit_duration_in_mins counts from here: start-up and loading too
-    device = init_distributed(config.train.timeout_s)
+    return run_in_world(config.train.timeout_s, _train, config, resume, quiet, rank_map, resume_from, start)
+
+
+def _train(device: torch.device, config: RunConfig, resume: bool, quiet: bool, rank_map: str,
+           resume_from: str | None, start: float) -> dict[str, Any]:
+    """`run_training`'s body on this rank, in the world `run_in_world` set up."""
     validate_run(config, dist.get_world_size())  # the parent checked too; a torchrun/srun world did not
     rank = dist.get_rank()
     provider = build_provider(config, device)
@@ -208,7 +236,6 @@ def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
         print(f"held-out caption accuracy: {last['accuracy']:.1%} ({count} digits)", flush=True)
     dist.barrier()
     writer.close()
-    dist.destroy_process_group()
     return last
 
 
