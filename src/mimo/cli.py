@@ -164,7 +164,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     """Write a checkpoint of any layout as a Hugging Face LLaVA directory (transformers loads it)."""
     from mimo.hf.export import export_llava
 
-    model, spec, origin = _checkpoint_model(Path(args.checkpoint))
+    model, spec, origin = _checkpoint_model(Path(args.checkpoint), args.set)
     with warnings.catch_warnings(record=True) as caught:  # e.g. a tokenizer that cannot take the image token
         warnings.simplefilter("always")
         out = export_llava(model, spec, args.out_dir, origin)
@@ -203,12 +203,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generation_model(args: argparse.Namespace):
     """(the whole model in one process, the directories holding its tokenizer and image processor)."""
     if args.hf:
+        if args.set:
+            raise ConfigFileError(f"--set {args.set[0]}: --set re-points a checkpoint's Hugging Face directories; "
+                                  f"with --hf, name the directory there")
         from mimo.hf.load import open_llava
         from mimo.provider import LlavaMimoProvider
 
         model = LlavaMimoProvider(**open_llava(args.hf).provider_kwargs()).provide()
         return model, {"tokenizer": Path(args.hf), "preprocessor": Path(args.hf)}
-    model, _, origin = _checkpoint_model(Path(args.checkpoint))
+    model, _, origin = _checkpoint_model(Path(args.checkpoint), args.set)
     text, images = origin.llava or origin.language, origin.llava or origin.vision
     if text is None:
         raise ConfigFileError(f"checkpoint {args.checkpoint} was trained from a preset: it has no tokenizer or image "
@@ -216,23 +219,32 @@ def _generation_model(args: argparse.Namespace):
     return model, {"tokenizer": text, "preprocessor": images}
 
 
-def _checkpoint_model(path: Path):
+# what `--set` may change in the run config a checkpoint carries: where its Hugging Face directories are now
+MOVABLE = ("model.hf", "model.vision_hf", "model.language_hf")
+
+
+def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
     """(the whole model in one process, its `LlavaSpec`, its Hugging Face `Origin`) of a checkpoint, from the
-    run config the checkpoint carries; the parts it leaves out from that config's Hugging Face directories."""
+    run config the checkpoint carries (its directories re-pointed by `moved`, `--set` items of `MOVABLE`); the
+    parts it leaves out from that config's Hugging Face directories, which must match the recorded fingerprints."""
     import torch
 
     from mimo.hf.config import LlavaSpec
     from mimo.hf.export import Origin
     from mimo.training.checkpoint import HF_WEIGHTS, CheckpointError, load_model_only, omitted_prefixes, open_checkpoint
     from mimo.training.loop import build_provider
-    from mimo.training.run_config import RunConfigError, hf_parts, parse_run_config
+    from mimo.training.run_config import RunConfigError, hf_parts, overridden, parse_run_config
 
     _, info = open_checkpoint(path)
     if not isinstance(info["extra"].get("config"), dict):
         raise CheckpointError(f"checkpoint {path} carries no run config (written by mimo train?); cannot tell "
                               f"which model it holds")
+    for item in moved:
+        if item.split("=", 1)[0].strip() not in MOVABLE:
+            raise ConfigFileError(f"--set {item}: a checkpoint's run config takes only {', '.join(MOVABLE)} "
+                                  f"(where its Hugging Face directories are now), e.g. --set model.hf=/new/place")
     try:
-        config = parse_run_config(info["extra"]["config"])
+        config = parse_run_config(overridden(info["extra"]["config"], moved))
     except RunConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its run config no longer parses: {e}") from None
     parts = hf_parts(config)
@@ -262,6 +274,10 @@ def _launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+MOVED_HELP = ("a Hugging Face directory of the checkpoint's run moved elsewhere, e.g. --set model.language_hf="
+              "/new/place (one of " + ", ".join(MOVABLE) + "; its weights must be the ones recorded; repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mimo", description=__doc__)
@@ -288,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LLaVA directory")
     export.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_N)")
     export.add_argument("out_dir", help="a new directory for config.json, safetensors and tokenizer files")
+    export.add_argument("--set", action="append", default=[], metavar="KEY=PATH", help=MOVED_HELP)
     export.set_defaults(run=cmd_export_hf)
     gen = sub.add_parser("generate", help="greedy generation about an image (one process)")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -296,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, help="an image file")
     gen.add_argument("--prompt", required=True, help="the text about the image")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=PATH", help=MOVED_HELP)
     gen.set_defaults(run=cmd_generate)
     layout = sub.add_parser("layout", help="validate a parallel layout and print its rank map")
     layout.add_argument("config", help="a YAML file with a 'parallelism' section")

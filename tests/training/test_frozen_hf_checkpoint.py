@@ -147,7 +147,7 @@ def test_stage2_and_export_from_a_projector_only_checkpoint_equal_a_full_ones(ru
 def refusal(checkpoint: Path, name: str, recorded: Path, setting: str, configured: Path, difference: str) -> str:
     return (f"checkpoint {checkpoint} leaves out the frozen {name}, whose weights come from the Hugging Face "
             f"directory {recorded}, but this run's {setting} {configured} is not that directory ({difference}): "
-            f"set {setting} to {recorded} (or to an unchanged copy of it)")
+            f"set {setting} to {recorded} or to an unchanged copy of it (--set {setting}=PATH)")
 
 
 def test_a_resume_with_another_directory_is_refused_before_any_worker_starts(runs, tmp_path):
@@ -220,6 +220,46 @@ def test_export_refuses_when_the_recorded_directory_changed(runs, tmp_path):
                                                              "model.vision_hf", root / "clip",
                                                              "its config.json differs") + "\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_export_takes_a_moved_directory_with_set_and_checks_it(runs, tmp_path):
+    """A frozen part's directory moved after training (another machine, another disk): export-hf names it, and
+    `--set model.vision_hf=NEW` re-points it, checked against the recorded fingerprint."""
+    root, small = runs["root"], runs["small"] / "checkpoints" / "step_00000002"
+    full = runs["full"] / "checkpoints" / "step_00000002"
+    done = mimo("export-hf", str(full), str(tmp_path / "reference"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    moved = tmp_path / "moved_clip"
+    shutil.move(root / "clip", moved)
+    try:
+        done = refused("export-hf", str(small), str(tmp_path / "out"))
+        assert done.returncode == 2
+        assert done.stderr == "mimo export-hf: error: " + refusal(small, "vision_encoder", root / "clip",
+                                                                 "model.vision_hf", root / "clip",
+                                                                 "it does not exist") + "\n"
+        # another directory (the language model's) is refused by its fingerprint
+        done = refused("export-hf", str(small), str(tmp_path / "out"), "--set", f"model.vision_hf={root / 'llama'}")
+        assert done.returncode == 2 and "is not that directory (its config.json differs)" in done.stderr
+        # only where the directories are may change
+        done = refused("export-hf", str(small), str(tmp_path / "out"), "--set", "model.freeze_vision_encoder=false")
+        assert done.returncode == 2 and done.stderr.startswith(
+            "mimo export-hf: error: --set model.freeze_vision_encoder=false: a checkpoint's run config takes only "
+            "model.hf, model.vision_hf, model.language_hf")
+        assert not (tmp_path / "out").exists()
+        done = mimo("export-hf", str(small), str(tmp_path / "out"), "--set", f"model.vision_hf={moved}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        shutil.move(moved, root / "clip")
+    exported, reference = (load_file(tmp_path / d / "model.safetensors") for d in ("out", "reference"))
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+
+def test_generate_from_a_directory_takes_no_set(tmp_path):
+    done = refused("generate", "--hf", str(tmp_path), "--image", "x.png", "--prompt", "hi", "--set", "model.hf=x")
+    assert done.returncode == 2
+    assert done.stderr == ("mimo generate: error: --set model.hf=x: --set re-points a checkpoint's Hugging Face "
+                           "directories; with --hf, name the directory there\n")
 
 
 @pytest.mark.parametrize("source", ["full", "small"])

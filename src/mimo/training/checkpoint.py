@@ -323,12 +323,13 @@ def omitted_prefixes(path: Path, info: dict, hf_parts: Sequence[HFPart]) -> tupl
                                   f"Hugging Face directory {was} ({recorded['setting']}), but this run reads "
                                   f"{name} from no Hugging Face directory: set {recorded['setting']} to {was} "
                                   f"(or to a copy of it)")
-        difference = fingerprint_difference(recorded["fingerprint"], part.fingerprint)
+        difference = ("it does not exist" if not Path(part.directory).is_dir() else
+                      fingerprint_difference(recorded["fingerprint"], part.fingerprint))
         if difference:
             raise CheckpointError(f"checkpoint {path} leaves out the frozen {name}, whose weights come from the "
                                   f"Hugging Face directory {was}, but this run's {part.setting} {part.directory} "
-                                  f"is not that directory ({difference}): set {part.setting} to {was} (or to an "
-                                  f"unchanged copy of it)")
+                                  f"is not that directory ({difference}): set {part.setting} to {was} or to an "
+                                  f"unchanged copy of it (--set {part.setting}=PATH)")
     return tuple(recorded["prefix"] for recorded in info[HF_WEIGHTS].values())
 
 

@@ -12,6 +12,7 @@ import math
 import types
 import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -287,10 +288,14 @@ def hf_parts(config: RunConfig, start_from: str | Path | None = None) -> list[HF
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides, check every key and type."""
-    data = read_yaml(path)
+    return parse_run_config(overridden(read_yaml(path), overrides))
+
+
+def overridden(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`data` (a run config's dict, changed in place) with each `a.b.c=value` of `overrides` applied."""
     for item in overrides:
         _apply_override(data, item)
-    return parse_run_config(data)
+    return data
 
 
 def parse_run_config(data: dict[str, Any]) -> RunConfig:
