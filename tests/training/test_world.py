@@ -49,4 +49,3 @@ def live_ddp_at_destroy(rank: int, world_size: int) -> tuple[int, list[int]]:
 def test_run_in_world_frees_the_body_and_its_cycles_before_destroying_the_groups():
     # without the collection the cycle keeps the DDP module (and its reducer) alive: seen == [1]
     assert run_distributed(live_ddp_at_destroy, 2) == [(1, [0]), (1, [0])]
-    assert not dist.is_initialized()  # (this process never joined a world)
