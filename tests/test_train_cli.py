@@ -194,6 +194,34 @@ def test_sigterm_with_the_signal_handler_checkpoints_the_step_in_flight_and_resu
         assert abs(got[step] - loss) <= 1e-8 * abs(loss), (step, got[step], loss)
 
 
+def test_sigterm_to_every_process_of_the_job_with_loader_workers_still_checkpoints(tmp_path):
+    """A scheduler's preemption (Slurm's scancel, its time limit) signals every process of the job, the data loader's
+    workers too: they ignore it (had one died of it, torch's loader would fail its rank's step before any
+    checkpoint), and the ranks stop after the step in flight and checkpoint it."""
+    from mimo.training.checkpoint import open_checkpoint
+
+    path, run_dir = write_config(tmp_path, train={"steps": 100_000, "exit_signal_handler": True},
+                                 checkpoint={"interval": 0}, data={"num_workers": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        give_up = time.monotonic() + 180  # a bound on waiting, not a speed claim
+        while time.monotonic() < give_up and len(_lines(run_dir / "metrics.jsonl")) < 2:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped = max(steps_and_losses(run_dir))
+    checkpoint = run_dir / "checkpoints" / f"step_{stopped:08d}"
+    assert (f"mimo train: stopped after step {stopped} of 100000, a rank received SIGTERM "
+            f"(train.exit_signal_handler); checkpoint {checkpoint}: --resume continues") in stdout, stderr[-3000:]
+    assert "DataLoader worker" not in stderr
+    open_checkpoint(checkpoint, verify=True)
+
+
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 

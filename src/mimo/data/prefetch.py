@@ -24,7 +24,7 @@ import pickle
 import random
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,19 +54,21 @@ class BatchPrefetcher:
     (0: in this process, on demand); a context manager that stops the workers."""
 
     def __init__(self, dataset: Any, sampler: GlobalBatchSampler, pin_memory: bool = False, num_workers: int = 0,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, worker_init: Callable[[int], None] | None = None) -> None:
         """`dataset` has `batch(indices) -> MimoBatch`; `pin_memory` for a GPU; each worker keeps up to
-        `prefetch_factor` global batches ready (so num_workers × prefetch_factor batches in host memory)."""
+        `prefetch_factor` global batches ready (so num_workers × prefetch_factor batches in host memory), and runs
+        `worker_init(worker_id)` when it starts (after torch's own signal handlers)."""
         if num_workers < 0 or prefetch_factor < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {num_workers} and "
                              f"{prefetch_factor}")
         self.sampler = sampler
         self._positions = _Positions()
         workers = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
+        # its own generator: the workers' base seed, never the caller's RNG
         self._loader = DataLoader(_GlobalBatches(dataset, sampler, catch=num_workers > 0), batch_size=None,
                                   sampler=self._positions, num_workers=num_workers, collate_fn=_as_is,
                                   pin_memory=pin_memory, generator=torch.Generator().manual_seed(sampler.seed),
-                                  **workers)  # its own generator: the workers' base seed, never the caller's RNG
+                                  worker_init_fn=worker_init, **workers)
         self._iterator: Iterator[tuple[int, Any]] | None = None
         self._next = -1  # the position the iterator hands out next
 

@@ -14,7 +14,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class Deadline:
@@ -44,12 +44,19 @@ class Deadline:
 
     def _receive(self, signum: int, frame: object) -> None:
         """SIGTERM: stop after the step in flight (the handler only notes it; the loop decides at the step's end).
-        A process forked while it was installed (a data loader worker) ends as it would have without it."""
-        if os.getpid() != self._pid:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        self._received = True
+
+        A process forked while it was installed (a data loader worker) ignores it: a scheduler signals every
+        process of the job, and a worker that died of it would fail its rank's step (torch's loader raises on a
+        killed worker) before the rank could checkpoint. Its rank ends it when closing the loader, and torch's
+        worker loop ends by itself once the rank is gone."""
+        if os.getpid() == self._pid:
+            self._received = True
+
+    @property
+    def loader_worker_init(self) -> Callable[[int], None] | None:
+        """What each data loader worker runs first (`BatchPrefetcher`'s `worker_init`): with the signal handler
+        on, `ignore_sigterm`."""
+        return ignore_sigterm if self.on_signal else None
 
     @property
     def enabled(self) -> bool:
@@ -80,3 +87,11 @@ class Deadline:
         if self.signalled:
             return "a rank received SIGTERM (train.exit_signal_handler)"
         return f"{self.elapsed() / 60:.1f} min into the run (train.exit_duration_in_mins: {minutes:g})"
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """A data loader worker under `train.exit_signal_handler` ignores SIGTERM. torch's worker handler dies of any
+    SIGTERM its rank did not send, and its rank's loader then fails the step in flight; a scheduler signals every
+    process of the job. The rank still ends it when closing the loader, and torch's worker loop ends by itself
+    once the rank is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -200,7 +200,7 @@ def _train(device: torch.device, config: RunConfig, resume: bool, quiet: bool, r
     fault = _injected_fault(rank)
     deadline = Deadline(config.train.exit_duration_in_mins, start, config.train.exit_signal_handler)
     saved = None
-    with _loader(config, dataset, sampler, device) as batches, deadline.watching():
+    with _loader(config, dataset, sampler, device, deadline.loader_worker_init) as batches, deadline.watching():
         for step in range(trainer.step_count, config.train.steps):
             if fault == step + 1:
                 raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
@@ -250,14 +250,15 @@ def _last_checkpoint(checkpointer: Checkpointer, trainer: MimoTrainer, extra: di
     return checkpointer.save(trainer.step_count, trainer, extra)
 
 
-def _loader(config: RunConfig, dataset, sampler: GlobalBatchSampler, device: torch.device) -> BatchPrefetcher:
-    """The run's loader: `data.num_workers` processes (unset: `default_num_workers` for this node's ranks),
-    pinned batches on a GPU."""
+def _loader(config: RunConfig, dataset, sampler: GlobalBatchSampler, device: torch.device,
+            worker_init: Callable[[int], None] | None = None) -> BatchPrefetcher:
+    """The run's loader: `data.num_workers` processes (unset: `default_num_workers` for this node's ranks), each
+    starting with `worker_init`; pinned batches on a GPU."""
     workers = config.data.num_workers
     if workers is None:
         workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return BatchPrefetcher(dataset, sampler, pin_memory=device.type == "cuda", num_workers=workers,
-                           prefetch_factor=config.data.prefetch_factor)
+                           prefetch_factor=config.data.prefetch_factor, worker_init=worker_init)
 
 
 def _injected_fault(rank: int) -> int | None:
