@@ -7,7 +7,7 @@ reduce-scatters instead of all-reducing. The stack's input arrives replicated an
 output is gathered back, so nothing outside the blocks (embedding, modality rows, pipeline sends, the head)
 sees a sharded tensor. These are plan entries only: `parallelize_module` applies them from outside the model.
 DTensors carry their global shape, so a sequence that does not divide by TP (577 ViT tokens) shards unevenly
-(torch.chunk's split) and is gathered back exactly.
+(torch.chunk's split) and is gathered back exactly (on torch 2.11 too: `torch_compat.contiguous_uneven_gathers`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     SequenceParallel,
 )
+
+from mimo.torch_compat import contiguous_uneven_gathers
+
+contiguous_uneven_gathers()  # torch 2.11's uneven sequence gathers, mended before any plan is built
 
 SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden] (a packed row is [1, T, hidden])
 
