@@ -426,6 +426,16 @@ def earlier_stage1(out: Path) -> Path | None:
     return next((c for c in map(finished_stage1, runs) if c is not None), None)
 
 
+def run_finished(run_dir: Path) -> bool:
+    """Whether the run logged its last step (`config.yaml`'s train.steps): under --resume it is not run again (a
+    finished stage 2 keeps only an earlier call's stopped checkpoint, which a resume would train on from)."""
+    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not metrics.is_file() or not config.is_file():
+        return False
+    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
+    return yaml.safe_load(config.read_text())["train"]["steps"] in steps
+
+
 def finished_stage1(run_dir: Path) -> Path | None:
     """The run's newest complete checkpoint if it is of the run's last step (`config.yaml`'s train.steps)."""
     checkpoint, config = stage1_checkpoint(run_dir), run_dir / "config.yaml"
@@ -441,6 +451,10 @@ def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]
     rows, source = [], args.stage1_from or earlier_stage1(args.out)
     for stage, name in rows_asked(args):
         layout = LAYOUTS[name]
+        if args.resume and run_finished(run_dir_of(args.out, stage, name)):
+            print(f"# stage {stage} {name}: finished in an earlier call (its row stays as that call wrote it)",
+                  flush=True)
+            continue
         if source is not None and run_dir_of(args.out, stage, name) in source.parents:
             source = None  # this row replaces the run the checkpoint came from
         skip = why_not_run(stage, source, deadline, args.resume)
@@ -475,7 +489,7 @@ def keep_or_drop(row: dict[str, Any], source: Path | None, keep_all: bool) -> Pa
     stage 1."""
     if "stopped" in row:
         return source
-    checkpoint = stage1_checkpoint(Path(row["run_dir"]))
+    checkpoint = finished_stage1(Path(row["run_dir"]))  # a failed row's run may hold an earlier call's stopped one
     if source is None and checkpoint is not None:
         row["stage1_checkpoint"] = str(checkpoint)
         return checkpoint

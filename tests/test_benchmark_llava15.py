@@ -191,6 +191,26 @@ def test_a_row_stopped_at_its_deadline_is_resumed_by_the_next_call(dry_run, tmp_
     assert row["resumed_at"] == 1 and "stopped" not in row and row["steps_timed"] == 1  # steps 2 (warm-up), 3
     assert row["losses"] == pytest.approx(dry_run[2][(1, "yaml")]["losses"], rel=1e-6)
     assert bench.earlier_stage1(out) == out / "runs" / "stage1-yaml" / "checkpoints" / "step_00000003"
+    # a third call finds the run finished: not run again (its row stays the second call's)
+    third = subprocess.run(call, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "# stage 1 yaml: finished in an earlier call" in third.stdout
+    assert json.loads(json_path.read_text())["rows"] == [row]
+
+
+def test_a_failed_resumed_stage1_row_is_no_stage2_source(tmp_path):
+    """Under --resume a stage-1 row that fails (out of memory, a refused resume) keeps its run directory, with an
+    earlier call's checkpoint of a step before the last: that is no stage 2's source."""
+    run_dir = tmp_path / "runs" / "stage1-yaml"
+    (run_dir / "checkpoints" / "step_00000100").mkdir(parents=True)  # the earlier call stopped there, of 200
+    (run_dir / "checkpoints" / "step_00000100" / "COMPLETE").write_text("{}")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 200}}))
+    row = {"run_dir": str(run_dir), "error": "RuntimeError: CUDA out of memory"}
+    assert bench.keep_or_drop(row, None, keep_all=True) is None and "stage1_checkpoint" not in row
+    (run_dir / "checkpoints" / "step_00000200").mkdir()  # a finished run's last checkpoint is
+    (run_dir / "checkpoints" / "step_00000200" / "COMPLETE").write_text("{}")
+    assert bench.keep_or_drop({"run_dir": str(run_dir)}, None, keep_all=True) == run_dir / "checkpoints" / \
+        "step_00000200"
 
 
 def test_a_resumable_row_stops_in_time_to_checkpoint_before_the_limit():
