@@ -16,7 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mimo.training.checkpoint import HF_WEIGHTS, OPTIMIZER, RNG, load_model_only, open_checkpoint
+from mimo.training.checkpoint import (
+    HF_WEIGHTS,
+    OPTIMIZER,
+    RNG,
+    CheckpointError,
+    HFPart,
+    load_model_only,
+    omitted_prefixes,
+    open_checkpoint,
+)
 from mimo.training.loop import build_provider, check_resume_fits
 from mimo.training.run_config import hf_parts, load_run_config, parse_run_config
 from tests.hf import tiny_hf
@@ -244,7 +253,11 @@ def test_export_takes_a_moved_directory_with_set_and_checks_it(runs, tmp_path):
         done = refused("export-hf", str(small), str(tmp_path / "out"), "--set", "model.freeze_vision_encoder=false")
         assert done.returncode == 2 and done.stderr.startswith(
             "mimo export-hf: error: --set model.freeze_vision_encoder=false: a checkpoint's run config takes only "
-            "model.hf, model.vision_hf, model.language_hf")
+            "KEY=PATH with KEY one of model.hf, model.vision_hf, model.language_hf")
+        # a --set the carried config cannot take is the --set's fault, not the checkpoint's
+        done = refused("export-hf", str(small), str(tmp_path / "out"), "--set", "model.vision_hf=[1, 2]")
+        assert done.returncode == 2 and done.stderr.startswith("mimo export-hf: error: --set model.vision_hf=[1, 2]: ")
+        assert "no longer parses" not in done.stderr
         assert not (tmp_path / "out").exists()
         done = mimo("export-hf", str(small), str(tmp_path / "out"), "--set", f"model.vision_hf={moved}")
         assert done.returncode == 0, done.stderr[-3000:]
@@ -253,6 +266,19 @@ def test_export_takes_a_moved_directory_with_set_and_checks_it(runs, tmp_path):
     exported, reference = (load_file(tmp_path / d / "model.safetensors") for d in ("out", "reference"))
     assert exported.keys() == reference.keys()
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+
+def test_the_advice_names_the_setting_the_checkpoint_recorded():
+    """A checkpoint trained from model.vision_hf, loaded by a run reading the tower from a whole LLaVA directory
+    (model.hf): the advice is to set what the checkpoint's run set."""
+    prefix = "modality_submodules.images.encoder."
+    info = {HF_WEIGHTS: {"vision_encoder": {"prefix": prefix, "setting": "model.vision_hf", "directory": "/clip",
+                                            "fingerprint": {"sha256": {"config.json": "a"}}}}}
+    ours = HFPart("vision_encoder", prefix, "model.hf", "/", {}, omitted=True)
+    with pytest.raises(CheckpointError) as caught:
+        omitted_prefixes(Path("ckpt"), info, [ours])
+    assert str(caught.value).endswith("set model.vision_hf to /clip or to an unchanged copy of it "
+                                      "(--set model.vision_hf=PATH)")
 
 
 def test_generate_from_a_directory_takes_no_set(tmp_path):

@@ -328,8 +328,8 @@ def omitted_prefixes(path: Path, info: dict, hf_parts: Sequence[HFPart]) -> tupl
         if difference:
             raise CheckpointError(f"checkpoint {path} leaves out the frozen {name}, whose weights come from the "
                                   f"Hugging Face directory {was}, but this run's {part.setting} {part.directory} "
-                                  f"is not that directory ({difference}): set {part.setting} to {was} or to an "
-                                  f"unchanged copy of it (--set {part.setting}=PATH)")
+                                  f"is not that directory ({difference}): set {recorded['setting']} to {was} or "
+                                  f"to an unchanged copy of it (--set {recorded['setting']}=PATH)")
     return tuple(recorded["prefix"] for recorded in info[HF_WEIGHTS].values())
 
 
