@@ -6,6 +6,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mimo.training.run_config import check_data_available, load_run_config, validate_run
     from mimo.training.run_dir import claim_run_dir
 
+    started = time.monotonic()  # train.exit_duration_in_mins counts the checks below (a resume's hashes) too
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     warns = validate_run(config, world)
@@ -102,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if owner else None
     try:
         resume_from = _resumable(config, report=owner) if args.resume else None
-        kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map}
+        kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map,
+                  "started": started}
         if _launched():
             from mimo.training.loop import run_training
 

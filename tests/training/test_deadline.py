@@ -32,6 +32,25 @@ def test_one_rank_past_the_deadline_stops_every_rank():
     assert run_distributed(stops_on_each_rank, 2) == [(True, False, False), (True, False, False)]
 
 
+def steps_of_a_run_started_long_ago(rank: int, world_size: int, tmp: str) -> int:
+    """`run_training` given when `mimo train` started (two minutes ago, its checks of a checkpoint say), with a
+    1-minute limit: the deadline counts that time, so the run stops after its first step."""
+    from mimo.training.loop import run_training
+    from mimo.training.run_config import parse_run_config
+
+    config = parse_run_config({
+        "model": {"preset": "tiny"},
+        "parallelism": {"images": {"data_parallel_size": 2}, "language": {"data_parallel_size": 2}},
+        "train": {"steps": 4, "global_batch_size": 2, "dtype": "float64", "exit_duration_in_mins": 1.0},
+        "data": {"name": "synthetic", "num_samples": 8, "num_workers": 0}, "eval": {"enabled": False},
+        "checkpoint": {"interval": 0}, "log": {"dir": f"{tmp}/run"}})
+    return run_training(config, quiet=True, started=time.monotonic() - 120.0)["step"]
+
+
+def test_the_deadline_counts_from_when_mimo_train_started(tmp_path):
+    assert run_distributed(steps_of_a_run_started_long_ago, 2, str(tmp_path)) == [1, 1]
+
+
 def signalled_on_each_rank(rank: int, world_size: int) -> tuple[bool, bool, bool]:
     """The signal handler on, no time limit: SIGTERM reaches rank 1 only (it is only noted, then voted). Each rank's
     (stops, signalled, timed out)."""

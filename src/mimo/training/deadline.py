@@ -24,7 +24,7 @@ class Deadline:
     def __init__(self, minutes: float | None, start: float | None = None, on_signal: bool = False) -> None:
         self.seconds = None if minutes is None else minutes * 60.0
         self.on_signal = on_signal
-        self.start = time.monotonic() if start is None else start  # the workers' start: loading counts too
+        self.start = time.monotonic() if start is None else start  # the run's start: checks and loading count too
         self.signalled = self.timed_out = False  # as all ranks agreed, once `agreed` is true
         self._received = False
         self._pid = os.getpid()

@@ -161,10 +161,11 @@ def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
 
 
 def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
-                 rank_map: str = "", resume_from: str | None = None) -> dict[str, Any]:
+                 rank_map: str = "", resume_from: str | None = None, started: float | None = None) -> dict[str, Any]:
     """Train `config.train.steps` steps (if `resume`: from `resume_from`, by default the newest checkpoint);
-    returns the final metrics."""
-    start = time.monotonic()  # train.exit_duration_in_mins counts from here: start-up and loading too
+    returns the final metrics. `started`: when the run began (`time.monotonic()`, one clock for every process of
+    a machine), `mimo train`'s own checks included; train.exit_duration_in_mins counts from it (else from now)."""
+    start = time.monotonic() if started is None else started
     return run_in_world(config.train.timeout_s, _train, config, resume, quiet, rank_map, resume_from, start)
 
 

@@ -80,7 +80,7 @@ class TrainSection:
     recompute_granularity: Literal["none", "full"] = "none"
     recompute_num_layers: int | None = field(default=None, metadata={"min": 1})
     timeout_s: float = field(default=300.0, metadata={"above": 0})
-    # stop cleanly once the run has taken this many minutes (from the workers' start): a checkpoint after the
+    # stop cleanly once the run has taken this many minutes (from `mimo train`'s start): a checkpoint after the
     # step that passed it (whatever checkpoint.final says), then exit 0; `--resume` continues (a scheduler's
     # wall-time limit; Megatron's name)
     exit_duration_in_mins: float | None = field(default=None, metadata={"above": 0})
