@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -165,18 +166,8 @@ def test_sigterm_with_the_signal_handler_checkpoints_the_step_in_flight_and_resu
     shell does. Resumed, the run continues with the losses of a run never stopped."""
     path, run_dir = write_config(tmp_path / "a", train={"steps": 100_000, "exit_signal_handler": True},
                                  checkpoint={"interval": 0})
-    proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        give_up = time.monotonic() + 180  # a bound on waiting, not a speed claim
-        while time.monotonic() < give_up and len(_lines(run_dir / "metrics.jsonl")) < 2:
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, stderr[-3000:]
+    code, stdout, stderr = sigterm_after_two_steps(path, run_dir, os.kill)  # the launcher alone
+    assert code == 143, stderr[-3000:]
     steps = sorted(steps_and_losses(run_dir))
     stopped = steps[-1]
     assert steps == list(range(1, stopped + 1)) and stopped >= 2
@@ -202,24 +193,31 @@ def test_sigterm_to_every_process_of_the_job_with_loader_workers_still_checkpoin
 
     path, run_dir = write_config(tmp_path, train={"steps": 100_000, "exit_signal_handler": True},
                                  checkpoint={"interval": 0}, data={"num_workers": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        give_up = time.monotonic() + 180  # a bound on waiting, not a speed claim
-        while time.monotonic() < give_up and len(_lines(run_dir / "metrics.jsonl")) < 2:
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, stderr[-3000:]
+    code, stdout, stderr = sigterm_after_two_steps(path, run_dir, os.killpg)  # every process of the job
+    assert code == 143, stderr[-3000:]
     stopped = max(steps_and_losses(run_dir))
     checkpoint = run_dir / "checkpoints" / f"step_{stopped:08d}"
     assert (f"mimo train: stopped after step {stopped} of 100000, a rank received SIGTERM "
             f"(train.exit_signal_handler); checkpoint {checkpoint}: --resume continues") in stdout, stderr[-3000:]
     assert "DataLoader worker" not in stderr
     open_checkpoint(checkpoint, verify=True)
+
+
+def sigterm_after_two_steps(path: Path, run_dir: Path, send: Callable[[int, int], None]) -> tuple[int, str, str]:
+    """`mimo train` of `path`, sent SIGTERM by `send(pid, signal)` (os.kill: the launcher; os.killpg: its whole
+    process group) once two steps are logged; its exit code, stdout and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "mimo", "train", str(path), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        give_up = time.monotonic() + 180  # a bound on waiting, not a speed claim
+        while time.monotonic() < give_up and len(_lines(run_dir / "metrics.jsonl")) < 2:
+            time.sleep(0.1)
+        send(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stdout, stderr
 
 
 def _lines(path: Path) -> list[str]:
