@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -248,15 +247,15 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
             raise ConfigFileError(f"--set {item}: a checkpoint's run config takes only KEY=PATH with KEY one of "
                                   f"{', '.join(MOVABLE)} (where its Hugging Face directories are now), e.g. "
                                   f"--set model.hf=/new/place")
-    carried = info["extra"]["config"]
     try:
-        parse_run_config(copy.deepcopy(carried))
+        config = parse_run_config(info["extra"]["config"])
     except RunConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its run config no longer parses: {e}") from None
-    try:
-        config = parse_run_config(overridden(carried, moved))
-    except RunConfigError as e:  # the checkpoint's own config parsed: the --set items are at fault
-        raise ConfigFileError(f"--set {' '.join(moved)}: {e}") from None
+    if moved:
+        try:
+            config = parse_run_config(overridden(info["extra"]["config"], moved))
+        except RunConfigError as e:  # the checkpoint's own config parsed: the --set items are at fault
+            raise ConfigFileError(f"--set {' '.join(moved)}: {e}") from None
     parts = hf_parts(config)
     omitted_prefixes(path, info, parts)  # the parts it leaves out are where it says: refused before any reading
     provider = build_provider(config, torch.device("cpu"), distributed=False)
