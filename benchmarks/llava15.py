@@ -426,23 +426,25 @@ def earlier_stage1(out: Path) -> Path | None:
     return next((c for c in map(finished_stage1, runs) if c is not None), None)
 
 
+def last_step(run_dir: Path) -> int | None:
+    """The run's last step (its `config.yaml`'s train.steps), None before the run wrote it."""
+    config = run_dir / "config.yaml"
+    return yaml.safe_load(config.read_text())["train"]["steps"] if config.is_file() else None
+
+
 def run_finished(run_dir: Path) -> bool:
-    """Whether the run logged its last step (`config.yaml`'s train.steps): under --resume it is not run again (a
-    finished stage 2 keeps only an earlier call's stopped checkpoint, which a resume would train on from)."""
-    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
-    if not metrics.is_file() or not config.is_file():
+    """Whether the run logged its last step: under --resume it is not run again (a finished stage 2 keeps only an
+    earlier call's stopped checkpoint, which a resume would train on from)."""
+    metrics, last = run_dir / "metrics.jsonl", last_step(run_dir)
+    if last is None or not metrics.is_file():
         return False
-    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
-    return yaml.safe_load(config.read_text())["train"]["steps"] in steps
+    return last in [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
 
 
 def finished_stage1(run_dir: Path) -> Path | None:
-    """The run's newest complete checkpoint if it is of the run's last step (`config.yaml`'s train.steps)."""
-    checkpoint, config = stage1_checkpoint(run_dir), run_dir / "config.yaml"
-    if checkpoint is None or not config.is_file():
-        return None
-    steps = yaml.safe_load(config.read_text())["train"]["steps"]
-    return checkpoint if checkpoint_step(checkpoint) == steps else None
+    """The run's newest complete checkpoint if it is of the run's last step."""
+    checkpoint, last = stage1_checkpoint(run_dir), last_step(run_dir)
+    return checkpoint if checkpoint is not None and checkpoint_step(checkpoint) == last else None
 
 
 def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
