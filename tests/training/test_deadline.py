@@ -66,9 +66,9 @@ def test_sigterm_on_one_rank_stops_every_rank():
 
 
 def test_the_handler_is_put_back_and_a_process_forked_under_it_ignores_sigterm():
-    """A data loader's worker forked while the handler is installed ignores SIGTERM: a scheduler signals every
-    process of the job, and a worker dying of it would fail its rank's step before the checkpoint (torch's loader
-    raises on a killed worker). After the loop the process's own handler is back."""
+    """A process forked while the handler is installed ignores SIGTERM (a scheduler signals every process of the job;
+    the loader's own workers: `ignore_sigterm`, tested end to end in test_train_cli). After the loop the process's
+    own handler is back."""
     before = signal.getsignal(signal.SIGTERM)
     deadline = Deadline(None, on_signal=True)
     with deadline.watching():

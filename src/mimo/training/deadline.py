@@ -45,10 +45,9 @@ class Deadline:
     def _receive(self, signum: int, frame: object) -> None:
         """SIGTERM: stop after the step in flight (the handler only notes it; the loop decides at the step's end).
 
-        A process forked while it was installed (a data loader worker) ignores it: a scheduler signals every
-        process of the job, and a worker that died of it would fail its rank's step (torch's loader raises on a
-        killed worker) before the rank could checkpoint. Its rank ends it when closing the loader, and torch's
-        worker loop ends by itself once the rank is gone."""
+        A process forked while it was installed ignores it, as the data loader's workers do (`ignore_sigterm`,
+        since torch's worker puts a handler of its own in place of this one): a scheduler signals every process
+        of the job, and the rank, not the signal, ends its children."""
         if os.getpid() == self._pid:
             self._received = True
 
