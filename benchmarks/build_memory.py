@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mimo.provider import LlavaMimoProvider
+from mimo.families.llava import LlavaMimoProvider
 
 
 def peak_rss_bytes() -> int:

@@ -40,6 +40,7 @@ from PIL import Image  # noqa: E402
 from mimo.data import BatchPrefetcher, GlobalBatchSampler, MimoBatch, Sample, next_token_labels  # noqa: E402
 from mimo.data.prefetch import default_num_workers  # noqa: E402
 from mimo.hf.image import ImageProcessor  # noqa: E402
+from mimo.training.plan import plan_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llava_speed import init_world  # noqa: E402  (a world of one: NCCL on CUDA, gloo on CPU)
@@ -92,7 +93,7 @@ class JpegCaptions:
 
 def build_trainer(preset: str, batch: int, microbatches: int, dtype: str, device: torch.device):
     """The provider and trainer exactly as `mimo train` builds them for a one-process run."""
-    from mimo.training.loop import build_provider, build_trainer, distributed_config
+    from mimo.training.loop import build_trainer, distributed_config
     from mimo.training.run_config import parse_run_config
 
     init_world(device)
@@ -102,7 +103,7 @@ def build_trainer(preset: str, batch: int, microbatches: int, dtype: str, device
                   "steps": 10**6},
         "data": {"name": "synthetic"},
     })
-    provider = build_provider(config, device)
+    provider = plan_model(config).provider_on(device)
     model = provider.provide_distributed_model(distributed_config(config))
     return provider, build_trainer(config, provider, model, device)
 

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deployments import WORKLOADS, make_dataset  # noqa: E402
 
 from mimo.distributed import ModuleDistributedConfig, module_of, set_module, wrap_ddp  # noqa: E402
-from mimo.training.loop import build_provider, build_trainer, distributed_config  # noqa: E402
+from mimo.training.loop import build_trainer, distributed_config  # noqa: E402
+from mimo.training.plan import plan_model  # noqa: E402
 from mimo.training.run_config import parse_run_config  # noqa: E402
 
 VARIANTS = ("none", "mimo", "mimo-copy", "mimo-split-copy", "torch", "torch-100mb")
@@ -96,7 +97,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
                   "lr": 1e-4, "steps": args.warmup + args.steps + 1},
         "data": {"name": "synthetic", "items_per_sample": [workload["images_per_sample"]]},
         "eval": {"enabled": False}})
-    provider = build_provider(config, device)
+    provider = plan_model(config).provider_on(device)
     model = provider.provide_distributed_model(distributed_config(config))
     wrap(model, provider.build_infra(), variant, config.precision.name if config.precision.mixed else None)
     trainer = build_trainer(config, provider, model, device)

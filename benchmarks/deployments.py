@@ -17,7 +17,7 @@ collects the rows into one table (`OUT/deployments.json`, `OUT/deployments.md`).
 What a row reports (timed steps only; per step the slowest rank, then the mean over steps):
 - step s: `StepResult.seconds["step"]`; tokens/s = global batch × sequence length / step s (every position
   of every sequence, image tokens included); tokens/s/GPU divides by the deployment's world (active GPUs);
-  TFLOP/s/GPU counts `mimo.training.flops.batch_flops`.
+  TFLOP/s/GPU counts `mimo.flops.batch_flops`.
 - encoder busy s: the encoder's forward (the `images.forward` phase less the time blocked in the bridge) plus
   its backward compute (autograd hooks: from the gradient reaching the encoder's output to the last
   encoder gradient accumulated), on the slowest encoder rank. language busy s likewise (the
@@ -68,12 +68,13 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 
 from mimo.config import LANGUAGE
 from mimo.data import GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.families.llava import LLAVA, LlavaMimoProvider
+from mimo.flops import batch_flops
 from mimo.grid import P2PGroups
 from mimo.launch import _reason, run_on_a_free_port
-from mimo.provider import LlavaMimoProvider
-from mimo.training.flops import batch_flops
-from mimo.training.loop import build_provider, build_trainer, distributed_config, run_in_world
+from mimo.training.loop import build_trainer, distributed_config, run_in_world
 from mimo.training.metrics import Clock, MetricsWriter, peak_memory_gb
+from mimo.training.plan import plan_model
 from mimo.training.run_config import RunConfig, parse_run_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the HF rows and the profiler summary live beside us
@@ -404,7 +405,7 @@ def _worker(spec: dict[str, Any]) -> None:
 def _row(device: torch.device, spec: dict[str, Any], config: RunConfig) -> None:
     """`_worker`'s body, in the world `run_in_world` set up (the trainer freed before its groups)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    provider = build_provider(config, device)
+    provider = plan_model(config).provider_on(device)
     model = provider.provide_distributed_model(distributed_config(config))
     trainer = build_trainer(config, provider, model, device)
     dataset = make_dataset(provider, config, spec["images"], spec["seq_len"])
@@ -420,7 +421,7 @@ def _row(device: torch.device, spec: dict[str, Any], config: RunConfig) -> None:
 
     for step in range(config.train.steps):
         batch = next_batch()
-        flops = flops or batch_flops(provider, batch)
+        flops = flops or batch_flops(provider, batch, LLAVA.modality_flops(provider))
         clock.sync()
         t0 = time.perf_counter()
         result = trainer.train_step(batch)

@@ -28,10 +28,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from mimo.data import GlobalBatchSampler, MimoBatch
 from mimo.data.packing import real_tokens
+from mimo.families.llava import LLAVA
+from mimo.flops import batch_flops
 from mimo.models.labels import IGNORE_INDEX
-from mimo.training.flops import batch_flops
-from mimo.training.loop import build_provider, run_in_world
+from mimo.training.loop import run_in_world
 from mimo.training.metrics import Clock, MetricsWriter, peak_memory_gb
+from mimo.training.plan import plan_model
 from mimo.training.run_config import RunConfig, parse_run_config
 from mimo.training.step import StepResult
 
@@ -159,7 +161,7 @@ def _hf_row(device: torch.device, spec: dict[str, Any], config: RunConfig) -> No
     from step_profile import describe, profile_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    provider = build_provider(config, device)
+    provider = plan_model(config).provider_on(device)
     dataset = make_dataset(provider, config, spec["images"], spec["seq_len"])
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     model, _ = build_model(provider, spec["hf"], device, config.train.compile, spec.get("ddp_tuned", False))
@@ -169,7 +171,7 @@ def _hf_row(device: torch.device, spec: dict[str, Any], config: RunConfig) -> No
     times, losses, flops = [], [], None
     for i in range(config.train.steps):
         batch = dataset.batch(next(sampler), seq_len=spec["seq_len"])
-        flops = flops or batch_flops(provider, batch)
+        flops = flops or batch_flops(provider, batch, LLAVA.modality_flops(provider))
         prepared = step.prepare(batch)
         clock.sync()
         t0 = time.perf_counter()

@@ -77,8 +77,9 @@ from hf_random import tokenizer_word, write_pair  # noqa: E402  (random HF direc
 from packing import INSTRUCTION_MIX, sample_lengths  # noqa: E402  (the instruction-mix length distribution)
 
 from mimo.data.templates import VicunaV1Template  # noqa: E402
-from mimo.provider import LlavaMimoProvider  # noqa: E402
+from mimo.families.llava import LlavaMimoProvider  # noqa: E402
 from mimo.training.checkpoint import Checkpointer, checkpoint_step, weights_path  # noqa: E402
+from mimo.training.plan import plan_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -397,14 +398,14 @@ def preflight(args: argparse.Namespace) -> list[str]:
     """Each asked row's config checked as `mimo validate` checks it (keys, layout, micro-batches, the model's
     split, data and tokenizer; stage 2's pretrained checkpoint aside: it may not exist yet) and its world
     against the layout's GPUs, before any GPU time; one line per problem."""
-    from mimo.training.run_config import load_run_config, validate_run
+    from mimo.training.run_config import load_run_config
 
     problems = []
     for stage, name in rows_asked(args):
         sets = row_overrides(stage, LAYOUTS[name], args, run_dir_of(args.out, stage, name), None)
         try:
             config = load_run_config(EXAMPLES / f"llava15_stage{stage}.yaml", sets)
-            validate_run(config, config.world_size)
+            plan_run(config, config.world_size)
         except ValueError as e:  # RunConfigError, LayoutError: bad input, one line each
             problems.append(f"stage {stage} {name}: {e}")
             continue

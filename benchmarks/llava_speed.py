@@ -18,7 +18,7 @@ Precision policy, the same for every row: float32 parameters, gradients and Adam
 CUDA, lr 1e-4, betas (0.9, 0.95), no weight decay, clip at global norm 1.0); forward under bf16 autocast
 (mimo's `train.dtype: bfloat16`). Global batch B samples of S tokens, one image per sample, so
 576 image tokens + S-576 text tokens per sample at 336 px; `--microbatches` splits B into gradient-
-accumulation micro-batches (same for every row of a preset). FLOPs are `mimo.training.flops.batch_flops`
+accumulation micro-batches (same for every row of a preset). FLOPs are `mimo.flops.batch_flops`
 for all rows (what metrics.jsonl reports); MFU is against a bf16 matmul measured in the same run.
 tokens/s counts every position of every sequence (B·S per step). Per-module times (encoder, projector,
 language; forward + backward; `other` = the rest of the step: clipping, optimizer, host work) come from
@@ -55,12 +55,16 @@ from hf_rows import hf_inputs, image_mask_and_labels  # noqa: E402  (LLaVA's vie
 from torch import nn  # noqa: E402
 
 from mimo.data import MimoBatch, next_token_labels  # noqa: E402
+from mimo.families.llava import (
+    LLAVA,  # noqa: E402
+    LlavaMimoProvider,  # noqa: E402
+)
+from mimo.flops import batch_flops  # noqa: E402
 from mimo.models import Decoder, DecoderConfig, MLPProjector, ModalityBatch, ViTConfig, ViTEncoder  # noqa: E402
 from mimo.models.decoder import IGNORE_INDEX  # noqa: E402
 from mimo.models.rmsnorm import RMSNorm  # noqa: E402
-from mimo.provider import LlavaMimoProvider  # noqa: E402
-from mimo.training.flops import batch_flops  # noqa: E402
 from mimo.training.metrics import Clock  # noqa: E402
+from mimo.training.plan import plan_model  # noqa: E402
 
 # preset -> (global batch, sequence length) of the issue; tiny is the CPU/CI size.
 SHAPES = {"tiny": (4, 64), "1b": (8, 2048), "3b": (4, 2048), "7b": (4, 2048)}
@@ -395,7 +399,7 @@ def _patched_build(levers: set[str]):
 def build_mimo(ctx: Context, levers: set[str]) -> Row:
     """The model, trainer and step exactly as `mimo train` builds them (mimo.training.loop)."""
     from mimo.distributed import unwrap
-    from mimo.training.loop import build_provider, build_trainer, distributed_config
+    from mimo.training.loop import build_trainer, distributed_config
     from mimo.training.run_config import parse_run_config
 
     init_world(ctx.device)
@@ -408,7 +412,7 @@ def build_mimo(ctx: Context, levers: set[str]) -> Row:
                   "lr": LR, "clip_grad": CLIP, "weight_decay": 0.0, "steps": 10**6},
         "data": {"name": "synthetic"},
     })
-    provider = build_provider(config, ctx.device)
+    provider = plan_model(config).provider_on(ctx.device)
     with _patched_build(levers):
         model = provider.provide_distributed_model(distributed_config(config))
     trainer = build_trainer(config, provider, model, ctx.device)
@@ -856,11 +860,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     clock = Clock(device)
     for preset in presets:
         provider, batch = make_batch(preset, batches[preset], seqs[preset])
-        flops = batch_flops(provider, batch)
+        flops = batch_flops(provider, batch, LLAVA.modality_flops(provider))
         ctx = Context(preset, provider, batch, DeviceBatch.pinned(provider, batch), micro[preset], device, dtype,
                       clock)
         print(f"# {preset}: batch {batches[preset]} x {seqs[preset]} tokens, {micro[preset]} micro-batch(es), "
-              f"{flops / 1e12:.1f} model TFLOP per step (mimo.training.flops.batch_flops)", flush=True)
+              f"{flops / 1e12:.1f} model TFLOP per step (mimo.flops.batch_flops)", flush=True)
         for spec in args.rows.split(","):
             record = run_row(spec.strip(), ctx, args, flops, peak)
             record["step_tflop"] = flops / 1e12

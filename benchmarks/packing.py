@@ -42,7 +42,8 @@ from llava_speed import init_world  # noqa: E402  (a world of one: NCCL on CUDA,
 
 from mimo.data import MimoBatch, Sample, next_token_labels  # noqa: E402
 from mimo.data.packing import real_tokens  # noqa: E402
-from mimo.provider import LlavaMimoProvider  # noqa: E402
+from mimo.families.llava import LlavaMimoProvider  # noqa: E402
+from mimo.training.plan import plan_model  # noqa: E402
 
 MAX_LEN = 2048
 # The instruction-mix text lengths (module docstring): lognormal median and sigma, shortest text, image share.
@@ -78,8 +79,8 @@ def make_batches(provider: LlavaMimoProvider, args: argparse.Namespace, count: i
 
 def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device):
     """The model and step exactly as `mimo train` builds them, with `data.packing` as asked."""
-    from mimo.training.loop import build_provider, distributed_config
     from mimo.training.loop import build_trainer as build_step
+    from mimo.training.loop import distributed_config
     from mimo.training.run_config import parse_run_config
 
     config = parse_run_config({
@@ -89,7 +90,7 @@ def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device)
                   "lr": 1e-5, "steps": 10**6, "compile": args.compile},
         "data": {"name": "synthetic", "packing": packing},
     })
-    provider = build_provider(config, device)
+    provider = plan_model(config).provider_on(device)
     model = provider.provide_distributed_model(distributed_config(config))
     return build_step(config, provider, model, device)
 

@@ -96,7 +96,7 @@ def tuned_ddp(rank: int, world_size: int, tuned: bool) -> tuple[bool, bool]:
     """The HF + DDP row's wrapper, tuned or not: its bucket views and dynamo's DDP optimizer setting."""
     import torch
 
-    from mimo.provider import LlavaMimoProvider
+    from mimo.families.llava import LlavaMimoProvider
 
     sys.path.insert(0, str(BENCHMARKS))  # hf_rows imports its neighbours, as deployments.py runs it
     hf_rows = load_script("hf_rows", "hf_rows_bench")

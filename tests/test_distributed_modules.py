@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from mimo.config import MimoParallelismConfig
 from mimo.data import MimoBatch, ModalitySpec, SyntheticDataset
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, dtensor_spec, full_tensor, unwrap
+from mimo.families.llava import LlavaMimoProvider
 from mimo.models import DecoderConfig, MimoModel, ViTConfig
-from mimo.provider import LlavaMimoProvider
 from mimo.testing import assert_matches_reference, run_distributed
 from tests.test_distributed import full_state
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import mimo.grid
 from mimo.config import MimoParallelismConfig
+from mimo.families.llava import LlavaMimoProvider
 from mimo.models import (
     AudioConfig,
     AudioEncoder,
@@ -24,7 +25,6 @@ from mimo.models import (
     ViTEncoder,
 )
 from mimo.provider import (
-    LlavaMimoProvider,
     MimoModelProvider,
     ModuleSpec,
     ProviderError,

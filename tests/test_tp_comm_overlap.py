@@ -11,7 +11,8 @@ import pytest
 from mimo.config import LayoutError, MimoParallelismConfig
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, WrapError
 from mimo.testing import run_distributed
-from mimo.training.run_config import RunConfigError, parse_run_config, validate_run
+from mimo.training.plan import plan_run
+from mimo.training.run_config import RunConfigError, parse_run_config
 from tests.training.test_parity import provider
 
 SP = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
@@ -44,7 +45,7 @@ def test_a_run_without_compile_is_refused_before_any_worker():
     config = parse_run_config({"model": {"preset": "tiny"},
                                "parallelism": {"images": {}, "language": {**SP, "tp_comm_overlap": True}}})
     with pytest.raises(RunConfigError) as e:
-        validate_run(config, 2)
+        plan_run(config, 2)
     assert str(e.value) == ("parallelism.language.tp_comm_overlap: the overlap is a torch.compile pass over the "
                             "blocks, and train.compile is false; set train.compile true or tp_comm_overlap false")
 

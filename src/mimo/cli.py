@@ -89,38 +89,38 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
-    from mimo.training.run_config import check_data_available, load_run_config, validate_run
+    from mimo.training.plan import plan_run
+    from mimo.training.run_config import load_run_config
     from mimo.training.run_dir import claim_run_dir
 
     started = time.monotonic()  # train.exit_duration_in_mins counts the checks below (a resume's hashes) too
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
-    warns = validate_run(config, world)
+    plan = plan_run(config, world)
     rank_map = render_rank_map(config.layout)
-    check_data_available(config)
     owner = not _launched() or os.environ["RANK"] == "0"  # under torchrun, rank 0 claims the run directory
     lock = claim_run_dir(config.run_dir, config.checkpoint_dir, resume=args.resume, restart=args.restart) \
         if owner else None
     try:
-        resume_from = _resumable(config, report=owner) if args.resume else None
+        resume_from = _resumable(plan, report=owner) if args.resume else None
         kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map,
                   "started": started}
         if _launched():
             from mimo.training.loop import run_training
 
-            run_training(config, **kwargs)
+            run_training(plan, **kwargs)
             return 0
-        for w in warns:
+        for w in plan.warnings:
             print(f"warning: {w}", file=sys.stderr)
         from mimo.launch import launch
 
-        return launch(config.to_dict(), world, **kwargs)
+        return launch(plan, world, **kwargs)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _resumable(config, report: bool) -> str | None:
+def _resumable(plan, report: bool) -> str | None:
     """Before any worker starts: the newest complete checkpoint that verifies (sizes and hashes), None if there
     is none; a damaged newest one is named (if `report`) and an earlier one used, or a one-line error if none
     is left; then its data position must fit this run's batches (another batch, seed or dataset: one line).
@@ -129,20 +129,21 @@ def _resumable(config, report: bool) -> str | None:
     from mimo.training.loop import check_resume_fits
 
     say = (lambda line: print(line, flush=True)) if report else (lambda line: None)
-    path = newest_intact(Checkpointer(config.checkpoint_dir), report=say)
+    path = newest_intact(Checkpointer(plan.config.checkpoint_dir), report=say)
     if path is None:
         return None
-    check_resume_fits(config, path)  # another batch, seed or dataset: refused here, not by the workers
+    check_resume_fits(plan, path)  # another batch, seed or dataset: refused here, not by the workers
     return str(path)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a run config (keys, types, layout for its world size) without starting anything."""
-    from mimo.training.run_config import load_run_config, validate_run
+    from mimo.training.plan import plan_run
+    from mimo.training.run_config import load_run_config
 
     config = load_run_config(args.config, args.set)
-    warns = validate_run(config, args.nproc_per_node or config.world_size)
-    for w in warns:
+    plan = plan_run(config, args.nproc_per_node or config.world_size)
+    for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{args.config}: valid; {config.layout.deployment} on {config.layout.world_size} ranks")
     return 0
@@ -164,118 +165,95 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    """Write a checkpoint of any layout as a Hugging Face LLaVA directory (transformers loads it)."""
-    from mimo.hf.export import export_llava
-
-    model, spec, origin = _checkpoint_model(Path(args.checkpoint), args.set)
+    """Write a checkpoint of any layout as a Hugging Face directory of its family (transformers loads it)."""
+    model, plan = _checkpoint_model(Path(args.checkpoint), args.set)
+    if plan.family.export is None:
+        raise ConfigFileError(f"checkpoint {args.checkpoint}: the {plan.family.name} family has no Hugging Face "
+                              f"form to export to")
     with warnings.catch_warnings(record=True) as caught:  # e.g. a tokenizer that cannot take the image token
         warnings.simplefilter("always")
-        out = export_llava(model, spec, args.out_dir, origin)
+        out, kind = plan.family.export(model, plan.config.model, plan.provider, Path(args.out_dir))
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    print(f"wrote {out} (LlavaForConditionalGeneration)")
+    print(f"wrote {out} ({kind})")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Print the greedy continuation of a prompt about an image, from a Hugging Face directory or a checkpoint."""
-    from PIL import Image, UnidentifiedImageError
+    from mimo.families import GenerationRequest
 
-    from mimo.hf.generate import eos_token_ids, greedy
-    from mimo.hf.image import ImageProcessor
-    from mimo.hf.prompt import Prompter
-
-    model, files = _generation_model(args)
-    vision = model.modality_submodules["images"].encoder.config
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ConfigFileError(f"--image {args.image}: cannot read it as an image ({e})") from None
-    pixels = ImageProcessor.from_directory(files["preprocessor"])(image)
-    if tuple(pixels.shape[-2:]) != (vision.image_size, vision.image_size):
-        raise ConfigFileError(f"{files['preprocessor']}/preprocessor_config.json makes {tuple(pixels.shape[-2:])} "
-                              f"images, but the tower takes {vision.image_size}x{vision.image_size}")
-    prompter = Prompter.from_directory(files["tokenizer"])
-    ids = prompter.input_ids(args.prompt, vision.tokens_per_image, model.special_token_ids["images"])
-    new = greedy(model, ids, pixels, args.max_new_tokens, eos_token_ids(files["tokenizer"]))
-    print(prompter.decode(new))
+    model, section, family, provider = _generation_model(args)
+    if family.generate is None:
+        raise ConfigFileError(f"the {family.name} family has no generation (no tokenizer to prompt with)")
+    request = GenerationRequest(Path(args.image), args.prompt, args.max_new_tokens)
+    print(family.generate(model, section, provider, request))
     return 0
 
 
 def _generation_model(args: argparse.Namespace):
-    """(the whole model in one process, the directories holding its tokenizer and image processor)."""
+    """(the whole model in one process, its model section, family and provider): a Hugging Face directory's
+    (`--hf`, its family read from its config.json) or a checkpoint's."""
     if args.hf:
         if args.set:
             raise ConfigFileError(f"--set {args.set[0]}: --set re-points a checkpoint's Hugging Face directories; "
                                   f"with --hf, name the directory there")
-        from mimo.hf.load import open_llava
-        from mimo.provider import LlavaMimoProvider
+        from mimo.families import BuildSettings, family_of_directory
 
-        model = LlavaMimoProvider(**open_llava(args.hf).provider_kwargs()).provide()
-        return model, {"tokenizer": Path(args.hf), "preprocessor": Path(args.hf)}
-    model, _, origin = _checkpoint_model(Path(args.checkpoint), args.set)
-    text, images = origin.llava or origin.language, origin.llava or origin.vision
-    if text is None:
-        raise ConfigFileError(f"checkpoint {args.checkpoint} was trained from a preset: it has no tokenizer or image "
-                              f"processor to generate with; train from Hugging Face directories (model.hf)")
-    return model, {"tokenizer": text, "preprocessor": images}
+        family = family_of_directory(args.hf)
+        section = family.section(**{family.hf_settings[0]: args.hf})
+        provider = family.provider(section, family.open(section), BuildSettings(None, _float32(), seed=0))
+        return provider.provide(), section, family, provider
+    model, plan = _checkpoint_model(Path(args.checkpoint), args.set)
+    return model, plan.config.model, plan.family, plan.provider
 
 
-# what `--set` may change in the run config a checkpoint carries: where its Hugging Face directories are now
-MOVABLE = ("model.hf", "model.vision_hf", "model.language_hf")
+def _float32():
+    """The parameter dtype of a model read from a Hugging Face directory (its own values, in float32)."""
+    import torch
+
+    return torch.float32
 
 
 def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
-    """(the whole model in one process, its `LlavaSpec`, its Hugging Face `Origin`) of a checkpoint, from the
-    run config the checkpoint carries (its directories re-pointed by `moved`, `--set` items of `MOVABLE`); the
-    parts it leaves out from that config's Hugging Face directories, which must match the recorded fingerprints."""
+    """(the whole model in one process, its `RunPlan` for one process) of a checkpoint, from the run config the
+    checkpoint carries (its directories re-pointed by `moved`, `--set model.KEY=PATH` items whose KEY is one of
+    its family's `hf_settings`: nothing else of a checkpoint's config may change); the parts it leaves
+    out come from that config's Hugging Face directories, which must match the recorded fingerprints."""
     import torch
 
-    from mimo.hf.config import LlavaSpec
-    from mimo.hf.export import Origin
+    from mimo.families import family_named
     from mimo.training.checkpoint import HF_WEIGHTS, CheckpointError, load_model_only, omitted_prefixes, open_checkpoint
-    from mimo.training.loop import build_provider
-    from mimo.training.run_config import RunConfigError, hf_parts, overridden, parse_run_config
+    from mimo.training.plan import plan_model
+    from mimo.training.run_config import RunConfigError, overridden, parse_run_config
 
     _, info = open_checkpoint(path)
     if not isinstance(info["extra"].get("config"), dict):
         raise CheckpointError(f"checkpoint {path} carries no run config (written by mimo train?); cannot tell "
                               f"which model it holds")
-    for item in moved:
-        if "=" not in item or item.split("=", 1)[0].strip() not in MOVABLE:
-            raise ConfigFileError(f"--set {item}: a checkpoint's run config takes only KEY=PATH with KEY one of "
-                                  f"{', '.join(MOVABLE)} (where its Hugging Face directories are now), e.g. "
-                                  f"--set model.hf=/new/place")
     try:
         config = parse_run_config(info["extra"]["config"])
     except RunConfigError as e:
         raise CheckpointError(f"checkpoint {path}: its run config no longer parses: {e}") from None
+    movable = [f"model.{key}" for key in family_named(config.model.family).hf_settings]
+    for item in moved:
+        if "=" not in item or item.split("=", 1)[0].strip() not in movable:
+            raise ConfigFileError(f"--set {item}: a checkpoint's run config takes only KEY=PATH with KEY one of "
+                                  f"{', '.join(movable) or 'none (its family reads no Hugging Face directory)'} "
+                                  f"(where its Hugging Face directories are now), e.g. --set model.hf=/new/place")
     if moved:
         try:
             config = parse_run_config(overridden(info["extra"]["config"], moved))
         except RunConfigError as e:  # the checkpoint's own config parsed: the --set items are at fault
             raise ConfigFileError(f"--set {' '.join(moved)}: {e}") from None
-    parts = hf_parts(config)
-    omitted_prefixes(path, info, parts)  # the parts it leaves out are where it says: refused before any reading
-    provider = build_provider(config, torch.device("cpu"), distributed=False)
+    plan = plan_model(config)
+    omitted_prefixes(path, info, plan.hf_parts)  # the parts it leaves out are where it says: refused before reading
+    plan.provider = plan.whole_model_provider(torch.device("cpu"))
     if not info[HF_WEIGHTS]:  # the checkpoint's values replace everything: read no Hugging Face weights
-        provider.initial_weights = None
-    model = provider.provide()
-    load_model_only(path, model, parts)
-    m = config.model
-    spec = LlavaSpec(provider.vision_config, provider.language_config, provider.image_token_id,
-                     provider.projector_activation, provider.projector_bias)
-    origin = Origin(*(Path(d) if d else None for d in (m.hf, m.vision_hf, m.language_hf)))
-    return model, spec, origin
-
-
-def _finalized(layout: MimoParallelismConfig, world_size: int) -> tuple[MimoParallelismConfig, list[str]]:
-    """The layout finalized for `world_size`, with its warnings as strings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layout.finalize(world_size)
-    return layout, [str(w.message) for w in caught]
+        plan.provider.initial_weights = None
+    model = plan.provider.provide()
+    load_model_only(path, model, plan.hf_parts)
+    return model, plan
 
 
 def _launched() -> bool:
@@ -284,7 +262,8 @@ def _launched() -> bool:
 
 
 MOVED_HELP = ("a Hugging Face directory of the checkpoint's run moved elsewhere, e.g. --set model.language_hf="
-              "/new/place (one of " + ", ".join(MOVABLE) + "; its weights must be the ones recorded; repeatable)")
+              "/new/place (a key of the model section naming a directory; its weights must be the ones recorded; "
+              "repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

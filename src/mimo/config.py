@@ -32,6 +32,10 @@ class LayoutError(ValueError):
     """A parallel layout that mimo cannot run, with the reason and what would be valid."""
 
 
+class RunConfigError(ValueError):
+    """A training config that cannot run, naming the key and what would be valid."""
+
+
 class ConfigFileError(ValueError):
     """A config file that cannot be read or does not have the expected shape."""
 

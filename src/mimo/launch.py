@@ -46,12 +46,13 @@ HANG_S = float(os.environ.get("MIMO_HANG_S", 60))  # a heartbeat older than this
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch checks CUDA through NVML (which leaves fork usable)
 
 
-def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
-    """Run `_worker(config, **kwargs)` on `nproc` local processes; 0, or 1 with the failed ranks named."""
+def launch(plan: Any, nproc: int, **kwargs: Any) -> int:
+    """Run `_worker(plan, **kwargs)` on `nproc` local processes (`plan`: the checked `RunPlan`, handed over, not
+    rebuilt); 0, or 1 with the failed ranks named."""
     import mimo.training.loop  # noqa: F401 - imported once here, inherited by every forked worker
     with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir, HangWatch(Path(failure_dir)):
         try:
-            _launch_on_a_free_port(nproc, config, kwargs, failure_dir)
+            _launch_on_a_free_port(nproc, plan, kwargs, failure_dir)
         except ChildFailedError as e:
             for line in _failure_report(e, _read_failures(Path(failure_dir))):
                 print(line, file=sys.stderr)
@@ -67,9 +68,9 @@ def launch(config: dict[str, Any], nproc: int, **kwargs: Any) -> int:
 _RENDEZVOUS_TRIES = 3
 
 
-def _launch_on_a_free_port(nproc: int, config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) -> None:
+def _launch_on_a_free_port(nproc: int, plan: Any, kwargs: dict[str, Any], failure_dir: str) -> None:
     """`mimo train`'s workers, forked (or spawned: `start_method`), the agent watching every half second."""
-    run_on_a_free_port(nproc, _worker, (config, kwargs, failure_dir), start_method(), monitor_interval=0.5)
+    run_on_a_free_port(nproc, _worker, (plan, kwargs, failure_dir), start_method(), monitor_interval=0.5)
 
 
 def run_on_a_free_port(nproc: int, entrypoint: Callable[..., Any], args: tuple[Any, ...], method: str,
@@ -187,15 +188,14 @@ class _Heartbeat:
 
 
 @record
-def _worker(config: dict[str, Any], kwargs: dict[str, Any], failure_dir: str) -> None:
-    """One rank: parse the (already validated) config and run the training loop; record why it failed."""
+def _worker(plan: Any, kwargs: dict[str, Any], failure_dir: str) -> None:
+    """One rank: run the training loop of the (already checked) plan; record why it failed."""
     from mimo.training.loop import run_training
-    from mimo.training.run_config import parse_run_config
 
     _as_a_fresh_interpreter()
     try:
         with _Heartbeat(Path(failure_dir)):
-            run_training(parse_run_config(config), **kwargs)
+            run_training(plan, **kwargs)
     except BaseException as e:
         _write_failure(Path(failure_dir), e)
         raise

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mimo.families.llava import LlavaMimoProvider
 from mimo.models import MimoModel
-from mimo.provider import LlavaMimoProvider
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mimo.data import WORDS, DigitsDataset, DigitsTokenizer, digits_split
+from mimo.families.llava import IMAGES
 
 
 def test_split_is_disjoint_and_covers_all_1797_scans() -> None:
@@ -13,7 +14,7 @@ def test_split_is_disjoint_and_covers_all_1797_scans() -> None:
     train, held = digits_split("train"), digits_split("held_out")
     assert (len(train), len(held)) == (1500, 297)
     assert sorted(torch.cat([train, held]).tolist()) == list(range(1797))
-    assert torch.equal(held, DigitsDataset("held_out").indices)
+    assert torch.equal(held, DigitsDataset(IMAGES, "held_out").indices)
     with pytest.raises(ValueError, match="unknown digits split 'test'"):
         digits_split("test")
 
@@ -33,7 +34,7 @@ def test_tokenizer_round_trips() -> None:
 
 def test_sample_layout() -> None:
     """[bos] <image ×16> which digit ? <answer> [eos]; labels only on the answer and eos; image [3, 8, 8]."""
-    ds = DigitsDataset("train")
+    ds = DigitsDataset(IMAGES, "train")
     s, tok = ds[5], ds.tokenizer
     words = tok.encode(f"which digit ? {ds.answer_word(5)}")
     assert s.input_ids.tolist() == [tok.bos_id, *[256] * 16, *words, tok.eos_id]
@@ -48,7 +49,7 @@ def test_sample_layout() -> None:
 
 def test_caption_accuracy() -> None:
     """Fraction of exact word matches; length mismatch is an error."""
-    ds = DigitsDataset("held_out")
+    ds = DigitsDataset(IMAGES, "held_out")
     truth = [ds.answer_word(i) for i in range(4)]
     wrong = WORDS[(WORDS.index(truth[3]) + 1) % 10]
     assert ds.caption_accuracy([*truth[:3], wrong], range(4)) == 0.75
@@ -58,7 +59,7 @@ def test_caption_accuracy() -> None:
 
 def test_collated_digits_run_through_the_tiny_llava(tiny_llava) -> None:
     """A collated digits batch passes alignment and scores 2 labels per sample."""
-    ds = DigitsDataset("train", dtype=torch.float64)
+    ds = DigitsDataset(IMAGES, "train", dtype=torch.float64)
     batch = ds.batch(range(8))
     with torch.no_grad():
         loss_sum, count = tiny_llava(batch.input_ids, batch.labels, batch.modality_inputs)

@@ -17,7 +17,8 @@ from mimo.data.digits_llava import (
     digits_llava_files,
     digits_tokenizer_config,
 )
-from mimo.training.loop import build_dataset, build_provider
+from mimo.families.llava import IMAGES
+from mimo.training.plan import plan_model
 from mimo.training.run_config import parse_run_config
 
 LAYOUT = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
@@ -32,9 +33,10 @@ def test_the_shipped_tokenizer_is_the_one_the_builder_makes():
 def test_llava_digits_samples_equal_the_digits_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("MIMO_CACHE_DIR", str(tmp_path))
     config = parse_run_config({"parallelism": LAYOUT, "train": {"dtype": "float64"}})
-    provider = build_provider(config, distributed=False)
+    provider = plan_model(config).whole_model_provider()
     for split in ("train", "held_out"):
-        files, reference = build_dataset(config, provider, split), DigitsDataset(split, dtype=torch.float64)
+        files = plan_model(config).dataset(provider, split)
+        reference = DigitsDataset(IMAGES, split, dtype=torch.float64)
         assert len(files) == len(reference)
         for i in range(len(files)):
             got, want = files[i], reference[i]

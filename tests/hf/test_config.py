@@ -89,8 +89,8 @@ def test_not_a_llava_directory(tmp_path):
 def test_llava_1_5_7b_preset_is_its_config_json():
     """llava-hf's config.json (transformers 4: nested configs as differences from the defaults) maps to
     LLaVA-1.5-7B's shapes, and the provider preset of that name has them (7.06 B parameters)."""
-    from mimo.hf.presets import hf_preset
-    from mimo.provider import LlavaMimoProvider
+    from mimo.families.llava import LlavaMimoProvider
+    from mimo.families.llava.hf_presets import hf_preset
 
     spec = hf_preset("llava-1.5-7b")
     v, lang = spec.vision, spec.language

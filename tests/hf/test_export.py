@@ -102,9 +102,9 @@ def test_a_preset_exports(tmp_path, preset_checkpoint):
 
 
 def test_a_large_model_is_written_in_shards_with_an_index(tmp_path):
+    from mimo.families.llava import LlavaMimoProvider
     from mimo.hf.config import LlavaSpec
     from mimo.hf.export import export_llava
-    from mimo.provider import LlavaMimoProvider
 
     provider = LlavaMimoProvider.preset("tiny", image_token_id=255)
     model = provider.provide()
@@ -132,9 +132,9 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, preset_checkpoint):
 
 def pair_export(tmp_path, image_token: bool):
     """A tower + language model pair (a Vicuna-like tokenizer, with or without <image>) exported untrained."""
+    from mimo.families.llava import LlavaMimoProvider
     from mimo.hf.export import Origin, export_llava
     from mimo.hf.load import open_pair
-    from mimo.provider import LlavaMimoProvider
     from tests.data.llava_files import SPECIALS, WORDS, save_tokenizer
 
     vocab = len(SPECIALS) - (not image_token) + len(WORDS)

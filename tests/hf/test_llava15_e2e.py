@@ -18,11 +18,12 @@ from safetensors import safe_open
 
 from mimo.cli import _checkpoint_model, main
 from mimo.data import GlobalBatchSampler
+from mimo.families.llava import IMAGES
 from mimo.hf.generate import eos_token_ids, greedy
 from mimo.hf.image import ImageProcessor
 from mimo.hf.load import to_llava_name
 from mimo.hf.prompt import Prompter
-from mimo.training.loop import build_dataset, build_provider
+from mimo.training.plan import plan_model
 from mimo.training.run_config import parse_run_config
 from tests.data.llava_files import WORDS, pretrain_entry, save_entries, save_image, save_tokenizer
 from tests.hf import tiny_hf
@@ -105,7 +106,7 @@ def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def initial(config: dict) -> dict[str, torch.Tensor]:
     """The run's model as it starts: the Hugging Face tower and language model, a seeded projector."""
-    return parameters(build_provider(parse_run_config(config), distributed=False).provide())
+    return parameters(plan_model(parse_run_config(config)).whole_model_provider().provide())
 
 
 def assert_part(a: dict, b: dict, prefix: str, equal: bool) -> None:
@@ -134,9 +135,9 @@ def test_stage2_starts_from_stage1_weights_with_a_fresh_optimizer_and_schedule(r
     assert logged[0]["lr"] == pytest.approx(lr1 * stage2["train"]["lr"] / stage1["train"]["lr"], rel=1e-12)
     # its first loss is stage 1's model's on stage 2's first batch (packed there, padded here: the same loss)
     config = parse_run_config(stage2)
-    provider = build_provider(config, distributed=False)
+    provider = plan_model(config).whole_model_provider()
     model, _, _ = _checkpoint_model(first)
-    data = build_dataset(config, provider)
+    data = plan_model(config).dataset(provider)
     batch = data.batch(GlobalBatchSampler(len(data), config.train.global_batch_size, config.train.seed).peek())
     with torch.no_grad():
         loss_sum, count = model(batch.input_ids, batch.labels, batch.modality_inputs)
@@ -168,7 +169,7 @@ def test_exported_stage2_loads_in_transformers_and_generates_mimos_tokens(runs):
     assert ids == Prompter.from_directory(out).input_ids(QUESTION, spec.vision.tokens_per_image)
     assert ids.count(spec.image_token_id) == spec.vision.tokens_per_image
     assert torch.equal(pixels[0], ImageProcessor.from_directory(out)(image).to(torch.float64))
-    new = greedy(model, ids, pixels[0], 6, eos_token_ids(out))
+    new = greedy(model, ids, {IMAGES: pixels[0]}, 6, eos_token_ids(out))
     with torch.no_grad():
         want = reference.generate(input_ids=inputs["input_ids"], pixel_values=pixels, max_new_tokens=6,
                                   do_sample=False)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mimo.families.llava import LlavaMimoProvider
 from mimo.hf.load import HFLoadError, open_llava, open_pair
 from mimo.models import ModalityBatch
-from mimo.provider import LlavaMimoProvider
 from tests.hf import tiny_hf
 
 RTOL = 1e-5

@@ -10,8 +10,9 @@ import pytest
 
 from mimo.cli import main
 from mimo.data import GlobalBatchSampler
-from mimo.training.loop import build_dataset, build_provider
-from mimo.training.run_config import RunConfigError, hf_model, parse_run_config
+from mimo.families.llava import LLAVA
+from mimo.training.plan import plan_model
+from mimo.training.run_config import RunConfigError, parse_run_config
 from tests.hf import tiny_hf
 from tests.hf.runs import HETEROGENEOUS_TP2, ONE_RANK
 from tests.test_train_cli import mimo, steps_and_losses, write_config
@@ -41,9 +42,9 @@ def test_training_from_a_llava_directory_keeps_parity(tmp_path):
         assert abs(one[step] - three[step]) <= 1e-8 * abs(one[step]), (step, one[step], three[step])
     # the first loss is the loaded model's on the first batch (nothing trained yet): not a seeded model's
     config = parse_run_config({"parallelism": ONE_RANK, "model": model, "train": TRAIN, "data": DATA})
-    provider = build_provider(config, distributed=False)
+    provider = plan_model(config).whole_model_provider()
     loaded = provider.provide()
-    data = build_dataset(config, provider)
+    data = plan_model(config).dataset(provider)
     batch = data.batch(GlobalBatchSampler(len(data), 4, config.train.seed).peek())
     loss_sum, count = loaded(batch.input_ids, batch.labels, batch.modality_inputs)
     assert abs(float(loss_sum.detach() / count) - one[1]) <= 1e-8 * one[1]
@@ -58,7 +59,7 @@ def test_training_from_a_tower_and_a_language_model(tmp_path):
     three = run(tmp_path / "three", model, HETEROGENEOUS_TP2)
     for step in one:
         assert abs(one[step] - three[step]) <= 1e-8 * abs(one[step]), (step, one[step], three[step])
-    spec = hf_model(parse_run_config({"parallelism": ONE_RANK, "model": model}).model).spec
+    spec = LLAVA.open(parse_run_config({"parallelism": ONE_RANK, "model": model}).model).spec
     assert spec.image_token_id == tiny_hf.VOCAB and spec.vision.tokens_per_image == 16
 
 
@@ -68,9 +69,9 @@ def test_training_from_a_tower_and_a_language_model(tmp_path):
     ({"hf": "/nonexistent/dir"}, r"model: /nonexistent/dir: no such directory"),
 ])
 def test_bad_model_sections_are_one_line(model, message):
-    config = parse_run_config({"parallelism": ONE_RANK, "model": model})
+    """Refused when the section is parsed (the pair), or when the family opens it (a missing directory)."""
     with pytest.raises(RunConfigError, match=message):
-        hf_model(config.model)
+        LLAVA.open(parse_run_config({"parallelism": ONE_RANK, "model": model}).model)
 
 
 def test_validate_reports_a_bad_hf_config(tmp_path, capsys):

@@ -36,6 +36,7 @@ def steps_of_a_run_started_long_ago(rank: int, world_size: int, tmp: str) -> int
     """`run_training` given when `mimo train` started (two minutes ago, its checks of a checkpoint say), with a
     1-minute limit: the deadline counts that time, so the run stops after its first step."""
     from mimo.training.loop import run_training
+    from mimo.training.plan import plan_run
     from mimo.training.run_config import parse_run_config
 
     config = parse_run_config({
@@ -44,7 +45,7 @@ def steps_of_a_run_started_long_ago(rank: int, world_size: int, tmp: str) -> int
         "train": {"steps": 4, "global_batch_size": 2, "dtype": "float64", "exit_duration_in_mins": 1.0},
         "data": {"name": "synthetic", "num_samples": 8, "num_workers": 0}, "eval": {"enabled": False},
         "checkpoint": {"interval": 0}, "log": {"dir": f"{tmp}/run"}})
-    return run_training(config, quiet=True, started=time.monotonic() - 120.0)["step"]
+    return run_training(plan_run(config, world_size), quiet=True, started=time.monotonic() - 120.0)["step"]
 
 
 def test_the_deadline_counts_from_when_mimo_train_started(tmp_path):

@@ -8,17 +8,17 @@ import torch
 
 from mimo.data import DigitsDataset
 from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
+from mimo.families.llava import IMAGES, LlavaMimoProvider
 from mimo.models import ModalityBatch
-from mimo.provider import LlavaMimoProvider
 from mimo.training.evaluate import answer_accuracy, greedy_generate
-from mimo.training.loop import build_dataset, build_provider
+from mimo.training.plan import plan_model
 from mimo.training.run_config import parse_run_config
 
 
 def test_greedy_generation_appends_the_argmax_tokens():
     provider = LlavaMimoProvider.preset("tiny", params_dtype=torch.float64)
     model = provider.provide().eval()
-    data = DigitsDataset("held_out", image_token_id=provider.image_token_id, dtype=torch.float64)
+    data = DigitsDataset(IMAGES, "held_out", image_token_id=provider.image_token_id, dtype=torch.float64)
     prompts = torch.stack([data.prompt_for_generation(i) for i in range(3)])
     images = ModalityBatch(torch.stack([data.image(i) for i in range(3)]), torch.ones(3, dtype=torch.long))
     generated = greedy_generate(model, prompts, {"images": images}, max_new_tokens=2)
@@ -41,9 +41,9 @@ def test_answer_accuracy_in_batches_equals_one_sample_at_a_time(tmp_path, monkey
                                "train": {"dtype": "float64"},
                                "data": {"name": "llava", "path": str(subset), "image_folder": str(files / "images"),
                                         "tokenizer": str(DIGITS_TOKENIZER)}})
-    provider = build_provider(config, distributed=False)
+    provider = plan_model(config).whole_model_provider()
     model = provider.provide()
-    data = build_dataset(config, provider)
+    data = plan_model(config).dataset(provider)
     accuracy = answer_accuracy(model, data, batch_size=12)  # 3 batches, the last one short
     hits, words = 0, set()
     for i in range(len(data)):

@@ -17,18 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimo.data import MimoBatch
-from mimo.models import (
-    AudioConfig,
-    AudioEncoder,
-    Decoder,
-    DecoderConfig,
-    MLPProjector,
-    ModalityBatch,
-    ViTConfig,
-    ViTEncoder,
-)
-from mimo.provider import LlavaMimoProvider
-from mimo.training.flops import (
+from mimo.families.llava import LLAVA, LlavaMimoProvider
+from mimo.flops import (
     ModalityFlops,
     PackedRows,
     attention_flops,
@@ -42,6 +32,16 @@ from mimo.training.flops import (
     packed_decoder_flops,
     projector_flops,
     vit_flops,
+)
+from mimo.models import (
+    AudioConfig,
+    AudioEncoder,
+    Decoder,
+    DecoderConfig,
+    MLPProjector,
+    ModalityBatch,
+    ViTConfig,
+    ViTEncoder,
 )
 from mimo.training.loop import packed_rows
 from mimo.training.step import StepResult
@@ -197,13 +197,13 @@ def test_llava_step_matches_flop_counter(freeze: str) -> None:
         ids[b, 2 : 2 + 16 * n] = provider.image_token_id
     batch = MimoBatch(ids, ids.roll(-1, 1), {"images": ModalityBatch(torch.randn(3, 3, 8, 8), torch.tensor(images))})
     measured = measure(lambda: model(batch.input_ids, batch.labels, batch.modality_inputs)[0].backward())
-    assert measured == batch_flops(provider, batch)
+    assert measured == batch_flops(provider, batch, LLAVA.modality_flops(provider))
 
 
 def test_step_breakdown_and_sum() -> None:
     """Per-module parts add up; an absent modality's items count as 0; unknown modalities are refused."""
     lm, vit, audio = DecoderConfig.tiny(), ViTConfig.tiny(), AudioConfig.tiny()
-    mods = {"images": ModalityFlops(vit), "audio": ModalityFlops(audio, projector_hidden=16)}
+    mods = {"images": ModalityFlops(vit, vit_flops), "audio": ModalityFlops(audio, audio_flops, projector_hidden=16)}
     parts = mimo_step_flops_by_module(lm, 4, 64, mods, {"images": 3})
     assert list(parts) == ["images.encoder", "images.projection", "audio.encoder", "audio.projection", "language"]
     assert parts["audio.encoder"] == parts["audio.projection"] == 0
@@ -218,7 +218,7 @@ def test_step_breakdown_and_sum() -> None:
 def test_llava_7b_is_about_6n_per_token() -> None:
     """LLaVA-1.5-7B shapes: the language model's 6·N·T dominates, attention adds a few percent at 2k."""
     lm = DecoderConfig.preset("7b")
-    parts = mimo_step_flops_by_module(lm, 1, 2048, {"images": ModalityFlops(ViTConfig.clip_vit_l14_336())},
+    parts = mimo_step_flops_by_module(lm, 1, 2048, {"images": ModalityFlops(ViTConfig.clip_vit_l14_336(), vit_flops)},
                                       {"images": 1})
     six_n_t = 6 * (lm.num_params() - lm.vocab_size * lm.hidden_size) * 2048
     assert 1.0 < parts["language"] / six_n_t < 1.15

@@ -26,8 +26,9 @@ from mimo.training.checkpoint import (
     omitted_prefixes,
     open_checkpoint,
 )
-from mimo.training.loop import build_provider, check_resume_fits
-from mimo.training.run_config import hf_parts, load_run_config, parse_run_config
+from mimo.training.loop import check_resume_fits
+from mimo.training.plan import plan_model
+from mimo.training.run_config import load_run_config, parse_run_config
 from tests.hf import tiny_hf
 from tests.test_train_cli import mimo, refused, steps_and_losses, write_config
 
@@ -79,8 +80,8 @@ def whole_model(root: Path, checkpoint: Path, **model_changes) -> dict[str, torc
     """The whole stage-1 model built in this process (from the directories) with `checkpoint` loaded."""
     config = parse_run_config({"parallelism": HOMOGENEOUS, "model": stage1_model(root, **model_changes),
                                "train": {"dtype": "float64"}})
-    model = build_provider(config, torch.device("cpu"), distributed=False).provide()
-    load_model_only(checkpoint, model, hf_parts(config))
+    model = plan_model(config).whole_model_provider(torch.device("cpu")).provide()
+    load_model_only(checkpoint, model, plan_model(config).hf_parts)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -211,8 +212,8 @@ def test_a_run_naming_no_directory_for_a_part_left_out_is_refused(runs, tmp_path
     # load_model_only into a model with no directory for it
     config = parse_run_config({"parallelism": HOMOGENEOUS, "model": {"preset": "tiny"}})
     with pytest.raises(Exception, match="leaves out the frozen vision_encoder"):
-        load_model_only(small, build_provider(config, torch.device("cpu"), distributed=False).provide(),
-                        hf_parts(config))
+        load_model_only(small, plan_model(config).whole_model_provider(torch.device("cpu")).provide(),
+                        plan_model(config).hf_parts)
 
 
 def test_export_refuses_when_the_recorded_directory_changed(runs, tmp_path):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mimo.cli import main
-from mimo.training.loop import build_dataset, build_provider
-from mimo.training.run_config import RunConfigError, parse_run_config, validate_run
+from mimo.training.plan import plan_model, plan_run
+from mimo.training.run_config import RunConfigError, parse_run_config
 from tests.data.llava_files import CHATML, pretrain_entry, save_entries, save_image, save_tokenizer
 from tests.test_train_cli import metrics, mimo, write_config
 
@@ -58,7 +58,7 @@ def test_validate_refuses_bad_llava_data_before_any_worker(tmp_path, capsys, cha
     data = change(llava_files(tmp_path), tmp_path)
     config = parse_run_config({"parallelism": LAYOUT, "data": data})
     with pytest.raises(RunConfigError, match=re.escape(message.format(t=tmp_path))):
-        validate_run(config, 2)
+        plan_run(config, 2)
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps({"parallelism": LAYOUT, "data": data}))
     assert main(["validate", str(path)]) == 2
@@ -77,8 +77,9 @@ def test_tokenizer_and_image_processing_come_from_the_model_directory(tmp_path):
     data = {"name": "llava", "path": str(save_entries(tmp_path / "d.json", [entry])),
             "image_folder": str(tmp_path / "images"), "template": "vicuna_v1"}
     config = parse_run_config({"parallelism": LAYOUT, "model": {"hf": str(tmp_path / "llava")}, "data": data})
-    validate_run(config, 2)
-    sample = build_dataset(config, build_provider(config, distributed=False))[0]
+    plan_run(config, 2)
+    plan = plan_model(config)
+    sample = plan.dataset(plan.whole_model_provider())[0]
     assert int((sample.input_ids == tiny_hf.IMAGE_TOKEN).sum()) == 16  # CLIP 8 × 8 in 2 × 2 patches
     from PIL import Image
 

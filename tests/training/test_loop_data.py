@@ -53,14 +53,15 @@ def _train(rank: int, world: int, config: dict, resume: bool, fail_at: int | Non
     records of the error it raised."""
     import mimo.launch as launch
     import mimo.training.loop as loop
+    from mimo.training.plan import RunPlan, plan_run
     from mimo.training.run_config import parse_run_config
 
-    build = loop.build_dataset
-    loop.build_dataset = lambda *args, **kwargs: _Skipping(build(*args, **kwargs), fail_at)
+    build = RunPlan.dataset
+    RunPlan.dataset = lambda plan, *args, **kwargs: _Skipping(build(plan, *args, **kwargs), fail_at)
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            loop.run_training(parse_run_config(config), resume=resume, quiet=True)
+            loop.run_training(plan_run(parse_run_config(config), world), resume=resume, quiet=True)
     except BadSample as e:
         failures = Path(config["log"]["dir"]) / f"failures{rank}"
         failures.mkdir(parents=True)

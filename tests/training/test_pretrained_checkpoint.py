@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mimo.training.checkpoint import load_model_only
-from mimo.training.loop import build_provider
+from mimo.training.plan import plan_model
 from mimo.training.run_config import parse_run_config
 from tests.test_train_cli import RUN, metrics, mimo, refused, write_config
 
@@ -19,7 +19,7 @@ ONE_RANK = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_siz
 
 def tiny_model():
     """The run's tiny model in this process, at its seeded (layout-independent) initial values."""
-    return build_provider(parse_run_config(RUN), torch.device("cpu"), distributed=False).provide()
+    return plan_model(parse_run_config(RUN)).whole_model_provider(torch.device("cpu")).provide()
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from mimo.cli import main
-from mimo.training.run_config import RunConfigError, load_run_config, parse_run_config, validate_run
+from mimo.training.plan import plan_run
+from mimo.training.run_config import RunConfigError, load_run_config, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "llava_digits.yaml"
@@ -146,7 +147,7 @@ def test_a_batch_that_does_not_split_is_refused_before_any_worker(capsys, tmp_pa
 def test_the_layout_is_built_once():
     config = parse_run_config({"parallelism": LAYOUT})
     assert config.layout is config.layout
-    assert validate_run(config, 2) == [] and config.layout.world_size == 2
+    assert plan_run(config, 2).warnings == [] and config.layout.world_size == 2
 
 
 def test_validate(capsys):
@@ -166,12 +167,13 @@ def test_validate_names_an_unknown_world_size(capsys, tmp_path):
 def test_digits_without_scikit_learn_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from mimo.training.run_config import check_data_available
+    from mimo.training.plan import plan_run
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    config = load_run_config(DIGITS)
     with pytest.raises(RunConfigError, match="scikit-learn is not installed: pip install scikit-learn"):
-        check_data_available(load_run_config(DIGITS))
+        plan_run(config, config.world_size)
 
 
 @pytest.mark.parametrize("command", ["validate", "train"])
@@ -242,7 +244,7 @@ def test_an_unusable_checkpoint_dir_is_one_line_before_launch(capsys, tmp_path):
 def test_a_model_that_does_not_split_as_the_layout_asks_is_refused_before_launch(layout, world, message):
     config = parse_run_config({"parallelism": layout, "model": {"preset": "tiny"}, "train": {"global_batch_size": 12}})
     with pytest.raises(RunConfigError) as caught:
-        validate_run(config, world)
+        plan_run(config, world)
     assert str(caught.value).startswith(message), str(caught.value)
 
 
@@ -250,7 +252,7 @@ def test_a_layout_the_model_splits_into_passes():
     config = parse_run_config({"parallelism": {"images": {"tensor_model_parallel_size": 2},
                                                "language": {"tensor_model_parallel_size": 2}},
                                "model": {"preset": "tiny"}})
-    assert validate_run(config, 2) == []
+    assert plan_run(config, 2).warnings == []
 
 
 @pytest.mark.parametrize("command", ["validate", "train"])

@@ -77,12 +77,12 @@ def digits_split(split: str, held_out_size: int = 297, split_seed: int = 0) -> t
 
 
 class DigitsDataset:
-    """One split of the digits as captioning samples for an image modality (default: the tiny LLaVA's)."""
-
-    MODALITY = "images"
+    """One split of the digits as captioning samples for the image modality `modality` (the tiny LLaVA's ids by
+    default)."""
 
     def __init__(
         self,
+        modality: str,
         split: str = "train",
         image_token_id: int = 256,
         tokens_per_image: int = 16,
@@ -95,7 +95,7 @@ class DigitsDataset:
         if 0 <= image_token_id < self.tokenizer.vocab_size:
             raise ValueError(f"image_token_id {image_token_id} is a word id of the digits vocabulary "
                              f"[0, {self.tokenizer.vocab_size}); use an id outside it (the tiny LLaVA uses 256)")
-        self.split = split
+        self.modality, self.split = modality, split
         self.indices = digits_split(split, held_out_size, split_seed)
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
@@ -113,7 +113,7 @@ class DigitsDataset:
         input_ids = torch.cat([self.prompt_for_generation(index), torch.tensor([answer, self.tokenizer.eos_id])])
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[-3:-1] = input_ids[-2:]  # "?" predicts the answer, the answer predicts eos
-        return Sample(input_ids, labels, {self.MODALITY: self.image(index).unsqueeze(0)})
+        return Sample(input_ids, labels, {self.modality: self.image(index).unsqueeze(0)})
 
     def image(self, index: int) -> torch.Tensor:
         """The scan as [3, 8, 8]: grey levels 0..16 scaled to [-1, 1], replicated to three channels."""

@@ -101,12 +101,10 @@ class LlavaDataset:
     model's `image_token_id`. `image_size` (height, width) is what the vision encoder takes; an image that
     preprocesses to another size is a bad sample. `vocab_size` is the language model's: every other token id
     of the tokenizer must be below it. `cache_samples` keeps every prepared sample in memory (small datasets:
-    the digits)."""
-
-    MODALITY = "images"
+    the digits). `modality` is the batch key of the images (the model family's name for its image modality)."""
 
     def __init__(self, path: str | Path, image_folder: str | Path | None, prompter: Prompter,
-                 image_processor: ImageProcessor, *, image_token_id: int, tokens_per_image: int,
+                 image_processor: ImageProcessor, *, modality: str, image_token_id: int, tokens_per_image: int,
                  image_size: tuple[int, int], max_seq_len: int, template: str = "chat",
                  on_bad_sample: str = "skip", vocab_size: int | None = None,
                  dtype: torch.dtype = torch.float32, cache_samples: bool = False) -> None:
@@ -117,6 +115,7 @@ class LlavaDataset:
         if len(self.entries) == 0:
             raise DataFileError(f"data file {path} holds no entries")
         self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.modality = modality
         self.prompter = prompter
         self.template = build_template(template, prompter)
         self.image_processor = image_processor
@@ -177,7 +176,7 @@ class LlavaDataset:
         input_ids, labels = self._tokens(rendered, len(conversation.images), index, where)
         images = torch.stack([self._image(name, index) for name in conversation.images]) if conversation.images \
             else torch.empty(0, 3, *self.image_size, dtype=self.dtype)
-        return Sample(input_ids, labels, {self.MODALITY: images})
+        return Sample(input_ids, labels, {self.modality: images})
 
     def _tokens(self, rendered: Rendered, num_images: int, index: int, where: str) -> tuple[torch.Tensor, ...]:
         """Token ids with images expanded, and next-token labels on the tokens inside the rendered spans."""

@@ -1,6 +1,6 @@
-"""Greedy generation from a whole mimo LLaVA model in one process: what `mimo generate` prints.
+"""Greedy generation from a whole mimo model in one process: what `mimo generate` prints.
 
-The image is encoded once; each new token re-runs the language model over the whole sequence (no KV cache:
+The items (an image) are encoded once; each new token re-runs the language model over the whole sequence (no KV cache:
 simple and exact, fine for checking a model, slow for long outputs). Stops after `max_new_tokens` or at an
 end-of-sequence id, which is kept, as transformers' `generate` keeps it.
 """
@@ -8,23 +8,23 @@ end-of-sequence id, which is kept, as transformers' `generate` keeps it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from mimo.models import ModalityBatch
 
-MODALITY = "images"
-
 
 @torch.no_grad()
-def greedy(model, input_ids: list[int], pixel_values: torch.Tensor, max_new_tokens: int,
+def greedy(model, input_ids: list[int], items: Mapping[str, torch.Tensor], max_new_tokens: int,
            eos_ids: Iterable[int] = ()) -> list[int]:
-    """The greedy continuation of `input_ids` (one sample with one image [3, H, W])."""
+    """The greedy continuation of `input_ids`: one sample with one item per modality of `items` (an image
+    [3, H, W] under the family's image modality)."""
     model.eval()
-    images = {MODALITY: ModalityBatch(pixel_values.unsqueeze(0).to(_dtype(model)), torch.ones(1, dtype=torch.long))}
-    embeddings, counts = model.encode(images), model.tokens_per_sample(images)
+    batches = {m: ModalityBatch(x.unsqueeze(0).to(_dtype(model)), torch.ones(1, dtype=torch.long))
+               for m, x in items.items()}
+    embeddings, counts = model.encode(batches), model.tokens_per_sample(batches)
     ids, eos, new = torch.tensor([input_ids]), set(eos_ids), []
     decoder = model.language_model
     for _ in range(max_new_tokens):

@@ -19,12 +19,13 @@ import torch.distributed as dist
 import yaml
 
 from mimo.config import LANGUAGE
-from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
+from mimo.data import BatchPrefetcher, GlobalBatchSampler
 from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.prefetch import default_num_workers
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, static_shapes
+from mimo.flops import PackedRows, batch_flops
 from mimo.grid import group_options
-from mimo.provider import LlavaMimoProvider
+from mimo.provider import MimoModelProvider
 from mimo.training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -34,14 +35,13 @@ from mimo.training.checkpoint import (
     open_checkpoint,
     weights_path,
 )
-from mimo.training.datasets import llava_dataset
 from mimo.training.deadline import Deadline
 from mimo.training.evaluate import answer_accuracy
-from mimo.training.flops import PackedRows, batch_flops
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.optim import OptimizerConfig
-from mimo.training.run_config import RunConfig, hf_model, hf_parts, validate_run
+from mimo.training.plan import RunPlan
+from mimo.training.run_config import RunConfig
 from mimo.training.step import MimoTrainer, StepResult
 
 
@@ -84,39 +84,6 @@ def leave_world() -> None:
     dist.destroy_process_group()
 
 
-def build_provider(config: RunConfig, device: torch.device | None = None, distributed: bool = True):
-    """The LLaVA provider of the run (distributed: with the run's layout; else the whole model, one process):
-    a preset's shapes, or those of the model section's Hugging Face directories, each rank then filling its
-    shards of their weights (a fresh projector seeded as any mimo parameter)."""
-    common = {
-        "mimo_parallelism_config": config.layout if distributed else None,
-        "freeze_language_model": config.model.freeze_language_model,
-        "freeze_vision_encoder": config.model.freeze_vision_encoder,
-        "freeze_projection": config.model.freeze_projection,
-        "params_dtype": config.precision.param_dtype,
-        "seed": config.train.seed,
-        "device": device,
-    }
-    hf = hf_model(config.model)
-    if hf is not None:
-        return LlavaMimoProvider(**hf.provider_kwargs(), **common)
-    return LlavaMimoProvider.preset(config.model.preset, **common)
-
-
-def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "train"):
-    """The run's dataset, shaped to the model (image token id, tokens per image): LLaVA-format files (the
-    built-in digits too: its `split`, train or held_out), or generated samples."""
-    if config.data.name in ("digits", "llava"):
-        return llava_dataset(config, provider, split)
-    dtype = config.precision.param_dtype
-    tokens = provider.vision_config.tokens_per_image
-    spec = ModalitySpec.image(provider.image_token_id, tokens, size=provider.vision_config.image_size,
-                              channels=provider.vision_config.num_channels)
-    text_vocab = min(provider.language_config.vocab_size, provider.image_token_id)  # an image id inside the vocab
-    return SyntheticDataset(config.data.num_samples, {"images": spec}, vocab_size=text_vocab,
-                            items_per_sample=tuple(config.data.items_per_sample), seed=config.train.seed, dtype=dtype)
-
-
 def distributed_config(config: RunConfig) -> DistributedConfig:
     """Per-module DP kind; compute dtype from the run's precision (mixed for bfloat16/float16); compile and
     recomputation as the train section says."""
@@ -131,7 +98,7 @@ def distributed_config(config: RunConfig) -> DistributedConfig:
                               for m, s in config.distributed.items()})
 
 
-def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device: torch.device) -> MimoTrainer:
+def build_trainer(config: RunConfig, provider: MimoModelProvider, model, device: torch.device) -> MimoTrainer:
     """The step runner with the run's optimizer, schedule, clipping and precision."""
     t = config.train
     precision = config.precision
@@ -160,28 +127,29 @@ def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
     return PaddedText(multiple=64 if device.type == "cuda" and static else 1)
 
 
-def run_training(config: RunConfig, resume: bool = False, quiet: bool = False,
+def run_training(plan: RunPlan, resume: bool = False, quiet: bool = False,
                  rank_map: str = "", resume_from: str | None = None, started: float | None = None) -> dict[str, Any]:
-    """Train `config.train.steps` steps (if `resume`: from `resume_from`, by default the newest checkpoint);
-    returns the final metrics. `started`: when the run began (`time.monotonic()`, one clock for every process of
-    a machine), `mimo train`'s own checks included; train.exit_duration_in_mins counts from it (else from now)."""
+    """Train the planned run's `config.train.steps` steps (if `resume`: from `resume_from`, by default the newest
+    checkpoint); returns the final metrics. `started`: when the run began (`time.monotonic()`, one clock for
+    every process of a machine), `mimo train`'s own checks included; train.exit_duration_in_mins counts from it
+    (else from now)."""
     start = time.monotonic() if started is None else started
-    return run_in_world(config.train.timeout_s, _train, config, resume, quiet, rank_map, resume_from, start)
+    return run_in_world(plan.config.train.timeout_s, _train, plan, resume, quiet, rank_map, resume_from, start)
 
 
-def _train(device: torch.device, config: RunConfig, resume: bool, quiet: bool, rank_map: str,
+def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_map: str,
            resume_from: str | None, start: float) -> dict[str, Any]:
-    """`run_training`'s body on this rank, in the world `run_in_world` set up."""
-    validate_run(config, dist.get_world_size())  # the parent checked too; a torchrun/srun world did not
-    rank = dist.get_rank()
-    provider = build_provider(config, device)
+    """`run_training`'s body on this rank, in the world `run_in_world` set up (the plan was checked before)."""
+    config, rank = plan.config, dist.get_rank()
+    provider = plan.provider_on(device)
     model = provider.provide_distributed_model(distributed_config(config))
-    dataset = build_dataset(config, provider)
+    dataset = plan.dataset(provider)
+    flops = plan.modality_flops()
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     trainer = build_trainer(config, provider, model, device)
     start_from, resuming = _start_checkpoint(config, resume, resume_from)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep,
-                                hf_parts=hf_parts(config, start_from))
+                                hf_parts=plan.hf_parts_from(start_from))
     skipped = SkippedSamples()
     if resume and not resuming and rank == 0:
         print(f"no complete checkpoint in {checkpointer.root}; starting from step 0", flush=True)
@@ -214,7 +182,7 @@ def _train(device: torch.device, config: RunConfig, resume: bool, quiet: bool, r
             last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
             if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
                 result.seconds = _slowest_rank_seconds(result.seconds)
-                writer.log_step(step + 1, result, flops=batch_flops(provider, batch, packed=packed_rows(result)),
+                writer.log_step(step + 1, result, flops=batch_flops(provider, batch, flops, packed=packed_rows(result)),
                                  extra={"skipped_samples": skipped.count})
             progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
             if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
@@ -232,7 +200,7 @@ def _train(device: torch.device, config: RunConfig, resume: bool, quiet: bool, r
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
     if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped:
-        last["accuracy"], count = _evaluate(config, final)
+        last["accuracy"], count = _evaluate(plan, final)
         writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
         print(f"held-out caption accuracy: {last['accuracy']:.1%} ({count} digits)", flush=True)
     dist.barrier()
@@ -281,14 +249,15 @@ def _write_run_dir(config: RunConfig, rank_map: str, quiet: bool) -> None:
         print(f"resolved config (saved to {config.run_dir / 'config.yaml'}):\n{text}{rank_map}", flush=True)
 
 
-def check_resume_fits(config: RunConfig, path: str | Path) -> None:
+def check_resume_fits(plan: RunPlan, path: str | Path) -> None:
     """Before any worker starts: the parts the checkpoint leaves out come from this run's Hugging Face directories
     (`omitted_prefixes`), and its data position fits this run's batches (dataset size, global batch, seed), by
     the rule the workers apply (`GlobalBatchSampler.load_state_dict`); else a one-line CheckpointError naming
     what differs, instead of the workers' refusal after the whole start-up."""
+    config = plan.config
     _, info = open_checkpoint(Path(path))
-    omitted_prefixes(Path(path), info, hf_parts(config))
-    dataset = build_dataset(config, build_provider(config, distributed=False))
+    omitted_prefixes(Path(path), info, plan.hf_parts)
+    dataset = plan.dataset(plan.whole_model_provider())
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     try:
         sampler.load_state_dict(info["extra"]["sampler"])
@@ -342,11 +311,11 @@ def _slowest_rank_seconds(seconds: dict[str, float]) -> dict[str, float]:
     return merged
 
 
-def _evaluate(config: RunConfig, checkpoint: Path) -> tuple[float, int]:
+def _evaluate(plan: RunPlan, checkpoint: Path) -> tuple[float, int]:
     """(held-out caption accuracy, number of digits) of the final checkpoint, loaded whole into one process."""
-    provider = build_provider(config, torch.device("cpu"), distributed=False)
+    provider = plan.whole_model_provider(torch.device("cpu"))
     model = provider.provide()
-    load_model_only(checkpoint, model, hf_parts(config))
-    held_out = build_dataset(config, provider, "held_out")
+    load_model_only(checkpoint, model, plan.hf_parts)
+    held_out = plan.dataset(provider, "held_out")
     return answer_accuracy(model, held_out), len(held_out)
 

@@ -171,7 +171,7 @@ class MetricsWriter:
 
     def log_step(self, step: int, result: StepResult, flops: float | None = None,
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write one training step; `flops` is the step's model FLOPs (`mimo.training.flops`) for `tflops`."""
+        """Write one training step; `flops` is the step's model FLOPs (`mimo.flops`) for `tflops`."""
         record = step_record(step, result, flops)
         return self._write(record, extra, "train")
 

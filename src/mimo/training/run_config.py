@@ -7,11 +7,9 @@ of the wrong type is an error that names the key and what is allowed, before any
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import types
 import typing
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,35 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
-from mimo.config import LayoutError, MimoParallelismConfig, load_yaml_text, read_yaml
+from mimo.config import LayoutError, MimoParallelismConfig, RunConfigError, load_yaml_text, read_yaml
+from mimo.data.section import DataSection
+from mimo.families import DEFAULT_FAMILY, family_named
 from mimo.precision import PrecisionPolicy
-
-if typing.TYPE_CHECKING:
-    from mimo.training.checkpoint import HFPart
-
-
-class RunConfigError(ValueError):
-    """A training config that cannot run, naming the key and what would be valid."""
-
-
-@dataclass
-class ModelSection:
-    """A LLaVA preset and what to freeze (LLaVA stage 1: freeze_vision_encoder and freeze_language_model).
-
-    Or local Hugging Face directories instead of the preset: `hf` (a whole LlavaForConditionalGeneration) or
-    `vision_hf` (CLIP / SigLIP) with `language_hf` (Llama / Mistral / Qwen2) and a freshly seeded projector,
-    whose tower output is `vision_feature_layer` under `vision_feature_select_strategy` (LLaVA's meanings).
-    """
-
-    preset: Literal["tiny", "1b", "3b", "7b", "llava-1.5-7b"] = "tiny"  # llava-1.5-7b: that model's exact shapes
-    freeze_language_model: bool = False
-    freeze_vision_encoder: bool = False
-    freeze_projection: bool = False
-    hf: str | None = None
-    vision_hf: str | None = None
-    language_hf: str | None = None
-    vision_feature_layer: int = -2
-    vision_feature_select_strategy: Literal["default", "full"] = "default"
 
 
 @dataclass
@@ -96,43 +69,6 @@ class TrainSection:
 
 
 @dataclass
-class DataSection:
-    """`llava`: a LLaVA-format file (JSON array or JSONL; LLaVA's `conversations` or the `messages` form) and
-    its image folder; `digits` (built in: scikit-learn's 8×8 scans, captioned, written once as PNGs and LLaVA
-    JSON to ~/.cache/mimo and read through the same dataset); `synthetic` (generated)."""
-
-    name: Literal["digits", "synthetic", "llava"] = "digits"
-    num_samples: int = field(default=4096, metadata={"min": 1})  # synthetic
-    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})  # synthetic
-    path: str | None = None  # llava: the JSON / JSONL file
-    image_folder: str | None = None  # llava: the directory the entries' image paths are relative to
-    template: Literal["chat", "plain", "vicuna_v1"] = "chat"  # llava: chat = the tokenizer's chat template
-    # llava: default the language model's; a longer sample is dropped (a bad sample), never cut
-    max_seq_len: int | None = field(default=None, metadata={"min": 1})
-    on_bad_sample: Literal["skip", "error"] = "skip"  # skip: the next good sample takes its place, counted
-    tokenizer: str | None = None  # llava: a directory with tokenizer.json; default model.hf / model.language_hf
-    cache_samples: bool = False  # keep each prepared sample in memory after its first use (small datasets)
-    # loader processes per rank; 0 builds batches in the training process; unset: min(8, CPUs per rank - 1)
-    num_workers: int | None = field(default=None, metadata={"min": 0})
-    prefetch_factor: int = field(default=2, metadata={"min": 1})  # global batches each worker keeps ready
-    packing: bool = False  # each micro-batch's samples end to end in one row, attention kept per sample
-
-    def __post_init__(self) -> None:
-        """A llava dataset names its file and image folder; the built-in ones take none of its keys."""
-        if self.name == "llava":
-            missing = [k for k in ("path", "image_folder") if getattr(self, k) is None]
-            if missing:
-                raise RunConfigError(f"data: name 'llava' needs {' and '.join(f'data.{k}' for k in missing)} "
-                                     f"(the LLaVA JSON / JSONL file and the folder its images are in)")
-            return
-        given = [k for k in ("path", "image_folder", "tokenizer") if getattr(self, k) is not None]
-        given += ["template"] if self.template != "chat" else []
-        if given:
-            raise RunConfigError(f"data: {', '.join(f'data.{k}' for k in given)} apply to name 'llava' only, and "
-                                 f"name is {self.name!r} (which brings its own files, tokenizer and template)")
-
-
-@dataclass
 class CheckpointSection:
     """Where and how often to checkpoint (0: only at the end); `keep` complete checkpoints.
 
@@ -176,7 +112,7 @@ class RunConfig:
     """A whole training run."""
 
     parallelism: dict[str, dict[str, Any]]
-    model: ModelSection = field(default_factory=ModelSection)
+    model: Any = field(default_factory=lambda: family_named(DEFAULT_FAMILY).section())  # the family's section
     distributed: dict[str, ModuleDistributedSection] = field(default_factory=dict)
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
@@ -229,63 +165,6 @@ class RunConfig:
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def check_data_available(config: RunConfig) -> None:
-    """The run's data can be loaded here (digits: scikit-learn, which ships the scans, is installed)."""
-    if config.data.name == "digits" and importlib.util.find_spec("sklearn") is None:
-        raise RunConfigError("data.name 'digits' reads scikit-learn's bundled scans, but scikit-learn is not "
-                             "installed: pip install scikit-learn (or use data.name synthetic)")
-
-
-def hf_model(section: ModelSection):
-    """The Hugging Face model the section names (`mimo.hf.load.HFModel`), or None for a preset; the
-    directories' configs are read and checked here, so a bad one fails before any process starts."""
-    from mimo.hf.config import HFConfigError
-    from mimo.hf.load import HFLoadError, open_llava, open_pair
-
-    pair = (section.vision_hf, section.language_hf)
-    if section.hf is None and pair == (None, None):
-        return None
-    if section.hf is not None and pair != (None, None):
-        raise RunConfigError("model: give either hf (a whole LLaVA directory) or vision_hf with language_hf, "
-                             "not both")
-    if section.hf is None and None in pair:
-        missing = "language_hf" if section.language_hf is None else "vision_hf"
-        raise RunConfigError(f"model: vision_hf and language_hf go together; {missing} is missing")
-    try:
-        if section.hf is not None:
-            return open_llava(section.hf)
-        return open_pair(section.vision_hf, section.language_hf, feature_layer=section.vision_feature_layer,
-                         strategy=section.vision_feature_select_strategy)
-    except (HFConfigError, HFLoadError) as e:
-        raise RunConfigError(f"model: {e}") from None
-
-
-def hf_parts(config: RunConfig, start_from: str | Path | None = None) -> list[HFPart]:
-    """The parts of the run's model read from Hugging Face directories (`checkpoint.HFPart`, each with its
-    directory's fingerprint), and whether its checkpoints leave each out: frozen, unless
-    `checkpoint.save_frozen_hf_weights`, and not given other weights by `start_from`, the checkpoint the run's
-    weights start from (its `--resume` checkpoint, else `checkpoint.pretrained_checkpoint`): a part that checkpoint
-    holds has its weights, not the directory's, so only a part it left out too is left out (a part frozen on
-    resume after training, or a stage 3 from a trained stage 2). A preset's model has none (its random weights
-    are always saved)."""
-    from mimo.hf.load import LANGUAGE as LANGUAGE_PREFIX
-    from mimo.hf.load import PROJECTOR, VISION, fingerprint
-    from mimo.training.checkpoint import HFPart, parts_left_out
-
-    m, keep = config.model, config.checkpoint.save_frozen_hf_weights
-    from_directory = (lambda name: True) if start_from is None else parts_left_out(start_from).__contains__
-    parts = []
-    for name, prefix, freeze, own in (("vision_encoder", VISION, m.freeze_vision_encoder, "vision_hf"),
-                                      ("projector", PROJECTOR, m.freeze_projection, None),  # a pair's is seeded
-                                      ("language_model", LANGUAGE_PREFIX, m.freeze_language_model, "language_hf")):
-        setting = "hf" if m.hf is not None else own
-        directory = getattr(m, setting) if setting else None
-        if directory is not None:
-            parts.append(HFPart(name, prefix, f"model.{setting}", str(Path(directory).absolute()),
-                                fingerprint(directory), omitted=freeze and not keep and from_directory(name)))
-    return parts
-
-
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides, check every key and type."""
     return parse_run_config(overridden(read_yaml(path), overrides))
@@ -311,32 +190,14 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
         raise RunConfigError(f"distributed: expected a mapping of module -> settings, got {distributed!r}")
     kwargs["distributed"] = {m: _section(ModuleDistributedSection, v, f"distributed.{m}")
                              for m, v in distributed.items()}
+    kwargs["model"] = _model_section(data.get("model"))
     for name, f in SECTIONS.items():
-        if name in ("parallelism", "distributed") or name not in data:
+        if name in ("parallelism", "distributed", "model") or name not in data:
             continue
         kwargs[name] = _section(f.default_factory().__class__, data[name], name)
     config = RunConfig(**kwargs)
     _check_distributed_modules(config)
     return config
-
-
-def validate_run(config: RunConfig, world_size: int) -> list[str]:
-    """The one check of a run before any work, on `world_size` ranks: the layout (finalized here), the
-    batch split over micro-batches and every module's DP size, the distributed section, the Hugging Face
-    directories the model section names, whether the model splits as the layout asks, and a llava run's data
-    (file, image folder, tokenizer, template). `mimo validate`,
-    the `mimo train` parent and every worker call it. Returns the layout's warnings (e.g. stub ranks)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        config.layout.finalize(world_size)
-    config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
-    _check_distributed_modules(config)
-    _check_tp_comm_overlap(config)
-    hf_model(config.model)  # Hugging Face directories: their configs are read and checked here
-    _check_model_fits(config)
-    _check_pretrained(config)
-    _check_data(config)
-    return [str(w.message) for w in caught]
 
 
 def _check_tp_comm_overlap(config: RunConfig) -> None:
@@ -345,45 +206,6 @@ def _check_tp_comm_overlap(config: RunConfig) -> None:
     if asked and not config.train.compile:
         raise RunConfigError(f"parallelism.{asked[0]}.tp_comm_overlap: the overlap is a torch.compile pass over the "
                              f"blocks, and train.compile is false; set train.compile true or tp_comm_overlap false")
-
-
-def _check_pretrained(config: RunConfig) -> None:
-    """`checkpoint.pretrained_checkpoint` is an intact checkpoint with exactly this model's parameters (those it
-    leaves out from this run's own Hugging Face directories)."""
-    path = config.checkpoint.pretrained_checkpoint
-    if path is None:
-        return
-    from mimo.training.checkpoint import CheckpointError, check_weights_fit, weights_path
-    from mimo.training.loop import build_provider
-
-    try:
-        check_weights_fit(weights_path(path), build_provider(config, distributed=False).whole_meta_model(),
-                          hf_parts(config))
-    except CheckpointError as e:
-        raise RunConfigError(f"checkpoint.pretrained_checkpoint: {e}") from None
-
-
-def _check_model_fits(config: RunConfig) -> None:
-    """The model's shapes split as the layout asks (TP divides heads, KV heads, features and vocabulary; PP at
-    most the layers; the layout's modules are the model's), or a RunConfigError naming the module."""
-    from mimo.distributed import WrapError
-    from mimo.provider import ProviderError
-    from mimo.training.loop import build_provider  # the run's model, as the workers will build it
-
-    try:
-        build_provider(config, distributed=False).check_layout(config.layout)
-    except (WrapError, ProviderError) as e:
-        raise RunConfigError(f"parallelism: {e}") from None
-
-
-def _check_data(config: RunConfig) -> None:
-    """A llava run's file, image folder, tokenizer, template and max_seq_len (`training.datasets`)."""
-    if config.data.name != "llava":
-        return
-    from mimo.training.datasets import check_llava_data
-    from mimo.training.loop import build_provider
-
-    check_llava_data(config, build_provider(config, distributed=False).language_config.max_seq_len)
 
 
 def _check_distributed_modules(config: RunConfig) -> None:
@@ -401,6 +223,12 @@ def _check_distributed_modules(config: RunConfig) -> None:
                                     ).check(name)
         except WrapError as e:
             raise RunConfigError(f"distributed.{name}: {str(e).removeprefix(f'module {name!r}: ')}") from None
+
+
+def _model_section(data: Any) -> Any:
+    """The `model` section as its family's dataclass (`model.family`, by default LLaVA's)."""
+    family = family_named(data.get("family", DEFAULT_FAMILY) if isinstance(data, dict) else DEFAULT_FAMILY)
+    return _section(family.section, data, "model")
 
 
 def _section(cls: type, data: Any, where: str) -> Any:

@@ -1,4 +1,4 @@
-"""The run's LLaVA-format datasets, from the data and model sections: which tokenizer, which image processing.
+"""The LLaVA family's datasets, from the data and model sections: which tokenizer, which image processing.
 
 The tokenizer is `data.tokenizer` when given, else the model's Hugging Face directory (`model.hf`, or
 `model.language_hf`); the image preprocessing is the vision directory's preprocessor config (`model.hf` or
@@ -11,18 +11,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from mimo.config import RunConfigError
 from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
 from mimo.data.llava import LlavaDataset
+from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
+from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
+from mimo.families.llava.section import LlavaSection
 from mimo.hf.image import ImageConfigError, ImageProcessor
+from mimo.hf.load import HFModel
 from mimo.hf.prompt import Prompter, PromptError
-from mimo.training.run_config import DataSection, RunConfig, RunConfigError
 
 
-def tokenizer_directory(config: RunConfig) -> Path:
+def tokenizer_directory(data: DataSection, model: LlavaSection) -> Path:
     """Where the tokenizer of a `llava` run comes from (see the module docstring), or an error saying so."""
-    data, model = config.data, config.model
-    directory = data.tokenizer or model.hf or model.language_hf
+    directory = data.tokenizer or model.text_directory
     if directory is None:
         raise RunConfigError("data.tokenizer: a preset model has no tokenizer; give data.tokenizer: DIR (a directory "
                              "with tokenizer.json), or a model from Hugging Face directories")
@@ -37,9 +42,9 @@ def open_prompter(directory: Path) -> Prompter:
         raise RunConfigError(f"data.tokenizer: {e} (set data.tokenizer to a directory with tokenizer.json)") from None
 
 
-def image_processor(config: RunConfig, image_size: int) -> ImageProcessor:
+def image_processor(model: LlavaSection, image_size: int) -> ImageProcessor:
     """The vision directory's image preprocessing, or for a preset a resize to `image_size`."""
-    directory = config.model.hf or config.model.vision_hf
+    directory = model.image_directory
     if directory is None:
         return ImageProcessor.square(image_size)
     try:
@@ -48,10 +53,11 @@ def image_processor(config: RunConfig, image_size: int) -> ImageProcessor:
         raise RunConfigError(f"model: {e}") from None
 
 
-def check_llava_data(config: RunConfig, max_seq_len: int) -> None:
-    """Before any worker starts: the data file and image folder exist, the tokenizer loads, the template suits
-    it, and max_seq_len fits the language model (`max_seq_len`)."""
-    data = config.data
+def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None, max_seq_len: int) -> None:
+    """Before any worker starts: a llava run's data file and image folder exist, the tokenizer loads, the template
+    suits it, and max_seq_len fits the language model (`max_seq_len`); the digits need nothing checked here."""
+    if data.name != "llava":
+        return
     if not Path(data.path).is_file():
         raise RunConfigError(f"data.path: {data.path} is not a file (a LLaVA JSON or JSONL file)")
     if not Path(data.image_folder).is_dir():
@@ -60,14 +66,14 @@ def check_llava_data(config: RunConfig, max_seq_len: int) -> None:
         raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
                              f"{max_seq_len}; use at most {max_seq_len}")
     try:
-        build_template(data.template, open_prompter(tokenizer_directory(config)))
+        build_template(data.template, open_prompter(tokenizer_directory(data, model)))
     except TemplateError as e:
         raise RunConfigError(f"data.template: {e}") from None
 
 
-def llava_dataset(config: RunConfig, provider, split: str = "train") -> LlavaDataset:
+def dataset(data: DataSection, model: LlavaSection, opened: HFModel | None, provider: LlavaMimoProvider,
+            split: str = "train", dtype: torch.dtype = torch.float32) -> LlavaDataset:
     """The run's LlavaDataset (`data.name: llava`, or the built-in digits' `split`), shaped to the model."""
-    data: DataSection = config.data
     vision, language = provider.vision_config, provider.language_config
     if data.name == "digits":
         files = digits_llava_files()
@@ -75,13 +81,13 @@ def llava_dataset(config: RunConfig, provider, split: str = "train") -> LlavaDat
             Prompter.from_directory(DIGITS_TOKENIZER), "chat"
     else:
         path, folder, template = data.path, data.image_folder, data.template
-        prompter = open_prompter(tokenizer_directory(config))
+        prompter = open_prompter(tokenizer_directory(data, model))
     try:
-        return LlavaDataset(path, folder, prompter, image_processor(config, vision.image_size),
+        return LlavaDataset(path, folder, prompter, image_processor(model, vision.image_size), modality=IMAGES,
                             image_token_id=provider.image_token_id, tokens_per_image=vision.tokens_per_image,
                             image_size=(vision.image_size, vision.image_size),
                             max_seq_len=data.max_seq_len or language.max_seq_len, template=template,
                             on_bad_sample=data.on_bad_sample, vocab_size=language.vocab_size,
-                            dtype=config.precision.param_dtype, cache_samples=data.cache_samples)
+                            dtype=dtype, cache_samples=data.cache_samples)
     except ValueError as e:  # DataFileError, TemplateError, a tokenizer that does not fit the model
         raise RunConfigError(f"data: {e}") from None

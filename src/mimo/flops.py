@@ -18,7 +18,7 @@ one multiply-add = 2 FLOPs):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,16 @@ def projector_flops(in_features: int, hidden_features: int, out_features: int, t
     return fc1 + fc2
 
 
+EncoderFormula = Callable[..., int]  # (encoder config, items, *, trainable) -> one step's FLOPs: vit_flops, audio_flops
+
+
 @dataclass(frozen=True)
 class ModalityFlops:
-    """What the FLOP count needs of one modality: its encoder's config, projector width, what is frozen."""
+    """What the FLOP count needs of one modality: its encoder's config and formula (the family names it: no
+    dispatch on config types here), projector width, what is frozen."""
 
-    encoder: ViTConfig | AudioConfig
+    encoder: Any  # the encoder's config: hidden_size, tokens_per_item and what its formula reads
+    formula: EncoderFormula
     projector_hidden: int | None = None  # None: the language model's hidden size (LLaVA's mlp2x_gelu)
     freeze_encoder: bool = False
     freeze_projection: bool = False
@@ -134,11 +139,7 @@ class ModalityFlops:
 
     def encoder_flops(self, items: int) -> int:
         """The encoder's FLOPs over `items`."""
-        if isinstance(self.encoder, ViTConfig):
-            return vit_flops(self.encoder, items, trainable=not self.freeze_encoder)
-        if isinstance(self.encoder, AudioConfig):
-            return audio_flops(self.encoder, items, trainable=not self.freeze_encoder)
-        raise TypeError(f"no FLOP formula for encoder config {type(self.encoder).__name__}")
+        return self.formula(self.encoder, items, trainable=not self.freeze_encoder)
 
     def projection_flops(self, items: int, out_features: int) -> int:
         """The projector's FLOPs over the tokens of `items`."""
@@ -185,29 +186,31 @@ def mimo_step_flops(language: DecoderConfig, samples: int, seq_len: int,
                                          freeze_language=freeze_language, causal_half=causal_half).values())
 
 
-def modalities_from_provider(provider: Any) -> dict[str, ModalityFlops]:
-    """A `MimoModelProvider`'s modalities (encoder config, projector width, freezing) for the formulas."""
+def modalities_from_provider(provider: Any, formulas: Mapping[str, EncoderFormula]) -> dict[str, ModalityFlops]:
+    """A `MimoModelProvider`'s modalities (encoder config, projector width, freezing) for the formulas, each
+    modality's encoder counted by `formulas[name]` (its family's choice)."""
     out = {}
     for name, spec in provider.modality_submodules_spec.items():
         encoder, projection = spec.submodules.get("encoder"), spec.submodules.get("projection")
         config = encoder.params.get("config") if encoder is not None else None
-        if not isinstance(config, (ViTConfig, AudioConfig)) or projection is None:
-            raise TypeError(f"no FLOP formula for modality {name!r}: its encoder must be built from a ViTConfig "
-                            f"or AudioConfig and it needs an MLP projection")
-        out[name] = ModalityFlops(config, projection.params.get("hidden_features"),
+        if config is None or projection is None or name not in formulas:
+            raise TypeError(f"no FLOP formula for modality {name!r}: its family names none, or its encoder has "
+                            f"no config or it has no MLP projection")
+        out[name] = ModalityFlops(config, formulas[name], projection.params.get("hidden_features"),
                                   provider.freeze_modality_encoders.get(name, False),
                                   provider.freeze_modality_projections.get(name, False))
     return out
 
 
-def batch_flops(provider: Any, batch: Any, *, causal_half: bool = False, packed: PackedRows | None = None) -> int:
-    """One training step's model FLOPs of `provider`'s model on a global `MimoBatch`: the language model over
-    the padded [N, S] text, or over `packed` rows when the run packs its samples."""
+def batch_flops(provider: Any, batch: Any, modalities: Mapping[str, ModalityFlops], *, causal_half: bool = False,
+                packed: PackedRows | None = None) -> int:
+    """One training step's model FLOPs of `provider`'s model (its `modalities`, as its family counts them:
+    `ModelFamily.modality_flops`) on a global `MimoBatch`: the language model over the padded [N, S] text, or
+    over `packed` rows when the run packs its samples."""
     language = provider.language_model_spec.params.get("config")
     if not isinstance(language, DecoderConfig):
         raise TypeError("no FLOP formula for the language model: it must be built from a DecoderConfig")
     items = {name: int(b.items.shape[0]) for name, b in batch.modality_inputs.items()}
-    modalities = modalities_from_provider(provider)
     by_module = mimo_step_flops_by_module(language, batch.num_samples, int(batch.input_ids.shape[1]), modalities,
                                           items, freeze_language=provider.freeze_language_model,
                                           causal_half=causal_half)

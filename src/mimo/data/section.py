@@ -1,0 +1,45 @@
+"""The run config's `data` section: which dataset a run reads and how (checked when the YAML is parsed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mimo.config import RunConfigError
+
+
+@dataclass
+class DataSection:
+    """`llava`: a LLaVA-format file (JSON array or JSONL; LLaVA's `conversations` or the `messages` form) and
+    its image folder; `digits` (built in: scikit-learn's 8×8 scans, captioned, written once as PNGs and LLaVA
+    JSON to ~/.cache/mimo and read through the same dataset); `synthetic` (generated)."""
+
+    name: Literal["digits", "synthetic", "llava"] = "digits"
+    num_samples: int = field(default=4096, metadata={"min": 1})  # synthetic
+    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})  # synthetic
+    path: str | None = None  # llava: the JSON / JSONL file
+    image_folder: str | None = None  # llava: the directory the entries' image paths are relative to
+    template: Literal["chat", "plain", "vicuna_v1"] = "chat"  # llava: chat = the tokenizer's chat template
+    # llava: default the language model's; a longer sample is dropped (a bad sample), never cut
+    max_seq_len: int | None = field(default=None, metadata={"min": 1})
+    on_bad_sample: Literal["skip", "error"] = "skip"  # skip: the next good sample takes its place, counted
+    tokenizer: str | None = None  # llava: a directory with tokenizer.json; default model.hf / model.language_hf
+    cache_samples: bool = False  # keep each prepared sample in memory after its first use (small datasets)
+    # loader processes per rank; 0 builds batches in the training process; unset: min(8, CPUs per rank - 1)
+    num_workers: int | None = field(default=None, metadata={"min": 0})
+    prefetch_factor: int = field(default=2, metadata={"min": 1})  # global batches each worker keeps ready
+    packing: bool = False  # each micro-batch's samples end to end in one row, attention kept per sample
+
+    def __post_init__(self) -> None:
+        """A llava dataset names its file and image folder; the built-in ones take none of its keys."""
+        if self.name == "llava":
+            missing = [k for k in ("path", "image_folder") if getattr(self, k) is None]
+            if missing:
+                raise RunConfigError(f"data: name 'llava' needs {' and '.join(f'data.{k}' for k in missing)} "
+                                     f"(the LLaVA JSON / JSONL file and the folder its images are in)")
+            return
+        given = [k for k in ("path", "image_folder", "tokenizer") if getattr(self, k) is not None]
+        given += ["template"] if self.template != "chat" else []
+        if given:
+            raise RunConfigError(f"data: {', '.join(f'data.{k}' for k in given)} apply to name 'llava' only, and "
+                                 f"name is {self.name!r} (which brings its own files, tokenizer and template)")

@@ -1,0 +1,146 @@
+"""A parsed run turned into what its ranks build from: checked and built once, before any worker starts.
+
+`plan_run` is the one check of a run (`mimo validate`, the `mimo train` parent, or each rank under torchrun):
+the layout for the world, the batch split, the distributed settings, the model family's section (its Hugging
+Face directories read once), the model against the layout, a pretrained checkpoint, the data. What it built
+(the provider, the Hugging Face parts with their fingerprints) travels to the workers in the `RunPlan`, which
+do not check again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimo.config import RunConfigError
+from mimo.data import SyntheticDataset
+from mimo.distributed import WrapError
+from mimo.families import BuildSettings, ModelFamily, family_named
+from mimo.flops import ModalityFlops
+from mimo.hf.load import fingerprint
+from mimo.provider import MimoModelProvider, ProviderError
+from mimo.training.checkpoint import CheckpointError, HFPart, check_weights_fit, parts_left_out, weights_path
+from mimo.training.run_config import RunConfig, _check_distributed_modules, _check_tp_comm_overlap
+
+
+@dataclass
+class RunPlan:
+    """A run's config, its model family, what the family opened (Hugging Face configs and weight names), the
+    provider (with the run's layout; process groups are made by a worker on first use), the parts read from
+    Hugging Face directories, and the layout's warnings."""
+
+    config: RunConfig
+    family: ModelFamily
+    opened: Any
+    provider: MimoModelProvider
+    hf_parts: list[HFPart]
+    warnings: list[str]
+
+    def provider_on(self, device: torch.device) -> MimoModelProvider:
+        """The run's provider for this rank's `device` (the same specs and weights source: nothing is rebuilt)."""
+        return self.provider.placed(self.config.layout, device)
+
+    def whole_model_provider(self, device: torch.device | None = None) -> MimoModelProvider:
+        """The provider of the whole model in one process (evaluation, export, generation)."""
+        return self.provider.placed(None, device)
+
+    def dataset(self, provider: MimoModelProvider, split: str = "train") -> Any:
+        """The run's dataset, shaped to the model: generated samples, or the family's (`data.name`)."""
+        data, dtype = self.config.data, self.config.precision.param_dtype
+        if data.name == "synthetic":
+            specs = self.family.synthetic_modalities(provider)
+            vocab = min(provider.language_config.vocab_size, *provider.special_token_ids.values())  # ids inside it
+            return SyntheticDataset(data.num_samples, specs, vocab_size=vocab, items_per_sample=tuple(
+                data.items_per_sample), seed=self.config.train.seed, dtype=dtype)
+        return self.family.dataset(data, self.config.model, self.opened, provider, split, dtype)
+
+    def modality_flops(self) -> dict[str, ModalityFlops]:
+        """The FLOP formulas of the model's modalities, as its family counts them."""
+        return dict(self.family.modality_flops(self.provider))
+
+    def hf_parts_from(self, start_from: str | Path | None) -> list[HFPart]:
+        """The Hugging Face parts a run starting from checkpoint `start_from` leaves out of its checkpoints: a part
+        that checkpoint holds has its weights, not the directory's, so only a part it left out too stays out (a
+        part frozen on resume after training, or a stage 3 from a trained stage 2)."""
+        if start_from is None:
+            return self.hf_parts
+        left_out = parts_left_out(start_from)
+        return [dataclasses.replace(p, omitted=p.omitted and p.name in left_out) for p in self.hf_parts]
+
+
+def plan_model(config: RunConfig) -> RunPlan:
+    """The run's model alone (family, opened directories, provider, Hugging Face parts), with no check of the
+    layout's world or the data: what `export-hf` and `generate` need of a checkpoint's carried config."""
+    family = family_named(config.model.family)
+    opened = family.open(config.model)
+    settings = BuildSettings(config.layout, config.precision.param_dtype, config.train.seed)
+    provider = family.provider(config.model, opened, settings)
+    return RunPlan(config, family, opened, provider, hf_parts(family, config), [])
+
+
+def plan_run(config: RunConfig, world_size: int) -> RunPlan:
+    """The one check of a run on `world_size` ranks, before any work (see the module docstring), and what it built.
+    The layout's warnings (e.g. stub ranks) are `RunPlan.warnings`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config.layout.finalize(world_size)
+    config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
+    _check_distributed_modules(config)
+    _check_tp_comm_overlap(config)
+    plan = plan_model(config)
+    plan.warnings = [str(w.message) for w in caught]
+    _check_model_fits(plan)
+    _check_pretrained(plan)
+    _check_data(plan)
+    return plan
+
+
+def hf_parts(family: ModelFamily, config: RunConfig) -> list[HFPart]:
+    """The parts of the run's model read from Hugging Face directories, each with its directory's fingerprint
+    (taken here, once), and whether the run's checkpoints leave it out: frozen, unless
+    `checkpoint.save_frozen_hf_weights`. A model with no Hugging Face directory has none."""
+    keep = config.checkpoint.save_frozen_hf_weights
+    return [HFPart(s.part, s.prefix, s.setting, str(Path(s.directory).absolute()), fingerprint(s.directory),
+                   omitted=s.frozen and not keep) for s in family.hf_sources(config.model)]
+
+
+def _check_model_fits(plan: RunPlan) -> None:
+    """The model's shapes split as the layout asks (TP divides heads, KV heads, features and vocabulary; PP at
+    most the layers; the layout's modules are the model's), or a RunConfigError naming the module."""
+    try:
+        plan.provider.check_layout(plan.config.layout)
+    except (WrapError, ProviderError) as e:
+        raise RunConfigError(f"parallelism: {e}") from None
+
+
+def _check_pretrained(plan: RunPlan) -> None:
+    """`checkpoint.pretrained_checkpoint` is an intact checkpoint with exactly this model's parameters (those it
+    leaves out from this run's own Hugging Face directories)."""
+    path = plan.config.checkpoint.pretrained_checkpoint
+    if path is None:
+        return
+    try:
+        check_weights_fit(weights_path(path), plan.provider.whole_meta_model(), plan.hf_parts)
+    except CheckpointError as e:
+        raise RunConfigError(f"checkpoint.pretrained_checkpoint: {e}") from None
+
+
+def _check_data(plan: RunPlan) -> None:
+    """The data is one the family reads, and can be read here (the digits: scikit-learn installed; a llava run's
+    file, image folder, tokenizer, template and max_seq_len: the family's check)."""
+    data, family = plan.config.data, plan.family
+    if data.name != "synthetic" and data.name not in family.data_names:
+        readable = ["synthetic", *family.data_names]
+        raise RunConfigError(f"data.name: the {family.name} family does not read {data.name!r} data; it reads "
+                             f"{readable}")
+    if data.name == "digits" and importlib.util.find_spec("sklearn") is None:
+        raise RunConfigError("data.name 'digits' reads scikit-learn's bundled scans, but scikit-learn is not "
+                             "installed: pip install scikit-learn (or use data.name synthetic)")
+    if family.check_data is not None and data.name != "synthetic":
+        family.check_data(data, plan.config.model, plan.opened, plan.provider.language_config.max_seq_len)

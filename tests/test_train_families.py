@@ -1,0 +1,71 @@
+"""Model families through `mimo train`: the built-in family's images + audio example trains on its heterogeneous
+layout exactly as one process does (float64), and a family's refusals name what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mimo.testing import assert_matches_reference
+from mimo.training.checkpoint import load_model_only
+from mimo.training.plan import plan_model
+from mimo.training.run_config import load_run_config
+from tests.test_train_cli import mimo, refused, steps_and_losses
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "images_audio.yaml"
+EXACT = ["--set", "train.dtype=float64", "--set", "train.steps=3", "--set", "train.warmup_steps=0",
+         "--set", "log.interval=1", "--set", "checkpoint.interval=0", "--set", "data.num_samples=64"]
+ONE_PROCESS = "parallelism={images: {data_parallel_size: 1}, audio: {data_parallel_size: 1}, " \
+              "language: {data_parallel_size: 1}}"
+
+
+def _final_parameters(run_dir: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The whole model of a run's last checkpoint, loaded into one process."""
+    config = load_run_config(EXAMPLE, [*overrides[1::2], f"log.dir={run_dir}"])
+    model = plan_model(config).whole_model_provider().provide()
+    load_model_only(sorted((run_dir / "checkpoints").iterdir())[-1], model)
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def test_images_and_audio_train_on_their_layout_as_one_process(tmp_path):
+    """The example's layout (images rank 0, audio rank 1, language TP2 on ranks 2-3) against one process: the same
+    losses every step and the same final parameters, to 1e-8 in float64."""
+    runs = {}
+    for name, extra in (("layout", []), ("one", ["--set", ONE_PROCESS])):
+        run_dir = tmp_path / name
+        done = mimo("train", str(EXAMPLE), *EXACT, *extra, "--set", f"log.dir={run_dir}", "--quiet")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = (run_dir, [*EXACT, *extra])
+    losses = {name: steps_and_losses(run_dir) for name, (run_dir, _) in runs.items()}
+    assert list(losses["layout"]) == [1, 2, 3]
+    assert_matches_reference({"loss": torch.tensor(list(losses["layout"].values()), dtype=torch.float64)},
+                             {"loss": torch.tensor(list(losses["one"].values()), dtype=torch.float64)}, "losses")
+    got, want = (_final_parameters(*runs[name]) for name in ("layout", "one"))
+    assert sorted(got) == sorted(want) and any(n.startswith("modality_submodules.audio.encoder.") for n in got)
+    assert_matches_reference(got, want, "final parameters")
+
+
+def test_a_family_refuses_what_it_does_not_have(tmp_path):
+    """An unknown family, a key of another family's section, data the family does not read, a freeze naming a
+    modality the model lacks, export of a family with no Hugging Face form: one line each, naming what is wrong."""
+    config = str(EXAMPLE)
+    cases = {
+        "model.family=gpt": "model.family: 'gpt' is not a model family; choose one of ['llava', 'builtin']",
+        "model.preset=tiny": "model: unknown key(s) ['preset']; allowed keys are ['family', 'language', 'images', "
+                             "'audio', 'freeze_language_model', 'freeze_encoders', 'freeze_projections']",
+        "data.name=digits": "data.name: the builtin family does not read 'digits' data; it reads ['synthetic']",
+        "model.freeze_encoders=[video]": "model.freeze_encoders: ['video'] are not modalities of this model; its "
+                                         "modalities are ['images', 'audio']",
+    }
+    for item, message in cases.items():
+        done = refused("validate", config, "--set", item)
+        assert done.returncode == 2 and done.stderr == f"mimo validate: error: {message}\n", (item, done.stderr)
+    run_dir = tmp_path / "run"
+    done = mimo("train", config, *EXACT, "--set", "train.steps=1", "--set", f"log.dir={run_dir}", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
+    exported = refused("export-hf", str(checkpoint), str(tmp_path / "out"))
+    assert exported.returncode == 2
+    assert exported.stderr == (f"mimo export-hf: error: checkpoint {checkpoint}: the builtin family has no Hugging "
+                               f"Face form to export to\n")
