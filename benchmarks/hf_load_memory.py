@@ -45,7 +45,7 @@ def rank_worker(directory: str, layout: str) -> None:
     from mimo.config import MimoParallelismConfig
     from mimo.distributed import DistributedConfig, local_tensor
     from mimo.families.llava import LlavaMimoProvider
-    from mimo.hf.load import open_llava
+    from mimo.families.llava.hf_load import open_llava
 
     dist.init_process_group("gloo")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // dist.get_world_size()))

@@ -46,9 +46,9 @@ def write_model(tensors: Iterator[tuple[str, Any]], directory: Path, config: dic
 def write_directory(preset: str, directory: Path) -> None:
     """The preset's parameters, random, as a Hugging Face LLaVA directory (skipped if already written)."""
     from mimo.families.llava import LlavaMimoProvider
+    from mimo.families.llava.hf_config import LlavaSpec, llava_to_hf
+    from mimo.families.llava.hf_load import to_llava_name
     from mimo.families.llava.hf_presets import HF_PRESETS
-    from mimo.hf.config import LlavaSpec, llava_to_hf
-    from mimo.hf.load import to_llava_name
 
     if (directory / "config.json").is_file():
         return
@@ -70,8 +70,8 @@ def write_pair(preset: str, vision_dir: Path, language_dir: Path) -> None:
     The tower's config has all its layers; the weights hold those mimo builds for the preset's feature layer
     (CLIP ViT-L/14-336 at LLaVA's -2: 23 of 24; the last is never computed). No projector: it starts fresh."""
     from mimo.families.llava import LlavaMimoProvider
+    from mimo.families.llava.hf_load import VISION
     from mimo.hf.config import language_to_hf, vision_to_hf
-    from mimo.hf.load import VISION
 
     provider = LlavaMimoProvider.preset(preset)
     vision, language = provider.vision_config, provider.language_config
@@ -91,7 +91,7 @@ def write_pair(preset: str, vision_dir: Path, language_dir: Path) -> None:
 
 def _language_name(name: str) -> str | None:
     """A `LlamaForCausalLM` file's name for mimo parameter `name` (None: not the language model's)."""
-    from mimo.hf.load import LANGUAGE
+    from mimo.families.llava.hf_load import LANGUAGE
 
     if not name.startswith(LANGUAGE):
         return None

@@ -181,7 +181,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Print the greedy continuation of a prompt about an image, from a Hugging Face directory or a checkpoint."""
-    from mimo.families import GenerationRequest
+    from mimo.families.registry import GenerationRequest
 
     model, section, family, provider = _generation_model(args)
     if family.generate is None:
@@ -198,21 +198,17 @@ def _generation_model(args: argparse.Namespace):
         if args.set:
             raise ConfigFileError(f"--set {args.set[0]}: --set re-points a checkpoint's Hugging Face directories; "
                                   f"with --hf, name the directory there")
-        from mimo.families import BuildSettings, family_of_directory
+        import torch
+
+        from mimo.families.registry import BuildSettings, family_of_directory
 
         family = family_of_directory(args.hf)
         section = family.section(**{family.hf_settings[0]: args.hf})
-        provider = family.provider(section, family.open(section), BuildSettings(None, _float32(), seed=0))
+        settings = BuildSettings(None, torch.float32, seed=0)  # the directory's own values, nothing seeded used
+        provider = family.provider(section, family.open(section), settings)
         return provider.provide(), section, family, provider
     model, plan = _checkpoint_model(Path(args.checkpoint), args.set)
     return model, plan.config.model, plan.family, plan.provider
-
-
-def _float32():
-    """The parameter dtype of a model read from a Hugging Face directory (its own values, in float32)."""
-    import torch
-
-    return torch.float32
 
 
 def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
@@ -222,7 +218,7 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
     out come from that config's Hugging Face directories, which must match the recorded fingerprints."""
     import torch
 
-    from mimo.families import family_named
+    from mimo.families.registry import family_named
     from mimo.training.checkpoint import HF_WEIGHTS, CheckpointError, load_model_only, omitted_prefixes, open_checkpoint
     from mimo.training.plan import plan_model
     from mimo.training.run_config import RunConfigError, overridden, parse_run_config
@@ -246,8 +242,7 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
             config = parse_run_config(overridden(info["extra"]["config"], moved))
         except RunConfigError as e:  # the checkpoint's own config parsed: the --set items are at fault
             raise ConfigFileError(f"--set {' '.join(moved)}: {e}") from None
-    plan = plan_model(config)
-    omitted_prefixes(path, info, plan.hf_parts)  # the parts it leaves out are where it says: refused before reading
+    plan = plan_model(config, lambda parts: omitted_prefixes(path, info, parts))  # refused before any reading
     plan.provider = plan.whole_model_provider(torch.device("cpu"))
     if not info[HF_WEIGHTS]:  # the checkpoint's values replace everything: read no Hugging Face weights
         plan.provider.initial_weights = None
@@ -331,10 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (config, checkpoint, run directory), reported in one line."""
     from mimo.hf.config import HFConfigError
-    from mimo.hf.export import ExportError
     from mimo.hf.image import ImageConfigError
     from mimo.hf.load import HFLoadError
     from mimo.hf.prompt import PromptError
+    from mimo.hf.shards import ExportError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mimo.hf.config import HFConfigError, language_config, llava_config, pair_config, read_config, vision_config
+from mimo.families.llava.hf_config import llava_config, pair_config
+from mimo.hf.config import HFConfigError, language_config, read_config, vision_config
 from mimo.models.rotary import Llama3RopeScaling
 from tests.hf import tiny_hf
 

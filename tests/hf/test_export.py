@@ -33,9 +33,10 @@ def assert_transformers_matches(out, checkpoint, vocab: int | None = None) -> No
     """transformers loads `out` with nothing missing or unexpected, and its logits are mimo's."""
     reference, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    model, spec, _ = _checkpoint_model(checkpoint)
-    ids, pixels = tiny_hf.inputs(spec.vision.tokens_per_image)
-    ids = torch.where(ids == tiny_hf.IMAGE_TOKEN, spec.image_token_id, ids % spec.language.vocab_size)
+    model, plan = _checkpoint_model(checkpoint)
+    provider = plan.provider
+    ids, pixels = tiny_hf.inputs(provider.vision_config.tokens_per_image)
+    ids = torch.where(ids == tiny_hf.IMAGE_TOKEN, provider.image_token_id, ids % provider.language_config.vocab_size)
     with torch.no_grad():
         want = reference.eval()(input_ids=ids, pixel_values=pixels).logits
         got = mimo_logits(model, ids, pixels)
@@ -103,8 +104,8 @@ def test_a_preset_exports(tmp_path, preset_checkpoint):
 
 def test_a_large_model_is_written_in_shards_with_an_index(tmp_path):
     from mimo.families.llava import LlavaMimoProvider
-    from mimo.hf.config import LlavaSpec
-    from mimo.hf.export import export_llava
+    from mimo.families.llava.export import export_llava
+    from mimo.families.llava.hf_config import LlavaSpec
 
     provider = LlavaMimoProvider.preset("tiny", image_token_id=255)
     model = provider.provide()
@@ -133,8 +134,8 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, preset_checkpoint):
 def pair_export(tmp_path, image_token: bool):
     """A tower + language model pair (a Vicuna-like tokenizer, with or without <image>) exported untrained."""
     from mimo.families.llava import LlavaMimoProvider
-    from mimo.hf.export import Origin, export_llava
-    from mimo.hf.load import open_pair
+    from mimo.families.llava.export import Origin, export_llava
+    from mimo.families.llava.hf_load import open_pair
     from tests.data.llava_files import SPECIALS, WORDS, save_tokenizer
 
     vocab = len(SPECIALS) - (not image_token) + len(WORDS)

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from mimo.cli import _checkpoint_model, main
 from mimo.data import GlobalBatchSampler
 from mimo.families.llava import IMAGES
+from mimo.families.llava.hf_load import to_llava_name
 from mimo.hf.generate import eos_token_ids, greedy
 from mimo.hf.image import ImageProcessor
-from mimo.hf.load import to_llava_name
 from mimo.hf.prompt import Prompter
 from mimo.training.plan import plan_model
 from mimo.training.run_config import parse_run_config
@@ -136,7 +136,7 @@ def test_stage2_starts_from_stage1_weights_with_a_fresh_optimizer_and_schedule(r
     # its first loss is stage 1's model's on stage 2's first batch (packed there, padded here: the same loss)
     config = parse_run_config(stage2)
     provider = plan_model(config).whole_model_provider()
-    model, _, _ = _checkpoint_model(first)
+    model, _ = _checkpoint_model(first)
     data = plan_model(config).dataset(provider)
     batch = data.batch(GlobalBatchSampler(len(data), config.train.global_batch_size, config.train.seed).peek())
     with torch.no_grad():
@@ -152,7 +152,8 @@ def test_stage2_starts_from_stage1_weights_with_a_fresh_optimizer_and_schedule(r
 
 def test_exported_stage2_loads_in_transformers_and_generates_mimos_tokens(runs):
     out = runs["out"]
-    model, spec, _ = _checkpoint_model(runs["checkpoints"][1])
+    model, plan = _checkpoint_model(runs["checkpoints"][1])
+    spec = plan.provider
     with safe_open(out / "model.safetensors", "pt") as f:
         for name, value in model.named_parameters():
             if name.startswith((PROJECTOR, f"{LANGUAGE}layers.1.", f"{LANGUAGE}embed_tokens")):
@@ -166,8 +167,8 @@ def test_exported_stage2_loads_in_transformers_and_generates_mimos_tokens(runs):
     processor = transformers.LlavaProcessor.from_pretrained(out)  # the exported tokenizer and processor files
     inputs = processor(images=image, text=PROMPT, return_tensors="pt")
     ids, pixels = inputs["input_ids"][0].tolist(), inputs["pixel_values"].to(torch.float64)
-    assert ids == Prompter.from_directory(out).input_ids(QUESTION, spec.vision.tokens_per_image)
-    assert ids.count(spec.image_token_id) == spec.vision.tokens_per_image
+    assert ids == Prompter.from_directory(out).input_ids(QUESTION, spec.vision_config.tokens_per_image)
+    assert ids.count(spec.image_token_id) == spec.vision_config.tokens_per_image
     assert torch.equal(pixels[0], ImageProcessor.from_directory(out)(image).to(torch.float64))
     new = greedy(model, ids, {IMAGES: pixels[0]}, 6, eos_token_ids(out))
     with torch.no_grad():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mimo.families.llava import LlavaMimoProvider
-from mimo.hf.load import HFLoadError, open_llava, open_pair
+from mimo.families.llava.hf_load import open_llava, open_pair
+from mimo.hf.load import HFLoadError
 from mimo.models import ModalityBatch
 from tests.hf import tiny_hf
 

@@ -17,7 +17,7 @@ from mimo.config import MimoParallelismConfig
 from mimo.data import ModalitySpec, SyntheticDataset
 from mimo.distributed import DistributedConfig, local_tensor
 from mimo.families.llava import LlavaMimoProvider
-from mimo.hf.load import open_llava
+from mimo.families.llava.hf_load import open_llava
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.step import MimoTrainer
 from tests.hf import tiny_hf

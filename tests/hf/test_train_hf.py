@@ -6,6 +6,9 @@ Parity: the same run from a saved LLaVA on one rank and on a heterogeneous TP2 l
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from mimo.cli import main
@@ -82,3 +85,42 @@ def test_validate_reports_a_bad_hf_config(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "projector_hidden_act='mish' is not supported by mimo" in err
+
+
+COUNT_READS = """
+import collections, os, sys
+import mimo.families.llava.hf_load as load
+from mimo.cli import main
+
+log = open(sys.argv[1], "a")
+read_config, index = load.read_config, load.SafetensorsDir.__init__
+
+def counted_read_config(directory):
+    log.write(f"{os.getpid()} config.json {directory}\\n"); log.flush()
+    return read_config(directory)
+
+def counted_index(self, directory):
+    log.write(f"{os.getpid()} safetensors {directory}\\n"); log.flush()
+    index(self, directory)
+
+load.read_config, load.SafetensorsDir.__init__ = counted_read_config, counted_index
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_hugging_face_directory_is_read_once_per_run(tmp_path, command):
+    """`mimo validate` and `mimo train` read a directory's config.json and index its safetensors once, in the
+    parent: the workers receive the plan and read neither (each once read them 2-4 times, then again per rank)."""
+    directory = tmp_path / "llava"
+    tiny_hf.save_llava(directory)
+    path, _ = write_config(tmp_path, model={"hf": str(directory)}, parallelism=HETEROGENEOUS_TP2,
+                           train={**TRAIN, "steps": 1}, data=DATA, checkpoint={"interval": 0, "final": False})
+    log, quiet = tmp_path / "reads.log", ["--quiet"] if command == "train" else []
+    done = subprocess.run([sys.executable, "-c", COUNT_READS, str(log), command, str(path), *quiet],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reads = [line.split() for line in log.read_text().splitlines()]
+    assert sorted((kind, where) for _, kind, where in reads) == [("config.json", str(directory)),
+                                                                  ("safetensors", str(directory))]
+    assert len({pid for pid, _, _ in reads}) == 1  # one process (`mimo`), so no worker read it again

@@ -1,17 +1,16 @@
 """Hugging Face `config.json` → mimo's `ViTConfig` / `DecoderConfig`, strictly.
 
-Families: LLaVA (`LlavaForConditionalGeneration`), CLIP and SigLIP vision towers, Llama / Vicuna / Mistral and
-Qwen2 language models. Each key of a config is either read into mimo's config, required to have a value mimo
-implements, or known not to change the numbers (token ids, initializer ranges, generation defaults); any other
-key, and any unimplemented value, is an `HFConfigError` naming the key and its value: a model mimo cannot
-reproduce is refused, never loaded to different numbers.
+The parts families share: CLIP and SigLIP vision towers, Llama / Vicuna / Mistral and Qwen2 language models (a
+whole model's config, e.g. LLaVA's, is its family's: `mimo.families.<family>`). Each key of a config is either
+read into mimo's config, required to have a value mimo implements, or known not to change the numbers (token ids,
+initializer ranges, generation defaults); any other key, and any unimplemented value, is an `HFConfigError`
+naming the key and its value: a model mimo cannot reproduce is refused, never loaded to different numbers.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +59,6 @@ class HFConfigError(ValueError):
     """A Hugging Face config mimo cannot reproduce exactly; the message names the key and its value."""
 
 
-@dataclass(frozen=True)
-class LlavaSpec:
-    """What a LLaVA directory (or a vision tower + language model pair) maps to in mimo."""
-
-    vision: ViTConfig
-    language: DecoderConfig
-    image_token_id: int
-    projector_activation: str = "gelu"
-    projector_bias: bool = True
-
-
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The `config.json` of a local Hugging Face directory, with a clear error if there is none."""
     path = Path(directory) / "config.json"
@@ -86,7 +74,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise HFConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-class _Keys:
+class Keys:
     """One config dict read strictly: every key must be read, required or neutral by the time `done` runs."""
 
     def __init__(self, data: Mapping[str, Any], where: str) -> None:
@@ -147,7 +135,7 @@ def vision_config(hf: Mapping[str, Any], feature_layer: int = -2, strategy: str 
     if strategy not in SELECT_STRATEGIES:
         raise HFConfigError(f"vision_feature_select_strategy={strategy!r} is not supported by mimo; it "
                             f"implements {list(SELECT_STRATEGIES)}")
-    keys = _Keys({**FAMILY_DEFAULTS[model_type], **hf}, where)
+    keys = Keys({**FAMILY_DEFAULTS[model_type], **hf}, where)
     keys.get("vocab_size")  # llava-hf towers carry an unused vocab_size
     siglip = model_type == "siglip_vision_model"
     activation = keys.require("hidden_act", lambda v: v in ACTIVATIONS, "gelu_pytorch_tanh" if siglip else
@@ -178,7 +166,7 @@ def language_config(hf: Mapping[str, Any], where: str = "text_config") -> Decode
     if family not in TEXT_FAMILIES:
         raise HFConfigError(f"{where}: model_type={family!r} is not a language model mimo implements; it "
                             f"implements {list(TEXT_FAMILIES)}")
-    keys = _Keys({**FAMILY_DEFAULTS[family], **hf}, where)
+    keys = Keys({**FAMILY_DEFAULTS[family], **hf}, where)
     keys.require("hidden_act", lambda v: v == "silu", "silu", "hidden_act 'silu' (SwiGLU)")
     keys.require("attention_dropout", _zero, 0.0, "no dropout (attention_dropout 0)")
     keys.require("mlp_bias", lambda v: v is False, False, "bias-free MLPs (mlp_bias false)")
@@ -206,7 +194,7 @@ def language_config(hf: Mapping[str, Any], where: str = "text_config") -> Decode
         raise HFConfigError(f"{where}: {e}") from None
 
 
-def _attention_bias(keys: _Keys, family: str) -> tuple[bool, bool]:
+def _attention_bias(keys: Keys, family: str) -> tuple[bool, bool]:
     """(q/k/v bias, output bias): Qwen2 always biases q/k/v only; Llama's `attention_bias` biases all four."""
     if family == "qwen2":
         return True, False
@@ -214,7 +202,7 @@ def _attention_bias(keys: _Keys, family: str) -> tuple[bool, bool]:
     return bias, bias
 
 
-def _full_attention_span(keys: _Keys, family: str, max_positions: int) -> int:
+def _full_attention_span(keys: Keys, family: str, max_positions: int) -> int:
     """The longest sequence mimo's full causal attention computes exactly as the model does.
 
     A sliding window of w tokens equals full attention on sequences of at most w tokens, so Mistral's window
@@ -234,7 +222,7 @@ def _full_attention_span(keys: _Keys, family: str, max_positions: int) -> int:
     return min(max_positions, window) if window else max_positions
 
 
-def _rope(keys: _Keys) -> tuple[float, Llama3RopeScaling | None]:
+def _rope(keys: Keys) -> tuple[float, Llama3RopeScaling | None]:
     """rope θ and scaling from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
     params = keys.get("rope_parameters")
     if params is None:
@@ -270,49 +258,6 @@ def _no_extra(params: dict, where: str, kind: str) -> None:
     if params:
         key, value = next(iter(params.items()))
         raise HFConfigError(f"{where}.{key}={value!r} is not supported by mimo for rope_type {kind!r}")
-
-
-# -- LLaVA ---------------------------------------------------------------------------------------------------
-def llava_config(hf: Mapping[str, Any], where: str = "config.json") -> LlavaSpec:
-    """A `LlavaForConditionalGeneration` config: the tower, the language model, the projector, the image id."""
-    if hf.get("model_type") != "llava":
-        raise HFConfigError(f"{where}: model_type={hf.get('model_type')!r}; a whole-model directory must be "
-                            f"'llava' (LlavaForConditionalGeneration); give vision_hf and language_hf for a "
-                            f"tower plus a language model")
-    keys = _Keys(hf, where)
-    keys.get("image_seq_length")  # the processor's token count; the model's comes from the tower's shape
-    layer = keys.get("vision_feature_layer", -2)
-    strategy = keys.get("vision_feature_select_strategy", "default")
-    vision = vision_config(keys.get("vision_config", {}), layer, strategy)
-    text = {"model_type": "llama", **keys.get("text_config", {})}
-    top_tie = keys.get("tie_word_embeddings")
-    if top_tie is not None and "tie_word_embeddings" not in text:
-        text["tie_word_embeddings"] = top_tie
-    language = language_config(text)
-    vocab = keys.get("vocab_size")  # transformers 4's echo of the text vocabulary
-    if vocab is not None and vocab != language.vocab_size:
-        raise HFConfigError(f"{where}: vocab_size={vocab} differs from text_config's {language.vocab_size}")
-    activation = keys.require("projector_hidden_act", lambda v: v in ACTIVATIONS, "gelu",
-                              f"projector_hidden_act in {sorted(ACTIVATIONS)}")
-    bias = keys.get("multimodal_projector_bias", True)
-    image_token = keys.get("image_token_index", keys.get("image_token_id"))
-    if image_token is None:
-        raise HFConfigError(f"{where}: missing 'image_token_index'")
-    keys.done()
-    return LlavaSpec(vision, language, int(image_token), activation, bool(bias))
-
-
-def pair_config(vision_hf: Mapping[str, Any], language_hf: Mapping[str, Any], image_token_id: int | None = None,
-                feature_layer: int = -2, strategy: str = "default", projector_activation: str = "gelu") -> LlavaSpec:
-    """A tower and a language model from separate directories, with a fresh projector between them; the image
-    token defaults to the first id past the vocabulary (as mimo's presets)."""
-    vision = vision_config(vision_hf, feature_layer, strategy, "vision_hf config.json")
-    language = language_config(language_hf, "language_hf config.json")
-    if projector_activation not in ACTIVATIONS:
-        raise HFConfigError(f"projector_hidden_act={projector_activation!r} is not supported by mimo; it "
-                            f"implements {sorted(ACTIVATIONS)}")
-    token = language.vocab_size if image_token_id is None else image_token_id
-    return LlavaSpec(vision, language, token, projector_activation, True)
 
 
 # -- mimo → Hugging Face (export) ----------------------------------------------------------------------------
@@ -353,19 +298,3 @@ def language_to_hf(language: DecoderConfig, vocab_size: int) -> dict[str, Any]:
     if not qwen2:
         out.update(attention_bias=language.qkv_bias, mlp_bias=False)
     return out
-
-
-def llava_to_hf(spec: LlavaSpec, vision_layers: int, feature_layer: int, vocab_size: int) -> dict[str, Any]:
-    """A `LlavaForConditionalGeneration` config.json for `spec`, its tower written with `vision_layers` layers
-    read at `feature_layer`, its vocabulary `vocab_size` (the image id must be inside it)."""
-    vision = spec.vision
-    return {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "vision_config": vision_to_hf(vision, vision_layers),
-        "text_config": language_to_hf(spec.language, vocab_size),
-        "image_token_index": spec.image_token_id, "image_seq_length": vision.tokens_per_image,
-        "projector_hidden_act": spec.projector_activation, "multimodal_projector_bias": spec.projector_bias,
-        "vision_feature_layer": feature_layer,
-        "vision_feature_select_strategy": "default" if vision.drop_class_token else "full",
-        "tie_word_embeddings": spec.language.tie_embeddings,
-    }

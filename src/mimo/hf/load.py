@@ -6,7 +6,7 @@ parameter; `fill` opens the tensor lazily (`safe_open(...).get_slice`) and reads
 the rank's DTensor shard (`compute_local_shape_and_global_offset`), so no rank ever holds a whole tensor it
 does not host. Parameters no rule names (a fresh projector) keep their seeded values.
 
-The name map between mimo's single-process names and the files' names lives here, in `NAME_RULES`.
+A family maps its mimo names to the files' names with `NameRule`s (LLaVA's: `mimo.families.llava.hf_load`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,6 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-from mimo.hf.config import HFConfigError, LlavaSpec, llava_config, pair_config, read_config
-
-VISION = "modality_submodules.images.encoder."
-PROJECTOR = "modality_submodules.images.projection."
-LANGUAGE = "language_model."
 
 
 class HFLoadError(ValueError):
@@ -84,48 +78,6 @@ class NameRule:
         return [p + rest for p in self.hf_prefixes]
 
 
-# mimo prefix -> a LLaVA file's prefixes: first the names `save_pretrained` writes (transformers 5, and what
-# export writes), then the older `vision_model.` nesting of llava-hf checkpoints and the in-memory `model.` names.
-LLAVA_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (VISION, ("vision_tower.", "vision_tower.vision_model.", "model.vision_tower.")),
-    (PROJECTOR + "fc1.", ("multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_1.")),
-    (PROJECTOR + "fc2.", ("multi_modal_projector.linear_2.", "model.multi_modal_projector.linear_2.")),
-    (LANGUAGE + "lm_head.", ("language_model.lm_head.", "lm_head.")),
-    (LANGUAGE, ("language_model.model.", "model.language_model.")),
-)
-# A vision tower's own directory (CLIPVisionModel / SiglipVisionModel; a whole CLIP model nests it).
-VISION_NAMES = ("", "vision_model.", "vision_tower.")
-
-
-def llava_rules(checkpoint: SafetensorsDir) -> list[NameRule]:
-    """A `LlavaForConditionalGeneration` directory, under any of `LLAVA_NAMES`' spellings."""
-    return [NameRule(prefix, checkpoint, hf) for prefix, hf in LLAVA_NAMES]
-
-
-def to_llava_name(name: str) -> str:
-    """The name `save_pretrained` gives mimo parameter `name` in a LLaVA directory."""
-    for prefix, hf in LLAVA_NAMES:
-        if name.startswith(prefix):
-            return hf[0] + name[len(prefix):]
-    raise HFLoadError(f"{name} has no place in a LLaVA checkpoint")
-
-
-def canonical_llava_name(file_name: str) -> str:
-    """A LLaVA file's tensor name in `save_pretrained`'s current spelling (longest known prefix rewritten)."""
-    matches = [(len(p), hf[0] + file_name[len(p):]) for _, hf in LLAVA_NAMES for p in hf if file_name.startswith(p)]
-    return max(matches)[1] if matches else file_name
-
-
-def pair_rules(vision: SafetensorsDir, language: SafetensorsDir) -> list[NameRule]:
-    """A vision tower's directory (`CLIPVisionModel`, `SiglipVisionModel`, or a whole CLIP/SigLIP model) and
-    a causal language model's (`LlamaForCausalLM`, ...); the projector is not in either."""
-    return [
-        NameRule(VISION, vision, VISION_NAMES),
-        NameRule(LANGUAGE + "lm_head.", language, ("lm_head.",)),
-        NameRule(LANGUAGE, language, ("model.",)),
-    ]
-
-
 @dataclass
 class HFWeights:
     """A `ParameterSource` over name rules; `reads` records (file name, local shape) of every read."""
@@ -175,39 +127,6 @@ def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
-@dataclass(frozen=True)
-class HFModel:
-    """A model described by Hugging Face directories: mimo's configs and where each weight comes from."""
-
-    spec: LlavaSpec
-    rules: tuple[NameRule, ...]
-
-    def weights(self) -> HFWeights:
-        """A fresh source (with its own read log) for one model build."""
-        return HFWeights(self.rules)
-
-    def provider_kwargs(self) -> dict[str, Any]:
-        """The `LlavaMimoProvider` arguments that build this model and fill it from the directories."""
-        s = self.spec
-        return {"vision_config": s.vision, "language_config": s.language, "image_token_id": s.image_token_id,
-                "projector_activation": s.projector_activation, "projector_bias": s.projector_bias,
-                "initial_weights": self.weights()}
-
-
-def open_llava(directory: str | Path) -> HFModel:
-    """A whole `LlavaForConditionalGeneration` directory."""
-    return HFModel(llava_config(read_config(directory), f"{directory}/config.json"),
-                   tuple(llava_rules(SafetensorsDir(directory))))
-
-
-def open_pair(vision_dir: str | Path, language_dir: str | Path, image_token_id: int | None = None,
-              feature_layer: int = -2, strategy: str = "default", projector_activation: str = "gelu") -> HFModel:
-    """A vision tower directory and a language model directory; the projector starts fresh (seeded)."""
-    spec = pair_config(read_config(vision_dir), read_config(language_dir), image_token_id, feature_layer,
-                       strategy, projector_activation)
-    return HFModel(spec, tuple(pair_rules(SafetensorsDir(vision_dir), SafetensorsDir(language_dir))))
-
-
 SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # a weight file's fingerprint reads 16 slices of 64 KiB, spread over it
 
 
@@ -253,5 +172,4 @@ def fingerprint_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> 
     return ""
 
 
-__all__ = ["HFConfigError", "HFLoadError", "HFModel", "HFWeights", "SafetensorsDir", "fingerprint",
-           "fingerprint_difference", "open_llava", "open_pair"]
+__all__ = ["HFLoadError", "HFWeights", "NameRule", "SafetensorsDir", "fingerprint", "fingerprint_difference"]

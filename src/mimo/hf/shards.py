@@ -18,6 +18,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+class ExportError(ValueError):
+    """A model or an output directory export cannot write."""
+
+
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> list[Path]:
     """Write (name, contiguous CPU tensor) pairs in their order into shards of at most `max_shard_bytes` (a larger
     tensor gets a shard of its own); one shard is `model.safetensors`, more get `model.safetensors.index.json`.

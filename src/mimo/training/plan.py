@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from mimo.config import RunConfigError
 from mimo.data import SyntheticDataset
 from mimo.distributed import WrapError
-from mimo.families import BuildSettings, ModelFamily, family_named
+from mimo.families.registry import BuildSettings, ModelFamily, family_named
 from mimo.flops import ModalityFlops
 from mimo.hf.load import fingerprint
 from mimo.provider import MimoModelProvider, ProviderError
@@ -74,14 +75,19 @@ class RunPlan:
         return [dataclasses.replace(p, omitted=p.omitted and p.name in left_out) for p in self.hf_parts]
 
 
-def plan_model(config: RunConfig) -> RunPlan:
+def plan_model(config: RunConfig, check_parts: Callable[[list[HFPart]], None] | None = None) -> RunPlan:
     """The run's model alone (family, opened directories, provider, Hugging Face parts), with no check of the
-    layout's world or the data: what `export-hf` and `generate` need of a checkpoint's carried config."""
+    layout's world or the data: what `export-hf` and `generate` need of a checkpoint's carried config.
+    `check_parts` sees the Hugging Face parts before any directory is opened (a checkpoint's omitted parts must
+    be where it says: a moved directory is named as such, not as a directory that does not open)."""
     family = family_named(config.model.family)
+    parts = hf_parts(family, config)
+    if check_parts is not None:
+        check_parts(parts)
     opened = family.open(config.model)
     settings = BuildSettings(config.layout, config.precision.param_dtype, config.train.seed)
     provider = family.provider(config.model, opened, settings)
-    return RunPlan(config, family, opened, provider, hf_parts(family, config), [])
+    return RunPlan(config, family, opened, provider, parts, [])
 
 
 def plan_run(config: RunConfig, world_size: int) -> RunPlan:

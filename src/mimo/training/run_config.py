@@ -19,7 +19,7 @@ import yaml
 
 from mimo.config import LayoutError, MimoParallelismConfig, RunConfigError, load_yaml_text, read_yaml
 from mimo.data.section import DataSection
-from mimo.families import DEFAULT_FAMILY, family_named
+from mimo.families.registry import DEFAULT_FAMILY, family_named
 from mimo.precision import PrecisionPolicy
 
 

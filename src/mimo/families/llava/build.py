@@ -5,11 +5,12 @@ from __future__ import annotations
 from mimo.config import RunConfigError
 from mimo.data.synthetic import ModalitySpec
 from mimo.families.family import BuildSettings, HFSource
+from mimo.families.llava.hf_load import LANGUAGE, PROJECTOR, VISION, HFModel, open_llava, open_pair
 from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
 from mimo.families.llava.section import LlavaSection
 from mimo.flops import ModalityFlops, modalities_from_provider, vit_flops
 from mimo.hf.config import HFConfigError
-from mimo.hf.load import LANGUAGE, PROJECTOR, VISION, HFLoadError, HFModel, open_llava, open_pair
+from mimo.hf.load import HFLoadError
 
 
 def open_model(section: LlavaSection) -> HFModel | None:

@@ -18,10 +18,10 @@ from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
 from mimo.data.llava import LlavaDataset
 from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
+from mimo.families.llava.hf_load import HFModel
 from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
 from mimo.families.llava.section import LlavaSection
 from mimo.hf.image import ImageConfigError, ImageProcessor
-from mimo.hf.load import HFModel
 from mimo.hf.prompt import Prompter, PromptError
 
 

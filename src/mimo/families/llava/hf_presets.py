@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mimo.hf.config import LlavaSpec, llava_config
+from mimo.families.llava.hf_config import LlavaSpec, llava_config
 
 # llava-hf/llava-1.5-7b-hf's config.json (transformers 4 wrote its nested configs as differences from the
 # Llama / CLIP defaults): CLIP ViT-L/14 at 336 px read at layer -2 (576 tokens), Vicuna-7B with the <image>

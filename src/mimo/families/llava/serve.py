@@ -10,10 +10,10 @@ from torch import nn
 
 from mimo.config import ConfigFileError
 from mimo.families.family import GenerationRequest
+from mimo.families.llava.export import Origin, export_llava
+from mimo.families.llava.hf_config import LlavaSpec
 from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
 from mimo.families.llava.section import LlavaSection
-from mimo.hf.config import LlavaSpec
-from mimo.hf.export import Origin, export_llava
 from mimo.hf.generate import eos_token_ids, greedy
 from mimo.hf.image import ImageProcessor
 from mimo.hf.prompt import Prompter

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimo.hf.config import LlavaSpec, llava_to_hf, read_config
-from mimo.hf.load import VISION_NAMES, SafetensorsDir, canonical_llava_name, to_llava_name
+from mimo.families.llava.hf_config import LlavaSpec, llava_to_hf
+from mimo.families.llava.hf_load import VISION_NAMES, canonical_llava_name, to_llava_name
+from mimo.hf.config import read_config
+from mimo.hf.load import SafetensorsDir
 from mimo.hf.prompt import IMAGE_TOKEN
-from mimo.hf.shards import write_safetensors
+from mimo.hf.shards import ExportError, write_safetensors
 
 # Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -34,10 +36,6 @@ CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
                torch.float16: "float16"}
-
-
-class ExportError(ValueError):
-    """A model or an output directory export cannot write."""
 
 
 @dataclass(frozen=True)
