@@ -46,10 +46,10 @@ import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.tensor import DTensor
 
 from mimo.config import LANGUAGE
-from mimo.distributed import dtensor_spec, unwrap, wrapped_modules
+from mimo.ddp_shards import as_dtensor, as_local, copy_into_shard, sharding
+from mimo.distributed import unwrap, wrapped_modules
 
 # mimo.json's format: 2 for a checkpoint that leaves parts out (`weights_from_hf`), so that a mimo from before
 # reads "has format 2; this mimo reads 1" rather than missing keys; 1 for one that holds every parameter
@@ -192,7 +192,7 @@ def load_model_only(path: str | Path, model: nn.Module, hf_parts: Sequence[HFPar
     """Load a checkpoint's parameters into a whole, unwrapped `MimoModel` in this one process (no groups); the
     parts it leaves out must be `hf_parts` of the same directories, whose weights `model` already holds."""
     path = Path(path)
-    if any(dtensor_spec(p) is not None for p in model.parameters()):
+    if any(sharding(p) is not None for p in model.parameters()):
         raise CheckpointError("load_model_only takes a whole, unwrapped model; use Checkpointer.load for a "
                               "distributed one")
     targets = _fitting_targets(path, model, hf_parts)
@@ -492,15 +492,6 @@ def _parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter, bool
             yield name, prefix + aliases.get(n, n), p, n in aliases
 
 
-def _global(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`tensor` (laid out like `param`) as DCP must see it: a DDP+TP local shard becomes its DTensor (a view)."""
-    spec = dtensor_spec(param)
-    if isinstance(tensor, DTensor) or spec is None or isinstance(param, DTensor) or tensor.shape != param.shape:
-        return tensor
-    return DTensor.from_local(tensor, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
-                              stride=spec.stride)
-
-
 def _trainer_state(trainer, omitted: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """This rank's parameters and optimizer state under single-process keys, but those under the `omitted`
     prefixes (frozen parts read from Hugging Face directories); rank 0 adds its RNG state."""
@@ -508,13 +499,13 @@ def _trainer_state(trainer, omitted: tuple[str, ...] = ()) -> dict[str, torch.Te
     for module, key, p, aliased in _parameters(trainer.model):
         if aliased or key.startswith(omitted):
             continue
-        state[key] = _global(p.detach(), p)
+        state[key] = as_dtensor(p.detach(), p)
         opt = trainer.optimizers.get(module)
         for name, value in (opt.state.get(p, {}) if opt is not None else {}).items():
             if not torch.is_tensor(value):
                 raise CheckpointError(f"optimizer state {name!r} of {key} is a {type(value).__name__}; only "
                                       f"tensor state can be checkpointed")
-            state[f"{OPTIMIZER}{key}.{name}"] = _global(value, p)
+            state[f"{OPTIMIZER}{key}.{name}"] = as_dtensor(value, p)
     return state
 
 
@@ -526,20 +517,16 @@ def _model_targets(model: nn.Module, omitted: tuple[str, ...] = ()) -> dict[str,
     for _, key, p, _ in _parameters(model):
         if key.startswith(omitted):
             continue
-        target = _global(p.detach(), p)
+        target = as_dtensor(p.detach(), p)
         targets[key] = (target, tuple(target.shape))
     return targets
 
 
 def _copy_into_shards(trainer, targets: dict[str, tuple[torch.Tensor, tuple[int, ...]]]) -> None:
-    """Copy a loaded DTensor into its DDP+TP local shard, where it is not already a view of it."""
-    with torch.no_grad():
-        for _, key, p, _ in _parameters(trainer.model):
-            target = targets[key][0] if key in targets else None
-            if isinstance(target, DTensor) and not isinstance(p, DTensor):
-                local = target.to_local()
-                if local.data_ptr() != p.data_ptr():
-                    p.copy_(local)
+    """Copy each loaded DTensor into its DDP+TP local shard, where it is not already a view of it."""
+    for _, key, p, _ in _parameters(trainer.model):
+        if key in targets:
+            copy_into_shard(p, targets[key][0])
 
 
 def _optimizer_targets(trainer, metadata: Metadata) -> dict[str, dict[str, torch.Tensor]]:
@@ -555,7 +542,7 @@ def _optimizer_targets(trainer, metadata: Metadata) -> dict[str, dict[str, torch
     for module, key, p, _ in _parameters(trainer.model):
         if module not in trainer.optimizers or not p.requires_grad or key not in saved:
             continue
-        like = _global(p.detach(), p)
+        like = as_dtensor(p.detach(), p)
         targets[key] = {name: _empty(meta, like) for name, meta in saved[key].items()}
     return targets
 
@@ -573,14 +560,9 @@ def _restore_optimizers(trainer, targets: dict[str, dict[str, torch.Tensor]]) ->
     for opt in trainer.optimizers.values():
         state_dict = opt.state_dict()
         params = [p for g in opt.param_groups for p in g["params"]]
-        state_dict["state"] = {i: {name: _local_like(v, p) for name, v in targets[key_of[id(p)]].items()}
+        state_dict["state"] = {i: {name: as_local(v, p) for name, v in targets[key_of[id(p)]].items()}
                                for i, p in enumerate(params) if key_of[id(p)] in targets}
         opt.load_state_dict(state_dict)
-
-
-def _local_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A loaded DTensor back to a local shard where the parameter is one (DDP+TP)."""
-    return value.to_local() if isinstance(value, DTensor) and not isinstance(param, DTensor) else value
 
 
 def _scheduler_problems(trainer, info: dict) -> list[str]:
