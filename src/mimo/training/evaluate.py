@@ -1,4 +1,5 @@
-"""Held-out evaluation on one process: greedy generation with a whole (unwrapped) MimoModel."""
+"""Held-out evaluation on one process: answer accuracy by greedy generation (`mimo.models.generation`) with a whole
+(unwrapped) MimoModel."""
 
 from __future__ import annotations
 
@@ -6,26 +7,10 @@ import torch
 
 from mimo.data import BadSample
 from mimo.models import MimoModel, ModalityBatch
+from mimo.models.generation import greedy_decode
 from mimo.models.labels import IGNORE_INDEX
 
 MODALITY = "images"
-
-
-@torch.no_grad()
-def greedy_generate(model: MimoModel, input_ids: torch.Tensor, modality_inputs: dict[str, ModalityBatch],
-                    max_new_tokens: int) -> torch.Tensor:
-    """Append `max_new_tokens` argmax tokens to every prompt [N, S] (prompts of one length, no padding).
-
-    Modality embeddings are computed once; each new token re-runs the language model over the sequence
-    (no KV cache: prompts here are a few dozen tokens).
-    """
-    embeddings = model.encode(modality_inputs)
-    counts = model.tokens_per_sample(modality_inputs)
-    ids = input_ids
-    for _ in range(max_new_tokens):
-        logits = model.language_logits(model.align_embeddings(ids, embeddings, counts))
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[:, input_ids.shape[1]:]
 
 
 def answer_accuracy(model: MimoModel, dataset, batch_size: int = 128) -> float:
@@ -47,7 +32,7 @@ def answer_accuracy(model: MimoModel, dataset, batch_size: int = 128) -> float:
             chunk = group[start:start + batch_size]
             images = ModalityBatch(torch.cat([c[2] for c in chunk]),
                                    torch.tensor([c[2].shape[0] for c in chunk], dtype=torch.long))
-            generated = greedy_generate(model, torch.stack([c[0] for c in chunk]), {MODALITY: images}, answer_length)
+            generated = greedy_decode(model, torch.stack([c[0] for c in chunk]), {MODALITY: images}, answer_length)
             hits += int((generated == torch.stack([c[1] for c in chunk])).all(dim=1).sum())
             total += len(chunk)
     if total == 0:
