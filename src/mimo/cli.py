@@ -270,14 +270,6 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
     return model, spec, origin
 
 
-def _finalized(layout: MimoParallelismConfig, world_size: int) -> tuple[MimoParallelismConfig, list[str]]:
-    """The layout finalized for `world_size`, with its warnings as strings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layout.finalize(world_size)
-    return layout, [str(w.message) for w in caught]
-
-
 def _launched() -> bool:
     """True under torchrun / our launcher / srun-with-env: the world is described by the environment."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
