@@ -43,7 +43,8 @@ def rank_worker(directory: str, layout: str) -> None:
     import torch.distributed as dist
 
     from mimo.config import MimoParallelismConfig
-    from mimo.distributed import DistributedConfig, local_tensor
+    from mimo.ddp_shards import local_tensor
+    from mimo.distributed import DistributedConfig
     from mimo.families.llava import LlavaMimoProvider
     from mimo.families.llava.hf_load import open_llava
 

@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 
 from mimo.config import MimoParallelismConfig
+from mimo.ddp_shards import full_tensor
 from mimo.distributed import (
     DistributedConfig,
     ModuleDistributedConfig,
     WrapError,
-    full_tensor,
     no_sync_forward,
     prepare_backward,
     unwrap,
@@ -58,7 +58,7 @@ def train(model_lm, dp_rank: int, dp_size: int, dp_group, on_first_step=None) ->
             mine = slice(mb.start + dp_rank * b, mb.start + (dp_rank + 1) * b)
             with no_sync_forward(model_lm):
                 loss_sum, _ = model_lm(input_ids=ids[mine], labels=labels[mine])
-            prepare_backward(model_lm, loss_sum, last=(m == MICRO - 1))
+            prepare_backward(model_lm, last=(m == MICRO - 1))
             (loss_sum / global_tokens).backward()
             local_sum += loss_sum.detach()
         if dp_group is not None:

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mimo.config import MimoParallelismConfig
 from mimo.data import MimoBatch, ModalitySpec, SyntheticDataset
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, dtensor_spec, full_tensor, unwrap
+from mimo.ddp_shards import full_tensor, sharding
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
 from mimo.families.llava import LlavaMimoProvider
 from mimo.models import DecoderConfig, MimoModel, ViTConfig
 from mimo.testing import assert_matches_reference, run_distributed
@@ -94,7 +95,7 @@ def encoder_grads(rank: int, world_size: int, layout: dict | None) -> dict[str, 
         images = model.modality_submodules[IMAGES]
         grid = provider.build_infra().module_to_grid_map[IMAGES]
         assert isinstance(images, DDP) == (grid.size("dp") > 1)
-        assert any(dtensor_spec(p) for p in images.parameters()) == (grid.size("tp") > 1)
+        assert any(sharding(p) for p in images.parameters()) == (grid.size("tp") > 1)
     batch = fixed_batch()
     out = model.encode(batch.shard(d, dp).modality_inputs)[IMAGES]
     out.backward(upstream_grad(batch)[token_rows(batch, d, dp)])

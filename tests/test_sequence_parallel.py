@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, _partial_over_replicate, unwrap
+from mimo.ddp_shards import partial_over_replicate
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
 from mimo.testing import run_distributed
 from mimo.training.step import MimoTrainer
 from tests.training.test_parity import GLOBAL_BATCH, MICRO, OPTIM, batches, provider
@@ -115,13 +116,13 @@ def test_ddp_sums_partial_norm_gradients_over_tp_once_per_step() -> None:
 def test_only_a_partial_gradient_of_a_replicated_shard_stays_local() -> None:
     """A Partial gradient of a replicated parameter is left to the step's end; every other one goes to torch's
     `from_local` backward (a Shard or Replicate gradient, a Partial one of a sharded parameter)."""
-    assert _partial_over_replicate((Partial(),), (Replicate(),)) == (0,)
-    assert _partial_over_replicate((Replicate(), Partial()), (Replicate(), Replicate())) == (1,)
-    assert _partial_over_replicate((Partial("max"),), (Replicate(),)) == ()
-    assert _partial_over_replicate((Replicate(),), (Replicate(),)) == ()
-    assert _partial_over_replicate((Replicate(),), (Shard(0),)) == ()
-    assert _partial_over_replicate((Partial(),), (Shard(0),)) == ()
-    assert _partial_over_replicate((Partial(), Replicate()), (Replicate(), Shard(0))) == ()
+    assert partial_over_replicate((Partial(),), (Replicate(),)) == (0,)
+    assert partial_over_replicate((Replicate(), Partial()), (Replicate(), Replicate())) == (1,)
+    assert partial_over_replicate((Partial("max"),), (Replicate(),)) == ()
+    assert partial_over_replicate((Replicate(),), (Replicate(),)) == ()
+    assert partial_over_replicate((Replicate(),), (Shard(0),)) == ()
+    assert partial_over_replicate((Partial(),), (Shard(0),)) == ()
+    assert partial_over_replicate((Partial(), Replicate()), (Replicate(), Shard(0))) == ()
 
 
 class _PlainEncoder(torch.nn.Module):

@@ -21,14 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
-from torch.distributed.tensor._api import _FromTorchTensor
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.nn.parallel.distributed import _find_tensors
 
 from mimo.config import LANGUAGE
+from mimo.ddp_shards import arm_reducer, dtensor_params, localize, sum_partial_grads
 from mimo.grid import ModuleGrid
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
@@ -279,7 +277,7 @@ def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: Distrib
         # outside the compiled forward: torch's compiled checkpoint fails with DTensor parameters (AOTAutograd
         # saves their DeviceMesh: "expected all tensors_saved_with_vc_check to be Tensors", torch 2.13)
         if cfg.recompute_granularity == "full":
-            local_shards = ddp and grid.size("tp") > 1  # `_localize_for_ddp`: DTensors only inside forward
+            local_shards = ddp and grid.size("tp") > 1  # `ddp_shards.localize`: DTensors only inside forward
             recompute_blocks(recomputed(_blocks(module), cfg.recompute_num_layers),
                              around=dtensor_params if local_shards else None)
         if cfg.data_parallel == "fsdp":
@@ -304,7 +302,7 @@ def wrap_mimo_model_distributed(model: MimoModel, infra: MimoModelInfra, config:
 def _ddp(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> DDP:
     """torch DDP over the module's dp×cp group, summing (not averaging) gradients."""
     if grid.size("tp") > 1:
-        _localize_for_ddp(module)
+        localize(module)  # DDP cannot hold DTensors: `mimo.ddp_shards`
     _autocast_forward(module, cfg)
     group = grid.get_group("dp_cp")
     with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only the old name
@@ -314,90 +312,6 @@ def _ddp(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> D
                   gradient_as_bucket_view=True)
     ddp.register_comm_hook(group, _allreduce_sum_hook)
     return ddp
-
-
-def _localize_for_ddp(module: nn.Module) -> None:
-    """Let DDP see a TP module's local shards as its parameters; DTensors exist only inside forward.
-
-    PyTorch's `_pre_dp_module_transform` does this but loses nested parameters after the first forward
-    (its own TODO); this keeps the same local `Parameter` objects registered between forwards, each
-    with its DTensor spec in `_st_info`, so the optimizer, DDP's reducer and `full_tensor` agree. A replicated
-    shard whose gradient comes back partial over TP (a sequence-parallel norm's weight) keeps it unreduced
-    through every micro-batch (DDP sums it over DP) and `align_gradients` sums it over TP once per step
-    (`_ShardView`).
-    """
-    shards: list[LocalShard] = []
-    for owner in module.modules():
-        for attr, param in list(owner._parameters.items()):
-            if isinstance(param, DTensor):
-                local = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
-                local._st_info = param._spec
-                owner._parameters[attr] = local
-                shards.append((owner, attr, local))
-    module.register_forward_pre_hook(lambda *_: _as_dtensors(shards))
-    module.register_forward_hook(lambda *_: _as_locals(shards))
-
-
-LocalShard = tuple[nn.Module, str, nn.Parameter]  # owner, attribute, the local shard (with `_st_info`)
-
-
-def _as_dtensors(shards: list[LocalShard]) -> None:
-    """Each local shard's DTensor view in its owner's attribute (the forward's parameters)."""
-    for owner, attr, local in shards:
-        spec = local._st_info
-        del owner._parameters[attr]
-        setattr(owner, attr, _ShardView.apply(local, spec))
-
-
-class _ShardView(_FromTorchTensor):
-    """`DTensor.from_local(shard, spec)` with torch's own forward and backward, but for one case: a gradient
-    partial (a sum) over a mesh dim where the parameter is replicated comes back to the shard unreduced, the
-    shard marked (`_tp_partial_dims`) for `align_gradients` to sum it there once per step, not in every
-    micro-batch's backward (torch all-reduces each: every norm weight and bias, in every micro-batch)."""
-
-    @staticmethod
-    def forward(ctx, local: nn.Parameter, spec: DTensorSpec) -> DTensor:  # type: ignore[override]
-        # the placements kept here, not read from torch's own ctx fields: their names differ between versions
-        # (`previous_placement` before, `forward_input_placements` in 2.13); torch's backward reads its own
-        ctx.local, ctx.placements = local, spec.placements
-        return _FromTorchTensor.forward(ctx, local, spec.mesh, spec.placements, False, spec.shape, spec.stride)
-
-    @staticmethod
-    def backward(ctx, grad: DTensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
-        dims = () if grad is None else _partial_over_replicate(grad.placements, ctx.placements)
-        if not dims:
-            return _FromTorchTensor.backward(ctx, grad)[0], None
-        ctx.local._tp_partial_dims = dims
-        return grad._local_tensor, None
-
-
-def _partial_over_replicate(grad: tuple[Placement, ...], param: tuple[Placement, ...]) -> tuple[int, ...]:
-    """The mesh dims where a gradient is a partial sum of a replicated parameter's, if it differs from the
-    parameter's placements in those alone; else () (torch's `from_local` backward redistributes it)."""
-    dims = tuple(i for i, (g, p) in enumerate(zip(grad, param, strict=True))
-                 if isinstance(g, Partial) and g.reduce_op == "sum" and isinstance(p, Replicate))
-    alike = all(g == p for i, (g, p) in enumerate(zip(grad, param, strict=True)) if i not in dims)
-    return dims if alike else ()
-
-
-def _as_locals(shards: list[LocalShard]) -> None:
-    """The local shards registered again (what DDP and the optimizer hold)."""
-    for owner, attr, local in shards:
-        delattr(owner, attr)
-        owner._parameters[attr] = local
-
-
-@contextlib.contextmanager
-def dtensor_params(module: nn.Module) -> Iterator[None]:
-    """Inside, a DDP+TP module's local shards are their DTensors again, as in its forward; a no-op inside
-    the forward itself. A recomputed block runs its forward again during the backward, outside the hooks."""
-    shards = [(owner, attr, p) for owner in module.modules() for attr, p in owner._parameters.items()
-              if hasattr(p, "_st_info")]
-    _as_dtensors(shards)
-    try:
-        yield
-    finally:
-        _as_locals(shards)
 
 
 def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them against real classes
@@ -457,28 +371,6 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
 _BLOCK = re.compile(r"(^|\.)layers\.\d+$")
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a tensor: a DTensor's local shard; a plain (or DDP+TP local) tensor as is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def dtensor_spec(param: torch.Tensor):
-    """How a parameter is sharded: its DTensor spec, or the spec DDP+TP keeps on a local shard; None if plain."""
-    return param._spec if isinstance(param, DTensor) else getattr(param, "_st_info", None)
-
-
-def full_tensor(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The whole value of `tensor` (a parameter or its gradient, laid out like `param`); a collective on
-    the parameter's mesh when it is sharded."""
-    if isinstance(tensor, DTensor):
-        return tensor.full_tensor()
-    spec = getattr(param, "_st_info", None)
-    if spec is None:
-        return tensor
-    return DTensor.from_local(tensor, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
-                              stride=spec.stride).full_tensor()
-
-
 def _autocast_forward(module: nn.Module, cfg: ModuleDistributedConfig) -> None:
     """Run the module's forward under autocast to `compute_dtype` (DDP's mixed precision)."""
     dtype = cfg.compute()
@@ -501,14 +393,14 @@ def no_sync_forward(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def prepare_backward(module: nn.Module, outputs: object, last: bool) -> None:
+def prepare_backward(module: nn.Module, last: bool) -> None:
     """Before a micro-batch's backward through `module`: reduce gradients over DP only if it is the last.
 
-    DDP: arm the reducer for this micro-batch's `outputs`; FSDP2: toggle gradient sync (and, where its blocks
-    are never resharded, keep them gathered until the last backward).
+    DDP: arm the reducer (`ddp_shards.arm_reducer`); FSDP2: toggle gradient sync (and, where its blocks are never
+    resharded, keep them gathered until the last backward).
     """
     if isinstance(module, DDP) and last:
-        module.reducer.prepare_for_backward(list(_find_tensors(outputs)))
+        arm_reducer(module)
     elif isinstance(module, FSDPModule):
         module.set_requires_gradient_sync(last)
         if getattr(module, "_mimo_hold_unsharded", False):
@@ -522,31 +414,14 @@ def align_gradients(model: MimoModel) -> None:
     left so, the norm would count the table once per TP rank and the optimizer would mix layouts (a local
     slice, no communication). A sequence-parallel norm's replicated weight gets a Partial gradient (each TP
     rank's tokens' share), summed here over TP: a DTensor's by redistribution (FSDP2, no wrapper), a DDP+TP local
-    shard's (`_ShardView`, already summed over DP by DDP) in one all-reduce per TP group and dtype.
+    shard's (`ddp_shards.sum_partial_grads`, already summed over DP by DDP) in one all-reduce per TP group and dtype.
     """
     params = [p for module in wrapped_modules(model).values() for p in module.parameters()]
     for p in params:
         g = p.grad
         if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
             p.grad = g.redistribute(p.device_mesh, p.placements)
-    _sum_partial_shard_grads(params)
-
-
-def _sum_partial_shard_grads(params: list[torch.Tensor]) -> None:
-    """Sum the gradients DDP+TP shards hold partial (`_tp_partial_dims`) over those mesh dims' groups, in place:
-    one flat all-reduce per group and dtype. Every rank of a group marks the same shards, in the same order."""
-    pending: dict[tuple[dist.ProcessGroup, torch.dtype], list[torch.Tensor]] = {}
-    for p in params:
-        dims = p.__dict__.pop("_tp_partial_dims", ())  # read and cleared: the next step marks afresh
-        if p.grad is None:
-            continue
-        for dim in dims:
-            pending.setdefault((p._st_info.mesh.get_group(dim), p.grad.dtype), []).append(p.grad)
-    for (group, _), grads in pending.items():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        for g, piece in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(piece.view_as(g))
+    sum_partial_grads(params)
 
 
 def wrapped_modules(model: MimoModel) -> dict[str, nn.Module]:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # What the recomputation runs inside, for a block whose parameters are not as its forward saw them (DDP over
-# TP: local shards outside the module's forward, DTensors inside): `mimo.distributed.dtensor_params`.
+# TP: local shards outside the module's forward, DTensors inside): `mimo.ddp_shards.dtensor_params`.
 Around = Callable[[nn.Module], AbstractContextManager[None]]
 
 

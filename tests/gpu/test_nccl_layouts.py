@@ -44,7 +44,8 @@ import torch
 
 from mimo.config import MimoParallelismConfig
 from mimo.data import ModalitySpec, SyntheticDataset
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, full_tensor, unwrap, wrapped_modules
+from mimo.ddp_shards import full_tensor
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap, wrapped_modules
 from mimo.models import ViTConfig
 from mimo.testing import run_distributed
 from mimo.training.optim import make_adamw, param_groups

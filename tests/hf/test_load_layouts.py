@@ -15,7 +15,8 @@ import torch
 
 from mimo.config import MimoParallelismConfig
 from mimo.data import ModalitySpec, SyntheticDataset
-from mimo.distributed import DistributedConfig, local_tensor
+from mimo.ddp_shards import local_tensor
+from mimo.distributed import DistributedConfig
 from mimo.families.llava import LlavaMimoProvider
 from mimo.families.llava.hf_load import open_llava
 from mimo.testing import assert_matches_reference, run_distributed

@@ -537,7 +537,7 @@ def test_the_step_is_cross_checked_with_the_directory_name(copy_a):
 
 def test_load_model_only_refuses_a_distributed_model(copy_a):
     model = provider(None, IMAGES).provide()
-    model.language_model.norm.weight._st_info = object()  # what a DDP+TP shard carries
+    model.language_model.norm.weight._mimo_sharding = object()  # what a DDP+TP local shard carries (`mimo.ddp_shards`)
     with pytest.raises(CheckpointError, match=r"^load_model_only takes a whole, unwrapped model; use "
                                               r"Checkpointer\.load for a distributed one$"):
         load_model_only(copy_a, model)

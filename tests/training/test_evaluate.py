@@ -10,7 +10,8 @@ from mimo.data import DigitsDataset
 from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
 from mimo.families.llava import IMAGES, LlavaMimoProvider
 from mimo.models import ModalityBatch
-from mimo.training.evaluate import answer_accuracy, greedy_generate
+from mimo.models.generation import greedy_decode
+from mimo.training.evaluate import answer_accuracy
 from mimo.training.plan import plan_model
 from mimo.training.run_config import parse_run_config
 
@@ -21,7 +22,7 @@ def test_greedy_generation_appends_the_argmax_tokens():
     data = DigitsDataset(IMAGES, "held_out", image_token_id=provider.image_token_id, dtype=torch.float64)
     prompts = torch.stack([data.prompt_for_generation(i) for i in range(3)])
     images = ModalityBatch(torch.stack([data.image(i) for i in range(3)]), torch.ones(3, dtype=torch.long))
-    generated = greedy_generate(model, prompts, {"images": images}, max_new_tokens=2)
+    generated = greedy_decode(model, prompts, {"images": images}, max_new_tokens=2)
     ids = prompts
     for _ in range(2):  # the same thing by hand, one full forward per token
         emb = model.align_embeddings(ids, model.encode({"images": images}), model.tokens_per_sample({"images": images}))
@@ -50,7 +51,7 @@ def test_answer_accuracy_in_batches_equals_one_sample_at_a_time(tmp_path, monkey
         sample = data[i]
         images = ModalityBatch(sample.items["images"], torch.ones(1, dtype=torch.long))
         prompt = sample.input_ids[:-2]  # <bos> <image x16> which digit ?
-        generated = greedy_generate(model, prompt[None], {"images": images}, 2)[0]
+        generated = greedy_decode(model, prompt[None], {"images": images}, 2)[0]
         hits += torch.equal(generated, sample.input_ids[-2:])
         words.add(int(generated[0]))
     assert len(words) > 1  # per-digit words, not one word for every image

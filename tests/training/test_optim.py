@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from mimo.distributed import DistributedConfig, full_tensor, unwrap, wrapped_modules
+from mimo.ddp_shards import full_tensor
+from mimo.distributed import DistributedConfig, unwrap, wrapped_modules
 from mimo.testing import run_distributed
 from mimo.training.optim import OptimizerConfig, build_optimizers, make_adamw, param_groups
 from tests.test_provider import make_provider

@@ -13,7 +13,8 @@ import torch
 
 from mimo.config import MimoParallelismConfig
 from mimo.data import ModalitySpec, SyntheticDataset
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, full_tensor, unwrap, wrapped_modules
+from mimo.ddp_shards import full_tensor
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap, wrapped_modules
 from mimo.models import (
     AudioConfig,
     Decoder,
@@ -208,7 +209,7 @@ MATRIX = [
                                "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
                                             "rank_offset": 1, **SP}}, ("images",), True, False, DDP),
     # DDP over SP with 1F1B: the norms' partial gradients stay local through every micro-batch's backward and are
-    # summed over TP once, after the pipeline drains (`mimo.distributed._ShardView`)
+    # summed over TP once, after the pipeline drains (`mimo.ddp_shards._ShardView`)
     ("18-colocated-tp2dp4sp-tp2pp2dp2sp", 8, {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 4,
                                                          **SP},
                                               "language": {"tensor_model_parallel_size": 2,

@@ -1,8 +1,5 @@
-"""Greedy generation from a whole mimo model in one process: what `mimo generate` prints.
-
-The items (an image) are encoded once; each new token re-runs the language model over the whole sequence (no KV cache:
-simple and exact, fine for checking a model, slow for long outputs). Stops after `max_new_tokens` or at an
-end-of-sequence id, which is kept, as transformers' `generate` keeps it.
+"""`mimo generate`'s greedy generation about one sample's items, from a whole mimo model in one process (the decoder
+itself: `mimo.models.generation.greedy_decode`), and the end-of-sequence ids it stops at.
 """
 
 from __future__ import annotations
@@ -14,27 +11,17 @@ from pathlib import Path
 import torch
 
 from mimo.models import ModalityBatch
+from mimo.models.generation import greedy_decode
 
 
-@torch.no_grad()
 def greedy(model, input_ids: list[int], items: Mapping[str, torch.Tensor], max_new_tokens: int,
            eos_ids: Iterable[int] = ()) -> list[int]:
-    """The greedy continuation of `input_ids`: one sample with one item per modality of `items` (an image
-    [3, H, W] under the family's image modality)."""
+    """The greedy continuation of `input_ids`, up to an end-of-sequence id: one sample with one item per modality
+    of `items` (an image [3, H, W] under the family's image modality)."""
     model.eval()
     batches = {m: ModalityBatch(x.unsqueeze(0).to(_dtype(model)), torch.ones(1, dtype=torch.long))
                for m, x in items.items()}
-    embeddings, counts = model.encode(batches), model.tokens_per_sample(batches)
-    ids, eos, new = torch.tensor([input_ids]), set(eos_ids), []
-    decoder = model.language_model
-    for _ in range(max_new_tokens):
-        hidden = decoder(**model.language_inputs(ids, embeddings, counts))
-        token = int(decoder.logits(hidden[:, -1:]).argmax(-1))
-        new.append(token)
-        if token in eos:
-            break
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return new
+    return greedy_decode(model, torch.tensor([input_ids]), batches, max_new_tokens, eos_ids)[0].tolist()
 
 
 def eos_token_ids(directory: str | Path) -> list[int]:

@@ -1,4 +1,5 @@
-"""Held-out evaluation on one process: greedy generation with a whole (unwrapped) MimoModel."""
+"""Held-out evaluation on one process: answer accuracy by greedy generation (`mimo.models.generation`) with a whole
+(unwrapped) MimoModel."""
 
 from __future__ import annotations
 
@@ -6,53 +7,47 @@ import torch
 
 from mimo.data import BadSample
 from mimo.models import MimoModel, ModalityBatch
+from mimo.models.generation import greedy_decode
 from mimo.models.labels import IGNORE_INDEX
 
-MODALITY = "images"
-
-
-@torch.no_grad()
-def greedy_generate(model: MimoModel, input_ids: torch.Tensor, modality_inputs: dict[str, ModalityBatch],
-                    max_new_tokens: int) -> torch.Tensor:
-    """Append `max_new_tokens` argmax tokens to every prompt [N, S] (prompts of one length, no padding).
-
-    Modality embeddings are computed once; each new token re-runs the language model over the sequence
-    (no KV cache: prompts here are a few dozen tokens).
-    """
-    embeddings = model.encode(modality_inputs)
-    counts = model.tokens_per_sample(modality_inputs)
-    ids = input_ids
-    for _ in range(max_new_tokens):
-        logits = model.language_logits(model.align_embeddings(ids, embeddings, counts))
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[:, input_ids.shape[1]:]
+Item = dict[str, torch.Tensor]  # a sample's items, by modality: [count, ...]
 
 
 def answer_accuracy(model: MimoModel, dataset, batch_size: int = 128) -> float:
     """Fraction of samples whose first answer greedy generation reproduces exactly: the first run of labelled
-    positions (for the digits: the word and EOS), generated from the prompt before it and the sample's images.
-    Bad samples (`BadSample`) are left out of the count."""
+    positions (for the digits: the word and EOS), generated from the prompt before it and the sample's items (of
+    every modality). Bad samples (`BadSample`) are left out of the count."""
     model.eval()
-    groups: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    groups: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, Item]]] = {}
     for index in range(len(dataset)):
         try:
             sample = dataset[index]
         except BadSample:
             continue
         prompt, answer = _first_answer(sample.input_ids, sample.labels)
-        groups.setdefault((len(prompt), len(answer)), []).append((prompt, answer, sample.items[MODALITY]))
+        groups.setdefault((len(prompt), len(answer)), []).append((prompt, answer, sample.items))
     hits = total = 0
     for (_, answer_length), group in groups.items():
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
-            images = ModalityBatch(torch.cat([c[2] for c in chunk]),
-                                   torch.tensor([c[2].shape[0] for c in chunk], dtype=torch.long))
-            generated = greedy_generate(model, torch.stack([c[0] for c in chunk]), {MODALITY: images}, answer_length)
+            generated = greedy_decode(model, torch.stack([c[0] for c in chunk]), _batched([c[2] for c in chunk]),
+                                      answer_length)
             hits += int((generated == torch.stack([c[1] for c in chunk])).all(dim=1).sum())
             total += len(chunk)
     if total == 0:
         raise ValueError("answer_accuracy found no good sample to evaluate")
     return hits / total
+
+
+def _batched(items: list[Item]) -> dict[str, ModalityBatch]:
+    """The items of several samples as one `ModalityBatch` per modality (a sample without a modality counts 0)."""
+    modalities = sorted({m for sample in items for m in sample})
+    out = {}
+    for m in modalities:
+        present = [sample[m] for sample in items if m in sample]
+        counts = [int(sample[m].shape[0]) if m in sample else 0 for sample in items]
+        out[m] = ModalityBatch(torch.cat(present), torch.tensor(counts, dtype=torch.long))
+    return out
 
 
 def _first_answer(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

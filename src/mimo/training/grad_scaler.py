@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mimo.distributed import local_tensor
+from mimo.ddp_shards import local_tensor
 
 
 class GlobalGradScaler:

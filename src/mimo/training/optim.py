@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
-from mimo.distributed import dtensor_spec, local_tensor, unwrap, wrapped_modules
+from mimo.ddp_shards import local_tensor, sharding
+from mimo.distributed import unwrap, wrapped_modules
 from mimo.grid import ModuleGrid
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
@@ -141,7 +142,7 @@ def _counted_grads(module: nn.Module, grid: ModuleGrid | None) -> Iterable[torch
     aliased = set(getattr(inner, "init_aliases", dict)())  # e.g. a tied head on the last stage
     coord = {"dp": grid.coord.dp, "tp": grid.coord.tp} if grid is not None else {"dp": 0, "tp": 0}
     for name, p in inner.named_parameters():
-        if p.grad is not None and name not in aliased and _owned_here(dtensor_spec(p), coord):
+        if p.grad is not None and name not in aliased and _owned_here(sharding(p), coord):
             yield p
 
 

@@ -30,7 +30,8 @@ from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
 from mimo.data.packing import LanguageText, PaddedText, TextLayout, sample_extents
-from mimo.distributed import align_gradients, local_tensor, no_sync_forward, prepare_backward, unwrap
+from mimo.ddp_shards import local_tensor
+from mimo.distributed import align_gradients, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
@@ -182,7 +183,6 @@ class MimoTrainer:
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
         with no_sync_forward(encoder):  # [N·T, H]; no items: [0, H], the graph still at every parameter
             out = encoder(items.items).flatten(0, 1)  # (`ModalitySubmodule` encodes one zero item, keeps no rows)
-        self._state.encoder_out[name][m] = out
         tokens_per_item = unwrap(encoder).tokens_per_item
         counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
         tokens = self.microbatch_tokens(self._state.batch, name, m)
@@ -251,18 +251,16 @@ class MimoTrainer:
             return self.scaler.scale(loss) if self.scaler is not None else loss
 
         def before_backward(m: int, out: torch.Tensor, is_last: bool) -> None:
-            prepare_backward(lm, out, is_last)
+            prepare_backward(lm, is_last)
             for src, bridge in self.bridges.items():  # an encoder run inside the forward: backward reaches it
                 if bridge.encodes_inside_language_forward and first:
-                    prepare_backward(self.model.modality_submodules[src], self._state.encoder_out[src][m], is_last)
+                    prepare_backward(self.model.modality_submodules[src], is_last)
 
         def after_backward(m: int) -> None:
             if not first:
                 return
-            for src, bridge in self.bridges.items():
-                if bridge.encodes_inside_language_forward:
-                    self._state.encoder_out[src].pop(m, None)
-                else:
+            for bridge in self.bridges.values():
+                if not bridge.encodes_inside_language_forward:
                     bridge.return_grad(m)
 
         schedule.run(StageWork(forward, before_backward, after_backward))
@@ -291,7 +289,7 @@ class MimoTrainer:
             return  # the language backward already ran it; receivers of a disjoint span: done
         encoder = self.model.modality_submodules[src]
         for m in range(self.num_microbatches):
-            prepare_backward(encoder, self._state.encoder_out[src][m], m == self.num_microbatches - 1)
+            prepare_backward(encoder, m == self.num_microbatches - 1)
             bridge.run_encoder_backward(m)
 
     # -- after the backward ----------------------------------------------------------------------------------
@@ -363,13 +361,12 @@ class MimoTrainer:
 @dataclass
 class _StepState:
     """Per-step scratch: the batch, its label count (the loss divisor) and this rank's prefetched shares of
-    it (the language model's text also on the host), encoder outputs, the loss sum, each phase's seconds."""
+    it (the language model's text also on the host), the loss sum, each phase's seconds."""
 
     batch: MimoBatch
     label_tokens: int
     inputs: dict[str, list]
     host_text: list[LanguageText]
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    encoder_out: dict = field(default_factory=lambda: defaultdict(dict))
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
