@@ -92,7 +92,7 @@ class JpegCaptions:
 
 def build_trainer(preset: str, batch: int, microbatches: int, dtype: str, device: torch.device):
     """The provider and trainer exactly as `mimo train` builds them for a one-process run."""
-    from mimo.training.loop import build_provider, build_trainer, distributed_config
+    from mimo.training.loop import build_provider, build_trainer
     from mimo.training.run_config import parse_run_config
 
     init_world(device)
@@ -103,7 +103,7 @@ def build_trainer(preset: str, batch: int, microbatches: int, dtype: str, device
         "data": {"name": "synthetic"},
     })
     provider = build_provider(config, device)
-    model = provider.provide_distributed_model(distributed_config(config))
+    model = provider.provide_distributed_model(config.distributed_config)
     return provider, build_trainer(config, provider, model, device)
 
 

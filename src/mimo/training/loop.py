@@ -22,7 +22,7 @@ from mimo.config import LANGUAGE
 from mimo.data import BatchPrefetcher, GlobalBatchSampler, ModalitySpec, SyntheticDataset
 from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.prefetch import default_num_workers
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, static_shapes
+from mimo.distributed import static_shapes
 from mimo.grid import group_options
 from mimo.provider import LlavaMimoProvider
 from mimo.training.checkpoint import (
@@ -117,20 +117,6 @@ def build_dataset(config: RunConfig, provider: LlavaMimoProvider, split: str = "
                             items_per_sample=tuple(config.data.items_per_sample), seed=config.train.seed, dtype=dtype)
 
 
-def distributed_config(config: RunConfig) -> DistributedConfig:
-    """Per-module DP kind; compute dtype from the run's precision (mixed for bfloat16/float16); compile and
-    recomputation as the train section says."""
-    precision = config.precision
-    compute = precision.name if precision.mixed else None
-    t = config.train
-    common = {"compute_dtype": compute, "compile": t.compile, "recompute_granularity": t.recompute_granularity,
-              "recompute_num_layers": t.recompute_num_layers}
-    return DistributedConfig(ModuleDistributedConfig("ddp", **common),
-                             {m: ModuleDistributedConfig(s.data_parallel, reshard_after_forward=s.reshard_after_forward,
-                                                         **common)
-                              for m, s in config.distributed.items()})
-
-
 def build_trainer(config: RunConfig, provider: LlavaMimoProvider, model, device: torch.device) -> MimoTrainer:
     """The step runner with the run's optimizer, schedule, clipping and precision."""
     t = config.train
@@ -175,7 +161,7 @@ def _train(device: torch.device, config: RunConfig, resume: bool, quiet: bool, r
     validate_run(config, dist.get_world_size())  # the parent checked too; a torchrun/srun world did not
     rank = dist.get_rank()
     provider = build_provider(config, device)
-    model = provider.provide_distributed_model(distributed_config(config))
+    model = provider.provide_distributed_model(config.distributed_config)
     dataset = build_dataset(config, provider)
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
     trainer = build_trainer(config, provider, model, device)
