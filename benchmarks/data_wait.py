@@ -93,7 +93,7 @@ class JpegCaptions:
 
 def build_trainer(preset: str, batch: int, microbatches: int, dtype: str, device: torch.device):
     """The provider and trainer exactly as `mimo train` builds them for a one-process run."""
-    from mimo.training.loop import build_trainer, distributed_config
+    from mimo.training.loop import build_trainer
     from mimo.training.run_config import parse_run_config
 
     init_world(device)
@@ -104,7 +104,7 @@ def build_trainer(preset: str, batch: int, microbatches: int, dtype: str, device
         "data": {"name": "synthetic"},
     })
     provider = plan_model(config).provider_on(device)
-    model = provider.provide_distributed_model(distributed_config(config))
+    model = provider.provide_distributed_model(config.distributed_config)
     return provider, build_trainer(config, provider, model, device)
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deployments import WORKLOADS, make_dataset  # noqa: E402
 
 from mimo.distributed import ModuleDistributedConfig, module_of, set_module, wrap_ddp  # noqa: E402
-from mimo.training.loop import build_trainer, distributed_config  # noqa: E402
+from mimo.training.loop import build_trainer  # noqa: E402
 from mimo.training.plan import plan_model  # noqa: E402
 from mimo.training.run_config import parse_run_config  # noqa: E402
 
@@ -54,7 +54,7 @@ def _ddp_with(*args, gradient_as_bucket_view: bool, **kwargs) -> DDP:
     return DDP(*args, **{**kwargs, "gradient_as_bucket_view": gradient_as_bucket_view})
 
 
-def wrap(model, infra, variant: str, compute: str | None) -> None:
+def wrap(model, infra, variant: str, compute: torch.dtype | None) -> None:
     """Wrap every trainable hosted module in DDP over its (one-rank) DP group, the variant's way."""
     if variant == "none":
         return
@@ -71,7 +71,7 @@ def wrap(model, infra, variant: str, compute: str | None) -> None:
                 wrap_ddp(model, name, grid, ModuleDistributedConfig("ddp", compute))
             continue
         if compute is not None:
-            module.forward = torch.autocast("cuda", dtype=getattr(torch, compute))(module.forward)  # as `wrap_ddp`
+            module.forward = torch.autocast("cuda", dtype=compute)(module.forward)  # as `wrap_ddp`
         cap = 100 if variant == "torch-100mb" else 25
         set_module(model, name, DDP(module, process_group=grid.get_group("dp_cp"), init_sync=False,
                                     bucket_cap_mb=cap))
@@ -98,8 +98,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         "data": {"name": "synthetic", "items_per_sample": [workload["images_per_sample"]]},
         "eval": {"enabled": False}})
     provider = plan_model(config).provider_on(device)
-    model = provider.provide_distributed_model(distributed_config(config))
-    wrap(model, provider.build_infra(), variant, config.precision.name if config.precision.mixed else None)
+    model = provider.provide_distributed_model(config.distributed_config)
+    wrap(model, provider.build_infra(), variant, config.distributed_config.default.compute_dtype)
     trainer = build_trainer(config, provider, model, device)
     seq_len = workload["seq_len" if cuda else "tiny_seq_len"]
     data = make_dataset(provider, config, workload["images_per_sample"], seq_len)

@@ -8,7 +8,7 @@ Each row of `LAYOUTS[--gpus]` is one deployment: an image-encoder layout and a l
 deployment is its own world (an N+1 deployment needs one more rank than its N-rank baseline), started with
 `torch.distributed.launcher.api.elastic_launch` the way `mimo train` starts its workers (`mimo.launch`). The
 workers build the run exactly as `mimo train` does (`parse_run_config`, `build_provider`,
-`provide_distributed_model(distributed_config)`, `build_trainer`) and draw the same global batches from a
+`provide_distributed_model(config.distributed_config)`, `build_trainer`) and draw the same global batches from a
 `SyntheticDataset` (`--workload`: images per sample and sequence length), run `--warmup` + `--steps` steps,
 then (heterogeneous rows) time the bridge against a plain point-to-point send between the same two ranks.
 Rank 0 writes the row (`OUT/<deployment>/result.json`, plus `metrics.jsonl` for `mimo plot`); this process
@@ -72,7 +72,7 @@ from mimo.families.llava import LLAVA, LlavaMimoProvider
 from mimo.flops import batch_flops
 from mimo.grid import P2PGroups
 from mimo.launch import _reason, run_on_a_free_port
-from mimo.training.loop import build_trainer, distributed_config, run_in_world
+from mimo.training.loop import build_trainer, run_in_world
 from mimo.training.metrics import Clock, MetricsWriter, peak_memory_gb
 from mimo.training.plan import plan_model
 from mimo.training.run_config import RunConfig, parse_run_config
@@ -406,7 +406,7 @@ def _row(device: torch.device, spec: dict[str, Any], config: RunConfig) -> None:
     """`_worker`'s body, in the world `run_in_world` set up (the trainer freed before its groups)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     provider = plan_model(config).provider_on(device)
-    model = provider.provide_distributed_model(distributed_config(config))
+    model = provider.provide_distributed_model(config.distributed_config)
     trainer = build_trainer(config, provider, model, device)
     dataset = make_dataset(provider, config, spec["images"], spec["seq_len"])
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)

@@ -6,7 +6,7 @@
 One process, one run, these rows per preset (`--rows`, comma separated):
 - `mimo`: the real `MimoTrainer.train_step` on a world of one (a 1-rank NCCL group, gloo on CPU, in-process
   with a FileStore), layout `images` and `language` both on rank 0, built the way `mimo train` builds a run
-  (`build_provider`, `provide_distributed_model(distributed_config)`, `build_trainer`);
+  (`build_provider`, `provide_distributed_model(config.distributed_config)`, `build_trainer`);
 - `plain`: mimo's built-in modules (ViTEncoder, MLPProjector, Decoder) in a plain PyTorch loop: encode →
   scatter into the text embeddings → decoder → loss → backward → clip → AdamW, no mimo machinery;
 - `hf`: transformers' `LlavaForConditionalGeneration`, random init from a `LlavaConfig` (CLIPVisionConfig +
@@ -399,7 +399,7 @@ def _patched_build(levers: set[str]):
 def build_mimo(ctx: Context, levers: set[str]) -> Row:
     """The model, trainer and step exactly as `mimo train` builds them (mimo.training.loop)."""
     from mimo.distributed import unwrap
-    from mimo.training.loop import build_trainer, distributed_config
+    from mimo.training.loop import build_trainer
     from mimo.training.run_config import parse_run_config
 
     init_world(ctx.device)
@@ -414,7 +414,7 @@ def build_mimo(ctx: Context, levers: set[str]) -> Row:
     })
     provider = plan_model(config).provider_on(ctx.device)
     with _patched_build(levers):
-        model = provider.provide_distributed_model(distributed_config(config))
+        model = provider.provide_distributed_model(config.distributed_config)
     trainer = build_trainer(config, provider, model, ctx.device)
     sub = unwrap(model.modality_submodules["images"])
     lm = unwrap(model.language_model)

@@ -80,7 +80,6 @@ def make_batches(provider: LlavaMimoProvider, args: argparse.Namespace, count: i
 def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device):
     """The model and step exactly as `mimo train` builds them, with `data.packing` as asked."""
     from mimo.training.loop import build_trainer as build_step
-    from mimo.training.loop import distributed_config
     from mimo.training.run_config import parse_run_config
 
     config = parse_run_config({
@@ -91,7 +90,7 @@ def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device)
         "data": {"name": "synthetic", "packing": packing},
     })
     provider = plan_model(config).provider_on(device)
-    model = provider.provide_distributed_model(distributed_config(config))
+    model = provider.provide_distributed_model(config.distributed_config)
     return build_step(config, provider, model, device)
 
 

@@ -128,12 +128,13 @@ def test_language_model_parity(ref, name, layout, dp_kind, world):
 
 
 def test_config_errors():
-    with pytest.raises(WrapError, match=r"names unknown module\(s\) \['vision'\]; modules are \['language'\]"):
+    with pytest.raises(WrapError, match=r"distributed: unknown module\(s\) \['vision'\]; modules are \['language'\]"):
         DistributedConfig(modules={"vision": ModuleDistributedConfig()}).check(["language"])
     with pytest.raises(WrapError, match=r"module 'language': data_parallel must be 'ddp' or 'fsdp', got 'zero3'"):
         DistributedConfig(modules={"language": ModuleDistributedConfig("zero3")}).check(["language"])
-    with pytest.raises(WrapError, match=r"compute_dtype must be one of \['float32', 'bfloat16'"):
-        DistributedConfig(ModuleDistributedConfig(compute_dtype="int8")).check(["language"])
+    with pytest.raises(WrapError, match=r"module 'default': compute_dtype must be one of \[torch.float32, "
+                       r"torch.bfloat16, torch.float16, torch.float64\] or None, got 'bfloat16'"):
+        DistributedConfig(ModuleDistributedConfig(compute_dtype="bfloat16")).check(["language"])  # a name: no
 
 
 def tp4_with_two_kv_heads(rank: int, world_size: int) -> str:
@@ -175,3 +176,40 @@ def test_fsdp_modules_return_no_views():
     """The projector's Linear on 3-d rows returns a view, which FSDP2 warns about on every rank (an in-place op
     on it would skip the pre-backward hook); the wrapped module hands out a tensor of its own instead."""
     assert run_distributed(fsdp_view_warnings, 2) == [[], []]
+
+
+def parallelize_steps(rank: int, world_size: int) -> list[str]:
+    """The steps `parallelize` takes on homogeneous images + TP2+SP language with every setting on, in the order
+    taken (each recorded and run, but the overlap: gloo has no symmetric memory)."""
+    from unittest import mock
+
+    import mimo.distributed as md
+    from tests.training.test_parity import provider
+
+    steps: list[str] = []
+
+    def record(step: str, real=None):
+        def run(*args, **kwargs):
+            steps.append(step)
+            return None if real is None else real(*args, **kwargs)
+        return run
+
+    prov = provider({"images": {}, "language": {"tensor_model_parallel_size": 2, "sequence_parallel": True,
+                                                "tp_comm_overlap": True}}, ("images",))
+    settings = DistributedConfig(ModuleDistributedConfig(compile=True, recompute_granularity="full"))
+    with mock.patch.multiple(md, apply_tensor_parallel=record("tp", md.apply_tensor_parallel),
+                             overlap_tp_comms=record("async tp"), compile_blocks=record("compile", md.compile_blocks),
+                             recompute=record("recompute", md.recompute),
+                             apply_data_parallel=record("data parallel", md.apply_data_parallel)):
+        model = md.parallelize(prov.build_meta_model(), prov.build_infra(), settings,
+                               materialize=record("materialize", prov._materialize))
+    assert isinstance(model.modality_submodules["images"], torch.nn.parallel.DistributedDataParallel)  # DP 2
+    return steps
+
+
+def test_parallelize_applies_tp_then_async_tp_compile_recompute_and_data_parallel_in_order():
+    """TP on the meta model, materialization, then per module (images, then language, which asks the overlap):
+    asynchronous TP, compile, recomputation, data parallelism: torchtitan's order, visible in one function."""
+    per_module = ["compile", "recompute", "data parallel"]
+    want = ["tp", "materialize", *per_module, "async tp", *per_module]
+    assert run_distributed(parallelize_steps, 2) == [want, want]

@@ -150,7 +150,7 @@ def test_frozen_language_model_trains_projector(stage1_ref, lm_kind):
 def bf16_losses(rank: int, world_size: int, kind: str) -> list[float]:
     """BF16_STEPS AdamW steps on one fixed batch, both modules computing in bfloat16; the global losses."""
     provider = llava(DP2, dtype=torch.float32)
-    model = provider.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(kind, "bfloat16")))
+    model = provider.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(kind, torch.bfloat16)))
     d, dp = dp_coord(provider)
     batch = fixed_batch(torch.float32)
     mine, tokens = batch.shard(d, dp), batch.num_label_tokens(model.special_token_ids)

@@ -79,5 +79,5 @@ def test_a_pipeline_stage_never_reshards_by_default_and_the_last_block_is_kept()
 ])
 def test_a_policy_that_cannot_apply_is_refused(cfg, message):
     with pytest.raises(WrapError) as e:
-        cfg.check("language")
+        DistributedConfig(modules={"language": cfg}).check(["language"])
     assert str(e.value) == message

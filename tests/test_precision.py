@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mimo.precision import PrecisionError, PrecisionPolicy
-from mimo.training.loop import distributed_config
 from mimo.training.run_config import parse_run_config
 
 
@@ -23,8 +22,10 @@ def test_policy_of_each_dtype(name, param, compute, scaling):
     config = parse_run_config({"parallelism": {"images": {}, "language": {}}, "train": {"dtype": name},
                                "distributed": {"language": {"data_parallel": "fsdp"}}})
     assert config.precision is config.precision and config.precision == policy
-    wrap = distributed_config(config)  # mixed precision reaches every module's wrapping, else nothing
-    assert {wrap.default.compute(), wrap.for_module("language").compute()} == {compute if policy.mixed else None}
+    wrap = config.distributed_config  # mixed precision reaches every module's wrapping, else nothing
+    dtypes = {wrap.default.compute_dtype, wrap.for_module("language").compute_dtype}
+    assert dtypes == {compute if policy.mixed else None}
+    assert all(d is None or isinstance(d, torch.dtype) for d in dtypes)  # a dtype once parsed, never a name
 
 
 def test_unknown_dtype_names_the_allowed_ones():

@@ -11,7 +11,7 @@ import torch
 
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, WrapError
 from mimo.testing import run_distributed
-from mimo.training.run_config import RunConfigError, TrainSection, parse_run_config
+from mimo.training.run_config import RunConfigError, parse_run_config
 from mimo.training.step import MimoTrainer
 from tests.training.test_parity import batches, provider
 
@@ -20,10 +20,15 @@ MLP = re.compile(r"layers\.(\d+)\.mlp$")  # an inner module: its pre-hooks fire 
 
 
 def calls_and_saved(rank: int, world_size: int, wrap: dict) -> tuple[dict[str, list[int]], int]:
+    """`calls_and_saved_with` every module wrapped with the settings `wrap`."""
+    return calls_and_saved_with(rank, world_size, DistributedConfig(ModuleDistributedConfig(**wrap)))
+
+
+def calls_and_saved_with(rank: int, world_size: int, wrap: DistributedConfig) -> tuple[dict[str, list[int]], int]:
     """One step of 2 micro-batches on homogeneous DP2: how often each block's MLP ran, per module, and the
     bytes autograd kept for the backward over the whole step (recomputed blocks keep only their inputs)."""
     prov = provider({"images": {}, "language": {}}, ("images",))
-    model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(**wrap)))
+    model = prov.provide_distributed_model(wrap)
     calls: dict[str, list[int]] = {}
     for name, module in [("images", model.modality_submodules["images"]), ("language", model.language_model)]:
         mlps = sorted(((int(m.group(1)), mod) for n, mod in module.named_modules() if (m := MLP.search(n))),
@@ -59,24 +64,32 @@ def test_recomputed_blocks_run_again_in_the_backward_and_keep_less():
 @pytest.mark.parametrize(("wrap", "message"), [
     ({"recompute_granularity": "partial"}, "recompute_granularity must be 'none' or 'full', got 'partial'"),
     ({"recompute_granularity": "full", "recompute_num_layers": 0}, "recompute_num_layers must be at least 1"),
+    ({"recompute_num_layers": 2}, "module 'default': recompute_num_layers 2 needs recompute_granularity 'full' (it "
+                                  "picks which blocks recompute)"),
 ])
 def test_bad_module_settings_are_refused(wrap, message):
     with pytest.raises(WrapError, match=re.escape(message)):
         DistributedConfig(ModuleDistributedConfig(**wrap)).check(["images", "language"])
 
 
-def test_num_layers_without_recomputation_is_refused():
-    with pytest.raises(RunConfigError, match="train.recompute_num_layers: 2 needs train.recompute_granularity: full"):
-        TrainSection(recompute_num_layers=2)
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"train": {"recompute_num_layers": 2}},
+     "train: recompute_num_layers 2 needs recompute_granularity 'full' (it picks which blocks recompute)"),
+    ({"distributed": {"images": {"recompute_num_layers": 2}}},  # train's granularity: none
+     "distributed.images: recompute_num_layers 2 needs recompute_granularity 'full' (it picks which blocks "
+     "recompute)"),
+])
+def test_num_layers_without_recomputation_is_refused(sections, message):
+    with pytest.raises(RunConfigError) as e:
+        parse_run_config({"parallelism": {"images": {}, "language": {}}, **sections})
+    assert str(e.value) == message
 
 
 def test_the_train_section_reaches_every_module():
-    from mimo.training.loop import distributed_config
-
     config = parse_run_config({"parallelism": {"images": {}, "language": {}},
                                "distributed": {"language": {"data_parallel": "fsdp"}},
                                "train": {"recompute_granularity": "full", "recompute_num_layers": 3}})
-    wrap = distributed_config(config)
+    wrap = config.distributed_config
     for cfg in (wrap.default, wrap.for_module("language")):
         assert (cfg.recompute_granularity, cfg.recompute_num_layers) == ("full", 3)
     assert wrap.for_module("language").data_parallel == "fsdp"
@@ -87,3 +100,28 @@ def test_a_bad_granularity_in_the_yaml_names_the_choices():
                                                        "choose one of ['none', 'full']")):
         parse_run_config({"parallelism": {"images": {}, "language": {}},
                           "train": {"recompute_granularity": "selective"}})
+
+
+def test_a_module_may_set_its_own_compile_and_recomputation():
+    """`distributed.<module>` overrides train's run-wide defaults for that module only: here the encoder opts out of
+    recomputation (its own granularity brings its own recompute_num_layers, null) and compiles alone, and the
+    language model keeps train's granularity with fewer blocks."""
+    config = parse_run_config({"parallelism": {"images": {}, "language": {}},
+                               "distributed": {"images": {"recompute_granularity": "none", "compile": True},
+                                               "language": {"recompute_num_layers": 1}},
+                               "train": {"recompute_granularity": "full", "recompute_num_layers": 3}})
+    wrap = config.distributed_config
+    images, language = wrap.for_module("images"), wrap.for_module("language")
+    assert (images.compile, images.recompute_granularity, images.recompute_num_layers) == (True, "none", None)
+    assert (language.compile, language.recompute_granularity, language.recompute_num_layers) == (False, "full", 1)
+    assert (wrap.default.recompute_granularity, wrap.default.recompute_num_layers) == ("full", 3)
+    assert config.to_dict()["distributed"] == {"images": {"recompute_granularity": "none", "compile": True},
+                                               "language": {"recompute_num_layers": 1}}  # as written, no dtype
+
+
+def test_an_opted_out_module_runs_its_blocks_once():
+    """A module whose settings say none does not recompute while the other does (one step, homogeneous DP2)."""
+    wrap = DistributedConfig(ModuleDistributedConfig(recompute_granularity="full"),
+                             {"images": ModuleDistributedConfig(recompute_granularity="none")})
+    calls, _ = run_distributed(calls_and_saved_with, 2, wrap)[0]
+    assert set(calls["images"]) == {2} and set(calls["language"]) == {4}, calls

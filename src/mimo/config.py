@@ -86,7 +86,7 @@ class ModuleParallelismConfig:
     `tp_comm_overlap` (Megatron's name; torch's asynchronous TP) splits each of those all-gathers + matmul and
     matmul + reduce-scatter into chunks whose communication overlaps the matmuls: an inductor pass over the
     compiled blocks, with symmetric memory over the TP group. It needs sequence_parallel (its collectives are
-    the ones fused), `train.compile` and CUDA GPUs.
+    the ones fused), compile and CUDA GPUs: rules of the distributed settings (`distributed.check_tp_comm_overlap`).
     """
 
     tensor_model_parallel_size: int = 1
@@ -146,10 +146,6 @@ class ModuleParallelismConfig:
                               f"tensor_model_parallel_size > 1")
         if not isinstance(self.tp_comm_overlap, bool):
             raise LayoutError(f"module '{name}': tp_comm_overlap must be true or false, got {self.tp_comm_overlap!r}")
-        if self.tp_comm_overlap and not self.sequence_parallel:
-            raise LayoutError(f"module '{name}': tp_comm_overlap overlaps sequence parallelism's all-gathers and "
-                              f"reduce-scatters with the matmuls, but sequence_parallel is false; set "
-                              f"sequence_parallel true (with tensor_model_parallel_size > 1) or tp_comm_overlap false")
 
     def _derived_dp(self, world_size: int, name: str) -> int:
         mp = self.total_model_parallel_size
@@ -293,7 +289,6 @@ class MimoParallelismConfig:
         self._check_topology()
         self._check_spans(world_size)
         self._check_edges()
-        self._check_tp_comm_overlap()
         self._world_size = world_size
         return self
 
@@ -320,19 +315,6 @@ class MimoParallelismConfig:
                 f"module '{name}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} is not "
                 f"supported yet for modality modules (only '{LANGUAGE}' may be pipelined); use 1"
             )
-
-    def _check_tp_comm_overlap(self) -> None:
-        """tp_comm_overlap is one switch of torch.compile for a whole process: the sequence-parallel modules that
-        share ranks must agree on it (else one would be overlapped without asking)."""
-        items = sorted(self.module_parallelisms.items(), key=lambda kv: (kv[1].rank_offset, kv[0]))
-        for names, ranks in _distinct_spans(items):
-            sp = [n for n in names if self.module_parallelisms[n].sequence_parallel]
-            on = [n for n in sp if self.module_parallelisms[n].tp_comm_overlap]
-            if on and len(on) < len(sp):
-                off = [n for n in sp if n not in on]
-                raise LayoutError(f"modules {_names(on)} and {_names(off)} share {_ranks(ranks)} and are "
-                                  f"sequence-parallel, but only {_names(on)} sets tp_comm_overlap: it is one "
-                                  f"torch.compile switch for a whole process; set it on all of them or on none")
 
     def _check_topology(self) -> None:
         for src, dst in self.edges:

@@ -1,7 +1,9 @@
 """Per-module parallel wrapping: tensor parallelism, DDP or FSDP2, mixed precision, frozen modules.
 
 Each module a rank hosts is wrapped with its own mesh and groups (Megatron-Bridge's
-`wrap_mimo_model_distributed`, with FSDP2 as well as DDP). Gradient semantics live here in one rule:
+`wrap_mimo_model_distributed`, with FSDP2 as well as DDP): its settings (`ModuleDistributedConfig`) are checked in
+one place (`check_distributed`, which `mimo validate` reaches too), then `parallelize` applies TP, asynchronous TP,
+compile, recomputation and data parallelism in that order. Gradient semantics live here in one rule:
 **every data-parallel reduction is a SUM**. The loss each rank backpropagates is already divided by the
 global number of label tokens (by the training step), so summing over replicas gives exactly the
 gradient of the global per-token mean — whatever a module's DP size, and whether its gradient came
@@ -15,7 +17,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -25,13 +27,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mimo.config import LANGUAGE
+from mimo.config import LANGUAGE, MimoParallelismConfig, _distinct_spans, _names, _ranks
 from mimo.ddp_shards import arm_reducer, dtensor_params, localize, sum_partial_grads
 from mimo.grid import ModuleGrid
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
 from mimo.models.sequence_parallel import takes_sequence_parallel
-from mimo.precision import DTYPES, PrecisionError, dtype_of
+from mimo.precision import DTYPES
 from mimo.recompute import recompute_blocks, recomputed
 
 DataParallel = Literal["ddp", "fsdp"]
@@ -45,15 +47,16 @@ class WrapError(ValueError):
 
 @dataclass
 class ModuleDistributedConfig:
-    """How one module is data-parallel and in which dtype it computes.
+    """How one module is parallelized beyond its layout: data parallelism, compute dtype, compile, recomputation.
 
     `compute_dtype` None computes in the parameters' dtype; bfloat16/float16 compute in that dtype while
-    parameters, optimizer state and gradient reduction stay in the parameters' dtype (a name of
-    `mimo.precision.DTYPES`; a run takes it from its `PrecisionPolicy`).
+    parameters, optimizer state and gradient reduction stay in the parameters' dtype (a dtype of
+    `mimo.precision.DTYPES`; a run takes it from its `PrecisionPolicy`, never from a name). A run builds this from
+    its `distributed.<module>` section over `train`'s run-wide compile and recompute settings.
     """
 
     data_parallel: DataParallel = "ddp"
-    compute_dtype: str | None = None
+    compute_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile every `layers.N` block's forward (in place: parameter names do not change)
     # "full": the blocks recompute their activations in the backward (`mimo.recompute`); the first
     # `recompute_num_layers` of the module's stage, all if None
@@ -65,32 +68,35 @@ class ModuleDistributedConfig:
     # for the last block (its backward comes next), and "never" in a pipeline stage (its micro-batches interleave)
     reshard_after_forward: Reshard = "default"
 
-    def check(self, name: str) -> None:
-        """Reject unknown DP kinds, reshard policies and dtypes with the allowed values."""
-        if self.data_parallel not in ("ddp", "fsdp"):
-            raise WrapError(f"module '{name}': data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
-        if self.reshard_after_forward not in ("default", "always", "never"):
-            raise WrapError(f"module '{name}': reshard_after_forward must be 'default', 'always' or 'never', "
+    def check(self, where: str) -> None:
+        """Each setting within its allowed values and consistent with the others; `where` names the module in the
+        messages (`module 'images'`; a run config: the section the settings came from)."""
+        if self.data_parallel not in get_args(DataParallel):
+            raise WrapError(f"{where}: data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
+        if self.reshard_after_forward not in get_args(Reshard):
+            raise WrapError(f"{where}: reshard_after_forward must be 'default', 'always' or 'never', "
                             f"got {self.reshard_after_forward!r}")
         if self.reshard_after_forward != "default" and self.data_parallel != "fsdp":
-            raise WrapError(f"module '{name}': reshard_after_forward {self.reshard_after_forward!r} applies to "
+            raise WrapError(f"{where}: reshard_after_forward {self.reshard_after_forward!r} applies to "
                             f"data_parallel 'fsdp' only, and it is {self.data_parallel!r} (use 'fsdp', or "
                             f"leave reshard_after_forward 'default')")
-        if self.recompute_granularity not in ("none", "full"):
-            raise WrapError(f"module '{name}': recompute_granularity must be 'none' or 'full', "
+        if self.recompute_granularity not in get_args(Recompute):
+            raise WrapError(f"{where}: recompute_granularity must be 'none' or 'full', "
                             f"got {self.recompute_granularity!r}")
         if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
-            raise WrapError(f"module '{name}': recompute_num_layers must be at least 1 (or None: every block), "
+            raise WrapError(f"{where}: recompute_num_layers must be at least 1 (or None: every block), "
                             f"got {self.recompute_num_layers}")
-        try:
-            self.compute()
-        except PrecisionError:
-            raise WrapError(f"module '{name}': compute_dtype must be one of {list(DTYPES)} or None, "
-                            f"got {self.compute_dtype!r}") from None
+        if self.recompute_num_layers is not None and self.recompute_granularity == "none":
+            raise WrapError(f"{where}: recompute_num_layers {self.recompute_num_layers} needs "
+                            f"recompute_granularity 'full' (it picks which blocks recompute)")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES.values():
+            raise WrapError(f"{where}: compute_dtype must be one of {list(DTYPES.values())} or None, "
+                            f"got {self.compute_dtype!r}")
 
-    def compute(self) -> torch.dtype | None:
-        """The compute dtype, or None for the parameters' own."""
-        return None if self.compute_dtype is None else dtype_of(self.compute_dtype)
+
+def _module_label(name: str) -> str:
+    """How a message names module `name`'s settings: `module 'images'` (the default's: `module 'default'`)."""
+    return f"module {name!r}"
 
 
 @dataclass
@@ -104,14 +110,60 @@ class DistributedConfig:
         """The config of module `name` (its override, else the default)."""
         return self.modules.get(name, self.default)
 
-    def check(self, module_names: list[str]) -> None:
-        """Every override names a module of the model; every setting is valid."""
+    def check(self, module_names: list[str], label: Callable[[str], str] = _module_label) -> None:
+        """Every override names a module of the model; every module's settings are valid (`label` names them)."""
         unknown = sorted(set(self.modules) - set(module_names))
         if unknown:
-            raise WrapError(f"distributed config names unknown module(s) {unknown}; modules are {module_names}")
-        self.default.check("default")
+            raise WrapError(f"distributed: unknown module(s) {unknown}; modules are {module_names}")
+        self.default.check(label("default"))
         for name, cfg in self.modules.items():
-            cfg.check(name)
+            cfg.check(label(name))
+
+
+def check_distributed(settings: DistributedConfig, module_names: list[str], layout: MimoParallelismConfig | None,
+                      backend: str | None = None, label: Callable[[str], str] = _module_label) -> None:
+    """Every rule of the distributed settings, in the one place that `plan_run` (no process group yet: no
+    `backend`) and the wrapper (with its backend) both reach: each module's settings, then `tp_comm_overlap`'s
+    (a finalized `layout`; None on one process, which has no TP)."""
+    settings.check(module_names, label)
+    if layout is not None:
+        check_tp_comm_overlap(layout, settings, backend)
+
+
+def check_tp_comm_overlap(layout: MimoParallelismConfig, settings: DistributedConfig,
+                          backend: str | None = None) -> None:
+    """Every rule of `tp_comm_overlap` (torch's asynchronous TP): a module that asks it is sequence-parallel (its
+    collectives are the ones fused); sequence-parallel modules that share ranks agree (the inductor switch is
+    process-wide); it is compiled (the overlap is an inductor pass); and the backend is NCCL (symmetric memory;
+    known only once the process groups exist, so `backend` None skips that rule). `layout` is finalized."""
+    asked = [n for n, m in layout.module_parallelisms.items() if m.tp_comm_overlap]
+    for name in asked:
+        if not layout.get_parallelism(name).sequence_parallel:
+            raise WrapError(f"module '{name}': tp_comm_overlap overlaps sequence parallelism's all-gathers and "
+                            f"reduce-scatters with the matmuls, but sequence_parallel is false; set "
+                            f"sequence_parallel true (with tensor_model_parallel_size > 1) or tp_comm_overlap false")
+    _check_overlap_agrees(layout)
+    for name in asked:
+        if not settings.for_module(name).compile:
+            raise WrapError(f"module '{name}': tp_comm_overlap is a torch.compile pass over the blocks, and compile "
+                            f"is off; turn compile on or tp_comm_overlap off")
+        if backend is not None and backend != "nccl":
+            raise WrapError(f"module '{name}': tp_comm_overlap needs CUDA GPUs (NCCL and symmetric memory), but the "
+                            f"process groups' backend is {backend}; set tp_comm_overlap false")
+
+
+def _check_overlap_agrees(layout: MimoParallelismConfig) -> None:
+    """The sequence-parallel modules that share ranks all set tp_comm_overlap or none does (else one would be
+    overlapped without asking: it is one torch.compile switch for a whole process)."""
+    items = sorted(layout.module_parallelisms.items(), key=lambda kv: (kv[1].rank_offset, kv[0]))
+    for names, ranks in _distinct_spans(items):
+        sp = [n for n in names if layout.module_parallelisms[n].sequence_parallel]
+        on = [n for n in sp if layout.module_parallelisms[n].tp_comm_overlap]
+        if on and len(on) < len(sp):
+            off = [n for n in sp if n not in on]
+            raise WrapError(f"modules {_names(on)} and {_names(off)} share {_ranks(ranks)} and are "
+                            f"sequence-parallel, but only {_names(on)} sets tp_comm_overlap: it is one "
+                            f"torch.compile switch for a whole process; set it on all of them or on none")
 
 
 def module_of(model: MimoModel, name: str) -> nn.Module:
@@ -138,6 +190,44 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DDP) else module
 
 
+# -- parallelize ------------------------------------------------------------------------------------
+def wrap_mimo_model_distributed(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig | None = None,
+                                materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
+    """Megatron-Bridge's entry: the settings checked against the layout and this process's backend
+    (`check_distributed`), then `parallelize`; a stub rank's empty model passes through unchanged."""
+    settings = config or DistributedConfig()
+    backend = dist.get_backend() if dist.is_initialized() else None
+    check_distributed(settings, list(infra.module_to_grid_map) or infra.participating_modules, infra.config, backend)
+    return parallelize(model, infra, settings, materialize)
+
+
+def parallelize(model: MimoModel, infra: MimoModelInfra, settings: DistributedConfig,
+                materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
+    """Each hosted module's parallelism, in this order (torchtitan's `parallelize_llama`): tensor parallelism,
+    on the meta model so that no rank ever holds a full module; `materialize` (the provider's: values for the
+    shards, freezing), since DDP needs real parameters and whether a module trains; then asynchronous TP,
+    compile, recomputation (around the compiled forward) and data parallelism (DDP/FSDP2, autocast)."""
+    apply_tensor_parallel(model, infra)
+    if materialize is not None:
+        model = materialize(model)
+    for name, grid in hosted_grids(infra).items():
+        cfg, tp = settings.for_module(name), grid.size("tp")
+        if grid.config.tp_comm_overlap:
+            overlap_tp_comms(grid)
+        if cfg.compile:
+            compile_blocks(module_of(model, name), tp)
+        if cfg.recompute_granularity == "full":
+            recompute(module_of(model, name), tp, cfg.recompute_num_layers)
+        apply_data_parallel(model, name, grid, cfg)
+    return model
+
+
+def hosted_grids(infra: MimoModelInfra) -> dict[str, ModuleGrid]:
+    """The grid of every module this rank hosts, in the layout's module order (none on one process or a stub)."""
+    return {name: infra.module_to_grid_map[name] for name in infra.participating_modules
+            if name in infra.module_to_grid_map}
+
+
 # -- tensor parallelism ------------------------------------------------------------------------------
 def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
     """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`
@@ -145,9 +235,8 @@ def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
 
     Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
     """
-    for name in infra.participating_modules:
-        grid = infra.module_to_grid_map.get(name)
-        if grid is None or grid.size("tp") == 1:
+    for name, grid in hosted_grids(infra).items():
+        if grid.size("tp") == 1:
             continue
         module = module_of(model, name)
         plan = tp_plan_of(name, module, grid.config.sequence_parallel)
@@ -215,19 +304,12 @@ def static_shapes(tp: int) -> bool:
     return tp > 1
 
 
-def overlap_tp_comms(name: str, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> None:
+def overlap_tp_comms(grid: ModuleGrid) -> None:
     """`tp_comm_overlap`: torch's asynchronous TP (as torchtitan enables it). Inductor's micro-pipeline pass
     splits each compiled block's sequence-parallel all-gather + matmul and matmul + reduce-scatter into chunks
-    that overlap, through symmetric memory over the TP group: NCCL on CUDA GPUs only. The inductor switch is
-    process-wide (every TP group of the process gets it; each is enabled here)."""
-    if not cfg.compile:
-        raise WrapError(f"module '{name}': tp_comm_overlap is a torch.compile pass over the blocks, and compile is "
-                        f"off; turn compile on or tp_comm_overlap off")
+    that overlap, through symmetric memory over the TP group: NCCL on CUDA GPUs only (`check_tp_comm_overlap`).
+    The inductor switch is process-wide (every TP group of the process gets it; each is enabled here)."""
     group = grid.get_group("tp")
-    backend = dist.get_backend(group)
-    if backend != "nccl":
-        raise WrapError(f"module '{name}': tp_comm_overlap needs CUDA GPUs (NCCL and symmetric memory), but the "
-                        f"TP group's backend is {backend}; set tp_comm_overlap false")
     import torch._inductor.config as inductor
     from torch.distributed import _symmetric_memory
 
@@ -250,53 +332,42 @@ def _compile_blocks_settings() -> None:
     torch._dynamo.config.optimize_ddp = False
 
 
+def compile_blocks(module: nn.Module, tp: int) -> None:
+    """`compile`: torch.compile every `layers.N` block's forward in place (parameter names do not change), with
+    static shapes under TP (`static_shapes`)."""
+    _compile_blocks_settings()
+    dynamic = False if static_shapes(tp) else None
+    for block in _blocks(module):
+        block.forward = torch.compile(block.forward, dynamic=dynamic)
+
+
+def recompute(module: nn.Module, tp: int, num_layers: int | None) -> None:
+    """`recompute_granularity: full`: the first `num_layers` blocks (all if None) recompute in the backward.
+
+    Around the compiled forward, not inside it: torch's compiled checkpoint fails with DTensor parameters
+    (AOTAutograd saves their DeviceMesh: "expected all tensors_saved_with_vc_check to be Tensors", torch 2.13). A
+    TP module recomputes inside `dtensor_params`, a no-op unless DDP holds its local shards (`ddp_shards.localize`:
+    DTensors only inside forward)."""
+    recompute_blocks(recomputed(_blocks(module), num_layers), around=dtensor_params if tp > 1 else None)
+
+
 # -- data parallelism and precision ------------------------------------------------------------------
-def apply_data_parallel(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig) -> MimoModel:
-    """Wrap each hosted module with DDP or FSDP2 over its own DP group.
+def apply_data_parallel(model: MimoModel, name: str, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> None:
+    """Module `name` of `model` made data-parallel over its own DP group, FSDP2 or DDP as `cfg` says, computing
+    in its compute dtype.
 
     `ddp` wraps only a module that trains and has a replica to talk to: a frozen module, or one alone in
     its DP group, has no gradient to reduce, and DDP's bucket copies would cost memory (a float32 copy of
-    every gradient) and time for nothing. Such a module still computes in its compute dtype.
+    every gradient) and time for nothing. Such a module still computes in its compute dtype (autocast).
     """
-    config.check(list(infra.module_to_grid_map) or infra.participating_modules)
-    for name in infra.participating_modules:
-        grid = infra.module_to_grid_map.get(name)
-        if grid is None:
-            continue
-        cfg = config.for_module(name)
-        module = module_of(model, name)
-        trainable = any(p.requires_grad for p in module.parameters())
-        ddp = cfg.data_parallel == "ddp" and trainable and grid.size("dp") * grid.size("cp") > 1
-        if grid.config.tp_comm_overlap:
-            overlap_tp_comms(name, grid, cfg)
-        if cfg.compile:
-            _compile_blocks_settings()
-            dynamic = False if static_shapes(grid.size("tp")) else None
-            for block in _blocks(module):
-                block.forward = torch.compile(block.forward, dynamic=dynamic)
-        # outside the compiled forward: torch's compiled checkpoint fails with DTensor parameters (AOTAutograd
-        # saves their DeviceMesh: "expected all tensors_saved_with_vc_check to be Tensors", torch 2.13)
-        if cfg.recompute_granularity == "full":
-            local_shards = ddp and grid.size("tp") > 1  # `ddp_shards.localize`: DTensors only inside forward
-            recompute_blocks(recomputed(_blocks(module), cfg.recompute_num_layers),
-                             around=dtensor_params if local_shards else None)
-        if cfg.data_parallel == "fsdp":
-            _fully_shard(module, grid, cfg)
-        elif ddp:
-            wrap_ddp(model, name, grid, cfg)
-        else:
-            _autocast_forward(module, cfg)
-    return model
-
-
-def wrap_mimo_model_distributed(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig | None = None,
-                                materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
-    """TP (for a model not yet sharded), then `materialize` (a meta model's values: the provider's), then
-    DDP/FSDP2 per module; a stub rank's empty model passes through unchanged."""
-    apply_tensor_parallel(model, infra)
-    if materialize is not None:
-        model = materialize(model)
-    return apply_data_parallel(model, infra, config or DistributedConfig())
+    module = module_of(model, name)
+    trainable = any(p.requires_grad for p in module.parameters())
+    if cfg.data_parallel == "fsdp":
+        _fully_shard(module, grid, cfg)
+    elif trainable and grid.size("dp") * grid.size("cp") > 1:
+        wrap_ddp(model, name, grid, cfg)
+    else:
+        _autocast_forward(module, cfg)
 
 
 def _ddp(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> DDP:
@@ -324,7 +395,7 @@ def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConf
     """FSDP2 over the module's dp mesh dim, per block and at the root, summing gradients; blocks resharded
     after forward as `cfg.reshard_after_forward` says (the root never is: FSDP2's own rule)."""
     param_dtype = next(module.parameters()).dtype
-    compute = cfg.compute() or param_dtype
+    compute = cfg.compute_dtype or param_dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
     mesh = grid.mesh["dp"]
     module.register_forward_hook(_not_a_view)  # before FSDP2's own hooks, so they see its output
@@ -373,7 +444,7 @@ _BLOCK = re.compile(r"(^|\.)layers\.\d+$")
 
 def _autocast_forward(module: nn.Module, cfg: ModuleDistributedConfig) -> None:
     """Run the module's forward under autocast to `compute_dtype` (DDP's mixed precision)."""
-    dtype = cfg.compute()
+    dtype = cfg.compute_dtype
     if dtype is None:
         return
     param = next(module.parameters())

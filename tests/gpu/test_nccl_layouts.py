@@ -110,7 +110,8 @@ def _trainer(layout: dict, frozen: bool, tied: bool, dp_kind: str, compute: str 
         prov = provider(layout, ("images",), tied, params_dtype=torch.float32, device=device,
                         **_freezing(frozen, ("images",)))
         kind, _, reshard = dp_kind.partition("-")  # "fsdp-never": FSDP2 with that reshard policy
-        wrap = ModuleDistributedConfig(kind, compute, reshard_after_forward=reshard or "default")
+        wrap = ModuleDistributedConfig(kind, compute and getattr(torch, compute),
+                                       reshard_after_forward=reshard or "default")
         model = prov.provide_distributed_model(DistributedConfig(wrap))
     dtype = torch.bfloat16 if compute == "bfloat16" else torch.float32
     return MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,

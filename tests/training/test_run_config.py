@@ -21,7 +21,7 @@ def test_the_default_example_parses():
     config = load_run_config(DIGITS)
     assert config.model.preset == "tiny" and config.data.name == "digits"
     assert config.world_size == 4
-    assert config.distributed["language"].data_parallel == "ddp"
+    assert config.distributed_config.for_module("language").data_parallel == "ddp"
     assert config.checkpoint_dir == Path("runs/llava_digits/checkpoints")
 
 
@@ -29,7 +29,7 @@ def test_set_overrides_any_key_with_yaml_typing():
     config = load_run_config(DIGITS, ["train.steps=7", "train.lr=0.5", "train.clip_grad=null",
                                       "distributed.language.data_parallel=fsdp", "log.dir=/tmp/x"])
     assert (config.train.steps, config.train.lr, config.train.clip_grad) == (7, 0.5, None)
-    assert config.distributed["language"].data_parallel == "fsdp"
+    assert config.distributed_config.for_module("language").data_parallel == "fsdp"
     assert config.run_dir == Path("/tmp/x")
 
 
@@ -51,6 +51,18 @@ def test_set_overrides_any_key_with_yaml_typing():
          "distributed: unknown module(s) ['video']; modules are ['images', 'language']"),
         ({"parallelism": LAYOUT, "distributed": {"language": {"data_parallel": "zero"}}},
          "distributed.language.data_parallel: 'zero' is not allowed; choose one of ['ddp', 'fsdp']"),
+        ({"parallelism": LAYOUT, "distributed": {"language": {"compile": "yes"}}},
+         "distributed.language.compile: expected bool, got 'yes' (str)"),
+        ({"parallelism": LAYOUT, "distributed": {"language": {"compute_dtype": "bfloat16"}}},  # train.dtype's
+         "distributed.language: unknown key(s) ['compute_dtype']; allowed keys are ['data_parallel', "
+         "'reshard_after_forward', 'compile', 'recompute_granularity', 'recompute_num_layers']"),
+        ({"parallelism": LAYOUT, "distributed": {"language": {"reshard_after_forward": "never"}}},
+         "distributed.language: reshard_after_forward 'never' applies to data_parallel 'fsdp' only, and it is 'ddp' "
+         "(use 'fsdp', or leave reshard_after_forward 'default')"),
+        ({"parallelism": LAYOUT, "distributed": {"images": {"recompute_num_layers": 0}}},
+         "distributed.images: recompute_num_layers must be at least 1 (or None: every block), got 0"),
+        ({"parallelism": LAYOUT, "train": {"recompute_granularity": "full", "recompute_num_layers": 0}},
+         "train: recompute_num_layers must be at least 1 (or None: every block), got 0"),
         ({"parallelism": {"language": {"tp": 2}}}, "parallelism: module 'language': unknown key(s) ['tp']"),
         ({"parallelism": LAYOUT, "log": []}, "log: expected a mapping, got []"),
         # issue 17's range probes: each names its key, before any worker starts

@@ -21,7 +21,7 @@ TP2_TO_TP2PP2 = next(row[2] for row in MATRIX if row[0].startswith("8-"))
 def low_precision_losses(rank: int, world_size: int, layout: dict, dtype: str, steps: int) -> list:
     """`steps` steps on one fixed batch with float32 parameters and `dtype` compute; the losses and skips."""
     prov = provider(layout, ("images",), params_dtype=torch.float32)
-    model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("ddp", dtype)))
+    model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("ddp", getattr(torch, dtype))))
     scaler = GlobalGradScaler(init_scale=2.0**10) if dtype == "float16" else None
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
                           optimizer=OptimizerConfig(lr=3e-3), activation_dtype=getattr(torch, dtype), scaler=scaler)

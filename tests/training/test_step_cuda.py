@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _trainer_and_batches(num_microbatches: int, compile_blocks: bool, **train):
     """The tiny LLaVA of `mimo train` on a one-rank NCCL world (images and language on rank 0), bf16; `train`:
     more keys of the train section."""
-    from mimo.training.loop import build_trainer, distributed_config
+    from mimo.training.loop import build_trainer
     from mimo.training.plan import plan_model
     from mimo.training.run_config import parse_run_config
 
@@ -33,7 +33,7 @@ def _trainer_and_batches(num_microbatches: int, compile_blocks: bool, **train):
     })
     device = torch.device("cuda", torch.cuda.current_device())
     provider = plan_model(config).provider_on(device)
-    model = provider.provide_distributed_model(distributed_config(config))
+    model = provider.provide_distributed_model(config.distributed_config)
     data = plan_model(config).dataset(provider)
     return build_trainer(config, provider, model, device), [data.batch(range(i * 8, i * 8 + 8)) for i in range(3)]
 

@@ -22,7 +22,7 @@ from mimo.config import LANGUAGE
 from mimo.data import BatchPrefetcher, GlobalBatchSampler
 from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.prefetch import default_num_workers
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, static_shapes
+from mimo.distributed import static_shapes
 from mimo.flops import PackedRows, batch_flops
 from mimo.grid import group_options
 from mimo.provider import MimoModelProvider
@@ -84,20 +84,6 @@ def leave_world() -> None:
     dist.destroy_process_group()
 
 
-def distributed_config(config: RunConfig) -> DistributedConfig:
-    """Per-module DP kind; compute dtype from the run's precision (mixed for bfloat16/float16); compile and
-    recomputation as the train section says."""
-    precision = config.precision
-    compute = precision.name if precision.mixed else None
-    t = config.train
-    common = {"compute_dtype": compute, "compile": t.compile, "recompute_granularity": t.recompute_granularity,
-              "recompute_num_layers": t.recompute_num_layers}
-    return DistributedConfig(ModuleDistributedConfig("ddp", **common),
-                             {m: ModuleDistributedConfig(s.data_parallel, reshard_after_forward=s.reshard_after_forward,
-                                                         **common)
-                              for m, s in config.distributed.items()})
-
-
 def build_trainer(config: RunConfig, provider: MimoModelProvider, model, device: torch.device) -> MimoTrainer:
     """The step runner with the run's optimizer, schedule, clipping and precision."""
     t = config.train
@@ -142,7 +128,7 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
     """`run_training`'s body on this rank, in the world `run_in_world` set up (the plan was checked before)."""
     config, rank = plan.config, dist.get_rank()
     provider = plan.provider_on(device)
-    model = provider.provide_distributed_model(distributed_config(config))
+    model = provider.provide_distributed_model(config.distributed_config)
     dataset = plan.dataset(provider)
     flops = plan.modality_flops()
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)

@@ -27,7 +27,7 @@ from mimo.flops import ModalityFlops
 from mimo.hf.load import fingerprint
 from mimo.provider import MimoModelProvider, ProviderError
 from mimo.training.checkpoint import CheckpointError, HFPart, check_weights_fit, parts_left_out, weights_path
-from mimo.training.run_config import RunConfig, _check_distributed_modules, _check_tp_comm_overlap
+from mimo.training.run_config import RunConfig, check_distributed_sections
 
 
 @dataclass
@@ -97,8 +97,7 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
         warnings.simplefilter("always")
         config.layout.finalize(world_size)
     config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
-    _check_distributed_modules(config)
-    _check_tp_comm_overlap(config)
+    check_distributed_sections(config, world_size)
     plan = plan_model(config)
     plan.warnings = [str(w.message) for w in caught]
     _check_model_fits(plan)

@@ -19,16 +19,9 @@ import yaml
 
 from mimo.config import LayoutError, MimoParallelismConfig, RunConfigError, load_yaml_text, read_yaml
 from mimo.data.section import DataSection
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, WrapError, check_distributed
 from mimo.families.registry import DEFAULT_FAMILY, family_named
 from mimo.precision import PrecisionPolicy
-
-
-@dataclass
-class ModuleDistributedSection:
-    """How one module is data-parallel (FSDP2: and when its blocks free their gathered parameters)."""
-
-    data_parallel: Literal["ddp", "fsdp"] = "ddp"
-    reshard_after_forward: Literal["default", "always", "never"] = "default"  # fsdp: ModuleDistributedConfig's
 
 
 @dataclass
@@ -46,12 +39,13 @@ class TrainSection:
     clip_grad: float | None = field(default=1.0, metadata={"above": 0})
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    # the next three are every module's defaults; `distributed.<module>` may set its own
     compile: bool = False  # torch.compile each transformer block (GPU: ~30% faster at 1b, see benchmarks/)
     # full: each transformer block keeps only its input and runs its forward again in the backward (memory of
     # its activations for about a third more compute); recompute_num_layers: only the first N of each
-    # module's stage (null: all)
+    # module's stage (null: all). Checked with each module's settings (`ModuleDistributedConfig.check`)
     recompute_granularity: Literal["none", "full"] = "none"
-    recompute_num_layers: int | None = field(default=None, metadata={"min": 1})
+    recompute_num_layers: int | None = None
     timeout_s: float = field(default=300.0, metadata={"above": 0})
     # stop cleanly once the run has taken this many minutes (from `mimo train`'s start): a checkpoint after the
     # step that passed it (whatever checkpoint.final says), then exit 0; `--resume` continues (a scheduler's
@@ -60,12 +54,6 @@ class TrainSection:
     # on SIGTERM (a scheduler's preemption notice) finish the step in flight, checkpoint it, exit; the launcher
     # gives its workers 30 s after forwarding the signal (torch elastic's grace) before it kills them
     exit_signal_handler: bool = False
-
-    def __post_init__(self) -> None:
-        """recompute_num_layers only means something with recompute_granularity full."""
-        if self.recompute_num_layers is not None and self.recompute_granularity == "none":
-            raise RunConfigError(f"train.recompute_num_layers: {self.recompute_num_layers} needs "
-                                 f"train.recompute_granularity: full (it picks which blocks recompute)")
 
 
 @dataclass
@@ -113,7 +101,8 @@ class RunConfig:
 
     parallelism: dict[str, dict[str, Any]]
     model: Any = field(default_factory=lambda: family_named(DEFAULT_FAMILY).section())  # the family's section
-    distributed: dict[str, ModuleDistributedSection] = field(default_factory=dict)
+    # module -> its `DISTRIBUTED_KEYS` (checked); built into `distributed_config` over train's defaults
+    distributed: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -121,25 +110,33 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
-        """Build the layout and the precision policy once: every reader sees the same objects."""
+        """Build the layout, the precision policy and every module's distributed settings once: every reader
+        sees the same objects."""
         try:
             self._layout = MimoParallelismConfig.from_dict(self.parallelism)
         except LayoutError as e:
             raise RunConfigError(f"parallelism: {e}") from None
         self._precision = PrecisionPolicy.from_name(self.train.dtype)
+        self._distributed = distributed_settings(self.distributed, self.train, self._precision)
+        check_distributed_sections(self, world_size=None)
         if not self.checkpoint.final and self.eval.enabled and self.data.name == "digits":
             raise RunConfigError("checkpoint.final: false leaves no checkpoint for the held-out evaluation of the "
                                  "digits; set eval.enabled: false, or keep checkpoint.final: true")
 
     @property
     def layout(self) -> MimoParallelismConfig:
-        """The parallelism section as a `MimoParallelismConfig`, built once (finalized by `validate_run`)."""
+        """The parallelism section as a `MimoParallelismConfig`, built once (finalized by `plan_run`)."""
         return self._layout
 
     @property
     def precision(self) -> PrecisionPolicy:
         """Parameter dtype, compute dtype and loss scaling, decided once from `train.dtype`."""
         return self._precision
+
+    @property
+    def distributed_config(self) -> DistributedConfig:
+        """Every module's distributed settings (`mimo.distributed`), built once from `distributed` and `train`."""
+        return self._distributed
 
     @property
     def world_size(self) -> int:
@@ -163,6 +160,27 @@ class RunConfig:
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# The keys of a `distributed.<module>` section: `ModuleDistributedConfig`'s fields but the compute dtype (the
+# run's, from train.dtype); compile and the recompute pair override train's for that module
+DISTRIBUTED_KEYS = ("data_parallel", "reshard_after_forward", "compile", "recompute_granularity",
+                    "recompute_num_layers")
+
+
+def distributed_settings(sections: dict[str, dict[str, Any]], train: TrainSection,
+                         precision: PrecisionPolicy) -> DistributedConfig:
+    """Each module's `ModuleDistributedConfig`: its `distributed.<module>` keys over train's compile and recompute
+    settings (recompute_num_layers comes from the section that sets recompute_granularity), computing in the
+    run's compute dtype where it is mixed (else None: the parameters' own); modules not named take the default."""
+    run_wide = {"compile": train.compile, "recompute_granularity": train.recompute_granularity,
+                "recompute_num_layers": train.recompute_num_layers}
+    compute = precision.compute_dtype if precision.mixed else None
+
+    def settings(section: dict[str, Any]) -> ModuleDistributedConfig:
+        own_pair = "recompute_granularity" in section
+        inherited = {k: v for k, v in run_wide.items() if not (own_pair and k == "recompute_num_layers")}
+        return ModuleDistributedConfig(**{**inherited, **section}, compute_dtype=compute)
+
+    return DistributedConfig(settings({}), {m: settings(section) for m, section in sections.items()})
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -188,41 +206,30 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
     distributed = data.get("distributed") or {}
     if not isinstance(distributed, dict):
         raise RunConfigError(f"distributed: expected a mapping of module -> settings, got {distributed!r}")
-    kwargs["distributed"] = {m: _section(ModuleDistributedSection, v, f"distributed.{m}")
+    kwargs["distributed"] = {m: _fields(ModuleDistributedConfig, v, f"distributed.{m}", DISTRIBUTED_KEYS)
                              for m, v in distributed.items()}
     kwargs["model"] = _model_section(data.get("model"))
     for name, f in SECTIONS.items():
         if name in ("parallelism", "distributed", "model") or name not in data:
             continue
         kwargs[name] = _section(f.default_factory().__class__, data[name], name)
-    config = RunConfig(**kwargs)
-    _check_distributed_modules(config)
-    return config
+    return RunConfig(**kwargs)
 
 
-def _check_tp_comm_overlap(config: RunConfig) -> None:
-    """`tp_comm_overlap` is a pass of torch.compile over the blocks: it needs `train.compile`."""
-    asked = [n for n, m in config.layout.module_parallelisms.items() if m.tp_comm_overlap]
-    if asked and not config.train.compile:
-        raise RunConfigError(f"parallelism.{asked[0]}.tp_comm_overlap: the overlap is a torch.compile pass over the "
-                             f"blocks, and train.compile is false; set train.compile true or tp_comm_overlap false")
+def check_distributed_sections(config: RunConfig, world_size: int | None) -> None:
+    """Every module's distributed settings, by the wrapper's own check (`check_distributed`, before any process
+    group: no backend), naming the section each came from; with the layout finalized for `world_size`, also the
+    rules that need it (`tp_comm_overlap`'s)."""
+    layout = None if world_size is None else config.layout.finalize(world_size)
+    try:
+        check_distributed(config.distributed_config, config.layout.module_names, layout, label=_section_label)
+    except WrapError as e:
+        raise RunConfigError(str(e)) from None
 
 
-def _check_distributed_modules(config: RunConfig) -> None:
-    """The distributed section names only modules of the layout, each with settings that go together (the
-    wrapper's own check, here before any worker starts)."""
-    from mimo.distributed import ModuleDistributedConfig, WrapError
-
-    names = config.layout.module_names
-    unknown = sorted(set(config.distributed) - set(names))
-    if unknown:
-        raise RunConfigError(f"distributed: unknown module(s) {unknown}; modules are {names}")
-    for name, section in config.distributed.items():
-        try:
-            ModuleDistributedConfig(section.data_parallel, reshard_after_forward=section.reshard_after_forward
-                                    ).check(name)
-        except WrapError as e:
-            raise RunConfigError(f"distributed.{name}: {str(e).removeprefix(f'module {name!r}: ')}") from None
+def _section_label(name: str) -> str:
+    """Where module `name`'s settings come from in a run config: `distributed.<name>`, or train for the default."""
+    return "train" if name == "default" else f"distributed.{name}"
 
 
 def _model_section(data: Any) -> Any:
@@ -233,17 +240,24 @@ def _model_section(data: Any) -> Any:
 
 def _section(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, checking keys and value types."""
+    return cls(**_fields(cls, data, where))
+
+
+def _fields(cls: type, data: Any, where: str, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """A mapping's items for dataclass `cls`, each key one of `keys` (default: every field) and each value of its
+    field's type and range."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RunConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    allowed = list(fields) if keys is None else list(keys)
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise RunConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {list(fields)}")
-    return cls(**{k: _in_range(_checked(v, hints[k], f"{where}.{k}"), fields[k].metadata, f"{where}.{k}")
-                  for k, v in data.items()})
+        raise RunConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
+    return {k: _in_range(_checked(v, hints[k], f"{where}.{k}"), fields[k].metadata, f"{where}.{k}")
+            for k, v in data.items()}
 
 
 def _in_range(value: Any, bounds: typing.Mapping[str, float], where: str) -> Any:
