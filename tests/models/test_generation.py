@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from mimo.data import DigitsDataset
+from mimo.families.llava import IMAGES, LlavaMimoProvider
 from mimo.models import ModalityBatch
 from mimo.models.generation import greedy_decode
-from mimo.provider import LlavaMimoProvider
 
 
 def _prompts(n: int):
     provider = LlavaMimoProvider.preset("tiny", params_dtype=torch.float64)
-    data = DigitsDataset("held_out", image_token_id=provider.image_token_id, dtype=torch.float64)
+    data = DigitsDataset(IMAGES, "held_out", image_token_id=provider.image_token_id, dtype=torch.float64)
     prompts = torch.stack([data.prompt_for_generation(i) for i in range(n)])
     images = ModalityBatch(torch.stack([data.image(i) for i in range(n)]), torch.ones(n, dtype=torch.long))
     return provider.provide().eval(), prompts, {"images": images}
