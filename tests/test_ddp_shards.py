@@ -27,6 +27,7 @@ from mimo.ddp_shards import (
     full_tensor,
     is_local_shard,
     localize,
+    not_a_view,
     sharding,
     sum_partial_grads,
 )
@@ -168,3 +169,14 @@ def test_arm_reducer_makes_the_next_backward_reduce(arm: bool) -> None:
     want = [[1.5, 1.5]] * 2 if arm else [[1.0, 1.0], [2.0, 2.0]]  # DDP's default hook averages
     assert grads == want, ("DistributedDataParallel.reducer.prepare_for_backward([]) no longer arms the reducer "
                            "for a backward whose forward ran under no_sync" if arm else "the control")
+
+
+def test_a_linear_on_3d_input_returns_a_view_that_not_a_view_copies() -> None:
+    """`Tensor._base` still tells a view (what `not_a_view` reads, FSDP2's path): a Linear over [N, T, H] returns
+    one, and the hook's copy is no view but holds the same values."""
+    layer = nn.Linear(4, 3)
+    out = layer(torch.randn(2, 5, 4))
+    assert out._base is not None, "torch moved Tensor._base: a Linear's 3-d output no longer reads as a view"
+    copied = not_a_view(layer, (), out)
+    assert copied is not None and copied._base is None and torch.equal(copied, out)
+    assert not_a_view(layer, (), out.clone()) is None

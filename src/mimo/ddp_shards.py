@@ -16,6 +16,8 @@ torch whose internals changed):
   backward(ctx, grad)[0], so that a replicated parameter's partial gradient can come back unreduced.
 - `DistributedDataParallel.reducer.prepare_for_backward`: arms DDP's reducer for a backward whose forward ran under
   `no_sync` (`arm_reducer`; torch's own pipelining schedule does the same).
+- `Tensor._base`, whether a tensor is a view (`not_a_view`, FSDP2's path: FSDP2 warns on every view a wrapped module
+  returns, by the same test).
 
 Everything else is public torch. Callers read a parameter's `sharding`, `local_tensor` and `full_tensor` alike for a
 DTensor (FSDP2, TP alone) and a DDP local shard; checkpoints see a shard as its DTensor (`as_dtensor`, `as_local`,
@@ -208,3 +210,12 @@ def full_tensor(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return tensor
     return DTensor.from_local(tensor, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
                               stride=spec.stride).full_tensor()
+
+
+def not_a_view(module: nn.Module, args: object, output: object) -> object:
+    """A forward hook: the module's tensor output as a tensor of its own, not a view. FSDP2 warns on every view a
+    wrapped module returns (an in-place op on it would skip the pre-backward hook); a Linear on 3-d input returns
+    one (the projector's output), and the copy is the size of the embeddings, nothing beside the encoder's work."""
+    if isinstance(output, torch.Tensor) and output._base is not None:
+        return output.clone()
+    return None

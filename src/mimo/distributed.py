@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, pa
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mimo.config import LANGUAGE, MimoParallelismConfig, _distinct_spans, _names, _ranks
-from mimo.ddp_shards import arm_reducer, dtensor_params, localize, sum_partial_grads
+from mimo.ddp_shards import arm_reducer, dtensor_params, localize, not_a_view, sum_partial_grads
 from mimo.grid import ModuleGrid
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
@@ -398,7 +398,7 @@ def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConf
     compute = cfg.compute_dtype or param_dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
     mesh = grid.mesh["dp"]
-    module.register_forward_hook(_not_a_view)  # before FSDP2's own hooks, so they see its output
+    module.register_forward_hook(not_a_view)  # before FSDP2's own hooks, so they see its output
     blocks = _blocks(module)
     policy_of = reshard_policy(cfg.reshard_after_forward, grid.size("pp"))
     for i, block in enumerate(blocks):
@@ -423,15 +423,6 @@ def reshard_policy(name: Reshard, pp: int) -> Callable[[int, int], bool]:
     if name == "always":
         return lambda i, n: True
     return lambda i, n: i < n - 1  # default: not the last block, whose backward starts right after the forward
-
-
-def _not_a_view(module: nn.Module, args: object, output: object) -> object:
-    """A module's tensor output as a tensor of its own, not a view: FSDP2 warns on every view a wrapped module
-    returns (an in-place op on it would skip the pre-backward hook). A Linear on 3-d input returns one (the
-    projector's output); the copy is the size of the embeddings, nothing beside the encoder's work."""
-    if isinstance(output, torch.Tensor) and output._base is not None:
-        return output.clone()
-    return None
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
