@@ -7,7 +7,7 @@ parameter's local shard as a plain `Parameter` (its `Sharding` attached) and mak
 around the module's forward (torch's `_pre_dp_module_transform` idea, fixed for nested modules). The public
 alternative is FSDP2 over the dp mesh dim with `reshard_after_forward: never` (gathered once a step, as DDP's replicas
 are), which holds DTensors natively and would let the checkpoint use DCP's `get_/set_model_state_dict`; it has not
-been measured against this path (that needs two GPUs, issue 24), so this path stays, confined here.
+been measured against this path (TP2 x DP2 needs four GPUs: benchmarks/RESULTS.md, Next), so it stays, confined here.
 
 Private torch used here and nowhere else on that path (`tests/test_ddp_shards.py` fails, naming what moved, on a
 torch whose internals changed):
