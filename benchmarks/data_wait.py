@@ -9,7 +9,8 @@ each sample `[bos] <image>×T caption...` of `--seq-len` ids. Sample i is read f
 and preprocessed by `mimo.hf.image.ImageProcessor` as CLIP does (resize the shortest side to the model's image
 size, bicubic; center crop; rescale; normalize with CLIP's mean and std) on every access, as a real run does.
 
-The model, trainer and step are `mimo train`'s (`build_provider`, `provide_distributed_model`, `build_trainer`;
+The model, trainer and step are `mimo train`'s (`plan_model(config).provider_on(device)`,
+`provide_distributed_model`, `build_trainer`;
 one process, layout images and language both on rank 0, bf16 autocast, float32 parameters), fed by
 `mimo.data.BatchPrefetcher`, the loader `mimo train` uses, once per `--workers` value (0: batches built in the
 training process). Per step: the time blocked in `next(loader)` (the wait) and the wall time from there to the

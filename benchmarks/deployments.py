@@ -7,7 +7,7 @@
 Each row of `LAYOUTS[--gpus]` is one deployment: an image-encoder layout and a language-model layout. Every
 deployment is its own world (an N+1 deployment needs one more rank than its N-rank baseline), started with
 `torch.distributed.launcher.api.elastic_launch` the way `mimo train` starts its workers (`mimo.launch`). The
-workers build the run exactly as `mimo train` does (`parse_run_config`, `build_provider`,
+workers build the run exactly as `mimo train` does (`parse_run_config`, `plan_model(config).provider_on(device)`,
 `provide_distributed_model(config.distributed_config)`, `build_trainer`) and draw the same global batches from a
 `SyntheticDataset` (`--workload`: images per sample and sequence length), run `--warmup` + `--steps` steps,
 then (heterogeneous rows) time the bridge against a plain point-to-point send between the same two ranks.
@@ -225,7 +225,7 @@ def microbatches_of(row: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def make_dataset(provider, config, images: int, seq_len: int) -> SyntheticDataset:
-    """The synthetic dataset of `mimo.training.loop.build_dataset`, with `images` images and text filling each
+    """The synthetic dataset of `mimo.training.plan.RunPlan.dataset`, with `images` images and text filling each
     sample to `seq_len` tokens (bos, filler, then per image its tokens, query, answer, filler; eos)."""
     tokens = provider.vision_config.tokens_per_image
     text = (seq_len - 2 - images * (tokens + 2)) // (images + 1)

@@ -6,7 +6,7 @@
 One process, one run, these rows per preset (`--rows`, comma separated):
 - `mimo`: the real `MimoTrainer.train_step` on a world of one (a 1-rank NCCL group, gloo on CPU, in-process
   with a FileStore), layout `images` and `language` both on rank 0, built the way `mimo train` builds a run
-  (`build_provider`, `provide_distributed_model(config.distributed_config)`, `build_trainer`);
+  (`plan_model(config).provider_on(device)`, `provide_distributed_model(config.distributed_config)`, `build_trainer`);
 - `plain`: mimo's built-in modules (ViTEncoder, MLPProjector, Decoder) in a plain PyTorch loop: encode →
   scatter into the text embeddings → decoder → loss → backward → clip → AdamW, no mimo machinery;
 - `hf`: transformers' `LlavaForConditionalGeneration`, random init from a `LlavaConfig` (CLIPVisionConfig +

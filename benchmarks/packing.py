@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/packing.py --json benchmarks/results/packing_h200.json   # 1b, one GPU, ~3 min
     PYTHONPATH=src python benchmarks/packing.py --dry-run                                      # tiny, CPU, seconds
 
-The step is the real `MimoTrainer.train_step`, built the way `mimo train` builds it (`build_provider`,
+The step is the real `MimoTrainer.train_step`, built the way `mimo train` builds it
+(`plan_model(config).provider_on(device)`,
 `provide_distributed_model`, `build_trainer`) on a world of one, layout `images` and `language` both on rank
 0, bf16 compute; the two rows differ only in `data.packing` (false: each micro-batch padded to its batch's
 longest sample, as `MimoBatch.collate` does; true: each micro-batch's samples end to end in one row, rounded

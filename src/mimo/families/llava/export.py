@@ -1,7 +1,7 @@
 """A whole mimo LLaVA model → a directory `LlavaForConditionalGeneration.from_pretrained` loads.
 
-Parameters are written under the names `save_pretrained` writes (`mimo.hf.load.LLAVA_NAMES`), in safetensors
-(sharded with an index above `max_shard_bytes`). What mimo does not hold comes from where the model came from:
+Parameters are written under the names `save_pretrained` writes (`hf_load.LLAVA_NAMES`), in safetensors (sharded
+with an index above `max_shard_bytes`). What mimo does not hold comes from where the model came from:
 a LLaVA directory gives its config.json and the tensors LLaVA never reads (the tower's layers past the
 selected one, its post-LayerNorm, SigLIP's pooling head), so HF → mimo → HF is bit-exact; a tower directory
 gives its unread layers the same way. A model with no Hugging Face origin (a preset) is written with its tower
