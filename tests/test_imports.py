@@ -84,6 +84,14 @@ def test_no_import_cycle_in_src():
     assert cycle(graph) == [], " -> ".join(cycle(graph))
 
 
+def test_families_and_models_import_no_training_code():
+    """The layers below training (families, models, hf, data) never import it, lazily or not."""
+    known = modules()
+    below = [n for n in known if n.startswith(("mimo.families", "mimo.models", "mimo.hf", "mimo.data"))]
+    upward = {n: sorted(t for t in imported(known[n], n, set(known)) if t.startswith("mimo.training")) for n in below}
+    assert {n: t for n, t in upward.items() if t} == {}
+
+
 def test_the_cycle_finder_finds_one():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) == []

@@ -122,9 +122,11 @@ class MimoModelProvider:
 
     def placed(self, layout: MimoParallelismConfig | None, device: torch.device | str | None) -> MimoModelProvider:
         """This provider for another placement: `layout` (None: one process holds the whole model) on `device`.
-        The specs, flags and weights source are shared: nothing is rebuilt or read again."""
+        The specs and flags are shared, nothing is rebuilt or read again; the weights source is copied (an
+        `HFWeights` copy shares its directories but keeps its own read log)."""
         other = copy.copy(self)
         other.mimo_parallelism_config, other.device, other._infra = layout, device, None
+        other.initial_weights = copy.copy(self.initial_weights)
         return other
 
     @property

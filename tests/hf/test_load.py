@@ -115,3 +115,19 @@ def test_no_safetensors_is_an_error(tmp_path):
     tiny_hf.llava().config.save_pretrained(tmp_path)
     with pytest.raises(HFLoadError, match="no safetensors weights"):
         open_llava(tmp_path)
+
+
+def test_a_placed_provider_keeps_its_own_read_log_and_a_plan_pickles_after_reads(tmp_path):
+    """`MimoModelProvider.placed` (a rank's, the evaluation's) shares the directories but not the read log, and a
+    weights source that has opened its files still pickles (a spawned worker opens its own)."""
+    import copy
+    import pickle
+
+    tiny_hf.save_llava(tmp_path / "llava")
+    provider = LlavaMimoProvider(**open_llava(tmp_path / "llava").provider_kwargs())
+    first, second = provider.placed(None, "cpu"), provider.placed(None, "cpu")
+    first.provide()
+    assert first.initial_weights.reads and second.initial_weights.reads == []
+    assert second.initial_weights.rules is first.initial_weights.rules
+    weights = pickle.loads(pickle.dumps(first.initial_weights))  # its SafetensorsDir holds open files now
+    assert weights.rules[0].checkpoint._open == {} and copy.copy(weights).reads == []

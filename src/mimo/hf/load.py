@@ -49,6 +49,10 @@ class SafetensorsDir:
                               f"mimo reads only safetensors, never pickled .bin files")
         self._open: dict[Path, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a `RunPlan` handed to spawned workers) without its open files: each process opens its own."""
+        return {**self.__dict__, "_open": {}}
+
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
@@ -84,6 +88,10 @@ class HFWeights:
 
     rules: Sequence[NameRule]
     reads: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+
+    def __copy__(self) -> HFWeights:
+        """The same rules (and directories) with a read log of its own: one per model build (`provider.placed`)."""
+        return HFWeights(self.rules)
 
     def rule(self, name: str) -> NameRule | None:
         """The first rule whose prefix `name` starts with."""

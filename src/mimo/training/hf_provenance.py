@@ -17,7 +17,7 @@ HF_WEIGHTS = "weights_from_hf"  # mimo.json's key for the parts left out: {name:
 
 @dataclass(frozen=True)
 class HFPart:
-    """A part of a run's model whose weights the run reads from a Hugging Face directory (`run_config.hf_parts`).
+    """A part of a run's model whose weights the run reads from a Hugging Face directory (`plan.hf_parts`).
 
     `name`: vision_encoder, projector or language_model; `prefix`: its parameters' keys; `setting`: the config key
     naming `directory`; `fingerprint`: `mimo.hf.load.fingerprint` of it; `omitted`: the run's checkpoints leave
