@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -188,12 +189,14 @@ def test_sigterm_with_the_signal_handler_checkpoints_the_step_in_flight_and_resu
 def test_sigterm_to_every_process_of_the_job_with_loader_workers_still_checkpoints(tmp_path):
     """A scheduler's preemption (Slurm's scancel, its time limit) signals every process of the job, the data loader's
     workers too: they ignore it (had one died of it, torch's loader would fail its rank's step before any
-    checkpoint), and the ranks stop after the step in flight and checkpoint it."""
+    checkpoint), and the ranks stop after the step in flight and checkpoint it. The launcher's forward of the signal
+    reaches the ranks later, on a loaded machine after they left the loop (CI saw it kill the save): the ranks are
+    signalled again until they exit, and the checkpoint is still written."""
     from mimo.training.checkpoint import open_checkpoint
 
     path, run_dir = write_config(tmp_path, train={"steps": 100_000, "exit_signal_handler": True},
                                  checkpoint={"interval": 0}, data={"num_workers": 1})
-    code, stdout, stderr = sigterm_after_two_steps(path, run_dir, os.killpg)  # every process of the job
+    code, stdout, stderr = sigterm_after_two_steps(path, run_dir, _the_job_then_its_ranks_again)
     assert code == 143, stderr[-3000:]
     stopped = max(steps_and_losses(run_dir))
     checkpoint = run_dir / "checkpoints" / f"step_{stopped:08d}"
@@ -218,6 +221,29 @@ def sigterm_after_two_steps(path: Path, run_dir: Path, send: Callable[[int, int]
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, stdout, stderr
+
+
+def _the_job_then_its_ranks_again(pid: int, sig: int) -> None:
+    """`sig` to every process of the job (os.killpg), then to the launcher's children (the ranks) every 50 ms while
+    any lives: the launcher's own forward, arriving at any moment of their stop, the checkpoint's included."""
+    os.killpg(pid, sig)
+    threading.Thread(target=_signal_children_until_gone, args=(pid, sig), daemon=True).start()
+
+
+def _signal_children_until_gone(pid: int, sig: int) -> None:
+    while children := _children(pid):
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    """The live children of process `pid` (Linux's /proc)."""
+    with contextlib.suppress(OSError):
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return []
 
 
 def _lines(path: Path) -> list[str]:

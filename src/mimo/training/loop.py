@@ -155,34 +155,37 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
     fault = _injected_fault(rank)
     deadline = Deadline(config.train.exit_duration_in_mins, start, config.train.exit_signal_handler)
     saved = None
-    with _loader(config, dataset, sampler, device, deadline.loader_worker_init) as batches, deadline.watching():
-        for step in range(trainer.step_count, config.train.steps):
-            if fault == step + 1:
-                raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
-            t0 = time.perf_counter()
-            batch = next(batches)
-            waited = time.perf_counter() - t0
-            skipped.add(batch.skipped)
-            result = trainer.train_step(batch, deadline.votes)
-            result.seconds["data_wait"] = waited  # the step's time blocked on the loader (logged as data_wait_s)
-            last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
-            if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
-                result.seconds = _slowest_rank_seconds(result.seconds)
-                writer.log_step(step + 1, result, flops=batch_flops(provider, batch, flops, packed=packed_rows(result)),
-                                 extra={"skipped_samples": skipped.count})
-            progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
-            if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
-                saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
-            if step + 1 < config.train.steps and deadline.agreed(result.votes):
-                break
-    progress.close()
-    stopped = trainer.step_count < config.train.steps  # the deadline passed
-    final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config), saved,
-                             stopped or config.checkpoint.final)
-    if stopped and rank == 0:
-        print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
-              f"{deadline.why(config.train.exit_duration_in_mins)}; checkpoint {final}: --resume continues",
-              flush=True)
+    # SIGTERM stays noted, not fatal, through the stop's checkpoint: the launcher forwards a scheduler's signal to the
+    # ranks, and on a loaded machine that copy can arrive after a rank left the loop, during the save
+    with deadline.watching():
+        with _loader(config, dataset, sampler, device, deadline.loader_worker_init) as batches:
+            for step in range(trainer.step_count, config.train.steps):
+                if fault == step + 1:
+                    raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
+                t0 = time.perf_counter()
+                batch = next(batches)
+                waited = time.perf_counter() - t0
+                skipped.add(batch.skipped)
+                result = trainer.train_step(batch, deadline.votes)
+                result.seconds["data_wait"] = waited  # the step's time blocked on the loader (logged as data_wait_s)
+                last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
+                if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
+                    result.seconds = _slowest_rank_seconds(result.seconds)
+                    step_flops = batch_flops(provider, batch, flops, packed=packed_rows(result))
+                    writer.log_step(step + 1, result, flops=step_flops, extra={"skipped_samples": skipped.count})
+                progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
+                if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
+                    saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
+                if step + 1 < config.train.steps and deadline.agreed(result.votes):
+                    break
+        progress.close()
+        stopped = trainer.step_count < config.train.steps  # the deadline passed
+        final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config), saved,
+                                 stopped or config.checkpoint.final)
+        if stopped and rank == 0:
+            print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
+                  f"{deadline.why(config.train.exit_duration_in_mins)}; checkpoint {final}: --resume continues",
+                  flush=True)
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
     if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped:
