@@ -125,3 +125,40 @@ def test_num_label_tokens_is_the_models_loss_count(tiny_llava) -> None:
     # and it adds up over DP shards and micro-batches, as the global normalizer needs
     parts = [batch.shard(d, 4).microbatch(m, 2) for d in range(4) for m in range(2)]
     assert sum(p.num_label_tokens([256]) for p in parts) == int(count)
+
+
+def _packed(counts: list[int]) -> ModalityBatch:
+    """Packed items of different sizes (item i: grid [1, 1, i + 1], so i + 1 rows), each row holding its item's
+    index, so a slice shows exactly which items' rows it kept."""
+    n = sum(counts)
+    grids = torch.tensor([[1, 1, i + 1] for i in range(n)])
+    rows = torch.cat([torch.full((i + 1, 2), float(i)) for i in range(n)])
+    return ModalityBatch(rows, torch.tensor(counts), grids)
+
+
+def test_packed_items_slice_by_their_rows_and_join_back() -> None:
+    """Items of different sizes: a shard holds exactly its items' rows and grids; shards join back to the batch."""
+    ids = torch.arange(30).view(6, 5)
+    batch = MimoBatch(ids, ids, {"images": _packed(IMAGES)})
+    shard = batch.shard(1, 3)  # samples 2, 3: items 1..3 (3 items, 2 + 3 + 4 rows), then none
+    got = shard.modality_inputs["images"]
+    assert got.items[:, 0].tolist() == [1.0] * 2 + [2.0] * 3 + [3.0] * 4
+    assert got.item_grids[:, 2].tolist() == [2, 3, 4] and got.items_per_sample.tolist() == [3, 0]
+    joined = MimoBatch.concat([batch.shard(d, 3) for d in range(3)]).modality_inputs["images"]
+    assert torch.equal(joined.items, batch.modality_inputs["images"].items)
+    assert torch.equal(joined.item_grids, batch.modality_inputs["images"].item_grids)
+
+
+def test_packed_items_that_disagree_with_their_grids_are_refused() -> None:
+    with pytest.raises(ValueError, match="packed items hold 5 rows but item_grids announce 6"):
+        ModalityBatch(torch.zeros(5, 2), torch.tensor([2]), torch.tensor([[1, 1, 2], [1, 2, 2]]))
+
+
+def test_collate_packs_items_of_different_sizes() -> None:
+    """Samples with images of different sizes collate to one packed stack with the grids in sample order."""
+    a = Sample(torch.arange(3), torch.arange(3), {"images": torch.ones(4, 2)}, {"images": torch.tensor([[1, 2, 2]])})
+    b = Sample(torch.arange(2), torch.arange(2))
+    c = Sample(torch.arange(2), torch.arange(2), {"images": torch.zeros(6, 2)}, {"images": torch.tensor([[1, 2, 3]])})
+    got = MimoBatch.collate([a, b, c], pad_id=0).modality_inputs["images"]
+    assert got.items.shape == (10, 2) and got.items_per_sample.tolist() == [1, 0, 1]
+    assert got.item_grids.tolist() == [[1, 2, 2], [1, 2, 3]]

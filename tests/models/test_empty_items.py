@@ -21,7 +21,7 @@ def test_no_items_encode_one_zero_item_and_keep_no_rows():
     items = torch.zeros(0, config.num_channels, config.image_size, config.image_size)
     out = sub(items)
     assert seen == [1]
-    assert out.shape == (0, sub.tokens_per_item, model.language_model.config.hidden_size)
+    assert out.shape == (0, model.language_model.config.hidden_size)  # [tokens, H], in item order
     out.sum().backward()
     grads = [p.grad for p in sub.parameters()]
     assert all(g is not None and not g.any() for g in grads)

@@ -21,11 +21,13 @@ from mimo.models.mimo_model import ModalityBatch
 
 @dataclass
 class Sample:
-    """One sample: 1-D text ids, 1-D labels (position t's target) and, per modality, its items [k, ...]."""
+    """One sample: 1-D text ids, 1-D labels (position t's target) and, per modality, its items [k, ...], or, for
+    a modality of packed items, their rows [r, D] with `item_grids[modality]` [k, g] (see `ModalityBatch`)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     items: dict[str, torch.Tensor] = field(default_factory=dict)
+    item_grids: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Text and labels are 1-D and of one length."""
@@ -68,7 +70,7 @@ class MimoBatch:
         return MimoBatch(
             self.input_ids[start:end],
             self.labels[start:end],
-            {name: _select_items(batch, start, end) for name, batch in self.modality_inputs.items()},
+            {name: batch.select(start, end) for name, batch in self.modality_inputs.items()},
         )
 
     def microbatch(self, m: int, num_microbatches: int) -> MimoBatch:
@@ -84,8 +86,8 @@ class MimoBatch:
     def pin_memory(self) -> MimoBatch:
         """The same batch in page-locked host memory, so copies to a GPU need not block (slices stay pinned)."""
         return MimoBatch(self.input_ids.pin_memory(), self.labels.pin_memory(),
-                         {name: ModalityBatch(b.items.pin_memory(), b.items_per_sample)
-                          for name, b in self.modality_inputs.items()}, self.skipped)
+                         {name: b.with_items(b.items.pin_memory()) for name, b in self.modality_inputs.items()},
+                         self.skipped)
 
     def prefetch(self, device: torch.device | str, modalities: Iterable[str] = (), text: bool = True) -> MimoBatch:
         """A batch with text and labels (if `text`) and the named modalities' items on `device`, copied from
@@ -100,8 +102,8 @@ class MimoBatch:
             return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
         return MimoBatch(copy(self.input_ids) if text else self.input_ids, copy(self.labels) if text else self.labels,
-                         {name: ModalityBatch(copy(self.modality_inputs[name].items),
-                                              self.modality_inputs[name].items_per_sample) for name in modalities})
+                         {name: self.modality_inputs[name].with_items(copy(self.modality_inputs[name].items))
+                          for name in modalities})
 
     def num_label_tokens(self, special_token_ids: Mapping[str, int] | Iterable[int]) -> int:
         """How many labels the language loss scores: the per-token mean's denominator (see `loss_token_mask`)."""
@@ -119,9 +121,7 @@ class MimoBatch:
         return cls(
             torch.cat([b.input_ids for b in batches]),
             torch.cat([b.labels for b in batches]),
-            {n: ModalityBatch(torch.cat([b.modality_inputs[n].items for b in batches]),
-                              torch.cat([b.modality_inputs[n].items_per_sample for b in batches]))
-             for n in names},
+            {n: ModalityBatch.concat([b.modality_inputs[n] for b in batches]) for n in names},
         )
 
     @classmethod
@@ -151,14 +151,6 @@ def _chunk(n: int, index: int, parts: int, what: str, parts_name: str) -> tuple[
     return index * size, (index + 1) * size
 
 
-def _select_items(batch: ModalityBatch, start: int, end: int) -> ModalityBatch:
-    """The items of samples [start, end), located by the cumulative item counts."""
-    counts = batch.items_per_sample
-    first = int(counts[:start].sum())
-    last = first + int(counts[start:end].sum())
-    return ModalityBatch(batch.items[first:last], counts[start:end])
-
-
 def _padded_length(samples: Sequence[Sample], seq_len: int | None) -> int:
     """The longest sample's length, or `seq_len` if every sample fits in it."""
     longest = max(s.input_ids.shape[0] for s in samples)
@@ -176,8 +168,13 @@ def _pad(ids: torch.Tensor, length: int, value: int) -> torch.Tensor:
 
 
 def _stack_items(samples: Sequence[Sample], name: str) -> ModalityBatch:
-    """One modality's items of all samples, stacked in sample order, with the per-sample counts."""
+    """One modality's items of all samples, stacked (or packed, with their grids) in sample order, with the
+    per-sample counts."""
     present = [s.items[name] for s in samples if name in s.items]
+    if any(name in s.item_grids for s in samples):
+        grids = [s.item_grids[name] for s in samples if name in s.items]
+        counts = torch.tensor([s.item_grids[name].shape[0] if name in s.items else 0 for s in samples])
+        return ModalityBatch(torch.cat(present), counts, torch.cat(grids))
     shape = present[0].shape[1:]
     for t in present:
         if t.shape[1:] != shape:

@@ -25,18 +25,67 @@ from mimo.models.sequence_parallel import takes_sequence_parallel
 
 @dataclass
 class ModalityBatch:
-    """One modality's inputs for a batch: all items stacked in sample order, and how many each sample has."""
+    """One modality's inputs for a batch, in sample order, and how many items each sample has.
+
+    Items of one size are stacked: `items` [N, ...]. Items of different sizes (native-resolution images) are
+    packed: `items` [rows, D] holds every item's rows one after another and `item_grids` [N, k] (on the CPU) each
+    item's grid of rows (Qwen-VL: temporal, height, width patches), so item i has `item_grids[i].prod()` rows."""
 
     items: torch.Tensor
     items_per_sample: torch.Tensor
+    item_grids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        """Check that the stacked items are exactly the ones the per-sample counts announce."""
+        """Check that the items are exactly the ones the per-sample counts (and grids) announce."""
         if self.items_per_sample.dim() != 1:
             raise ValueError(f"items_per_sample must be 1-D [B], got shape {tuple(self.items_per_sample.shape)}")
         total = int(self.items_per_sample.sum())
-        if self.items.shape[0] != total:
-            raise ValueError(f"items holds {self.items.shape[0]} items but items_per_sample sums to {total}")
+        if self.item_grids is None:
+            if self.items.shape[0] != total:
+                raise ValueError(f"items holds {self.items.shape[0]} items but items_per_sample sums to {total}")
+            return
+        if self.item_grids.dim() != 2 or self.item_grids.shape[0] != total:
+            raise ValueError(f"item_grids must be [{total}, k] (one grid per item), got "
+                             f"{tuple(self.item_grids.shape)}")
+        rows = int(self.item_rows().sum())
+        if self.items.shape[0] != rows:
+            raise ValueError(f"packed items hold {self.items.shape[0]} rows but item_grids announce {rows}")
+
+    @property
+    def packed(self) -> bool:
+        """Whether items are packed rows of different sizes (`item_grids` given)."""
+        return self.item_grids is not None
+
+    def item_rows(self) -> torch.Tensor:
+        """Rows of `items` per item [N]: 1 each when stacked, the grid's product when packed."""
+        if self.item_grids is None:
+            return torch.ones(int(self.items_per_sample.sum()), dtype=torch.long)
+        return self.item_grids.prod(dim=1)
+
+    def select(self, start: int, end: int) -> ModalityBatch:
+        """The items of samples [start, end), located by the cumulative item counts (and their rows)."""
+        counts = self.items_per_sample
+        first = int(counts[:start].sum())
+        last = first + int(counts[start:end].sum())
+        if self.item_grids is None:
+            return ModalityBatch(self.items[first:last], counts[start:end])
+        rows = self.item_rows()
+        row_first = int(rows[:first].sum())
+        row_last = row_first + int(rows[first:last].sum())
+        return ModalityBatch(self.items[row_first:row_last], counts[start:end], self.item_grids[first:last])
+
+    def with_items(self, items: torch.Tensor) -> ModalityBatch:
+        """The same counts and grids around other items (the same items moved or pinned)."""
+        return ModalityBatch(items, self.items_per_sample, self.item_grids)
+
+    @classmethod
+    def concat(cls, batches: list[ModalityBatch]) -> ModalityBatch:
+        """Batches joined along samples; all packed or all stacked."""
+        grids = [b.item_grids for b in batches]
+        if any(g is None for g in grids) and not all(g is None for g in grids):
+            raise ValueError("cannot join packed and stacked items of one modality")
+        return cls(torch.cat([b.items for b in batches]), torch.cat([b.items_per_sample for b in batches]),
+                   None if grids[0] is None else torch.cat(grids))
 
 
 class ModalitySubmodule(nn.Module):
@@ -50,16 +99,38 @@ class ModalitySubmodule(nn.Module):
 
     @property
     def tokens_per_item(self) -> int:
-        """Embeddings produced per item."""
+        """Embeddings produced per item (an encoder of items of one size)."""
         return self.encoder.tokens_per_item
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """Encode then project a stack of items. With none (a text-only micro-batch), one zero item is encoded
-        and none of its rows kept: [0, T, H] with a graph to every parameter (exactly zero gradients), and no
-        kernel sees an empty batch (CUDA's scaled_dot_product_attention returns None for one)."""
+    def item_tokens(self, batch: ModalityBatch) -> torch.Tensor:
+        """Embeddings each item of `batch` produces [N]: `tokens_per_item` each, or the packed encoder's
+        `tokens_of(item_grids)` (on the CPU)."""
+        if batch.item_grids is None:
+            return torch.full((int(batch.items_per_sample.sum()),), self.tokens_per_item, dtype=torch.long)
+        return self.encoder.tokens_of(batch.item_grids)
+
+    def tokens_per_sample(self, batch: ModalityBatch) -> torch.Tensor:
+        """Embeddings each sample of `batch` receives [B] (on the CPU: host metadata)."""
+        if batch.item_grids is None:
+            return batch.items_per_sample * self.tokens_per_item
+        owner = torch.repeat_interleave(torch.arange(batch.items_per_sample.shape[0]), batch.items_per_sample)
+        return torch.zeros_like(batch.items_per_sample).index_add_(0, owner, self.item_tokens(batch))
+
+    def forward(self, items: torch.Tensor, item_grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode then project items into embeddings [tokens, H] in item order: stacked items [N, ...], or packed
+        rows with their `item_grids` (the encoder takes both). With none (a text-only micro-batch), one zero item
+        (the encoder's `smallest_grid` when packed) is encoded and none of its rows kept: [0, H] with a graph to
+        every parameter (exactly zero gradients), and no kernel sees an empty batch (CUDA's
+        scaled_dot_product_attention returns None for one)."""
+        if item_grids is None:
+            if items.shape[0] == 0:
+                return self.projection(self.encoder(items.new_zeros((1, *items.shape[1:])))).flatten(0, 1)[:0]
+            return self.projection(self.encoder(items)).flatten(0, 1)
         if items.shape[0] == 0:
-            return self.projection(self.encoder(items.new_zeros((1, *items.shape[1:]))))[:0]
-        return self.projection(self.encoder(items))
+            grid = self.encoder.smallest_grid.reshape(1, -1)
+            zero = items.new_zeros((int(grid.prod()), *items.shape[1:]))
+            return self.projection(self.encoder(zero, grid))[:0]
+        return self.projection(self.encoder(items, item_grids))
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
         """The encoder's and the projection's plans, under their attribute names; `sequence_parallel` is the
@@ -99,15 +170,13 @@ class MimoModel(nn.Module):
         for name, batch in modality_inputs.items():
             if name not in self.modality_submodules:
                 raise ValueError(f"no submodule for modality {name!r}; have {sorted(self.modality_submodules)}")
-            out[name] = self.modality_submodules[name](batch.items).flatten(0, 1)
+            out[name] = self.modality_submodules[name](batch.items, batch.item_grids)
         return out
 
     def tokens_per_sample(self, modality_inputs: Mapping[str, ModalityBatch]) -> dict[str, torch.Tensor]:
-        """Per modality, how many embeddings each sample receives: items_per_sample × tokens per item."""
-        return {
-            name: batch.items_per_sample * _inner(self.modality_submodules[name]).tokens_per_item
-            for name, batch in modality_inputs.items()
-        }
+        """Per modality, how many embeddings each sample receives (`ModalitySubmodule.tokens_per_sample`)."""
+        return {name: _inner(self.modality_submodules[name]).tokens_per_sample(batch)
+                for name, batch in modality_inputs.items()}
 
     def language_inputs(
         self,

@@ -181,10 +181,9 @@ class MimoTrainer:
         bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
         items = self._state.inputs[name][m].modality_inputs[name]
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
-        with no_sync_forward(encoder):  # [N·T, H]; no items: [0, H], the graph still at every parameter
-            out = encoder(items.items).flatten(0, 1)  # (`ModalitySubmodule` encodes one zero item, keeps no rows)
-        tokens_per_item = unwrap(encoder).tokens_per_item
-        counts = items.items_per_sample * tokens_per_item  # host metadata: stays on the CPU
+        with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
+            out = encoder(items.items, items.item_grids)  # (`ModalitySubmodule` encodes one zero item, keeps no rows)
+        counts = unwrap(encoder).tokens_per_sample(items)  # host metadata: stays on the CPU
         tokens = self.microbatch_tokens(self._state.batch, name, m)
         return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
 
