@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
 from mimo.models.attention import CAUSAL, Attention, document_attention
@@ -191,6 +191,9 @@ class DecoderLayer(nn.Module):
 def add_at(hidden: torch.Tensor, where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H] with values [n, H] added at `where` (a bool mask [B, S] or n flat indices into B·S), in
     row-major order; out of place, as HF's `_deepstack_process` (`hidden[mask] + values`)."""
+    if isinstance(hidden, DTensor):
+        raise ValueError("added_after_layer (DeepStack) cannot run with sequence_parallel: the residual between "
+                         "layers is then sharded along the sequence; turn sequence_parallel off for this model")
     index = where.flatten().nonzero().squeeze(1) if where.dtype == torch.bool else where
     return hidden.flatten(0, 1).index_add(0, index, values.to(hidden.dtype)).view_as(hidden)
 
