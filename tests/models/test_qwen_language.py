@@ -164,6 +164,27 @@ def test_language_model_matches_transformers(family: str) -> None:
         torch.testing.assert_close(ours.logits(hidden), hf.lm_head(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_packed_row_equals_each_sample() -> None:
+    """Qwen3-VL shapes: three samples packed in one row (3-D positions per document, attention per document)
+    give each sample's unpacked hidden states."""
+    hf = _hf("qwen3-vl")
+    ours = _ours("qwen3-vl", hf)
+    embeds, positions, _ = _inputs(hf, torch.float32)
+    ids, grids = _batch()
+    lengths = [20, 30, 28]
+    row = torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None]
+    docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    packed_positions = packed_rope_index(row, docs, grids, MERGE, IMAGE)
+    with torch.no_grad():
+        packed = ours(torch.cat([embeds[i, :n] for i, n in enumerate(lengths)])[None],
+                      position_ids=packed_positions, document_ids=docs)
+        start = 0
+        for i, n in enumerate(lengths):
+            alone = ours(embeds[i:i + 1, :n], position_ids=positions[:, i:i + 1, :n])
+            torch.testing.assert_close(packed[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
+            start += n
+
+
 def test_deepstack_matches_transformers() -> None:
     """Qwen3-VL's DeepStack: visual embeddings added at the image positions after layers 0-2 (a mask for two,
     flat indices for one), as transformers' `_deepstack_process`."""
