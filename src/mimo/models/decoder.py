@@ -135,12 +135,9 @@ class DecoderAttention(nn.Module):
         else:
             self.q_norm, self.k_norm = None, None
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, S, h·d] → [B, h, S, d]; h (-1) is whatever this rank holds: all heads, or its TP shard of them."""
-        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
-
-    def _normed_heads(self, x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
-        """`_heads`, each head RMS-normed over its d first when the config asks (Qwen3: before rotary)."""
+    def _heads(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """[B, S, h·d] → [B, h, S, d]; h (-1) is whatever this rank holds: all heads, or its TP shard of them.
+        With a `norm`, each head is RMS-normed over its d first (Qwen3's q/k norms, before rotary)."""
         heads = x.unflatten(-1, (-1, self.head_dim))
         return (heads if norm is None else norm(heads)).transpose(1, 2)
 
@@ -148,8 +145,8 @@ class DecoderAttention(nn.Module):
                 attention: Attention = CAUSAL) -> torch.Tensor:
         """[B, S, H] → [B, S, H]; cos/sin are the rotary tables of the positions ([S, d], or [B, 1, S, d] per
         token), `attention` which positions each one sees (causal per row, or per document of a packed row)."""
-        q = apply_rotary(self._normed_heads(self.q_proj(x), self.q_norm), cos, sin)
-        k = apply_rotary(self._normed_heads(self.k_proj(x), self.k_norm), cos, sin)
+        q = apply_rotary(self._heads(self.q_proj(x), self.q_norm), cos, sin)
+        k = apply_rotary(self._heads(self.k_proj(x), self.k_norm), cos, sin)
         v = self._heads(self.v_proj(x))
         out = attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).flatten(2))
