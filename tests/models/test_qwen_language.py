@@ -14,7 +14,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers import Qwen3VLForConditionalGeneration as Qwen3VL
 
 from mimo.models.decoder import Decoder, DecoderConfig
-from mimo.models.mrope import get_rope_index, packed_rope_index
+from mimo.models.mrope import VideoGrids, frame_grids, get_rope_index, packed_rope_index
 from mimo.models.rotary import MRopeLayout
 
 IMAGE = 7  # the image token id of the tiny models
@@ -115,6 +115,42 @@ def test_rope_index_matches_transformers(family: str) -> None:
         ours = get_rope_index(ids, grids, MERGE, IMAGE, mask)
         assert torch.equal(ours[0], expected[0]), pad
         assert torch.equal(ours[1], expected[1].to(ours[1].dtype)), pad
+
+
+def test_rope_index_with_videos_matches_transformers() -> None:
+    """Images and videos in one batch: Qwen2.5-VL's temporal step (tokens_per_second · seconds per grid), Qwen3-VL's
+    frames as grids of t = 1 with timestamp text between, left padding."""
+    video_id = 8
+    ids = torch.randint(10, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[0, 2:4] = IMAGE  # a 2×4-patch image (2 tokens)
+    ids[0, 6:14] = video_id  # a video of 2 temporal patches of 4×4 patches: 2 × 4 tokens
+    ids[0, 15:23] = video_id  # another
+    ids[1, 5:11] = IMAGE  # a 4×6-patch image
+    images = torch.tensor([[1, 2, 4], [1, 4, 6]])
+    videos = torch.tensor([[2, 4, 4], [2, 4, 4]])
+    types = (ids == IMAGE).int() + 2 * (ids == video_id).int()
+    hf = _hf("qwen2.5-vl")
+    seconds = torch.tensor([0.5, 1.5])
+    expected = hf.model.get_rope_index(ids, types, image_grid_thw=images, video_grid_thw=videos,
+                                       second_per_grid_ts=seconds, attention_mask=mask)
+    steps = hf.config.vision_config.tokens_per_second * seconds
+    ours = get_rope_index(ids, images, MERGE, IMAGE, mask, VideoGrids(video_id, videos, steps))
+    assert torch.equal(ours[0], expected[0]) and ours[0][0, 0, 10].item() > ours[0][1, 0, 10].item()
+    assert torch.equal(ours[1], expected[1].to(ours[1].dtype))
+    # Qwen3-VL: two videos of 2 frames of 2×1 tokens, each frame after its timestamp (text) token
+    ids[0, 6:24] = 50
+    for frame in (6, 9, 13, 16):
+        ids[0, frame:frame + 2] = video_id
+    one_frame = torch.tensor([[2, 4, 2], [2, 4, 2]])
+    types = (ids == IMAGE).int() + 2 * (ids == video_id).int()
+    hf = _hf("qwen3-vl")
+    expected = hf.model.get_rope_index(ids, types, image_grid_thw=images, video_grid_thw=one_frame.clone(),
+                                       attention_mask=mask)
+    ours = get_rope_index(ids, images, MERGE, IMAGE, mask, VideoGrids(video_id, frame_grids(one_frame)))
+    assert torch.equal(ours[0], expected[0])
+    assert torch.equal(ours[1], expected[1].to(ours[1].dtype))
 
 
 def test_back_to_back_images_and_packing() -> None:
