@@ -259,9 +259,8 @@ def _float64_norms(model: torch.nn.Module) -> None:
         norm.forward = lambda x, n=norm, e=eps: n.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + e)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_mrope_gradients_float64(family: str) -> None:
-    """Float64 gradients of the input embeddings and every weight through M-RoPE (and the q/k norms) equal
+def test_mrope_gradients_float64(family: str = "qwen3-vl") -> None:
+    """Float64 gradients of the input embeddings and every weight through interleaved M-RoPE and the q/k norms equal
     transformers' to 1e-10; its rotary angles and RMSNorms (float32 inside, whatever the input) made float64."""
     hf = _hf(family, torch.float64)
     ours = _ours(family, hf, torch.float64)
