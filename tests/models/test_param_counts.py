@@ -23,6 +23,13 @@ def test_decoder_formula_tiny(tie: bool, layer_range: tuple[int, int] | None) ->
     assert _count(Decoder(cfg, layer_range)) == cfg.num_params(layer_range)
 
 
+@pytest.mark.parametrize("layer_range", [None, (1, 3)])
+def test_decoder_formula_qwen_shapes(layer_range: tuple[int, int] | None) -> None:
+    """Qwen2 q/k/v biases and Qwen3 q/k head norms with an explicit head_dim are counted."""
+    cfg = DecoderConfig.tiny(num_layers=3, kv_channels=24, qkv_bias=True, qk_norm=True)
+    assert _count(Decoder(cfg, layer_range)) == cfg.num_params(layer_range)
+
+
 @pytest.mark.parametrize("select_layer", [-1, -2, 0, 2])
 @pytest.mark.parametrize("drop_class_token", [True, False])
 def test_vit_formula_tiny(select_layer: int, drop_class_token: bool) -> None:

@@ -7,6 +7,7 @@ losses prove the plans and the `unflatten(-1, (-1, head_dim))` reshapes are righ
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -23,6 +24,7 @@ from mimo.models import (
     ViTEncoder,
     init_parameters,
 )
+from mimo.models.rotary import MRopeLayout
 from mimo.testing import run_distributed
 from tests.models.tiny import tiny_llava
 
@@ -76,24 +78,48 @@ def _reference(build) -> torch.nn.Module:  # noqa: ANN001 - a zero-arg builder
     return module
 
 
-def _decoder_worker(rank: int, world: int, tie: bool, sequence_parallel: bool = False, seq: int = 12) -> float:
-    """Decoder: shard values, loss (rel 1e-8) and gradients against the full model."""
-    cfg = DecoderConfig.tiny(tie_embeddings=tie)
+QWEN = {"kv_channels": 12, "qkv_bias": True, "qk_norm": True, "mrope": MRopeLayout((2, 2, 2), interleaved=True)}
+
+
+def _decoder_worker(rank: int, world: int, tie: bool, sequence_parallel: bool = False, seq: int = 12,
+                    qwen: bool = False) -> float:
+    """Decoder: shard values, loss (rel 1e-8) and gradients against the full model. `qwen`: q/k head norms
+    (replicated weights whose gradients are summed over TP), explicit head_dim and M-RoPE on 3-D positions."""
+    cfg = DecoderConfig.tiny(tie_embeddings=tie, **(QWEN if qwen else {}))
     full, tp = _reference(lambda: Decoder(cfg)), _sharded(lambda: Decoder(cfg), rank, world, sequence_parallel)
     assert isinstance(tp.layers["0"].self_attn.k_proj.weight, DTensor)
+    if qwen:
+        assert tp.layers["0"].self_attn.q_norm.weight.placements == (Replicate(),)
     if tie:
         assert tp.lm_head.weight is tp.embed_tokens.weight
     _assert_matches(full, tp, rank, world, grads=False)
     ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
     results = []
+    # 3-D positions: text 0-2, a 2×3-token image at 3 (h 3-4, w 3-5), text again from 6
+    grid = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(2), torch.arange(3), indexing="ij")).flatten(1)
+    positions = torch.cat([torch.arange(3).expand(3, -1), grid + 3, torch.arange(6, seq).expand(3, -1)], dim=1)
+    kwargs = {"position_ids": positions[:, None, :seq].expand(-1, 2, -1)} if qwen else {}
+    if qwen and not sequence_parallel:  # DeepStack: image rows added after layer 0 (row 1's image only)
+        where = torch.arange(3, 9) + seq
+        kwargs["added_after_layer"] = {0: (where, torch.randn(6, cfg.hidden_size, dtype=torch.float64,
+                                                              generator=torch.Generator().manual_seed(1)))}
+    if qwen and sequence_parallel:
+        with pytest.raises(ValueError, match="DeepStack"):
+            tp(tp.embed(ids), added_after_layer={0: (torch.tensor([0]), torch.zeros(1, cfg.hidden_size))}, **kwargs)
     for model in (full, tp):
-        loss_sum, count = model.loss(model(model.embed(ids)), labels)
+        loss_sum, count = model.loss(model(model.embed(ids), **kwargs), labels)
         (loss_sum / count).backward()
         results.append(loss_sum.detach())
     torch.testing.assert_close(results[1], results[0], rtol=1e-8, atol=0)
     _assert_matches(full, tp, rank, world, grads=True)
     return float(results[1])
+
+
+def _qwen_decoder_worker(rank: int, world: int) -> list[float]:
+    """The Qwen-shaped decoder, tied, 13 tokens: TP with DeepStack additions, then TP with sequence parallelism
+    (which refuses DeepStack), in one process spawn."""
+    return [_decoder_worker(rank, world, True, sequence_parallel, 13, True) for sequence_parallel in (False, True)]
 
 
 def _encoder_worker(rank: int, world: int, sequence_parallel: bool = False) -> None:
@@ -169,6 +195,13 @@ def test_decoder_sequence_parallel_matches_full_model() -> None:
     for tie in (False, True):
         losses = run_distributed(_decoder_worker, 2, tie, True, 13)
         assert losses[0] == losses[1]
+
+
+def test_qwen_decoder_tensor_and_sequence_parallel_match_full_model() -> None:
+    """Qwen shapes (q/k norms, head_dim 12, biases, interleaved M-RoPE on 3-D positions), tied, TP2 (with a
+    DeepStack addition) and TP2 with sequence parallelism: 13 tokens, the image's positions in both ranks' shares."""
+    losses = run_distributed(_qwen_decoder_worker, 2)
+    assert losses[0] == losses[1]
 
 
 def test_encoders_sequence_parallel_match_full_encoders() -> None:

@@ -1,7 +1,8 @@
 """A Llama-style decoder-only language model that can be built for a range of its layers.
 
-RMSNorm, rotary positions (optionally Llama-3-scaled), grouped-query causal attention (SDPA), SwiGLU MLP,
-no biases except optional attention ones (Qwen2: q/k/v), optional tied input/output embeddings. Built
+RMSNorm, rotary positions (optionally Llama-3-scaled, or 3-D M-RoPE: Qwen2.5-VL / Qwen3-VL), grouped-query
+causal attention (SDPA), SwiGLU MLP, no biases except optional attention ones (Qwen2: q/k/v), optional per-head
+RMSNorm on q and k (Qwen3), optional tied input/output embeddings. Built
 for `layer_range = (start, end)` it is one pipeline stage: the embedding lives on the stage holding
 layer 0, the final norm and output head on the stage holding the last layer, and layers sit in an
 `nn.ModuleDict` keyed by their *global* index, so every parameter has the same name on every layout
@@ -11,23 +12,26 @@ Parameter names follow Hugging Face's `LlamaModel` (without its `model.` prefix)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
 from mimo.models.attention import CAUSAL, Attention, document_attention
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
-from mimo.models.rotary import Llama3RopeScaling, apply_rotary, rotary_tables
+from mimo.models.rotary import Llama3RopeScaling, MRopeLayout, apply_rotary, mrope_tables, rotary_tables
 from mimo.models.sequence_parallel import gathered_input, scattered_output, sharded_norm, stack_boundaries
 
 # (mask [B, S], values [n, H]) pairs: embeddings to write over the masked positions of the text embedding.
 EmbeddingsAt = Sequence[tuple[torch.Tensor, torch.Tensor]]
+# global layer index -> (where, values [n, H]): embeddings added over those positions of that layer's output
+# (Qwen3-VL's DeepStack); `where` a bool mask [B, S] or n flat indices into B·S, as in `EmbeddingsAt`.
+AddedAfterLayer = Mapping[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -48,15 +52,19 @@ class DecoderConfig:
     qkv_bias: bool = False  # biases on q/k/v (Qwen2; Llama's attention_bias with output_bias)
     output_bias: bool = False  # a bias on the attention's output projection (Llama's attention_bias)
     rope_scaling: Llama3RopeScaling | None = None
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3's q_norm / k_norm)
+    mrope: MRopeLayout | None = None  # 3-D rotary positions (Qwen2.5-VL sectioned, Qwen3-VL interleaved)
 
     def __post_init__(self) -> None:
-        """Reject shapes the attention cannot split evenly."""
+        """Reject shapes the attention cannot split evenly, and an M-RoPE layout that does not fit head_dim."""
         if self.kv_channels is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.mrope is not None:
+            self.mrope.check(self.head_dim)
 
     @property
     def head_dim(self) -> int:
@@ -65,10 +73,11 @@ class DecoderConfig:
 
     def layer_params(self) -> int:
         """Parameters of one decoder layer: q/o (H×heads·d), k/v (H×kv·d), gate/up/down (H×F), two norms,
-        and the attention biases the config asks for."""
+        and the attention biases and q/k head norms the config asks for."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         biases = (q + 2 * kv) * self.qkv_bias + h * self.output_bias
-        return 2 * h * q + 2 * h * kv + 3 * h * self.ffn_hidden_size + 2 * h + biases
+        head_norms = 2 * self.head_dim * self.qk_norm
+        return 2 * h * q + 2 * h * kv + 3 * h * self.ffn_hidden_size + 2 * h + biases + head_norms
 
     def num_params(self, layer_range: tuple[int, int] | None = None) -> int:
         """Closed-form parameter count of `Decoder(self, layer_range)` (a tied head counted once)."""
@@ -120,17 +129,24 @@ class DecoderAttention(nn.Module):
         self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.output_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        else:
+            self.q_norm, self.k_norm = None, None
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, S, h·d] → [B, h, S, d]; h (-1) is whatever this rank holds: all heads, or its TP shard of them."""
-        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+    def _heads(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """[B, S, h·d] → [B, h, S, d]; h (-1) is whatever this rank holds: all heads, or its TP shard of them.
+        With a `norm`, each head is RMS-normed over its d first (Qwen3's q/k norms, before rotary)."""
+        heads = x.unflatten(-1, (-1, self.head_dim))
+        return (heads if norm is None else norm(heads)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attention: Attention = CAUSAL) -> torch.Tensor:
         """[B, S, H] → [B, S, H]; cos/sin are the rotary tables of the positions ([S, d], or [B, 1, S, d] per
         token), `attention` which positions each one sees (causal per row, or per document of a packed row)."""
-        q = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
-        k = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
+        q = apply_rotary(self._heads(self.q_proj(x), self.q_norm), cos, sin)
+        k = apply_rotary(self._heads(self.k_proj(x), self.k_norm), cos, sin)
         v = self._heads(self.v_proj(x))
         out = attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).flatten(2))
@@ -169,6 +185,16 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def add_at(hidden: torch.Tensor, where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H] with values [n, H] added at `where` (a bool mask [B, S] or n flat indices into B·S), in
+    row-major order; out of place, as HF's `_deepstack_process` (`hidden[mask] + values`)."""
+    if isinstance(hidden, DTensor):
+        raise ValueError("added_after_layer (DeepStack) cannot run with sequence_parallel: the residual between "
+                         "layers is then sharded along the sequence; turn sequence_parallel off for this model")
+    index = where.flatten().nonzero().squeeze(1) if where.dtype == torch.bool else where
+    return hidden.flatten(0, 1).index_add(0, index, values.to(hidden.dtype)).view_as(hidden)
+
+
 class Decoder(nn.Module):
     """The language model, or the pipeline stage of it that holds layers [start, end)."""
 
@@ -193,6 +219,8 @@ class Decoder(nn.Module):
                                  scaling=config.rope_scaling)
         self.register_buffer("rope_cos", cos.to(torch.get_default_dtype()), persistent=False)
         self.register_buffer("rope_sin", sin.to(torch.get_default_dtype()), persistent=False)
+        if config.mrope is not None:
+            self.register_buffer("rope_axes", config.mrope.axes(config.head_dim), persistent=False)
 
     @property
     def has_embedding(self) -> bool:
@@ -225,6 +253,8 @@ class Decoder(nn.Module):
                                  scaling=c.rope_scaling)
         self.rope_cos = cos.to(self.rope_cos.dtype)
         self.rope_sin = sin.to(self.rope_sin.dtype)
+        if c.mrope is not None:
+            self.rope_axes = c.mrope.axes(c.head_dim, device=self.rope_cos.device)
 
     def embed(self, input_ids: torch.Tensor, embeddings_at: EmbeddingsAt = ()) -> torch.Tensor:
         """Token ids [B, S] → embeddings [B, S, H], with each (where, values [n, H]) of `embeddings_at` written
@@ -251,6 +281,7 @@ class Decoder(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        added_after_layer: AddedAfterLayer | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One stage's whole work in one call (the entry point DDP and FSDP wrap).
 
@@ -259,24 +290,37 @@ class Decoder(nn.Module):
         `(loss_sum, num_label_tokens)`, else the hidden states. A packed row (`mimo.data.packing`) gives
         each token's rotary position (`position_ids` [B, S], restarting per sample; by default 0..S-1) and
         its sample (`document_ids` [B, S]: attention stays inside a sample; by default causal per row).
+        With `config.mrope`, `position_ids` may be 3-D [3, B, S] (temporal, height, width: `models.mrope`).
+        `added_after_layer` {global layer index: (where, values)} adds values at those positions of that
+        layer's output (Qwen3-VL's DeepStack: `_deepstack_process`); this stage applies the layers it holds.
         """
         if input_ids is not None:
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden, position_ids, document_ids)
+        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer)
         return self.loss(hidden, labels) if labels is not None else hidden
 
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None,
+                added_after_layer: AddedAfterLayer | None = None) -> torch.Tensor:
         """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
         cos, sin = self._rotary(hidden, position_ids)
         attention = CAUSAL if document_ids is None else document_attention(document_ids)
-        for layer in self.layers.values():
+        for index, layer in self.layers.items():
             hidden = layer(hidden, cos, sin, attention)
+            if added_after_layer and int(index) in added_after_layer:
+                hidden = add_at(hidden, *added_after_layer[int(index)])
         return self.norm(hidden) if self.norm is not None else hidden
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of positions 0..S-1 ([S, d]), or of each token's `position_ids` ([B, 1, S, d]); the caller
-        keeps positions under max_seq_len (a packed row may be longer: its positions restart per sample)."""
+        """cos/sin of positions 0..S-1 ([S, d]), or of each token's `position_ids` ([B, 1, S, d]; [3, B, S]
+        positions through the M-RoPE layout); the caller keeps positions under max_seq_len (a packed row may be
+        longer: its positions restart per sample)."""
+        if position_ids is not None and position_ids.dim() == 3:
+            if self.config.mrope is None:
+                raise ValueError(f"position_ids of shape {list(position_ids.shape)} are 3-D (M-RoPE) but this "
+                                 f"decoder has no mrope layout; give [B, S] positions or set DecoderConfig.mrope")
+            cos, sin = mrope_tables(self.rope_cos, self.rope_sin, position_ids, self.rope_axes)
+            return cos.to(hidden.dtype), sin.to(hidden.dtype)
         if position_ids is not None:
             return (self.rope_cos[position_ids].unsqueeze(1).to(hidden.dtype),
                     self.rope_sin[position_ids].unsqueeze(1).to(hidden.dtype))
@@ -324,6 +368,9 @@ class Decoder(nn.Module):
                 f"layers.{i}.mlp.up_proj": ColwiseParallel(),
                 f"layers.{i}.mlp.down_proj": RowwiseParallel(),
             })
+            if self.config.qk_norm:  # on this rank's heads [B, S, h/TP, d]: a weight replicated, its grad summed
+                plan.update({f"layers.{i}.self_attn.{norm}": SequenceParallel(sequence_dim=2, use_local_output=True)
+                             for norm in ("q_norm", "k_norm")})
             if sequence_parallel:
                 plan.update({
                     f"layers.{i}.input_layernorm": sharded_norm(),
