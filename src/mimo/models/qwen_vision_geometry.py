@@ -73,6 +73,16 @@ def _window_order(t: int, h: int, w: int, merge: int, side: int) -> tuple[torch.
     return flat[flat >= 0], [int(c) for c in counts.tolist() if c]
 
 
+def window_sizes(t: int, h: int, w: int, merge: int, side: int) -> list[int]:
+    """Patches per window of one item (t frames of h×w patches, windows of side×side merged tokens), in window
+    order, without building the order itself (what a FLOP count needs)."""
+    def spans(n: int) -> list[int]:
+        return [side] * (n // side) + ([n % side] if n % side else [])
+
+    rows, cols = spans(h // merge), spans(w // merge)
+    return [r * c * merge * merge for _ in range(t) for r in rows for c in cols]
+
+
 def vision_geometry(grid_thw: torch.Tensor, merge: int, num_patches: int,
                     window_tokens: int | None = None) -> VisionGeometry:
     """The geometry of a call; `window_tokens`: Qwen2.5's window side in merged tokens (None: no windows)."""
