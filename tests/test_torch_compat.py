@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import _redistribute
-from torch.distributed.tensor.placement_types import Placement, Shard
+from torch.distributed.tensor.placement_types import Shard
 
 from mimo.torch_compat import contiguous_uneven_gathers
 
@@ -33,12 +33,3 @@ def test_torch_with_the_fix_is_left_as_it_is(monkeypatch):
     monkeypatch.setattr(Shard, "_maybe_unpad_tensor", before)
     contiguous_uneven_gathers()
     assert Shard._maybe_unpad_tensor is before
-
-
-def test_strided_shard_is_still_torch_s_part_by_part_placement():
-    """Tripwire for the private `_StridedShard` behind `FusedColwiseParallel` (the fused q|k|v's TP): a Shard
-    of `dim` with `split_factor` parts; tests/models/test_qwen_vision_tp.py checks it shards and computes."""
-    from mimo.torch_compat import strided_shard
-
-    placement = strided_shard(0, 3)
-    assert isinstance(placement, Placement) and placement.dim == 0 and placement.split_factor == 3

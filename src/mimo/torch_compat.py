@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import _redistribute
-from torch.distributed.tensor.placement_types import Placement, Shard
+from torch.distributed.tensor.placement_types import Shard
 
 
 def contiguous_uneven_gathers() -> None:
@@ -26,13 +26,3 @@ def contiguous_uneven_gathers() -> None:
 
     unpadded.mimo_contiguous = True  # type: ignore[attr-defined]
     Shard._maybe_unpad_tensor = unpadded
-
-
-def strided_shard(dim: int, split_factor: int) -> Placement:
-    """torch's private `_StridedShard`: a tensor cut into `split_factor` equal parts along `dim`, each part sharded
-    over the mesh dim, a rank holding its slice of every part side by side. A fused q|k|v projection sharded this
-    way keeps each rank's heads of q, k and v together while the global tensor keeps Hugging Face's layout (what
-    checkpoints and exports see). Public torch has no placement for it; the tripwire test checks it still works."""
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    return _StridedShard(dim, split_factor=split_factor)
