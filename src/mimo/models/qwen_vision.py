@@ -319,6 +319,8 @@ class Qwen25VisionTower(nn.Module):
         _check_patches(pixel_values, c)
         geometry = geometry or self.geometry(grid_thw, pixel_values.shape[0])
         order = geometry.window_order
+        if order is None:
+            raise ValueError("Qwen2.5-VL's tower needs a geometry with its windows: build it with tower.geometry()")
         x = self.patch_embed(pixel_values)[order]
         cos, sin = rotary_tables(geometry.positions[order], c.head_dim, c.rope_theta)
         full = segment_attention(geometry.frame_lengths, x.device)
