@@ -1,8 +1,9 @@
 """The Qwen-VL towers' `tp_plan()` on TP ranks: outputs and gradients equal the unsharded tower's (run in
 `test_tensor_parallel`'s encoder world, which it shares rather than start processes of its own).
 
-The MLPs (blocks' and mergers') are sharded; the attention with its fused q|k|v stays replicated (a plain colwise
-split of q|k|v would hand rank 0 all of q's heads and none of v's, and the outputs would differ).
+The fused q|k|v is sharded by plain rows (what checkpoints and `HFWeights` read) and each rank keeps its heads of
+q, k and v (`FusedColwiseParallel`); plain `ColwiseParallel` would hand rank 0 all of q's heads and none of v's,
+and the outputs would differ.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import copy
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from mimo.models.qwen_vision import Qwen3VisionConfig, Qwen3VisionTower, Qwen25VisionConfig, Qwen25VisionTower
@@ -32,7 +33,9 @@ def _compare(rank: int, world: int, tower_class, config) -> list[str]:
         for p in full.parameters():
             p.normal_(0.0, 0.3)
     sharded = parallelize_module(copy.deepcopy(full), mesh, full.tp_plan())
-    assert not isinstance(sharded.blocks[0].attn.qkv.weight, DTensor)
+    qkv = sharded.blocks[0].attn.qkv.weight
+    assert qkv.placements == (Shard(0),)
+    assert qkv.to_local().shape == (3 * config.hidden_size // world, config.hidden_size)
     mlp_in = next(p for n, p in sharded.named_parameters() if n.startswith("blocks.0.mlp."))  # gate / fc1
     assert isinstance(mlp_in, DTensor) and mlp_in.to_local().shape[0] == config.intermediate_size // world
     pixels = torch.randn(int(GRID.prod(-1).sum()), config.patch_dim, dtype=torch.float64)

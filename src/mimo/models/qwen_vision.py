@@ -15,8 +15,7 @@ the next), pre-norm blocks, the patch merger. They differ in:
   image's grid, LayerNorm, a GELU MLP, full attention everywhere, and DeepStack: the outputs of the layers in
   `deepstack_visual_indexes` merged by mergers of their own (normed after the 2×2 shuffle) and returned too.
 Parameter names are transformers' (`Qwen2_5_VisionTransformerPretrainedModel`, `Qwen3VLVisionModel`), so
-Hugging Face weights load by name. No distributed code: `tp_plan()` names how tensor parallelism shards it
-(the MLPs; the fused q|k|v keeps the attention replicated, see `block_tp_plan`).
+Hugging Face weights load by name. No distributed code: `tp_plan()` names how tensor parallelism shards it.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from mimo.models.encoder_block import ACTIVATIONS
+from mimo.models.fused_parallel import FusedColwiseParallel
 from mimo.models.qwen_vision_geometry import VisionGeometry, vision_geometry
 from mimo.models.rmsnorm import RMSNorm
 from mimo.models.segment_attention import segment_attention
@@ -267,16 +267,12 @@ class VisionBlock(nn.Module):
 
 
 def block_tp_plan(prefix: str, qwen3: bool) -> dict[str, ParallelStyle]:
-    """One block's TP: the MLP Megatron-style (column- then row-sharded); the attention stays replicated.
-
-    The fused q|k|v cannot be split by heads under a public placement while keeping Hugging Face's layout: plain
-    colwise hands rank 0 all of q's heads and none of v's, and torch's `_StridedShard` (which does shard it part
-    by part, and computes right) is mislabelled by DCP's chunk metadata and `compute_local_shape_and_global_offset`
-    (a non-contiguous shard described by its first row), so checkpoints and `HFWeights` would read wrong rows.
-    """
+    """One block's TP: q|k|v column-sharded with each rank keeping its heads of every part (`FusedColwiseParallel`:
+    an all-gather, since HF's fused layout is not split by heads), proj row-sharded; the MLP Megatron-style."""
     mlp = ({"mlp.linear_fc1": ColwiseParallel(), "mlp.linear_fc2": RowwiseParallel()} if qwen3 else
            {"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
-    return {f"{prefix}{k}": v for k, v in mlp.items()}
+    plan = {"attn.qkv": FusedColwiseParallel(3), "attn.proj": RowwiseParallel(), **mlp}
+    return {f"{prefix}{k}": v for k, v in plan.items()}
 
 
 # -- Qwen2.5-VL ----------------------------------------------------------------------------------------------
@@ -330,7 +326,7 @@ class Qwen25VisionTower(nn.Module):
         return VisionOutput(self.merger(x)[geometry.merged_inverse])
 
     def tp_plan(self) -> dict[str, ParallelStyle]:
-        """Every block's MLP and the merger's MLP sharded; attention, embeddings and norms replicated."""
+        """Every block's attention (by heads) and MLP sharded, and the merger's MLP; embeddings and norms replicated."""
         plan: dict[str, ParallelStyle] = {"merger.mlp.0": ColwiseParallel(), "merger.mlp.2": RowwiseParallel()}
         for i in range(len(self.blocks)):
             plan.update(block_tp_plan(f"blocks.{i}.", qwen3=False))
@@ -414,7 +410,7 @@ class Qwen3VisionTower(nn.Module):
         return VisionOutput(self.merger(x), tuple(deepstack))
 
     def tp_plan(self) -> dict[str, ParallelStyle]:
-        """Every block's MLP and every merger's MLP sharded; attention, embeddings and norms replicated."""
+        """Every block's attention (by heads) and MLP sharded, and every merger's MLP; the rest replicated."""
         plan: dict[str, ParallelStyle] = {}
         mergers = ["merger", *(f"deepstack_merger_list.{j}" for j in range(len(self.deepstack_merger_list)))]
         for name in mergers:
