@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
+from mimo.models import init_parameters
 from mimo.models.qwen_vision import Qwen3VisionConfig, Qwen3VisionTower, Qwen25VisionConfig, Qwen25VisionTower
 
 GRID = torch.tensor([[1, 8, 10], [1, 6, 4], [2, 4, 6]])
@@ -51,7 +52,23 @@ def _compare(rank: int, world: int, tower_class, config) -> list[str]:
     return problems
 
 
+def _meta_built(rank: int, world: int, tower_class, config) -> list[str]:
+    """Built on the meta device, TP applied, then `init_parameters`: every shard holds its slice of the values a
+    whole tower gets (what a training run does; no rank ever holds a whole tower)."""
+    mesh = init_device_mesh("cpu", (world,))
+    full = tower_class(config)
+    init_parameters(full, seed=5)
+    with torch.device("meta"):
+        sharded = tower_class(config)
+    parallelize_module(sharded, mesh, sharded.tp_plan())
+    init_parameters(sharded, seed=5)
+    values = dict(full.named_parameters())
+    return [f"init {name}" for name, p in sharded.named_parameters()
+            if not torch.equal(p.full_tensor() if isinstance(p, DTensor) else p, values[name])]
+
+
 def qwen_towers_tp_problems(rank: int, world: int) -> list[str]:
     """What differs between the TP towers (both families) and the whole ones: nothing, if the plans are right."""
-    return (_compare(rank, world, Qwen25VisionTower, Qwen25VisionConfig.tiny())
-            + _compare(rank, world, Qwen3VisionTower, Qwen3VisionConfig.tiny()))
+    towers = [(Qwen25VisionTower, Qwen25VisionConfig.tiny()), (Qwen3VisionTower, Qwen3VisionConfig.tiny())]
+    return [problem for tower_class, config in towers
+            for problem in _compare(rank, world, tower_class, config) + _meta_built(rank, world, tower_class, config)]
