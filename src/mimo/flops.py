@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mimo.models import AudioConfig, DecoderConfig, ViTConfig
+from mimo.models.qwen_vision import Qwen3VisionConfig, QwenVisionConfig
+from mimo.models.qwen_vision_geometry import window_sizes
 
 _AUDIO_KERNEL = 3  # the audio stem's conv width (mimo.models.audio)
 
@@ -228,3 +230,49 @@ class PackedRows:
 
     positions: int
     documents: Sequence[int]
+
+
+# -- Qwen-VL vision towers (packed images of any size) ---------------------------------------------------------
+@dataclass(frozen=True)
+class VisionFlops:
+    """One step's FLOPs of a packed vision tower: its matmuls, and attention in full and in windowed layers."""
+
+    dense: int
+    full_attention: int
+    window_attention: int
+
+    @property
+    def total(self) -> int:
+        """All of it."""
+        return self.dense + self.full_attention + self.window_attention
+
+
+def qwen_vision_flops(config: QwenVisionConfig, grid_thw: Sequence[Sequence[int]], *,
+                      trainable: bool = True) -> VisionFlops:
+    """One step's FLOPs of a Qwen2.5-VL / Qwen3-VL tower over packed items of `grid_thw` rows (t, h, w).
+
+    Matmuls: the patch embedding (reads data: no input gradient), q|k|v, proj and the MLP (SwiGLU: three
+    matrices; GELU: two) over every patch, the merger (and each DeepStack merger) over the merged tokens.
+    Attention (`attention_flops`): per frame in full-attention layers (all of Qwen3-VL's), per window in
+    Qwen2.5-VL's windowed ones: the sum of S² over the blocks the block-diagonal mask keeps, never over the call.
+    A frozen tower runs forward only.
+    """
+    h, f, m = config.hidden_size, config.intermediate_size, config.merge_unit
+    rows = [tuple(int(v) for v in row) for row in grid_thw]
+    patches = sum(t * gh * gw for t, gh, gw in rows)
+    qwen3 = isinstance(config, Qwen3VisionConfig)
+    block = 4 * h * h + (2 if qwen3 else 3) * h * f
+    mergers = 1 + (len(config.deepstack_visual_indexes) if qwen3 else 0)
+    merger = (m * h) * (m * h) + (m * h) * config.out_hidden_size
+    dense = (matmul_flops(config.patch_dim * h, patches, trainable=trainable, input_grad=False)
+             + matmul_flops(block * config.depth, patches, trainable=trainable, input_grad=trainable)
+             + matmul_flops(merger * mergers, patches // m, trainable=trainable, input_grad=trainable))
+    full_layers = config.depth if qwen3 else len(config.fullatt_block_indexes)
+    frames = [gh * gw for t, gh, gw in rows for _ in range(t)]
+    full = sum(attention_flops(s, h, full_layers, 1, backward=trainable) for s in frames)
+    windowed = 0
+    if not qwen3:
+        windows = [s for t, gh, gw in rows
+                   for s in window_sizes(t, gh, gw, config.spatial_merge_size, config.window_tokens)]
+        windowed = sum(attention_flops(s, h, config.depth - full_layers, 1, backward=trainable) for s in windows)
+    return VisionFlops(dense, full, windowed)

@@ -26,6 +26,7 @@ from mimo.models import (
 )
 from mimo.models.rotary import MRopeLayout
 from mimo.testing import run_distributed
+from tests.models.qwen_towers_tp import qwen_towers_tp_problems
 from tests.models.tiny import tiny_llava
 
 SEED = 3
@@ -137,6 +138,8 @@ def _encoder_worker(rank: int, world: int, sequence_parallel: bool = False) -> N
         for out in outs:
             (out * weights).sum().backward()
         _assert_matches(full, tp, rank, world, grads=True)
+    if not sequence_parallel:  # Qwen-VL's packed towers: their plans take no sequence_parallel
+        assert qwen_towers_tp_problems(rank, world) == []
 
 
 def _llava(rank: int | None = None, world: int | None = None) -> MimoModel:
@@ -181,7 +184,7 @@ def test_decoder_tensor_parallel_matches_full_model() -> None:
 
 
 def test_encoders_tensor_parallel_match_full_encoders() -> None:
-    """ViT tiny and audio tiny, world 2."""
+    """ViT tiny, audio tiny and the Qwen-VL towers (tests/models/qwen_towers_tp.py), world 2."""
     run_distributed(_encoder_worker, 2)
 
 

@@ -1,0 +1,71 @@
+"""Bidirectional attention within segments of one packed sequence (a vision tower's images, frames or windows).
+
+Packed patches are one sequence [1, heads, N, d]; a patch attends to every patch of its segment and to nothing
+else (block-diagonal), so images of different sizes share a call with no padding. Two variants, picked by device
+in one place (`segment_attention`): SDPA with an explicit [N, N] boolean mask (any device; the CPU path), and
+compiled `flex_attention` with a block mask on CUDA, which skips the blocks outside the diagonal (the varlen
+kernel's work). Built once per call from the segment lengths; every layer of a kind reuses its instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+
+from mimo.models.attention import compiled_flex_attention
+
+
+def segment_ids(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """[N] long: the segment number of each position (segments of `lengths`, back to back)."""
+    counts = torch.tensor(list(lengths), dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+
+
+class MaskedSegmentAttention:
+    """Within-segment attention through SDPA and a [1, 1, N, N] block-diagonal boolean mask."""
+
+    def __init__(self, lengths: Sequence[int], device: torch.device | str | None = None) -> None:
+        """Build the mask once from the segment lengths."""
+        ids = segment_ids(lengths, device)
+        self.mask = (ids[:, None] == ids[None, :])[None, None]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [1, heads, N, d] → [1, heads, N, d]; every position sees itself, so no row is empty."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+class FlexSegmentAttention:
+    """Within-segment attention through compiled `flex_attention` and a block mask (the CUDA path)."""
+
+    def __init__(self, lengths: Sequence[int], device: torch.device | str | None = None) -> None:
+        """Build the block mask once from the segment lengths (on `device`)."""
+        ids = segment_ids(lengths, device)
+
+        def same_segment(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return ids[q] == ids[kv]
+
+        n = int(ids.shape[0])
+        self.block_mask = create_block_mask(same_segment, None, None, n, n, device=ids.device)
+        self._attend = torch.compiler.disable(self._flex)  # its own compiled function, outside a block's graph
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [1, heads, N, d] → [1, heads, N, d]."""
+        return self._attend(q, k, v)
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """flex_attention on q, k, v of one dtype (rotary leaves q, k in float32 while v may be bf16)."""
+        device = q.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+        return compiled_flex_attention()(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask)
+
+
+def segment_attention(lengths: Sequence[int],
+                      device: torch.device | str) -> MaskedSegmentAttention | FlexSegmentAttention:
+    """The within-segment variant for `device`: flex_attention on CUDA, the explicit mask elsewhere."""
+    if torch.device(device).type == "cuda":
+        return FlexSegmentAttention(lengths, device)
+    return MaskedSegmentAttention(lengths, device)
