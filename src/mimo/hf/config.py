@@ -16,7 +16,7 @@ from typing import Any
 
 from mimo.models.decoder import DecoderConfig
 from mimo.models.encoder_block import ACTIVATIONS
-from mimo.models.rotary import Llama3RopeScaling
+from mimo.models.rotary import Llama3RopeScaling, MRopeLayout
 from mimo.models.vit import ViTConfig
 
 # Keys that never change a forward pass: bookkeeping, token ids, initialization, generation defaults.
@@ -45,12 +45,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
               "rms_norm_eps": 1e-6},
+    "qwen2_5_vl_text": {"vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+                        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0},
+    "qwen3_vl_text": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+                      "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+                      "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "rope_theta": 500000.0},
     "clip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                           "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32},
     "siglip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                             "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16},
 }
-TEXT_FAMILIES = ("llama", "mistral", "qwen2")
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "qwen3_vl_text")
+QWEN2_LIKE = ("qwen2", "qwen2_5_vl_text")  # q/k/v biased, no output bias; optional sliding layers refused
+# each Qwen-VL text model's M-RoPE: transformers' default mrope_section and whether it interleaves the axes
+MROPE = {"qwen2_5_vl_text": ((16, 24, 24), False), "qwen3_vl_text": ((24, 20, 20), True)}
 VISION_FAMILIES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
 SELECT_STRATEGIES = ("default", "full")
 
@@ -172,9 +181,12 @@ def language_config(hf: Mapping[str, Any], where: str = "text_config") -> Decode
     keys.require("mlp_bias", lambda v: v is False, False, "bias-free MLPs (mlp_bias false)")
     keys.require("pretraining_tp", lambda v: v == 1, 1, "pretraining_tp 1")
     heads = keys.need("num_attention_heads")
-    head_dim = keys.get("head_dim")
     hidden = keys.need("hidden_size")
-    theta, scaling = _rope(keys)
+    if family == "qwen2_5_vl_text":  # transformers' Qwen2.5-VL attention always takes hidden / heads
+        keys.require("head_dim", lambda v: v in (None, hidden // heads), None, f"head_dim hidden_size / "
+                     f"num_attention_heads = {hidden // heads} (Qwen2.5-VL's attention takes no other)")
+    head_dim = keys.get("head_dim")
+    theta, scaling, mrope = _rope(keys, family)
     max_positions = keys.get("max_position_embeddings", 4096)
     bias = _attention_bias(keys, family)
     max_positions = _full_attention_span(keys, family, max_positions)
@@ -185,7 +197,8 @@ def language_config(hf: Mapping[str, Any], where: str = "text_config") -> Decode
         rope_theta=float(theta), max_seq_len=max_positions,
         tie_embeddings=bool(keys.get("tie_word_embeddings", False)),
         kv_channels=head_dim if head_dim not in (None, hidden // heads) else None,
-        qkv_bias=bias[0], output_bias=bias[1], rope_scaling=scaling,
+        qkv_bias=bias[0], output_bias=bias[1], rope_scaling=scaling, mrope=mrope,
+        qk_norm=family == "qwen3_vl_text",
     )
     keys.done()
     try:
@@ -196,7 +209,7 @@ def language_config(hf: Mapping[str, Any], where: str = "text_config") -> Decode
 
 def _attention_bias(keys: Keys, family: str) -> tuple[bool, bool]:
     """(q/k/v bias, output bias): Qwen2 always biases q/k/v only; Llama's `attention_bias` biases all four."""
-    if family == "qwen2":
+    if family in QWEN2_LIKE:
         return True, False
     bias = bool(keys.get("attention_bias", False))
     return bias, bias
@@ -209,7 +222,7 @@ def _full_attention_span(keys: Keys, family: str, max_positions: int) -> int:
     caps the sequence length (a longer sequence is refused by the decoder, not computed differently); Qwen2's
     sliding layers (use_sliding_window true) are not implemented.
     """
-    if family == "qwen2":
+    if family in QWEN2_LIKE:
         keys.require("use_sliding_window", lambda v: not v, False, "full attention (use_sliding_window false)")
         keys.get("sliding_window")
         keys.get("max_window_layers")
@@ -222,8 +235,9 @@ def _full_attention_span(keys: Keys, family: str, max_positions: int) -> int:
     return min(max_positions, window) if window else max_positions
 
 
-def _rope(keys: Keys) -> tuple[float, Llama3RopeScaling | None]:
-    """rope θ and scaling from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
+def _rope(keys: Keys, family: str) -> tuple[float, Llama3RopeScaling | None, MRopeLayout | None]:
+    """rope θ, scaling and M-RoPE layout from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`
+    (4.x)."""
     params = keys.get("rope_parameters")
     if params is None:
         params = dict(keys.get("rope_scaling") or {})
@@ -232,12 +246,18 @@ def _rope(keys: Keys) -> tuple[float, Llama3RopeScaling | None]:
         keys.get("rope_theta")
         keys.get("rope_scaling")
     params = dict(params)
+    mrope = _mrope(params, family, keys.where)
+    if params.get("type") == "mrope":  # Qwen2.5-VL's legacy marker beside rope_type (or in its place)
+        params.pop("type")
     kind = params.pop("rope_type", params.pop("type", "default"))
     theta = params.pop("rope_theta", keys.data.get("rope_theta", 10000.0))
     where = "rope_parameters"
     if kind == "default":
         _no_extra(params, where, kind)
-        return theta, None
+        return theta, None, mrope
+    if mrope is not None:
+        raise HFConfigError(f"{keys.where}: {where}.rope_type={kind!r} with M-RoPE is not supported by mimo; it "
+                            f"implements 'default'")
     if kind != "llama3":
         raise HFConfigError(f"{keys.where}: {where}.rope_type={kind!r} is not supported by mimo; it implements "
                             f"'default' and 'llama3'")
@@ -250,7 +270,24 @@ def _rope(keys: Keys) -> tuple[float, Llama3RopeScaling | None]:
     if params.get("attention_factor", 1.0) in (None, 1.0):  # llama3 scales frequencies, not attention
         params.pop("attention_factor", None)
     _no_extra(params, where, kind)
-    return theta, scaling
+    return theta, scaling, None
+
+
+def _mrope(params: dict, family: str, where: str) -> MRopeLayout | None:
+    """The M-RoPE layout of a Qwen-VL text model (its `mrope_section`, transformers' default where absent), its
+    keys taken out of `params`; None for other families, which must not carry them."""
+    section = params.pop("mrope_section", None)
+    interleaved = params.pop("mrope_interleaved", None)
+    if family not in MROPE:
+        if section is not None or interleaved:
+            raise HFConfigError(f"{where}: mrope_section={section!r} on a {family!r} model; mimo implements M-RoPE "
+                                f"for {list(MROPE)}")
+        return None
+    default_section, family_interleaves = MROPE[family]
+    if interleaved not in (None, family_interleaves):
+        raise HFConfigError(f"{where}: rope_parameters.mrope_interleaved={interleaved!r} is not supported by mimo for "
+                            f"{family!r}, which interleaves: {family_interleaves}")
+    return MRopeLayout(tuple(section or default_section), family_interleaves)
 
 
 def _no_extra(params: dict, where: str, kind: str) -> None:

@@ -54,6 +54,9 @@ class DecoderConfig:
     rope_scaling: Llama3RopeScaling | None = None
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3's q_norm / k_norm)
     mrope: MRopeLayout | None = None  # 3-D rotary positions (Qwen2.5-VL sectioned, Qwen3-VL interleaved)
+    # DeepStack (Qwen3-VL): modality rows written by `embed` may be [n, H·(1 + k)]: their k-th extra H-wide block is
+    # added at the same positions after layer deepstack_layers[k] (transformers' `_deepstack_process`)
+    deepstack_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         """Reject shapes the attention cannot split evenly, and an M-RoPE layout that does not fit head_dim."""
@@ -65,6 +68,9 @@ class DecoderConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.mrope is not None:
             self.mrope.check(self.head_dim)
+        if any(not 0 <= i < self.num_layers for i in self.deepstack_layers):
+            raise ValueError(f"deepstack_layers {list(self.deepstack_layers)} must be layers of the "
+                             f"{self.num_layers}-layer decoder")
 
     @property
     def head_dim(self) -> int:
@@ -207,6 +213,11 @@ class Decoder(nn.Module):
                              f"[0, {config.num_layers}) layers")
         self.config = config
         self.layer_range = (start, end)
+        late = [i for i in config.deepstack_layers if start <= i < end] if start > 0 else []
+        if late:
+            raise ValueError(f"DeepStack layers {late} sit on a pipeline stage after the first (layers {start}-"
+                             f"{end - 1}); its features reach the first stage only: put layers up to "
+                             f"{max(config.deepstack_layers)} on the first stage")
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.has_embedding else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
         if self.has_head:
@@ -295,9 +306,33 @@ class Decoder(nn.Module):
         layer's output (Qwen3-VL's DeepStack: `_deepstack_process`); this stage applies the layers it holds.
         """
         if input_ids is not None:
+            embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
         hidden = self._layers(hidden, position_ids, document_ids, added_after_layer)
         return self.loss(hidden, labels) if labels is not None else hidden
+
+    def _deepstack(self, embeddings_at: EmbeddingsAt,
+                   added: AddedAfterLayer | None) -> tuple[EmbeddingsAt, AddedAfterLayer | None]:
+        """Modality rows [n, H·(1 + k)] split into what `embed` writes ([n, H]) and DeepStack's additions after
+        `config.deepstack_layers` at the same positions; rows of width H pass through."""
+        h, layers = self.config.hidden_size, self.config.deepstack_layers
+        if not layers or all(values.shape[-1] == h for _, values in embeddings_at):
+            return embeddings_at, added
+        added, written = dict(added or {}), []
+        for where, values in embeddings_at:
+            if values.shape[-1] == h:
+                written.append((where, values))
+                continue
+            if values.shape[-1] != h * (1 + len(layers)):
+                raise ValueError(f"modality rows of width {values.shape[-1]}: expected {h} or, with DeepStack "
+                                 f"layers {list(layers)}, {h * (1 + len(layers))}")
+            main, *extra = values.split(h, dim=-1)
+            written.append((where, main))
+            for layer, block in zip(layers, extra, strict=True):
+                if layer in added:
+                    raise ValueError(f"two modalities add DeepStack features after layer {layer}")
+                added[layer] = (where, block)
+        return written, added
 
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None,

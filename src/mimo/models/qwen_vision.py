@@ -161,6 +161,36 @@ class VisionOutput:
     deepstack: tuple[torch.Tensor, ...] = ()
 
 
+class JoinDeepStack(nn.Module):
+    """A tower's `VisionOutput` as the one tensor a modality submodule hands on: the merged tokens, with each
+    DeepStack feature concatenated along the width ([N, out·(1 + k)]; the decoder splits them again, see
+    `DecoderConfig.deepstack_layers`). No parameters: the towers' mergers are their projection."""
+
+    def forward(self, output: VisionOutput) -> torch.Tensor:
+        """[N, out] or [N, out·(1 + k)]."""
+        return torch.cat([output.embeddings, *output.deepstack], dim=-1) if output.deepstack else output.embeddings
+
+    def tp_plan(self) -> dict[str, ParallelStyle]:
+        """Nothing to shard."""
+        return {}
+
+
+class PackedTower(nn.Module):
+    """What `ModalitySubmodule` asks of an encoder of packed items: tokens per item and the smallest item."""
+
+    config: QwenVisionConfig
+
+    def tokens_of(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged tokens of each item [n]: its patches over merge² (on the CPU, from the grids)."""
+        return grid_thw.prod(dim=1) // self.config.merge_unit
+
+    @property
+    def smallest_grid(self) -> torch.Tensor:
+        """One frame of one merge block: the item a text-only micro-batch encodes (and drops)."""
+        m = self.config.spatial_merge_size
+        return torch.tensor([1, m, m])
+
+
 # -- the shared pieces ---------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
     """Packed patches [N, C·T·P·P] → [N, hidden]: transformers' Conv3d (kernel = stride) as one matmul."""
@@ -292,7 +322,7 @@ class Qwen25Merger(nn.Module):
         return self.mlp(normed.reshape(-1, self.mlp[0].in_features))
 
 
-class Qwen25VisionTower(nn.Module):
+class Qwen25VisionTower(PackedTower):
     """Qwen2.5-VL's vision tower: packed patches + grid_thw → merged tokens (`VisionOutput`, no DeepStack)."""
 
     def __init__(self, config: Qwen25VisionConfig) -> None:
@@ -368,7 +398,7 @@ def interpolation_taps(positions: torch.Tensor, sizes: torch.Tensor, side: int) 
     return indices, weights
 
 
-class Qwen3VisionTower(nn.Module):
+class Qwen3VisionTower(PackedTower):
     """Qwen3-VL's vision tower: packed patches + grid_thw → merged tokens and DeepStack features (`VisionOutput`)."""
 
     def __init__(self, config: Qwen3VisionConfig) -> None:
