@@ -65,7 +65,7 @@ def test_chat_template_with_image_parts_gets_content_lists(tmp_path):
                 "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     save_image(tmp_path / "images" / "a.png")
     data = dataset(tmp_path, [INSTRUCT], chat_template=template)
-    assert data.template.image_parts
+    assert data.prompter.reads_image_parts
     assert words(data, data[0].input_ids) == ["<s>", "<unk>", "be", "brief", "<unk>", *IMG, "what", "is", "it",
                                               "<unk>", "a", "cat", "</s>", "<unk>", "and", "now", "<unk>", "a",
                                               "dog", "</s>"]
