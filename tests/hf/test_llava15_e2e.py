@@ -170,7 +170,7 @@ def test_exported_stage2_loads_in_transformers_and_generates_mimos_tokens(runs):
     assert ids == Prompter.from_directory(out).input_ids(QUESTION, spec.vision_config.tokens_per_image)
     assert ids.count(spec.image_token_id) == spec.vision_config.tokens_per_image
     assert torch.equal(pixels[0], ImageProcessor.from_directory(out)(image).to(torch.float64))
-    new = greedy(model, ids, {IMAGES: pixels[0]}, 6, eos_token_ids(out))
+    new = greedy(model, ids, {IMAGES: pixels[:1]}, 6, eos_token_ids(out))
     with torch.no_grad():
         want = reference.generate(input_ids=inputs["input_ids"], pixel_values=pixels, max_new_tokens=6,
                                   do_sample=False)
