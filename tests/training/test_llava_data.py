@@ -75,7 +75,8 @@ def test_tokenizer_and_image_processing_come_from_the_model_directory(tmp_path):
     entry = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\ndescribe the image"},
                                                  {"from": "gpt", "value": "please"}]}
     data = {"name": "llava", "path": str(save_entries(tmp_path / "d.json", [entry])),
-            "image_folder": str(tmp_path / "images"), "template": "vicuna_v1"}
+            "image_folder": str(tmp_path / "images"), "template": "vicuna_v1",
+            "max_unknown_token_rate": 1.0}  # the tiny vocabulary lacks Vicuna's system prompt
     config = parse_run_config({"parallelism": LAYOUT, "model": {"hf": str(tmp_path / "llava")}, "data": data})
     plan_run(config, 2)
     plan = plan_model(config)
@@ -104,3 +105,22 @@ def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
     missing = re.escape(str(tmp_path / "images" / "missing.png"))
     assert re.search(f"mimo train: error: rank [01] failed: BadSample: sample 2 \\({missing}\\): image file not found",
                      stopped.stderr)
+
+
+def test_a_tokenizer_that_lacks_the_data_s_words_is_refused_before_launch(tmp_path):
+    """vicuna_v1 with a word-level tokenizer that lacks the data's words: the share of `<unk>` in the first samples
+    is refused above data.max_unknown_token_rate, naming words; allowed, it is a warning before launch."""
+    def entry(k: int) -> dict:
+        return {"image": f"{k}.png", "conversations": [
+            {"from": "system", "value": "be brief"}, {"from": "human", "value": "<image>\nwhat is this zebra"},
+            {"from": "gpt", "value": "a giraffe" if k % 2 else "a cat"}]}
+    data = {**llava_files(tmp_path, entries=[entry(k) for k in range(4)]), "template": "vicuna_v1"}
+    config = parse_run_config({"parallelism": LAYOUT, "data": data})
+    said = ("11.5% of the tokens of the first 4 samples (6 of 52) are the tokenizer's unknown token; words it lacks: "
+            "'zebra', 'giraffe'")
+    with pytest.raises(RunConfigError, match=re.escape(f"data.tokenizer: {said}; this tokenizer does not fit the "
+                                                       f"data (use the language model's own tokenizer), or set "
+                                                       f"data.max_unknown_token_rate above 0.115 to train anyway")):
+        plan_run(config, 2)
+    allowed = parse_run_config({"parallelism": LAYOUT, "data": {**data, "max_unknown_token_rate": 0.2}})
+    assert f"data: {said}" in plan_run(allowed, 2).warnings

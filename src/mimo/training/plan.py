@@ -56,7 +56,7 @@ class RunPlan:
         data, dtype = self.config.data, self.config.precision.param_dtype
         if data.name == "synthetic":
             specs = self.family.synthetic_modalities(provider)
-            vocab = min(provider.language_config.vocab_size, *provider.special_token_ids.values())  # ids inside it
+            vocab = provider.language_config.vocab_size  # special ids inside it are skipped
             return SyntheticDataset(data.num_samples, specs, vocab_size=vocab, items_per_sample=tuple(
                 data.items_per_sample), seed=self.config.train.seed, dtype=dtype)
         return self.family.dataset(data, self.config.model, self.opened, provider, split, dtype)
@@ -148,4 +148,7 @@ def _check_data(plan: RunPlan) -> None:
         raise RunConfigError("data.name 'digits' reads scikit-learn's bundled scans, but scikit-learn is not "
                              "installed: pip install scikit-learn (or use data.name synthetic)")
     if family.check_data is not None and data.name != "synthetic":
-        family.check_data(data, plan.config.model, plan.opened, plan.provider.language_config.max_seq_len)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a share of unknown tokens: said before launch
+            warnings.simplefilter("always")
+            family.check_data(data, plan.config.model, plan.opened, plan.provider.language_config.max_seq_len)
+        plan.warnings += [str(w.message) for w in caught]
