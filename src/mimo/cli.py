@@ -269,7 +269,10 @@ MOVED_HELP = ("a Hugging Face directory of the checkpoint's run moved elsewhere,
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from mimo import __version__
+
     parser = argparse.ArgumentParser(prog="mimo", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mimo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, run, text in (("train", cmd_train, "train a multimodal model from a YAML run config"),
                             ("validate", cmd_validate, "check a run config and its layout")):

@@ -114,11 +114,20 @@ class ChatTemplate:
             before = self.prompter.render(messages[:i], add_generation_prompt=True)
             through = whole if i + 1 == len(messages) else self.prompter.render(messages[:i + 1])
             if not (through.startswith(before) and whole.startswith(through)):
+                prefix, text = (before, through) if not through.startswith(before) else (through, whole)
                 raise ConversationError(f"the chat template's rendering of turns before {i} (with the generation "
                                         f"prompt) is not a prefix of the rendering through turn {i}, so the "
-                                        f"assistant's tokens cannot be located")
+                                        f"assistant's tokens cannot be located: {_divergence(prefix, text)}; "
+                                        f"data.template vicuna_v1 (LLaVA-1.5's conversations) or plain (captions) "
+                                        f"need no chat template")
             targets.append((len(before), len(through)))
         return Rendered(whole, tuple(targets), self.prompter.adds_special_tokens(whole))
+
+
+def _divergence(prefix: str, text: str, context: int = 20) -> str:
+    """Where a rendering that should be a prefix of another parts from it, and what each has there."""
+    k = next((j for j, (a, b) in enumerate(zip(prefix, text, strict=False)) if a != b), min(len(prefix), len(text)))
+    return f"they part at character {k}: {prefix[k:k + context]!r} against {text[k:k + context]!r}"
 
 
 TEMPLATES: Sequence[str] = ("chat", "plain", "vicuna_v1")
