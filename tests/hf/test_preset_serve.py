@@ -77,3 +77,14 @@ def test_a_preset_export_is_complete_and_transformers_prompts_it_alike(digits, t
         want = reference.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     got = greedy(model, sample.input_ids[:first + 1].tolist(), {"images": sample.items["images"]}, 4, [eos])
     assert got == want.tolist()
+
+
+def test_a_preset_run_without_a_tokenizer_exports_with_a_warning_and_generate_says_why(digits, tmp_path):
+    _, provider, model, data = digits
+    config = parse_run_config({"parallelism": ONE_RANK, "data": {"name": "synthetic"}})
+    with pytest.warns(UserWarning, match="the run trained on synthetic data with no tokenizer"):
+        out, _ = LLAVA.export(model, config.model, config.data, provider, tmp_path / "out")
+    assert (out / "config.json").is_file() and not (out / "tokenizer.json").exists()
+    image, _, _ = _scan(data, 0)
+    with pytest.raises(ValueError, match="trained from a preset on data with no tokenizer"):
+        LLAVA.generate(model, config.model, provider, GenerationRequest((image,), QUESTION, 2, config.data))
