@@ -247,6 +247,7 @@ def row_overrides(stage: int, layout: Layout, args: argparse.Namespace, run_dir:
             f"train.steps={args.warmup + args.steps}", f"log.dir={run_dir}", "log.interval=1", "checkpoint.interval=0"]
     if stage == 2:  # from stage 1's weights; no checkpoint of its own at the end unless asked (81 GB at 7B)
         sets.append(f"checkpoint.pretrained_checkpoint={stage1 or 'null'}")
+        sets.append("data.max_unknown_token_rate=1")  # the random vocabulary spells no word of Vicuna's system prompt
         sets += [] if args.keep_checkpoints else ["checkpoint.final=false"]
     if args.dry_run:  # tiny shapes on the CPU: a small batch, float32, no compilation, the tiny model's length
         base["train"].update(global_batch_size=args.dry_batch, num_microbatches=2)

@@ -111,3 +111,11 @@ def test_console_script_runs_without_traceback():
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.startswith("mimo layout: error: ")
+
+
+def test_version(capsys):
+    import mimo
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"mimo {mimo.__version__}\n"

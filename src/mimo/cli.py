@@ -172,7 +172,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
                               f"form to export to")
     with warnings.catch_warnings(record=True) as caught:  # e.g. a tokenizer that cannot take the image token
         warnings.simplefilter("always")
-        out, kind = plan.family.export(model, plan.config.model, plan.provider, Path(args.out_dir))
+        out, kind = plan.family.export(model, plan.config.model, plan.config.data, plan.provider, Path(args.out_dir))
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"wrote {out} ({kind})")
@@ -183,17 +183,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Print the greedy continuation of a prompt about an image, from a Hugging Face directory or a checkpoint."""
     from mimo.families.registry import GenerationRequest
 
-    model, section, family, provider = _generation_model(args)
+    model, section, family, provider, data = _generation_model(args)
     if family.generate is None:
         raise ConfigFileError(f"the {family.name} family has no generation (no tokenizer to prompt with)")
-    request = GenerationRequest(Path(args.image), args.prompt, args.max_new_tokens)
-    print(family.generate(model, section, provider, request))
+    request = GenerationRequest(tuple(Path(p) for p in args.image), args.prompt, args.max_new_tokens, data)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. stopped at max_seq_len: said after the text
+        warnings.simplefilter("always")
+        text = family.generate(model, section, provider, request)
+    print(text, flush=True)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     return 0
 
 
 def _generation_model(args: argparse.Namespace):
-    """(the whole model in one process, its model section, family and provider): a Hugging Face directory's
-    (`--hf`, its family read from its config.json) or a checkpoint's."""
+    """(the whole model in one process, its model section, family, provider and the data section it was trained
+    with): a Hugging Face directory's (`--hf`, its family read from its config.json; no data section) or a
+    checkpoint's."""
     if args.hf:
         if args.set:
             raise ConfigFileError(f"--set {args.set[0]}: --set re-points a checkpoint's Hugging Face directories; "
@@ -206,9 +212,9 @@ def _generation_model(args: argparse.Namespace):
         section = family.section(**{family.hf_settings[0]: args.hf})
         settings = BuildSettings(None, torch.float32, seed=0)  # the directory's own values, nothing seeded used
         provider = family.provider(section, family.open(section), settings)
-        return provider.provide(), section, family, provider
+        return provider.provide(), section, family, provider, None
     model, plan = _checkpoint_model(Path(args.checkpoint), args.set)
-    return model, plan.config.model, plan.family, plan.provider
+    return model, plan.config.model, plan.family, plan.provider, plan.config.data
 
 
 def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
@@ -263,7 +269,10 @@ MOVED_HELP = ("a Hugging Face directory of the checkpoint's run moved elsewhere,
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from mimo import __version__
+
     parser = argparse.ArgumentParser(prog="mimo", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mimo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, run, text in (("train", cmd_train, "train a multimodal model from a YAML run config"),
                             ("validate", cmd_validate, "check a run config and its layout")):
@@ -292,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy generation about an image (one process)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="a Hugging Face LLaVA directory")
-    source.add_argument("--checkpoint", help="a mimo checkpoint directory (trained from Hugging Face directories)")
-    gen.add_argument("--image", required=True, help="an image file")
-    gen.add_argument("--prompt", required=True, help="the text about the image")
+    source.add_argument("--checkpoint", help="a mimo checkpoint directory (runs/NAME/checkpoints/step_N)")
+    gen.add_argument("--image", required=True, action="append", help="an image file (repeatable: one per <image>)")
+    gen.add_argument("--prompt", required=True,
+                     help="the text about the image(s): <image> where each goes, or none (the image(s) first)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=PATH", help=MOVED_HELP)
     gen.set_defaults(run=cmd_generate)

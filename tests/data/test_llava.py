@@ -65,7 +65,7 @@ def test_chat_template_with_image_parts_gets_content_lists(tmp_path):
                 "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     save_image(tmp_path / "images" / "a.png")
     data = dataset(tmp_path, [INSTRUCT], chat_template=template)
-    assert data.template.image_parts
+    assert data.prompter.reads_image_parts
     assert words(data, data[0].input_ids) == ["<s>", "<unk>", "be", "brief", "<unk>", *IMG, "what", "is", "it",
                                               "<unk>", "a", "cat", "</s>", "<unk>", "and", "now", "<unk>", "a",
                                               "dog", "</s>"]
@@ -74,7 +74,10 @@ def test_chat_template_with_image_parts_gets_content_lists(tmp_path):
 
 def test_chat_templates_that_cannot_locate_the_answer_are_refused(tmp_path):
     no_assistant = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}A:{% endif %}"
-    with pytest.raises(TemplateError, match="chat template cannot be used for training: .* is not a prefix"):
+    with pytest.raises(TemplateError, match=r"chat template cannot be used for training: .* is not a prefix .*: they "
+                                            r"part at character 6: 'A:' against 'hi '; data.template vicuna_v1 "
+                                            r"\(LLaVA-1.5's conversations\) or plain \(captions\) need no chat "
+                                            r"template"):
         dataset(tmp_path, [INSTRUCT], chat_template=no_assistant)
     with pytest.raises(TemplateError, match="the 'chat' template needs the tokenizer's chat template, and this "
                                             "tokenizer has none"):

@@ -63,9 +63,25 @@ def test_collated_batch_runs_through_the_tiny_llava(tiny_llava) -> None:
     assert torch.isfinite(loss_sum) and int(count) > 0
 
 
+@pytest.mark.parametrize("image_id", [1, 3, 40, 63])
+def test_special_ids_inside_the_vocabulary_are_skipped(image_id: int) -> None:
+    """A Hugging Face model's `<image>` may be any id of its vocabulary (not only the last): the text uses every
+    other id, and the image id appears only in the items' blocks."""
+    data = SyntheticDataset(32, {"images": ModalitySpec.image(image_id, 4)}, vocab_size=64)
+    used = set()
+    for i in range(len(data)):
+        sample = data[i]
+        assert int((sample.input_ids == image_id).sum()) == 4 * sample.items["images"].shape[0]
+        used |= set(sample.input_ids.tolist()) - {image_id}
+    assert max(used) < 64 and len(used) > 40
+    assert data.bos_id == (1 if image_id > 1 else 2) and data.pad_id == 0
+
+
 def test_bad_settings() -> None:
-    """A special id inside the text vocabulary and an index out of range are clear errors."""
-    with pytest.raises(ValueError, match=r"outside the text ids \[0, 256\); use ids >= 256"):
-        SyntheticDataset(4, {"images": ModalitySpec.image(200, 16)})
+    """Clashing special ids, a vocabulary with no room for filler and an index out of range are clear errors."""
+    with pytest.raises(ValueError, match=r"special token ids \[200, 200\] must be distinct"):
+        SyntheticDataset(4, {"images": ModalitySpec.image(200, 16), "audio": ModalitySpec.audio(200, 8)})
+    with pytest.raises(ValueError, match=r"vocab_size 10 leaves fewer than 2 filler ids after 9 reserved ones"):
+        SyntheticDataset(4, {"images": ModalitySpec.image(3, 16)}, vocab_size=10)
     with pytest.raises(IndexError, match=r"sample 4 is outside \[0, 4\)"):
         SyntheticDataset(4, {"images": IMAGES})[4]

@@ -7,6 +7,7 @@ a tower + language model pair and a preset export to directories whose logits in
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -157,7 +158,16 @@ def test_a_pair_export_gets_the_image_token_and_a_processor(tmp_path):
     assert ids.tolist().count(spec.image_token_id) == spec.vision.tokens_per_image == 16
 
 
-def test_a_tokenizer_whose_image_token_is_another_id_is_warned_about(tmp_path):
-    with pytest.warns(UserWarning, match=r"tokenizer.json: <image> is token 4, not the model's image token 36; "
-                                         r"transformers' LlavaProcessor will not place images"):
-        pair_export(tmp_path, image_token=True)
+def test_a_tokenizer_whose_image_token_is_another_id_exports_that_id(tmp_path):
+    """mimo's data maps the tokenizer's <image> (4) to the model's image id (36, past the vocabulary), so the model
+    never read 4 as text: the export names 4 its image id (no vocabulary padding), and transformers' processor
+    places images there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, spec = pair_export(tmp_path, image_token=True)
+    config = json.loads((out / "config.json").read_text())
+    processor = transformers.LlavaProcessor.from_pretrained(out)
+    assert processor.image_token_id == config["image_token_index"] == 4 != spec.image_token_id
+    assert config["text_config"]["vocab_size"] == spec.language.vocab_size
+    ids = processor(images=torch.zeros(3, 8, 8), text="<image>\nwhat", return_tensors="pt")["input_ids"][0]
+    assert ids.tolist().count(4) == spec.vision.tokens_per_image

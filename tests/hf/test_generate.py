@@ -133,3 +133,66 @@ def test_generate_from_a_checkpoint_uses_its_origin_files(tmp_path, unchanged_ll
                                                                                    str(checkpoint), *args)
     assert from_hf.returncode == from_checkpoint.returncode == 0, from_checkpoint.stderr[-2000:]
     assert from_hf.stdout == from_checkpoint.stdout and len(from_hf.stdout.split()) == 6
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A tiny CLIP + Llama LLaVA directory with its processor (max_seq_len 256, 16 tokens an image) and a photo."""
+    directory = tmp_path_factory.mktemp("tiny_llava")
+    tiny_hf.save_llava(directory)
+    tiny_hf.processor().save_pretrained(directory)
+    photo(8, 8).save(directory / "photo.png")
+    return directory
+
+
+def _generate(capsys, directory, *args: str) -> tuple[int, str, str]:
+    """`mimo generate --hf DIRECTORY ARGS` in this process: (exit code, stdout, stderr)."""
+    from mimo.cli import main
+
+    code = main(["generate", "--hf", str(directory), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_stops_at_max_seq_len_prints_and_says_why(tiny_llava, capsys):
+    # BOS, 16 image tokens, 236 words: 253 of 256 positions, so 3 tokens are generated, printed, and the stop named
+    image = ["--image", str(tiny_llava / "photo.png")]
+    code, out, err = _generate(capsys, tiny_llava, *image, "--prompt", " ".join(["describe"] * 236),
+                               "--max-new-tokens", "100000")
+    assert code == 0 and out.strip() and len(out.split()) <= 3, (out, err)
+    assert err == ("warning: stopped after 3 of --max-new-tokens 100000 tokens: the prompt (253 tokens) and the "
+                   "answer reached the model's max_seq_len of 256\n")
+    code, out, err = _generate(capsys, tiny_llava, *image, "--prompt", " ".join(["describe"] * 3000))
+    assert code == 2 and out == "" and err == ("mimo generate: error: --prompt: the prompt is 3017 tokens with its "
+                                               "images, and the model's max_seq_len is 256: no room to generate; "
+                                               "shorten the prompt\n")
+
+
+def test_generate_bombs_and_truncated_weights_are_one_line(tiny_llava, tmp_path, capsys):
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")  # 400 M pixels, a few KB on disk
+    code, _, err = _generate(capsys, tiny_llava, "--image", str(tmp_path / "bomb.png"), "--prompt", "x")
+    assert code == 2 and err.count("\n") == 1 and "bomb.png: too large to decode safely" in err, err
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in tiny_llava.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    code, _, err = _generate(capsys, truncated, "--image", str(truncated / "photo.png"), "--prompt", "x")
+    assert code == 2 and err.count("\n") == 1 and "model.safetensors: not a readable safetensors file" in err, err
+
+
+def test_prompt_placeholders_place_the_images_in_generate(tiny_llava, capsys):
+    """`<image>` after the question puts the image there (written twice with two --image, two images); the
+    answer equals transformers' for the same placement."""
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tiny_llava)
+    processor = transformers.LlavaProcessor.from_pretrained(tiny_llava)
+    image = Image.open(tiny_llava / "photo.png")
+    for prompt, images in (("describe <image>", [image]), ("<image> and <image> please", [image, image])):
+        inputs = processor(images=images, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            new = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        args = [a for _ in images for a in ("--image", str(tiny_llava / "photo.png"))]
+        code, out, err = _generate(capsys, tiny_llava, *args, "--prompt", prompt, "--max-new-tokens", "5")
+        assert code == 0, err
+        assert out.strip() == processor.tokenizer.decode(new, skip_special_tokens=True).strip()

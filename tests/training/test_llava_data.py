@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from mimo.cli import main
+from mimo.cli import _checkpoint_model, main
+from mimo.training.evaluate import held_out_loss
 from mimo.training.plan import plan_model, plan_run
 from mimo.training.run_config import RunConfigError, parse_run_config
 from tests.data.llava_files import CHATML, pretrain_entry, save_entries, save_image, save_tokenizer
@@ -75,7 +76,8 @@ def test_tokenizer_and_image_processing_come_from_the_model_directory(tmp_path):
     entry = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\ndescribe the image"},
                                                  {"from": "gpt", "value": "please"}]}
     data = {"name": "llava", "path": str(save_entries(tmp_path / "d.json", [entry])),
-            "image_folder": str(tmp_path / "images"), "template": "vicuna_v1"}
+            "image_folder": str(tmp_path / "images"), "template": "vicuna_v1",
+            "max_unknown_token_rate": 1.0}  # the tiny vocabulary lacks Vicuna's system prompt
     config = parse_run_config({"parallelism": LAYOUT, "model": {"hf": str(tmp_path / "llava")}, "data": data})
     plan_run(config, 2)
     plan = plan_model(config)
@@ -91,12 +93,20 @@ def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
     entries = [pretrain_entry(f"{k}.png", ["a cat", "a dog"][k % 2]) for k in range(4)]
     entries[2] = pretrain_entry("missing.png")  # skipped: the next good sample (3) takes its slot
     data = llava_files(tmp_path, entries=entries)
-    path, run_dir = write_config(tmp_path, data=data, parallelism=LAYOUT,
-                                 train={"steps": 2, "global_batch_size": 4}, checkpoint={"interval": 0})
+    held_out = save_entries(tmp_path / "held_out.json", [pretrain_entry("1.png", "a dog"),
+                                                         pretrain_entry("missing.png"), pretrain_entry("0.png")])
+    path, run_dir = write_config(tmp_path, data=data, parallelism=LAYOUT, train={"steps": 2, "global_batch_size": 4},
+                                 checkpoint={"interval": 1}, eval={"path": str(held_out), "interval": 1})
     done = mimo("train", str(path), "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    # the held-out loss at every checkpoint (the layout's 2 ranks; the bad sample left out), as one process has it
+    evals = [(m["step"], m["loss"]) for m in metrics(run_dir) if m["kind"] == "eval"]
+    assert [step for step, _ in evals] == [1, 2]
+    model, plan = _checkpoint_model(run_dir / "checkpoints" / "step_00000002")
+    assert held_out_loss(model, plan.dataset(plan.whole_model_provider(), "held_out")) == (evals[1][1], 2)
+    assert f"held-out loss at step 2: {evals[1][1]:.4f} (2 samples of {held_out})" in done.stdout
     stopped = mimo("train", str(path), "--quiet", "--set", "data.on_bad_sample=error", "--set",
                    f"log.dir={tmp_path / 'stopped'}")
     assert stopped.returncode != 0
@@ -104,3 +114,39 @@ def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
     missing = re.escape(str(tmp_path / "images" / "missing.png"))
     assert re.search(f"mimo train: error: rank [01] failed: BadSample: sample 2 \\({missing}\\): image file not found",
                      stopped.stderr)
+
+
+def test_a_tokenizer_that_lacks_the_data_s_words_is_refused_before_launch(tmp_path):
+    """vicuna_v1 with a word-level tokenizer that lacks the data's words: the share of `<unk>` in the first samples
+    is refused above data.max_unknown_token_rate, naming words; allowed, it is a warning before launch."""
+    def entry(k: int) -> dict:
+        return {"image": f"{k}.png", "conversations": [
+            {"from": "system", "value": "be brief"}, {"from": "human", "value": "<image>\nwhat is this zebra"},
+            {"from": "gpt", "value": "a giraffe" if k % 2 else "a cat"}]}
+    data = {**llava_files(tmp_path, entries=[entry(k) for k in range(4)]), "template": "vicuna_v1"}
+    config = parse_run_config({"parallelism": LAYOUT, "data": data})
+    said = ("11.5% of the tokens of the first 4 samples (6 of 52) are the tokenizer's unknown token; words it lacks: "
+            "'zebra', 'giraffe'")
+    with pytest.raises(RunConfigError, match=re.escape(f"data.tokenizer: {said}; this tokenizer does not fit the "
+                                                       f"data (use the language model's own tokenizer), or set "
+                                                       f"data.max_unknown_token_rate above 0.115 to train anyway")):
+        plan_run(config, 2)
+    allowed = parse_run_config({"parallelism": LAYOUT, "data": {**data, "max_unknown_token_rate": 0.2}})
+    assert f"data: {said}" in plan_run(allowed, 2).warnings
+
+
+def test_eval_for_llava_data_is_never_silently_nothing(tmp_path):
+    data = llava_files(tmp_path)
+    plan = plan_run(parse_run_config({"parallelism": LAYOUT, "data": data}), 2)
+    assert "eval: no held-out evaluation for this run (set eval.path: HELD_OUT.json (LLaVA-format) for a held-out " \
+           "loss; eval.enabled: false silences this)" in plan.warnings
+    with pytest.raises(RunConfigError, match=r"^eval.interval: 3 evaluates the checkpoint of every 3th step, so it "
+                                             r"needs eval.path and a checkpoint.interval that divides it \("
+                                             r"checkpoint.interval is 2\)"):
+        parse_run_config({"parallelism": LAYOUT, "data": data, "checkpoint": {"interval": 2},
+                          "eval": {"path": data["path"], "interval": 3}})
+    with pytest.raises(RunConfigError, match=r"^eval.path: a held-out file is for data.name llava"):
+        parse_run_config({"parallelism": LAYOUT, "eval": {"path": "x.json"}})
+    config = parse_run_config({"parallelism": LAYOUT, "data": data, "eval": {"path": str(tmp_path / "none.json")}})
+    with pytest.raises(RunConfigError, match=r"^eval.path: .*none.json is not a file"):
+        plan_run(config, 2)

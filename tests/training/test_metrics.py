@@ -179,6 +179,9 @@ def test_skipped_samples_are_counted_named_and_carried_over_a_resume() -> None:
     assert resumed.summary() == ("skipped 7 bad sample(s); the first 5: sample 4 (images/4.jpg): missing image; "
                                  "sample 10 (images/10.jpg): corrupt; sample 11 (images/11.jpg): corrupt; "
                                  "sample 12 (images/12.jpg): corrupt; sample 13 (images/13.jpg): corrupt")
+    resumed.add([SkippedSample(4, "images/4.jpg", "missing image"), SkippedSample(11, "images/11.jpg", "corrupt")])
+    assert resumed.count == 9 and resumed.summary().startswith(  # drawn again by the next epoch: named once
+        "skipped 7 bad sample(s) (9 skips: each time an epoch drew one); the first 5: sample 4 (images/4.jpg)")
     older = SkippedSamples()
     older.load_state_dict(None)  # a checkpoint written before the tally existed
     assert older.count == 0

@@ -24,6 +24,9 @@ class DataSection:
     max_seq_len: int | None = field(default=None, metadata={"min": 1})
     on_bad_sample: Literal["skip", "error"] = "skip"  # skip: the next good sample takes its place, counted
     tokenizer: str | None = None  # llava: a directory with tokenizer.json; default model.hf / model.language_hf
+    # llava: the most of the first samples' tokens that may be the tokenizer's <unk> (checked before launch;
+    # above it the run is refused, naming words the tokenizer lacks; 1 trains whatever the share)
+    max_unknown_token_rate: float = field(default=0.05, metadata={"min": 0, "max": 1})
     cache_samples: bool = False  # keep each prepared sample in memory after its first use (small datasets)
     # loader processes per rank; 0 builds batches in the training process; unset: min(8, CPUs per rank - 1)
     num_workers: int | None = field(default=None, metadata={"min": 0})

@@ -44,8 +44,9 @@ class ModalitySpec:
 class SyntheticDataset:
     """`num_samples` generated samples over text ids [0, vocab_size) and the given modalities.
 
-    Text ids: 0 pad, 1 bos, 2 eos, then one query token per modality, then `num_buckets` answer tokens,
-    then the filler tokens up to `vocab_size`. Every special token id must lie outside [0, vocab_size)."""
+    Text ids are [0, vocab_size) without the modalities' special ids (a Hugging Face model's `<image>` may sit
+    anywhere in its vocabulary), in order: pad, bos, eos, one query token per modality, `num_buckets` answer
+    tokens, then the filler tokens. With every special id past the vocabulary (mimo's default), text id k is k."""
 
     def __init__(
         self,
@@ -69,11 +70,19 @@ class SyntheticDataset:
         self.noise = noise
         self.seed = seed
         self.dtype = dtype
-        self.pad_id = PAD_ID
-        self.query_ids = {name: 3 + m for m, name in enumerate(self.modalities)}
+        self.specials_inside = sorted({s.token_id for s in self.modalities.values() if 0 <= s.token_id < vocab_size})
+        self.pad_id, self.bos_id, self.eos_id = (self._text_id(k) for k in (PAD_ID, BOS_ID, EOS_ID))
+        self.query_ids = {name: self._text_id(3 + m) for m, name in enumerate(self.modalities)}
         self.answer_base = 3 + len(self.modalities)
         self.filler_base = self.answer_base + num_buckets
         self._check()
+
+    def _text_id(self, k: int) -> int:
+        """The k-th id of [0, vocab_size) that is no modality's special id."""
+        for special in self.specials_inside:
+            if k >= special:
+                k += 1
+        return k
 
     def _check(self) -> None:
         """Reject settings that would produce clashing ids, no filler, or impossible counts."""
@@ -85,14 +94,13 @@ class SyntheticDataset:
         lo, hi = self.text_length
         if not 0 <= lo <= hi:
             raise ValueError(f"text_length must be (min, max) with 0 <= min <= max, got {self.text_length}")
-        if self.vocab_size - self.filler_base < 2:
-            raise ValueError(f"vocab_size {self.vocab_size} leaves fewer than 2 filler ids after "
-                             f"{self.filler_base} reserved ones; use vocab_size >= {self.filler_base + 2}")
+        reserved = self.filler_base + len(self.specials_inside)
+        if self.vocab_size - reserved < 2:
+            raise ValueError(f"vocab_size {self.vocab_size} leaves fewer than 2 filler ids after {reserved} reserved "
+                             f"ones (special ids inside it included); use vocab_size >= {reserved + 2}")
         ids = [spec.token_id for spec in self.modalities.values()]
-        inside = [i for i in ids if 0 <= i < self.vocab_size]
-        if inside or len(set(ids)) != len(ids):
-            raise ValueError(f"special token ids {ids} must be distinct and outside the text ids "
-                             f"[0, {self.vocab_size}); use ids >= {self.vocab_size}")
+        if min(ids, default=0) < 0 or len(set(ids)) != len(ids):
+            raise ValueError(f"special token ids {ids} must be distinct and non-negative")
 
     def __len__(self) -> int:
         """Number of samples."""
@@ -141,24 +149,24 @@ class SyntheticDataset:
     ) -> list[int]:
         """bos, filler, then per item block: specials, query, answer, filler; then eos."""
         filler = self._filler(gen)
-        ids = [BOS_ID, *filler(self._length(gen))]
+        ids = [self.bos_id, *filler(self._length(gen))]
         for name, k in order:
             spec = self.modalities[name]
             ids += [spec.token_id] * spec.tokens_per_item
-            ids += [self.query_ids[name], self.answer_base + int(buckets[name][k])]
+            ids += [self.query_ids[name], self._text_id(self.answer_base + int(buckets[name][k]))]
             ids += filler(self._length(gen))
-        return [*ids, EOS_ID]
+        return [*ids, self.eos_id]
 
     def _filler(self, gen: torch.Generator) -> Callable[[int], list[int]]:
         """A function giving the next n tokens of this sample's arithmetic filler sequence."""
-        count = self.vocab_size - self.filler_base
+        count = self.vocab_size - self.filler_base - len(self.specials_inside)
         position = _randint(gen, count)
         step = _FILLER_STEPS[_randint(gen, len(_FILLER_STEPS))]
 
         def take(n: int) -> list[int]:
             """The next n filler tokens; the sequence continues on the next call."""
             nonlocal position
-            out = [self.filler_base + (position + j * step) % count for j in range(n)]
+            out = [self._text_id(self.filler_base + (position + j * step) % count) for j in range(n)]
             position += n * step
             return out
 

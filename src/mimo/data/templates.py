@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from mimo.data.conversation import IMAGE, Conversation, ConversationError, Turn
 from mimo.hf.prompt import Prompter
@@ -87,8 +86,7 @@ class ChatTemplate:
     which is what the loss learns. (`{% generation %}` markers are rendered as their body, not used: few
     templates have them; a test checks the spans equal transformers' assistant mask where they do.) A
     template whose earlier output changes with later turns is refused, on a probe conversation when the
-    template is built. Contents are lists of {"type": "image"} / {"type": "text"} parts when the template
-    handles image parts (a multimodal processor's template), else strings with `<image>` inline."""
+    template is built. Each turn becomes a message as `Prompter.message` says (generation's rule too)."""
 
     name = "chat"
 
@@ -98,7 +96,6 @@ class ChatTemplate:
             raise TemplateError("the 'chat' template needs the tokenizer's chat template, and this tokenizer has "
                                 "none; use data.template plain or vicuna_v1, or a tokenizer with a chat template")
         self.prompter = prompter
-        self.image_parts = "'image'" in prompter.chat_template or '"image"' in prompter.chat_template
         probe = Conversation((Turn("user", "hello"), Turn("assistant", "hi"), Turn("user", "how are you?"),
                               Turn("assistant", "fine")))
         try:
@@ -108,7 +105,7 @@ class ChatTemplate:
 
     def render(self, conversation: Conversation) -> Rendered:
         """The whole conversation's rendering and the span of each assistant turn (see the class docstring)."""
-        messages = [self._message(t) for t in conversation.turns]
+        messages = [self.prompter.message(t.role, t.text) for t in conversation.turns]
         whole = self.prompter.render(messages)
         targets = []
         for i, turn in enumerate(conversation.turns):
@@ -117,30 +114,20 @@ class ChatTemplate:
             before = self.prompter.render(messages[:i], add_generation_prompt=True)
             through = whole if i + 1 == len(messages) else self.prompter.render(messages[:i + 1])
             if not (through.startswith(before) and whole.startswith(through)):
+                prefix, text = (before, through) if not through.startswith(before) else (through, whole)
                 raise ConversationError(f"the chat template's rendering of turns before {i} (with the generation "
                                         f"prompt) is not a prefix of the rendering through turn {i}, so the "
-                                        f"assistant's tokens cannot be located")
+                                        f"assistant's tokens cannot be located: {_divergence(prefix, text)}; "
+                                        f"data.template vicuna_v1 (LLaVA-1.5's conversations) or plain (captions) "
+                                        f"need no chat template")
             targets.append((len(before), len(through)))
         return Rendered(whole, tuple(targets), self.prompter.adds_special_tokens(whole))
 
-    def _message(self, turn: Turn) -> dict[str, Any]:
-        """A turn as a chat-template message (see the class docstring for the content's form)."""
-        if not self.image_parts:
-            return {"role": turn.role, "content": turn.text}
-        return {"role": turn.role, "content": _parts(turn.text)}
 
-
-def _parts(text: str) -> list[dict[str, str]]:
-    """Text with `<image>` placeholders as image and text parts (the newline after an image dropped: it is
-    LLaVA's separator after the image, which the template writes itself)."""
-    parts: list[dict[str, str]] = []
-    for k, piece in enumerate(text.split(IMAGE)):
-        if k:
-            parts.append({"type": "image"})
-            piece = piece.removeprefix("\n")
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
+def _divergence(prefix: str, text: str, context: int = 20) -> str:
+    """Where a rendering that should be a prefix of another parts from it, and what each has there."""
+    k = next((j for j, (a, b) in enumerate(zip(prefix, text, strict=False)) if a != b), min(len(prefix), len(text)))
+    return f"they part at character {k}: {prefix[k:k + context]!r} against {text[k:k + context]!r}"
 
 
 TEMPLATES: Sequence[str] = ("chat", "plain", "vicuna_v1")

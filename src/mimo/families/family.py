@@ -50,11 +50,14 @@ class BuildSettings:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What `mimo generate` asks of a family: a prompt about `media` (an image file, for an image family)."""
+    """What `mimo generate` asks of a family: a prompt about `media` (image files, for an image family), and the
+    data section of the run the model was trained in (its tokenizer and preprocessing), None for a Hugging Face
+    directory (its own)."""
 
-    media: Path
+    media: tuple[Path, ...]
     prompt: str
     max_new_tokens: int
+    data: DataSection | None = None
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,9 @@ class ModelFamily:
     check_data: Callable[[DataSection, Any, Any, int], None] | None = None
     # Hugging Face `model_type`s whose directories this family reads (`mimo generate --hf` picks the family so)
     hf_model_types: tuple[str, ...] = ()
-    # (model, model section, provider, out_dir) -> the directory written, with its class name for the message
-    export: Callable[[nn.Module, Any, MimoModelProvider, Path], tuple[Path, str]] | None = None
+    # (model, model section, the run's data section, provider, out_dir) -> the directory written, with its class
+    # name for the message (the data section says which tokenizer and preprocessing the model was trained with)
+    export: Callable[[nn.Module, Any, DataSection, MimoModelProvider, Path], tuple[Path, str]] | None = None
     # (model, model section, provider, request) -> the generated text
     generate: Callable[[nn.Module, Any, MimoModelProvider, GenerationRequest], str] | None = None
     # the model section's keys that name Hugging Face directories (`--set model.KEY=PATH` re-points a checkpoint's),

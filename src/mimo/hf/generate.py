@@ -16,10 +16,10 @@ from mimo.models.generation import greedy_decode
 
 def greedy(model, input_ids: list[int], items: Mapping[str, torch.Tensor], max_new_tokens: int,
            eos_ids: Iterable[int] = ()) -> list[int]:
-    """The greedy continuation of `input_ids`, up to an end-of-sequence id: one sample with one item per modality
-    of `items` (an image [3, H, W] under the family's image modality)."""
+    """The greedy continuation of `input_ids`, up to an end-of-sequence id: one sample with the items [n, ...] of
+    each modality of `items` (images [n, 3, H, W] under the family's image modality)."""
     model.eval()
-    batches = {m: ModalityBatch(x.unsqueeze(0).to(_dtype(model)), torch.ones(1, dtype=torch.long))
+    batches = {m: ModalityBatch(x.to(_dtype(model)), torch.tensor([x.shape[0]], dtype=torch.long))
                for m, x in items.items()}
     return greedy_decode(model, torch.tensor([input_ids]), batches, max_new_tokens, eos_ids)[0].tolist()
 

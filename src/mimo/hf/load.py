@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -42,7 +42,7 @@ class SafetensorsDir:
             self.files = {name: self.directory / file for name, file in weight_map.items()}
         else:
             for path in sorted(self.directory.glob("*.safetensors")):
-                with safe_open(path, "pt") as f:
+                with open_safetensors(path) as f:
                     self.files.update(dict.fromkeys(f.keys(), path))
         if not self.files:
             raise HFLoadError(f"{self.directory}: no safetensors weights (model.safetensors or a sharded index); "
@@ -64,8 +64,18 @@ class SafetensorsDir:
         """The lazy slice handle of tensor `name` (shape and dtype known, nothing read until indexed)."""
         path = self.files[name]
         if path not in self._open:
-            self._open[path] = safe_open(path, "pt")
+            self._open[path] = open_safetensors(path)
         return self._open[path].get_slice(name)
+
+
+def open_safetensors(path: Path) -> Any:
+    """`safe_open` of one file, or a one-line HFLoadError for a file that is not whole safetensors (truncated,
+    corrupt header) or cannot be read."""
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:
+        raise HFLoadError(f"{path}: not a readable safetensors file ({e}); is it truncated? download or copy it "
+                          f"again") from None
 
 
 @dataclass(frozen=True)

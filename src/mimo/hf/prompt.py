@@ -1,8 +1,12 @@
 """Text → token ids as transformers' `LlavaProcessor` makes them, with the `tokenizers` runtime (tokenizer.json).
 
-With a chat template the prompt is one user turn holding the image and the text, rendered with
+With a chat template the prompt is one user turn holding the image(s) and the text, rendered with
 `add_generation_prompt` in a sandboxed Jinja environment set up as transformers sets it up (jinja2 is
 what transformers itself uses; mimo imports it only here); without one the text is `<image>\\n` + prompt.
+A turn becomes a chat-template message in one place (`Prompter.message`), for training data and generation
+alike: a list of image and text parts when the template reads image parts, else the string with `<image>` inline.
+A prompt's own `<image>` placeholders place its images; a prompt without one gets `<image>\\n` before its text
+(LLaVA's layout, and the image part first for a template that reads parts: the template decides where it goes).
 Each image token is then repeated to the image's token count, and the text tokenized, special tokens added
 unless the rendered text already starts with the BOS token (transformers' rule). Training data renders whole
 conversations through the same template (`render`) and tokenizes with character offsets (`encode`).
@@ -53,12 +57,28 @@ class Prompter:
         prompter.add_image_token()
         return prompter
 
-    def text(self, prompt: str) -> str:
-        """The text before image expansion: the chat template's rendering, or `<image>\\n` + prompt."""
+    @property
+    def reads_image_parts(self) -> bool:
+        """Whether the chat template reads image parts (`{"type": "image"}`) in a message's content, as a
+        multimodal processor's template does; else it prints each content as a string."""
+        template = self.chat_template
+        return template is not None and ("'image'" in template or '"image"' in template)
+
+    def message(self, role: str, text: str) -> dict[str, Any]:
+        """One turn (`<image>` where each image sits) as a chat-template message: image and text parts for a
+        template that reads parts, else the string. The one place a turn's form is decided, so training data and
+        `generate` render a turn alike."""
+        return {"role": role, "content": image_parts(text) if self.reads_image_parts else text}
+
+    def text(self, prompt: str, images: int = 1) -> str:
+        """The text before image expansion of a one-turn prompt about `images` images: the prompt's own `<image>`
+        placeholders place them, else `<image>\\n` per image goes before its text; then the chat template's
+        rendering with the generation prompt, if the tokenizer has one."""
+        if IMAGE_TOKEN not in prompt:
+            prompt = f"{IMAGE_TOKEN}\n" * images + prompt
         if self.chat_template is None:
-            return f"{self.image_token}\n{prompt}"
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.render(messages, add_generation_prompt=True)
+            return prompt
+        return self.render([self.message("user", prompt)], add_generation_prompt=True)
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """`messages` through the chat template, as transformers' `apply_chat_template(tokenize=False)`."""
@@ -99,13 +119,16 @@ class Prompter:
                               f"(Prompter.add_image_token, which Prompter.from_directory calls)")
         return token_id
 
-    def input_ids(self, prompt: str, image_tokens: int, model_image_id: int | None = None) -> list[int]:
-        """Token ids of the prompt with its one image expanded to `image_tokens` image tokens, written as
-        `model_image_id` if given (a model trained from a tower and a language model has its own image id)."""
-        text = self.text(prompt)
-        if text.count(self.image_token) != 1:
-            raise PromptError(f"the prompt holds {text.count(self.image_token)} {self.image_token} tokens; "
-                              f"mimo generate takes one image")
+    def input_ids(self, prompt: str, image_tokens: int, model_image_id: int | None = None,
+                  images: int = 1) -> list[int]:
+        """Token ids of the prompt (`text`) with each of its `images` images expanded to `image_tokens` image
+        tokens, written as `model_image_id` if given (a model trained from a tower and a language model has its
+        own image id)."""
+        text = self.text(prompt, images)
+        if text.count(self.image_token) != images:
+            raise PromptError(f"the prompt holds {text.count(self.image_token)} {self.image_token} placeholder(s) "
+                              f"for {images} image(s); write one {IMAGE_TOKEN} where each image goes, or none "
+                              f"(the image(s) then go before the text)")
         text = text.replace(self.image_token, self.image_token * image_tokens)
         text_id = self.image_token_id()
         ids = self.encode(text, self.adds_special_tokens(text)).ids
@@ -114,6 +137,19 @@ class Prompter:
     def decode(self, ids: list[int]) -> str:
         """Generated ids → text, special tokens skipped."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def image_parts(text: str) -> list[dict[str, str]]:
+    """Text with `<image>` placeholders as image and text parts (the newline after an image dropped: it is
+    LLaVA's separator after the image, which the template writes itself)."""
+    parts: list[dict[str, str]] = []
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            parts.append({"type": "image"})
+            piece = piece.removeprefix("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 def _json(path: Path) -> dict[str, Any]:

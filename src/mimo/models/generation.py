@@ -3,7 +3,8 @@
 
 Modality embeddings are computed once; each new token re-runs the language model over the whole sequence (no KV
 cache: simple and exact, fine for checking a model and for prompts of a few dozen tokens, slow for long outputs).
-Only the last position's logits are computed, as transformers' `generate` does.
+Only the last position's logits are computed, as transformers' `generate` does. Generated ids are text: the
+prompt's special tokens take the modality embeddings, a generated one is embedded as a token.
 """
 
 from __future__ import annotations
@@ -22,14 +23,26 @@ def greedy_decode(model: MimoModel, input_ids: torch.Tensor, modality_inputs: Ma
     `max_new_tokens`, or fewer once every row's last token is an end-of-sequence id (which is kept, as
     transformers' `generate` keeps it; a row that ended earlier goes on generating until the last has)."""
     embeddings, counts = model.encode(modality_inputs), model.tokens_per_sample(modality_inputs)
-    decoder, eos, ids = model.language_model, torch.tensor(sorted(set(eos_ids)), dtype=torch.long), input_ids
+    decoder, eos = model.language_model, torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+    prompt = model.language_inputs(input_ids, embeddings, counts)  # checked once: the prompt's special tokens
+    new = input_ids.new_empty(input_ids.shape[0], 0)
     ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
-        hidden = decoder(**model.language_inputs(ids, embeddings, counts))
+        hidden = decoder(**_extended(prompt, new))
         token = decoder.logits(hidden[:, -1:]).argmax(-1)  # [N, 1]
-        ids = torch.cat([ids, token], dim=1)
+        new = torch.cat([new, token], dim=1)
         if eos.numel():
             ended |= torch.isin(token[:, 0].cpu(), eos)
             if bool(ended.all()):
                 break
-    return ids[:, input_ids.shape[1]:]
+    return new
+
+
+def _extended(prompt: dict, new: torch.Tensor) -> dict:
+    """The prompt's language inputs followed by the generated ids, which are text: a generated id that is a
+    modality's special token (a model may emit its image token, as transformers' LLaVA lets it) is embedded as
+    the token it is, and no modality embedding goes there."""
+    ids = torch.cat([prompt["input_ids"], new], dim=1)
+    pad = torch.zeros_like(new, dtype=torch.bool)
+    return {"input_ids": ids, "embeddings_at": [(torch.cat([where, pad], dim=1), values)
+                                                for where, values in prompt["embeddings_at"]]}

@@ -1,11 +1,11 @@
-"""Held-out evaluation on one process: answer accuracy by greedy generation (`mimo.models.generation`) with a whole
-(unwrapped) MimoModel."""
+"""Held-out evaluation on one process with a whole (unwrapped) MimoModel: answer accuracy by greedy generation
+(`mimo.models.generation`), and the mean per-token loss (any dataset: LLaVA-format held-out files)."""
 
 from __future__ import annotations
 
 import torch
 
-from mimo.data import BadSample
+from mimo.data import BadSample, MimoBatch
 from mimo.models import MimoModel, ModalityBatch
 from mimo.models.generation import greedy_decode
 from mimo.models.labels import IGNORE_INDEX
@@ -37,6 +37,28 @@ def answer_accuracy(model: MimoModel, dataset, batch_size: int = 128) -> float:
     if total == 0:
         raise ValueError("answer_accuracy found no good sample to evaluate")
     return hits / total
+
+
+@torch.no_grad()
+def held_out_loss(model: MimoModel, dataset, batch_size: int = 16) -> tuple[float, int]:
+    """(the mean cross-entropy per label token over every good sample, the number of good samples): padded
+    batches through the model's single-process forward, the loss the training step computes. Bad samples
+    (`BadSample`) are left out, not substituted."""
+    model.eval()
+    samples = []
+    for index in range(len(dataset)):
+        try:
+            samples.append(dataset[index])
+        except BadSample:
+            continue
+    if not samples:
+        raise ValueError("held_out_loss found no good sample to evaluate")
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
+    for start in range(0, len(samples), batch_size):
+        batch = MimoBatch.collate(samples[start:start + batch_size], dataset.pad_id)
+        summed, count = model(batch.input_ids, batch.labels, batch.modality_inputs)
+        loss_sum, tokens = loss_sum + summed.double(), tokens + int(count)
+    return float(loss_sum) / max(tokens, 1), len(samples)
 
 
 def _batched(items: list[Item]) -> dict[str, ModalityBatch]:

@@ -36,7 +36,7 @@ from mimo.training.checkpoint import (
     weights_path,
 )
 from mimo.training.deadline import Deadline
-from mimo.training.evaluate import answer_accuracy
+from mimo.training.evaluate import answer_accuracy, held_out_loss
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.optim import OptimizerConfig
@@ -176,6 +176,8 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                 progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
                     saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
+                    if step + 1 < config.train.steps and _loss_due(config, step + 1):
+                        _held_out_loss(plan, saved, step + 1, writer, rank)
                 if step + 1 < config.train.steps and deadline.agreed(result.votes):
                     break
         progress.close()
@@ -192,6 +194,8 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
         last["accuracy"], count = _evaluate(plan, final)
         writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
         print(f"held-out caption accuracy: {last['accuracy']:.1%} ({count} digits)", flush=True)
+    if config.evaluates and config.eval.path is not None and not stopped:
+        last["held_out_loss"] = _held_out_loss(plan, final, trainer.step_count, writer, rank)
     dist.barrier()
     writer.close()
     return last
@@ -298,6 +302,27 @@ def _slowest_rank_seconds(seconds: dict[str, float]) -> dict[str, float]:
         for key, value in per_rank.items():
             merged[key] = max(merged.get(key, 0.0), value)
     return merged
+
+
+def _loss_due(config: RunConfig, step: int) -> bool:
+    """Whether the held-out loss of LLaVA-format data (`eval.path`) is due at this checkpointed step."""
+    return config.evaluates and config.eval.path is not None and bool(config.eval.interval) \
+        and step % config.eval.interval == 0
+
+
+def _held_out_loss(plan: RunPlan, checkpoint: Path, step: int, writer: MetricsWriter, rank: int) -> float | None:
+    """The held-out loss of `eval.path` at the checkpoint of `step`, the model loaded whole into rank 0's process
+    (any layout), logged as an eval record and printed; the other ranks wait for it. Rank 0's value, else None."""
+    loss = None
+    if rank == 0:
+        provider = plan.whole_model_provider(torch.device("cpu"))
+        model = provider.provide()
+        load_model_only(checkpoint, model, plan.hf_parts)
+        loss, count = held_out_loss(model, plan.dataset(provider, "held_out"))
+        writer.log_eval(step, {"loss": loss})
+        print(f"held-out loss at step {step}: {loss:.4f} ({count} samples of {plan.config.eval.path})", flush=True)
+    dist.barrier()
+    return loss
 
 
 def _evaluate(plan: RunPlan, checkpoint: Path) -> tuple[float, int]:

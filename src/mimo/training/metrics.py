@@ -86,37 +86,47 @@ def step_record(step: int, result: StepResult, flops: float | None = None) -> di
 
 
 class SkippedSamples:
-    """The bad samples a run has skipped so far (`MimoBatch.skipped` of each global batch): the count, which
-    `metrics.jsonl` logs as `skipped_samples`, and the first few named; kept across resume in the checkpoint."""
+    """The bad samples a run has skipped so far (`MimoBatch.skipped` of each global batch): the skips, which
+    `metrics.jsonl` logs as `skipped_samples` (a bad sample is skipped each time an epoch draws it), the distinct
+    samples, and the first few of those named once each; kept across resume in the checkpoint."""
 
     NAMED = 5
 
     def __init__(self) -> None:
         self.count = 0
+        self.samples: set[int] = set()
         self.first: list[str] = []
 
     def add(self, records: Iterable[SkippedSample]) -> None:
         """Count one global batch's skipped samples (every rank counts the same ones)."""
         for record in records:
             self.count += 1
+            if record.index in self.samples:
+                continue
+            self.samples.add(record.index)
             if len(self.first) < self.NAMED:
                 self.first.append(record.describe())
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps (JSON)."""
-        return {"count": self.count, "first": list(self.first)}
+        return {"count": self.count, "first": list(self.first), "samples": sorted(self.samples)}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Continue a resumed run's tally (a checkpoint from before this tally existed: none skipped)."""
+        """Continue a resumed run's tally (a checkpoint from before this tally existed: none skipped; from before
+        distinct samples were kept: they are counted from the resume on)."""
         state = state or {}
         self.count, self.first = int(state.get("count", 0)), list(state.get("first", []))[:self.NAMED]
+        self.samples = {int(i) for i in state.get("samples", [])}
 
     def summary(self) -> str | None:
-        """The run's closing line about skipped samples: their count and the first few; None if none."""
+        """The run's closing line about skipped samples: how many distinct ones (and how many skips, where an
+        epoch drew one again) and the first few, each once; None if none."""
         if not self.count:
             return None
-        first = f"the first {len(self.first)}" if self.count > len(self.first) else "they were"
-        return f"skipped {self.count} bad sample(s); {first}: " + "; ".join(self.first)
+        distinct = len(self.samples) or self.count
+        times = f" ({self.count} skips: each time an epoch drew one)" if self.count > distinct else ""
+        first = f"the first {len(self.first)}" if distinct > len(self.first) else "they were"
+        return f"skipped {distinct} bad sample(s){times}; {first}: " + "; ".join(self.first)
 
 
 def cut_metrics(run_dir: str | Path, step: int) -> list[str]:

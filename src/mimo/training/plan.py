@@ -52,11 +52,14 @@ class RunPlan:
         return self.provider.placed(None, device)
 
     def dataset(self, provider: MimoModelProvider, split: str = "train") -> Any:
-        """The run's dataset, shaped to the model: generated samples, or the family's (`data.name`)."""
+        """The run's dataset, shaped to the model: generated samples, or the family's (`data.name`); the held-out
+        split of LLaVA-format data is `eval.path`, read as the training file is."""
         data, dtype = self.config.data, self.config.precision.param_dtype
+        if split == "held_out" and data.name == "llava":
+            data, split = dataclasses.replace(data, path=self.config.eval.path), "train"
         if data.name == "synthetic":
             specs = self.family.synthetic_modalities(provider)
-            vocab = min(provider.language_config.vocab_size, *provider.special_token_ids.values())  # ids inside it
+            vocab = provider.language_config.vocab_size  # special ids inside it are skipped
             return SyntheticDataset(data.num_samples, specs, vocab_size=vocab, items_per_sample=tuple(
                 data.items_per_sample), seed=self.config.train.seed, dtype=dtype)
         return self.family.dataset(data, self.config.model, self.opened, provider, split, dtype)
@@ -99,7 +102,7 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
     config.layout.validate_batch(config.train.global_batch_size, config.train.num_microbatches)
     check_distributed_sections(config, world_size)
     plan = plan_model(config)
-    plan.warnings = [str(w.message) for w in caught]
+    plan.warnings = [str(w.message) for w in caught] + _no_evaluation(config)
     _check_model_fits(plan)
     _check_pretrained(plan)
     _check_data(plan)
@@ -136,6 +139,15 @@ def _check_pretrained(plan: RunPlan) -> None:
         raise RunConfigError(f"checkpoint.pretrained_checkpoint: {e}") from None
 
 
+def _no_evaluation(config: RunConfig) -> list[str]:
+    """A line saying so when eval.enabled (the default) finds nothing to evaluate in LLaVA-format data: never
+    silently nothing (generated data has no held-out split to speak of)."""
+    if not config.eval.enabled or config.evaluates or config.data.name != "llava":
+        return []
+    return ["eval: no held-out evaluation for this run (set eval.path: HELD_OUT.json (LLaVA-format) for a held-out "
+            "loss; eval.enabled: false silences this)"]
+
+
 def _check_data(plan: RunPlan) -> None:
     """The data is one the family reads, and can be read here (the digits: scikit-learn installed; a llava run's
     file, image folder, tokenizer, template and max_seq_len: the family's check)."""
@@ -147,5 +159,10 @@ def _check_data(plan: RunPlan) -> None:
     if data.name == "digits" and importlib.util.find_spec("sklearn") is None:
         raise RunConfigError("data.name 'digits' reads scikit-learn's bundled scans, but scikit-learn is not "
                              "installed: pip install scikit-learn (or use data.name synthetic)")
+    if plan.config.eval.path is not None and not Path(plan.config.eval.path).is_file():
+        raise RunConfigError(f"eval.path: {plan.config.eval.path} is not a file (a LLaVA JSON or JSONL file)")
     if family.check_data is not None and data.name != "synthetic":
-        family.check_data(data, plan.config.model, plan.opened, plan.provider.language_config.max_seq_len)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a share of unknown tokens: said before launch
+            warnings.simplefilter("always")
+            family.check_data(data, plan.config.model, plan.opened, plan.provider.language_config.max_seq_len)
+        plan.warnings += [str(w.message) for w in caught]

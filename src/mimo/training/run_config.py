@@ -90,9 +90,14 @@ class LogSection:
 
 @dataclass
 class EvalSection:
-    """Held-out evaluation at the end of training (digits: caption accuracy by greedy generation)."""
+    """Held-out evaluation, on the run's checkpoints loaded whole into one process: the digits' caption accuracy by
+    greedy generation at the end; for LLaVA-format data, the mean per-token loss of `path` (a LLaVA-format file,
+    its images in data.image_folder, rendered as the training data) at the end and every `interval` steps (at
+    checkpoints: a multiple of checkpoint.interval; 0: at the end only)."""
 
     enabled: bool = True
+    path: str | None = None
+    interval: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass
@@ -119,9 +124,27 @@ class RunConfig:
         self._precision = PrecisionPolicy.from_name(self.train.dtype)
         self._distributed = distributed_settings(self.distributed, self.train, self._precision)
         check_distributed_sections(self, world_size=None)
-        if not self.checkpoint.final and self.eval.enabled and self.data.name == "digits":
-            raise RunConfigError("checkpoint.final: false leaves no checkpoint for the held-out evaluation of the "
-                                 "digits; set eval.enabled: false, or keep checkpoint.final: true")
+        if not self.checkpoint.final and self.evaluates:
+            what = "the digits" if self.data.name == "digits" else self.eval.path
+            raise RunConfigError(f"checkpoint.final: false leaves no checkpoint for the held-out evaluation of {what}; "
+                                 f"set eval.enabled: false, or keep checkpoint.final: true")
+        self._check_eval()
+
+    def _check_eval(self) -> None:
+        """eval.path is LLaVA-format data's held-out file; eval.interval falls on checkpoints."""
+        if self.eval.path is not None and self.data.name != "llava":
+            raise RunConfigError(f"eval.path: a held-out file is for data.name llava, and data.name is "
+                                 f"{self.data.name!r} (the digits bring their own held-out split)")
+        interval, saved = self.eval.interval, self.checkpoint.interval
+        if interval and (self.eval.path is None or not saved or interval % saved):
+            raise RunConfigError(f"eval.interval: {interval} evaluates the checkpoint of every {interval}th step, so "
+                                 f"it needs eval.path and a checkpoint.interval that divides it (checkpoint.interval "
+                                 f"is {saved}); or set eval.interval: 0 (at the end only)")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates on held-out data: the digits' split, or LLaVA-format data's eval.path."""
+        return self.eval.enabled and (self.data.name == "digits" or self.eval.path is not None)
 
     @property
     def layout(self) -> MimoParallelismConfig:

@@ -9,15 +9,17 @@ template.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from mimo.config import RunConfigError
 from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
-from mimo.data.llava import LlavaDataset
+from mimo.data.llava import DataFileError, Entries, LlavaDataset
 from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
+from mimo.data.unknown_tokens import unknown_tokens
 from mimo.families.llava.hf_load import HFModel
 from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
 from mimo.families.llava.section import LlavaSection
@@ -26,7 +28,10 @@ from mimo.hf.prompt import Prompter, PromptError
 
 
 def tokenizer_directory(data: DataSection, model: LlavaSection) -> Path:
-    """Where the tokenizer of a `llava` run comes from (see the module docstring), or an error saying so."""
+    """Where the tokenizer of a run comes from (see the module docstring): the digits' own, else `data.tokenizer`,
+    else the model's directory; or an error saying so. Training, export and `generate` all ask here."""
+    if data.name == "digits":
+        return DIGITS_TOKENIZER
     directory = data.tokenizer or model.text_directory
     if directory is None:
         raise RunConfigError("data.tokenizer: a preset model has no tokenizer; give data.tokenizer: DIR (a directory "
@@ -65,10 +70,32 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None, m
     if data.max_seq_len is not None and data.max_seq_len > max_seq_len:
         raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
                              f"{max_seq_len}; use at most {max_seq_len}")
+    prompter = open_prompter(tokenizer_directory(data, model))
     try:
-        build_template(data.template, open_prompter(tokenizer_directory(data, model)))
+        template = build_template(data.template, prompter)
     except TemplateError as e:
         raise RunConfigError(f"data.template: {e}") from None
+    _check_unknown_tokens(data, template, prompter)
+
+
+def _check_unknown_tokens(data: DataSection, template, prompter: Prompter) -> None:
+    """The first samples' share of `<unk>` tokens: warned about when some, refused above
+    `data.max_unknown_token_rate` (a tokenizer that lacks the data's words), naming the words."""
+    try:
+        entries = Entries(data.path)
+    except DataFileError as e:
+        raise RunConfigError(f"data.path: {e}") from None
+    found = unknown_tokens(entries, template, prompter)
+    if found is None or found.unknown == 0:
+        return
+    words = ", ".join(repr(w) for w in found.words)
+    said = (f"{found.rate:.1%} of the tokens of the first {found.samples} samples ({found.unknown} of {found.tokens}) "
+            f"are the tokenizer's unknown token; words it lacks: {words}")
+    if found.rate > data.max_unknown_token_rate:
+        raise RunConfigError(f"data.tokenizer: {said}; this tokenizer does not fit the data (use the language "
+                             f"model's own tokenizer), or set data.max_unknown_token_rate above {found.rate:.3f} "
+                             f"to train anyway")
+    warnings.warn(f"data: {said}", stacklevel=2)
 
 
 def dataset(data: DataSection, model: LlavaSection, opened: HFModel | None, provider: LlavaMimoProvider,
@@ -77,11 +104,10 @@ def dataset(data: DataSection, model: LlavaSection, opened: HFModel | None, prov
     vision, language = provider.vision_config, provider.language_config
     if data.name == "digits":
         files = digits_llava_files()
-        path, folder, prompter, template = files / f"{split}.json", files / "images", \
-            Prompter.from_directory(DIGITS_TOKENIZER), "chat"
+        path, folder, template = files / f"{split}.json", files / "images", "chat"
     else:
         path, folder, template = data.path, data.image_folder, data.template
-        prompter = open_prompter(tokenizer_directory(data, model))
+    prompter = open_prompter(tokenizer_directory(data, model))
     try:
         return LlavaDataset(path, folder, prompter, image_processor(model, vision.image_size), modality=IMAGES,
                             image_token_id=provider.image_token_id, tokens_per_image=vision.tokens_per_image,

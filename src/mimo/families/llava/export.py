@@ -6,18 +6,25 @@ a LLaVA directory gives its config.json and the tensors LLaVA never reads (the t
 selected one, its post-LayerNorm, SigLIP's pooling head), so HF → mimo → HF is bit-exact; a tower directory
 gives its unread layers the same way. A model with no Hugging Face origin (a preset) is written with its tower
 cut at the selected layer (read as layer -1) and an identity post-LayerNorm, which computes the same.
-Tokenizer, processor and chat-template files are carried over from the origin directories. A model trained from
-a tower and a language model (LLaVA-1.5's recipe) gets what LLaVA's own conversion adds: the image token in
-the tokenizer at the model's image id and a `processor_config.json`, so `LlavaProcessor` loads the directory.
+Tokenizer, processor and chat-template files are carried over from the run's tokenizer directory (`Served.tokenizer`:
+what the model was trained with, a preset's included) and the origin directories. A model not loaded from a whole
+LLaVA (a preset, or LLaVA-1.5's tower + language model recipe) gets what LLaVA's own conversion adds: the image
+token in the tokenizer at the model's image id (or, where the run's tokenizer has its own image token inside the
+vocabulary, as the digits' does, that id as the config's image id: it never reached the model as text), the
+run's image preprocessing as a `preprocessor_config.json` (`Served.images`), a `processor_config.json` and
+`chat_template.jinja`, and the tokenizer's BOS / EOS / pad ids in the config and `generation_config.json`, so
+`LlavaProcessor` loads the directory and `generate` stops where `mimo generate` stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,14 +32,16 @@ from torch import nn
 from mimo.families.llava.hf_config import LlavaSpec, llava_to_hf
 from mimo.families.llava.hf_load import VISION_NAMES, canonical_llava_name, to_llava_name
 from mimo.hf.config import read_config
+from mimo.hf.image import ImageProcessor
 from mimo.hf.load import SafetensorsDir
-from mimo.hf.prompt import IMAGE_TOKEN
+from mimo.hf.prompt import IMAGE_TOKEN, Prompter
 from mimo.hf.shards import ExportError, write_safetensors
 
 # Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
                  "preprocessor_config.json", "processor_config.json", "generation_config.json")
+TOKENIZER_FILES = CARRIED_FILES[:9]  # what a run's own tokenizer directory gives (not a model's processor)
 EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
                torch.float16: "float16"}
@@ -47,12 +56,23 @@ class Origin:
     language: Path | None = None
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the run trained the model with besides its weights: the tokenizer directory and the image
+    preprocessing (None where the run had none: a preset trained on synthetic data)."""
+
+    tokenizer: Path | None = None
+    images: ImageProcessor | None = None
+
+
 def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin: Origin = Origin(),
-                 max_shard_bytes: int = 5 * 2**30) -> Path:
+                 max_shard_bytes: int = 5 * 2**30, served: Served = Served()) -> Path:
     """Write `model` (a whole, unwrapped MimoModel of `spec`) as a Hugging Face LLaVA directory."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; give a new directory")
+    if origin.llava is None:
+        spec = dataclasses.replace(spec, image_token_id=_image_id(spec, served.tokenizer or origin.language))
     tensors = {to_llava_name(n): p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     dtype = next(iter(tensors.values())).dtype
     if origin.llava is not None:
@@ -72,12 +92,27 @@ def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin:
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(((name, tensors[name]) for name in sorted(tensors)), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _carry_files(served.tokenizer, out, TOKENIZER_FILES)
     for directory in (origin.llava, origin.language, origin.vision):
         _carry_files(directory, out)
     if origin.llava is None:
         _add_image_token(out, spec.image_token_id)
+        _write_preprocessor_config(out, served.images)
         _write_processor_config(out, spec)
+        _write_chat_template(out)
+        _write_special_ids(out)
     return out
+
+
+def _image_id(spec: LlavaSpec, tokenizer: Path | None) -> int:
+    """The image id to write: the tokenizer's own image token where it has one inside the vocabulary that is not
+    the model's (mimo's data maps it to the model's id, so the model never saw it as text), else the model's."""
+    if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
+        return spec.image_token_id
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json")).token_to_id(IMAGE_TOKEN)
+    return own if own is not None and own < spec.language.vocab_size else spec.image_token_id
 
 
 def _add_unheld(tensors: dict[str, torch.Tensor], source: SafetensorsDir, rename, tied: bool,
@@ -154,11 +189,52 @@ def _write_processor_config(out: Path, spec: LlavaSpec) -> None:
     (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _carry_files(directory: Path | None, out: Path) -> None:
-    """Copy the tokenizer / processor / chat-template files of `directory` that `out` does not have yet."""
+def _write_preprocessor_config(out: Path, images: ImageProcessor | None) -> None:
+    """The run's image preprocessing as a preprocessor_config.json, unless one was carried: a preset's square
+    resize is SigLIP's processor (resize to height × width, rescale, normalize)."""
+    if images is None or (out / "preprocessor_config.json").exists():
+        return
+    config = {"image_processor_type": "SiglipImageProcessor", **dataclasses.asdict(images)}
+    for key in ("image_mean", "image_std"):
+        config[key] = list(config[key])
+    _write_json(out / "preprocessor_config.json", {k: v for k, v in config.items() if v is not None})
+
+
+def _write_chat_template(out: Path) -> None:
+    """The tokenizer's chat template as chat_template.jinja (where `LlavaProcessor` reads it), unless carried."""
+    if any((out / name).exists() for name in ("chat_template.jinja", "chat_template.json")):
+        return
+    path = out / "tokenizer_config.json"
+    template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
+    if isinstance(template, str):
+        (out / "chat_template.jinja").write_text(template)
+
+
+def _write_special_ids(out: Path) -> None:
+    """The tokenizer's BOS / EOS / pad ids in text_config (where the config has none) and a generation_config.json
+    (unless carried), so transformers' `generate` stops at the EOS `mimo generate` stops at."""
+    if not (out / "tokenizer.json").is_file():
+        return
+    prompter = Prompter.from_directory(out)
+    ids = {f"{kind}_token_id": prompter.token_id(prompter.special_tokens.get(f"{kind}_token", ""))
+           for kind in ("bos", "eos", "pad")}
+    ids = {k: v for k, v in ids.items() if v is not None}
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"] = {**ids, **config["text_config"]}
+    _write_json(out / "config.json", config)
+    if not (out / "generation_config.json").exists() and ids:
+        _write_json(out / "generation_config.json", ids)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _carry_files(directory: Path | None, out: Path, names: tuple[str, ...] = CARRIED_FILES) -> None:
+    """Copy the tokenizer / processor / chat-template files (`names`) of `directory` that `out` lacks."""
     if directory is None:
         return
-    for name in CARRIED_FILES:
+    for name in names:
         src = Path(directory) / name
         if src.is_file() and not (out / name).exists():
             shutil.copy2(src, out / name)

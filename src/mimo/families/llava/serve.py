@@ -1,16 +1,22 @@
 """A trained LLaVA out of mimo: `mimo export-hf` (a `LlavaForConditionalGeneration` directory) and `mimo generate`
-(greedy text about an image, with the tokenizer and image processor of the model's directories)."""
+(greedy text about images), both with the tokenizer and image preprocessing the model was trained with
+(`data.tokenizer_directory`, `data.image_processor`: a preset run's too), or a Hugging Face directory's own."""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from mimo.config import ConfigFileError
+from mimo.config import ConfigFileError, RunConfigError
+from mimo.data.section import DataSection
 from mimo.families.family import GenerationRequest
-from mimo.families.llava.export import Origin, export_llava
+from mimo.families.llava.data import image_processor, open_prompter, tokenizer_directory
+from mimo.families.llava.export import Origin, Served, export_llava
 from mimo.families.llava.hf_config import LlavaSpec
 from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
 from mimo.families.llava.section import LlavaSection
@@ -19,30 +25,104 @@ from mimo.hf.image import ImageProcessor
 from mimo.hf.prompt import Prompter
 
 
-def export(model: nn.Module, section: LlavaSection, provider: LlavaMimoProvider, out_dir: Path) -> tuple[Path, str]:
-    """Write the whole model as a Hugging Face LLaVA directory, carrying its origin directories' files."""
+def export(model: nn.Module, section: LlavaSection, data: DataSection, provider: LlavaMimoProvider,
+           out_dir: Path) -> tuple[Path, str]:
+    """Write the whole model as a Hugging Face LLaVA directory, with its run's tokenizer and preprocessing and its
+    origin directories' files; a run with no tokenizer is exported with a warning saying so."""
     spec = LlavaSpec(provider.vision_config, provider.language_config, provider.image_token_id,
                      provider.projector_activation, provider.projector_bias)
     origin = Origin(*(Path(d) if d else None for d in (section.hf, section.vision_hf, section.language_hf)))
-    return export_llava(model, spec, out_dir, origin), "LlavaForConditionalGeneration"
+    tokenizer = _run_tokenizer(section, data)
+    if tokenizer is None:
+        warnings.warn(f"the run trained on {data.name} data with no tokenizer (model.preset, no data.tokenizer): "
+                      f"the directory holds the model alone, which transformers loads, but no tokenizer or "
+                      f"processor to prompt it with", stacklevel=2)
+    preset_images = ImageProcessor.square(provider.vision_config.image_size)  # an origin directory carries its own
+    served = Served(tokenizer, preset_images if section.image_directory is None else None)
+    return export_llava(model, spec, out_dir, origin, served=served), "LlavaForConditionalGeneration"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What `generate` feeds the model: token ids (images expanded to the model's image id), pixels [n, 3, H, W],
+    the ids it stops at, and the tokenizer that decodes the answer."""
+
+    input_ids: list[int]
+    pixels: torch.Tensor
+    eos_ids: list[int]
+    prompter: Prompter
+
+
+def prompt(section: LlavaSection, provider: LlavaMimoProvider, request: GenerationRequest) -> Prompt:
+    """The request as the model was trained: the run's tokenizer and chat template (`Prompter.message`, training's
+    rendering), its image preprocessing, the EOS its answers ended with; a one-line error for what cannot be."""
+    vision = provider.vision_config
+    directory = _run_tokenizer(section, request.data)
+    if directory is None:
+        raise ConfigFileError("the model was trained from a preset on data with no tokenizer (synthetic): there is "
+                              "no tokenizer to prompt it with; train on LLaVA-format data or the digits, or give "
+                              "data.tokenizer")
+    images = [_image(path) for path in request.media]
+    processor = image_processor(section, vision.image_size)
+    pixels = torch.stack([_pixels(image, path, processor, vision.image_size) for image, path in
+                          zip(images, request.media, strict=True)])
+    prompter = open_prompter(directory)
+    ids = prompter.input_ids(request.prompt, vision.tokens_per_image, provider.image_token_id, len(request.media))
+    return Prompt(ids, pixels, _eos_ids(section, prompter), prompter)
 
 
 def generate(model: nn.Module, section: LlavaSection, provider: LlavaMimoProvider, request: GenerationRequest) -> str:
-    """The greedy continuation of the prompt about the image, prompted and stopped as the directories say."""
-    if section.text_directory is None:
-        raise ConfigFileError("the model was trained from a preset: it has no tokenizer or image processor to "
-                              "generate with; train from Hugging Face directories (model.hf)")
-    vision = provider.vision_config
+    """The greedy continuation of the prompt about the images (`prompt`); it stops at the language model's
+    max_seq_len, with a warning saying so."""
+    asked, limit = prompt(section, provider, request), provider.language_config.max_seq_len
+    room = limit - len(asked.input_ids)
+    if room < 1:
+        raise ConfigFileError(f"--prompt: the prompt is {len(asked.input_ids)} tokens with its images, and the "
+                              f"model's max_seq_len is {limit}: no room to generate; shorten the prompt")
+    new = greedy(model, asked.input_ids, {IMAGES: asked.pixels}, min(request.max_new_tokens, room), asked.eos_ids)
+    if len(new) == room < request.max_new_tokens and new[-1] not in asked.eos_ids:
+        warnings.warn(f"stopped after {room} of --max-new-tokens {request.max_new_tokens} tokens: the prompt "
+                      f"({len(asked.input_ids)} tokens) and the answer reached the model's max_seq_len of {limit}",
+                      stacklevel=2)
+    return asked.prompter.decode(new)
+
+
+def _run_tokenizer(section: LlavaSection, data: DataSection | None) -> Path | None:
+    """The tokenizer directory the model was trained with (its run's data section), a Hugging Face directory's own
+    (`data` None), or None for a run that had none."""
+    if data is None:
+        return Path(section.text_directory) if section.text_directory else None
     try:
-        image = Image.open(request.media)
+        return tokenizer_directory(data, section)
+    except RunConfigError:
+        return None
+
+
+def _image(path: Path) -> Image.Image:
+    """One image file decoded, or a one-line error naming it (a decompression bomb too)."""
+    try:
+        image = Image.open(path)
         image.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ConfigFileError(f"--image {request.media}: cannot read it as an image ({e})") from None
-    pixels = ImageProcessor.from_directory(section.image_directory)(image)
-    if tuple(pixels.shape[-2:]) != (vision.image_size, vision.image_size):
-        raise ConfigFileError(f"{section.image_directory}/preprocessor_config.json makes {tuple(pixels.shape[-2:])} "
-                              f"images, but the tower takes {vision.image_size}x{vision.image_size}")
-    prompter = Prompter.from_directory(section.text_directory)
-    ids = prompter.input_ids(request.prompt, vision.tokens_per_image, provider.image_token_id)
-    new = greedy(model, ids, {IMAGES: pixels}, request.max_new_tokens, eos_token_ids(section.text_directory))
-    return prompter.decode(new)
+    except Image.DecompressionBombError as e:
+        raise ConfigFileError(f"--image {path}: too large to decode safely ({e}); give a smaller image") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise ConfigFileError(f"--image {path}: cannot read it as an image ({e})") from None
+    return image
+
+
+def _pixels(image: Image.Image, path: Path, processor: ImageProcessor, size: int) -> torch.Tensor:
+    """One image preprocessed to the tower's input size, or a one-line error naming it."""
+    pixels = processor(image)
+    if tuple(pixels.shape[-2:]) != (size, size):
+        raise ConfigFileError(f"--image {path}: the image preprocessing makes {tuple(pixels.shape[-2:])} images, "
+                              f"but the tower takes {size}x{size}")
+    return pixels
+
+
+def _eos_ids(section: LlavaSection, prompter: Prompter) -> list[int]:
+    """The ids generation stops at: the model directory's (generation_config.json, config.json), else (a preset)
+    the tokenizer's EOS token, as training put it after every answer."""
+    if section.text_directory is not None:
+        return eos_token_ids(section.text_directory)
+    eos = prompter.token_id(prompter.special_tokens.get("eos_token", ""))
+    return [] if eos is None else [eos]
