@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mimo.config import LANGUAGE, MimoParallelismConfig
+from mimo.data.positions import MRopePositions
 from mimo.distributed import (
     DistributedConfig,
     check_tensor_parallel,
@@ -62,7 +63,12 @@ def pipeline_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[i
 
 
 class MimoModelProvider:
-    """Builds a MIMO model's process groups and, on each rank, the parts of the model that rank hosts."""
+    """Builds a MIMO model's process groups and, on each rank, the parts of the model that rank hosts.
+
+    `text_positions`: how the language model numbers a share's tokens where not 0, 1, 2, ... (Qwen-VL's M-RoPE),
+    for the text layouts; None here."""
+
+    text_positions: MRopePositions | None = None
 
     def __init__(
         self,
@@ -119,6 +125,11 @@ class MimoModelProvider:
                     f"the parallelism config has layouts for {sorted(layouts)} but the model has modules "
                     f"{sorted(wanted)}; give exactly one layout per module"
                 )
+
+    def embedding_widths(self) -> dict[str, int]:
+        """Each modality's embedding rows' width where it is not the language model's hidden size (Qwen3-VL's
+        DeepStack features ride beside the tokens); none here."""
+        return {}
 
     def placed(self, layout: MimoParallelismConfig | None, device: torch.device | str | None) -> MimoModelProvider:
         """This provider for another placement: `layout` (None: one process holds the whole model) on `device`.

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from mimo.data.batch import MimoBatch
+from mimo.data.positions import MRopePositions
 from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
 
 SpecialIds = Mapping[str, int] | Iterable[int]
@@ -45,10 +46,10 @@ class LanguageText:
         return int(self.position_ids.max()) + 1 if self.position_ids.numel() else 0
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
-        """The decoder's layout arguments: none for padded rows, positions and documents for a packed one."""
-        if self.document_ids is None:
-            return {}
-        return {"position_ids": self.position_ids, "document_ids": self.document_ids}
+        """The decoder's layout arguments: none for padded rows numbered 0, 1, ...; positions (M-RoPE's [3, R, T]
+        too) and, for a packed row, documents."""
+        kwargs = {"position_ids": self.position_ids, "document_ids": self.document_ids}
+        return {k: v for k, v in kwargs.items() if v is not None}
 
     def to(self, device: torch.device | str) -> LanguageText:
         """The same text on `device`, copied from pinned memory without blocking the host (CPU: itself)."""
@@ -64,9 +65,11 @@ class LanguageText:
 
 @dataclass(frozen=True)
 class _Rounded:
-    """A text layout whose row length is rounded up to a positive `multiple` (`rounded`)."""
+    """A text layout whose row length is rounded up to a positive `multiple` (`rounded`); `positions_rule` numbers
+    the tokens where the language model does not count 0, 1, 2, ... (M-RoPE: `data.positions`)."""
 
     multiple: int = 1
+    positions_rule: MRopePositions | None = None
     _what: ClassVar[str]  # for the refusal: "padding" or "packing"
 
     def __post_init__(self) -> None:
@@ -92,10 +95,12 @@ class PaddedText(_Rounded):
         """The share's rows as they are, widened with unlabelled columns to a multiple (every position kept:
         the ids and `extents` are not read)."""
         extra = self.width(share.input_ids.shape[1]) - share.input_ids.shape[1]
-        if not extra:
-            return LanguageText(share.input_ids, share.labels)
-        return LanguageText(torch.nn.functional.pad(share.input_ids, (0, extra), value=0),
-                            torch.nn.functional.pad(share.labels, (0, extra), value=IGNORE_INDEX))
+        ids, labels = share.input_ids, share.labels
+        if extra:
+            ids = torch.nn.functional.pad(ids, (0, extra), value=0)
+            labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
+        positions = None if self.positions_rule is None else self.positions_rule.rows(ids, share)
+        return LanguageText(ids, labels, positions)
 
     def width(self, width: int) -> int:
         """A row's width once rounded."""
@@ -136,7 +141,10 @@ class PackedText(_Rounded):
         labels.append(share.labels.new_full((tail,), IGNORE_INDEX))
         positions.append(torch.zeros(tail, dtype=torch.long))
         documents.append(torch.full((tail,), len(lengths)))
-        return LanguageText(*(torch.cat(parts).unsqueeze(0) for parts in (ids, labels, positions, documents)))
+        text = LanguageText(*(torch.cat(parts).unsqueeze(0) for parts in (ids, labels, positions, documents)))
+        if self.positions_rule is not None:
+            text.position_ids = self.positions_rule.packed(text.input_ids, text.document_ids, share)
+        return text
 
     def row_length(self, used: int) -> int:
         """The packed row's length for `used` kept positions: rounded up, and at least one (no empty row)."""

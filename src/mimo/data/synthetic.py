@@ -24,11 +24,26 @@ _SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # spreads (seed, index) over the generato
 
 @dataclass(frozen=True)
 class ModalitySpec:
-    """One modality of the dataset: its special token id, tokens per item and the shape of an item."""
+    """One modality of the dataset: its special token id, tokens per item and the shape of an item; or, for items
+    of different sizes (packed, see `ModalityBatch`), the grids an item is drawn from, each item then rows
+    [prod(grid), *item_shape] that give prod(grid) // `merge` tokens."""
 
     token_id: int
     tokens_per_item: int
     item_shape: tuple[int, ...]
+    grids: tuple[tuple[int, ...], ...] = ()
+    merge: int = 1
+
+    @classmethod
+    def packed(cls, token_id: int, row_width: int, grids: Sequence[tuple[int, ...]], merge: int) -> ModalitySpec:
+        """Packed items of rows [row_width] (Qwen-VL's patches), each of one of `grids` (e.g. (1, h, w) patches)."""
+        if not grids or any(int(torch.tensor(g).prod()) % merge for g in grids):
+            raise ValueError(f"grids {list(grids)} must be given and hold whole merges of {merge} rows")
+        return cls(token_id, 0, (row_width,), tuple(tuple(g) for g in grids), merge)
+
+    def tokens_of(self, grid: Sequence[int]) -> int:
+        """Tokens of an item of this grid (packed) or `tokens_per_item`."""
+        return int(torch.tensor(grid).prod()) // self.merge if self.grids else self.tokens_per_item
 
     @classmethod
     def image(cls, token_id: int, tokens_per_item: int, size: int = 8, channels: int = 3) -> ModalitySpec:
@@ -113,9 +128,10 @@ class SyntheticDataset:
         gen = torch.Generator().manual_seed((self.seed * _SEED_MULTIPLIER + index) % 2**63)
         counts = {name: self.items_per_sample[_randint(gen, len(self.items_per_sample))] for name in self.modalities}
         buckets = {name: torch.randint(self.num_buckets, (k,), generator=gen) for name, k in counts.items()}
-        items = {name: self._items(spec, buckets[name], gen) for name, spec in self.modalities.items()}
-        input_ids = torch.tensor(self._text(self._block_order(counts, gen), buckets, gen), dtype=torch.long)
-        return Sample(input_ids, next_token_labels(input_ids), items)
+        grids = {name: self._grids(spec, counts[name], gen) for name, spec in self.modalities.items() if spec.grids}
+        items = {name: self._items(spec, buckets[name], gen, grids.get(name)) for name, spec in self.modalities.items()}
+        input_ids = torch.tensor(self._text(self._block_order(counts, gen), buckets, gen, grids), dtype=torch.long)
+        return Sample(input_ids, next_token_labels(input_ids), items, grids)
 
     def bucket_levels(self) -> torch.Tensor:
         """The constant each bucket's items scatter around: evenly spaced over [-1, 1]."""
@@ -127,11 +143,19 @@ class SyntheticDataset:
         """The collated batch of these samples (text padded with `pad_id`)."""
         return MimoBatch.collate([self[i] for i in indices], self.pad_id, seq_len)
 
-    def _items(self, spec: ModalitySpec, buckets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Items [k, *item_shape]: their bucket's level plus Gaussian noise."""
-        noise = torch.randn((buckets.shape[0], *spec.item_shape), generator=gen, dtype=torch.float64)
-        levels = self.bucket_levels()[buckets].view(-1, *([1] * len(spec.item_shape)))
+    def _items(self, spec: ModalitySpec, buckets: torch.Tensor, gen: torch.Generator,
+               grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Items [k, *item_shape] (packed: their rows, [sum of rows, *item_shape]): their bucket's level plus
+        Gaussian noise."""
+        rows = buckets if grids is None else buckets.repeat_interleave(grids.prod(dim=1))
+        noise = torch.randn((rows.shape[0], *spec.item_shape), generator=gen, dtype=torch.float64)
+        levels = self.bucket_levels()[rows].view(-1, *([1] * len(spec.item_shape)))
         return (levels + self.noise * noise).to(self.dtype)
+
+    def _grids(self, spec: ModalitySpec, k: int, gen: torch.Generator) -> torch.Tensor:
+        """The grids of k packed items [k, g], each drawn from the spec's."""
+        return torch.tensor([spec.grids[_randint(gen, len(spec.grids))] for _ in range(k)],
+                            dtype=torch.long).reshape(k, len(spec.grids[0]))
 
     def _block_order(self, counts: Mapping[str, int], gen: torch.Generator) -> list[tuple[str, int]]:
         """(modality, k) per item block, modalities interleaved at random, each modality's k in order."""
@@ -145,14 +169,15 @@ class SyntheticDataset:
         return order
 
     def _text(
-        self, order: list[tuple[str, int]], buckets: Mapping[str, torch.Tensor], gen: torch.Generator
+        self, order: list[tuple[str, int]], buckets: Mapping[str, torch.Tensor], gen: torch.Generator,
+        grids: Mapping[str, torch.Tensor],
     ) -> list[int]:
         """bos, filler, then per item block: specials, query, answer, filler; then eos."""
         filler = self._filler(gen)
         ids = [self.bos_id, *filler(self._length(gen))]
         for name, k in order:
             spec = self.modalities[name]
-            ids += [spec.token_id] * spec.tokens_per_item
+            ids += [spec.token_id] * spec.tokens_of(grids[name][k].tolist() if name in grids else ())
             ids += [self.query_ids[name], self._text_id(self.answer_base + int(buckets[name][k]))]
             ids += filler(self._length(gen))
         return [*ids, self.eos_id]

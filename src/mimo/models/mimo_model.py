@@ -249,11 +249,13 @@ class MimoModel(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor,
         modality_inputs: Mapping[str, ModalityBatch] | None = None,
+        **layout: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode, align and score in one process, with one language-model call: the parity reference."""
+        """Encode, align and score in one process, with one language-model call: the parity reference. `layout`:
+        the decoder's position_ids / document_ids where the text is not rows numbered 0, 1, ... (M-RoPE, packing)."""
         modality_inputs = modality_inputs or {}
         inputs = self.language_inputs(input_ids, self.encode(modality_inputs), self.tokens_per_sample(modality_inputs))
-        return self._language_model()(**inputs, labels=self.language_labels(input_ids, labels))
+        return self._language_model()(**inputs, labels=self.language_labels(input_ids, labels), **layout)
 
     def _language_model(self) -> Decoder:
         """The language model, or a clear error on a rank that does not hold one."""

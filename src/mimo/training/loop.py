@@ -21,6 +21,7 @@ import yaml
 from mimo.config import LANGUAGE
 from mimo.data import BatchPrefetcher, GlobalBatchSampler
 from mimo.data.packing import PackedText, PaddedText, TextLayout
+from mimo.data.positions import MRopePositions
 from mimo.data.prefetch import default_num_workers
 from mimo.distributed import static_shapes
 from mimo.flops import PackedRows, batch_flops
@@ -94,7 +95,8 @@ def build_trainer(config: RunConfig, provider: MimoModelProvider, model, device:
                        global_batch_size=t.global_batch_size, num_microbatches=t.num_microbatches,
                        optimizer=optimizer, clip_grad=t.clip_grad, activation_dtype=precision.compute_dtype,
                        scaler=GlobalGradScaler() if precision.loss_scaling else None, device=device,
-                       text_layout=text_layout(config, device))
+                       text_layout=text_layout(config, device, provider.text_positions),
+                       embedding_widths=provider.embedding_widths())
 
 
 def packed_rows(result: StepResult) -> PackedRows | None:
@@ -103,14 +105,14 @@ def packed_rows(result: StepResult) -> PackedRows | None:
     return None if result.documents is None else PackedRows(result.positions, result.documents)
 
 
-def text_layout(config: RunConfig, device: torch.device) -> TextLayout:
+def text_layout(config: RunConfig, device: torch.device, rule: MRopePositions | None = None) -> TextLayout:
     """`data.packing`: each micro-batch's samples end to end in one row (its length rounded up to 128 on a GPU,
     flex_attention's block, so few distinct lengths compile), else one padded row per sample (its width rounded
     up to 64 on a GPU where the language model's compiled blocks take static shapes: each width compiles)."""
     if config.data.packing:
-        return PackedText(multiple=128 if device.type == "cuda" else 1)
+        return PackedText(multiple=128 if device.type == "cuda" else 1, positions_rule=rule)
     static = config.train.compile and static_shapes(config.layout.get_parallelism(LANGUAGE).tensor_model_parallel_size)
-    return PaddedText(multiple=64 if device.type == "cuda" and static else 1)
+    return PaddedText(multiple=64 if device.type == "cuda" and static else 1, positions_rule=rule)
 
 
 def run_training(plan: RunPlan, resume: bool = False, quiet: bool = False,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,9 +80,12 @@ class MimoTrainer:
         scaler: GlobalGradScaler | None = None,
         device: torch.device | str = "cpu",
         text_layout: TextLayout | None = None,
+        embedding_widths: Mapping[str, int] | None = None,
     ) -> None:
         """Check the batch against every module's DP size, build the bridges and the optimizers.
-        `text_layout` is how the language model reads a micro-batch's text: padded rows (default) or packed."""
+        `text_layout` is how the language model reads a micro-batch's text: padded rows (default) or packed;
+        `embedding_widths` a modality's embedding rows' width where it is not `hidden_size` (DeepStack's extra
+        features ride with the tokens: `DecoderConfig.deepstack_layers`)."""
         self.model, self.infra, self.device = model, infra, torch.device(device)
         self.text_layout = text_layout or PaddedText()
         self.num_microbatches = num_microbatches
@@ -93,7 +96,8 @@ class MimoTrainer:
         self.special_token_ids = dict(model.special_token_ids)
         self.bridges: dict[str, Bridge] = {
             src: make_bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst], self.micro_batch_size,
-                             hidden_size, activation_dtype, self.device, infra.p2p_groups)
+                             (embedding_widths or {}).get(src, hidden_size), activation_dtype, self.device,
+                             infra.p2p_groups)
             for src, dst in infra.config.edges if dst == LANGUAGE}
         self.p2p_pairs = self._open_p2p_channels()
         self.optimizer_config = optimizer or OptimizerConfig()

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from mimo.config import MimoParallelismConfig
+from mimo.data.positions import MRopePositions
 from mimo.families.qwen_vl.hf_config import QwenVLSpec
 from mimo.families.qwen_vl.hf_load import IMAGES
 from mimo.models import Decoder, ModalitySubmodule
@@ -35,7 +36,8 @@ class QwenVLMimoProvider(MimoModelProvider):
         initial_weights: ParameterSource | None = None,
     ) -> None:
         """Specs from the spec's configs; the image token is the spec's."""
-        self.spec = spec
+        self.spec, self.vision_config = spec, spec.vision
+        self.text_positions = MRopePositions(self.MODALITY, spec.image_token_id, spec.vision.spatial_merge_size)
         tower = Qwen3VisionTower if isinstance(spec.vision, Qwen3VisionConfig) else Qwen25VisionTower
         images = ModuleSpec(ModalitySubmodule, submodules={
             "encoder": ModuleSpec(tower, {"config": spec.vision}),
@@ -53,3 +55,8 @@ class QwenVLMimoProvider(MimoModelProvider):
             device=device,
             initial_weights=initial_weights,
         )
+
+    def embedding_widths(self) -> dict[str, int]:
+        """The images' rows carry DeepStack's features beside each token: H·(1 + k) wide (Qwen3-VL)."""
+        language = self.spec.language
+        return {self.MODALITY: language.hidden_size * (1 + len(language.deepstack_layers))}
