@@ -338,16 +338,18 @@ def open_checkpoint(path: Path, verify: bool = True) -> tuple[Metadata, dict]:
                               f"{type(e).__name__}: {one_line(e)}") from None
     if RNG not in metadata.state_dict_metadata:
         raise CheckpointError(f"checkpoint {path} has no {RNG}: it was not written by mimo's Checkpointer")
-    problem = storage_problem(metadata) or _foreign_files(metadata, marker)
+    problem = storage_problem(metadata) or _foreign_files(path, metadata, marker)
     if problem:
         raise CheckpointError(f"checkpoint {path} was not written so by mimo ({problem}); refused before loading "
                               f"anything")
     return metadata, info
 
 
-def _foreign_files(metadata: Metadata, marker: dict) -> str:
-    """'' if DCP reads only from files the marker lists (sized and hashed), plainly (mimo writes no transforms)."""
-    listed = set(marker.get("files", {})) - {INFO, DCP_METADATA}
+def _foreign_files(path: Path, metadata: Metadata, marker: dict) -> str:
+    """'' if DCP reads only from the checkpoint's own files (those the marker lists, sized and hashed; a marker from
+    before it listed them: those in the directory), plainly (mimo writes no transforms)."""
+    own = marker["files"] if "files" in marker else [p.name for p in path.iterdir() if p.is_file()]
+    listed = set(own) - {INFO, DCP_METADATA, MARKER}
     for name, transforms in storage_files(metadata).items():
         if name not in listed:
             return f"{DCP_METADATA} reads from {name[:100]!r}, which is not one of the checkpoint's data files"
