@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from mimo.launch import _failure_report, _read_failures, _write_failure
+import mimo.launch
+from mimo.launch import _failure_report, _read_failures, _write_failure, launch
 
 
 def _failure(rank: int, exitcode: int, tmp_path) -> ProcessFailure:
@@ -71,3 +73,23 @@ def test_a_port_taken_before_the_store_binds_it_is_retried(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "first port tried: True" in done.stdout
     assert sorted(steps_and_losses(run_dir)) == [1, 2]
+
+
+def test_ranks_dead_of_sigterm_alone_are_the_job_stopped_by_it(monkeypatch, capsys):
+    """A scheduler that signals the ranks but not the launcher: they stop, checkpoint and die of the SIGTERM they
+    deferred (`deadline.end_as_signalled`); the agent sees a death by SIGTERM, which is the job stopped by it (143),
+    not a failure. A rank that raised is still a failure."""
+    def stopped(nproc, plan, kwargs, failure_dir):
+        raise ChildFailedError("mimo", {0: _failure(0, -15, Path(failure_dir))})
+
+    monkeypatch.setattr(mimo.launch, "_launch_on_a_free_port", stopped)
+    assert launch(None, 2) == 143
+    assert capsys.readouterr().err == ("mimo train: stopped by SIGTERM; workers ended, and only complete checkpoints "
+                                       "are ever loaded\n")
+
+    def raised(nproc, plan, kwargs, failure_dir):
+        (Path(failure_dir) / "rank_1.json").write_text(json.dumps({"rank": 1, "time": 1.0, "error": "RuntimeError: x"}))
+        raise ChildFailedError("mimo", {0: _failure(0, -15, Path(failure_dir))})
+
+    monkeypatch.setattr(mimo.launch, "_launch_on_a_free_port", raised)
+    assert launch(None, 2) == 1

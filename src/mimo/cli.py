@@ -91,9 +91,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Validate the run config and layout, then train: in place under torchrun/srun, else on own workers."""
     from mimo.training.plan import plan_run
     from mimo.training.run_config import load_run_config
-    from mimo.training.run_dir import claim_run_dir
+    from mimo.training.run_dir import claim_run_dir, run_identity
 
     started = time.monotonic()  # train.exit_duration_in_mins counts the checks below (a resume's hashes) too
+    if args.adopt and not args.resume:
+        raise ConfigFileError("--adopt takes another run's checkpoint on --resume; add --resume (or drop --adopt)")
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     plan = plan_run(config, world)
@@ -102,13 +104,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock = claim_run_dir(config.run_dir, config.checkpoint_dir, resume=args.resume, restart=args.restart) \
         if owner else None
     try:
-        resume_from = _resumable(plan, report=owner) if args.resume else None
+        resume_from = _resumable(plan, report=owner, adopt=args.adopt) if args.resume else None
+        if owner:
+            run_identity(config.run_dir, create=True)  # the run this directory holds, recorded in its checkpoints
         kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map,
                   "started": started}
         if _launched():
+            from mimo.training.deadline import end_as_signalled
             from mimo.training.loop import run_training
 
             run_training(plan, **kwargs)
+            end_as_signalled()  # a rank stopped by SIGTERM dies of it (the kernel frees its locks): no agent wait
             return 0
         for w in plan.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -120,18 +126,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             lock.release()
 
 
-def _resumable(plan, report: bool) -> str | None:
+def _resumable(plan, report: bool, adopt: bool = False) -> str | None:
     """Before any worker starts: the newest complete checkpoint that verifies (sizes and hashes), None if there
     is none; a damaged newest one is named (if `report`) and an earlier one used, or a one-line error if none
-    is left; then its data position must fit this run's batches (another batch, seed or dataset: one line).
-    Under torchrun every rank decides so (the same files, the same answer), rank 0 alone says it."""
-    from mimo.training.checkpoint import Checkpointer, newest_intact
+    is left; then it must be this run's (or `adopt`; checked by the owner of the run directory, `report`), and its
+    data position must fit this run's batches (another batch, seed or dataset: one line). Under torchrun every
+    rank decides so (the same files, the same answer), rank 0 alone says it."""
+    from mimo.training.checkpoint import Checkpointer, newest_intact, open_checkpoint
     from mimo.training.loop import check_resume_fits
+    from mimo.training.run_dir import check_owner
 
     say = (lambda line: print(line, flush=True)) if report else (lambda line: None)
     path = newest_intact(Checkpointer(plan.config.checkpoint_dir), report=say)
     if path is None:
         return None
+    if report:
+        check_owner(path, open_checkpoint(path, verify=False)[1]["extra"].get("run"), plan.config.run_dir, adopt)
     check_resume_fits(plan, path)  # another batch, seed or dataset: refused here, not by the workers
     return str(path)
 
@@ -229,7 +239,7 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
     from mimo.training.plan import plan_model
     from mimo.training.run_config import RunConfigError, overridden, parse_run_config
 
-    _, info = open_checkpoint(path)
+    _, info = open_checkpoint(path)  # every file's hash verified: the one read of it before loading
     if not isinstance(info["extra"].get("config"), dict):
         raise CheckpointError(f"checkpoint {path} carries no run config (written by mimo train?); cannot tell "
                               f"which model it holds")
@@ -253,7 +263,7 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
     if not info[HF_WEIGHTS]:  # the checkpoint's values replace everything: read no Hugging Face weights
         plan.provider.initial_weights = None
     model = plan.provider.provide()
-    load_model_only(path, model, plan.hf_parts)
+    load_model_only(path, model, plan.hf_parts, verify=False)
     return model, plan
 
 
@@ -288,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
             start.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
             start.add_argument("--restart", action="store_true",
                                help="move the run already in log.dir aside (renamed, never deleted) and start over")
+            p.add_argument("--adopt", action="store_true",
+                           help="with --resume: continue from a checkpoint another run (another log.dir) wrote into "
+                                "checkpoint.dir; its later checkpoints are this run's")
             p.add_argument("--quiet", action="store_true", help="plain progress lines, no config dump")
     plot = sub.add_parser("plot", help="plot loss and throughput of run directories")
     plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")

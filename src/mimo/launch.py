@@ -54,15 +54,27 @@ def launch(plan: Any, nproc: int, **kwargs: Any) -> int:
         try:
             _launch_on_a_free_port(nproc, plan, kwargs, failure_dir)
         except ChildFailedError as e:
-            for line in _failure_report(e, _read_failures(Path(failure_dir))):
-                print(line, file=sys.stderr)
-            return 1
+            records = _read_failures(Path(failure_dir))
+            if records or not _all_signalled(e, signal.SIGTERM):
+                for line in _failure_report(e, records):
+                    print(line, file=sys.stderr)
+                return 1
+            return _stopped_by(signal.SIGTERM)  # the ranks alone were signalled, and stopped (`end_as_signalled`)
         except (KeyboardInterrupt, SignalException) as e:
-            sig = signal.Signals(getattr(e, "sigval", signal.SIGINT))
-            print(f"mimo train: stopped by {sig.name}; workers ended, and only complete checkpoints are ever loaded",
-                  file=sys.stderr)
-            return 128 + sig.value  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+            return _stopped_by(signal.Signals(getattr(e, "sigval", signal.SIGINT)))
     return 0
+
+
+def _stopped_by(sig: signal.Signals) -> int:
+    """Say that the job was stopped by `sig`; the shell's exit code for it (130 for SIGINT, 143 for SIGTERM)."""
+    print(f"mimo train: stopped by {sig.name}; workers ended, and only complete checkpoints are ever loaded",
+          file=sys.stderr)
+    return 128 + sig.value
+
+
+def _all_signalled(error: ChildFailedError, sig: signal.Signals) -> bool:
+    """Whether every failed worker died of `sig` (raising nothing)."""
+    return all(f.exitcode == -sig.value for f in error.failures.values())
 
 
 _RENDEZVOUS_TRIES = 3
@@ -189,7 +201,9 @@ class _Heartbeat:
 
 @record
 def _worker(plan: Any, kwargs: dict[str, Any], failure_dir: str) -> None:
-    """One rank: run the training loop of the (already checked) plan; record why it failed."""
+    """One rank: run the training loop of the (already checked) plan; record why it failed; a rank stopped by
+    SIGTERM (`train.exit_signal_handler`) then dies of it (`end_as_signalled`: the agent's shutdown waits no more)."""
+    from mimo.training.deadline import end_as_signalled
     from mimo.training.loop import run_training
 
     _as_a_fresh_interpreter()
@@ -199,6 +213,7 @@ def _worker(plan: Any, kwargs: dict[str, Any], failure_dir: str) -> None:
     except BaseException as e:
         _write_failure(Path(failure_dir), e)
         raise
+    end_as_signalled()
 
 
 def _write_failure(failure_dir: Path, error: BaseException) -> None:

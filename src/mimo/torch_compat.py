@@ -1,12 +1,31 @@
-"""Mends for bugs of the older torch releases mimo runs on (the GPU machine has 2.11), each applied only where
-that release's code is the one with the bug, and harmless elsewhere.
+"""Where mimo must lean on torch's internals, each with a tripwire test (tests/test_torch_compat.py):
+
+- mends for bugs of the older torch releases mimo runs on (the GPU machine has 2.11), each applied only where that
+  release's code is the one with the bug, and harmless elsewhere;
+- reading a DCP checkpoint without ever unpickling what a file says: torch's `FileSystemReader.read_metadata`
+  (2.13 too) is a plain `pickle.load` of `.metadata`, and `DefaultLoadPlanner.load_bytes` a
+  `torch.load(weights_only=False)` of any entry `.metadata` marks as bytes. `SafeReader` unpickles `.metadata`
+  with an allow-list of DCP's metadata classes; `SafePlanner` loads bytes entries with `weights_only=True` (mimo
+  writes none, and refuses any before loading: this is the second lock); `storage_files` names the files
+  `.metadata` points into (DCP's `_StorageInfo`).
 """
 
 from __future__ import annotations
 
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.tensor import _redistribute
 from torch.distributed.tensor.placement_types import Shard
+
+DCP_METADATA = ".metadata"  # DCP's index of a checkpoint (`__<rank>.metadata` for a rank's own, unused by mimo)
 
 
 def contiguous_uneven_gathers() -> None:
@@ -26,3 +45,60 @@ def contiguous_uneven_gathers() -> None:
 
     unpadded.mimo_contiguous = True  # type: ignore[attr-defined]
     Shard._maybe_unpad_tensor = unpadded
+
+
+# -- reading a DCP checkpoint without executing it ---------------------------------------------------------------
+class SafeReader(FileSystemReader):
+    """DCP's filesystem reader, but its pickled `.metadata` is read with an allow-list unpickler.
+
+    Only DCP's metadata classes, its `_StorageInfo`, `torch.Size`, dtypes, layouts and paths may be built; any
+    other global (`os.system`, `builtins.eval`, ...) is refused before it is called."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """Unpickle `.metadata` with the allow-list; set the load id as DCP's own reader does."""
+        rank_ = kwargs.get("rank")
+        name = DCP_METADATA if rank_ is None else f"__{rank_}{DCP_METADATA}"
+        metadata = _AllowListUnpickler(io.BytesIO(Path(self.path, name).read_bytes())).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"expected DCP Metadata, found {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Builds only what DCP metadata is made of; refuses every other global."""
+
+    _CLASSES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Allow DCP metadata classes, torch dtypes and the few helpers above."""
+        allowed = (module, name) in self._CLASSES
+        if module == dcp_metadata.__name__:
+            cls = getattr(dcp_metadata, name, None)
+            allowed = isinstance(cls, type) and cls.__module__ == module
+        elif module == "torch":
+            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's default load planner, but a bytes entry is read with `torch.load(weights_only=True)` (torch's own
+    planner unpickles it with `weights_only=False`: a file could run anything). The state dict is flat."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        """Only tensors, containers and plain values come out of a bytes entry; anything else is refused."""
+        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def storage_files(metadata: Metadata) -> dict[str, tuple[str, ...]]:
+    """{file name: transforms} of every file DCP's `.metadata` sends reads into (each entry's `_StorageInfo`)."""
+    return {info.relative_path: tuple(info.transform_descriptors or ()) for info in metadata.storage_data.values()}

@@ -3,6 +3,7 @@ SIGTERM (its votes summed over the world, as `MimoTrainer.train_step` sums them 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mimo.testing import run_distributed
-from mimo.training.deadline import Deadline
+from mimo.training.deadline import Deadline, end_as_signalled
 
 
 def agreed(deadline: Deadline) -> bool:
@@ -90,3 +91,25 @@ def test_the_handler_is_put_back_and_a_process_forked_under_it_ignores_sigterm()
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7  # it ended by itself, not by the signal
         assert deadline.votes() == (0.0, 0.0)  # the child's signal is not the parent's
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _stop_for_a_deferred_sigterm(notice: bool) -> None:
+    """A rank's end: a SIGTERM noted while watching (if `notice`), then `end_as_signalled`, then a normal return."""
+    deadline = Deadline(None, on_signal=True)
+    with deadline.watching():
+        if notice:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    end_as_signalled()
+
+
+def test_a_rank_stopped_by_sigterm_dies_of_it_once_done():
+    """Issue 27: a worker that returned after a SIGTERM stop waited for torch's elastic agent to collect its result,
+    which the agent, shutting down on that SIGTERM, never did (its 30 s grace, then SIGKILL). It dies of the signal
+    it deferred instead; one that noted none returns."""
+    ctx = multiprocessing.get_context("fork")
+    for notice, exitcode in ((True, -signal.SIGTERM), (False, 0)):
+        child = ctx.Process(target=_stop_for_a_deferred_sigterm, args=(notice,))
+        child.start()
+        child.join(30)
+        assert child.exitcode == exitcode

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mimo.training.checkpoint import MARKER
-from mimo.training.run_dir import RunDirError, claim_run_dir
+from mimo.training.run_dir import RunDirError, check_owner, claim_run_dir, run_identity
 
 
 def old_run(run_dir: Path, checkpoint_dir: Path, steps: tuple[int, ...] = (20, 40)) -> None:
@@ -57,7 +57,7 @@ def test_restart_moves_the_old_run_aside_and_deletes_nothing(tmp_path, capsys):
     assert capsys.readouterr().out == f"mimo train: moved the previous run aside: {aside} (checkpoints: {moved})\n"
     assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "metrics.jsonl"]
     assert sorted(p.name for p in moved.iterdir()) == ["step_00000020", "step_00000040"]
-    assert sorted(p.name for p in run.iterdir()) == [".lock"] and list(outside.iterdir()) == []
+    assert sorted(p.name for p in run.iterdir()) == [".lock"] and [p.name for p in outside.iterdir()] == [".lock"]
 
 
 def test_metrics_alone_count_as_a_run(tmp_path):
@@ -78,3 +78,42 @@ def test_unusable_directories(tmp_path):
     with pytest.raises(RunDirError, match=rf"^checkpoint.dir: {blocker / 'x'} is not a writable directory \(Not a "
                                           rf"directory\)$"):
         claim_run_dir(tmp_path / "run", blocker / "x", resume=False)
+
+
+def test_two_runs_with_one_checkpoint_directory_are_refused(tmp_path):
+    """Issue 27, bad 2: two runs with one checkpoint.dir and two log.dirs both ran and replaced each other's
+    checkpoints; the lock covers the checkpoint directory too."""
+    shared = tmp_path / "ckpt"
+    lock = claim_run_dir(tmp_path / "a", shared, resume=False)
+    with pytest.raises(RunDirError) as e:
+        claim_run_dir(tmp_path / "b", shared, resume=False)
+    assert str(e.value).startswith(f"checkpoint.dir {shared} is in use by another run (pid {os.getpid()} on host ")
+    assert str(e.value).endswith("); wait for it to end or choose another checkpoint.dir")
+    claim_run_dir(tmp_path / "b", tmp_path / "other", resume=False).release()  # its run directory was left free
+    lock.release()
+    claim_run_dir(tmp_path / "b", shared, resume=False).release()
+
+
+def test_a_checkpoint_names_its_run_and_another_runs_is_refused_unless_adopted(tmp_path):
+    """Issue 27, bad 2: A's --resume loaded the checkpoints B wrote into their shared checkpoint.dir; each run
+    directory names its run (run.json: kept by --resume, new after --restart) and a resume there refuses a
+    checkpoint another run wrote. A directory that names no run yet may start from any checkpoint."""
+    a, b, checkpoint = tmp_path / "a", tmp_path / "b", tmp_path / "ckpt" / "step_00000020"
+    claim_run_dir(a, tmp_path / "ckpt", resume=False).release()
+    writer = run_identity(a, create=True)
+    assert writer == {"id": writer["id"], "log_dir": str(a.resolve())}
+    assert run_identity(a, create=True) == writer  # the same run, resumed
+    check_owner(checkpoint, writer, a, adopt=False)
+    check_owner(checkpoint, None, a, adopt=False)  # written before runs were named: taken
+    check_owner(checkpoint, writer, b, adopt=False)  # b names no run yet: it starts from A's checkpoint
+    claim_run_dir(b, tmp_path / "other", resume=False).release()
+    run_identity(b, create=True)
+    with pytest.raises(RunDirError) as e:
+        check_owner(checkpoint, writer, b, adopt=False)
+    assert str(e.value) == (f"cannot resume from {checkpoint}: another run wrote it (log.dir {a.resolve()}), not this "
+                            f"one ({b}): do two runs share checkpoint.dir? --resume --adopt continues from it anyway, "
+                            f"or choose another checkpoint.dir")
+    check_owner(checkpoint, writer, b, adopt=True)
+    old_run(a, tmp_path / "ckpt")
+    claim_run_dir(a, tmp_path / "ckpt", resume=False, restart=True).release()
+    assert run_identity(a) is None  # --restart moved the old run's name aside with it

@@ -1,5 +1,5 @@
 """A checkpoint's files and their integrity: step directories, atomic renames, the `COMPLETE` marker's sizes and
-SHA-256 hashes, our JSON, and DCP's reader with an allow-list unpickler (loading is not executing).
+SHA-256 hashes, and our JSON (DCP's own files are read by `mimo.torch_compat.SafeReader`: loading is not executing).
 
 No knowledge of models or trainers here: `checkpoint_state` assembles what is saved, `checkpoint` orders the two.
 """
@@ -7,23 +7,18 @@ No knowledge of models or trainers here: `checkpoint_state` assembles what is sa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint import CheckpointException, FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint import CheckpointException
 
-MARKER, INFO, DCP_METADATA = "COMPLETE", "mimo.json", ".metadata"
+MARKER, INFO = "COMPLETE", "mimo.json"
 HASH = "sha256"  # the marker's key for {file: hex digest}; a checkpoint written before hashes has none
 _CHUNK = 1 << 22
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -178,55 +173,20 @@ def check_json(data: Any, what: str = "extra") -> None:
         raise CheckpointError(f"{what} must be JSON-serializable (it is stored as JSON, never pickled): {e}") from None
 
 
-# -- DCP's metadata, read safely -----------------------------------------------------------------------------
-class SafeReader(FileSystemReader):
-    """DCP's filesystem reader, but its pickled `.metadata` is read with an allow-list unpickler.
-
-    DCP stores its metadata as a pickle; a plain `pickle.load` of a tampered file could run anything. Only
-    DCP's metadata classes, `torch.Size`, dtypes, layouts and paths may be built. (We put tensors only
-    into DCP, so no pickled `BYTE_IO` items, which DCP would `torch.load(weights_only=False)`, exist.)
-    """
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        """Unpickle `.metadata` with the allow-list; set the load id as DCP's own reader does."""
-        rank_ = kwargs.get("rank")
-        name = DCP_METADATA if rank_ is None else f"__{rank_}{DCP_METADATA}"
-        metadata = _AllowListUnpickler(io.BytesIO(Path(self.path, name).read_bytes())).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"expected DCP Metadata, found {type(metadata).__name__}")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = getattr(self, "load_id", None)
-        return metadata
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    """Builds only what DCP metadata is made of; refuses every other global."""
-
-    _CLASSES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        """Allow DCP metadata classes, torch dtypes and the few helpers above."""
-        allowed = (module, name) in self._CLASSES
-        if module == dcp_metadata.__name__:
-            cls = getattr(dcp_metadata, name, None)
-            allowed = isinstance(cls, type) and cls.__module__ == module
-        elif module == "torch":
-            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
-
-
 # -- errors and ranks ----------------------------------------------------------------------------------------
 def cause(e: BaseException) -> str:
-    """'on rank(s) R (Type: message)' for DCP's gathered failure, '(Type: message)' for any other."""
+    """'on rank(s) R (Type: message)' for DCP's gathered failure, '(Type: message)' for any other; a record that
+    `weights_only` refused, by its reason alone (torch's message is a page of advice around it)."""
+    first, where = e, ""
     if isinstance(e, CheckpointException) and e.failures:
-        first = e.failures[min(e.failures)][0]
-        return f"on rank(s) {sorted(e.failures)} ({type(first).__name__}: {one_line(first)})"
-    return f"({type(e).__name__}: {one_line(e)})"
+        first, where = e.failures[min(e.failures)][0], f"on rank(s) {sorted(e.failures)} "
+    refused = _WEIGHTS_ONLY.search(str(first))
+    if refused:
+        return f"{where}(not a tensor record; weights_only refused it, nothing run: {one_line(refused[1])})"
+    return f"{where}({type(first).__name__}: {one_line(first)})"
+
+
+_WEIGHTS_ONLY = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
 
 def one_line(e: BaseException) -> str:

@@ -199,6 +199,15 @@ def key_problems(metadata: Metadata, shapes: dict[str, tuple[int, ...]]) -> str:
     return "; ".join(parts)
 
 
+def storage_problem(metadata: Metadata) -> str:
+    """'' if every entry of DCP's metadata is stored as mimo writes every key (parameters, optimizer state, the RNG
+    state): a tensor; else the first that is not. A bytes entry is one torch would unpickle: it never loads."""
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            return f"{key[:100]!r} is stored as {type(meta).__name__} where mimo writes a tensor"
+    return ""
+
+
 def _first(items: list[str], n: int = 3) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more

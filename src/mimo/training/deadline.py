@@ -13,8 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+
+_SIGTERM_NOTED = threading.Event()  # this process deferred a SIGTERM (`Deadline._receive`): `end_as_signalled`
 
 
 class Deadline:
@@ -50,6 +54,7 @@ class Deadline:
         of the job, and the rank, not the signal, ends its children."""
         if os.getpid() == self._pid:
             self._received = True
+            _SIGTERM_NOTED.set()
 
     @property
     def loader_worker_init(self) -> Callable[[int], None] | None:
@@ -94,3 +99,16 @@ def ignore_sigterm(worker_id: int) -> None:
     process of the job. The rank still ends it when closing the loader, and torch's worker loop ends by itself
     once the rank is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_as_signalled() -> None:
+    """A rank that deferred a SIGTERM (and has stopped cleanly for it, its checkpoint written) dies of it now, as a
+    process that defers a signal should. Returning instead, a worker of torch's elastic agent waits for the agent to
+    collect its result, which an agent shutting down on that same SIGTERM never does: it waits out its 30 s grace and
+    SIGKILLs. The launcher reads a death by SIGTERM as the job stopped by it (exit 143)."""
+    if not _SIGTERM_NOTED.is_set():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)

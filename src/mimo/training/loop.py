@@ -43,6 +43,7 @@ from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, Skipped
 from mimo.training.optim import OptimizerConfig
 from mimo.training.plan import RunPlan
 from mimo.training.run_config import RunConfig
+from mimo.training.run_dir import run_identity
 from mimo.training.step import MimoTrainer, StepResult
 
 
@@ -139,12 +140,13 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep,
                                 hf_parts=plan.hf_parts_from(start_from))
     skipped = SkippedSamples()
+    run = run_identity(config.run_dir) if rank == 0 else None  # recorded in each checkpoint (rank 0 writes mimo.json)
     if resume and not resuming and rank == 0:
         print(f"no complete checkpoint in {checkpointer.root}; starting from step 0", flush=True)
     if resuming:
-        _resume(checkpointer, trainer, sampler, skipped, rank, start_from)
+        _resume(checkpointer, trainer, sampler, skipped, rank, start_from, verified=resume_from is not None)
     elif start_from is not None:
-        load_weights(start_from, trainer, checkpointer.hf_parts)
+        load_weights(start_from, trainer, checkpointer.hf_parts, verify=False)  # the plan verified it (`plan_run`)
         if rank == 0 and not quiet:
             print(f"weights from {start_from} (optimizer, schedule and data start fresh)", flush=True)
     if rank == 0:  # only now, once a resume has been accepted: a refused one leaves the run directory as it was
@@ -177,14 +179,14 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                     writer.log_step(step + 1, result, flops=step_flops, extra={"skipped_samples": skipped.count})
                 progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
-                    saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
+                    saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config, run))
                     if step + 1 < config.train.steps and _loss_due(config, step + 1):
                         _held_out_loss(plan, saved, step + 1, writer, rank)
                 if step + 1 < config.train.steps and deadline.agreed(result.votes):
                     break
         progress.close()
         stopped = trainer.step_count < config.train.steps  # the deadline passed
-        final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config), saved,
+        final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config, run), saved,
                                  stopped or config.checkpoint.final)
         if stopped and rank == 0:
             print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
@@ -250,7 +252,7 @@ def check_resume_fits(plan: RunPlan, path: str | Path) -> None:
     the rule the workers apply (`GlobalBatchSampler.load_state_dict`); else a one-line CheckpointError naming
     what differs, instead of the workers' refusal after the whole start-up."""
     config = plan.config
-    _, info = open_checkpoint(Path(path))
+    _, info = open_checkpoint(Path(path), verify=False)  # `newest_intact` has just verified it
     omitted_prefixes(Path(path), info, plan.hf_parts)
     dataset = plan.dataset(plan.whole_model_provider())
     sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, config.train.seed)
@@ -275,9 +277,9 @@ def _start_checkpoint(config: RunConfig, resume: bool, resume_from: str | None) 
 
 
 def _resume(checkpointer: Checkpointer, trainer: MimoTrainer, sampler: GlobalBatchSampler, skipped: SkippedSamples,
-            rank: int, path: Path) -> None:
-    """Continue from checkpoint `path`, whatever layout wrote it."""
-    extra = checkpointer.load(path, trainer)
+            rank: int, path: Path, verified: bool) -> None:
+    """Continue from checkpoint `path`, whatever layout wrote it (its hashes checked here unless `verified`)."""
+    extra = checkpointer.load(path, trainer, verify=not verified)
     sampler.load_state_dict(extra["sampler"])
     skipped.load_state_dict(extra.get("skipped"))
     if rank == 0:
@@ -290,9 +292,10 @@ def _report_cut(dropped: list[str]) -> None:
         print(f"{METRICS_FILE}: dropped {', '.join(dropped)} (logged after the checkpoint resumed from)", flush=True)
 
 
-def _extra(sampler: GlobalBatchSampler, skipped: SkippedSamples, config: RunConfig) -> dict[str, Any]:
-    """A checkpoint's run state besides the model: the data position, the skipped samples, the config."""
-    return {"sampler": sampler.state_dict(), "skipped": skipped.state_dict(), "config": config.to_dict()}
+def _extra(sampler: GlobalBatchSampler, skipped: SkippedSamples, config: RunConfig, run: dict | None) -> dict[str, Any]:
+    """A checkpoint's run state besides the model: the data position, the skipped samples, the config, and the run
+    that wrote it (`run_dir.run_identity`: a resume by another run is refused)."""
+    return {"sampler": sampler.state_dict(), "skipped": skipped.state_dict(), "config": config.to_dict(), "run": run}
 
 
 def _slowest_rank_seconds(seconds: dict[str, float]) -> dict[str, float]:
@@ -331,7 +334,7 @@ def _evaluate(plan: RunPlan, checkpoint: Path) -> tuple[float, int]:
     """(held-out caption accuracy, number of digits) of the final checkpoint, loaded whole into one process."""
     provider = plan.whole_model_provider(torch.device("cpu"))
     model = provider.provide()
-    load_model_only(checkpoint, model, plan.hf_parts)
+    load_model_only(checkpoint, model, plan.hf_parts, verify=False)  # this run has just written it
     held_out = plan.dataset(provider, "held_out")
     return answer_accuracy(model, held_out), len(held_out)
 

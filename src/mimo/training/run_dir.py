@@ -1,11 +1,16 @@
 """Who owns a run directory: one run at a time, and a fresh run never mixes with an old one.
 
 `claim_run_dir` runs in the `mimo train` parent (or rank 0 under torchrun) before any worker starts. It
-checks that the run and checkpoint directories can be written, takes `RUN_DIR/.lock` (an advisory
-`flock`, released by the kernel when the process ends, however it ends) and writes its owner into it, so a
-second run into the same directory is refused at once, naming the holder. A fresh run (no `--resume`) into
-a directory that holds a run is refused, unless `--restart` moves the old run aside (renamed, never
-deleted).
+checks that the run and checkpoint directories can be written, takes `RUN_DIR/.lock` and `CHECKPOINT_DIR/.lock`
+(advisory `flock`s, released by the kernel when the process ends, however it ends) and writes its owner into
+them, so a second run into either directory (two runs with one `checkpoint.dir` and two `log.dir`s too) is
+refused at once, naming the holder. A fresh run (no `--resume`) into a directory that holds a run is refused,
+unless `--restart` moves the old run aside (renamed, never deleted).
+
+Each run directory names its run (`RUN_DIR/run.json`: an id made by the first run into it, once its start is
+accepted) and every checkpoint records it (`mimo.json`'s extra): `--resume` in a directory that names a run refuses
+a checkpoint another run wrote (`check_owner`) unless told `--adopt`. A directory that names no run yet (a fresh
+one, or one from before runs were named) may start from any checkpoint: the run it then names is its own.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import os
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from mimo.training.checkpoint import Checkpointer
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
+RUN = "run.json"  # the run's identity: {"id", "log_dir"}; a checkpoint's extra["run"] is its writer's
 
 
 class RunDirError(RuntimeError):
@@ -29,25 +36,28 @@ class RunDirError(RuntimeError):
 
 
 class RunDirLock:
-    """The held lock of a run directory; released on `release()` or when the process ends."""
+    """The held locks of a run's directories (its run directory's, then its checkpoint directory's); released on
+    `release()` or when the process ends."""
 
     def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd = path, fd
+        self.path, self.fds = path, [fd]
 
     def release(self) -> None:
-        """Unlock and close (the file stays: an unlocked lock file is no lock)."""
-        if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
+        """Unlock and close (the files stay: an unlocked lock file is no lock)."""
+        while self.fds:
+            fd = self.fds.pop()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def claim_run_dir(run_dir: Path, checkpoint_dir: Path, *, resume: bool, restart: bool = False) -> RunDirLock:
-    """Check both directories, lock the run directory, and refuse (or, with `restart`, move aside) an old run."""
+    """Check both directories, lock both, and refuse (or, with `restart`, move aside) an old run."""
     writable_dir(run_dir, "log.dir")
     writable_dir(checkpoint_dir, "checkpoint.dir")
-    lock = _lock(run_dir)
+    lock = _lock(run_dir, "log.dir")
     try:
+        if checkpoint_dir.resolve() != run_dir.resolve():
+            lock.fds += _lock(checkpoint_dir, "checkpoint.dir").fds
         previous = previous_run(run_dir, checkpoint_dir)
         if previous and restart:
             print(f"mimo train: moved the previous run aside: {_move_aside(run_dir, checkpoint_dir)}", flush=True)
@@ -59,6 +69,31 @@ def claim_run_dir(run_dir: Path, checkpoint_dir: Path, *, resume: bool, restart:
         lock.release()
         raise
     return lock
+
+
+def run_identity(run_dir: Path, create: bool = False) -> dict | None:
+    """The run `run_dir` holds, {"id", "log_dir"} (made now if `create` and there is none yet; else None)."""
+    path = run_dir / RUN
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        if not create:
+            return None
+    identity = {"id": uuid.uuid4().hex, "log_dir": str(run_dir.resolve())}
+    path.write_text(json.dumps(identity))
+    return identity
+
+
+def check_owner(checkpoint: Path, writer: dict | None, run_dir: Path, adopt: bool) -> None:
+    """`checkpoint` (written by run `writer`, None before runs were named) belongs to the run of `run_dir` (or that
+    directory names no run yet: it starts from it), or `adopt` says to take it anyway; else a one-line `RunDirError`
+    naming both runs. Before `run_identity(run_dir, create=True)`."""
+    ours = run_identity(run_dir)
+    if adopt or not writer or not ours or writer.get("id") == ours["id"]:
+        return
+    raise RunDirError(f"cannot resume from {checkpoint}: another run wrote it (log.dir {writer.get('log_dir')}), not "
+                      f"this one ({run_dir}): do two runs share checkpoint.dir? --resume --adopt continues from it "
+                      f"anyway, or choose another checkpoint.dir")
 
 
 def writable_dir(directory: Path, key: str) -> None:
@@ -86,17 +121,19 @@ def previous_run(run_dir: Path, checkpoint_dir: Path) -> str:
     return ", ".join(found)
 
 
-def _lock(run_dir: Path) -> RunDirLock:
-    """Take `run_dir/.lock` without waiting and write who holds it; if another process holds it, name it."""
-    path = run_dir / LOCK
+def _lock(directory: Path, key: str) -> RunDirLock:
+    """Take `directory/.lock` without waiting and write who holds it; if another process holds it, name it (and
+    `key`, the setting that chose the directory)."""
+    path = directory / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise RunDirError(f"{run_dir} is in use by another run ({holder}); wait for it to end or choose another "
-                          f"log.dir") from None
+        which = "" if key == "log.dir" else f"{key} "
+        raise RunDirError(f"{which}{directory} is in use by another run ({holder}); wait for it to end or choose "
+                          f"another {key}") from None
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(owner).encode(), 0)
@@ -113,19 +150,32 @@ def _holder(fd: int) -> str:
 
 
 def _move_aside(run_dir: Path, checkpoint_dir: Path) -> str:
-    """Rename the old run's files into `RUN_DIR.<time>` (and an outside checkpoint directory next to itself)."""
+    """Rename the old run's files into `RUN_DIR.<time>` (and an outside checkpoint directory's next to itself);
+    the locks stay where they are: this run holds them all along."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    locks = {(run_dir / LOCK).resolve(), (checkpoint_dir / LOCK).resolve()}
     aside = _unused(run_dir.with_name(f"{run_dir.name}.{stamp}"))
-    aside.mkdir()
-    for entry in run_dir.iterdir():
-        if entry.name != LOCK:  # the lock stays: this run holds it all along
-            entry.rename(aside / entry.name)
+    _move_entries(run_dir, aside, locks)
     moved = str(aside)
     if checkpoint_dir.exists() and not checkpoint_dir.resolve().is_relative_to(run_dir.resolve()):
         outside = _unused(checkpoint_dir.with_name(f"{checkpoint_dir.name}.{stamp}"))
-        checkpoint_dir.rename(outside)
+        _move_entries(checkpoint_dir, outside, locks)
         moved += f" (checkpoints: {outside})"
     return moved
+
+
+def _move_entries(source: Path, target: Path, locks: set[Path]) -> None:
+    """Rename every entry of `source` into the new directory `target`, but the `locks` (a directory holding one
+    is moved entry by entry, the lock left in place)."""
+    target.mkdir()
+    for entry in source.iterdir():
+        resolved = entry.resolve()
+        if resolved in locks:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and any(lock.is_relative_to(resolved) for lock in locks):
+            _move_entries(entry, target / entry.name, locks)
+        else:
+            entry.rename(target / entry.name)
 
 
 def _unused(path: Path) -> Path:
