@@ -104,6 +104,22 @@ def localized_mlp_matches_dtensor_mlp(rank: int, world: int) -> None:
         assert all(isinstance(m.weight, DTensor) for m in (local[0], local[2]))
         assert not list(local.parameters())
     assert [n for n, _ in local.named_parameters()] == names
+    tied_weight_stays_one_parameter(mesh)
+
+
+def tied_weight_stays_one_parameter(mesh) -> None:
+    """A weight two modules share (tied embeddings) is one local shard, whose gradient sums both uses (two shards
+    were two parameters: TP x DP runs of tied models drifted from the single-process one)."""
+    tied = parallelize_module(nn.ModuleDict({"a": nn.Linear(4, 6, bias=False, dtype=torch.float64),
+                                             "b": nn.Linear(4, 6, bias=False, dtype=torch.float64)}),
+                              mesh, {"a": ColwiseParallel(), "b": ColwiseParallel()})
+    tied.b.weight = tied.a.weight
+    localize(tied)
+    assert tied.a.weight is tied.b.weight and len(list(tied.parameters())) == 1
+    x = torch.ones(2, 4, dtype=torch.float64)
+    with dtensor_params(tied):
+        (tied.a(x).sum() + 2 * tied.b(x).sum()).backward()
+    assert torch.equal(tied.a.weight.grad, torch.full_like(tied.a.weight, 6.0))  # 2 rows x (1 + 2)
 
 
 def test_localized_module_computes_as_its_dtensors() -> None:

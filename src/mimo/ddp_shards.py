@@ -77,11 +77,16 @@ def localize(module: nn.Module) -> None:
     TP once per step (`_ShardView`).
     """
     shards: list[LocalShard] = []
+    # one local shard per DTensor (kept alive beside it, so ids stay unique): a tied weight stays one parameter
+    locals_of: dict[int, tuple[DTensor, nn.Parameter]] = {}
     for owner in module.modules():
         for attr, param in list(owner.named_parameters(recurse=False, remove_duplicate=False)):
             if isinstance(param, DTensor):
-                local = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
-                setattr(local, _SHARDING, sharding(param))
+                if id(param) not in locals_of:
+                    local = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
+                    setattr(local, _SHARDING, sharding(param))
+                    locals_of[id(param)] = (param, local)
+                local = locals_of[id(param)][1]
                 setattr(owner, attr, local)  # in place: the registration order is kept
                 shards.append((owner, attr, local))
     module.register_forward_pre_hook(lambda *_: _as_dtensors(shards))

@@ -1,0 +1,129 @@
+"""Qwen-VL's parity rows: every deployment kind trains like the single-process model (float64, 2 steps of AdamW with
+clipping; losses, gradient norms and final parameters to a relative 1e-8).
+
+Both families, tiny: Qwen2.5-VL (windowed and full attention, sectioned M-RoPE) and Qwen3-VL (learned position
+table, interleaved M-RoPE, DeepStack into decoder layers 0 and 1). Images of four sizes, packed, 0, 1 or 3 per
+sample. One 4-rank world runs every layout of a family in turn (start-up paid once).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mimo.config import MimoParallelismConfig
+from mimo.data import ModalitySpec, SyntheticDataset
+from mimo.data.packing import PackedText, PaddedText
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.families.qwen_vl import QwenVLMimoProvider, QwenVLSpec
+from mimo.models import DecoderConfig
+from mimo.models.qwen_vision import Qwen3VisionConfig, Qwen25VisionConfig
+from mimo.models.rotary import MRopeLayout
+from mimo.testing import assert_matches_reference, run_distributed
+from mimo.training.optim import OptimizerConfig, make_adamw, param_groups
+from mimo.training.step import MimoTrainer
+from tests.training.test_parity import full_params
+
+STEPS, GLOBAL_BATCH, MICRO, CLIP = 2, 8, 2, 1.0
+OPTIM = OptimizerConfig(lr=1e-2, weight_decay=0.1)
+IMAGE = 64  # past the 64-id vocabulary, as the synthetic set needs
+GRIDS = [(1, 4, 6), (1, 6, 4), (1, 2, 2), (1, 8, 2)]  # patches: 6, 6, 1 and 4 merged tokens
+
+LAYOUTS = {
+    "colocated-vit-dp4-lm-tp2": {"images": {"data_parallel_size": 4},
+                                 "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2}},
+    "heterogeneous-vit-dp2-lm-tp2": {"images": {"data_parallel_size": 2},
+                                     "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                                  "rank_offset": 2}},
+    "colocated-lm-pp2": {"images": {"data_parallel_size": 4},
+                         "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
+    "colocated-vit-tp2": {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 2},
+                          "language": {"data_parallel_size": 4}},
+}
+PACKED = "heterogeneous-vit-dp2-lm-tp2"  # also run with packed rows
+
+
+def spec(kind: str) -> QwenVLSpec:
+    """A tiny model of `kind`: width 32, 3 decoder layers, 4 heads over 2 KV heads."""
+    qwen3 = kind == "qwen3_vl"
+    vision = replace(Qwen3VisionConfig.tiny() if qwen3 else Qwen25VisionConfig.tiny(), out_hidden_size=32)
+    language = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                             ffn_hidden_size=48, max_seq_len=256, qkv_bias=not qwen3, qk_norm=qwen3,
+                             mrope=MRopeLayout((2, 1, 1), interleaved=qwen3),
+                             deepstack_layers=(0, 1) if qwen3 else (), tie_embeddings=qwen3)
+    return QwenVLSpec(kind, vision, language, IMAGE, 65, 66, 67)
+
+
+def provider(kind: str, layout: dict | None) -> QwenVLMimoProvider:
+    config = None if layout is None else MimoParallelismConfig.from_dict(layout)
+    return QwenVLMimoProvider(spec(kind), config, params_dtype=torch.float64, seed=3)
+
+
+def batches(kind: str) -> list:
+    patch = spec(kind).vision.patch_dim
+    data = SyntheticDataset(64, {"images": ModalitySpec.packed(IMAGE, patch, GRIDS, merge=4)}, vocab_size=64,
+                            items_per_sample=(0, 1, 3), seed=5, dtype=torch.float64)
+    return [data.batch(range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)) for s in range(STEPS)]
+
+
+def reference(kind: str) -> tuple[list, list, dict]:
+    """One process: `MimoModel.forward` per micro-batch with M-RoPE positions, torch's clipping, mimo's AdamW."""
+    prov = provider(kind, None)
+    model = prov.provide()
+    opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
+    losses, norms = [], []
+    for batch in batches(kind):
+        tokens = int(batch.num_label_tokens(model.special_token_ids))
+        total = 0.0
+        for m in range(MICRO):
+            mb = batch.microbatch(m, MICRO)
+            positions = prov.text_positions.rows(mb.input_ids, mb)
+            loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs, position_ids=positions)
+            (loss_sum / tokens).backward()
+            total += float(loss_sum.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / tokens)
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train_layouts(rank: int, world_size: int, kind: str) -> dict:
+    """Every layout (and the packed row) in turn on this world; per row this rank's losses, norms, parameters."""
+    out = {}
+    rows = [(name, layout, False) for name, layout in LAYOUTS.items()] + [(PACKED + "-packed", LAYOUTS[PACKED], True)]
+    for name, layout, packed in rows:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prov = provider(kind, layout)
+            model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("ddp")))
+        text = (PackedText if packed else PaddedText)(positions_rule=prov.text_positions)
+        trainer = MimoTrainer(model, prov.build_infra(), hidden_size=32, global_batch_size=GLOBAL_BATCH,
+                              num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP,
+                              activation_dtype=torch.float64, text_layout=text,
+                              embedding_widths=prov.embedding_widths())
+        results = [trainer.train_step(batch) for batch in batches(kind)]
+        out[name] = {"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
+                     "params": full_params(model)}
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_every_layout_trains_like_one_process(kind: str) -> None:
+    ref_losses, ref_norms, ref_params = reference(kind)
+    results = run_distributed(train_layouts, 4, kind, timeout_s=300)
+    for name in results[0]:
+        seen = set()
+        for rank, per_rank in enumerate(results):
+            res = per_rank[name]
+            for what, got, want in (("loss", res["losses"], ref_losses), ("norm", res["norms"], ref_norms)):
+                for s, (g, w) in enumerate(zip(got, want, strict=True)):
+                    assert abs(g - w) <= 1e-8 * abs(w), f"{kind} {name}: rank {rank} step {s} {what} {g!r} != {w!r}"
+            params = {n if n in ref_params else n.replace("lm_head", "embed_tokens"): p
+                      for n, p in res["params"].items()}
+            assert_matches_reference(params, ref_params, f"{kind} {name}: rank {rank} parameter")
+            seen.update(params)
+        assert seen == set(ref_params), f"{kind} {name}: parameters nobody holds: {sorted(set(ref_params) - seen)}"
