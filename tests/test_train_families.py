@@ -3,6 +3,7 @@ layout exactly as one process does (float64), and a family's refusals name what 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from mimo.training.run_config import load_run_config
 from tests.test_train_cli import mimo, refused, steps_and_losses
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "images_audio.yaml"
+QWEN_EXAMPLE = EXAMPLE.with_name("qwen_vl_tiny.yaml")
 EXACT = ["--set", "train.dtype=float64", "--set", "train.steps=3", "--set", "train.warmup_steps=0",
          "--set", "log.interval=1", "--set", "checkpoint.interval=0", "--set", "data.num_samples=64"]
 ONE_PROCESS = "parallelism={images: {data_parallel_size: 1}, audio: {data_parallel_size: 1}, " \
@@ -51,7 +53,8 @@ def test_a_family_refuses_what_it_does_not_have(tmp_path):
     modality the model lacks, export of a family with no Hugging Face form: one line each, naming what is wrong."""
     config = str(EXAMPLE)
     cases = {
-        "model.family=gpt": "model.family: 'gpt' is not a model family; choose one of ['llava', 'builtin']",
+        "model.family=gpt": "model.family: 'gpt' is not a model family; choose one of ['llava', 'qwen_vl', "
+                            "'builtin']",
         "model.preset=tiny": "model: unknown key(s) ['preset']; allowed keys are ['family', 'language', 'images', "
                              "'audio', 'freeze_language_model', 'freeze_encoders', 'freeze_projections']",
         "data.name=digits": "data.name: the builtin family does not read 'digits' data; it reads ['synthetic']",
@@ -69,3 +72,29 @@ def test_a_family_refuses_what_it_does_not_have(tmp_path):
     assert exported.returncode == 2
     assert exported.stderr == (f"mimo export-hf: error: checkpoint {checkpoint}: the builtin family has no Hugging "
                                f"Face form to export to\n")
+
+
+def test_qwen_vl_trains_on_its_layout_and_resumes_on_another_as_one_process(tmp_path):
+    """The tiny Qwen3-VL example (packed images of four sizes, DeepStack, M-RoPE, packed rows) on its colocated
+    layout (tower DP2, language TP2), then its step 3 again from the step-2 checkpoint on a heterogeneous layout
+    (tower on rank 0, language on rank 1): one process's losses, to 1e-8 in float64."""
+    exact = [*EXACT, "--set", "checkpoint.interval=2"]
+    one, run_dir = tmp_path / "one", tmp_path / "run"
+    straight = mimo("train", str(QWEN_EXAMPLE), *exact, "--set", f"log.dir={one}", "--set",
+                    "parallelism={images: {data_parallel_size: 1}, language: {data_parallel_size: 1}}", "--quiet")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = mimo("train", str(QWEN_EXAMPLE), *exact, "--set", f"log.dir={run_dir}", "--quiet")
+    assert first.returncode == 0, first.stderr[-3000:]
+    want = steps_and_losses(one)
+    assert_matches_reference({"loss": torch.tensor(list(steps_and_losses(run_dir).values()), dtype=torch.float64)},
+                             {"loss": torch.tensor(list(want.values()), dtype=torch.float64)}, "layout losses")
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000003")  # resume from step 2
+    other = "parallelism={images: {data_parallel_size: 1}, language: {data_parallel_size: 1, rank_offset: 1}}"
+    resumed = mimo("train", str(QWEN_EXAMPLE), *exact, "--set", other, "--set", f"log.dir={run_dir}", "--resume",
+                   "--quiet")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    got = steps_and_losses(run_dir)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    assert_matches_reference({"loss": torch.tensor([got[s] for s in (1, 2, 3)], dtype=torch.float64)},
+                             {"loss": torch.tensor([want[s] for s in (1, 2, 3)], dtype=torch.float64)},
+                             "resumed losses")

@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mimo.models import AudioConfig, DecoderConfig, ViTConfig
 from mimo.models.qwen_vision import Qwen3VisionConfig, QwenVisionConfig
 from mimo.models.qwen_vision_geometry import window_sizes
@@ -133,18 +135,23 @@ class ModalityFlops:
     projector_hidden: int | None = None  # None: the language model's hidden size (LLaVA's mlp2x_gelu)
     freeze_encoder: bool = False
     freeze_projection: bool = False
+    has_projector: bool = True  # False: the encoder ends at the language width (Qwen-VL's tower and its merger)
 
     @property
     def tokens_per_item(self) -> int:
         """Tokens one item sends to the projector (and the language model)."""
         return self.encoder.tokens_per_item
 
-    def encoder_flops(self, items: int) -> int:
-        """The encoder's FLOPs over `items`."""
+    def encoder_flops(self, items: int | torch.Tensor) -> int:
+        """The encoder's FLOPs over `items`: a count, or packed items' grids [n, k] (their formula reads them)."""
+        if isinstance(items, torch.Tensor) and not items.numel():
+            return 0
         return self.formula(self.encoder, items, trainable=not self.freeze_encoder)
 
-    def projection_flops(self, items: int, out_features: int) -> int:
-        """The projector's FLOPs over the tokens of `items`."""
+    def projection_flops(self, items: int | torch.Tensor, out_features: int) -> int:
+        """The projector's FLOPs over the tokens of `items` (none without a projector)."""
+        if not self.has_projector:
+            return 0
         hidden = self.projector_hidden or out_features
         return projector_flops(self.encoder.hidden_size, hidden, out_features, items * self.tokens_per_item,
                                trainable=not self.freeze_projection, input_grad=not self.freeze_encoder)
@@ -157,7 +164,7 @@ class ModalityFlops:
 
 def mimo_step_flops_by_module(language: DecoderConfig, samples: int, seq_len: int,
                               modalities: Mapping[str, ModalityFlops] | None = None,
-                              items: Mapping[str, int] | None = None, *, freeze_language: bool = False,
+                              items: Mapping[str, int | torch.Tensor] | None = None, *, freeze_language: bool = False,
                               causal_half: bool = False) -> dict[str, int]:
     """One step's FLOPs per part: `{name}.encoder`, `{name}.projection` per modality, then `language`.
 
@@ -181,7 +188,7 @@ def mimo_step_flops_by_module(language: DecoderConfig, samples: int, seq_len: in
 
 def mimo_step_flops(language: DecoderConfig, samples: int, seq_len: int,
                     modalities: Mapping[str, ModalityFlops] | None = None,
-                    items: Mapping[str, int] | None = None, *, freeze_language: bool = False,
+                    items: Mapping[str, int | torch.Tensor] | None = None, *, freeze_language: bool = False,
                     causal_half: bool = False) -> int:
     """One training step's model FLOPs (all ranks together): the sum of `mimo_step_flops_by_module`."""
     return sum(mimo_step_flops_by_module(language, samples, seq_len, modalities, items,
@@ -212,7 +219,7 @@ def batch_flops(provider: Any, batch: Any, modalities: Mapping[str, ModalityFlop
     language = provider.language_model_spec.params.get("config")
     if not isinstance(language, DecoderConfig):
         raise TypeError("no FLOP formula for the language model: it must be built from a DecoderConfig")
-    items = {name: int(b.items.shape[0]) for name, b in batch.modality_inputs.items()}
+    items = {name: b.item_grids if b.packed else int(b.items.shape[0]) for name, b in batch.modality_inputs.items()}
     by_module = mimo_step_flops_by_module(language, batch.num_samples, int(batch.input_ids.shape[1]), modalities,
                                           items, freeze_language=provider.freeze_language_model,
                                           causal_half=causal_half)

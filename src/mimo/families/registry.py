@@ -9,8 +9,9 @@ from mimo.config import ConfigFileError, RunConfigError
 from mimo.families.builtin import BUILTIN
 from mimo.families.family import BuildSettings, GenerationRequest, HFSource, ModelFamily
 from mimo.families.llava import LLAVA
+from mimo.families.qwen_vl import QWEN_VL
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLAVA, BUILTIN)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLAVA, QWEN_VL, BUILTIN)}
 DEFAULT_FAMILY = LLAVA.name  # a `model` section without `family` (every config written before families)
 
 
