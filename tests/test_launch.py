@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from mimo.launch import _failure_report, _read_failures, _write_failure
+from mimo.launch import _failure_report, _last_phases, _read_failures, _write_failure
 
 
 def _failure(rank: int, exitcode: int, tmp_path) -> ProcessFailure:
@@ -71,3 +72,13 @@ def test_a_port_taken_before_the_store_binds_it_is_retried(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "first port tried: True" in done.stdout
     assert sorted(steps_and_losses(run_dir)) == [1, 2]
+
+
+def test_a_rank_killed_from_outside_is_named_with_what_it_was_doing(tmp_path):
+    """Issue 27: a rank ended by the agent (its peer's collective timed out first) says what it waited on."""
+    (tmp_path / "heartbeat_3").write_text(json.dumps({"pid": 7, "phase": "data", "since": time.time() - 300}))
+    error = ChildFailedError("mimo", {3: _failure(3, -15, tmp_path)})
+    (line,) = _failure_report(error, _read_failures(tmp_path), _last_phases(tmp_path))
+    assert line.startswith("mimo train: error: rank 3 failed: ")
+    assert line.endswith("(waiting 300 s for the next batch from the data loader (a read that never returns: a "
+                         "stalled file system?))")

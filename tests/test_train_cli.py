@@ -350,7 +350,10 @@ def test_a_stopped_rank_is_named_within_a_bounded_time(tmp_path):
     assert proc.returncode == 1, stderr[-2000:]
     first = next(line for line in stderr.splitlines() if line.startswith("mimo train:"))
     assert first.startswith("mimo train: error: rank 1 failed: hung: no heartbeat for ")
-    assert first.endswith(f"s (process {worker} state T (stopped)); killed by the launcher")
+    # issue 27: with what it was doing (the heartbeat carries its phase)
+    assert f"s (process {worker} state T (stopped), waiting " in first
+    assert first.endswith(" for its training step (compute and collectives with the other ranks)); killed by the "
+                          "launcher") or first.endswith(" for a checkpoint write); killed by the launcher")
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"  # bounded by MIMO_HANG_S, not train.timeout_s
 
 
@@ -367,7 +370,7 @@ def wait_for_a_checkpoint(root: Path) -> None:
 def worker_pid(tmp: Path, rank: int) -> int:
     """The pid of the worker of `rank`, from its heartbeat file in the launcher's temporary directory."""
     (beat,) = tmp.glob(f"mimo-failures-*/heartbeat_{rank}")
-    return int(beat.read_text())
+    return int(json.loads(beat.read_text())["pid"])  # the heartbeat: {pid, phase, since}
 
 
 def test_resume_with_loader_workers_on_another_layout_continues_with_exactly_the_next_batch(tmp_path):
@@ -392,3 +395,15 @@ def test_resume_with_loader_workers_on_another_layout_continues_with_exactly_the
     for step in (3, 4):
         assert abs(again[step] - losses[step]) <= 1e-8 * abs(losses[step])
     assert losses[3] != losses[4]  # the two batches differ: a repeated or skipped batch would show
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_a_bad_hang_bound_is_one_line(tmp_path, monkeypatch, value):
+    """Issue 27: MIMO_HANG_S=abc was a traceback at import; MIMO_HANG_S=0 killed every rank as hung after 1 s."""
+    path, run_dir = write_config(tmp_path)
+    monkeypatch.setenv("MIMO_HANG_S", value)
+    done = refused("train", str(path), "--quiet")
+    assert done.returncode == 2
+    assert done.stderr == (f"mimo train: error: MIMO_HANG_S={value!r}: must be a number of seconds > 0 (how long a "
+                           f"silent rank may live before it is called hung; default 60)\n")
+    assert not run_dir.exists()

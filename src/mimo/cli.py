@@ -94,6 +94,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mimo.training.run_dir import claim_run_dir
 
     started = time.monotonic()  # train.exit_duration_in_mins counts the checks below (a resume's hashes) too
+    if not _launched():
+        from mimo.launch import hang_seconds
+
+        hang_seconds()  # MIMO_HANG_S=abc or 0: one line now, not a traceback (or every rank killed) later
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     plan = plan_run(config, world)
@@ -330,13 +334,14 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from mimo.hf.load import HFLoadError
     from mimo.hf.prompt import PromptError
     from mimo.hf.shards import ExportError
+    from mimo.launch import LaunchError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError
     from mimo.training.run_dir import RunDirError
 
     return (RunConfigError, CheckpointError, PlotError, RunDirError, HFConfigError, HFLoadError, ExportError,
-            ImageConfigError, PromptError)
+            ImageConfigError, PromptError, LaunchError)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ LLaVA JSON and a PNG folder, skipping a bad sample (or, with on_bad_sample error
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 
 import pytest
 import torch
@@ -104,3 +106,22 @@ def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
     missing = re.escape(str(tmp_path / "images" / "missing.png"))
     assert re.search(f"mimo train: error: rank [01] failed: BadSample: sample 2 \\({missing}\\): image file not found",
                      stopped.stderr)
+
+
+def test_a_read_that_never_returns_is_named_and_ended(tmp_path):
+    """Issue 27: an image that never returns data (a FIFO stands in for a stalled network file system) hung the job
+    in silence: heartbeats went on, so the hang watch never fired. The launcher now names the rank that waits past
+    data.timeout_s for a batch, and ends the job."""
+    data = llava_files(tmp_path)
+    (tmp_path / "images" / "1.png").unlink()
+    os.mkfifo(tmp_path / "images" / "1.png")  # opening it for reading blocks until a writer comes: none will
+    one_rank = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
+    path, _ = write_config(tmp_path, data={**data, "num_workers": 0, "timeout_s": 3}, parallelism=one_rank,
+                           train={"steps": 2, "global_batch_size": 4}, checkpoint={"interval": 0})
+    t0 = time.monotonic()
+    done = mimo("train", str(path), "--quiet", timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert re.search(r"mimo train: error: rank 0 failed: waited \d+ s for the next batch from the data loader "
+                     r"\(a read that never returns: a stalled file system\?\), past its bound of 3 s \(process \d+ "
+                     r"state S \(sleeping\)\); killed by the launcher", done.stderr), done.stderr[-3000:]
+    assert time.monotonic() - t0 < 60

@@ -29,6 +29,8 @@ class DataSection:
     num_workers: int | None = field(default=None, metadata={"min": 0})
     prefetch_factor: int = field(default=2, metadata={"min": 1})  # global batches each worker keeps ready
     packing: bool = False  # each micro-batch's samples end to end in one row, attention kept per sample
+    # the longest a rank waits for one batch before the launcher names and ends it (a read that never returns)
+    timeout_s: float = field(default=600.0, metadata={"above": 0})
 
     def __post_init__(self) -> None:
         """A llava dataset names its file and image folder; the built-in ones take none of its keys."""

@@ -40,6 +40,7 @@ from mimo.training.evaluate import answer_accuracy
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.optim import OptimizerConfig
+from mimo.training.phase import doing, enter
 from mimo.training.plan import RunPlan
 from mimo.training.run_config import RunConfig
 from mimo.training.step import MimoTrainer, StepResult
@@ -155,6 +156,7 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
     fault = _injected_fault(rank)
     deadline = Deadline(config.train.exit_duration_in_mins, start, config.train.exit_signal_handler)
     saved = None
+    enter("step")  # between the waits marked below: the step's compute, its collectives, the logging
     # SIGTERM stays noted, not fatal, through the stop's checkpoint: the launcher forwards a scheduler's signal to the
     # ranks, and on a loaded machine that copy can arrive after a rank left the loop, during the save
     with deadline.watching():
@@ -163,7 +165,8 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                 if fault == step + 1:
                     raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
                 t0 = time.perf_counter()
-                batch = next(batches)
+                with doing("data"):
+                    batch = next(batches)
                 waited = time.perf_counter() - t0
                 skipped.add(batch.skipped)
                 result = trainer.train_step(batch, deadline.votes)
@@ -175,17 +178,20 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                     writer.log_step(step + 1, result, flops=step_flops, extra={"skipped_samples": skipped.count})
                 progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
-                    saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
+                    with doing("checkpoint"):
+                        saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config))
                 if step + 1 < config.train.steps and deadline.agreed(result.votes):
                     break
         progress.close()
         stopped = trainer.step_count < config.train.steps  # the deadline passed
-        final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config), saved,
-                                 stopped or config.checkpoint.final)
+        with doing("checkpoint"):
+            final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config), saved,
+                                     stopped or config.checkpoint.final)
         if stopped and rank == 0:
             print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
                   f"{deadline.why(config.train.exit_duration_in_mins)}; checkpoint {final}: --resume continues",
                   flush=True)
+    enter("finish")
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
     if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped:
