@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
 class HFLoadError(ValueError):
     """A Hugging Face directory whose tensors do not fit the model its config describes."""
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # stored dtypes a float parameter is read from (and cast)
 
 
 class SafetensorsDir:
@@ -38,11 +41,14 @@ class SafetensorsDir:
         self.files: dict[str, Path] = {}
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.directory / file for name, file in weight_map.items()}
+            self.files = {name: self.directory / file for name, file in _weight_map(index).items()}
+            for path in sorted(set(self.files.values())):
+                if not path.is_file():
+                    raise HFLoadError(f"{index}: names shard {path.name}, which is not in {self.directory} (an "
+                                      f"incomplete download?)")
         else:
             for path in sorted(self.directory.glob("*.safetensors")):
-                with safe_open(path, "pt") as f:
+                with _opened(path) as f:
                     self.files.update(dict.fromkeys(f.keys(), path))
         if not self.files:
             raise HFLoadError(f"{self.directory}: no safetensors weights (model.safetensors or a sharded index); "
@@ -64,8 +70,31 @@ class SafetensorsDir:
         """The lazy slice handle of tensor `name` (shape and dtype known, nothing read until indexed)."""
         path = self.files[name]
         if path not in self._open:
-            self._open[path] = safe_open(path, "pt")
-        return self._open[path].get_slice(name)
+            self._open[path] = _opened(path)
+        try:
+            return self._open[path].get_slice(name)
+        except SafetensorError:
+            raise HFLoadError(f"{path}: holds no tensor {name}, which its shard index places there") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A shard index's tensor name -> file map, or an HFLoadError saying what is wrong with it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise HFLoadError(f"{index}: not a shard index (JSON with a weight_map of tensor name -> file)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise HFLoadError(f"{index}: its weight_map must map tensor names to file names")
+    return weight_map
+
+
+def _opened(path: Path) -> Any:
+    """`safe_open(path)`, or an HFLoadError naming a file that is not whole safetensors (truncated, damaged)."""
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:
+        raise HFLoadError(f"{path}: not a readable safetensors file ({e}); a truncated or damaged download? "
+                          f"Fetch it again") from None
 
 
 @dataclass(frozen=True)
@@ -109,17 +138,36 @@ class HFWeights:
                               f"directory does not hold the model its config.json describes")
         return found
 
-    def fill(self, name: str, param: torch.Tensor) -> bool:
-        """Read this rank's part of `name` into `param`; False for a name no rule covers (kept seeded)."""
+    def check(self, name: str, param: torch.Tensor) -> bool:
+        """Whether a rule covers `name`; if so its tensor must exist with `param`'s shape and a float dtype (read
+        from the file's header only: `mimo validate` checks every parameter so, before any worker)."""
         rule = self.rule(name)
         if rule is None:
             return False
+        self._stored(rule, name, param)
+        return True
+
+    def _stored(self, rule: NameRule, name: str, param: torch.Tensor) -> tuple[str, Any]:
+        """(file name, lazy slice) of `name`, whose shape is `param`'s and whose dtype is a float one (an int8
+        `q_proj` is a quantized or damaged file, which a cast would silently turn into other weights)."""
         key = self.hf_name(name)
         lazy = rule.checkpoint.slice(key)
         stored = tuple(lazy.get_shape())
         if stored != tuple(param.shape):
             raise HFLoadError(f"{rule.checkpoint.directory}: {key} has shape {list(stored)}, but the model its "
                               f"config.json describes needs {list(param.shape)} for {name}")
+        if lazy.get_dtype() not in FLOAT_DTYPES:
+            raise HFLoadError(f"{rule.checkpoint.directory}: {key} is stored as {lazy.get_dtype()}, but its "
+                              f"config.json declares no quantization; mimo reads floating-point weights only "
+                              f"({', '.join(FLOAT_DTYPES)})")
+        return key, lazy
+
+    def fill(self, name: str, param: torch.Tensor) -> bool:
+        """Read this rank's part of `name` into `param`; False for a name no rule covers (kept seeded)."""
+        rule = self.rule(name)
+        if rule is None:
+            return False
+        key, lazy = self._stored(rule, name, param)
         local = param.to_local() if isinstance(param, DTensor) else param
         values = lazy[_local_slices(param)]
         self.reads.append((key, tuple(values.shape)))
