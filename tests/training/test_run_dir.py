@@ -78,3 +78,19 @@ def test_unusable_directories(tmp_path):
     with pytest.raises(RunDirError, match=rf"^checkpoint.dir: {blocker / 'x'} is not a writable directory \(Not a "
                                           rf"directory\)$"):
         claim_run_dir(tmp_path / "run", blocker / "x", resume=False)
+
+
+def test_restart_moves_only_what_mimo_wrote(tmp_path, capsys, monkeypatch):
+    """Issue 27: `--set log.dir=. --restart` was a ValueError traceback ('.' has an empty name), and --restart moved
+    the user's own files that sat in log.dir along with the run."""
+    work = tmp_path / "work"
+    old_run(work, work / "checkpoints")
+    (work / "notes.txt").write_text("mine")
+    (work / "tb").mkdir()
+    monkeypatch.chdir(work)
+    claim_run_dir(Path("."), Path("checkpoints"), resume=False, restart=True).release()
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("work.")]
+    assert capsys.readouterr().out == f"mimo train: moved the previous run aside: {aside}\n"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "tb"]
+    assert sorted(p.name for p in work.iterdir()) == [".lock", "checkpoints", "notes.txt"]
+    assert list((work / "checkpoints").iterdir()) == []

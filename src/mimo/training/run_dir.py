@@ -22,6 +22,7 @@ from mimo.training.checkpoint import Checkpointer
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
+RUN_FILES = ("config.yaml", METRICS, "tb")  # what a run writes into log.dir, besides its checkpoints and the lock
 
 
 class RunDirError(RuntimeError):
@@ -113,15 +114,22 @@ def _holder(fd: int) -> str:
 
 
 def _move_aside(run_dir: Path, checkpoint_dir: Path) -> str:
-    """Rename the old run's files into `RUN_DIR.<time>` (and an outside checkpoint directory next to itself)."""
+    """Rename what the old run wrote (`RUN_FILES`, its checkpoints) into `RUN_DIR.<time>`, and an outside checkpoint
+    directory next to itself; anything else in the run directory (the user's own files) stays where it is."""
+    run_dir, checkpoint_dir = run_dir.resolve(), checkpoint_dir.resolve()  # log.dir '.' has no name of its own
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = _unused(run_dir.with_name(f"{run_dir.name}.{stamp}"))
     aside.mkdir()
-    for entry in run_dir.iterdir():
-        if entry.name != LOCK:  # the lock stays: this run holds it all along
+    ours = [run_dir / name for name in RUN_FILES]
+    if checkpoint_dir == run_dir:
+        ours += sorted(run_dir.glob("step_*"))
+    elif checkpoint_dir.is_relative_to(run_dir):
+        ours.append(run_dir / checkpoint_dir.relative_to(run_dir).parts[0])
+    for entry in ours:
+        if entry.exists():
             entry.rename(aside / entry.name)
     moved = str(aside)
-    if checkpoint_dir.exists() and not checkpoint_dir.resolve().is_relative_to(run_dir.resolve()):
+    if checkpoint_dir.exists() and not checkpoint_dir.is_relative_to(run_dir):
         outside = _unused(checkpoint_dir.with_name(f"{checkpoint_dir.name}.{stamp}"))
         checkpoint_dir.rename(outside)
         moved += f" (checkpoints: {outside})"
