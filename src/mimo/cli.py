@@ -170,6 +170,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     """Write a checkpoint of any layout as a Hugging Face directory of its family (transformers loads it)."""
+    from mimo.hf.shards import check_new_directory
+
+    check_new_directory(Path(args.out_dir))  # before the model is built: a refusal costs nothing
     model, plan = _checkpoint_model(Path(args.checkpoint), args.set)
     if plan.family.export is None:
         raise ConfigFileError(f"checkpoint {args.checkpoint}: the {plan.family.name} family has no Hugging Face "

@@ -27,7 +27,7 @@ from mimo.families.llava.hf_load import VISION_NAMES, canonical_llava_name, to_l
 from mimo.hf.config import read_config
 from mimo.hf.load import SafetensorsDir
 from mimo.hf.prompt import IMAGE_TOKEN
-from mimo.hf.shards import ExportError, write_safetensors
+from mimo.hf.shards import check_new_directory, write_safetensors
 
 # Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -51,8 +51,7 @@ def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin:
                  max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `model` (a whole, unwrapped MimoModel of `spec`) as a Hugging Face LLaVA directory."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty; give a new directory")
+    check_new_directory(out)
     tensors = {to_llava_name(n): p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     dtype = next(iter(tensors.values())).dtype
     if origin.llava is not None:
