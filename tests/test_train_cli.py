@@ -407,3 +407,20 @@ def test_a_bad_hang_bound_is_one_line(tmp_path, monkeypatch, value):
     assert done.stderr == (f"mimo train: error: MIMO_HANG_S={value!r}: must be a number of seconds > 0 (how long a "
                            f"silent rank may live before it is called hung; default 60)\n")
     assert not run_dir.exists()
+
+
+def test_a_stray_rank_in_the_environment_is_one_line(tmp_path, monkeypatch):
+    """Issue 27: RANK and WORLD_SIZE left in a shell made `mimo train` join a world no launcher set up: a raw
+    rendezvous traceback (MASTER_ADDR expected)."""
+    path, run_dir = write_config(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    done = refused("train", str(path), "--quiet")
+    assert done.returncode == 2
+    assert done.stderr == ("mimo train: error: the environment describes a launched rank only in part (RANK=0 "
+                           "WORLD_SIZE=2; MASTER_ADDR, MASTER_PORT not set): a launcher (torchrun, srun) sets all of "
+                           "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; unset RANK and WORLD_SIZE to let mimo start "
+                           "its own workers\n")
+    assert not run_dir.exists()

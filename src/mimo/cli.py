@@ -258,9 +258,27 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
     return model, plan
 
 
+WORLD_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what a launcher sets for env:// rendezvous
+
+
 def _launched() -> bool:
-    """True under torchrun / our launcher / srun-with-env: the world is described by the environment."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True under torchrun / our launcher / srun-with-env: the world is described by the environment (RANK and
+    WORLD_SIZE set); a LaunchError if it is described only in part (a stray RANK/WORLD_SIZE in a shell, say), which
+    torch's rendezvous would report as a traceback."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    missing = [k for k in WORLD_ENV if not os.environ.get(k)]
+    numbers = [k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if k not in missing and
+               not os.environ[k].strip().isdigit()]
+    if missing or numbers:
+        from mimo.launch import LaunchError
+
+        given = " ".join(f"{k}={os.environ[k]}" for k in WORLD_ENV if os.environ.get(k))
+        wrong = f"{', '.join(missing)} not set" if missing else f"{', '.join(numbers)} not a whole number"
+        raise LaunchError(f"the environment describes a launched rank only in part ({given}; {wrong}): a launcher "
+                          f"(torchrun, srun) sets all of {', '.join(WORLD_ENV)}; unset RANK and WORLD_SIZE to let mimo "
+                          f"start its own workers")
+    return True
 
 
 MOVED_HELP = ("a Hugging Face directory of the checkpoint's run moved elsewhere, e.g. --set model.language_hf="
