@@ -161,7 +161,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_output(runs)
     with warnings.catch_warnings(record=True) as caught:  # bad records: skipped, one line per file
         warnings.simplefilter("always")
-        plot_runs(runs, out)
+        out = plot_runs(runs, out)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"wrote {out}")
