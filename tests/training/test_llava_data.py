@@ -21,6 +21,11 @@ from tests.test_train_cli import metrics, mimo, write_config
 LAYOUT = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 1}}
 
 
+def _written(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def llava_files(tmp_path, chat_template: str | None = CHATML, entries: list | None = None) -> dict:
     """A data section over a JSON file, an image folder of 8×8 PNGs and a word-level tokenizer."""
     for k in range(4):
@@ -55,6 +60,11 @@ def test_bad_data_sections_fail_at_parse(data, message):
     (lambda d, t: {**d, "max_seq_len": 257}, "data.max_seq_len: 257 exceeds the language model's max_seq_len 256"),
     (lambda d, t: {**d, "tokenizer": str(save_tokenizer(t / "plain_tokenizer", chat_template=None))},
      "data.template: the 'chat' template needs the tokenizer's chat template, and this tokenizer has none"),
+    # issue 27: these two were found only by the workers, behind 40-60 lines each
+    (lambda d, t: {**d, "path": str(_written(t / "dict.json", b'{"a": 1}'))},
+     "data.path: data file {t}/dict.json must hold a JSON array of entries ([...]); it starts with '{{'"),
+    (lambda d, t: {**d, "path": str(_written(t / "latin1.jsonl", '[{"caption": "caf\u00e9"}]'.encode("latin-1")))},
+     "data.path: data file {t}/latin1.jsonl is not UTF-8 text (byte 0xe9 near offset 17)"),
 ])
 def test_validate_refuses_bad_llava_data_before_any_worker(tmp_path, capsys, change, message):
     data = change(llava_files(tmp_path), tmp_path)

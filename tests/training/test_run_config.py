@@ -329,3 +329,18 @@ def test_sequence_parallel_without_tensor_parallelism_is_one_line(capsys, tmp_pa
         f"tensor_model_parallel_size > 1\n")
     layout["language"]["tensor_model_parallel_size"] = 2
     assert main(["validate", write(tmp_path, {"parallelism": layout})]) == 0
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ({**LAYOUT, "audio": {"data_parallel_size": 1}},
+     "parallelism: the parallelism config has layouts for ['audio'], which the model does not have; the model's "
+     "modules are ['images', 'language']: give exactly one layout per module"),
+    ({"image": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 1}},
+     "parallelism: the parallelism config has layouts for ['image'], which the model does not have, and no layout "
+     "for ['images'] (did you mean 'images' for 'image'?)"),
+])
+def test_a_layout_for_a_module_the_model_lacks_is_one_line(capsys, tmp_path, layout, message):
+    """Issue 27: an `audio:` layout with no audio model, or a misspelled `image:`, was a ProviderError traceback."""
+    assert main(["validate", write(tmp_path, {"parallelism": layout, "model": {"preset": "tiny"}})]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mimo validate: error: {message}") and err.count("\n") == 1, err

@@ -87,7 +87,10 @@ def plan_model(config: RunConfig, check_parts: Callable[[list[HFPart]], None] | 
         check_parts(parts)
     opened = family.open(config.model)
     settings = BuildSettings(config.layout, config.precision.param_dtype, config.train.seed)
-    provider = family.provider(config.model, opened, settings)
+    try:
+        provider = family.provider(config.model, opened, settings)
+    except ProviderError as e:  # the layout names modules the model has not (a misspelled `image:`, an `audio:`)
+        raise RunConfigError(f"parallelism: {e}") from None
     return RunPlan(config, family, opened, provider, parts, [])
 
 
