@@ -424,3 +424,38 @@ def test_a_stray_rank_in_the_environment_is_one_line(tmp_path, monkeypatch):
                            "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; unset RANK and WORLD_SIZE to let mimo start "
                            "its own workers\n")
     assert not run_dir.exists()
+
+
+def test_a_diverged_run_stops_keeping_its_last_finite_checkpoint(tmp_path):
+    """Issue 27: a loss that went NaN at step 2 trained on with rc 0 and kept only NaN checkpoints. Now
+    train.max_nonfinite_steps such steps in a row end the run naming the last checkpoint of finite values (lr 1e30:
+    step 2's gradient is infinite, its loss 1e61; steps after it are NaN)."""
+    one_rank = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
+    path, run_dir = write_config(tmp_path, train={"steps": 8, "lr": 1e30, "max_nonfinite_steps": 2},
+                                 parallelism=one_rank, checkpoint={"interval": 1, "keep": 2})
+    done = mimo("train", str(path), "--quiet")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (f"mimo train: error: rank 0 failed: DivergedError: training diverged: the loss or gradient is NaN or "
+            f"infinite at steps 2-3 (2 in a row, train.max_nonfinite_steps=2); the newest checkpoint, of finite "
+            f"values, is {run_dir / 'checkpoints' / 'step_00000001'}. Lower train.lr (or check the data) and "
+            f"--resume") in done.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step_00000001"]
+
+
+def test_a_skipped_fp16_overflow_is_not_divergence():
+    """The loss scaler's skipped update (an infinite gradient, no weight changed) counts as a finite step."""
+    from mimo.training.nonfinite import DivergedError, NonFiniteWatch
+    from mimo.training.step import StepResult
+
+    def result(loss: float, norm: float, skipped: bool = False) -> StepResult:
+        return StepResult(loss=loss, label_tokens=1, tokens=1, positions=1, grad_norm=norm, lr=0.1, skipped=skipped)
+
+    watch = NonFiniteWatch(limit=2)
+    assert watch.finite(1, result(2.0, float("inf"), skipped=True))
+    assert not watch.finite(2, result(float("nan"), 1.0))
+    watch.check(2, None)
+    assert watch.finite(3, result(2.0, 1.0))  # a finite step starts the count again
+    assert not watch.finite(4, result(2.0, float("inf"))) and not watch.finite(5, result(float("inf"), 1.0))
+    with pytest.raises(DivergedError, match="at steps 4-5 .*; no checkpoint was saved before it"):
+        watch.check(5, None)

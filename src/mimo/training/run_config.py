@@ -47,6 +47,9 @@ class TrainSection:
     recompute_granularity: Literal["none", "full"] = "none"
     recompute_num_layers: int | None = None
     timeout_s: float = field(default=300.0, metadata={"above": 0})
+    # this many steps in a row with a loss (or an applied gradient) that is NaN or infinite end the run with an
+    # error (it has diverged: more steps only write checkpoints of NaN); such steps save no checkpoint
+    max_nonfinite_steps: int = field(default=3, metadata={"min": 1})
     # stop cleanly once the run has taken this many minutes (from `mimo train`'s start): a checkpoint after the
     # step that passed it (whatever checkpoint.final says), then exit 0; `--resume` continues (a scheduler's
     # wall-time limit; Megatron's name)
