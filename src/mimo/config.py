@@ -100,9 +100,9 @@ def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> N
         key = loader.construct_object(key_node)
         line = key_node.start_mark.line + 1
         if key in seen:
+            where = f"on lines {seen[key]} and {line}" if seen[key] != line else f"on line {line}"
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {shown(key)} appears twice in one mapping, on lines {seen[key]} and {line}; "
-                            f"keep one", key_node.start_mark)
+                None, None, f"key {shown(key)} appears twice in one mapping, {where}; keep one")
         seen[key] = line
 
 
