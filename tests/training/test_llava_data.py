@@ -126,12 +126,12 @@ def test_a_read_that_never_returns_is_named_and_ended(tmp_path):
     (tmp_path / "images" / "1.png").unlink()
     os.mkfifo(tmp_path / "images" / "1.png")  # opening it for reading blocks until a writer comes: none will
     one_rank = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
-    path, _ = write_config(tmp_path, data={**data, "num_workers": 0, "timeout_s": 3}, parallelism=one_rank,
+    path, _ = write_config(tmp_path, data={**data, "num_workers": 0, "timeout_s": 1}, parallelism=one_rank,
                            train={"steps": 2, "global_batch_size": 4}, checkpoint={"interval": 0})
     t0 = time.monotonic()
     done = mimo("train", str(path), "--quiet", timeout=120)
     assert done.returncode == 1, done.stderr[-3000:]
     assert re.search(r"mimo train: error: rank 0 failed: waited \d+ s for the next batch from the data loader "
-                     r"\(a read that never returns: a stalled file system\?\), past its bound of 3 s \(process \d+ "
+                     r"\(a read that never returns: a stalled file system\?\), past its bound of 1 s \(process \d+ "
                      r"state S \(sleeping\)\); killed by the launcher", done.stderr), done.stderr[-3000:]
     assert time.monotonic() - t0 < 60
