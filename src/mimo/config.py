@@ -130,6 +130,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = load_yaml_text(text)
     except yaml.YAMLError as e:
         raise ConfigFileError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:  # the parser recurses per level: a few thousand nested brackets
+        raise ConfigFileError(f"{path}: nested too deeply to be a config (thousands of levels)") from None
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

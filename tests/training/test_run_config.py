@@ -238,6 +238,15 @@ def test_an_alias_bomb_is_one_short_line(capsys, tmp_path, command):
     assert "expands to more than 10000 values through its aliases" in capsys.readouterr().err
 
 
+def test_a_document_nested_thousands_deep_is_one_line(capsys, tmp_path):
+    """Found while fixing issue 27's alias bomb: 3000 nested brackets were a RecursionError traceback."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"parallelism: {'[' * 3000}{']' * 3000}\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == (f"mimo validate: error: {path}: nested too deeply to be a config (thousands "
+                                       f"of levels)\n")
+
+
 def test_aliases_within_the_bound_work_and_errors_quote_values_short(capsys, tmp_path):
     """Issue 27: aliases that share a layout still work; a value quoted in an error is cut to a short length."""
     path = tmp_path / "run.yaml"

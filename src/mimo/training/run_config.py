@@ -326,5 +326,5 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
             raise RunConfigError(f"--set {shown(item)}: {shown(part)} is not a section")
     try:
         node[parts[-1]] = load_yaml_text(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # RecursionError: thousands of nested brackets
         raise RunConfigError(f"--set {shown(item)}: the value is not valid YAML") from None
