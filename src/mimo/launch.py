@@ -167,7 +167,24 @@ class HangWatch:
         entry = {"rank": rank, "time": last, "error": f"{reason}; killed by the launcher"}
         (self.failure_dir / f"rank_{rank}.json").write_text(json.dumps(entry))
         beat.unlink()
-        os.kill(pid, signal.SIGKILL)
+        for process in [*_descendants(pid), pid]:  # its loader workers too: one blocked in a read outlives its
+            with contextlib.suppress(ProcessLookupError):  # rank, and the agent waits for it forever
+                os.kill(process, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (its data loader workers and theirs), from /proc (Linux; none elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def hang_seconds() -> float:

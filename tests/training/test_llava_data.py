@@ -121,12 +121,13 @@ def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
 def test_a_read_that_never_returns_is_named_and_ended(tmp_path):
     """Issue 27: an image that never returns data (a FIFO stands in for a stalled network file system) hung the job
     in silence: heartbeats went on, so the hang watch never fired. The launcher now names the rank that waits past
-    data.timeout_s for a batch, and ends the job."""
+    data.timeout_s for a batch, and ends the job: the rank and its loader worker, blocked in the read (left alive,
+    it held the launcher's agent forever)."""
     data = llava_files(tmp_path)
     (tmp_path / "images" / "1.png").unlink()
     os.mkfifo(tmp_path / "images" / "1.png")  # opening it for reading blocks until a writer comes: none will
     one_rank = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
-    path, _ = write_config(tmp_path, data={**data, "num_workers": 0, "timeout_s": 1}, parallelism=one_rank,
+    path, _ = write_config(tmp_path, data={**data, "num_workers": 1, "timeout_s": 1}, parallelism=one_rank,
                            train={"steps": 2, "global_batch_size": 4}, checkpoint={"interval": 0})
     t0 = time.monotonic()
     done = mimo("train", str(path), "--quiet", timeout=120)
