@@ -218,7 +218,8 @@ def _process_state(pid: int) -> str:
 
 class _Heartbeat:
     """A worker's thread rewriting `failure_dir/heartbeat_<rank>` (its pid, phase and since when, as JSON) every
-    `HEARTBEAT_S`: the file's age says whether the process lives, its phase what it waits on."""
+    `HEARTBEAT_S`: the file's age says whether the process lives, its phase what it waits on (as of that write: a
+    process stopped between two writes is named with the phase of the last)."""
 
     def __init__(self, failure_dir: Path) -> None:
         self.path = failure_dir / f"heartbeat_{int(os.environ.get('RANK', '0'))}"
