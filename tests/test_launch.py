@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 import mimo.launch
-from mimo.launch import _failure_report, _read_failures, _write_failure, launch
+from mimo.launch import _failure_report, _last_phases, _read_failures, _write_failure, launch
 
 
 def _failure(rank: int, exitcode: int, tmp_path) -> ProcessFailure:
@@ -93,3 +94,13 @@ def test_ranks_dead_of_sigterm_alone_are_the_job_stopped_by_it(monkeypatch, caps
 
     monkeypatch.setattr(mimo.launch, "_launch_on_a_free_port", raised)
     assert launch(None, 2) == 1
+
+
+def test_a_rank_killed_from_outside_is_named_with_what_it_was_doing(tmp_path):
+    """Issue 27: a rank ended by the agent (its peer's collective timed out first) says what it waited on."""
+    (tmp_path / "heartbeat_3").write_text(json.dumps({"pid": 7, "phase": "data", "since": time.time() - 300}))
+    error = ChildFailedError("mimo", {3: _failure(3, -15, tmp_path)})
+    (line,) = _failure_report(error, _read_failures(tmp_path), _last_phases(tmp_path))
+    assert line.startswith("mimo train: error: rank 3 failed: ")
+    assert line.endswith("(waiting 300 s for the next batch from the data loader (a read that never returns: a "
+                         "stalled file system?))")

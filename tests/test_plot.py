@@ -110,3 +110,15 @@ def test_bad_records_are_skipped_and_named_in_one_line(tmp_path, capsys) -> None
     out, err = capsys.readouterr()
     assert err == f"warning: {caught[0].message}\n" and "wrote " in out
     assert_png(tmp_path / "bad.png")
+
+
+def test_out_without_an_image_suffix_reports_the_file_it_wrote(tmp_path, capsys) -> None:
+    """Issue 27: `--out DIR` wrote `DIR.png` but said "wrote DIR"; an existing directory gets `plot.png` inside."""
+    a = make_run(tmp_path / "a")
+    assert main([str(a), "--out", str(tmp_path / "report")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'report.png'}\n"
+    assert_png(tmp_path / "report.png")
+    (tmp_path / "plots").mkdir()
+    assert main([str(a), "--out", str(tmp_path / "plots")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'plots' / 'plot.png'}\n"
+    assert_png(tmp_path / "plots" / "plot.png")

@@ -160,7 +160,7 @@ def test_pipeline_layer_ranges():
          r"freeze_modality_encoders names unknown modalities \['video'\]"),
         ({"freeze_modality_projections": {"x": True}}, r"freeze_modality_projections names unknown modalities"),
         ({"mimo_parallelism_config": MimoParallelismConfig.from_dict({"language": {}})},
-         r"layouts for \['language'\] but the model has modules \['images', 'language'\]"),
+         r"no layout for \['images'\]; the model's modules are \['images', 'language'\]"),
     ],
 )
 def test_provider_errors(kwargs, message):

@@ -373,7 +373,9 @@ def test_a_stopped_rank_is_named_within_a_bounded_time(tmp_path):
     assert proc.returncode == 1, stderr[-2000:]
     first = next(line for line in stderr.splitlines() if line.startswith("mimo train:"))
     assert first.startswith("mimo train: error: rank 1 failed: hung: no heartbeat for ")
-    assert first.endswith(f"s (process {worker} state T (stopped)); killed by the launcher")
+    # issue 27: with what it was doing as of its last heartbeat (the tiny run may still have been starting then)
+    assert f"s (process {worker} state T (stopped), waiting " in first
+    assert first.endswith("); killed by the launcher")
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"  # bounded by MIMO_HANG_S, not train.timeout_s
 
 
@@ -390,7 +392,7 @@ def wait_for_a_checkpoint(root: Path) -> None:
 def worker_pid(tmp: Path, rank: int) -> int:
     """The pid of the worker of `rank`, from its heartbeat file in the launcher's temporary directory."""
     (beat,) = tmp.glob(f"mimo-failures-*/heartbeat_{rank}")
-    return int(beat.read_text())
+    return int(json.loads(beat.read_text())["pid"])  # the heartbeat: {pid, phase, since}
 
 
 def test_resume_with_loader_workers_on_another_layout_continues_with_exactly_the_next_batch(tmp_path):
@@ -415,3 +417,67 @@ def test_resume_with_loader_workers_on_another_layout_continues_with_exactly_the
     for step in (3, 4):
         assert abs(again[step] - losses[step]) <= 1e-8 * abs(losses[step])
     assert losses[3] != losses[4]  # the two batches differ: a repeated or skipped batch would show
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_a_bad_hang_bound_is_one_line(tmp_path, monkeypatch, value):
+    """Issue 27: MIMO_HANG_S=abc was a traceback at import; MIMO_HANG_S=0 killed every rank as hung after 1 s."""
+    path, run_dir = write_config(tmp_path)
+    monkeypatch.setenv("MIMO_HANG_S", value)
+    done = refused("train", str(path), "--quiet")
+    assert done.returncode == 2
+    assert done.stderr == (f"mimo train: error: MIMO_HANG_S={value!r}: must be a number of seconds > 0 (how long a "
+                           f"silent rank may live before it is called hung; default 60)\n")
+    assert not run_dir.exists()
+
+
+def test_a_stray_rank_in_the_environment_is_one_line(tmp_path, monkeypatch):
+    """Issue 27: RANK and WORLD_SIZE left in a shell made `mimo train` join a world no launcher set up: a raw
+    rendezvous traceback (MASTER_ADDR expected)."""
+    path, run_dir = write_config(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    done = refused("train", str(path), "--quiet")
+    assert done.returncode == 2
+    assert done.stderr == ("mimo train: error: the environment describes a launched rank only in part (RANK=0 "
+                           "WORLD_SIZE=2; MASTER_ADDR, MASTER_PORT not set): a launcher (torchrun, srun) sets all of "
+                           "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; unset RANK and WORLD_SIZE to let mimo start "
+                           "its own workers\n")
+    assert not run_dir.exists()
+
+
+def test_a_diverged_run_stops_keeping_its_last_finite_checkpoint(tmp_path):
+    """Issue 27: a loss that went NaN at step 2 trained on with rc 0 and kept only NaN checkpoints. Now
+    train.max_nonfinite_steps such steps in a row end the run naming the last checkpoint of finite values (lr 1e30:
+    step 2's gradient is infinite, its loss 1e61; steps after it are NaN)."""
+    one_rank = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
+    path, run_dir = write_config(tmp_path, train={"steps": 8, "lr": 1e30, "max_nonfinite_steps": 2},
+                                 parallelism=one_rank, checkpoint={"interval": 1, "keep": 2})
+    done = mimo("train", str(path), "--quiet")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (f"mimo train: error: rank 0 failed: DivergedError: training diverged: the loss or gradient is NaN or "
+            f"infinite at steps 2-3 (2 in a row, train.max_nonfinite_steps=2); the newest checkpoint, of finite "
+            f"values, is {run_dir / 'checkpoints' / 'step_00000001'}. Lower train.lr (or check the data) and "
+            f"--resume") in done.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step_00000001"]
+
+
+def test_a_skipped_fp16_overflow_is_not_divergence():
+    """The loss scaler's skipped update (an infinite gradient, no weight changed) counts as a finite step."""
+    from mimo.training.nonfinite import DivergedError, NonFiniteWatch
+    from mimo.training.step import StepResult
+
+    def result(loss: float, norm: float, skipped: bool = False) -> StepResult:
+        return StepResult(loss=loss, label_tokens=1, tokens=1, positions=1, grad_norm=norm, lr=0.1, skipped=skipped)
+
+    watch = NonFiniteWatch(limit=2)
+    assert watch.finite(1, result(2.0, float("inf"), skipped=True))
+    assert not watch.finite(2, result(float("nan"), 1.0))
+    watch.check(2, None)
+    assert watch.finite(3, result(2.0, 1.0))  # a finite step starts the count again
+    assert not watch.finite(4, result(2.0, float("inf"))) and not watch.finite(5, result(float("inf"), 1.0))
+    with pytest.raises(DivergedError, match="at steps 4-5 .*; no checkpoint was saved before it"):
+        watch.check(5, None)

@@ -96,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.monotonic()  # train.exit_duration_in_mins counts the checks below (a resume's hashes) too
     if args.adopt and not args.resume:
         raise ConfigFileError("--adopt takes another run's checkpoint on --resume; add --resume (or drop --adopt)")
+    if not _launched():
+        from mimo.launch import hang_seconds
+
+        hang_seconds()  # MIMO_HANG_S=abc or 0: one line now, not a traceback (or every rank killed) later
     config = load_run_config(args.config, args.set)
     world = int(os.environ["WORLD_SIZE"]) if _launched() else args.nproc_per_node or config.world_size
     plan = plan_run(config, world)
@@ -167,7 +171,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_output(runs)
     with warnings.catch_warnings(record=True) as caught:  # bad records: skipped, one line per file
         warnings.simplefilter("always")
-        plot_runs(runs, out)
+        out = plot_runs(runs, out)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"wrote {out}")
@@ -176,6 +180,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     """Write a checkpoint of any layout as a Hugging Face directory of its family (transformers loads it)."""
+    from mimo.hf.shards import check_new_directory
+
+    check_new_directory(Path(args.out_dir))  # before the model is built: a refusal costs nothing
     model, plan = _checkpoint_model(Path(args.checkpoint), args.set)
     if plan.family.export is None:
         raise ConfigFileError(f"checkpoint {args.checkpoint}: the {plan.family.name} family has no Hugging Face "
@@ -267,9 +274,27 @@ def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
     return model, plan
 
 
+WORLD_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what a launcher sets for env:// rendezvous
+
+
 def _launched() -> bool:
-    """True under torchrun / our launcher / srun-with-env: the world is described by the environment."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True under torchrun / our launcher / srun-with-env: the world is described by the environment (RANK and
+    WORLD_SIZE set); a LaunchError if it is described only in part (a stray RANK/WORLD_SIZE in a shell, say), which
+    torch's rendezvous would report as a traceback."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    missing = [k for k in WORLD_ENV if not os.environ.get(k)]
+    numbers = [k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if k not in missing and
+               not os.environ[k].strip().isdigit()]
+    if missing or numbers:
+        from mimo.launch import LaunchError
+
+        given = " ".join(f"{k}={os.environ[k]}" for k in WORLD_ENV if os.environ.get(k))
+        wrong = f"{', '.join(missing)} not set" if missing else f"{', '.join(numbers)} not a whole number"
+        raise LaunchError(f"the environment describes a launched rank only in part ({given}; {wrong}): a launcher "
+                          f"(torchrun, srun) sets all of {', '.join(WORLD_ENV)}; unset RANK and WORLD_SIZE to let mimo "
+                          f"start its own workers")
+    return True
 
 
 MOVED_HELP = ("a Hugging Face directory of the checkpoint's run moved elsewhere, e.g. --set model.language_hf="
@@ -353,13 +378,14 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from mimo.hf.load import HFLoadError
     from mimo.hf.prompt import PromptError
     from mimo.hf.shards import ExportError
+    from mimo.launch import LaunchError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
     from mimo.training.run_config import RunConfigError
     from mimo.training.run_dir import RunDirError
 
     return (RunConfigError, CheckpointError, PlotError, RunDirError, HFConfigError, HFLoadError, ExportError,
-            ImageConfigError, PromptError)
+            ImageConfigError, PromptError, LaunchError)
 
 
 if __name__ == "__main__":

@@ -40,16 +40,79 @@ class ConfigFileError(ValueError):
     """A config file that cannot be read or does not have the expected shape."""
 
 
+MAX_YAML_NODES = 10_000  # a config expands to a few hundred nodes; an alias bomb to billions (issue 27)
+SHOWN_CHARS = 80  # a value quoted in an error message is cut to this many characters
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters (a value can be megabytes of YAML)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML's safe loader, but `3e-3` (no dot: a string in YAML 1.1, a float in 1.2 and to users) is a float."""
+    """YAML's safe loader (no object construction), stricter where YAML 1.1 surprises users: an exponent-form number
+    (`3e-3`, `4.0e3`: strings in YAML 1.1, floats in 1.2 and to users) is a float; a key given twice in one mapping
+    is an error naming both lines; aliases are followed, but a document that expands past `MAX_YAML_NODES` nodes
+    (an alias bomb: 1.6 KB expands to gigabytes) is refused before anything is built."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_NODES} values through its aliases "
+                                 f"(*name); a config needs a few hundred: write the values out")
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        _refuse_duplicate_keys(self, node)
+        return super().construct_mapping(node, deep=deep)
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """How many nodes `node` stands for with every alias expanded (linear in the composed graph: shared nodes
+    are counted once per use, computed once); a node that contains itself counts as unbounded."""
+    key = id(node)
+    if key in sizes:
+        size = sizes[key]
+        return MAX_YAML_NODES + 1 if size is None else size  # None: still being counted, a cycle
+    sizes[key] = None
+    size = 1
+    children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else []
+    for child in children:
+        for part in child if isinstance(child, tuple) else (child,):
+            size += _expanded_size(part, sizes)
+            if size > MAX_YAML_NODES:
+                break
+        if size > MAX_YAML_NODES:
+            break
+    sizes[key] = size
+    return size
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """A YAML error naming a key written twice in one mapping and both its lines (YAML 1.1 keeps the last silently:
+    a second `train:` section replaced the first). Keys merged in by `<<:` may be overridden, as YAML allows."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            where = f"on lines {seen[key]} and {line}" if seen[key] != line else f"on line {line}"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {shown(key)} appears twice in one mapping, {where}; keep one")
+        seen[key] = line
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 def load_yaml_text(text: str) -> Any:
-    """Parse YAML text safely (no object construction), reading exponent-form numbers as floats."""
+    """Parse YAML text with `_Loader`: safely, exponent-form numbers as floats, no duplicate keys, bounded aliases."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
@@ -67,6 +130,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = load_yaml_text(text)
     except yaml.YAMLError as e:
         raise ConfigFileError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:  # the parser recurses per level: a few thousand nested brackets
+        raise ConfigFileError(f"{path}: nested too deeply to be a config (thousands of levels)") from None
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -134,18 +199,19 @@ class ModuleParallelismConfig:
             if v is None and f == "data_parallel_size":
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise LayoutError(f"module '{name}': {f} must be a positive integer, got {v!r}")
+                raise LayoutError(f"module '{name}': {f} must be a positive integer, got {shown(v)}")
         if not isinstance(self.rank_offset, int) or isinstance(self.rank_offset, bool) or self.rank_offset < 0:
-            raise LayoutError(f"module '{name}': rank_offset must be an integer >= 0, got {self.rank_offset!r}")
+            raise LayoutError(f"module '{name}': rank_offset must be an integer >= 0, got {shown(self.rank_offset)}")
         if not isinstance(self.sequence_parallel, bool):
             raise LayoutError(f"module '{name}': sequence_parallel must be true or false, "
-                              f"got {self.sequence_parallel!r}")
+                              f"got {shown(self.sequence_parallel)}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise LayoutError(f"module '{name}': sequence_parallel shards the sequence over the tensor-parallel "
                               f"group, but tensor_model_parallel_size is 1; set sequence_parallel false or "
                               f"tensor_model_parallel_size > 1")
         if not isinstance(self.tp_comm_overlap, bool):
-            raise LayoutError(f"module '{name}': tp_comm_overlap must be true or false, got {self.tp_comm_overlap!r}")
+            raise LayoutError(f"module '{name}': tp_comm_overlap must be true or false, "
+                              f"got {shown(self.tp_comm_overlap)}")
 
     def _derived_dp(self, world_size: int, name: str) -> int:
         mp = self.total_model_parallel_size
@@ -192,19 +258,19 @@ class MimoParallelismConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> MimoParallelismConfig:
         """Build from {module: {field: value}}; an unknown field names itself and the allowed ones."""
         if not isinstance(data, Mapping) or not data:
-            raise LayoutError(f"parallelism must be a mapping of module name -> layout fields, got {data!r}")
+            raise LayoutError(f"parallelism must be a mapping of module name -> layout fields, got {shown(data)}")
         allowed = [f.name for f in dataclasses.fields(ModuleParallelismConfig)]
         modules = {}
         for name, fields_ in data.items():
             if not isinstance(name, str) or not name:
-                raise LayoutError(f"module names must be non-empty strings, got {name!r}")
+                raise LayoutError(f"module names must be non-empty strings, got {shown(name)}")
             fields_ = fields_ or {}
             if not isinstance(fields_, Mapping):
-                raise LayoutError(f"module '{name}': expected a mapping of layout fields, got {fields_!r}")
+                raise LayoutError(f"module '{name}': expected a mapping of layout fields, got {shown(fields_)}")
             unknown = sorted(set(fields_) - set(allowed))
             if unknown:
                 raise LayoutError(
-                    f"module '{name}': unknown key(s) {unknown}; allowed keys are {allowed}"
+                    f"module '{name}': unknown key(s) {shown(unknown, 200)}; allowed keys are {allowed}"
                 )
             modules[name] = ModuleParallelismConfig(**fields_)
             modules[name]._check_sizes(name)  # a size given as "2" or "two" is named here, not a TypeError later
@@ -278,7 +344,7 @@ class MimoParallelismConfig:
         if self._world_size == world_size:
             return self
         if not isinstance(world_size, int) or isinstance(world_size, bool) or not 1 <= world_size <= MAX_WORLD_SIZE:
-            raise LayoutError(f"world_size must be an integer from 1 to {MAX_WORLD_SIZE}, got {world_size!r}")
+            raise LayoutError(f"world_size must be an integer from 1 to {MAX_WORLD_SIZE}, got {shown(world_size)}")
         if LANGUAGE not in self.module_parallelisms:
             raise LayoutError(
                 f"no '{LANGUAGE}' module: every MIMO model has one; modules given: {self.module_names}"

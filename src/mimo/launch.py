@@ -10,7 +10,10 @@ Each worker writes `{rank, time, error}` to a shared directory as it raises, bef
 A rank that hangs without failing (stopped, deadlocked in native code) would hold the others in a collective
 until its timeout (`train.timeout_s`, 300 s by default) and then be blamed on them. So each worker touches a
 heartbeat file every second from a thread of its own, and the launcher names and kills a rank whose heartbeat
-is older than `HANG_S`, whatever the collective timeout.
+is older than `HANG_S`, whatever the collective timeout. A heartbeat proves only that the process lives: a read
+from a stalled file system blocks the training thread while the heartbeat thread beats on. So the heartbeat
+carries what the rank is doing and since when (`training.phase`), and the launcher names and kills a rank that
+stays in a bounded phase past its bound (waiting for a batch: `data.timeout_s`).
 
 Workers are forked from the launcher with torch and the training modules already imported (`start_method`): a
 spawned worker spent 5-7 s of CPU importing them again, before any work. Fork needs a parent that has not
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -41,8 +45,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from mimo.training.phase import WAITS_ON, current, enter, phase_bounds
+
 HEARTBEAT_S = 1.0  # how often each worker touches its heartbeat file
-HANG_S = float(os.environ.get("MIMO_HANG_S", 60))  # a heartbeat older than this: the rank is hung (tests lower it)
+HANG_S = 60.0  # default of MIMO_HANG_S: a heartbeat older than this means the rank is hung (tests lower it)
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch checks CUDA through NVML (which leaves fork usable)
 
 
@@ -50,13 +56,14 @@ def launch(plan: Any, nproc: int, **kwargs: Any) -> int:
     """Run `_worker(plan, **kwargs)` on `nproc` local processes (`plan`: the checked `RunPlan`, handed over, not
     rebuilt); 0, or 1 with the failed ranks named."""
     import mimo.training.loop  # noqa: F401 - imported once here, inherited by every forked worker
-    with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir, HangWatch(Path(failure_dir)):
+    with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir, \
+            HangWatch(Path(failure_dir), bounds=phase_bounds(plan.config)):
         try:
             _launch_on_a_free_port(nproc, plan, kwargs, failure_dir)
         except ChildFailedError as e:
             records = _read_failures(Path(failure_dir))
             if records or not _all_signalled(e, signal.SIGTERM):
-                for line in _failure_report(e, records):
+                for line in _failure_report(e, records, _last_phases(Path(failure_dir))):
                     print(line, file=sys.stderr)
                 return 1
             return _stopped_by(signal.SIGTERM)  # the ranks alone were signalled, and stopped (`end_as_signalled`)
@@ -128,14 +135,16 @@ def _as_a_fresh_interpreter() -> None:
 
 
 class HangWatch:
-    """A launcher thread that names and kills a worker whose heartbeat file is older than `HANG_S`.
+    """A launcher thread that names and kills a worker whose heartbeat file is older than `hang_s`, or which has
+    stayed in one phase longer than that phase's bound (`bounds`: phase -> seconds).
 
     The kill (SIGKILL ends even a stopped process) lets the elastic agent end the job as for any dead rank;
-    the failure record written first, stamped with the rank's last heartbeat, makes the report lead with it.
+    the failure record written first, stamped with the rank's last heartbeat (or the start of its wait), makes the
+    report lead with it.
     """
 
-    def __init__(self, failure_dir: Path, hang_s: float = HANG_S) -> None:
-        self.failure_dir, self.hang_s = failure_dir, hang_s
+    def __init__(self, failure_dir: Path, hang_s: float | None = None, bounds: dict[str, float] | None = None) -> None:
+        self.failure_dir, self.hang_s, self.bounds = failure_dir, hang_s or hang_seconds(), bounds or {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="mimo-hang-watch", daemon=True)
 
@@ -150,21 +159,66 @@ class HangWatch:
     def _watch(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             for beat in self.failure_dir.glob("heartbeat_*"):
-                with contextlib.suppress(OSError, ValueError):  # a worker that just ended removed its file
+                with contextlib.suppress(OSError, ValueError, KeyError):  # a worker that just ended removed its file
                     self._check(beat)
 
     def _check(self, beat: Path) -> None:
-        """Name and kill the rank behind `beat` if its heartbeat is stale."""
+        """Name and kill the rank behind `beat` if its heartbeat is stale or it waits past its phase's bound."""
         last = beat.stat().st_mtime
-        silent = time.time() - last
-        if silent < self.hang_s:
+        silent, state = time.time() - last, json.loads(beat.read_text())
+        rank, pid, phase, since = int(beat.name.split("_")[1]), state["pid"], state["phase"], state["since"]
+        waited, bound = time.time() - since, self.bounds.get(phase)
+        if silent >= self.hang_s:
+            reason = f"hung: no heartbeat for {silent:.0f} s (process {pid} {_process_state(pid)}, {_doing(state)})"
+        elif bound is not None and waited > bound:
+            reason = (f"waited {waited:.0f} s for {WAITS_ON[phase]}, past its bound of {bound:g} s (process {pid} "
+                      f"{_process_state(pid)})")
+            last = since
+        else:
             return
-        rank, pid = int(beat.name.split("_")[1]), int(beat.read_text())
-        reason = (f"hung: no heartbeat for {silent:.0f} s (process {pid} {_process_state(pid)}); killed by the "
-                  f"launcher")
-        (self.failure_dir / f"rank_{rank}.json").write_text(json.dumps({"rank": rank, "time": last, "error": reason}))
+        entry = {"rank": rank, "time": last, "error": f"{reason}; killed by the launcher"}
+        (self.failure_dir / f"rank_{rank}.json").write_text(json.dumps(entry))
         beat.unlink()
-        os.kill(pid, signal.SIGKILL)
+        for process in [*_descendants(pid), pid]:  # its loader workers too: one blocked in a read outlives its
+            with contextlib.suppress(ProcessLookupError):  # rank, and the agent waits for it forever
+                os.kill(process, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (its data loader workers and theirs), from /proc (Linux; none elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def hang_seconds() -> float:
+    """`MIMO_HANG_S` (default 60): a heartbeat older than this means a hung rank (tests lower it)."""
+    text = os.environ.get("MIMO_HANG_S", str(HANG_S))
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or not math.isfinite(value):
+        raise LaunchError(f"MIMO_HANG_S={text!r}: must be a number of seconds > 0 (how long a silent rank may "
+                          f"live before it is called hung; default {HANG_S:g})")
+    return value
+
+
+class LaunchError(ValueError):
+    """The launcher's own settings (its environment) cannot work."""
+
+
+def _doing(state: dict[str, Any]) -> str:
+    """'waiting N s for WHAT' of a heartbeat's phase."""
+    return f"waiting {time.time() - state['since']:.0f} s for {WAITS_ON.get(state['phase'], state['phase'])}"
 
 
 def _process_state(pid: int) -> str:
@@ -175,7 +229,9 @@ def _process_state(pid: int) -> str:
 
 
 class _Heartbeat:
-    """A worker's thread touching `failure_dir/heartbeat_<rank>` (holding its pid) every `HEARTBEAT_S`."""
+    """A worker's thread rewriting `failure_dir/heartbeat_<rank>` (its pid, phase and since when, as JSON) every
+    `HEARTBEAT_S`: the file's age says whether the process lives, its phase what it waits on (as of that write: a
+    process stopped between two writes is named with the phase of the last)."""
 
     def __init__(self, failure_dir: Path) -> None:
         self.path = failure_dir / f"heartbeat_{int(os.environ.get('RANK', '0'))}"
@@ -183,7 +239,7 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="mimo-heartbeat", daemon=True)
 
     def __enter__(self) -> _Heartbeat:
-        self.path.write_text(str(os.getpid()))
+        self._write()
         self._thread.start()
         return self
 
@@ -196,7 +252,14 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             with contextlib.suppress(OSError):
-                os.utime(self.path)
+                self._write()
+
+    def _write(self) -> None:
+        """The state, replaced whole (the watch never reads half a file)."""
+        phase, since = current()
+        part = self.path.with_name(f".{self.path.name}.part")
+        part.write_text(json.dumps({"pid": os.getpid(), "phase": phase, "since": since}))
+        os.replace(part, self.path)
 
 
 @record
@@ -207,6 +270,7 @@ def _worker(plan: Any, kwargs: dict[str, Any], failure_dir: str) -> None:
     from mimo.training.loop import run_training
 
     _as_a_fresh_interpreter()
+    enter("start")  # a forked worker inherits the launcher's phase clock
     try:
         with _Heartbeat(Path(failure_dir)):
             run_training(plan, **kwargs)
@@ -232,14 +296,25 @@ def _read_failures(failure_dir: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["time"], r["rank"]))
 
 
-def _failure_report(error: ChildFailedError, records: list[dict[str, Any]]) -> list[str]:
-    """The failed ranks, cause first, one line each.
+def _last_phases(failure_dir: Path) -> dict[int, str]:
+    """What each rank whose heartbeat file is left (one ended without its own exit: killed) was last doing."""
+    phases = {}
+    for beat in failure_dir.glob("heartbeat_*"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            phases[int(beat.name.split("_")[1])] = _doing(json.loads(beat.read_text()))
+    return phases
+
+
+def _failure_report(error: ChildFailedError, records: list[dict[str, Any]],
+                    phases: dict[int, str] | None = None) -> list[str]:
+    """The failed ranks, cause first, one line each (with what a rank ended from outside was doing: `phases`).
 
     A rank that died without raising (killed, out of memory) comes first: a rank that fails because a
     peer is gone always raises. Then the raised errors, earliest first.
     """
-    recorded = {rec["rank"] for rec in records}
-    causes = [(rank, _reason(f)) for rank, f in sorted(error.failures.items()) if rank not in recorded]
+    recorded, phases = {rec["rank"] for rec in records}, phases or {}
+    causes = [(rank, _reason(f) + (f" ({phases[rank]})" if rank in phases else ""))
+              for rank, f in sorted(error.failures.items()) if rank not in recorded]
     causes += [(rec["rank"], rec["error"]) for rec in records]
     return [f"mimo train: {'error:' if i == 0 else 'then'} rank {rank} failed: {reason}"
             for i, (rank, reason) in enumerate(causes)]

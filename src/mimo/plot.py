@@ -80,7 +80,8 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
-    """Write a PNG of loss and tokens/s against step for each run (labelled by its directory's name)."""
+    """Write a PNG of loss and tokens/s against step for each run (labelled by its directory's name); returns the
+    file written (`_image_path`: an existing directory or a name without an image suffix gets one)."""
     if not run_dirs:
         raise PlotError("no run directories given")
     runs = {Path(d): split_records(Path(d)) for d in run_dirs}  # read everything before drawing anything
@@ -103,7 +104,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             ax_acc = ax_acc or ax_loss.twinx()
             ax_acc.plot(acc_steps, acc, "^", color=color, label=f"{label} accuracy (eval)")
     _finish(ax_loss, ax_speed, ax_acc)
-    out = Path(out)
+    out = _image_path(Path(out), fig.canvas.get_supported_filetypes())
     fig.tight_layout()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,14 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     except OSError as e:
         raise PlotError(f"cannot write {out}: {e.strerror or e} (is a part of its path a file?)") from None
     return out
+
+
+def _image_path(out: Path, formats: dict[str, str]) -> Path:
+    """The file `--out` means: `out/plot.png` for a directory, `out` + `.png` for a name without an image suffix
+    (what matplotlib would write anyway, now also what is reported), else `out`."""
+    if out.is_dir():
+        return out / "plot.png"
+    return out if out.suffix[1:].lower() in formats else out.with_name(f"{out.name}.png")
 
 
 def _finish(ax_loss: Any, ax_speed: Any, ax_acc: Any | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,10 +122,7 @@ class MimoModelProvider:
             layouts = set(self.mimo_parallelism_config.module_names)
             wanted = {LANGUAGE, *modalities}
             if layouts != wanted:
-                raise ProviderError(
-                    f"the parallelism config has layouts for {sorted(layouts)} but the model has modules "
-                    f"{sorted(wanted)}; give exactly one layout per module"
-                )
+                raise ProviderError(_layout_mismatch(layouts, wanted))
 
     def embedding_widths(self) -> dict[str, int]:
         """Each modality's embedding rows' width where it is not the language model's hidden size (Qwen3-VL's
@@ -243,6 +241,18 @@ class MimoModelProvider:
                 sub.encoder.requires_grad_(False)
             if self.freeze_modality_projections.get(name, False):
                 sub.projection.requires_grad_(False)
+
+
+def _layout_mismatch(layouts: set[str], wanted: set[str]) -> str:
+    """What differs between the layout's module names and the model's, with the likely misspelling named."""
+    extra, lacking = sorted(layouts - wanted), sorted(wanted - layouts)
+    parts = [f"layouts for {extra}, which the model does not have" if extra else "",
+             f"no layout for {lacking}" if lacking else ""]
+    guesses = [f"{close[0]!r} for {name!r}" for name in extra
+               if (close := difflib.get_close_matches(name, lacking, n=1, cutoff=0.6))]
+    hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    return (f"the parallelism config has {', and '.join(p for p in parts if p)}{hint}; the model's modules are "
+            f"{sorted(wanted)}: give exactly one layout per module")
 
 
 def with_flag(flags: Mapping[str, bool] | None, modality: str, flag: bool) -> dict[str, bool]:

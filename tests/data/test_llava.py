@@ -256,3 +256,29 @@ def test_chat_template_labels_equal_transformers_assistant_mask(tmp_path):
     assert sample.input_ids.tolist() == want["input_ids"]
     learned_mask = [0] + (sample.labels[:-1] != -100).int().tolist()  # labels[t - 1] targets token t
     assert learned_mask == want["assistant_masks"] and sum(learned_mask) == 4  # hi <|im_end|> fine <|im_end|>
+
+
+def test_image_paths_outside_the_image_folder_are_bad_samples_unless_allowed(tmp_path):
+    """Issue 27: `../outside/secret.png` and absolute paths were opened and trained on with no note."""
+    save_image(tmp_path / "images" / "a.png")
+    secret = save_image(tmp_path / "outside" / "secret.png")
+    (tmp_path / "images" / "sub").mkdir()
+    entries = [pretrain_entry("a.png"), pretrain_entry("../outside/secret.png"), pretrain_entry(str(secret)),
+               pretrain_entry("sub/../a.png")]
+    data = dataset(tmp_path, entries)
+    batch = data.batch([0, 1, 2, 3])
+    assert [(r.index, r.path) for r in batch.skipped] == [(1, "../outside/secret.png"), (2, str(secret))]
+    assert batch.skipped[0].reason == (f"the image path leaves data.image_folder {tmp_path / 'images'} (set "
+                                       f"data.allow_paths_outside_image_folder: true to read it)")
+    allowed = dataset(tmp_path, entries, allow_paths_outside_image_folder=True)
+    assert allowed.batch([0, 1, 2, 3]).skipped == ()
+
+
+def test_an_image_past_max_image_pixels_is_skipped_before_it_is_decoded(tmp_path):
+    """Issue 27: a 12000² image was decoded in full (10x slower steps); now its header is enough to skip it."""
+    save_image(tmp_path / "images" / "a.png")
+    big = save_image(tmp_path / "images" / "big.png", width=40, height=30)
+    big.write_bytes(big.read_bytes()[:60])  # the header holds the size; the pixels are cut off: a decode would fail
+    data = dataset(tmp_path, [pretrain_entry("a.png"), pretrain_entry("big.png")], max_image_pixels=1000)
+    (record,) = data.batch([0, 1]).skipped
+    assert record.reason == "40x30 pixels, more than data.max_image_pixels=1000 (skipped, not decoded)"

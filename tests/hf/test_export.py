@@ -132,6 +132,13 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, preset_checkpoint):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_an_existing_file_as_the_output_is_one_line_before_any_work(tmp_path, capsys):
+    """Issue 27: a file where the export goes was a NotADirectoryError traceback (after building the model)."""
+    (tmp_path / "out").write_text("")
+    assert main(["export-hf", str(tmp_path / "checkpoint"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"mimo export-hf: error: {tmp_path / 'out'} is a file; give a new directory\n"
+
+
 def pair_export(tmp_path, image_token: bool):
     """A tower + language model pair (a Vicuna-like tokenizer, with or without <image>) exported untrained."""
     from mimo.families.llava import LlavaMimoProvider

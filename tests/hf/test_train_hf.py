@@ -6,10 +6,12 @@ Parity: the same run from a saved LLaVA on one rank and on a heterogeneous TP2 l
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from mimo.cli import main
 from mimo.data import GlobalBatchSampler
@@ -124,3 +126,66 @@ def test_a_hugging_face_directory_is_read_once_per_run(tmp_path, command):
     assert sorted((kind, where) for _, kind, where in reads) == [("config.json", str(directory)),
                                                                   ("safetensors", str(directory))]
     assert len({pid for pid, _, _ in reads}) == 1  # one process (`mimo`), so no worker read it again
+
+
+def _int8_q_proj(directory):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(directory / "model.safetensors")
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key].to(torch.int8)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _truncated(directory):
+    data = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+
+def _missing_shard(directory):
+    from safetensors import safe_open
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {n: f"model-0000{1 + i % 2}-of-00002.safetensors"
+                                            for i, n in enumerate(names)}}
+    (directory / "model.safetensors").rename(directory / "model-00001-of-00002.safetensors")
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _wrong_shape(directory):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(directory / "model.safetensors")
+    tensors["multi_modal_projector.linear_1.bias"] = torch.zeros(3)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _heads_not_the_weights(directory):
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["num_key_value_heads"] = 4  # the weights hold 2 KV heads
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_int8_q_proj, "language_model.model.layers.0.self_attn.q_proj.weight is stored as I8, but its config.json "
+                   "declares no quantization; mimo reads floating-point weights only (F16, BF16, F32, F64)"),
+    (_truncated, "model.safetensors: not a readable safetensors file (Error while deserializing header: incomplete "
+                 "metadata, file not fully covered); a truncated or damaged download? Fetch it again"),
+    (_missing_shard, "model.safetensors.index.json: names shard model-00002-of-00002.safetensors, which is not in"),
+    (_wrong_shape, "multi_modal_projector.linear_1.bias has shape [3], but the model its config.json describes "
+                   "needs [64]"),
+    (_heads_not_the_weights, "language_model.model.layers.0.self_attn.k_proj.weight has shape [32, 64], but the "
+                             "model its config.json describes needs [64, 64]"),
+])
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_weights_that_do_not_fit_are_one_line_before_any_worker(tmp_path, capsys, change, message, command):
+    """Issue 27: an int8 `q_proj` was cast silently and trained; a truncated file was a raw traceback; a missing
+    shard, a wrong shape or heads that are not the weights' were found only by the workers, behind 40-60 lines."""
+    directory = tmp_path / "llava"
+    tiny_hf.save_llava(directory)
+    change(directory)
+    path, run_dir = write_config(tmp_path, model={"hf": str(directory)}, parallelism=ONE_RANK)
+    capsys.readouterr()  # transformers' progress bar while saving
+    assert main([command, str(path), *(["--quiet"] if command == "train" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mimo {command}: error: ") and str(directory) in err and message in err, err
+    assert err.count("\n") == 1
+    assert not run_dir.exists()

@@ -5,7 +5,9 @@ LLaVA JSON and a PNG folder, skipping a bad sample (or, with on_bad_sample error
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 
 import pytest
 import torch
@@ -18,6 +20,11 @@ from tests.data.llava_files import CHATML, pretrain_entry, save_entries, save_im
 from tests.test_train_cli import metrics, mimo, write_config
 
 LAYOUT = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 1}}
+
+
+def _written(path, data: bytes):
+    path.write_bytes(data)
+    return path
 
 
 def llava_files(tmp_path, chat_template: str | None = CHATML, entries: list | None = None) -> dict:
@@ -40,6 +47,8 @@ def llava_files(tmp_path, chat_template: str | None = CHATML, entries: list | No
     ({"name": "digits", "path": "x.json", "template": "plain"},
      "data: data.path, data.template apply to name 'llava' only, and name is 'digits'"),
 ])
+
+
 def test_bad_data_sections_fail_at_parse(data, message):
     with pytest.raises(RunConfigError, match=f"^{re.escape(message)}"):
         parse_run_config({"parallelism": LAYOUT, "data": data})
@@ -54,7 +63,14 @@ def test_bad_data_sections_fail_at_parse(data, message):
     (lambda d, t: {**d, "max_seq_len": 257}, "data.max_seq_len: 257 exceeds the language model's max_seq_len 256"),
     (lambda d, t: {**d, "tokenizer": str(save_tokenizer(t / "plain_tokenizer", chat_template=None))},
      "data.template: the 'chat' template needs the tokenizer's chat template, and this tokenizer has none"),
+    # issue 27: these two were found only by the workers, behind 40-60 lines each
+    (lambda d, t: {**d, "path": str(_written(t / "dict.json", b'{"a": 1}'))},
+     "data.path: data file {t}/dict.json must hold a JSON array of entries ([...]); it starts with '{{'"),
+    (lambda d, t: {**d, "path": str(_written(t / "latin1.jsonl", '[{"caption": "caf\u00e9"}]'.encode("latin-1")))},
+     "data.path: data file {t}/latin1.jsonl is not UTF-8 text (byte 0xe9 near offset 17)"),
 ])
+
+
 def test_validate_refuses_bad_llava_data_before_any_worker(tmp_path, capsys, change, message):
     data = change(llava_files(tmp_path), tmp_path)
     config = parse_run_config({"parallelism": LAYOUT, "data": data})
@@ -150,3 +166,23 @@ def test_eval_for_llava_data_is_never_silently_nothing(tmp_path):
     config = parse_run_config({"parallelism": LAYOUT, "data": data, "eval": {"path": str(tmp_path / "none.json")}})
     with pytest.raises(RunConfigError, match=r"^eval.path: .*none.json is not a file"):
         plan_run(config, 2)
+
+
+def test_a_read_that_never_returns_is_named_and_ended(tmp_path):
+    """Issue 27: an image that never returns data (a FIFO stands in for a stalled network file system) hung the job
+    in silence: heartbeats went on, so the hang watch never fired. The launcher now names the rank that waits past
+    data.timeout_s for a batch, and ends the job: the rank and its loader worker, blocked in the read (left alive,
+    it held the launcher's agent forever)."""
+    data = llava_files(tmp_path)
+    (tmp_path / "images" / "1.png").unlink()
+    os.mkfifo(tmp_path / "images" / "1.png")  # opening it for reading blocks until a writer comes: none will
+    one_rank = {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}}
+    path, _ = write_config(tmp_path, data={**data, "num_workers": 1, "timeout_s": 1}, parallelism=one_rank,
+                           train={"steps": 2, "global_batch_size": 4}, checkpoint={"interval": 0})
+    t0 = time.monotonic()
+    done = mimo("train", str(path), "--quiet", timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert re.search(r"mimo train: error: rank 0 failed: waited \d+ s for the next batch from the data loader "
+                     r"\(a read that never returns: a stalled file system\?\), past its bound of 1 s \(process \d+ "
+                     r"state S \(sleeping\)\); killed by the launcher", done.stderr), done.stderr[-3000:]
+    assert time.monotonic() - t0 < 60

@@ -214,6 +214,64 @@ def test_exponent_floats_are_numbers(tmp_path):
         load_run_config(path, ["train.steps=1e3"])
 
 
+def test_dotted_exponent_floats_are_numbers(tmp_path):
+    """Issue 27: `4.0e3` (YAML 1.1 wants a signed exponent: a string) is a float, in the file and in --set."""
+    path = tmp_path / "run.yaml"
+    path.write_text("parallelism: {language: {data_parallel_size: 1}}\ntrain: {lr: 4.0e-3, clip_grad: 4.0e3}\n")
+    config = load_run_config(path, ["train.weight_decay=.5e-1"])
+    assert (config.train.lr, config.train.clip_grad, config.train.weight_decay) == (4e-3, 4e3, 0.05)
+
+
+def _bomb(levels: int) -> str:
+    """A billion-laughs document: each level is nine aliases of the one before (9**levels strings)."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("command", ["validate", "layout"])
+def test_an_alias_bomb_is_one_short_line(capsys, tmp_path, command):
+    """Issue 27: 1.6 KB of aliases drove `mimo validate` past 4 GB; a smaller bomb printed a 5.8 MB error."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{_bomb(10)}\nparallelism: {{language: {{data_parallel_size: 1}}}}\n")
+    assert main([command, str(path)]) == 2
+    assert "expands to more than 10000 values through its aliases" in capsys.readouterr().err
+
+
+def test_a_document_nested_thousands_deep_is_one_line(capsys, tmp_path):
+    """Found while fixing issue 27's alias bomb: 3000 nested brackets were a RecursionError traceback."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"parallelism: {'[' * 3000}{']' * 3000}\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == (f"mimo validate: error: {path}: nested too deeply to be a config (thousands "
+                                       f"of levels)\n")
+
+
+def test_aliases_within_the_bound_work_and_errors_quote_values_short(capsys, tmp_path):
+    """Issue 27: aliases that share a layout still work; a value quoted in an error is cut to a short length."""
+    path = tmp_path / "run.yaml"
+    path.write_text("parallelism: {images: &one {data_parallel_size: 1}, language: *one}\n")
+    assert load_run_config(path).layout.get_parallelism("images").data_parallel_size == 1
+    path.write_text(f"parallelism: {{language: {{data_parallel_size: 1}}}}\n"
+                    f"train: {{lr: [{', '.join(['x' * 1000] * 9)}]}}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: " in err and "... (9036 characters)" in err and len(err) < 300
+
+
+@pytest.mark.parametrize(("text", "lines"), [
+    ("parallelism: {language: {data_parallel_size: 1}}\ntrain: {lr: 0.1}\ntrain: {steps: 3}\n", "2 and 3"),
+    ("parallelism: {language: {data_parallel_size: 1}}\ntrain:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n", "3 and 5"),
+])
+def test_a_key_given_twice_is_refused_with_both_lines(capsys, tmp_path, text, lines):
+    """Issue 27: a second `train:` section (or `lr:`) silently replaced the first."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"appears twice in one mapping, on lines {lines}" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", ["validate", "train", "layout"])
 def test_a_file_that_is_not_text_is_one_line(capsys, tmp_path, command):
     """Issue 17: a config that is not UTF-8 was a UnicodeDecodeError traceback."""
@@ -280,3 +338,18 @@ def test_sequence_parallel_without_tensor_parallelism_is_one_line(capsys, tmp_pa
         f"tensor_model_parallel_size > 1\n")
     layout["language"]["tensor_model_parallel_size"] = 2
     assert main(["validate", write(tmp_path, {"parallelism": layout})]) == 0
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ({**LAYOUT, "audio": {"data_parallel_size": 1}},
+     "parallelism: the parallelism config has layouts for ['audio'], which the model does not have; the model's "
+     "modules are ['images', 'language']: give exactly one layout per module"),
+    ({"image": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 1}},
+     "parallelism: the parallelism config has layouts for ['image'], which the model does not have, and no layout "
+     "for ['images'] (did you mean 'images' for 'image'?)"),
+])
+def test_a_layout_for_a_module_the_model_lacks_is_one_line(capsys, tmp_path, layout, message):
+    """Issue 27: an `audio:` layout with no audio model, or a misspelled `image:`, was a ProviderError traceback."""
+    assert main(["validate", write(tmp_path, {"parallelism": layout, "model": {"preset": "tiny"}})]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mimo validate: error: {message}") and err.count("\n") == 1, err

@@ -117,3 +117,19 @@ def test_a_checkpoint_names_its_run_and_another_runs_is_refused_unless_adopted(t
     old_run(a, tmp_path / "ckpt")
     claim_run_dir(a, tmp_path / "ckpt", resume=False, restart=True).release()
     assert run_identity(a) is None  # --restart moved the old run's name aside with it
+
+
+def test_restart_moves_only_what_mimo_wrote(tmp_path, capsys, monkeypatch):
+    """Issue 27: `--set log.dir=. --restart` was a ValueError traceback ('.' has an empty name), and --restart moved
+    the user's own files that sat in log.dir along with the run."""
+    work = tmp_path / "work"
+    old_run(work, work / "checkpoints")
+    (work / "notes.txt").write_text("mine")
+    (work / "tb").mkdir()
+    monkeypatch.chdir(work)
+    claim_run_dir(Path("."), Path("checkpoints"), resume=False, restart=True).release()
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("work.")]
+    assert capsys.readouterr().out == f"mimo train: moved the previous run aside: {aside}\n"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "tb"]
+    assert sorted(p.name for p in work.iterdir()) == [".lock", "checkpoints", "notes.txt"]
+    assert list((work / "checkpoints").iterdir()) == []

@@ -13,7 +13,9 @@ or leave nothing to learn); it is a bad sample like a missing or corrupt image o
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +96,34 @@ class Entries:
             raise ConversationError(f"not valid JSON ({e})") from None
 
 
+def _leaves_folder(name: str) -> bool:
+    """Whether image path `name` points outside the folder it is relative to: absolute, or up past it with `..`
+    (judged on the text, so a folder that links to images elsewhere, a symlinked `coco/`, still works)."""
+    return os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir
+
+
+def check_data_file(path: str | Path) -> None:
+    """Before any worker reads it, cheaply (one streamed pass, nothing parsed): the data file is UTF-8 text, and a
+    `.json` one holds an array (`[` first); a DataFileError naming what is wrong."""
+    path, first, offset = Path(path), "", 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DataFileError(f"data file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} near offset "
+                                    f"{offset + e.start}); LLaVA data is UTF-8 JSON") from None
+            first = first or text.lstrip()[:1]
+            offset += len(chunk)
+            if not chunk:
+                break
+    if path.suffix != ".jsonl" and first != "[":
+        raise DataFileError(f"data file {path} must hold a JSON array of entries ([...]); it starts with "
+                            f"{first or 'nothing'!r} (a .jsonl file holds one entry a line)")
+
+
 class LlavaDataset:
     """A LLaVA-format file as training samples for a model with one image modality (see the module docstring).
 
@@ -107,7 +137,8 @@ class LlavaDataset:
                  image_processor: ImageProcessor, *, modality: str, image_token_id: int, tokens_per_image: int,
                  image_size: tuple[int, int], max_seq_len: int, template: str = "chat",
                  on_bad_sample: str = "skip", vocab_size: int | None = None,
-                 dtype: torch.dtype = torch.float32, cache_samples: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, cache_samples: bool = False,
+                 allow_paths_outside_image_folder: bool = False, max_image_pixels: int | None = None) -> None:
         """Read the file's entries (not the images) and check the tokenizer against the model."""
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {list(ON_BAD_SAMPLE)}, got {on_bad_sample!r}")
@@ -115,6 +146,7 @@ class LlavaDataset:
         if len(self.entries) == 0:
             raise DataFileError(f"data file {path} holds no entries")
         self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.allow_outside, self.max_pixels = allow_paths_outside_image_folder, max_image_pixels
         self.modality = modality
         self.prompter = prompter
         self.template = build_template(template, prompter)
@@ -204,14 +236,24 @@ class LlavaDataset:
         return input_ids, labels
 
     def _image(self, name: str, index: int) -> torch.Tensor:
-        """One image file, preprocessed to [3, H, W]; a missing, corrupt or wrongly sized one is a BadSample."""
+        """One image file, preprocessed to [3, H, W]; a missing, corrupt or wrongly sized one, one outside the image
+        folder (unless allowed) and one past `max_image_pixels` (read from its header, never decoded) is a
+        BadSample."""
         if self.image_folder is None:
             raise BadSample(index, name, "the sample has an image but data.image_folder is not set")
+        if not self.allow_outside and _leaves_folder(name):
+            raise BadSample(index, name, f"the image path leaves data.image_folder {self.image_folder} (set "
+                                         f"data.allow_paths_outside_image_folder: true to read it)")
         path = self.image_folder / name
         try:
             with Image.open(path) as image:
+                if self.max_pixels is not None and image.width * image.height > self.max_pixels:
+                    raise BadSample(index, str(path), f"{image.width}x{image.height} pixels, more than "
+                                                      f"data.max_image_pixels={self.max_pixels} (skipped, not decoded)")
                 image.load()
                 pixels = self.image_processor(image)
+        except BadSample:
+            raise
         except FileNotFoundError:
             raise BadSample(index, str(path), "image file not found") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

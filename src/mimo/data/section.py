@@ -32,6 +32,13 @@ class DataSection:
     num_workers: int | None = field(default=None, metadata={"min": 0})
     prefetch_factor: int = field(default=2, metadata={"min": 1})  # global batches each worker keeps ready
     packing: bool = False  # each micro-batch's samples end to end in one row, attention kept per sample
+    # llava: an image path that leaves image_folder (`../x`, `/etc/x`) is a bad sample, unless this is true
+    allow_paths_outside_image_folder: bool = False
+    # llava: an image with more pixels is a bad sample, skipped before it is decoded (a decompression bomb, a
+    # 12000² scan decoded in full for a 336² input); null: no cap
+    max_image_pixels: int | None = field(default=50_000_000, metadata={"min": 1})
+    # the longest a rank waits for one batch before the launcher names and ends it (a read that never returns)
+    timeout_s: float = field(default=600.0, metadata={"above": 0})
 
     def __post_init__(self) -> None:
         """A llava dataset names its file and image folder; the built-in ones take none of its keys."""

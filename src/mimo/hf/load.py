@@ -28,6 +28,9 @@ class HFLoadError(ValueError):
     """A Hugging Face directory whose tensors do not fit the model its config describes."""
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # stored dtypes a float parameter is read from (and cast)
+
+
 class SafetensorsDir:
     """The tensors of a local Hugging Face directory: names → file (from the shard index, or every
     `*.safetensors` file), each file opened lazily once."""
@@ -38,8 +41,11 @@ class SafetensorsDir:
         self.files: dict[str, Path] = {}
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.directory / file for name, file in weight_map.items()}
+            self.files = {name: self.directory / file for name, file in _weight_map(index).items()}
+            for path in sorted(set(self.files.values())):
+                if not path.is_file():
+                    raise HFLoadError(f"{index}: names shard {path.name}, which is not in {self.directory} (an "
+                                      f"incomplete download?)")
         else:
             for path in sorted(self.directory.glob("*.safetensors")):
                 with open_safetensors(path) as f:
@@ -65,7 +71,21 @@ class SafetensorsDir:
         path = self.files[name]
         if path not in self._open:
             self._open[path] = open_safetensors(path)
-        return self._open[path].get_slice(name)
+        try:
+            return self._open[path].get_slice(name)
+        except SafetensorError:
+            raise HFLoadError(f"{path}: holds no tensor {name}, which its shard index places there") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A shard index's tensor name -> file map, or an HFLoadError saying what is wrong with it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise HFLoadError(f"{index}: not a shard index (JSON with a weight_map of tensor name -> file)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise HFLoadError(f"{index}: its weight_map must map tensor names to file names")
+    return weight_map
 
 
 def open_safetensors(path: Path) -> Any:
@@ -119,17 +139,36 @@ class HFWeights:
                               f"directory does not hold the model its config.json describes")
         return found
 
-    def fill(self, name: str, param: torch.Tensor) -> bool:
-        """Read this rank's part of `name` into `param`; False for a name no rule covers (kept seeded)."""
+    def check(self, name: str, param: torch.Tensor) -> bool:
+        """Whether a rule covers `name`; if so its tensor must exist with `param`'s shape and a float dtype (read
+        from the file's header only: `mimo validate` checks every parameter so, before any worker)."""
         rule = self.rule(name)
         if rule is None:
             return False
+        self._stored(rule, name, param)
+        return True
+
+    def _stored(self, rule: NameRule, name: str, param: torch.Tensor) -> tuple[str, Any]:
+        """(file name, lazy slice) of `name`, whose shape is `param`'s and whose dtype is a float one (an int8
+        `q_proj` is a quantized or damaged file, which a cast would silently turn into other weights)."""
         key = self.hf_name(name)
         lazy = rule.checkpoint.slice(key)
         stored = tuple(lazy.get_shape())
         if stored != tuple(param.shape):
             raise HFLoadError(f"{rule.checkpoint.directory}: {key} has shape {list(stored)}, but the model its "
                               f"config.json describes needs {list(param.shape)} for {name}")
+        if lazy.get_dtype() not in FLOAT_DTYPES:
+            raise HFLoadError(f"{rule.checkpoint.directory}: {key} is stored as {lazy.get_dtype()}, but its "
+                              f"config.json declares no quantization; mimo reads floating-point weights only "
+                              f"({', '.join(FLOAT_DTYPES)})")
+        return key, lazy
+
+    def fill(self, name: str, param: torch.Tensor) -> bool:
+        """Read this rank's part of `name` into `param`; False for a name no rule covers (kept seeded)."""
+        rule = self.rule(name)
+        if rule is None:
+            return False
+        key, lazy = self._stored(rule, name, param)
         local = param.to_local() if isinstance(param, DTensor) else param
         values = lazy[_local_slices(param)]
         self.reads.append((key, tuple(values.shape)))

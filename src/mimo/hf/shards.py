@@ -22,6 +22,15 @@ class ExportError(ValueError):
     """A model or an output directory export cannot write."""
 
 
+def check_new_directory(out: Path) -> None:
+    """`out` can become an export: absent, or an empty directory (a file there, or a directory with files, is an
+    ExportError: an export never mixes with or replaces what is there)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; give a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; give a new directory")
+
+
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> list[Path]:
     """Write (name, contiguous CPU tensor) pairs in their order into shards of at most `max_shard_bytes` (a larger
     tensor gets a shard of its own); one shard is `model.safetensors`, more get `model.safetensors.index.json`.

@@ -14,6 +14,7 @@ Rules, by owning module and name:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -75,20 +76,25 @@ def init_parameters(
     """
     _materialize(module, device)
     _call_on_submodules(module, "tie_weights")
+    with torch.no_grad():
+        for name, param, owner in seeding_names(module, prefix):
+            if source is not None and source.fill(name, param):
+                continue
+            _copy_full_value(param, initial_value(seed, name, param.shape, owner))
+    reset_buffers(module)
+
+
+def seeding_names(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
+    """(seeding name, parameter, owning module) of each distinct parameter: the names a source is asked for."""
     aliases = _aliases(module)
     seen: set[int] = set()
-    with torch.no_grad():
-        for owner_name, owner in module.named_modules():
-            for leaf, param in owner.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                name = canonical_name(f"{owner_name}.{leaf}" if owner_name else leaf)
-                name = prefix + aliases.get(name, name)
-                if source is not None and source.fill(name, param):
-                    continue
-                _copy_full_value(param, initial_value(seed, name, param.shape, owner))
-    reset_buffers(module)
+    for owner_name, owner in module.named_modules():
+        for leaf, param in owner.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = canonical_name(f"{owner_name}.{leaf}" if owner_name else leaf)
+            yield prefix + aliases.get(name, name), param, owner
 
 
 def reset_buffers(module: nn.Module) -> None:

@@ -40,7 +40,9 @@ from mimo.training.deadline import Deadline
 from mimo.training.evaluate import answer_accuracy, held_out_loss
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
+from mimo.training.nonfinite import NonFiniteWatch
 from mimo.training.optim import OptimizerConfig
+from mimo.training.phase import doing, enter
 from mimo.training.plan import RunPlan
 from mimo.training.run_config import RunConfig
 from mimo.training.run_dir import run_identity
@@ -159,6 +161,8 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
     fault = _injected_fault(rank)
     deadline = Deadline(config.train.exit_duration_in_mins, start, config.train.exit_signal_handler)
     saved = None
+    diverged = NonFiniteWatch(config.train.max_nonfinite_steps)
+    enter("step")  # between the waits marked below: the step's compute, its collectives, the logging
     # SIGTERM stays noted, not fatal, through the stop's checkpoint: the launcher forwards a scheduler's signal to the
     # ranks, and on a loaded machine that copy can arrive after a rank left the loop, during the save
     with deadline.watching():
@@ -167,10 +171,12 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                 if fault == step + 1:
                     raise RuntimeError(f"injected fault at step {step + 1} (MIMO_INJECT_FAULT)")
                 t0 = time.perf_counter()
-                batch = next(batches)
+                with doing("data"):
+                    batch = next(batches)
                 waited = time.perf_counter() - t0
                 skipped.add(batch.skipped)
                 result = trainer.train_step(batch, deadline.votes)
+                finite = diverged.finite(step + 1, result)
                 result.seconds["data_wait"] = waited  # the step's time blocked on the loader (logged as data_wait_s)
                 last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}
                 if (step + 1) % config.log.interval == 0 or step + 1 == config.train.steps:
@@ -178,23 +184,27 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                     step_flops = batch_flops(provider, batch, flops, packed=packed_rows(result))
                     writer.log_step(step + 1, result, flops=step_flops, extra={"skipped_samples": skipped.count})
                 progress.update(step + 1, result.loss, result.tokens / result.seconds["step"])
-                if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0:
-                    saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config, run))
+                if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 and finite:
+                    with doing("checkpoint"):
+                        saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config, run))
                     if step + 1 < config.train.steps and _loss_due(config, step + 1):
                         _held_out_loss(plan, saved, step + 1, writer, rank)
+                diverged.check(step + 1, saved or (start_from if resuming else None))
                 if step + 1 < config.train.steps and deadline.agreed(result.votes):
                     break
         progress.close()
         stopped = trainer.step_count < config.train.steps  # the deadline passed
-        final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config, run), saved,
-                                 stopped or config.checkpoint.final)
+        with doing("checkpoint"):
+            final = _last_checkpoint(checkpointer, trainer, _extra(sampler, skipped, config, run), saved,
+                                     (stopped or config.checkpoint.final) and diverged.in_a_row == 0)
         if stopped and rank == 0:
             print(f"mimo train: stopped after step {trainer.step_count} of {config.train.steps}, "
                   f"{deadline.why(config.train.exit_duration_in_mins)}; checkpoint {final}: --resume continues",
                   flush=True)
+    enter("finish")
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
-    if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped:
+    if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped and final is not None:
         last["accuracy"], count = _evaluate(plan, final)
         writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
         print(f"held-out caption accuracy: {last['accuracy']:.1%} ({count} digits)", flush=True)

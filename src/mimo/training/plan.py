@@ -25,6 +25,7 @@ from mimo.distributed import WrapError
 from mimo.families.registry import BuildSettings, ModelFamily, family_named
 from mimo.flops import ModalityFlops
 from mimo.hf.load import fingerprint
+from mimo.models.init import seeding_names
 from mimo.provider import MimoModelProvider, ProviderError
 from mimo.training.checkpoint import CheckpointError, HFPart, check_weights_fit, parts_left_out, weights_path
 from mimo.training.run_config import RunConfig, check_distributed_sections
@@ -89,7 +90,10 @@ def plan_model(config: RunConfig, check_parts: Callable[[list[HFPart]], None] | 
         check_parts(parts)
     opened = family.open(config.model)
     settings = BuildSettings(config.layout, config.precision.param_dtype, config.train.seed)
-    provider = family.provider(config.model, opened, settings)
+    try:
+        provider = family.provider(config.model, opened, settings)
+    except ProviderError as e:  # the layout names modules the model has not (a misspelled `image:`, an `audio:`)
+        raise RunConfigError(f"parallelism: {e}") from None
     return RunPlan(config, family, opened, provider, parts, [])
 
 
@@ -104,6 +108,7 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
     plan = plan_model(config)
     plan.warnings = [str(w.message) for w in caught] + _no_evaluation(config)
     _check_model_fits(plan)
+    _check_hf_weights(plan)
     _check_pretrained(plan)
     _check_data(plan)
     return plan
@@ -125,6 +130,16 @@ def _check_model_fits(plan: RunPlan) -> None:
         plan.provider.check_layout(plan.config.layout)
     except (WrapError, ProviderError) as e:
         raise RunConfigError(f"parallelism: {e}") from None
+
+
+def _check_hf_weights(plan: RunPlan) -> None:
+    """Every parameter read from a Hugging Face directory is there, with the shape the model needs and a float
+    dtype, every file it is in whole (headers only are read): else one HFLoadError here, not 40 lines per worker."""
+    source = plan.provider.initial_weights
+    if source is None or not hasattr(source, "check"):
+        return
+    for name, param, _ in seeding_names(plan.provider.whole_meta_model()):
+        source.check(name, param)
 
 
 def _check_pretrained(plan: RunPlan) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mimo.config import LayoutError, MimoParallelismConfig, RunConfigError, load_yaml_text, read_yaml
+from mimo.config import LayoutError, MimoParallelismConfig, RunConfigError, load_yaml_text, read_yaml, shown
 from mimo.data.section import DataSection
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, WrapError, check_distributed
 from mimo.families.registry import DEFAULT_FAMILY, family_named
@@ -47,6 +47,9 @@ class TrainSection:
     recompute_granularity: Literal["none", "full"] = "none"
     recompute_num_layers: int | None = None
     timeout_s: float = field(default=300.0, metadata={"above": 0})
+    # this many steps in a row with a loss (or an applied gradient) that is NaN or infinite end the run with an
+    # error (it has diverged: more steps only write checkpoints of NaN); such steps save no checkpoint
+    max_nonfinite_steps: int = field(default=3, metadata={"min": 1})
     # stop cleanly once the run has taken this many minutes (from `mimo train`'s start): a checkpoint after the
     # step that passed it (whatever checkpoint.final says), then exit 0; `--resume` continues (a scheduler's
     # wall-time limit; Megatron's name)
@@ -222,13 +225,13 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
     """A `RunConfig` from a plain dict; errors name the key path and what is allowed."""
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise RunConfigError(f"unknown section(s) {unknown}; sections are {sorted(SECTIONS)}")
+        raise RunConfigError(f"unknown section(s) {shown(unknown, 200)}; sections are {sorted(SECTIONS)}")
     if "parallelism" not in data:
         raise RunConfigError("missing section 'parallelism' (module name -> layout fields)")
     kwargs: dict[str, Any] = {"parallelism": data["parallelism"]}
     distributed = data.get("distributed") or {}
     if not isinstance(distributed, dict):
-        raise RunConfigError(f"distributed: expected a mapping of module -> settings, got {distributed!r}")
+        raise RunConfigError(f"distributed: expected a mapping of module -> settings, got {shown(distributed)}")
     kwargs["distributed"] = {m: _fields(ModuleDistributedConfig, v, f"distributed.{m}", DISTRIBUTED_KEYS)
                              for m, v in distributed.items()}
     kwargs["model"] = _model_section(data.get("model"))
@@ -272,13 +275,13 @@ def _fields(cls: type, data: Any, where: str, keys: Sequence[str] | None = None)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RunConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise RunConfigError(f"{where}: expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     allowed = list(fields) if keys is None else list(keys)
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise RunConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
+        raise RunConfigError(f"{where}: unknown key(s) {shown(unknown, 200)}; allowed keys are {allowed}")
     return {k: _in_range(_checked(v, hints[k], f"{where}.{k}"), fields[k].metadata, f"{where}.{k}")
             for k, v in data.items()}
 
@@ -291,7 +294,7 @@ def _in_range(value: Any, bounds: typing.Mapping[str, float], where: str) -> Any
         if not low_ok or (item is not None and "max" in bounds and item > bounds["max"]):
             rule = " and ".join(f"{op} {bounds[k]}" for k, op in (("min", ">="), ("above", ">"), ("max", "<="))
                                 if k in bounds)
-            raise RunConfigError(f"{where}: must be {rule}, got {item!r}")
+            raise RunConfigError(f"{where}: must be {rule}, got {shown(item)}")
     return value
 
 
@@ -300,7 +303,7 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:
-            raise RunConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
+            raise RunConfigError(f"{where}: {shown(value)} is not allowed; choose one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in args:
@@ -308,21 +311,21 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
                 return _checked(value, option, where)
             except RunConfigError:
                 continue
-        raise RunConfigError(f"{where}: {value!r} is not a {_type_name(hint)}")
+        raise RunConfigError(f"{where}: {shown(value)} is not a {_type_name(hint)}")
     if origin is list:
         if not isinstance(value, list):
-            raise RunConfigError(f"{where}: expected a list, got {value!r}")
+            raise RunConfigError(f"{where}: expected a list, got {shown(value)}")
         return [_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is type(None):
         if value is not None:
-            raise RunConfigError(f"{where}: expected null, got {value!r}")
+            raise RunConfigError(f"{where}: expected null, got {shown(value)}")
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise RunConfigError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+        raise RunConfigError(f"{where}: expected {hint.__name__}, got {shown(value)} ({type(value).__name__})")
     if hint is float and not math.isfinite(value):
-        raise RunConfigError(f"{where}: must be a finite number, got {value!r}")
+        raise RunConfigError(f"{where}: must be a finite number, got {shown(value)}")
     return value
 
 
@@ -334,17 +337,17 @@ def _type_name(hint: Any) -> str:
 def _apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one `a.b.c=value` (value parsed as YAML: 3, 0.1, true, null, [1, 2], text)."""
     if "=" not in item:
-        raise RunConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+        raise RunConfigError(f"--set {shown(item)}: expected key=value, e.g. train.steps=100")
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise RunConfigError(f"--set {item!r}: empty key part in {key!r}")
+        raise RunConfigError(f"--set {shown(item)}: empty key part in {shown(key)}")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RunConfigError(f"--set {item!r}: {part!r} is not a section")
+            raise RunConfigError(f"--set {shown(item)}: {shown(part)} is not a section")
     try:
         node[parts[-1]] = load_yaml_text(text)
-    except yaml.YAMLError:
-        raise RunConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    except (yaml.YAMLError, RecursionError):  # RecursionError: thousands of nested brackets
+        raise RunConfigError(f"--set {shown(item)}: the value is not valid YAML") from None

@@ -29,6 +29,7 @@ from mimo.training.checkpoint import Checkpointer
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
 RUN = "run.json"  # the run's identity: {"id", "log_dir"}; a checkpoint's extra["run"] is its writer's
+RUN_FILES = ("config.yaml", METRICS, "tb", RUN)  # what a run writes into log.dir, besides its checkpoints and locks
 
 
 class RunDirError(RuntimeError):
@@ -150,14 +151,28 @@ def _holder(fd: int) -> str:
 
 
 def _move_aside(run_dir: Path, checkpoint_dir: Path) -> str:
-    """Rename the old run's files into `RUN_DIR.<time>` (and an outside checkpoint directory's next to itself);
-    the locks stay where they are: this run holds them all along."""
+    """Rename what the old run wrote (`RUN_FILES`, its checkpoints) into `RUN_DIR.<time>`, and an outside checkpoint
+    directory's entries next to itself; the locks stay where they are (this run holds them all along), and anything
+    else in the run directory (the user's own files) stays where it is."""
+    run_dir, checkpoint_dir = run_dir.resolve(), checkpoint_dir.resolve()  # log.dir '.' has no name of its own
     stamp = time.strftime("%Y%m%d-%H%M%S")
     locks = {(run_dir / LOCK).resolve(), (checkpoint_dir / LOCK).resolve()}
     aside = _unused(run_dir.with_name(f"{run_dir.name}.{stamp}"))
-    _move_entries(run_dir, aside, locks)
+    aside.mkdir()
+    ours = [run_dir / name for name in RUN_FILES]
+    if checkpoint_dir == run_dir:
+        ours += sorted(run_dir.glob("step_*"))
+    elif checkpoint_dir.is_relative_to(run_dir):
+        ours.append(run_dir / checkpoint_dir.relative_to(run_dir).parts[0])
+    for entry in ours:
+        if not entry.exists():
+            continue
+        if entry.is_dir() and any(lock.is_relative_to(entry.resolve()) for lock in locks):
+            _move_entries(entry, aside / entry.name, locks)  # a checkpoint directory: its lock stays
+        else:
+            entry.rename(aside / entry.name)
     moved = str(aside)
-    if checkpoint_dir.exists() and not checkpoint_dir.resolve().is_relative_to(run_dir.resolve()):
+    if checkpoint_dir.exists() and not checkpoint_dir.is_relative_to(run_dir):
         outside = _unused(checkpoint_dir.with_name(f"{checkpoint_dir.name}.{stamp}"))
         _move_entries(checkpoint_dir, outside, locks)
         moved += f" (checkpoints: {outside})"

@@ -16,7 +16,7 @@ import torch
 
 from mimo.config import RunConfigError
 from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
-from mimo.data.llava import DataFileError, Entries, LlavaDataset
+from mimo.data.llava import DataFileError, Entries, LlavaDataset, check_data_file
 from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
 from mimo.data.unknown_tokens import unknown_tokens
@@ -67,6 +67,10 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None, m
         raise RunConfigError(f"data.path: {data.path} is not a file (a LLaVA JSON or JSONL file)")
     if not Path(data.image_folder).is_dir():
         raise RunConfigError(f"data.image_folder: {data.image_folder} is not a directory")
+    try:
+        check_data_file(data.path)
+    except DataFileError as e:
+        raise RunConfigError(f"data.path: {e}") from None
     if data.max_seq_len is not None and data.max_seq_len > max_seq_len:
         raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
                              f"{max_seq_len}; use at most {max_seq_len}")
@@ -114,6 +118,8 @@ def dataset(data: DataSection, model: LlavaSection, opened: HFModel | None, prov
                             image_size=(vision.image_size, vision.image_size),
                             max_seq_len=data.max_seq_len or language.max_seq_len, template=template,
                             on_bad_sample=data.on_bad_sample, vocab_size=language.vocab_size,
-                            dtype=dtype, cache_samples=data.cache_samples)
+                            dtype=dtype, cache_samples=data.cache_samples,
+                            allow_paths_outside_image_folder=data.allow_paths_outside_image_folder,
+                            max_image_pixels=data.max_image_pixels)
     except ValueError as e:  # DataFileError, TemplateError, a tokenizer that does not fit the model
         raise RunConfigError(f"data: {e}") from None

@@ -35,7 +35,7 @@ from mimo.hf.config import read_config
 from mimo.hf.image import ImageProcessor
 from mimo.hf.load import SafetensorsDir
 from mimo.hf.prompt import IMAGE_TOKEN, Prompter
-from mimo.hf.shards import ExportError, write_safetensors
+from mimo.hf.shards import check_new_directory, write_safetensors
 
 # Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -69,8 +69,7 @@ def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin:
                  max_shard_bytes: int = 5 * 2**30, served: Served = Served()) -> Path:
     """Write `model` (a whole, unwrapped MimoModel of `spec`) as a Hugging Face LLaVA directory."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty; give a new directory")
+    check_new_directory(out)
     if origin.llava is None:
         spec = dataclasses.replace(spec, image_token_id=_image_id(spec, served.tokenizer or origin.language))
     tensors = {to_llava_name(n): p.detach().cpu().contiguous() for n, p in model.named_parameters()}
