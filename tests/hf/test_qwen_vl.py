@@ -8,6 +8,7 @@ from `get_rope_index`, equal transformers' to float32 rounding.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,27 @@ def test_an_unimplemented_value_is_refused_naming_key_and_value(tmp_path: Path, 
     reference.save_pretrained(tmp_path)
     with pytest.raises(HFConfigError, match=message):
         open_qwen_vl(tmp_path)
+
+
+@pytest.mark.parametrize("build", [_qwen25, _qwen3], ids=["qwen2.5-vl", "qwen3-vl"])
+def test_export_round_trip_is_bit_exact(tmp_path: Path, build) -> None:
+    """HF → mimo → HF: the same tensors under the same names, bit for bit, the same config, and transformers loads
+    it (Qwen3-VL's tied head is left out as `save_pretrained` leaves it out)."""
+    from safetensors.torch import load_file
+
+    from mimo.data.section import DataSection
+    from mimo.families.qwen_vl import QwenVLSection
+    from mimo.families.qwen_vl.export import export
+
+    origin = tmp_path / "origin"
+    build().save_pretrained(origin)
+    directory = open_qwen_vl(origin)
+    provider = QwenVLMimoProvider(directory.spec, initial_weights=directory.weights())
+    out, architecture = export(provider.provide(), QwenVLSection(hf=str(origin)), DataSection(), provider,
+                               tmp_path / "out")
+    want, got = load_file(origin / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[name], want[name]) and got[name].dtype == want[name].dtype for name in want)
+    assert json.loads((out / "config.json").read_text()) == json.loads((origin / "config.json").read_text())
+    loaded = getattr(transformers, architecture).from_pretrained(out)
+    assert all(torch.equal(p, want[n]) for n, p in loaded.state_dict().items() if n in want)

@@ -168,7 +168,7 @@ def _heads_not_the_weights(directory):
     (_int8_q_proj, "language_model.model.layers.0.self_attn.q_proj.weight is stored as I8, but its config.json "
                    "declares no quantization; mimo reads floating-point weights only (F16, BF16, F32, F64)"),
     (_truncated, "model.safetensors: not a readable safetensors file (Error while deserializing header: incomplete "
-                 "metadata, file not fully covered); a truncated or damaged download? Fetch it again"),
+                 "metadata, file not fully covered); is it truncated? download or copy it again"),
     (_missing_shard, "model.safetensors.index.json: names shard model-00002-of-00002.safetensors, which is not in"),
     (_wrong_shape, "multi_modal_projector.linear_1.bias has shape [3], but the model its config.json describes "
                    "needs [64]"),

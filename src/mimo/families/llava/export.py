@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +30,14 @@ from torch import nn
 
 from mimo.families.llava.hf_config import LlavaSpec, llava_to_hf
 from mimo.families.llava.hf_load import VISION_NAMES, canonical_llava_name, to_llava_name
+from mimo.hf.carry import TOKENIZER_FILES, carry_files, dtype_name
 from mimo.hf.config import read_config
 from mimo.hf.image import ImageProcessor
 from mimo.hf.load import SafetensorsDir
 from mimo.hf.prompt import IMAGE_TOKEN, Prompter
 from mimo.hf.shards import check_new_directory, write_safetensors
 
-# Files a model directory carries besides its weights and config.json: tokenizer, processor, chat template.
-CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
-                 "preprocessor_config.json", "processor_config.json", "generation_config.json")
-TOKENIZER_FILES = CARRIED_FILES[:9]  # what a run's own tokenizer directory gives (not a model's processor)
 EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
-DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
-               torch.float16: "float16"}
 
 
 @dataclass(frozen=True)
@@ -87,13 +80,13 @@ def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin:
             layers, feature_layer = spec.vision.num_layers_built, -1
         vocab = _pad_vocabulary(tensors, spec)
         config = llava_to_hf(spec, layers, feature_layer, vocab)
-    config["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    config["dtype"] = dtype_name(dtype)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(((name, tensors[name]) for name in sorted(tensors)), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _carry_files(served.tokenizer, out, TOKENIZER_FILES)
+    carry_files(served.tokenizer, out, TOKENIZER_FILES)
     for directory in (origin.llava, origin.language, origin.vision):
-        _carry_files(directory, out)
+        carry_files(directory, out)
     if origin.llava is None:
         _add_image_token(out, spec.image_token_id)
         _write_preprocessor_config(out, served.images)
@@ -227,13 +220,3 @@ def _write_special_ids(out: Path) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _carry_files(directory: Path | None, out: Path, names: tuple[str, ...] = CARRIED_FILES) -> None:
-    """Copy the tokenizer / processor / chat-template files (`names`) of `directory` that `out` lacks."""
-    if directory is None:
-        return
-    for name in names:
-        src = Path(directory) / name
-        if src.is_file() and not (out / name).exists():
-            shutil.copy2(src, out / name)

@@ -2,7 +2,7 @@
 a Qwen2 / Qwen3 decoder with M-RoPE positions (and Qwen3-VL's DeepStack)."""
 
 from mimo.families.family import ModelFamily
-from mimo.families.qwen_vl import build
+from mimo.families.qwen_vl import build, export
 from mimo.families.qwen_vl.hf_config import QwenVLSpec, qwen_vl_spec
 from mimo.families.qwen_vl.hf_load import IMAGES, QwenVLDirectory, open_qwen_vl
 from mimo.families.qwen_vl.provider import QwenVLMimoProvider
@@ -18,6 +18,7 @@ QWEN_VL = ModelFamily(
     modality_flops=build.modality_flops,
     hf_model_types=("qwen2_5_vl", "qwen3_vl"),
     hf_settings=("hf",),
+    export=export.export,
 )
 
 __all__ = ["IMAGES", "QWEN_VL", "QwenVLDirectory", "QwenVLMimoProvider", "QwenVLSection", "QwenVLSpec",
