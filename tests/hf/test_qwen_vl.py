@@ -124,3 +124,27 @@ def test_export_round_trip_is_bit_exact(tmp_path: Path, build) -> None:
     assert json.loads((out / "config.json").read_text()) == json.loads((origin / "config.json").read_text())
     loaded = getattr(transformers, architecture).from_pretrained(out)
     assert all(torch.equal(p, want[n]) for n, p in loaded.state_dict().items() if n in want)
+
+
+@pytest.mark.parametrize("build", [_qwen25, _qwen3], ids=["qwen2.5-vl", "qwen3-vl"])
+def test_greedy_generation_equals_transformers_token_for_token(tmp_path: Path, build) -> None:
+    """mimo's greedy decoder with M-RoPE positions (prompt by `get_rope_index`, each new token the next position
+    on every axis) generates transformers' `generate(do_sample=False)` ids, images of three sizes in the prompt."""
+    from mimo.models.generation import greedy_decode
+
+    reference = build().eval()
+    reference.save_pretrained(tmp_path)
+    directory = open_qwen_vl(tmp_path)
+    provider = QwenVLMimoProvider(directory.spec, initial_weights=directory.weights())
+    model = provider.provide().eval()
+    ids, pixels, _ = _inputs(directory.spec.vision.patch_dim)
+    ids = ids[:1, :int((ids[0] != 0).sum())]  # the first row, unpadded: its two images
+    grids, first = GRIDS[:2], int(GRIDS[:2].prod(1).sum())
+    with torch.no_grad():
+        want = reference.generate(input_ids=ids, pixel_values=pixels[:first], image_grid_thw=grids,
+                                  mm_token_type_ids=(ids == IMAGE).int(), max_new_tokens=12, do_sample=False,
+                                  min_new_tokens=12)[:, ids.shape[1]:]
+    merge = directory.spec.vision.spatial_merge_size
+    got = greedy_decode(model, ids, {"images": ModalityBatch(pixels[:first], torch.tensor([2]), grids)}, 12,
+                        positions=lambda prompt: get_rope_index(prompt, grids, merge, IMAGE)[0])
+    assert got.tolist() == want.tolist()

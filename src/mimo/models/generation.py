@@ -9,7 +9,7 @@ prompt's special tokens take the modality embeddings, a generated one is embedde
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -18,17 +18,21 @@ from mimo.models.mimo_model import MimoModel, ModalityBatch
 
 @torch.no_grad()
 def greedy_decode(model: MimoModel, input_ids: torch.Tensor, modality_inputs: Mapping[str, ModalityBatch],
-                  max_new_tokens: int, eos_ids: Iterable[int] = ()) -> torch.Tensor:
+                  max_new_tokens: int, eos_ids: Iterable[int] = (),
+                  positions: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The argmax continuation [N, K] of every prompt [N, S] (prompts of one length, no padding): K is
     `max_new_tokens`, or fewer once every row's last token is an end-of-sequence id (which is kept, as
-    transformers' `generate` keeps it; a row that ended earlier goes on generating until the last has)."""
+    transformers' `generate` keeps it; a row that ended earlier goes on generating until the last has).
+    `positions(prompt ids)`: the prompt's M-RoPE positions [3, N, S] where the model numbers tokens so; each
+    generated token then takes the next position on every axis (transformers' rope deltas)."""
     embeddings, counts = model.encode(modality_inputs), model.tokens_per_sample(modality_inputs)
     decoder, eos = model.language_model, torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
     prompt = model.language_inputs(input_ids, embeddings, counts)  # checked once: the prompt's special tokens
+    prompt_positions = None if positions is None else positions(input_ids)
     new = input_ids.new_empty(input_ids.shape[0], 0)
     ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
-        hidden = decoder(**_extended(prompt, new))
+        hidden = decoder(**_extended(prompt, new), **_positions(prompt_positions, new.shape[1]))
         token = decoder.logits(hidden[:, -1:]).argmax(-1)  # [N, 1]
         new = torch.cat([new, token], dim=1)
         if eos.numel():
@@ -46,3 +50,12 @@ def _extended(prompt: dict, new: torch.Tensor) -> dict:
     pad = torch.zeros_like(new, dtype=torch.bool)
     return {"input_ids": ids, "embeddings_at": [(torch.cat([where, pad], dim=1), values)
                                                 for where, values in prompt["embeddings_at"]]}
+
+
+def _positions(prompt: torch.Tensor | None, generated: int) -> dict[str, torch.Tensor]:
+    """The decoder's position_ids for the prompt and `generated` new tokens (none: the default 0, 1, ...)."""
+    if prompt is None:
+        return {}
+    following = prompt.amax(dim=(0, 2)) + 1  # [N]: each row's next position
+    steps = following[:, None] + torch.arange(generated, device=prompt.device)  # [N, k]
+    return {"position_ids": torch.cat([prompt, steps.expand(prompt.shape[0], -1, -1)], dim=2)}
