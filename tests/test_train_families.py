@@ -98,3 +98,18 @@ def test_qwen_vl_trains_on_its_layout_and_resumes_on_another_as_one_process(tmp_
     assert_matches_reference({"loss": torch.tensor([got[s] for s in (1, 2, 3)], dtype=torch.float64)},
                              {"loss": torch.tensor([want[s] for s in (1, 2, 3)], dtype=torch.float64)},
                              "resumed losses")
+
+
+def test_qwen_vl_refuses_what_deepstack_cannot_do():
+    """DeepStack's features are added on the first pipeline stage into an unsharded residual: sequence parallelism,
+    or a DeepStack layer on a later stage, is one line from `mimo validate`, before any worker."""
+    cases = {
+        "parallelism.language.sequence_parallel=true": "sequence_parallel cannot run with DeepStack",
+        "parallelism={images: {data_parallel_size: 32}, language: {pipeline_model_parallel_size: 32, "
+        "data_parallel_size: 1}}":
+            "DeepStack adds image features after layers [0, 1, 2], but pipeline stage 0 of 32 holds layers 0-1",
+    }
+    for item, message in cases.items():
+        done = refused("validate", str(QWEN_EXAMPLE), "--set", "model.preset=qwen3-vl-8b", "--set",
+                       "train.global_batch_size=64", "--set", item)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, (item, done.stderr)
