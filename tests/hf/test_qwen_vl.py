@@ -67,13 +67,19 @@ def _inputs(patch_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                                       [1] * len(second) + [0] * (width - len(second))])
 
 
+def _loaded(build, directory: Path) -> tuple:
+    """A reference model of `build` saved to `directory`, the directory opened by mimo, and mimo's one-process
+    model filled from it (both in eval mode)."""
+    reference = build().eval()
+    reference.save_pretrained(directory)
+    opened = open_qwen_vl(directory)
+    model = QwenVLMimoProvider(opened.spec, initial_weights=opened.weights()).provide().eval()
+    return reference, opened, model
+
+
 @pytest.mark.parametrize("build", [_qwen25, _qwen3], ids=["qwen2.5-vl", "qwen3-vl"])
 def test_logits_equal_transformers(tmp_path: Path, build) -> None:
-    reference = build().eval()
-    reference.save_pretrained(tmp_path)
-    directory = open_qwen_vl(tmp_path)
-    provider = QwenVLMimoProvider(directory.spec, initial_weights=directory.weights())
-    model = provider.provide().eval()
+    reference, directory, model = _loaded(build, tmp_path)
     ids, pixels, mask = _inputs(directory.spec.vision.patch_dim)
     with torch.no_grad():
         want = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=GRIDS,
@@ -132,11 +138,7 @@ def test_greedy_generation_equals_transformers_token_for_token(tmp_path: Path, b
     on every axis) generates transformers' `generate(do_sample=False)` ids, images of three sizes in the prompt."""
     from mimo.models.generation import greedy_decode
 
-    reference = build().eval()
-    reference.save_pretrained(tmp_path)
-    directory = open_qwen_vl(tmp_path)
-    provider = QwenVLMimoProvider(directory.spec, initial_weights=directory.weights())
-    model = provider.provide().eval()
+    reference, directory, model = _loaded(build, tmp_path)
     ids, pixels, _ = _inputs(directory.spec.vision.patch_dim)
     ids = ids[:1, :int((ids[0] != 0).sum())]  # the first row, unpadded: its two images
     grids, first = GRIDS[:2], int(GRIDS[:2].prod(1).sum())

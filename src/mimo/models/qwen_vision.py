@@ -32,6 +32,7 @@ from mimo.models.encoder_block import ACTIVATIONS
 from mimo.models.fused_parallel import FusedColwiseParallel
 from mimo.models.qwen_vision_geometry import VisionGeometry, vision_geometry
 from mimo.models.rmsnorm import RMSNorm
+from mimo.models.rotary import rotate_half
 from mimo.models.segment_attention import segment_attention
 
 NORM_EPS = 1e-6  # transformers hard-codes the towers' norm epsilon (not a config key)
@@ -216,17 +217,11 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     return angles.cos(), angles.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) → (-x2, x1) over the last dim's halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, heads, d] by the tables [N, d] in at least float32, back in x's dtype."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     cos, sin = cos[:, None].to(wide.dtype), sin[:, None].to(wide.dtype)
-    return (wide * cos + _rotate_half(wide) * sin).to(x.dtype)
+    return (wide * cos + rotate_half(wide) * sin).to(x.dtype)
 
 
 class VisionAttention(nn.Module):
