@@ -266,6 +266,12 @@ def test_a_failing_rank_ends_the_job_promptly(tmp_path):
     report = [line for line in done.stderr.splitlines() if line.startswith("mimo train:")]
     assert report[0] == "mimo train: error: rank 1 failed: RuntimeError: injected fault at step 2 (MIMO_INJECT_FAULT)"
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"  # bounded by the agent, not the 300 s PG timeout
+    # issue 26: mimo's lines alone, not torch elastic's ~57 lines of log; those are kept in the run directory
+    log = tmp_path / "run" / "launcher.log"
+    assert report == done.stderr.splitlines(), done.stderr[-3000:]
+    assert report[-1] == f"mimo train: each failed rank's whole traceback: {log}"
+    kept = log.read_text()
+    assert "--- rank 1: RuntimeError: injected fault at step 2" in kept and "in _train" in kept, kept[-3000:]
 
 
 def test_a_damaged_or_refused_resume_loses_nothing(tmp_path, straight_run):

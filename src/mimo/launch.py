@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -33,8 +34,9 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -54,10 +56,12 @@ _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch checks CUDA through NVML 
 
 def launch(plan: Any, nproc: int, **kwargs: Any) -> int:
     """Run `_worker(plan, **kwargs)` on `nproc` local processes (`plan`: the checked `RunPlan`, handed over, not
-    rebuilt); 0, or 1 with the failed ranks named."""
+    rebuilt); 0, or 1 with the failed ranks named (torch elastic's own log, whole tracebacks included, kept in
+    the run directory: `agent_log`)."""
     import mimo.training.loop  # noqa: F401 - imported once here, inherited by every forked worker
+    log = Path(plan.config.run_dir) / AGENT_LOG
     with tempfile.TemporaryDirectory(prefix="mimo-failures-") as failure_dir, \
-            HangWatch(Path(failure_dir), bounds=phase_bounds(plan.config)):
+            HangWatch(Path(failure_dir), bounds=phase_bounds(plan.config)), agent_log(log):
         try:
             _launch_on_a_free_port(nproc, plan, kwargs, failure_dir)
         except ChildFailedError as e:
@@ -65,6 +69,8 @@ def launch(plan: Any, nproc: int, **kwargs: Any) -> int:
             if records or not _all_signalled(e, signal.SIGTERM):
                 for line in _failure_report(e, records, _last_phases(Path(failure_dir))):
                     print(line, file=sys.stderr)
+                _log_tracebacks(log, records)
+                print(f"mimo train: each failed rank's whole traceback: {log}", file=sys.stderr)
                 return 1
             return _stopped_by(signal.SIGTERM)  # the ranks alone were signalled, and stopped (`end_as_signalled`)
         except (KeyboardInterrupt, SignalException) as e:
@@ -82,6 +88,28 @@ def _stopped_by(sig: signal.Signals) -> int:
 def _all_signalled(error: ChildFailedError, sig: signal.Signals) -> bool:
     """Whether every failed worker died of `sig` (raising nothing)."""
     return all(f.exitcode == -sig.value for f in error.failures.values())
+
+
+AGENT_LOG = "launcher.log"  # torch elastic's log of a run, in its log.dir
+
+
+@contextlib.contextmanager
+def agent_log(path: Path) -> Iterator[Path]:
+    """Inside, torch elastic's log (its agent's warnings, each failed worker's whole traceback: some 57 lines a
+    failure) goes to `path`, created on its first line, instead of stderr: the launcher prints one line per failed
+    rank and where the rest is. Forked workers inherit it."""
+    logger = logging.getLogger("torch.distributed.elastic")
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        handler.close()
 
 
 _RENDEZVOUS_TRIES = 3
@@ -285,9 +313,17 @@ def _write_failure(failure_dir: Path, error: BaseException) -> None:
     rank = int(os.environ.get("RANK", "0"))
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = type(error).__name__ + (f": {lines[-1]}" if lines else "")
-    entry = {"rank": rank, "time": time.time(), "error": reason}
+    trace = "".join(traceback.format_exception(error))
+    entry = {"rank": rank, "time": time.time(), "error": reason, "traceback": trace}
     with contextlib.suppress(OSError):  # never let the report hide the error itself; the agent sees the exit
         (failure_dir / f"rank_{rank}.json").write_text(json.dumps(entry))
+
+
+def _log_tracebacks(log: Path, records: list[dict[str, Any]]) -> None:
+    """Append each failed rank's whole traceback (its failure record's) to the agent's log."""
+    with contextlib.suppress(OSError), log.open("a") as out:
+        for record in records:
+            out.write(f"\n--- rank {record['rank']}: {record['error']}\n{record.get('traceback', '')}")
 
 
 def _read_failures(failure_dir: Path) -> list[dict[str, Any]]:
