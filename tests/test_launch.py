@@ -77,10 +77,14 @@ def test_a_port_taken_before_the_store_binds_it_is_retried(tmp_path):
     assert sorted(steps_and_losses(run_dir)) == [1, 2]
 
 
-_PLAN = SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(timeout_s=600)))  # what launch reads of a plan
 
 
-def test_ranks_dead_of_sigterm_alone_are_the_job_stopped_by_it(monkeypatch, capsys):
+def _plan(run_dir: Path) -> SimpleNamespace:
+    """What `launch` reads of a plan: the run directory (its agent log) and the data bound."""
+    return SimpleNamespace(config=SimpleNamespace(run_dir=run_dir, data=SimpleNamespace(timeout_s=600)))
+
+
+def test_ranks_dead_of_sigterm_alone_are_the_job_stopped_by_it(monkeypatch, capsys, tmp_path):
     """A scheduler that signals the ranks but not the launcher: they stop, checkpoint and die of the SIGTERM they
     deferred (`deadline.end_as_signalled`); the agent sees a death by SIGTERM, which is the job stopped by it (143),
     not a failure. A rank that raised is still a failure."""
@@ -88,7 +92,7 @@ def test_ranks_dead_of_sigterm_alone_are_the_job_stopped_by_it(monkeypatch, caps
         raise ChildFailedError("mimo", {0: _failure(0, -15, Path(failure_dir))})
 
     monkeypatch.setattr(mimo.launch, "_launch_on_a_free_port", stopped)
-    assert launch(_PLAN, 2) == 143
+    assert launch(_plan(tmp_path), 2) == 143
     assert capsys.readouterr().err == ("mimo train: stopped by SIGTERM; workers ended, and only complete checkpoints "
                                        "are ever loaded\n")
 
@@ -97,7 +101,7 @@ def test_ranks_dead_of_sigterm_alone_are_the_job_stopped_by_it(monkeypatch, caps
         raise ChildFailedError("mimo", {0: _failure(0, -15, Path(failure_dir))})
 
     monkeypatch.setattr(mimo.launch, "_launch_on_a_free_port", raised)
-    assert launch(_PLAN, 2) == 1
+    assert launch(_plan(tmp_path), 2) == 1
 
 
 def test_a_rank_killed_from_outside_is_named_with_what_it_was_doing(tmp_path):
