@@ -154,13 +154,16 @@ class ModuleParallelismConfig:
     the ones fused), compile and CUDA GPUs: rules of the distributed settings (`distributed.check_tp_comm_overlap`).
     """
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # TP: ranks each of the module's layers is split over
+    pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (the language model only)
+    context_parallel_size: int = 1  # CP: not supported yet (1)
+    expert_model_parallel_size: int = 1  # EP: not supported yet (1)
+    # DP: the module's replicas; None: derived from the world size (a module spanning the world from rank 0)
     data_parallel_size: int | None = None
-    rank_offset: int = 0
+    rank_offset: int = 0  # the first rank of the module's span
+    # keep a TP module's activations sharded along the sequence between its blocks (needs TP > 1)
     sequence_parallel: bool = False
+    # overlap sequence parallelism's all-gathers and reduce-scatters with the matmuls (needs compile, CUDA)
     tp_comm_overlap: bool = False
 
     @property

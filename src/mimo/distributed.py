@@ -55,13 +55,13 @@ class ModuleDistributedConfig:
     its `distributed.<module>` section over `train`'s run-wide compile and recompute settings.
     """
 
-    data_parallel: DataParallel = "ddp"
+    data_parallel: DataParallel = "ddp"  # how the module's replicas share gradients: DDP, or FSDP2's sharding
     compute_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile every `layers.N` block's forward (in place: parameter names do not change)
     # "full": the blocks recompute their activations in the backward (`mimo.recompute`); the first
     # `recompute_num_layers` of the module's stage, all if None
     recompute_granularity: Recompute = "none"
-    recompute_num_layers: int | None = None
+    recompute_num_layers: int | None = None  # with "full", only the first N blocks of the stage; None: all
     # FSDP2: when a block's gathered parameters are freed (torchtitan's policy names). "always": after every
     # forward and backward (least memory; ZeRO-3). "never": gathered once a step, kept until the last
     # micro-batch's backward (ZeRO-2's communication; a full compute-dtype copy held). "default": "always" but

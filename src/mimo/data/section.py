@@ -14,15 +14,20 @@ class DataSection:
     its image folder; `digits` (built in: scikit-learn's 8×8 scans, captioned, written once as PNGs and LLaVA
     JSON to ~/.cache/mimo and read through the same dataset); `synthetic` (generated)."""
 
-    name: Literal["digits", "synthetic", "llava"] = "digits"
-    num_samples: int = field(default=4096, metadata={"min": 1})  # synthetic
-    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})  # synthetic
+    name: Literal["digits", "synthetic", "llava"] = "digits"  # the dataset: built-in digits, generated, or a file
+    num_samples: int = field(default=4096, metadata={"min": 1})  # synthetic: the samples the generated set holds
+    # synthetic: each sample's item count per modality, drawn from these choices
+    items_per_sample: list[int] = field(default_factory=lambda: [0, 1, 3], metadata={"min": 0})
     path: str | None = None  # llava: the JSON / JSONL file
     image_folder: str | None = None  # llava: the directory the entries' image paths are relative to
-    template: Literal["chat", "plain", "vicuna_v1"] = "chat"  # llava: chat = the tokenizer's chat template
+    # llava: how conversations become tokens: chat = the tokenizer's chat template; plain (LLaVA stage 1);
+    # vicuna_v1 (LLaVA-1.5)
+    template: Literal["chat", "plain", "vicuna_v1"] = "chat"
     # llava: default the language model's; a longer sample is dropped (a bad sample), never cut
     max_seq_len: int | None = field(default=None, metadata={"min": 1})
-    on_bad_sample: Literal["skip", "error"] = "skip"  # skip: the next good sample takes its place, counted
+    # a missing / corrupt image, malformed conversation or too-long sample: skip (the next good sample takes its
+    # place, counted) or error (the run stops, naming it)
+    on_bad_sample: Literal["skip", "error"] = "skip"
     tokenizer: str | None = None  # llava: a directory with tokenizer.json; default model.hf / model.language_hf
     # llava: the most of the first samples' tokens that may be the tokenizer's <unk> (checked before launch;
     # above it the run is refused, naming words the tokenizer lacks; 1 trains whatever the share)

@@ -29,15 +29,21 @@ class TrainSection:
     """Steps, batch, optimizer and precision. dtype: float32 or float64 everywhere; bfloat16 / float16 compute
     with float32 parameters (float16 with one dynamic loss scale for the whole model)."""
 
-    steps: int = field(default=100, metadata={"min": 1})
-    global_batch_size: int = field(default=32, metadata={"min": 1})
+    steps: int = field(default=100, metadata={"min": 1})  # optimizer steps the run takes in all
+    global_batch_size: int = field(default=32, metadata={"min": 1})  # samples per step, over every replica
+    # micro-batches the global batch is split into, each divided over every module's DP (gradients accumulate;
+    # a pipeline's micro-batches)
     num_microbatches: int = field(default=1, metadata={"min": 1})
-    lr: float = field(default=1e-3, metadata={"min": 0})  # 0 trains nothing: a conversion or a speed run
+    # AdamW's peak learning rate; 0 trains nothing: a conversion or a speed run
+    lr: float = field(default=1e-3, metadata={"min": 0})
+    # the cosine schedule ends at min_lr_ratio · lr at the last step
     min_lr_ratio: float = field(default=0.1, metadata={"min": 0, "max": 1})
-    warmup_steps: int = field(default=0, metadata={"min": 0})
+    warmup_steps: int = field(default=0, metadata={"min": 0})  # steps of linear warm-up to lr before the cosine
+    # AdamW's decoupled weight decay, on matrices only (norms and biases never decay)
     weight_decay: float = field(default=0.0, metadata={"min": 0})
-    clip_grad: float | None = field(default=1.0, metadata={"above": 0})
-    seed: int = 0
+    clip_grad: float | None = field(default=1.0, metadata={"above": 0})  # the global gradient norm cap; null: none
+    seed: int = 0  # seeds the weights' initialization, the data order and the synthetic data
+    # parameters' and compute dtype: float32 / float64 everywhere; bfloat16 / float16 compute, float32 parameters
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     # the next three are every module's defaults; `distributed.<module>` may set its own
     compile: bool = False  # torch.compile each transformer block (GPU: ~30% faster at 1b, see benchmarks/)
@@ -45,7 +51,8 @@ class TrainSection:
     # its activations for about a third more compute); recompute_num_layers: only the first N of each
     # module's stage (null: all). Checked with each module's settings (`ModuleDistributedConfig.check`)
     recompute_granularity: Literal["none", "full"] = "none"
-    recompute_num_layers: int | None = None
+    recompute_num_layers: int | None = None  # with full recomputation, only the first N blocks of each stage
+    # the longest a collective (and the process group's setup) may wait before torch ends it with an error
     timeout_s: float = field(default=300.0, metadata={"above": 0})
     # this many steps in a row with a loss (or an applied gradient) that is NaN or infinite end the run with an
     # error (it has diverged: more steps only write checkpoints of NaN); such steps save no checkpoint
@@ -74,11 +81,13 @@ class CheckpointSection:
     not 28 GB); the checkpoint records the directory and a fingerprint of it, and whatever loads it reads those
     parts from its own run's directory, which must match."""
 
-    dir: str | None = None
-    interval: int = field(default=0, metadata={"min": 0})
-    keep: int = field(default=2, metadata={"min": 1})
+    dir: str | None = None  # where the checkpoints go; null: log.dir's checkpoints/
+    interval: int = field(default=0, metadata={"min": 0})  # checkpoint every this many steps; 0: only at the end
+    keep: int = field(default=2, metadata={"min": 1})  # the newest complete checkpoints kept; older ones are deleted
+    # a mimo checkpoint (or a run directory: its newest) whose weights alone a new run starts from
     pretrained_checkpoint: str | None = None
-    final: bool = True
+    final: bool = True  # false: no checkpoint at the end (a speed run)
+    # false: leave out each frozen part read from a Hugging Face directory (recorded with its fingerprint instead)
     save_frozen_hf_weights: bool = False
 
 
@@ -86,9 +95,9 @@ class CheckpointSection:
 class LogSection:
     """The run directory (config, metrics.jsonl, checkpoints by default) and logging cadence."""
 
-    dir: str = "runs/mimo"
-    interval: int = field(default=10, metadata={"min": 1})
-    tensorboard: bool = False
+    dir: str = "runs/mimo"  # the run directory: config.yaml, metrics.jsonl, and checkpoints unless checkpoint.dir
+    interval: int = field(default=10, metadata={"min": 1})  # write a metrics.jsonl line every this many steps
+    tensorboard: bool = False  # also write TensorBoard event files to the run directory's tb/
 
 
 @dataclass
@@ -98,8 +107,10 @@ class EvalSection:
     its images in data.image_folder, rendered as the training data) at the end and every `interval` steps (at
     checkpoints: a multiple of checkpoint.interval; 0: at the end only)."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no held-out evaluation at all
+    # llava data: a LLaVA-format held-out file (images in data.image_folder) whose mean per-token loss is logged
     path: str | None = None
+    # evaluate eval.path every this many steps, a multiple of checkpoint.interval; 0: at the end only
     interval: int = field(default=0, metadata={"min": 0})
 
 

@@ -14,13 +14,13 @@ class BuiltinSection:
     and an MLP projector. `images`: a CLIP-style ViT's shapes; `audio`: the audio encoder's (log-mel clips);
     null leaves the modality out. `freeze_encoders` / `freeze_projections` name modalities."""
 
-    family: Literal["builtin"] = "builtin"
-    language: Literal["tiny", "1b", "3b", "7b"] = "tiny"
-    images: Literal["tiny", "clip-vit-l14-336"] | None = "tiny"
-    audio: Literal["tiny"] | None = "tiny"
-    freeze_language_model: bool = False
-    freeze_encoders: list[str] = field(default_factory=list)
-    freeze_projections: list[str] = field(default_factory=list)
+    family: Literal["builtin"] = "builtin"  # the model family: mimo's own seeded modules
+    language: Literal["tiny", "1b", "3b", "7b"] = "tiny"  # the Llama-style decoder's preset (7b: Vicuna-7B's shape)
+    images: Literal["tiny", "clip-vit-l14-336"] | None = "tiny"  # the CLIP-style ViT's shapes; null: no images
+    audio: Literal["tiny"] | None = "tiny"  # the audio encoder's shapes (log-mel clips); null: no audio
+    freeze_language_model: bool = False  # the decoder's weights do not train
+    freeze_encoders: list[str] = field(default_factory=list)  # modalities whose encoder does not train
+    freeze_projections: list[str] = field(default_factory=list)  # modalities whose projector does not train
 
     def __post_init__(self) -> None:
         """At least one modality; freezing names only the section's modalities."""

@@ -17,15 +17,19 @@ class LlavaSection:
     whose tower output is `vision_feature_layer` under `vision_feature_select_strategy` (LLaVA's meanings).
     """
 
-    family: Literal["llava"] = "llava"
-    preset: Literal["tiny", "1b", "3b", "7b", "llava-1.5-7b"] = "tiny"  # llava-1.5-7b: that model's exact shapes
-    freeze_language_model: bool = False
-    freeze_vision_encoder: bool = False
-    freeze_projection: bool = False
-    hf: str | None = None
-    vision_hf: str | None = None
-    language_hf: str | None = None
+    family: Literal["llava"] = "llava"  # the model family (llava when the model section leaves it out)
+    # seeded shapes without Hugging Face weights (used when hf / vision_hf are null); llava-1.5-7b: that model's
+    # exact shapes
+    preset: Literal["tiny", "1b", "3b", "7b", "llava-1.5-7b"] = "tiny"
+    freeze_language_model: bool = False  # the language model's weights do not train
+    freeze_vision_encoder: bool = False  # the vision tower's weights do not train
+    freeze_projection: bool = False  # the projector's weights do not train
+    hf: str | None = None  # a local LlavaForConditionalGeneration directory (instead of the preset)
+    vision_hf: str | None = None  # a local CLIP / SigLIP vision directory, with language_hf
+    language_hf: str | None = None  # a local Llama / Mistral / Qwen2 directory, with vision_hf
+    # with vision_hf: the vision tower's hidden layer the projector reads (LLaVA's meaning: -2 the penultimate)
     vision_feature_layer: int = -2
+    # with vision_hf: default drops the tower's class token, full keeps it (LLaVA's meanings)
     vision_feature_select_strategy: Literal["default", "full"] = "default"
 
     def __post_init__(self) -> None:
