@@ -39,8 +39,13 @@ def mimo(*args: str, env: dict | None = None, timeout: float = 240) -> subproces
 
 
 def refused(*args: str) -> subprocess.CompletedProcess:
-    """`mimo ARGS` for a command that must be refused before any worker starts, run through `mimo.cli.main` in
-    this process (what the console script calls): the same code and output, without an interpreter's start."""
+    """`mimo ARGS` for a command that must be refused before any worker starts, run in this process."""
+    return in_process(*args)
+
+
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    """`mimo ARGS` of a one-process command (a refusal, validate, export-hf) run through `mimo.cli.main` in this
+    process (what the console script calls): the same code and output, without an interpreter's start."""
     from mimo.cli import main
 
     out, err = io.StringIO(), io.StringIO()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from mimo.testing import assert_matches_reference
@@ -30,15 +31,21 @@ def _final_parameters(run_dir: Path, overrides: list[str]) -> dict[str, torch.Te
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def test_images_and_audio_train_on_their_layout_as_one_process(tmp_path):
-    """The example's layout (images rank 0, audio rank 1, language TP2 on ranks 2-3) against one process: the same
-    losses every step and the same final parameters, to 1e-8 in float64."""
-    runs = {}
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
+    """The example trained on its layout and as one process, once: each run's directory and overrides."""
+    root, made = tmp_path_factory.mktemp("families"), {}
     for name, extra in (("layout", []), ("one", ["--set", ONE_PROCESS])):
-        run_dir = tmp_path / name
+        run_dir = root / name
         done = mimo("train", str(EXAMPLE), *EXACT, *extra, "--set", f"log.dir={run_dir}", "--quiet")
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = (run_dir, [*EXACT, *extra])
+        made[name] = (run_dir, [*EXACT, *extra])
+    return made
+
+
+def test_images_and_audio_train_on_their_layout_as_one_process(runs):
+    """The example's layout (images rank 0, audio rank 1, language TP2 on ranks 2-3) against one process: the same
+    losses every step and the same final parameters, to 1e-8 in float64."""
     losses = {name: steps_and_losses(run_dir) for name, (run_dir, _) in runs.items()}
     assert list(losses["layout"]) == [1, 2, 3]
     assert_matches_reference({"loss": torch.tensor(list(losses["layout"].values()), dtype=torch.float64)},
@@ -48,7 +55,7 @@ def test_images_and_audio_train_on_their_layout_as_one_process(tmp_path):
     assert_matches_reference(got, want, "final parameters")
 
 
-def test_a_family_refuses_what_it_does_not_have(tmp_path):
+def test_a_family_refuses_what_it_does_not_have(tmp_path, runs):
     """An unknown family, a key of another family's section, data the family does not read, a freeze naming a
     modality the model lacks, export of a family with no Hugging Face form: one line each, naming what is wrong."""
     config = str(EXAMPLE)
@@ -64,10 +71,7 @@ def test_a_family_refuses_what_it_does_not_have(tmp_path):
     for item, message in cases.items():
         done = refused("validate", config, "--set", item)
         assert done.returncode == 2 and done.stderr == f"mimo validate: error: {message}\n", (item, done.stderr)
-    run_dir = tmp_path / "run"
-    done = mimo("train", config, *EXACT, "--set", "train.steps=1", "--set", f"log.dir={run_dir}", "--quiet")
-    assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
+    checkpoint = sorted((runs["layout"][0] / "checkpoints").iterdir())[-1]  # a builtin-family checkpoint
     exported = refused("export-hf", str(checkpoint), str(tmp_path / "out"))
     assert exported.returncode == 2
     assert exported.stderr == (f"mimo export-hf: error: checkpoint {checkpoint}: the builtin family has no Hugging "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from mimo.training.loop import check_resume_fits
 from mimo.training.plan import plan_model
 from mimo.training.run_config import load_run_config, parse_run_config
 from tests.hf import tiny_hf
-from tests.test_train_cli import mimo, refused, steps_and_losses, write_config
+from tests.test_train_cli import in_process, mimo, refused, steps_and_losses, write_config
 
 HOMOGENEOUS = {"images": {"data_parallel_size": 2}, "language": {"data_parallel_size": 2}}
 LANGUAGE_TP2 = {"images": {"data_parallel_size": 1},
@@ -65,6 +66,22 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     full = train(root / "full", stage1_model(root), "--set", "train.steps=2",
                  checkpoint={"save_frozen_hf_weights": True})
     return {"root": root, "small": small, "full": full}
+
+
+@pytest.fixture(scope="module")
+def from_pretrained(runs, tmp_path_factory) -> Callable[[str], Path]:
+    """Stage 1 for 2 steps from the step-2 checkpoint of `runs[source]` (checkpoint.pretrained_checkpoint), run
+    once per source for the tests that take it; its run directory."""
+    made: dict[str, Path] = {}
+
+    def run(source: str) -> Path:
+        if source not in made:
+            pretrained = runs[source] / "checkpoints" / "step_00000002"
+            made[source] = train(tmp_path_factory.mktemp(f"from_{source}"), stage1_model(runs["root"]), "--set",
+                                 "train.steps=2", checkpoint={"pretrained_checkpoint": str(pretrained)})
+        return made[source]
+
+    return run
 
 
 def saved_keys(checkpoint: Path) -> set[str]:
@@ -147,7 +164,7 @@ def test_stage2_and_export_from_a_projector_only_checkpoint_equal_a_full_ones(ru
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
     # mimo export-hf writes the same tensors from either checkpoint
     for name, checkpoint in (("small", small), ("full", full)):
-        done = mimo("export-hf", str(checkpoint), str(tmp_path / f"export_{name}"))
+        done = in_process("export-hf", str(checkpoint), str(tmp_path / f"export_{name}"))
         assert done.returncode == 0, done.stderr[-3000:]
     exported = [load_file(tmp_path / f"export_{n}" / "model.safetensors") for n in ("small", "full")]
     assert exported[0].keys() == exported[1].keys()
@@ -237,7 +254,7 @@ def test_export_takes_a_moved_directory_with_set_and_checks_it(runs, tmp_path):
     `--set model.vision_hf=NEW` re-points it, checked against the recorded fingerprint."""
     root, small = runs["root"], runs["small"] / "checkpoints" / "step_00000002"
     full = runs["full"] / "checkpoints" / "step_00000002"
-    done = mimo("export-hf", str(full), str(tmp_path / "reference"))
+    done = in_process("export-hf", str(full), str(tmp_path / "reference"))
     assert done.returncode == 0, done.stderr[-3000:]
     moved = tmp_path / "moved_clip"
     shutil.move(root / "clip", moved)
@@ -260,7 +277,7 @@ def test_export_takes_a_moved_directory_with_set_and_checks_it(runs, tmp_path):
         assert done.returncode == 2 and done.stderr.startswith("mimo export-hf: error: --set model.vision_hf=[1, 2]: ")
         assert "no longer parses" not in done.stderr
         assert not (tmp_path / "out").exists()
-        done = mimo("export-hf", str(small), str(tmp_path / "out"), "--set", f"model.vision_hf={moved}")
+        done = in_process("export-hf", str(small), str(tmp_path / "out"), "--set", f"model.vision_hf={moved}")
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
         shutil.move(moved, root / "clip")
@@ -290,13 +307,12 @@ def test_generate_from_a_directory_takes_no_set(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["full", "small"])
-def test_a_frozen_part_a_pretrained_checkpoint_overwrote_is_saved(runs, tmp_path, source):
+def test_a_frozen_part_a_pretrained_checkpoint_overwrote_is_saved(runs, from_pretrained, source):
     """A frozen part holds the weights of the pretrained checkpoint the run starts from, if that checkpoint has
     them (`full`), not its directory's: the run's checkpoints must keep it, or a resume would silently take the
     directory's weights. One the pretrained checkpoint left out too (`small`) is left out again."""
     pretrained = runs[source] / "checkpoints" / "step_00000002"
-    run_dir = train(tmp_path, stage1_model(runs["root"]), "--set", "train.steps=2",
-                    checkpoint={"pretrained_checkpoint": str(pretrained)})
+    run_dir = from_pretrained(source)
     def towers(checkpoint: Path) -> set[str]:
         return {k for k in saved_keys(checkpoint) if k.startswith(("language_model.", "modality_submodules.images."
                                                                    "encoder."))}
@@ -324,7 +340,7 @@ def test_a_part_frozen_on_resume_keeps_the_weights_its_checkpoint_gave_it(runs, 
     assert all(torch.equal(resumed[k], trained[k]) for k in trained if k.startswith("language_model."))
 
 
-def test_resume_with_nothing_to_resume_starts_from_the_pretrained_checkpoint(runs, tmp_path):
+def test_resume_with_nothing_to_resume_starts_from_the_pretrained_checkpoint(runs, from_pretrained, tmp_path):
     """`--resume` of a run that has no checkpoint yet starts it as configured: from its pretrained checkpoint's
     weights (it once started from the model as built, silently)."""
     pretrained = runs["small"] / "checkpoints" / "step_00000002"
@@ -335,9 +351,6 @@ def test_resume_with_nothing_to_resume_starts_from_the_pretrained_checkpoint(run
     assert f"no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0" in done.stdout
     assert f"weights from {pretrained} (optimizer, schedule and data start fresh)" in done.stdout
     got = whole_model(runs["root"], run_dir / "checkpoints" / "step_00000002")
-    fresh = mimo("train", str(write_config(tmp_path / "fresh", model=stage1_model(runs["root"]), data=DATA,
-                                           train={"steps": 2},
-                                           checkpoint={"pretrained_checkpoint": str(pretrained)})[0]), "--quiet")
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    want = whole_model(runs["root"], tmp_path / "fresh" / "run" / "checkpoints" / "step_00000002")
+    # the same run started fresh (not --resume)
+    want = whole_model(runs["root"], from_pretrained("small") / "checkpoints" / "step_00000002")
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -30,8 +30,12 @@ def low_precision_losses(rank: int, world_size: int, layout: dict, dtype: str, s
 
 
 def _batch32():
-    data = dataset(("images",))
-    batch = data.batch(range(8))
+    return _batch(dataset(("images",)), 0)
+
+
+def _batch(data, first: int):
+    """The 8 samples from `first` with float32 images (samples 0, 8, 16 on: text lengths 96, 98, 90)."""
+    batch = data.batch(range(first, first + 8))
     for mb in batch.modality_inputs.values():
         mb.items = mb.items.float()
     return batch
@@ -123,58 +127,42 @@ def test_point_to_point_traffic_uses_the_direction_groups():
     assert {"forward", "backward"} <= set(groups)
 
 
-def compiled_losses(rank: int, world_size: int, compile_blocks: bool,
-                    recompute: str = "none") -> tuple[list[float], dict]:
-    """4 float32 steps of the fan-in layout, every transformer block compiled or not (and recomputed in the
-    backward or not); and dynamo's settings and the images' DDP after the model was built."""
-    prov = provider(IMG2_LANG_TP2, ("images",), params_dtype=torch.float32)
-    cfg = ModuleDistributedConfig("ddp", None, compile_blocks, recompute_granularity=recompute)
-    model = prov.provide_distributed_model(DistributedConfig(cfg))
-    trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
-                          optimizer=OptimizerConfig(lr=3e-3))
-    images = dict(model.modality_submodules).get("images")  # DDP: DP2 (ranks 0-1 host it)
-    settings = {"recompile_limit": torch._dynamo.config.recompile_limit,
-                "optimize_ddp": torch._dynamo.config.optimize_ddp,
-                "bucket_views": getattr(images, "gradient_as_bucket_view", None)}
-    return [trainer.train_step(_batch32()).loss for _ in range(4)], settings
+def compiled_variants(rank: int, world_size: int) -> dict:
+    """float32 steps of the fan-in layout (language TP 2) in one world: eager, every transformer block compiled,
+    and compiled and recomputed in the backward; each variant's losses, and dynamo's settings and the images' DDP
+    after the compiled model was built. A length twice, then two new ones (96, 96, 98, 90); recomputed: 2 steps."""
+    data, out = dataset(("images",)), {}
+    for name, compile_blocks, recompute, firsts in [("eager", False, "none", (0, 0, 8, 16)),
+                                                    ("compiled", True, "none", (0, 0, 8, 16)),
+                                                    ("recomputed", True, "full", (0, 0))]:
+        prov = provider(IMG2_LANG_TP2, ("images",), params_dtype=torch.float32)
+        cfg = ModuleDistributedConfig("ddp", None, compile_blocks, recompute_granularity=recompute)
+        model = prov.provide_distributed_model(DistributedConfig(cfg))
+        trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
+                              optimizer=OptimizerConfig(lr=3e-3))
+        if name == "compiled":
+            images = dict(model.modality_submodules).get("images")  # DDP: DP2 (ranks 0-1 host it)
+            out["settings"] = {"recompile_limit": torch._dynamo.config.recompile_limit,
+                               "optimize_ddp": torch._dynamo.config.optimize_ddp,
+                               "bucket_views": getattr(images, "gradient_as_bucket_view", None)}
+        out[name] = [trainer.train_step(_batch(data, first)).loss for first in firsts]
+    return out
 
 
 def test_compiled_blocks_train_like_eager():
-    eager, _ = run_distributed(compiled_losses, 4, False)[0]
-    compiled, settings = run_distributed(compiled_losses, 4, True, timeout_s=600)[0]
-    assert compiled == pytest.approx(eager, rel=1e-4), (compiled, eager)  # float32, fused kernels
+    """Compiled blocks train like eager, recomputed or not. A new sequence length recompiles a TP block; as a
+    dynamic-shape graph, torch's tracer recursed without end on the DTensor block (RecursionError at the first new
+    length). TP blocks compile with static shapes."""
+    run = run_distributed(compiled_variants, 4, timeout_s=600)[0]
+    eager, settings = run["eager"], run["settings"]
+    assert run["compiled"] == pytest.approx(eager, rel=1e-4), (run["compiled"], eager)  # float32, fused kernels
     # recomputation around compiled blocks, TP ones included (torch's compiled checkpoint fails on DTensors)
-    recomputed, _ = run_distributed(compiled_losses, 4, True, "full", timeout_s=600)[0]
-    assert recomputed == pytest.approx(eager, rel=1e-4), (recomputed, eager)
+    assert run["recomputed"] == pytest.approx(eager[:2], rel=1e-4), (run["recomputed"], eager)
     # packed rows of many lengths must not send the blocks back to eager (benchmarks/DATA.md)
     assert settings["recompile_limit"] >= BLOCK_RECOMPILE_LIMIT
     # each block one graph (dynamo's DDP optimizer would split it at DDP's buckets), gradients in the buckets
     # (RESULTS.md, session 7: DDP's cost at one rank 39 -> 11 ms a step at 1b)
     assert settings["optimize_ddp"] is False and settings["bucket_views"] is True
-
-
-def compiled_tp_losses(rank: int, world_size: int, compile_blocks: bool) -> list[float]:
-    """3 float32 steps of the fan-in layout (language TP 2) on batches of three text lengths (96, 98, 90)."""
-    prov = provider(IMG2_LANG_TP2, ("images",), params_dtype=torch.float32)
-    model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("ddp", None, compile_blocks)))
-    trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=8, num_microbatches=2,
-                          optimizer=OptimizerConfig(lr=3e-3))
-    data = dataset(("images",))
-    losses = []
-    for i in range(3):
-        batch = data.batch(range(8 * i, 8 * i + 8))
-        for mb in batch.modality_inputs.values():
-            mb.items = mb.items.float()
-        losses.append(trainer.train_step(batch).loss)
-    return losses
-
-
-def test_compiled_tp_blocks_take_a_new_length():
-    """A new sequence length recompiles a TP block; as a dynamic-shape graph, torch's tracer recursed without end
-    on the DTensor block (RecursionError at step 2). TP blocks compile with static shapes."""
-    eager = run_distributed(compiled_tp_losses, 4, False)[0]
-    compiled = run_distributed(compiled_tp_losses, 4, True, timeout_s=600)[0]
-    assert compiled == pytest.approx(eager, rel=1e-4), (compiled, eager)
 
 
 def phase_order(rank: int, world_size: int, layout: dict) -> list[str]:
