@@ -97,6 +97,11 @@ def test_qwen_vl_resumes_on_another_layout_as_the_straight_run(tmp_path):
     assert sorted(got) == sorted(want) == [1, 2, 3]
     assert_matches_reference({"loss": torch.tensor([got[3]], dtype=torch.float64)},
                              {"loss": torch.tensor([want[3]], dtype=torch.float64)}, "the resumed step's loss")
+    asked = refused("generate", "--checkpoint", str(run_dir / "checkpoints" / "step_00000003"), "--image",
+                    str(tmp_path / "any.png"), "--prompt", "what is this")
+    assert asked.returncode == 2 and asked.stderr == ("mimo generate: error: mimo generate does not serve the qwen_vl "
+                                                      "family (yet); export it (mimo export-hf) and generate with "
+                                                      "transformers\n"), asked.stderr
 
 
 def test_qwen_vl_refuses_what_deepstack_cannot_do():

@@ -202,7 +202,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, section, family, provider, data = _generation_model(args)
     if family.generate is None:
-        raise ConfigFileError(f"the {family.name} family has no generation (no tokenizer to prompt with)")
+        instead = "; export it (mimo export-hf) and generate with transformers" if family.export else ""
+        raise ConfigFileError(f"mimo generate does not serve the {family.name} family (yet){instead}")
     request = GenerationRequest(tuple(Path(p) for p in args.image), args.prompt, args.max_new_tokens, data)
     with warnings.catch_warnings(record=True) as caught:  # e.g. stopped at max_seq_len: said after the text
         warnings.simplefilter("always")
