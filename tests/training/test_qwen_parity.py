@@ -33,6 +33,8 @@ IMAGE = 64  # past the 64-id vocabulary, as the synthetic set needs
 GRIDS = [(1, 4, 6), (1, 6, 4), (1, 2, 2), (1, 8, 2)]  # patches: 6, 6, 1 and 4 merged tokens
 
 LAYOUTS = {
+    "homogeneous-tp2-dp2": {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 2},
+                            "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2}},
     "colocated-vit-dp4-lm-tp2": {"images": {"data_parallel_size": 4},
                                  "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2}},
     "heterogeneous-vit-dp2-lm-tp2": {"images": {"data_parallel_size": 2},
