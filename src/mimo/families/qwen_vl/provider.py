@@ -13,7 +13,13 @@ from mimo.families.qwen_vl.hf_config import QwenVLSpec
 from mimo.families.qwen_vl.hf_load import IMAGES
 from mimo.models import Decoder, ModalitySubmodule
 from mimo.models.init import ParameterSource
-from mimo.models.qwen_vision import JoinDeepStack, Qwen3VisionConfig, Qwen3VisionTower, Qwen25VisionTower
+from mimo.models.qwen_vision import (
+    JoinDeepStack,
+    Qwen3VisionConfig,
+    Qwen3VisionTower,
+    Qwen25VisionTower,
+    QwenVisionConfig,
+)
 from mimo.provider import MimoModelProvider, ModuleSpec, ProviderError, pipeline_layer_range, with_flag
 
 
@@ -36,7 +42,7 @@ class QwenVLMimoProvider(MimoModelProvider):
         initial_weights: ParameterSource | None = None,
     ) -> None:
         """Specs from the spec's configs; the image token is the spec's."""
-        self.spec, self.vision_config = spec, spec.vision
+        self.spec = spec
         self.text_positions = MRopePositions(self.MODALITY, spec.image_token_id, spec.vision.spatial_merge_size)
         tower = Qwen3VisionTower if isinstance(spec.vision, Qwen3VisionConfig) else Qwen25VisionTower
         images = ModuleSpec(ModalitySubmodule, submodules={
@@ -55,6 +61,11 @@ class QwenVLMimoProvider(MimoModelProvider):
             device=device,
             initial_weights=initial_weights,
         )
+
+    @property
+    def vision_config(self) -> QwenVisionConfig:
+        """The tower's config (the spec's)."""
+        return self.spec.vision
 
     def embedding_widths(self) -> dict[str, int]:
         """The images' rows carry DeepStack's features beside each token: H·(1 + k) wide (Qwen3-VL)."""
