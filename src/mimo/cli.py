@@ -151,12 +151,19 @@ def _resumable(plan, report: bool, adopt: bool = False) -> str | None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a run config (keys, types, layout for its world size) without starting anything."""
-    from mimo.training.plan import plan_run
+    """Check a run config (keys, types, layout for its world size) and the whole data file, without starting
+    anything; print what the data check found (rows, images, bad rows by reason, the length histogram)."""
+    from mimo.training.plan import BadDataError, plan_run
     from mimo.training.run_config import load_run_config
 
     config = load_run_config(args.config, args.set)
-    plan = plan_run(config, args.nproc_per_node or config.world_size)
+    try:
+        plan = plan_run(config, args.nproc_per_node or config.world_size)
+    except BadDataError as e:  # what was found, then the one line
+        print(e.scan.summary(), flush=True)
+        raise
+    if plan.data_scan is not None:
+        print(plan.data_scan.summary())
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{args.config}: valid; {config.layout.deployment} on {config.layout.world_size} ranks")
@@ -311,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mimo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, run, text in (("train", cmd_train, "train a multimodal model from a YAML run config"),
-                            ("validate", cmd_validate, "check a run config and its layout")):
+                            ("validate", cmd_validate, "check a run config, its layout and its whole data file")):
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="a YAML run config (see examples/llava_digits.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

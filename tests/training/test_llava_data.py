@@ -107,8 +107,9 @@ def test_tokenizer_and_image_processing_come_from_the_model_directory(tmp_path):
 
 def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
     entries = [pretrain_entry(f"{k}.png", ["a cat", "a dog"][k % 2]) for k in range(4)]
-    entries[2] = pretrain_entry("missing.png")  # skipped: the next good sample (3) takes its slot
+    entries[2] = pretrain_entry("corrupt.png")  # skipped: the next good sample (3) takes its slot
     data = llava_files(tmp_path, entries=entries)
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"not a png")  # found when decoded, not by the data check
     held_out = save_entries(tmp_path / "held_out.json", [pretrain_entry("1.png", "a dog"),
                                                          pretrain_entry("missing.png"), pretrain_entry("0.png")])
     path, run_dir = write_config(tmp_path, data=data, parallelism=LAYOUT, train={"steps": 2, "global_batch_size": 4},
@@ -127,9 +128,9 @@ def test_mimo_train_from_a_llava_json_and_a_png_folder(tmp_path):
                    f"log.dir={tmp_path / 'stopped'}")
     assert stopped.returncode != 0
     # every rank builds the batch; the launcher names the one that failed first
-    missing = re.escape(str(tmp_path / "images" / "missing.png"))
-    assert re.search(f"mimo train: error: rank [01] failed: BadSample: sample 2 \\({missing}\\): image file not found",
-                     stopped.stderr)
+    corrupt = re.escape(str(tmp_path / "images" / "corrupt.png"))
+    assert re.search(f"mimo train: error: rank [01] failed: BadSample: sample 2 \\({corrupt}\\): cannot decode the "
+                     f"image", stopped.stderr), stopped.stderr[-3000:]
 
 
 def test_a_tokenizer_that_lacks_the_data_s_words_is_refused_before_launch(tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,16 +26,13 @@ from PIL import Image
 from mimo.data.bad_samples import BadSample, SkippedSample
 from mimo.data.batch import MimoBatch, Sample
 from mimo.data.conversation import ConversationError, parse_entry
+from mimo.data.scan import DataFileError, leaves_folder
 from mimo.data.templates import Rendered, build_template
 from mimo.hf.image import ImageProcessor
 from mimo.hf.prompt import Prompter
 from mimo.models.labels import IGNORE_INDEX
 
 ON_BAD_SAMPLE = ("skip", "error")
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be read as a list of entries."""
 
 
 class Entries:
@@ -94,12 +90,6 @@ class Entries:
             return json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversationError(f"not valid JSON ({e})") from None
-
-
-def _leaves_folder(name: str) -> bool:
-    """Whether image path `name` points outside the folder it is relative to: absolute, or up past it with `..`
-    (judged on the text, so a folder that links to images elsewhere, a symlinked `coco/`, still works)."""
-    return os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir
 
 
 def check_data_file(path: str | Path) -> None:
@@ -241,7 +231,7 @@ class LlavaDataset:
         BadSample."""
         if self.image_folder is None:
             raise BadSample(index, name, "the sample has an image but data.image_folder is not set")
-        if not self.allow_outside and _leaves_folder(name):
+        if not self.allow_outside and leaves_folder(name):
             raise BadSample(index, name, f"the image path leaves data.image_folder {self.image_folder} (set "
                                          f"data.allow_paths_outside_image_folder: true to read it)")
         path = self.image_folder / name

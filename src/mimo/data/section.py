@@ -28,6 +28,9 @@ class DataSection:
     # a missing / corrupt image, malformed conversation or too-long sample: skip (the next good sample takes its
     # place, counted) or error (the run stops, naming it)
     on_bad_sample: Literal["skip", "error"] = "skip"
+    # llava: the most of the file's rows that may be bad (malformed, an image missing, too long: all rows are checked
+    # before launch); above it the run is refused, naming them; with on_bad_sample error, any bad row is refused
+    max_bad_sample_rate: float = field(default=0.01, metadata={"min": 0, "max": 1})
     tokenizer: str | None = None  # llava: a directory with tokenizer.json; default model.hf / model.language_hf
     # llava: the most of the first samples' tokens that may be the tokenizer's <unk> (checked before launch;
     # above it the run is refused, naming words the tokenizer lacks; 1 trains whatever the share)

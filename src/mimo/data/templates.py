@@ -47,6 +47,10 @@ class PlainTemplate:
         text = prefix + turns[1].text + self.SEPARATOR
         return Rendered(text, ((len(prefix), len(text)),))
 
+    def render_text(self, conversation: Conversation) -> Rendered:
+        """The rendering alone (its spans come free here)."""
+        return self.render(conversation)
+
 
 class VicunaV1Template:
     """LLaVA's `vicuna_v1` (conv_vicuna_v1, `preprocess_v1`): "SYSTEM USER: q ASSISTANT: a</s>USER: …", the
@@ -75,6 +79,10 @@ class VicunaV1Template:
                 text += turn.text + self.eos_token
                 targets.append((start, len(text)))
         return Rendered(text, tuple(targets))
+
+    def render_text(self, conversation: Conversation) -> Rendered:
+        """The rendering alone (its spans come free here)."""
+        return self.render(conversation)
 
 
 class ChatTemplate:
@@ -122,6 +130,13 @@ class ChatTemplate:
                                         f"need no chat template")
             targets.append((len(before), len(through)))
         return Rendered(whole, tuple(targets), self.prompter.adds_special_tokens(whole))
+
+    def render_text(self, conversation: Conversation) -> Rendered:
+        """The whole conversation's rendering without its spans (one rendering, not one per assistant turn): what
+        a length check tokenizes."""
+        messages = [self.prompter.message(t.role, t.text) for t in conversation.turns]
+        whole = self.prompter.render(messages)
+        return Rendered(whole, (), self.prompter.adds_special_tokens(whole))
 
 
 def _divergence(prefix: str, text: str, context: int = 20) -> str:

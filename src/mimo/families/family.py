@@ -74,10 +74,11 @@ class ModelFamily:
     synthetic_modalities: Callable[[MimoModelProvider], dict[str, ModalitySpec]]
     modality_flops: Callable[[MimoModelProvider], Mapping[str, ModalityFlops]]
     # data.name values beyond `synthetic` it reads, and how: (data section, model section, opened, provider,
-    # split, dtype) -> dataset; check_data: (data section, model section, opened, the model's max_seq_len)
+    # split, dtype) -> dataset; check_data: (data section, model section, opened, provider) -> what a scan of the
+    # whole data file found (`mimo.data.scan.DataScan`; the plan judges its bad rows), or None where none is made
     data_names: tuple[str, ...] = ()
     dataset: Callable[[DataSection, Any, Any, MimoModelProvider, str, torch.dtype], Any] | None = None
-    check_data: Callable[[DataSection, Any, Any, int], None] | None = None
+    check_data: Callable[[DataSection, Any, Any, MimoModelProvider], Any] | None = None
     # Hugging Face `model_type`s whose directories this family reads (`mimo generate --hf` picks the family so)
     hf_model_types: tuple[str, ...] = ()
     # (model, model section, the run's data section, provider, out_dir) -> the directory written, with its class

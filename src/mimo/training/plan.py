@@ -21,6 +21,8 @@ import torch
 
 from mimo.config import RunConfigError
 from mimo.data import SyntheticDataset
+from mimo.data.scan import DataScan
+from mimo.data.section import DataSection
 from mimo.distributed import WrapError
 from mimo.families.registry import BuildSettings, ModelFamily, family_named
 from mimo.flops import ModalityFlops
@@ -35,7 +37,7 @@ from mimo.training.run_config import RunConfig, check_distributed_sections
 class RunPlan:
     """A run's config, its model family, what the family opened (Hugging Face configs and weight names), the
     provider (with the run's layout; process groups are made by a worker on first use), the parts read from
-    Hugging Face directories, and the layout's warnings."""
+    Hugging Face directories, the layout's warnings, and what the check of the whole data file found."""
 
     config: RunConfig
     family: ModelFamily
@@ -43,6 +45,7 @@ class RunPlan:
     provider: MimoModelProvider
     hf_parts: list[HFPart]
     warnings: list[str]
+    data_scan: DataScan | None = None  # what the check of the whole data file found (LLaVA-format data)
 
     def provider_on(self, device: torch.device) -> MimoModelProvider:
         """The run's provider for this rank's `device` (the same specs and weights source: nothing is rebuilt)."""
@@ -179,5 +182,31 @@ def _check_data(plan: RunPlan) -> None:
     if family.check_data is not None and data.name != "synthetic":
         with warnings.catch_warnings(record=True) as caught:  # e.g. a share of unknown tokens: said before launch
             warnings.simplefilter("always")
-            family.check_data(data, plan.config.model, plan.opened, plan.provider.language_config.max_seq_len)
+            plan.data_scan = family.check_data(data, plan.config.model, plan.opened, plan.provider)
         plan.warnings += [str(w.message) for w in caught]
+        if plan.data_scan is not None:
+            plan.warnings += _judge_bad_rows(plan.data_scan, data)
+
+
+class BadDataError(RunConfigError):
+    """More bad rows in the data file than the run allows; `scan` is what the check found."""
+
+    def __init__(self, message: str, scan: DataScan) -> None:
+        super().__init__(message)
+        self.scan = scan
+
+
+def _judge_bad_rows(scan: DataScan, data: DataSection) -> list[str]:
+    """A BadDataError when the file's bad rows exceed `data.max_bad_sample_rate` (any, with on_bad_sample error:
+    the run would stop on one); else a line saying how many will be skipped, if any."""
+    if not scan.bad_rows:
+        return []
+    share = f"{scan.bad_rows} of {scan.rows} rows of {scan.path} ({scan.bad_rows / scan.rows:.2%}) are bad"
+    if data.on_bad_sample == "error":
+        raise BadDataError(f"data.path: {share}, and data.on_bad_sample is error: {scan.bad_reasons()}; fix them "
+                           f"or set data.on_bad_sample: skip (mimo validate lists them)", scan)
+    if scan.bad_rows > data.max_bad_sample_rate * scan.rows:
+        raise BadDataError(f"data.path: {share}, more than data.max_bad_sample_rate {data.max_bad_sample_rate} "
+                           f"allows: {scan.bad_reasons()}; fix them or raise data.max_bad_sample_rate (mimo validate "
+                           f"lists them)", scan)
+    return [f"data: {share} and will be skipped: {scan.bad_reasons()}"]

@@ -10,13 +10,16 @@ template.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mimo.config import RunConfigError
 from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
-from mimo.data.llava import DataFileError, Entries, LlavaDataset, check_data_file
+from mimo.data.llava import DataFileError, LlavaDataset, check_data_file
+from mimo.data.scan import DataScan, RowRules, read_rows, scan_rows
 from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
 from mimo.data.unknown_tokens import unknown_tokens
@@ -58,19 +61,23 @@ def image_processor(model: LlavaSection, image_size: int) -> ImageProcessor:
         raise RunConfigError(f"model: {e}") from None
 
 
-def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None, max_seq_len: int) -> None:
+def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None,
+               provider: LlavaMimoProvider) -> DataScan | None:
     """Before any worker starts: a llava run's data file and image folder exist, the tokenizer loads, the template
-    suits it, and max_seq_len fits the language model (`max_seq_len`); the digits need nothing checked here."""
+    suits it, max_seq_len fits the language model, and then every row of the file (`data.scan`): what was found,
+    for the caller to judge; the digits need nothing checked here (None)."""
     if data.name != "llava":
-        return
+        return None
     if not Path(data.path).is_file():
         raise RunConfigError(f"data.path: {data.path} is not a file (a LLaVA JSON or JSONL file)")
     if not Path(data.image_folder).is_dir():
         raise RunConfigError(f"data.image_folder: {data.image_folder} is not a directory")
     try:
         check_data_file(data.path)
+        rows, lines = read_rows(Path(data.path))
     except DataFileError as e:
         raise RunConfigError(f"data.path: {e}") from None
+    max_seq_len = provider.language_config.max_seq_len
     if data.max_seq_len is not None and data.max_seq_len > max_seq_len:
         raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
                              f"{max_seq_len}; use at most {max_seq_len}")
@@ -79,17 +86,16 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None, m
         template = build_template(data.template, prompter)
     except TemplateError as e:
         raise RunConfigError(f"data.template: {e}") from None
-    _check_unknown_tokens(data, template, prompter)
+    _check_unknown_tokens(data, rows, template, prompter)
+    rules = RowRules(prompter, template, provider.vision_config.tokens_per_image, data.max_seq_len or max_seq_len,
+                     Path(data.image_folder), data.allow_paths_outside_image_folder)
+    return scan_rows(rows, lines, Path(data.path), rules)
 
 
-def _check_unknown_tokens(data: DataSection, template, prompter: Prompter) -> None:
+def _check_unknown_tokens(data: DataSection, rows: Sequence[Any], template, prompter: Prompter) -> None:
     """The first samples' share of `<unk>` tokens: warned about when some, refused above
     `data.max_unknown_token_rate` (a tokenizer that lacks the data's words), naming the words."""
-    try:
-        entries = Entries(data.path)
-    except DataFileError as e:
-        raise RunConfigError(f"data.path: {e}") from None
-    found = unknown_tokens(entries, template, prompter)
+    found = unknown_tokens(rows, template, prompter)
     if found is None or found.unknown == 0:
         return
     words = ", ".join(repr(w) for w in found.words)
