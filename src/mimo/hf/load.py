@@ -114,14 +114,17 @@ class NameRule:
 
 @dataclass
 class HFWeights:
-    """A `ParameterSource` over name rules; `reads` records (file name, local shape) of every read."""
+    """A `ParameterSource` over name rules; `reads` records (file name, local shape) of every read. The parameters
+    named in `padded_rows` (a vocabulary padded for tensor parallelism: embedding, output head) may have more
+    rows than their stored tensor: those rows are zeros."""
 
     rules: Sequence[NameRule]
     reads: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    padded_rows: frozenset[str] = frozenset()
 
     def __copy__(self) -> HFWeights:
         """The same rules (and directories) with a read log of its own: one per model build (`provider.placed`)."""
-        return HFWeights(self.rules)
+        return HFWeights(self.rules, padded_rows=self.padded_rows)
 
     def rule(self, name: str) -> NameRule | None:
         """The first rule whose prefix `name` starts with."""
@@ -154,7 +157,8 @@ class HFWeights:
         key = self.hf_name(name)
         lazy = rule.checkpoint.slice(key)
         stored = tuple(lazy.get_shape())
-        if stored != tuple(param.shape):
+        padded = name in self.padded_rows and stored[1:] == tuple(param.shape[1:]) and stored[0] <= param.shape[0]
+        if stored != tuple(param.shape) and not padded:
             raise HFLoadError(f"{rule.checkpoint.directory}: {key} has shape {list(stored)}, but the model its "
                               f"config.json describes needs {list(param.shape)} for {name}")
         if lazy.get_dtype() not in FLOAT_DTYPES:
@@ -170,10 +174,24 @@ class HFWeights:
             return False
         key, lazy = self._stored(rule, name, param)
         local = param.to_local() if isinstance(param, DTensor) else param
-        values = lazy[_local_slices(param)]
+        values = lazy[_held_slices(param, lazy.get_shape())]
         self.reads.append((key, tuple(values.shape)))
-        local.copy_(values.to(local.dtype))
+        if values.shape == local.shape:
+            local.copy_(values.to(local.dtype))
+        else:  # a padded vocabulary's rows past the file's: zeros
+            local[:values.shape[0]].copy_(values.to(local.dtype))
+            local[values.shape[0]:].zero_()
         return True
+
+
+def _held_slices(param: torch.Tensor, stored: Sequence[int]) -> tuple[slice, ...]:
+    """This rank's shard of `param` within the stored tensor: its rows cut at the stored rows (a padded vocabulary's
+    last shard holds rows the file has not)."""
+    slices = _local_slices(param)
+    if not slices:
+        return slices
+    rows = slices[0]
+    return (slice(min(rows.start, stored[0]), min(rows.stop, stored[0])), *slices[1:])
 
 
 def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:

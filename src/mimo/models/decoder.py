@@ -12,6 +12,7 @@ Parameter names follow Hugging Face's `LlamaModel` (without its `model.` prefix)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -57,9 +58,15 @@ class DecoderConfig:
     # DeepStack (Qwen3-VL): modality rows written by `embed` may be [n, H·(1 + k)]: their k-th extra H-wide block is
     # added at the same positions after layer deepstack_layers[k] (transformers' `_deepstack_process`)
     deepstack_layers: tuple[int, ...] = ()
+    # rows of the embedding and the output head when more than vocab_size (Megatron's name): a vocabulary that
+    # tensor parallelism does not divide, padded (`padded_for`); the padded ids are never inputs, and their logits
+    # are cut off (`Decoder.logits`), so no loss or generation sees them
+    padded_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         """Reject shapes the attention cannot split evenly, and an M-RoPE layout that does not fit head_dim."""
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size {self.padded_vocab_size} is below vocab_size {self.vocab_size}")
         if self.kv_channels is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -77,6 +84,20 @@ class DecoderConfig:
         """Width of one attention head."""
         return self.kv_channels or self.hidden_size // self.num_heads
 
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the embedding and the output head: the padded vocabulary, if padded."""
+        return self.padded_vocab_size or self.vocab_size
+
+    def padded_for(self, tensor_parallel: int, multiple: int) -> DecoderConfig:
+        """This config with its vocabulary padded for `tensor_parallel` ranks (Megatron's
+        make_vocab_size_divisible_by): unchanged when they divide it, else padded to the next multiple of
+        lcm(`multiple`, `tensor_parallel`), which is the same for every power-of-two TP up to `multiple`."""
+        if self.vocab_size % tensor_parallel == 0:
+            return replace(self, padded_vocab_size=None)
+        step = math.lcm(multiple, tensor_parallel)
+        return replace(self, padded_vocab_size=-(-self.vocab_size // step) * step)
+
     def layer_params(self) -> int:
         """Parameters of one decoder layer: q/o (H×heads·d), k/v (H×kv·d), gate/up/down (H×F), two norms,
         and the attention biases and q/k head norms the config asks for."""
@@ -88,7 +109,7 @@ class DecoderConfig:
     def num_params(self, layer_range: tuple[int, int] | None = None) -> int:
         """Closed-form parameter count of `Decoder(self, layer_range)` (a tied head counted once)."""
         start, end = layer_range or (0, self.num_layers)
-        embedding = self.vocab_size * self.hidden_size
+        embedding = self.embedding_rows * self.hidden_size
         count = (end - start) * self.layer_params()
         if start == 0:
             count += embedding
@@ -218,11 +239,11 @@ class Decoder(nn.Module):
             raise ValueError(f"DeepStack layers {late} sit on a pipeline stage after the first (layers {start}-"
                              f"{end - 1}); its features reach the first stage only: put layers up to "
                              f"{max(config.deepstack_layers)} on the first stage")
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.has_embedding else None
+        self.embed_tokens = nn.Embedding(config.embedding_rows, config.hidden_size) if self.has_embedding else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
         if self.has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.hidden_size, config.embedding_rows, bias=False)
         else:
             self.norm, self.lm_head = None, None
         self.tie_weights()
@@ -365,10 +386,12 @@ class Decoder(nn.Module):
         return self.rope_cos[:seq_len].to(hidden.dtype), self.rope_sin[:seq_len].to(hidden.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, S, H] (already normed by `forward`) → logits [B, S, V]."""
+        """Final hidden states [B, S, H] (already normed by `forward`) → logits [B, S, V] of the real vocabulary (a
+        padded head's extra rows cut off: the one place the loss and generation take logits from)."""
         if self.lm_head is None:
             raise RuntimeError(f"this decoder stage holds layers {self.layer_range}, not the output head")
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        return logits if self.config.padded_vocab_size is None else logits[..., :self.config.vocab_size]
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy and the number of label tokens; `labels[b, t]` is position t's target."""

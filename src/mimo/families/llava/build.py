@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mimo.config import LANGUAGE as LANGUAGE_MODULE
 from mimo.config import RunConfigError
 from mimo.data.synthetic import ModalitySpec
 from mimo.families.family import BuildSettings, HFSource
@@ -11,6 +12,7 @@ from mimo.families.llava.section import LlavaSection
 from mimo.flops import ModalityFlops, modalities_from_provider, vit_flops
 from mimo.hf.config import HFConfigError
 from mimo.hf.load import HFLoadError
+from mimo.models.decoder import DecoderConfig
 
 
 def open_model(section: LlavaSection) -> HFModel | None:
@@ -29,13 +31,23 @@ def open_model(section: LlavaSection) -> HFModel | None:
 
 def build_provider(section: LlavaSection, opened: HFModel | None, settings: BuildSettings) -> LlavaMimoProvider:
     """The provider of the section's model: the directories' shapes (each rank then reading its shards of their
-    weights; a fresh projector seeded as any mimo parameter), else the preset's."""
+    weights; a fresh projector seeded as any mimo parameter; a vocabulary the language TP size does not divide
+    padded), else the preset's."""
     common = {"mimo_parallelism_config": settings.layout, "freeze_language_model": section.freeze_language_model,
               "freeze_vision_encoder": section.freeze_vision_encoder, "freeze_projection": section.freeze_projection,
               "params_dtype": settings.params_dtype, "seed": settings.seed, "device": settings.device}
     if opened is not None:
-        return LlavaMimoProvider(**opened.provider_kwargs(), **common)
-    return LlavaMimoProvider.preset(section.preset, **common)
+        language = _padded(opened.spec.language, section, settings)
+        return LlavaMimoProvider(**opened.provider_kwargs(language), **common)
+    return LlavaMimoProvider.preset(section.preset, **common)  # mimo's own vocabularies: 256, 32000
+
+
+def _padded(language: DecoderConfig, section: LlavaSection, settings: BuildSettings) -> DecoderConfig:
+    """The language model's config with its vocabulary padded for the layout's language TP size, if it does not
+    divide it (`model.make_vocab_size_divisible_by`); a whole-model build (no layout) pads nothing."""
+    module = settings.layout.module_parallelisms.get(LANGUAGE_MODULE) if settings.layout is not None else None
+    tp = module.tensor_model_parallel_size if module is not None else 1
+    return language.padded_for(tp, section.make_vocab_size_divisible_by)
 
 
 def hf_sources(section: LlavaSection) -> list[HFSource]:

@@ -66,6 +66,9 @@ def export_llava(model: nn.Module, spec: LlavaSpec, out_dir: str | Path, origin:
     if origin.llava is None:
         spec = dataclasses.replace(spec, image_token_id=_image_id(spec, served.tokenizer or origin.language))
     tensors = {to_llava_name(n): p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    for name in (EMBED, HEAD):  # a vocabulary padded for tensor parallelism: the real rows only
+        if name in tensors:
+            tensors[name] = tensors[name][:spec.language.vocab_size].contiguous()
     dtype = next(iter(tensors.values())).dtype
     if origin.llava is not None:
         config = read_config(origin.llava)

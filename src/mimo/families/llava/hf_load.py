@@ -11,6 +11,7 @@ from mimo.families.llava.hf_config import LlavaSpec, llava_config, pair_config
 from mimo.families.llava.provider import IMAGES
 from mimo.hf.config import read_config
 from mimo.hf.load import HFLoadError, HFWeights, NameRule, SafetensorsDir
+from mimo.models.decoder import DecoderConfig
 
 VISION = f"modality_submodules.{IMAGES}.encoder."
 PROJECTOR = f"modality_submodules.{IMAGES}.projection."
@@ -66,16 +67,19 @@ class HFModel:
     spec: LlavaSpec
     rules: tuple[NameRule, ...]
 
-    def weights(self) -> HFWeights:
-        """A fresh source (with its own read log) for one model build."""
-        return HFWeights(self.rules)
+    def weights(self, padded: bool = False) -> HFWeights:
+        """A fresh source (with its own read log) for one model build; `padded`: the language model's vocabulary is
+        padded (its embedding and head get zero rows past the file's)."""
+        rows = frozenset({LANGUAGE + "embed_tokens.weight", LANGUAGE + "lm_head.weight"} if padded else ())
+        return HFWeights(self.rules, padded_rows=rows)
 
-    def provider_kwargs(self) -> dict[str, Any]:
-        """The `LlavaMimoProvider` arguments that build this model and fill it from the directories."""
-        s = self.spec
-        return {"vision_config": s.vision, "language_config": s.language, "image_token_id": s.image_token_id,
+    def provider_kwargs(self, language: DecoderConfig | None = None) -> dict[str, Any]:
+        """The `LlavaMimoProvider` arguments that build this model and fill it from the directories; `language`:
+        the language model's config as built (its vocabulary padded), default the directory's."""
+        s, language = self.spec, language or self.spec.language
+        return {"vision_config": s.vision, "language_config": language, "image_token_id": s.image_token_id,
                 "projector_activation": s.projector_activation, "projector_bias": s.projector_bias,
-                "initial_weights": self.weights()}
+                "initial_weights": self.weights(padded=language.padded_vocab_size is not None)}
 
 
 def open_llava(directory: str | Path) -> HFModel:

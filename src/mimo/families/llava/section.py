@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mimo.config import RunConfigError
@@ -31,6 +31,10 @@ class LlavaSection:
     vision_feature_layer: int = -2
     # with vision_hf: default drops the tower's class token, full keeps it (LLaVA's meanings)
     vision_feature_select_strategy: Literal["default", "full"] = "default"
+    # with hf / language_hf: a vocabulary the language model's TP size does not divide (32001 after an added pad
+    # token) is padded to the next multiple of this and of TP (Megatron's name); padded ids are never scored,
+    # generated or exported
+    make_vocab_size_divisible_by: int = field(default=128, metadata={"min": 1})
 
     def __post_init__(self) -> None:
         """`hf`, or `vision_hf` with `language_hf`, or neither (the preset)."""
