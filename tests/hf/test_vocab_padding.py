@@ -44,9 +44,9 @@ def save_llava(directory) -> None:
     tiny_hf.perturb(transformers.LlavaForConditionalGeneration(config)).save_pretrained(directory)
 
 
-def provider(directory, layout: dict | None):
+def provider(directory, layout: dict | None, **section: object):
     """The LLaVA family's provider of the directory's model for `layout` (None: one process, nothing padded)."""
-    section = LlavaSection(hf=str(directory))
+    section = LlavaSection(hf=str(directory), **section)
     config = None if layout is None else MimoParallelismConfig.from_dict(layout)
     return build_provider(section, open_model(section), BuildSettings(config, torch.float64, seed=3))
 
@@ -81,6 +81,9 @@ def test_tp2_pads_the_vocabulary_and_trains_as_one_process(directory):
     single = provider(directory, None)
     assert single.language_config.padded_vocab_size is None  # one process: the directory's shapes
     assert provider(directory, TP2).language_config.padded_vocab_size == PADDED
+    # set, make_vocab_size_divisible_by pads on every layout (a run moves between TP 2 and TP 1)
+    assert provider(directory, None, make_vocab_size_divisible_by=128).language_config.padded_vocab_size == PADDED
+    assert provider(directory, TP2, make_vocab_size_divisible_by=8).language_config.padded_vocab_size == 104
     model = single.provide()
     ref_losses, _ = train_one_process(model, batches(), MICRO)
     ref_params = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -89,14 +89,16 @@ class DecoderConfig:
         """Rows of the embedding and the output head: the padded vocabulary, if padded."""
         return self.padded_vocab_size or self.vocab_size
 
-    def padded_for(self, tensor_parallel: int, multiple: int) -> DecoderConfig:
+    def padded_for(self, tensor_parallel: int, multiple: int | None = None) -> DecoderConfig:
         """This config with its vocabulary padded for `tensor_parallel` ranks (Megatron's
-        make_vocab_size_divisible_by): unchanged when they divide it, else padded to the next multiple of
-        lcm(`multiple`, `tensor_parallel`), which is the same for every power-of-two TP up to `multiple`."""
-        if self.vocab_size % tensor_parallel == 0:
+        make_vocab_size_divisible_by) to the next multiple of lcm(`multiple`, `tensor_parallel`), the same for every
+        power-of-two TP up to `multiple`; `multiple` None: only where `tensor_parallel` does not divide it, to
+        lcm(128, TP) (a vocabulary TP divides keeps its shape)."""
+        if multiple is None and self.vocab_size % tensor_parallel == 0:
             return replace(self, padded_vocab_size=None)
-        step = math.lcm(multiple, tensor_parallel)
-        return replace(self, padded_vocab_size=-(-self.vocab_size // step) * step)
+        step = math.lcm(multiple or 128, tensor_parallel)
+        padded = -(-self.vocab_size // step) * step
+        return replace(self, padded_vocab_size=padded if padded != self.vocab_size else None)
 
     def layer_params(self) -> int:
         """Parameters of one decoder layer: q/o (H×heads·d), k/v (H×kv·d), gate/up/down (H×F), two norms,

@@ -31,10 +31,11 @@ class LlavaSection:
     vision_feature_layer: int = -2
     # with vision_hf: default drops the tower's class token, full keeps it (LLaVA's meanings)
     vision_feature_select_strategy: Literal["default", "full"] = "default"
-    # with hf / language_hf: a vocabulary the language model's TP size does not divide (32001 after an added pad
-    # token) is padded to the next multiple of this and of TP (Megatron's name); padded ids are never scored,
+    # with hf / language_hf (Megatron's name): null pads only a vocabulary the language model's TP size does not
+    # divide (32001 after an added pad token), to a multiple of 128 and TP; N pads every one to a multiple of N and
+    # TP, TP 1 too (the same shapes on every layout: a run then moves to TP 1). Padded ids are never scored,
     # generated or exported
-    make_vocab_size_divisible_by: int = field(default=128, metadata={"min": 1})
+    make_vocab_size_divisible_by: int | None = field(default=None, metadata={"min": 1})
 
     def __post_init__(self) -> None:
         """`hf`, or `vision_hf` with `language_hf`, or neither (the preset)."""
