@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mimo.data import scan as scan_module
-from mimo.data.scan import RowRules, read_rows, scan_rows
+from mimo.data.scan import RowRules, file_facts, read_rows, row_facts
+from mimo.data.templates import VicunaV1Template
 from tests.data.llava_files import TOKENS_PER_IMAGE, open_dataset, pretrain_entry, save_image
 from tests.data.test_llava import INSTRUCT, MESSAGES
 from tests.test_train_cli import in_process, write_config
@@ -39,8 +40,10 @@ def bad_rows_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_validate_prints_what_the_whole_file_holds_and_train_refuses_it(tmp_path):
+def test_validate_prints_what_the_whole_file_holds_and_train_refuses_it(tmp_path, monkeypatch):
     from tests.training.test_llava_data import llava_files
+
+    monkeypatch.setenv("MIMO_CACHE_DIR", str(tmp_path / "cache"))
 
     data = {**llava_files(tmp_path), "path": str(bad_rows_file(tmp_path))}
     config, run_dir = write_config(tmp_path, data=data, parallelism=LAYOUT)
@@ -57,9 +60,10 @@ def test_validate_prints_what_the_whole_file_holds_and_train_refuses_it(tmp_path
         "  image file not found: 1", f"    {path}:5: {tmp_path}/images/nope.png",
         "  image path leaves data.image_folder: 1", f"    {path}:6: ../0.png",
         "  too long: 1", f"    {path}:7: 324 tokens, more than max_seq_len=256"]
-    # the tiny preset: 16 tokens an image; the good rows' 26 and 9 tokens and the long row's 324 in 8 bins
-    assert lines[11] == "tokens per row (max_seq_len 256): min 9, mean 120, max 324"
-    assert lines[12].split() == ["0-41", "2", "#" * 40] and lines[19].split() == ["287-324", "1", "#" * 20]
+    # the tiny preset: 16 tokens an image; the rows that tokenized (the good ones' 26 and 9 tokens, the one without
+    # its image's 26, the long one's 324) in 8 bins
+    assert lines[11] == "tokens per row (max_seq_len 256): min 9, mean 96, max 324"
+    assert lines[12].split() == ["0-41", "3", "#" * 40] and lines[19].split() == ["287-324", "1", "#" * 13]
     assert "warning: data: 5 of 7 rows of" in done.stderr and "(71.43%) are bad and will be skipped" in done.stderr
 
     refusal = (f"data.path: 5 of 7 rows of {path} (71.43%) are bad, more than data.max_bad_sample_rate 0.01 allows: "
@@ -95,14 +99,42 @@ def test_token_counts_are_the_training_samples_lengths_in_parallel_too(tmp_path,
     path.write_text(json.dumps([*entries, pretrain_entry("gone.png")]))
     data = open_dataset(tmp_path, path, template=template)
     rules = RowRules(data.prompter, data.template, TOKENS_PER_IMAGE, 64, tmp_path / "images")
-    alone = scan_rows(*read_rows(path), path, rules, workers=1)
-    assert list(alone.lengths) == [len(data[k].input_ids) for k in range(len(entries))]
-    assert alone.bad == {"image file not found": 1} and alone.images == sum(
+    alone = row_facts(*read_rows(path), path, rules, workers=1)
+    scan = alone.judged(rules)
+    assert list(scan.lengths)[:-1] == [len(data[k].input_ids) for k in range(len(entries))]
+    assert scan.bad == {"image file not found": 1} and scan.images == sum(
         len(e.get("images", [e["image"]] if "image" in e else [])) for e in entries) + 1
     monkeypatch.setattr(scan_module, "PARALLEL_ROWS", 1)
     monkeypatch.setattr(scan_module, "BATCH", 2)
-    forked = scan_rows(*read_rows(path), path, rules, workers=2)
-    assert forked == alone
+    assert row_facts(*read_rows(path), path, rules, workers=2) == alone
+
+
+def test_a_file_s_facts_are_cached_and_judged_against_the_disk_anew(tmp_path, monkeypatch):
+    """The second check of a file reads its facts back (the file is not parsed again); its images are looked up
+    again; a changed file, tokenizer or template is checked anew."""
+    for name in ("a.png", "b.png"):
+        save_image(tmp_path / "images" / name)
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in [INSTRUCT, TWO_IMAGES, TEXT_ONLY, "not a row"]))
+    data = open_dataset(tmp_path, path)
+    rules = RowRules(data.prompter, data.template, TOKENS_PER_IMAGE, 64, tmp_path / "images")
+    cache = tmp_path / "cache"
+    first = file_facts(path, rules, cache=cache)
+    assert len(list(cache.glob("*.pt"))) == 1 and first.judged(rules).bad == {"malformed conversation": 1}
+
+    def unread(*args):
+        raise AssertionError("the file was read again")
+    monkeypatch.setattr(scan_module, "read_rows", unread)
+    again = file_facts(path, rules, cache=cache)
+    assert again == first and again.head == [INSTRUCT, TWO_IMAGES, TEXT_ONLY, "not a row"]
+    (tmp_path / "images" / "b.png").unlink()
+    assert again.judged(rules).bad == {"malformed conversation": 1, "image file not found": 1}
+    monkeypatch.undo()
+    path.write_text(path.read_text().replace("a cat", "a dog"))
+    assert file_facts(path, rules, cache=cache) != first  # the same size, another time and other bytes
+    vicuna = RowRules(data.prompter, VicunaV1Template(), TOKENS_PER_IMAGE, 64, tmp_path / "images")
+    assert file_facts(path, vicuna, cache=cache).tokens != first.tokens
+    assert len(list(cache.glob("*.pt"))) == 3
 
 
 def test_a_json_syntax_error_is_named_by_line_and_column(tmp_path):

@@ -5,9 +5,10 @@ from mimo.data.batch import MimoBatch, Sample
 from mimo.data.conversation import Conversation, ConversationError, Turn, parse_entry
 from mimo.data.digits import WORDS, DigitsDataset, DigitsTokenizer, digits_split, load_digit_scans
 from mimo.data.labels import loss_token_mask, next_token_labels
-from mimo.data.llava import DataFileError, LlavaDataset
+from mimo.data.llava import LlavaDataset
 from mimo.data.prefetch import BatchPrefetcher
 from mimo.data.sampler import GlobalBatchSampler
+from mimo.data.scan import DataFileError
 from mimo.data.synthetic import ModalitySpec, SyntheticDataset
 
 __all__ = [

@@ -13,7 +13,6 @@ or leave nothing to learn); it is a bad sample like a missing or corrupt image o
 
 from __future__ import annotations
 
-import codecs
 import json
 from array import array
 from collections.abc import Sequence
@@ -90,28 +89,6 @@ class Entries:
             return json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversationError(f"not valid JSON ({e})") from None
-
-
-def check_data_file(path: str | Path) -> None:
-    """Before any worker reads it, cheaply (one streamed pass, nothing parsed): the data file is UTF-8 text, and a
-    `.json` one holds an array (`[` first); a DataFileError naming what is wrong."""
-    path, first, offset = Path(path), "", 0
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    with path.open("rb") as f:
-        while True:
-            chunk = f.read(1 << 24)
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as e:
-                raise DataFileError(f"data file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} near offset "
-                                    f"{offset + e.start}); LLaVA data is UTF-8 JSON") from None
-            first = first or text.lstrip()[:1]
-            offset += len(chunk)
-            if not chunk:
-                break
-    if path.suffix != ".jsonl" and first != "[":
-        raise DataFileError(f"data file {path} must hold a JSON array of entries ([...]); it starts with "
-                            f"{first or 'nothing'!r} (a .jsonl file holds one entry a line)")
 
 
 class LlavaDataset:

@@ -215,10 +215,10 @@ def fingerprint(directory: str | Path) -> dict[str, Any]:
     weights = sorted(directory.glob("*.safetensors"))
     return {"sha256": {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in small},
             "sizes": {p.name: p.stat().st_size for p in weights},
-            "samples": {p.name: _sampled_sha256(p) for p in weights}}
+            "samples": {p.name: sampled_sha256(p) for p in weights}}
 
 
-def _sampled_sha256(path: Path) -> str:
+def sampled_sha256(path: Path) -> str:
     """SHA-256 of `SAMPLES` slices of `SAMPLE_BYTES` at evenly spaced offsets (the whole file if it is smaller)."""
     size, digest = path.stat().st_size, hashlib.sha256()
     last = max(size - SAMPLE_BYTES, 0)

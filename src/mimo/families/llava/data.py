@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from mimo.config import RunConfigError
-from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
-from mimo.data.llava import DataFileError, LlavaDataset, check_data_file
-from mimo.data.scan import DataScan, RowRules, read_rows, scan_rows
+from mimo.data.digits_llava import DIGITS_TOKENIZER, cache_root, digits_llava_files
+from mimo.data.llava import LlavaDataset
+from mimo.data.scan import SCANS, DataFileError, DataScan, RowRules, file_facts
 from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
 from mimo.data.unknown_tokens import unknown_tokens
@@ -72,11 +72,6 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None,
         raise RunConfigError(f"data.path: {data.path} is not a file (a LLaVA JSON or JSONL file)")
     if not Path(data.image_folder).is_dir():
         raise RunConfigError(f"data.image_folder: {data.image_folder} is not a directory")
-    try:
-        check_data_file(data.path)
-        rows, lines = read_rows(Path(data.path))
-    except DataFileError as e:
-        raise RunConfigError(f"data.path: {e}") from None
     max_seq_len = provider.language_config.max_seq_len
     if data.max_seq_len is not None and data.max_seq_len > max_seq_len:
         raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
@@ -86,10 +81,14 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None,
         template = build_template(data.template, prompter)
     except TemplateError as e:
         raise RunConfigError(f"data.template: {e}") from None
-    _check_unknown_tokens(data, rows, template, prompter)
     rules = RowRules(prompter, template, provider.vision_config.tokens_per_image, data.max_seq_len or max_seq_len,
                      Path(data.image_folder), data.allow_paths_outside_image_folder)
-    return scan_rows(rows, lines, Path(data.path), rules)
+    try:
+        facts = file_facts(Path(data.path), rules, cache=cache_root() / SCANS)
+    except DataFileError as e:
+        raise RunConfigError(f"data.path: {e}") from None
+    _check_unknown_tokens(data, facts.head, template, prompter)
+    return facts.judged(rules)
 
 
 def _check_unknown_tokens(data: DataSection, rows: Sequence[Any], template, prompter: Prompter) -> None:
