@@ -68,6 +68,11 @@ def test_bad_data_sections_fail_at_parse(data, message):
      "data.path: data file {t}/dict.json must hold a JSON array of entries ([...]); it starts with '{{'"),
     (lambda d, t: {**d, "path": str(_written(t / "latin1.jsonl", '[{"caption": "caf\u00e9"}]'.encode("latin-1")))},
      "data.path: data file {t}/latin1.jsonl is not UTF-8 text (byte 0xe9 near offset 17)"),
+    # issue 26: the whole file is read before launch; a syntax error is named by line and column
+    (lambda d, t: {**d, "path": str(_written(t / "broken.json", b'[\n  {"id": 1},\n  {"id" 2}\n]'))},
+     "data.path: data file {t}/broken.json is not valid JSON: Expecting ':' delimiter at line 3 column 9"),
+    (lambda d, t: {**d, "path": str(_written(t / "empty.jsonl", b"\n"))},
+     "data.path: {t}/empty.jsonl holds no entries"),
 ])
 
 

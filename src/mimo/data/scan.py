@@ -393,7 +393,7 @@ def facts_key(path: Path, rules: RowRules) -> str:
 def _store_facts(facts: RowFacts, stored: Path) -> None:
     """Write `facts` where `_load_facts` reads them (plain tensors and strings; renamed into place); a cache that
     cannot be written is no error."""
-    record = {"status": torch.frombuffer(bytearray(facts.status), dtype=torch.int8),
+    record = {"status": torch.tensor(facts.status, dtype=torch.int8),
               "tokens": torch.tensor(facts.tokens, dtype=torch.int32),
               "images": torch.tensor(facts.images, dtype=torch.int32),
               "lines": None if facts.lines is None else torch.tensor(facts.lines, dtype=torch.int64),

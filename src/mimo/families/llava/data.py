@@ -87,6 +87,8 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None,
         facts = file_facts(Path(data.path), rules, cache=cache_root() / SCANS)
     except DataFileError as e:
         raise RunConfigError(f"data.path: {e}") from None
+    if not facts.status:
+        raise RunConfigError(f"data.path: {data.path} holds no entries")
     _check_unknown_tokens(data, facts.head, template, prompter)
     return facts.judged(rules)
 
