@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
-from mimo.models.attention import CAUSAL, Attention, document_attention
+from mimo.models.attention import CAUSAL, Attention, compute_dtype, document_attention
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
 from mimo.models.rotary import Llama3RopeScaling, MRopeLayout, apply_rotary, mrope_tables, rotary_tables
@@ -339,7 +339,7 @@ class Decoder(nn.Module):
                 added_after_layer: AddedAfterLayer | None = None) -> torch.Tensor:
         """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
         cos, sin = self._rotary(hidden, position_ids)
-        attention = CAUSAL if document_ids is None else document_attention(document_ids)
+        attention = CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden))
         for index, layer in self.layers.items():
             hidden = layer(hidden, cos, sin, attention)
             if added_after_layer and int(index) in added_after_layer:
