@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mimo.grid import P2PGroups, is_first_pp_stage, is_last_pp_stage
+from mimo.training.schedules import one_f_one_b
 
 _TAG_BASE = 1 << 20  # p2p tags of the pipeline, clear of the bridge's
 
@@ -66,12 +67,9 @@ class PipelineSchedule:
         return is_last_pp_stage(self.stage, self.num_stages)
 
     def order(self) -> list[tuple[str, int]]:
-        """This stage's ('F' | 'B', micro-batch) sequence: warm-up forwards, 1F1B steady state, cool-down."""
-        m, warmup = self.num_microbatches, min(self.num_stages - self.stage - 1, self.num_microbatches)
-        steps = [("F", i) for i in range(warmup)]
-        for i in range(m - warmup):
-            steps += [("F", warmup + i), ("B", i)]
-        return steps + [("B", i) for i in range(m - warmup, m)]
+        """This stage's ('F' | 'B', micro-batch) sequence: warm-up forwards, 1F1B steady state, cool-down
+        (`schedules.one_f_one_b`)."""
+        return [(op.kind, op.m) for op in one_f_one_b(self.stage, self.num_stages, self.num_microbatches)]
 
     def run(self, work: StageWork) -> None:
         """Run every micro-batch's forward and backward on this stage in 1F1B order."""
