@@ -52,15 +52,15 @@ QWEN3_VL_TEMPLATE = (
     "{{ image_count.value }}: {% endif -%}<|vision_start|><|image_pad|><|vision_end|>{%- elif 'text' in content %}"
     "{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
-# per kind: the transformers classes, the tower's shape, the chat template
+# per kind: the transformers classes, the chat template, the tower's shape, M-RoPE's layout, text settings
 KINDS = {
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", QWEN25_VL_TEMPLATE,
                    {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64, "patch_size": 14,
-                    "window_size": 56, "fullatt_block_indexes": [1]}, [4, 2, 2], {}),
+                    "window_size": 56, "fullatt_block_indexes": [1]}, {"mrope_section": [4, 2, 2]}, {}),
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", QWEN3_VL_TEMPLATE,
                  {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64, "patch_size": 16,
-                  "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}, [4, 2, 2],
-                 {"mrope_interleaved": True}),
+                  "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
+                 {"mrope_section": [4, 2, 2], "mrope_interleaved": True}, {"head_dim": 16}),
 }
 
 
@@ -89,7 +89,7 @@ def save_model(out: Path, kind: str = "qwen2_5_vl", corpus: list[str] = (), init
                max_pixels: int = 28 * 28 * 16) -> transformers.PreTrainedModel:
     """A random Qwen-VL model of `kind` saved to `out` with its tokenizer (over `corpus`), chat template, image
     processor (at most `max_pixels`) and generation config; returns the model (eval mode)."""
-    config_class, model_class, template, vision, section, rope = KINDS[kind]
+    config_class, model_class, template, vision, rope, text_extra = KINDS[kind]
     tok = tokenizer([*corpus, "You are a helpful assistant.", "system user assistant", *QUESTIONS, *COLORS])
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -98,7 +98,7 @@ def save_model(out: Path, kind: str = "qwen2_5_vl", corpus: list[str] = (), init
     text = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 1024,
             "initializer_range": initializer_range, "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, **rope}}
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, **rope}, **text_extra}
     vision = {**vision, "out_hidden_size": 64, "initializer_range": initializer_range}
     config = getattr(transformers, config_class)(text_config=text, vision_config=vision, **ids)
     torch.manual_seed(0)
@@ -122,11 +122,12 @@ def image_processor(patch_size: int, **settings):
     return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2, **settings, **extra)
 
 
-def write_data(out: Path, seed: int = 0) -> None:
-    """Every split's noisy colour fields (sides 40-160 px, any aspect) and their LLaVA entries."""
+def write_data(out: Path, seed: int = 0, splits: dict[str, int] = SPLITS) -> None:
+    """Every split's noisy colour fields (sides 40-160 px, any aspect) and their LLaVA entries (`splits`: how many
+    samples each)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for split, count in SPLITS.items():
+    for split, count in splits.items():
         entries = []
         for i in range(count):
             name, width, height = rng.choice(list(COLORS)), rng.randint(40, 160), rng.randint(40, 160)

@@ -42,9 +42,11 @@ class DataSection:
     # llava: an image with more pixels is a bad sample, skipped before it is decoded (a decompression bomb, a
     # 12000² scan decoded in full for a 336² input); null: no cap
     max_image_pixels: int | None = field(default=50_000_000, metadata={"min": 1})
-    # llava, native-resolution images (model.family qwen_vl): the fewest / most pixels an image is resized to,
-    # overriding the model directory's image processor (its min_pixels / max_pixels); null: the directory's
+    # llava, native-resolution images (model.family qwen_vl): the fewest pixels an image is resized to, overriding
+    # the model directory's image processor's min_pixels; null: the directory's
     min_pixels: int | None = field(default=None, metadata={"min": 1})
+    # llava, native-resolution images (model.family qwen_vl): the most pixels an image is resized to (its image
+    # tokens: pixels / (patch x merge)^2), overriding the directory's max_pixels; null: the directory's
     max_pixels: int | None = field(default=None, metadata={"min": 1})
     # the longest a rank waits for one batch before the launcher names and ends it (a read that never returns)
     timeout_s: float = field(default=600.0, metadata={"above": 0})
