@@ -202,6 +202,36 @@ def test_a_run_generates_with_its_training_rendering_and_pixel_bounds(root, tmp_
     assert torch.equal(asked.images.items, sample.items["images"])
 
 
+def test_held_out_loss_equals_transformers(root):
+    """The held-out loss of Qwen-VL data (padded batches of two: M-RoPE positions per row, the text-only sample
+    among them) is transformers' mean cross-entropy over the same labels (without M-RoPE it is not)."""
+    from mimo.training.evaluate import held_out_loss
+
+    directory = root / "qwen2_5_vl"
+    data = DataSection(name="llava", path=str(root / "data.json"), image_folder=str(root / "images"))
+    section = QwenVLSection(hf=str(directory))
+    opened = QWEN_VL.open(section)
+    provider = QwenVLMimoProvider(opened.spec, initial_weights=opened.weights())
+    dataset = QWEN_VL.dataset(data, section, opened, provider, "train", torch.float32)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(directory).eval()
+    total, count = 0.0, 0
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        images = {"pixel_values": sample.items["images"], "image_grid_thw": sample.item_grids["images"]} \
+            if len(sample.item_grids["images"]) else {}
+        ids = sample.input_ids[None]
+        with torch.no_grad():
+            logits = hf(input_ids=ids, mm_token_type_ids=(ids == opened.spec.image_token_id).int(), **images).logits[0]
+        keep = sample.labels != IGNORE_INDEX
+        total += float(torch.nn.functional.cross_entropy(logits[keep], sample.labels[keep], reduction="sum"))
+        count += int(keep.sum())
+    model = provider.provide()
+    loss, samples = held_out_loss(model, dataset, batch_size=2, positions=provider.text_positions)
+    assert samples == 3 and abs(loss - total / count) <= 1e-5 * total / count, (loss, total / count)
+    plain, _ = held_out_loss(model, dataset, batch_size=2)
+    assert abs(plain - loss) > 1e-4
+
+
 def test_what_qwen_vl_data_cannot_be_is_one_line(root):
     """LLaVA's templates, crossed pixel bounds, a preset with no tokenizer, a processor whose patches the tower
     cannot take, LLaVA given pixel bounds, and generate from a preset run on synthetic data: one line each."""
