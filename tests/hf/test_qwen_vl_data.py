@@ -202,6 +202,33 @@ def test_a_run_generates_with_its_training_rendering_and_pixel_bounds(root, tmp_
     assert torch.equal(asked.images.items, sample.items["images"])
 
 
+def test_an_export_carries_the_run_s_tokenizer_and_pixel_bounds(root, tmp_path):
+    """A run with data.max_pixels (and a preset run with data.tokenizer) exports the image processing and tokenizer
+    it trained with: transformers' processor loaded from the export cuts an image as the training sample was cut."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from mimo.families.qwen_vl.hf_presets import qwen_vl_preset
+
+    image = root / "images" / "b.png"
+    data = DataSection(name="llava", path=str(root / "data.json"), image_folder=str(root / "images"),
+                       max_pixels=28 * 28 * 4)
+    section = QwenVLSection(hf=str(root / "qwen2_5_vl"))
+    opened = QWEN_VL.open(section)
+    provider = QwenVLMimoProvider(opened.spec)
+    sample = QWEN_VL.dataset(data, section, opened, provider, "train", torch.float32)[0]  # a.png, then b.png
+    out, _ = QWEN_VL.export(provider.provide(), section, data, provider, tmp_path / "run")
+    grids = Qwen2VLImageProcessorPil.from_pretrained(out)([Image.open(image)], return_tensors="pt")["image_grid_thw"]
+    assert grids.tolist() == sample.item_grids["images"][1:].tolist() == [[1, 6, 2]]
+    preset, tokenizer = QwenVLSection(preset="tiny-qwen2.5-vl"), str(root / "qwen2_5_vl")
+    provider = QwenVLMimoProvider(qwen_vl_preset(preset.preset))
+    out, _ = QWEN_VL.export(provider.provide(), preset, DataSection(**{**vars(data), "tokenizer": tokenizer}),
+                            provider, tmp_path / "preset")
+    assert (out / "tokenizer.json").read_bytes() == (root / "qwen2_5_vl" / "tokenizer.json").read_bytes()
+    assert (out / "chat_template.jinja").is_file()
+    reference = Qwen2VLImageProcessorPil.from_pretrained(out)  # the preset's 2-px patches, data.max_pixels
+    assert reference.patch_size == 2 and reference.size["longest_edge"] == 28 * 28 * 4
+
+
 def test_held_out_loss_equals_transformers(root):
     """The held-out loss of Qwen-VL data (padded batches of two: M-RoPE positions per row, the text-only sample
     among them) is transformers' mean cross-entropy over the same labels (without M-RoPE it is not)."""
@@ -271,9 +298,12 @@ def test_what_qwen_vl_data_cannot_be_is_one_line(root):
 
 
 def test_the_tiny_sft_example_is_a_valid_run_over_its_script_s_files(tmp_path):
-    """examples/qwen25vl_tiny_sft.yaml over what examples/tiny_hf_qwen_vl.py writes: a valid run on its 2 ranks
-    whose held-out samples carry packed images of several sizes and labels on the answer alone (the run itself:
-    about 40 s on 2 cores; not run here). The 7B recipe validates against the 7B shapes on its 8 ranks."""
+    """examples/qwen25vl_tiny_sft.yaml over what examples/tiny_hf_qwen_vl.py writes (the README's line): a valid run
+    on its 2 ranks whose held-out samples carry packed images of several sizes and labels on the answer alone (the
+    run itself: about 40 s on 2 cores; not run here). The 7B recipe validates against the 7B shapes on its 8 ranks."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert "python examples/tiny_hf_qwen_vl.py runs/tiny-qwen-vl && mimo train examples/qwen25vl_tiny_sft.yaml" in \
+        readme
     SCRIPT.write_data(tmp_path / "tiny-qwen-vl", splits={"train": 8, "held_out": 8})  # the script's files, fewer
     SCRIPT.save_model(tmp_path / "tiny-qwen-vl" / "model")
     text = (EXAMPLES / "qwen25vl_tiny_sft.yaml").read_text().replace("runs/", f"{tmp_path}/")
