@@ -179,6 +179,37 @@ def test_generate_equals_transformers_greedy_generate(root, kind, capsys):
     assert capsys.readouterr().out == got + "\n"
 
 
+def test_generate_of_a_checkpoint_equals_transformers(root, tmp_path):
+    """`mimo train` of a Qwen3-VL directory on LLaVA-format data (one step, a learning rate too small to move a
+    weight's float32 value by more than rounding), then `mimo generate --checkpoint`: the directory's greedy text in
+    transformers, through the run's tokenizer, template and image processing."""
+    from tests.test_train_cli import in_process, mimo
+
+    directory, run_dir = root / "qwen3_vl", tmp_path / "run"
+    config = {"model": {"family": "qwen_vl", "hf": str(directory)},
+              "parallelism": {"images": {"data_parallel_size": 1}, "language": {"data_parallel_size": 1}},
+              "train": {"steps": 1, "global_batch_size": 2, "num_microbatches": 1, "lr": 1e-12, "dtype": "float32"},
+              "data": {"name": "llava", "path": str(root / "data.json"), "image_folder": str(root / "images"),
+                       "num_workers": 0},
+              "checkpoint": {"interval": 0}, "eval": {"enabled": False}, "log": {"dir": str(run_dir)}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = mimo("train", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    image = root / "images" / "a.png"
+    asked = in_process("generate", "--checkpoint", str(run_dir / "checkpoints" / "step_00000001"), "--image",
+                       str(image), "--prompt", "what color is it?", "--max-new-tokens", "8")
+    assert asked.returncode == 0, asked.stderr
+    reference = _processor("qwen3_vl", directory)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it?"}]}]
+    text = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = reference(images=[Image.open(image)], text=[text], return_tensors="pt")
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(directory).eval()
+    with torch.no_grad():
+        want = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert asked.stdout == reference.tokenizer.decode(want, skip_special_tokens=True) + "\n"
+
+
 def test_a_run_generates_with_its_training_rendering_and_pixel_bounds(root, tmp_path):
     """A checkpoint's generate (its run's data section: data.max_pixels below the directory's) prompts exactly as its
     training sample up to the answer: the same ids, the same packed pixels and grid."""
