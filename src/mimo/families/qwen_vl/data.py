@@ -3,8 +3,8 @@
 image at its native resolution through the directory's image processor (`data.min_pixels` / `data.max_pixels`
 override its bounds), its `<|image_pad|>` expanded to the image's merged token count, the images packed with their
 grids. The tokenizer is `data.tokenizer`, else the model directory's (`model.hf`); a preset has no processor
-config, so its images take transformers' defaults at the tower's patch size. Training, `export-hf` and `generate`
-all ask here."""
+config, so its images take transformers' defaults (4 to 1280 tokens an image) at the tower's patch size.
+Training, `export-hf` and `generate` all ask here."""
 
 from __future__ import annotations
 
@@ -46,16 +46,18 @@ def open_prompter(directory: Path) -> Prompter:
 
 
 def image_processor(data: DataSection | None, model: QwenVLSection, vision: QwenVisionConfig) -> QwenImageProcessor:
-    """The model directory's image processor (a preset: transformers' defaults at the tower's patch size), with the
-    run's `data.min_pixels` / `data.max_pixels`; one whose patches the tower cannot take is a RunConfigError."""
+    """The model directory's image processor (a preset: transformers' defaults, with its pixel bounds as token counts
+    at the tower's patch size), with the run's `data.min_pixels` / `data.max_pixels`; one whose patches the tower
+    cannot take is a RunConfigError."""
     try:
         if model.hf is not None:
             settings, where = read_preprocessor_config(model.hf)
             processor = QwenImageProcessor.from_dict(settings, where)
-        else:
-            where = f"preset {model.preset!r}"
+        else:  # transformers' default bounds, 4 to 1280 tokens an image, at the tower's patch size
+            where, factor = f"preset {model.preset!r}", vision.patch_size * vision.spatial_merge_size
             processor = QwenImageProcessor(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                                           merge_size=vision.spatial_merge_size)
+                                           merge_size=vision.spatial_merge_size, min_pixels=4 * factor**2,
+                                           max_pixels=1280 * factor**2)
         if data is not None:
             processor = processor.with_pixels(data.min_pixels, data.max_pixels)
     except ImageConfigError as e:
