@@ -99,9 +99,10 @@ def test_qwen_vl_resumes_on_another_layout_as_the_straight_run(tmp_path):
                              {"loss": torch.tensor([want[3]], dtype=torch.float64)}, "the resumed step's loss")
     asked = refused("generate", "--checkpoint", str(run_dir / "checkpoints" / "step_00000003"), "--image",
                     str(tmp_path / "any.png"), "--prompt", "what is this")
-    assert asked.returncode == 2 and asked.stderr == ("mimo generate: error: mimo generate does not serve the qwen_vl "
-                                                      "family (yet); export it (mimo export-hf) and generate with "
-                                                      "transformers\n"), asked.stderr
+    assert asked.returncode == 2 and asked.stderr == (
+        "mimo generate: error: the model was trained from a preset on data with no tokenizer (synthetic): there is no "
+        "tokenizer to prompt it with; train on LLaVA-format data with data.tokenizer, or from a Qwen-VL directory "
+        "(model.hf)\n"), asked.stderr
 
 
 def test_qwen_vl_refuses_what_deepstack_cannot_do():

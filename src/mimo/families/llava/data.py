@@ -16,6 +16,7 @@ import torch
 
 from mimo.config import RunConfigError
 from mimo.data.digits_llava import DIGITS_TOKENIZER, digits_llava_files
+from mimo.data.image_inputs import FixedSizeImages
 from mimo.data.llava import DataFileError, Entries, LlavaDataset, check_data_file
 from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
@@ -63,6 +64,17 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None, m
     suits it, and max_seq_len fits the language model (`max_seq_len`); the digits need nothing checked here."""
     if data.name != "llava":
         return
+    pixels = [k for k in ("min_pixels", "max_pixels") if getattr(data, k) is not None]
+    if pixels:
+        raise RunConfigError(f"data.{pixels[0]}: bounds a native-resolution image's pixels (model.family qwen_vl); "
+                             f"a LLaVA tower takes one size, its image processor's")
+    check_llava_data(data, open_prompter(tokenizer_directory(data, model)), max_seq_len)
+
+
+def check_llava_data(data: DataSection, prompter: Prompter, max_seq_len: int) -> None:
+    """What every family that reads LLaVA-format data checks before any worker starts: the data file and image
+    folder exist, the file is UTF-8 (a JSON array), max_seq_len fits the language model (`max_seq_len`), the
+    template suits the tokenizer `prompter`, and the first samples' share of unknown tokens."""
     if not Path(data.path).is_file():
         raise RunConfigError(f"data.path: {data.path} is not a file (a LLaVA JSON or JSONL file)")
     if not Path(data.image_folder).is_dir():
@@ -74,7 +86,6 @@ def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None, m
     if data.max_seq_len is not None and data.max_seq_len > max_seq_len:
         raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
                              f"{max_seq_len}; use at most {max_seq_len}")
-    prompter = open_prompter(tokenizer_directory(data, model))
     try:
         template = build_template(data.template, prompter)
     except TemplateError as e:
@@ -113,9 +124,9 @@ def dataset(data: DataSection, model: LlavaSection, opened: HFModel | None, prov
         path, folder, template = data.path, data.image_folder, data.template
     prompter = open_prompter(tokenizer_directory(data, model))
     try:
-        return LlavaDataset(path, folder, prompter, image_processor(model, vision.image_size), modality=IMAGES,
-                            image_token_id=provider.image_token_id, tokens_per_image=vision.tokens_per_image,
-                            image_size=(vision.image_size, vision.image_size),
+        images = FixedSizeImages(image_processor(model, vision.image_size), (vision.image_size, vision.image_size),
+                                 vision.tokens_per_image)
+        return LlavaDataset(path, folder, prompter, images, modality=IMAGES, image_token_id=provider.image_token_id,
                             max_seq_len=data.max_seq_len or language.max_seq_len, template=template,
                             on_bad_sample=data.on_bad_sample, vocab_size=language.vocab_size,
                             dtype=dtype, cache_samples=data.cache_samples,
