@@ -35,9 +35,10 @@ from mimo.distributed import align_gradients, no_sync_forward, prepare_backward,
 from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
+from mimo.training.deepstack import DeepStackCarry
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
-from mimo.training.pipeline import PipelineSchedule, StageWork
+from mimo.training.pipeline import Activation, PipelineSchedule, StageWork
 
 
 @dataclass
@@ -94,6 +95,7 @@ class MimoTrainer:
         self.hidden_size, self.activation_dtype, self.clip_grad = hidden_size, activation_dtype, clip_grad
         self.scaler = scaler  # fp16: one loss scale for the whole model (GlobalGradScaler)
         self.special_token_ids = dict(model.special_token_ids)
+        self.wide_modality = _wide_modality(embedding_widths or {}, hidden_size)
         self.bridges: dict[str, Bridge] = {
             src: make_bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst], self.micro_batch_size,
                              (embedding_widths or {}).get(src, hidden_size), activation_dtype, self.device,
@@ -233,27 +235,36 @@ class MimoTrainer:
         """The 1F1B schedule over this rank's stage; stage 0 talks to the bridges."""
         grid = self.infra.module_to_grid_map[LANGUAGE]
         pp = grid.get_group("pp") if grid.size("pp") > 1 else None
-        shapes = [(*text.input_ids.shape, self.hidden_size) for text in self._state.host_text]
-        schedule = PipelineSchedule(pp, self.num_microbatches, shapes, self.activation_dtype, self.device,
-                                    self.infra.p2p_groups)
-        first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
         lm = self.model.language_model
+        carry = self._deepstack_carry()
+        schedule = PipelineSchedule(pp, self.num_microbatches, self._activation_shapes(carry),
+                                    self.activation_dtype, self.device, self.infra.p2p_groups)
+        first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
 
-        def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
+        def forward(m: int, x: Activation | None) -> Activation:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))  # on the CPU
             text, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
             host_ids = self._state.host_text[m].input_ids
-            kwargs = self._first_stage_inputs(m, mb, text.input_ids, host_ids) if first else {}
+            x, blocks = x if isinstance(x, tuple) else (x, None)  # DeepStack's blocks for this and later stages
+            if first:
+                kwargs = self._first_stage_inputs(m, mb, text.input_ids, host_ids)
+                blocks = self._wide_rows(kwargs["embeddings_at"]) if carry is not None else None
+            elif blocks is not None:
+                where = self.model.special_positions(self.wide_modality, text.input_ids, host_ids)
+                kwargs = {"added_after_layer": carry.added(where, blocks)}
+            else:
+                kwargs = {}
             labels = self.model.language_labels(text.input_ids, text.labels) if last else None
             with no_sync_forward(lm):
                 out = lm(x, **kwargs, labels=labels, **text.model_kwargs())
             if not last:
-                return out
+                onward = carry.onward(blocks) if blocks is not None else None
+                return out if onward is None else (out, onward)
             self._state.loss_sum = self._state.loss_sum + out[0].detach().double()  # no host sync until the end
             loss = out[0] / max(self._state.label_tokens, 1)
             return self.scaler.scale(loss) if self.scaler is not None else loss
 
-        def before_backward(m: int, out: torch.Tensor, is_last: bool) -> None:
+        def before_backward(m: int, out: Activation, is_last: bool) -> None:
             prepare_backward(lm, is_last)
             for src, bridge in self.bridges.items():  # an encoder run inside the forward: backward reaches it
                 if bridge.encodes_inside_language_forward and first:
@@ -267,6 +278,31 @@ class MimoTrainer:
                     bridge.return_grad(m)
 
         schedule.run(StageWork(forward, before_backward, after_backward))
+
+    def _deepstack_carry(self) -> DeepStackCarry | None:
+        """What this language stage receives and sends of DeepStack's features; None without any (or PP 1)."""
+        lm = unwrap(self.model.language_model)
+        layers = lm.config.deepstack_layers
+        if self.wide_modality is None or not layers or self.infra.module_to_grid_map[LANGUAGE].size("pp") == 1:
+            return None
+        return DeepStackCarry(self.hidden_size, layers, lm.layer_range)
+
+    def _activation_shapes(self, carry: DeepStackCarry | None) -> list[tuple]:
+        """What this stage receives per micro-batch: the hidden states [R, T, H], and the DeepStack blocks of the
+        layers from its start on [n, H·j] (n the image tokens of this replica's share, from the host ids)."""
+        shapes = []
+        for text in self._state.host_text:
+            hidden = (*text.input_ids.shape, self.hidden_size)
+            if carry is None or not carry.received_width():
+                shapes.append(hidden)
+                continue
+            tokens = int((text.input_ids == self.special_token_ids[self.wide_modality]).sum())
+            shapes.append((hidden, (tokens, carry.received_width())))
+        return shapes
+
+    def _wide_rows(self, embeddings_at: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Stage 0's rows that carry DeepStack's features beside the tokens (wider than the hidden size)."""
+        return next(values for _, values in embeddings_at if values.shape[-1] != self.hidden_size)
 
     def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor, host_ids: torch.Tensor) -> dict:
         """Stage 0's keyword inputs: text ids (as arranged, with their host copy) and every modality's
@@ -359,6 +395,15 @@ class MimoTrainer:
         t0 = time.perf_counter()
         fn(*args)
         seconds[key] += time.perf_counter() - t0
+
+
+def _wide_modality(widths: Mapping[str, int], hidden_size: int) -> str | None:
+    """The one modality whose rows are wider than the hidden size (DeepStack's features beside its tokens)."""
+    wide = sorted(name for name, width in widths.items() if width != hidden_size)
+    if len(wide) > 1:
+        raise ValueError(f"embedding_widths: modalities {wide} all have rows wider than hidden_size {hidden_size}; "
+                         f"only one modality may carry DeepStack features")
+    return wide[0] if wide else None
 
 
 @dataclass
