@@ -1,7 +1,8 @@
 """Qwen-VL's parity rows: every deployment kind trains like the single-process model (float64, 2 steps of AdamW with
 clipping; losses, gradient norms and final parameters to a relative 1e-8).
 
-Both families, tiny: Qwen2.5-VL (windowed and full attention, sectioned M-RoPE) and Qwen3-VL (learned position
+Every row whose tower has DP > 1 encodes the images split by patch count (`training.patch_balance`). Both families,
+tiny: Qwen2.5-VL (windowed and full attention, sectioned M-RoPE) and Qwen3-VL (learned position
 table, interleaved M-RoPE, DeepStack into decoder layers 0, 1 and 2 of 4: across the LM PP2 boundary, and under
 sequence parallelism). Images of four sizes, packed, 0, 1 or 3 per sample. One 4-rank world runs every layout of a
 family in turn (start-up paid once).
@@ -25,6 +26,7 @@ from mimo.models.qwen_vision import Qwen3VisionConfig, Qwen25VisionConfig
 from mimo.models.rotary import MRopeLayout
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.optim import OptimizerConfig, make_adamw, param_groups
+from mimo.training.patch_balance import split_images, step_imbalance
 from mimo.training.step import MimoTrainer
 from tests.training.test_parity import full_params
 
@@ -122,7 +124,8 @@ def train_layouts(rank: int, world_size: int, kind: str) -> dict:
                               embedding_widths=prov.embedding_widths())
         results = [trainer.train_step(batch) for batch in batches(kind)]
         out[name] = {"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
-                     "params": full_params(model)}
+                     "params": full_params(model), "balance": [r.patch_balance for r in results],
+                     "images_dp": layout["images"]["data_parallel_size"]}
     return out
 
 
@@ -131,6 +134,10 @@ def test_every_layout_trains_like_one_process(kind: str) -> None:
     ref_losses, ref_norms, ref_params = reference(kind)
     results = run_distributed(train_layouts, 4, kind, timeout_s=300)
     for name in results[0]:
+        dp = results[0][name]["images_dp"]
+        balanced = [{"images": step_imbalance([split_images(b.microbatch(m, MICRO).modality_inputs["images"], dp)
+                                               for m in range(MICRO)])} if dp > 1 else {} for b in batches(kind)]
+        assert all(res[name]["balance"] == balanced for res in results), f"{kind} {name}: images not split by patches"
         seen = set()
         for rank, per_rank in enumerate(results):
             res = per_rank[name]
