@@ -211,17 +211,17 @@ def _add_at_sharded(hidden: DTensor, index: torch.Tensor, values: torch.Tensor) 
     the whole gradient, as it would without sequence parallelism."""
     mesh, placements = hidden.device_mesh, hidden.placements
     replicated = [Replicate()] * mesh.ndim
-    batch, seq = hidden.shape[:2]
-    flat = torch.arange(batch * seq, device=index.device).view(batch, seq)
-    held = DTensor.from_local(flat, mesh, replicated, run_check=False).redistribute(mesh, placements).to_local()
     local = hidden.to_local()
+    batch, seq, device = *hidden.shape[:2], local.device
+    flat = torch.arange(batch * seq, device=device).view(batch, seq)
+    held = DTensor.from_local(flat, mesh, replicated, run_check=False).redistribute(mesh, placements).to_local()
     rows = local.shape[0] * local.shape[1]
-    slot = torch.full((batch * seq,), rows, dtype=torch.long, device=index.device)  # not held: the spare row
-    slot[held.flatten()] = torch.arange(rows, device=index.device)
+    slot = torch.full((batch * seq,), rows, dtype=torch.long, device=device)  # not held: the spare row
+    slot[held.flatten()] = torch.arange(rows, device=device)
     partial = [Partial() if p.is_shard() else Replicate() for p in placements]
     mine = DTensor.from_local(values, mesh, replicated, run_check=False).to_local(grad_placements=partial)
     padded = torch.cat([local.flatten(0, 1), local.new_zeros(1, local.shape[-1])])
-    added = padded.index_add(0, slot[index], mine.to(local.dtype))[:rows].view_as(local)
+    added = padded.index_add(0, slot[index.to(device)], mine.to(local.dtype))[:rows].view_as(local)
     return DTensor.from_local(added, mesh, placements, run_check=False, shape=hidden.shape, stride=hidden.stride())
 
 

@@ -63,9 +63,10 @@ class PatchBalance:
     def exchange(self, rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         """This rank's encoded rows (its images' tokens in batch order) → the rows of its own samples' images in
         batch order, as the contiguous split would have encoded them."""
-        send = [sum(self.tokens[i] for i in images) for images in self._sent(self.rank)]
-        arrived = [image for r in range(len(self.owned)) for image in self._sent(r)[self.rank]]  # received order
-        recv = [sum(self.tokens[i] for i in self._sent(r)[self.rank]) for r in range(len(self.owned))]
+        sent = [self._sent(r) for r in range(len(self.owned))]  # every rank's, as every rank computes them
+        send = [sum(self.tokens[i] for i in images) for images in sent[self.rank]]
+        arrived = [image for groups in sent for image in groups[self.rank]]  # in the order they arrive
+        recv = [sum(self.tokens[i] for i in groups[self.rank]) for groups in sent]
         moved = _AllToAll.apply(rows, send, recv, group)
         return moved.index_select(0, self._batch_order(arrived, moved.device))
 

@@ -3,7 +3,9 @@
 Every rank (stub ranks too) calls `MimoTrainer.train_step(batch)` with the same global batch and runs
 the part it hosts, in three phases:
 1. encoder ranks encode their DP replica's items micro-batch by micro-batch and hand each result to
-   the bridge (heterogeneous: sent at once, so the language pipeline can start on micro-batch 0);
+   the bridge (heterogeneous: sent at once, so the language pipeline can start on micro-batch 0); images of
+   different sizes are encoded split by patch count and exchanged back to their samples' replica first
+   (`patch_balance`);
 2. language ranks run the 1F1B schedule; stage 0 takes each micro-batch's embeddings from the bridge
    and, on a heterogeneous edge, returns their gradient as soon as its backward is done;
 3. encoder ranks run each micro-batch's backward as its gradient arrives (colocated: all ranks of the
