@@ -1,5 +1,6 @@
 """benchmarks/llava_speed.py runs on CPU with the tiny preset (one step) and its levers compute the right thing;
-benchmarks/data_wait.py runs its CPU dry run; benchmarks/ddp_overhead.py its tiny CPU check.
+benchmarks/data_wait.py runs its CPU dry run; benchmarks/ddp_overhead.py its tiny CPU check; benchmarks/qwen_speed.py
+its tiny CPU run.
 
 Speed is never asserted here (DESIGN §5): only that the script runs, prints the rows and that the chunked
 cross-entropy it offers as a lever equals `Decoder.loss`.
@@ -118,3 +119,25 @@ def test_ddp_overhead_runs_each_variant_in_its_own_process(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["variant"] for r in rows] == ["none", "mimo", "mimo-split-copy"]
     assert all(r["step_s"] > 0 and r["device"] == "cpu" for r in rows)
+
+
+def test_qwen_speed_tiny_cpu_run_prints_a_json_line_per_row_and_the_ratios(tmp_path):
+    """benchmarks/qwen_speed.py --tiny: every row (mimo's step, HF padded and packed, both towers alone) trains a
+    step on the CPU; one JSON line each as it ends, then mimo / HF; FLOPs from mimo.flops, the ViT's windowed and
+    full attention apart."""
+    out = tmp_path / "qwen.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "qwen_speed.py"), "--tiny", "--warmup", "0", "--samples",
+                           "2", "--microbatches", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = {r["row"]: r for r in lines if "row" in r}
+    assert list(rows) == ["mimo", "hf", "hf+packed", "vit-mimo", "vit-hf"]
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["tflops"] > 0 and math_finite(r["loss"]) and (r.get("tokens_per_s") or r["patches_per_s"]) > 0
+    assert [r["ratio"] for r in lines if "ratio" in r] == ["mimo / hf", "mimo / hf+packed", "vit-mimo / vit-hf"]
+    env = json.loads(out.read_text())["env"]
+    step = env["step_tflop"]
+    assert step["vision_full_attention"] > 0 and step["vision_window_attention"] > 0
+    assert step["total"] == pytest.approx(step["language"] + step["vision"])
+    assert env["padded_positions"] >= env["tokens_per_step"]  # HF's padded rows hold every real token
