@@ -235,6 +235,7 @@ class Context:
     data: Data
     device: torch.device
     hf_attn: str
+    weights: Any = None  # a `ParameterSource` for mimo's model (tests: an HF directory's), else seeded values
 
 
 @dataclass
@@ -289,7 +290,7 @@ def build_mimo(ctx: Context) -> Row:
     })
     # the preset's provider, with the benchmark's decoder depth (plan_model would build the preset's 28 layers)
     provider = QwenVLMimoProvider(ctx.spec, config.layout, params_dtype=config.precision.param_dtype,
-                                  seed=config.train.seed, device=ctx.device)
+                                  seed=config.train.seed, device=ctx.device, initial_weights=ctx.weights)
     model = provider.provide_distributed_model(config.distributed_config)
     notes = []
     images = unwrap(model.modality_submodules[IMAGES])
@@ -337,11 +338,24 @@ def compile_and_recompute_hf(layers: list[nn.Module], vision: list[nn.Module], c
     return notes
 
 
+def reads_packed_positions() -> bool:
+    """Whether the installed transformers' Qwen2.5-VL text model takes [4, B, T] position ids (text positions first,
+    its packed-sequence masking), as transformers 5.25 does."""
+    import inspect
+
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    return "text_position_ids" in inspect.getsource(modeling_qwen2_5_vl.Qwen2_5_VLTextModel.forward)
+
+
 def build_hf(ctx: Context, packed: bool) -> Row:
     """HF's Qwen2.5-VL in a plain loop: autocast, recomputation, compiled layers, fused AdamW, clipping."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     device = ctx.device
+    if packed and not reads_packed_positions():
+        raise RuntimeError("this transformers' Qwen2.5-VL text model does not read 4-row position_ids (text positions "
+                           "first: packed sequences); run the hf row alone")
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config(ctx), attn_implementation=ctx.hf_attn,
                                                                 dtype=torch.float32)
@@ -372,8 +386,9 @@ def build_hf(ctx: Context, packed: bool) -> Row:
 
 
 def _vit_row(tower: nn.Module, ctx: Context, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             notes: list[str]) -> Row:
-    """Forward + backward of mean(out²) over every micro-batch's images; gradients dropped after the step."""
+             notes: list[str], grid_device: torch.device) -> Row:
+    """Forward + backward of mean(out²) over every micro-batch's images (grids on `grid_device`: mimo's step keeps
+    them on the host, HF's callers pass them with the pixels); gradients dropped after the step."""
     device = ctx.device
     state: dict[str, Any] = {}
 
@@ -381,7 +396,7 @@ def _vit_row(tower: nn.Module, ctx: Context, forward: Callable[[torch.Tensor, to
         total = torch.zeros((), device=device)
         for pixels, grid in ctx.data.images:
             with _autocast(device):
-                out = forward(pixels.to(device, non_blocking=True), grid.to(device))
+                out = forward(pixels.to(device, non_blocking=True), grid.to(grid_device))
             loss = out.float().square().mean()
             loss.backward()
             total += loss.detach()
@@ -397,7 +412,7 @@ def build_vit_mimo(ctx: Context) -> Row:
         tower = Qwen25VisionTower(ctx.spec.vision)
     init_like_mimo(tower)
     cover_tower_blocks(tower, ctx.shapes.compile, ctx.shapes.recompute)
-    return _vit_row(tower, ctx, lambda p, g: tower(p, g).embeddings, [])
+    return _vit_row(tower, ctx, lambda p, g: tower(p, g).embeddings, [], torch.device("cpu"))
 
 
 def build_vit_hf(ctx: Context) -> Row:
@@ -414,7 +429,7 @@ def build_vit_hf(ctx: Context) -> Row:
         out = tower(pixels, grid_thw=grid)
         return out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5 / 4
 
-    return _vit_row(tower, ctx, forward, notes)
+    return _vit_row(tower, ctx, forward, notes, ctx.device)
 
 
 BUILDERS: dict[str, Callable[[Context], Row]] = {

@@ -8,6 +8,7 @@ cross-entropy it offers as a lever equals `Decoder.loss`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from mimo.models import Decoder, DecoderConfig
+from mimo.testing import run_distributed
 from tests.scripts import BENCHMARKS, load_script
 
 SCRIPT = BENCHMARKS / "llava_speed.py"
@@ -141,3 +143,36 @@ def test_qwen_speed_tiny_cpu_run_prints_a_json_line_per_row_and_the_ratios(tmp_p
     assert step["vision_full_attention"] > 0 and step["vision_window_attention"] > 0
     assert step["total"] == pytest.approx(step["language"] + step["vision"])
     assert env["padded_positions"] >= env["tokens_per_step"]  # HF's padded rows hold every real token
+
+
+def _qwen_row_losses(rank: int, world_size: int, directory: str) -> tuple[float, float, float]:
+    """The tiny run's first-step loss from HF's padded and packed micro-batches and from mimo's step, mimo reading
+    the weights HF saved (float32, a world of one)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mimo.families.qwen_vl import open_qwen_vl
+
+    q = load_script("qwen_speed", "qwen_speed")
+    config = q.model_config(q.TINY)
+    spec = q.qwen_vl_spec(config)
+    data = q.make_data(spec, q.TINY, seed=0, pin=False)
+    ctx = q.Context(q.TINY, config, spec, data, torch.device("cpu"), "sdpa")
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(q.hf_config(ctx)).save_pretrained(directory)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, attn_implementation="sdpa")
+    with torch.no_grad():
+        padded, packed = (sum(float(hf(**m, num_items_in_batch=data.label_tokens, use_cache=False).loss)
+                              for m in micro) for micro in (data.hf_padded, data.hf_packed))
+    opened = open_qwen_vl(directory)
+    assert opened.spec == spec
+    row = q.build_mimo(dataclasses.replace(ctx, weights=opened.weights()))
+    row.step()
+    return padded, packed, row.loss()
+
+
+def test_qwen_speed_rows_compute_one_loss_from_one_set_of_weights(tmp_path):
+    """The rows train the same thing: on one set of weights, HF's padded micro-batches (attention mask, M-RoPE
+    positions), its packed rows (4-row positions) and mimo's packed step give one loss: the labels, positions and
+    masks the script builds agree."""
+    padded, packed, mimo = run_distributed(_qwen_row_losses, 1, str(tmp_path))[0]
+    assert padded == pytest.approx(mimo, rel=1e-5) and packed == pytest.approx(mimo, rel=1e-5), (padded, packed, mimo)
