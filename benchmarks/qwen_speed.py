@@ -1,28 +1,35 @@
 """Qwen2.5-VL training speed on one GPU (issue 31, "Speed"): mimo's step against transformers'
 `Qwen2_5_VLForConditionalGeneration` in a plain compiled loop, and the vision tower alone against HF's.
 
-    PYTHONPATH=src python benchmarks/qwen_speed.py --json qwen_speed.json      # the GPU run: every row, ~6 min
-    PYTHONPATH=src python benchmarks/qwen_speed.py --vit-only                  # the two ViT rows alone
-    PYTHONPATH=src python benchmarks/qwen_speed.py --tiny                      # CPU smoke run (tiny shapes), < 60 s
+    PYTHONPATH=src timeout 590 python benchmarks/qwen_speed.py --json qwen_speed.json   # GPU: every row, ~6 min
+    PYTHONPATH=src python benchmarks/qwen_speed.py --rows mimo,hf,hf+packed             # GPU: the full rows
+    PYTHONPATH=src python benchmarks/qwen_speed.py --vit-only                           # GPU: the two ViT rows
+    PYTHONPATH=src python benchmarks/qwen_speed.py --tiny                               # CPU smoke run, < 60 s
+
+A GPU run: 16 samples in 4 micro-batches, 2 warm-up steps (compilation), 4 timed steps per row; each row prints
+its JSON line when it ends (`row_s`: its wall time, build and compilation included). Rows that compile graphs an
+earlier row compiled (the towers; HF's second row) reuse inductor's on-disk cache.
 
 Shapes: the `qwen2.5-vl-7b` preset (`mimo.families.qwen_vl.hf_presets`: Qwen2.5-VL-7B-Instruct's config.json) with
 random weights, `--lm-layers` of its 28 decoder layers (default 8) and the whole 32-layer vision tower. The full 7B
 cannot train on one 80 GB GPU at this precision whatever the recomputation: float32 parameters, gradients and
-AdamW's two moments are 16 bytes a parameter, 133 GB for its 8.3 B; 8 layers make 3.6 B, ~58 GB before
-activations. mimo and HF build from the same config dict (HF: `Qwen2_5_VLConfig.from_dict`).
+AdamW's two moments are 16 bytes a parameter, 133 GB for its 8.3 B; 8 layers make 3.6 B, 54 GiB before
+activations (each layer 3.5 GiB more; all 28 make 124 GiB: an H200 may just hold them, `--lm-layers 28`). mimo
+and HF build from the same config dict (HF: `Qwen2_5_VLConfig.from_dict`).
 
 Data (`--seed`, fixed): `--samples` samples, one image each, sides drawn uniformly from 256-1280 px, resized as the
 processor's `smart_resize` does (28-px multiples) into 14-px patches (random values: only shapes matter); text of
 instruction length: a prompt of 48-160 tokens, the image (<|vision_start|> <|image_pad|>×n <|vision_end|>), an
-answer of 32-224 tokens, scored on the answer only. The same global batch every step, split into `--microbatches`
+answer of 32-224 tokens, scored on the answer only (at the defaults: 16,166 tokens, 48,632 patches, 441 model TFLOP
+a step; HF's padded rows hold 23,160 positions). The same global batch every step, split into `--microbatches`
 gradient-accumulation micro-batches of consecutive samples, the same for every row.
 
 Rows (`--rows`, comma separated; `--vit-only`: the vit rows alone):
 - `mimo`: `MimoTrainer.train_step` on a world of one, built as `mimo train` builds it (config `train.dtype:
   bfloat16`, `compile: true`, `recompute_granularity: full`, `data.packing: true`): each micro-batch's samples
   packed into one row (document-causal flex attention, M-RoPE positions per sample), the tower's images packed
-  (block-diagonal per image / per window). Where mimo's `compile` / recomputation do not reach the tower's blocks
-  (they look for `layers.N`; the tower's are HF's `blocks.N`) this script applies the same two to them, with a note.
+  (block-diagonal per image / per window). On a mimo whose `compile` / recomputation do not reach the tower's
+  `blocks.N` (before `distributed._BLOCK` took them) this script applies the same two to them, with a note.
 - `hf`: HF's model in a plain loop: padded micro-batches (right padding, attention mask), M-RoPE positions given
   (transformers' `get_rope_index`, computed on the host outside the step, as a data loader would);
 - `hf+packed`: the same, each micro-batch's samples in one row, no attention mask, 4-row position ids (text
@@ -34,7 +41,7 @@ Rows (`--rows`, comma separated; `--vit-only`: the vit rows alone):
 Precision, every row: float32 parameters (the master weights), forward under bf16 autocast (mimo's
 `train.dtype: bfloat16`; HF: `torch.autocast`, the same policy, not bf16 parameters); full rows: fused AdamW
 (lr 1e-4, betas 0.9/0.95, no weight decay; mimo: its own AdamW and schedule), clipping at norm 1.0. Compiled: every
-decoder layer and vision block (`torch.compile` per block, mimo's `compile: true`; HF: `module.compile()`);
+decoder layer and vision block (`torch.compile` of each block's forward, mimo's `compile: true`, on both sides);
 recomputed: every block, torch's non-reentrant checkpoint around the compiled forward, on both sides (HF: not
 `gradient_checkpointing_enable`, see `compile_and_recompute_hf`). HF attention: `sdpa`, or
 `flash_attention_2` where flash_attn is installed (`--hf-attn`). HF's vision attention without flash loops over
