@@ -236,6 +236,8 @@ def make_data(spec: QwenVLSpec, shapes: Shapes, seed: int, pin: bool) -> Data:
 # -- rows --------------------------------------------------------------------------------------------------
 @dataclass
 class Context:
+    """What every row builds from: the shapes, the config dict and its spec, the data, the device, HF's attention."""
+
     shapes: Shapes
     config: dict[str, Any]
     spec: QwenVLSpec
@@ -255,12 +257,14 @@ class Row:
 
 
 def _autocast(device: torch.device):
+    """bf16 autocast on the GPU (mimo's `train.dtype: bfloat16` policy), nothing on the CPU."""
     if device.type != "cuda":  # the CPU smoke run computes in float32
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors on `device`, copied from pinned memory without blocking the host."""
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
@@ -595,6 +599,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def _write(path: str, env: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """The environment and every record so far, as one JSON document."""
     with open(path, "w") as f:
         json.dump({"env": env, "records": records}, f, indent=1, default=str)
 
