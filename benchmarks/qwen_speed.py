@@ -45,9 +45,12 @@ Precision, every row: float32 parameters (the master weights), forward under bf1
 decoder layer and vision block (`torch.compile` of each block's forward, mimo's `compile: true`, on both sides);
 recomputed: every block, torch's non-reentrant checkpoint around the compiled forward, on both sides (HF: not
 `gradient_checkpointing_enable`, see `compile_and_recompute_hf`). HF attention: `sdpa`, or
-`flash_attention_2` where flash_attn is installed (`--hf-attn`). HF's vision attention without flash loops over
+`flash_attention_2` where flash_attn is installed (`--hf-attn`); mimo's attention on CUDA in bf16 is torch's varlen
+kernel (packed rows and the towers' segments alike). HF's vision attention without a flash implementation loops over
 cu_seqlens chunks in Python (`.tolist()`), which a compiled block would re-trace for each micro-batch's set of image
-sizes: there the attention is left out of the block's graph (`torch.compiler.disable`), as mimo's flex attention is.
+sizes: there the attention is left out of the block's graph (`torch.compiler.disable`). `--hf-vision-attn
+torch-varlen` gives HF's vision blocks its cu_seqlens path on torch's varlen kernel, mimo's (registered through
+transformers' `AttentionInterface`): the towers then differ in everything but the attention kernel.
 
 Timing: `--warmup` steps (default 2: compilation), then `--steps` timed ones (default 4), CUDA events around
 each; step_ms is the median. tokens/s counts the batch's real tokens (each sample's positions up to its last scored
@@ -246,6 +249,7 @@ class Context:
     device: torch.device
     hf_attn: str
     weights: Any = None  # a `ParameterSource` for mimo's model (tests: an HF directory's), else `DeviceDraws`
+    hf_vision_attn: str | None = None  # HF's vision attention where it differs from hf_attn (`TORCH_VARLEN`)
 
 
 @dataclass
@@ -349,6 +353,51 @@ def hf_config(ctx: Context):
     return Qwen2_5_VLConfig.from_dict({k: v for k, v in ctx.config.items() if k != "model_type"})
 
 
+TORCH_VARLEN = "flash_torch_varlen"  # "flash" in the name: transformers 5.25 sends such attention cu_seqlens
+
+
+def torch_varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None, scaling: float | None = None,
+                           cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """HF's attention-interface signature over torch's varlen kernel (mimo's `varlen_attention`, the one mimo's
+    tower runs): query [1, H, N, D] cut at cu_seq_lens_q, bidirectional; out [1, N, H, D] as flash's is."""
+    from mimo.models import attention
+
+    if cu_seq_lens_q is None:  # one sequence
+        n = query.shape[2]
+        cu_seq_lens_q, max_length_q = torch.tensor([0, n], dtype=torch.int32, device=query.device), n
+    out = attention.varlen_attention(query, key, value, cu_seq_lens_q.to(torch.int32), int(max_length_q),
+                                     attention.varlen_options(causal=False))
+    return out.transpose(1, 2), None
+
+
+def use_vision_attention(visual: nn.Module, ctx: Context) -> list[str]:
+    """Point HF's vision attention at `ctx.hf_vision_attn` (`TORCH_VARLEN`: registered in transformers'
+    AttentionInterface); refused in one line where this transformers would not hand it cu_seqlens."""
+    if ctx.hf_vision_attn is None:
+        return []
+    import inspect
+
+    from transformers import AttentionInterface
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    name = TORCH_VARLEN if ctx.hf_vision_attn == "torch-varlen" else ctx.hf_vision_attn
+    if name == TORCH_VARLEN:
+        source = inspect.getsource(modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention.forward)
+        if "is_flash_attention_requested" not in source:
+            raise RuntimeError("this transformers passes cu_seqlens to flash_attention_2 alone; --hf-vision-attn "
+                               "torch-varlen needs one that asks is_flash_attention_requested (5.25 does)")
+        AttentionInterface.register(TORCH_VARLEN, torch_varlen_attention)
+    visual.config._attn_implementation = name
+    return [f"vision attn={name}"]
+
+
+def vision_attention_name(ctx: Context) -> str:
+    """The attention implementation HF's vision blocks run."""
+    return {None: ctx.hf_attn, "torch-varlen": TORCH_VARLEN}.get(ctx.hf_vision_attn, ctx.hf_vision_attn)
+
+
 def compile_and_recompute_hf(layers: list[nn.Module], vision: list[nn.Module], ctx: Context) -> list[str]:
     """HF's decoder layers and vision blocks compiled and recomputed as mimo does it: `torch.compile` of each one's
     forward, torch's non-reentrant checkpoint around it (mimo.recompute). Not `gradient_checkpointing_enable` with
@@ -360,11 +409,11 @@ def compile_and_recompute_hf(layers: list[nn.Module], vision: list[nn.Module], c
     notes = []
     if ctx.shapes.compile:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        if vision and ctx.hf_attn != "flash_attention_2":
+        if vision and "flash" not in vision_attention_name(ctx):
             for block in vision:
                 block.attn.forward = torch.compiler.disable(block.attn.forward)
-            notes.append(f"HF vision attention ({ctx.hf_attn}: a Python loop over cu_seqlens chunks) outside the "
-                         f"compiled blocks")
+            notes.append(f"HF vision attention ({vision_attention_name(ctx)}: a Python loop over cu_seqlens chunks) "
+                         f"outside the compiled blocks")
         for block in [*layers, *vision]:
             block.forward = torch.compile(block.forward)
     if ctx.shapes.recompute:
@@ -396,6 +445,7 @@ def build_hf(ctx: Context, packed: bool) -> Row:
     model.train()
     inner = model.model
     notes = [f"attn={model.config._attn_implementation}", "packed rows" if packed else "padded rows"]
+    notes += use_vision_attention(inner.visual, ctx)
     notes += compile_and_recompute_hf(list(inner.language_model.layers), list(inner.visual.blocks), ctx)
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
@@ -457,7 +507,8 @@ def build_vit_hf(ctx: Context) -> Row:
         tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(
             hf_config(ctx).vision_config, attn_implementation=ctx.hf_attn, dtype=torch.float32)
     tower.train()
-    notes = [f"attn={tower.config._attn_implementation}", *compile_and_recompute_hf([], list(tower.blocks), ctx)]
+    notes = [f"attn={tower.config._attn_implementation}", *use_vision_attention(tower, ctx),
+             *compile_and_recompute_hf([], list(tower.blocks), ctx)]
 
     def forward(pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         out = tower(pixels, grid_thw=grid)
@@ -559,6 +610,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="activation recomputation of every block on both sides (default: on)")
     parser.add_argument("--hf-attn", default=None, help="HF attn_implementation (default: flash_attention_2 where "
                         "flash_attn is installed, else sdpa)")
+    parser.add_argument("--hf-vision-attn", default=None, help="HF's vision attention where it differs from "
+                        "--hf-attn: torch-varlen (torch's varlen kernel, the one mimo's tower runs, through "
+                        "transformers' AttentionInterface: HF's cu_seqlens path without flash_attn)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (2; tiny: 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (4; tiny: 1)")
     parser.add_argument("--seed", type=int, default=0, help="the data's seed")
@@ -593,7 +647,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "transformers": hf_available(), "hf_attn": hf_attn, "shapes": vars(shapes),
+        "transformers": hf_available(), "hf_attn": hf_attn, "hf_vision_attn": args.hf_vision_attn,
+        "shapes": vars(shapes),
         "precision": "float32 parameters, bf16 autocast" if device.type == "cuda" else "float32",
         "warmup": args.warmup, "steps": args.steps, "tokens_per_step": data.tokens, "label_tokens": data.label_tokens,
         "patches_per_step": data.patches, "images": data.batch.modality_inputs[IMAGES].item_grids.tolist(),
@@ -605,7 +660,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("# qwen_speed " + json.dumps(env), flush=True)
     records: list[dict[str, Any]] = []
     for name in rows:
-        record = run_row(name, ctx=Context(shapes, config, spec, data, device, hf_attn), args=args, peaks=peaks)
+        ctx = Context(shapes, config, spec, data, device, hf_attn, hf_vision_attn=args.hf_vision_attn)
+        record = run_row(name, ctx=ctx, args=args, peaks=peaks)
         records.append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
         if "traceback" in record:
