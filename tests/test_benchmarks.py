@@ -176,3 +176,36 @@ def test_qwen_speed_rows_compute_one_loss_from_one_set_of_weights(tmp_path):
     masks the script builds agree."""
     padded, packed, mimo = run_distributed(_qwen_row_losses, 1, str(tmp_path))[0]
     assert padded == pytest.approx(mimo, rel=1e-5) and packed == pytest.approx(mimo, rel=1e-5), (padded, packed, mimo)
+
+
+def test_qwen_speed_hf_vision_blocks_take_torch_varlen_through_their_cu_seqlens_path(monkeypatch):
+    """`--hf-vision-attn torch-varlen`: HF's tower hands every attention call its cu_seqlens and computes what its
+    sdpa path computes. torch's varlen kernel is CUDA-only, so mimo's `varlen_attention` is replaced here by SDPA
+    per segment (the kernel's own equality to SDPA: tests/models/test_packed_attention_cuda.py)."""
+    import torch.nn.functional as F
+
+    import mimo.models.attention as attention
+
+    def per_segment(q, k, v, cu_seqlens, longest, options):
+        bounds = cu_seqlens.tolist()
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
+                          for a, b in zip(bounds[:-1], bounds[1:], strict=True)], dim=2)
+
+    monkeypatch.setattr(attention, "varlen_attention", per_segment)
+    monkeypatch.setattr(attention, "varlen_options", lambda causal: {})
+    q = load_script("qwen_speed", "qwen_speed")
+    config = q.model_config(q.TINY)
+    spec = q.qwen_vl_spec(config)
+    data = q.make_data(spec, q.TINY, seed=0, pin=False)
+    calls = []
+    monkeypatch.setattr(q, "torch_varlen_attention", lambda *a, _f=q.torch_varlen_attention, **kw: (
+        calls.append(kw.get("cu_seq_lens_q") is not None), _f(*a, **kw))[1])
+    losses = []
+    for vision_attn in (None, "torch-varlen"):
+        torch.manual_seed(0)
+        row = q.build_vit_hf(q.Context(q.TINY, config, spec, data, torch.device("cpu"), "sdpa",
+                                       hf_vision_attn=vision_attn))
+        row.step()
+        losses.append(row.loss())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert calls and all(calls)  # every call of the varlen row, with its cu_seqlens
