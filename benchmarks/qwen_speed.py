@@ -596,14 +596,22 @@ def ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def positive(text: str) -> int:
+    """A command-line count of at least one."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default=None, help=f"comma separated, of {list(BUILDERS)} (default: all)")
     parser.add_argument("--vit-only", action="store_true", help="the ViT rows alone (vit-mimo, vit-hf)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, uncompiled: a smoke run")
-    parser.add_argument("--lm-layers", type=int, default=None, help="decoder layers kept of 28 (default 8)")
-    parser.add_argument("--samples", type=int, default=None, help="samples (one image each) per step (16)")
-    parser.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (4)")
+    parser.add_argument("--lm-layers", type=positive, default=None, help="decoder layers kept of 28 (default 8)")
+    parser.add_argument("--samples", type=positive, default=None, help="samples (one image each) per step (16)")
+    parser.add_argument("--microbatches", type=positive, default=None, help="micro-batches per step (4)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compiled blocks on both sides (default: on; off with --tiny)")
     parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
@@ -614,7 +622,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "--hf-attn: torch-varlen (torch's varlen kernel, the one mimo's tower runs, through "
                         "transformers' AttentionInterface: HF's cu_seqlens path without flash_attn)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (2; tiny: 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (4; tiny: 1)")
+    parser.add_argument("--steps", type=positive, default=None, help="timed steps (4; tiny: 1)")
     parser.add_argument("--seed", type=int, default=0, help="the data's seed")
     parser.add_argument("--device", default=None, help="default: cuda, or cpu for --tiny")
     parser.add_argument("--json", default=None, help="write every record (and the environment) to this file")
@@ -633,7 +641,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     args.warmup = (1 if args.tiny else 2) if args.warmup is None else args.warmup
-    args.steps = max(1, (1 if args.tiny else 4) if args.steps is None else args.steps)
+    args.steps = (1 if args.tiny else 4) if args.steps is None else args.steps
     rows = args.rows.split(",") if args.rows else list(VIT_ROWS if args.vit_only else FULL_ROWS + VIT_ROWS)
     unknown = [r for r in rows if r not in BUILDERS]
     if unknown:
