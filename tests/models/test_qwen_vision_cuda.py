@@ -75,3 +75,18 @@ def test_a_packed_tower_under_bf16_autocast_stays_near_its_float32_self(tower_cl
             half = tower(pixels, grid).embeddings.float()
     rel = float((half - wide).abs().max() / wide.abs().max())
     assert rel < 5e-2, f"bf16 tower (varlen) differs from float32 (flex) by {rel:.1e}"
+
+
+@pytest.mark.parametrize("tower_class, config", [(Qwen25VisionTower, Qwen25VisionConfig.tiny()),
+                                                 (Qwen3VisionTower, Qwen3VisionConfig.tiny())])
+def test_a_tower_on_the_gpu_takes_the_grids_on_the_cpu_as_the_step_passes_them(tower_class, config):
+    """The training step hands a tower its items on the GPU and `item_grids` on the CPU (host metadata): the
+    geometry built from them goes where the patches are (the rotary tables and position taps with it)."""
+    torch.manual_seed(0)
+    tower = tower_class(config)
+    grid = torch.tensor([[1, 8, 10], [1, 6, 4]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), config.patch_dim)
+    with torch.no_grad():
+        cpu = tower(pixels, grid)
+        gpu = tower.cuda()(pixels.cuda(), grid)
+    torch.testing.assert_close(gpu.embeddings.cpu(), cpu.embeddings, rtol=1e-4, atol=1e-4)

@@ -339,7 +339,8 @@ class Qwen25VisionTower(PackedTower):
         """Embed, reorder window by window, run the blocks (full or windowed), merge, restore packed order."""
         c = self.config
         _check_patches(pixel_values, c)
-        geometry = geometry or self.geometry(grid_thw, pixel_values.shape[0])
+        # the grids come on the CPU (the step's host metadata): the index tensors go where the patches are
+        geometry = (geometry or self.geometry(grid_thw, pixel_values.shape[0])).to(pixel_values.device)
         order = geometry.window_order
         if order is None:
             raise ValueError("Qwen2.5-VL's tower needs a geometry with its windows: build it with tower.geometry()")
@@ -423,7 +424,8 @@ class Qwen3VisionTower(PackedTower):
         """Embed, add positions, run the blocks (full attention per frame), merge; DeepStack on the way."""
         c = self.config
         _check_patches(pixel_values, c)
-        geometry = geometry or self.geometry(grid_thw, pixel_values.shape[0])
+        # the grids come on the CPU (the step's host metadata): the index tensors go where the patches are
+        geometry = (geometry or self.geometry(grid_thw, pixel_values.shape[0])).to(pixel_values.device)
         x = self.patch_embed(pixel_values)
         x = x + self.positions(geometry).to(x.dtype)
         cos, sin = rotary_tables(geometry.positions, c.head_dim, c.rope_theta)
