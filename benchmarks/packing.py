@@ -78,7 +78,17 @@ def make_batches(provider: LlavaMimoProvider, args: argparse.Namespace, count: i
     return out
 
 
-def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device):
+# Rows: name → (data.packing, the CUDA kernel for packed rows, micro-batches: None is --microbatches). "packed,
+# half micro-batches" holds twice the samples per packed row: about the positions a padded micro-batch computes.
+ROWS = {
+    "padded": (False, None, None),
+    "packed": (True, "varlen", None),
+    "packed-flex": (True, "flex", None),
+    "packed-half-mb": (True, "varlen", 0.5),
+}
+
+
+def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device, microbatches: int):
     """The model and step exactly as `mimo train` builds them, with `data.packing` as asked."""
     from mimo.training.loop import build_trainer as build_step
     from mimo.training.run_config import parse_run_config
@@ -86,7 +96,7 @@ def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device)
     config = parse_run_config({
         "parallelism": {"images": {}, "language": {}},
         "model": {"preset": args.preset},
-        "train": {"global_batch_size": args.batch, "num_microbatches": args.microbatches, "dtype": args.dtype,
+        "train": {"global_batch_size": args.batch, "num_microbatches": microbatches, "dtype": args.dtype,
                   "lr": 1e-5, "steps": 10**6, "compile": args.compile},
         "data": {"name": "synthetic", "packing": packing},
     })
@@ -95,14 +105,31 @@ def build_trainer(args: argparse.Namespace, packing: bool, device: torch.device)
     return build_step(config, provider, model, device)
 
 
-def run_row(args: argparse.Namespace, packing: bool, batches: list[MimoBatch], device: torch.device) -> dict[str, Any]:
-    """Warm-up steps, then timed steps over the batches; the row's figures."""
-    trainer = build_trainer(args, packing, device)
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its own counter: a benchmark's measure, not mimo's)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_row(args: argparse.Namespace, name: str, batches: list[MimoBatch], device: torch.device) -> dict[str, Any]:
+    """Warm-up steps, then timed steps over the batches; the row's figures, with the graphs compiled after the
+    warm-up (a packed length the warm-up did not see costs one)."""
+    import mimo.models.attention as attention
+
+    packing, kernel, share = ROWS[name]
+    microbatches = args.microbatches if share is None else max(1, int(args.microbatches * share))
+    attention.CUDA_DOCUMENT_KERNEL = kernel or "varlen"
+    if args.compile:
+        torch._dynamo.reset()
+    trainer = build_trainer(args, packing, device, microbatches)
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
         torch.cuda.reset_peak_memory_stats()
-    first_loss, positions, times, real = None, 0, [], 0
+    first_loss, positions, times, real, warm_graphs = None, 0, [], 0, 0
     for i, batch in enumerate(batches):
+        if i == args.warmup:
+            warm_graphs = compiled_graphs()
         t0 = time.perf_counter()
         result = trainer.train_step(batch)  # ends in the step's one host sync: the device is done
         elapsed = time.perf_counter() - t0
@@ -111,16 +138,37 @@ def run_row(args: argparse.Namespace, packing: bool, batches: list[MimoBatch], d
             times.append(elapsed)
             real += result.tokens  # the step's own counts, as `metrics.jsonl` logs them
             positions += result.positions
+    if args.profile and device.type == "cuda":
+        profile_step(trainer, batches[-1], name)
     seconds = sum(times)
-    row = {"row": "packed" if packing else "padded", "steps": len(times), "step_ms": 1e3 * seconds / len(times),
+    row = {"row": name, "microbatches": microbatches, "kernel": kernel, "steps": len(times),
+           "graphs_during_warmup": warm_graphs, "graphs_after_warmup": compiled_graphs() - warm_graphs,
+           "step_ms": 1e3 * seconds / len(times),
            "real_tokens_per_s": real / seconds, "positions_per_s": positions / seconds,
            "padding_fraction": 1 - real / positions, "loss_first_step": first_loss,
            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    print(json.dumps(row), flush=True)
     del trainer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def profile_step(trainer: Any, batch: MimoBatch, name: str) -> None:
+    """One more step under torch.profiler: the step's wall time against its GPU kernels' total, and the kernels
+    that take the most GPU time (where a row's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        trainer.train_step(batch)
+        wall = time.perf_counter() - t0
+    from torch.autograd import DeviceType
+
+    gpu = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
+    print(f"profile {name}: step {1e3 * wall:.0f} ms wall, {gpu:.0f} ms of GPU kernels (the rest: the GPU idle)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-text", type=int, default=mix["min_text"])
     p.add_argument("--image-fraction", type=float, default=mix["image_fraction"])
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile every decoder block")
+    p.add_argument("--rows", default="padded,packed", help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--profile", action="store_true", help="profile one extra step per row (CUDA): top kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU, float32, 1+1 steps (seconds)")
@@ -157,8 +207,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     init_world(device)
     provider = LlavaMimoProvider.preset(args.preset)
     batches = make_batches(provider, args, args.warmup + args.steps)
-    rows = [run_row(args, packing, batches, device) for packing in (False, True)]
-    padded, packed = rows
+    names = args.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or "padded" not in names:
+        raise SystemExit(f"--rows {args.rows}: give 'padded' and any of {', '.join(ROWS)}")
+    rows = [run_row(args, name, batches, device) for name in names]
+    padded = rows[names.index("padded")]
+    for r in rows:
+        r["speedup_real_tokens_per_s"] = r["real_tokens_per_s"] / padded["real_tokens_per_s"]
     results = {
         "benchmark": "packing", "preset": args.preset, "device": torch.cuda.get_device_name(0)
         if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
@@ -168,16 +224,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "mean_sample_tokens": sum(real_tokens(b, provider.special_token_ids) for b in batches)
                     / (len(batches) * args.batch)},
         "command": " ".join(["python", "benchmarks/packing.py", *(argv if argv is not None else sys.argv[1:])]),
-        "rows": rows, "speedup_real_tokens_per_s": packed["real_tokens_per_s"] / padded["real_tokens_per_s"],
+        "rows": rows,
     }
-    print("| row | step ms | real tokens/s | positions/s | padding | first loss | peak GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | micro-batches | step ms | real tokens/s (× padded) | positions/s | padding | first loss | "
+          "peak GB | graphs after warm-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
-        print(f"| {args.preset} {r['row']} | {r['step_ms']:.0f} | {r['real_tokens_per_s']:.0f} | "
-              f"{r['positions_per_s']:.0f} | {100 * r['padding_fraction']:.0f}% | {r['loss_first_step']:.4f} | "
-              f"{peak} |")
-    print(f"packed / padded real tokens/s: {results['speedup_real_tokens_per_s']:.2f}x")
+        print(f"| {args.preset} {r['row']} | {r['microbatches']} | {r['step_ms']:.0f} | "
+              f"{r['real_tokens_per_s']:.0f} ({r['speedup_real_tokens_per_s']:.2f}×) | {r['positions_per_s']:.0f} | "
+              f"{100 * r['padding_fraction']:.0f}% | {r['loss_first_step']:.4f} | {peak} | "
+              f"{r['graphs_after_warmup']} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -30,6 +30,7 @@ SLOWEST_FILES = (
     "tests/data/test_digits_llava.py",
     "tests/training/test_checkpoint_security.py",
     "tests/hf/test_readme.py",
+    "tests/hf/test_qwen_vl_data.py",
     "tests/models/test_tensor_parallel.py",
     "tests/hf/test_generate.py",
     "tests/training/test_loop_data.py",

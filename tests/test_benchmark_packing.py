@@ -23,4 +23,5 @@ def test_dry_run_writes_both_rows_with_the_same_first_loss(tmp_path):
     assert (padded["row"], packed["row"]) == ("padded", "packed")
     assert padded["padding_fraction"] > 0.1 and packed["padding_fraction"] == 0.0  # CPU rows: multiple 1
     assert abs(packed["loss_first_step"] - padded["loss_first_step"]) <= 1e-5 * padded["loss_first_step"]
-    assert results["speedup_real_tokens_per_s"] > 0 and "| tiny packed |" in proc.stdout
+    assert packed["speedup_real_tokens_per_s"] > 0 and "| tiny packed | 2 |" in proc.stdout
+    assert packed["graphs_after_warmup"] == 0  # eager: nothing compiles

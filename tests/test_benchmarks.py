@@ -1,5 +1,6 @@
 """benchmarks/llava_speed.py runs on CPU with the tiny preset (one step) and its levers compute the right thing;
-benchmarks/data_wait.py runs its CPU dry run; benchmarks/ddp_overhead.py its tiny CPU check.
+benchmarks/data_wait.py runs its CPU dry run; benchmarks/ddp_overhead.py its tiny CPU check; benchmarks/qwen_speed.py
+its tiny CPU run.
 
 Speed is never asserted here (DESIGN §5): only that the script runs, prints the rows and that the chunked
 cross-entropy it offers as a lever equals `Decoder.loss`.
@@ -7,6 +8,7 @@ cross-entropy it offers as a lever equals `Decoder.loss`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from mimo.models import Decoder, DecoderConfig
+from mimo.testing import run_distributed
 from tests.scripts import BENCHMARKS, load_script
 
 SCRIPT = BENCHMARKS / "llava_speed.py"
@@ -118,3 +121,91 @@ def test_ddp_overhead_runs_each_variant_in_its_own_process(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["variant"] for r in rows] == ["none", "mimo", "mimo-split-copy"]
     assert all(r["step_s"] > 0 and r["device"] == "cpu" for r in rows)
+
+
+def test_qwen_speed_tiny_cpu_run_prints_a_json_line_per_row_and_the_ratios(tmp_path):
+    """benchmarks/qwen_speed.py --tiny: every row (mimo's step, HF padded and packed, both towers alone) trains a
+    step on the CPU; one JSON line each as it ends, then mimo / HF; FLOPs from mimo.flops, the ViT's windowed and
+    full attention apart."""
+    out = tmp_path / "qwen.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "qwen_speed.py"), "--tiny", "--warmup", "0", "--samples",
+                           "2", "--microbatches", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = {r["row"]: r for r in lines if "row" in r}
+    assert list(rows) == ["mimo", "hf", "hf+packed", "vit-mimo", "vit-hf"]
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["tflops"] > 0 and math_finite(r["loss"]) and (r.get("tokens_per_s") or r["patches_per_s"]) > 0
+    assert [r["ratio"] for r in lines if "ratio" in r] == ["mimo / hf", "mimo / hf+packed", "vit-mimo / vit-hf"]
+    env = json.loads(out.read_text())["env"]
+    step = env["step_tflop"]
+    assert step["vision_full_attention"] > 0 and step["vision_window_attention"] > 0
+    assert step["total"] == pytest.approx(step["language"] + step["vision"])
+    assert env["padded_positions"] >= env["tokens_per_step"]  # HF's padded rows hold every real token
+
+
+def _qwen_row_losses(rank: int, world_size: int, directory: str) -> tuple[float, float, float]:
+    """The tiny run's first-step loss from HF's padded and packed micro-batches and from mimo's step, mimo reading
+    the weights HF saved (float32, a world of one)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mimo.families.qwen_vl import open_qwen_vl
+
+    q = load_script("qwen_speed", "qwen_speed")
+    config = q.model_config(q.TINY)
+    spec = q.qwen_vl_spec(config)
+    data = q.make_data(spec, q.TINY, seed=0, pin=False)
+    ctx = q.Context(q.TINY, config, spec, data, torch.device("cpu"), "sdpa")
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(q.hf_config(ctx)).save_pretrained(directory)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, attn_implementation="sdpa")
+    with torch.no_grad():
+        padded, packed = (sum(float(hf(**m, num_items_in_batch=data.label_tokens, use_cache=False).loss)
+                              for m in micro) for micro in (data.hf_padded, data.hf_packed))
+    opened = open_qwen_vl(directory)
+    assert opened.spec == spec
+    row = q.build_mimo(dataclasses.replace(ctx, weights=opened.weights()))
+    row.step()
+    return padded, packed, row.loss()
+
+
+def test_qwen_speed_rows_compute_one_loss_from_one_set_of_weights(tmp_path):
+    """The rows train the same thing: on one set of weights, HF's padded micro-batches (attention mask, M-RoPE
+    positions), its packed rows (4-row positions) and mimo's packed step give one loss: the labels, positions and
+    masks the script builds agree."""
+    padded, packed, mimo = run_distributed(_qwen_row_losses, 1, str(tmp_path))[0]
+    assert padded == pytest.approx(mimo, rel=1e-5) and packed == pytest.approx(mimo, rel=1e-5), (padded, packed, mimo)
+
+
+def test_qwen_speed_hf_vision_blocks_take_torch_varlen_through_their_cu_seqlens_path(monkeypatch):
+    """`--hf-vision-attn torch-varlen`: HF's tower hands every attention call its cu_seqlens and computes what its
+    sdpa path computes. torch's varlen kernel is CUDA-only, so mimo's `varlen_attention` is replaced here by SDPA
+    per segment (the kernel's own equality to SDPA: tests/models/test_packed_attention_cuda.py)."""
+    import torch.nn.functional as F
+
+    import mimo.models.attention as attention
+
+    def per_segment(q, k, v, cu_seqlens, longest, options):
+        bounds = cu_seqlens.tolist()
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
+                          for a, b in zip(bounds[:-1], bounds[1:], strict=True)], dim=2)
+
+    monkeypatch.setattr(attention, "varlen_attention", per_segment)
+    monkeypatch.setattr(attention, "varlen_options", lambda causal: {})
+    q = load_script("qwen_speed", "qwen_speed")
+    config = q.model_config(q.TINY)
+    spec = q.qwen_vl_spec(config)
+    data = q.make_data(spec, q.TINY, seed=0, pin=False)
+    calls = []
+    monkeypatch.setattr(q, "torch_varlen_attention", lambda *a, _f=q.torch_varlen_attention, **kw: (
+        calls.append(kw.get("cu_seq_lens_q") is not None), _f(*a, **kw))[1])
+    losses = []
+    for vision_attn in (None, "torch-varlen"):
+        torch.manual_seed(0)
+        row = q.build_vit_hf(q.Context(q.TINY, config, spec, data, torch.device("cpu"), "sdpa",
+                                       hf_vision_attn=vision_attn))
+        row.step()
+        losses.append(row.loss())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert calls and all(calls)  # every call of the varlen row, with its cu_seqlens

@@ -125,3 +125,22 @@ def test_an_opted_out_module_runs_its_blocks_once():
                              {"images": ModuleDistributedConfig(recompute_granularity="none")})
     calls, _ = run_distributed(calls_and_saved_with, 2, wrap)[0]
     assert set(calls["images"]) == {2} and set(calls["language"]) == {4}, calls
+
+
+def test_compile_and_recomputation_reach_a_qwen_towers_blocks():
+    """The Qwen-VL towers keep Hugging Face's `blocks.N` names: `recompute_granularity: full` wraps those blocks as
+    it wraps `layers.N` ones (each block's MLP runs again in the backward), and `compile` finds the same blocks."""
+    from mimo.distributed import _blocks, recompute
+    from mimo.models import ModalitySubmodule
+    from mimo.models.qwen_vision import JoinDeepStack, Qwen25VisionConfig, Qwen25VisionTower
+
+    config = Qwen25VisionConfig.tiny()
+    images = ModalitySubmodule(Qwen25VisionTower(config), JoinDeepStack())
+    assert _blocks(images) == list(images.encoder.blocks)  # what compile_blocks, recompute and FSDP2 take
+    recompute(images, tp=1, num_layers=None)
+    calls = [0] * config.depth
+    for i, block in enumerate(images.encoder.blocks):
+        block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    grid = torch.tensor([[1, 4, 6], [1, 8, 4]])
+    images(torch.randn(int(grid.prod(1).sum()), config.patch_dim), grid).square().sum().backward()
+    assert calls == [2] * config.depth, calls

@@ -57,7 +57,7 @@ class ModuleDistributedConfig:
 
     data_parallel: DataParallel = "ddp"  # how the module's replicas share gradients: DDP, or FSDP2's sharding
     compute_dtype: torch.dtype | None = None
-    compile: bool = False  # torch.compile every `layers.N` block's forward (in place: parameter names do not change)
+    compile: bool = False  # torch.compile every block's forward (`_blocks`; in place: parameter names do not change)
     # "full": the blocks recompute their activations in the backward (`mimo.recompute`); the first
     # `recompute_num_layers` of the module's stage, all if None
     recompute_granularity: Recompute = "none"
@@ -333,7 +333,7 @@ def _compile_blocks_settings() -> None:
 
 
 def compile_blocks(module: nn.Module, tp: int) -> None:
-    """`compile`: torch.compile every `layers.N` block's forward in place (parameter names do not change), with
+    """`compile`: torch.compile every block's forward (`_blocks`) in place (parameter names do not change), with
     static shapes under TP (`static_shapes`)."""
     _compile_blocks_settings()
     dynamic = False if static_shapes(tp) else None
@@ -426,11 +426,12 @@ def reshard_policy(name: Reshard, pp: int) -> Callable[[int, int], bool]:
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
-    """The repeated blocks FSDP2 shards one by one: every entry of a `layers` container, at any depth."""
+    """The repeated blocks FSDP2 shards one by one and compile / recomputation wrap: every entry of a `layers`
+    container (mimo's stacks) or a `blocks` one (the Qwen-VL towers, under Hugging Face's names), at any depth."""
     return [m for name, m in module.named_modules() if _BLOCK.search(name)]
 
 
-_BLOCK = re.compile(r"(^|\.)layers\.\d+$")
+_BLOCK = re.compile(r"(^|\.)(layers|blocks)\.\d+$")
 
 
 def _autocast_forward(module: nn.Module, cfg: ModuleDistributedConfig) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mimo.data.image_inputs import FixedSizeImages
 from mimo.data.llava import LlavaDataset
 from mimo.families.llava import IMAGES
 from mimo.hf.image import ImageProcessor
@@ -86,10 +87,10 @@ def open_dataset(tmp_path: Path, path: Path, template: str = "chat", chat_templa
     """A LlavaDataset over the file `path`, images from tmp_path/images (8×8: the model's size), the tokenizer
     saved to tmp_path/tokenizer, float64 pixels."""
     tokenizer = save_tokenizer(tmp_path / "tokenizer", chat_template, image_token=image_token)
-    kw = {"modality": IMAGES, "image_token_id": IMAGE_TOKEN_ID, "tokens_per_image": TOKENS_PER_IMAGE,
-          "image_size": (8, 8), "max_seq_len": 64, "template": template, "dtype": torch.float64, **kw}
+    kw = {"modality": IMAGES, "image_token_id": IMAGE_TOKEN_ID, "max_seq_len": 64, "template": template,
+          "dtype": torch.float64, **kw}
     return LlavaDataset(path, image_folder or tmp_path / "images", Prompter.from_directory(tokenizer),
-                        ImageProcessor.square(8), **kw)
+                        FixedSizeImages(ImageProcessor.square(8), (8, 8), TOKENS_PER_IMAGE), **kw)
 
 
 def words(data: LlavaDataset, ids: torch.Tensor) -> list[str]:

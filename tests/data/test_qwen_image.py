@@ -45,6 +45,8 @@ def test_smart_resize_equals_transformers_over_many_sizes():
 def test_overrides_and_bad_settings():
     base = QwenImageProcessor.from_dict({"min_pixels": 3136, "max_pixels": 12845056})
     assert base.with_pixels(max_pixels=28 * 28 * 4).num_tokens(1000, 1000) == 4
+    narrowed = base.with_pixels(min_pixels=1000, max_pixels=5000)
+    assert QwenImageProcessor.from_dict(narrowed.to_dict()) == narrowed  # what an export writes reads back
     with pytest.raises(ImageConfigError, match="do_pan=True is not a setting"):
         QwenImageProcessor.from_dict({"do_pan": True})
     with pytest.raises(ImageConfigError, match="'CLIPImageProcessor' is not a Qwen-VL image processor"):

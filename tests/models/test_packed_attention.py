@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from mimo.data import MimoBatch, Sample, next_token_labels
 from mimo.data.packing import PackedText
 from mimo.models import Decoder, DecoderConfig, init_parameters
-from mimo.models.attention import FlexDocumentAttention, MaskedDocumentAttention, document_attention
+from mimo.models.attention import (
+    FlexDocumentAttention,
+    MaskedDocumentAttention,
+    VarlenDocumentAttention,
+    document_attention,
+)
 
 DOCS = torch.tensor([[0] * 5 + [1] * 9 + [2] * 2 + [3] * 4])  # four documents in a row of 20
 
@@ -49,6 +54,13 @@ def test_flex_block_mask_keeps_what_the_explicit_mask_keeps():
         warnings.simplefilter("ignore")  # eager flex_attention warns that it is unfused
         out = flex_attention(q, k, v, block_mask=FlexDocumentAttention(DOCS).block_mask, enable_gqa=True)
     torch.testing.assert_close(out, _per_document(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_varlen_bounds_are_each_documents_start_with_rows_end_to_end():
+    """The varlen kernel's cumulative lengths (its CUDA kernel: tests/models/test_packed_attention_cuda.py): every
+    document's first token, a new row starting a new document even with the same id, then the total."""
+    docs = torch.cat([DOCS, torch.tensor([[0] * 12 + [1] * 8])])
+    assert VarlenDocumentAttention(docs).cu_seqlens.tolist() == [0, 5, 14, 16, 20, 32, 40]
 
 
 def test_cpu_tensors_get_the_explicit_mask():

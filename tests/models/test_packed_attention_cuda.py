@@ -1,15 +1,22 @@
-"""On a GPU (skipped without one): compiled flex_attention with the document block mask equals the explicit-mask
-SDPA, forward and backward, and a packed decoder row scores like its padded samples."""
+"""On a GPU (skipped without one): flash attention's varlen kernel and compiled flex_attention with the document
+block mask equal the explicit-mask SDPA, forward and backward, and a packed decoder row scores like its padded
+samples (compiled blocks too, without recompiling per length)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import mimo.models.attention as attention_module
 from mimo.data import MimoBatch, Sample, next_token_labels
 from mimo.data.packing import PackedText
 from mimo.models import Decoder, DecoderConfig, init_parameters
-from mimo.models.attention import FlexDocumentAttention, MaskedDocumentAttention, document_attention
+from mimo.models.attention import (
+    FlexDocumentAttention,
+    MaskedDocumentAttention,
+    VarlenDocumentAttention,
+    document_attention,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,8 +35,30 @@ def test_flex_document_attention_matches_the_explicit_mask_forward_and_backward(
         assert rel < 1e-4, f"{name}: flex differs from the explicit mask by {rel:.1e} (float32)"
 
 
-def test_cuda_document_ids_get_flex_attention():
-    assert isinstance(document_attention(torch.zeros(1, 128, dtype=torch.long, device="cuda")), FlexDocumentAttention)
+def test_varlen_document_attention_matches_the_explicit_mask_in_bf16_forward_and_backward():
+    """Two rows, documents cut anywhere, grouped-query heads: flash's varlen kernel (bf16 only) against the
+    explicit mask in float32 on the same bf16 inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    row_docs = [torch.tensor([10, 300, 5, 200, 85, 250, 150]), torch.tensor([1000])]
+    docs = torch.stack([torch.repeat_interleave(torch.arange(len(n)), n) for n in row_docs]).cuda()
+    q, k, v = (torch.randn(2, h, 1000, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+               for h in (8, 4, 4))
+    results = []
+    for attention, cast in ((VarlenDocumentAttention(docs), torch.bfloat16), (MaskedDocumentAttention(docs),
+                                                                              torch.float32)):
+        inputs = [t.to(cast) for t in (q, k, v)]
+        out = attention(*inputs).float()
+        results.append((out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        rel = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+        assert rel < 2e-2, f"{name}: varlen differs from the explicit mask by {rel:.1e} (bf16)"
+
+
+def test_cuda_document_ids_get_the_varlen_kernel_or_flex_when_asked(monkeypatch):
+    ids = torch.zeros(1, 128, dtype=torch.long, device="cuda")
+    assert isinstance(document_attention(ids), VarlenDocumentAttention)
+    monkeypatch.setattr(attention_module, "CUDA_DOCUMENT_KERNEL", "flex")
+    assert isinstance(document_attention(ids), FlexDocumentAttention)
 
 
 def test_packed_row_scores_like_the_padded_samples_on_the_gpu():
@@ -47,11 +76,14 @@ def test_packed_row_scores_like_the_padded_samples_on_the_gpu():
     assert abs(float(packed) - float(padded)) <= 1e-4 * abs(float(padded))
 
 
-def test_compiled_blocks_train_packed_rows_of_many_lengths_without_recompiling_per_length():
-    """`train.compile` with packing: padded rows, then ten packed lengths, forward and backward; every compiled
-    frame at most 3 times (the limit raises instead of falling back to eager) and flex_attention never eager."""
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_compiled_blocks_train_packed_rows_of_many_lengths_without_recompiling_per_length(kernel, monkeypatch):
+    """`train.compile` with packing, bf16 autocast: padded rows, then ten packed lengths, forward and backward;
+    every compiled frame at most 3 times (the limit raises instead of falling back to eager) and flex_attention
+    never eager."""
     import warnings
 
+    monkeypatch.setattr(attention_module, "CUDA_DOCUMENT_KERNEL", kernel)
     from tests.models.test_packed_compile import _packed_inputs
 
     torch._dynamo.reset()
@@ -61,7 +93,7 @@ def test_compiled_blocks_train_packed_rows_of_many_lengths_without_recompiling_p
         layer.compile()
     try:
         with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True), \
-                warnings.catch_warnings():
+                warnings.catch_warnings(), torch.autocast("cuda", torch.bfloat16):
             warnings.filterwarnings("error", message=".*flex_attention called without torch.compile.*")
             for length in (40, 64, 96):
                 ids = torch.randint(1, 256, (2, length), device="cuda")

@@ -97,6 +97,18 @@ def test_window_order_is_a_permutation_grouped_by_window_and_undone_by_its_inver
     assert geometry.window_lengths[:4] == (36, 24, 12, 8)
 
 
+def test_a_geometry_moves_its_index_tensors_and_keeps_its_lengths():
+    """`VisionGeometry.to`: what a tower does with the step's CPU grids before indexing patches on a GPU (the GPU
+    path itself: tests/models/test_qwen_vision_cuda.py)."""
+    geometry = vision_geometry(GRID, merge=2, num_patches=int(GRID.prod(-1).sum()), window_tokens=3)
+    assert geometry.to("cpu") is geometry
+    moved = geometry.to("meta")
+    for name in ("positions", "sizes", "window_order", "merged_inverse"):
+        assert getattr(moved, name).device.type == "meta" and getattr(moved, name).shape == getattr(geometry,
+                                                                                                 name).shape
+    assert (moved.frame_lengths, moved.window_lengths) == (geometry.frame_lengths, geometry.window_lengths)
+
+
 @pytest.mark.parametrize("grid, patches, message", [
     (torch.tensor([[1, 5, 4]]), 20, "multiples of the spatial merge size"),
     (torch.tensor([[1, 4, 4]]), 20, "accounts for 16 patches but pixel_values holds 20"),

@@ -7,7 +7,6 @@ losses prove the plans and the `unflatten(-1, (-1, head_dim))` reshapes are righ
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -101,25 +100,27 @@ def _decoder_worker(rank: int, world: int, tie: bool, sequence_parallel: bool = 
     grid = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(2), torch.arange(3), indexing="ij")).flatten(1)
     positions = torch.cat([torch.arange(3).expand(3, -1), grid + 3, torch.arange(6, seq).expand(3, -1)], dim=1)
     kwargs = {"position_ids": positions[:, None, :seq].expand(-1, 2, -1)} if qwen else {}
-    if qwen and not sequence_parallel:  # DeepStack: image rows added after layer 0 (row 1's image only)
-        where = torch.arange(3, 9) + seq
-        kwargs["added_after_layer"] = {0: (where, torch.randn(6, cfg.hidden_size, dtype=torch.float64,
-                                                              generator=torch.Generator().manual_seed(1)))}
-    if qwen and sequence_parallel:
-        with pytest.raises(ValueError, match="DeepStack"):
-            tp(tp.embed(ids), added_after_layer={0: (torch.tensor([0]), torch.zeros(1, cfg.hidden_size))}, **kwargs)
-    for model in (full, tp):
-        loss_sum, count = model.loss(model(model.embed(ids), **kwargs), labels)
+    added = []  # DeepStack: row 1's image rows added after layer 0 (under SP: into the sequence-sharded residual,
+    # positions 3-8 of 13 in both ranks' shares) and after layer 1 (the stack's gathered output)
+    for _ in (full, tp):
+        rows = torch.randn(2, 6, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        added.append(rows.requires_grad_())
+    where = torch.arange(3, 9) + seq
+    for model, rows in zip((full, tp), added, strict=True):
+        extra = {"added_after_layer": {0: (where, rows[0]), 1: (where, rows[1])}} if qwen else {}
+        loss_sum, count = model.loss(model(model.embed(ids), **kwargs, **extra), labels)
         (loss_sum / count).backward()
         results.append(loss_sum.detach())
     torch.testing.assert_close(results[1], results[0], rtol=1e-8, atol=0)
     _assert_matches(full, tp, rank, world, grads=True)
+    if qwen:  # every TP rank holds the rows' whole gradient (the bridge sends TP rank 0's)
+        torch.testing.assert_close(added[1].grad, added[0].grad, rtol=1e-8, atol=1e-14)
     return float(results[1])
 
 
 def _qwen_decoder_worker(rank: int, world: int) -> list[float]:
-    """The Qwen-shaped decoder, tied, 13 tokens: TP with DeepStack additions, then TP with sequence parallelism
-    (which refuses DeepStack), in one process spawn."""
+    """The Qwen-shaped decoder, tied, 13 tokens, DeepStack additions after both layers: TP, then TP with sequence
+    parallelism, in one process spawn."""
     return [_decoder_worker(rank, world, True, sequence_parallel, 13, True) for sequence_parallel in (False, True)]
 
 
@@ -201,8 +202,8 @@ def test_decoder_sequence_parallel_matches_full_model() -> None:
 
 
 def test_qwen_decoder_tensor_and_sequence_parallel_match_full_model() -> None:
-    """Qwen shapes (q/k norms, head_dim 12, biases, interleaved M-RoPE on 3-D positions), tied, TP2 (with a
-    DeepStack addition) and TP2 with sequence parallelism: 13 tokens, the image's positions in both ranks' shares."""
+    """Qwen shapes (q/k norms, head_dim 12, biases, interleaved M-RoPE on 3-D positions), tied, DeepStack additions,
+    TP2 and TP2 with sequence parallelism: 13 tokens, the image's positions in both ranks' shares."""
     losses = run_distributed(_qwen_decoder_worker, 2)
     assert losses[0] == losses[1]
 

@@ -1,9 +1,11 @@
 """Qwen-VL's parity rows: every deployment kind trains like the single-process model (float64, 2 steps of AdamW with
 clipping; losses, gradient norms and final parameters to a relative 1e-8).
 
-Both families, tiny: Qwen2.5-VL (windowed and full attention, sectioned M-RoPE) and Qwen3-VL (learned position
-table, interleaved M-RoPE, DeepStack into decoder layers 0 and 1). Images of four sizes, packed, 0, 1 or 3 per
-sample. One 4-rank world runs every layout of a family in turn (start-up paid once).
+Every row whose tower has DP > 1 encodes the images split by patch count (`training.patch_balance`). Both families,
+tiny: Qwen2.5-VL (windowed and full attention, sectioned M-RoPE) and Qwen3-VL (learned position
+table, interleaved M-RoPE, DeepStack into decoder layers 0, 1 and 2 of 4: across the LM PP2 boundary, and under
+sequence parallelism). Images of four sizes, packed, 0, 1 or 3 per sample. One 4-rank world runs every layout of a
+family in turn (start-up paid once).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mimo.models.qwen_vision import Qwen3VisionConfig, Qwen25VisionConfig
 from mimo.models.rotary import MRopeLayout
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.optim import OptimizerConfig, make_adamw, param_groups
+from mimo.training.patch_balance import split_images, step_imbalance
 from mimo.training.step import MimoTrainer
 from tests.training.test_parity import full_params
 
@@ -46,16 +49,26 @@ LAYOUTS = {
                           "language": {"data_parallel_size": 4}},
 }
 PACKED = "heterogeneous-vit-dp2-lm-tp2"  # also run with packed rows
+# Qwen3-VL only (DeepStack), packed: the pipeline carries layer 2's features to stage 1, and both stages add theirs
+# into the sequence-sharded residual (a packed row's odd length over TP 2)
+DEEPSTACK_SP_PP = ("colocated-vit-dp4-lm-tp2-pp2-sp-packed",
+                   {"images": {"data_parallel_size": 4},
+                    "language": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                 "data_parallel_size": 1, "sequence_parallel": True}})
 
 
 def spec(kind: str) -> QwenVLSpec:
-    """A tiny model of `kind`: width 32, 3 decoder layers, 4 heads over 2 KV heads."""
+    """A tiny model of `kind`: width 32, 4 decoder layers, 4 heads over 2 KV heads; Qwen3-VL's DeepStack features
+    go after layers 0, 1 and 2 (so LM PP2, layers 0-1 | 2-3, has them on both sides of the boundary; not after the
+    last layer, whose additions would reach only the unscored image positions)."""
     qwen3 = kind == "qwen3_vl"
-    vision = replace(Qwen3VisionConfig.tiny() if qwen3 else Qwen25VisionConfig.tiny(), out_hidden_size=32)
-    language = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+    vision = (replace(Qwen3VisionConfig.tiny(), deepstack_visual_indexes=(2, 0, 3)) if qwen3 else
+              Qwen25VisionConfig.tiny())
+    vision = replace(vision, out_hidden_size=32)
+    language = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
                              ffn_hidden_size=48, max_seq_len=256, qkv_bias=not qwen3, qk_norm=qwen3,
                              mrope=MRopeLayout((2, 1, 1), interleaved=qwen3),
-                             deepstack_layers=(0, 1) if qwen3 else (), tie_embeddings=qwen3)
+                             deepstack_layers=(0, 1, 2) if qwen3 else (), tie_embeddings=qwen3)
     return QwenVLSpec(kind, vision, language, IMAGE, 65, 66, 67)
 
 
@@ -97,6 +110,8 @@ def train_layouts(rank: int, world_size: int, kind: str) -> dict:
     """Every layout (and the packed row) in turn on this world; per row this rank's losses, norms, parameters."""
     out = {}
     rows = [(name, layout, False) for name, layout in LAYOUTS.items()] + [(PACKED + "-packed", LAYOUTS[PACKED], True)]
+    if kind == "qwen3_vl":
+        rows.append((*DEEPSTACK_SP_PP, True))
     for name, layout, packed in rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -109,7 +124,8 @@ def train_layouts(rank: int, world_size: int, kind: str) -> dict:
                               embedding_widths=prov.embedding_widths())
         results = [trainer.train_step(batch) for batch in batches(kind)]
         out[name] = {"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
-                     "params": full_params(model)}
+                     "params": full_params(model), "balance": [r.patch_balance for r in results],
+                     "images_dp": layout["images"]["data_parallel_size"]}
     return out
 
 
@@ -118,6 +134,10 @@ def test_every_layout_trains_like_one_process(kind: str) -> None:
     ref_losses, ref_norms, ref_params = reference(kind)
     results = run_distributed(train_layouts, 4, kind, timeout_s=300)
     for name in results[0]:
+        dp = results[0][name]["images_dp"]
+        balanced = [{"images": step_imbalance([split_images(b.microbatch(m, MICRO).modality_inputs["images"], dp)
+                                               for m in range(MICRO)])} if dp > 1 else {} for b in batches(kind)]
+        assert all(res[name]["balance"] == balanced for res in results), f"{kind} {name}: images not split by patches"
         seen = set()
         for rank, per_rank in enumerate(results):
             res = per_rank[name]

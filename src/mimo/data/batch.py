@@ -19,6 +19,13 @@ from mimo.models.labels import IGNORE_INDEX
 from mimo.models.mimo_model import ModalityBatch
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`, copied from pinned memory (pinned here unless it is) without blocking the host."""
+    if device.type == "cpu":
+        return t
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 @dataclass
 class Sample:
     """One sample: 1-D text ids, 1-D labels (position t's target) and, per modality, its items [k, ...], or, for
@@ -97,9 +104,7 @@ class MimoBatch:
         device = torch.device(device)
 
         def copy(t: torch.Tensor) -> torch.Tensor:
-            if device.type == "cpu":
-                return t
-            return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+            return to_device(t, device)
 
         return MimoBatch(copy(self.input_ids) if text else self.input_ids, copy(self.labels) if text else self.labels,
                          {name: self.modality_inputs[name].with_items(copy(self.modality_inputs[name].items))

@@ -1,10 +1,11 @@
 """LLaVA-format training data: a JSON / JSONL file of conversations and a folder of images (`data.name: llava`).
 
 `LlavaDataset[i]` parses entry i (`mimo.data.conversation`), renders it with the template
-(`mimo.data.templates`), tokenizes the whole text once with character offsets, labels the tokens inside the
-assistant spans, expands each `<image>` to the model's tokens-per-image image tokens and preprocesses the
-images as the model's Hugging Face image processor does (`mimo.hf.image`). Labels are next-token targets
-(`labels[t]` is the target of position t), as every mimo dataset's.
+(`mimo.data.templates`), prepares its images as the model takes them (`mimo.data.image_inputs`: LLaVA's one size
+through its Hugging Face image processor, or Qwen-VL's native-resolution patches), tokenizes the whole text once
+with character offsets, labels the tokens inside the assistant spans, and expands each image token to that
+image's count of model image tokens. Labels are next-token targets (`labels[t]` is the target of position t), as
+every mimo dataset's.
 
 Truncation: a sample longer than `max_seq_len` is dropped, never cut (a cut could split an image's token block
 or leave nothing to learn); it is a bad sample like a missing or corrupt image or a malformed conversation
@@ -25,9 +26,9 @@ from PIL import Image
 from mimo.data.bad_samples import BadSample, SkippedSample
 from mimo.data.batch import MimoBatch, Sample
 from mimo.data.conversation import ConversationError, parse_entry
+from mimo.data.image_inputs import FixedSizeImages, ImageInputError, PackedImages, PreparedImage
 from mimo.data.scan import DataFileError, leaves_folder
 from mimo.data.templates import Rendered, build_template
-from mimo.hf.image import ImageProcessor
 from mimo.hf.prompt import Prompter
 from mimo.models.labels import IGNORE_INDEX
 
@@ -94,16 +95,16 @@ class Entries:
 class LlavaDataset:
     """A LLaVA-format file as training samples for a model with one image modality (see the module docstring).
 
-    `prompter` is the tokenizer (and chat template); its image token becomes `tokens_per_image` copies of the
-    model's `image_token_id`. `image_size` (height, width) is what the vision encoder takes; an image that
-    preprocesses to another size is a bad sample. `vocab_size` is the language model's: every other token id
-    of the tokenizer must be below it. `cache_samples` keeps every prepared sample in memory (small datasets:
-    the digits). `modality` is the batch key of the images (the model family's name for its image modality)."""
+    `prompter` is the tokenizer (and chat template); `images` prepares each image as the model takes it and says
+    how many tokens it stands for (`FixedSizeImages`: LLaVA's one size; `PackedImages`: Qwen-VL's native
+    resolution, packed with grids), and the prompter's image token becomes that many copies of the model's
+    `image_token_id`. `vocab_size` is the language model's: every other token id of the tokenizer must be below
+    it. `cache_samples` keeps every prepared sample in memory (small datasets: the digits). `modality` is the batch
+    key of the images (the model family's name for its image modality)."""
 
     def __init__(self, path: str | Path, image_folder: str | Path | None, prompter: Prompter,
-                 image_processor: ImageProcessor, *, modality: str, image_token_id: int, tokens_per_image: int,
-                 image_size: tuple[int, int], max_seq_len: int, template: str = "chat",
-                 on_bad_sample: str = "skip", vocab_size: int | None = None,
+                 images: FixedSizeImages | PackedImages, *, modality: str, image_token_id: int,
+                 max_seq_len: int, template: str = "chat", on_bad_sample: str = "skip", vocab_size: int | None = None,
                  dtype: torch.dtype = torch.float32, cache_samples: bool = False,
                  allow_paths_outside_image_folder: bool = False, max_image_pixels: int | None = None) -> None:
         """Read the file's entries (not the images) and check the tokenizer against the model."""
@@ -117,9 +118,8 @@ class LlavaDataset:
         self.modality = modality
         self.prompter = prompter
         self.template = build_template(template, prompter)
-        self.image_processor = image_processor
-        self.image_token_id, self.tokens_per_image = image_token_id, tokens_per_image
-        self.image_size, self.max_seq_len = tuple(image_size), max_seq_len
+        self.images = images
+        self.image_token_id, self.max_seq_len = image_token_id, max_seq_len
         self.on_bad_sample, self.dtype = on_bad_sample, dtype
         self.text_image_id = self.prompter.image_token_id()
         self.pad_id = self._pad_id()
@@ -172,19 +172,23 @@ class LlavaDataset:
             rendered = self.template.render(conversation)
         except ConversationError as e:
             raise BadSample(index, where, f"malformed conversation: {e}") from None
-        input_ids, labels = self._tokens(rendered, len(conversation.images), index, where)
-        images = torch.stack([self._image(name, index) for name in conversation.images]) if conversation.images \
-            else torch.empty(0, 3, *self.image_size, dtype=self.dtype)
-        return Sample(input_ids, labels, {self.modality: images})
+        images = [self._image(name, index) for name in conversation.images]
+        input_ids, labels = self._tokens(rendered, [image.tokens for image in images], index, where)
+        items, grids = self.images.sample_items(images, self.dtype)
+        return Sample(input_ids, labels, {self.modality: items}, {} if grids is None else {self.modality: grids})
 
-    def _tokens(self, rendered: Rendered, num_images: int, index: int, where: str) -> tuple[torch.Tensor, ...]:
-        """Token ids with images expanded, and next-token labels on the tokens inside the rendered spans."""
+    def _tokens(self, rendered: Rendered, image_tokens: list[int], index: int,
+                where: str) -> tuple[torch.Tensor, ...]:
+        """Token ids with image i expanded to its `image_tokens[i]` tokens, and next-token labels on the tokens
+        inside the rendered spans."""
         encoding = self.prompter.encode(rendered.text, rendered.add_special_tokens)
-        ids, learn = [], []
+        num_images, ids, learn = len(image_tokens), [], []
+        expand = iter(image_tokens)
         for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
             if token_id == self.text_image_id:
-                ids += [self.image_token_id] * self.tokens_per_image
-                learn += [False] * self.tokens_per_image
+                count = next(expand, 0)
+                ids += [self.image_token_id] * count
+                learn += [False] * count
             else:
                 ids.append(token_id)
                 learn.append(end > start and any(start < b and end > a for a, b in rendered.targets))
@@ -202,10 +206,10 @@ class LlavaDataset:
                              IGNORE_INDEX)
         return input_ids, labels
 
-    def _image(self, name: str, index: int) -> torch.Tensor:
-        """One image file, preprocessed to [3, H, W]; a missing, corrupt or wrongly sized one, one outside the image
-        folder (unless allowed) and one past `max_image_pixels` (read from its header, never decoded) is a
-        BadSample."""
+    def _image(self, name: str, index: int) -> PreparedImage:
+        """One image file, prepared as the model takes it (`images`); a missing, corrupt or unusable one, one
+        outside the image folder (unless allowed) and one past `max_image_pixels` (read from its header, never
+        decoded) is a BadSample."""
         if self.image_folder is None:
             raise BadSample(index, name, "the sample has an image but data.image_folder is not set")
         if not self.allow_outside and leaves_folder(name):
@@ -218,17 +222,16 @@ class LlavaDataset:
                     raise BadSample(index, str(path), f"{image.width}x{image.height} pixels, more than "
                                                       f"data.max_image_pixels={self.max_pixels} (skipped, not decoded)")
                 image.load()
-                pixels = self.image_processor(image)
+                prepared = self.images.prepare(image)
         except BadSample:
             raise
+        except ImageInputError as e:
+            raise BadSample(index, str(path), str(e)) from None
         except FileNotFoundError:
             raise BadSample(index, str(path), "image file not found") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise BadSample(index, str(path), f"cannot decode the image ({e})") from None
-        if tuple(pixels.shape[1:]) != self.image_size:
-            raise BadSample(index, str(path), f"the image preprocesses to {tuple(pixels.shape[1:])}, the vision "
-                                              f"encoder takes {self.image_size}")
-        return pixels.to(self.dtype)
+        return PreparedImage(prepared.values.to(self.dtype), prepared.tokens, prepared.grid)
 
     def batch(self, indices: Sequence[int], seq_len: int | None = None) -> MimoBatch:
         """The collated samples of `indices`, a bad one handled as `on_bad_sample` says. skip: the next good

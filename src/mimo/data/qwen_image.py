@@ -107,6 +107,18 @@ class QwenImageProcessor:
                 fields[key] = tuple(value) if isinstance(value, (list, tuple)) else (float(value),) * 3
         return cls(**fields)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a `preprocessor_config.json` (the pixel bounds both as `size`, transformers 5's, and as
+        min_pixels / max_pixels, transformers 4's); `from_dict` reads it back to this processor."""
+        return {"image_processor_type": PROCESSOR_TYPES[0], "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
+                "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+                "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "rescale_factor": self.rescale_factor, "resample": int(self.resample),
+                "do_convert_rgb": self.do_convert_rgb, "do_resize": self.do_resize, "do_rescale": self.do_rescale,
+                "do_normalize": self.do_normalize}
+
     def with_pixels(self, min_pixels: int | None = None, max_pixels: int | None = None) -> QwenImageProcessor:
         """This processor with `data.min_pixels` / `data.max_pixels` overrides (None: keep the directory's)."""
         return replace(self, min_pixels=self.min_pixels if min_pixels is None else min_pixels,

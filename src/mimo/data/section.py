@@ -45,18 +45,28 @@ class DataSection:
     # llava: an image with more pixels is a bad sample, skipped before it is decoded (a decompression bomb, a
     # 12000² scan decoded in full for a 336² input); null: no cap
     max_image_pixels: int | None = field(default=50_000_000, metadata={"min": 1})
+    # llava, native-resolution images (model.family qwen_vl): the fewest pixels an image is resized to, overriding
+    # the model directory's image processor's min_pixels; null: the directory's
+    min_pixels: int | None = field(default=None, metadata={"min": 1})
+    # llava, native-resolution images (model.family qwen_vl): the most pixels an image is resized to (its image
+    # tokens: pixels / (patch x merge)^2), overriding the directory's max_pixels; null: the directory's
+    max_pixels: int | None = field(default=None, metadata={"min": 1})
     # the longest a rank waits for one batch before the launcher names and ends it (a read that never returns)
     timeout_s: float = field(default=600.0, metadata={"above": 0})
 
     def __post_init__(self) -> None:
         """A llava dataset names its file and image folder; the built-in ones take none of its keys."""
+        if None not in (self.min_pixels, self.max_pixels) and self.min_pixels > self.max_pixels:
+            raise RunConfigError(f"data: min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}; give "
+                                 f"min_pixels <= max_pixels")
         if self.name == "llava":
             missing = [k for k in ("path", "image_folder") if getattr(self, k) is None]
             if missing:
                 raise RunConfigError(f"data: name 'llava' needs {' and '.join(f'data.{k}' for k in missing)} "
                                      f"(the LLaVA JSON / JSONL file and the folder its images are in)")
             return
-        given = [k for k in ("path", "image_folder", "tokenizer") if getattr(self, k) is not None]
+        given = [k for k in ("path", "image_folder", "tokenizer", "min_pixels", "max_pixels")
+                 if getattr(self, k) is not None]
         given += ["template"] if self.template != "chat" else []
         if given:
             raise RunConfigError(f"data: {', '.join(f'data.{k}' for k in given)} apply to name 'llava' only, and "

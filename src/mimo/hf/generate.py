@@ -5,7 +5,7 @@ itself: `mimo.models.generation.greedy_decode`), and the end-of-sequence ids it 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -14,14 +14,17 @@ from mimo.models import ModalityBatch
 from mimo.models.generation import greedy_decode
 
 
-def greedy(model, input_ids: list[int], items: Mapping[str, torch.Tensor], max_new_tokens: int,
-           eos_ids: Iterable[int] = ()) -> list[int]:
-    """The greedy continuation of `input_ids`, up to an end-of-sequence id: one sample with the items [n, ...] of
-    each modality of `items` (images [n, 3, H, W] under the family's image modality)."""
+def greedy(model, input_ids: list[int], items: Mapping[str, torch.Tensor | ModalityBatch], max_new_tokens: int,
+           eos_ids: Iterable[int] = (), positions: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[int]:
+    """The greedy continuation of `input_ids`, up to an end-of-sequence id: one sample with the items of each
+    modality of `items` (images [n, 3, H, W] under the family's image modality, or a `ModalityBatch` of one sample:
+    packed images with their grids); `positions` as `greedy_decode` takes them (M-RoPE)."""
     model.eval()
-    batches = {m: ModalityBatch(x.to(_dtype(model)), torch.tensor([x.shape[0]], dtype=torch.long))
-               for m, x in items.items()}
-    return greedy_decode(model, torch.tensor([input_ids]), batches, max_new_tokens, eos_ids)[0].tolist()
+    dtype = _dtype(model)
+    batches = {m: x.with_items(x.items.to(dtype)) if isinstance(x, ModalityBatch)
+               else ModalityBatch(x.to(dtype), torch.tensor([x.shape[0]], dtype=torch.long)) for m, x in items.items()}
+    return greedy_decode(model, torch.tensor([input_ids]), batches, max_new_tokens, eos_ids,
+                         positions=positions)[0].tolist()
 
 
 def eos_token_ids(directory: str | Path) -> list[int]:

@@ -51,15 +51,7 @@ class ImageProcessor:
     def from_directory(cls, directory: str | Path) -> ImageProcessor:
         """Read `preprocessor_config.json` (or `processor_config.json`'s image_processor, as transformers 5
         writes it); an unsupported processor or setting is an error naming it."""
-        path = Path(directory) / "preprocessor_config.json"
-        if path.is_file():
-            return cls.from_dict(json.loads(path.read_text()), str(path))
-        path = Path(directory) / "processor_config.json"
-        nested = json.loads(path.read_text()).get("image_processor") if path.is_file() else None
-        if not isinstance(nested, dict):
-            raise ImageConfigError(f"{directory}: no preprocessor_config.json (nor an image_processor in "
-                                   f"processor_config.json), so the image preprocessing is unknown")
-        return cls.from_dict(nested, f"{path}: image_processor")
+        return cls.from_dict(*read_preprocessor_config(directory))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "preprocessor_config.json") -> ImageProcessor:
@@ -141,3 +133,34 @@ def _center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
         raise ImageConfigError(f"crop_size {height}x{width} exceeds the resized image {h}x{w}; mimo does not pad")
     top, left = (h - height) // 2, (w - width) // 2
     return pixels[..., top:top + height, left:left + width]
+
+
+def read_preprocessor_config(directory: str | Path) -> tuple[dict[str, Any], str]:
+    """(the image processor's settings, where they were read): `preprocessor_config.json`, else
+    `processor_config.json`'s image_processor (as transformers 5 writes it); neither is an ImageConfigError."""
+    path = Path(directory) / "preprocessor_config.json"
+    if path.is_file():
+        return json.loads(path.read_text()), str(path)
+    path = Path(directory) / "processor_config.json"
+    nested = json.loads(path.read_text()).get("image_processor") if path.is_file() else None
+    if not isinstance(nested, dict):
+        raise ImageConfigError(f"{directory}: no preprocessor_config.json (nor an image_processor in "
+                               f"processor_config.json), so the image preprocessing is unknown")
+    return nested, f"{path}: image_processor"
+
+
+def open_image(path: str | Path, what: str = "--image") -> Image.Image:
+    """One image file decoded for generation, or a one-line ConfigFileError naming it (`what`: the option that named
+    it), a decompression bomb too."""
+    from PIL import UnidentifiedImageError
+
+    from mimo.config import ConfigFileError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise ConfigFileError(f"{what} {path}: too large to decode safely ({e}); give a smaller image") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise ConfigFileError(f"{what} {path}: cannot read it as an image ({e})") from None
+    return image

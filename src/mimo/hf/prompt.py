@@ -41,9 +41,11 @@ class Prompter:
     image_token: str = IMAGE_TOKEN
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> Prompter:
+    def from_directory(cls, directory: str | Path, default_image_token: str = IMAGE_TOKEN) -> Prompter:
         """Read tokenizer.json, tokenizer_config.json and the processor's chat template (if any), and give the
-        tokenizer its image token if it has none (`add_image_token`): every user of a prompter reads images."""
+        tokenizer its image token if it has none (`add_image_token`): every user of a prompter reads images. The
+        image token is the processor's or tokenizer's `image_token`, else `default_image_token` (the model
+        family's: LLaVA's `<image>`, Qwen-VL's `<|image_pad|>`, as their processors default)."""
         directory = Path(directory)
         if not (directory / "tokenizer.json").is_file():
             raise PromptError(f"{directory}: no tokenizer.json (the fast tokenizer file mimo runs)")
@@ -51,7 +53,7 @@ class Prompter:
         specials = {k: _content(v) for k, v in {**_json(directory / "special_tokens_map.json"), **config}.items()
                     if k.endswith("_token") and _content(v) is not None}
         processor = _json(directory / "processor_config.json")
-        image_token = processor.get("image_token", config.get("image_token", IMAGE_TOKEN))
+        image_token = processor.get("image_token", config.get("image_token", default_image_token))
         prompter = cls(Tokenizer.from_file(str(directory / "tokenizer.json")), specials,
                        _chat_template(directory, config), image_token)
         prompter.add_image_token()
@@ -119,17 +121,21 @@ class Prompter:
                               f"(Prompter.add_image_token, which Prompter.from_directory calls)")
         return token_id
 
-    def input_ids(self, prompt: str, image_tokens: int, model_image_id: int | None = None,
+    def input_ids(self, prompt: str, image_tokens: int | Sequence[int], model_image_id: int | None = None,
                   images: int = 1) -> list[int]:
-        """Token ids of the prompt (`text`) with each of its `images` images expanded to `image_tokens` image
-        tokens, written as `model_image_id` if given (a model trained from a tower and a language model has its
-        own image id)."""
+        """Token ids of the prompt (`text`) about `images` images, image i expanded to `image_tokens` image tokens
+        (one count for every image, or each image's own: native-resolution towers), written as `model_image_id` if
+        given (a model trained from a tower and a language model has its own image id)."""
         text = self.text(prompt, images)
         if text.count(self.image_token) != images:
             raise PromptError(f"the prompt holds {text.count(self.image_token)} {self.image_token} placeholder(s) "
                               f"for {images} image(s); write one {IMAGE_TOKEN} where each image goes, or none "
                               f"(the image(s) then go before the text)")
-        text = text.replace(self.image_token, self.image_token * image_tokens)
+        counts = [image_tokens] * images if isinstance(image_tokens, int) else list(image_tokens)
+        if len(counts) != images:
+            raise PromptError(f"{len(counts)} image token counts for {images} image(s)")
+        pieces = text.split(self.image_token)
+        text = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True))
         text_id = self.image_token_id()
         ids = self.encode(text, self.adds_special_tokens(text)).ids
         return ids if model_image_id is None else [model_image_id if i == text_id else i for i in ids]

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
-from mimo.models.attention import CAUSAL, Attention, document_attention
+from mimo.models.attention import CAUSAL, Attention, compute_dtype, document_attention
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
 from mimo.models.rotary import Llama3RopeScaling, MRopeLayout, apply_rotary, mrope_tables, rotary_tables
@@ -56,7 +56,8 @@ class DecoderConfig:
     qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3's q_norm / k_norm)
     mrope: MRopeLayout | None = None  # 3-D rotary positions (Qwen2.5-VL sectioned, Qwen3-VL interleaved)
     # DeepStack (Qwen3-VL): modality rows written by `embed` may be [n, H·(1 + k)]: their k-th extra H-wide block is
-    # added at the same positions after layer deepstack_layers[k] (transformers' `_deepstack_process`)
+    # added at the same positions after layer deepstack_layers[k] (transformers' `_deepstack_process`); ascending.
+    # A later pipeline stage gets its blocks as `added_after_layer` (the step carries them: training/deepstack.py)
     deepstack_layers: tuple[int, ...] = ()
     # rows of the embedding and the output head when more than vocab_size (Megatron's name): a vocabulary that
     # tensor parallelism does not divide, padded (`padded_for`); the padded ids are never inputs, and their logits
@@ -75,9 +76,10 @@ class DecoderConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.mrope is not None:
             self.mrope.check(self.head_dim)
-        if any(not 0 <= i < self.num_layers for i in self.deepstack_layers):
-            raise ValueError(f"deepstack_layers {list(self.deepstack_layers)} must be layers of the "
-                             f"{self.num_layers}-layer decoder")
+        layers = self.deepstack_layers
+        if any(not 0 <= i < self.num_layers for i in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"deepstack_layers {list(layers)} must be distinct layers of the {self.num_layers}-layer "
+                             f"decoder in ascending order")
 
     @property
     def head_dim(self) -> int:
@@ -216,12 +218,34 @@ class DecoderLayer(nn.Module):
 
 def add_at(hidden: torch.Tensor, where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H] with values [n, H] added at `where` (a bool mask [B, S] or n flat indices into B·S), in
-    row-major order; out of place, as HF's `_deepstack_process` (`hidden[mask] + values`)."""
-    if isinstance(hidden, DTensor):
-        raise ValueError("added_after_layer (DeepStack) cannot run with sequence_parallel: the residual between "
-                         "layers is then sharded along the sequence; turn sequence_parallel off for this model")
+    row-major order; out of place, as HF's `_deepstack_process` (`hidden[mask] + values`). A sequence-sharded
+    DTensor (sequence parallelism) gets the rows of its own positions (`_add_at_sharded`)."""
     index = where.flatten().nonzero().squeeze(1) if where.dtype == torch.bool else where
+    if isinstance(hidden, DTensor):
+        return _add_at_sharded(hidden, index, values)
     return hidden.flatten(0, 1).index_add(0, index, values.to(hidden.dtype)).view_as(hidden)
+
+
+def _add_at_sharded(hidden: DTensor, index: torch.Tensor, values: torch.Tensor) -> DTensor:
+    """`add_at` on a DTensor sharded along the sequence: each rank adds the rows whose positions it holds (the
+    others go to a spare row it drops, so their gradient here is exactly zero). Which positions a rank holds: a
+    replicated arange of B·S laid out as `hidden` is (a local slice, no traffic). The replicated `values` are
+    taken local with a partial gradient, so the backward sums the ranks' rows over the mesh: every rank gets
+    the whole gradient, as it would without sequence parallelism."""
+    mesh, placements = hidden.device_mesh, hidden.placements
+    replicated = [Replicate()] * mesh.ndim
+    local = hidden.to_local()
+    batch, seq, device = *hidden.shape[:2], local.device
+    flat = torch.arange(batch * seq, device=device).view(batch, seq)
+    held = DTensor.from_local(flat, mesh, replicated, run_check=False).redistribute(mesh, placements).to_local()
+    rows = local.shape[0] * local.shape[1]
+    slot = torch.full((batch * seq,), rows, dtype=torch.long, device=device)  # not held: the spare row
+    slot[held.flatten()] = torch.arange(rows, device=device)
+    partial = [Partial() if p.is_shard() else Replicate() for p in placements]
+    mine = DTensor.from_local(values, mesh, replicated, run_check=False).to_local(grad_placements=partial)
+    padded = torch.cat([local.flatten(0, 1), local.new_zeros(1, local.shape[-1])])
+    added = padded.index_add(0, slot[index.to(device)], mine.to(local.dtype))[:rows].view_as(local)
+    return DTensor.from_local(added, mesh, placements, run_check=False, shape=hidden.shape, stride=hidden.stride())
 
 
 class Decoder(nn.Module):
@@ -236,11 +260,6 @@ class Decoder(nn.Module):
                              f"[0, {config.num_layers}) layers")
         self.config = config
         self.layer_range = (start, end)
-        late = [i for i in config.deepstack_layers if start <= i < end] if start > 0 else []
-        if late:
-            raise ValueError(f"DeepStack layers {late} sit on a pipeline stage after the first (layers {start}-"
-                             f"{end - 1}); its features reach the first stage only: put layers up to "
-                             f"{max(config.deepstack_layers)} on the first stage")
         self.embed_tokens = nn.Embedding(config.embedding_rows, config.hidden_size) if self.has_embedding else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
         if self.has_head:
@@ -362,7 +381,7 @@ class Decoder(nn.Module):
                 added_after_layer: AddedAfterLayer | None = None) -> torch.Tensor:
         """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
         cos, sin = self._rotary(hidden, position_ids)
-        attention = CAUSAL if document_ids is None else document_attention(document_ids)
+        attention = CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden))
         for index, layer in self.layers.items():
             hidden = layer(hidden, cos, sin, attention)
             if added_after_layer and int(index) in added_after_layer:

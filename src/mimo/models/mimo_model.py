@@ -196,13 +196,14 @@ class MimoModel(nn.Module):
         """
         if check:
             self.check_alignment(input_ids, tokens_per_sample, {n: v.shape[0] for n, v in modality_embeddings.items()})
-        embeddings_at = [(self._positions(name, input_ids, host_ids), values)
+        embeddings_at = [(self.special_positions(name, input_ids, host_ids), values)
                          for name, values in modality_embeddings.items()]
         return {"input_ids": input_ids.masked_fill(is_special(input_ids, self.special_token_ids), 0),
                 "embeddings_at": embeddings_at}
 
-    def _positions(self, name: str, input_ids: torch.Tensor, host_ids: torch.Tensor | None) -> torch.Tensor:
-        """Modality `name`'s special-token positions: a [B, S] mask, or flat indices from the CPU ids."""
+    def special_positions(self, name: str, input_ids: torch.Tensor, host_ids: torch.Tensor | None) -> torch.Tensor:
+        """Modality `name`'s special-token positions: a [B, S] mask, or flat indices from the CPU ids (also where a
+        later pipeline stage adds DeepStack's features)."""
         token_id = self.special_token_ids[name]
         if host_ids is None:
             return input_ids == token_id

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from mimo.models.attention import compute_dtype
 from mimo.models.encoder_block import ACTIVATIONS
 from mimo.models.fused_parallel import FusedColwiseParallel
 from mimo.models.qwen_vision_geometry import VisionGeometry, vision_geometry
@@ -338,14 +339,15 @@ class Qwen25VisionTower(PackedTower):
         """Embed, reorder window by window, run the blocks (full or windowed), merge, restore packed order."""
         c = self.config
         _check_patches(pixel_values, c)
-        geometry = geometry or self.geometry(grid_thw, pixel_values.shape[0])
+        # the grids come on the CPU (the step's host metadata): the index tensors go where the patches are
+        geometry = (geometry or self.geometry(grid_thw, pixel_values.shape[0])).to(pixel_values.device)
         order = geometry.window_order
         if order is None:
             raise ValueError("Qwen2.5-VL's tower needs a geometry with its windows: build it with tower.geometry()")
         x = self.patch_embed(pixel_values)[order]
         cos, sin = rotary_tables(geometry.positions[order], c.head_dim, c.rope_theta)
-        full = segment_attention(geometry.frame_lengths, x.device)
-        windowed = segment_attention(geometry.window_lengths, x.device)
+        full = segment_attention(geometry.frame_lengths, x.device, compute_dtype(x))
+        windowed = segment_attention(geometry.window_lengths, x.device, compute_dtype(x))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full if i in c.fullatt_block_indexes else windowed)
         return VisionOutput(self.merger(x)[geometry.merged_inverse])
@@ -422,11 +424,12 @@ class Qwen3VisionTower(PackedTower):
         """Embed, add positions, run the blocks (full attention per frame), merge; DeepStack on the way."""
         c = self.config
         _check_patches(pixel_values, c)
-        geometry = geometry or self.geometry(grid_thw, pixel_values.shape[0])
+        # the grids come on the CPU (the step's host metadata): the index tensors go where the patches are
+        geometry = (geometry or self.geometry(grid_thw, pixel_values.shape[0])).to(pixel_values.device)
         x = self.patch_embed(pixel_values)
         x = x + self.positions(geometry).to(x.dtype)
         cos, sin = rotary_tables(geometry.positions, c.head_dim, c.rope_theta)
-        attend = segment_attention(geometry.frame_lengths, x.device)
+        attend = segment_attention(geometry.frame_lengths, x.device, compute_dtype(x))
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attend)

@@ -13,7 +13,7 @@ call, never inside a compiled graph; a data loader may build them ahead (`forwar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -33,6 +33,14 @@ class VisionGeometry:
     def num_patches(self) -> int:
         """Patches in the call."""
         return int(self.positions.shape[0])
+
+    def to(self, device: torch.device | str) -> VisionGeometry:
+        """The same geometry with its index tensors on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.positions.device == device:
+            return self
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def check_grid(grid_thw: torch.Tensor, merge: int, num_patches: int) -> list[tuple[int, int, int]]:

@@ -2,9 +2,10 @@
 
 Packed patches are one sequence [1, heads, N, d]; a patch attends to every patch of its segment and to nothing
 else (block-diagonal), so images of different sizes share a call with no padding. Two variants, picked by device
-in one place (`segment_attention`): SDPA with an explicit [N, N] boolean mask (any device; the CPU path), and
-compiled `flex_attention` with a block mask on CUDA, which skips the blocks outside the diagonal (the varlen
-kernel's work). Built once per call from the segment lengths; every layer of a kind reuses its instance.
+in one place (`segment_attention`): SDPA with an explicit [N, N] boolean mask (any device; the CPU path), flash
+attention's varlen kernel over the segments' cumulative lengths on CUDA in bf16/fp16 (transformers' own path for
+these towers), and compiled `flex_attention` with a block mask on CUDA in float32 (it skips the blocks outside
+the diagonal). Built once per call from the segment lengths; every layer of a kind reuses its instance.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from mimo.models.attention import compiled_flex_attention
+from mimo.models.attention import compiled_flex_attention, use_varlen, varlen_attention, varlen_options
 
 
 def segment_ids(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -63,9 +64,31 @@ class FlexSegmentAttention:
         return compiled_flex_attention()(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask)
 
 
-def segment_attention(lengths: Sequence[int],
-                      device: torch.device | str) -> MaskedSegmentAttention | FlexSegmentAttention:
-    """The within-segment variant for `device`: flex_attention on CUDA, the explicit mask elsewhere."""
-    if torch.device(device).type == "cuda":
-        return FlexSegmentAttention(lengths, device)
-    return MaskedSegmentAttention(lengths, device)
+class VarlenSegmentAttention:
+    """Within-segment attention through flash attention's varlen kernel (CUDA, bf16/fp16): no mask at all."""
+
+    def __init__(self, lengths: Sequence[int], device: torch.device | str | None = None) -> None:
+        """The segments' cumulative lengths (on `device`) and the longest one."""
+        sizes = [int(n) for n in lengths]
+        bounds = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        self.cu_seqlens = bounds.to(device)
+        self.longest = max(sizes, default=1)
+        self.options = varlen_options(causal=False)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [1, heads, N, d] → [1, heads, N, d]."""
+        return varlen_attention(q, k, v, self.cu_seqlens, self.longest, self.options)
+
+
+SegmentAttention = MaskedSegmentAttention | VarlenSegmentAttention | FlexSegmentAttention
+
+
+def segment_attention(lengths: Sequence[int], device: torch.device | str,
+                      dtype: torch.dtype = torch.float32) -> SegmentAttention:
+    """The within-segment variant for `device` and the attention's `dtype`: on CUDA the varlen kernel in
+    bf16/fp16 (`use_varlen`), flex_attention otherwise; the explicit mask elsewhere."""
+    if torch.device(device).type != "cuda":
+        return MaskedSegmentAttention(lengths, device)
+    if use_varlen(device, dtype):
+        return VarlenSegmentAttention(lengths, device)
+    return FlexSegmentAttention(lengths, device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from mimo.data import BadSample, MimoBatch
+from mimo.data.positions import MRopePositions
 from mimo.models import MimoModel, ModalityBatch
 from mimo.models.generation import greedy_decode
 from mimo.models.labels import IGNORE_INDEX
@@ -40,9 +41,11 @@ def answer_accuracy(model: MimoModel, dataset, batch_size: int = 128) -> float:
 
 
 @torch.no_grad()
-def held_out_loss(model: MimoModel, dataset, batch_size: int = 16) -> tuple[float, int]:
+def held_out_loss(model: MimoModel, dataset, batch_size: int = 16,
+                  positions: MRopePositions | None = None) -> tuple[float, int]:
     """(the mean cross-entropy per label token over every good sample, the number of good samples): padded
-    batches through the model's single-process forward, the loss the training step computes. Bad samples
+    batches through the model's single-process forward, the loss the training step computes (`positions`: the
+    provider's `text_positions` where the model does not number tokens 0, 1, ...: Qwen-VL's M-RoPE). Bad samples
     (`BadSample`) are left out, not substituted."""
     model.eval()
     samples = []
@@ -56,7 +59,8 @@ def held_out_loss(model: MimoModel, dataset, batch_size: int = 16) -> tuple[floa
     loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
     for start in range(0, len(samples), batch_size):
         batch = MimoBatch.collate(samples[start:start + batch_size], dataset.pad_id)
-        summed, count = model(batch.input_ids, batch.labels, batch.modality_inputs)
+        layout = {} if positions is None else {"position_ids": positions.rows(batch.input_ids, batch)}
+        summed, count = model(batch.input_ids, batch.labels, batch.modality_inputs, **layout)
         loss_sum, tokens = loss_sum + summed.double(), tokens + int(count)
     return float(loss_sum) / max(tokens, 1), len(samples)
 

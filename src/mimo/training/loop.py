@@ -333,7 +333,7 @@ def _held_out_loss(plan: RunPlan, checkpoint: Path, step: int, writer: MetricsWr
         provider = plan.whole_model_provider(torch.device("cpu"))
         model = provider.provide()
         load_model_only(checkpoint, model, plan.hf_parts)
-        loss, count = held_out_loss(model, plan.dataset(provider, "held_out"))
+        loss, count = held_out_loss(model, plan.dataset(provider, "held_out"), positions=provider.text_positions)
         writer.log_eval(step, {"loss": loss})
         print(f"held-out loss at step {step}: {loss:.4f} ({count} samples of {plan.config.eval.path})", flush=True)
     dist.barrier()

@@ -70,7 +70,8 @@ class Clock:
 
 def step_record(step: int, result: StepResult, flops: float | None = None) -> dict[str, Any]:
     """A training step's metrics: throughput, model TFLOP/s from the step's FLOPs, each phase's seconds.
-    `tokens_per_s` is real tokens (no padding, packed or not), `positions_per_s` what the model computed."""
+    `tokens_per_s` is real tokens (no padding, packed or not), `positions_per_s` what the model computed;
+    `{modality}_patch_balance` the encoder's max / mean patches per DP rank where images are split by patches."""
     seconds = dict(result.seconds)
     step_time = seconds.pop("step", math.nan)
     per_s = 1 / step_time if step_time > 0 else math.nan
@@ -82,6 +83,7 @@ def step_record(step: int, result: StepResult, flops: float | None = None) -> di
         "grad_norm": result.grad_norm, "lr": result.lr, "peak_memory_gb": peak_memory_gb(),
     }
     record.update({f"{key}_s": value for key, value in seconds.items()})
+    record.update({f"{name}_patch_balance": value for name, value in result.patch_balance.items()})  # max / mean
     return record
 
 

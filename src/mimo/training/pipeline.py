@@ -5,6 +5,8 @@ gradients back; here stage 0's input arrives per micro-batch from the bridge (an
 computing the next one) and its gradient goes back across the bridge. So the schedule is ours: the
 standard one-forward-one-backward order, activations and gradients moved point to point over the
 module's pipeline group (asynchronous sends, blocking receives), the step supplying the stage's work.
+An activation is one tensor or several (the hidden states and DeepStack's features for later stages): several
+travel as one flat buffer, one message each way, and the receiver views it as the parts.
 """
 
 from __future__ import annotations
@@ -16,22 +18,27 @@ import torch
 import torch.distributed as dist
 
 from mimo.grid import P2PGroups, is_first_pp_stage, is_last_pp_stage
+from mimo.training.schedules import one_f_one_b
 
 _TAG_BASE = 1 << 20  # p2p tags of the pipeline, clear of the bridge's
+
+Activation = torch.Tensor | tuple[torch.Tensor, ...]  # what a stage sends the next: one tensor, or several
+Shape = tuple[int, ...]
 
 
 @dataclass
 class StageWork:
     """What a stage does for micro-batch m; supplied by the training step.
 
-    forward(m, x): run the stage on `x` (None on the first stage) and return its output activation, or on
-    the last stage the scalar to backpropagate. before_backward(m, out, last): called just before the
+    forward(m, x): run the stage on `x` (None on the first stage; a tuple where the previous stage sends several
+    tensors) and return its output activation (a tensor or a tuple), or on the last stage the scalar to
+    backpropagate. before_backward(m, out, last): called just before the
     backward of m with the stage's output (gradient-sync decisions). after_backward(m): called after it
     (stage 0: the bridge).
     """
 
-    forward: Callable[[int, torch.Tensor | None], torch.Tensor]
-    before_backward: Callable[[int, torch.Tensor, bool], None] = lambda m, out, last: None
+    forward: Callable[[int, Activation | None], Activation]
+    before_backward: Callable[[int, Activation, bool], None] = lambda m, out, last: None
     after_backward: Callable[[int], None] = lambda m: None
 
 
@@ -41,7 +48,8 @@ class PipelineSchedule:
 
     pp_group: dist.ProcessGroup | None
     num_microbatches: int
-    activation_shapes: Sequence[tuple[int, ...]]  # per micro-batch (a packed row's length varies)
+    # per micro-batch, what this stage receives: one shape, or one per tensor (a packed row's length varies)
+    activation_shapes: Sequence[Shape | tuple[Shape, ...]]
     dtype: torch.dtype
     device: torch.device | str = "cpu"
     p2p_groups: P2PGroups | None = None  # activations and gradients on separate groups (NCCL streams)
@@ -66,16 +74,13 @@ class PipelineSchedule:
         return is_last_pp_stage(self.stage, self.num_stages)
 
     def order(self) -> list[tuple[str, int]]:
-        """This stage's ('F' | 'B', micro-batch) sequence: warm-up forwards, 1F1B steady state, cool-down."""
-        m, warmup = self.num_microbatches, min(self.num_stages - self.stage - 1, self.num_microbatches)
-        steps = [("F", i) for i in range(warmup)]
-        for i in range(m - warmup):
-            steps += [("F", warmup + i), ("B", i)]
-        return steps + [("B", i) for i in range(m - warmup, m)]
+        """This stage's ('F' | 'B', micro-batch) sequence: warm-up forwards, 1F1B steady state, cool-down
+        (`schedules.one_f_one_b`)."""
+        return [(op.kind, op.m) for op in one_f_one_b(self.stage, self.num_stages, self.num_microbatches)]
 
     def run(self, work: StageWork) -> None:
         """Run every micro-batch's forward and backward on this stage in 1F1B order."""
-        saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        saved: dict[int, tuple[torch.Tensor | None, Activation]] = {}
         for kind, m in self.order():
             if kind == "F":
                 saved[m] = self._forward(work, m)
@@ -85,22 +90,31 @@ class PipelineSchedule:
             w.wait()
         self._sends.clear()
 
-    def _forward(self, work: StageWork, m: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        x = None
+    def _forward(self, work: StageWork, m: int) -> tuple[torch.Tensor | None, Activation]:
+        """Receive m's input (a leaf: its gradient goes back), run the stage, send its output on."""
+        x, parts = None, None
         if not self.is_first:
-            x = self._recv(self._peer(-1), self._tag(m, 0), self.activation_shapes[m]).requires_grad_()
-        out = work.forward(m, x)
+            shapes = _shapes(self.activation_shapes[m])
+            x = self._recv(self._peer(-1), self._tag(m, 0), (sum(_numel(s) for s in shapes),)).requires_grad_()
+            parts = _views(x, shapes)
+        out = work.forward(m, parts[0] if parts is not None and len(parts) == 1 else parts)
         if not self.is_last:  # activations travel in the schedule's dtype, whatever autocast produced
-            self._send(out.detach().to(self.dtype), self._peer(+1), self._tag(m, 0))
+            self._send(_flat(_parts(out), self.dtype), self._peer(+1), self._tag(m, 0))
         return x, out
 
-    def _backward(self, work: StageWork, m: int, x: torch.Tensor | None, out: torch.Tensor) -> None:
+    def _backward(self, work: StageWork, m: int, x: torch.Tensor | None, out: Activation) -> None:
+        """Backpropagate m from its output's gradient (received, unless last) and send its input's back."""
         work.before_backward(m, out, m == self.num_microbatches - 1)
-        shape = self.activation_shapes[m]
-        grad = None if self.is_last else self._recv(self._peer(+1), self._tag(m, 1), shape).to(out.dtype)
-        torch.autograd.backward(out, grad)
+        outs = _parts(out)
+        if self.is_last:
+            grads = [None] * len(outs)
+        else:
+            grad = self._recv(self._peer(+1), self._tag(m, 1), (sum(o.numel() for o in outs),))
+            grads = [g.to(o.dtype) for g, o in zip(_views(grad, [o.shape for o in outs]), outs, strict=True)]
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]  # a frozen tower's rows: none
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if not self.is_last else None)
         if x is not None:
-            self._send(x.grad, self._peer(-1), self._tag(m, 1))
+            self._send(x.grad if x.grad is not None else torch.zeros_like(x), self._peer(-1), self._tag(m, 1))
         work.after_backward(m)
 
     def _peer(self, step: int) -> int:
@@ -117,7 +131,35 @@ class PipelineSchedule:
     def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         self._sends.append(dist.isend(tensor.contiguous(), peer, group=self._group(tag), tag=tag))
 
-    def _recv(self, peer: int, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _recv(self, peer: int, tag: int, shape: Shape) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
         dist.recv(buffer, peer, group=self._group(tag), tag=tag)
         return buffer
+
+
+def _shapes(shapes: Shape | tuple[Shape, ...]) -> tuple[Shape, ...]:
+    """One shape or several, as several."""
+    return (shapes,) if not shapes or isinstance(shapes[0], int) else shapes
+
+
+def _numel(shape: Shape) -> int:
+    """Elements of a tensor of this shape."""
+    return int(torch.Size(shape).numel())
+
+
+def _parts(out: Activation) -> tuple[torch.Tensor, ...]:
+    """An activation as its tensors."""
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _flat(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The tensors, detached, in `dtype`, as one 1-D buffer (one tensor: no copy beyond the cast)."""
+    if len(parts) == 1:
+        return parts[0].detach().to(dtype).flatten()
+    return torch.cat([p.detach().to(dtype).flatten() for p in parts])
+
+
+def _views(flat: torch.Tensor, shapes: Sequence[Shape]) -> tuple[torch.Tensor, ...]:
+    """A 1-D buffer viewed as consecutive tensors of these shapes."""
+    return tuple(piece.view(shape) for piece, shape in
+                 zip(flat.split([_numel(s) for s in shapes]), shapes, strict=True))

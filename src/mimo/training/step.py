@@ -3,7 +3,9 @@
 Every rank (stub ranks too) calls `MimoTrainer.train_step(batch)` with the same global batch and runs
 the part it hosts, in three phases:
 1. encoder ranks encode their DP replica's items micro-batch by micro-batch and hand each result to
-   the bridge (heterogeneous: sent at once, so the language pipeline can start on micro-batch 0);
+   the bridge (heterogeneous: sent at once, so the language pipeline can start on micro-batch 0); images of
+   different sizes are encoded split by patch count and exchanged back to their samples' replica first
+   (`patch_balance`);
 2. language ranks run the 1F1B schedule; stage 0 takes each micro-batch's embeddings from the bridge
    and, on a heterogeneous edge, returns their gradient as soon as its backward is done;
 3. encoder ranks run each micro-batch's backward as its gradient arrives (colocated: all ranks of the
@@ -29,15 +31,19 @@ import torch.distributed as dist
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
 from mimo.data import MimoBatch
+from mimo.data.balance import RankSplit
+from mimo.data.batch import to_device
 from mimo.data.packing import LanguageText, PaddedText, TextLayout, sample_extents
 from mimo.ddp_shards import local_tensor
 from mimo.distributed import align_gradients, no_sync_forward, prepare_backward, unwrap
 from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
 from mimo.infra import MimoModelInfra
-from mimo.models import MimoModel
+from mimo.models import MimoModel, ModalityBatch
+from mimo.training.deepstack import DeepStackCarry
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
-from mimo.training.pipeline import PipelineSchedule, StageWork
+from mimo.training.patch_balance import PatchBalance, split_images, step_imbalance
+from mimo.training.pipeline import Activation, PipelineSchedule, StageWork
 
 
 @dataclass
@@ -60,6 +66,8 @@ class StepResult:
     skipped: bool = False  # fp16: an overflow somewhere made every rank skip this update
     documents: tuple[int, ...] | None = None
     votes: tuple[float, ...] = ()  # the caller's `votes`, summed over every rank (`train_step`)
+    # per modality of packed items on an encoder with DP > 1: max / mean patches per encoder rank (`PatchBalance`)
+    patch_balance: dict[str, float] = field(default_factory=dict)
 
 
 class MimoTrainer:
@@ -94,6 +102,7 @@ class MimoTrainer:
         self.hidden_size, self.activation_dtype, self.clip_grad = hidden_size, activation_dtype, clip_grad
         self.scaler = scaler  # fp16: one loss scale for the whole model (GlobalGradScaler)
         self.special_token_ids = dict(model.special_token_ids)
+        self.wide_modality = _wide_modality(embedding_widths or {}, hidden_size)
         self.bridges: dict[str, Bridge] = {
             src: make_bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst], self.micro_batch_size,
                              (embedding_widths or {}).get(src, hidden_size), activation_dtype, self.device,
@@ -127,7 +136,8 @@ class MimoTrainer:
         label_tokens = int(batch.num_label_tokens(self.special_token_ids))
         # each sample's kept positions, found once on the host ids: the text layout and the token counts read them
         extents = self._extent_shares(sample_extents(batch.input_ids, batch.labels, self.special_token_ids))
-        self._state = _StepState(batch, label_tokens, *self._prefetch(batch, extents))
+        splits = self._patch_splits(batch)
+        self._state = _StepState(batch, label_tokens, *self._prefetch(batch, extents, splits))
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
         inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
@@ -157,7 +167,8 @@ class MimoTrainer:
         seconds["step"] = time.perf_counter() - t0
         return StepResult(loss=loss_sum / max(tokens, 1), label_tokens=int(tokens),
                           **self._token_counts(extents, batch.input_ids.shape[1]),
-                          grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped, votes=tuple(summed))
+                          grad_norm=norm, lr=lr, seconds=dict(seconds), skipped=skipped, votes=tuple(summed),
+                          patch_balance={name: step_imbalance(s) for name, s in splits.items()})
 
     def _extent_shares(self, extents: torch.Tensor) -> torch.Tensor:
         """The global batch's `sample_extents` [N] as [micro-batch, language DP replica, sample]: micro-batch m's
@@ -181,15 +192,18 @@ class MimoTrainer:
             self._encode_microbatch(name, m)
 
     def _encode_microbatch(self, name: str, m: int) -> tuple | None:
-        """Encode this replica's items of micro-batch m and hand them to the bridge; what it delivers here."""
+        """Encode this replica's items of micro-batch m (balanced by patches: its share of the micro-batch's images,
+        their tokens then exchanged so that it holds its own samples') and hand them to the bridge; what it
+        delivers here."""
         bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
-        items = self._state.inputs[name][m].modality_inputs[name]
+        work = self._state.inputs[name][m]
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
         with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
-            out = encoder(items.items, items.item_grids)  # (`ModalitySubmodule` encodes one zero item, keeps no rows)
-        counts = unwrap(encoder).tokens_per_sample(items)  # host metadata: stays on the CPU
+            out = encoder(work.items.items, work.items.item_grids)  # (one zero item encoded, no rows kept)
+        if work.balance is not None:
+            out = work.balance.exchange(out, self.infra.module_to_grid_map[name].get_group("dp"))
         tokens = self.microbatch_tokens(self._state.batch, name, m)
-        return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
+        return bridge.forward(m, out.to(self.activation_dtype), work.counts, tokens)
 
     def microbatch_tokens(self, batch: MimoBatch, name: str, m: int) -> torch.Tensor | None:
         """Tokens per sample of modality `name` in the whole micro-batch m of `batch`, counted on the CPU ids every
@@ -202,10 +216,39 @@ class MimoTrainer:
         ids = batch.microbatch(m, self.num_microbatches).input_ids
         return (ids == self.special_token_ids[name]).sum(1)
 
-    def _prefetch(self, batch: MimoBatch, extents: torch.Tensor) -> tuple[dict[str, list], list[LanguageText]]:
+    def _patch_splits(self, batch: MimoBatch) -> dict[str, list[RankSplit]]:
+        """Per modality of packed items (images of different sizes) whose encoder has DP > 1: each micro-batch's
+        images split over its DP ranks by patch count (`PatchBalance`), found on the host batch every rank holds."""
+        splits = {}
+        for name in self.bridges:
+            ranks = self.infra.config.module_parallelisms[name].data_parallel_size
+            items = batch.modality_inputs.get(name)
+            if ranks > 1 and items is not None and items.packed:
+                splits[name] = [split_images(batch.microbatch(m, self.num_microbatches).modality_inputs[name], ranks)
+                                for m in range(self.num_microbatches)]
+        return splits
+
+    def _encoder_work(self, name: str, batch: MimoBatch, share: MimoBatch, m: int,
+                      splits: dict[str, list[RankSplit]]) -> _EncoderWork:
+        """What this encoder replica encodes of micro-batch m (on the device) and the token counts of its samples:
+        its samples' items, or its patch-balanced share of the micro-batch's images."""
+        encoder = unwrap(self.model.modality_submodules[name])
+        own = share.modality_inputs[name]
+        counts = encoder.tokens_per_sample(own)  # host metadata: stays on the CPU
+        if name not in splits:
+            return _EncoderWork(own.with_items(to_device(own.items, self.device)), counts)
+        whole = batch.microbatch(m, self.num_microbatches).modality_inputs[name]
+        rank = self.infra.module_to_grid_map[name].coord.dp
+        balance = PatchBalance.plan(whole, encoder.item_tokens(whole), splits[name][m], rank)
+        items = balance.items(whole)
+        return _EncoderWork(items.with_items(to_device(items.items, self.device)), counts, balance)
+
+    def _prefetch(self, batch: MimoBatch, extents: torch.Tensor,
+                  splits: dict[str, list[RankSplit]]) -> tuple[dict[str, list], list[LanguageText]]:
         """This rank's share of every micro-batch, per hosted module, on the device (the language model's as
-        `text_layout` arranges it with the share's `extents`, `_extent_shares`, also kept on the host): all copies
-        queued at the start of the step from pinned memory, so no copy later waits for the GPU to drain."""
+        `text_layout` arranges it with the share's `extents`, `_extent_shares`, also kept on the host; an
+        encoder's as `_encoder_work` says): all copies queued at the start of the step from pinned memory, so
+        no copy later waits for the GPU to drain."""
         shares, host_text = {}, []
         for name in self.infra.participating_modules:
             grid = self.infra.module_to_grid_map[name]
@@ -217,7 +260,7 @@ class MimoTrainer:
                 self._check_positions(host_text)
                 shares[name] = [text.to(self.device) for text in host_text]
             else:
-                shares[name] = [share.prefetch(self.device, modalities=(name,), text=False) for share in own]
+                shares[name] = [self._encoder_work(name, batch, share, m, splits) for m, share in enumerate(own)]
         return shares, host_text
 
     def _check_positions(self, texts: list[LanguageText]) -> None:
@@ -233,27 +276,36 @@ class MimoTrainer:
         """The 1F1B schedule over this rank's stage; stage 0 talks to the bridges."""
         grid = self.infra.module_to_grid_map[LANGUAGE]
         pp = grid.get_group("pp") if grid.size("pp") > 1 else None
-        shapes = [(*text.input_ids.shape, self.hidden_size) for text in self._state.host_text]
-        schedule = PipelineSchedule(pp, self.num_microbatches, shapes, self.activation_dtype, self.device,
-                                    self.infra.p2p_groups)
-        first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
         lm = self.model.language_model
+        carry = self._deepstack_carry()
+        schedule = PipelineSchedule(pp, self.num_microbatches, self._activation_shapes(carry),
+                                    self.activation_dtype, self.device, self.infra.p2p_groups)
+        first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
 
-        def forward(m: int, x: torch.Tensor | None) -> torch.Tensor:
+        def forward(m: int, x: Activation | None) -> Activation:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))  # on the CPU
             text, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
             host_ids = self._state.host_text[m].input_ids
-            kwargs = self._first_stage_inputs(m, mb, text.input_ids, host_ids) if first else {}
+            x, blocks = x if isinstance(x, tuple) else (x, None)  # DeepStack's blocks for this and later stages
+            if first:
+                kwargs = self._first_stage_inputs(m, mb, text.input_ids, host_ids)
+                blocks = self._wide_rows(kwargs["embeddings_at"]) if carry is not None else None
+            elif blocks is not None:
+                where = self.model.special_positions(self.wide_modality, text.input_ids, host_ids)
+                kwargs = {"added_after_layer": carry.added(where, blocks)}
+            else:
+                kwargs = {}
             labels = self.model.language_labels(text.input_ids, text.labels) if last else None
             with no_sync_forward(lm):
                 out = lm(x, **kwargs, labels=labels, **text.model_kwargs())
             if not last:
-                return out
+                onward = carry.onward(blocks) if blocks is not None else None
+                return out if onward is None else (out, onward)
             self._state.loss_sum = self._state.loss_sum + out[0].detach().double()  # no host sync until the end
             loss = out[0] / max(self._state.label_tokens, 1)
             return self.scaler.scale(loss) if self.scaler is not None else loss
 
-        def before_backward(m: int, out: torch.Tensor, is_last: bool) -> None:
+        def before_backward(m: int, out: Activation, is_last: bool) -> None:
             prepare_backward(lm, is_last)
             for src, bridge in self.bridges.items():  # an encoder run inside the forward: backward reaches it
                 if bridge.encodes_inside_language_forward and first:
@@ -267,6 +319,31 @@ class MimoTrainer:
                     bridge.return_grad(m)
 
         schedule.run(StageWork(forward, before_backward, after_backward))
+
+    def _deepstack_carry(self) -> DeepStackCarry | None:
+        """What this language stage receives and sends of DeepStack's features; None without any (or PP 1)."""
+        lm = unwrap(self.model.language_model)
+        layers = lm.config.deepstack_layers
+        if self.wide_modality is None or not layers or self.infra.module_to_grid_map[LANGUAGE].size("pp") == 1:
+            return None
+        return DeepStackCarry(self.hidden_size, layers, lm.layer_range)
+
+    def _activation_shapes(self, carry: DeepStackCarry | None) -> list[tuple]:
+        """What this stage receives per micro-batch: the hidden states [R, T, H], and the DeepStack blocks of the
+        layers from its start on [n, H·j] (n the image tokens of this replica's share, from the host ids)."""
+        shapes = []
+        for text in self._state.host_text:
+            hidden = (*text.input_ids.shape, self.hidden_size)
+            if carry is None or not carry.received_width():
+                shapes.append(hidden)
+                continue
+            tokens = int((text.input_ids == self.special_token_ids[self.wide_modality]).sum())
+            shapes.append((hidden, (tokens, carry.received_width())))
+        return shapes
+
+    def _wide_rows(self, embeddings_at: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Stage 0's rows that carry DeepStack's features beside the tokens (wider than the hidden size)."""
+        return next(values for _, values in embeddings_at if values.shape[-1] != self.hidden_size)
 
     def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor, host_ids: torch.Tensor) -> dict:
         """Stage 0's keyword inputs: text ids (as arranged, with their host copy) and every modality's
@@ -359,6 +436,25 @@ class MimoTrainer:
         t0 = time.perf_counter()
         fn(*args)
         seconds[key] += time.perf_counter() - t0
+
+
+@dataclass
+class _EncoderWork:
+    """One encoder replica's micro-batch: the items it encodes (on the device), the token counts of its own
+    samples (CPU) and, when balanced by patches, the exchange that brings it its samples' tokens."""
+
+    items: ModalityBatch
+    counts: torch.Tensor
+    balance: PatchBalance | None = None
+
+
+def _wide_modality(widths: Mapping[str, int], hidden_size: int) -> str | None:
+    """The one modality whose rows are wider than the hidden size (DeepStack's features beside its tokens)."""
+    wide = sorted(name for name, width in widths.items() if width != hidden_size)
+    if len(wide) > 1:
+        raise ValueError(f"embedding_widths: modalities {wide} all have rows wider than hidden_size {hidden_size}; "
+                         f"only one modality may carry DeepStack features")
+    return wide[0] if wide else None
 
 
 @dataclass

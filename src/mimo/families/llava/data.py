@@ -18,8 +18,9 @@ import torch
 
 from mimo.config import RunConfigError
 from mimo.data.digits_llava import DIGITS_TOKENIZER, cache_root, digits_llava_files
+from mimo.data.image_inputs import FixedSizeImages
 from mimo.data.llava import LlavaDataset
-from mimo.data.scan import SCANS, DataFileError, DataScan, RowRules, file_facts
+from mimo.data.scan import HEAD, SCANS, DataFileError, DataScan, RowRules, check_data_file, file_facts, read_rows
 from mimo.data.section import DataSection
 from mimo.data.templates import TemplateError, build_template
 from mimo.data.unknown_tokens import unknown_tokens
@@ -63,34 +64,51 @@ def image_processor(model: LlavaSection, image_size: int) -> ImageProcessor:
 
 def check_data(data: DataSection, model: LlavaSection, opened: HFModel | None,
                provider: LlavaMimoProvider) -> DataScan | None:
-    """Before any worker starts: a llava run's data file and image folder exist, the tokenizer loads, the template
-    suits it, max_seq_len fits the language model, and then every row of the file (`data.scan`): what was found,
-    for the caller to judge; the digits need nothing checked here (None)."""
+    """Before any worker starts: a llava run's data (`check_llava_data`, every row of the file: what was found, for
+    the caller to judge); the digits need nothing checked here (None)."""
     if data.name != "llava":
         return None
+    pixels = [k for k in ("min_pixels", "max_pixels") if getattr(data, k) is not None]
+    if pixels:
+        raise RunConfigError(f"data.{pixels[0]}: bounds a native-resolution image's pixels (model.family qwen_vl); "
+                             f"a LLaVA tower takes one size, its image processor's")
+    return check_llava_data(data, open_prompter(tokenizer_directory(data, model)), provider.language_config.max_seq_len,
+                            provider.vision_config.tokens_per_image)
+
+
+def check_llava_data(data: DataSection, prompter: Prompter, max_seq_len: int,
+                     tokens_per_image: int | None = None) -> DataScan | None:
+    """What every family that reads LLaVA-format data checks before any worker starts: the data file and image
+    folder exist, max_seq_len fits the language model (`max_seq_len`), the template suits the tokenizer `prompter`,
+    the first samples' share of unknown tokens; with a fixed `tokens_per_image`, every row of the file too
+    (`data.scan`: shape, images, tokens), returned; without (native-resolution images, whose tokens depend on their
+    size), the file is read whole (UTF-8, JSON) and None returned."""
     if not Path(data.path).is_file():
         raise RunConfigError(f"data.path: {data.path} is not a file (a LLaVA JSON or JSONL file)")
     if not Path(data.image_folder).is_dir():
         raise RunConfigError(f"data.image_folder: {data.image_folder} is not a directory")
-    max_seq_len = provider.language_config.max_seq_len
     if data.max_seq_len is not None and data.max_seq_len > max_seq_len:
         raise RunConfigError(f"data.max_seq_len: {data.max_seq_len} exceeds the language model's max_seq_len "
                              f"{max_seq_len}; use at most {max_seq_len}")
-    prompter = open_prompter(tokenizer_directory(data, model))
     try:
         template = build_template(data.template, prompter)
     except TemplateError as e:
         raise RunConfigError(f"data.template: {e}") from None
-    rules = RowRules(prompter, template, provider.vision_config.tokens_per_image, data.max_seq_len or max_seq_len,
+    rules = RowRules(prompter, template, tokens_per_image or 0, data.max_seq_len or max_seq_len,
                      Path(data.image_folder), data.allow_paths_outside_image_folder)
     try:
-        facts = file_facts(Path(data.path), rules, cache=cache_root() / SCANS)
+        if tokens_per_image is None:
+            check_data_file(data.path)
+            head, facts = read_rows(Path(data.path))[0][:HEAD], None
+        else:
+            facts = file_facts(Path(data.path), rules, cache=cache_root() / SCANS)
+            head = facts.head
     except DataFileError as e:
         raise RunConfigError(f"data.path: {e}") from None
-    if not facts.status:
+    if not head:
         raise RunConfigError(f"data.path: {data.path} holds no entries")
-    _check_unknown_tokens(data, facts.head, template, prompter)
-    return facts.judged(rules)
+    _check_unknown_tokens(data, head, template, prompter)
+    return facts.judged(rules) if facts is not None else None
 
 
 def _check_unknown_tokens(data: DataSection, rows: Sequence[Any], template, prompter: Prompter) -> None:
@@ -120,9 +138,9 @@ def dataset(data: DataSection, model: LlavaSection, opened: HFModel | None, prov
         path, folder, template = data.path, data.image_folder, data.template
     prompter = open_prompter(tokenizer_directory(data, model))
     try:
-        return LlavaDataset(path, folder, prompter, image_processor(model, vision.image_size), modality=IMAGES,
-                            image_token_id=provider.image_token_id, tokens_per_image=vision.tokens_per_image,
-                            image_size=(vision.image_size, vision.image_size),
+        images = FixedSizeImages(image_processor(model, vision.image_size), (vision.image_size, vision.image_size),
+                                 vision.tokens_per_image)
+        return LlavaDataset(path, folder, prompter, images, modality=IMAGES, image_token_id=provider.image_token_id,
                             max_seq_len=data.max_seq_len or language.max_seq_len, template=template,
                             on_bad_sample=data.on_bad_sample, vocab_size=language.vocab_size,
                             dtype=dtype, cache_samples=data.cache_samples,

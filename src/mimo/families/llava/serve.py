@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from mimo.config import ConfigFileError, RunConfigError
@@ -21,7 +21,7 @@ from mimo.families.llava.hf_config import LlavaSpec
 from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
 from mimo.families.llava.section import LlavaSection
 from mimo.hf.generate import eos_token_ids, greedy
-from mimo.hf.image import ImageProcessor
+from mimo.hf.image import ImageProcessor, open_image
 from mimo.hf.prompt import Prompter
 
 
@@ -62,7 +62,7 @@ def prompt(section: LlavaSection, provider: LlavaMimoProvider, request: Generati
         raise ConfigFileError("the model was trained from a preset on data with no tokenizer (synthetic): there is "
                               "no tokenizer to prompt it with; train on LLaVA-format data or the digits, or give "
                               "data.tokenizer")
-    images = [_image(path) for path in request.media]
+    images = [open_image(path) for path in request.media]
     processor = image_processor(section, vision.image_size)
     pixels = torch.stack([_pixels(image, path, processor, vision.image_size) for image, path in
                           zip(images, request.media, strict=True)])
@@ -96,18 +96,6 @@ def _run_tokenizer(section: LlavaSection, data: DataSection | None) -> Path | No
         return tokenizer_directory(data, section)
     except RunConfigError:
         return None
-
-
-def _image(path: Path) -> Image.Image:
-    """One image file decoded, or a one-line error naming it (a decompression bomb too)."""
-    try:
-        image = Image.open(path)
-        image.load()
-    except Image.DecompressionBombError as e:
-        raise ConfigFileError(f"--image {path}: too large to decode safely ({e}); give a smaller image") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise ConfigFileError(f"--image {path}: cannot read it as an image ({e})") from None
-    return image
 
 
 def _pixels(image: Image.Image, path: Path, processor: ImageProcessor, size: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 a Qwen2 / Qwen3 decoder with M-RoPE positions (and Qwen3-VL's DeepStack)."""
 
 from mimo.families.family import ModelFamily
-from mimo.families.qwen_vl import build, export
+from mimo.families.qwen_vl import build, data, export, serve
 from mimo.families.qwen_vl.hf_config import QwenVLSpec, qwen_vl_spec
 from mimo.families.qwen_vl.hf_load import IMAGES, QwenVLDirectory, open_qwen_vl
 from mimo.families.qwen_vl.provider import QwenVLMimoProvider
@@ -16,9 +16,13 @@ QWEN_VL = ModelFamily(
     hf_sources=build.hf_sources,
     synthetic_modalities=build.synthetic_modalities,
     modality_flops=build.modality_flops,
+    data_names=("llava",),
+    dataset=data.dataset,
+    check_data=data.check_data,
     hf_model_types=("qwen2_5_vl", "qwen3_vl"),
     hf_settings=("hf",),
     export=export.export,
+    generate=serve.generate,
 )
 
 __all__ = ["IMAGES", "QWEN_VL", "QwenVLDirectory", "QwenVLMimoProvider", "QwenVLSection", "QwenVLSpec",

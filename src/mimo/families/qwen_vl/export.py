@@ -1,7 +1,9 @@
 """A whole mimo Qwen-VL model → a directory `Qwen2_5_VLForConditionalGeneration` / `Qwen3VLForConditionalGeneration`
 `.from_pretrained` loads: parameters under the names `save_pretrained` writes (a tied head left out, as it leaves
 it out), the origin directory's config.json and its tokenizer, processor and chat-template files (a preset: its
-config as `hf_presets` holds it). Loaded from a directory and exported untrained, every tensor is bit-exact."""
+config as `hf_presets` holds it), the run's own tokenizer (`data.tokenizer`) and image processing
+(`data.min_pixels` / `data.max_pixels`) over them. Loaded from a directory and exported untrained, every tensor is
+bit-exact."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ from pathlib import Path
 from torch import nn
 
 from mimo.data.section import DataSection
+from mimo.families.qwen_vl.data import image_processor
 from mimo.families.qwen_vl.hf_load import LANGUAGE, VISION
 from mimo.families.qwen_vl.hf_presets import PRESET_CONFIGS
 from mimo.families.qwen_vl.provider import QwenVLMimoProvider
 from mimo.families.qwen_vl.section import QwenVLSection
-from mimo.hf.carry import carry_files, dtype_name
+from mimo.hf.carry import TOKENIZER_FILES, carry_files, dtype_name
 from mimo.hf.config import read_config
 from mimo.hf.load import HFLoadError
 from mimo.hf.shards import check_new_directory, write_safetensors
@@ -53,5 +56,18 @@ def export(model: nn.Module, section: QwenVLSection, data: DataSection, provider
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(((name, tensors[name]) for name in sorted(tensors)), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_run_preprocessing(section, data, provider, out)
     carry_files(section.hf, out)
     return out, architecture
+
+
+def _write_run_preprocessing(section: QwenVLSection, data: DataSection, provider: QwenVLMimoProvider,
+                             out: Path) -> None:
+    """What the run trained with where it is not the origin directory's: `data.tokenizer`'s files, and for
+    LLaVA-format data with `data.min_pixels` / `data.max_pixels` (or from a preset) the image processor it used, so
+    transformers prompts the export as the run was trained."""
+    if data.tokenizer:
+        carry_files(data.tokenizer, out, TOKENIZER_FILES)
+    if data.name == "llava" and (section.hf is None or data.min_pixels or data.max_pixels):
+        processor = image_processor(data, section, provider.vision_config)
+        (out / "preprocessor_config.json").write_text(json.dumps(processor.to_dict(), indent=2) + "\n")

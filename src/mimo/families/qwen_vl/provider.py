@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mimo.config import LANGUAGE, MimoParallelismConfig
+from mimo.config import MimoParallelismConfig
 from mimo.data.positions import MRopePositions
 from mimo.families.qwen_vl.hf_config import QwenVLSpec
 from mimo.families.qwen_vl.hf_load import IMAGES
@@ -20,7 +20,7 @@ from mimo.models.qwen_vision import (
     Qwen25VisionTower,
     QwenVisionConfig,
 )
-from mimo.provider import MimoModelProvider, ModuleSpec, ProviderError, pipeline_layer_range, with_flag
+from mimo.provider import MimoModelProvider, ModuleSpec, with_flag
 
 
 class QwenVLMimoProvider(MimoModelProvider):
@@ -71,22 +71,3 @@ class QwenVLMimoProvider(MimoModelProvider):
         """The images' rows carry DeepStack's features beside each token: H·(1 + k) wide (Qwen3-VL)."""
         language = self.spec.language
         return {self.MODALITY: language.hidden_size * (1 + len(language.deepstack_layers))}
-
-    def check_layout(self, layout: MimoParallelismConfig) -> None:
-        """The base checks, and DeepStack's: its features are added on the first pipeline stage (every DeepStack
-        layer must sit there) into a residual that sequence parallelism would shard along the sequence."""
-        super().check_layout(layout)
-        layers = self.spec.language.deepstack_layers
-        if not layers:
-            return
-        language = layout.get_parallelism(LANGUAGE)
-        if language.sequence_parallel:
-            raise ProviderError("language: sequence_parallel cannot run with DeepStack (Qwen3-VL adds image features "
-                                "into the residual between layers, which sequence parallelism shards); set "
-                                "parallelism.language.sequence_parallel false")
-        pp = language.pipeline_model_parallel_size
-        _, end = pipeline_layer_range(self.spec.language.num_layers, pp, 0)
-        if max(layers) >= end:
-            raise ProviderError(f"language: DeepStack adds image features after layers {list(layers)}, but pipeline "
-                                f"stage 0 of {pp} holds layers 0-{end - 1}; use fewer pipeline stages (the first "
-                                f"stage must hold layer {max(layers)})")
