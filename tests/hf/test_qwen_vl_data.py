@@ -128,8 +128,9 @@ def test_samples_equal_transformers_processor_and_chat_template(root, kind, pixe
     data = DataSection(name="llava", path=str(root / "data.json"), image_folder=str(root / "images"), **pixels)
     section = QwenVLSection(hf=str(directory))
     opened = QWEN_VL.open(section)
-    QWEN_VL.check_data(data, section, opened, 1024)
-    dataset = QWEN_VL.dataset(data, section, opened, QwenVLMimoProvider(opened.spec), "train", torch.float32)
+    provider = QwenVLMimoProvider(opened.spec)
+    QWEN_VL.check_data(data, section, opened, provider)
+    dataset = QWEN_VL.dataset(data, section, opened, provider, "train", torch.float32)
     reference = _processor(kind, directory, **pixels)
     for index, (entry, messages) in enumerate(ENTRIES):
         names = entry.get("image", entry.get("images", []))
