@@ -276,7 +276,17 @@ def apply_fp8(model: MimoModel, infra: MimoModelInfra, settings: DistributedConf
         module = module_of(model, name)
         done[name] = module_fp8_layers(name, module, cfg, grid.size("tp"), grid.config.sequence_parallel)
         fp8.convert(module, done[name], fsdp_all_gather=cfg.data_parallel == "fsdp", emulate=cfg.fp8_emulate)
+        if cfg.fp8 == "rowwise" and cfg.compile:
+            _emulate_precision_casts()
     return done
+
+
+def _emulate_precision_casts() -> None:
+    """Inductor rounds to low precision where eager does (process-wide): torchtitan's mend for float8 rowwise
+    under compile, whose recomputed casts otherwise differed from the forward's (pytorch#150859, torchtitan#1056)."""
+    import torch._inductor.config as inductor
+
+    inductor.emulate_precision_casts = True
 
 
 def module_fp8_layers(name: str, module: nn.Module, cfg: ModuleDistributedConfig, tp: int,
