@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 from mimo import fp8
@@ -25,10 +26,10 @@ from mimo.config import RunConfigError
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, WrapError, module_fp8_layers, tp_plan_of
 from mimo.models import Decoder, DecoderConfig
 from mimo.testing import run_distributed
-from mimo.training.plan import plan_run
 from mimo.training.run_config import parse_run_config
 from tests.test_distributed import full_state
 from tests.test_distributed_modules import IMAGES, dp_coord, fixed_batch, language_loss_sum, llava
+from tests.test_train_cli import in_process
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
                                 reason="the fp8 extra (pip install 'mimo[fp8]') is not installed")
@@ -119,19 +120,22 @@ def test_an_unknown_recipe_is_one_line():
         parse_run_config(_run_config(fp8="delayed"))
 
 
-def test_fp8_on_a_machine_without_a_gpu_is_refused_before_any_worker():
-    """`mimo train`'s parent refuses (CUDA's availability mocked off: true on this machine anyway); mocked on,
-    the plan carries the line `mimo train` prints."""
-    config = parse_run_config(_run_config(fp8="tensorwise", fp8_small_layers="convert"))
-    with mock.patch.object(torch.cuda, "is_available", return_value=False), pytest.raises(RunConfigError) as e:
-        plan_run(config, 1)
-    assert "needs a CUDA GPU with float8 matmuls" in str(e.value) and "this machine has none" in str(e.value)
+def test_fp8_on_a_machine_without_a_gpu_is_refused_before_any_worker(tmp_path):
+    """`mimo validate` (`plan_run`, as `mimo train`'s parent) refuses in one line, CUDA's availability mocked off
+    (true on this machine anyway); mocked on, it prints the line of converted layers that `mimo train` prints."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_run_config(fp8="tensorwise", fp8_small_layers="convert")))
+    with mock.patch.object(torch.cuda, "is_available", return_value=False):
+        done = in_process("validate", str(path))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "needs a CUDA GPU with float8 matmuls" in done.stderr and "this machine has none" in done.stderr
     with mock.patch.object(torch.cuda, "is_available", return_value=True):
-        lines = plan_run(config, 1).fp8_lines
-    assert lines == ["fp8 language tensorwise: converted 14 linear layers: layers.*.self_attn.q_proj ×2, "
-                     "layers.*.self_attn.k_proj ×2, layers.*.self_attn.v_proj ×2, layers.*.self_attn.o_proj ×2, "
-                     "layers.*.mlp.gate_proj ×2, layers.*.mlp.up_proj ×2, layers.*.mlp.down_proj ×2; kept in the "
-                     "compute dtype: lm_head (output head)"]
+        done = in_process("validate", str(path))
+    assert done.stdout.splitlines()[0] == (
+        "fp8 language tensorwise: converted 14 linear layers: layers.*.self_attn.q_proj ×2, "
+        "layers.*.self_attn.k_proj ×2, layers.*.self_attn.v_proj ×2, layers.*.self_attn.o_proj ×2, "
+        "layers.*.mlp.gate_proj ×2, layers.*.mlp.up_proj ×2, layers.*.mlp.down_proj ×2; kept in the compute dtype: "
+        "lm_head (output head)"), done.stdout
 
 
 def test_a_gpu_without_float8_is_refused():
