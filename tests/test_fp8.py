@@ -160,12 +160,13 @@ def _settings(kind: str, recipe: str, **language) -> DistributedConfig:
         kind, torch.bfloat16, fp8=recipe, fp8_small_layers="convert", fp8_emulate=True, **language)})
 
 
-def _train(model, provider, steps: int = STEPS) -> list[float]:
-    """`steps` AdamW steps on one fixed batch; the global losses."""
+def _train(model, provider, steps: int = STEPS, optimizers: dict | None = None) -> list[float]:
+    """`steps` AdamW steps (`optimizers`, else one torch AdamW) on one fixed batch; the global losses."""
     d, dp = dp_coord(provider)
     batch = fixed_batch(torch.float32)
     mine, tokens = batch.shard(d, dp), batch.num_label_tokens(model.special_token_ids)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    opts = list((optimizers or {"all": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                         lr=LR)}).values())
     losses = []
     for _ in range(steps):
         loss_sum = language_loss_sum(model, mine)
@@ -173,8 +174,9 @@ def _train(model, provider, steps: int = STEPS) -> list[float]:
         total = loss_sum.detach().float()
         dist.all_reduce(total)
         losses.append(float(total) / tokens)
-        opt.step()
-        opt.zero_grad()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
     return losses
 
 
@@ -185,14 +187,31 @@ def _float8_linears(module: nn.Module) -> list[str]:
 
 
 def _trainer(model) -> types.SimpleNamespace:
-    """What `Checkpointer` needs of a trainer, without optimizers: the checkpoint holds the parameters."""
-    return types.SimpleNamespace(model=model, optimizers={}, schedulers={}, step_count=0)
+    """What `Checkpointer` needs of a trainer: the model and the run's optimizers (fused AdamW per module)."""
+    from mimo.training.optim import OptimizerConfig, build_optimizers
+
+    optimizers = build_optimizers(model, OptimizerConfig(lr=LR, total_steps=STEPS))
+    return types.SimpleNamespace(model=model, optimizers=optimizers, schedulers={}, step_count=0)
+
+
+def _language_state(trainer) -> dict[str, torch.Tensor]:
+    """The language model's parameters and AdamW moments, whole, by checkpoint key."""
+    from mimo.ddp_shards import full_tensor
+    from mimo.training.checkpoint_state import parameters
+
+    opt, out = trainer.optimizers["language"], {}
+    for module, key, p, _ in parameters(trainer.model):
+        if module == "language":
+            out[key] = full_tensor(p.detach(), p).clone()
+            out.update({f"{key}.{name}": full_tensor(v, p).clone() for name, v in opt.state.get(p, {}).items()
+                        if v.dim()})
+    return out
 
 
 def fsdp_and_checkpoints(rank: int, world_size: int, root: str) -> dict:
-    """FSDP2 DP2, tensorwise with float8 all-gather, recomputation: trains; its checkpoint loads exactly into the
-    same model built without fp8, whose checkpoint loads exactly back into one with fp8 (float32 master weights
-    either way); on the CPU, fp8 that is not emulated is refused when the model is wrapped."""
+    """FSDP2 DP2, tensorwise with float8 all-gather, recomputation: trains with the run's fused AdamW; its checkpoint
+    loads exactly (weights and moments) into the same model built without fp8, whose checkpoint loads exactly back
+    into one with fp8 (float32 either way); on the CPU, fp8 not emulated is refused when the model is wrapped."""
     from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
     from mimo.training.checkpoint import Checkpointer, open_checkpoint
@@ -202,22 +221,25 @@ def fsdp_and_checkpoints(rank: int, world_size: int, root: str) -> dict:
     model = provider.provide_distributed_model(_settings("fsdp", "tensorwise", recompute_granularity="full"))
     weight = model.language_model.layers["0"].self_attn.q_proj.weight
     initial = full_state(model.language_model, grads=False)
+    trainer = _trainer(model)
     out = {"float8": _float8_linears(model.language_model), "images": _float8_linears(model.modality_submodules),
            "all_gather_in_float8": isinstance(weight.to_local(), WeightWithDynamicFloat8CastTensor),
-           "losses": _train(model, provider)}
-    trained = full_state(model.language_model, grads=False)
-    out["trained_all"] = all(not torch.equal(initial[k], trained[k]) for k in initial if k.endswith("proj.weight"))
+           "losses": _train(model, provider, optimizers=trainer.optimizers)}
+    trained = _language_state(trainer)
+    out["trained_all"] = all(not torch.equal(v, trained[f"language_model.{k}"]) for k, v in initial.items()
+                             if k.endswith("proj.weight"))
     checkpoints = Checkpointer(Path(root) / "checkpoints")
-    path = checkpoints.save(1, _trainer(model), {})
+    path = checkpoints.save(1, trainer, {})
     saved = open_checkpoint(path)[0].state_dict_metadata
-    out["saved"] = sorted({str(m.properties.dtype) for k, m in saved.items() if k.startswith("language_model.")})
+    out["saved"] = sorted({str(m.properties.dtype) for k, m in saved.items() if "language_model." in k})
+    out["moments"] = sum(1 for k in trained if k.endswith("exp_avg_sq"))
     for step, recipe in ((2, "none"), (3, "tensorwise")):  # fp8 on -> off -> on, each a fresh model (initial values)
-        fresh = provider.provide_distributed_model(_settings("fsdp", recipe))
-        checkpoints.load(path, _trainer(fresh))
-        loaded = full_state(fresh.language_model, grads=False)
+        fresh = _trainer(provider.provide_distributed_model(_settings("fsdp", recipe)))
+        checkpoints.load(path, fresh)
+        loaded = _language_state(fresh)
         out[f"loaded_{recipe}"] = loaded.keys() == trained.keys() and \
             all(torch.equal(loaded[k], trained[k]) for k in trained)
-        path = checkpoints.save(step, _trainer(fresh), {})
+        path = checkpoints.save(step, fresh, {})
     refused = _settings("ddp", "tensorwise")
     refused.modules["language"].fp8_emulate = False
     try:
@@ -269,8 +291,9 @@ def test_fsdp_float8_all_gather_recompute_and_checkpoints_without_fp8(tmp_path):
         assert r["all_gather_in_float8"], "tensorwise under FSDP2 all-gathers the weights in float8"
         assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][-1] < r["losses"][0], r["losses"]
         assert r["trained_all"], "every converted weight moved from its initial value (so a load has work to do)"
-        assert r["saved"] == ["torch.float32"], "the checkpoint holds float32 master weights"
-        assert r["loaded_none"] and r["loaded_tensorwise"], "the fp8 checkpoint loads exactly with fp8 off and on"
+        assert r["saved"] == ["torch.float32"], "the checkpoint holds float32 master weights and AdamW moments"
+        assert r["moments"] == 21, "every language parameter's AdamW moments are compared (21 parameters)"
+        assert r["loaded_none"] and r["loaded_tensorwise"], "the fp8 checkpoint loads exactly with fp8 off and back"
         assert r["refused"].startswith("module 'language': fp8 'tensorwise' needs a CUDA GPU"), r["refused"]
 
 
