@@ -273,8 +273,9 @@ def tp_and_ddp(rank: int, world_size: int) -> dict:
     with torch.device("meta"):
         decoder = Decoder(DecoderConfig.tiny())
     cfg = ModuleDistributedConfig(compute_dtype=torch.bfloat16, fp8="tensorwise", fp8_small_layers="convert")
-    fp8.convert(decoder, module_fp8_layers("language", decoder, cfg, tp=2, sequence_parallel=True), emulate=True)
-    plan = fp8.float8_tp_plan(tp_plan_of("language", decoder, sequence_parallel=True), decoder)
+    layers = module_fp8_layers("language", decoder, cfg, tp=2, sequence_parallel=True)
+    fp8.convert(decoder, layers, emulate=True)
+    plan = fp8.float8_tp_plan(tp_plan_of("language", decoder, sequence_parallel=True), decoder, layers)
     kinds = {Float8ColwiseParallel: "f8col", Float8RowwiseParallel: "f8row", PrepareFloat8ModuleInput: "f8in"}
     out["sp_plan"] = {k: kinds.get(type(v), type(v).__name__) for k, v in plan.items() if k.startswith("layers.0")}
     out["head_style"] = type(plan["lm_head"]).__name__

@@ -241,8 +241,8 @@ def parallelize(model: MimoModel, infra: MimoModelInfra, settings: DistributedCo
     shards, freezing), since DDP needs real parameters and whether a module trains; then asynchronous TP,
     compile, recomputation (around the compiled forward) and data parallelism (DDP/FSDP2, autocast). FP8 comes
     first, on the meta model: torchao's float8 TP styles need its Float8Linear layers (`apply_fp8`)."""
-    apply_fp8(model, infra, settings)
-    apply_tensor_parallel(model, infra, settings)
+    converted = apply_fp8(model, infra, settings)
+    apply_tensor_parallel(model, infra, converted)
     if materialize is not None:
         model = materialize(model)
     for name, grid in hosted_grids(infra).items():
@@ -298,10 +298,11 @@ def module_fp8_layers(name: str, module: nn.Module, cfg: ModuleDistributedConfig
 
 
 # -- tensor parallelism ------------------------------------------------------------------------------
-def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra, settings: DistributedConfig | None = None) -> None:
+def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra,
+                          fp8_layers: Mapping[str, fp8.FP8Layers] | None = None) -> None:
     """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`
-    (sequence-parallel where its layout says `sequence_parallel`; with torchao's float8 styles where the module
-    runs fp8 tensorwise: `mimo.fp8.float8_tp_plan`).
+    (sequence-parallel where its layout says `sequence_parallel`; with torchao's float8 styles on the layers a
+    tensorwise module converted, `fp8_layers` from `apply_fp8`: `mimo.fp8.float8_tp_plan`).
 
     Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
     """
@@ -311,8 +312,9 @@ def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra, settings: Dis
         module = module_of(model, name)
         plan = tp_plan_of(name, module, grid.config.sequence_parallel)
         check_tensor_parallel(name, module, plan, grid.size("tp"))
-        if settings is not None and settings.for_module(name).fp8 == "tensorwise":
-            plan = fp8.float8_tp_plan(plan, module)
+        layers = (fp8_layers or {}).get(name)
+        if layers is not None and layers.recipe == "tensorwise":
+            plan = fp8.float8_tp_plan(plan, module, layers)
         parallelize_module(module, grid.mesh["tp"], plan)
 
 

@@ -203,7 +203,7 @@ def convert(module: nn.Module, layers: FP8Layers, fsdp_all_gather: bool = False,
                                config=float8_config(layers.recipe, fsdp_all_gather, emulate))
 
 
-def float8_tp_plan(plan: Mapping[str, ParallelStyle], module: nn.Module) -> dict[str, ParallelStyle]:
+def float8_tp_plan(plan: Mapping[str, ParallelStyle], module: nn.Module, layers: FP8Layers) -> dict[str, ParallelStyle]:
     """A tensorwise module's TP plan with torchao's float8 styles (torchtitan's float8 TP): a converted layer's
     `ColwiseParallel` / `RowwiseParallel` become `Float8ColwiseParallel` / `Float8RowwiseParallel` (inputs cast to
     float8 before their all-gather), and a sublayer's `PrepareModuleInput` (sequence parallelism's all-gather)
@@ -212,21 +212,19 @@ def float8_tp_plan(plan: Mapping[str, ParallelStyle], module: nn.Module) -> dict
     styles (a fused
     or custom one, an unconverted layer's) are kept: DTensor runs a Float8Linear under them with high-precision
     communication."""
-    from torchao.float8.float8_linear import Float8Linear
     from torchao.float8.float8_tensor_parallel import (
         Float8ColwiseParallel,
         Float8RowwiseParallel,
         PrepareFloat8ModuleInput,
     )
 
-    out = dict(plan)
+    out, converted = dict(plan), set(layers.converted)
     for fqn, style in plan.items():
-        target = module.get_submodule(fqn)
-        if type(style) in (ColwiseParallel, RowwiseParallel) and isinstance(target, Float8Linear):
+        if type(style) in (ColwiseParallel, RowwiseParallel) and fqn in converted:
             cls = Float8ColwiseParallel if type(style) is ColwiseParallel else Float8RowwiseParallel
             out[fqn] = cls(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
                            use_local_output=style.use_local_output)
-        elif type(style) is PrepareModuleInput and _all_float8(target, Float8Linear):
+        elif type(style) is PrepareModuleInput and _only_converted(module, fqn, converted):
             out[fqn] = PrepareFloat8ModuleInput(
                 input_layouts=style.input_layouts, desired_input_layouts=style.desired_input_layouts,
                 input_kwarg_layouts=style.input_kwarg_layouts or None,
@@ -235,7 +233,8 @@ def float8_tp_plan(plan: Mapping[str, ParallelStyle], module: nn.Module) -> dict
     return out
 
 
-def _all_float8(module: nn.Module, float8_linear: type) -> bool:
-    """Whether every submodule of `module` that holds parameters is a Float8Linear (and there is one)."""
-    owners = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
-    return bool(owners) and all(isinstance(m, float8_linear) for m in owners)
+def _only_converted(module: nn.Module, fqn: str, converted: set[str]) -> bool:
+    """Whether every submodule of `module`'s `fqn` that holds parameters is a converted layer (and there is one)."""
+    owners = [f"{fqn}.{name}" if name else fqn for name, m in module.get_submodule(fqn).named_modules()
+              if any(True for _ in m.parameters(recurse=False))]
+    return bool(owners) and all(name in converted for name in owners)
