@@ -236,11 +236,11 @@ def check_fp8_device(settings: DistributedConfig, infra: MimoModelInfra, device:
 
 def parallelize(model: MimoModel, infra: MimoModelInfra, settings: DistributedConfig,
                 materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
-    """Each hosted module's parallelism, in this order (torchtitan's `parallelize_llama`): tensor parallelism,
-    on the meta model so that no rank ever holds a full module; `materialize` (the provider's: values for the
-    shards, freezing), since DDP needs real parameters and whether a module trains; then asynchronous TP,
-    compile, recomputation (around the compiled forward) and data parallelism (DDP/FSDP2, autocast). FP8 comes
-    first, on the meta model: torchao's float8 TP styles need its Float8Linear layers (`apply_fp8`)."""
+    """Each hosted module's parallelism, in this order (torchtitan's `parallelize_llama`): fp8 conversion
+    (`apply_fp8`: torchao's float8 TP styles need its layers) and tensor parallelism, on the meta model so that no
+    rank ever holds a full module; `materialize` (the provider's: values for the shards, freezing), since DDP needs
+    real parameters and whether a module trains; then asynchronous TP, compile, recomputation (around the compiled
+    forward) and data parallelism (DDP/FSDP2, autocast)."""
     converted = apply_fp8(model, infra, settings)
     apply_tensor_parallel(model, infra, converted)
     if materialize is not None:
