@@ -32,8 +32,8 @@ from tests.test_distributed import full_state
 from tests.test_distributed_modules import IMAGES, dp_coord, fixed_batch, language_loss_sum, llava
 from tests.test_train_cli import in_process
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
-                                reason="the fp8 extra (pip install 'mimo[fp8]') is not installed")
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="the fp8 extra (pip install 'mimo[fp8]') is not installed")
 
 TP2, DP2 = {"tensor_model_parallel_size": 2}, {"data_parallel_size": 2}
 STEPS, LR = 2, 3e-3
@@ -121,6 +121,7 @@ def test_an_unknown_recipe_is_one_line():
         parse_run_config(_run_config(fp8="delayed"))
 
 
+@needs_torchao
 def test_fp8_on_a_machine_without_a_gpu_is_refused_before_any_worker(tmp_path):
     """`mimo validate` (`plan_run`, as `mimo train`'s parent) refuses in one line, CUDA's availability mocked off
     (true on this machine anyway); mocked on, it prints the line of converted layers that `mimo train` prints."""
@@ -290,6 +291,7 @@ def tp_and_ddp(rank: int, world_size: int) -> dict:
     return out
 
 
+@needs_torchao
 def test_fsdp_float8_all_gather_recompute_and_checkpoints_without_fp8(tmp_path):
     results = run_distributed(fsdp_and_checkpoints, 2, str(tmp_path))
     for rank, r in enumerate(results):
@@ -306,6 +308,7 @@ def test_fsdp_float8_all_gather_recompute_and_checkpoints_without_fp8(tmp_path):
         assert r["refused"].startswith("module 'language': fp8 'tensorwise' needs a CUDA GPU"), r["refused"]
 
 
+@needs_torchao
 def test_tensor_parallel_float8_styles_and_ddp():
     r = run_distributed(tp_and_ddp, 2)[0]
     assert len(r["tp_float8"]) == 14 and r["ddp_wrapped"] == "DistributedDataParallel"
