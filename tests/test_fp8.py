@@ -291,10 +291,19 @@ def tp_and_ddp(rank: int, world_size: int) -> dict:
     return out
 
 
+def both(rank: int, world_size: int, root: str) -> tuple[dict, dict]:
+    """One world for both (torchao imported once): `fsdp_and_checkpoints`, then `tp_and_ddp`."""
+    return fsdp_and_checkpoints(rank, world_size, root), tp_and_ddp(rank, world_size)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory) -> list[tuple[dict, dict]]:
+    return run_distributed(both, 2, str(tmp_path_factory.mktemp("fp8")))
+
+
 @needs_torchao
-def test_fsdp_float8_all_gather_recompute_and_checkpoints_without_fp8(tmp_path):
-    results = run_distributed(fsdp_and_checkpoints, 2, str(tmp_path))
-    for rank, r in enumerate(results):
+def test_fsdp_float8_all_gather_recompute_and_checkpoints_without_fp8(worlds):
+    for rank, r in enumerate(w[0] for w in worlds):
         assert r["float8"] == [f"layers.{i}.{p}" for i in range(2) for p in (
             "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
             "self_attn.q_proj", "self_attn.v_proj")], rank
@@ -309,8 +318,8 @@ def test_fsdp_float8_all_gather_recompute_and_checkpoints_without_fp8(tmp_path):
 
 
 @needs_torchao
-def test_tensor_parallel_float8_styles_and_ddp():
-    r = run_distributed(tp_and_ddp, 2)[0]
+def test_tensor_parallel_float8_styles_and_ddp(worlds):
+    r = worlds[0][1]
     assert len(r["tp_float8"]) == 14 and r["ddp_wrapped"] == "DistributedDataParallel"
     assert r["graphs"] >= 1, "the DDP model's blocks ran compiled"
     for kind in ("tp_losses", "ddp_losses"):
