@@ -101,17 +101,18 @@ def fp8_layers(module: nn.Module, recipe: Recipe, small_layers: SmallLayers = "s
     return out
 
 
-def summary(module_name: str, layers: FP8Layers) -> str:
+def summary(module_name: str, layers: FP8Layers, compiled: bool = True) -> str:
     """One line: the module, its recipe, the layers converted and those kept (repeated blocks' layers once, with
     their count), e.g. `fp8 language tensorwise: converted layers.*.self_attn.q_proj ×32, ...; kept lm_head (output
-    head)`."""
+    head)`; and, for a module not `compiled`, that its casts run unfused (torchao's float8 gains need compile)."""
     kept: dict[str, list[str]] = {}
     for name, reason in layers.kept.items():
         kept.setdefault(reason, []).append(name)
     kept_text = "; ".join(f"{_grouped(names)} ({reason})" for reason, names in kept.items())
     return (f"fp8 {module_name} {layers.recipe}: converted {len(layers.converted)} linear layers"
             f"{': ' + _grouped(layers.converted) if layers.converted else ''}"
-            f"{'; kept in the compute dtype: ' + kept_text if kept_text else ''}")
+            f"{'; kept in the compute dtype: ' + kept_text if kept_text else ''}"
+            f"{'' if compiled else '; compile is off: the float8 casts run unfused (torchao is fast only compiled)'}")
 
 
 def _grouped(names: list[str]) -> str:

@@ -161,7 +161,7 @@ def fp8_lines(plan: RunPlan) -> list[str]:
         parallelism = layout.get_parallelism(name)
         layers = module_fp8_layers(name, module_of(model, name), settings.for_module(name),
                                    parallelism.tensor_model_parallel_size, parallelism.sequence_parallel)
-        lines.append(summary(name, layers))
+        lines.append(summary(name, layers, compiled=settings.for_module(name).compile))
     return lines
 
 
