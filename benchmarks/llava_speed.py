@@ -4,7 +4,7 @@
     python benchmarks/llava_speed.py --presets tiny --device cpu --warmup 0 --steps 1   # CPU, seconds (CI)
     # FP8 (issue 28) beside bf16 in one call; the LLaVA-1.5-7B stage-2 shapes need an H200 (AdamW at 7B: ~112 GB)
     PYTHONPATH=src python benchmarks/llava_speed.py --presets 1b --microbatches 2 --rows mimo+compile,mimo+compile+fp8
-    PYTHONPATH=src python benchmarks/llava_speed.py --presets llava-1.5-7b --microbatches 8 \
+    PYTHONPATH=src python benchmarks/llava_speed.py --presets llava-1.5-7b --microbatches 16 \
         --rows mimo+stage2+recompute+compile,mimo+stage2+recompute+compile+fp8
     PYTHONPATH=src python benchmarks/llava_speed.py --presets 1b --loss-curve 200 --rows mimo+compile,mimo+compile+fp8
 
