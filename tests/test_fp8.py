@@ -108,12 +108,18 @@ def test_fp8_is_refused_without_mixed_precision(dtype):
     assert "set train.dtype: bfloat16, or fp8: none" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_fp8_without_torchao_names_the_extra():
+def test_fp8_without_torchao_names_the_extra(tmp_path):
+    """Refused by `mimo validate` (`plan_run`, as `mimo train`'s parent), torchao's absence mocked; a config that
+    asks for fp8 still parses without it (`export-hf` and `generate` read a run's carried config)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_run_config(fp8="rowwise")))
     real = fp8.importlib.util.find_spec
-    absent = mock.patch.object(fp8.importlib.util, "find_spec", lambda name: None if name == "torchao" else real(name))
-    with absent, pytest.raises(RunConfigError) as e:
+    with mock.patch.object(fp8.importlib.util, "find_spec", lambda name: None if name == "torchao" else real(name)):
         parse_run_config(_run_config(fp8="rowwise"))
-    assert "needs torchao, which is not installed: pip install 'mimo[fp8]'" in str(e.value)
+        done = in_process("validate", str(path))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "distributed.language: fp8 'rowwise' needs torchao, which is not installed: pip install 'mimo[fp8]'" \
+        in done.stderr
 
 
 def test_an_unknown_recipe_is_one_line():

@@ -222,14 +222,14 @@ def wrap_mimo_model_distributed(model: MimoModel, infra: MimoModelInfra, config:
 
 
 def check_fp8_device(settings: DistributedConfig, infra: MimoModelInfra, device: torch.device) -> None:
-    """Every hosted module that asks for fp8 (not emulated) computes on a GPU with float8 matmuls, else one
-    WrapError before any weight is made."""
+    """Every hosted module that asks for fp8 has torchao and (unless emulated) computes on a GPU with float8
+    matmuls, else one WrapError before any weight is made."""
     for name in hosted_grids(infra):
         cfg = settings.for_module(name)
-        if cfg.fp8_emulate:
-            continue
         try:
-            fp8.check_device(_module_label(name), cfg.fp8, device)
+            fp8.check_torchao(_module_label(name), cfg.fp8)
+            if not cfg.fp8_emulate:
+                fp8.check_device(_module_label(name), cfg.fp8, device)
         except fp8.FP8Error as e:
             raise WrapError(str(e)) from None
 

@@ -129,8 +129,9 @@ _INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
 # -- where it can run ------------------------------------------------------------------------------
 def check_settings(where: str, recipe: Recipe, compute_dtype: torch.dtype | None) -> None:
-    """The rules that need no device: a known recipe, mixed precision (float8 casts from the compute dtype's
-    activations; float32/float64 runs compute in the parameters' dtype), and torchao installed."""
+    """The rules of the settings alone: a known recipe, and mixed precision (float8 casts from the compute dtype's
+    activations; float32/float64 runs compute in the parameters' dtype). Checked when a config is parsed, so a
+    run's carried config parses wherever it is read (`export-hf` needs no torchao: `check_torchao` is a run's)."""
     if recipe not in ("none", "tensorwise", "rowwise"):
         raise FP8Error(f"{where}: fp8 must be 'none', 'tensorwise' or 'rowwise', got {recipe!r}")
     if recipe == "none":
@@ -139,7 +140,11 @@ def check_settings(where: str, recipe: Recipe, compute_dtype: torch.dtype | None
         raise FP8Error(f"{where}: fp8 {recipe!r} needs mixed precision (train.dtype: bfloat16), but the run "
                        f"computes in its parameters' dtype (train.dtype float32 or float64); set train.dtype: "
                        f"bfloat16, or fp8: none")
-    if importlib.util.find_spec("torchao") is None:
+
+
+def check_torchao(where: str, recipe: Recipe) -> None:
+    """torchao is installed where a module runs fp8 (`mimo train`'s parent, and each rank's wrapper)."""
+    if recipe != "none" and importlib.util.find_spec("torchao") is None:
         raise FP8Error(f"{where}: fp8 {recipe!r} needs torchao, which is not installed: {EXTRA} (torchao 0.18), "
                        f"or set fp8: none")
 

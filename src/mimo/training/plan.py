@@ -24,7 +24,7 @@ from mimo.data import SyntheticDataset
 from mimo.distributed import WrapError, module_fp8_layers, module_of
 from mimo.families.registry import BuildSettings, ModelFamily, family_named
 from mimo.flops import ModalityFlops
-from mimo.fp8 import FP8Error, check_machine, summary
+from mimo.fp8 import FP8Error, check_machine, check_torchao, summary
 from mimo.hf.load import fingerprint
 from mimo.models.init import seeding_names
 from mimo.provider import MimoModelProvider, ProviderError
@@ -138,11 +138,13 @@ def _check_model_fits(plan: RunPlan) -> None:
 
 
 def _check_fp8_machine(config: RunConfig) -> None:
-    """A module that asks for fp8 has a CUDA GPU to run on (`mimo.fp8.check_machine`; each rank checks its GPU's
-    compute capability when it wraps the model)."""
+    """A module that asks for fp8 has torchao and a CUDA GPU to run on (`mimo.fp8.check_torchao`, `check_machine`;
+    each rank checks its GPU's compute capability when it wraps the model)."""
     for name in config.layout.module_names:
         try:
-            check_machine(f"distributed.{name}", config.distributed_config.for_module(name).fp8)
+            recipe = config.distributed_config.for_module(name).fp8
+            check_torchao(f"distributed.{name}", recipe)
+            check_machine(f"distributed.{name}", recipe)
         except FP8Error as e:
             raise RunConfigError(str(e)) from None
 
