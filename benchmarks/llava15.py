@@ -3,6 +3,8 @@
     PYTHONPATH=src python benchmarks/llava15.py --out runs/llava15 --layouts yaml --stages 1 --steps 5 \\
         --time-limit 540 --json benchmarks/results/llava15_h200x2.json          # GPUs (see LLAVA15.md)
     PYTHONPATH=src python benchmarks/llava15.py --dry-run --out /tmp/llava15     # tiny, CPU, gloo, 2 processes
+    PYTHONPATH=src python benchmarks/llava15.py --out runs/llava15 --layouts one,one+fp8 --stages 2 \
+        --stage1-from runs/llava15/runs/stage1-one --json benchmarks/results/llava15_fp8.json   # FP8 beside bf16
 
 Issue 16's GPU measurement. Everything is written once under OUT and reused by later calls:
 - OUT/models: random weights at the preset's shapes (7b: CLIP ViT-L/14-336 and Vicuna-7B) as the two local
@@ -44,6 +46,12 @@ A loss curve longer than one call (`--steps 200`) takes `--resume` on every call
 run from that run's checkpoint (`mimo train --resume`), and with `--time-limit` it gets its own
 `train.exit_duration_in_mins`, early enough (`SAVE_S`) to stop after a step and write a checkpoint before the
 limit. The losses are the whole run's; the speed is the call's own timed steps (each call warms up again).
+
+FP8 (issue 28): a layout name with `+fp8` (or `+fp8row`) after it is that layout with
+`distributed.language.fp8=tensorwise` (rowwise), its own run directory; `--layouts one,one+fp8` runs both in one
+call from the same seed and the same stage-1 checkpoint, and the report ends with each fp8 row against its bf16
+row: samples/s ratio and, for a curve (`--steps 200`), the relative difference of their mean loss over the last
+50 steps. FP8 needs bfloat16 and a GPU of compute capability 8.9+: the CPU dry run (float32) refuses it.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +119,7 @@ class Layout:
     language_dp: str | None = None
     stages: tuple[int, ...] = (1, 2)  # where it differs from the others
     to_fit: dict[int, tuple[str, ...]] = field(default_factory=dict)  # per stage: what it needs to fit in memory
+    settings: tuple[str, ...] = ()  # more `--set` items of every stage (an fp8 variant's)
 
     def overrides(self, base: dict[str, Any], stage: int) -> list[str]:
         """`--set` items for stage `stage`'s YAML `base`: the layout, micro-batches keeping each language DP
@@ -125,7 +134,7 @@ class Layout:
             out.append(f"train.num_microbatches={base['train']['num_microbatches'] * dp_yaml // dp}")
         if self.language_dp is not None:
             out.append(f"distributed.language.data_parallel={self.language_dp}")
-        return out
+        return out + list(self.settings)
 
 
 DP1 = {"data_parallel_size": 1}
@@ -146,6 +155,36 @@ LAYOUTS: dict[str, Layout] = {
     "one": Layout(1, "one GPU: both modules on it (stage 2: 16 bytes per language parameter, ~104 GiB, plus "
                      "activations: recomputed)", images=DP1, language=DP1, language_dp="ddp", to_fit={2: RECOMPUTE}),
 }
+
+
+# A layout's name followed by one of these is the same layout with the language model's linear layers in float8
+# (issue 28: `--layouts one,one+fp8` runs bf16 and FP8 side by side, from the same seed and stage-1 checkpoint).
+FP8_VARIANTS = {"+fp8": "tensorwise", "+fp8row": "rowwise"}
+CURVE_TAIL = 50  # an fp8 row's loss is compared with its bf16 row's over this many last steps
+
+
+def layout_of(name: str) -> Layout:
+    """A layout by name: one of LAYOUTS, or one of them with an `FP8_VARIANTS` suffix (KeyError otherwise)."""
+    base, recipe = fp8_variant(name)
+    if recipe is None:
+        return LAYOUTS[name]
+    layout = LAYOUTS[base]
+    return replace(layout, what=f"{layout.what}; the language model's linear layers in fp8 {recipe}",
+                   settings=(*layout.settings, f"distributed.language.fp8={recipe}"))
+
+
+def fp8_variant(name: str) -> tuple[str, str | None]:
+    """(the base layout's name, the fp8 recipe) of a layout name; (name, None) if it is no fp8 variant."""
+    for suffix, recipe in FP8_VARIANTS.items():
+        if name.endswith(suffix) and name[:-len(suffix)] in LAYOUTS:
+            return name[:-len(suffix)], recipe
+    return name, None
+
+
+def layout_order(name: str) -> tuple[int, str]:
+    """Where a layout's rows sort: by its base layout's place in LAYOUTS, the bf16 row first."""
+    base, recipe = fp8_variant(name)
+    return list(LAYOUTS).index(base), recipe or ""
 
 
 # -- the model and the data -----------------------------------------------------------------------------------
@@ -264,7 +303,7 @@ def run_dir_of(out: Path, stage: int, layout: str) -> Path:
 def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None, deadline: float) -> dict[str, Any]:
     """`mimo train` on the stage's YAML in `name`'s layout (stopped at `deadline`); the row of its metrics.
     With `--resume` the row continues its earlier run from that run's checkpoint, and a deadline ends it with one."""
-    layout = LAYOUTS[name]
+    layout = layout_of(name)
     run_dir = run_dir_of(args.out, stage, name)
     resumed = resumed_step(run_dir) if args.resume else None
     if resumed is None:
@@ -392,7 +431,7 @@ def summarize(stage: int, run_dir: Path, warmup: int, gpus: int, resumed: int = 
 
 def rows_asked(args: argparse.Namespace) -> list[tuple[int, str]]:
     """(stage, layout) of every row the call runs: stage 1's first, each layout where it applies."""
-    return [(stage, name) for stage in args.stages for name in args.layouts if stage in LAYOUTS[name].stages]
+    return [(stage, name) for stage in args.stages for name in args.layouts if stage in layout_of(name).stages]
 
 
 def preflight(args: argparse.Namespace) -> list[str]:
@@ -403,15 +442,15 @@ def preflight(args: argparse.Namespace) -> list[str]:
 
     problems = []
     for stage, name in rows_asked(args):
-        sets = row_overrides(stage, LAYOUTS[name], args, run_dir_of(args.out, stage, name), None)
+        sets = row_overrides(stage, layout_of(name), args, run_dir_of(args.out, stage, name), None)
         try:
             config = load_run_config(EXAMPLES / f"llava15_stage{stage}.yaml", sets)
             plan_run(config, config.world_size)
         except ValueError as e:  # RunConfigError, LayoutError: bad input, one line each
             problems.append(f"stage {stage} {name}: {e}")
             continue
-        if config.world_size != LAYOUTS[name].gpus:
-            problems.append(f"stage {stage} {name}: a world of {config.world_size}, not {LAYOUTS[name].gpus}")
+        if config.world_size != layout_of(name).gpus:
+            problems.append(f"stage {stage} {name}: a world of {config.world_size}, not {layout_of(name).gpus}")
     return problems
 
 
@@ -454,7 +493,7 @@ def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]
     stage-1 checkpoint is kept: `--stage1-from`, an earlier call's, or else this call's first."""
     rows, source = [], args.stage1_from or earlier_stage1(args.out)
     for stage, name in rows_asked(args):
-        layout = LAYOUTS[name]
+        layout = layout_of(name)
         if args.resume and run_finished(run_dir_of(args.out, stage, name)):
             print(f"# stage {stage} {name}: finished in an earlier call (its row stays as that call wrote it)",
                   flush=True)
@@ -518,7 +557,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The results table (a row per stage and layout) and its notes."""
     lines = ["| stage | layout | GPUs | micro-batches | step s | data wait s | samples/s | samples/s/GPU | x anchor "
              "| x target | peak GB (rank 0) | GPU GiB (nvidia-smi) | steps timed | note |", "|" + "---|" * 14]
-    for r in sorted(rows, key=lambda r: (r["stage"], list(LAYOUTS).index(r["layout"]))):
+    for r in sorted(rows, key=lambda r: (r["stage"], *layout_order(r["layout"]))):
         lines.append("| " + " | ".join([
             str(r["stage"]), r["layout"], str(r["gpus"]), _f(r.get("microbatches")), _f(r.get("step_s")),
             _f(r.get("data_wait_s")), _f(r.get("samples_per_s")), _f(r.get("samples_per_s_per_gpu")),
@@ -527,8 +566,29 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             r.get("error", r.get("stopped", ""))]) + " |")
     lines += ["", f"Anchor: LLaVA-1.5 on 8xA100, stage 1 {ANCHOR[1]}, stage 2 {ANCHOR[2]} samples/s per GPU; "
               f"target {TARGET_RATIO:g}x: {TARGET_RATIO * ANCHOR[1]:g} and {TARGET_RATIO * ANCHOR[2]:g}.",
-              "Layouts: " + "; ".join(f"{n}: {LAYOUTS[n].what}" for n in dict.fromkeys(r["layout"] for r in rows))]
-    return "\n".join(lines)
+              "Layouts: " + "; ".join(f"{n}: {layout_of(n).what}" for n in dict.fromkeys(r["layout"] for r in rows))]
+    return "\n".join(lines + fp8_comparisons(rows))
+
+
+def fp8_comparisons(rows: list[dict[str, Any]]) -> list[str]:
+    """Each fp8 row against the bf16 row of its base layout and stage: samples/s, and the relative difference of
+    their mean loss over the last CURVE_TAIL steps (issue 28: stage 2 >= 1.2x, losses within 1%)."""
+    out = []
+    for r in rows:
+        base_name, recipe = fp8_variant(r["layout"])
+        base = next((b for b in rows if b["stage"] == r["stage"] and b["layout"] == base_name), None)
+        if recipe is None or base is None:
+            continue
+        line = f"stage {r['stage']} {r['layout']} vs {base_name}:"
+        if r.get("samples_per_s") and base.get("samples_per_s"):
+            line += f" samples/s x{r['samples_per_s'] / base['samples_per_s']:.3f};"
+        tail = min(CURVE_TAIL, len(r.get("losses", [])), len(base.get("losses", [])))
+        if tail:
+            mine, theirs = (sum(x["losses"][-tail:]) / tail for x in (r, base))
+            line += (f" mean loss over the last {tail} steps {mine:.4f} vs {theirs:.4f}, relative difference "
+                     f"{abs(mine - theirs) / abs(theirs):.2%}")
+        out.append(line)
+    return [""] + out if out else []
 
 
 def merged_rows(path: Path | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -556,7 +616,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/llava15"), help="models, data and runs (reused)")
-    p.add_argument("--layouts", default="yaml", help=f"comma separated, of {list(LAYOUTS)}")
+    p.add_argument("--layouts", default="yaml", help=f"comma separated, of {list(LAYOUTS)}, each also with "
+                   f"{' or '.join(FP8_VARIANTS)} after it (its language model in fp8: `one,one+fp8`)")
     p.add_argument("--stages", default="1,2", help="1, 2 or 1,2")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; dry run 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; dry run 2)")
@@ -585,9 +646,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.image_size = tuple(int(v) for v in (args.image_size or ("64x48" if dry else "640x480")).split("x"))
     args.layouts = [n for n in args.layouts.split(",") if n]
     args.stages = sorted({int(s) for s in args.stages.split(",") if s})
-    unknown = sorted(set(args.layouts) - set(LAYOUTS))
+    unknown = sorted(n for n in args.layouts if fp8_variant(n)[1] is None and n not in LAYOUTS)
     if unknown:
-        p.error(f"--layouts: unknown {unknown}; layouts are {list(LAYOUTS)}")
+        p.error(f"--layouts: unknown {unknown}; layouts are {list(LAYOUTS)}, each also with "
+                f"{' or '.join(FP8_VARIANTS)} (its language model in fp8)")
     if not set(args.stages) <= set(STAGES) or not args.stages:
         p.error(f"--stages: give 1, 2 or 1,2, got {args.stages}")
     if args.warmup < 1 or args.steps < 1:

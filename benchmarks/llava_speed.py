@@ -2,6 +2,11 @@
 
     PYTHONPATH=src python benchmarks/llava_speed.py --presets 1b,3b --microbatches 1b=2,3b=4 --json out.json
     python benchmarks/llava_speed.py --presets tiny --device cpu --warmup 0 --steps 1   # CPU, seconds (CI)
+    # FP8 (issue 28) beside bf16 in one call; the LLaVA-1.5-7B stage-2 shapes need an H200 (AdamW at 7B: ~112 GB)
+    PYTHONPATH=src python benchmarks/llava_speed.py --presets 1b --microbatches 2 --rows mimo+compile,mimo+compile+fp8
+    PYTHONPATH=src python benchmarks/llava_speed.py --presets llava-1.5-7b --microbatches 16 \
+        --rows mimo+stage2+recompute+compile,mimo+stage2+recompute+compile+fp8
+    PYTHONPATH=src python benchmarks/llava_speed.py --presets 1b --loss-curve 200 --rows mimo+compile,mimo+compile+fp8
 
 One process, one run, these rows per preset (`--rows`, comma separated):
 - `mimo`: the real `MimoTrainer.train_step` on a world of one (a 1-rank NCCL group, gloo on CPU, in-process
@@ -12,7 +17,14 @@ One process, one run, these rows per preset (`--rows`, comma separated):
 - `hf`: transformers' `LlavaForConditionalGeneration`, random init from a `LlavaConfig` (CLIPVisionConfig +
   LlamaConfig of the same shapes), SDPA attention; skipped with a note when transformers is missing.
 A row name may carry levers after `+` (e.g. `plain+compile`, `mimo+noddp+chunkce`, see LEVERS) and its own
-micro-batch count after `@` (`plain+sac@1`).
+micro-batch count after `@` (`plain+sac@1`). A row with the `fp8` (or `fp8row`) lever is compared with the row of
+the same name without it: the ratio of their tokens/s is printed at the end (issue 28: >= 1.0 at 1b, >= 1.2 at
+LLaVA-1.5-7B's stage-2 shapes).
+
+`--loss-curve N` trains each row N steps instead of timing it, each step on a fresh batch (`make_batch` with the
+step as its seed: every row sees the same batches, and starts from the same weights), and compares each fp8 row's
+curve with its counterpart's: the relative difference of their mean loss over the last 50 steps (issue 28: within
+1%). The records keep every loss.
 
 Precision policy, the same for every row: float32 parameters, gradients and AdamW state (fused AdamW on
 CUDA, lr 1e-4, betas (0.9, 0.95), no weight decay, clip at global norm 1.0); forward under bf16 autocast
@@ -66,8 +78,9 @@ from mimo.models.rmsnorm import RMSNorm  # noqa: E402
 from mimo.training.metrics import Clock  # noqa: E402
 from mimo.training.plan import plan_model  # noqa: E402
 
-# preset -> (global batch, sequence length) of the issue; tiny is the CPU/CI size.
-SHAPES = {"tiny": (4, 64), "1b": (8, 2048), "3b": (4, 2048), "7b": (4, 2048)}
+# preset -> (global batch, sequence length) of the issue; tiny is the CPU/CI size; llava-1.5-7b is its exact
+# config.json, at stage 2's 2048 tokens (a micro-batch of 8 samples, as benchmarks/llava15.py's `one` row).
+SHAPES = {"tiny": (4, 64), "1b": (8, 2048), "3b": (4, 2048), "7b": (4, 2048), "llava-1.5-7b": (128, 2048)}
 LEVERS = {
     "compile": "torch.compile of every decoder layer and ViT block (module.compile())",
     "compileenc": "torch.compile of the whole vision encoder as one graph (mimo and plain)",
@@ -79,7 +92,14 @@ LEVERS = {
     "noddp": "mimo built without DDP on a data-parallel size of 1 (patched mimo.distributed._ddp)",
     "bucketview": "mimo's DDP with gradient_as_bucket_view=True (patched mimo.distributed.DDP)",
     "nocheck": "mimo without the per-step alignment check and its host syncs (patched _check_counts)",
+    "fp8": "the language model's linear layers in float8, torchao tensorwise (distributed.language.fp8; mimo)",
+    "fp8row": "the language model's linear layers in float8, torchao rowwise (distributed.language.fp8; mimo)",
+    "recompute": "every block recomputes its activations in the backward (train.recompute_granularity: full; mimo)",
+    "stage2": "LLaVA stage 2: the vision tower frozen (model.freeze_vision_encoder; mimo)",
 }
+FP8_LEVERS = {"fp8": "tensorwise", "fp8row": "rowwise"}
+MIMO_ONLY = {"fp8", "fp8row", "recompute", "stage2"}  # levers that are run-config settings of the mimo row
+CURVE_TAIL = 50  # --loss-curve compares the mean loss over this many last steps
 LR, BETAS, CLIP = 1e-4, (0.9, 0.95), 1.0
 CE_CHUNK = 4096  # tokens per chunk of the chunked cross-entropy
 
@@ -339,6 +359,7 @@ class Row:
     parts: ModuleParts
     notes: list[str] = field(default_factory=list)
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    step_on: Callable[[MimoBatch], None] | None = None  # a step on another batch (the mimo row: --loss-curve)
 
 
 def _autocast(ctx: Context):
@@ -405,11 +426,14 @@ def build_mimo(ctx: Context, levers: set[str]) -> Row:
     init_world(ctx.device)
     batch_size = ctx.batch.num_samples
     dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[ctx.dtype]
+    fp8 = [FP8_LEVERS[lv] for lv in levers if lv in FP8_LEVERS]
     config = parse_run_config({
         "parallelism": {"images": {}, "language": {}},
-        "model": {"preset": ctx.preset},
+        "model": {"preset": ctx.preset, "freeze_vision_encoder": "stage2" in levers},
+        "distributed": {"language": {"fp8": fp8[0]}} if fp8 else {},
         "train": {"global_batch_size": batch_size, "num_microbatches": ctx.microbatches, "dtype": dtype,
-                  "lr": LR, "clip_grad": CLIP, "weight_decay": 0.0, "steps": 10**6},
+                  "lr": LR, "clip_grad": CLIP, "weight_decay": 0.0, "steps": 10**6,
+                  "recompute_granularity": "full" if "recompute" in levers else "none"},
         "data": {"name": "synthetic"},
     })
     provider = plan_model(config).provider_on(ctx.device)
@@ -427,9 +451,12 @@ def build_mimo(ctx: Context, levers: set[str]) -> Row:
     def step() -> None:
         state["result"] = trainer.train_step(batch)
 
+    def step_on(other: MimoBatch) -> None:
+        state["result"] = trainer.train_step(other.pin_memory() if ctx.device.type == "cuda" else other)
+
     notes = [] if isinstance(model.language_model, nn.parallel.DistributedDataParallel) else ["no DDP"]
     row = Row(step, lambda: state["result"].loss,
-              ModuleParts(sub.encoder, sub.projection, lm, lm, lambda out: out[0]), notes)
+              ModuleParts(sub.encoder, sub.projection, lm, lm, lambda out: out[0]), notes, step_on=step_on)
     import mimo.models.mimo_model as mm
 
     if "nocheck" in levers:
@@ -668,6 +695,10 @@ def run_row(spec: str, ctx: Context, args: argparse.Namespace, flops: int, peak:
     if base not in BUILDERS or unknown:
         return {**record, "error": f"unknown row {base!r} or lever(s) {unknown}; rows {list(BUILDERS)}, "
                                    f"levers {list(LEVERS)}"}
+    if base != "mimo" and MIMO_ONLY & set(levers):
+        return {**record, "error": f"lever(s) {sorted(MIMO_ONLY & set(levers))} are run settings of the mimo row"}
+    if len(FP8_LEVERS.keys() & set(levers)) > 1:
+        return {**record, "error": f"one fp8 recipe per row, got {sorted(FP8_LEVERS.keys() & set(levers))}"}
     if base == "hf" and hf_available() is None:
         return {**record, "skipped": "transformers is not installed"}
     cuda = ctx.device.type == "cuda"
@@ -683,6 +714,9 @@ def run_row(spec: str, ctx: Context, args: argparse.Namespace, flops: int, peak:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        if args.loss_curve:
+            record.update(loss_curve(row, ctx, args.loss_curve))
+            return record
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             row.step()
@@ -741,6 +775,48 @@ def run_row(spec: str, ctx: Context, args: argparse.Namespace, flops: int, peak:
     return record
 
 
+def loss_curve(row: Row, ctx: Context, steps: int) -> dict[str, Any]:
+    """`steps` steps of the row, step i on the batch `make_batch` draws with seed i (the same for every row): the
+    losses, and the wall time."""
+    if row.step_on is None:
+        raise ValueError("--loss-curve runs mimo rows only (their step takes a batch)")
+    batch, seq = ctx.batch.input_ids.shape
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        row.step_on(make_batch(ctx.preset, batch, seq, seed=i)[1])
+        losses.append(row.loss())
+    return {"losses": losses, "loss_last": losses[-1], "curve_s": time.perf_counter() - t0}
+
+
+def without_fp8(spec: str) -> str:
+    """The row an fp8 row is compared with: the same name without its fp8 lever."""
+    name, at, micro = spec.partition("@")
+    return "+".join(p for p in name.split("+") if p not in FP8_LEVERS) + at + micro
+
+
+def fp8_comparisons(records: list[dict[str, Any]]) -> list[str]:
+    """Each fp8 row against its counterpart (`without_fp8`) of the same preset: tokens/s ratio, or with
+    --loss-curve the relative difference of their mean loss over the last CURVE_TAIL steps."""
+    out = []
+    for r in records:
+        if r["row"] == without_fp8(r["row"]) or "error" in r:
+            continue
+        base = next((b for b in records if b["preset"] == r["preset"] and b["row"] == without_fp8(r["row"])
+                     and "error" not in b), None)
+        if base is None:
+            continue
+        if "losses" in r and "losses" in base:
+            tail = min(CURVE_TAIL, len(r["losses"]), len(base["losses"]))
+            mine, theirs = (sum(x[-tail:]) / tail for x in (r["losses"], base["losses"]))
+            out.append(f"{r['preset']}: loss over the last {tail} steps, {r['row']} {mine:.4f} vs {base['row']} "
+                       f"{theirs:.4f}: relative difference {abs(mine - theirs) / abs(theirs):.2%} (target <= 1%)")
+        elif "tokens_per_s" in r and "tokens_per_s" in base:
+            out.append(f"{r['preset']}: {r['row']} / {base['row']} tokens/s = "
+                       f"{r['tokens_per_s'] / base['tokens_per_s']:.3f} (target >= 1.0 at 1b, >= 1.2 at 7B)")
+    return out
+
+
 # -- report -------------------------------------------------------------------------------------------------
 COLUMNS = ("row", "µbatches", "step ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "encoder ms", "projector ms",
            "language ms", "other ms", "loss")
@@ -756,7 +832,10 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def table_line(r: dict[str, Any]) -> str:
     name = f"{r['preset']} {r['row']}"
-    if "skipped" in r:
+    if "losses" in r and "error" not in r:
+        cells = [name, str(r["microbatches"]), f"loss curve: {len(r['losses'])} steps in {r['curve_s']:.0f} s"] + \
+            [""] * (len(COLUMNS) - 4) + [_fmt(r["loss_last"], 3)]
+    elif "skipped" in r:
         cells = [name, "-", f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - 3)
     elif "error" in r:
         cells = [name, str(r["microbatches"]), f"**{r['error']}**"] + [""] * (len(COLUMNS) - 3)
@@ -826,6 +905,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--trace", default="", help="rows (as in --rows) to run one more step of under "
                         "torch.profiler: kernel time, GPU busy fraction, top kernels")
     parser.add_argument("--json", default=None, help="write every record (and the environment) to this file")
+    parser.add_argument("--loss-curve", type=int, default=0, metavar="N", help="train each (mimo) row N steps on "
+                        "fresh batches instead of timing it; compare each fp8 row's curve with its counterpart's")
     args = parser.parse_args(argv)
     args.trace = {t.strip() for t in args.trace.split(",") if t.strip()}
     device = torch.device(args.device)
@@ -876,7 +957,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 write_json(args.json, env, records)
     print()
     print(table(records))
-    for line in comparisons(records):
+    for line in comparisons(records) + fp8_comparisons(records):
         print("# " + line)
     if dist.is_initialized():
         dist.destroy_process_group()

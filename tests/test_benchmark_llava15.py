@@ -225,3 +225,16 @@ def test_a_resumable_row_stops_in_time_to_checkpoint_before_the_limit():
     tight = now + bench.START_S + bench.SAVE_S[2] - 5
     assert bench.why_not_run(2, Path("x"), tight, resumable=True).startswith("not run: ")  # too little time
     assert bench.why_not_run(2, Path("x"), tight, resumable=False) is None  # a speed row is stopped at the limit
+
+
+def test_an_fp8_variant_of_a_layout_sets_fp8_and_is_compared_with_its_bf16_row():
+    """`one+fp8` is `one` with the language model in fp8 (its own run); the report compares the two rows."""
+    layout = bench.layout_of("one+fp8row")
+    assert layout.overrides(bench.stage_yaml(2), 2)[-1] == "distributed.language.fp8=rowwise"
+    assert layout.gpus == 1 and "fp8 rowwise" in layout.what
+    assert bench.layout_of("hetero1+1").settings == () and bench.fp8_variant("hetero1+1") == ("hetero1+1", None)
+    rows = [{"stage": 2, "layout": "one+fp8", "samples_per_s": 15.0, "losses": [9.0] + [2.02] * 50},
+            {"stage": 2, "layout": "one", "samples_per_s": 12.5, "losses": [9.0] + [2.0] * 50}]
+    assert bench.fp8_comparisons(rows) == ["", "stage 2 one+fp8 vs one: samples/s x1.200; mean loss over the last "
+                                               "50 steps 2.0200 vs 2.0000, relative difference 1.00%"]
+    assert [r["layout"] for r in sorted(rows, key=lambda r: bench.layout_order(r["layout"]))] == ["one", "one+fp8"]

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -64,14 +65,38 @@ def test_tiny_cpu_run_prints_mimo_and_plain_rows(tmp_path):
 
 
 def test_tiny_cpu_levers_run_and_unknown_ones_are_reported(tmp_path):
-    rows = ("plain+chunkce+sac+mimoclip+syncs@2,plain+foreach,mimo+noddp+chunkce+nocheck,mimo+bucketview,"
-            "plain+warp")
+    rows = ("plain+chunkce+sac+mimoclip+syncs@2,plain+foreach,mimo+noddp+chunkce+nocheck,"
+            "mimo+bucketview+recompute+stage2,plain+recompute,mimo+fp8,plain+warp")
     _, records = _run(tmp_path, "--rows", rows)
-    for r in records[:-1]:
+    for r in records[:-3]:
         assert "error" not in r, (r["row"], r.get("traceback", r))
     assert records[0]["microbatches"] == 2
     assert records[2]["notes"] == ["no DDP"]
+    assert records[-3]["error"] == "lever(s) ['recompute'] are run settings of the mimo row"
+    assert "fp8 'tensorwise' needs" in records[-2]["error"], "fp8 on the CPU is mimo's one-line refusal"
     assert "unknown" in records[-1]["error"] and "warp" in records[-1]["error"]
+
+
+def test_loss_curve_feeds_every_row_the_same_batches_and_fp8_rows_are_compared():
+    """`--loss-curve`: step i of every row trains on the batch of seed i; an fp8 row is compared with the row of the
+    same name without the lever (tokens/s, or the mean loss over the last 50 steps)."""
+    bench = _load_script()
+    ctx = types.SimpleNamespace(preset="tiny", batch=bench.make_batch("tiny", 4, 64)[1])
+    fed: list[list[torch.Tensor]] = [[], []]
+    for seen in fed:
+        row = bench.Row(step=None, loss=lambda: 2.5, parts=None, step_on=lambda b, seen=seen: seen.append(b.input_ids))
+        record = bench.loss_curve(row, ctx, 3)
+        assert record["losses"] == [2.5] * 3
+    assert all(torch.equal(a, b) for a, b in zip(*fed, strict=True)) and not torch.equal(fed[0][0], fed[0][1])
+    assert bench.without_fp8("mimo+compile+fp8@2") == "mimo+compile@2"
+    records = [{"preset": "1b", "row": "mimo+compile", "losses": [9.0] + [2.0] * 50},
+               {"preset": "1b", "row": "mimo+compile+fp8", "losses": [9.0] + [2.01] * 50},
+               {"preset": "1b", "row": "mimo", "tokens_per_s": 100.0},
+               {"preset": "1b", "row": "mimo+fp8row", "tokens_per_s": 125.0},
+               {"preset": "1b", "row": "plain+fp8", "error": "lever(s) ..."}]
+    assert bench.fp8_comparisons(records) == [
+        "1b: loss over the last 50 steps, mimo+compile+fp8 2.0100 vs mimo+compile 2.0000: relative difference 0.50% "
+        "(target <= 1%)", "1b: mimo+fp8row / mimo tokens/s = 1.250 (target >= 1.0 at 1b, >= 1.2 at 7B)"]
 
 
 def math_finite(x: float) -> bool:

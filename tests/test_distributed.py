@@ -197,7 +197,8 @@ def parallelize_steps(rank: int, world_size: int) -> list[str]:
     prov = provider({"images": {}, "language": {"tensor_model_parallel_size": 2, "sequence_parallel": True,
                                                 "tp_comm_overlap": True}}, ("images",))
     settings = DistributedConfig(ModuleDistributedConfig(compile=True, recompute_granularity="full"))
-    with mock.patch.multiple(md, apply_tensor_parallel=record("tp", md.apply_tensor_parallel),
+    with mock.patch.multiple(md, apply_fp8=record("fp8", md.apply_fp8),
+                             apply_tensor_parallel=record("tp", md.apply_tensor_parallel),
                              overlap_tp_comms=record("async tp"), compile_blocks=record("compile", md.compile_blocks),
                              recompute=record("recompute", md.recompute),
                              apply_data_parallel=record("data parallel", md.apply_data_parallel)):
@@ -208,8 +209,9 @@ def parallelize_steps(rank: int, world_size: int) -> list[str]:
 
 
 def test_parallelize_applies_tp_then_async_tp_compile_recompute_and_data_parallel_in_order():
-    """TP on the meta model, materialization, then per module (images, then language, which asks the overlap):
-    asynchronous TP, compile, recomputation, data parallelism: torchtitan's order, visible in one function."""
+    """FP8 conversion and TP on the meta model, materialization, then per module (images, then language, which
+    asks the overlap): asynchronous TP, compile, recomputation, data parallelism: torchtitan's order, visible in
+    one function."""
     per_module = ["compile", "recompute", "data parallel"]
-    want = ["tp", "materialize", *per_module, "async tp", *per_module]
+    want = ["fp8", "tp", "materialize", *per_module, "async tp", *per_module]
     assert run_distributed(parallelize_steps, 2) == [want, want]

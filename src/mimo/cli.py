@@ -113,6 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_identity(config.run_dir, create=True)  # the run this directory holds, recorded in its checkpoints
         kwargs = {"resume": args.resume, "resume_from": resume_from, "quiet": args.quiet, "rank_map": rank_map,
                   "started": started}
+        for line in plan.fp8_lines if owner else ():  # the linear layers each fp8 module converts
+            print(line, flush=True)
         if _launched():
             from mimo.training.deadline import end_as_signalled
             from mimo.training.loop import run_training
@@ -166,6 +168,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(plan.data_scan.summary())
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    for line in plan.fp8_lines:
+        print(line)
     print(f"{args.config}: valid; {config.layout.deployment} on {config.layout.world_size} ranks")
     return 0
 

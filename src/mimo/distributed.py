@@ -27,8 +27,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from mimo import fp8
 from mimo.config import LANGUAGE, MimoParallelismConfig, _distinct_spans, _names, _ranks
 from mimo.ddp_shards import arm_reducer, dtensor_params, localize, not_a_view, sum_partial_grads
+from mimo.fp8 import Recipe as FP8Recipe
+from mimo.fp8 import SmallLayers as FP8SmallLayers
 from mimo.grid import ModuleGrid
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel
@@ -67,6 +70,14 @@ class ModuleDistributedConfig:
     # micro-batch's backward (ZeRO-2's communication; a full compute-dtype copy held). "default": "always" but
     # for the last block (its backward comes next), and "never" in a pipeline stage (its micro-batches interleave)
     reshard_after_forward: Reshard = "default"
+    # float8 matmuls for the module's linear layers (torchao's float8 training; `pip install 'mimo[fp8]'`): none,
+    # tensorwise (one scale per tensor; under fsdp the weights are all-gathered in float8) or rowwise (a scale per
+    # row: more accurate, slower). Needs train.dtype bfloat16 and a GPU of compute capability 8.9+ (`mimo.fp8`)
+    fp8: FP8Recipe = "none"
+    # with fp8: skip (default) keeps layers whose matmul is too small to gain in the compute dtype (torchao's H100
+    # thresholds, `mimo.fp8.too_small`); convert converts every linear layer whose dims are multiples of 16
+    fp8_small_layers: FP8SmallLayers = "skip"
+    fp8_emulate: bool = False  # torchao's emulated float8 matmuls on any device (CPU tests); not a run config key
 
     def check(self, where: str) -> None:
         """Each setting within its allowed values and consistent with the others; `where` names the module in the
@@ -92,6 +103,12 @@ class ModuleDistributedConfig:
         if self.compute_dtype is not None and self.compute_dtype not in DTYPES.values():
             raise WrapError(f"{where}: compute_dtype must be one of {list(DTYPES.values())} or None, "
                             f"got {self.compute_dtype!r}")
+        if self.fp8_small_layers not in get_args(FP8SmallLayers):
+            raise WrapError(f"{where}: fp8_small_layers must be 'skip' or 'convert', got {self.fp8_small_layers!r}")
+        try:
+            fp8.check_settings(where, self.fp8, self.compute_dtype)
+        except fp8.FP8Error as e:
+            raise WrapError(str(e)) from None
 
 
 def _module_label(name: str) -> str:
@@ -192,22 +209,40 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 # -- parallelize ------------------------------------------------------------------------------------
 def wrap_mimo_model_distributed(model: MimoModel, infra: MimoModelInfra, config: DistributedConfig | None = None,
-                                materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
-    """Megatron-Bridge's entry: the settings checked against the layout and this process's backend
-    (`check_distributed`), then `parallelize`; a stub rank's empty model passes through unchanged."""
+                                materialize: Callable[[MimoModel], MimoModel] | None = None,
+                                device: torch.device | str | None = None) -> MimoModel:
+    """Megatron-Bridge's entry: the settings checked against the layout, this process's backend and the `device`
+    the parameters will live on (`check_distributed`, `check_fp8_device`), then `parallelize`; a stub rank's empty
+    model passes through unchanged."""
     settings = config or DistributedConfig()
     backend = dist.get_backend() if dist.is_initialized() else None
     check_distributed(settings, list(infra.module_to_grid_map) or infra.participating_modules, infra.config, backend)
+    check_fp8_device(settings, infra, torch.device(device or "cpu"))
     return parallelize(model, infra, settings, materialize)
+
+
+def check_fp8_device(settings: DistributedConfig, infra: MimoModelInfra, device: torch.device) -> None:
+    """Every hosted module that asks for fp8 has torchao and (unless emulated) computes on a GPU with float8
+    matmuls, else one WrapError before any weight is made."""
+    for name in hosted_grids(infra):
+        cfg = settings.for_module(name)
+        try:
+            fp8.check_torchao(_module_label(name), cfg.fp8)
+            if not cfg.fp8_emulate:
+                fp8.check_device(_module_label(name), cfg.fp8, device)
+        except fp8.FP8Error as e:
+            raise WrapError(str(e)) from None
 
 
 def parallelize(model: MimoModel, infra: MimoModelInfra, settings: DistributedConfig,
                 materialize: Callable[[MimoModel], MimoModel] | None = None) -> MimoModel:
-    """Each hosted module's parallelism, in this order (torchtitan's `parallelize_llama`): tensor parallelism,
-    on the meta model so that no rank ever holds a full module; `materialize` (the provider's: values for the
-    shards, freezing), since DDP needs real parameters and whether a module trains; then asynchronous TP,
-    compile, recomputation (around the compiled forward) and data parallelism (DDP/FSDP2, autocast)."""
-    apply_tensor_parallel(model, infra)
+    """Each hosted module's parallelism, in this order (torchtitan's `parallelize_llama`): fp8 conversion
+    (`apply_fp8`: torchao's float8 TP styles need its layers) and tensor parallelism, on the meta model so that no
+    rank ever holds a full module; `materialize` (the provider's: values for the shards, freezing), since DDP needs
+    real parameters and whether a module trains; then asynchronous TP, compile, recomputation (around the compiled
+    forward) and data parallelism (DDP/FSDP2, autocast)."""
+    converted = apply_fp8(model, infra, settings)
+    apply_tensor_parallel(model, infra, converted)
     if materialize is not None:
         model = materialize(model)
     for name, grid in hosted_grids(infra).items():
@@ -228,10 +263,46 @@ def hosted_grids(infra: MimoModelInfra) -> dict[str, ModuleGrid]:
             if name in infra.module_to_grid_map}
 
 
+# -- fp8 -------------------------------------------------------------------------------------------
+def apply_fp8(model: MimoModel, infra: MimoModelInfra, settings: DistributedConfig) -> dict[str, fp8.FP8Layers]:
+    """`fp8`: each hosted module that asks has its linear layers that gain (`module_fp8_layers`) swapped for
+    torchao's Float8Linear, on the meta model (names and master weights unchanged); under FSDP2, tensorwise
+    weights are all-gathered in float8. Returns what each module converted."""
+    done = {}
+    for name, grid in hosted_grids(infra).items():
+        cfg = settings.for_module(name)
+        if cfg.fp8 == "none":
+            continue
+        module = module_of(model, name)
+        done[name] = module_fp8_layers(name, module, cfg, grid.size("tp"), grid.config.sequence_parallel)
+        fp8.convert(module, done[name], fsdp_all_gather=cfg.data_parallel == "fsdp", emulate=cfg.fp8_emulate)
+        if cfg.fp8 == "rowwise" and cfg.compile:
+            _emulate_precision_casts()
+    return done
+
+
+def _emulate_precision_casts() -> None:
+    """Inductor rounds to low precision where eager does (process-wide): torchtitan's mend for float8 rowwise
+    under compile, whose recomputed casts otherwise differed from the forward's (pytorch#150859, torchtitan#1056)."""
+    import torch._inductor.config as inductor
+
+    inductor.emulate_precision_casts = True
+
+
+def module_fp8_layers(name: str, module: nn.Module, cfg: ModuleDistributedConfig, tp: int,
+                      sequence_parallel: bool) -> fp8.FP8Layers:
+    """Which linear layers of module `name` convert to fp8 (`mimo.fp8.skip_reason` on the GEMM a rank runs under
+    its TP plan): the one decision, which the `mimo train` parent prints and every rank applies."""
+    plan = tp_plan_of(name, module, sequence_parallel) if tp > 1 else None
+    return fp8.fp8_layers(module, cfg.fp8, cfg.fp8_small_layers, plan, tp)
+
+
 # -- tensor parallelism ------------------------------------------------------------------------------
-def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
+def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra,
+                          fp8_layers: Mapping[str, fp8.FP8Layers] | None = None) -> None:
     """Shard every hosted module with TP > 1 over its `tp` mesh dim by the module's own `tp_plan()`
-    (sequence-parallel where its layout says `sequence_parallel`).
+    (sequence-parallel where its layout says `sequence_parallel`; with torchao's float8 styles on the layers a
+    tensorwise module converted, `fp8_layers` from `apply_fp8`: `mimo.fp8.float8_tp_plan`).
 
     Apply it to a meta-device model before `init_parameters`, so no rank ever holds a full module.
     """
@@ -241,6 +312,9 @@ def apply_tensor_parallel(model: MimoModel, infra: MimoModelInfra) -> None:
         module = module_of(model, name)
         plan = tp_plan_of(name, module, grid.config.sequence_parallel)
         check_tensor_parallel(name, module, plan, grid.size("tp"))
+        layers = (fp8_layers or {}).get(name)
+        if layers is not None and layers.recipe == "tensorwise":
+            plan = fp8.float8_tp_plan(plan, module, layers)
         parallelize_module(module, grid.mesh["tp"], plan)
 
 

@@ -214,7 +214,7 @@ class MimoModelProvider:
         """`provide` and wrap: build on meta, shard by TP, materialize (one full parameter at a time, then
         only this rank's shard), freeze, then DDP/FSDP2 per module."""
         return wrap_mimo_model_distributed(self.build_meta_model(), self.build_infra(), config,
-                                           materialize=self._materialize)
+                                           materialize=self._materialize, device=self.device)
 
     def _materialize(self, model: MimoModel) -> MimoModel:
         """Layout-independent values on `device` (one full parameter at a time, sliced to a shard), then

@@ -46,7 +46,8 @@ def test_packed_row_lays_samples_end_to_end_with_restarting_positions():
     # each sample's labels are its own next tokens: the last kept label never names the next sample's first token
     assert text.labels.tolist() == [[10, 11, IMAGE, IMAGE, 12]]
     assert text.longest == 3
-    assert text.model_kwargs().keys() == {"position_ids", "document_ids"}
+    assert text.model_kwargs().keys() == {"position_ids", "document_ids", "scored_positions"}
+    assert text.scored_positions.tolist() == [0, 1, 2, 3, 4]  # every position with a target (modality ones too)
 
 
 def test_the_row_is_rounded_up_with_an_unlabelled_document_of_its_own():
@@ -73,7 +74,9 @@ def test_packing_keeps_the_scored_labels_and_modality_tokens():
 def test_padded_layout_is_the_batch_itself():
     b = _batch()
     text = PaddedText().arrange(b, SPECIAL)
-    assert text.input_ids is b.input_ids and text.labels is b.labels and text.model_kwargs() == {}
+    assert text.input_ids is b.input_ids and text.labels is b.labels
+    assert text.model_kwargs().keys() == {"scored_positions"}
+    assert text.scored_positions.tolist() == (b.labels.flatten() != IGNORE_INDEX).nonzero().flatten().tolist()
     assert text.longest == b.input_ids.shape[1]
 
 

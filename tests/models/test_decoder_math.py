@@ -63,3 +63,35 @@ def test_stages_compose_to_the_full_model() -> None:
     stage_sum, stage_count = last.loss(last(first(first.embed(ids))), labels)
     assert int(ref_count) == int(stage_count) == 20
     torch.testing.assert_close(stage_sum, ref_sum, rtol=1e-12, atol=0)
+
+
+def test_the_head_on_the_scored_positions_alone_gives_the_same_loss_and_gradients() -> None:
+    """`scored_positions` (a superset of the labelled positions, as `LanguageText` finds them) changes neither
+    the loss nor any gradient; with no position at all the loss is 0 and every weight still gets a gradient."""
+    from mimo.data.packing import scored_positions
+    from mimo.models.labels import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig.tiny()).double()
+    init_parameters(decoder, seed=3)
+    ids = torch.randint(1, decoder.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :7] = IGNORE_INDEX  # the prompt
+    superset = scored_positions(labels)
+    labels[1, 9] = IGNORE_INDEX  # ignored later (a modality position): still in the superset
+    runs = []
+    for scored in (None, superset):
+        decoder.zero_grad()
+        loss, count = decoder(input_ids=ids, labels=labels, scored_positions=scored)
+        loss.backward()
+        runs.append((loss.detach(), int(count), {n: p.grad.clone() for n, p in decoder.named_parameters()}))
+    (full, n_full, g_full), (part, n_part, g_part) = runs
+    torch.testing.assert_close(part, full, rtol=1e-12, atol=0)
+    assert n_part == n_full == 9
+    for name, grad in g_full.items():
+        torch.testing.assert_close(g_part[name], grad, rtol=1e-10, atol=1e-14, msg=name)
+    decoder.zero_grad()
+    loss, _ = decoder(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX),
+                      scored_positions=torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0.0 and all(p.grad is not None for p in decoder.parameters())

@@ -56,9 +56,10 @@ def test_varlen_document_attention_matches_the_explicit_mask_in_bf16_forward_and
 
 def test_cuda_document_ids_get_the_varlen_kernel_or_flex_when_asked(monkeypatch):
     ids = torch.zeros(1, 128, dtype=torch.long, device="cuda")
-    assert isinstance(document_attention(ids), VarlenDocumentAttention)
+    assert isinstance(document_attention(ids, torch.bfloat16), VarlenDocumentAttention)
+    assert isinstance(document_attention(ids, torch.float32), FlexDocumentAttention)  # flash has no float32
     monkeypatch.setattr(attention_module, "CUDA_DOCUMENT_KERNEL", "flex")
-    assert isinstance(document_attention(ids), FlexDocumentAttention)
+    assert isinstance(document_attention(ids, torch.bfloat16), FlexDocumentAttention)
 
 
 def test_packed_row_scores_like_the_padded_samples_on_the_gpu():

@@ -31,12 +31,20 @@ SpecialIds = Mapping[str, int] | Iterable[int]
 @dataclass
 class LanguageText:
     """A micro-batch share's text as the language model reads it: ids and labels [R, T]; for a packed row,
-    each token's position and document (sample) number; `longest` the most positions one sample uses."""
+    each token's position and document (sample) number; `longest` the most positions one sample uses.
+    `scored_positions`: the flat indices (into R·T) of the positions with a label, found on the host where the
+    text is arranged, so the head computes logits there alone with no host sync (`Decoder.loss`); a superset of
+    what the loss scores (modality positions are ignored later), which changes nothing: ignored rows add 0."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None = None
     document_ids: torch.Tensor | None = None
+    scored_positions: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.scored_positions is None:
+            self.scored_positions = scored_positions(self.labels)
 
     @property
     def longest(self) -> int:
@@ -47,8 +55,9 @@ class LanguageText:
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """The decoder's layout arguments: none for padded rows numbered 0, 1, ...; positions (M-RoPE's [3, R, T]
-        too) and, for a packed row, documents."""
-        kwargs = {"position_ids": self.position_ids, "document_ids": self.document_ids}
+        too) and, for a packed row, documents; and the positions its head scores."""
+        kwargs = {"position_ids": self.position_ids, "document_ids": self.document_ids,
+                  "scored_positions": self.scored_positions}
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def to(self, device: torch.device | str) -> LanguageText:
@@ -60,7 +69,13 @@ class LanguageText:
         def copy(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
-        return LanguageText(copy(self.input_ids), copy(self.labels), copy(self.position_ids), copy(self.document_ids))
+        return LanguageText(copy(self.input_ids), copy(self.labels), copy(self.position_ids), copy(self.document_ids),
+                            copy(self.scored_positions))
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of `labels`' positions that hold a target (not IGNORE_INDEX), in order."""
+    return labels.flatten().ne(IGNORE_INDEX).nonzero().flatten()
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class FlexDocumentAttention:
             return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
 
         rows, length = document_ids.shape
+        self.document_ids = document_ids
         self.block_mask = create_block_mask(document_causal, rows, None, length, length,
                                             device=document_ids.device)
         # made here, not as a decorator: `torch.compiler.disable` imports dynamo, seconds for every process
@@ -76,6 +77,8 @@ class FlexDocumentAttention:
         recompile limit sent it back to eager, unfused flex; here `compiled_flex_attention()` is its own compiled
         function, dynamic in the length after its second one. The block's own graphs still guard on a few length
         ranges (one compilation each; benchmarks/DATA.md: packed compiled 0.86x padded)."""
+        if q.shape[-1] < FLEX_MIN_HEAD_DIM:
+            return MaskedDocumentAttention(self.document_ids)(q, k, v)
         dtype = _attention_dtype(q, k, v)
         attend = compiled_flex_attention()
         return attend(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
@@ -161,6 +164,11 @@ def _attention_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
+# Compiled flex_attention's smallest head width (inductor: "embedding dimension ... must be at least 16"); the
+# flex variants hand narrower heads (tiny test models) to SDPA with the explicit mask.
+FLEX_MIN_HEAD_DIM = 16
 
 
 @functools.cache

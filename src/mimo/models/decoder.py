@@ -335,6 +335,7 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         added_after_layer: AddedAfterLayer | None = None,
+        scored_positions: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One stage's whole work in one call (the entry point DDP and FSDP wrap).
 
@@ -346,12 +347,13 @@ class Decoder(nn.Module):
         With `config.mrope`, `position_ids` may be 3-D [3, B, S] (temporal, height, width: `models.mrope`).
         `added_after_layer` {global layer index: (where, values)} adds values at those positions of that
         layer's output (Qwen3-VL's DeepStack: `_deepstack_process`); this stage applies the layers it holds.
+        `scored_positions` (flat indices into B·S, a superset of the labelled positions) limits the head to them.
         """
         if input_ids is not None:
             embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
         hidden = self._layers(hidden, position_ids, document_ids, added_after_layer)
-        return self.loss(hidden, labels) if labels is not None else hidden
+        return self.loss(hidden, labels, scored_positions) if labels is not None else hidden
 
     def _deepstack(self, embeddings_at: EmbeddingsAt,
                    added: AddedAfterLayer | None) -> tuple[EmbeddingsAt, AddedAfterLayer | None]:
@@ -414,12 +416,18 @@ class Decoder(nn.Module):
         logits = self.lm_head(hidden)
         return logits if self.config.padded_vocab_size is None else logits[..., :self.config.vocab_size]
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy and the number of label tokens; `labels[b, t]` is position t's target."""
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+             scored_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and the number of label tokens; `labels[b, t]` is position t's target. With
+        `scored_positions` (flat indices into B·S holding every label) the head runs on those rows alone:
+        instruction data labels the answers only, so most logits (a vocabulary wide each) were never scored."""
+        targets = labels.flatten()
+        if scored_positions is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, scored_positions).unsqueeze(0)
+            targets = targets.index_select(0, scored_positions)
         logits = self.logits(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
-                                   ignore_index=IGNORE_INDEX)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum", ignore_index=IGNORE_INDEX)
         return loss_sum, (labels != IGNORE_INDEX).sum()
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from mimo.models.attention import compiled_flex_attention, use_varlen, varlen_attention, varlen_options
+from mimo.models.attention import (
+    FLEX_MIN_HEAD_DIM,
+    compiled_flex_attention,
+    use_varlen,
+    varlen_attention,
+    varlen_options,
+)
 
 
 def segment_ids(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -49,6 +55,7 @@ class FlexSegmentAttention:
             return ids[q] == ids[kv]
 
         n = int(ids.shape[0])
+        self.lengths, self.device = list(lengths), device
         self.block_mask = create_block_mask(same_segment, None, None, n, n, device=ids.device)
         self._attend = torch.compiler.disable(self._flex)  # its own compiled function, outside a block's graph
 
@@ -57,7 +64,10 @@ class FlexSegmentAttention:
         return self._attend(q, k, v)
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """flex_attention on q, k, v of one dtype (rotary leaves q, k in float32 while v may be bf16)."""
+        """flex_attention on q, k, v of one dtype (rotary leaves q, k in float32 while v may be bf16); heads
+        narrower than flex compiles take the explicit mask."""
+        if q.shape[-1] < FLEX_MIN_HEAD_DIM:
+            return MaskedSegmentAttention(self.lengths, self.device)(q, k, v)
         device = q.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))

@@ -13,7 +13,7 @@ import dataclasses
 import importlib.util
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,10 @@ from mimo.config import RunConfigError
 from mimo.data import SyntheticDataset
 from mimo.data.scan import DataScan
 from mimo.data.section import DataSection
-from mimo.distributed import WrapError
+from mimo.distributed import WrapError, module_fp8_layers, module_of
 from mimo.families.registry import BuildSettings, ModelFamily, family_named
 from mimo.flops import ModalityFlops
+from mimo.fp8 import FP8Error, check_machine, check_torchao, summary
 from mimo.hf.load import fingerprint
 from mimo.models.init import seeding_names
 from mimo.provider import MimoModelProvider, ProviderError
@@ -37,7 +38,8 @@ from mimo.training.run_config import RunConfig, check_distributed_sections
 class RunPlan:
     """A run's config, its model family, what the family opened (Hugging Face configs and weight names), the
     provider (with the run's layout; process groups are made by a worker on first use), the parts read from
-    Hugging Face directories, the layout's warnings, and what the check of the whole data file found."""
+    Hugging Face directories, the layout's warnings, one line per module that runs fp8 (its converted
+    layers: `mimo train` prints them), and what the check of the whole data file found."""
 
     config: RunConfig
     family: ModelFamily
@@ -45,6 +47,7 @@ class RunPlan:
     provider: MimoModelProvider
     hf_parts: list[HFPart]
     warnings: list[str]
+    fp8_lines: list[str] = field(default_factory=list)
     data_scan: DataScan | None = None  # what the check of the whole data file found (LLaVA-format data)
 
     def provider_on(self, device: torch.device) -> MimoModelProvider:
@@ -111,6 +114,8 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
     plan = plan_model(config)
     plan.warnings = [str(w.message) for w in caught] + _no_evaluation(config)
     _check_model_fits(plan)
+    _check_fp8_machine(config)
+    plan.fp8_lines = fp8_lines(plan)
     _check_hf_weights(plan)
     _check_pretrained(plan)
     _check_data(plan)
@@ -133,6 +138,36 @@ def _check_model_fits(plan: RunPlan) -> None:
         plan.provider.check_layout(plan.config.layout)
     except (WrapError, ProviderError) as e:
         raise RunConfigError(f"parallelism: {e}") from None
+
+
+def _check_fp8_machine(config: RunConfig) -> None:
+    """A module that asks for fp8 has torchao and a CUDA GPU to run on (`mimo.fp8.check_torchao`, `check_machine`;
+    each rank checks its GPU's compute capability when it wraps the model)."""
+    for name in config.layout.module_names:
+        try:
+            recipe = config.distributed_config.for_module(name).fp8
+            check_torchao(f"distributed.{name}", recipe)
+            check_machine(f"distributed.{name}", recipe)
+        except FP8Error as e:
+            raise RunConfigError(str(e)) from None
+
+
+def fp8_lines(plan: RunPlan) -> list[str]:
+    """For each module that runs fp8, one line naming the linear layers it converts and those it keeps (the
+    decision every rank's wrapper applies, `distributed.module_fp8_layers`, over the whole model on the meta
+    device; a layout that fits, `_check_model_fits`)."""
+    settings, layout = plan.config.distributed_config, plan.config.layout
+    asked = [name for name in layout.module_names if settings.for_module(name).fp8 != "none"]
+    if not asked:
+        return []
+    model = plan.provider.whole_meta_model()
+    lines = []
+    for name in asked:
+        parallelism = layout.get_parallelism(name)
+        layers = module_fp8_layers(name, module_of(model, name), settings.for_module(name),
+                                   parallelism.tensor_model_parallel_size, parallelism.sequence_parallel)
+        lines.append(summary(name, layers, compiled=settings.for_module(name).compile))
+    return lines
 
 
 def _check_hf_weights(plan: RunPlan) -> None:
