@@ -5,6 +5,7 @@ more bad rows than `data.max_bad_sample_rate` in one line, before any worker or 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,36 @@ def test_a_json_syntax_error_is_named_by_line_and_column(tmp_path):
     with pytest.raises(scan_module.DataFileError, match=r"^data file .*data.json is not valid JSON: Expecting ':' "
                                                         r"delimiter at line 3 column 12 \(a .jsonl file"):
         read_rows(path)
+
+
+def _facts_in_a_process(path: str, cache: str, log: str) -> None:
+    """`file_facts` in a forked process, each finding of facts noted in `log`."""
+    data = open_dataset(Path(path).parent, Path(path))
+    rules = RowRules(data.prompter, data.template, TOKENS_PER_IMAGE, 64, Path(path).parent / "images")
+    found = scan_module.row_facts
+
+    def noted(*args, **kw):
+        with open(log, "a") as f:
+            f.write("found\n")
+        time.sleep(0.5)  # the others arrive meanwhile
+        return found(*args, **kw)
+    scan_module.row_facts = noted
+    file_facts(Path(path), rules, cache=Path(cache))
+
+
+def test_processes_checking_one_file_at_once_find_its_facts_once(tmp_path):
+    """The ranks of a launcher each plan the run: the first finds the file's facts, the others read them."""
+    import multiprocessing
+
+    save_image(tmp_path / "images" / "a.png")
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([INSTRUCT] * 50))
+    context = multiprocessing.get_context("fork")
+    args = (str(path), str(tmp_path / "cache"), str(tmp_path / "log"))
+    processes = [context.Process(target=_facts_in_a_process, args=args) for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [p.exitcode for p in processes] == [0, 0, 0]
+    assert (tmp_path / "log").read_text() == "found\n"

@@ -17,14 +17,16 @@ decoded: a corrupt one is still found (and skipped) in training.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import hashlib
 import json
 import math
 import os
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -278,27 +280,47 @@ def scan_file(path: str | Path, rules: RowRules, workers: int | None = None, cac
 def file_facts(path: Path, rules: RowRules, workers: int | None = None, cache: Path | None = None) -> RowFacts:
     """The facts of every row of the file at `path` (`row_facts`), from `cache` (a directory) when they were found
     there for this file (its path, size, time and sampled bytes), tokenizer and template, else found and stored
-    (the newest `KEPT` files' facts are kept)."""
+    (the newest `KEPT` files' facts are kept). One process at a time finds a file's facts (a lock beside them): the
+    ranks of a launcher on one node, each planning its run, wait for the first and read what it stored."""
     stored = cache / f"{facts_key(path, rules)}.pt" if cache is not None else None
-    if stored is not None and stored.is_file():
-        try:
-            return _load_facts(stored, str(path))
-        except (OSError, RuntimeError, KeyError, ValueError):
-            pass  # unreadable: found anew
-    check_data_file(path)
-    rows, lines = read_rows(path)
-    facts = row_facts(rows, lines, path, rules, workers)
-    if stored is not None:
-        _store_facts(facts, stored)
-    return facts
+    with _locked(stored):
+        if stored is not None and stored.is_file():
+            try:
+                return _load_facts(stored, str(path))
+            except (OSError, RuntimeError, KeyError, ValueError):
+                pass  # unreadable: found anew
+        check_data_file(path)
+        rows, lines = read_rows(path)
+        facts = row_facts(rows, lines, path, rules, workers)
+        if stored is not None:
+            _store_facts(facts, stored)
+        return facts
+
+
+@contextmanager
+def _locked(stored: Path | None) -> Iterator[None]:
+    """An exclusive `flock` on `stored`'s lock file while the block runs (none without a cache, or where the
+    cache cannot be written: then each process finds the facts itself)."""
+    if stored is None:
+        yield
+        return
+    try:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        lock = stored.with_suffix(".lock").open("a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def row_facts(rows: list[Any], lines: array | None, path: Path, rules: RowRules,
               workers: int | None = None) -> RowFacts:
     """The facts of every row of `rows` (`read_rows` of the file at `path`), found over `workers` processes
-    (default: the CPUs this process may use, shared by the ranks of a launcher on this node)."""
+    (default: the CPUs this process may use)."""
     global _SHARED
-    workers = workers or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = workers or len(os.sched_getaffinity(0))
     shares = _shares(len(rows), workers if len(rows) >= PARALLEL_ROWS else 1)
     _SHARED = (rows, rules)
     try:
@@ -406,6 +428,7 @@ def _store_facts(facts: RowFacts, stored: Path) -> None:
         partial.replace(stored)
         for old in sorted(stored.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)[KEPT:]:
             old.unlink(missing_ok=True)
+            old.with_suffix(".lock").unlink(missing_ok=True)
     except OSError:
         pass
 
