@@ -72,9 +72,10 @@ class Rows:
 
 
 def write_data(out: Path, rows: int, images: int) -> tuple[Path, list[dict]]:
-    """The data file (rows cycling through 4096 distinct ones, each with its id and image name) and the images."""
+    """The data file (rows cycling through up to 4096 distinct ones, each with its id and image name) and the
+    images."""
     made = Rows()
-    pool = [made.row() for _ in range(4096)]
+    pool = [made.row() for _ in range(min(4096, rows))]
     png = out / "one.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(png)
     names = [f"{FOLDERS[k % len(FOLDERS)]}/{k:012d}.png" for k in range(images)]
