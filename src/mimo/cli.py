@@ -432,11 +432,12 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from mimo.launch import LaunchError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
+    from mimo.training.evaluate import HeldOutError
     from mimo.training.run_config import RunConfigError
     from mimo.training.run_dir import RunDirError
 
     return (RunConfigError, CheckpointError, PlotError, RunDirError, HFConfigError, HFLoadError, ExportError,
-            ImageConfigError, PromptError, LaunchError)
+            ImageConfigError, PromptError, LaunchError, HeldOutError)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,7 @@ def test_mimo_eval_bad_input_is_one_line(served, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "--data: " in err and "is not a file" in err
     code, _, err = _run(capsys, "eval", "--data", str(tmp_path / "none.json"))
     assert code == 2 and "give a checkpoint directory or --hf DIR" in err
+    data = save_entries(tmp_path / "bad.json", [_entry("<image>\nthe image", ["missing.png"], "x")])
+    code, _, err = _run(capsys, "eval", "--hf", str(served), "--data", str(data), "--out", str(tmp_path / "a.jsonl"))
+    assert code == 2 and err.count("\n") == 1
+    assert "no question of the held-out data could be asked; the first: image file not found" in err

@@ -21,6 +21,10 @@ from mimo.models.generation import greedy_decode
 from mimo.training.scores import scores
 
 
+class HeldOutError(ValueError):
+    """Held-out data with nothing to evaluate: every entry a bad sample."""
+
+
 @dataclass(frozen=True)
 class Answer:
     """One question's generated answer next to its reference (`index`: the entry's place in the file)."""
@@ -75,8 +79,8 @@ def answer_questions(model: MimoModel, held_out: HeldOutQuestions, max_new_token
         except BadSample as bad:
             skipped.append(bad.record)
     if not asked:
-        raise ValueError(f"no question of the held-out data could be asked; the first: {skipped[0].reason}"
-                         if skipped else "the held-out data holds no question")
+        raise HeldOutError(f"no question of the held-out data could be asked; the first: {skipped[0].reason}"
+                           if skipped else "the held-out data holds no question")
     asked.sort(key=lambda pair: len(pair[1].input_ids))  # similar lengths together: little padding
     generated: dict[int, list[int]] = {}
     for start in range(0, len(asked), batch_size):
