@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mimo.data.digits_llava import digits_llava_files
 from mimo.training.run_config import RunConfigError, parse_run_config
@@ -50,3 +51,30 @@ def test_eval_generate_needs_held_out_questions():
         parse_run_config({"parallelism": ONE_RANK, "data": {"name": "synthetic"}, "eval": {"generate": True}})
     assert parse_run_config({"parallelism": ONE_RANK}).answers_held_out  # the digits answer by default
     assert not parse_run_config({"parallelism": ONE_RANK, "eval": {"generate": False}}).answers_held_out
+
+
+@pytest.mark.parametrize("template", ["chat", "vicuna_v1", "plain"])
+def test_generate_prompts_a_run_as_mimo_eval_asks_its_questions(tmp_path, template):
+    """`mimo generate` of a run trained with any data.template builds the prompt ids a held-out question of that
+    run gets (the turn rendered by the run's template up to its answer), so their answers can be the same."""
+    from mimo.families.family import EvalRequest, GenerationRequest
+    from mimo.families.llava import LLAVA, serve
+    from mimo.training.plan import plan_model
+    from tests.data.llava_files import save_entries, save_image, save_tokenizer
+
+    image = save_image(tmp_path / "images" / "a.png")
+    text = "look at this <image> what is it"
+    data = {"name": "llava", "path": str(save_entries(tmp_path / "d.json", [{"image": "a.png", "conversations": [
+        {"from": "human", "value": text}, {"from": "gpt", "value": "a cat"}]}])),
+        "image_folder": str(tmp_path / "images"), "template": template,
+        "tokenizer": str(save_tokenizer(tmp_path / "tokenizer"))}
+    config = parse_run_config({"parallelism": ONE_RANK, "data": data})
+    plan = plan_model(config)
+    provider = plan.whole_model_provider()
+    held_out = LLAVA.questions(config.model, plan.opened, provider, EvalRequest(tmp_path / "d.json", data=config.data),
+                               torch.float32)
+    question = held_out.dataset.question(0)
+    asked = serve.prompt(config.model, provider, GenerationRequest((image,), text, 4, config.data))
+    assert asked.input_ids == question.input_ids
+    words = held_out.dataset.prompter.decode(question.input_ids)
+    assert ("USER: look at this" in words) == (template == "vicuna_v1") and ("look" in words) == (template != "plain")

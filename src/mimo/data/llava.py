@@ -220,7 +220,7 @@ class LlavaDataset:
         answer, tokenized as `mimo generate` tokenizes a prompt (`Prompter.prompt_ids`), the images shown before
         it, the user's turn and the first answer as the reference; a BadSample if it cannot be asked."""
         conversation, rendered, where = self._rendered(index)
-        prompt = rendered.text[:rendered.targets[0][0]]
+        prompt = rendered.prompt
         answer = next(k for k, turn in enumerate(conversation.turns) if turn.role == "assistant")
         images = [self._image(name, index) for name in conversation.images[:prompt.count(IMAGE)]]
         try:

@@ -15,9 +15,11 @@ from PIL import Image
 from torch import nn
 
 from mimo.config import ConfigFileError, RunConfigError
+from mimo.data.conversation import IMAGE, Conversation, Turn
 from mimo.data.digits_llava import digits_llava_files
 from mimo.data.questions import HeldOutQuestions
 from mimo.data.section import DataSection
+from mimo.data.templates import TemplateError, build_template
 from mimo.families.family import EvalRequest, GenerationRequest
 from mimo.families.llava import data as llava_data
 from mimo.families.llava.data import image_processor, open_prompter, tokenizer_directory
@@ -59,8 +61,10 @@ class Prompt:
 
 
 def prompt(section: LlavaSection, provider: LlavaMimoProvider, request: GenerationRequest) -> Prompt:
-    """The request as the model was trained: the run's tokenizer and chat template (`Prompter.message`, training's
-    rendering), its image preprocessing, the EOS its answers ended with; a one-line error for what cannot be."""
+    """The request as the model was trained: the run's tokenizer and template (the chat template through
+    `Prompter.message`, training's rendering; a `plain` or `vicuna_v1` run's prompt as its template renders a turn
+    before the answer, as `mimo eval` asks it), its image preprocessing, the EOS its answers ended with; a one-line
+    error for what cannot be."""
     vision = provider.vision_config
     directory = _run_tokenizer(section, request.data)
     if directory is None:
@@ -72,8 +76,25 @@ def prompt(section: LlavaSection, provider: LlavaMimoProvider, request: Generati
     pixels = torch.stack([_pixels(image, path, processor, vision.image_size) for image, path in
                           zip(images, request.media, strict=True)])
     prompter = open_prompter(directory)
-    ids = prompter.input_ids(request.prompt, vision.tokens_per_image, provider.image_token_id, len(request.media))
+    template = request.data.template if request.data is not None and request.data.name == "llava" else "chat"
+    if template == "chat":
+        ids = prompter.input_ids(request.prompt, vision.tokens_per_image, provider.image_token_id, len(request.media))
+    else:
+        ids = _templated_ids(template, prompter, request.prompt, len(request.media), vision.tokens_per_image,
+                             provider.image_token_id)
     return Prompt(ids, pixels, _eos_ids(section, prompter), prompter)
+
+
+def _templated_ids(template: str, prompter: Prompter, text: str, images: int, image_tokens: int,
+                   image_id: int) -> list[int]:
+    """The prompt ids of one user turn as a `plain` / `vicuna_v1` run's template renders it before the answer
+    (`Rendered.prompt`: what `LlavaDataset.question` asks); the images before the text when it places none."""
+    text = text if IMAGE in text else f"{IMAGE}\n" * images + text
+    try:
+        rendered = build_template(template, prompter).render(Conversation((Turn("user", text), Turn("assistant", ""))))
+    except (TemplateError, ValueError) as e:
+        raise ConfigFileError(f"--prompt: the run's data.template {template} cannot render it: {e}") from None
+    return prompter.prompt_ids(rendered.prompt, image_tokens, image_id, images, rendered.add_special_tokens)
 
 
 def generate(model: nn.Module, section: LlavaSection, provider: LlavaMimoProvider, request: GenerationRequest) -> str:
