@@ -78,3 +78,17 @@ def test_generate_prompts_a_run_as_mimo_eval_asks_its_questions(tmp_path, templa
     assert asked.input_ids == question.input_ids
     words = held_out.dataset.prompter.decode(question.input_ids)
     assert ("USER: look at this" in words) == (template == "vicuna_v1") and ("look" in words) == (template != "plain")
+
+
+def test_a_family_that_cannot_answer_is_refused_before_launch(tmp_path):
+    """Qwen-VL has no `questions` hook (yet): eval.generate: true is one line from plan_run, not a failure at the
+    end of the run."""
+    from mimo.training.plan import plan_run
+
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text("[]")
+    config = parse_run_config({"model": {"family": "qwen_vl"}, "parallelism": ONE_RANK,
+                               "data": {"name": "llava", "path": str(held_out), "image_folder": str(tmp_path)},
+                               "eval": {"path": str(held_out), "generate": True}})
+    with pytest.raises(RunConfigError, match=r"^eval.generate: the qwen_vl family cannot answer held-out questions"):
+        plan_run(config, 1)
