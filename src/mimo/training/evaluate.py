@@ -66,30 +66,34 @@ class Answers:
         path.write_text("".join(json.dumps(a.record(), ensure_ascii=False) + "\n" for a in self.answers))
 
 
+WINDOW = 16  # batches of questions read ahead and sorted by length together (bounds the images held in memory)
+
+
 def answer_questions(model: MimoModel, held_out: HeldOutQuestions, max_new_tokens: int = 32,
                      batch_size: int = 32) -> Answers:
     """Every question's greedy answer, up to an end-of-sequence id, `max_new_tokens` or the model's max_seq_len
-    (as `mimo generate` stops), in left-padded batches of prompts of similar lengths on the model's device.
-    Questions that cannot be asked (`BadSample`) are left out and listed."""
+    (as `mimo generate` stops), in left-padded batches of prompts of similar lengths (sorted within windows of
+    `WINDOW` batches read in file order) on the model's device. Questions that cannot be asked (`BadSample`) are
+    left out and listed."""
     model.eval()
-    asked, skipped = [], []
-    for index in range(len(held_out.dataset)):
-        try:
-            asked.append((index, held_out.dataset.question(index)))
-        except BadSample as bad:
-            skipped.append(bad.record)
-    if not asked:
+    answers, skipped, size = [], [], len(held_out.dataset)
+    for first in range(0, size, WINDOW * batch_size):
+        asked = []
+        for index in range(first, min(first + WINDOW * batch_size, size)):
+            try:
+                asked.append((index, held_out.dataset.question(index)))
+            except BadSample as bad:
+                skipped.append(bad.record)
+        asked.sort(key=lambda pair: len(pair[1].input_ids))  # similar lengths together: little padding
+        for start in range(0, len(asked), batch_size):
+            chunk = asked[start:start + batch_size]
+            rows = _answer_batch(model, [q for _, q in chunk], max_new_tokens, held_out.eos_ids)
+            answers += [Answer(index, q.text, q.reference, held_out.decode(row), q.name)
+                        for (index, q), row in zip(chunk, rows, strict=True)]
+    if not answers:
         raise HeldOutError(f"no question of the held-out data could be asked; the first: {skipped[0].reason}"
                            if skipped else "the held-out data holds no question")
-    asked.sort(key=lambda pair: len(pair[1].input_ids))  # similar lengths together: little padding
-    generated: dict[int, list[int]] = {}
-    for start in range(0, len(asked), batch_size):
-        chunk = asked[start:start + batch_size]
-        rows = _answer_batch(model, [q for _, q in chunk], max_new_tokens, held_out.eos_ids)
-        generated.update(zip([index for index, _ in chunk], rows, strict=True))
-    answers = [Answer(index, q.text, q.reference, held_out.decode(generated[index]), q.name)
-               for index, q in sorted(asked, key=lambda pair: pair[0])]
-    return Answers(answers, skipped)
+    return Answers(sorted(answers, key=lambda a: a.index), skipped)
 
 
 def _answer_batch(model: MimoModel, questions: Sequence[Question], max_new_tokens: int,
