@@ -33,7 +33,6 @@ SLOWEST_FILES = (
     "tests/hf/test_qwen_vl_data.py",
     "tests/models/test_tensor_parallel.py",
     "tests/hf/test_generate.py",
-    "tests/training/test_held_out_answers.py",
     "tests/training/test_loop_data.py",
     "tests/hf/test_llava15_e2e.py",
 )
