@@ -143,7 +143,6 @@ def test_edge_dp_sizes_must_divide():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("context_parallel_size", 2, r"module 'language': context_parallel_size=2 is not supported yet"),
         ("expert_model_parallel_size", 2, r"module 'language': expert_model_parallel_size=2 is not supported yet"),
     ],
 )
@@ -151,6 +150,16 @@ def test_unsupported_dims(field, value, message):
     c = cfg(language={field: value})
     with pytest.raises(LayoutError, match=message):
         c.finalize(2)
+
+
+def test_context_parallel_is_the_language_modules():
+    """CP splits the language model's sequence; an encoder asking for it is one line."""
+    c = cfg(images={"data_parallel_size": 4}, language={"context_parallel_size": 2, "data_parallel_size": 2})
+    assert c.finalize(4).deployment == "colocated"
+    assert c.get_parallelism("language").describe() == "TP1 x CP2 x DP2 on ranks 0-3"
+    with pytest.raises(LayoutError, match=r"^module 'images': context_parallel_size=2 is not supported for modality "
+                                          r"modules \(only 'language' splits its sequence\); use 1"):
+        cfg(images={"context_parallel_size": 2}, language={"context_parallel_size": 2}).finalize(2)
 
 
 def test_encoder_pipeline_unsupported():

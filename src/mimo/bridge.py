@@ -6,14 +6,17 @@ chosen by `make_bridge`:
 
 - `HeterogeneousBridge` (disjoint spans): one leader per DP replica on each side (TP rank 0 of src's last and dst's
   first pipeline stage) talks point-to-point with global ranks, counts first, then rows; fan-in and fan-out
-  follow the replicas' sample ranges; the receiving leader broadcasts in its TP group. Sends never block
+  follow the replicas' sample ranges; the receiving leader broadcasts in its TP × CP group. Sends never block
   (their tensors are kept until the works complete); receives do.
 - `ColocatedBridge` (same span): the whole span re-partitions with collectives: an all-gather of each rank's rows,
   padded to the longest replica, sliced per dst replica; backward is the matching reduce-scatter.
 - `HomogeneousBridge` (same span and layout): nothing moves.
 
 Only each dst replica's TP leader sends a gradient back: its TP peers hold identical copies (TP all-reduces
-the input gradient), so sending theirs too would count it twice.
+the input gradient), so sending theirs too would count it twice. Under context parallelism every CP rank of a dst
+replica receives the replica's rows and keeps those its sequence chunks hold (`mimo.context_parallel`), so each
+CP rank's gradient is its chunks' share: they are summed over CP (heterogeneous: a reduce to the leader;
+colocated: every CP rank's TP rank 0 places its share and the reduce-scatter sums them).
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class Bridge(ABC):
         self._dst_replica = dst.coord.dp if self.is_receiver else -1
         self._is_src_leader = self.is_sender and src.is_tp_leader()
         self._is_dst_leader = self.is_receiver and dst.is_tp_leader()
+        self._holds_grad_share = self.is_receiver and dst.coord.tp == 0  # TP rank 0 of each CP rank
         self._edge_tag = zlib.crc32(self.name.encode()) % 2**_EDGE_BITS
         self._sent: dict[int, _Sent] = {}
         self._received: dict[int, Tensor] = {}  # receiver: its counts per micro-batch
@@ -353,7 +357,7 @@ class HeterogeneousBridge(Bridge):
         whole micro-batch's, is known here) and rows."""
         pieces = [(self._src_leader(i), a, b)
                   for i, a, b in sample_overlaps(self._dst_replica, self._dst_samples, self._src_samples)]
-        leader, group = self._dst_leader(self._dst_replica), self.dst.get_group("tp")
+        leader, group = self._dst_leader(self._dst_replica), self.dst.get_group("tp_cp")
         if full is None:
             counts = self._receive_counts(microbatch, pieces, group, leader)
         else:
@@ -377,10 +381,14 @@ class HeterogeneousBridge(Bridge):
         return counts.cpu()
 
     def _send_grad(self, microbatch: int, grad: Tensor | None) -> None:
-        """Dst leader: post each src replica's slice of the gradient; other TP ranks send nothing."""
+        """Dst leader: post each src replica's slice of the gradient (summed over CP first); other TP ranks send
+        nothing."""
         counts = self._pop(self._received, microbatch)
         offsets = row_offsets(counts)
         grad = self._grad_or_zeros(microbatch, grad, offsets[-1])
+        if self._holds_grad_share and self.dst.size("cp") > 1 and grad.numel():
+            grad = grad.clone()
+            dist.reduce(grad, dst=self._dst_leader(self._dst_replica), group=self.dst.get_group("cp"))
         if not self._is_dst_leader:
             return
         for i, a, b in sample_overlaps(self._dst_replica, self._dst_samples, self._src_samples):
@@ -494,7 +502,8 @@ class ColocatedBridge(Bridge):
         return torch.cat(pieces) if pieces else slots.new_empty(0, self.hidden_size)
 
     def _colocated_backward(self, microbatch: int, grad: Tensor | None) -> None:
-        """Dst TP leaders place their gradient in each src rank's slot; a reduce-scatter delivers it."""
+        """Dst TP rank 0s (one per CP rank) place their gradient in each src rank's slot; a reduce-scatter
+        delivers it, summed."""
         sent: _Sent = self._pop(self._sent, microbatch)
         offsets = row_offsets(self._pop(self._counts, microbatch))
         width = self._max_rows(offsets)
@@ -503,7 +512,7 @@ class ColocatedBridge(Bridge):
             self._pop(self._received, microbatch)
             lo, hi = self._replica_rows(offsets, self._dst_replica, self._dst_samples)
             grad = self._grad_or_zeros(microbatch, grad, hi - lo)
-            if self._is_dst_leader:
+            if self._holds_grad_share:
                 self._place(slots, grad, offsets, lo, hi)
         mine = torch.empty(width, self.hidden_size, dtype=self.dtype, device=self.device)
         if width:

@@ -156,7 +156,7 @@ class ModuleParallelismConfig:
 
     tensor_model_parallel_size: int = 1  # TP: ranks each of the module's layers is split over
     pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (the language model only)
-    context_parallel_size: int = 1  # CP: not supported yet (1)
+    context_parallel_size: int = 1  # CP: the language module only (`mimo.context_parallel`)
     expert_model_parallel_size: int = 1  # EP: not supported yet (1)
     # DP: the module's replicas; None: derived from the world size (a module spanning the world from rank 0)
     data_parallel_size: int | None = None
@@ -370,9 +370,10 @@ class MimoParallelismConfig:
 
     @staticmethod
     def _check_supported(name: str, m: ModuleParallelismConfig) -> None:
-        if m.context_parallel_size > 1:
+        if name != LANGUAGE and m.context_parallel_size > 1:
             raise LayoutError(
-                f"module '{name}': context_parallel_size={m.context_parallel_size} is not supported yet; use 1"
+                f"module '{name}': context_parallel_size={m.context_parallel_size} is not supported for modality "
+                f"modules (only '{LANGUAGE}' splits its sequence); use 1, and data_parallel_size for more replicas"
             )
         if m.expert_model_parallel_size > 1:
             raise LayoutError(

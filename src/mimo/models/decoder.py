@@ -293,6 +293,7 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         added_after_layer: AddedAfterLayer | None = None,
+        attention: Attention | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One stage's whole work in one call (the entry point DDP and FSDP wrap).
 
@@ -304,11 +305,13 @@ class Decoder(nn.Module):
         With `config.mrope`, `position_ids` may be 3-D [3, B, S] (temporal, height, width: `models.mrope`).
         `added_after_layer` {global layer index: (where, values)} adds values at those positions of that
         layer's output (Qwen3-VL's DeepStack: `_deepstack_process`); this stage applies the layers it holds.
+        `attention`, given, replaces the variant `document_ids` would pick: a layout applied from outside (context
+        parallelism's, `mimo.context_parallel`, over a chunk of the sequence with `position_ids` of the whole).
         """
         if input_ids is not None:
             embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer)
+        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, attention)
         return self.loss(hidden, labels) if labels is not None else hidden
 
     def _deepstack(self, embeddings_at: EmbeddingsAt,
@@ -336,10 +339,12 @@ class Decoder(nn.Module):
 
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None,
-                added_after_layer: AddedAfterLayer | None = None) -> torch.Tensor:
+                added_after_layer: AddedAfterLayer | None = None,
+                attention: Attention | None = None) -> torch.Tensor:
         """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
         cos, sin = self._rotary(hidden, position_ids)
-        attention = CAUSAL if document_ids is None else document_attention(document_ids)
+        if attention is None:
+            attention = CAUSAL if document_ids is None else document_attention(document_ids)
         for index, layer in self.layers.items():
             hidden = layer(hidden, cos, sin, attention)
             if added_after_layer and int(index) in added_after_layer:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
+from mimo.context_parallel import ContextText, split_text
 from mimo.data import MimoBatch
 from mimo.data.packing import LanguageText, PaddedText, TextLayout, sample_extents
 from mimo.ddp_shards import local_tensor
@@ -215,10 +216,20 @@ class MimoTrainer:
                 host_text = [self.text_layout.arrange(share, self.special_token_ids, extents[m, grid.coord.dp])
                              for m, share in enumerate(own)]
                 self._check_positions(host_text)
+                host_text = [self._context_share(text) for text in host_text]
                 shares[name] = [text.to(self.device) for text in host_text]
             else:
                 shares[name] = [share.prefetch(self.device, modalities=(name,), text=False) for share in own]
         return shares, host_text
+
+    def _context_share(self, text: LanguageText) -> LanguageText:
+        """This rank's chunks of a micro-batch share's text under context parallelism (`mimo.context_parallel`),
+        else the text itself."""
+        grid = self.infra.module_to_grid_map[LANGUAGE]
+        if grid.size("cp") == 1:
+            return text
+        return split_text(text, grid.coord.cp, grid.size("cp"), self.special_token_ids.values(),
+                          grid.get_group("cp"))
 
     def _check_positions(self, texts: list[LanguageText]) -> None:
         """Every sample's positions fit the language model's rotary table (checked on the host copies)."""
@@ -282,6 +293,10 @@ class MimoTrainer:
                 embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m))
         rows = {name: e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
+        text = self._state.host_text[m]
+        if isinstance(text, ContextText):  # the rows this rank's chunks hold (the whole share's were checked)
+            embeddings = {name: e.index_select(0, text.embedding_rows[self.special_token_ids[name]].to(e.device))
+                          for name, e in embeddings.items()}
         return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=host_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
@@ -312,14 +327,14 @@ class MimoTrainer:
 
     def _global_sums(self, votes: tuple[float, ...] = ()) -> torch.Tensor:
         """[loss sum, label count, squared gradient norm, *votes] of the global batch on every rank, stub ranks
-        included, from one world all-reduce: each language DP replica's loss owner adds its loss sum, replica
-        0's the count (how stub ranks learn it), every rank its share of the norm (`local_grad_sq`) and its
-        `votes` (the caller's)."""
-        owner, replica = self._loss_owner()
+        included, from one world all-reduce: each language DP replica's loss owners (one per CP rank: each holds its
+        chunks' loss) add their loss sums, replica 0's first the count (how stub ranks learn it), every rank its
+        share of the norm (`local_grad_sq`) and its `votes` (the caller's)."""
+        owner, counter = self._loss_owner()
         total = torch.zeros(3 + len(votes), dtype=torch.float64, device=self.device)  # no blocking copy
         if owner:
             total[0].copy_(self._state.loss_sum)
-        if owner and replica == 0:
+        if counter:
             total[1].fill_(self._state.label_tokens)  # `total[1] = n` would copy n from the host, blocking
         total[2].copy_(local_grad_sq(self.model, self.infra))
         for i, vote in enumerate(votes):
@@ -328,12 +343,14 @@ class MimoTrainer:
         dist.all_reduce(total)
         return total
 
-    def _loss_owner(self) -> tuple[bool, int]:
-        """(whether this rank reports its language replica's loss sum, that replica): last stage, TP rank 0."""
+    def _loss_owner(self) -> tuple[bool, bool]:
+        """(whether this rank reports its loss sum: last stage, TP rank 0, every CP rank (each its chunks'); whether
+        it reports the label count: the owner of DP replica 0, CP rank 0)."""
         if LANGUAGE not in self.infra.participating_modules:
-            return False, -1
+            return False, False
         grid = self.infra.module_to_grid_map[LANGUAGE]
-        return grid.is_last_stage() and grid.is_tp_leader(), grid.coord.dp
+        owner = grid.is_last_stage() and grid.coord.tp == 0
+        return owner, owner and grid.coord.dp == 0 and grid.coord.cp == 0
 
     def _unscale_and_check(self) -> bool:
         """fp16: unscale every gradient and agree world-wide whether any overflowed (then skip the step)."""

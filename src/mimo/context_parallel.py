@@ -1,0 +1,169 @@
+"""Context parallelism (CP) of the language model: each CP rank holds a share of every sequence, applied from outside.
+
+**The split.** After the modality embeddings are spliced in, a sequence (a padded row, or each sample of a packed
+row: `document_ids`) is cut into 2·CP equal chunks and CP rank r keeps chunks r and 2·CP-1-r (causal load
+balance: an early chunk, cheap to attend from, and a late one; Megatron's and torch's `context_parallel` split).
+A sequence whose length does not divide by 2·CP is padded at its end with positions of their own (no label, a
+document of pads that attends only to pads). The split is a choice of columns, decided on the host from the
+text every rank holds (`split_columns`), so a rank knows every other rank's columns without communicating.
+`split_text` cuts a micro-batch share's `LanguageText` into this rank's `ContextText`: ids, labels, rotary
+positions (M-RoPE's [3, R, T] too) of the unsplit sequence, and which modality embedding rows its chunks hold
+(`embedding_rows`): splicing the whole sequence then keeping the chunks equals keeping the rows the chunks hold.
+
+**The attention.** `ContextParallelAttention` all-gathers K and V over the CP group (`gather_sequence`: the
+backward reduce-scatters their gradients) and lets each local query see the gathered keys that are in its own
+document and not after it in the unsplit row (an explicit SDPA mask from the global columns): exact for any split.
+The decoder takes it as its `attention` argument; nothing in `mimo.models` knows about process groups.
+The loss is each rank's chunks' summed cross-entropy; the step divides by the label count of the whole global
+batch and sums the loss over CP ranks, so the loss and the gradients are those of the unsplit sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mimo.data.packing import LanguageText
+from mimo.models.labels import IGNORE_INDEX
+
+PAD = -1  # the source column of a split's padding position, and the document of pads
+
+
+def balanced_chunks(size: int) -> list[tuple[int, int]]:
+    """The two chunks (of 2·size) each CP rank keeps: rank r's are r and 2·size-1-r."""
+    return [(r, 2 * size - 1 - r) for r in range(size)]
+
+
+def split_columns(length: int, documents: torch.Tensor | None, size: int) -> list[torch.Tensor]:
+    """Per CP rank, the source columns [L] it keeps of a row of `length` columns (PAD for padding), every rank the
+    same L. `documents` [T] (a packed row) splits each run of one document on its own; None splits the whole row."""
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(size)]
+    for start, stop in _segments(length, documents):
+        n = stop - start
+        padded = -(-n // (2 * size)) * 2 * size
+        columns = torch.cat([torch.arange(start, stop), torch.full((padded - n,), PAD, dtype=torch.long)])
+        pieces = columns.view(2 * size, -1)
+        for r, (head, tail) in enumerate(balanced_chunks(size)):
+            chunks[r] += [pieces[head], pieces[tail]]
+    return [torch.cat(c) if c else torch.zeros(0, dtype=torch.long) for c in chunks]
+
+
+def _segments(length: int, documents: torch.Tensor | None) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal document ids (the whole row when there are none)."""
+    if documents is None or length == 0:
+        return [(0, length)] if length else []
+    change = (documents[1:] != documents[:-1]).nonzero().squeeze(1) + 1
+    bounds = [0, *change.tolist(), length]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@dataclass
+class ContextText(LanguageText):
+    """This CP rank's chunks of a micro-batch share's text (see the module docstring). `key_columns` [CP·L]: every
+    rank's columns in rank order (what the gathered K/V hold), padding numbered past the row; `key_documents`
+    [R or 1, CP·L] their documents (PAD for padding); `embedding_rows` per special token id, which rows of the
+    share's embeddings [n, H] this rank's chunks hold, in its row-major order; `group` the CP process group."""
+
+    key_columns: torch.Tensor = None
+    key_documents: torch.Tensor = None
+    rank: int = 0
+    size: int = 1
+    embedding_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    group: dist.ProcessGroup | None = None
+
+    def model_kwargs(self) -> dict:
+        """The decoder's layout: the unsplit sequence's positions of this rank's tokens and the CP attention."""
+        return {"position_ids": self.position_ids, "attention": self.attention()}
+
+    def attention(self) -> ContextParallelAttention:
+        """The CP attention of this micro-batch, built once (every layer reuses it)."""
+        length = self.input_ids.shape[1]
+        mine = slice(self.rank * length, (self.rank + 1) * length)
+        return ContextParallelAttention(self.key_columns[mine], self.key_columns, self.key_documents[:, mine],
+                                        self.key_documents, self.group)
+
+    def to(self, device: torch.device | str) -> ContextText:
+        """The same chunks on `device` (CPU: itself)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        moved = LanguageText.to(self, device)
+        return ContextText(moved.input_ids, moved.labels, moved.position_ids, None,
+                           self.key_columns.to(device), self.key_documents.to(device), self.rank, self.size,
+                           self.embedding_rows, self.group)
+
+
+def split_text(text: LanguageText, rank: int, size: int, special_ids: Iterable[int] = (),
+               group: dist.ProcessGroup | None = None) -> ContextText:
+    """CP rank `rank`'s chunks of `text` (host tensors), with the rows of each special id's embeddings they hold."""
+    rows, length = text.input_ids.shape
+    documents = None if text.document_ids is None else text.document_ids[0]
+    if text.document_ids is not None and rows != 1:
+        raise ValueError(f"a packed text has one row, got {rows}")
+    columns = split_columns(length, documents, size)
+    mine = columns[rank]
+    keep, source = mine != PAD, mine.clamp(min=0)
+    ids = text.input_ids[:, source].masked_fill(~keep, 0)
+    labels = text.labels[:, source].masked_fill(~keep, IGNORE_INDEX)
+    positions = text.position_ids if text.position_ids is not None else torch.arange(length).expand(rows, length)
+    positions = positions[..., source].masked_fill(~keep, 0)
+    every = torch.cat(columns)
+    padding = every == PAD
+    key_columns = torch.where(padding, length + torch.arange(every.numel()), every)
+    whole_documents = text.document_ids if text.document_ids is not None else torch.zeros(1, length, dtype=torch.long)
+    key_documents = whole_documents[:, every.clamp(min=0)].masked_fill(padding, PAD)
+    embedding_rows = {token: _rows_held(text.input_ids == token, source, keep) for token in special_ids}
+    return ContextText(ids, labels, positions.contiguous(), None, key_columns, key_documents, rank, size,
+                       embedding_rows, group)
+
+
+def _rows_held(special: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Which of the row-major special positions of `special` [R, T] the kept columns hold, in the kept order."""
+    number = special.flatten().cumsum(0).view_as(special) - 1
+    held = special[:, source] & keep
+    return number[:, source][held]
+
+
+class ContextParallelAttention:
+    """Local queries over every CP rank's keys and values, all-gathered; a query sees the keys of its document at
+    or before its own column of the unsplit row."""
+
+    def __init__(self, query_columns: torch.Tensor, key_columns: torch.Tensor, query_documents: torch.Tensor,
+                 key_documents: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+        """Build the [R or 1, 1, L, CP·L] mask once per micro-batch."""
+        causal = query_columns[:, None] >= key_columns[None, :]
+        same = query_documents[:, :, None] == key_documents[:, None, :]
+        self.mask = (same & causal).unsqueeze(1)
+        self.group = group
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [R, heads, L, d], k, v [R, kv heads, L, d] of this rank's tokens → [R, heads, L, d]."""
+        k, v = gather_sequence(k, self.group), gather_sequence(v, self.group)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 2 (the sequence of [R, heads, L, d]) over a group; backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        pieces = [p.contiguous() for p in grad.chunk(dist.get_world_size(ctx.group), dim=2)]
+        out = torch.empty_like(pieces[0])
+        dist.reduce_scatter(out, pieces, group=ctx.group)
+        return out, None
+
+
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every CP rank's x [R, heads, L, d] joined along the sequence in rank order (a differentiable all-gather)."""
+    return _GatherSequence.apply(x, group)

@@ -1,0 +1,134 @@
+"""Context parallelism of the language model (issue 25): every CP layout trains like the single-process model.
+
+float64, 3 steps of AdamW with clipping (the parity suite's loop and batches: samples of 0, 1 or 3 images, uneven
+text); every step's loss and gradient norm and every final parameter equal the one-process reference to 1e-8.
+The rows share spawned worlds of four ranks (one world runs several layouts one after another: start-up is paid
+once): CP beside TP, PP, DP (DDP and FSDP2), packing, colocated and heterogeneous encoders.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mimo.context_parallel import PAD, split_columns, split_text
+from mimo.data.packing import LanguageText, PackedText, PaddedText
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.models.labels import IGNORE_INDEX
+from mimo.testing import assert_matches_reference, run_distributed
+from mimo.training.step import MimoTrainer
+from tests.training import test_packing_parity as packing
+from tests.training.test_parity import (
+    CLIP,
+    GLOBAL_BATCH,
+    MICRO,
+    OPTIM,
+    batches,
+    cached_reference,
+    full_params,
+    provider,
+)
+
+IMAGES = ("images",)
+CP2 = {"context_parallel_size": 2}
+# id, layout (4 ranks), data parallel kind, text layout, data ("parity": the parity suite's, "packing": its batches)
+ROWS = [
+    ("lm-cp2-dp2", {"images": {"data_parallel_size": 4}, "language": {**CP2, "data_parallel_size": 2}}, "ddp",
+     PaddedText(), "parity"),
+    ("lm-cp2-tp2", {"images": {"data_parallel_size": 4},
+                    "language": {**CP2, "tensor_model_parallel_size": 2, "data_parallel_size": 1}}, "ddp",
+     PaddedText(), "parity"),
+    ("lm-cp2-pp2", {"images": {"data_parallel_size": 4},
+                    "language": {**CP2, "pipeline_model_parallel_size": 2, "data_parallel_size": 1}}, "ddp",
+     PaddedText(), "parity"),
+    ("heterogeneous-images-dp2-lm-cp2", {"images": {"data_parallel_size": 2},
+                                         "language": {**CP2, "data_parallel_size": 1, "rank_offset": 2}}, "ddp",
+     PaddedText(), "parity"),
+    ("lm-cp2-dp2-fsdp", {"images": {"data_parallel_size": 4}, "language": {**CP2, "data_parallel_size": 2}}, "fsdp",
+     PaddedText(), "parity"),
+    ("lm-cp2-dp2-packed", {"images": {"data_parallel_size": 4}, "language": {**CP2, "data_parallel_size": 2}}, "ddp",
+     PackedText(), "packing"),
+]
+
+
+def train_rows(rank: int, world_size: int, rows: list) -> list[dict]:
+    """Each row's STEPS on this rank's part, one after another in this world: losses, norms, parameters held."""
+    out = []
+    for _, layout, dp_kind, text, data in rows:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prov = provider(layout, IMAGES)
+            model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(dp_kind)))
+        trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
+                              num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64,
+                              text_layout=text)
+        steps = batches(IMAGES) if data == "parity" else packing.batches()
+        results = [trainer.train_step(batch) for batch in steps]
+        out.append({"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
+                    "params": full_params(model)})
+    return out
+
+
+def references() -> dict[str, tuple]:
+    """The one-process reference of each data set."""
+    return {"parity": cached_reference(IMAGES, False, False), "packing": packing.reference()}
+
+
+def check_row(name: str, results: list[dict], reference: tuple) -> None:
+    """Every rank's losses and norms within 1e-8 of the reference, its parameters too, and every parameter held."""
+    ref_losses, ref_norms, ref_params = reference
+    seen = set()
+    for rank, res in enumerate(results):
+        for what, got_all, want_all in (("loss", res["losses"], ref_losses), ("norm", res["norms"], ref_norms)):
+            for s, (got, want) in enumerate(zip(got_all, want_all, strict=True)):
+                rel = abs(got - want) / abs(want)
+                assert rel <= 1e-8, f"{name}: rank {rank} step {s} {what} {got!r} != reference {want!r} ({rel:.1e})"
+        assert_matches_reference(res["params"], ref_params, f"{name}: rank {rank} parameter")
+        seen.update(res["params"])
+    assert seen == set(ref_params), f"{name}: parameters nobody holds: {sorted(set(ref_params) - seen)}"
+
+
+def test_context_parallel_layouts_train_like_one_process():
+    """Every row of `ROWS` in one world of four ranks."""
+    refs = references()
+    per_rank = run_distributed(train_rows, 4, ROWS, timeout_s=400)
+    for i, (name, *_, data) in enumerate(ROWS):
+        check_row(name, [rank_rows[i] for rank_rows in per_rank], refs[data])
+
+
+# -- the split itself, on the host --------------------------------------------------------------------------
+def test_split_gives_each_rank_a_head_and_a_tail_chunk_of_every_document():
+    """A padded row of 8 over CP2: rank 0 chunks 0 and 3, rank 1 chunks 1 and 2; a packed row splits per document
+    and pads a document shorter than 2·CP chunks (here 3 tokens over 4 chunks) with positions of its own."""
+    assert [c.tolist() for c in split_columns(8, None, 2)] == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    documents = torch.tensor([0] * 8 + [1] * 3)
+    assert [c.tolist() for c in split_columns(11, documents, 2)] == [[0, 1, 6, 7, 8, PAD], [2, 3, 4, 5, 9, 10]]
+
+
+def test_split_text_keeps_the_whole_sequences_positions_labels_and_embedding_rows():
+    """Rank 1's chunks of a packed row: positions of the unsplit samples, padding unlabelled, and the rows of the
+    image embeddings its chunks hold (the second and third image tokens of the row)."""
+    ids = torch.tensor([[5, 9, 9, 6, 7, 8, 4, 9, 3, 2, 1]])
+    text = LanguageText(ids, ids + 100, torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]]),
+                        torch.tensor([[0] * 8 + [1] * 3]))
+    mine = split_text(text, 1, 2, special_ids=(9,))
+    assert mine.input_ids.tolist() == [[9, 6, 7, 8, 2, 1]]
+    assert mine.position_ids.tolist() == [[2, 3, 4, 5, 1, 2]]
+    assert mine.labels.tolist() == [[109, 106, 107, 108, 102, 101]]
+    assert mine.embedding_rows[9].tolist() == [1]
+    first = split_text(text, 0, 2, special_ids=(9,))
+    assert first.labels.tolist() == [[105, 109, 104, 109, 103, IGNORE_INDEX]]
+    assert first.embedding_rows[9].tolist() == [0, 2]
+    assert first.key_documents.tolist() == [[0, 0, 0, 0, 1, PAD, 0, 0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_split_columns_cover_every_column_once(cp):
+    """Every column of every document lands on exactly one rank, every rank holds as many positions."""
+    documents = torch.tensor([0] * 13 + [1] * 1 + [2] * 30)
+    columns = split_columns(44, documents, cp)
+    assert len({c.numel() for c in columns}) == 1
+    kept = torch.cat(columns)
+    assert sorted(kept[kept != PAD].tolist()) == list(range(44))
