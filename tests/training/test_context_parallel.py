@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from mimo.context_parallel import PAD, split_columns, split_text
-from mimo.data.packing import LanguageText, PackedText, PaddedText
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig
+from mimo.data.packing import LanguageText, PackedText, PaddedText, sample_extents
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
 from mimo.models.labels import IGNORE_INDEX
 from mimo.testing import assert_matches_reference, run_distributed
+from mimo.training.checkpoint import Checkpointer
 from mimo.training.step import MimoTrainer
+from tests.training import test_checkpoint as checkpointing
 from tests.training import test_packing_parity as packing
+from tests.training import test_parity as parity
 from tests.training.test_parity import (
     CLIP,
     GLOBAL_BATCH,
@@ -29,14 +32,15 @@ from tests.training.test_parity import (
     cached_reference,
     full_params,
     provider,
+    train_one_process,
 )
 
 IMAGES = ("images",)
 CP2 = {"context_parallel_size": 2}
-# id, layout (4 ranks), data parallel kind, text layout, data ("parity": the parity suite's, "packing": its batches)
+# id, layout (4 ranks), data parallel kind, text layout, data ("parity": the parity suite's; "short": `short_batches`)
 ROWS = [
-    ("lm-cp2-dp2", {"images": {"data_parallel_size": 4}, "language": {**CP2, "data_parallel_size": 2}}, "ddp",
-     PaddedText(), "parity"),
+    ("colocated-images-dp4-lm-cp2dp2", {"images": {"data_parallel_size": 4},
+                                        "language": {**CP2, "data_parallel_size": 2}}, "ddp", PaddedText(), "parity"),
     ("lm-cp2-tp2", {"images": {"data_parallel_size": 4},
                     "language": {**CP2, "tensor_model_parallel_size": 2, "data_parallel_size": 1}}, "ddp",
      PaddedText(), "parity"),
@@ -49,8 +53,26 @@ ROWS = [
     ("lm-cp2-dp2-fsdp", {"images": {"data_parallel_size": 4}, "language": {**CP2, "data_parallel_size": 2}}, "fsdp",
      PaddedText(), "parity"),
     ("lm-cp2-dp2-packed", {"images": {"data_parallel_size": 4}, "language": {**CP2, "data_parallel_size": 2}}, "ddp",
-     PackedText(), "packing"),
+     PackedText(), "short"),
+    ("colocated-images-dp4-lm-cp4", {"images": {"data_parallel_size": 4},
+                                     "language": {"context_parallel_size": 4, "data_parallel_size": 1}}, "ddp",
+     PaddedText(), "parity"),
 ]
+SHORT = 3  # a sample of 3 positions: fewer than the 2·CP = 4 chunks its packed document is cut into
+
+
+def short_batches() -> list:
+    """The packing suite's batches (2 to ~200 tokens), with one text-only sample of step 1 cut to SHORT positions."""
+    steps = packing.batches()
+    first = steps[0]
+    text_only = (first.modality_inputs["images"].items_per_sample == 0).nonzero().flatten().tolist()
+    first.labels[text_only[0], SHORT:] = IGNORE_INDEX
+    return steps
+
+
+def data_of(name: str) -> list:
+    """A row's batches by data name."""
+    return batches(IMAGES) if name == "parity" else short_batches()
 
 
 def train_rows(rank: int, world_size: int, rows: list) -> list[dict]:
@@ -64,16 +86,30 @@ def train_rows(rank: int, world_size: int, rows: list) -> list[dict]:
         trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
                               num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64,
                               text_layout=text)
-        steps = batches(IMAGES) if data == "parity" else packing.batches()
+        steps = data_of(data)
+        encoded = count_encoded_images(model)
         results = [trainer.train_step(batch) for batch in steps]
         out.append({"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
-                    "params": full_params(model)})
+                    "params": full_params(model), "encoded": encoded[0]})
     return out
 
 
+def count_encoded_images(model) -> list[int]:
+    """A counter of the images this rank's image submodule encodes (each forward's items), [0] if it has none."""
+    count = [0]
+    if "images" in model.modality_submodules:
+        def add(module, args):
+            count[0] += args[0].shape[0]
+        unwrap(model.modality_submodules["images"]).register_forward_pre_hook(add)
+    return count
+
+
 def references() -> dict[str, tuple]:
-    """The one-process reference of each data set."""
-    return {"parity": cached_reference(IMAGES, False, False), "packing": packing.reference()}
+    """The one-process reference of each data set (the short one unpacked)."""
+    model = provider(None, IMAGES).provide()
+    losses, norms = train_one_process(model, short_batches())
+    short = (losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()})
+    return {"parity": cached_reference(IMAGES, False, False), "short": short}
 
 
 def check_row(name: str, results: list[dict], reference: tuple) -> None:
@@ -93,9 +129,15 @@ def check_row(name: str, results: list[dict], reference: tuple) -> None:
 def test_context_parallel_layouts_train_like_one_process():
     """Every row of `ROWS` in one world of four ranks."""
     refs = references()
+    extents = sample_extents(short_batches()[0].input_ids, short_batches()[0].labels, (256,))
+    assert 0 < int(extents[extents > 0].min()) <= SHORT  # the short document is there
     per_rank = run_distributed(train_rows, 4, ROWS, timeout_s=400)
     for i, (name, *_, data) in enumerate(ROWS):
         check_row(name, [rank_rows[i] for rank_rows in per_rank], refs[data])
+    # each image is encoded exactly once across the language's CP x DP ranks: colocated images DP4, a quarter each
+    images = sum(int(batch.modality_inputs["images"].items_per_sample.sum()) for batch in batches(IMAGES))
+    encoded = [rank_rows[0]["encoded"] for rank_rows in per_rank]
+    assert sum(encoded) == images and all(0 < n < images for n in encoded), (encoded, images)
 
 
 # -- the split itself, on the host --------------------------------------------------------------------------
@@ -132,3 +174,37 @@ def test_split_columns_cover_every_column_once(cp):
     assert len({c.numel() for c in columns}) == 1
     kept = torch.cat(columns)
     assert sorted(kept[kept != PAD].tolist()) == list(range(44))
+
+
+# -- resuming across CP sizes ----------------------------------------------------------------------------------
+COLOCATED_CP2 = {"images": {"data_parallel_size": 4}, "language": {**CP2, "data_parallel_size": 2}}
+COLOCATED_CP1 = {"images": {"data_parallel_size": 4}, "language": {"data_parallel_size": 4}}
+
+
+def resume_chain(rank: int, world_size: int, root: str) -> list[dict]:
+    """CP2 trains steps 1-2 and saves; CP1 loads it, trains step 3 and saves; CP2 loads that and trains step 4.
+    Each run's losses and the last run's parameters (the checkpoint test's `train`, in one world)."""
+    out = []
+    for layout, load, stop in ((COLOCATED_CP2, None, 2), (COLOCATED_CP1, 2, 3), (COLOCATED_CP2, 3, 4)):
+        trainer, ckpt = checkpointing.build_trainer(layout, "ddp"), Checkpointer(root)
+        if load is not None:
+            ckpt.load(str(ckpt.path(load)), trainer)
+        steps, losses = checkpointing.all_batches(), []
+        while trainer.step_count < stop:
+            losses.append(trainer.train_step(steps[trainer.step_count]).loss)
+        ckpt.save(trainer.step_count, trainer, checkpointing.extra_at(trainer.step_count, layout))
+        out.append({"losses": losses, "params": full_params(trainer.model)})
+    return out
+
+
+def test_resume_across_cp_sizes_is_exact(tmp_path):
+    """CP2 -> CP1 -> CP2 through checkpoints trains the four steps of one uninterrupted single process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parity, "STEPS", checkpointing.STEPS)
+        ref_losses, _, ref_params = parity.reference(IMAGES)
+    per_rank = run_distributed(resume_chain, 4, str(tmp_path), timeout_s=300)
+    for rank, runs in enumerate(per_rank):
+        losses = [loss for run in runs for loss in run["losses"]]
+        for s, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
+            assert abs(got - want) <= 1e-8 * abs(want), f"rank {rank} step {s + 1} loss {got!r} != {want!r}"
+        assert_matches_reference(runs[-1]["params"], ref_params, f"CP2 -> CP1 -> CP2: rank {rank} parameter")
