@@ -20,6 +20,7 @@ batch and sums the loss over CP ranks, so the loss and the gradients are those o
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -139,10 +140,21 @@ class ContextParallelAttention:
         same = query_documents[:, :, None] == key_documents[:, None, :]
         self.mask = (same & causal).unsqueeze(1)
         self.group = group
+        # outside any compiled block's graph (it breaks around the call), as the flex variant: a collective in an
+        # autograd.Function is not something to trace. Only where something was compiled (torch.compile imported
+        # dynamo when the blocks were wrapped): `torch.compiler.disable` imports dynamo, seconds per process
+        compiling = "torch._dynamo" in sys.modules
+        self._attend = torch.compiler.disable(self._gathered) if compiling else self._gathered
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [R, heads, L, d], k, v [R, kv heads, L, d] of this rank's tokens → [R, heads, L, d]."""
-        k, v = gather_sequence(k, self.group), gather_sequence(v, self.group)
+        return self._attend(q, k, v)
+
+    def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """K and V gathered in one collective (side by side along the heads), then SDPA with the mask."""
+        heads = k.shape[1]
+        kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), self.group)
+        k, v = kv[:, :heads], kv[:, heads:].to(v.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
 
 
