@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mimo.data.packing import LanguageText
 from mimo.models.labels import IGNORE_INDEX
@@ -131,14 +132,19 @@ def _rows_held(special: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) 
 
 class ContextParallelAttention:
     """Local queries over every CP rank's keys and values, all-gathered; a query sees the keys of its document at
-    or before its own column of the unsplit row."""
+    or before its own column of the unsplit row.
+
+    The mask is never stored: the core (mask, scores, softmax) runs in blocks of queries, each block's mask built
+    from the column and document vectors, under `torch.utils.checkpoint`, so what the backward keeps is q and the
+    gathered k, v (O(L + CP·L) per rank, as a flash kernel's) and the core is recomputed in the backward (Megatron's
+    core-attention recompute). An explicit mask sends SDPA to its math kernel, which would otherwise save
+    the [L, CP·L] probabilities per head and layer, more than the split saves."""
 
     def __init__(self, query_columns: torch.Tensor, key_columns: torch.Tensor, query_documents: torch.Tensor,
                  key_documents: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-        """Build the [R or 1, 1, L, CP·L] mask once per micro-batch."""
-        causal = query_columns[:, None] >= key_columns[None, :]
-        same = query_documents[:, :, None] == key_documents[:, None, :]
-        self.mask = (same & causal).unsqueeze(1)
+        """Keep the columns and documents of the local queries [L], [R or 1, L] and of every rank's keys."""
+        self.query_columns, self.key_columns = query_columns, key_columns
+        self.query_documents, self.key_documents = query_documents, key_documents
         self.group = group
         # outside any compiled block's graph (it breaks around the call), as the flex variant: a collective in an
         # autograd.Function is not something to trace. Only where something was compiled (torch.compile imported
@@ -151,11 +157,26 @@ class ContextParallelAttention:
         return self._attend(q, k, v)
 
     def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """K and V gathered in one collective (side by side along the heads), then SDPA with the mask."""
+        """K and V gathered in one collective (side by side along the heads), then the recomputed core."""
         heads = k.shape[1]
         kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), self.group)
         k, v = kv[:, :heads], kv[:, heads:].to(v.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        return checkpoint(self._core, q, k, v, use_reentrant=False)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA of each block of queries over every key, with that block's mask."""
+        rows = max(1, QUERY_BLOCK_ELEMENTS // max(k.shape[2], 1))
+        out = []
+        for start in range(0, q.shape[2], rows):
+            block = slice(start, start + rows)
+            causal = self.query_columns[block, None] >= self.key_columns[None, :]
+            same = self.query_documents[:, block, None] == self.key_documents[:, None, :]
+            mask = (same & causal).unsqueeze(1)
+            out.append(F.scaled_dot_product_attention(q[:, :, block], k, v, attn_mask=mask, enable_gqa=True))
+        return torch.cat(out, dim=2)
+
+
+QUERY_BLOCK_ELEMENTS = 2**24  # a query block's mask holds at most this many (query, key) pairs: bounded transients
 
 
 class _GatherSequence(torch.autograd.Function):
