@@ -94,9 +94,14 @@ class ContextText(LanguageText):
         if device.type == "cpu":
             return self
         moved = LanguageText.to(self, device)
-        return ContextText(moved.input_ids, moved.labels, moved.position_ids, None,
-                           self.key_columns.to(device), self.key_documents.to(device), self.rank, self.size,
-                           self.embedding_rows, self.group)
+        return ContextText(moved.input_ids, moved.labels, moved.position_ids, None, _copy(self.key_columns, device),
+                           _copy(self.key_documents, device), self.rank, self.size,
+                           {token: _copy(rows, device) for token, rows in self.embedding_rows.items()}, self.group)
+
+
+def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`, from pinned memory without blocking the host (as `LanguageText.to`)."""
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def split_text(text: LanguageText, rank: int, size: int, special_ids: Iterable[int] = (),

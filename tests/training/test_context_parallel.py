@@ -16,7 +16,9 @@ import torch
 from mimo.context_parallel import PAD, split_columns, split_text
 from mimo.data.packing import LanguageText, PackedText, PaddedText, sample_extents
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
+from mimo.models import Decoder, DecoderConfig
 from mimo.models.labels import IGNORE_INDEX
+from mimo.models.rotary import MRopeLayout
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.checkpoint import Checkpointer
 from mimo.training.step import MimoTrainer
@@ -208,3 +210,54 @@ def test_resume_across_cp_sizes_is_exact(tmp_path):
         for s, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
             assert abs(got - want) <= 1e-8 * abs(want), f"rank {rank} step {s + 1} loss {got!r} != {want!r}"
         assert_matches_reference(runs[-1]["params"], ref_params, f"CP2 -> CP1 -> CP2: rank {rank} parameter")
+
+
+# -- the decoder alone: M-RoPE positions and Qwen's attention under CP ---------------------------------------
+QWEN_TINY = {"qkv_bias": True, "qk_norm": True, "mrope": MRopeLayout((4, 2, 2), interleaved=True)}
+
+
+def qwen_texts() -> list[LanguageText]:
+    """Two padded rows of 30 (not a multiple of 2·CP) and one packed row of samples of 13, 2 and 15 positions,
+    each with 3-D M-RoPE positions (t, h, w: made up, not monotone, as an image's are not)."""
+    generator = torch.Generator().manual_seed(7)
+    padded = torch.randint(0, 256, (2, 30), generator=generator)
+    packed = torch.randint(0, 256, (1, 30), generator=generator)
+    documents = torch.tensor([[0] * 13 + [1] * 2 + [2] * 15])
+    texts = []
+    for ids, docs in ((padded, None), (packed, documents)):
+        positions = torch.randint(0, 40, (3, *ids.shape), generator=generator)
+        labels = torch.roll(ids, -1, dims=1)
+        labels[:, ::5] = IGNORE_INDEX
+        texts.append(LanguageText(ids, labels, positions, docs))
+    return texts
+
+
+def decoder_gradients(rank: int, world_size: int) -> list[dict]:
+    """Per text: the whole text's loss sum and gradients on one rank, and the CP sums of each rank's chunks'."""
+    group = torch.distributed.group.WORLD
+    out = []
+    for text in qwen_texts():
+        result = {}
+        for name, rank_text in (("whole", text), ("cp", split_text(text, rank, world_size, group=group))):
+            torch.manual_seed(0)
+            model = Decoder(DecoderConfig.tiny(**QWEN_TINY)).double()
+            loss, _ = model(input_ids=rank_text.input_ids, labels=rank_text.labels, **rank_text.model_kwargs())
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            if name == "cp":
+                for g in [loss.detach(), *grads.values()]:
+                    torch.distributed.all_reduce(g)
+                loss = loss.detach()
+            result[name] = (float(loss), grads)
+        out.append(result)
+    return out
+
+
+def test_decoder_under_cp_has_the_whole_sequences_loss_and_gradients():
+    """M-RoPE positions, q/k norms and biases, padding to 2·CP and packed documents (one of 2 positions): the CP
+    ranks' summed loss and gradients are the whole text's, float64 to 1e-10."""
+    for rank, texts in enumerate(run_distributed(decoder_gradients, 2)):
+        for i, result in enumerate(texts):
+            (want, want_grads), (got, got_grads) = result["whole"], result["cp"]
+            assert abs(got - want) <= 1e-10 * abs(want), (rank, i, got, want)
+            assert_matches_reference(got_grads, want_grads, f"rank {rank} text {i} gradient", rel=1e-10)

@@ -254,7 +254,7 @@ class MimoTrainer:
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))  # on the CPU
             text, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
             host_ids = self._state.host_text[m].input_ids
-            kwargs = self._first_stage_inputs(m, mb, text.input_ids, host_ids) if first else {}
+            kwargs = self._first_stage_inputs(m, mb, text, host_ids) if first else {}
             labels = self.model.language_labels(text.input_ids, text.labels) if last else None
             with no_sync_forward(lm):
                 out = lm(x, **kwargs, labels=labels, **text.model_kwargs())
@@ -279,10 +279,10 @@ class MimoTrainer:
 
         schedule.run(StageWork(forward, before_backward, after_backward))
 
-    def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor, host_ids: torch.Tensor) -> dict:
+    def _first_stage_inputs(self, m: int, mb: MimoBatch, text: LanguageText, host_ids: torch.Tensor) -> dict:
         """Stage 0's keyword inputs: text ids (as arranged, with their host copy) and every modality's
         embeddings for this replica's samples of micro-batch m (alignment checked per sample on the CPU ids
-        `mb`, so no host sync)."""
+        `mb`, so no host sync); under CP only the rows this rank's chunks hold."""
         embeddings, counts = {}, {}
         for src, bridge in self.bridges.items():
             if bridge.encodes_inside_language_forward:  # encoded now: its activations live for this micro-batch
@@ -293,11 +293,10 @@ class MimoTrainer:
                 embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m))
         rows = {name: e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
-        text = self._state.host_text[m]
         if isinstance(text, ContextText):  # the rows this rank's chunks hold (the whole share's were checked)
-            embeddings = {name: e.index_select(0, text.embedding_rows[self.special_token_ids[name]].to(e.device))
+            embeddings = {name: e.index_select(0, text.embedding_rows[self.special_token_ids[name]])
                           for name, e in embeddings.items()}
-        return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=host_ids)
+        return self.model.language_inputs(text.input_ids, embeddings, counts, check=False, host_ids=host_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
     def _encoder_backward(self, src: str) -> None:
