@@ -166,7 +166,7 @@ class ContextParallelAttention:
         heads = k.shape[1]
         kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), self.group)
         k, v = kv[:, :heads], kv[:, heads:].to(v.dtype)
-        return checkpoint(self._core, q, k, v, use_reentrant=False)
+        return checkpoint(self._core, q, k, v, use_reentrant=False, preserve_rng_state=False)  # no randomness
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """SDPA of each block of queries over every key, with that block's mask."""

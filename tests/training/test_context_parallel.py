@@ -39,7 +39,8 @@ from tests.training.test_parity import (
 
 IMAGES = ("images",)
 CP2 = {"context_parallel_size": 2}
-# id, layout (4 ranks), data parallel kind, text layout, data ("parity": the parity suite's; "short": `short_batches`)
+# id, layout (4 ranks), data parallel kind (-recompute: every block recomputed), text layout, data ("parity": the
+# parity suite's; "short": `short_batches`)
 ROWS = [
     ("colocated-images-dp4-lm-cp2dp2", {"images": {"data_parallel_size": 4},
                                         "language": {**CP2, "data_parallel_size": 2}}, "ddp", PaddedText(), "parity"),
@@ -59,6 +60,10 @@ ROWS = [
     ("colocated-images-dp4-lm-cp4", {"images": {"data_parallel_size": 4},
                                      "language": {"context_parallel_size": 4, "data_parallel_size": 1}}, "ddp",
      PaddedText(), "parity"),
+    # sequence parallelism inside each CP rank's chunks, every block recomputed (the CP core recomputes inside)
+    ("lm-cp2-tp2-sp-recompute", {"images": {"data_parallel_size": 4},
+                                 "language": {**CP2, "tensor_model_parallel_size": 2, "data_parallel_size": 1,
+                                              "sequence_parallel": True}}, "ddp-recompute", PaddedText(), "parity"),
 ]
 SHORT = 3  # a sample of 3 positions: fewer than the 2·CP = 4 chunks its packed document is cut into
 
@@ -84,7 +89,9 @@ def train_rows(rank: int, world_size: int, rows: list) -> list[dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prov = provider(layout, IMAGES)
-            model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(dp_kind)))
+            data_parallel, _, recompute = dp_kind.partition("-")
+            settings = ModuleDistributedConfig(data_parallel, recompute_granularity="full" if recompute else "none")
+            model = prov.provide_distributed_model(DistributedConfig(settings))
         trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
                               num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64,
                               text_layout=text)
