@@ -68,7 +68,8 @@ class ContextText(LanguageText):
     """This CP rank's chunks of a micro-batch share's text (see the module docstring). `key_columns` [CP·L]: every
     rank's columns in rank order (what the gathered K/V hold), padding numbered past the row; `key_documents`
     [R or 1, CP·L] their documents (PAD for padding); `embedding_rows` per special token id, which rows of the
-    share's embeddings [n, H] this rank's chunks hold, in its row-major order; `group` the CP process group."""
+    share's embeddings [n, H] this rank's chunks hold, in its row-major order (on the text's device), and
+    `every_rank_rows` those of every CP rank (on the host: what a bridge leader sends each); `group` the CP group."""
 
     key_columns: torch.Tensor = None
     key_documents: torch.Tensor = None
@@ -76,6 +77,7 @@ class ContextText(LanguageText):
     size: int = 1
     embedding_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     group: dist.ProcessGroup | None = None
+    every_rank_rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def model_kwargs(self) -> dict:
         """The decoder's layout: the unsplit sequence's positions of this rank's tokens and the CP attention."""
@@ -96,7 +98,8 @@ class ContextText(LanguageText):
         moved = LanguageText.to(self, device)
         return ContextText(moved.input_ids, moved.labels, moved.position_ids, None, _copy(self.key_columns, device),
                            _copy(self.key_documents, device), self.rank, self.size,
-                           {token: _copy(rows, device) for token, rows in self.embedding_rows.items()}, self.group)
+                           {token: _copy(rows, device) for token, rows in self.embedding_rows.items()}, self.group,
+                           self.every_rank_rows)
 
 
 def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -123,9 +126,10 @@ def split_text(text: LanguageText, rank: int, size: int, special_ids: Iterable[i
     key_columns = torch.where(padding, length + torch.arange(every.numel()), every)
     whole_documents = text.document_ids if text.document_ids is not None else torch.zeros(1, length, dtype=torch.long)
     key_documents = whole_documents[:, every.clamp(min=0)].masked_fill(padding, PAD)
-    embedding_rows = {token: _rows_held(text.input_ids == token, source, keep) for token in special_ids}
+    every_rank_rows = {token: [_rows_held(text.input_ids == token, c.clamp(min=0), c != PAD) for c in columns]
+                       for token in special_ids}
     return ContextText(ids, labels, positions.contiguous(), None, key_columns, key_documents, rank, size,
-                       embedding_rows, group)
+                       {token: rows[rank] for token, rows in every_rank_rows.items()}, group, every_rank_rows)
 
 
 def _rows_held(special: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

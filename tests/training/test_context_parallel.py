@@ -16,7 +16,7 @@ import torch
 from mimo.context_parallel import PAD, split_columns, split_text
 from mimo.data.packing import LanguageText, PackedText, PaddedText, sample_extents
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
-from mimo.models import Decoder, DecoderConfig
+from mimo.models import Decoder, DecoderConfig, ViTConfig
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rotary import MRopeLayout
 from mimo.testing import assert_matches_reference, run_distributed
@@ -96,11 +96,25 @@ def train_rows(rank: int, world_size: int, rows: list) -> list[dict]:
                               num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64,
                               text_layout=text)
         steps = data_of(data)
-        encoded = count_encoded_images(model)
+        encoded, received = count_encoded_images(model), count_received_rows(trainer)
         results = [trainer.train_step(batch) for batch in steps]
         out.append({"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
-                    "params": full_params(model), "encoded": encoded[0]})
+                    "params": full_params(model), "encoded": encoded[0], "received": received[0]})
     return out
+
+
+def count_received_rows(trainer: MimoTrainer) -> list[int]:
+    """A counter of the embedding rows the image bridge hands this rank (`Bridge.receive`)."""
+    count, bridge = [0], trainer.bridges["images"]
+    receive = bridge.receive
+
+    def counted(*args, **kwargs):
+        rows, counts = receive(*args, **kwargs)
+        count[0] += rows.shape[0]
+        return rows, counts
+
+    bridge.receive = counted
+    return count
 
 
 def count_encoded_images(model) -> list[int]:
@@ -147,6 +161,10 @@ def test_context_parallel_layouts_train_like_one_process():
     images = sum(int(batch.modality_inputs["images"].items_per_sample.sum()) for batch in batches(IMAGES))
     encoded = [rank_rows[0]["encoded"] for rank_rows in per_rank]
     assert sum(encoded) == images and all(0 < n < images for n in encoded), (encoded, images)
+    # heterogeneous: each CP rank receives only the image rows its sequence chunks hold (ranks 2 and 3: CP 0 and 1)
+    tokens = images * ViTConfig.tiny().tokens_per_image
+    received = [rank_rows[3]["received"] for rank_rows in per_rank]
+    assert received[:2] == [0, 0] and sum(received[2:]) == tokens and all(0 < n < tokens for n in received[2:])
 
 
 # -- the split itself, on the host --------------------------------------------------------------------------

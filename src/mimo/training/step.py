@@ -290,11 +290,17 @@ class MimoTrainer:
                 embeddings[src], counts[src] = self._encode_microbatch(src, m)
                 self._state.seconds[f"{src}.forward"] += time.perf_counter() - t0
             else:
-                embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m))
-        rows = {name: e.shape[0] for name, e in embeddings.items()}
+                chunks = text.every_rank_rows[self.special_token_ids[src]] if isinstance(text, ContextText) else None
+                embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m),
+                                                              chunks)
+        chunked = {src for src, bridge in self.bridges.items() if bridge.delivers_chunks} \
+            if isinstance(text, ContextText) else set()
+        # rows the replica's samples hold: a bridge that delivered only this CP rank's chunks' rows received them all
+        rows = {name: int(counts[name].sum()) if name in chunked else e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
-        if isinstance(text, ContextText):  # the rows this rank's chunks hold (the whole share's were checked)
-            embeddings = {name: e.index_select(0, text.embedding_rows[self.special_token_ids[name]])
+        if isinstance(text, ContextText):  # keep the rows this rank's chunks hold (where the bridge did not)
+            embeddings = {name: e if name in chunked else
+                          e.index_select(0, text.embedding_rows[self.special_token_ids[name]])
                           for name, e in embeddings.items()}
         return self.model.language_inputs(text.input_ids, embeddings, counts, check=False, host_ids=host_ids)
 
