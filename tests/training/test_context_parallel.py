@@ -13,9 +13,10 @@ import warnings
 import pytest
 import torch
 
+from mimo.config import MimoParallelismConfig
 from mimo.context_parallel import PAD, split_columns, split_text
 from mimo.data.packing import LanguageText, PackedText, PaddedText, sample_extents
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, WrapError, check_distributed, unwrap
 from mimo.models import Decoder, DecoderConfig, ViTConfig
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rotary import MRopeLayout
@@ -286,3 +287,19 @@ def test_decoder_under_cp_has_the_whole_sequences_loss_and_gradients():
             (want, want_grads), (got, got_grads) = result["whole"], result["cp"]
             assert abs(got - want) <= 1e-10 * abs(want), (rank, i, got, want)
             assert_matches_reference(got_grads, want_grads, f"rank {rank} text {i} gradient", rel=1e-10)
+
+
+def test_fsdp_beside_tp_under_cp_is_one_line_before_any_work():
+    """FSDP2 shards over one dp_cp mesh dim, which cannot sit beside TP's (torch flattens mesh dims privately only):
+    refused by the one check `mimo validate` and the wrapper reach; DDP, or FSDP2 without TP, is accepted."""
+    layout = MimoParallelismConfig.from_dict({"images": {"data_parallel_size": 4},
+                                              "language": {**CP2, "tensor_model_parallel_size": 2,
+                                                           "data_parallel_size": 1}}).finalize(4)
+    fsdp = DistributedConfig(ModuleDistributedConfig("fsdp"))
+    with pytest.raises(WrapError) as e:
+        check_distributed(fsdp, layout.module_names, layout)
+    assert str(e.value) == ("module 'language': data_parallel fsdp with context_parallel_size 2 and "
+                            "tensor_model_parallel_size 2 is not supported; use data_parallel ddp, or TP 1")
+    check_distributed(DistributedConfig(), layout.module_names, layout)
+    no_tp = MimoParallelismConfig.from_dict(ROWS[0][1]).finalize(4)
+    check_distributed(fsdp, no_tp.module_names, no_tp)
