@@ -209,3 +209,38 @@ class _GatherSequence(torch.autograd.Function):
 def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Every CP rank's x [R, heads, L, d] joined along the sequence in rank order (a differentiable all-gather)."""
     return _GatherSequence.apply(x, group)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather rows [n_r, H] of uneven sizes (known on every rank) in rank order; backward: each rank's rows'
+    gradient summed over the group (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        width = max(sizes)
+        mine = x.new_zeros((width, *x.shape[1:]))
+        mine[:x.shape[0]] = x
+        parts = [torch.empty_like(mine) for _ in sizes]
+        if width:
+            dist.all_gather(parts, mine, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        sizes, width = ctx.sizes, max(ctx.sizes)
+        pieces = []
+        for piece in grad.split(sizes):
+            padded = grad.new_zeros((width, *grad.shape[1:]))
+            padded[:piece.shape[0]] = piece
+            pieces.append(padded)
+        out = grad.new_empty((width, *grad.shape[1:]))
+        if width:
+            dist.reduce_scatter(out, pieces, group=ctx.group)
+        return out[:sizes[dist.get_rank(ctx.group)]], None, None
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every CP rank's rows joined in rank order (`sizes[r]` rows from rank r; differentiable): a homogeneous
+    encoder's CP ranks each encode a share of a replica's items, and every CP rank then holds the replica's rows."""
+    return _GatherRows.apply(x, sizes, group)

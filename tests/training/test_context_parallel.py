@@ -61,6 +61,9 @@ ROWS = [
     ("colocated-images-dp4-lm-cp4", {"images": {"data_parallel_size": 4},
                                      "language": {"context_parallel_size": 4, "data_parallel_size": 1}}, "ddp",
      PaddedText(), "parity"),
+    # homogeneous: the encoder has the language model's layout, its CP ranks each encoding a share of a replica's images
+    ("homogeneous-cp2-dp2", {"images": {**CP2, "data_parallel_size": 2}, "language": {**CP2, "data_parallel_size": 2}},
+     "ddp", PaddedText(), "parity"),
     # sequence parallelism inside each CP rank's chunks, every block recomputed (the CP core recomputes inside)
     ("lm-cp2-tp2-sp-recompute", {"images": {"data_parallel_size": 4},
                                  "language": {**CP2, "tensor_model_parallel_size": 2, "data_parallel_size": 1,
@@ -158,10 +161,12 @@ def test_context_parallel_layouts_train_like_one_process():
     per_rank = run_distributed(train_rows, 4, ROWS, timeout_s=400)
     for i, (name, *_, data) in enumerate(ROWS):
         check_row(name, [rank_rows[i] for rank_rows in per_rank], refs[data])
-    # each image is encoded exactly once across the language's CP x DP ranks: colocated images DP4, a quarter each
+    # each image is encoded exactly once across the language's CP x DP ranks, each rank a share: colocated (images
+    # DP4) and homogeneous (images CP2 x DP2, as the language model)
     images = sum(int(batch.modality_inputs["images"].items_per_sample.sum()) for batch in batches(IMAGES))
-    encoded = [rank_rows[0]["encoded"] for rank_rows in per_rank]
-    assert sum(encoded) == images and all(0 < n < images for n in encoded), (encoded, images)
+    for row in (0, [r[0] for r in ROWS].index("homogeneous-cp2-dp2")):
+        encoded = [rank_rows[row]["encoded"] for rank_rows in per_rank]
+        assert sum(encoded) == images and all(0 < n < images for n in encoded), (ROWS[row][0], encoded, images)
     # heterogeneous: each CP rank receives only the image rows its sequence chunks hold (ranks 2 and 3: CP 0 and 1)
     tokens = images * ViTConfig.tiny().tokens_per_image
     received = [rank_rows[3]["received"] for rank_rows in per_rank]

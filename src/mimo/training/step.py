@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
-from mimo.context_parallel import ContextText, split_text
+from mimo.context_parallel import ContextText, gather_rows, split_text
 from mimo.data import MimoBatch
 from mimo.data.packing import LanguageText, PaddedText, TextLayout, sample_extents
 from mimo.ddp_shards import local_tensor
@@ -189,6 +189,11 @@ class MimoTrainer:
         with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
             out = encoder(items.items, items.item_grids)  # (`ModalitySubmodule` encodes one zero item, keeps no rows)
         counts = unwrap(encoder).tokens_per_sample(items)  # host metadata: stays on the CPU
+        grid = self.infra.module_to_grid_map[name]
+        if grid.size("cp") > 1:  # this CP rank encoded a share of its replica's samples: every CP rank gets all rows
+            replica = self._state.batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
+            counts = unwrap(encoder).tokens_per_sample(replica.modality_inputs[name])
+            out = gather_rows(out, counts.view(grid.size("cp"), -1).sum(1).tolist(), grid.get_group("cp"))
         tokens = self.microbatch_tokens(self._state.batch, name, m)
         return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
 
@@ -218,7 +223,8 @@ class MimoTrainer:
                 self._check_positions(host_text)
                 host_text = [self._context_share(text) for text in host_text]
                 shares[name] = [text.to(self.device) for text in host_text]
-            else:
+            else:  # a homogeneous encoder's CP ranks each encode a share of the replica's samples
+                own = [share.shard(grid.coord.cp, grid.size("cp")) for share in own]
                 shares[name] = [share.prefetch(self.device, modalities=(name,), text=False) for share in own]
         return shares, host_text
 
