@@ -8,14 +8,19 @@ document of pads that attends only to pads). The split is a choice of columns, d
 text every rank holds (`split_columns`), so a rank knows every other rank's columns without communicating.
 `split_text` cuts a micro-batch share's `LanguageText` into this rank's `ContextText`: ids, labels, rotary
 positions (M-RoPE's [3, R, T] too) of the unsplit sequence, and which modality embedding rows its chunks hold
-(`embedding_rows`): splicing the whole sequence then keeping the chunks equals keeping the rows the chunks hold.
+(`embedding_rows`; every rank's, `every_rank_rows`, for a bridge leader that sends each CP rank only its rows):
+splicing the whole sequence then keeping the chunks equals keeping the rows the chunks hold.
 
 **The attention.** `ContextParallelAttention` all-gathers K and V over the CP group (`gather_sequence`: the
 backward reduce-scatters their gradients) and lets each local query see the gathered keys that are in its own
-document and not after it in the unsplit row (an explicit SDPA mask from the global columns): exact for any split.
+document and not after it in the unsplit row (an explicit SDPA mask from the global columns, built per block of
+queries inside a core recomputed in the backward): exact for any split.
 The decoder takes it as its `attention` argument; nothing in `mimo.models` knows about process groups.
 The loss is each rank's chunks' summed cross-entropy; the step divides by the label count of the whole global
 batch and sums the loss over CP ranks, so the loss and the gradients are those of the unsplit sequence.
+
+**A homogeneous encoder** (the language model's layout, CP included) encodes on each CP rank a share of its
+replica's samples; `gather_rows` gives every CP rank the replica's rows (backward: each share's gradient summed).
 """
 
 from __future__ import annotations
