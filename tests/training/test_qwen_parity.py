@@ -44,8 +44,12 @@ LAYOUTS = {
                          "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
     "colocated-vit-tp2": {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 2},
                           "language": {"data_parallel_size": 4}},
+    # context parallelism (issue 25): M-RoPE positions and DeepStack rows of each CP rank's chunks
+    "heterogeneous-vit-dp2-lm-cp2": {"images": {"data_parallel_size": 2},
+                                     "language": {"context_parallel_size": 2, "data_parallel_size": 1,
+                                                  "rank_offset": 2}},
 }
-PACKED = "heterogeneous-vit-dp2-lm-tp2"  # also run with packed rows
+PACKED = ("heterogeneous-vit-dp2-lm-tp2", "heterogeneous-vit-dp2-lm-cp2")  # also run with packed rows
 
 
 def spec(kind: str) -> QwenVLSpec:
@@ -96,7 +100,8 @@ def reference(kind: str) -> tuple[list, list, dict]:
 def train_layouts(rank: int, world_size: int, kind: str) -> dict:
     """Every layout (and the packed row) in turn on this world; per row this rank's losses, norms, parameters."""
     out = {}
-    rows = [(name, layout, False) for name, layout in LAYOUTS.items()] + [(PACKED + "-packed", LAYOUTS[PACKED], True)]
+    rows = [(name, layout, False) for name, layout in LAYOUTS.items()]
+    rows += [(name + "-packed", LAYOUTS[name], True) for name in PACKED]
     for name, layout, packed in rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
