@@ -179,7 +179,7 @@ class ContextParallelAttention:
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """SDPA of each block of queries over every key, with that block's mask."""
-        rows = max(1, QUERY_BLOCK_ELEMENTS // max(k.shape[2], 1))
+        rows = query_block(q, k)
         out = []
         for start in range(0, q.shape[2], rows):
             block = slice(start, start + rows)
@@ -190,7 +190,16 @@ class ContextParallelAttention:
         return torch.cat(out, dim=2)
 
 
-QUERY_BLOCK_ELEMENTS = 2**24  # a query block's mask holds at most this many (query, key) pairs: bounded transients
+def query_block(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Queries per block of the core, so that its transients stay bounded: on CUDA SDPA's kernels take the mask
+    and materialize no scores, so the block's [rows, CP·L] mask is bounded (2**28 booleans, 256 MB; few blocks);
+    elsewhere SDPA's math kernel materializes the block's scores for every row and head, so those are
+    (2**24 floats)."""
+    rows, heads = q.shape[:2]
+    keys = max(k.shape[2], 1)
+    if q.device.type == "cuda":
+        return max(1, 2**28 // keys)
+    return max(1, 2**24 // (keys * rows * heads))
 
 
 class _GatherSequence(torch.autograd.Function):
