@@ -319,6 +319,7 @@ class Decoder(nn.Module):
         added_after_layer: AddedAfterLayer | None = None,
         scored_positions: torch.Tensor | None = None,
         cache: CacheStep | None = None,
+        attention: Attention | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One stage's whole work in one call (the entry point DDP and FSDP wrap).
 
@@ -333,11 +334,13 @@ class Decoder(nn.Module):
         `scored_positions` (flat indices into B·S, a superset of the labelled positions) limits the head to them.
         `cache` (incremental decoding, `models.kv_cache`): these are the next positions after the cached ones,
         attended as the step says; give their `position_ids`.
+        `attention`, given, replaces the variant `document_ids` would pick: a layout applied from outside (context
+        parallelism's, `mimo.context_parallel`, over a chunk of the sequence with `position_ids` of the whole).
         """
         if input_ids is not None:
             embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache)
+        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache, attention)
         return self.loss(hidden, labels, scored_positions) if labels is not None else hidden
 
     def _deepstack(self, embeddings_at: EmbeddingsAt,
@@ -366,13 +369,15 @@ class Decoder(nn.Module):
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None,
                 added_after_layer: AddedAfterLayer | None = None,
-                cache: CacheStep | None = None) -> torch.Tensor:
+                cache: CacheStep | None = None, attention: Attention | None = None) -> torch.Tensor:
         """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
         cos, sin = self._rotary(hidden, position_ids)
         if cache is not None and document_ids is not None:
             raise ValueError("a KV cache decodes padded rows, not packed ones: give no document_ids with a cache")
-        attention = cache if cache is not None else CAUSAL if document_ids is None else \
-            document_attention(document_ids, compute_dtype(hidden))
+        if cache is not None:
+            attention = cache
+        elif attention is None:
+            attention = CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden))
         for index, layer in self.layers.items():
             hidden = layer(hidden, cos, sin, attention, cache=None if cache is None else cache.layer(index))
             if added_after_layer and int(index) in added_after_layer:
