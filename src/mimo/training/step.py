@@ -210,7 +210,7 @@ class MimoTrainer:
             counts = unwrap(encoder).tokens_per_sample(replica.modality_inputs[name])
             out = gather_rows(out, counts.view(grid.size("cp"), -1).sum(1).tolist(), grid.get_group("cp"))
         tokens = self.microbatch_tokens(self._state.batch, name, m)
-        return bridge.forward(m, out.to(self.activation_dtype), work.counts, tokens)
+        return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
 
     def microbatch_tokens(self, batch: MimoBatch, name: str, m: int) -> torch.Tensor | None:
         """Tokens per sample of modality `name` in the whole micro-batch m of `batch`, counted on the CPU ids every
