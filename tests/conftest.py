@@ -20,6 +20,7 @@ SLOWEST_FILES = (
     "tests/training/test_frozen_hf_checkpoint.py",
     "tests/hf/test_export.py",
     "tests/training/test_checkpoint.py",
+    "tests/training/test_context_parallel.py",
     "tests/test_benchmarks.py",
     "tests/test_train_families.py",
     "tests/test_benchmark_hf_rows.py",

@@ -43,6 +43,14 @@ def test_heterogeneous_rank_map(capsys):
     assert "edges: images -> language, audio -> language" in out
 
 
+def test_context_parallel_rank_map(capsys):
+    """`mimo layout` shows CP in the module line and each rank's cp coordinate; an encoder's CP is one line."""
+    code, out, _ = run(capsys, "layout", str(LAYOUTS / "context_parallel.yaml"))
+    assert code == 0
+    assert "language  TP1 x CP2 x DP2 on ranks 0-3" in out
+    assert "   1  language   0   0   1   0" in out and "   2  language   0   1   0   0" in out
+
+
 def test_stub_ranks_warn_and_show(capsys):
     code, out, err = run(capsys, "layout", str(LAYOUTS / "stub_ranks.yaml"))
     assert code == 0
@@ -69,6 +77,8 @@ def write(tmp_path: Path, text: str) -> str:
         ("parallelism: {language: {tensor_model_parallel_size: 2}}\n", [],
          "modules ['language'] leave data_parallel_size to be derived, so the layout does not say its world size"),
         ("parallelism: {language: {tp: 2}}\n", [], "module 'language': unknown key(s) ['tp']"),
+        ("parallelism: {images: {context_parallel_size: 2}, language: {}}\nworld_size: 2\n",
+         [], "module 'images': context_parallel_size=2 is supported for a modality module only in a homogeneous"),
         ("parallelism: {images: {data_parallel_size: 2}, language: {data_parallel_size: 2, rank_offset: 1}}\n",
          [], "partially overlap"),
         ("parallelism: {language: {data_parallel_size: 2}}\n", ["--world-size", "3"],

@@ -122,3 +122,17 @@ def test_out_without_an_image_suffix_reports_the_file_it_wrote(tmp_path, capsys)
     assert main([str(a), "--out", str(tmp_path / "plots")]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'plots' / 'plot.png'}\n"
     assert_png(tmp_path / "plots" / "plot.png")
+
+
+def test_held_out_scores_are_drawn(tmp_path, monkeypatch) -> None:
+    """A run's eval records with exact match and token accuracy (`eval.generate`) show both on the right axis."""
+    from matplotlib.figure import Figure
+
+    run = make_run(tmp_path / "run", with_eval=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "eval", "step": 10, "loss": 0.5, "exact_match": 0.25, "token_accuracy": 0.5}))
+    drawn = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.setdefault("fig", fig))
+    plot_runs([run], tmp_path / "out.png")
+    legend = [t.get_text() for t in drawn["fig"].axes[0].get_legend().get_texts()]
+    assert legend == ["run", "run (eval)", "run exact match (eval)", "run token accuracy (eval)"]

@@ -6,14 +6,19 @@ chosen by `make_bridge`:
 
 - `HeterogeneousBridge` (disjoint spans): one leader per DP replica on each side (TP rank 0 of src's last and dst's
   first pipeline stage) talks point-to-point with global ranks, counts first, then rows; fan-in and fan-out
-  follow the replicas' sample ranges; the receiving leader broadcasts in its TP group. Sends never block
-  (their tensors are kept until the works complete); receives do.
+  follow the replicas' sample ranges; the receiving leader broadcasts in its TP × CP group (under context
+  parallelism, given each CP rank's rows, it scatters: each rank gets only its CP rank's chunks' rows). Sends never
+  block (their tensors are kept until the works complete); receives do.
 - `ColocatedBridge` (same span): the whole span re-partitions with collectives: an all-gather of each rank's rows,
   padded to the longest replica, sliced per dst replica; backward is the matching reduce-scatter.
 - `HomogeneousBridge` (same span and layout): nothing moves.
 
 Only each dst replica's TP leader sends a gradient back: its TP peers hold identical copies (TP all-reduces
-the input gradient), so sending theirs too would count it twice.
+the input gradient), so sending theirs too would count it twice. Under context parallelism each CP rank ends up
+with the rows its sequence chunks hold (`mimo.context_parallel`), so its gradient is its chunks' share, and the
+shares meet at the leader: heterogeneous, gathered from the scatter's ranks (or, for a caller that gave no chunk
+rows, every CP rank got all rows and a reduce over CP sums them); colocated, every CP rank cuts all of its replica's
+rows from the all-gather, and each CP rank's TP rank 0 places its share so that the reduce-scatter sums them.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Bridge(ABC):
 
     kind: ClassVar[Kind]
     encodes_inside_language_forward: ClassVar[bool] = False  # stage 0 encodes m when its forward needs it
+    delivers_chunks: ClassVar[bool] = False  # `receive(..., chunk_rows)` hands each CP rank only its chunks' rows
     uses_microbatch_tokens: ClassVar[bool] = False  # `microbatch_tokens` spare moving (and reading) counts
 
     def __init__(self, src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_size: int,
@@ -94,11 +100,13 @@ class Bridge(ABC):
         self._dst_replica = dst.coord.dp if self.is_receiver else -1
         self._is_src_leader = self.is_sender and src.is_tp_leader()
         self._is_dst_leader = self.is_receiver and dst.is_tp_leader()
+        self._holds_grad_share = self.is_receiver and dst.coord.tp == 0  # TP rank 0 of each CP rank
         self._edge_tag = zlib.crc32(self.name.encode()) % 2**_EDGE_BITS
         self._sent: dict[int, _Sent] = {}
         self._received: dict[int, Tensor] = {}  # receiver: its counts per micro-batch
         self._leaves: dict[int, Tensor] = {}  # receiver: the rows `receive` handed out, whose .grad goes back
         self._pending: dict[int, list[tuple[dist.Work, Tensor]]] = {}  # sends in flight, tensors kept alive
+        self._chunks: dict[int, list[Tensor]] = {}  # receiver under CP: each CP rank's rows, until the gradient
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, sender={self.is_sender}, receiver={self.is_receiver})"
@@ -146,8 +154,14 @@ class Bridge(ABC):
         return []
 
     # -- what the training step asks ----------------------------------------------------------
-    def receive(self, microbatch: int, microbatch_tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Stage 0 of dst: micro-batch m's rows (a leaf, kept for `return_grad`) and counts on CPU."""
+    def receive(self, microbatch: int, microbatch_tokens: Tensor | None = None,
+                chunk_rows: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Stage 0 of dst: micro-batch m's rows (a leaf, kept for `return_grad`) and counts on CPU. Under context
+        parallelism a bridge that `delivers_chunks`, given `chunk_rows` (per CP rank, which of the replica's rows
+        its sequence chunks hold, on the host), hands each CP rank only those rows, in that order; the counts stay
+        the replica's."""
+        if chunk_rows is not None and self.delivers_chunks:
+            self._chunks[microbatch] = chunk_rows
         rows, counts = self._deliver(microbatch, microbatch_tokens)
         self._leaves[microbatch] = rows
         return rows, counts
@@ -271,6 +285,7 @@ class HeterogeneousBridge(Bridge):
 
     kind = "heterogeneous"
     uses_microbatch_tokens = True
+    delivers_chunks = True
 
     def p2p_pairs(self) -> list[tuple[int, int]]:
         """(src leader, dst leader) of every pair of replicas that share samples."""
@@ -353,7 +368,7 @@ class HeterogeneousBridge(Bridge):
         whole micro-batch's, is known here) and rows."""
         pieces = [(self._src_leader(i), a, b)
                   for i, a, b in sample_overlaps(self._dst_replica, self._dst_samples, self._src_samples)]
-        leader, group = self._dst_leader(self._dst_replica), self.dst.get_group("tp")
+        leader, group = self._dst_leader(self._dst_replica), self.dst.get_group("tp_cp")
         if full is None:
             counts = self._receive_counts(microbatch, pieces, group, leader)
         else:
@@ -363,9 +378,48 @@ class HeterogeneousBridge(Bridge):
         rows = torch.empty(offsets[-1], self.hidden_size, dtype=self.dtype, device=self.device)
         if self._is_dst_leader:
             self._recv(rows, [(p, offsets[a], offsets[b]) for p, a, b in pieces], microbatch, _ROWS)
-        self._broadcast(rows, group, leader)
         self._received[microbatch] = counts
+        if microbatch in self._chunks:
+            return self._scatter_chunks(rows, self._chunks[microbatch], group, leader).requires_grad_(), counts
+        self._broadcast(rows, group, leader)
         return rows.requires_grad_(), counts
+
+    def _group_cp_ranks(self, group: dist.ProcessGroup) -> list[int]:
+        """The CP coordinate of each rank of the dst TP × CP group, in group order."""
+        return [self.dst.coordinates(dist.get_global_rank(group, i)).cp for i in range(dist.get_world_size(group))]
+
+    def _scatter_chunks(self, rows: Tensor, chunks: list[Tensor], group: dist.ProcessGroup, leader: int) -> Tensor:
+        """The leader sends each rank of its TP × CP group the rows its CP rank's chunks hold (padded to the
+        longest, one scatter); this rank's rows."""
+        width = max(len(c) for c in chunks)
+        mine = torch.empty(width, self.hidden_size, dtype=self.dtype, device=self.device)
+        pieces = None
+        if self._is_dst_leader:
+            pieces = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+            for piece, cp in zip(pieces, self._group_cp_ranks(group), strict=True):
+                piece[:len(chunks[cp])] = rows.index_select(0, _on(chunks[cp], self.device))
+        if width:
+            dist.scatter(mine, pieces, src=leader, group=group)
+        return mine[:len(chunks[self.dst.coord.cp])].clone()
+
+    def _gather_chunks(self, grad: Tensor, chunks: list[Tensor], rows: int) -> Tensor | None:
+        """The gradients of every CP rank's rows gathered to the leader (one gather over TP × CP) and put back in
+        the replica's row order; None off the leader."""
+        group, leader = self.dst.get_group("tp_cp"), self._dst_leader(self._dst_replica)
+        width = max(len(c) for c in chunks)
+        mine = torch.zeros(width, self.hidden_size, dtype=self.dtype, device=self.device)
+        mine[:grad.shape[0]] = grad
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))] if self._is_dst_leader \
+            else None
+        if width:
+            dist.gather(mine, gathered, dst=leader, group=group)
+        if not self._is_dst_leader:
+            return None
+        full = torch.zeros(rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        for i, cp in enumerate(self._group_cp_ranks(group)):
+            if self.dst.coordinates(dist.get_global_rank(group, i)).tp == 0:  # TP peers hold copies
+                full.index_copy_(0, _on(chunks[cp], self.device), gathered[i][:len(chunks[cp])])
+        return full
 
     def _receive_counts(self, microbatch: int, pieces: list[Piece], group: dist.ProcessGroup | None,
                         leader: int) -> Tensor:
@@ -377,14 +431,28 @@ class HeterogeneousBridge(Bridge):
         return counts.cpu()
 
     def _send_grad(self, microbatch: int, grad: Tensor | None) -> None:
-        """Dst leader: post each src replica's slice of the gradient; other TP ranks send nothing."""
-        counts = self._pop(self._received, microbatch)
-        offsets = row_offsets(counts)
-        grad = self._grad_or_zeros(microbatch, grad, offsets[-1])
+        """Dst leader: post each src replica's slice of the replica's gradient (`_replica_grad`); other TP and CP
+        ranks send nothing."""
+        offsets = row_offsets(self._pop(self._received, microbatch))
+        grad = self._replica_grad(microbatch, grad, offsets[-1])
         if not self._is_dst_leader:
             return
         for i, a, b in sample_overlaps(self._dst_replica, self._dst_samples, self._src_samples):
             self._isend(grad[offsets[a]:offsets[b]], self._src_leader(i), microbatch, _GRAD)
+
+    def _replica_grad(self, microbatch: int, grad: Tensor | None, rows: int) -> Tensor | None:
+        """The gradient of the replica's `rows` rows, whole on the leader: as received without CP; under CP summed
+        over the CP ranks (a reduce) where each received every row, or gathered from each CP rank's chunks' rows
+        where each received only those (`receive`'s chunk_rows; then None off the leader)."""
+        chunks = self._chunks.pop(microbatch, None)
+        if chunks is not None:
+            mine = self._grad_or_zeros(microbatch, grad, len(chunks[self.dst.coord.cp]))
+            return self._gather_chunks(mine, chunks, rows)
+        grad = self._grad_or_zeros(microbatch, grad, rows)
+        if self._holds_grad_share and self.dst.size("cp") > 1 and grad.numel():
+            grad = grad.clone()
+            dist.reduce(grad, dst=self._dst_leader(self._dst_replica), group=self.dst.get_group("cp"))
+        return grad
 
     def _receive_grad(self, microbatch: int) -> None:
         """Src: the leader receives the gradient from its dst leaders and broadcasts it; all run backward."""
@@ -494,7 +562,8 @@ class ColocatedBridge(Bridge):
         return torch.cat(pieces) if pieces else slots.new_empty(0, self.hidden_size)
 
     def _colocated_backward(self, microbatch: int, grad: Tensor | None) -> None:
-        """Dst TP leaders place their gradient in each src rank's slot; a reduce-scatter delivers it."""
+        """Dst TP rank 0s (one per CP rank) place their gradient in each src rank's slot; a reduce-scatter
+        delivers it, summed."""
         sent: _Sent = self._pop(self._sent, microbatch)
         offsets = row_offsets(self._pop(self._counts, microbatch))
         width = self._max_rows(offsets)
@@ -503,7 +572,7 @@ class ColocatedBridge(Bridge):
             self._pop(self._received, microbatch)
             lo, hi = self._replica_rows(offsets, self._dst_replica, self._dst_samples)
             grad = self._grad_or_zeros(microbatch, grad, hi - lo)
-            if self._is_dst_leader:
+            if self._holds_grad_share:
                 self._place(slots, grad, offsets, lo, hi)
         mine = torch.empty(width, self.hidden_size, dtype=self.dtype, device=self.device)
         if width:
@@ -551,6 +620,13 @@ def make_bridge(src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_
                 device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None) -> Bridge:
     """The bridge of the edge's kind (`bridge_kind`), planned from the two grids."""
     return BRIDGES[bridge_kind(src, dst)](src, dst, micro_batch_size, hidden_size, dtype, device, p2p_groups)
+
+
+def _on(index: Tensor, device: torch.device) -> Tensor:
+    """A host index on `device`, copied from pinned memory without blocking the host."""
+    if device.type == "cpu":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 def _backward(embeddings: Tensor, grad: Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The `mimo` command line: `mimo train | validate | layout | plot | export-hf | generate`."""
+"""The `mimo` command line: `mimo train | validate | layout | plot | export-hf | generate | eval`."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Print the greedy continuation of a prompt about an image, from a Hugging Face directory or a checkpoint."""
     from mimo.families.registry import GenerationRequest
 
-    model, section, family, provider, data = _generation_model(args)
+    model, section, family, provider, data, _ = _generation_model(args)
     if family.generate is None:
         instead = "; export it (mimo export-hf) and generate with transformers" if family.export else ""
         raise ConfigFileError(f"mimo generate does not serve the {family.name} family (yet){instead}")
@@ -225,10 +225,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Answer every question of a held-out file (batched greedy decoding with a KV cache, one process), write the
+    answers as JSONL and print the scores."""
+    import torch
+
+    from mimo.families.registry import EvalRequest
+    from mimo.training.evaluate import answer_questions
+
+    if bool(args.checkpoint) == bool(args.hf):
+        raise ConfigFileError("give a checkpoint directory or --hf DIR (one of the two)")
+    data = Path(args.data)
+    if not data.is_file():
+        raise ConfigFileError(f"--data: {data} is not a file (a LLaVA-format JSON or JSONL file of questions and "
+                              f"reference answers)")
+    if args.image_folder is not None and not Path(args.image_folder).is_dir():
+        raise ConfigFileError(f"--image-folder: {args.image_folder} is not a directory")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, section, family, provider, run_data, opened = _generation_model(args)
+    if family.questions is None:
+        raise ConfigFileError(f"mimo eval does not serve the {family.name} family (yet)")
+    request = EvalRequest(data, Path(args.image_folder) if args.image_folder else None, args.template, run_data)
+    dtype = next(model.parameters()).dtype
+    held_out = family.questions(section, opened, provider, request, dtype)
+    answers = answer_questions(model.to(device), held_out, args.max_new_tokens, args.batch_size)
+    out = Path(args.out) if args.out else Path(f"{data.stem}.answers.jsonl")
+    answers.write(out)
+    print(f"{answers.summary(str(data))}; answers in {out}", flush=True)
+    return 0
+
+
 def _generation_model(args: argparse.Namespace):
-    """(the whole model in one process, its model section, family, provider and the data section it was trained
-    with): a Hugging Face directory's (`--hf`, its family read from its config.json; no data section) or a
-    checkpoint's."""
+    """(the whole model in one process, its model section, family, provider, the data section it was trained
+    with, and what the family opened): a Hugging Face directory's (`--hf`, its family read from its config.json;
+    no data section) or a checkpoint's."""
     if args.hf:
         if args.set:
             raise ConfigFileError(f"--set {args.set[0]}: --set re-points a checkpoint's Hugging Face directories; "
@@ -240,10 +270,11 @@ def _generation_model(args: argparse.Namespace):
         family = family_of_directory(args.hf)
         section = family.section(**{family.hf_settings[0]: args.hf})
         settings = BuildSettings(None, torch.float32, seed=0)  # the directory's own values, nothing seeded used
-        provider = family.provider(section, family.open(section), settings)
-        return provider.provide(), section, family, provider, None
+        opened = family.open(section)
+        provider = family.provider(section, opened, settings)
+        return provider.provide(), section, family, provider, None, opened
     model, plan = _checkpoint_model(Path(args.checkpoint), args.set)
-    return model, plan.config.model, plan.family, plan.provider, plan.config.data
+    return model, plan.config.model, plan.family, plan.provider, plan.config.data, plan.opened
 
 
 def _checkpoint_model(path: Path, moved: Sequence[str] = ()):
@@ -358,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=PATH", help=MOVED_HELP)
     gen.set_defaults(run=cmd_generate)
+    ev = sub.add_parser("eval", help="answer a held-out file's questions and score them (one process)")
+    ev.add_argument("checkpoint", nargs="?", help="a mimo checkpoint directory (runs/NAME/checkpoints/step_N)")
+    ev.add_argument("--hf", help="a Hugging Face LLaVA directory instead of a checkpoint")
+    ev.add_argument("--data", required=True, help="a LLaVA-format JSON / JSONL file: questions and reference answers")
+    ev.add_argument("--image-folder", default=None,
+                    help="the folder the file's image paths are relative to (default: the run's data.image_folder, "
+                         "else the file's folder)")
+    ev.add_argument("--template", choices=("chat", "plain", "vicuna_v1"), default=None,
+                    help="how conversations are rendered (default: the run's data.template, else chat)")
+    ev.add_argument("--out", default=None, help="the answers' JSONL file (default: DATA_STEM.answers.jsonl here)")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
+    ev.add_argument("--batch-size", type=_positive_int, default=32, help="questions decoded together (32)")
+    ev.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=PATH", help=MOVED_HELP)
+    ev.set_defaults(run=cmd_eval)
     layout = sub.add_parser("layout", help="validate a parallel layout and print its rank map")
     layout.add_argument("config", help="a YAML file with a 'parallelism' section")
     layout.add_argument("--world-size", type=_positive_int, default=None,
@@ -393,11 +439,12 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from mimo.launch import LaunchError
     from mimo.plot import PlotError
     from mimo.training.checkpoint import CheckpointError
+    from mimo.training.evaluate import HeldOutError
     from mimo.training.run_config import RunConfigError
     from mimo.training.run_dir import RunDirError
 
     return (RunConfigError, CheckpointError, PlotError, RunDirError, HFConfigError, HFLoadError, ExportError,
-            ImageConfigError, PromptError, LaunchError)
+            ImageConfigError, PromptError, LaunchError, HeldOutError)
 
 
 if __name__ == "__main__":

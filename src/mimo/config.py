@@ -156,7 +156,7 @@ class ModuleParallelismConfig:
 
     tensor_model_parallel_size: int = 1  # TP: ranks each of the module's layers is split over
     pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (the language model only)
-    context_parallel_size: int = 1  # CP: not supported yet (1)
+    context_parallel_size: int = 1  # CP: splits the language model's sequences (an encoder's: homogeneous only)
     expert_model_parallel_size: int = 1  # EP: not supported yet (1)
     # DP: the module's replicas; None: derived from the world size (a module spanning the world from rank 0)
     data_parallel_size: int | None = None
@@ -357,6 +357,7 @@ class MimoParallelismConfig:
             self._check_supported(name, m)
         self._check_topology()
         self._check_spans(world_size)
+        self._check_encoder_context()
         self._check_edges()
         self._world_size = world_size
         return self
@@ -370,10 +371,6 @@ class MimoParallelismConfig:
 
     @staticmethod
     def _check_supported(name: str, m: ModuleParallelismConfig) -> None:
-        if m.context_parallel_size > 1:
-            raise LayoutError(
-                f"module '{name}': context_parallel_size={m.context_parallel_size} is not supported yet; use 1"
-            )
         if m.expert_model_parallel_size > 1:
             raise LayoutError(
                 f"module '{name}': expert_model_parallel_size={m.expert_model_parallel_size} is not supported "
@@ -384,6 +381,17 @@ class MimoParallelismConfig:
                 f"module '{name}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} is not "
                 f"supported yet for modality modules (only '{LANGUAGE}' may be pipelined); use 1"
             )
+
+    def _check_encoder_context(self) -> None:
+        """An encoder has CP > 1 only in a homogeneous layout (the language model's, CP included): there its CP
+        ranks split each replica's items, and elsewhere its replicas are its DP."""
+        for name, m in self.module_parallelisms.items():
+            if name != LANGUAGE and m.context_parallel_size > 1 and self.deployment != "homogeneous":
+                raise LayoutError(
+                    f"module '{name}': context_parallel_size={m.context_parallel_size} is supported for a modality "
+                    f"module only in a homogeneous layout (the same layout as '{LANGUAGE}'); use 1, and "
+                    f"data_parallel_size for more replicas"
+                )
 
     def _check_topology(self) -> None:
         for src, dst in self.edges:
@@ -451,6 +459,15 @@ class MimoParallelismConfig:
             )
         micro = global_batch_size // num_microbatches
         for name, m in self.module_parallelisms.items():
+            shares = m.data_parallel_size * m.context_parallel_size
+            if name != LANGUAGE and m.context_parallel_size > 1 and micro % shares:
+                raise LayoutError(
+                    f"module '{name}': micro-batch size {micro} (global batch {global_batch_size} / "
+                    f"{num_microbatches} micro-batches) is not divisible by its data_parallel_size "
+                    f"{m.data_parallel_size} x context_parallel_size {m.context_parallel_size} (each CP rank "
+                    f"encodes a share of a replica's samples); use a global batch that is a multiple of "
+                    f"{num_microbatches * shares}"
+                )
             if micro % m.data_parallel_size:
                 raise LayoutError(
                     f"module '{name}': micro-batch size {micro} (global batch {global_batch_size} / "

@@ -22,6 +22,7 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
@@ -145,6 +146,18 @@ def check_distributed(settings: DistributedConfig, module_names: list[str], layo
     settings.check(module_names, label)
     if layout is not None:
         check_tp_comm_overlap(layout, settings, backend)
+        check_context_parallel(layout, settings)
+
+
+def check_context_parallel(layout: MimoParallelismConfig, settings: DistributedConfig) -> None:
+    """FSDP2 under context parallelism shards over one dp_cp dim (`data_parallel_mesh`), which cannot sit beside a
+    TP dim without torch's private mesh flattening: that combination is refused (DDP runs it)."""
+    for name, m in layout.module_parallelisms.items():
+        if (m.context_parallel_size > 1 and m.tensor_model_parallel_size > 1
+                and settings.for_module(name).data_parallel == "fsdp"):
+            raise WrapError(f"module '{name}': data_parallel fsdp with context_parallel_size "
+                            f"{m.context_parallel_size} and tensor_model_parallel_size "
+                            f"{m.tensor_model_parallel_size} is not supported; use data_parallel ddp, or TP 1")
 
 
 def check_tp_comm_overlap(layout: MimoParallelismConfig, settings: DistributedConfig,
@@ -471,7 +484,7 @@ def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConf
     param_dtype = next(module.parameters()).dtype
     compute = cfg.compute_dtype or param_dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=param_dtype)
-    mesh = grid.mesh["dp"]
+    mesh = data_parallel_mesh(grid)
     module.register_forward_hook(not_a_view)  # before FSDP2's own hooks, so they see its output
     blocks = _blocks(module)
     policy_of = reshard_policy(cfg.reshard_after_forward, grid.size("pp"))
@@ -483,6 +496,15 @@ def _fully_shard(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConf
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # per unit: each has its own reduce-scatter
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo rejects PREMUL_SUM(1.0), a no-op anyway
+
+
+def data_parallel_mesh(grid: ModuleGrid) -> DeviceMesh:
+    """The mesh FSDP2 shards over: the dp dim, or under context parallelism one `dp_cp` dim over DP × CP (CP ranks
+    are replicas of the parameters, as DP ranks). FSDP2 over dp_cp beside TP would need the two as dims of one
+    mesh (torch's flattening is private), so that is refused (`check_context_parallel`)."""
+    if grid.size("cp") == 1:
+        return grid.mesh["dp"]
+    return DeviceMesh.from_group(grid.get_group("dp_cp"), grid.mesh.device_type, mesh_dim_names=("dp_cp",))
 
 
 def holds_gathered(name: Reshard, pp: int) -> bool:

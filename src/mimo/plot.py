@@ -1,6 +1,7 @@
 """Plot runs from their `metrics.jsonl`: loss and tokens/s against step, one line per run (`mimo plot`).
 
-Eval lines (`"kind": "eval"`) show as points: eval loss on the loss panel, accuracy on its right-hand axis.
+Eval lines (`"kind": "eval"`) show as points: eval loss on the loss panel, exact match and token accuracy (or an
+older run's accuracy) on its right-hand axis.
 Matplotlib draws with its non-interactive Agg canvas (no pyplot), so it works on a machine with no display
 and leaves the backend of a notebook or script that calls it alone.
 """
@@ -73,6 +74,11 @@ def split_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, A
     return train, evals
 
 
+# held-out scores drawn on the loss panel's right-hand axis: (metrics key, marker, legend name); "accuracy" is the
+# digits' score in runs from before held-out answers were scored by exact match and token accuracy
+SCORES = (("exact_match", "^", "exact match"), ("token_accuracy", "v", "token accuracy"), ("accuracy", "^", "accuracy"))
+
+
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the records that hold `key`."""
     points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -99,10 +105,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         eval_steps, eval_loss = _series(evals, "loss")
         if eval_steps:
             ax_loss.plot(eval_steps, eval_loss, "o", color=color, label=f"{label} (eval)")
-        acc_steps, acc = _series(evals, "accuracy")
-        if acc_steps:
-            ax_acc = ax_acc or ax_loss.twinx()
-            ax_acc.plot(acc_steps, acc, "^", color=color, label=f"{label} accuracy (eval)")
+        for key, marker, name in SCORES:
+            score_steps, score = _series(evals, key)
+            if score_steps:
+                ax_acc = ax_acc or ax_loss.twinx()
+                ax_acc.plot(score_steps, score, marker, color=color, label=f"{label} {name} (eval)")
     _finish(ax_loss, ax_speed, ax_acc)
     out = _image_path(Path(out), fig.canvas.get_supported_filetypes())
     fig.tight_layout()

@@ -230,6 +230,12 @@ LAYOUTS = {
     "colocated-dp2-tp2-sp": ({"images": {"data_parallel_size": 2},
                               "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
                                            "sequence_parallel": True}}, False, False, "ddp"),
+    # context parallelism (issue 25): the K/V all-gather and its reduce-scatter under NCCL, images DP2 beside
+    "colocated-dp2-cp2": ({"images": {"data_parallel_size": 2},
+                           "language": {"context_parallel_size": 2, "data_parallel_size": 1}}, False, False, "ddp"),
+    "colocated-dp2-cp2-fsdp": ({"images": {"data_parallel_size": 2},
+                                "language": {"context_parallel_size": 2, "data_parallel_size": 1}},
+                               False, False, "fsdp"),
 }
 
 _REFERENCES: dict = {}

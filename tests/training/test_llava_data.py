@@ -163,8 +163,8 @@ def test_eval_for_llava_data_is_never_silently_nothing(tmp_path):
     assert "eval: no held-out evaluation for this run (set eval.path: HELD_OUT.json (LLaVA-format) for a held-out " \
            "loss; eval.enabled: false silences this)" in plan.warnings
     with pytest.raises(RunConfigError, match=r"^eval.interval: 3 evaluates the checkpoint of every 3th step, so it "
-                                             r"needs eval.path and a checkpoint.interval that divides it \("
-                                             r"checkpoint.interval is 2\)"):
+                                             r"needs held-out data \(eval.path, or the digits\) and a "
+                                             r"checkpoint.interval that divides it \(checkpoint.interval is 2\)"):
         parse_run_config({"parallelism": LAYOUT, "data": data, "checkpoint": {"interval": 2},
                           "eval": {"path": data["path"], "interval": 3}})
     with pytest.raises(RunConfigError, match=r"^eval.path: a held-out file is for data.name llava"):

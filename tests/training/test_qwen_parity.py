@@ -47,8 +47,12 @@ LAYOUTS = {
                          "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2}},
     "colocated-vit-tp2": {"images": {"tensor_model_parallel_size": 2, "data_parallel_size": 2},
                           "language": {"data_parallel_size": 4}},
+    # context parallelism (issue 25): M-RoPE positions and DeepStack rows of each CP rank's chunks
+    "heterogeneous-vit-dp2-lm-cp2": {"images": {"data_parallel_size": 2},
+                                     "language": {"context_parallel_size": 2, "data_parallel_size": 1,
+                                                  "rank_offset": 2}},
 }
-PACKED = "heterogeneous-vit-dp2-lm-tp2"  # also run with packed rows
+PACKED = ("heterogeneous-vit-dp2-lm-tp2", "heterogeneous-vit-dp2-lm-cp2")  # also run with packed rows
 # Qwen3-VL only (DeepStack), packed: the pipeline carries layer 2's features to stage 1, and both stages add theirs
 # into the sequence-sharded residual (a packed row's odd length over TP 2)
 DEEPSTACK_SP_PP = ("colocated-vit-dp4-lm-tp2-pp2-sp-packed",
@@ -109,7 +113,8 @@ def reference(kind: str) -> tuple[list, list, dict]:
 def train_layouts(rank: int, world_size: int, kind: str) -> dict:
     """Every layout (and the packed row) in turn on this world; per row this rank's losses, norms, parameters."""
     out = {}
-    rows = [(name, layout, False) for name, layout in LAYOUTS.items()] + [(PACKED + "-packed", LAYOUTS[PACKED], True)]
+    rows = [(name, layout, False) for name, layout in LAYOUTS.items()]
+    rows += [(name + "-packed", LAYOUTS[name], True) for name in PACKED]
     if kind == "qwen3_vl":
         rows.append((*DEEPSTACK_SP_PP, True))
     for name, layout, packed in rows:

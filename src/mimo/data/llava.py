@@ -25,11 +25,12 @@ from PIL import Image
 
 from mimo.data.bad_samples import BadSample, SkippedSample
 from mimo.data.batch import MimoBatch, Sample
-from mimo.data.conversation import ConversationError, parse_entry
+from mimo.data.conversation import IMAGE, Conversation, ConversationError, parse_entry
 from mimo.data.image_inputs import FixedSizeImages, ImageInputError, PackedImages, PreparedImage
+from mimo.data.questions import Question
 from mimo.data.scan import DataFileError, leaves_folder
 from mimo.data.templates import Rendered, build_template
-from mimo.hf.prompt import Prompter
+from mimo.hf.prompt import Prompter, PromptError
 from mimo.models.labels import IGNORE_INDEX
 
 ON_BAD_SAMPLE = ("skip", "error")
@@ -164,18 +165,45 @@ class LlavaDataset:
 
     def _make(self, index: int) -> Sample:
         """Sample `index` read, rendered, tokenized and preprocessed."""
+        conversation, rendered, where = self._rendered(index)
+        images = [self._image(name, index) for name in conversation.images]
+        input_ids, labels = self._tokens(rendered, [image.tokens for image in images], index, where)
+        items, grids = self.images.sample_items(images, self.dtype)
+        return Sample(input_ids, labels, {self.modality: items}, {} if grids is None else {self.modality: grids})
+
+    def _rendered(self, index: int) -> tuple[Conversation, Rendered, str]:
+        """Entry `index` parsed and rendered by the template, and where it is; a BadSample if it cannot be."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} is outside [0, {len(self)})")
         where = self.entries.where(index)
         try:
             conversation = parse_entry(self.entries[index])
-            rendered = self.template.render(conversation)
+            return conversation, self.template.render(conversation), where
         except ConversationError as e:
             raise BadSample(index, where, f"malformed conversation: {e}") from None
-        images = [self._image(name, index) for name in conversation.images]
-        input_ids, labels = self._tokens(rendered, [image.tokens for image in images], index, where)
+
+    def question(self, index: int) -> Question:
+        """Entry `index` as a question (held-out answers, `mimo eval`): the conversation rendered up to its first
+        answer, tokenized as `mimo generate` tokenizes a prompt (`Prompter.prompt_ids`), the images shown before
+        it, the user's turn and the first answer as the reference; a BadSample if it cannot be asked."""
+        conversation, rendered, where = self._rendered(index)
+        prompt = rendered.prompt
+        answer = next(k for k, turn in enumerate(conversation.turns) if turn.role == "assistant")
+        images = [self._image(name, index) for name in conversation.images[:prompt.count(IMAGE)]]
+        try:
+            ids = self.prompter.prompt_ids(prompt, [image.tokens for image in images], self.image_token_id,
+                                           len(images), rendered.add_special_tokens)
+        except PromptError as e:
+            raise BadSample(index, where, str(e)) from None
+        if len(ids) >= self.max_seq_len:
+            raise BadSample(index, where, f"the question is {len(ids)} tokens, leaving no room to answer within "
+                                          f"max_seq_len={self.max_seq_len}")
         items, grids = self.images.sample_items(images, self.dtype)
-        return Sample(input_ids, labels, {self.modality: items}, {} if grids is None else {self.modality: grids})
+        entry = self.entries[index]
+        name = entry.get("id") if isinstance(entry, dict) else None
+        return Question(ids, {self.modality: items}, conversation.turns[answer - 1].text,
+                        conversation.turns[answer].text, None if name is None else str(name),
+                        {} if grids is None else {self.modality: grids})
 
     def _tokens(self, rendered: Rendered, image_tokens: list[int], index: int,
                 where: str) -> tuple[torch.Tensor, ...]:

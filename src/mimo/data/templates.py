@@ -28,6 +28,11 @@ class Rendered:
     targets: tuple[tuple[int, int], ...]
     add_special_tokens: bool = True
 
+    @property
+    def prompt(self) -> str:
+        """The text before the first answer: what the model is asked (`generate`'s and a held-out question's)."""
+        return self.text[:self.targets[0][0]]
+
 
 class PlainTemplate:
     """LLaVA's `plain` (`preprocess_plain`, stage 1): the human turn is replaced by its images alone, then the

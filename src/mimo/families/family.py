@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mimo.config import MimoParallelismConfig
+from mimo.data.questions import HeldOutQuestions
 from mimo.data.section import DataSection
 from mimo.data.synthetic import ModalitySpec
 from mimo.flops import ModalityFlops
@@ -61,6 +62,19 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class EvalRequest:
+    """What `mimo eval` and a run's held-out answers ask of a family: a held-out file (None: the run's own held-out
+    split, the digits'), the folder its images are in and the template that renders it (None: the run's, else the
+    file's folder and the chat template), and the data section of the run the model was trained in (its tokenizer
+    and preprocessing), None for a Hugging Face directory (its own)."""
+
+    path: Path | None = None
+    image_folder: Path | None = None
+    template: str | None = None
+    data: DataSection | None = None
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """One model family. `section` is the dataclass of its `model` section; `open(section)` reads what the
     section names (Hugging Face directories: once) into an object `provider` and the data hooks take; the rest
@@ -86,6 +100,9 @@ class ModelFamily:
     export: Callable[[nn.Module, Any, DataSection, MimoModelProvider, Path], tuple[Path, str]] | None = None
     # (model, model section, provider, request) -> the generated text
     generate: Callable[[nn.Module, Any, MimoModelProvider, GenerationRequest], str] | None = None
+    # (model section, opened, provider, request, the items' dtype) -> the held-out questions `mimo eval` answers
+    # and scores, rendered, tokenized and preprocessed as `generate` prompts
+    questions: Callable[[Any, Any, MimoModelProvider, EvalRequest, torch.dtype], HeldOutQuestions] | None = None
     # the model section's keys that name Hugging Face directories (`--set model.KEY=PATH` re-points a checkpoint's),
     # the first a whole model's (`mimo generate --hf DIR` builds `section(KEY=DIR)`)
     hf_settings: tuple[str, ...] = ()

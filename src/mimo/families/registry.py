@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mimo.config import ConfigFileError, RunConfigError
 from mimo.families.builtin import BUILTIN
-from mimo.families.family import BuildSettings, GenerationRequest, HFSource, ModelFamily
+from mimo.families.family import BuildSettings, EvalRequest, GenerationRequest, HFSource, ModelFamily
 from mimo.families.llava import LLAVA
 from mimo.families.qwen_vl import QWEN_VL
 
@@ -37,5 +37,5 @@ def family_of_directory(directory: str | Path) -> ModelFamily:
     raise ConfigFileError(f"--hf {directory}: model_type {model_type!r} is no family's mimo reads; known: {known}")
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "BuildSettings", "GenerationRequest", "HFSource", "ModelFamily",
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "BuildSettings", "EvalRequest", "GenerationRequest", "HFSource", "ModelFamily",
            "family_named", "family_of_directory"]

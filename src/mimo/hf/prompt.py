@@ -126,7 +126,13 @@ class Prompter:
         """Token ids of the prompt (`text`) about `images` images, image i expanded to `image_tokens` image tokens
         (one count for every image, or each image's own: native-resolution towers), written as `model_image_id` if
         given (a model trained from a tower and a language model has its own image id)."""
-        text = self.text(prompt, images)
+        return self.prompt_ids(self.text(prompt, images), image_tokens, model_image_id, images)
+
+    def prompt_ids(self, text: str, image_tokens: int | Sequence[int], model_image_id: int | None = None,
+                   images: int = 1, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of a rendered prompt (`text`, or a held-out conversation rendered up to its answer) about
+        `images` images, expanded as `input_ids` says: the one tokenization of a prompt, `generate`'s and
+        `mimo eval`'s. Special tokens are added as `adds_special_tokens` says, unless given."""
         if text.count(self.image_token) != images:
             raise PromptError(f"the prompt holds {text.count(self.image_token)} {self.image_token} placeholder(s) "
                               f"for {images} image(s); write one {IMAGE_TOKEN} where each image goes, or none "
@@ -134,10 +140,11 @@ class Prompter:
         counts = [image_tokens] * images if isinstance(image_tokens, int) else list(image_tokens)
         if len(counts) != images:
             raise PromptError(f"{len(counts)} image token counts for {images} image(s)")
+        special = self.adds_special_tokens(text) if add_special_tokens is None else add_special_tokens
         pieces = text.split(self.image_token)
         text = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True))
         text_id = self.image_token_id()
-        ids = self.encode(text, self.adds_special_tokens(text)).ids
+        ids = self.encode(text, special).ids
         return ids if model_image_id is None else [model_image_id if i == text_id else i for i in ids]
 
     def decode(self, ids: list[int]) -> str:

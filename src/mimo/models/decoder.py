@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
 from mimo.models.attention import CAUSAL, Attention, compute_dtype, document_attention
+from mimo.models.kv_cache import CacheStep, LayerCache
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.rmsnorm import RMSNorm
 from mimo.models.rotary import Llama3RopeScaling, MRopeLayout, apply_rotary, mrope_tables, rotary_tables
@@ -173,12 +174,16 @@ class DecoderAttention(nn.Module):
         return (heads if norm is None else norm(heads)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attention: Attention = CAUSAL) -> torch.Tensor:
+                attention: Attention = CAUSAL, cache: LayerCache | None = None) -> torch.Tensor:
         """[B, S, H] → [B, S, H]; cos/sin are the rotary tables of the positions ([S, d], or [B, 1, S, d] per
-        token), `attention` which positions each one sees (causal per row, or per document of a packed row)."""
+        token), `attention` which positions each one sees (causal per row, or per document of a packed row).
+        With a `cache` (incremental decoding) the S new positions' keys and values are stored after the cached
+        ones and the queries attend over all of them."""
         q = apply_rotary(self._heads(self.q_proj(x), self.q_norm), cos, sin)
         k = apply_rotary(self._heads(self.k_proj(x), self.k_norm), cos, sin)
         v = self._heads(self.v_proj(x))
+        if cache is not None:
+            k, v = cache.update(k, v)
         out = attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -210,9 +215,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attention: Attention = CAUSAL) -> torch.Tensor:
-        """One decoder layer: [B, S, H] → [B, S, H]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+                attention: Attention = CAUSAL, cache: LayerCache | None = None) -> torch.Tensor:
+        """One decoder layer: [B, S, H] → [B, S, H] (`cache`: this layer's keys and values so far, when decoding)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -336,6 +341,8 @@ class Decoder(nn.Module):
         document_ids: torch.Tensor | None = None,
         added_after_layer: AddedAfterLayer | None = None,
         scored_positions: torch.Tensor | None = None,
+        cache: CacheStep | None = None,
+        attention: Attention | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One stage's whole work in one call (the entry point DDP and FSDP wrap).
 
@@ -348,11 +355,15 @@ class Decoder(nn.Module):
         `added_after_layer` {global layer index: (where, values)} adds values at those positions of that
         layer's output (Qwen3-VL's DeepStack: `_deepstack_process`); this stage applies the layers it holds.
         `scored_positions` (flat indices into B·S, a superset of the labelled positions) limits the head to them.
+        `cache` (incremental decoding, `models.kv_cache`): these are the next positions after the cached ones,
+        attended as the step says; give their `position_ids`.
+        `attention`, given, replaces the variant `document_ids` would pick: a layout applied from outside (context
+        parallelism's, `mimo.context_parallel`, over a chunk of the sequence with `position_ids` of the whole).
         """
         if input_ids is not None:
             embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer)
+        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache, attention)
         return self.loss(hidden, labels, scored_positions) if labels is not None else hidden
 
     def _deepstack(self, embeddings_at: EmbeddingsAt,
@@ -380,12 +391,18 @@ class Decoder(nn.Module):
 
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None,
-                added_after_layer: AddedAfterLayer | None = None) -> torch.Tensor:
+                added_after_layer: AddedAfterLayer | None = None,
+                cache: CacheStep | None = None, attention: Attention | None = None) -> torch.Tensor:
         """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
         cos, sin = self._rotary(hidden, position_ids)
-        attention = CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden))
+        if cache is not None and document_ids is not None:
+            raise ValueError("a KV cache decodes padded rows, not packed ones: give no document_ids with a cache")
+        if cache is not None:
+            attention = cache
+        elif attention is None:
+            attention = CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden))
         for index, layer in self.layers.items():
-            hidden = layer(hidden, cos, sin, attention)
+            hidden = layer(hidden, cos, sin, attention, cache=None if cache is None else cache.layer(index))
             if added_after_layer and int(index) in added_after_layer:
                 hidden = add_at(hidden, *added_after_layer[int(index)])
         return self.norm(hidden) if self.norm is not None else hidden

@@ -1,7 +1,7 @@
 """The training run behind `mimo train`, on every rank: build, (resume,) train, checkpoint, evaluate.
 
 It runs inside an initialized world (its own launcher, torchrun or srun set the environment). Rank 0
-writes the run directory: the resolved config, `metrics.jsonl`, the progress line and the evaluation.
+writes the run directory: the resolved config, `metrics.jsonl`, the progress line and the held-out evaluation.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from mimo.data.packing import PackedText, PaddedText, TextLayout
 from mimo.data.positions import MRopePositions
 from mimo.data.prefetch import default_num_workers
 from mimo.distributed import static_shapes
+from mimo.families.family import EvalRequest
 from mimo.flops import PackedRows, batch_flops
 from mimo.grid import group_options
 from mimo.provider import MimoModelProvider
@@ -37,7 +38,7 @@ from mimo.training.checkpoint import (
     weights_path,
 )
 from mimo.training.deadline import Deadline
-from mimo.training.evaluate import answer_accuracy, held_out_loss
+from mimo.training.evaluate import answer_questions, held_out_loss
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.nonfinite import NonFiniteWatch
@@ -187,8 +188,8 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 and finite:
                     with doing("checkpoint"):
                         saved = checkpointer.save(step + 1, trainer, _extra(sampler, skipped, config, run))
-                    if step + 1 < config.train.steps and _loss_due(config, step + 1):
-                        _held_out_loss(plan, saved, step + 1, writer, rank)
+                    if step + 1 < config.train.steps and _evaluation_due(config, step + 1):
+                        _evaluate(plan, saved, step + 1, writer, rank)
                 diverged.check(step + 1, saved or (start_from if resuming else None))
                 if step + 1 < config.train.steps and deadline.agreed(result.votes):
                     break
@@ -204,12 +205,8 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
     enter("finish")
     if rank == 0 and skipped.summary():
         print(skipped.summary(), flush=True)
-    if config.eval.enabled and config.data.name == "digits" and rank == 0 and not stopped and final is not None:
-        last["accuracy"], count = _evaluate(plan, final)
-        writer.log_eval(trainer.step_count, {"accuracy": last["accuracy"]})
-        print(f"held-out caption accuracy: {last['accuracy']:.1%} ({count} digits)", flush=True)
-    if config.evaluates and config.eval.path is not None and not stopped:
-        last["held_out_loss"] = _held_out_loss(plan, final, trainer.step_count, writer, rank)
+    if config.evaluates and not stopped and final is not None:
+        last.update(_evaluate(plan, final, trainer.step_count, writer, rank))
     dist.barrier()
     writer.close()
     return last
@@ -319,32 +316,32 @@ def _slowest_rank_seconds(seconds: dict[str, float]) -> dict[str, float]:
     return merged
 
 
-def _loss_due(config: RunConfig, step: int) -> bool:
-    """Whether the held-out loss of LLaVA-format data (`eval.path`) is due at this checkpointed step."""
-    return config.evaluates and config.eval.path is not None and bool(config.eval.interval) \
-        and step % config.eval.interval == 0
+def _evaluation_due(config: RunConfig, step: int) -> bool:
+    """Whether the held-out evaluation is due at this checkpointed step (`eval.interval`)."""
+    return config.evaluates and bool(config.eval.interval) and step % config.eval.interval == 0
 
 
-def _held_out_loss(plan: RunPlan, checkpoint: Path, step: int, writer: MetricsWriter, rank: int) -> float | None:
-    """The held-out loss of `eval.path` at the checkpoint of `step`, the model loaded whole into rank 0's process
-    (any layout), logged as an eval record and printed; the other ranks wait for it. Rank 0's value, else None."""
+def _evaluate(plan: RunPlan, checkpoint: Path, step: int, writer: MetricsWriter, rank: int) -> dict[str, float]:
+    """The held-out evaluation of the checkpoint of `step`, the model loaded whole into rank 0's process (any
+    layout): the mean per-token loss and, when the run answers (`eval.generate`), the scores of its greedy answers
+    by `mimo eval`'s path, logged as one eval record and printed; the other ranks wait. Rank 0's values
+    (`held_out_loss`, `exact_match`, `token_accuracy`), else {}."""
+    scores: dict[str, float] = {}
     loss = None
     if rank == 0:
+        config = plan.config
         provider = plan.whole_model_provider(torch.device("cpu"))
         model = provider.provide()
-        load_model_only(checkpoint, model, plan.hf_parts)
+        load_model_only(checkpoint, model, plan.hf_parts, verify=False)  # this run has just written it
+        source = config.eval.path or "the digits' held-out split"
         loss, count = held_out_loss(model, plan.dataset(provider, "held_out"), positions=provider.text_positions)
-        writer.log_eval(step, {"loss": loss})
-        print(f"held-out loss at step {step}: {loss:.4f} ({count} samples of {plan.config.eval.path})", flush=True)
+        print(f"held-out loss at step {step}: {loss:.4f} ({count} samples of {source})", flush=True)
+        if config.answers_held_out:
+            request = EvalRequest(Path(config.eval.path) if config.eval.path else None, data=config.data)
+            held_out = plan.family.questions(config.model, plan.opened, provider, request, config.precision.param_dtype)
+            answers = answer_questions(model, held_out, config.eval.max_new_tokens, config.eval.batch_size)
+            scores = answers.scores()
+            print(f"held-out answers at step {step}: {answers.summary(source)}", flush=True)
+        writer.log_eval(step, {"loss": loss, **scores})
     dist.barrier()
-    return loss
-
-
-def _evaluate(plan: RunPlan, checkpoint: Path) -> tuple[float, int]:
-    """(held-out caption accuracy, number of digits) of the final checkpoint, loaded whole into one process."""
-    provider = plan.whole_model_provider(torch.device("cpu"))
-    model = provider.provide()
-    load_model_only(checkpoint, model, plan.hf_parts, verify=False)  # this run has just written it
-    held_out = plan.dataset(provider, "held_out")
-    return answer_accuracy(model, held_out), len(held_out)
-
+    return {} if loss is None else {"held_out_loss": loss, **scores}

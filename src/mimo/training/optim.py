@@ -134,13 +134,15 @@ def clip_grad_norm(model: MimoModel, infra: MimoModelInfra, max_norm: float | No
 def _counted_grads(module: nn.Module, grid: ModuleGrid | None) -> Iterable[torch.Tensor]:
     """Parameters whose gradient this rank counts in the global norm.
 
-    Along each of the module's dp and tp dims, a gradient is either sharded (the spec has the dim with a
+    Along each of the module's dp, cp and tp dims, a gradient is either sharded (the spec has the dim with a
     Shard placement: every rank counts its piece) or replicated (a Replicate placement, or the dim is
     absent from the spec, e.g. a norm weight under TP or any DDP gradient): then only coordinate 0 counts.
+    A CP replica is a replica like a DP one (FSDP2 shards over their joint `dp_cp` dim under CP).
     """
     inner = unwrap(module)
     aliased = set(getattr(inner, "init_aliases", dict)())  # e.g. a tied head on the last stage
-    coord = {"dp": grid.coord.dp, "tp": grid.coord.tp} if grid is not None else {"dp": 0, "tp": 0}
+    coord = ({"dp": grid.coord.dp, "cp": grid.coord.cp, "tp": grid.coord.tp} if grid is not None
+             else {"dp": 0, "cp": 0, "tp": 0})
     for name, p in inner.named_parameters():
         if p.grad is not None and name not in aliased and _owned_here(sharding(p), coord):
             yield p
@@ -154,7 +156,8 @@ def _owned_here(spec, coord: dict[str, int]) -> bool:
         placements = {n: (pl, spec.mesh.get_local_rank(i)) for i, (n, pl) in enumerate(zip(names, spec.placements,
                                                                                             strict=True))}
     for dim, c in coord.items():
-        placement, local = placements.get(dim, (Replicate(), c))
+        joint = placements.get("dp_cp") if dim in ("dp", "cp") else None
+        placement, local = placements.get(dim, joint or (Replicate(), c))
         if isinstance(placement, Replicate) and local != 0:
             return False
     return True

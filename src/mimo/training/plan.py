@@ -214,6 +214,9 @@ def _check_data(plan: RunPlan) -> None:
                              "installed: pip install scikit-learn (or use data.name synthetic)")
     if plan.config.eval.path is not None and not Path(plan.config.eval.path).is_file():
         raise RunConfigError(f"eval.path: {plan.config.eval.path} is not a file (a LLaVA JSON or JSONL file)")
+    if plan.config.answers_held_out and family.questions is None:
+        raise RunConfigError(f"eval.generate: the {family.name} family cannot answer held-out questions (yet); set "
+                             f"eval.generate: false (the held-out loss only)")
     if family.check_data is not None and data.name != "synthetic":
         with warnings.catch_warnings(record=True) as caught:  # e.g. a share of unknown tokens: said before launch
             warnings.simplefilter("always")

@@ -102,16 +102,22 @@ class LogSection:
 
 @dataclass
 class EvalSection:
-    """Held-out evaluation, on the run's checkpoints loaded whole into one process: the digits' caption accuracy by
-    greedy generation at the end; for LLaVA-format data, the mean per-token loss of `path` (a LLaVA-format file,
-    its images in data.image_folder, rendered as the training data) at the end and every `interval` steps (at
-    checkpoints: a multiple of checkpoint.interval; 0: at the end only)."""
+    """Held-out evaluation, on the run's checkpoints loaded whole into one process, at the end and every `interval`
+    steps (at checkpoints: a multiple of checkpoint.interval; 0: at the end only): the mean per-token loss of the
+    held-out data (the digits' split, or for LLaVA-format data `path`, its images in data.image_folder, rendered as
+    the training data) and, with `generate`, greedy answers scored against the references (exact match, token
+    accuracy), by the path `mimo eval` takes."""
 
     enabled: bool = True  # false: no held-out evaluation at all
     # llava data: a LLaVA-format held-out file (images in data.image_folder) whose mean per-token loss is logged
     path: str | None = None
-    # evaluate eval.path every this many steps, a multiple of checkpoint.interval; 0: at the end only
+    # evaluate the held-out data every this many steps, a multiple of checkpoint.interval; 0: at the end only
     interval: int = field(default=0, metadata={"min": 0})
+    # also answer the held-out questions by greedy generation and score them; null: on for the digits, off for
+    # llava data (its loss only)
+    generate: bool | None = None
+    max_new_tokens: int = field(default=32, metadata={"min": 1})  # generate: the longest answer, in tokens
+    batch_size: int = field(default=32, metadata={"min": 1})  # generate: questions decoded together
 
 
 @dataclass
@@ -149,16 +155,26 @@ class RunConfig:
         if self.eval.path is not None and self.data.name != "llava":
             raise RunConfigError(f"eval.path: a held-out file is for data.name llava, and data.name is "
                                  f"{self.data.name!r} (the digits bring their own held-out split)")
+        if self.eval.generate and not self.evaluates:
+            raise RunConfigError("eval.generate: true answers held-out questions, and this run has none: set "
+                                 "eval.path (LLaVA-format data) or train on the digits, or eval.generate: false")
         interval, saved = self.eval.interval, self.checkpoint.interval
-        if interval and (self.eval.path is None or not saved or interval % saved):
+        if interval and (not self.evaluates or not saved or interval % saved):
             raise RunConfigError(f"eval.interval: {interval} evaluates the checkpoint of every {interval}th step, so "
-                                 f"it needs eval.path and a checkpoint.interval that divides it (checkpoint.interval "
-                                 f"is {saved}); or set eval.interval: 0 (at the end only)")
+                                 f"it needs held-out data (eval.path, or the digits) and a checkpoint.interval that "
+                                 f"divides it (checkpoint.interval is {saved}); or set eval.interval: 0 (at the end "
+                                 f"only)")
 
     @property
     def evaluates(self) -> bool:
         """Whether the run evaluates on held-out data: the digits' split, or LLaVA-format data's eval.path."""
         return self.eval.enabled and (self.data.name == "digits" or self.eval.path is not None)
+
+    @property
+    def answers_held_out(self) -> bool:
+        """Whether the evaluation also answers the held-out questions (`eval.generate`; null: the digits do)."""
+        generate = self.eval.generate if self.eval.generate is not None else self.data.name == "digits"
+        return self.evaluates and generate
 
     @property
     def layout(self) -> MimoParallelismConfig:

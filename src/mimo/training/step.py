@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
+from mimo.context_parallel import ContextText, gather_rows, split_text
 from mimo.data import MimoBatch
 from mimo.data.balance import RankSplit
 from mimo.data.batch import to_device
@@ -200,10 +201,16 @@ class MimoTrainer:
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
         with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
             out = encoder(work.items.items, work.items.item_grids)  # (one zero item encoded, no rows kept)
+        grid = self.infra.module_to_grid_map[name]
         if work.balance is not None:
-            out = work.balance.exchange(out, self.infra.module_to_grid_map[name].get_group("dp"))
+            out = work.balance.exchange(out, grid.get_group("dp"))
+        counts = work.counts
+        if grid.size("cp") > 1:  # this CP rank encoded a share of its replica's samples: every CP rank gets all rows
+            replica = self._state.batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
+            counts = unwrap(encoder).tokens_per_sample(replica.modality_inputs[name])
+            out = gather_rows(out, counts.view(grid.size("cp"), -1).sum(1).tolist(), grid.get_group("cp"))
         tokens = self.microbatch_tokens(self._state.batch, name, m)
-        return bridge.forward(m, out.to(self.activation_dtype), work.counts, tokens)
+        return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
 
     def microbatch_tokens(self, batch: MimoBatch, name: str, m: int) -> torch.Tensor | None:
         """Tokens per sample of modality `name` in the whole micro-batch m of `batch`, counted on the CPU ids every
@@ -223,7 +230,8 @@ class MimoTrainer:
         for name in self.bridges:
             ranks = self.infra.config.module_parallelisms[name].data_parallel_size
             items = batch.modality_inputs.get(name)
-            if ranks > 1 and items is not None and items.packed:
+            cp = self.infra.config.module_parallelisms[name].context_parallel_size  # CP ranks split by sample
+            if ranks > 1 and cp == 1 and items is not None and items.packed:
                 splits[name] = [split_images(batch.microbatch(m, self.num_microbatches).modality_inputs[name], ranks)
                                 for m in range(self.num_microbatches)]
         return splits
@@ -258,10 +266,22 @@ class MimoTrainer:
                 host_text = [self.text_layout.arrange(share, self.special_token_ids, extents[m, grid.coord.dp])
                              for m, share in enumerate(own)]
                 self._check_positions(host_text)
+                host_text = [self._context_share(text) for text in host_text]
                 shares[name] = [text.to(self.device) for text in host_text]
-            else:
+            else:  # a homogeneous encoder's CP ranks each encode a share of the replica's samples
+                if grid.size("cp") > 1:
+                    own = [share.shard(grid.coord.cp, grid.size("cp")) for share in own]
                 shares[name] = [self._encoder_work(name, batch, share, m, splits) for m, share in enumerate(own)]
         return shares, host_text
+
+    def _context_share(self, text: LanguageText) -> LanguageText:
+        """This rank's chunks of a micro-batch share's text under context parallelism (`mimo.context_parallel`),
+        else the text itself."""
+        grid = self.infra.module_to_grid_map[LANGUAGE]
+        if grid.size("cp") == 1:
+            return text
+        return split_text(text, grid.coord.cp, grid.size("cp"), self.special_token_ids.values(),
+                          grid.get_group("cp"))
 
     def _check_positions(self, texts: list[LanguageText]) -> None:
         """Every sample's positions fit the language model's rotary table (checked on the host copies)."""
@@ -288,7 +308,7 @@ class MimoTrainer:
             host_ids = self._state.host_text[m].input_ids
             x, blocks = x if isinstance(x, tuple) else (x, None)  # DeepStack's blocks for this and later stages
             if first:
-                kwargs = self._first_stage_inputs(m, mb, text.input_ids, host_ids)
+                kwargs = self._first_stage_inputs(m, mb, text, host_ids)
                 blocks = self._wide_rows(kwargs["embeddings_at"]) if carry is not None else None
             elif blocks is not None:
                 where = self.model.special_positions(self.wide_modality, text.input_ids, host_ids)
@@ -345,10 +365,10 @@ class MimoTrainer:
         """Stage 0's rows that carry DeepStack's features beside the tokens (wider than the hidden size)."""
         return next(values for _, values in embeddings_at if values.shape[-1] != self.hidden_size)
 
-    def _first_stage_inputs(self, m: int, mb: MimoBatch, ids: torch.Tensor, host_ids: torch.Tensor) -> dict:
+    def _first_stage_inputs(self, m: int, mb: MimoBatch, text: LanguageText, host_ids: torch.Tensor) -> dict:
         """Stage 0's keyword inputs: text ids (as arranged, with their host copy) and every modality's
         embeddings for this replica's samples of micro-batch m (alignment checked per sample on the CPU ids
-        `mb`, so no host sync)."""
+        `mb`, so no host sync); under CP only the rows this rank's chunks hold."""
         embeddings, counts = {}, {}
         for src, bridge in self.bridges.items():
             if bridge.encodes_inside_language_forward:  # encoded now: its activations live for this micro-batch
@@ -356,10 +376,19 @@ class MimoTrainer:
                 embeddings[src], counts[src] = self._encode_microbatch(src, m)
                 self._state.seconds[f"{src}.forward"] += time.perf_counter() - t0
             else:
-                embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m))
-        rows = {name: e.shape[0] for name, e in embeddings.items()}
+                chunks = text.every_rank_rows[self.special_token_ids[src]] if isinstance(text, ContextText) else None
+                embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m),
+                                                              chunks)
+        chunked = {src for src, bridge in self.bridges.items() if bridge.delivers_chunks} \
+            if isinstance(text, ContextText) else set()
+        # rows the replica's samples hold: a bridge that delivered only this CP rank's chunks' rows received them all
+        rows = {name: int(counts[name].sum()) if name in chunked else e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
-        return self.model.language_inputs(ids, embeddings, counts, check=False, host_ids=host_ids)
+        if isinstance(text, ContextText):  # keep the rows this rank's chunks hold (where the bridge did not)
+            embeddings = {name: e if name in chunked else
+                          e.index_select(0, text.embedding_rows[self.special_token_ids[name]])
+                          for name, e in embeddings.items()}
+        return self.model.language_inputs(text.input_ids, embeddings, counts, check=False, host_ids=host_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
     def _encoder_backward(self, src: str) -> None:
@@ -389,14 +418,14 @@ class MimoTrainer:
 
     def _global_sums(self, votes: tuple[float, ...] = ()) -> torch.Tensor:
         """[loss sum, label count, squared gradient norm, *votes] of the global batch on every rank, stub ranks
-        included, from one world all-reduce: each language DP replica's loss owner adds its loss sum, replica
-        0's the count (how stub ranks learn it), every rank its share of the norm (`local_grad_sq`) and its
-        `votes` (the caller's)."""
-        owner, replica = self._loss_owner()
+        included, from one world all-reduce: each language DP replica's loss owners (one per CP rank: each holds its
+        chunks' loss) add their loss sums, replica 0's first the count (how stub ranks learn it), every rank its
+        share of the norm (`local_grad_sq`) and its `votes` (the caller's)."""
+        owner, counter = self._loss_owner()
         total = torch.zeros(3 + len(votes), dtype=torch.float64, device=self.device)  # no blocking copy
         if owner:
             total[0].copy_(self._state.loss_sum)
-        if owner and replica == 0:
+        if counter:
             total[1].fill_(self._state.label_tokens)  # `total[1] = n` would copy n from the host, blocking
         total[2].copy_(local_grad_sq(self.model, self.infra))
         for i, vote in enumerate(votes):
@@ -405,12 +434,14 @@ class MimoTrainer:
         dist.all_reduce(total)
         return total
 
-    def _loss_owner(self) -> tuple[bool, int]:
-        """(whether this rank reports its language replica's loss sum, that replica): last stage, TP rank 0."""
+    def _loss_owner(self) -> tuple[bool, bool]:
+        """(whether this rank reports its loss sum: last stage, TP rank 0, every CP rank (each its chunks'); whether
+        it reports the label count: the owner of DP replica 0, CP rank 0)."""
         if LANGUAGE not in self.infra.participating_modules:
-            return False, -1
+            return False, False
         grid = self.infra.module_to_grid_map[LANGUAGE]
-        return grid.is_last_stage() and grid.is_tp_leader(), grid.coord.dp
+        owner = grid.is_last_stage() and grid.coord.tp == 0
+        return owner, owner and grid.coord.dp == 0 and grid.coord.cp == 0
 
     def _unscale_and_check(self) -> bool:
         """fp16: unscale every gradient and agree world-wide whether any overflowed (then skip the step)."""

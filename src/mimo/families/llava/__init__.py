@@ -20,6 +20,7 @@ LLAVA = ModelFamily(
     hf_settings=("hf", "vision_hf", "language_hf"),
     export=serve.export,
     generate=serve.generate,
+    questions=serve.questions,
 )
 
 __all__ = ["IMAGES", "LLAVA", "LlavaMimoProvider", "LlavaSection"]

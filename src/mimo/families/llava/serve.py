@@ -1,9 +1,11 @@
-"""A trained LLaVA out of mimo: `mimo export-hf` (a `LlavaForConditionalGeneration` directory) and `mimo generate`
-(greedy text about images), both with the tokenizer and image preprocessing the model was trained with
-(`data.tokenizer_directory`, `data.image_processor`: a preset run's too), or a Hugging Face directory's own."""
+"""A trained LLaVA out of mimo: `mimo export-hf` (a `LlavaForConditionalGeneration` directory), `mimo generate`
+(greedy text about images) and the held-out questions `mimo eval` answers, all with the tokenizer and image
+preprocessing the model was trained with (`data.tokenizer_directory`, `data.image_processor`: a preset run's too),
+or a Hugging Face directory's own."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,13 @@ from PIL import Image
 from torch import nn
 
 from mimo.config import ConfigFileError, RunConfigError
+from mimo.data.conversation import IMAGE, Conversation, Turn
+from mimo.data.digits_llava import digits_llava_files
+from mimo.data.questions import HeldOutQuestions
 from mimo.data.section import DataSection
-from mimo.families.family import GenerationRequest
+from mimo.data.templates import TemplateError, build_template
+from mimo.families.family import EvalRequest, GenerationRequest
+from mimo.families.llava import data as llava_data
 from mimo.families.llava.data import image_processor, open_prompter, tokenizer_directory
 from mimo.families.llava.export import Origin, Served, export_llava
 from mimo.families.llava.hf_config import LlavaSpec
@@ -54,8 +61,10 @@ class Prompt:
 
 
 def prompt(section: LlavaSection, provider: LlavaMimoProvider, request: GenerationRequest) -> Prompt:
-    """The request as the model was trained: the run's tokenizer and chat template (`Prompter.message`, training's
-    rendering), its image preprocessing, the EOS its answers ended with; a one-line error for what cannot be."""
+    """The request as the model was trained: the run's tokenizer and template (the chat template through
+    `Prompter.message`, training's rendering; a `plain` or `vicuna_v1` run's prompt as its template renders a turn
+    before the answer, as `mimo eval` asks it), its image preprocessing, the EOS its answers ended with; a one-line
+    error for what cannot be."""
     vision = provider.vision_config
     directory = _run_tokenizer(section, request.data)
     if directory is None:
@@ -67,8 +76,25 @@ def prompt(section: LlavaSection, provider: LlavaMimoProvider, request: Generati
     pixels = torch.stack([_pixels(image, path, processor, vision.image_size) for image, path in
                           zip(images, request.media, strict=True)])
     prompter = open_prompter(directory)
-    ids = prompter.input_ids(request.prompt, vision.tokens_per_image, provider.image_token_id, len(request.media))
+    template = request.data.template if request.data is not None and request.data.name == "llava" else "chat"
+    if template == "chat":
+        ids = prompter.input_ids(request.prompt, vision.tokens_per_image, provider.image_token_id, len(request.media))
+    else:
+        ids = _templated_ids(template, prompter, request.prompt, len(request.media), vision.tokens_per_image,
+                             provider.image_token_id)
     return Prompt(ids, pixels, _eos_ids(section, prompter), prompter)
+
+
+def _templated_ids(template: str, prompter: Prompter, text: str, images: int, image_tokens: int,
+                   image_id: int) -> list[int]:
+    """The prompt ids of one user turn as a `plain` / `vicuna_v1` run's template renders it before the answer
+    (`Rendered.prompt`: what `LlavaDataset.question` asks); the images before the text when it places none."""
+    text = text if IMAGE in text else f"{IMAGE}\n" * images + text
+    try:
+        rendered = build_template(template, prompter).render(Conversation((Turn("user", text), Turn("assistant", ""))))
+    except (TemplateError, ValueError) as e:
+        raise ConfigFileError(f"--prompt: the run's data.template {template} cannot render it: {e}") from None
+    return prompter.prompt_ids(rendered.prompt, image_tokens, image_id, images, rendered.add_special_tokens)
 
 
 def generate(model: nn.Module, section: LlavaSection, provider: LlavaMimoProvider, request: GenerationRequest) -> str:
@@ -85,6 +111,44 @@ def generate(model: nn.Module, section: LlavaSection, provider: LlavaMimoProvide
                       f"({len(asked.input_ids)} tokens) and the answer reached the model's max_seq_len of {limit}",
                       stacklevel=2)
     return asked.prompter.decode(new)
+
+
+def questions(section: LlavaSection, opened, provider: LlavaMimoProvider, request: EvalRequest,
+              dtype: torch.dtype) -> HeldOutQuestions:
+    """A held-out file's questions as the model was trained to read them (its run's tokenizer, template and image
+    preprocessing, or a Hugging Face directory's own with its chat template), and the ids its answers end with."""
+    dataset = llava_data.dataset(_eval_data(section, request), section, opened, provider, "held_out", dtype)
+    return HeldOutQuestions(dataset, _eos_ids(section, dataset.prompter), dataset.prompter.decode)
+
+
+def _eval_data(section: LlavaSection, request: EvalRequest) -> DataSection:
+    """The data section that reads the request's held-out file: the run's, pointed at the file (its images in
+    `request.image_folder`, else the run's image folder, else the file's own folder), with the run's tokenizer;
+    with no file, the run's own held-out split (the digits')."""
+    run = request.data
+    if request.path is None:
+        if run is None or run.name != "digits":
+            raise ConfigFileError("--data: give the held-out file (LLaVA-format JSON or JSONL) to answer")
+        return run
+    directory = _run_tokenizer(section, run)
+    if directory is None:
+        raise ConfigFileError("the model was trained from a preset on data with no tokenizer (synthetic): there is "
+                              "no tokenizer to ask it questions with; give data.tokenizer when training")
+    folder = request.image_folder or _run_image_folder(run) or request.path.parent
+    base = run or DataSection()
+    template = request.template or base.template
+    try:
+        return dataclasses.replace(base, name="llava", path=str(request.path), image_folder=str(folder),
+                                   tokenizer=str(directory), template=template)
+    except RunConfigError as e:
+        raise ConfigFileError(f"--data: {e}") from None
+
+
+def _run_image_folder(run: DataSection | None) -> Path | None:
+    """The folder a run's images were in: data.image_folder, the digits' own, or None (a directory's model)."""
+    if run is None or run.name not in ("llava", "digits"):
+        return None
+    return Path(run.image_folder) if run.name == "llava" else digits_llava_files() / "images"
 
 
 def _run_tokenizer(section: LlavaSection, data: DataSection | None) -> Path | None:

@@ -1,0 +1,265 @@
+"""Context parallelism (CP) of the language model: each CP rank holds a share of every sequence, applied from outside.
+
+**The split.** After the modality embeddings are spliced in, a sequence (a padded row, or each sample of a packed
+row: `document_ids`) is cut into 2·CP equal chunks and CP rank r keeps chunks r and 2·CP-1-r (causal load
+balance: an early chunk, cheap to attend from, and a late one; Megatron's and torch's `context_parallel` split).
+A sequence whose length does not divide by 2·CP is padded at its end with positions of their own (no label, a
+document of pads that attends only to pads). The split is a choice of columns, decided on the host from the
+text every rank holds (`split_columns`), so a rank knows every other rank's columns without communicating.
+`split_text` cuts a micro-batch share's `LanguageText` into this rank's `ContextText`: ids, labels, rotary
+positions (M-RoPE's [3, R, T] too) of the unsplit sequence, and which modality embedding rows its chunks hold
+(`embedding_rows`; every rank's, `every_rank_rows`, for a bridge leader that sends each CP rank only its rows):
+splicing the whole sequence then keeping the chunks equals keeping the rows the chunks hold.
+
+**The attention.** `ContextParallelAttention` all-gathers K and V over the CP group (`gather_sequence`: the
+backward reduce-scatters their gradients) and lets each local query see the gathered keys that are in its own
+document and not after it in the unsplit row (an explicit SDPA mask from the global columns, built per block of
+queries inside a core recomputed in the backward): exact for any split.
+The decoder takes it as its `attention` argument; nothing in `mimo.models` knows about process groups.
+The loss is each rank's chunks' summed cross-entropy; the step divides by the label count of the whole global
+batch and sums the loss over CP ranks, so the loss and the gradients are those of the unsplit sequence.
+
+**A homogeneous encoder** (the language model's layout, CP included) encodes on each CP rank a share of its
+replica's samples; `gather_rows` gives every CP rank the replica's rows (backward: each share's gradient summed).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mimo.data.packing import LanguageText
+from mimo.models.labels import IGNORE_INDEX
+
+PAD = -1  # the source column of a split's padding position, and the document of pads
+
+
+def balanced_chunks(size: int) -> list[tuple[int, int]]:
+    """The two chunks (of 2·size) each CP rank keeps: rank r's are r and 2·size-1-r."""
+    return [(r, 2 * size - 1 - r) for r in range(size)]
+
+
+def split_columns(length: int, documents: torch.Tensor | None, size: int) -> list[torch.Tensor]:
+    """Per CP rank, the source columns [L] it keeps of a row of `length` columns (PAD for padding), every rank the
+    same L. `documents` [T] (a packed row) splits each run of one document on its own; None splits the whole row."""
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(size)]
+    for start, stop in _segments(length, documents):
+        n = stop - start
+        padded = -(-n // (2 * size)) * 2 * size
+        columns = torch.cat([torch.arange(start, stop), torch.full((padded - n,), PAD, dtype=torch.long)])
+        pieces = columns.view(2 * size, -1)
+        for r, (head, tail) in enumerate(balanced_chunks(size)):
+            chunks[r] += [pieces[head], pieces[tail]]
+    return [torch.cat(c) if c else torch.zeros(0, dtype=torch.long) for c in chunks]
+
+
+def _segments(length: int, documents: torch.Tensor | None) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal document ids (the whole row when there are none)."""
+    if documents is None or length == 0:
+        return [(0, length)] if length else []
+    change = (documents[1:] != documents[:-1]).nonzero().squeeze(1) + 1
+    bounds = [0, *change.tolist(), length]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@dataclass
+class ContextText(LanguageText):
+    """This CP rank's chunks of a micro-batch share's text (see the module docstring). `key_columns` [CP·L]: every
+    rank's columns in rank order (what the gathered K/V hold), padding numbered past the row; `key_documents`
+    [R or 1, CP·L] their documents (PAD for padding); `embedding_rows` per special token id, which rows of the
+    share's embeddings [n, H] this rank's chunks hold, in its row-major order (on the text's device), and
+    `every_rank_rows` those of every CP rank (on the host: what a bridge leader sends each); `group` the CP group."""
+
+    key_columns: torch.Tensor = None
+    key_documents: torch.Tensor = None
+    rank: int = 0
+    size: int = 1
+    embedding_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    group: dist.ProcessGroup | None = None
+    every_rank_rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def model_kwargs(self) -> dict:
+        """The decoder's layout: the unsplit sequence's positions of this rank's tokens, the CP attention and the
+        positions of its chunks the head scores."""
+        return {"position_ids": self.position_ids, "attention": self.attention(),
+                "scored_positions": self.scored_positions}
+
+    def attention(self) -> ContextParallelAttention:
+        """The CP attention of this micro-batch, built once (every layer reuses it)."""
+        length = self.input_ids.shape[1]
+        mine = slice(self.rank * length, (self.rank + 1) * length)
+        return ContextParallelAttention(self.key_columns[mine], self.key_columns, self.key_documents[:, mine],
+                                        self.key_documents, self.group)
+
+    def to(self, device: torch.device | str) -> ContextText:
+        """The same chunks on `device` (CPU: itself)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        moved = LanguageText.to(self, device)
+        return ContextText(moved.input_ids, moved.labels, moved.position_ids, None,
+                           scored_positions=moved.scored_positions, key_columns=_copy(self.key_columns, device),
+                           key_documents=_copy(self.key_documents, device), rank=self.rank, size=self.size,
+                           embedding_rows={token: _copy(rows, device) for token, rows in self.embedding_rows.items()},
+                           group=self.group, every_rank_rows=self.every_rank_rows)
+
+
+def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`, from pinned memory without blocking the host (as `LanguageText.to`)."""
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def split_text(text: LanguageText, rank: int, size: int, special_ids: Iterable[int] = (),
+               group: dist.ProcessGroup | None = None) -> ContextText:
+    """CP rank `rank`'s chunks of `text` (host tensors), with the rows of each special id's embeddings they hold."""
+    rows, length = text.input_ids.shape
+    documents = None if text.document_ids is None else text.document_ids[0]
+    if text.document_ids is not None and rows != 1:
+        raise ValueError(f"a packed text has one row, got {rows}")
+    columns = split_columns(length, documents, size)
+    mine = columns[rank]
+    keep, source = mine != PAD, mine.clamp(min=0)
+    ids = text.input_ids[:, source].masked_fill(~keep, 0)
+    labels = text.labels[:, source].masked_fill(~keep, IGNORE_INDEX)
+    positions = text.position_ids if text.position_ids is not None else torch.arange(length).expand(rows, length)
+    positions = positions[..., source].masked_fill(~keep, 0)
+    every = torch.cat(columns)
+    padding = every == PAD
+    key_columns = torch.where(padding, length + torch.arange(every.numel()), every)
+    whole_documents = text.document_ids if text.document_ids is not None else torch.zeros(1, length, dtype=torch.long)
+    key_documents = whole_documents[:, every.clamp(min=0)].masked_fill(padding, PAD)
+    every_rank_rows = {token: [_rows_held(text.input_ids == token, c.clamp(min=0), c != PAD) for c in columns]
+                       for token in special_ids}
+    held = {token: rows[rank] for token, rows in every_rank_rows.items()}
+    return ContextText(ids, labels, positions.contiguous(), None, key_columns=key_columns,
+                       key_documents=key_documents, rank=rank, size=size, embedding_rows=held, group=group,
+                       every_rank_rows=every_rank_rows)
+
+
+def _rows_held(special: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Which of the row-major special positions of `special` [R, T] the kept columns hold, in the kept order."""
+    number = special.flatten().cumsum(0).view_as(special) - 1
+    held = special[:, source] & keep
+    return number[:, source][held]
+
+
+class ContextParallelAttention:
+    """Local queries over every CP rank's keys and values, all-gathered; a query sees the keys of its document at
+    or before its own column of the unsplit row.
+
+    The mask is never stored: the core (mask, scores, softmax) runs in blocks of queries, each block's mask built
+    from the column and document vectors, under `torch.utils.checkpoint`, so what the backward keeps is q and the
+    gathered k, v (O(L + CP·L) per rank, as a flash kernel's) and the core is recomputed in the backward (Megatron's
+    core-attention recompute). An explicit mask sends SDPA to its math kernel, which would otherwise save
+    the [L, CP·L] probabilities per head and layer, more than the split saves."""
+
+    def __init__(self, query_columns: torch.Tensor, key_columns: torch.Tensor, query_documents: torch.Tensor,
+                 key_documents: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+        """Keep the columns and documents of the local queries [L], [R or 1, L] and of every rank's keys."""
+        self.query_columns, self.key_columns = query_columns, key_columns
+        self.query_documents, self.key_documents = query_documents, key_documents
+        self.group = group
+        # outside any compiled block's graph (it breaks around the call), as the flex variant: a collective in an
+        # autograd.Function is not something to trace. Only where something was compiled (torch.compile imported
+        # dynamo when the blocks were wrapped): `torch.compiler.disable` imports dynamo, seconds per process
+        compiling = "torch._dynamo" in sys.modules
+        self._attend = torch.compiler.disable(self._gathered) if compiling else self._gathered
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [R, heads, L, d], k, v [R, kv heads, L, d] of this rank's tokens → [R, heads, L, d]."""
+        return self._attend(q, k, v)
+
+    def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """K and V gathered in one collective (side by side along the heads), then the recomputed core."""
+        heads = k.shape[1]
+        kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), self.group)
+        k, v = kv[:, :heads], kv[:, heads:].to(v.dtype)
+        return checkpoint(self._core, q, k, v, use_reentrant=False, preserve_rng_state=False)  # no randomness
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA of each block of queries over every key, with that block's mask."""
+        rows = query_block(q, k)
+        out = []
+        for start in range(0, q.shape[2], rows):
+            block = slice(start, start + rows)
+            causal = self.query_columns[block, None] >= self.key_columns[None, :]
+            same = self.query_documents[:, block, None] == self.key_documents[:, None, :]
+            mask = (same & causal).unsqueeze(1)
+            out.append(F.scaled_dot_product_attention(q[:, :, block], k, v, attn_mask=mask, enable_gqa=True))
+        return torch.cat(out, dim=2)
+
+
+def query_block(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Queries per block of the core, so that its transients stay bounded: on CUDA SDPA's kernels take the mask
+    and materialize no scores, so the block's [rows, CP·L] mask is bounded (2**28 booleans, 256 MB; few blocks);
+    elsewhere SDPA's math kernel materializes the block's scores for every row and head, so those are
+    (2**24 floats)."""
+    rows, heads = q.shape[:2]
+    keys = max(k.shape[2], 1)
+    if q.device.type == "cuda":
+        return max(1, 2**28 // keys)
+    return max(1, 2**24 // (keys * rows * heads))
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 2 (the sequence of [R, heads, L, d]) over a group; backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        pieces = [p.contiguous() for p in grad.chunk(dist.get_world_size(ctx.group), dim=2)]
+        out = torch.empty_like(pieces[0])
+        dist.reduce_scatter(out, pieces, group=ctx.group)
+        return out, None
+
+
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every CP rank's x [R, heads, L, d] joined along the sequence in rank order (a differentiable all-gather)."""
+    return _GatherSequence.apply(x, group)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather rows [n_r, H] of uneven sizes (known on every rank) in rank order; backward: each rank's rows'
+    gradient summed over the group (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        width = max(sizes)
+        mine = x.new_zeros((width, *x.shape[1:]))
+        mine[:x.shape[0]] = x
+        parts = [torch.empty_like(mine) for _ in sizes]
+        if width:
+            dist.all_gather(parts, mine, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        sizes, width = ctx.sizes, max(ctx.sizes)
+        pieces = []
+        for piece in grad.split(sizes):
+            padded = grad.new_zeros((width, *grad.shape[1:]))
+            padded[:piece.shape[0]] = piece
+            pieces.append(padded)
+        out = grad.new_empty((width, *grad.shape[1:]))
+        if width:
+            dist.reduce_scatter(out, pieces, group=ctx.group)
+        return out[:sizes[dist.get_rank(ctx.group)]], None, None
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every CP rank's rows joined in rank order (`sizes[r]` rows from rank r; differentiable): a homogeneous
+    encoder's CP ranks each encode a share of a replica's items, and every CP rank then holds the replica's rows."""
+    return _GatherRows.apply(x, sizes, group)
