@@ -417,7 +417,7 @@ def _store_facts(facts: RowFacts, stored: Path) -> None:
     cannot be written is no error."""
     record = {"status": torch.tensor(facts.status, dtype=torch.int8),
               "tokens": torch.tensor(facts.tokens, dtype=torch.int32),
-              "images": torch.tensor(facts.images, dtype=torch.int32),
+              "image_counts": torch.tensor(facts.images, dtype=torch.int32),
               "lines": None if facts.lines is None else torch.tensor(facts.lines, dtype=torch.int64),
               "names": "\0".join(facts.names), "faults": [[k, v] for k, v in facts.faults.items()],
               "head": json.dumps(facts.head)}
@@ -438,5 +438,5 @@ def _load_facts(stored: Path, path: str) -> RowFacts:
     record = torch.load(stored, weights_only=True)
     lines = None if record["lines"] is None else array("q", record["lines"].tolist())
     return RowFacts(path, lines, array("b", record["status"].tolist()), array("i", record["tokens"].tolist()),
-                    array("i", record["images"].tolist()), record["names"].split("\0") if record["names"] else [],
+                    array("i", record["image_counts"].tolist()), record["names"].split("\0") if record["names"] else [],
                     {int(k): v for k, v in record["faults"]}, json.loads(record["head"]))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mimo.hf.prompt import Prompter
 from mimo.models import ModalityBatch
 from mimo.models.generation import greedy_decode
 
@@ -38,6 +39,15 @@ def eos_token_ids(directory: str | Path) -> list[int]:
             if value is not None:
                 return [value] if isinstance(value, int) else list(value)
     return []
+
+
+def stop_ids(directory: str | Path | None, prompter: Prompter) -> list[int]:
+    """The ids generation stops at: the model directory's (`eos_token_ids`), else (a preset, `directory` None)
+    the tokenizer's EOS token, as training put it after every answer."""
+    if directory is not None:
+        return eos_token_ids(directory)
+    eos = prompter.token_id(prompter.special_tokens.get("eos_token", ""))
+    return [] if eos is None else [eos]
 
 
 def _dtype(model) -> torch.dtype:

@@ -27,7 +27,7 @@ from mimo.families.llava.export import Origin, Served, export_llava
 from mimo.families.llava.hf_config import LlavaSpec
 from mimo.families.llava.provider import IMAGES, LlavaMimoProvider
 from mimo.families.llava.section import LlavaSection
-from mimo.hf.generate import eos_token_ids, greedy
+from mimo.hf.generate import greedy, stop_ids
 from mimo.hf.image import ImageProcessor, open_image
 from mimo.hf.prompt import Prompter
 
@@ -82,7 +82,7 @@ def prompt(section: LlavaSection, provider: LlavaMimoProvider, request: Generati
     else:
         ids = _templated_ids(template, prompter, request.prompt, len(request.media), vision.tokens_per_image,
                              provider.image_token_id)
-    return Prompt(ids, pixels, _eos_ids(section, prompter), prompter)
+    return Prompt(ids, pixels, stop_ids(section.text_directory, prompter), prompter)
 
 
 def _templated_ids(template: str, prompter: Prompter, text: str, images: int, image_tokens: int,
@@ -118,7 +118,7 @@ def questions(section: LlavaSection, opened, provider: LlavaMimoProvider, reques
     """A held-out file's questions as the model was trained to read them (its run's tokenizer, template and image
     preprocessing, or a Hugging Face directory's own with its chat template), and the ids its answers end with."""
     dataset = llava_data.dataset(_eval_data(section, request), section, opened, provider, "held_out", dtype)
-    return HeldOutQuestions(dataset, _eos_ids(section, dataset.prompter), dataset.prompter.decode)
+    return HeldOutQuestions(dataset, stop_ids(section.text_directory, dataset.prompter), dataset.prompter.decode)
 
 
 def _eval_data(section: LlavaSection, request: EvalRequest) -> DataSection:
@@ -169,12 +169,3 @@ def _pixels(image: Image.Image, path: Path, processor: ImageProcessor, size: int
         raise ConfigFileError(f"--image {path}: the image preprocessing makes {tuple(pixels.shape[-2:])} images, "
                               f"but the tower takes {size}x{size}")
     return pixels
-
-
-def _eos_ids(section: LlavaSection, prompter: Prompter) -> list[int]:
-    """The ids generation stops at: the model directory's (generation_config.json, config.json), else (a preset)
-    the tokenizer's EOS token, as training put it after every answer."""
-    if section.text_directory is not None:
-        return eos_token_ids(section.text_directory)
-    eos = prompter.token_id(prompter.special_tokens.get("eos_token", ""))
-    return [] if eos is None else [eos]

@@ -18,7 +18,7 @@ from mimo.families.qwen_vl.data import image_processor, open_prompter, tokenizer
 from mimo.families.qwen_vl.hf_load import IMAGES
 from mimo.families.qwen_vl.provider import QwenVLMimoProvider
 from mimo.families.qwen_vl.section import QwenVLSection
-from mimo.hf.generate import eos_token_ids, greedy
+from mimo.hf.generate import greedy, stop_ids
 from mimo.hf.image import open_image
 from mimo.hf.prompt import Prompter
 from mimo.models import ModalityBatch
@@ -50,7 +50,7 @@ def prompt(section: QwenVLSection, provider: QwenVLMimoProvider, request: Genera
     counts = (packed.image_grid_thw.prod(dim=1) // vision.merge_unit).tolist()
     ids = prompter.input_ids(request.prompt, counts, provider.spec.image_token_id, len(request.media))
     images = ModalityBatch(packed.pixel_values, torch.tensor([len(counts)]), packed.image_grid_thw)
-    return Prompt(ids, images, _eos_ids(section, prompter), prompter)
+    return Prompt(ids, images, stop_ids(section.hf, prompter), prompter)
 
 
 def generate(model: nn.Module, section: QwenVLSection, provider: QwenVLMimoProvider,
@@ -72,12 +72,3 @@ def generate(model: nn.Module, section: QwenVLSection, provider: QwenVLMimoProvi
                       f"({len(asked.input_ids)} tokens) and the answer reached the model's max_seq_len of {limit}",
                       stacklevel=2)
     return asked.prompter.decode(new)
-
-
-def _eos_ids(section: QwenVLSection, prompter: Prompter) -> list[int]:
-    """The ids generation stops at: the model directory's (generation_config.json, config.json), else (a preset)
-    the tokenizer's EOS token, as training put it after every answer."""
-    if section.hf is not None:
-        return eos_token_ids(section.hf)
-    eos = prompter.token_id(prompter.special_tokens.get("eos_token", ""))
-    return [] if eos is None else [eos]
