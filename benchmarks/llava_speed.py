@@ -279,11 +279,16 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
-def chunked_ce_loss(self: Decoder, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A drop-in `Decoder.loss`: (summed cross-entropy, label count) without materializing all logits."""
+def chunked_ce_loss(self: Decoder, hidden: torch.Tensor, labels: torch.Tensor,
+                    scored_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A drop-in `Decoder.loss`: (summed cross-entropy, label count) without materializing all logits (on the
+    scored positions alone where given, as `Decoder.loss`)."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    loss = _ChunkedLinearCE.apply(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(), CE_CHUNK, dtype)
+    rows, targets = hidden.flatten(0, 1), labels.flatten()
+    if scored_positions is not None:
+        rows, targets = rows.index_select(0, scored_positions), targets.index_select(0, scored_positions)
+    loss = _ChunkedLinearCE.apply(rows, self.lm_head.weight, targets, CE_CHUNK, dtype)
     return loss, (labels != IGNORE_INDEX).sum()
 
 

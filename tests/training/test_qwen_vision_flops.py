@@ -20,7 +20,7 @@ class PerSegment:
     """Attention one segment at a time: the counter then sees Σ S² (what the block-diagonal mask keeps), not
     the call's N² that an explicit mask makes SDPA compute. A stand-in for the varlen/flex kernel."""
 
-    def __init__(self, lengths, device) -> None:
+    def __init__(self, lengths, device, dtype=None) -> None:
         self.lengths = list(lengths)
 
     def __call__(self, q, k, v):
