@@ -147,7 +147,6 @@ def check_distributed(settings: DistributedConfig, module_names: list[str], layo
     if layout is not None:
         check_tp_comm_overlap(layout, settings, backend)
         check_context_parallel(layout, settings)
-        check_virtual_pipeline(layout, settings)
 
 
 def check_context_parallel(layout: MimoParallelismConfig, settings: DistributedConfig) -> None:
@@ -159,15 +158,6 @@ def check_context_parallel(layout: MimoParallelismConfig, settings: DistributedC
             raise WrapError(f"module '{name}': data_parallel fsdp with context_parallel_size "
                             f"{m.context_parallel_size} and tensor_model_parallel_size "
                             f"{m.tensor_model_parallel_size} is not supported; use data_parallel ddp, or TP 1")
-
-
-def check_virtual_pipeline(layout: MimoParallelismConfig, settings: DistributedConfig) -> None:
-    """Model chunks (virtual pipeline stages) run under DDP only: FSDP2's gradient sync per chunk is not built yet."""
-    for name, m in layout.module_parallelisms.items():
-        if m.virtual_pipeline_model_parallel_size > 1 and settings.for_module(name).data_parallel == "fsdp":
-            raise WrapError(f"module '{name}': data_parallel fsdp with virtual_pipeline_model_parallel_size "
-                            f"{m.virtual_pipeline_model_parallel_size} is not supported yet; use data_parallel ddp, "
-                            f"or virtual_pipeline_model_parallel_size 1")
 
 
 def check_tp_comm_overlap(layout: MimoParallelismConfig, settings: DistributedConfig,
@@ -480,8 +470,8 @@ def reduces_by_chunk(module: nn.Module, grid: ModuleGrid) -> bool:
     0), so DDP would wait for gradients that never come; Megatron wraps each chunk in a DDP of its own. Here each
     chunk's gradients are summed in one all-reduce launched as the chunk's last backward ends, overlapping the
     backwards of the chunks below it: the same sum, exact."""
-    return (grid.config.virtual_pipeline_model_parallel_size > 1 and _trains(module)
-            and grid.size("dp") * grid.size("cp") > 1)
+    return (grid.config.virtual_pipeline_model_parallel_size > 1 and not isinstance(module, FSDPModule)
+            and _trains(module) and grid.size("dp") * grid.size("cp") > 1)
 
 
 @dataclass
@@ -621,6 +611,21 @@ def prepare_backward(module: nn.Module, last: bool) -> None:
         module.set_requires_gradient_sync(last)
         if getattr(module, "_mimo_hold_unsharded", False):
             module.set_reshard_after_backward(last)
+
+
+def prepare_chunk_backward(module: nn.Module, blocks: list[nn.Module], holds_ends: bool, last: bool) -> None:
+    """Before a micro-batch's backward through one model chunk of an interleaved pipeline (`blocks` its blocks,
+    `holds_ends` whether it uses the root's own parameters: the embedding, or the final norm and head). FSDP2: only
+    that chunk's units reduce-scatter, at the chunk's last backward (one flag for the whole module would also
+    scatter the other chunks' partial sums at every chunk's last backward: exact, since FSDP2 adds scattered
+    gradients up, but more traffic). DDP: nothing (the step sums each chunk: `ChunkGradients`)."""
+    if not isinstance(module, FSDPModule):
+        return
+    hold = getattr(module, "_mimo_hold_unsharded", False)
+    for unit in [*blocks, *([module] if holds_ends else [])]:
+        unit.set_requires_gradient_sync(last, recurse=False)
+        if hold:
+            unit.set_reshard_after_backward(last, recurse=False)
 
 
 def align_gradients(model: MimoModel) -> None:

@@ -289,11 +289,22 @@ class Decoder(nn.Module):
         """Whether the head shares the embedding's Parameter (tied embeddings on a stage holding both)."""
         return self.config.tie_embeddings and self.has_embedding and self.has_head
 
+    def chunk_blocks(self, chunk: int) -> list[nn.Module]:
+        """Model chunk `chunk`'s layers, in order."""
+        start, end = self.chunk_ranges[chunk]
+        return [self.layers[str(i)] for i in range(start, end)]
+
+    def chunk_holds_ends(self, chunk: int) -> bool:
+        """Whether model chunk `chunk` computes with the parameters outside the layers: the embedding (the chunk
+        holding layer 0) or the final norm and head (the one holding the last layer)."""
+        start, end = self.chunk_ranges[chunk]
+        return start == 0 or end == self.config.num_layers
+
     def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
         """The parameters model chunk `chunk` computes with: its layers', and the embedding's (the chunk holding
         layer 0) or the final norm's and head's (the one holding the last layer)."""
         start, end = self.chunk_ranges[chunk]
-        modules = [self.layers[str(i)] for i in range(start, end)]
+        modules = self.chunk_blocks(chunk)
         if start == 0:
             modules.append(self.embed_tokens)
         if end == self.config.num_layers:

@@ -41,6 +41,7 @@ from mimo.distributed import (
     align_gradients,
     no_sync_forward,
     prepare_backward,
+    prepare_chunk_backward,
     reduces_by_chunk,
     unwrap,
 )
@@ -341,7 +342,10 @@ class MimoTrainer:
             return self.scaler.scale(loss) if self.scaler is not None else loss
 
         def before_backward(m: int, c: int, out: Activation, is_last: bool) -> None:
-            prepare_backward(lm, is_last)
+            if chunks == 1:
+                prepare_backward(lm, is_last)
+            else:
+                prepare_chunk_backward(lm, unwrap(lm).chunk_blocks(c), unwrap(lm).chunk_holds_ends(c), is_last)
             for src, bridge in self.bridges.items():  # an encoder run inside the forward: backward reaches it
                 if bridge.encodes_inside_language_forward and schedule.first(c):
                     prepare_backward(self.model.modality_submodules[src], is_last)
