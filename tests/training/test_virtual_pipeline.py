@@ -1,10 +1,10 @@
 """Interleaved 1F1B (virtual_pipeline_model_parallel_size): float64 parity with one process, and resume across VPP.
 
 One world of 6 gloo ranks (images DP2 on ranks 0-1, the language model on 2-5) runs, in turn: PP2 × DP2 × VPP2
-under DDP with tied embeddings (saving after step 1), TP2 × PP2 × VPP2 (2 steps), PP2 × DP2 × VPP2 under FSDP2
-resuming that step-1 checkpoint, PP2 resuming it too (step 2, saved) and TP2 × DP2 at PP1 resuming that (step 3).
-A 4-layer decoder: chunk c of PP rank r holds layer 2c + r. Every loss and final parameter equals the
-single-process model's (after as many steps) to a relative 1e-8.
+under DDP with tied embeddings (saving after step 1); TP2 × PP2 × VPP2 sequence-parallel (2 steps); CP2 × PP2 ×
+VPP2 under FSDP2 (sharded over dp×cp) resuming that step-1 checkpoint; PP2 resuming it too (step 2, saved); and
+TP2 × DP2 at PP1 resuming that (step 3). A 4-layer decoder: chunk c of PP rank r holds layer 2c + r. Every loss
+and final parameter equals the single-process model's (after as many steps) to a relative 1e-8.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ LAYERS = 4
 LANG_PP2_DP2_VPP2 = {"pipeline_model_parallel_size": 2, "data_parallel_size": 2,
                      "virtual_pipeline_model_parallel_size": 2, "rank_offset": 2}
 LANG_TP2_PP2_VPP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "data_parallel_size": 1,
+                     "virtual_pipeline_model_parallel_size": 2, "rank_offset": 2,
+                     "sequence_parallel": True}  # each chunk's first block shards the sequence, its last gathers it
+LANG_CP2_PP2_VPP2 = {"context_parallel_size": 2, "pipeline_model_parallel_size": 2, "data_parallel_size": 1,
                      "virtual_pipeline_model_parallel_size": 2, "rank_offset": 2}
 LANG_PP2_DP2 = {"pipeline_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}
 LANG_TP2_DP2 = {"tensor_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}
@@ -85,7 +88,7 @@ def every_layout(rank: int, world: int, root: str) -> dict:
     vpp1 = str(Checkpointer(f"{root}/vpp").path(1))
     out = {"vpp": train(LANG_PP2_DP2_VPP2, True, f"{root}/vpp", save_at=1),
            "vpp_tp": train(LANG_TP2_PP2_VPP2, False, f"{root}/vpp_tp", until=2),
-           "vpp_fsdp": train(LANG_PP2_DP2_VPP2, True, f"{root}/vpp_fsdp", load=vpp1, data_parallel="fsdp"),
+           "vpp_fsdp": train(LANG_CP2_PP2_VPP2, True, f"{root}/vpp_fsdp", load=vpp1, data_parallel="fsdp"),
            "pp": train(LANG_PP2_DP2, True, f"{root}/pp", save_at=2, load=vpp1, until=2)}
     out["pp1"] = train(LANG_TP2_DP2, True, f"{root}/pp1", load=str(Checkpointer(f"{root}/pp").path(2)))
     return out
@@ -109,8 +112,8 @@ def test_interleaved_parity_and_resume_across_vpp_changes(tmp_path):
     runs = run_distributed(every_layout, 6, str(tmp_path), timeout_s=240)
     tied, untied2, tied2 = reference(True), reference(False, steps=2), reference(True, steps=2)
     check([r["vpp"] for r in runs], tied, 0, "PP2 x DP2 x VPP2")
-    check([r["vpp_tp"] for r in runs], untied2, 0, "TP2 x PP2 x VPP2")
-    check([r["vpp_fsdp"] for r in runs], tied, 1, "PP2 x DP2 x VPP2 under FSDP2, resumed from DDP")
+    check([r["vpp_tp"] for r in runs], untied2, 0, "TP2+SP x PP2 x VPP2")
+    check([r["vpp_fsdp"] for r in runs], tied, 1, "CP2 x PP2 x VPP2 under FSDP2, resumed from DDP")
     check([r["pp"] for r in runs], tied2, 1, "PP2 resumed from PP2 x VPP2")
     check([r["pp1"] for r in runs], tied, 2, "PP1 resumed from PP2")
     # PP rank 0 holds layers 0 and 2 (virtual stages 0 and 2) under their global names, with the embedding
