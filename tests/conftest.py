@@ -21,6 +21,7 @@ SLOWEST_FILES = (
     "tests/hf/test_export.py",
     "tests/training/test_checkpoint.py",
     "tests/training/test_context_parallel.py",
+    "tests/training/test_virtual_pipeline.py",
     "tests/test_benchmarks.py",
     "tests/test_train_families.py",
     "tests/test_benchmark_hf_rows.py",

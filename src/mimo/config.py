@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mimo.training.schedules import check_interleaving
+
 LANGUAGE = "language"
 MAX_WORLD_SIZE = 1 << 17  # 131072 ranks: beyond the largest jobs run today; a typo past it must not eat the memory
 Deployment = Literal["homogeneous", "colocated", "heterogeneous"]
@@ -156,6 +158,8 @@ class ModuleParallelismConfig:
 
     tensor_model_parallel_size: int = 1  # TP: ranks each of the module's layers is split over
     pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (the language model only)
+    # VPP (Megatron's name): model chunks per pipeline rank, run in the interleaved 1F1B order (needs PP > 1)
+    virtual_pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1  # CP: splits the language model's sequences (an encoder's: homogeneous only)
     expert_model_parallel_size: int = 1  # EP: not supported yet (1)
     # DP: the module's replicas; None: derived from the world size (a module spanning the world from rank 0)
@@ -197,7 +201,7 @@ class ModuleParallelismConfig:
         return self
 
     def _check_sizes(self, name: str) -> None:
-        for f in (*_SIZE_FIELDS, "data_parallel_size"):
+        for f in (*_SIZE_FIELDS, "virtual_pipeline_model_parallel_size", "data_parallel_size"):
             v = getattr(self, f)
             if v is None and f == "data_parallel_size":
                 continue
@@ -215,6 +219,11 @@ class ModuleParallelismConfig:
         if not isinstance(self.tp_comm_overlap, bool):
             raise LayoutError(f"module '{name}': tp_comm_overlap must be true or false, "
                               f"got {shown(self.tp_comm_overlap)}")
+        if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
+            raise LayoutError(f"module '{name}': virtual_pipeline_model_parallel_size="
+                              f"{self.virtual_pipeline_model_parallel_size} splits each pipeline rank's layers into "
+                              f"model chunks, but pipeline_model_parallel_size is 1; set "
+                              f"pipeline_model_parallel_size > 1 or virtual_pipeline_model_parallel_size 1")
 
     def _derived_dp(self, world_size: int, name: str) -> int:
         mp = self.total_model_parallel_size
@@ -238,7 +247,9 @@ class ModuleParallelismConfig:
         if self.context_parallel_size > 1:
             parts.append(f"CP{self.context_parallel_size}")
         if self.pipeline_model_parallel_size > 1:
-            parts.append(f"PP{self.pipeline_model_parallel_size}")
+            parts.append(f"PP{self.pipeline_model_parallel_size}" + (
+                f"+VPP{self.virtual_pipeline_model_parallel_size}" if self.virtual_pipeline_model_parallel_size > 1
+                else ""))
         parts.append(f"DP{self.data_parallel_size}")
         return " x ".join(parts) + f" on {_ranks(self.span)}"
 
@@ -459,6 +470,11 @@ class MimoParallelismConfig:
             )
         micro = global_batch_size // num_microbatches
         for name, m in self.module_parallelisms.items():
+            try:  # the interleaved order runs the micro-batches in groups of PP
+                check_interleaving(m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size,
+                                   num_microbatches)
+            except ValueError as e:
+                raise LayoutError(f"module '{name}': {e}") from None
             shares = m.data_parallel_size * m.context_parallel_size
             if name != LANGUAGE and m.context_parallel_size > 1 and micro % shares:
                 raise LayoutError(

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mimo import fp8
 from mimo.config import LANGUAGE, MimoParallelismConfig, _distinct_spans, _names, _ranks
-from mimo.ddp_shards import arm_reducer, dtensor_params, localize, not_a_view, sum_partial_grads
+from mimo.ddp_shards import arm_reducer, dtensor_params, local_tensor, localize, not_a_view, sum_partial_grads
 from mimo.fp8 import Recipe as FP8Recipe
 from mimo.fp8 import SmallLayers as FP8SmallLayers
 from mimo.grid import ModuleGrid
@@ -448,13 +448,60 @@ def apply_data_parallel(model: MimoModel, name: str, grid: ModuleGrid, cfg: Modu
     every gradient) and time for nothing. Such a module still computes in its compute dtype (autocast).
     """
     module = module_of(model, name)
-    trainable = any(p.requires_grad for p in module.parameters())
     if cfg.data_parallel == "fsdp":
         _fully_shard(module, grid, cfg)
-    elif trainable and grid.size("dp") * grid.size("cp") > 1:
+    elif reduces_by_chunk(module, grid):  # the step sums each model chunk's gradients (`ChunkGradients`)
+        _autocast_forward(module, cfg)
+    elif _trains(module) and grid.size("dp") * grid.size("cp") > 1:
         wrap_ddp(model, name, grid, cfg)
     else:
         _autocast_forward(module, cfg)
+
+
+def _trains(module: nn.Module) -> bool:
+    """Whether any of the module's parameters trains."""
+    return any(p.requires_grad for p in module.parameters())
+
+
+def reduces_by_chunk(module: nn.Module, grid: ModuleGrid) -> bool:
+    """Whether a DDP module's gradients are summed per model chunk by the training step (`ChunkGradients`) instead
+    of by torch DDP: a trained module with replicas and several model chunks per pipeline rank. One DDP reducer is
+    armed once per backward for every parameter, but a rank's backwards each reach one chunk (its last only chunk
+    0), so DDP would wait for gradients that never come; Megatron wraps each chunk in a DDP of its own. Here each
+    chunk's gradients are summed in one all-reduce launched as the chunk's last backward ends, overlapping the
+    backwards of the chunks below it: the same sum, exact."""
+    return (grid.config.virtual_pipeline_model_parallel_size > 1 and not isinstance(module, FSDPModule)
+            and _trains(module) and grid.size("dp") * grid.size("cp") > 1)
+
+
+@dataclass
+class ChunkGradients:
+    """Sums model chunks' gradients over a module's dp×cp group, one asynchronous all-reduce per chunk
+    (`reduces_by_chunk`); `wait` puts the sums in place. A parameter without a gradient contributes zeros, as in
+    DDP, so every replica reduces the same buffer."""
+
+    group: dist.ProcessGroup
+    _pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+
+    def reduce(self, params: list[nn.Parameter]) -> None:
+        """Start summing these parameters' gradients (their last backward of the step is done)."""
+        grads = []
+        for p in (p for p in params if p.requires_grad):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(local_tensor(p.grad))
+        if not grads:
+            return
+        flat = torch.cat([g.flatten() for g in grads])
+        self._pending.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, grads))
+
+    def wait(self) -> None:
+        """Finish every reduction started and write the sums back into the gradients."""
+        for work, flat, grads in self._pending:
+            work.wait()
+            for g, piece in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(piece.view_as(g))
+        self._pending.clear()
 
 
 def _ddp(module: nn.Module, grid: ModuleGrid, cfg: ModuleDistributedConfig) -> DDP:
@@ -564,6 +611,21 @@ def prepare_backward(module: nn.Module, last: bool) -> None:
         module.set_requires_gradient_sync(last)
         if getattr(module, "_mimo_hold_unsharded", False):
             module.set_reshard_after_backward(last)
+
+
+def prepare_chunk_backward(module: nn.Module, blocks: list[nn.Module], holds_ends: bool, last: bool) -> None:
+    """Before a micro-batch's backward through one model chunk of an interleaved pipeline (`blocks` its blocks,
+    `holds_ends` whether it uses the root's own parameters: the embedding, or the final norm and head). FSDP2: only
+    that chunk's units reduce-scatter, at the chunk's last backward (one flag for the whole module would also
+    scatter the other chunks' partial sums at every chunk's last backward: exact, since FSDP2 adds scattered
+    gradients up, but more traffic). DDP: nothing (the step sums each chunk: `ChunkGradients`)."""
+    if not isinstance(module, FSDPModule):
+        return
+    hold = getattr(module, "_mimo_hold_unsharded", False)
+    for unit in [*blocks, *([module] if holds_ends else [])]:
+        unit.set_requires_gradient_sync(last, recurse=False)
+        if hold:
+            unit.set_reshard_after_backward(last, recurse=False)
 
 
 def align_gradients(model: MimoModel) -> None:

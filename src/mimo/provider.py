@@ -63,6 +63,13 @@ def pipeline_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[i
     return start, start + base + (1 if pp_rank < extra else 0)
 
 
+def pipeline_chunk_ranges(num_layers: int, pp_size: int, pp_rank: int,
+                          vpp_size: int = 1) -> tuple[tuple[int, int], ...]:
+    """Each model chunk's layers on pipeline rank `pp_rank`: chunk c holds virtual stage c·PP + rank of the PP·VPP
+    stages (`pipeline_layer_range`), so a micro-batch visits every rank once per chunk (Megatron's layout)."""
+    return tuple(pipeline_layer_range(num_layers, pp_size * vpp_size, c * pp_size + pp_rank) for c in range(vpp_size))
+
+
 class MimoModelProvider:
     """Builds a MIMO model's process groups and, on each rank, the parts of the model that rank hosts.
 
@@ -183,9 +190,10 @@ class MimoModelProvider:
             if tp > 1:
                 module = module_of(model, name)
                 check_tensor_parallel(name, module, tp_plan_of(name, module, module_layout.sequence_parallel), tp)
-        pp = layout.get_parallelism(LANGUAGE).pipeline_model_parallel_size
-        if pp > 1:
-            pipeline_layer_range(_num_layers(self.language_model_spec), pp, 0)
+        language = layout.get_parallelism(LANGUAGE)
+        stages = language.pipeline_model_parallel_size * language.virtual_pipeline_model_parallel_size
+        if stages > 1:
+            pipeline_layer_range(_num_layers(self.language_model_spec), stages, 0)
 
     def whole_meta_model(self) -> MimoModel:
         """The whole model, every module unsplit, on the meta device: its names and shapes at no memory cost."""
@@ -224,13 +232,15 @@ class MimoModelProvider:
         return model
 
     def _build_language(self, infra: MimoModelInfra) -> nn.Module:
-        """The language model, or only the pipeline stage this rank holds."""
+        """The language model, or only the pipeline stage this rank holds (its model chunks' layers, under names
+        `layers.N` with N global, whatever the PP and VPP sizes)."""
         grid = infra.module_to_grid_map.get(LANGUAGE)
         if grid is None or grid.size("pp") == 1:
             return self.language_model_spec.build()
         num_layers = _num_layers(self.language_model_spec)
-        return self.language_model_spec.build(layer_range=pipeline_layer_range(num_layers, grid.size("pp"),
-                                                                               grid.coord.pp))
+        vpp = grid.config.virtual_pipeline_model_parallel_size
+        ranges = pipeline_chunk_ranges(num_layers, grid.size("pp"), grid.coord.pp, vpp)
+        return self.language_model_spec.build(layer_range=ranges[0] if vpp == 1 else ranges)
 
     def apply_freezing(self, model: MimoModel) -> None:
         """`requires_grad=False` on the frozen language model, encoders and projections."""

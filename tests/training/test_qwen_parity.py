@@ -60,6 +60,13 @@ DEEPSTACK_SP_PP = ("colocated-vit-dp4-lm-tp2-pp2-sp-packed",
                     "language": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
                                  "data_parallel_size": 1, "sequence_parallel": True}})
 
+# Qwen3-VL only, packed, interleaved (issue 29): PP rank 0 holds layers 0 and 2, rank 1 layers 1 and 3, so DeepStack's
+# features cross every virtual stage boundary, the last one from rank 1's chunk 0 back to rank 0's chunk 1
+DEEPSTACK_VPP = ("colocated-vit-dp4-lm-pp2-vpp2-packed",
+                 {"images": {"data_parallel_size": 4},
+                  "language": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
+                               "data_parallel_size": 2}})
+
 
 def spec(kind: str) -> QwenVLSpec:
     """A tiny model of `kind`: width 32, 4 decoder layers, 4 heads over 2 KV heads; Qwen3-VL's DeepStack features
@@ -116,7 +123,7 @@ def train_layouts(rank: int, world_size: int, kind: str) -> dict:
     rows = [(name, layout, False) for name, layout in LAYOUTS.items()]
     rows += [(name + "-packed", LAYOUTS[name], True) for name in PACKED]
     if kind == "qwen3_vl":
-        rows.append((*DEEPSTACK_SP_PP, True))
+        rows += [(*DEEPSTACK_SP_PP, True), (*DEEPSTACK_VPP, True)]
     for name, layout, packed in rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -6,7 +6,9 @@ RMSNorm on q and k (Qwen3), optional tied input/output embeddings. Built
 for `layer_range = (start, end)` it is one pipeline stage: the embedding lives on the stage holding
 layer 0, the final norm and output head on the stage holding the last layer, and layers sit in an
 `nn.ModuleDict` keyed by their *global* index, so every parameter has the same name on every layout
-(`layers.17.mlp.up_proj.weight` is that on whichever stage holds layer 17).
+(`layers.17.mlp.up_proj.weight` is that on whichever stage holds layer 17). Built for several ranges
+(`layer_range = ((s0, e0), (s1, e1), ...)`: virtual pipeline stages, the model chunks of one rank) it holds them
+all under the same names and `forward(..., chunk=c)` runs chunk c alone.
 Parameter names follow Hugging Face's `LlamaModel` (without its `model.` prefix).
 """
 
@@ -253,20 +255,35 @@ def _add_at_sharded(hidden: DTensor, index: torch.Tensor, values: torch.Tensor) 
     return DTensor.from_local(added, mesh, placements, run_check=False, shape=hidden.shape, stride=hidden.stride())
 
 
+def _chunk_ranges(layer_range: tuple[int, int] | Sequence[tuple[int, int]] | None,
+                  num_layers: int) -> tuple[tuple[int, int], ...]:
+    """The layer ranges a decoder holds: every layer, one range, or one per model chunk (ascending, disjoint)."""
+    if layer_range is None:
+        return ((0, num_layers),)
+    ranges = (tuple(layer_range),) if isinstance(layer_range[0], int) else tuple(tuple(r) for r in layer_range)
+    previous = 0
+    for start, end in ranges:
+        if not previous <= start < end <= num_layers:
+            raise ValueError(f"layer_range {layer_range}: each range must be a non-empty range inside "
+                             f"[0, {num_layers}) layers, after the one before")
+        previous = end
+    return ranges
+
+
 class Decoder(nn.Module):
     """The language model, or the pipeline stage of it that holds layers [start, end)."""
 
-    def __init__(self, config: DecoderConfig, layer_range: tuple[int, int] | None = None) -> None:
-        """Build this stage's layers, plus the embedding if it holds layer 0 and the head if the last."""
+    def __init__(self, config: DecoderConfig,
+                 layer_range: tuple[int, int] | Sequence[tuple[int, int]] | None = None) -> None:
+        """Build this stage's layers (one range, or one per model chunk), plus the embedding if it holds layer 0
+        and the head if the last."""
         super().__init__()
-        start, end = layer_range or (0, config.num_layers)
-        if not 0 <= start < end <= config.num_layers:
-            raise ValueError(f"layer_range ({start}, {end}) is not a non-empty range inside "
-                             f"[0, {config.num_layers}) layers")
         self.config = config
-        self.layer_range = (start, end)
+        self.chunk_ranges = _chunk_ranges(layer_range, config.num_layers)
+        ranges = self.chunk_ranges
+        self.layer_range = ranges[0] if len(ranges) == 1 else (ranges[0][0], ranges[-1][1])  # the chunks' span
         self.embed_tokens = nn.Embedding(config.embedding_rows, config.hidden_size) if self.has_embedding else None
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for start, end in ranges for i in range(start, end)})
         if self.has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.embedding_rows, bias=False)
@@ -283,17 +300,45 @@ class Decoder(nn.Module):
     @property
     def has_embedding(self) -> bool:
         """Whether this stage holds layer 0 and so the input embedding."""
-        return self.layer_range[0] == 0
+        return self.chunk_ranges[0][0] == 0
 
     @property
     def has_head(self) -> bool:
         """Whether this stage holds the last layer and so the final norm and the output head."""
-        return self.layer_range[1] == self.config.num_layers
+        return self.chunk_ranges[-1][1] == self.config.num_layers
 
     @property
     def head_is_tied(self) -> bool:
         """Whether the head shares the embedding's Parameter (tied embeddings on a stage holding both)."""
         return self.config.tie_embeddings and self.has_embedding and self.has_head
+
+    def chunk_blocks(self, chunk: int) -> list[nn.Module]:
+        """Model chunk `chunk`'s layers, in order."""
+        start, end = self.chunk_ranges[chunk]
+        return [self.layers[str(i)] for i in range(start, end)]
+
+    def chunk_holds_ends(self, chunk: int) -> bool:
+        """Whether model chunk `chunk` computes with the parameters outside the layers: the embedding (the chunk
+        holding layer 0) or the final norm and head (the one holding the last layer)."""
+        start, end = self.chunk_ranges[chunk]
+        return start == 0 or end == self.config.num_layers
+
+    def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
+        """The parameters model chunk `chunk` computes with: its layers', and the embedding's (the chunk holding
+        layer 0) or the final norm's and head's (the one holding the last layer)."""
+        start, end = self.chunk_ranges[chunk]
+        modules = self.chunk_blocks(chunk)
+        if start == 0:
+            modules.append(self.embed_tokens)
+        if end == self.config.num_layers:
+            modules += [self.norm, self.lm_head]
+        seen, params = set(), []
+        for module in modules:
+            for p in module.parameters():
+                if id(p) not in seen:  # a head tied on this rank shares the embedding's
+                    seen.add(id(p))
+                    params.append(p)
+        return params
 
     def tie_weights(self) -> None:
         """Make the head reuse the embedding's weight when tied on this stage; call again after TP wrapping."""
@@ -343,8 +388,10 @@ class Decoder(nn.Module):
         scored_positions: torch.Tensor | None = None,
         cache: CacheStep | None = None,
         attention: Attention | None = None,
+        chunk: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """One stage's whole work in one call (the entry point DDP and FSDP wrap).
+        """One stage's whole work in one call (the entry point DDP and FSDP wrap); with several model chunks,
+        chunk `chunk`'s (`input_ids` only for the chunk holding layer 0, `labels` for the one holding the last).
 
         First stage: embed `input_ids` (see `embed`); other stages: take `hidden` [B, S, H]. Then run this
         stage's layers (and the final norm on the last stage); with `labels` (last stage) return
@@ -363,7 +410,7 @@ class Decoder(nn.Module):
         if input_ids is not None:
             embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache, attention)
+        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache, attention, chunk)
         return self.loss(hidden, labels, scored_positions) if labels is not None else hidden
 
     def _deepstack(self, embeddings_at: EmbeddingsAt,
@@ -392,8 +439,10 @@ class Decoder(nn.Module):
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None,
                 added_after_layer: AddedAfterLayer | None = None,
-                cache: CacheStep | None = None, attention: Attention | None = None) -> torch.Tensor:
-        """This stage's layers (and the final norm on the last stage): [B, S, H] → [B, S, H]."""
+                cache: CacheStep | None = None, attention: Attention | None = None, chunk: int = 0) -> torch.Tensor:
+        """This stage's layers of model chunk `chunk` (and the final norm after the last layer): [B, S, H] →
+        [B, S, H]."""
+        start, end = self.chunk_ranges[chunk]
         cos, sin = self._rotary(hidden, position_ids)
         if cache is not None and document_ids is not None:
             raise ValueError("a KV cache decodes padded rows, not packed ones: give no document_ids with a cache")
@@ -401,11 +450,12 @@ class Decoder(nn.Module):
             attention = cache
         elif attention is None:
             attention = CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden))
-        for index, layer in self.layers.items():
+        for index in map(str, range(start, end)):
+            layer = self.layers[index]
             hidden = layer(hidden, cos, sin, attention, cache=None if cache is None else cache.layer(index))
             if added_after_layer and int(index) in added_after_layer:
                 hidden = add_at(hidden, *added_after_layer[int(index)])
-        return self.norm(hidden) if self.norm is not None else hidden
+        return self.norm(hidden) if end == self.config.num_layers else hidden
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions 0..S-1 ([S, d]), or of each token's `position_ids` ([B, 1, S, d]; [3, B, S]
@@ -485,7 +535,8 @@ class Decoder(nn.Module):
                     f"layers.{i}.mlp.down_proj": scattered_output(),
                 })
         if sequence_parallel:
-            plan.update(stack_boundaries([f"layers.{i}" for i in self.layers], num_args=4))
+            for start, end in self.chunk_ranges:  # each chunk is a stack of its own: it sends a whole output
+                plan.update(stack_boundaries([f"layers.{i}" for i in range(start, end)], num_args=4))
         if self.has_head:
             plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
         return plan

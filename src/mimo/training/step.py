@@ -36,8 +36,16 @@ from mimo.data.balance import RankSplit
 from mimo.data.batch import to_device
 from mimo.data.packing import LanguageText, PaddedText, TextLayout, sample_extents
 from mimo.ddp_shards import local_tensor
-from mimo.distributed import align_gradients, no_sync_forward, prepare_backward, unwrap
-from mimo.grid import is_pp_first_stage, is_pp_last_stage, pipeline_pairs
+from mimo.distributed import (
+    ChunkGradients,
+    align_gradients,
+    no_sync_forward,
+    prepare_backward,
+    prepare_chunk_backward,
+    reduces_by_chunk,
+    unwrap,
+)
+from mimo.grid import pipeline_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel, ModalityBatch
 from mimo.training.deepstack import DeepStackCarry
@@ -293,18 +301,24 @@ class MimoTrainer:
 
     # -- phase 2: the language pipeline --------------------------------------------------------------------
     def _language(self, batch: MimoBatch) -> None:
-        """The 1F1B schedule over this rank's stage; stage 0 talks to the bridges."""
+        """The 1F1B schedule (interleaved over model chunks with VPP > 1) over this rank's stage; virtual stage 0
+        talks to the bridges."""
         grid = self.infra.module_to_grid_map[LANGUAGE]
         pp = grid.get_group("pp") if grid.size("pp") > 1 else None
+        chunks = grid.config.virtual_pipeline_model_parallel_size
         lm = self.model.language_model
-        carry = self._deepstack_carry()
-        schedule = PipelineSchedule(pp, self.num_microbatches, self._activation_shapes(carry),
-                                    self.activation_dtype, self.device, self.infra.p2p_groups)
-        first, last = is_pp_first_stage(pp), is_pp_last_stage(pp)
+        carries = [self._deepstack_carry(c) for c in range(chunks)]
+        shapes = [self._activation_shapes(carry) for carry in carries]
+        schedule = PipelineSchedule(pp, self.num_microbatches, shapes[0] if chunks == 1 else shapes,
+                                    self.activation_dtype, self.device, self.infra.p2p_groups, chunks)
+        by_chunk = ChunkGradients(grid.get_group("dp_cp")) if reduces_by_chunk(lm, grid) else None
 
-        def forward(m: int, x: Activation | None) -> Activation:
+        def forward(m: int, c: int, x: Activation | None) -> Activation:
+            first, last, carry = schedule.first(c), schedule.last(c), carries[c]
             mb = batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))  # on the CPU
-            text, self._state.inputs[LANGUAGE][m] = self._state.inputs[LANGUAGE][m], None
+            text = self._state.inputs[LANGUAGE][m]
+            if c == chunks - 1:  # the micro-batch's last pass on this rank: its text is no longer needed
+                self._state.inputs[LANGUAGE][m] = None
             host_ids = self._state.host_text[m].input_ids
             x, blocks = x if isinstance(x, tuple) else (x, None)  # DeepStack's blocks for this and later stages
             if first:
@@ -316,6 +330,8 @@ class MimoTrainer:
             else:
                 kwargs = {}
             labels = self.model.language_labels(text.input_ids, text.labels) if last else None
+            if chunks > 1:
+                kwargs["chunk"] = c
             with no_sync_forward(lm):
                 out = lm(x, **kwargs, labels=labels, **text.model_kwargs())
             if not last:
@@ -325,28 +341,36 @@ class MimoTrainer:
             loss = out[0] / max(self._state.label_tokens, 1)
             return self.scaler.scale(loss) if self.scaler is not None else loss
 
-        def before_backward(m: int, out: Activation, is_last: bool) -> None:
-            prepare_backward(lm, is_last)
+        def before_backward(m: int, c: int, out: Activation, is_last: bool) -> None:
+            if chunks == 1:
+                prepare_backward(lm, is_last)
+            else:
+                prepare_chunk_backward(lm, unwrap(lm).chunk_blocks(c), unwrap(lm).chunk_holds_ends(c), is_last)
             for src, bridge in self.bridges.items():  # an encoder run inside the forward: backward reaches it
-                if bridge.encodes_inside_language_forward and first:
+                if bridge.encodes_inside_language_forward and schedule.first(c):
                     prepare_backward(self.model.modality_submodules[src], is_last)
 
-        def after_backward(m: int) -> None:
-            if not first:
+        def after_backward(m: int, c: int) -> None:
+            if by_chunk is not None and m == self.num_microbatches - 1:  # the chunk's gradients are final
+                by_chunk.reduce(unwrap(lm).chunk_parameters(c))
+            if not schedule.first(c):
                 return
             for bridge in self.bridges.values():
                 if not bridge.encodes_inside_language_forward:
                     bridge.return_grad(m)
 
         schedule.run(StageWork(forward, before_backward, after_backward))
+        if by_chunk is not None:
+            by_chunk.wait()
 
-    def _deepstack_carry(self) -> DeepStackCarry | None:
-        """What this language stage receives and sends of DeepStack's features; None without any (or PP 1)."""
+    def _deepstack_carry(self, chunk: int = 0) -> DeepStackCarry | None:
+        """What model chunk `chunk` of this language stage receives and sends of DeepStack's features; None without
+        any (or PP 1)."""
         lm = unwrap(self.model.language_model)
         layers = lm.config.deepstack_layers
         if self.wide_modality is None or not layers or self.infra.module_to_grid_map[LANGUAGE].size("pp") == 1:
             return None
-        return DeepStackCarry(self.hidden_size, layers, lm.layer_range)
+        return DeepStackCarry(self.hidden_size, layers, lm.chunk_ranges[chunk])
 
     def _activation_shapes(self, carry: DeepStackCarry | None) -> list[tuple]:
         """What this stage receives per micro-batch: the hidden states [R, T, H], and the DeepStack blocks of the
