@@ -171,6 +171,10 @@ def test_context_parallel_layouts_train_like_one_process():
     tokens = images * ViTConfig.tiny().tokens_per_image
     received = [rank_rows[3]["received"] for rank_rows in per_rank]
     assert received[:2] == [0, 0] and sum(received[2:]) == tokens and all(0 < n < tokens for n in received[2:])
+    # colocated (CP2 x DP2, and CP4): the same, from the span's all-to-all: every row reaches exactly one CP rank
+    for name in ("colocated-images-dp4-lm-cp2dp2", "colocated-images-dp4-lm-cp4"):
+        received = [rank_rows[[r[0] for r in ROWS].index(name)]["received"] for rank_rows in per_rank]
+        assert sum(received) == tokens and all(0 < n < tokens for n in received), (name, received, tokens)
 
 
 # -- the split itself, on the host --------------------------------------------------------------------------
