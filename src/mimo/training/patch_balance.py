@@ -7,11 +7,14 @@ replica with the large images. Here the micro-batch's images are split by patch 
 encodes its images, and one all-to-all over the encoder's DP group sends every image's tokens to the replica whose
 samples own it, put back in batch order: the rows the bridge receives are exactly those of the contiguous split,
 and the backward is the mirror all-to-all (each row's gradient back to the rank that encoded it). Exact: rows
-move, nothing is summed.
+move, nothing is summed (`mimo.exchange.RowRoute`). A homogeneous encoder under context parallelism splits each
+replica's images over its CP ranks instead (`split_replicas`) and routes every CP rank the rows its sequence chunks
+hold (`chunk_route`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mimo.data.balance import RankSplit, split_by_patches
-from mimo.exchange import RowRoute, all_to_all_rows
+from mimo.exchange import RowRoute
 from mimo.models import ModalityBatch
 
 
@@ -46,36 +49,20 @@ class PatchBalance:
         """The images this rank encodes (one per "sample": the encoder reads only rows and grids)."""
         return images_of(batch, self.split.images[self.rank])
 
-    def _owner(self, image: int) -> int:
-        """The replica whose samples hold `image`."""
-        return next(q for q, (lo, hi) in enumerate(self.owned) if lo <= image < hi)
-
-    def _sent(self, rank: int) -> list[list[int]]:
-        """The images `rank` encodes, grouped by the replica they go to (each group in batch order)."""
-        groups: list[list[int]] = [[] for _ in self.owned]
-        for image in self.split.images[rank]:
-            groups[self._owner(image)].append(image)
-        return groups
-
     def exchange(self, rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         """This rank's encoded rows (its images' tokens in batch order) → the rows of its own samples' images in
-        batch order, as the contiguous split would have encoded them."""
-        sent = [self._sent(r) for r in range(len(self.owned))]  # every rank's, as every rank computes them
-        send = [sum(self.tokens[i] for i in images) for images in sent[self.rank]]
-        arrived = [image for groups in sent for image in groups[self.rank]]  # in the order they arrive
-        recv = [sum(self.tokens[i] for i in groups[self.rank]) for groups in sent]
-        moved = all_to_all_rows(rows, send, recv, group)
-        return moved.index_select(0, self._batch_order(arrived, moved.device))
+        batch order, as the contiguous split would have encoded them (rows numbered over the micro-batch)."""
+        offsets = [0, *itertools.accumulate(self.tokens)]
+        held = [image_rows(offsets, images) for images in self.split.images]
+        needed = [torch.arange(offsets[lo], offsets[hi]) for lo, hi in self.owned]
+        return RowRoute.plan(held, needed, self.rank, rows.device)(rows, group)
 
-    def _batch_order(self, arrived: list[int], device: torch.device) -> torch.Tensor:
-        """For each row of this replica's images in batch order, where it sits among the rows as they arrived."""
-        at, offset = {}, 0
-        for image in arrived:
-            at[image] = offset
-            offset += self.tokens[image]
-        lo, hi = self.owned[self.rank]
-        order = [at[i] + j for i in range(lo, hi) for j in range(self.tokens[i])]
-        return torch.tensor(order, dtype=torch.long).to(device, non_blocking=True)
+
+def image_rows(offsets: Sequence[int], images: Sequence[int]) -> torch.Tensor:
+    """The row numbers of these images' tokens, one image after another (`offsets`: each image's first row)."""
+    if not images:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in images])
 
 
 def images_of(batch: ModalityBatch, images: Sequence[int]) -> ModalityBatch:
@@ -109,9 +96,7 @@ def chunk_route(tokens: torch.Tensor, groups: Sequence[Sequence[int]], first_ima
     replica's images start at `first_image`) and needs the replica's rows its chunks hold (`needed[c]`,
     `ContextText.every_rank_rows`): the exchange over the replica's CP group that gives each CP rank only those."""
     offsets = [0, *torch.cumsum(tokens, 0).tolist()]
-    base = offsets[first_image]
-    held = [torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in group]) - base if group
-            else torch.zeros(0, dtype=torch.long) for group in groups]
+    held = [image_rows(offsets, group) - offsets[first_image] for group in groups]
     return RowRoute.plan(held, needed, rank, device)
 
 
