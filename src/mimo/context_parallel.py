@@ -7,9 +7,9 @@ A sequence whose length does not divide by 2·CP is padded at its end with posit
 document of pads that attends only to pads). The split is a choice of columns, decided on the host from the
 text every rank holds (`split_columns`), so a rank knows every other rank's columns without communicating.
 `split_text` cuts a micro-batch share's `LanguageText` into this rank's `ContextText`: ids, labels, rotary
-positions (M-RoPE's [3, R, T] too) of the unsplit sequence, and which modality embedding rows its chunks hold
-(`embedding_rows`; every rank's, `every_rank_rows`, for a bridge leader that sends each CP rank only its rows):
-splicing the whole sequence then keeping the chunks equals keeping the rows the chunks hold.
+positions (M-RoPE's [3, R, T] too) of the unsplit sequence, and which modality embedding rows every CP rank's
+chunks hold (`every_rank_rows`: what the encoder's rows are routed by): splicing the whole sequence then keeping the
+chunks equals keeping the rows the chunks hold.
 
 **The attention.** `ContextParallelAttention` all-gathers K and V over the CP group (`gather_sequence`: the
 backward reduce-scatters their gradients) and lets each local query see the gathered keys that are in its own
@@ -74,15 +74,14 @@ def _segments(length: int, documents: torch.Tensor | None) -> list[tuple[int, in
 class ContextText(LanguageText):
     """This CP rank's chunks of a micro-batch share's text (see the module docstring). `key_columns` [CP·L]: every
     rank's columns in rank order (what the gathered K/V hold), padding numbered past the row; `key_documents`
-    [R or 1, CP·L] their documents (PAD for padding); `embedding_rows` per special token id, which rows of the
-    share's embeddings [n, H] this rank's chunks hold, in its row-major order (on the text's device), and
-    `every_rank_rows` those of every CP rank (on the host: what a bridge leader sends each); `group` the CP group."""
+    [R or 1, CP·L] their documents (PAD for padding); `every_rank_rows` per special token id, per CP rank, which
+    rows of the share's embeddings [n, H] (row-major) its chunks hold, in its order (on the host: what routes the
+    encoder's rows to each CP rank); `group` the CP group."""
 
     key_columns: torch.Tensor = None
     key_documents: torch.Tensor = None
     rank: int = 0
     size: int = 1
-    embedding_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     group: dist.ProcessGroup | None = None
     every_rank_rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -108,7 +107,6 @@ class ContextText(LanguageText):
         return ContextText(moved.input_ids, moved.labels, moved.position_ids, None,
                            scored_positions=moved.scored_positions, key_columns=_copy(self.key_columns, device),
                            key_documents=_copy(self.key_documents, device), rank=self.rank, size=self.size,
-                           embedding_rows={token: _copy(rows, device) for token, rows in self.embedding_rows.items()},
                            group=self.group, every_rank_rows=self.every_rank_rows)
 
 
@@ -137,9 +135,8 @@ def split_text(text: LanguageText, rank: int, size: int, special_ids: Iterable[i
     whole_documents = text.document_ids if text.document_ids is not None else torch.zeros(1, length, dtype=torch.long)
     key_documents = whole_documents[:, every.clamp(min=0)].masked_fill(padding, PAD)
     every_rank_rows = {token: _every_rank_rows(text.input_ids, columns, token) for token in special_ids}
-    held = {token: rows[rank] for token, rows in every_rank_rows.items()}
     return ContextText(ids, labels, positions.contiguous(), None, key_columns=key_columns,
-                       key_documents=key_documents, rank=rank, size=size, embedding_rows=held, group=group,
+                       key_documents=key_documents, rank=rank, size=size, group=group,
                        every_rank_rows=every_rank_rows)
 
 

@@ -196,10 +196,10 @@ def test_split_text_keeps_the_whole_sequences_positions_labels_and_embedding_row
     assert mine.input_ids.tolist() == [[9, 6, 7, 8, 2, 1]]
     assert mine.position_ids.tolist() == [[2, 3, 4, 5, 1, 2]]
     assert mine.labels.tolist() == [[109, 106, 107, 108, 102, 101]]
-    assert mine.embedding_rows[9].tolist() == [1]
+    assert mine.every_rank_rows[9][1].tolist() == [1]
     first = split_text(text, 0, 2, special_ids=(9,))
     assert first.labels.tolist() == [[105, 109, 104, 109, 103, IGNORE_INDEX]]
-    assert first.embedding_rows[9].tolist() == [0, 2]
+    assert first.every_rank_rows[9][0].tolist() == [0, 2]
     assert first.key_documents.tolist() == [[0, 0, 0, 0, 1, PAD, 0, 0, 0, 0, 1, 1]]
 
 
