@@ -154,16 +154,14 @@ def test_unsupported_dims(field, value, message):
 
 def test_context_parallel_is_the_language_modules():
     """CP splits the language model's sequence; an encoder has it only in a homogeneous layout (its CP ranks share a
-    replica's items), elsewhere it is one line; a homogeneous encoder's CP ranks must each get samples."""
+    replica's images, split by patch count: a replica of one sample is fine), elsewhere it is one line."""
     c = cfg(images={"data_parallel_size": 4}, language={"context_parallel_size": 2, "data_parallel_size": 2})
     assert c.finalize(4).deployment == "colocated"
     assert c.get_parallelism("language").describe() == "TP1 x CP2 x DP2 on ranks 0-3"
     homogeneous = cfg(images={"context_parallel_size": 2}, language={"context_parallel_size": 2}).finalize(4)
     assert homogeneous.deployment == "homogeneous"
     assert homogeneous.validate_batch(8, 2) == 4
-    with pytest.raises(LayoutError, match=r"^module 'images': micro-batch size 2 \(global batch 4 / 2 micro-batches\) "
-                                          r"is not divisible by its data_parallel_size 2 x context_parallel_size 2"):
-        homogeneous.validate_batch(4, 2)
+    assert homogeneous.validate_batch(4, 2) == 2
     with pytest.raises(LayoutError, match=r"^module 'images': context_parallel_size=2 is supported for a modality "
                                           r"module only in a homogeneous layout \(the same layout as 'language'\)"):
         cfg(images={"context_parallel_size": 2, "data_parallel_size": 1},

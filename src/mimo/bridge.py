@@ -10,21 +10,23 @@ chosen by `make_bridge`:
   parallelism, given each CP rank's rows, it scatters: each rank gets only its CP rank's chunks' rows). Sends never
   block (their tensors are kept until the works complete); receives do.
 - `ColocatedBridge` (same span): the whole span re-partitions with collectives: an all-gather of each rank's rows,
-  padded to the longest replica, sliced per dst replica; backward is the matching reduce-scatter.
+  padded to the longest replica, sliced per dst replica; backward is the matching reduce-scatter. Under context
+  parallelism (given each dst replica's chunk rows) one all-to-all instead sends each CP rank only its chunks' rows.
 - `HomogeneousBridge` (same span and layout): nothing moves.
 
 Only each dst replica's TP leader sends a gradient back: its TP peers hold identical copies (TP all-reduces
 the input gradient), so sending theirs too would count it twice. Under context parallelism each CP rank ends up
 with the rows its sequence chunks hold (`mimo.context_parallel`), so its gradient is its chunks' share, and the
 shares meet at the leader: heterogeneous, gathered from the scatter's ranks (or, for a caller that gave no chunk
-rows, every CP rank got all rows and a reduce over CP sums them); colocated, every CP rank cuts all of its replica's
-rows from the all-gather, and each CP rank's TP rank 0 places its share so that the reduce-scatter sums them.
+rows, every CP rank got all rows and a reduce over CP sums them); colocated, each CP rank's TP rank 0 sends its
+rows' gradient back through the span's all-to-all to the src ranks that own them (`mimo.exchange.RowRoute`).
 """
 
 from __future__ import annotations
 
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -32,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mimo.exchange import RowRoute
 from mimo.grid import ModuleGrid, P2PGroups
 
 Kind = Literal["homogeneous", "colocated", "heterogeneous"]
@@ -113,17 +116,21 @@ class Bridge(ABC):
 
     # -- the transport ------------------------------------------------------------------------
     def forward(self, microbatch: int, embeddings: Tensor | None = None, tokens_per_sample: Tensor | None = None,
-                microbatch_tokens: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+                microbatch_tokens: Tensor | None = None,
+                replica_chunks: Callable[[int], list[Tensor]] | None = None) -> tuple[Tensor, Tensor] | None:
         """Senders pass their replica's embeddings and counts; receivers get (rows of their dst replica's
         samples, their counts on CPU), the rows a leaf with requires_grad unless homogeneous; others None.
 
         Where `uses_microbatch_tokens`, every rank of the edge passes `microbatch_tokens`, the counts of the
         whole micro-batch (every rank holds the global batch), or none does: that spares moving the counts, and
-        the host sync of reading them, per micro-batch (colocated: the all-gather; heterogeneous: the message)."""
+        the host sync of reading them, per micro-batch (colocated: the all-gather; heterogeneous: the message).
+        Colocated under context parallelism, every rank of the span passes `replica_chunks` (dst replica → which of
+        its rows each CP rank's sequence chunks hold, on the host; `context_parallel.chunk_rows`) or none does:
+        then each receiver gets only its CP rank's rows, in that order (the counts stay the replica's)."""
         counts = self._accept(microbatch, embeddings, tokens_per_sample)
         if not (self.is_sender or self.is_receiver):
             return None
-        return self._forward(microbatch, embeddings, counts, microbatch_tokens)
+        return self._forward(microbatch, embeddings, counts, microbatch_tokens, replica_chunks)
 
     def backward(self, microbatch: int, grad: Tensor | None = None) -> None:
         """Receivers pass their leaf's grad (None means zeros); senders get their embeddings' gradient and
@@ -141,7 +148,8 @@ class Bridge(ABC):
 
     @abstractmethod
     def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
-                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
+                 microbatch_tokens: Tensor | None,
+                 replica_chunks: Callable[[int], list[Tensor]] | None = None) -> tuple[Tensor, Tensor] | None:
         """The kind's forward on a sender or receiver (inputs already checked)."""
 
     @abstractmethod
@@ -293,7 +301,8 @@ class HeterogeneousBridge(Bridge):
                 for j, _, _ in sample_overlaps(i, self._src_samples, self._dst_samples)]
 
     def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
-                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
+                 microbatch_tokens: Tensor | None,
+                 replica_chunks: Callable[[int], list[Tensor]] | None = None) -> tuple[Tensor, Tensor] | None:
         """Senders post their rows at once (and the counts, unless the receivers know them); receivers block
         until theirs arrived."""
         known = None
@@ -480,14 +489,20 @@ class ColocatedBridge(Bridge):
         self._counts: dict[int, Tensor] = {}  # per-sample counts of the whole micro-batch (CPU)
         self._delivered: dict[int, tuple[Tensor, Tensor]] = {}  # receiver: what forward gathered, until receive
         self._grads: dict[int, Tensor | None] = {}  # receiver: stage 0's gradients, until the collective
+        self._routes: dict[int, tuple[RowRoute, int]] = {}  # under CP: the gradient exchange, rows received
 
     def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
-                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """Keep the sender's inputs (and the micro-batch's counts, if given), then the all-gather."""
+                 microbatch_tokens: Tensor | None,
+                 replica_chunks: Callable[[int], list[Tensor]] | None = None) -> tuple[Tensor, Tensor] | None:
+        """Keep the sender's inputs (and the micro-batch's counts, if given), then the all-gather (under context
+        parallelism, given `replica_chunks`, the all-to-all of each CP rank's rows)."""
         self._sent[microbatch] = _Sent(embeddings, counts)
         if microbatch_tokens is not None:
             self._counts[microbatch] = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts)
-        out = self._colocated_forward(microbatch)
+        if replica_chunks is not None and self.dst.size("cp") > 1:
+            out = self._chunks_forward(microbatch, replica_chunks)
+        else:
+            out = self._colocated_forward(microbatch)
         if out is not None:
             self._delivered[microbatch] = out
         return out
@@ -535,10 +550,8 @@ class ColocatedBridge(Bridge):
     def _colocated_forward(self, microbatch: int) -> tuple[Tensor, Tensor] | None:
         """Every span rank all-gathers its rows (padded); receivers slice their dst replica's rows."""
         sent = self._sent[microbatch]
-        if microbatch not in self._counts:  # the caller did not pass the micro-batch's counts: gather them
-            self._counts[microbatch] = self._colocated_counts(sent.counts.to(self.device))
+        offsets = self._micro_counts(microbatch)
         full = self._counts[microbatch]
-        offsets = row_offsets(full)
         slots = self._slots(self._max_rows(offsets))
         if slots.shape[1]:
             mine = torch.zeros_like(slots[0])
@@ -561,9 +574,57 @@ class ColocatedBridge(Bridge):
                 pieces.append(slots[self._src_leader(i) - self.src.span.start, a - lo_i:b - lo_i])
         return torch.cat(pieces) if pieces else slots.new_empty(0, self.hidden_size)
 
+    def _micro_counts(self, microbatch: int) -> list[int]:
+        """Row offsets of micro-batch m's samples (the counts gathered first if the caller did not pass them)."""
+        if microbatch not in self._counts:
+            self._counts[microbatch] = self._colocated_counts(self._sent[microbatch].counts.to(self.device))
+        return row_offsets(self._counts[microbatch])
+
+    def _chunks_forward(self, microbatch: int, replica_chunks: Callable[[int], list[Tensor]]
+                        ) -> tuple[Tensor, Tensor] | None:
+        """Under context parallelism: one all-to-all over the span in which each src replica's leader sends every
+        first-stage dst rank the rows of its replica that the dst rank's CP chunks hold (`_plan_chunks`)."""
+        offsets = self._micro_counts(microbatch)
+        forward, backward = self._plan_chunks(offsets, replica_chunks)
+        rows = forward(self._sent[microbatch].embeddings.detach(), self._span_group())
+        self._routes[microbatch] = backward, rows.shape[0]
+        if not self.is_receiver:
+            return None
+        start = self._dst_replica * self._dst_samples
+        counts = self._received[microbatch] = self._counts[microbatch][start:start + self._dst_samples]
+        return rows.requires_grad_(), counts
+
+    def _plan_chunks(self, offsets: list[int], replica_chunks: Callable[[int], list[Tensor]]
+                     ) -> tuple[RowRoute, RowRoute]:
+        """The forward route (src leaders hold their replica's rows; each first-stage dst rank needs its CP rank's
+        chunks' rows) and the backward one (each such rank's TP rank 0 holds their gradient, TP peers hold copies;
+        every src rank needs its replica's rows' gradient, to run the encoder's backward). Rows are numbered over
+        the micro-batch; only the dst replicas that share samples with this rank's are asked (`RowRoute.plan`)."""
+        asked = {p for p, _, _ in sample_overlaps(self._src_replica, self._src_samples, self._dst_samples)}
+        asked.add(self._dst_replica)
+        wanted = {d: [rows + self._replica_rows(offsets, d, self._dst_samples)[0] for rows in replica_chunks(d)]
+                  for d in asked if d >= 0}
+        none = torch.zeros(0, dtype=torch.long)
+        held, needed, grad_held, grad_needed = [], [], [], []
+        for r in self.src.span:
+            src, dst = self.src.coordinates(r), self.dst.coordinates(r)
+            replica = torch.arange(*self._replica_rows(offsets, src.dp, self._src_samples))
+            want = wanted[dst.dp][dst.cp] if self.dst.is_first_stage(r) and dst.dp in wanted else none
+            held.append(replica if r == self._src_leader(src.dp) else none)
+            needed.append(want)
+            grad_held.append(want if dst.tp == 0 else none)
+            grad_needed.append(replica)
+        rank = self.src.rank - self.src.span.start
+        return (RowRoute.plan(held, needed, rank, self.device),
+                RowRoute.plan(grad_held, grad_needed, rank, self.device))
+
     def _colocated_backward(self, microbatch: int, grad: Tensor | None) -> None:
         """Dst TP rank 0s (one per CP rank) place their gradient in each src rank's slot; a reduce-scatter
-        delivers it, summed."""
+        delivers it, summed. Under context parallelism, the backward route sends each CP rank's rows' gradient
+        straight to the src ranks of the replica that encoded them."""
+        if microbatch in self._routes:
+            self._chunks_backward(microbatch, grad)
+            return
         sent: _Sent = self._pop(self._sent, microbatch)
         offsets = row_offsets(self._pop(self._counts, microbatch))
         width = self._max_rows(offsets)
@@ -578,6 +639,19 @@ class ColocatedBridge(Bridge):
         if width:
             dist.reduce_scatter(mine, list(slots.unbind(0)), group=self._span_group())
         _backward(sent.embeddings, mine[:sent.embeddings.shape[0]])
+
+    def _chunks_backward(self, microbatch: int, grad: Tensor | None) -> None:
+        """The backward route of micro-batch m: each first-stage TP rank 0 sends its rows' gradient (zeros for None)
+        to the src ranks owning them; every src rank runs the encoder's backward on its replica's rows."""
+        sent: _Sent = self._pop(self._sent, microbatch)
+        route, rows = self._pop(self._routes, microbatch)
+        self._pop(self._counts, microbatch)
+        block = torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        if self.is_receiver:
+            self._pop(self._received, microbatch)
+            if self._holds_grad_share:  # its TP peers hold copies
+                block = self._grad_or_zeros(microbatch, grad, rows)
+        _backward(sent.embeddings, route(block, self._span_group()))
 
     def _place(self, slots: Tensor, grad: Tensor, offsets: list[int], lo: int, hi: int) -> None:
         """Copy the gradient of rows [lo, hi) into the slot of every span rank whose src replica owns them."""
@@ -596,7 +670,8 @@ class HomogeneousBridge(Bridge):
     encodes_inside_language_forward = True
 
     def _forward(self, microbatch: int, embeddings: Tensor | None, counts: Tensor | None,
-                 microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor] | None:
+                 microbatch_tokens: Tensor | None,
+                 replica_chunks: Callable[[int], list[Tensor]] | None = None) -> tuple[Tensor, Tensor] | None:
         return embeddings, counts
 
     def _backward(self, microbatch: int, grad: Tensor | None) -> None:

@@ -475,15 +475,6 @@ class MimoParallelismConfig:
                                    num_microbatches)
             except ValueError as e:
                 raise LayoutError(f"module '{name}': {e}") from None
-            shares = m.data_parallel_size * m.context_parallel_size
-            if name != LANGUAGE and m.context_parallel_size > 1 and micro % shares:
-                raise LayoutError(
-                    f"module '{name}': micro-batch size {micro} (global batch {global_batch_size} / "
-                    f"{num_microbatches} micro-batches) is not divisible by its data_parallel_size "
-                    f"{m.data_parallel_size} x context_parallel_size {m.context_parallel_size} (each CP rank "
-                    f"encodes a share of a replica's samples); use a global batch that is a multiple of "
-                    f"{num_microbatches * shares}"
-                )
             if micro % m.data_parallel_size:
                 raise LayoutError(
                     f"module '{name}': micro-batch size {micro} (global batch {global_batch_size} / "

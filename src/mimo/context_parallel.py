@@ -7,9 +7,9 @@ A sequence whose length does not divide by 2·CP is padded at its end with posit
 document of pads that attends only to pads). The split is a choice of columns, decided on the host from the
 text every rank holds (`split_columns`), so a rank knows every other rank's columns without communicating.
 `split_text` cuts a micro-batch share's `LanguageText` into this rank's `ContextText`: ids, labels, rotary
-positions (M-RoPE's [3, R, T] too) of the unsplit sequence, and which modality embedding rows its chunks hold
-(`embedding_rows`; every rank's, `every_rank_rows`, for a bridge leader that sends each CP rank only its rows):
-splicing the whole sequence then keeping the chunks equals keeping the rows the chunks hold.
+positions (M-RoPE's [3, R, T] too) of the unsplit sequence, and which modality embedding rows every CP rank's
+chunks hold (`every_rank_rows`: what the encoder's rows are routed by): splicing the whole sequence then keeping the
+chunks equals keeping the rows the chunks hold.
 
 **The attention.** `ContextParallelAttention` all-gathers K and V over the CP group (`gather_sequence`: the
 backward reduce-scatters their gradients) and lets each local query see the gathered keys that are in its own
@@ -19,8 +19,10 @@ The decoder takes it as its `attention` argument; nothing in `mimo.models` knows
 The loss is each rank's chunks' summed cross-entropy; the step divides by the label count of the whole global
 batch and sums the loss over CP ranks, so the loss and the gradients are those of the unsplit sequence.
 
-**A homogeneous encoder** (the language model's layout, CP included) encodes on each CP rank a share of its
-replica's samples; `gather_rows` gives every CP rank the replica's rows (backward: each share's gradient summed).
+**The encoder's rows** reach each CP rank only where its chunks hold them (`chunk_rows`, known on every rank from the
+host text): a homogeneous encoder's CP ranks each encode a share of the replica's images by patch count and one
+all-to-all gives each CP rank its chunks' rows (`training.patch_balance.chunk_route`); the colocated and the
+heterogeneous bridges deliver each CP rank its chunks' rows (`mimo.bridge`).
 """
 
 from __future__ import annotations
@@ -72,15 +74,14 @@ def _segments(length: int, documents: torch.Tensor | None) -> list[tuple[int, in
 class ContextText(LanguageText):
     """This CP rank's chunks of a micro-batch share's text (see the module docstring). `key_columns` [CP·L]: every
     rank's columns in rank order (what the gathered K/V hold), padding numbered past the row; `key_documents`
-    [R or 1, CP·L] their documents (PAD for padding); `embedding_rows` per special token id, which rows of the
-    share's embeddings [n, H] this rank's chunks hold, in its row-major order (on the text's device), and
-    `every_rank_rows` those of every CP rank (on the host: what a bridge leader sends each); `group` the CP group."""
+    [R or 1, CP·L] their documents (PAD for padding); `every_rank_rows` per special token id, per CP rank, which
+    rows of the share's embeddings [n, H] (row-major) its chunks hold, in its order (on the host: what routes the
+    encoder's rows to each CP rank); `group` the CP group."""
 
     key_columns: torch.Tensor = None
     key_documents: torch.Tensor = None
     rank: int = 0
     size: int = 1
-    embedding_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     group: dist.ProcessGroup | None = None
     every_rank_rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -106,7 +107,6 @@ class ContextText(LanguageText):
         return ContextText(moved.input_ids, moved.labels, moved.position_ids, None,
                            scored_positions=moved.scored_positions, key_columns=_copy(self.key_columns, device),
                            key_documents=_copy(self.key_documents, device), rank=self.rank, size=self.size,
-                           embedding_rows={token: _copy(rows, device) for token, rows in self.embedding_rows.items()},
                            group=self.group, every_rank_rows=self.every_rank_rows)
 
 
@@ -134,12 +134,22 @@ def split_text(text: LanguageText, rank: int, size: int, special_ids: Iterable[i
     key_columns = torch.where(padding, length + torch.arange(every.numel()), every)
     whole_documents = text.document_ids if text.document_ids is not None else torch.zeros(1, length, dtype=torch.long)
     key_documents = whole_documents[:, every.clamp(min=0)].masked_fill(padding, PAD)
-    every_rank_rows = {token: [_rows_held(text.input_ids == token, c.clamp(min=0), c != PAD) for c in columns]
-                       for token in special_ids}
-    held = {token: rows[rank] for token, rows in every_rank_rows.items()}
+    every_rank_rows = {token: _every_rank_rows(text.input_ids, columns, token) for token in special_ids}
     return ContextText(ids, labels, positions.contiguous(), None, key_columns=key_columns,
-                       key_documents=key_documents, rank=rank, size=size, embedding_rows=held, group=group,
+                       key_documents=key_documents, rank=rank, size=size, group=group,
                        every_rank_rows=every_rank_rows)
+
+
+def chunk_rows(text: LanguageText, size: int, token: int) -> list[torch.Tensor]:
+    """Per CP rank of `size`, which rows of `token`'s embeddings of `text` (a micro-batch share, host tensors) its
+    chunks hold, in its order: `split_text`'s `every_rank_rows` without the rest of the split."""
+    documents = None if text.document_ids is None else text.document_ids[0]
+    return _every_rank_rows(text.input_ids, split_columns(text.input_ids.shape[1], documents, size), token)
+
+
+def _every_rank_rows(ids: torch.Tensor, columns: list[torch.Tensor], token: int) -> list[torch.Tensor]:
+    """Per CP rank's `columns`, the rows of `token`'s embeddings (row-major over `ids` [R, T]) they hold."""
+    return [_rows_held(ids == token, c.clamp(min=0), c != PAD) for c in columns]
 
 
 def _rows_held(special: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -228,38 +238,3 @@ class _GatherSequence(torch.autograd.Function):
 def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Every CP rank's x [R, heads, L, d] joined along the sequence in rank order (a differentiable all-gather)."""
     return _GatherSequence.apply(x, group)
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather rows [n_r, H] of uneven sizes (known on every rank) in rank order; backward: each rank's rows'
-    gradient summed over the group (a reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.sizes, ctx.group = sizes, group
-        width = max(sizes)
-        mine = x.new_zeros((width, *x.shape[1:]))
-        mine[:x.shape[0]] = x
-        parts = [torch.empty_like(mine) for _ in sizes]
-        if width:
-            dist.all_gather(parts, mine, group=group)
-        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        sizes, width = ctx.sizes, max(ctx.sizes)
-        pieces = []
-        for piece in grad.split(sizes):
-            padded = grad.new_zeros((width, *grad.shape[1:]))
-            padded[:piece.shape[0]] = piece
-            pieces.append(padded)
-        out = grad.new_empty((width, *grad.shape[1:]))
-        if width:
-            dist.reduce_scatter(out, pieces, group=ctx.group)
-        return out[:sizes[dist.get_rank(ctx.group)]], None, None
-
-
-def gather_rows(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Every CP rank's rows joined in rank order (`sizes[r]` rows from rank r; differentiable): a homogeneous
-    encoder's CP ranks each encode a share of a replica's items, and every CP rank then holds the replica's rows."""
-    return _GatherRows.apply(x, sizes, group)

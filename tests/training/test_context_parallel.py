@@ -171,6 +171,10 @@ def test_context_parallel_layouts_train_like_one_process():
     tokens = images * ViTConfig.tiny().tokens_per_image
     received = [rank_rows[3]["received"] for rank_rows in per_rank]
     assert received[:2] == [0, 0] and sum(received[2:]) == tokens and all(0 < n < tokens for n in received[2:])
+    # colocated (CP2 x DP2, and CP4): the same, from the span's all-to-all: every row reaches exactly one CP rank
+    for name in ("colocated-images-dp4-lm-cp2dp2", "colocated-images-dp4-lm-cp4"):
+        received = [rank_rows[[r[0] for r in ROWS].index(name)]["received"] for rank_rows in per_rank]
+        assert sum(received) == tokens and all(0 < n < tokens for n in received), (name, received, tokens)
 
 
 # -- the split itself, on the host --------------------------------------------------------------------------
@@ -192,10 +196,10 @@ def test_split_text_keeps_the_whole_sequences_positions_labels_and_embedding_row
     assert mine.input_ids.tolist() == [[9, 6, 7, 8, 2, 1]]
     assert mine.position_ids.tolist() == [[2, 3, 4, 5, 1, 2]]
     assert mine.labels.tolist() == [[109, 106, 107, 108, 102, 101]]
-    assert mine.embedding_rows[9].tolist() == [1]
+    assert mine.every_rank_rows[9][1].tolist() == [1]
     first = split_text(text, 0, 2, special_ids=(9,))
     assert first.labels.tolist() == [[105, 109, 104, 109, 103, IGNORE_INDEX]]
-    assert first.embedding_rows[9].tolist() == [0, 2]
+    assert first.every_rank_rows[9][0].tolist() == [0, 2]
     assert first.key_documents.tolist() == [[0, 0, 0, 0, 1, PAD, 0, 0, 0, 0, 1, 1]]
 
 

@@ -26,7 +26,7 @@ from mimo.models.qwen_vision import Qwen3VisionConfig, Qwen25VisionConfig
 from mimo.models.rotary import MRopeLayout
 from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.optim import OptimizerConfig, make_adamw, param_groups
-from mimo.training.patch_balance import split_images, step_imbalance
+from mimo.training.patch_balance import split_images, split_replicas, step_imbalance
 from mimo.training.step import MimoTrainer
 from tests.training.test_parity import full_params
 
@@ -59,6 +59,10 @@ DEEPSTACK_SP_PP = ("colocated-vit-dp4-lm-tp2-pp2-sp-packed",
                    {"images": {"data_parallel_size": 4},
                     "language": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
                                  "data_parallel_size": 1, "sequence_parallel": True}})
+# Qwen3-VL only, packed: a homogeneous tower under LM CP2 encodes each replica's images split over its CP ranks by
+# patch count, and each CP rank receives only the rows (DeepStack's too) its chunks hold
+HOMOGENEOUS_CP = ("homogeneous-cp2-dp2-packed", {"images": {"context_parallel_size": 2, "data_parallel_size": 2},
+                                                 "language": {"context_parallel_size": 2, "data_parallel_size": 2}})
 
 # Qwen3-VL only, packed, interleaved (issue 29): PP rank 0 holds layers 0 and 2, rank 1 layers 1 and 3, so DeepStack's
 # features cross every virtual stage boundary, the last one from rank 1's chunk 0 back to rank 0's chunk 1
@@ -123,7 +127,7 @@ def train_layouts(rank: int, world_size: int, kind: str) -> dict:
     rows = [(name, layout, False) for name, layout in LAYOUTS.items()]
     rows += [(name + "-packed", LAYOUTS[name], True) for name in PACKED]
     if kind == "qwen3_vl":
-        rows += [(*DEEPSTACK_SP_PP, True), (*DEEPSTACK_VPP, True)]
+        rows += [(*DEEPSTACK_SP_PP, True), (*DEEPSTACK_VPP, True), (*HOMOGENEOUS_CP, True)]
     for name, layout, packed in rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -137,8 +141,14 @@ def train_layouts(rank: int, world_size: int, kind: str) -> dict:
         results = [trainer.train_step(batch) for batch in batches(kind)]
         out[name] = {"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
                      "params": full_params(model), "balance": [r.patch_balance for r in results],
-                     "images_dp": layout["images"]["data_parallel_size"]}
+                     "images_dp": layout["images"]["data_parallel_size"],
+                     "images_cp": layout["images"].get("context_parallel_size", 1)}
     return out
+
+
+def split(images, dp: int, cp: int):
+    """The patch split the step makes: over the tower's DP ranks, or each replica's over its CP ranks."""
+    return split_replicas(images, dp, cp) if cp > 1 else split_images(images, dp)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
@@ -146,9 +156,9 @@ def test_every_layout_trains_like_one_process(kind: str) -> None:
     ref_losses, ref_norms, ref_params = reference(kind)
     results = run_distributed(train_layouts, 4, kind, timeout_s=300)
     for name in results[0]:
-        dp = results[0][name]["images_dp"]
-        balanced = [{"images": step_imbalance([split_images(b.microbatch(m, MICRO).modality_inputs["images"], dp)
-                                               for m in range(MICRO)])} if dp > 1 else {} for b in batches(kind)]
+        dp, cp = results[0][name]["images_dp"], results[0][name]["images_cp"]
+        balanced = [{"images": step_imbalance([split(b.microbatch(m, MICRO).modality_inputs["images"], dp, cp)
+                                               for m in range(MICRO)])} if dp * cp > 1 else {} for b in batches(kind)]
         assert all(res[name]["balance"] == balanced for res in results), f"{kind} {name}: images not split by patches"
         seen = set()
         for rank, per_rank in enumerate(results):

@@ -7,17 +7,22 @@ replica with the large images. Here the micro-batch's images are split by patch 
 encodes its images, and one all-to-all over the encoder's DP group sends every image's tokens to the replica whose
 samples own it, put back in batch order: the rows the bridge receives are exactly those of the contiguous split,
 and the backward is the mirror all-to-all (each row's gradient back to the rank that encoded it). Exact: rows
-move, nothing is summed.
+move, nothing is summed (`mimo.exchange.RowRoute`). A homogeneous encoder under context parallelism splits each
+replica's images over its CP ranks instead (`split_replicas`) and routes every CP rank the rows its sequence chunks
+hold (`chunk_route`).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mimo.data.balance import RankSplit, split_by_patches
+from mimo.exchange import RowRoute
 from mimo.models import ModalityBatch
 
 
@@ -42,43 +47,57 @@ class PatchBalance:
 
     def items(self, batch: ModalityBatch) -> ModalityBatch:
         """The images this rank encodes (one per "sample": the encoder reads only rows and grids)."""
-        mine = self.split.images[self.rank]
-        rows = batch.item_rows()
-        starts = [0, *torch.cumsum(rows, 0).tolist()]
-        pieces = [batch.items[starts[i]:starts[i + 1]] for i in mine]
-        items = torch.cat(pieces) if pieces else batch.items[:0]
-        return ModalityBatch(items, torch.ones(len(mine), dtype=torch.long), batch.item_grids[list(mine)])
-
-    def _owner(self, image: int) -> int:
-        """The replica whose samples hold `image`."""
-        return next(q for q, (lo, hi) in enumerate(self.owned) if lo <= image < hi)
-
-    def _sent(self, rank: int) -> list[list[int]]:
-        """The images `rank` encodes, grouped by the replica they go to (each group in batch order)."""
-        groups: list[list[int]] = [[] for _ in self.owned]
-        for image in self.split.images[rank]:
-            groups[self._owner(image)].append(image)
-        return groups
+        return images_of(batch, self.split.images[self.rank])
 
     def exchange(self, rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         """This rank's encoded rows (its images' tokens in batch order) → the rows of its own samples' images in
-        batch order, as the contiguous split would have encoded them."""
-        sent = [self._sent(r) for r in range(len(self.owned))]  # every rank's, as every rank computes them
-        send = [sum(self.tokens[i] for i in images) for images in sent[self.rank]]
-        arrived = [image for groups in sent for image in groups[self.rank]]  # in the order they arrive
-        recv = [sum(self.tokens[i] for i in groups[self.rank]) for groups in sent]
-        moved = _AllToAll.apply(rows, send, recv, group)
-        return moved.index_select(0, self._batch_order(arrived, moved.device))
+        batch order, as the contiguous split would have encoded them (rows numbered over the micro-batch)."""
+        offsets = [0, *itertools.accumulate(self.tokens)]
+        held = [image_rows(offsets, images) for images in self.split.images]
+        needed = [torch.arange(offsets[lo], offsets[hi]) for lo, hi in self.owned]
+        return RowRoute.plan(held, needed, self.rank, rows.device)(rows, group)
 
-    def _batch_order(self, arrived: list[int], device: torch.device) -> torch.Tensor:
-        """For each row of this replica's images in batch order, where it sits among the rows as they arrived."""
-        at, offset = {}, 0
-        for image in arrived:
-            at[image] = offset
-            offset += self.tokens[image]
-        lo, hi = self.owned[self.rank]
-        order = [at[i] + j for i in range(lo, hi) for j in range(self.tokens[i])]
-        return torch.tensor(order, dtype=torch.long).to(device, non_blocking=True)
+
+def image_rows(offsets: Sequence[int], images: Sequence[int]) -> torch.Tensor:
+    """The row numbers of these images' tokens, one image after another (`offsets`: each image's first row)."""
+    if not images:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in images])
+
+
+def images_of(batch: ModalityBatch, images: Sequence[int]) -> ModalityBatch:
+    """Those images of `batch` (indices, in order), one per "sample": the encoder reads only rows and grids."""
+    starts = [0, *torch.cumsum(batch.item_rows(), 0).tolist()]
+    pieces = [batch.items[starts[i]:starts[i + 1]] for i in images]
+    items = torch.cat(pieces) if pieces else batch.items[:0]
+    grids = None if batch.item_grids is None else batch.item_grids[list(images)]
+    return ModalityBatch(items, torch.ones(len(images), dtype=torch.long), grids)
+
+
+def split_replicas(batch: ModalityBatch, replicas: int, ranks: int) -> RankSplit:
+    """Each of `replicas` replicas' images (those of its contiguous samples, as `MimoBatch.shard` cuts them) over its
+    own `ranks` ranks by patch count: one split over replicas·ranks ranks, replica-major, indices the micro-batch's
+    (a homogeneous encoder's CP ranks: each replica's rows stay in the replica)."""
+    per = batch.items_per_sample.shape[0] // replicas
+    first = [0, *torch.cumsum(batch.items_per_sample, 0).tolist()]
+    patches = batch.item_rows().tolist()
+    images, loads = [], []
+    for q in range(replicas):
+        lo, hi = first[q * per], first[(q + 1) * per]
+        part = split_by_patches(patches[lo:hi], ranks)
+        images += [tuple(lo + i for i in group) for group in part.images]
+        loads += part.patches
+    return RankSplit(tuple(images), tuple(loads))
+
+
+def chunk_route(tokens: torch.Tensor, groups: Sequence[Sequence[int]], first_image: int,
+                needed: Sequence[torch.Tensor], rank: int, device: torch.device | str) -> RowRoute:
+    """CP rank c of a replica encodes images `groups[c]` (the micro-batch's indices, `tokens` [N] rows each; the
+    replica's images start at `first_image`) and needs the replica's rows its chunks hold (`needed[c]`,
+    `ContextText.every_rank_rows`): the exchange over the replica's CP group that gives each CP rank only those."""
+    offsets = [0, *torch.cumsum(tokens, 0).tolist()]
+    held = [image_rows(offsets, group) - offsets[first_image] for group in groups]
+    return RowRoute.plan(held, needed, rank, device)
 
 
 def split_images(batch: ModalityBatch, ranks: int) -> RankSplit:
@@ -92,22 +111,3 @@ def step_imbalance(splits: list[RankSplit]) -> float:
     busiest = sum(max(s.patches) for s in splits)
     mean = sum(sum(s.patches) / len(s.patches) for s in splits)
     return busiest / mean if mean else 1.0
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows [n, ...] sent in runs of `send` rows to each rank of `group`, `recv` rows from each; the backward
-    sends the gradients back the same way."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, send: list[int], recv: list[int],  # noqa: ANN001 - autograd's ctx
-                group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        out = rows.new_empty((sum(recv), *rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # noqa: ANN001
-        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
-        return back, None, None, None

@@ -5,7 +5,8 @@ the part it hosts, in three phases:
 1. encoder ranks encode their DP replica's items micro-batch by micro-batch and hand each result to
    the bridge (heterogeneous: sent at once, so the language pipeline can start on micro-batch 0); images of
    different sizes are encoded split by patch count and exchanged back to their samples' replica first
-   (`patch_balance`);
+   (`patch_balance`; a homogeneous encoder under CP: each replica's images over its CP ranks, each CP rank then
+   given only its sequence chunks' rows);
 2. language ranks run the 1F1B schedule; stage 0 takes each micro-batch's embeddings from the bridge
    and, on a heterogeneous edge, returns their gradient as soon as its backward is done;
 3. encoder ranks run each micro-batch's backward as its gradient arrives (colocated: all ranks of the
@@ -30,7 +31,7 @@ import torch.distributed as dist
 
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
-from mimo.context_parallel import ContextText, gather_rows, split_text
+from mimo.context_parallel import ContextText, chunk_rows, split_text
 from mimo.data import MimoBatch
 from mimo.data.balance import RankSplit
 from mimo.data.batch import to_device
@@ -45,13 +46,21 @@ from mimo.distributed import (
     reduces_by_chunk,
     unwrap,
 )
+from mimo.exchange import RowRoute
 from mimo.grid import pipeline_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel, ModalityBatch
 from mimo.training.deepstack import DeepStackCarry
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
-from mimo.training.patch_balance import PatchBalance, split_images, step_imbalance
+from mimo.training.patch_balance import (
+    PatchBalance,
+    chunk_route,
+    images_of,
+    split_images,
+    split_replicas,
+    step_imbalance,
+)
 from mimo.training.pipeline import Activation, PipelineSchedule, StageWork
 
 
@@ -75,7 +84,8 @@ class StepResult:
     skipped: bool = False  # fp16: an overflow somewhere made every rank skip this update
     documents: tuple[int, ...] | None = None
     votes: tuple[float, ...] = ()  # the caller's `votes`, summed over every rank (`train_step`)
-    # per modality of packed items on an encoder with DP > 1: max / mean patches per encoder rank (`PatchBalance`)
+    # per modality of packed items on an encoder with DP > 1 (or of any items on a homogeneous encoder under CP):
+    # max / mean patches per encoder rank (`PatchBalance`, `split_replicas`)
     patch_balance: dict[str, float] = field(default_factory=dict)
 
 
@@ -146,7 +156,7 @@ class MimoTrainer:
         # each sample's kept positions, found once on the host ids: the text layout and the token counts read them
         extents = self._extent_shares(sample_extents(batch.input_ids, batch.labels, self.special_token_ids))
         splits = self._patch_splits(batch)
-        self._state = _StepState(batch, label_tokens, *self._prefetch(batch, extents, splits))
+        self._state = _StepState(batch, label_tokens, extents, *self._prefetch(batch, extents, splits))
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
         inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
@@ -212,13 +222,28 @@ class MimoTrainer:
         grid = self.infra.module_to_grid_map[name]
         if work.balance is not None:
             out = work.balance.exchange(out, grid.get_group("dp"))
-        counts = work.counts
-        if grid.size("cp") > 1:  # this CP rank encoded a share of its replica's samples: every CP rank gets all rows
-            replica = self._state.batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
-            counts = unwrap(encoder).tokens_per_sample(replica.modality_inputs[name])
-            out = gather_rows(out, counts.view(grid.size("cp"), -1).sum(1).tolist(), grid.get_group("cp"))
+        out = out.to(self.activation_dtype)
+        if work.route is not None:  # homogeneous under CP: each CP rank gets its chunks' rows (nothing else moves)
+            return work.route(out, grid.get_group("cp")), work.counts
         tokens = self.microbatch_tokens(self._state.batch, name, m)
-        return bridge.forward(m, out.to(self.activation_dtype), counts, tokens)
+        return bridge.forward(m, out, work.counts, tokens, replica_chunks=self._replica_chunks(name, m))
+
+    def _replica_chunks(self, name: str, m: int) -> Callable[[int], list[torch.Tensor]] | None:
+        """Under context parallelism, for a language DP replica d: which of its `name` rows of micro-batch m each CP
+        rank's sequence chunks hold (`chunk_rows`, on the host text every rank holds: this replica's split, another
+        arranged as `text_layout` arranges it there); None without CP."""
+        grid = self.infra.module_to_grid_map[LANGUAGE]
+        if grid.size("cp") == 1:
+            return None
+        token, state = self.special_token_ids[name], self._state
+
+        def chunks(d: int) -> list[torch.Tensor]:
+            if d == grid.coord.dp:
+                return state.host_text[m].every_rank_rows[token]
+            share = state.batch.microbatch(m, self.num_microbatches).shard(d, grid.size("dp"))
+            text = self.text_layout.arrange(share, self.special_token_ids, state.extents[m, d])
+            return chunk_rows(text, grid.size("cp"), token)
+        return chunks
 
     def microbatch_tokens(self, batch: MimoBatch, name: str, m: int) -> torch.Tensor | None:
         """Tokens per sample of modality `name` in the whole micro-batch m of `batch`, counted on the CPU ids every
@@ -233,31 +258,57 @@ class MimoTrainer:
 
     def _patch_splits(self, batch: MimoBatch) -> dict[str, list[RankSplit]]:
         """Per modality of packed items (images of different sizes) whose encoder has DP > 1: each micro-batch's
-        images split over its DP ranks by patch count (`PatchBalance`), found on the host batch every rank holds."""
+        images split over its DP ranks by patch count (`PatchBalance`); per modality of a homogeneous encoder under
+        CP: each replica's images over its CP ranks (`split_replicas`, stacked items too). Found on the host batch
+        every rank holds."""
         splits = {}
         for name in self.bridges:
-            ranks = self.infra.config.module_parallelisms[name].data_parallel_size
+            layout = self.infra.config.module_parallelisms[name]
             items = batch.modality_inputs.get(name)
-            cp = self.infra.config.module_parallelisms[name].context_parallel_size  # CP ranks split by sample
-            if ranks > 1 and cp == 1 and items is not None and items.packed:
-                splits[name] = [split_images(batch.microbatch(m, self.num_microbatches).modality_inputs[name], ranks)
-                                for m in range(self.num_microbatches)]
+            if items is None:
+                continue
+            whole = [batch.microbatch(m, self.num_microbatches).modality_inputs[name]
+                     for m in range(self.num_microbatches)]
+            if layout.context_parallel_size > 1:
+                splits[name] = [split_replicas(w, layout.data_parallel_size, layout.context_parallel_size)
+                                for w in whole]
+            elif layout.data_parallel_size > 1 and items.packed:
+                splits[name] = [split_images(w, layout.data_parallel_size) for w in whole]
         return splits
 
     def _encoder_work(self, name: str, batch: MimoBatch, share: MimoBatch, m: int,
-                      splits: dict[str, list[RankSplit]]) -> _EncoderWork:
+                      splits: dict[str, list[RankSplit]], text: LanguageText | None) -> _EncoderWork:
         """What this encoder replica encodes of micro-batch m (on the device) and the token counts of its samples:
-        its samples' items, or its patch-balanced share of the micro-batch's images."""
+        its samples' items, or its patch-balanced share of the micro-batch's images (under CP, of its replica's,
+        routed to the CP ranks whose chunks of `text`, the language model's, hold them)."""
         encoder = unwrap(self.model.modality_submodules[name])
         own = share.modality_inputs[name]
         counts = encoder.tokens_per_sample(own)  # host metadata: stays on the CPU
         if name not in splits:
             return _EncoderWork(own.with_items(to_device(own.items, self.device)), counts)
         whole = batch.microbatch(m, self.num_microbatches).modality_inputs[name]
-        rank = self.infra.module_to_grid_map[name].coord.dp
+        grid = self.infra.module_to_grid_map[name]
+        if grid.size("cp") > 1:
+            return self._chunk_work(name, whole, splits[name][m], counts, text)
+        rank = grid.coord.dp
         balance = PatchBalance.plan(whole, encoder.item_tokens(whole), splits[name][m], rank)
         items = balance.items(whole)
         return _EncoderWork(items.with_items(to_device(items.items, self.device)), counts, balance)
+
+    def _chunk_work(self, name: str, whole: ModalityBatch, split: RankSplit, counts: torch.Tensor,
+                    text: ContextText) -> _EncoderWork:
+        """A homogeneous encoder's CP rank under CP: its share of its replica's images (`split_replicas`) and the
+        route that gives every CP rank of the replica the rows its chunks of `text` hold (`chunk_route`)."""
+        grid = self.infra.module_to_grid_map[name]
+        cp, first = grid.size("cp"), grid.coord.dp * grid.size("cp")
+        groups = split.images[first:first + cp]
+        start = int(whole.items_per_sample[:grid.coord.dp * (whole.items_per_sample.shape[0] // grid.size("dp"))]
+                    .sum())  # the replica's first image
+        tokens = unwrap(self.model.modality_submodules[name]).item_tokens(whole)
+        route = chunk_route(tokens, groups, start, text.every_rank_rows[self.special_token_ids[name]],
+                            grid.coord.cp, self.device)
+        items = images_of(whole, groups[grid.coord.cp])
+        return _EncoderWork(items.with_items(to_device(items.items, self.device)), counts, route=route)
 
     def _prefetch(self, batch: MimoBatch, extents: torch.Tensor,
                   splits: dict[str, list[RankSplit]]) -> tuple[dict[str, list], list[LanguageText]]:
@@ -266,7 +317,8 @@ class MimoTrainer:
         encoder's as `_encoder_work` says): all copies queued at the start of the step from pinned memory, so
         no copy later waits for the GPU to drain."""
         shares, host_text = {}, []
-        for name in self.infra.participating_modules:
+        # the language model's text first: a homogeneous encoder under CP routes its rows to the text's chunks
+        for name in sorted(self.infra.participating_modules, key=lambda n: n != LANGUAGE):
             grid = self.infra.module_to_grid_map[name]
             own = [batch.microbatch(m, self.num_microbatches).shard(grid.coord.dp, grid.size("dp"))
                    for m in range(self.num_microbatches)]
@@ -276,10 +328,10 @@ class MimoTrainer:
                 self._check_positions(host_text)
                 host_text = [self._context_share(text) for text in host_text]
                 shares[name] = [text.to(self.device) for text in host_text]
-            else:  # a homogeneous encoder's CP ranks each encode a share of the replica's samples
-                if grid.size("cp") > 1:
-                    own = [share.shard(grid.coord.cp, grid.size("cp")) for share in own]
-                shares[name] = [self._encoder_work(name, batch, share, m, splits) for m, share in enumerate(own)]
+            else:
+                texts = host_text if grid.size("cp") > 1 else [None] * len(own)
+                shares[name] = [self._encoder_work(name, batch, share, m, splits, texts[m])
+                                for m, share in enumerate(own)]
         return shares, host_text
 
     def _context_share(self, text: LanguageText) -> LanguageText:
@@ -403,15 +455,10 @@ class MimoTrainer:
                 chunks = text.every_rank_rows[self.special_token_ids[src]] if isinstance(text, ContextText) else None
                 embeddings[src], counts[src] = bridge.receive(m, self.microbatch_tokens(self._state.batch, src, m),
                                                               chunks)
-        chunked = {src for src, bridge in self.bridges.items() if bridge.delivers_chunks} \
-            if isinstance(text, ContextText) else set()
-        # rows the replica's samples hold: a bridge that delivered only this CP rank's chunks' rows received them all
-        rows = {name: int(counts[name].sum()) if name in chunked else e.shape[0] for name, e in embeddings.items()}
+        # rows the replica's samples hold (under CP each rank got only its chunks' rows: the counts are the replica's)
+        chunked = isinstance(text, ContextText)
+        rows = {name: int(counts[name].sum()) if chunked else e.shape[0] for name, e in embeddings.items()}
         self.model.check_alignment(mb.input_ids, {n: c.cpu() for n, c in counts.items()}, rows)
-        if isinstance(text, ContextText):  # keep the rows this rank's chunks hold (where the bridge did not)
-            embeddings = {name: e if name in chunked else
-                          e.index_select(0, text.embedding_rows[self.special_token_ids[name]])
-                          for name, e in embeddings.items()}
         return self.model.language_inputs(text.input_ids, embeddings, counts, check=False, host_ids=host_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
@@ -501,6 +548,7 @@ class _EncoderWork:
     items: ModalityBatch
     counts: torch.Tensor
     balance: PatchBalance | None = None
+    route: RowRoute | None = None  # a homogeneous encoder under CP: its rows to the CP ranks whose chunks hold them
 
 
 def _wide_modality(widths: Mapping[str, int], hidden_size: int) -> str | None:
@@ -514,11 +562,12 @@ def _wide_modality(widths: Mapping[str, int], hidden_size: int) -> str | None:
 
 @dataclass
 class _StepState:
-    """Per-step scratch: the batch, its label count (the loss divisor) and this rank's prefetched shares of
-    it (the language model's text also on the host), the loss sum, each phase's seconds."""
+    """Per-step scratch: the batch, its label count (the loss divisor), its samples' extents and this rank's
+    prefetched shares of it (the language model's text also on the host), the loss sum, each phase's seconds."""
 
     batch: MimoBatch
     label_tokens: int
+    extents: torch.Tensor  # `_extent_shares`: how `text_layout` arranges any replica's share
     inputs: dict[str, list]
     host_text: list[LanguageText]
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
