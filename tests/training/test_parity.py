@@ -158,6 +158,10 @@ MATRIX = [
     ("11-llava-stage1", 3, {"images": {"data_parallel_size": 1},
                             "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1,
                                          "rank_offset": 1}}, ("images",), True, False, DDP),
+    # LLaVA stage 1 over a pipeline: every stage frozen, the gradient still crosses both to the projector (issue 29)
+    ("11-llava-stage1-pp2", 3, {"images": {"data_parallel_size": 1},
+                                "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1,
+                                             "rank_offset": 1}}, ("images",), True, False, DDP),
     ("12-tied-pp2", 4, {"images": {"data_parallel_size": 2},
                         "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1,
                                      "rank_offset": 2}}, ("images",), False, True, DDP),
