@@ -28,6 +28,7 @@ from mimo.provider import (
     MimoModelProvider,
     ModuleSpec,
     ProviderError,
+    pipeline_chunk_ranges,
     pipeline_layer_range,
 )
 from mimo.testing import fake_world, run_distributed
@@ -150,6 +151,8 @@ def test_pipeline_layer_ranges():
     assert [pipeline_layer_range(26, 4, r) for r in range(4)] == [(0, 7), (7, 14), (14, 20), (20, 26)]
     with pytest.raises(ProviderError, match="has 2 layers, fewer than its 4 pipeline stages"):
         pipeline_layer_range(2, 4, 0)
+    with pytest.raises(ProviderError, match=r"3 layers, fewer than its 4 virtual pipeline stages .*PP x VPP <= 3"):
+        pipeline_chunk_ranges(3, 2, 0, 2)
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,12 @@ def pipeline_chunk_ranges(num_layers: int, pp_size: int, pp_rank: int,
                           vpp_size: int = 1) -> tuple[tuple[int, int], ...]:
     """Each model chunk's layers on pipeline rank `pp_rank`: chunk c holds virtual stage c·PP + rank of the PP·VPP
     stages (`pipeline_layer_range`), so a micro-batch visits every rank once per chunk (Megatron's layout)."""
-    return tuple(pipeline_layer_range(num_layers, pp_size * vpp_size, c * pp_size + pp_rank) for c in range(vpp_size))
+    stages = pp_size * vpp_size
+    if vpp_size > 1 and num_layers < stages:
+        raise ProviderError(f"the language model has {num_layers} layers, fewer than its {stages} virtual pipeline "
+                            f"stages (pipeline_model_parallel_size {pp_size} x virtual_pipeline_model_parallel_size "
+                            f"{vpp_size}); use PP x VPP <= {num_layers}")
+    return tuple(pipeline_layer_range(num_layers, stages, c * pp_size + pp_rank) for c in range(vpp_size))
 
 
 class MimoModelProvider:
@@ -191,9 +196,9 @@ class MimoModelProvider:
                 module = module_of(model, name)
                 check_tensor_parallel(name, module, tp_plan_of(name, module, module_layout.sequence_parallel), tp)
         language = layout.get_parallelism(LANGUAGE)
-        stages = language.pipeline_model_parallel_size * language.virtual_pipeline_model_parallel_size
-        if stages > 1:
-            pipeline_layer_range(_num_layers(self.language_model_spec), stages, 0)
+        pp, vpp = language.pipeline_model_parallel_size, language.virtual_pipeline_model_parallel_size
+        if pp > 1:
+            pipeline_chunk_ranges(_num_layers(self.language_model_spec), pp, 0, vpp)
 
     def whole_meta_model(self) -> MimoModel:
         """The whole model, every module unsplit, on the meta device: its names and shapes at no memory cost."""
