@@ -95,3 +95,20 @@ def test_the_safe_planner_loads_bytes_entries_with_weights_only(tmp_path):
             dcp.load({"evil": None}, storage_reader=SafeReader(path), planner=SafePlanner(), no_dist=True)
     assert not ran.exists()
     assert "weights_only=False" in inspect.getsource(DefaultLoadPlanner.load_bytes)  # torch's, still unsafe
+
+
+def test_the_compiler_switches_mimo_sets_are_where_torch_keeps_them():
+    """`compiler_loaded` names dynamo's module (torch.compile imports it) and inductor still has the switch
+    `emulate_precision_casts` sets: a torch that moves either fails here, not silently in a run."""
+    import torch._inductor.config as inductor
+
+    from mimo.torch_compat import compiler_loaded, emulate_precision_casts
+
+    torch.compile(lambda x: x)  # builds the wrapper: dynamo imported, nothing compiled yet
+    assert compiler_loaded()
+    saved = inductor.emulate_precision_casts
+    try:
+        emulate_precision_casts()
+        assert inductor.emulate_precision_casts is True
+    finally:
+        inductor.emulate_precision_casts = saved

@@ -27,7 +27,6 @@ heterogeneous bridges deliver each CP rank its chunks' rows (`mimo.bridge`).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -38,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mimo.data.packing import LanguageText
 from mimo.models.labels import IGNORE_INDEX
+from mimo.torch_compat import compiler_loaded
 
 PAD = -1  # the source column of a split's padding position, and the document of pads
 
@@ -178,8 +178,7 @@ class ContextParallelAttention:
         # outside any compiled block's graph (it breaks around the call), as the flex variant: a collective in an
         # autograd.Function is not something to trace. Only where something was compiled (torch.compile imported
         # dynamo when the blocks were wrapped): `torch.compiler.disable` imports dynamo, seconds per process
-        compiling = "torch._dynamo" in sys.modules
-        self._attend = torch.compiler.disable(self._gathered) if compiling else self._gathered
+        self._attend = torch.compiler.disable(self._gathered) if compiler_loaded() else self._gathered
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [R, heads, L, d], k, v [R, kv heads, L, d] of this rank's tokens → [R, heads, L, d]."""

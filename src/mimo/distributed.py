@@ -39,6 +39,7 @@ from mimo.models import MimoModel
 from mimo.models.sequence_parallel import takes_sequence_parallel
 from mimo.precision import DTYPES
 from mimo.recompute import recompute_blocks, recomputed
+from mimo.torch_compat import emulate_precision_casts
 
 DataParallel = Literal["ddp", "fsdp"]
 Recompute = Literal["none", "full"]
@@ -290,16 +291,8 @@ def apply_fp8(model: MimoModel, infra: MimoModelInfra, settings: DistributedConf
         done[name] = module_fp8_layers(name, module, cfg, grid.size("tp"), grid.config.sequence_parallel)
         fp8.convert(module, done[name], fsdp_all_gather=cfg.data_parallel == "fsdp", emulate=cfg.fp8_emulate)
         if cfg.fp8 == "rowwise" and cfg.compile:
-            _emulate_precision_casts()
+            emulate_precision_casts()
     return done
-
-
-def _emulate_precision_casts() -> None:
-    """Inductor rounds to low precision where eager does (process-wide): torchtitan's mend for float8 rowwise
-    under compile, whose recomputed casts otherwise differed from the forward's (pytorch#150859, torchtitan#1056)."""
-    import torch._inductor.config as inductor
-
-    inductor.emulate_precision_casts = True
 
 
 def module_fp8_layers(name: str, module: nn.Module, cfg: ModuleDistributedConfig, tp: int,

@@ -7,13 +7,17 @@
   `torch.load(weights_only=False)` of any entry `.metadata` marks as bytes. `SafeReader` unpickles `.metadata`
   with an allow-list of DCP's metadata classes; `SafePlanner` loads bytes entries with `weights_only=True` (mimo
   writes none, and refuses any before loading: this is the second lock); `storage_files` names the files
-  `.metadata` points into (DCP's `_StorageInfo`).
+  `.metadata` points into (DCP's `_StorageInfo`);
+- compiler switches torch has no public home for: whether dynamo is loaded yet (`compiler_loaded`: without it,
+  `torch.compiler.disable` would import it, seconds per process) and inductor's `emulate_precision_casts`
+  (`emulate_precision_casts`, float8 rowwise under compile).
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +106,18 @@ class SafePlanner(DefaultLoadPlanner):
 def storage_files(metadata: Metadata) -> dict[str, tuple[str, ...]]:
     """{file name: transforms} of every file DCP's `.metadata` sends reads into (each entry's `_StorageInfo`)."""
     return {info.relative_path: tuple(info.transform_descriptors or ()) for info in metadata.storage_data.values()}
+
+
+def compiler_loaded() -> bool:
+    """Whether torch.compile's frontend (dynamo) is imported in this process: something was compiled, or will be.
+    Code that keeps itself out of compiled graphs (`torch.compiler.disable`) asks first, since that call imports
+    dynamo itself."""
+    return "torch._dynamo" in sys.modules
+
+
+def emulate_precision_casts() -> None:
+    """Inductor rounds to low precision where eager does (process-wide): torchtitan's mend for float8 rowwise
+    under compile, whose recomputed casts otherwise differed from the forward's (pytorch#150859, torchtitan#1056)."""
+    import torch._inductor.config as inductor
+
+    inductor.emulate_precision_casts = True

@@ -148,6 +148,7 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
+@functools.cache
 def has_varlen_attention() -> bool:
     """Whether this torch ships `torch.nn.attention.varlen.varlen_attn` (flash attention's varlen kernel)."""
     try:
