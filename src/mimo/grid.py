@@ -264,8 +264,11 @@ class P2PGroups:
 
 
 def pipeline_pairs(grid: ModuleGrid) -> list[tuple[int, int]]:
-    """The (stage s, stage s + 1) rank pairs of every pipeline of `grid` (activations and gradients travel there)."""
-    return [(a, b) for ranks in grid.rank_groups("pp") for a, b in itertools.pairwise(ranks)]
+    """The (stage s, stage s + 1) rank pairs of every pipeline of `grid` (activations and gradients travel there),
+    and with virtual stages (interleaved 1F1B) the wrap-around pair (last rank, first rank) too."""
+    wrap = grid.config.virtual_pipeline_model_parallel_size > 1
+    return [pair for ranks in grid.rank_groups("pp")
+            for pair in [*itertools.pairwise(ranks), *([(ranks[-1], ranks[0])] if wrap else [])]]
 
 
 def build_p2p_groups() -> P2PGroups:
