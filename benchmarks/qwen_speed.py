@@ -84,7 +84,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # llava_speed, b
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from llava_speed import _free, hf_available, init_like_mimo, init_world, measure_peak  # noqa: E402
+from llava_speed import _free, hf_available, init_like_mimo, init_world, measure_peak, trace_step  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mimo.data import MimoBatch  # noqa: E402
@@ -250,6 +250,7 @@ class Context:
     hf_attn: str
     weights: Any = None  # a `ParameterSource` for mimo's model (tests: an HF directory's), else `DeviceDraws`
     hf_vision_attn: str | None = None  # HF's vision attention where it differs from hf_attn (`TORCH_VARLEN`)
+    mimo_sets: tuple[str, ...] = ()  # `mimo train --set KEY=VALUE` overrides for the mimo row (levers to compare)
 
 
 @dataclass
@@ -312,11 +313,11 @@ def build_mimo(ctx: Context) -> Row:
     """The model, trainer and step as `mimo train` builds them (mimo.training.loop), on the benchmark's spec."""
     from mimo.distributed import _blocks, unwrap
     from mimo.training.loop import build_trainer
-    from mimo.training.run_config import parse_run_config
+    from mimo.training.run_config import overridden, parse_run_config
 
     shapes = ctx.shapes
     init_world(ctx.device)
-    config = parse_run_config({
+    config = parse_run_config(overridden({
         "model": {"family": "qwen_vl", "preset": shapes.preset},
         "parallelism": {"images": {}, "language": {}},
         "train": {"global_batch_size": shapes.samples, "num_microbatches": shapes.microbatches,
@@ -324,7 +325,7 @@ def build_mimo(ctx: Context) -> Row:
                   "weight_decay": 0.0, "steps": 10**6, "compile": shapes.compile,
                   "recompute_granularity": "full" if shapes.recompute else "none"},
         "data": {"name": "synthetic", "packing": True},
-    })
+    }, ctx.mimo_sets))
     # the preset's provider, with the benchmark's decoder depth (plan_model would build the preset's 28 layers)
     weights = ctx.weights if ctx.weights is not None else DeviceDraws(config.train.seed)
     provider = QwenVLMimoProvider(ctx.spec, config.layout, params_dtype=config.precision.param_dtype,
@@ -566,6 +567,8 @@ def run_row(name: str, ctx: Context, args: argparse.Namespace, peaks: dict[str, 
         record.update(step_ms=step_ms, step_ms_min=times[0], step_ms_max=times[-1], loss=row.loss())
         if cuda:
             record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if args.profile:
+            record["trace"] = trace_step(row, clock, ctx.device, step_ms, top=30)
         count = ctx.data.patches if vit else ctx.data.tokens
         record["patches_per_s" if vit else "tokens_per_s"] = count / (step_ms / 1e3)
         record["tflops"] = flops / (step_ms / 1e3) / 1e12
@@ -626,6 +629,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0, help="the data's seed")
     parser.add_argument("--device", default=None, help="default: cuda, or cpu for --tiny")
     parser.add_argument("--json", default=None, help="write every record (and the environment) to this file")
+    parser.add_argument("--profile", action="store_true", help="one more step per row under torch.profiler: "
+                        "kernel time, GPU busy fraction, top kernels")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                        help="a `mimo train --set` for the mimo row (repeatable), e.g. "
+                             "distributed.images.recompute_granularity=none")
     args = parser.parse_args(argv)
     base = TINY if args.tiny else Shapes()
     shapes = Shapes(**{**vars(base), **{k: v for k, v in {"lm_layers": args.lm_layers, "samples": args.samples,
@@ -656,7 +664,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "transformers": hf_available(), "hf_attn": hf_attn, "hf_vision_attn": args.hf_vision_attn,
-        "shapes": vars(shapes),
+        "shapes": vars(shapes), "mimo_sets": args.sets,
         "precision": "float32 parameters, bf16 autocast" if device.type == "cuda" else "float32",
         "warmup": args.warmup, "steps": args.steps, "tokens_per_step": data.tokens, "label_tokens": data.label_tokens,
         "patches_per_step": data.patches, "images": data.batch.modality_inputs[IMAGES].item_grids.tolist(),
@@ -668,7 +676,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("# qwen_speed " + json.dumps(env), flush=True)
     records: list[dict[str, Any]] = []
     for name in rows:
-        ctx = Context(shapes, config, spec, data, device, hf_attn, hf_vision_attn=args.hf_vision_attn)
+        ctx = Context(shapes, config, spec, data, device, hf_attn, hf_vision_attn=args.hf_vision_attn,
+                      mimo_sets=tuple(args.sets))
         record = run_row(name, ctx=ctx, args=args, peaks=peaks)
         records.append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
