@@ -94,6 +94,7 @@ from mimo.data.qwen_image import smart_resize  # noqa: E402
 from mimo.families.qwen_vl import IMAGES, QwenVLMimoProvider, QwenVLSpec, qwen_vl_spec  # noqa: E402
 from mimo.families.qwen_vl.hf_presets import PRESET_CONFIGS  # noqa: E402
 from mimo.flops import packed_decoder_flops, qwen_vision_flops  # noqa: E402
+from mimo.gemm_alignment import align_linears  # noqa: E402
 from mimo.models.labels import IGNORE_INDEX  # noqa: E402
 from mimo.models.mrope import get_rope_index, packed_rope_index  # noqa: E402
 from mimo.models.qwen_vision import Qwen25VisionTower  # noqa: E402
@@ -492,12 +493,16 @@ def _vit_row(tower: nn.Module, ctx: Context, forward: Callable[[torch.Tensor, to
 
 
 def build_vit_mimo(ctx: Context) -> Row:
-    """mimo's packed Qwen2.5-VL tower alone, compiled and recomputed as in the full row."""
+    """mimo's packed Qwen2.5-VL tower alone, GEMM-aligned, compiled and recomputed as in the full row (`--set
+    distributed.images.align_gemms=false`: not aligned)."""
     with torch.device(ctx.device):
         tower = Qwen25VisionTower(ctx.spec.vision)
     init_like_mimo(tower)
+    notes = []
+    if not any(s == "distributed.images.align_gemms=false" for s in ctx.mimo_sets):
+        notes.append(f"GEMMs aligned as parallelize pads them: {align_linears(tower)[:3]}...")
     cover_tower_blocks(tower, ctx.shapes.compile, ctx.shapes.recompute)
-    return _vit_row(tower, ctx, lambda p, g: tower(p, g).embeddings, [], torch.device("cpu"))
+    return _vit_row(tower, ctx, lambda p, g: tower(p, g).embeddings, notes, torch.device("cpu"))
 
 
 def build_vit_hf(ctx: Context) -> Row:

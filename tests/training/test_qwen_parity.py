@@ -73,15 +73,16 @@ DEEPSTACK_VPP = ("colocated-vit-dp4-lm-pp2-vpp2-packed",
 
 
 def spec(kind: str) -> QwenVLSpec:
-    """A tiny model of `kind`: width 32, 4 decoder layers, 4 heads over 2 KV heads; Qwen3-VL's DeepStack features
-    go after layers 0, 1 and 2 (so LM PP2, layers 0-1 | 2-3, has them on both sides of the boundary; not after the
-    last layer, whose additions would reach only the unscored image positions)."""
+    """A tiny model of `kind`: width 32, 4 decoder layers, 4 heads over 2 KV heads (Qwen2.5-VL's MLPs 44 wide, off a
+    multiple of 8 as its 7B tower's 3420 is: layouts without TP pad them, `mimo.gemm_alignment`); Qwen3-VL's
+    DeepStack features go after layers 0, 1 and 2 (so LM PP2, layers 0-1 | 2-3, has them on both sides of the
+    boundary; not after the last layer, whose additions would reach only the unscored image positions)."""
     qwen3 = kind == "qwen3_vl"
     vision = (replace(Qwen3VisionConfig.tiny(), deepstack_visual_indexes=(2, 0, 3)) if qwen3 else
-              Qwen25VisionConfig.tiny())
+              replace(Qwen25VisionConfig.tiny(), intermediate_size=44))
     vision = replace(vision, out_hidden_size=32)
     language = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
-                             ffn_hidden_size=48, max_seq_len=256, qkv_bias=not qwen3, qk_norm=qwen3,
+                             ffn_hidden_size=48 if qwen3 else 44, max_seq_len=256, qkv_bias=not qwen3, qk_norm=qwen3,
                              mrope=MRopeLayout((2, 1, 1), interleaved=qwen3),
                              deepstack_layers=(0, 1, 2) if qwen3 else (), tie_embeddings=qwen3)
     return QwenVLSpec(kind, vision, language, IMAGE, 65, 66, 67)
