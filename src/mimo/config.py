@@ -157,7 +157,7 @@ class ModuleParallelismConfig:
     """
 
     tensor_model_parallel_size: int = 1  # TP: ranks each of the module's layers is split over
-    pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (the language model only)
+    pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (an encoder: own ranks)
     # VPP (Megatron's name): model chunks per pipeline rank, run in the interleaved 1F1B order (needs PP > 1)
     virtual_pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1  # CP: splits the language model's sequences (an encoder's: homogeneous only)
@@ -368,6 +368,7 @@ class MimoParallelismConfig:
             self._check_supported(name, m)
         self._check_topology()
         self._check_spans(world_size)
+        self._check_encoder_pipeline()
         self._check_encoder_context()
         self._check_edges()
         self._world_size = world_size
@@ -387,11 +388,23 @@ class MimoParallelismConfig:
                 f"module '{name}': expert_model_parallel_size={m.expert_model_parallel_size} is not supported "
                 f"yet; use 1"
             )
-        if name != LANGUAGE and m.pipeline_model_parallel_size > 1:
+        if name != LANGUAGE and m.virtual_pipeline_model_parallel_size > 1:
             raise LayoutError(
-                f"module '{name}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} is not "
-                f"supported yet for modality modules (only '{LANGUAGE}' may be pipelined); use 1"
+                f"module '{name}': virtual_pipeline_model_parallel_size={m.virtual_pipeline_model_parallel_size} "
+                f"is supported only on '{LANGUAGE}' (an encoder's stages run plain, forwards then backwards); use 1"
             )
+
+    def _check_encoder_pipeline(self) -> None:
+        """An encoder pipelined over stages (PP > 1) runs on ranks of its own (heterogeneous): its last stage hands
+        the language model its rows across the bridge."""
+        for src, dst in self.edges:
+            m = self.module_parallelisms[src]
+            if m.pipeline_model_parallel_size > 1 and m.span == self.module_parallelisms[dst].span:
+                raise LayoutError(
+                    f"module '{src}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} on the ranks of "
+                    f"'{dst}' ({_ranks(m.span)}) is not supported yet; give '{src}' ranks of its own (rank_offset "
+                    f"outside '{dst}''s span) or use pipeline_model_parallel_size 1"
+                )
 
     def _check_encoder_context(self) -> None:
         """An encoder has CP > 1 only in a homogeneous layout (the language model's, CP included): there its CP
