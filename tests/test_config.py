@@ -168,10 +168,10 @@ def test_context_parallel_is_the_language_modules():
             language={"data_parallel_size": 2}).finalize(2)
 
 
-def test_encoder_pipeline_unsupported():
+def test_encoder_pipeline_on_the_language_ranks_unsupported():
     c = cfg(images={"pipeline_model_parallel_size": 2}, language={"data_parallel_size": 2})
-    with pytest.raises(LayoutError, match=r"module 'images': pipeline_model_parallel_size=2 is not supported yet "
-                                          r"for modality modules"):
+    with pytest.raises(LayoutError, match=r"module 'images': pipeline_model_parallel_size=2 on the ranks of "
+                                          r"'language' \(ranks 0-1\) is not supported yet"):
         c.finalize(2)
 
 

@@ -150,9 +150,10 @@ class ViTLayers(nn.Module):
     stage holds blocks [start, end) under their global N."""
 
     def __init__(self, config: ViTConfig, layer_range: tuple[int, int] | None = None) -> None:
-        """Build the blocks of `layer_range` (default: every block that runs up to `select_layer`)."""
+        """Build the blocks of `layer_range` (`ViTEncoder`'s, checked there; default: every block that runs up to
+        `select_layer`)."""
         super().__init__()
-        self.layers = block_stack(stage_range(layer_range, config.num_layers_built), lambda: EncoderBlock(
+        self.layers = block_stack(layer_range or (0, config.num_layers_built), lambda: EncoderBlock(
             config.hidden_size,
             config.num_heads,
             config.ffn_hidden_size,
