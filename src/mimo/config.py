@@ -341,11 +341,13 @@ class MimoParallelismConfig:
 
     @property
     def deployment(self) -> Deployment:
-        """homogeneous (same span, same layout), colocated (same span) or heterogeneous (spans differ)."""
+        """homogeneous (same span, same layout, no encoder pipelined), colocated (same span) or heterogeneous (spans
+        differ)."""
         mods = list(self.module_parallelisms.values())
         if any(m.span != mods[0].span for m in mods):
             return "heterogeneous"
-        if all(m.same_layout(mods[0]) for m in mods):
+        pipelined = any(self.module_parallelisms[n].pipeline_model_parallel_size > 1 for n in self.modality_names)
+        if all(m.same_layout(mods[0]) for m in mods) and not pipelined:  # as `bridge.bridge_kind` decides per edge
             return "homogeneous"
         return "colocated"
 
@@ -395,15 +397,16 @@ class MimoParallelismConfig:
             )
 
     def _check_encoder_pipeline(self) -> None:
-        """An encoder pipelined over stages (PP > 1) runs on ranks of its own (heterogeneous): its last stage hands
-        the language model its rows across the bridge."""
+        """An encoder pipelined over stages (PP > 1) hands the language model its last stage's rows across a
+        heterogeneous or colocated bridge; colocated, not yet beside a language model under context parallelism."""
         for src, dst in self.edges:
-            m = self.module_parallelisms[src]
-            if m.pipeline_model_parallel_size > 1 and m.span == self.module_parallelisms[dst].span:
+            m, language = self.module_parallelisms[src], self.module_parallelisms[dst]
+            if m.pipeline_model_parallel_size > 1 and m.span == language.span and language.context_parallel_size > 1:
                 raise LayoutError(
                     f"module '{src}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} on the ranks of "
-                    f"'{dst}' ({_ranks(m.span)}) is not supported yet; give '{src}' ranks of its own (rank_offset "
-                    f"outside '{dst}''s span) or use pipeline_model_parallel_size 1"
+                    f"'{dst}', whose context_parallel_size is {language.context_parallel_size}, is not supported "
+                    f"yet; give '{src}' ranks of its own (rank_offset outside '{dst}''s span) or use "
+                    f"pipeline_model_parallel_size 1"
                 )
 
     def _check_encoder_context(self) -> None:

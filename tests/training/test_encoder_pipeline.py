@@ -2,8 +2,9 @@
 
 One world of 6 gloo ranks runs, in turn: images PP2 × DP2 on ranks 0-3 fanning in to a TP2 language model on 4-5
 (trainable, saving after step 1); the same tower frozen (LLaVA stage 1: tower and language model frozen, the
-projection trained) into a PP2 language model; images TP2 × PP2 under FSDP2 fanning out to a DP2 language model,
-resuming that step-1 checkpoint; and images PP1 (DP2) resuming it too. Every loss and final parameter equals the
+projection trained) into a PP2 language model; images PP2 × DP2 colocated with a PP2 × DP2 language model on ranks
+2-5, trained and frozen; images TP2 × PP2 under FSDP2 fanning out to a DP2 language model, resuming that step-1
+checkpoint; and images PP1 (DP2) resuming it too. Every loss and final parameter equals the
 single-process model's to a relative 1e-8. In the first step of the first two runs each encoder rank records the
 point-to-point messages it exchanges with the other stage of its pipeline and the tensors autograd saves.
 """
@@ -34,6 +35,8 @@ FROZEN = {"images": PP2_DP2, "language": {"pipeline_model_parallel_size": 2, "da
                                           "rank_offset": 4}}
 TP_PP = {"images": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "data_parallel_size": 1},
          "language": {"data_parallel_size": 2, "rank_offset": 4}}
+COLOCATED = {"images": {**PP2_DP2, "rank_offset": 2},  # ranks 0-1 are stubs; stage s on the language's stage s
+             "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}}
 PP1 = {"images": {"data_parallel_size": 2},
        "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}}
 FREEZE = {"freeze_language_model": True, "freeze_modality_encoders": {"images": True}}
@@ -108,6 +111,8 @@ def every_layout(rank: int, world: int, root: str) -> dict:
     step1 = str(Checkpointer(f"{root}/pp2").path(1))
     return {"pp2": train(TRAINED, f"{root}/pp2", save_at=1, record=True),
             "frozen": train(FROZEN, f"{root}/frozen", frozen=True, record=True),
+            "colocated": train(COLOCATED, f"{root}/colocated"),
+            "colocated_frozen": train(COLOCATED, f"{root}/colocated_frozen", frozen=True),
             "tp_fsdp": train(TP_PP, f"{root}/tp", load=step1, data_parallel="fsdp"),
             "pp1": train(PP1, f"{root}/pp1", load=step1)}
 
@@ -118,6 +123,8 @@ def test_encoder_pipeline_parity_frozen_stages_and_resume_across_encoder_pp(tmp_
     trained, frozen = (trained[0], trained[2]), (frozen[0], frozen[2])
     check([r["pp2"] for r in runs], trained, 0, "images PP2 x DP2 -> language TP2")
     check([r["frozen"] for r in runs], frozen, 0, "frozen images PP2 x DP2 -> frozen language PP2")
+    check([r["colocated"] for r in runs], trained, 0, "images PP2 x DP2 on language PP2 x DP2's ranks")
+    check([r["colocated_frozen"] for r in runs], frozen, 0, "frozen images PP2 x DP2 on frozen language PP2's ranks")
     check([r["tp_fsdp"] for r in runs], trained, 1, "images TP2 x PP2 under FSDP2, resumed from PP2 x DP2")
     check([r["pp1"] for r in runs], trained, 1, "images PP1, resumed from PP2 x DP2")
     # stage 0 holds the front and block 0, stage 1 block 1 (its global name) and the projection
@@ -157,9 +164,9 @@ def test_encoder_stages_compose_to_the_whole_encoder(encoder, config, items):
 
 @pytest.mark.parametrize(("layout", "message"), [
     ({"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
-      "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}},
-     r"^module 'images': pipeline_model_parallel_size=2 on the ranks of 'language' \(ranks 0-1\) is not supported "
-     r"yet; give 'images' ranks of its own"),
+      "language": {"context_parallel_size": 2, "data_parallel_size": 1}},
+     r"^module 'images': pipeline_model_parallel_size=2 on the ranks of 'language', whose context_parallel_size is "
+     r"2, is not supported yet; give 'images' ranks of its own"),
     ({"images": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
                  "data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 2}},
      r"^module 'images': virtual_pipeline_model_parallel_size=2 is supported only on 'language'"),

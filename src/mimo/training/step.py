@@ -236,8 +236,8 @@ class MimoTrainer:
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
         if name in self.encoder_stages:  # pipelined: only the last stage's output crosses the bridge
             out = self._encode_stage(name, m, work)
-            if out is None:
-                return None
+            if out is None:  # an earlier stage: a colocated bridge's collectives still need it (others: no-op)
+                return bridge.forward(m, microbatch_tokens=self.microbatch_tokens(self._state.batch, name, m))
         else:
             with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
                 out = encoder(work.items.items, work.items.item_grids)  # (one zero item encoded, no rows kept)
@@ -502,17 +502,15 @@ class MimoTrainer:
         if bridge.encodes_inside_language_forward or src not in self.infra.participating_modules:
             return  # the language backward already ran it; receivers of a disjoint span: done
         encoder, stages = self.model.modality_submodules[src], self.encoder_stages.get(src)
-        if stages is not None and not (stages.is_last or stages.runs_backward):
-            return  # a frozen tower's stage before the last (and every one before it): no gradient crosses
         for m in range(self.num_microbatches):
             prepare_backward(encoder, m == self.num_microbatches - 1)
+            bridge.run_encoder_backward(m)  # off a pipelined encoder's last stage: nothing, or a collective's part
             if stages is None:
-                bridge.run_encoder_backward(m)
-            elif stages.is_last:
-                bridge.run_encoder_backward(m)
+                continue
+            if stages.is_last:
                 stages.return_input_grad(m)
             else:
-                stages.backward(m)
+                stages.backward(m)  # nothing where no stage up to this one trains (a frozen tower)
 
     # -- after the backward ----------------------------------------------------------------------------------
     def _sync_tied_embeddings(self) -> None:
