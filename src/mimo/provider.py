@@ -204,7 +204,7 @@ class MimoModelProvider:
         for name, spec in self.modality_submodules_spec.items():
             pp = layout.get_parallelism(name).pipeline_model_parallel_size
             if pp > 1:
-                pipeline_layer_range(_encoder_layers(name, spec, pp), pp, 0, f"module '{name}''s encoder")
+                pipeline_layer_range(_encoder_layers(name, spec, pp), pp, 0, f"module '{name}': the encoder")
 
     def whole_meta_model(self) -> MimoModel:
         """The whole model, every module unsplit, on the meta device: its names and shapes at no memory cost."""
@@ -261,7 +261,7 @@ class MimoModelProvider:
         if grid is None or grid.size("pp") == 1:
             return spec.build()
         pp, stage = grid.size("pp"), grid.coord.pp
-        layers = pipeline_layer_range(_encoder_layers(name, spec, pp), pp, stage, f"module '{name}''s encoder")
+        layers = pipeline_layer_range(_encoder_layers(name, spec, pp), pp, stage, f"module '{name}': the encoder")
         projection = spec.submodules["projection"].build() if stage == pp - 1 else None
         return spec.module(**spec.params, encoder=spec.submodules["encoder"].build(layer_range=layers),
                            projection=projection)

@@ -180,7 +180,7 @@ def test_unsupported_encoder_pipelines_are_one_line(layout, message):
 def test_an_encoder_that_cannot_split_is_refused_in_one_line():
     layout = MimoParallelismConfig.from_dict({"images": {"pipeline_model_parallel_size": 3, "data_parallel_size": 1},
                                               "language": {"data_parallel_size": 1, "rank_offset": 3}}).finalize(4)
-    with pytest.raises(ProviderError, match=r"^module 'images''s encoder has 2 layers, fewer than its 3 pipeline "
+    with pytest.raises(ProviderError, match=r"^module 'images': the encoder has 2 layers, fewer than its 3 pipeline "
                                             r"stages; use pipeline_model_parallel_size <= 2$"):
         provider(None, IMAGES).check_layout(layout)
     packed = provider(None, IMAGES)
