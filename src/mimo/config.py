@@ -390,6 +390,12 @@ class MimoParallelismConfig:
                 f"module '{name}': expert_model_parallel_size={m.expert_model_parallel_size} is not supported "
                 f"yet; use 1"
             )
+        if name != LANGUAGE and m.pipeline_model_parallel_size > 1 and m.context_parallel_size > 1:
+            raise LayoutError(
+                f"module '{name}': context_parallel_size={m.context_parallel_size} with "
+                f"pipeline_model_parallel_size={m.pipeline_model_parallel_size} is not supported for a modality "
+                f"module (an encoder's CP splits items only inside the language model's own layout); use 1 for one"
+            )
         if name != LANGUAGE and m.virtual_pipeline_model_parallel_size > 1:
             raise LayoutError(
                 f"module '{name}': virtual_pipeline_model_parallel_size={m.virtual_pipeline_model_parallel_size} "

@@ -18,12 +18,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimo.config import LayoutError, MimoParallelismConfig
+from mimo.config import LayoutError, MimoParallelismConfig, RunConfigError
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
 from mimo.models import AudioConfig, AudioEncoder, ViTConfig, ViTEncoder, init_parameters
 from mimo.provider import ProviderError
 from mimo.testing import run_distributed
 from mimo.training.checkpoint import Checkpointer
+from mimo.training.plan import plan_run
+from mimo.training.run_config import parse_run_config
 from mimo.training.step import MimoTrainer
 from tests.training.test_parity import CLIP, GLOBAL_BATCH, MICRO, OPTIM, batches, full_params, provider, reference
 from tests.training.test_virtual_pipeline import check
@@ -162,18 +164,22 @@ def test_encoder_stages_compose_to_the_whole_encoder(encoder, config, items):
     torch.testing.assert_close(x, whole(items), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("layout", "message"), [
-    ({"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
-      "language": {"context_parallel_size": 2, "data_parallel_size": 1}},
+@pytest.mark.parametrize(("world", "layout", "message"), [
+    (2, {"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
+         "language": {"context_parallel_size": 2, "data_parallel_size": 1}},
      r"^module 'images': pipeline_model_parallel_size=2 on the ranks of 'language', whose context_parallel_size is "
      r"2, is not supported yet; give 'images' ranks of its own"),
-    ({"images": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
-                 "data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 2}},
+    (4, {"images": {"pipeline_model_parallel_size": 2, "context_parallel_size": 2, "data_parallel_size": 1},
+         "language": {"pipeline_model_parallel_size": 2, "context_parallel_size": 2, "data_parallel_size": 1}},
+     r"^module 'images': context_parallel_size=2 with pipeline_model_parallel_size=2 is not supported for a "
+     r"modality module"),
+    (3, {"images": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
+                    "data_parallel_size": 1}, "language": {"data_parallel_size": 1, "rank_offset": 2}},
      r"^module 'images': virtual_pipeline_model_parallel_size=2 is supported only on 'language'"),
 ])
-def test_unsupported_encoder_pipelines_are_one_line(layout, message):
+def test_unsupported_encoder_pipelines_are_one_line(world, layout, message):
     with pytest.raises(LayoutError, match=message) as e:
-        MimoParallelismConfig.from_dict(layout).finalize(3 if layout["language"].get("rank_offset") else 2)
+        MimoParallelismConfig.from_dict(layout).finalize(world)
     assert "\n" not in str(e.value)
 
 
@@ -183,16 +189,16 @@ def test_an_encoder_that_cannot_split_is_refused_in_one_line():
     with pytest.raises(ProviderError, match=r"^module 'images': the encoder has 2 layers, fewer than its 3 pipeline "
                                             r"stages; use pipeline_model_parallel_size <= 2$"):
         provider(None, IMAGES).check_layout(layout)
-    packed = provider(None, IMAGES)
-    packed.modality_submodules_spec["images"].submodules["encoder"].module = _WholeOnly
-    with pytest.raises(ProviderError, match=r"^module 'images': pipeline_model_parallel_size=3 splits an encoder's "
-                                            r"blocks into stages, .* _WholeOnly is not; use "
-                                            r"pipeline_model_parallel_size 1$"):
-        packed.check_layout(layout)
 
 
-class _WholeOnly(ViTEncoder):
-    """An encoder built only whole (as Qwen-VL's towers, whose DeepStack and merger sit across the blocks)."""
-
-    def __init__(self, config: ViTConfig) -> None:
-        super().__init__(config)
+def test_qwen_vl_towers_are_refused_before_launch():
+    """Qwen-VL's towers (DeepStack and the merger across the blocks) are built whole only: one line, from plan_run."""
+    config = parse_run_config({"model": {"family": "qwen_vl", "preset": "tiny-qwen3-vl"},
+                               "parallelism": {"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
+                                               "language": {"data_parallel_size": 1, "rank_offset": 2}},
+                               "train": {"global_batch_size": 4}})
+    with pytest.raises(RunConfigError, match=r"^parallelism: module 'images': pipeline_model_parallel_size=2 splits an "
+                                             r"encoder's blocks into stages, .* Qwen3VisionTower is not; use "
+                                             r"pipeline_model_parallel_size 1$") as e:
+        plan_run(config, 3)
+    assert "\n" not in str(e.value)
