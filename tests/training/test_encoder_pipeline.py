@@ -3,10 +3,11 @@
 One world of 6 gloo ranks runs, in turn: images PP2 × DP2 on ranks 0-3 fanning in to a TP2 language model on 4-5
 (trainable, saving after step 1); the same tower frozen (LLaVA stage 1: tower and language model frozen, the
 projection trained) into a PP2 language model; images PP2 × DP2 colocated with a PP2 × DP2 language model on ranks
-2-5, trained and frozen; images TP2 × PP2 under FSDP2 fanning out to a DP2 language model, resuming that step-1
-checkpoint; and images PP1 (DP2) resuming it too. Every loss and final parameter equals the
-single-process model's to a relative 1e-8. In the first step of the first two runs each encoder rank records the
-point-to-point messages it exchanges with the other stage of its pipeline and the tensors autograd saves.
+2-5, trained and frozen; a 3-block tower over PP3 (ranks 2-4: a middle stage) into one language rank; images TP2 ×
+PP2 under FSDP2 fanning out to a DP2 language model, resuming that step-1 checkpoint; and images PP1 (DP2) resuming
+it too. Every loss and final parameter equals the single-process model's to a relative 1e-8. In the first step of
+the first two runs each encoder rank records the point-to-point messages it exchanges with the other stage of its
+pipeline and the tensors autograd saves.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ from mimo.training.checkpoint import Checkpointer
 from mimo.training.plan import plan_run
 from mimo.training.run_config import parse_run_config
 from mimo.training.step import MimoTrainer
-from tests.training.test_parity import CLIP, GLOBAL_BATCH, MICRO, OPTIM, batches, full_params, provider, reference
+from tests.training.test_parity import (
+    CLIP,
+    GLOBAL_BATCH,
+    MICRO,
+    OPTIM,
+    batches,
+    full_params,
+    provider,
+    reference,
+    train_one_process,
+)
 from tests.training.test_virtual_pipeline import check
 
 IMAGES = ("images",)
@@ -39,9 +50,27 @@ TP_PP = {"images": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_si
          "language": {"data_parallel_size": 2, "rank_offset": 4}}
 COLOCATED = {"images": {**PP2_DP2, "rank_offset": 2},  # ranks 0-1 are stubs; stage s on the language's stage s
              "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}}
+PP3 = {"images": {"pipeline_model_parallel_size": 3, "data_parallel_size": 1, "rank_offset": 2},  # 0-1: stubs
+       "language": {"data_parallel_size": 1, "rank_offset": 5}}
+DEEP_VIT = ViTConfig(**{**ViTConfig.tiny().__dict__, "num_layers": 4})  # 3 blocks run: one per stage of PP3
 PP1 = {"images": {"data_parallel_size": 2},
        "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}}
 FREEZE = {"freeze_language_model": True, "freeze_modality_encoders": {"images": True}}
+
+
+def _provider(layout: dict | None, deep: bool = False, **kw):
+    """The parity tests' tiny model; `deep`: its tower has 3 blocks (`DEEP_VIT`)."""
+    prov = provider(layout, IMAGES, **kw)
+    if deep:
+        prov.modality_submodules_spec["images"].submodules["encoder"].params["config"] = DEEP_VIT
+    return prov
+
+
+def _deep_reference() -> tuple[list, dict]:
+    """One process with the 3-block tower: every step's loss and the final parameters."""
+    model = _provider(None, deep=True).provide()
+    losses, _ = train_one_process(model, batches(IMAGES))
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _stage_peer(rank: int) -> int | None:
@@ -83,11 +112,11 @@ def _recorded_step(trainer: MimoTrainer, batch) -> tuple[float, dict]:
 
 
 def train(layout: dict, root: str, frozen: bool = False, save_at: int | None = None, load: str | None = None,
-          data_parallel: str = "ddp", record: bool = False) -> dict:
+          data_parallel: str = "ddp", record: bool = False, deep: bool = False) -> dict:
     """Train `layout` (loading `load` first) to the last step, saving after step `save_at`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prov = provider(layout, IMAGES, **(FREEZE if frozen else {}))
+        prov = _provider(layout, deep, **(FREEZE if frozen else {}))
         model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(data_parallel)))
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
                           num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64)
@@ -115,6 +144,7 @@ def every_layout(rank: int, world: int, root: str) -> dict:
             "frozen": train(FROZEN, f"{root}/frozen", frozen=True, record=True),
             "colocated": train(COLOCATED, f"{root}/colocated"),
             "colocated_frozen": train(COLOCATED, f"{root}/colocated_frozen", frozen=True),
+            "pp3": train(PP3, f"{root}/pp3", deep=True),
             "tp_fsdp": train(TP_PP, f"{root}/tp", load=step1, data_parallel="fsdp"),
             "pp1": train(PP1, f"{root}/pp1", load=step1)}
 
@@ -127,6 +157,8 @@ def test_encoder_pipeline_parity_frozen_stages_and_resume_across_encoder_pp(tmp_
     check([r["frozen"] for r in runs], frozen, 0, "frozen images PP2 x DP2 -> frozen language PP2")
     check([r["colocated"] for r in runs], trained, 0, "images PP2 x DP2 on language PP2 x DP2's ranks")
     check([r["colocated_frozen"] for r in runs], frozen, 0, "frozen images PP2 x DP2 on frozen language PP2's ranks")
+    check([r["pp3"] for r in runs], _deep_reference(), 0, "a 3-block tower over PP3 (a middle stage)")
+    assert {n.split(".")[3] for n in runs[3]["pp3"]["names"] if ".layers." in n} == {"1"}
     check([r["tp_fsdp"] for r in runs], trained, 1, "images TP2 x PP2 under FSDP2, resumed from PP2 x DP2")
     check([r["pp1"] for r in runs], trained, 1, "images PP1, resumed from PP2 x DP2")
     # stage 0 holds the front and block 0, stage 1 block 1 (its global name) and the projection
