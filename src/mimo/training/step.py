@@ -254,6 +254,9 @@ class MimoTrainer:
         """Micro-batch m through this rank's stage of a pipelined encoder: stage 0 takes the items, a later stage
         the hidden states of the one before; the last stage's rows are returned, an earlier stage's sent on."""
         encoder, items = self.model.modality_submodules[name], work.items.items
+        if work.items.item_grids is not None:
+            raise ValueError(f"module '{name}': a pipelined encoder takes items of one size (stacked), but its items "
+                             f"are packed (item_grids); use pipeline_model_parallel_size 1")
 
         def run(x: torch.Tensor | None) -> torch.Tensor:
             with no_sync_forward(encoder):
