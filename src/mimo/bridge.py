@@ -603,7 +603,9 @@ class ColocatedBridge(Bridge):
         first-stage dst rank the rows of its replica that the dst rank's CP chunks hold (`_plan_chunks`)."""
         offsets = self._micro_counts(microbatch)
         forward, backward = self._plan_chunks(offsets, replica_chunks)
-        rows = forward(self._sent[microbatch].embeddings.detach(), self._span_group())
+        embeddings = self._sent[microbatch].embeddings  # None off a pipelined encoder's last stage: no rows held
+        none = torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        rows = forward(embeddings.detach() if embeddings is not None else none, self._span_group())
         self._routes[microbatch] = backward, rows.shape[0]
         if not self.is_receiver:
             return None
@@ -615,9 +617,11 @@ class ColocatedBridge(Bridge):
                      ) -> tuple[RowRoute, RowRoute]:
         """The forward route (src leaders hold their replica's rows; each first-stage dst rank needs its CP rank's
         chunks' rows) and the backward one (each such rank's TP rank 0 holds their gradient, TP peers hold copies;
-        every src rank needs its replica's rows' gradient, to run the encoder's backward). Rows are numbered over
-        the micro-batch; only the dst replicas that share samples with this rank's are asked (`RowRoute.plan`)."""
-        asked = {p for p, _, _ in sample_overlaps(self._src_replica, self._src_samples, self._dst_samples)}
+        every src rank of its last pipeline stage needs its replica's rows' gradient, to run the encoder's backward).
+        Rows are numbered over the micro-batch; only the dst replicas that share samples with this rank's are asked
+        (`RowRoute.plan`)."""
+        asked = ({p for p, _, _ in sample_overlaps(self._src_replica, self._src_samples, self._dst_samples)}
+                 if self.is_sender else set())
         asked.add(self._dst_replica)
         wanted = {d: [rows + self._replica_rows(offsets, d, self._dst_samples)[0] for rows in replica_chunks(d)]
                   for d in asked if d >= 0}
@@ -630,7 +634,7 @@ class ColocatedBridge(Bridge):
             held.append(replica if r == self._src_leader(src.dp) else none)
             needed.append(want)
             grad_held.append(want if dst.tp == 0 else none)
-            grad_needed.append(replica)
+            grad_needed.append(replica if self.src.is_last_stage(r) else none)
         rank = self.src.rank - self.src.span.start
         return (RowRoute.plan(held, needed, rank, self.device),
                 RowRoute.plan(grad_held, grad_needed, rank, self.device))
@@ -669,7 +673,9 @@ class ColocatedBridge(Bridge):
             self._pop(self._received, microbatch)
             if self._holds_grad_share:  # its TP peers hold copies
                 block = self._grad_or_zeros(microbatch, grad, rows)
-        _backward(sent.embeddings, route(block, self._span_group()))
+        grad = route(block, self._span_group())
+        if sent.embeddings is not None:
+            _backward(sent.embeddings, grad)
 
     def _place(self, slots: Tensor, grad: Tensor, offsets: list[int], lo: int, hi: int) -> None:
         """Copy the gradient of rows [lo, hi) into the slot of every span rank whose src replica owns them."""

@@ -370,7 +370,6 @@ class MimoParallelismConfig:
             self._check_supported(name, m)
         self._check_topology()
         self._check_spans(world_size)
-        self._check_encoder_pipeline()
         self._check_encoder_context()
         self._check_edges()
         self._world_size = world_size
@@ -401,19 +400,6 @@ class MimoParallelismConfig:
                 f"module '{name}': virtual_pipeline_model_parallel_size={m.virtual_pipeline_model_parallel_size} "
                 f"is supported only on '{LANGUAGE}' (an encoder's stages run plain, forwards then backwards); use 1"
             )
-
-    def _check_encoder_pipeline(self) -> None:
-        """An encoder pipelined over stages (PP > 1) hands the language model its last stage's rows across a
-        heterogeneous or colocated bridge; colocated, not yet beside a language model under context parallelism."""
-        for src, dst in self.edges:
-            m, language = self.module_parallelisms[src], self.module_parallelisms[dst]
-            if m.pipeline_model_parallel_size > 1 and m.span == language.span and language.context_parallel_size > 1:
-                raise LayoutError(
-                    f"module '{src}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} on the ranks of "
-                    f"'{dst}', whose context_parallel_size is {language.context_parallel_size}, is not supported "
-                    f"yet; give '{src}' ranks of its own (rank_offset outside '{dst}''s span) or use "
-                    f"pipeline_model_parallel_size 1"
-                )
 
     def _check_encoder_context(self) -> None:
         """An encoder has CP > 1 only in a homogeneous layout (the language model's, CP included): there its CP

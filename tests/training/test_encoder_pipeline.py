@@ -3,11 +3,11 @@
 One world of 6 gloo ranks runs, in turn: images PP2 × DP2 on ranks 0-3 fanning in to a TP2 language model on 4-5
 (trainable, saving after step 1); the same tower frozen (LLaVA stage 1: tower and language model frozen, the
 projection trained) into a PP2 language model; images PP2 × DP2 colocated with a PP2 × DP2 language model on ranks
-2-5, trained and frozen; a 3-block tower over PP3 (ranks 2-4: a middle stage) into one language rank; images TP2 ×
-PP2 under FSDP2 fanning out to a DP2 language model, resuming that step-1 checkpoint; and images PP1 (DP2) resuming
-it too. Every loss and final parameter equals the single-process model's to a relative 1e-8. In the first step of
-the first two runs each encoder rank records the point-to-point messages it exchanges with the other stage of its
-pipeline and the tensors autograd saves.
+2-5, trained and frozen, and with a CP2 × PP2 language model there; a 3-block tower over PP3 (ranks 2-4: a middle
+stage) into one language rank; images TP2 × PP2 under FSDP2 fanning out to a DP2 language model, resuming that
+step-1 checkpoint; and images PP1 (DP2) resuming it too. Every loss and final parameter equals the single-process
+model's to a relative 1e-8. In the first step of the first two runs each encoder rank records the point-to-point
+messages it exchanges with the other stage of its pipeline and the tensors autograd saves.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ TP_PP = {"images": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_si
          "language": {"data_parallel_size": 2, "rank_offset": 4}}
 COLOCATED = {"images": {**PP2_DP2, "rank_offset": 2},  # ranks 0-1 are stubs; stage s on the language's stage s
              "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}}
+COLOCATED_CP = {"images": COLOCATED["images"],  # each CP rank of the language's stage 0 gets its chunks' rows
+                "language": {**COLOCATED["language"], "context_parallel_size": 2, "data_parallel_size": 1}}
 PP3 = {"images": {"pipeline_model_parallel_size": 3, "data_parallel_size": 1, "rank_offset": 2},  # 0-1: stubs
        "language": {"data_parallel_size": 1, "rank_offset": 5}}
 DEEP_VIT = ViTConfig(**{**ViTConfig.tiny().__dict__, "num_layers": 4})  # 3 blocks run: one per stage of PP3
@@ -144,6 +146,7 @@ def every_layout(rank: int, world: int, root: str) -> dict:
             "frozen": train(FROZEN, f"{root}/frozen", frozen=True, record=True),
             "colocated": train(COLOCATED, f"{root}/colocated"),
             "colocated_frozen": train(COLOCATED, f"{root}/colocated_frozen", frozen=True),
+            "colocated_cp": train(COLOCATED_CP, f"{root}/colocated_cp"),
             "pp3": train(PP3, f"{root}/pp3", deep=True),
             "tp_fsdp": train(TP_PP, f"{root}/tp", load=step1, data_parallel="fsdp"),
             "pp1": train(PP1, f"{root}/pp1", load=step1)}
@@ -157,6 +160,7 @@ def test_encoder_pipeline_parity_frozen_stages_and_resume_across_encoder_pp(tmp_
     check([r["frozen"] for r in runs], frozen, 0, "frozen images PP2 x DP2 -> frozen language PP2")
     check([r["colocated"] for r in runs], trained, 0, "images PP2 x DP2 on language PP2 x DP2's ranks")
     check([r["colocated_frozen"] for r in runs], frozen, 0, "frozen images PP2 x DP2 on frozen language PP2's ranks")
+    check([r["colocated_cp"] for r in runs], trained, 0, "images PP2 x DP2 on language CP2 x PP2's ranks")
     check([r["pp3"] for r in runs], _deep_reference(), 0, "a 3-block tower over PP3 (a middle stage)")
     assert {n.split(".")[3] for n in runs[3]["pp3"]["names"] if ".layers." in n} == {"1"}
     check([r["tp_fsdp"] for r in runs], trained, 1, "images TP2 x PP2 under FSDP2, resumed from PP2 x DP2")
@@ -197,10 +201,6 @@ def test_encoder_stages_compose_to_the_whole_encoder(encoder, config, items):
 
 
 @pytest.mark.parametrize(("world", "layout", "message"), [
-    (2, {"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
-         "language": {"context_parallel_size": 2, "data_parallel_size": 1}},
-     r"^module 'images': pipeline_model_parallel_size=2 on the ranks of 'language', whose context_parallel_size is "
-     r"2, is not supported yet; give 'images' ranks of its own"),
     (4, {"images": {"pipeline_model_parallel_size": 2, "context_parallel_size": 2, "data_parallel_size": 1},
          "language": {"pipeline_model_parallel_size": 2, "context_parallel_size": 2, "data_parallel_size": 1}},
      r"^module 'images': context_parallel_size=2 with pipeline_model_parallel_size=2 is not supported for a "

@@ -237,7 +237,8 @@ class MimoTrainer:
         if name in self.encoder_stages:  # pipelined: only the last stage's output crosses the bridge
             out = self._encode_stage(name, m, work)
             if out is None:  # an earlier stage: a colocated bridge's collectives still need it (others: no-op)
-                return bridge.forward(m, microbatch_tokens=self.microbatch_tokens(self._state.batch, name, m))
+                return bridge.forward(m, microbatch_tokens=self.microbatch_tokens(self._state.batch, name, m),
+                                      replica_chunks=self._replica_chunks(name, m))
         else:
             with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
                 out = encoder(work.items.items, work.items.item_grids)  # (one zero item encoded, no rows kept)
