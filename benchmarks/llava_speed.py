@@ -447,7 +447,7 @@ def build_mimo(ctx: Context, levers: set[str]) -> Row:
     trainer = build_trainer(config, provider, model, ctx.device)
     sub = unwrap(model.modality_submodules["images"])
     lm = unwrap(model.language_model)
-    apply_model_levers(levers, list(lm.layers.values()), list(sub.encoder.encoder.layers), lm, sub.encoder)
+    apply_model_levers(levers, list(lm.layers.values()), list(sub.encoder.encoder.layers.values()), lm, sub.encoder)
     state: dict[str, Any] = {}
 
     # pinned once, as plain and hf get theirs and as `mimo train`'s BatchPrefetcher does (runs 1-12 pinned in the step)
@@ -481,7 +481,7 @@ def build_plain(ctx: Context, levers: set[str]) -> Row:
         decoder = Decoder(provider.language_config)
     modules = nn.ModuleList([vit, projector, decoder])
     init_like_mimo(modules)
-    apply_model_levers(levers, list(decoder.layers.values()), list(vit.encoder.layers), decoder, vit)
+    apply_model_levers(levers, list(decoder.layers.values()), list(vit.encoder.layers.values()), decoder, vit)
     params = [p for p in modules.parameters() if p.requires_grad]
     optimizer = _adamw(params, ctx, levers)
     clip = _mimo_clip(vit, projector, decoder, provider) if "mimoclip" in levers else \

@@ -168,11 +168,9 @@ def test_context_parallel_is_the_language_modules():
             language={"data_parallel_size": 2}).finalize(2)
 
 
-def test_encoder_pipeline_unsupported():
-    c = cfg(images={"pipeline_model_parallel_size": 2}, language={"data_parallel_size": 2})
-    with pytest.raises(LayoutError, match=r"module 'images': pipeline_model_parallel_size=2 is not supported yet "
-                                          r"for modality modules"):
-        c.finalize(2)
+def test_a_pipelined_encoder_on_the_language_ranks_is_colocated():
+    c = cfg(images={"pipeline_model_parallel_size": 2}, language={"pipeline_model_parallel_size": 2}).finalize(2)
+    assert c.deployment == "colocated"  # the same layout, but the tower's last stage is not the language's first
 
 
 @pytest.mark.parametrize(("fields", "message"), [

@@ -37,7 +37,7 @@ def second_block_inputs(rank: int, world: int, sequence_parallel: bool) -> dict[
     prov = provider(layout, ("images",))
     model = prov.provide_distributed_model()
     seen: dict[str, list] = {"images": [], "language": []}
-    _record(seen["images"], unwrap(model.modality_submodules["images"]).encoder.encoder.layers[1])
+    _record(seen["images"], unwrap(model.modality_submodules["images"]).encoder.encoder.layers["1"])
     _record(seen["language"], unwrap(model.language_model).layers["1"])
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
                           num_microbatches=MICRO, optimizer=OPTIM, activation_dtype=torch.float64)

@@ -46,10 +46,12 @@ _KIND_BITS, _MICROBATCH_BITS, _EDGE_BITS = 2, 13, 16
 
 
 def bridge_kind(src: ModuleGrid, dst: ModuleGrid) -> Kind:
-    """heterogeneous (spans differ), homogeneous (same span and layout) or colocated (same span)."""
+    """heterogeneous (spans differ), homogeneous (same span and layout, `same_layout`; a pipelined encoder never is:
+    its last stage is not the language model's first) or colocated (same span)."""
     if src.span != dst.span:
         return "heterogeneous"
-    return "homogeneous" if src.config.same_layout(dst.config) else "colocated"
+    homogeneous = src.config.same_layout(dst.config) and src.config.pipeline_model_parallel_size == 1
+    return "homogeneous" if homogeneous else "colocated"
 
 
 def sample_overlaps(replica: int, own: int, other: int) -> list[Piece]:
@@ -128,7 +130,7 @@ class Bridge(ABC):
         its rows each CP rank's sequence chunks hold, on the host; `context_parallel.chunk_rows`) or none does:
         then each receiver gets only its CP rank's rows, in that order (the counts stay the replica's)."""
         counts = self._accept(microbatch, embeddings, tokens_per_sample)
-        if not (self.is_sender or self.is_receiver):
+        if not self._takes_part:
             return None
         return self._forward(microbatch, embeddings, counts, microbatch_tokens, replica_chunks)
 
@@ -138,8 +140,13 @@ class Bridge(ABC):
         if grad is not None and not self.is_receiver:
             raise ValueError(f"bridge {self.name}, micro-batch {microbatch}: rank {self.dst.rank} is not a "
                              f"receiver (first pipeline stage of '{self.dst.name}') but was given a grad")
-        if self.is_sender or self.is_receiver:
+        if self._takes_part:
             self._backward(microbatch, grad)
+
+    @property
+    def _takes_part(self) -> bool:
+        """Whether this rank moves anything of the edge: its senders and receivers (colocated: the whole span)."""
+        return self.is_sender or self.is_receiver
 
     def wait(self) -> None:
         """Complete every send still in flight (call at the end of a step)."""
@@ -495,10 +502,12 @@ class ColocatedBridge(Bridge):
                  microbatch_tokens: Tensor | None,
                  replica_chunks: Callable[[int], list[Tensor]] | None = None) -> tuple[Tensor, Tensor] | None:
         """Keep the sender's inputs (and the micro-batch's counts, if given), then the all-gather (under context
-        parallelism, given `replica_chunks`, the all-to-all of each CP rank's rows)."""
+        parallelism, given `replica_chunks`, the all-to-all of each CP rank's rows). A rank of the span off the
+        encoder's last pipeline stage sends no rows (None) but takes part in the collectives."""
         self._sent[microbatch] = _Sent(embeddings, counts)
         if microbatch_tokens is not None:
-            self._counts[microbatch] = self._check_microbatch_tokens(microbatch, microbatch_tokens, counts)
+            self._counts[microbatch] = (self._check_microbatch_tokens(microbatch, microbatch_tokens, counts)
+                                        if self.is_sender else self._whole_microbatch(microbatch, microbatch_tokens))
         if replica_chunks is not None and self.dst.size("cp") > 1:
             out = self._chunks_forward(microbatch, replica_chunks)
         else:
@@ -506,6 +515,11 @@ class ColocatedBridge(Bridge):
         if out is not None:
             self._delivered[microbatch] = out
         return out
+
+    @property
+    def _takes_part(self) -> bool:
+        """Every rank of the span: the collectives need them all (a pipelined encoder's earlier stages too)."""
+        return self.src.rank in self.src.span
 
     def _backward(self, microbatch: int, grad: Tensor | None) -> None:
         self._delivered.pop(microbatch, None)
@@ -555,7 +569,8 @@ class ColocatedBridge(Bridge):
         slots = self._slots(self._max_rows(offsets))
         if slots.shape[1]:
             mine = torch.zeros_like(slots[0])
-            mine[:sent.embeddings.shape[0]] = sent.embeddings.detach()
+            if sent.embeddings is not None:
+                mine[:sent.embeddings.shape[0]] = sent.embeddings.detach()
             dist.all_gather(list(slots.unbind(0)), mine, group=self._span_group())
         if not self.is_receiver:
             return None
@@ -576,8 +591,10 @@ class ColocatedBridge(Bridge):
 
     def _micro_counts(self, microbatch: int) -> list[int]:
         """Row offsets of micro-batch m's samples (the counts gathered first if the caller did not pass them)."""
-        if microbatch not in self._counts:
-            self._counts[microbatch] = self._colocated_counts(self._sent[microbatch].counts.to(self.device))
+        if microbatch not in self._counts:  # a rank off the encoder's last stage adds zeros (its slot is unread)
+            counts = self._sent[microbatch].counts
+            counts = counts if counts is not None else torch.zeros(self._src_samples, dtype=torch.long)
+            self._counts[microbatch] = self._colocated_counts(counts.to(self.device))
         return row_offsets(self._counts[microbatch])
 
     def _chunks_forward(self, microbatch: int, replica_chunks: Callable[[int], list[Tensor]]
@@ -586,7 +603,9 @@ class ColocatedBridge(Bridge):
         first-stage dst rank the rows of its replica that the dst rank's CP chunks hold (`_plan_chunks`)."""
         offsets = self._micro_counts(microbatch)
         forward, backward = self._plan_chunks(offsets, replica_chunks)
-        rows = forward(self._sent[microbatch].embeddings.detach(), self._span_group())
+        embeddings = self._sent[microbatch].embeddings  # None off a pipelined encoder's last stage: no rows held
+        none = torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        rows = forward(embeddings.detach() if embeddings is not None else none, self._span_group())
         self._routes[microbatch] = backward, rows.shape[0]
         if not self.is_receiver:
             return None
@@ -598,9 +617,11 @@ class ColocatedBridge(Bridge):
                      ) -> tuple[RowRoute, RowRoute]:
         """The forward route (src leaders hold their replica's rows; each first-stage dst rank needs its CP rank's
         chunks' rows) and the backward one (each such rank's TP rank 0 holds their gradient, TP peers hold copies;
-        every src rank needs its replica's rows' gradient, to run the encoder's backward). Rows are numbered over
-        the micro-batch; only the dst replicas that share samples with this rank's are asked (`RowRoute.plan`)."""
-        asked = {p for p, _, _ in sample_overlaps(self._src_replica, self._src_samples, self._dst_samples)}
+        every src rank of its last pipeline stage needs its replica's rows' gradient, to run the encoder's backward).
+        Rows are numbered over the micro-batch; only the dst replicas that share samples with this rank's are asked
+        (`RowRoute.plan`)."""
+        asked = ({p for p, _, _ in sample_overlaps(self._src_replica, self._src_samples, self._dst_samples)}
+                 if self.is_sender else set())
         asked.add(self._dst_replica)
         wanted = {d: [rows + self._replica_rows(offsets, d, self._dst_samples)[0] for rows in replica_chunks(d)]
                   for d in asked if d >= 0}
@@ -613,7 +634,7 @@ class ColocatedBridge(Bridge):
             held.append(replica if r == self._src_leader(src.dp) else none)
             needed.append(want)
             grad_held.append(want if dst.tp == 0 else none)
-            grad_needed.append(replica)
+            grad_needed.append(replica if self.src.is_last_stage(r) else none)
         rank = self.src.rank - self.src.span.start
         return (RowRoute.plan(held, needed, rank, self.device),
                 RowRoute.plan(grad_held, grad_needed, rank, self.device))
@@ -638,7 +659,8 @@ class ColocatedBridge(Bridge):
         mine = torch.empty(width, self.hidden_size, dtype=self.dtype, device=self.device)
         if width:
             dist.reduce_scatter(mine, list(slots.unbind(0)), group=self._span_group())
-        _backward(sent.embeddings, mine[:sent.embeddings.shape[0]])
+        if sent.embeddings is not None:
+            _backward(sent.embeddings, mine[:sent.embeddings.shape[0]])
 
     def _chunks_backward(self, microbatch: int, grad: Tensor | None) -> None:
         """The backward route of micro-batch m: each first-stage TP rank 0 sends its rows' gradient (zeros for None)
@@ -651,7 +673,9 @@ class ColocatedBridge(Bridge):
             self._pop(self._received, microbatch)
             if self._holds_grad_share:  # its TP peers hold copies
                 block = self._grad_or_zeros(microbatch, grad, rows)
-        _backward(sent.embeddings, route(block, self._span_group()))
+        grad = route(block, self._span_group())
+        if sent.embeddings is not None:
+            _backward(sent.embeddings, grad)
 
     def _place(self, slots: Tensor, grad: Tensor, offsets: list[int], lo: int, hi: int) -> None:
         """Copy the gradient of rows [lo, hi) into the slot of every span rank whose src replica owns them."""

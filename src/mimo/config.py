@@ -157,7 +157,7 @@ class ModuleParallelismConfig:
     """
 
     tensor_model_parallel_size: int = 1  # TP: ranks each of the module's layers is split over
-    pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (the language model only)
+    pipeline_model_parallel_size: int = 1  # PP: stages the module's layers are split into (an encoder: own ranks)
     # VPP (Megatron's name): model chunks per pipeline rank, run in the interleaved 1F1B order (needs PP > 1)
     virtual_pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1  # CP: splits the language model's sequences (an encoder's: homogeneous only)
@@ -341,11 +341,13 @@ class MimoParallelismConfig:
 
     @property
     def deployment(self) -> Deployment:
-        """homogeneous (same span, same layout), colocated (same span) or heterogeneous (spans differ)."""
+        """homogeneous (same span, same layout, no encoder pipelined), colocated (same span) or heterogeneous (spans
+        differ)."""
         mods = list(self.module_parallelisms.values())
         if any(m.span != mods[0].span for m in mods):
             return "heterogeneous"
-        if all(m.same_layout(mods[0]) for m in mods):
+        pipelined = any(self.module_parallelisms[n].pipeline_model_parallel_size > 1 for n in self.modality_names)
+        if all(m.same_layout(mods[0]) for m in mods) and not pipelined:  # as `bridge.bridge_kind` decides per edge
             return "homogeneous"
         return "colocated"
 
@@ -387,10 +389,16 @@ class MimoParallelismConfig:
                 f"module '{name}': expert_model_parallel_size={m.expert_model_parallel_size} is not supported "
                 f"yet; use 1"
             )
-        if name != LANGUAGE and m.pipeline_model_parallel_size > 1:
+        if name != LANGUAGE and m.pipeline_model_parallel_size > 1 and m.context_parallel_size > 1:
             raise LayoutError(
-                f"module '{name}': pipeline_model_parallel_size={m.pipeline_model_parallel_size} is not "
-                f"supported yet for modality modules (only '{LANGUAGE}' may be pipelined); use 1"
+                f"module '{name}': context_parallel_size={m.context_parallel_size} with "
+                f"pipeline_model_parallel_size={m.pipeline_model_parallel_size} is not supported for a modality "
+                f"module (an encoder's CP splits items only inside the language model's own layout); use 1 for one"
+            )
+        if name != LANGUAGE and m.virtual_pipeline_model_parallel_size > 1:
+            raise LayoutError(
+                f"module '{name}': virtual_pipeline_model_parallel_size={m.virtual_pipeline_model_parallel_size} "
+                f"is supported only on '{LANGUAGE}' (an encoder's stages run plain, forwards then backwards); use 1"
             )
 
     def _check_encoder_context(self) -> None:

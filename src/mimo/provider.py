@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +54,11 @@ class ModuleSpec:
         return self.module(**self.params, **built, **extra)
 
 
-def pipeline_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
+def pipeline_layer_range(num_layers: int, pp_size: int, pp_rank: int,
+                         module: str = "the language model") -> tuple[int, int]:
     """Layers [start, end) of stage `pp_rank`: as even as possible, earlier stages take the remainder."""
     if num_layers < pp_size:
-        raise ProviderError(f"the language model has {num_layers} layers, fewer than its {pp_size} pipeline "
+        raise ProviderError(f"{module} has {num_layers} layers, fewer than its {pp_size} pipeline "
                             f"stages; use pipeline_model_parallel_size <= {num_layers}")
     base, extra = divmod(num_layers, pp_size)
     start = pp_rank * base + min(pp_rank, extra)
@@ -199,6 +201,10 @@ class MimoModelProvider:
         pp, vpp = language.pipeline_model_parallel_size, language.virtual_pipeline_model_parallel_size
         if pp > 1:
             pipeline_chunk_ranges(_num_layers(self.language_model_spec), pp, 0, vpp)
+        for name, spec in self.modality_submodules_spec.items():
+            pp = layout.get_parallelism(name).pipeline_model_parallel_size
+            if pp > 1:
+                pipeline_layer_range(_encoder_layers(name, spec, pp), pp, 0, f"module '{name}': the encoder")
 
     def whole_meta_model(self) -> MimoModel:
         """The whole model, every module unsplit, on the meta device: its names and shapes at no memory cost."""
@@ -214,7 +220,7 @@ class MimoModelProvider:
             return MimoStubModel(self.special_token_ids)
         with torch.device("meta"):
             language = self._build_language(infra) if LANGUAGE in infra.participating_modules else None
-            modalities = {m: self.modality_submodules_spec[m].build()
+            modalities = {m: self._build_modality(m, infra)
                           for m in self.modality_submodules_spec if m in infra.participating_modules}
             model = MimoModel(language, modalities, self.special_token_ids)
         return model.to(self.params_dtype)
@@ -247,6 +253,19 @@ class MimoModelProvider:
         ranges = pipeline_chunk_ranges(num_layers, grid.size("pp"), grid.coord.pp, vpp)
         return self.language_model_spec.build(layer_range=ranges[0] if vpp == 1 else ranges)
 
+    def _build_modality(self, name: str, infra: MimoModelInfra) -> nn.Module:
+        """A modality's encoder and projection, or under encoder pipeline parallelism this rank's stage: its
+        blocks (global names `layers.N`, the front on stage 0) and, on the last stage only, the projection."""
+        spec = self.modality_submodules_spec[name]
+        grid = infra.module_to_grid_map.get(name)
+        if grid is None or grid.size("pp") == 1:
+            return spec.build()
+        pp, stage = grid.size("pp"), grid.coord.pp
+        layers = pipeline_layer_range(_encoder_layers(name, spec, pp), pp, stage, f"module '{name}': the encoder")
+        projection = spec.submodules["projection"].build() if stage == pp - 1 else None
+        return spec.module(**spec.params, encoder=spec.submodules["encoder"].build(layer_range=layers),
+                           projection=projection)
+
     def apply_freezing(self, model: MimoModel) -> None:
         """`requires_grad=False` on the frozen language model, encoders and projections."""
         if self.freeze_language_model and model.language_model is not None:
@@ -254,7 +273,7 @@ class MimoModelProvider:
         for name, sub in model.modality_submodules.items():
             if self.freeze_modality_encoders.get(name, False):
                 sub.encoder.requires_grad_(False)
-            if self.freeze_modality_projections.get(name, False):
+            if self.freeze_modality_projections.get(name, False) and sub.projection is not None:
                 sub.projection.requires_grad_(False)
 
 
@@ -275,6 +294,21 @@ def with_flag(flags: Mapping[str, bool] | None, modality: str, flag: bool) -> di
     flags = dict(flags or {})
     flags[modality] = bool(flag or flags.get(modality, False))
     return flags
+
+
+def _encoder_layers(name: str, spec: ModuleSpec, pp: int) -> int:
+    """The blocks a pipelined modality's encoder runs (its config's `num_layers_built`), or a one-line refusal for an
+    encoder that cannot be built by stage (no `layer_range` argument: Qwen-VL's towers, with DeepStack)."""
+    encoder = spec.submodules.get("encoder")
+    config = encoder.params.get("config") if encoder is not None else None
+    takes_range = encoder is not None and "layer_range" in inspect.signature(encoder.module).parameters
+    if not takes_range or not hasattr(config, "num_layers_built") or "projection" not in spec.submodules:
+        what = getattr(encoder.module, "__name__", "?") if encoder is not None else "no encoder spec"
+        raise ProviderError(f"module '{name}': pipeline_model_parallel_size={pp} splits an encoder's blocks into "
+                            f"stages, which needs an encoder and projection spec whose encoder is built by "
+                            f"layer_range= with config.num_layers_built (mimo's ViT and audio encoders); {what} is "
+                            f"not; use pipeline_model_parallel_size 1")
+    return config.num_layers_built
 
 
 def _num_layers(spec: ModuleSpec) -> int:

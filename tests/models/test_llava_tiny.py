@@ -92,7 +92,7 @@ def test_vit_selected_layer_is_the_full_models_hidden_state() -> None:
     init_parameters(full, seed=3)
     pixels = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     x = full.pre_layrnorm(full.embeddings(pixels))
-    for layer in full.encoder.layers[:2]:
+    for layer in list(full.encoder.layers.values())[:2]:
         x = layer(x)
     torch.testing.assert_close(short(pixels), x[:, 1:], rtol=0, atol=0)
     assert full(pixels).shape == (2, 16, 32)

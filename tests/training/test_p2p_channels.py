@@ -56,6 +56,8 @@ LAYOUTS = {
                                             "rank_offset": 2}}),
     "language-first-tp2": (3, {"language": {"tensor_model_parallel_size": 2, "data_parallel_size": 1},
                                "images": {"data_parallel_size": 1, "rank_offset": 2}}),
+    "encoder-pp2": (3, {"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},  # stages 0 -> 1
+                        "language": {"data_parallel_size": 1, "rank_offset": 2}}),
 }
 
 

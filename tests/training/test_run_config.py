@@ -304,6 +304,10 @@ def test_an_unusable_checkpoint_dir_is_one_line_before_launch(capsys, tmp_path):
       "language": {"pipeline_model_parallel_size": 3, "data_parallel_size": 1, "rank_offset": 1}}, 4,
      "parallelism: the language model has 2 layers, fewer than its 3 pipeline stages; use "
      "pipeline_model_parallel_size <= 2"),
+    ({"images": {"pipeline_model_parallel_size": 3, "data_parallel_size": 1},
+      "language": {"data_parallel_size": 1, "rank_offset": 3}}, 4,
+     "parallelism: module 'images': the encoder has 2 layers, fewer than its 3 pipeline stages; use "
+     "pipeline_model_parallel_size <= 2"),
     ({"images": {"tensor_model_parallel_size": 3}, "language": {"tensor_model_parallel_size": 3}}, 3,
      "parallelism: module 'images': encoder.encoder.layers.0.self_attn.q_proj has 32 output features, not "
      "divisible by tensor_model_parallel_size 3; choose a TP size that divides 32"),

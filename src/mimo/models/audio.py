@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from mimo.models.encoder_block import EncoderBlock, encoder_block_params, encoder_stack_tp_plan
+from mimo.models.encoder_block import (
+    EncoderBlock,
+    block_stack,
+    encoder_block_params,
+    encoder_stack_tp_plan,
+    stage_range,
+)
 
 _KERNEL = 3
 
@@ -40,6 +46,11 @@ class AudioConfig:
             raise ValueError(f"n_mels and num_frames must be positive, got {self.n_mels}, {self.num_frames}")
 
     @property
+    def num_layers_built(self) -> int:
+        """Blocks the encoder runs (all of them): what pipeline stages split."""
+        return self.num_layers
+
+    @property
     def tokens_per_item(self) -> int:
         """Tokens per clip: the stride-2 conv (kernel 3, padding 1) halves the frames, rounding up."""
         return (self.num_frames + 1) // 2
@@ -60,19 +71,37 @@ class AudioConfig:
 class AudioEncoder(nn.Module):
     """Log-mel frames [N, n_mels, frames] → tokens [N, tokens_per_item, hidden]."""
 
-    def __init__(self, config: AudioConfig) -> None:
-        """Build the conv stem, the position table, the blocks and the final norm."""
+    def __init__(self, config: AudioConfig, layer_range: tuple[int, int] | None = None) -> None:
+        """Build the conv stem, the position table, the blocks and the final norm; with `layer_range`, one
+        pipeline stage: those blocks, the stem and positions only on the stage that starts at block 0, the final
+        norm only on the one that ends the stack."""
         super().__init__()
         self.config = config
+        self.layer_range = stage_range(layer_range, config.num_layers)
         h = config.hidden_size
-        self.conv1 = nn.Conv1d(config.n_mels, h, kernel_size=_KERNEL, padding=1)
-        self.conv2 = nn.Conv1d(h, h, kernel_size=_KERNEL, stride=2, padding=1)
-        self.position_embedding = nn.Embedding(config.tokens_per_item, h)
-        self.layers = nn.ModuleList(
-            EncoderBlock(h, config.num_heads, config.ffn_hidden_size, config.layer_norm_eps, config.activation)
-            for _ in range(config.num_layers)
-        )
-        self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        if self.has_front:
+            self.conv1 = nn.Conv1d(config.n_mels, h, kernel_size=_KERNEL, padding=1)
+            self.conv2 = nn.Conv1d(h, h, kernel_size=_KERNEL, stride=2, padding=1)
+            self.position_embedding = nn.Embedding(config.tokens_per_item, h)
+        self.layers = block_stack(self.layer_range, lambda: EncoderBlock(
+            h, config.num_heads, config.ffn_hidden_size, config.layer_norm_eps, config.activation))
+        if self.has_end:
+            self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    @property
+    def has_front(self) -> bool:
+        """Whether this (stage of the) encoder takes log-mel frames: it holds the conv stem (block 0 on)."""
+        return self.layer_range[0] == 0
+
+    @property
+    def has_end(self) -> bool:
+        """Whether this (stage of the) encoder emits the final tokens (it holds the last block and norm)."""
+        return self.layer_range[1] == self.config.num_layers
+
+    @property
+    def stack_tokens(self) -> int:
+        """Tokens per clip between blocks: what one pipeline stage hands the next."""
+        return self.config.tokens_per_item
 
     @property
     def tokens_per_item(self) -> int:
@@ -84,20 +113,23 @@ class AudioEncoder(nn.Module):
         """Width of the emitted tokens."""
         return self.config.hidden_size
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Encode a stack of clips; every clip must have exactly `num_frames` frames."""
-        expected = (self.config.n_mels, self.config.num_frames)
-        if features.dim() != 3 or tuple(features.shape[1:]) != expected:
-            raise ValueError(f"expected log-mel features [N, {expected[0]}, {expected[1]}], "
-                             f"got {tuple(features.shape)}")
-        x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.position_embedding.weight
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode a stack of clips [N, n_mels, num_frames] (every clip exactly `num_frames` frames). A pipeline
+        stage past the first takes the stage before's hidden states [N, stack_tokens, hidden] instead, and one
+        before the last returns its own."""
+        if self.has_front:
+            expected = (self.config.n_mels, self.config.num_frames)
+            if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+                raise ValueError(f"expected log-mel features [N, {expected[0]}, {expected[1]}], "
+                                 f"got {tuple(x.shape)}")
+            x = F.gelu(self.conv1(x.to(self.conv1.weight.dtype)))
+            x = F.gelu(self.conv2(x)).transpose(1, 2)
+            x = x + self.position_embedding.weight
+        for layer in self.layers.values():
             x = layer(x)
-        return self.layer_norm(x)
+        return self.layer_norm(x) if self.has_end else x
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
         """Shard every block's attention and MLP; the conv stem, positions and norms stay replicated
         (with `sequence_parallel`, the blocks' norms run on sequence shards)."""
-        return encoder_stack_tp_plan("layers.", len(self.layers), sequence_parallel)
+        return encoder_stack_tp_plan("layers.", self.layers.keys(), sequence_parallel)

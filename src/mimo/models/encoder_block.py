@@ -8,6 +8,8 @@ applied from outside with `encoder_block_tp_plan` / `encoder_stack_tp_plan`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,12 +124,33 @@ def encoder_block_tp_plan(prefix: str, sequence_parallel: bool = False) -> dict[
     return plan
 
 
-def encoder_stack_tp_plan(prefix: str, num_blocks: int, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
-    """The plan of `num_blocks` blocks at `{prefix}0.`, `{prefix}1.`, ...: each block's, and with
-    `sequence_parallel` the stack's input sliced and its output gathered (`stack_boundaries`)."""
+def encoder_stack_tp_plan(prefix: str, blocks: Iterable[str | int],
+                          sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """The plan of the blocks at `{prefix}{b}.` for each `b` of `blocks` (their names in call order: a pipeline
+    stage's global indices): each block's, and with `sequence_parallel` the stack's input sliced and its output
+    gathered (`stack_boundaries`)."""
+    blocks = [str(b) for b in blocks]
     plan: dict[str, ParallelStyle] = {}
-    for i in range(num_blocks):
-        plan.update(encoder_block_tp_plan(f"{prefix}{i}.", sequence_parallel))
+    for b in blocks:
+        plan.update(encoder_block_tp_plan(f"{prefix}{b}.", sequence_parallel))
     if sequence_parallel:
-        plan.update(stack_boundaries([f"{prefix}{i}" for i in range(num_blocks)]))
+        plan.update(stack_boundaries([f"{prefix}{b}" for b in blocks]))
     return plan
+
+
+def stage_range(layer_range: tuple[int, int] | None, num_layers: int) -> tuple[int, int]:
+    """The blocks [start, end) an encoder builds: all `num_layers` without a range, else one pipeline stage's
+    (checked to lie inside the stack)."""
+    if layer_range is None:
+        return 0, num_layers
+    start, end = layer_range
+    if not 0 <= start < end <= num_layers:
+        raise ValueError(f"layer_range {tuple(layer_range)} must be a non-empty range inside the encoder's "
+                         f"{num_layers} layers")
+    return start, end
+
+
+def block_stack(layer_range: tuple[int, int], build: Callable[[], nn.Module]) -> nn.ModuleDict:
+    """Blocks `build()` keyed by their global index (`layers.N` on every pipeline layout, so checkpoints and
+    Hugging Face names match whatever the encoder's PP size)."""
+    return nn.ModuleDict({str(i): build() for i in range(*layer_range)})

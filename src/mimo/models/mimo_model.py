@@ -89,10 +89,14 @@ class ModalityBatch:
 
 
 class ModalitySubmodule(nn.Module):
-    """One modality's encoder and projection: items → [N, tokens_per_item, language hidden size]."""
+    """One modality's encoder and projection: items → [N, tokens_per_item, language hidden size].
 
-    def __init__(self, encoder: nn.Module, projection: nn.Module) -> None:
-        """Hold the encoder (must expose `tokens_per_item`) and the projection to the language width."""
+    A pipeline stage of it (the encoder built for a `layer_range`) holds the projection only on the last stage;
+    a stage before the last has none and returns its blocks' hidden states for the next stage."""
+
+    def __init__(self, encoder: nn.Module, projection: nn.Module | None) -> None:
+        """Hold the encoder (must expose `tokens_per_item`) and the projection to the language width (None on a
+        pipeline stage before the last)."""
         super().__init__()
         self.encoder = encoder
         self.projection = projection
@@ -116,16 +120,22 @@ class ModalitySubmodule(nn.Module):
         owner = torch.repeat_interleave(torch.arange(batch.items_per_sample.shape[0]), batch.items_per_sample)
         return torch.zeros_like(batch.items_per_sample).index_add_(0, owner, self.item_tokens(batch))
 
-    def forward(self, items: torch.Tensor, item_grids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, item_grids: torch.Tensor | None = None, empty: bool = False
+                ) -> torch.Tensor:
         """Encode then project items into embeddings [tokens, H] in item order: stacked items [N, ...], or packed
         rows with their `item_grids` (the encoder takes both). With none (a text-only micro-batch), one zero item
         (the encoder's `smallest_grid` when packed) is encoded and none of its rows kept: [0, H] with a graph to
         every parameter (exactly zero gradients), and no kernel sees an empty batch (CUDA's
-        scaled_dot_product_attention returns None for one)."""
+        scaled_dot_product_attention returns None for one).
+        A pipeline stage past the first (stacked items only) takes the stage before's hidden states as `items`
+        (`empty`: they are the stand-in zero item's, so no rows are kept); one before the last returns its own."""
         if item_grids is None:
-            if items.shape[0] == 0:
-                return self.projection(self.encoder(items.new_zeros((1, *items.shape[1:])))).flatten(0, 1)[:0]
-            return self.projection(self.encoder(items)).flatten(0, 1)
+            stand_in = _takes_items(self.encoder) and items.shape[0] == 0
+            hidden = self.encoder(items.new_zeros((1, *items.shape[1:])) if stand_in else items)
+            if self.projection is None:
+                return hidden
+            out = self.projection(hidden).flatten(0, 1)
+            return out[:0] if stand_in or empty else out
         if items.shape[0] == 0:
             grid = self.encoder.smallest_grid.reshape(1, -1)
             zero = items.new_zeros((int(grid.prod()), *items.shape[1:]))
@@ -140,7 +150,8 @@ class ModalitySubmodule(nn.Module):
                              f"argument, so it cannot run sequence-parallel; set sequence_parallel false")
         encoder_plan = self.encoder.tp_plan(sequence_parallel=True) if sequence_parallel else self.encoder.tp_plan()
         plan = {f"encoder.{k}": v for k, v in encoder_plan.items()}
-        plan.update({f"projection.{k}": v for k, v in self.projection.tp_plan().items()})
+        if self.projection is not None:
+            plan.update({f"projection.{k}": v for k, v in self.projection.tp_plan().items()})
         return plan
 
 
@@ -279,6 +290,12 @@ def _check_counts(name: str, token_id: int, found: torch.Tensor, expected: torch
     if rows != int(expected.sum()):
         raise ValueError(f"modality {name!r}: {rows} embeddings given, but tokens_per_sample sums to "
                          f"{int(expected.sum())}")
+
+
+def _takes_items(encoder: nn.Module) -> bool:
+    """Whether the encoder (or its pipeline stage) takes the items themselves: it holds the front (embeddings, a
+    stem); an encoder built whole always does."""
+    return getattr(encoder, "has_front", True)
 
 
 def _inner(module: nn.Module) -> nn.Module:

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from mimo.models.encoder_block import EncoderBlock, encoder_block_params, encoder_stack_tp_plan
+from mimo.models.encoder_block import (
+    EncoderBlock,
+    block_stack,
+    encoder_block_params,
+    encoder_stack_tp_plan,
+    stage_range,
+)
 
 
 @dataclass(frozen=True)
@@ -140,25 +146,24 @@ class PatchEmbeddings(nn.Module):
 
 
 class ViTLayers(nn.Module):
-    """The stack of encoder blocks (a module of its own so names read `encoder.layers.N`, as in CLIP)."""
+    """The stack of encoder blocks (a module of its own so names read `encoder.layers.N`, as in CLIP); a pipeline
+    stage holds blocks [start, end) under their global N."""
 
-    def __init__(self, config: ViTConfig) -> None:
-        """Build the blocks that run up to `select_layer`."""
+    def __init__(self, config: ViTConfig, layer_range: tuple[int, int] | None = None) -> None:
+        """Build the blocks of `layer_range` (`ViTEncoder`'s, checked there; default: every block that runs up to
+        `select_layer`)."""
         super().__init__()
-        self.layers = nn.ModuleList(
-            EncoderBlock(
-                config.hidden_size,
-                config.num_heads,
-                config.ffn_hidden_size,
-                config.layer_norm_eps,
-                config.activation,
-            )
-            for _ in range(config.num_layers_built)
-        )
+        self.layers = block_stack(layer_range or (0, config.num_layers_built), lambda: EncoderBlock(
+            config.hidden_size,
+            config.num_heads,
+            config.ffn_hidden_size,
+            config.layer_norm_eps,
+            config.activation,
+        ))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run every built block in order."""
-        for layer in self.layers:
+        for layer in self.layers.values():
             x = layer(x)
         return x
 
@@ -166,14 +171,32 @@ class ViTLayers(nn.Module):
 class ViTEncoder(nn.Module):
     """CLIP (or SigLIP) vision tower: images [N, C, H, W] → features [N, tokens_per_item, hidden] of `select_layer`."""
 
-    def __init__(self, config: ViTConfig) -> None:
-        """Build embeddings, the pre-LayerNorm and the blocks up to the selected layer."""
+    def __init__(self, config: ViTConfig, layer_range: tuple[int, int] | None = None) -> None:
+        """Build embeddings, the pre-LayerNorm and the blocks up to the selected layer; with `layer_range`, one
+        pipeline stage: those blocks, the embeddings and pre-LayerNorm only on the stage that starts at block 0."""
         super().__init__()
         self.config = config
-        self.embeddings = ViTEmbeddings(config) if config.class_token else PatchEmbeddings(config)
-        self.pre_layrnorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm
-                             else nn.Identity())
-        self.encoder = ViTLayers(config)
+        self.layer_range = stage_range(layer_range, config.num_layers_built)
+        if self.has_front:
+            self.embeddings = ViTEmbeddings(config) if config.class_token else PatchEmbeddings(config)
+            self.pre_layrnorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm
+                                 else nn.Identity())
+        self.encoder = ViTLayers(config, self.layer_range)
+
+    @property
+    def has_front(self) -> bool:
+        """Whether this (stage of the) tower takes images: it holds the embeddings (block 0 on)."""
+        return self.layer_range[0] == 0
+
+    @property
+    def has_end(self) -> bool:
+        """Whether this (stage of the) tower emits the selected layer's tokens (it holds the last block)."""
+        return self.layer_range[1] == self.config.num_layers_built
+
+    @property
+    def stack_tokens(self) -> int:
+        """Tokens per image between blocks (the class token too): what one pipeline stage hands the next."""
+        return self.config.num_patches + int(self.config.class_token)
 
     @property
     def tokens_per_item(self) -> int:
@@ -185,15 +208,19 @@ class ViTEncoder(nn.Module):
         """Width of the emitted tokens."""
         return self.config.hidden_size
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode a stack of images; the first token is dropped if the config says so."""
-        size = self.config.image_size
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (size, size):
-            raise ValueError(f"expected pixel_values [N, C, {size}, {size}], got {tuple(pixel_values.shape)}")
-        x = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
-        return x[:, 1:] if self.config.drop_class_token else x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode a stack of images [N, C, H, W]; the first token is dropped if the config says so. A pipeline
+        stage past the first takes the stage before's hidden states [N, stack_tokens, hidden] instead, and one
+        before the last returns its own."""
+        if self.has_front:
+            size = self.config.image_size
+            if x.dim() != 4 or tuple(x.shape[-2:]) != (size, size):
+                raise ValueError(f"expected pixel_values [N, C, {size}, {size}], got {tuple(x.shape)}")
+            x = self.pre_layrnorm(self.embeddings(x))
+        x = self.encoder(x)
+        return x[:, 1:] if self.has_end and self.config.drop_class_token else x
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
         """Shard every block's attention and MLP (Megatron style); embeddings and norms stay replicated
         (with `sequence_parallel`, the blocks' norms run on sequence shards)."""
-        return encoder_stack_tp_plan("encoder.layers.", len(self.encoder.layers), sequence_parallel)
+        return encoder_stack_tp_plan("encoder.layers.", self.encoder.layers.keys(), sequence_parallel)

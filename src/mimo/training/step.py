@@ -51,6 +51,7 @@ from mimo.grid import pipeline_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel, ModalityBatch
 from mimo.training.deepstack import DeepStackCarry
+from mimo.training.encoder_pipeline import EncoderStages, StageTraining
 from mimo.training.grad_scaler import GlobalGradScaler
 from mimo.training.optim import OptimizerConfig, build_optimizers, build_schedulers, clip_grads, local_grad_sq
 from mimo.training.patch_balance import (
@@ -127,6 +128,7 @@ class MimoTrainer:
                              (embedding_widths or {}).get(src, hidden_size), activation_dtype, self.device,
                              infra.p2p_groups)
             for src, dst in infra.config.edges if dst == LANGUAGE}
+        self.encoder_stages = self._encoder_stages()
         self.p2p_pairs = self._open_p2p_channels()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizers = build_optimizers(model, self.optimizer_config)
@@ -139,8 +141,23 @@ class MimoTrainer:
         if self.infra.p2p_groups is None:
             return []
         pairs = [pair for bridge in self.bridges.values() for pair in bridge.p2p_pairs()]
-        pairs += pipeline_pairs(self.infra.module_to_grid_map[LANGUAGE])
+        pairs += [pair for grid in self.infra.module_to_grid_map.values() for pair in pipeline_pairs(grid)]
         return self.infra.p2p_groups.warm_up(pairs, self.device)
+
+    def _encoder_stages(self) -> dict[str, EncoderStages]:
+        """This rank's stage of each hosted encoder split over pipeline stages (`encoder_pipeline`), each knowing
+        which stages train (one all-gather over its pipeline group)."""
+        stages = {}
+        for index, name in enumerate(self.infra.config.module_names):
+            grid = self.infra.module_to_grid_map[name]
+            if name == LANGUAGE or name not in self.infra.participating_modules or grid.size("pp") == 1:
+                continue
+            sub = unwrap(self.model.modality_submodules[name])
+            trains = any(p.requires_grad for p in sub.parameters())
+            training = StageTraining.gather(trains, grid.get_group("pp"), self.device)
+            stages[name] = EncoderStages(grid, index, training, (sub.encoder.stack_tokens, sub.encoder.hidden_size),
+                                         self.activation_dtype, self.device, self.infra.p2p_groups)
+        return stages
 
     # -- the step -----------------------------------------------------------------------------------------
     def train_step(self, batch: MimoBatch, votes: Callable[[], Sequence[float]] | None = None) -> StepResult:
@@ -169,8 +186,8 @@ class MimoTrainer:
                 seconds["language.forward_backward"] -= seconds[f"{name}.forward"]
         for src in self.bridges:
             self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
-        for bridge in self.bridges.values():
-            bridge.wait()
+        for waits in (*self.bridges.values(), *self.encoder_stages.values()):
+            waits.wait()
         align_gradients(self.model)
         self._sync_tied_embeddings()
         skipped = self._unscale_and_check()
@@ -217,8 +234,14 @@ class MimoTrainer:
         bridge, encoder = self.bridges[name], self.model.modality_submodules[name]
         work = self._state.inputs[name][m]
         self._state.inputs[name][m] = None  # autograd keeps what the backward needs; nothing else outlives its use
-        with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
-            out = encoder(work.items.items, work.items.item_grids)  # (one zero item encoded, no rows kept)
+        if name in self.encoder_stages:  # pipelined: only the last stage's output crosses the bridge
+            out = self._encode_stage(name, m, work)
+            if out is None:  # an earlier stage: a colocated bridge's collectives still need it (others: no-op)
+                return bridge.forward(m, microbatch_tokens=self.microbatch_tokens(self._state.batch, name, m),
+                                      replica_chunks=self._replica_chunks(name, m))
+        else:
+            with no_sync_forward(encoder):  # [tokens, H]; no items: [0, H], the graph still at every parameter
+                out = encoder(work.items.items, work.items.item_grids)  # (one zero item encoded, no rows kept)
         grid = self.infra.module_to_grid_map[name]
         if work.balance is not None:
             out = work.balance.exchange(out, grid.get_group("dp"))
@@ -227,6 +250,19 @@ class MimoTrainer:
             return work.route(out, grid.get_group("cp")), work.counts
         tokens = self.microbatch_tokens(self._state.batch, name, m)
         return bridge.forward(m, out, work.counts, tokens, replica_chunks=self._replica_chunks(name, m))
+
+    def _encode_stage(self, name: str, m: int, work: _EncoderWork) -> torch.Tensor | None:
+        """Micro-batch m through this rank's stage of a pipelined encoder: stage 0 takes the items, a later stage
+        the hidden states of the one before; the last stage's rows are returned, an earlier stage's sent on."""
+        encoder, items = self.model.modality_submodules[name], work.items.items
+        if work.items.item_grids is not None:
+            raise ValueError(f"module '{name}': a pipelined encoder takes items of one size (stacked), but its items "
+                             f"are packed (item_grids); use pipeline_model_parallel_size 1")
+
+        def run(x: torch.Tensor | None) -> torch.Tensor:
+            with no_sync_forward(encoder):
+                return encoder(items, None) if x is None else encoder(x, None, empty=items.shape[0] == 0)
+        return self.encoder_stages[name].forward(m, items.shape[0], run)
 
     def _replica_chunks(self, name: str, m: int) -> Callable[[int], list[torch.Tensor]] | None:
         """Under context parallelism, for a language DP replica d: which of its `name` rows of micro-batch m each CP
@@ -284,6 +320,8 @@ class MimoTrainer:
         encoder = unwrap(self.model.modality_submodules[name])
         own = share.modality_inputs[name]
         counts = encoder.tokens_per_sample(own)  # host metadata: stays on the CPU
+        if name in self.encoder_stages and not self.encoder_stages[name].is_first:
+            return _EncoderWork(own, counts)  # a later stage reads only how many items there are
         if name not in splits:
             return _EncoderWork(own.with_items(to_device(own.items, self.device)), counts)
         whole = batch.microbatch(m, self.num_microbatches).modality_inputs[name]
@@ -467,10 +505,16 @@ class MimoTrainer:
         bridge = self.bridges[src]
         if bridge.encodes_inside_language_forward or src not in self.infra.participating_modules:
             return  # the language backward already ran it; receivers of a disjoint span: done
-        encoder = self.model.modality_submodules[src]
+        encoder, stages = self.model.modality_submodules[src], self.encoder_stages.get(src)
         for m in range(self.num_microbatches):
             prepare_backward(encoder, m == self.num_microbatches - 1)
-            bridge.run_encoder_backward(m)
+            bridge.run_encoder_backward(m)  # off a pipelined encoder's last stage: nothing, or a collective's part
+            if stages is None:
+                continue
+            if stages.is_last:
+                stages.return_input_grad(m)
+            else:
+                stages.backward(m)  # nothing where no stage up to this one trains (a frozen tower)
 
     # -- after the backward ----------------------------------------------------------------------------------
     def _sync_tied_embeddings(self) -> None:
