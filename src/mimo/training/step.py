@@ -47,7 +47,7 @@ from mimo.distributed import (
     unwrap,
 )
 from mimo.exchange import RowRoute
-from mimo.grid import pipeline_pairs
+from mimo.grid import pipeline_pairs, seam_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel, ModalityBatch
 from mimo.training.deepstack import DeepStackCarry
@@ -134,13 +134,17 @@ class MimoTrainer:
         self.step_count = 0
 
     def _open_p2p_channels(self) -> list[tuple[int, int]]:
-        """Every rank pair the bridges and the language pipeline send between, opened now (`P2PGroups.warm_up`):
-        no NCCL communicator is created inside a step."""
-        if self.infra.p2p_groups is None:
+        """Every rank pair the bridges and the language pipeline send between, opened now (`P2PGroups.warm_up`),
+        the interleaved ring's seam on its own groups: no NCCL communicator is created inside a step."""
+        groups = self.infra.p2p_groups
+        if groups is None:
             return []
+        grid = self.infra.module_to_grid_map[LANGUAGE]
         pairs = [pair for bridge in self.bridges.values() for pair in bridge.p2p_pairs()]
-        pairs += pipeline_pairs(self.infra.module_to_grid_map[LANGUAGE])
-        return self.infra.p2p_groups.warm_up(pairs, self.device)
+        opened = groups.warm_up([*pairs, *pipeline_pairs(grid)], self.device)
+        if seam := seam_pairs(grid):
+            opened = sorted({*opened, *groups.warm_up(seam, self.device, groups.seam_groups)})
+        return opened
 
     # -- the step -----------------------------------------------------------------------------------------
     def train_step(self, batch: MimoBatch, votes: Callable[[], Sequence[float]] | None = None) -> StepResult:
