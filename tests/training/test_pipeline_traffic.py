@@ -7,21 +7,36 @@ forever where both post a send first. `nccl_mismatches` checks recorded traces f
 ranks runs `PipelineSchedule` alone (1F1B and interleaved, PP 2 and 4) with its real groups, and, to show the
 check bites, with the seam's messages on the ordinary groups (the routing before the seam had its own: at PP 2
 the two directions meet on one pair) and with a rank that swaps two of its sends.
+
+Frozen-aware traffic: one world of 4 gloo ranks trains, float64, 3 steps, a 4-layer language model at PP 2 × VPP 2
+(a) behind a frozen encoder and projection on their own ranks (images DP 2 on 0-1): the encoder ranks receive no
+gradient and stage 0 sends none; (b) LLaVA stage 1 over it (frozen tower and language model, the projection
+trains): every rows message gets its gradient back through both chunks of both stages; (c) colocated with a
+frozen encoder and projection (images DP 4): no reduce-scatter. Each run's losses and parameters equal one
+process's to 1e-8, the heterogeneous runs' messages pass `nccl_mismatches`, and every (pair, group) a step uses
+was opened before it (`P2PGroups.warm_up`).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections import defaultdict
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from mimo.config import MimoParallelismConfig
 from mimo.grid import P2PGroups, build_p2p_groups
-from mimo.testing import run_distributed
+from mimo.models import Decoder, DecoderConfig
+from mimo.provider import MimoModelProvider, ModuleSpec
+from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.pipeline import PipelineSchedule, StageWork
+from mimo.training.step import MimoTrainer
+from tests.test_provider import modality_spec
+from tests.training.test_parity import CLIP, OPTIM, TOKENS, batches, full_params, train_one_process
 
 Message = tuple[str, int, str, int, int]  # (send | recv, peer global rank, group, tag, elements)
 SHAPE = (2, 3)
@@ -154,3 +169,90 @@ def test_the_check_reports_reordered_or_unmatched_messages():
     unmatched = [good[0], good[1][:1]]
     assert nccl_mismatches(unmatched) == ["ranks 0-1 on f, message 1: rank 0 posts ('send', 12, 4), rank 1 None"]
     assert nccl_mismatches([good[0], [(*m[:2], "b", *m[3:]) for m in good[1]]]) != []  # another group
+
+
+# -- frozen-aware traffic through the trainer -------------------------------------------------------------
+MICRO = 2
+VPP_LANGUAGE = {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}
+HETEROGENEOUS = {"images": {"data_parallel_size": 2},
+                 "language": {**VPP_LANGUAGE, "data_parallel_size": 1, "rank_offset": 2}}
+COLOCATED = {"images": {"data_parallel_size": 4}, "language": {**VPP_LANGUAGE, "data_parallel_size": 2}}
+FROZEN_TOWER = {"freeze_modality_encoders": {"images": True}, "freeze_modality_projections": {"images": True}}
+STAGE1 = {"freeze_modality_encoders": {"images": True}, "freeze_language_model": True}
+RUNS = {"frozen-tower": (HETEROGENEOUS, FROZEN_TOWER), "stage1": (HETEROGENEOUS, STAGE1),
+        "colocated-frozen-tower": (COLOCATED, FROZEN_TOWER)}
+
+
+def _provider(layout: dict | None, freezing: dict) -> MimoModelProvider:
+    config = None if layout is None else MimoParallelismConfig.from_dict(layout)
+    return MimoModelProvider(ModuleSpec(Decoder, {"config": DecoderConfig.tiny(num_layers=4)}),
+                             {"images": modality_spec("images")}, {"images": TOKENS["images"]}, config,
+                             params_dtype=torch.float64, seed=3, **freezing)
+
+
+def _reference(freezing: dict) -> tuple[list, dict]:
+    """One process: every step's loss and the final parameters."""
+    model = _provider(None, freezing).provide()
+    losses, _ = train_one_process(model, batches(("images",)), MICRO)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _train(layout: dict, freezing: dict) -> dict:
+    """3 steps on this rank: losses, parameters, the messages the trainer's build posted (its warm-up) and the
+    steps', and how many reduce-scatters the steps ran."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prov = _provider(layout, freezing)
+        model = prov.provide_distributed_model()
+    infra = prov.build_infra()
+    with Recorder(infra.p2p_groups) as built:
+        trainer = MimoTrainer(model, infra, hidden_size=64, global_batch_size=8, num_microbatches=MICRO,
+                              optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64)
+    scatters = []
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dist, "reduce_scatter", functools.partial(_counted, dist.reduce_scatter, scatters))
+    try:
+        with Recorder(infra.p2p_groups) as steps:
+            losses = [trainer.train_step(batch).loss for batch in batches(("images",))]
+    finally:
+        patch.undo()
+    return {"losses": losses, "params": full_params(model), "opened": built.trace, "trace": steps.trace,
+            "reduce_scatters": len(scatters)}
+
+
+def _counted(fn, calls: list, *args, **kwargs):
+    calls.append(1)
+    return fn(*args, **kwargs)
+
+
+def _frozen_runs(rank: int, world_size: int) -> dict:
+    return {name: _train(layout, freezing) for name, (layout, freezing) in RUNS.items()}
+
+
+def _messages(trace: list[Message], op: str, group: str, peers: range) -> int:
+    return sum(1 for o, peer, g, _, _ in trace if o == op and g == group and peer in peers)
+
+
+def test_frozen_modules_move_no_gradient_they_do_not_need():
+    results = run_distributed(_frozen_runs, 4, timeout_s=240)
+    encoders, language = range(0, 2), range(2, 4)
+    for name, (_, freezing) in RUNS.items():
+        ref_losses, ref_params = _reference(freezing)
+        for rank, r in enumerate(results):
+            run = r[name]
+            assert run["losses"] == pytest.approx(ref_losses, rel=1e-8), f"{name}: rank {rank}"
+            assert_matches_reference(run["params"], ref_params, f"{name}: rank {rank}")
+            opened = {(peer, g) for _, peer, g, _, _ in run["opened"]}
+            assert {(peer, g) for _, peer, g, _, _ in run["trace"]} <= opened, f"{name}: rank {rank}"
+        assert set().union(*(r[name]["params"] for r in results)) == set(ref_params), name
+    for name in ("frozen-tower", "stage1"):
+        assert nccl_mismatches([r[name]["trace"] for r in results]) == [], name
+    rows = {name: sum(_messages(results[e][name]["trace"], "send", "forward", language) for e in encoders)
+            for name in ("frozen-tower", "stage1")}
+    grads = {name: sum(_messages(results[e][name]["trace"], "recv", "backward", language) for e in encoders)
+             for name in ("frozen-tower", "stage1")}
+    sent_back = {name: sum(_messages(results[s][name]["trace"], "send", "backward", encoders) for s in language)
+                 for name in ("frozen-tower", "stage1")}
+    assert rows["frozen-tower"] == rows["stage1"] > 0
+    assert grads == sent_back == {"frozen-tower": 0, "stage1": rows["stage1"]}
+    assert [r["colocated-frozen-tower"]["reduce_scatters"] for r in results] == [0] * 4

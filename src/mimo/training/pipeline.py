@@ -130,7 +130,8 @@ class PipelineSchedule:
             grad = self._recv(+1, self._tag(m, c, 1), (sum(o.numel() for o in outs),))
             grads = [g.to(o.dtype) for g, o in zip(_views(grad, [o.shape for o in outs]), outs, strict=True)]
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]  # a frozen tower's rows: none
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if not self.last(c) else None)
+        if pairs:  # none: nothing before this point trains (a frozen model behind frozen encoders)
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if not self.last(c) else None)
         if x is not None:
             self._send(x.grad if x.grad is not None else torch.zeros_like(x), -1,
                        self._tag(m, self._lower_chunk(c), 1))

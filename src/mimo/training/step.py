@@ -45,6 +45,7 @@ from mimo.distributed import (
     prepare_chunk_backward,
     reduces_by_chunk,
     unwrap,
+    wrapped_modules,
 )
 from mimo.exchange import RowRoute
 from mimo.grid import pipeline_pairs, seam_pairs
@@ -122,16 +123,27 @@ class MimoTrainer:
         self.scaler = scaler  # fp16: one loss scale for the whole model (GlobalGradScaler)
         self.special_token_ids = dict(model.special_token_ids)
         self.wide_modality = _wide_modality(embedding_widths or {}, hidden_size)
+        trained = self._trained_modules()
         self.bridges: dict[str, Bridge] = {
             src: make_bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst], self.micro_batch_size,
                              (embedding_widths or {}).get(src, hidden_size), activation_dtype, self.device,
-                             infra.p2p_groups)
+                             infra.p2p_groups, carries_grad=src in trained)
             for src, dst in infra.config.edges if dst == LANGUAGE}
         self.p2p_pairs = self._open_p2p_channels()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.optimizers = build_optimizers(model, self.optimizer_config)
         self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
         self.step_count = 0
+
+    def _trained_modules(self) -> set[str]:
+        """The modules with a parameter to train, agreed by every rank (one all-reduce, at build): a language rank
+        need not host an encoder, yet its bridge must know whether the encoder's gradient travels back."""
+        names = self.infra.config.module_names
+        hosted = wrapped_modules(self.model)
+        flags = torch.tensor([any(p.requires_grad for p in hosted[n].parameters()) if n in hosted else False
+                              for n in names], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return {name for name, flag in zip(names, flags.tolist(), strict=True) if flag}
 
     def _open_p2p_channels(self) -> list[tuple[int, int]]:
         """Every rank pair the bridges and the language pipeline send between, opened now (`P2PGroups.warm_up`),
