@@ -190,11 +190,12 @@ def _provider(layout: dict | None, freezing: dict) -> MimoModelProvider:
                              params_dtype=torch.float64, seed=3, **freezing)
 
 
-def _reference(freezing: dict) -> tuple[list, dict]:
-    """One process: every step's loss and the final parameters."""
+def _reference(freezing: dict) -> tuple[list, list, dict]:
+    """One process: every step's loss and gradient norm (Adam and clipping would hide a wrongly scaled gradient),
+    and the final parameters."""
     model = _provider(None, freezing).provide()
-    losses, _ = train_one_process(model, batches(("images",)), MICRO)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses, norms = train_one_process(model, batches(("images",)), MICRO)
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _train(layout: dict, freezing: dict) -> dict:
@@ -213,10 +214,11 @@ def _train(layout: dict, freezing: dict) -> dict:
     patch.setattr(dist, "reduce_scatter", functools.partial(_counted, dist.reduce_scatter, scatters))
     try:
         with Recorder(infra.p2p_groups) as steps:
-            losses = [trainer.train_step(batch).loss for batch in batches(("images",))]
+            results = [trainer.train_step(batch) for batch in batches(("images",))]
     finally:
         patch.undo()
-    return {"losses": losses, "params": full_params(model), "opened": built.trace, "trace": steps.trace,
+    return {"losses": [r.loss for r in results], "norms": [r.grad_norm for r in results],
+            "params": full_params(model), "opened": built.trace, "trace": steps.trace,
             "reduce_scatters": len(scatters)}
 
 
@@ -237,10 +239,11 @@ def test_frozen_modules_move_no_gradient_they_do_not_need():
     results = run_distributed(_frozen_runs, 4, timeout_s=240)
     encoders, language = range(0, 2), range(2, 4)
     for name, (_, freezing) in RUNS.items():
-        ref_losses, ref_params = _reference(freezing)
+        ref_losses, ref_norms, ref_params = _reference(freezing)
         for rank, r in enumerate(results):
             run = r[name]
             assert run["losses"] == pytest.approx(ref_losses, rel=1e-8), f"{name}: rank {rank}"
+            assert run["norms"] == pytest.approx(ref_norms, rel=1e-8), f"{name}: rank {rank}"
             assert_matches_reference(run["params"], ref_params, f"{name}: rank {rank}")
             opened = {(peer, g) for _, peer, g, _, _ in run["opened"]}
             assert {(peer, g) for _, peer, g, _, _ in run["trace"]} <= opened, f"{name}: rank {rank}"

@@ -75,11 +75,11 @@ def batches(world: World = SIX) -> list:
     return [data.batch(range(s * world.global_batch, (s + 1) * world.global_batch)) for s in range(STEPS)]
 
 
-def reference(tied: bool, steps: int = STEPS, world: World = SIX) -> tuple[list, dict]:
-    """One process, `steps` steps: the losses of every step and the final parameters."""
+def reference(tied: bool, steps: int = STEPS, world: World = SIX) -> tuple[list, list, dict]:
+    """One process, `steps` steps: the losses and gradient norms of every step and the final parameters."""
     model = provider(None, tied, world).provide()
-    losses, _ = train_one_process(model, batches(world)[:steps], MICRO)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses, norms = train_one_process(model, batches(world)[:steps], MICRO)
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def train(language: dict, tied: bool, root: str, save_at: int | None = None, load: str | None = None,
@@ -94,13 +94,15 @@ def train(language: dict, tied: bool, root: str, save_at: int | None = None, loa
     ckpt = Checkpointer(root)
     if load is not None:
         ckpt.load(load, trainer)
-    losses, data = [], batches(world)
+    losses, norms, data = [], [], batches(world)
     while trainer.step_count < until:
-        losses.append(trainer.train_step(data[trainer.step_count]).loss)
+        result = trainer.train_step(data[trainer.step_count])
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
         if trainer.step_count == save_at:
             ckpt.save(trainer.step_count, trainer, {})
     names = sorted(n for n, _ in model.language_model.named_parameters()) if model.language_model else []
-    return {"losses": losses, "params": full_params(model), "names": names}
+    return {"losses": losses, "norms": norms, "params": full_params(model), "names": names}
 
 
 def every_layout(rank: int, world: int, root: str) -> dict:
@@ -120,14 +122,15 @@ def pp4_layouts(rank: int, world: int, root: str) -> dict:
                          until=2, world=EIGHT)}
 
 
-def check(results: list[dict], want: tuple[list, dict], start: int, what: str) -> None:
-    """Every rank's losses from step `start` on and its parameters equal the reference's, and every parameter is
-    held somewhere."""
-    ref_losses, ref_params = want
+def check(results: list[dict], want: tuple[list, list, dict], start: int, what: str) -> None:
+    """Every rank's losses and gradient norms (Adam and clipping would hide a wrongly scaled gradient) from step
+    `start` on and its parameters equal the reference's, and every parameter is held somewhere."""
+    ref_losses, ref_norms, ref_params = want
     seen = set()
     for rank, res in enumerate(results):
-        for s, (got, ref) in enumerate(zip(res["losses"], ref_losses[start:start + len(res["losses"])], strict=True)):
-            assert abs(got - ref) <= 1e-8 * abs(ref), f"{what}: rank {rank} step {start + s + 1} loss {got} != {ref}"
+        for key, ref_values in (("losses", ref_losses), ("norms", ref_norms)):
+            for s, (got, ref) in enumerate(zip(res[key], ref_values[start:start + len(res[key])], strict=True)):
+                assert abs(got - ref) <= 1e-8 * abs(ref), f"{what}: rank {rank} step {start + s + 1} {key} {got} {ref}"
         params = {n if n in ref_params else n.replace("lm_head", "embed_tokens"): p for n, p in res["params"].items()}
         assert_matches_reference(params, ref_params, f"{what}: rank {rank} parameter")
         seen.update(params)
