@@ -15,6 +15,10 @@ trains): every rows message gets its gradient back through both chunks of both s
 frozen encoder and projection (images DP 4): no reduce-scatter. Each run's losses and parameters equal one
 process's to 1e-8, the heterogeneous runs' messages pass `nccl_mismatches`, and every (pair, group) a step uses
 was opened before it (`P2PGroups.warm_up`).
+
+Two encoders on one rank feeding one language rank (images and audio on rank 0, the language model on rank 1)
+share a (pair, group): the encoder rank must send as stage 0 receives, micro-batch by micro-batch, each edge in
+turn (it sent every images micro-batch before the first audio one), and take the gradients back in that order.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from mimo.testing import assert_matches_reference, run_distributed
 from mimo.training.pipeline import PipelineSchedule, StageWork
 from mimo.training.step import MimoTrainer
 from tests.test_provider import modality_spec
-from tests.training.test_parity import CLIP, OPTIM, TOKENS, batches, full_params, train_one_process
+from tests.training import test_parity
+from tests.training.test_parity import CLIP, DDP, OPTIM, TOKENS, batches, full_params, train_one_process
 
 Message = tuple[str, int, str, int, int]  # (send | recv, peer global rank, group, tag, elements)
 SHAPE = (2, 3)
@@ -62,8 +67,10 @@ def nccl_mismatches(traces: list[list[Message]]) -> list[str]:
 class Recorder:
     """Notes every point-to-point message this process posts, in order, while installed (the real call runs)."""
 
-    def __init__(self, groups: P2PGroups) -> None:
-        self.names = {id(g): name for name, g in vars(groups).items() if g is not None}
+    def __init__(self, groups: P2PGroups | None = None) -> None:
+        """`groups` name the p2p groups in the trace; others go by torch's group name (the same on every rank)."""
+        named = vars(groups).items() if groups is not None else ()
+        self.names = {id(g): name for name, g in named if g is not None}
         self.trace: list[Message] = []
         self._patch = pytest.MonkeyPatch()
 
@@ -79,7 +86,8 @@ class Recorder:
         @functools.wraps(fn)
         def call(tensor, peer=None, group=None, tag=0, **kwargs):
             peer = kwargs.pop("dst", kwargs.pop("src", peer))
-            self.trace.append((op, peer, self.names.get(id(group), "default"), tag, tensor.numel()))
+            name = self.names.get(id(group), "default" if group is None else group.group_name)
+            self.trace.append((op, peer, name, tag, tensor.numel()))
             return fn(tensor, peer, group=group, tag=tag, **kwargs)
         return call
 
@@ -259,3 +267,24 @@ def test_frozen_modules_move_no_gradient_they_do_not_need():
     assert rows["frozen-tower"] == rows["stage1"] > 0
     assert grads == sent_back == {"frozen-tower": 0, "stage1": rows["stage1"]}
     assert [r["colocated-frozen-tower"]["reduce_scatters"] for r in results] == [0] * 4
+
+
+# -- two encoders on one rank -----------------------------------------------------------------------------
+SHARED_ENCODER_RANK = {"images": {"data_parallel_size": 1}, "audio": {"data_parallel_size": 1},
+                       "language": {"data_parallel_size": 1, "rank_offset": 1}}
+
+
+def _two_encoders(rank: int, world_size: int) -> dict:
+    """The parity run of the two-encoder layout (`test_parity.train_layout`), with every message recorded."""
+    with Recorder() as recorder:
+        out = test_parity.train_layout(rank, world_size, SHARED_ENCODER_RANK, ("images", "audio"), False, False, DDP)
+    return {**out, "trace": recorder.trace}
+
+
+def test_two_encoders_on_one_rank_send_in_the_order_stage_0_receives():
+    results = run_distributed(_two_encoders, 2)
+    assert nccl_mismatches([r["trace"] for r in results]) == []
+    losses, norms, params = test_parity.cached_reference(("images", "audio"), False, False)
+    for rank, r in enumerate(results):
+        assert r["losses"] == pytest.approx(losses, rel=1e-8) and r["norms"] == pytest.approx(norms, rel=1e-8), rank
+        assert_matches_reference(r["params"], params, f"rank {rank}")

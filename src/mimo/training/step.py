@@ -176,15 +176,15 @@ class MimoTrainer:
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
         inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
-        for name in hosted:
-            if name != LANGUAGE and name not in inside:
-                self._timed(seconds, f"{name}.forward", self._encode_all, name)
+        encoded = [n for n in self.bridges if n in hosted and n not in inside]
+        for name, microbatches in self._receive_order(encoded):
+            self._timed(seconds, f"{name}.forward", self._encode_all, name, microbatches)
         if LANGUAGE in hosted:
             self._timed(seconds, "language.forward_backward", self._language, batch)
             for name in inside:  # those encoders ran inside the language phase; keep phases disjoint
                 seconds["language.forward_backward"] -= seconds[f"{name}.forward"]
-        for src in self.bridges:
-            self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
+        for src, microbatches in self._receive_order(list(self.bridges)):
+            self._timed(seconds, f"{src}.backward", self._encoder_backward, src, microbatches)
         for bridge in self.bridges.values():
             bridge.wait()
         align_gradients(self.model)
@@ -219,11 +219,19 @@ class MimoTrainer:
                 "positions": sum(self.text_layout.positions(share, width) for share in extents.flatten(0, 1)),
                 "documents": self.text_layout.documents(extents.flatten())}
 
+    def _receive_order(self, names: list[str]) -> list[tuple[str, range]]:
+        """(edge, micro-batches) in the order stage 0 receives the edges' rows and returns their gradients: one
+        edge, all its micro-batches (one phase); several, micro-batch by micro-batch, each edge in turn (two
+        encoders on the same ranks share a pair with stage 0, and NCCL pairs a pair's messages in posting order)."""
+        if len(names) == 1:
+            return [(names[0], range(self.num_microbatches))]
+        return [(name, range(m, m + 1)) for m in range(self.num_microbatches) for name in names]
+
     # -- phase 1: encoders ---------------------------------------------------------------------------------
-    def _encode_all(self, name: str) -> None:
-        """Encode this replica's items of every micro-batch and hand them to the bridge (which keeps what it
+    def _encode_all(self, name: str, microbatches: range) -> None:
+        """Encode this replica's items of these micro-batches and hand them to the bridge (which keeps what it
         delivers here for stage 0's `receive`)."""
-        for m in range(self.num_microbatches):
+        for m in microbatches:
             self._encode_microbatch(name, m)
 
     def _encode_microbatch(self, name: str, m: int) -> tuple | None:
@@ -478,13 +486,13 @@ class MimoTrainer:
         return self.model.language_inputs(text.input_ids, embeddings, counts, check=False, host_ids=host_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
-    def _encoder_backward(self, src: str) -> None:
-        """Deliver each micro-batch's embedding gradient to the encoder replicas and run their backward."""
+    def _encoder_backward(self, src: str, microbatches: range) -> None:
+        """Deliver these micro-batches' embedding gradients to the encoder replicas and run their backward."""
         bridge = self.bridges[src]
         if bridge.encodes_inside_language_forward or src not in self.infra.participating_modules:
             return  # the language backward already ran it; receivers of a disjoint span: done
         encoder = self.model.modality_submodules[src]
-        for m in range(self.num_microbatches):
+        for m in microbatches:
             prepare_backward(encoder, m == self.num_microbatches - 1)
             bridge.run_encoder_backward(m)
 
