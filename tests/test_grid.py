@@ -211,13 +211,16 @@ def test_rank_groups_arithmetic_without_processes():
 
 def test_pipeline_pairs_wrap_around_with_virtual_stages():
     """The pairs the step opens before its first message (`P2PGroups.warm_up`): neighbours, and under interleaved
-    1F1B the last stage's rank with the first (rank PP-1's chunk c feeds rank 0's chunk c + 1)."""
+    1F1B the last stage's rank with the first (rank PP-1's chunk c feeds rank 0's chunk c + 1) on the seam's
+    groups."""
     from mimo.config import ModuleParallelismConfig
 
-    def pairs(vpp: int) -> list:
+    def grid(vpp: int) -> mimo.grid.ModuleGrid:
         layout = ModuleParallelismConfig(pipeline_model_parallel_size=4, data_parallel_size=2,
                                          virtual_pipeline_model_parallel_size=vpp)
-        return mimo.grid.pipeline_pairs(mimo.grid.ModuleGrid("language", layout, rank=0))
+        return mimo.grid.ModuleGrid("language", layout, rank=0)
 
-    assert pairs(1) == [(0, 2), (2, 4), (4, 6), (1, 3), (3, 5), (5, 7)]
-    assert pairs(2) == [(0, 2), (2, 4), (4, 6), (6, 0), (1, 3), (3, 5), (5, 7), (7, 1)]
+    for vpp in (1, 2):
+        assert mimo.grid.pipeline_pairs(grid(vpp)) == [(0, 2), (2, 4), (4, 6), (1, 3), (3, 5), (5, 7)]
+    assert mimo.grid.seam_pairs(grid(1)) == []
+    assert mimo.grid.seam_pairs(grid(2)) == [(6, 0), (7, 1)]

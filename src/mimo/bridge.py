@@ -20,6 +20,10 @@ with the rows its sequence chunks hold (`mimo.context_parallel`), so its gradien
 shares meet at the leader: heterogeneous, gathered from the scatter's ranks (or, for a caller that gave no chunk
 rows, every CP rank got all rows and a reduce over CP sums them); colocated, each CP rank's TP rank 0 sends its
 rows' gradient back through the span's all-to-all to the src ranks that own them (`mimo.exchange.RowRoute`).
+
+An edge whose src module has nothing to train (a frozen encoder and projection: `carries_grad` False, agreed by
+every rank) moves no gradient: the receivers' rows need none, stage 0 sends none back and the encoder ranks wait
+for none (heterogeneous: no message; colocated: no reduce-scatter); each micro-batch's state is dropped instead.
 """
 
 from __future__ import annotations
@@ -89,10 +93,13 @@ class Bridge(ABC):
     uses_microbatch_tokens: ClassVar[bool] = False  # `microbatch_tokens` spare moving (and reading) counts
 
     def __init__(self, src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None,
+                 carries_grad: bool = True) -> None:
         """Plan the edge from the two grids; no communication happens here. `p2p_groups` (world-wide, one
-        per direction) keep forward rows and backward gradients on separate NCCL streams."""
+        per direction) keep forward rows and backward gradients on separate NCCL streams. `carries_grad`: whether
+        src trains (the same on every rank), so that its embeddings' gradient must travel back."""
         self.src, self.dst = src, dst
+        self.carries_grad = carries_grad
         self.p2p_groups = p2p_groups
         self.name = f"{src.name} -> {dst.name}"
         self.micro_batch_size, self.hidden_size = micro_batch_size, hidden_size
@@ -140,13 +147,24 @@ class Bridge(ABC):
         if grad is not None and not self.is_receiver:
             raise ValueError(f"bridge {self.name}, micro-batch {microbatch}: rank {self.dst.rank} is not a "
                              f"receiver (first pipeline stage of '{self.dst.name}') but was given a grad")
-        if self._takes_part:
+        if not self.carries_grad:  # src trains nothing: no gradient travels, no rank waits for one
+            self._release(microbatch)
+        elif self._takes_part:
             self._backward(microbatch, grad)
 
     @property
     def _takes_part(self) -> bool:
         """Whether this rank moves anything of the edge: its senders and receivers (colocated: the whole span)."""
         return self.is_sender or self.is_receiver
+
+    def _release(self, microbatch: int) -> None:
+        """Drop what forward kept of micro-batch m (an edge that carries no gradient)."""
+        for store in self._kept():
+            store.pop(microbatch, None)
+
+    def _kept(self) -> list[dict[int, Any]]:
+        """The per-micro-batch state forward keeps until backward."""
+        return [self._sent, self._received, self._leaves, self._chunks]
 
     def wait(self) -> None:
         """Complete every send still in flight (call at the end of a step)."""
@@ -396,9 +414,10 @@ class HeterogeneousBridge(Bridge):
             self._recv(rows, [(p, offsets[a], offsets[b]) for p, a, b in pieces], microbatch, _ROWS)
         self._received[microbatch] = counts
         if microbatch in self._chunks:
-            return self._scatter_chunks(rows, self._chunks[microbatch], group, leader).requires_grad_(), counts
+            rows = self._scatter_chunks(rows, self._chunks[microbatch], group, leader)
+            return rows.requires_grad_(self.carries_grad), counts
         self._broadcast(rows, group, leader)
-        return rows.requires_grad_(), counts
+        return rows.requires_grad_(self.carries_grad), counts
 
     def _group_cp_ranks(self, group: dist.ProcessGroup) -> list[int]:
         """The CP coordinate of each rank of the dst TP × CP group, in group order."""
@@ -525,6 +544,9 @@ class ColocatedBridge(Bridge):
         self._delivered.pop(microbatch, None)
         self._colocated_backward(microbatch, grad)
 
+    def _kept(self) -> list[dict[int, Any]]:
+        return [*super()._kept(), self._counts, self._delivered, self._grads, self._routes]
+
     def _deliver(self, microbatch: int, microbatch_tokens: Tensor | None) -> tuple[Tensor, Tensor]:
         """What the all-gather of the encoders' phase delivered for micro-batch m."""
         return self._pop(self._delivered, microbatch)
@@ -576,7 +598,7 @@ class ColocatedBridge(Bridge):
             return None
         start = self._dst_replica * self._dst_samples
         counts = self._received[microbatch] = full[start:start + self._dst_samples]
-        return self._gathered_rows(slots, offsets).requires_grad_(), counts
+        return self._gathered_rows(slots, offsets).requires_grad_(self.carries_grad), counts
 
     def _gathered_rows(self, slots: Tensor, offsets: list[int]) -> Tensor:
         """This receiver's dst replica's rows, cut from the src leaders' gathered slots."""
@@ -611,7 +633,7 @@ class ColocatedBridge(Bridge):
             return None
         start = self._dst_replica * self._dst_samples
         counts = self._received[microbatch] = self._counts[microbatch][start:start + self._dst_samples]
-        return rows.requires_grad_(), counts
+        return rows.requires_grad_(self.carries_grad), counts
 
     def _plan_chunks(self, offsets: list[int], replica_chunks: Callable[[int], list[Tensor]]
                      ) -> tuple[RowRoute, RowRoute]:
@@ -716,9 +738,11 @@ BRIDGES: dict[Kind, type[Bridge]] = {b.kind: b for b in (HeterogeneousBridge, Co
 
 
 def make_bridge(src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_size: int, dtype: torch.dtype,
-                device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None) -> Bridge:
+                device: torch.device | str = "cpu", p2p_groups: P2PGroups | None = None,
+                carries_grad: bool = True) -> Bridge:
     """The bridge of the edge's kind (`bridge_kind`), planned from the two grids."""
-    return BRIDGES[bridge_kind(src, dst)](src, dst, micro_batch_size, hidden_size, dtype, device, p2p_groups)
+    return BRIDGES[bridge_kind(src, dst)](src, dst, micro_batch_size, hidden_size, dtype, device, p2p_groups,
+                                          carries_grad)
 
 
 def _on(index: Tensor, device: torch.device) -> Tensor:

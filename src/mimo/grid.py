@@ -222,26 +222,44 @@ def build_module_grids(config: MimoParallelismConfig) -> dict[str, ModuleGrid]:
 class P2PGroups:
     """Two world-wide groups for point-to-point traffic: activations/embeddings forward, gradients back.
 
-    NCCL runs all sends and receives between two ranks of one group on one communicator and stream, so a
-    pipeline or bridge that sends micro-batch m+1 forward before receiving m's gradient deadlocks on large
-    messages. One group per direction gives each direction its own stream. Both span the whole world in
-    rank order, so a global rank is also the group rank.
+    NCCL runs all sends and receives between two ranks of one group on one communicator and stream, in posting
+    order (it ignores tags), so a pipeline or bridge that sends micro-batch m+1 forward before receiving m's
+    gradient deadlocks on large messages. One group per direction gives each direction its own stream. Under
+    interleaved 1F1B the ring's seam (rank PP-1's chunk c feeding rank 0's chunk c+1, and the gradient back)
+    joins the same two ranks as stage 0 → 1 at PP 2, against it: those messages get their own pair of groups
+    (`seam_forward`, `seam_backward`, built only for a layout with virtual stages), so every (pair, group)
+    carries messages one way only. All span the whole world in rank order, so a global rank is also the
+    group rank.
     """
 
     forward: dist.ProcessGroup
     backward: dist.ProcessGroup
+    seam_forward: dist.ProcessGroup | None = None
+    seam_backward: dist.ProcessGroup | None = None
 
     @staticmethod
-    def pick(groups: P2PGroups | None, backward: bool) -> dist.ProcessGroup | None:
-        """The group of one direction (gradients if `backward`), or None (the default group) without any."""
+    def pick(groups: P2PGroups | None, backward: bool, seam: bool = False) -> dist.ProcessGroup | None:
+        """The group of one direction (gradients if `backward`; across the interleaved ring's seam if `seam`),
+        or None (the default group) without any."""
         if groups is None:
             return None
-        return groups.backward if backward else groups.forward
+        if not seam:
+            return groups.backward if backward else groups.forward
+        if groups.seam_forward is None or groups.seam_backward is None:
+            raise RuntimeError("the interleaved pipeline's seam has no p2p groups: build_p2p_groups(seam=True) "
+                               "for a layout with virtual_pipeline_model_parallel_size > 1")
+        return groups.seam_backward if backward else groups.seam_forward
+
+    @property
+    def seam_groups(self) -> tuple[dist.ProcessGroup, ...]:
+        """The seam's groups (none without virtual stages)."""
+        return tuple(g for g in (self.seam_forward, self.seam_backward) if g is not None)
 
 
-    def warm_up(self, pairs: Iterable[tuple[int, int]], device: torch.device) -> list[tuple[int, int]]:
+    def warm_up(self, pairs: Iterable[tuple[int, int]], device: torch.device,
+                groups: Sequence[dist.ProcessGroup] | None = None) -> list[tuple[int, int]]:
         """Open, before the first step, every point-to-point channel a step uses: one exchange per pair of
-        ranks in each direction's group. Returns the pairs, sorted.
+        ranks in each of `groups` (default: each direction's group). Returns the pairs, sorted.
 
         NCCL creates a pair's communicator at the pair's first send or receive and needs both ranks for it.
         Inside a step, that first gradient send would wait on a peer that may be blocked in a host sync
@@ -253,7 +271,7 @@ class P2PGroups:
         for low, high in ordered:
             if me not in (low, high):
                 continue
-            for group in (self.forward, self.backward):
+            for group in groups or (self.forward, self.backward):
                 if me == low:
                     dist.send(token, high, group=group)
                     dist.recv(token, high, group=group)
@@ -264,18 +282,26 @@ class P2PGroups:
 
 
 def pipeline_pairs(grid: ModuleGrid) -> list[tuple[int, int]]:
-    """The (stage s, stage s + 1) rank pairs of every pipeline of `grid` (activations and gradients travel there),
-    and with virtual stages (interleaved 1F1B) the wrap-around pair (last rank, first rank) too."""
-    wrap = grid.config.virtual_pipeline_model_parallel_size > 1
-    return [pair for ranks in grid.rank_groups("pp")
-            for pair in [*itertools.pairwise(ranks), *([(ranks[-1], ranks[0])] if wrap else [])]]
+    """The (stage s, stage s + 1) rank pairs of every pipeline of `grid`: activations and gradients travel there
+    on `P2PGroups`' forward and backward groups (the interleaved ring's seam: `seam_pairs`)."""
+    return [pair for ranks in grid.rank_groups("pp") for pair in itertools.pairwise(ranks)]
 
 
-def build_p2p_groups() -> P2PGroups:
-    """Create the forward and backward p2p groups (a collective every rank calls, after the module groups)."""
+def seam_pairs(grid: ModuleGrid) -> list[tuple[int, int]]:
+    """The (last rank, first rank) pair of every pipeline of `grid` with virtual stages: the interleaved ring's
+    seam, whose messages travel on `P2PGroups`' seam groups (none without virtual stages)."""
+    if grid.config.virtual_pipeline_model_parallel_size == 1:
+        return []
+    return [(ranks[-1], ranks[0]) for ranks in grid.rank_groups("pp")]
+
+
+def build_p2p_groups(seam: bool = False) -> P2PGroups:
+    """Create the forward and backward p2p groups, and with `seam` (a layout with virtual pipeline stages) the
+    interleaved ring's seam's two (a collective every rank calls, after the module groups)."""
     ranks = list(range(dist.get_world_size()))
     options = group_options(dist.get_backend())
-    return P2PGroups(dist.new_group(ranks, pg_options=options), dist.new_group(ranks, pg_options=options))
+    groups = [dist.new_group(ranks, pg_options=options) for _ in range(4 if seam else 2)]
+    return P2PGroups(*groups)
 
 
 class _SharedGroups:

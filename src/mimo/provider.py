@@ -175,7 +175,8 @@ class MimoModelProvider:
                                 "(init_process_group), or pass mimo_parallelism_config=None for one process")
         config = self._layout_with_topology()
         grids = build_module_grids(config)
-        p2p = build_p2p_groups()
+        p2p = build_p2p_groups(seam=any(m.virtual_pipeline_model_parallel_size > 1
+                                        for m in config.module_parallelisms.values()))
         return MimoModelInfra(grids, config.modules_on_rank(dist.get_rank()), config, p2p)
 
     def _layout_with_topology(self) -> MimoParallelismConfig:

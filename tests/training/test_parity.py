@@ -33,13 +33,14 @@ CLIP = 1.0
 TOKENS = {"images": 256, "audio": 257}
 
 
-def decoder_config(tied: bool) -> DecoderConfig:
-    return DecoderConfig.tiny(num_layers=2, tie_embeddings=tied)
+def decoder_config(tied: bool, layers: int = 2) -> DecoderConfig:
+    return DecoderConfig.tiny(num_layers=layers, tie_embeddings=tied)
 
 
-def provider(layout: dict | None, modalities: tuple[str, ...], tied: bool = False, **kw) -> MimoModelProvider:
+def provider(layout: dict | None, modalities: tuple[str, ...], tied: bool = False, layers: int = 2,
+             **kw) -> MimoModelProvider:
     config = None if layout is None else MimoParallelismConfig.from_dict(layout)
-    return MimoModelProvider(ModuleSpec(Decoder, {"config": decoder_config(tied)}),
+    return MimoModelProvider(ModuleSpec(Decoder, {"config": decoder_config(tied, layers)}),
                              {m: modality_spec(m) for m in modalities}, {m: TOKENS[m] for m in modalities},
                              config, **{"params_dtype": torch.float64, "seed": 3, **kw})
 

@@ -2,14 +2,17 @@
 
 One world of 6 gloo ranks (images DP2 on ranks 0-1, the language model on 2-5) runs, in turn: PP2 × DP2 × VPP2
 under DDP with tied embeddings (saving after step 1); TP2 × PP2 × VPP2 sequence-parallel (2 steps); CP2 × PP2 ×
-VPP2 under FSDP2 (sharded over dp×cp) resuming that step-1 checkpoint; PP2 resuming it too (step 2, saved); and
-TP2 × DP2 at PP1 resuming that (step 3). A 4-layer decoder: chunk c of PP rank r holds layer 2c + r. Every loss
-and final parameter equals the single-process model's (after as many steps) to a relative 1e-8.
+VPP2 under FSDP2 (sharded over dp×cp) resuming that step-1 checkpoint; PP2 resuming it too (step 2); and TP2 × DP2
+at PP1 resuming it (steps 2-3). A 4-layer decoder: chunk c of PP rank r holds layer 2c + r. One world of 8 ranks
+runs an 8-layer decoder at TP2 × PP4 × VPP2 (images colocated, TP2 × DP4; saving after step 1) and TP2 × PP2 × VPP2
+× DP2 resuming it. Every loss and final parameter equals the single-process model's (after as many steps) to a
+relative 1e-8.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -38,70 +41,96 @@ LANG_PP2_DP2 = {"pipeline_model_parallel_size": 2, "data_parallel_size": 2, "ran
 LANG_TP2_DP2 = {"tensor_model_parallel_size": 2, "data_parallel_size": 2, "rank_offset": 2}
 
 
-def layout(language: dict) -> dict:
-    return {"images": {"data_parallel_size": 2}, "language": language}
+@dataclass(frozen=True)
+class World:
+    """What differs between the two worlds: the images' layout, the decoder's depth, the global batch."""
+
+    images: dict
+    layers: int
+    global_batch: int
 
 
-def provider(language: dict | None, tied: bool) -> MimoModelProvider:
-    config = None if language is None else MimoParallelismConfig.from_dict(layout(language))
-    return MimoModelProvider(ModuleSpec(Decoder, {"config": DecoderConfig.tiny(num_layers=LAYERS,
+SIX = World({"data_parallel_size": 2}, LAYERS, GLOBAL_BATCH)
+EIGHT = World({"tensor_model_parallel_size": 2, "data_parallel_size": 4}, 8, 16)  # colocated with the language model
+LANG_TP2_PP4_VPP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 4, "data_parallel_size": 1,
+                     "virtual_pipeline_model_parallel_size": 2}
+LANG_TP2_PP2_VPP2_DP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "data_parallel_size": 2,
+                         "virtual_pipeline_model_parallel_size": 2}
+
+
+def layout(language: dict, world: World = SIX) -> dict:
+    return {"images": world.images, "language": language}
+
+
+def provider(language: dict | None, tied: bool, world: World = SIX) -> MimoModelProvider:
+    config = None if language is None else MimoParallelismConfig.from_dict(layout(language, world))
+    return MimoModelProvider(ModuleSpec(Decoder, {"config": DecoderConfig.tiny(num_layers=world.layers,
                                                                                 tie_embeddings=tied)}),
                              {"images": modality_spec("images")}, {"images": TOKENS["images"]}, config,
                              params_dtype=torch.float64, seed=3)
 
 
-def batches() -> list:
+def batches(world: World = SIX) -> list:
     data = dataset(IMAGES)
-    return [data.batch(range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)) for s in range(STEPS)]
+    return [data.batch(range(s * world.global_batch, (s + 1) * world.global_batch)) for s in range(STEPS)]
 
 
-def reference(tied: bool, steps: int = STEPS) -> tuple[list, dict]:
-    """One process, `steps` steps: the losses of every step and the final parameters."""
-    model = provider(None, tied).provide()
-    losses, _ = train_one_process(model, batches()[:steps], MICRO)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+def reference(tied: bool, steps: int = STEPS, world: World = SIX) -> tuple[list, list, dict]:
+    """One process, `steps` steps: the losses and gradient norms of every step and the final parameters."""
+    model = provider(None, tied, world).provide()
+    losses, norms = train_one_process(model, batches(world)[:steps], MICRO)
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def train(language: dict, tied: bool, root: str, save_at: int | None = None, load: str | None = None,
-          data_parallel: str = "ddp", until: int = STEPS) -> dict:
+          data_parallel: str = "ddp", until: int = STEPS, world: World = SIX) -> dict:
     """Train `language`'s layout (loading `load` first) to step `until`, saving after step `save_at`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prov = provider(language, tied)
+        prov = provider(language, tied, world)
         model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(data_parallel)))
-    trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
+    trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=world.global_batch,
                           num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64)
     ckpt = Checkpointer(root)
     if load is not None:
         ckpt.load(load, trainer)
-    losses, data = [], batches()
+    losses, norms, data = [], [], batches(world)
     while trainer.step_count < until:
-        losses.append(trainer.train_step(data[trainer.step_count]).loss)
+        result = trainer.train_step(data[trainer.step_count])
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
         if trainer.step_count == save_at:
             ckpt.save(trainer.step_count, trainer, {})
     names = sorted(n for n, _ in model.language_model.named_parameters()) if model.language_model else []
-    return {"losses": losses, "params": full_params(model), "names": names}
+    return {"losses": losses, "norms": norms, "params": full_params(model), "names": names}
 
 
 def every_layout(rank: int, world: int, root: str) -> dict:
     """The runs of the module docstring on this rank."""
     vpp1 = str(Checkpointer(f"{root}/vpp").path(1))
-    out = {"vpp": train(LANG_PP2_DP2_VPP2, True, f"{root}/vpp", save_at=1),
-           "vpp_tp": train(LANG_TP2_PP2_VPP2, False, f"{root}/vpp_tp", until=2),
-           "vpp_fsdp": train(LANG_CP2_PP2_VPP2, True, f"{root}/vpp_fsdp", load=vpp1, data_parallel="fsdp"),
-           "pp": train(LANG_PP2_DP2, True, f"{root}/pp", save_at=2, load=vpp1, until=2)}
-    out["pp1"] = train(LANG_TP2_DP2, True, f"{root}/pp1", load=str(Checkpointer(f"{root}/pp").path(2)))
-    return out
+    return {"vpp": train(LANG_PP2_DP2_VPP2, True, f"{root}/vpp", save_at=1),
+            "vpp_tp": train(LANG_TP2_PP2_VPP2, False, f"{root}/vpp_tp", until=2),
+            "vpp_fsdp": train(LANG_CP2_PP2_VPP2, True, f"{root}/vpp_fsdp", load=vpp1, data_parallel="fsdp"),
+            "pp": train(LANG_PP2_DP2, True, f"{root}/pp", load=vpp1, until=2),
+            "pp1": train(LANG_TP2_DP2, True, f"{root}/pp1", load=vpp1)}
 
 
-def check(results: list[dict], want: tuple[list, dict], start: int, what: str) -> None:
-    """Every rank's losses from step `start` on and its parameters equal the reference's, and every parameter is
-    held somewhere."""
-    ref_losses, ref_params = want
+def pp4_layouts(rank: int, world: int, root: str) -> dict:
+    """The 8-rank runs of the module docstring on this rank."""
+    return {"pp4": train(LANG_TP2_PP4_VPP2, False, f"{root}/pp4", save_at=1, until=2, world=EIGHT),
+            "pp2": train(LANG_TP2_PP2_VPP2_DP2, False, f"{root}/pp2", load=str(Checkpointer(f"{root}/pp4").path(1)),
+                         until=2, world=EIGHT)}
+
+
+def check(results: list[dict], want: tuple[list, list, dict], start: int, what: str) -> None:
+    """Every rank's losses and gradient norms (Adam and clipping would hide a wrongly scaled gradient) from step
+    `start` on and its parameters equal the reference's, and every parameter is held somewhere."""
+    ref_losses, ref_norms, ref_params = want
     seen = set()
     for rank, res in enumerate(results):
-        for s, (got, ref) in enumerate(zip(res["losses"], ref_losses[start:start + len(res["losses"])], strict=True)):
-            assert abs(got - ref) <= 1e-8 * abs(ref), f"{what}: rank {rank} step {start + s + 1} loss {got} != {ref}"
+        for key, ref_values in (("losses", ref_losses), ("norms", ref_norms)):
+            for s, (got, ref) in enumerate(zip(res[key], ref_values[start:start + len(res[key])], strict=True)):
+                assert abs(got - ref) <= 1e-8 * abs(ref), f"{what}: rank {rank} step {start + s + 1} {key} {got} {ref}"
         params = {n if n in ref_params else n.replace("lm_head", "embed_tokens"): p for n, p in res["params"].items()}
         assert_matches_reference(params, ref_params, f"{what}: rank {rank} parameter")
         seen.update(params)
@@ -115,10 +144,19 @@ def test_interleaved_parity_and_resume_across_vpp_changes(tmp_path):
     check([r["vpp_tp"] for r in runs], untied2, 0, "TP2+SP x PP2 x VPP2")
     check([r["vpp_fsdp"] for r in runs], tied, 1, "CP2 x PP2 x VPP2 under FSDP2, resumed from DDP")
     check([r["pp"] for r in runs], tied2, 1, "PP2 resumed from PP2 x VPP2")
-    check([r["pp1"] for r in runs], tied, 2, "PP1 resumed from PP2")
+    check([r["pp1"] for r in runs], tied, 1, "PP1 resumed from PP2 x VPP2")
     # PP rank 0 holds layers 0 and 2 (virtual stages 0 and 2) under their global names, with the embedding
     assert {n.split(".")[1] for n in runs[2]["vpp"]["names"] if n.startswith("layers.")} == {"0", "2"}
     assert "embed_tokens.weight" in runs[2]["vpp"]["names"] and "lm_head.weight" in runs[4]["vpp"]["names"]
+
+
+def test_pp4_vpp2_with_tp_parity_and_resume_at_pp2(tmp_path):
+    runs = run_distributed(pp4_layouts, 8, str(tmp_path), timeout_s=240)
+    want = reference(False, steps=2, world=EIGHT)
+    check([r["pp4"] for r in runs], want, 0, "TP2 x PP4 x VPP2")
+    check([r["pp2"] for r in runs], want, 1, "TP2 x PP2 x VPP2 x DP2 resumed from TP2 x PP4 x VPP2")
+    # PP rank 1's TP ranks (global 2 and 3) hold layers 1 and 5: virtual stages 1 and 5 of 8
+    assert {n.split(".")[1] for n in runs[2]["pp4"]["names"] if n.startswith("layers.")} == {"1", "5"}
 
 
 def test_chunk_ranges():

@@ -111,12 +111,12 @@ class PipelineSchedule:
         x, parts = None, None
         if not self.first(c):
             shapes = _shapes(self._shapes_of(c)[m])
-            x = self._recv(self._peer(-1), self._tag(m, self._lower_chunk(c), 0),
+            x = self._recv(-1, self._tag(m, self._lower_chunk(c), 0),
                            (sum(_numel(s) for s in shapes),)).requires_grad_()
             parts = _views(x, shapes)
         out = work.forward(m, c, parts[0] if parts is not None and len(parts) == 1 else parts)
         if not self.last(c):  # activations travel in the schedule's dtype, whatever autocast produced
-            self._send(_flat(_parts(out), self.dtype), self._peer(+1), self._tag(m, c, 0))
+            self._send(_flat(_parts(out), self.dtype), +1, self._tag(m, c, 0))
         return x, out
 
     def _backward(self, work: StageWork, m: int, c: int, x: torch.Tensor | None, out: Activation) -> None:
@@ -127,12 +127,13 @@ class PipelineSchedule:
         if self.last(c):
             grads = [None] * len(outs)
         else:
-            grad = self._recv(self._peer(+1), self._tag(m, c, 1), (sum(o.numel() for o in outs),))
+            grad = self._recv(+1, self._tag(m, c, 1), (sum(o.numel() for o in outs),))
             grads = [g.to(o.dtype) for g, o in zip(_views(grad, [o.shape for o in outs]), outs, strict=True)]
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]  # a frozen tower's rows: none
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if not self.last(c) else None)
+        if pairs:  # none: nothing before this point trains (a frozen model behind frozen encoders)
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if not self.last(c) else None)
         if x is not None:
-            self._send(x.grad if x.grad is not None else torch.zeros_like(x), self._peer(-1),
+            self._send(x.grad if x.grad is not None else torch.zeros_like(x), -1,
                        self._tag(m, self._lower_chunk(c), 1))
         work.after_backward(m, c)
 
@@ -153,16 +154,25 @@ class PipelineSchedule:
         (backward) rank: distinct per (micro-batch, chunk, direction); even forward, odd backward."""
         return _TAG_BASE + 2 * (m * self.chunks + lower_chunk) + direction
 
-    def _group(self, tag: int) -> dist.ProcessGroup | None:
-        """The world-wide group of the message's direction (tags: even forward, odd backward)."""
-        return P2PGroups.pick(self.p2p_groups, backward=tag % 2 == 1)
+    def _crosses_seam(self, step: int) -> bool:
+        """Whether the message to or from the stage `step` away crosses the interleaved ring's seam (rank PP-1's
+        chunk c → rank 0's chunk c+1, or its gradient back)."""
+        return self.chunks > 1 and (self.is_last if step > 0 else self.is_first)
 
-    def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
-        self._sends.append(dist.isend(tensor.contiguous(), peer, group=self._group(tag), tag=tag))
+    def _group(self, tag: int, step: int) -> dist.ProcessGroup | None:
+        """The world-wide group of the message's direction (tags: even forward, odd backward), the seam's own
+        across it: at PP 2 the seam joins the same two ranks as stage 0 → 1, the other way, and NCCL serializes
+        one (pair, group)'s messages in posting order (`P2PGroups`)."""
+        return P2PGroups.pick(self.p2p_groups, backward=tag % 2 == 1, seam=self._crosses_seam(step))
 
-    def _recv(self, peer: int, tag: int, shape: Shape) -> torch.Tensor:
+    def _send(self, tensor: torch.Tensor, step: int, tag: int) -> None:
+        """Post `tensor` to the stage `step` away (asynchronous; completed at the end of `run`)."""
+        self._sends.append(dist.isend(tensor.contiguous(), self._peer(step), group=self._group(tag, step), tag=tag))
+
+    def _recv(self, step: int, tag: int, shape: Shape) -> torch.Tensor:
+        """Receive a tensor of `shape` from the stage `step` away (blocking)."""
         buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
-        dist.recv(buffer, peer, group=self._group(tag), tag=tag)
+        dist.recv(buffer, self._peer(step), group=self._group(tag, step), tag=tag)
         return buffer
 
 

@@ -45,9 +45,10 @@ from mimo.distributed import (
     prepare_chunk_backward,
     reduces_by_chunk,
     unwrap,
+    wrapped_modules,
 )
 from mimo.exchange import RowRoute
-from mimo.grid import pipeline_pairs
+from mimo.grid import pipeline_pairs, seam_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel, ModalityBatch
 from mimo.training.deepstack import DeepStackCarry
@@ -123,10 +124,11 @@ class MimoTrainer:
         self.scaler = scaler  # fp16: one loss scale for the whole model (GlobalGradScaler)
         self.special_token_ids = dict(model.special_token_ids)
         self.wide_modality = _wide_modality(embedding_widths or {}, hidden_size)
+        trained = self._trained_modules()
         self.bridges: dict[str, Bridge] = {
             src: make_bridge(infra.module_to_grid_map[src], infra.module_to_grid_map[dst], self.micro_batch_size,
                              (embedding_widths or {}).get(src, hidden_size), activation_dtype, self.device,
-                             infra.p2p_groups)
+                             infra.p2p_groups, carries_grad=src in trained)
             for src, dst in infra.config.edges if dst == LANGUAGE}
         self.encoder_stages = self._encoder_stages()
         self.p2p_pairs = self._open_p2p_channels()
@@ -135,14 +137,29 @@ class MimoTrainer:
         self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
         self.step_count = 0
 
+    def _trained_modules(self) -> set[str]:
+        """The modules with a parameter to train, agreed by every rank (one all-reduce, at build): a language rank
+        need not host an encoder, yet its bridge must know whether the encoder's gradient travels back."""
+        names = self.infra.config.module_names
+        hosted = wrapped_modules(self.model)
+        flags = torch.tensor([any(p.requires_grad for p in hosted[n].parameters()) if n in hosted else False
+                              for n in names], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return {name for name, flag in zip(names, flags.tolist(), strict=True) if flag}
+
     def _open_p2p_channels(self) -> list[tuple[int, int]]:
-        """Every rank pair the bridges and the language pipeline send between, opened now (`P2PGroups.warm_up`):
-        no NCCL communicator is created inside a step."""
-        if self.infra.p2p_groups is None:
+        """Every rank pair the bridges and the language pipeline send between, opened now (`P2PGroups.warm_up`),
+        the interleaved ring's seam on its own groups: no NCCL communicator is created inside a step."""
+        groups = self.infra.p2p_groups
+        if groups is None:
             return []
+        grid = self.infra.module_to_grid_map[LANGUAGE]
         pairs = [pair for bridge in self.bridges.values() for pair in bridge.p2p_pairs()]
         pairs += [pair for grid in self.infra.module_to_grid_map.values() for pair in pipeline_pairs(grid)]
-        return self.infra.p2p_groups.warm_up(pairs, self.device)
+        opened = groups.warm_up(pairs, self.device)
+        if seam := seam_pairs(grid):
+            opened = sorted({*opened, *groups.warm_up(seam, self.device, groups.seam_groups)})
+        return opened
 
     def _encoder_stages(self) -> dict[str, EncoderStages]:
         """This rank's stage of each hosted encoder split over pipeline stages (`encoder_pipeline`), each knowing
@@ -177,15 +194,15 @@ class MimoTrainer:
         seconds = self._state.seconds
         hosted = self.infra.participating_modules
         inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
-        for name in hosted:
-            if name != LANGUAGE and name not in inside:
-                self._timed(seconds, f"{name}.forward", self._encode_all, name)
+        encoded = [n for n in self.bridges if n in hosted and n not in inside]
+        for name, microbatches in self._receive_order(encoded):
+            self._timed(seconds, f"{name}.forward", self._encode_all, name, microbatches)
         if LANGUAGE in hosted:
             self._timed(seconds, "language.forward_backward", self._language, batch)
             for name in inside:  # those encoders ran inside the language phase; keep phases disjoint
                 seconds["language.forward_backward"] -= seconds[f"{name}.forward"]
-        for src in self.bridges:
-            self._timed(seconds, f"{src}.backward", self._encoder_backward, src)
+        for src, microbatches in self._receive_order(list(self.bridges)):
+            self._timed(seconds, f"{src}.backward", self._encoder_backward, src, microbatches)
         for waits in (*self.bridges.values(), *self.encoder_stages.values()):
             waits.wait()
         align_gradients(self.model)
@@ -220,11 +237,19 @@ class MimoTrainer:
                 "positions": sum(self.text_layout.positions(share, width) for share in extents.flatten(0, 1)),
                 "documents": self.text_layout.documents(extents.flatten())}
 
+    def _receive_order(self, names: list[str]) -> list[tuple[str, range]]:
+        """(edge, micro-batches) in the order stage 0 receives the edges' rows and returns their gradients: one
+        edge, all its micro-batches (one phase); several, micro-batch by micro-batch, each edge in turn (two
+        encoders on the same ranks share a pair with stage 0, and NCCL pairs a pair's messages in posting order)."""
+        if len(names) == 1:
+            return [(names[0], range(self.num_microbatches))]
+        return [(name, range(m, m + 1)) for m in range(self.num_microbatches) for name in names]
+
     # -- phase 1: encoders ---------------------------------------------------------------------------------
-    def _encode_all(self, name: str) -> None:
-        """Encode this replica's items of every micro-batch and hand them to the bridge (which keeps what it
+    def _encode_all(self, name: str, microbatches: range) -> None:
+        """Encode this replica's items of these micro-batches and hand them to the bridge (which keeps what it
         delivers here for stage 0's `receive`)."""
-        for m in range(self.num_microbatches):
+        for m in microbatches:
             self._encode_microbatch(name, m)
 
     def _encode_microbatch(self, name: str, m: int) -> tuple | None:
@@ -500,13 +525,13 @@ class MimoTrainer:
         return self.model.language_inputs(text.input_ids, embeddings, counts, check=False, host_ids=host_ids)
 
     # -- phase 3: encoder backward ------------------------------------------------------------------------
-    def _encoder_backward(self, src: str) -> None:
-        """Deliver each micro-batch's embedding gradient to the encoder replicas and run their backward."""
+    def _encoder_backward(self, src: str, microbatches: range) -> None:
+        """Deliver these micro-batches' embedding gradients to the encoder replicas and run their backward."""
         bridge = self.bridges[src]
         if bridge.encodes_inside_language_forward or src not in self.infra.participating_modules:
             return  # the language backward already ran it; receivers of a disjoint span: done
         encoder, stages = self.model.modality_submodules[src], self.encoder_stages.get(src)
-        for m in range(self.num_microbatches):
+        for m in microbatches:
             prepare_backward(encoder, m == self.num_microbatches - 1)
             bridge.run_encoder_backward(m)  # off a pipelined encoder's last stage: nothing, or a collective's part
             if stages is None:
