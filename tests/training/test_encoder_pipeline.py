@@ -6,8 +6,10 @@ projection trained) into a PP2 language model; images PP2 × DP2 colocated with 
 2-5, trained and frozen, and with a CP2 × PP2 language model there; a 3-block tower over PP3 (ranks 2-4: a middle
 stage) into one language rank; images TP2 × PP2 under FSDP2 fanning out to a DP2 language model, resuming that
 step-1 checkpoint; and images PP1 (DP2) resuming it too. Every loss and final parameter equals the single-process
-model's to a relative 1e-8. In the first step of the first two runs each encoder rank records the point-to-point
-messages it exchanges with the other stage of its pipeline and the tensors autograd saves.
+model's to a relative 1e-8, and both ends of every (rank pair, group) post their messages in the same order (NCCL
+pairs them by order, `test_pipeline_traffic.nccl_mismatches`). In the first step of the first two runs each encoder
+rank records the point-to-point messages it exchanges with the other stage of its pipeline and the tensors autograd
+saves.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tests.training.test_parity import (
     reference,
     train_one_process,
 )
+from tests.training.test_pipeline_traffic import Recorder, nccl_mismatches
 from tests.training.test_virtual_pipeline import check
 
 IMAGES = ("images",)
@@ -141,16 +144,22 @@ def train(layout: dict, root: str, frozen: bool = False, save_at: int | None = N
 
 
 def every_layout(rank: int, world: int, root: str) -> dict:
-    """The runs of the module docstring on this rank."""
+    """The runs of the module docstring on this rank, each with every point-to-point message it posted."""
     step1 = str(Checkpointer(f"{root}/pp2").path(1))
-    return {"pp2": train(TRAINED, f"{root}/pp2", save_at=1, record=True),
-            "frozen": train(FROZEN, f"{root}/frozen", frozen=True, record=True),
-            "colocated": train(COLOCATED, f"{root}/colocated"),
-            "colocated_frozen": train(COLOCATED, f"{root}/colocated_frozen", frozen=True),
-            "colocated_cp": train(COLOCATED_CP, f"{root}/colocated_cp"),
-            "pp3": train(PP3, f"{root}/pp3", deep=True),
-            "tp_fsdp": train(TP_PP, f"{root}/tp", load=step1, data_parallel="fsdp"),
-            "pp1": train(PP1, f"{root}/pp1", load=step1)}
+    runs = {"pp2": lambda: train(TRAINED, f"{root}/pp2", save_at=1, record=True),
+            "frozen": lambda: train(FROZEN, f"{root}/frozen", frozen=True, record=True),
+            "colocated": lambda: train(COLOCATED, f"{root}/colocated"),
+            "colocated_frozen": lambda: train(COLOCATED, f"{root}/colocated_frozen", frozen=True),
+            "colocated_cp": lambda: train(COLOCATED_CP, f"{root}/colocated_cp"),
+            "pp3": lambda: train(PP3, f"{root}/pp3", deep=True),
+            "tp_fsdp": lambda: train(TP_PP, f"{root}/tp", load=step1, data_parallel="fsdp"),
+            "pp1": lambda: train(PP1, f"{root}/pp1", load=step1)}
+    out = {}
+    for name, run in runs.items():
+        with Recorder() as recorder:
+            out[name] = run()
+        out[name]["posted"] = recorder.trace
+    return out
 
 
 def test_encoder_pipeline_parity_frozen_stages_and_resume_across_encoder_pp(tmp_path):
@@ -165,6 +174,8 @@ def test_encoder_pipeline_parity_frozen_stages_and_resume_across_encoder_pp(tmp_
     assert {n.split(".")[3] for n in runs[3]["pp3"]["names"] if ".layers." in n} == {"1"}
     check([r["tp_fsdp"] for r in runs], trained, 1, "images TP2 x PP2 under FSDP2, resumed from PP2 x DP2")
     check([r["pp1"] for r in runs], trained, 1, "images PP1, resumed from PP2 x DP2")
+    for name in runs[0]:  # NCCL pairs a (pair, group)'s messages by posting order: both ends post alike
+        assert nccl_mismatches([r[name]["posted"] for r in runs]) == [], name
     # stage 0 holds the front and block 0, stage 1 block 1 (its global name) and the projection
     stage0, stage1 = set(runs[0]["pp2"]["names"]), set(runs[2]["pp2"]["names"])
     assert "encoder.embeddings.patch_embedding.weight" in stage0 and "encoder.encoder.layers.1.mlp.fc1.weight" in stage1
