@@ -6,10 +6,11 @@ both stages; each micro-batch's images split over the DP replicas by patch count
 its share) into a TP2 language model on 4-5; a Qwen3-VL tower the same way (DeepStack from layers 2, 0 and 3: layer
 0's features merged on stage 0 and carried to stage 1 with the hidden states), saving after step 1; the Qwen3-VL
 tower frozen into a PP2 language model (forward only: no gradient crosses its stages); the Qwen3-VL tower PP2 × DP2
-colocated with a PP2 × DP2 language model on ranks 2-5 (DeepStack across both pipelines); and the Qwen3-VL tower
-PP1 (DP2) resuming the PP2 checkpoint. Every loss, gradient norm and final parameter equals the single-process
-model's to a relative 1e-8, and both ends of every (rank pair, group) post their messages in the same order (NCCL
-pairs them by order, `test_pipeline_traffic.nccl_mismatches`).
+colocated with a PP2 × DP2 language model on ranks 2-5 (DeepStack across both pipelines); the Qwen3-VL tower
+TP2 × PP2 under FSDP2 (each stage's blocks and DeepStack mergers sharded) fanning out to a DP2 language model; and
+the Qwen3-VL tower PP1 (DP2) resuming the PP2 checkpoint. Every loss, gradient norm and final parameter equals
+the single-process model's to a relative 1e-8, and both ends of every (rank pair, group) post their messages in the
+same order (NCCL pairs them by order, `test_pipeline_traffic.nccl_mismatches`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ ROWS = {  # name: (kind, layout, frozen tower)
     "qwen3_colocated": ("qwen3_vl", {"images": {**PP2_DP2, "rank_offset": 2},  # ranks 0-1: stubs
                                      "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 2,
                                                   "rank_offset": 2}}, False),
+    "qwen3_tp_pp": ("qwen3_vl", {"images": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                            "data_parallel_size": 1},
+                                 "language": {"data_parallel_size": 2, "rank_offset": 4}}, False),
     "qwen3_pp1": ("qwen3_vl", {"images": {"data_parallel_size": 2},
                                "language": {"tensor_model_parallel_size": 2, "data_parallel_size": 2,
                                             "rank_offset": 2}}, False),
@@ -85,12 +89,12 @@ def reference(kind: str, frozen: bool = False) -> tuple[list, list, dict]:
 
 
 def train(kind: str, layout: dict, root: str, frozen: bool = False, save_at: int | None = None,
-          load: str | None = None) -> dict:
+          load: str | None = None, data_parallel: str = "ddp") -> dict:
     """Train `layout` (loading `load` first) to the last step, saving after step `save_at`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prov = _provider(kind, layout, frozen)
-        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig("ddp")))
+        model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(data_parallel)))
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=32, global_batch_size=GLOBAL_BATCH,
                           num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64,
                           text_layout=PaddedText(positions_rule=prov.text_positions),
@@ -117,7 +121,8 @@ def every_row(rank: int, world: int, root: str) -> dict:
         save_at = 1 if name == "qwen3_pp2" else None
         load = str(Checkpointer(f"{root}/qwen3_pp2").path(1)) if name == "qwen3_pp1" else None
         with Recorder() as recorder:
-            out[name] = train(kind, layout, f"{root}/{name}", frozen, save_at, load)
+            out[name] = train(kind, layout, f"{root}/{name}", frozen, save_at, load,
+                              "fsdp" if name == "qwen3_tp_pp" else "ddp")
         out[name]["posted"] = recorder.trace
     return out
 
@@ -138,6 +143,7 @@ def test_qwen_tower_pipelines_match_one_process_and_resume_across_tower_pp(tmp_p
     check([r["qwen3_frozen"] for r in runs], reference("qwen3_vl", frozen=True), 0,
           "frozen Qwen3-VL tower PP2 x DP2 -> language PP2")
     check([r["qwen3_colocated"] for r in runs], qwen3, 0, "Qwen3-VL tower PP2 x DP2 on language PP2 x DP2's ranks")
+    check([r["qwen3_tp_pp"] for r in runs], qwen3, 0, "Qwen3-VL tower TP2 x PP2 under FSDP2 -> language DP2")
     check([r["qwen3_pp1"] for r in runs], qwen3, 1, "Qwen3-VL tower PP1, resumed from PP2")
     for name in runs[0]:  # NCCL pairs a (pair, group)'s messages by posting order: both ends post alike
         assert nccl_mismatches([r[name]["posted"] for r in runs]) == [], name
