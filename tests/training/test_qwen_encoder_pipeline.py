@@ -30,6 +30,8 @@ from mimo.testing import run_distributed
 from mimo.training.checkpoint import Checkpointer
 from mimo.training.encoder_pipeline import _TAG_BASE
 from mimo.training.optim import make_adamw, param_groups
+from mimo.training.plan import plan_run
+from mimo.training.run_config import parse_run_config
 from mimo.training.step import MimoTrainer
 from tests.training.test_parity import full_params
 from tests.training.test_pipeline_traffic import Recorder, nccl_mismatches
@@ -182,3 +184,12 @@ def test_qwen_tower_stages_compose_to_the_whole_tower():
         want = whole(patches, grid)
         for got, ref in zip((x.embeddings, *x.deepstack), (want.embeddings, *want.deepstack), strict=True):
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_a_qwen_vl_run_plans_a_pipelined_tower():
+    """The run config's path (`plan_run`, which refused Qwen-VL's towers under encoder PP) accepts one now."""
+    config = parse_run_config({"model": {"family": "qwen_vl", "preset": "tiny-qwen3-vl"},
+                               "parallelism": {"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
+                                               "language": {"data_parallel_size": 1, "rank_offset": 2}},
+                               "train": {"global_batch_size": 4}, "data": {"name": "synthetic"}})
+    plan_run(config, 3)
