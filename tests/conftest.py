@@ -37,7 +37,6 @@ SLOWEST_FILES = (
     "tests/hf/test_generate.py",
     "tests/training/test_loop_data.py",
     "tests/hf/test_llava15_e2e.py",
-    "tests/training/test_qwen_encoder_pipeline.py",
 )
 
 
