@@ -301,7 +301,7 @@ def cover_tower_blocks(tower: nn.Module, compile_: bool, recompute: bool) -> Non
     from mimo.distributed import _compile_blocks_settings
     from mimo.recompute import recompute_blocks
 
-    blocks = list(tower.blocks)
+    blocks = list(tower.blocks.values())
     if compile_:
         _compile_blocks_settings()
         for block in blocks:

@@ -136,10 +136,10 @@ def test_compile_and_recomputation_reach_a_qwen_towers_blocks():
 
     config = Qwen25VisionConfig.tiny()
     images = ModalitySubmodule(Qwen25VisionTower(config), JoinDeepStack())
-    assert _blocks(images) == list(images.encoder.blocks)  # what compile_blocks, recompute and FSDP2 take
+    assert _blocks(images) == list(images.encoder.blocks.values())  # what compile_blocks, recompute and FSDP2 take
     recompute(images, tp=1, num_layers=None)
     calls = [0] * config.depth
-    for i, block in enumerate(images.encoder.blocks):
+    for i, block in enumerate(images.encoder.blocks.values()):
         block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     grid = torch.tensor([[1, 4, 6], [1, 8, 4]])
     images(torch.randn(int(grid.prod(1).sum()), config.patch_dim), grid).square().sum().backward()

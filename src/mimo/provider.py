@@ -299,7 +299,7 @@ def with_flag(flags: Mapping[str, bool] | None, modality: str, flag: bool) -> di
 
 def _encoder_layers(name: str, spec: ModuleSpec, pp: int) -> int:
     """The blocks a pipelined modality's encoder runs (its config's `num_layers_built`), or a one-line refusal for an
-    encoder that cannot be built by stage (no `layer_range` argument: Qwen-VL's towers, with DeepStack)."""
+    encoder that cannot be built by stage (no `layer_range` argument)."""
     encoder = spec.submodules.get("encoder")
     config = encoder.params.get("config") if encoder is not None else None
     takes_range = encoder is not None and "layer_range" in inspect.signature(encoder.module).parameters
@@ -307,8 +307,8 @@ def _encoder_layers(name: str, spec: ModuleSpec, pp: int) -> int:
         what = getattr(encoder.module, "__name__", "?") if encoder is not None else "no encoder spec"
         raise ProviderError(f"module '{name}': pipeline_model_parallel_size={pp} splits an encoder's blocks into "
                             f"stages, which needs an encoder and projection spec whose encoder is built by "
-                            f"layer_range= with config.num_layers_built (mimo's ViT and audio encoders); {what} is "
-                            f"not; use pipeline_model_parallel_size 1")
+                            f"layer_range= with config.num_layers_built (mimo's ViT, audio and Qwen-VL encoders); "
+                            f"{what} is not; use pipeline_model_parallel_size 1")
     return config.num_layers_built
 
 

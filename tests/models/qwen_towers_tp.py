@@ -34,7 +34,7 @@ def _compare(rank: int, world: int, tower_class, config) -> list[str]:
         for p in full.parameters():
             p.normal_(0.0, 0.3)
     sharded = parallelize_module(copy.deepcopy(full), mesh, full.tp_plan())
-    qkv = sharded.blocks[0].attn.qkv.weight
+    qkv = sharded.blocks["0"].attn.qkv.weight
     assert qkv.placements == (Shard(0),)
     assert qkv.to_local().shape == (3 * config.hidden_size // world, config.hidden_size)
     mlp_in = next(p for n, p in sharded.named_parameters() if n.startswith("blocks.0.mlp."))  # gate / fc1

@@ -21,14 +21,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimo.config import LayoutError, MimoParallelismConfig, RunConfigError
+from mimo.config import LayoutError, MimoParallelismConfig
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
 from mimo.models import AudioConfig, AudioEncoder, ViTConfig, ViTEncoder, init_parameters
 from mimo.provider import ProviderError
 from mimo.testing import run_distributed
 from mimo.training.checkpoint import Checkpointer
-from mimo.training.plan import plan_run
-from mimo.training.run_config import parse_run_config
 from mimo.training.step import MimoTrainer, StepResult
 from tests.training.test_parity import (
     CLIP,
@@ -233,15 +231,3 @@ def test_an_encoder_that_cannot_split_is_refused_in_one_line():
                                             r"stages; use pipeline_model_parallel_size <= 2$"):
         provider(None, IMAGES).check_layout(layout)
 
-
-def test_qwen_vl_towers_are_refused_before_launch():
-    """Qwen-VL's towers (DeepStack and the merger across the blocks) are built whole only: one line, from plan_run."""
-    config = parse_run_config({"model": {"family": "qwen_vl", "preset": "tiny-qwen3-vl"},
-                               "parallelism": {"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
-                                               "language": {"data_parallel_size": 1, "rank_offset": 2}},
-                               "train": {"global_batch_size": 4}})
-    with pytest.raises(RunConfigError, match=r"^parallelism: module 'images': pipeline_model_parallel_size=2 splits an "
-                                             r"encoder's blocks into stages, .* Qwen3VisionTower is not; use "
-                                             r"pipeline_model_parallel_size 1$") as e:
-        plan_run(config, 3)
-    assert "\n" not in str(e.value)

@@ -127,8 +127,9 @@ class ModalitySubmodule(nn.Module):
         (the encoder's `smallest_grid` when packed) is encoded and none of its rows kept: [0, H] with a graph to
         every parameter (exactly zero gradients), and no kernel sees an empty batch (CUDA's
         scaled_dot_product_attention returns None for one).
-        A pipeline stage past the first (stacked items only) takes the stage before's hidden states as `items`
-        (`empty`: they are the stand-in zero item's, so no rows are kept); one before the last returns its own."""
+        A pipeline stage past the first takes the stage before's output as `items` (`stage_input_shape`; stacked:
+        `empty` says it is the stand-in zero item's, so no rows are kept; packed: the grids say so); one before the
+        last returns its own."""
         if item_grids is None:
             stand_in = _takes_items(self.encoder) and items.shape[0] == 0
             hidden = self.encoder(items.new_zeros((1, *items.shape[1:])) if stand_in else items)
@@ -136,11 +137,25 @@ class ModalitySubmodule(nn.Module):
                 return hidden
             out = self.projection(hidden).flatten(0, 1)
             return out[:0] if stand_in or empty else out
-        if items.shape[0] == 0:
-            grid = self.encoder.smallest_grid.reshape(1, -1)
-            zero = items.new_zeros((int(grid.prod()), *items.shape[1:]))
-            return self.projection(self.encoder(zero, grid))[:0]
-        return self.projection(self.encoder(items, item_grids))
+        stand_in = item_grids.shape[0] == 0
+        grids = self.encoder.smallest_grid.reshape(1, -1) if stand_in else item_grids
+        if stand_in and _takes_items(self.encoder):
+            items = items.new_zeros((int(grids.prod()), *items.shape[1:]))
+        out = self.encoder(items, grids)
+        if self.projection is None:
+            return out
+        out = self.projection(out)
+        return out[:0] if stand_in else out
+
+    def stage_input_shape(self, batch: ModalityBatch) -> tuple[int, ...]:
+        """What a pipeline stage past the first receives for `batch`'s items from the stage before: stacked items'
+        hidden states [max(N, 1), stack_tokens, hidden] (the stand-in item for none), or a packed tower's flat
+        message (`stage_input_numel` of the grids, of the smallest item's for none)."""
+        grids = batch.item_grids
+        if grids is None:
+            return max(int(batch.items.shape[0]), 1), self.encoder.stack_tokens, self.encoder.hidden_size
+        grids = grids if grids.shape[0] else self.encoder.smallest_grid.reshape(1, -1)
+        return (self.encoder.stage_input_numel(grids),)
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
         """The encoder's and the projection's plans, under their attribute names; `sequence_parallel` is the

@@ -16,6 +16,12 @@ the next), pre-norm blocks, the patch merger. They differ in:
   `deepstack_visual_indexes` merged by mergers of their own (normed after the 2×2 shuffle) and returned too.
 Parameter names are transformers' (`Qwen2_5_VisionTransformerPretrainedModel`, `Qwen3VLVisionModel`), so
 Hugging Face weights load by name. No distributed code: `tp_plan()` names how tensor parallelism shards it.
+
+A tower built for a `layer_range` is one pipeline stage (issue 29): blocks [start, end) under their global names
+`blocks.N`, the patch embedding (and Qwen3-VL's position table) only on the stage from block 0, the merger only on the
+one that ends the stack, each DeepStack merger beside its block. Every stage rebuilds the geometry from `grid_thw`, so
+between stages travels one flat tensor (`stage_input_numel`): the hidden states [N, H] (Qwen2.5-VL's in its window
+order, as its blocks run them), then the DeepStack features already merged on earlier stages [N / merge², out] each.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from mimo.models.attention import compute_dtype
-from mimo.models.encoder_block import ACTIVATIONS
+from mimo.models.encoder_block import ACTIVATIONS, block_stack, stage_range
 from mimo.models.fused_parallel import FusedColwiseParallel
 from mimo.models.qwen_vision_geometry import VisionGeometry, vision_geometry
 from mimo.models.rmsnorm import RMSNorm
@@ -81,6 +87,11 @@ class QwenVisionConfig:
     def merge_unit(self) -> int:
         """Patches merged into one output token (merge²)."""
         return self.spatial_merge_size**2
+
+    @property
+    def num_layers_built(self) -> int:
+        """Blocks the tower runs (all `depth`): what encoder pipeline stages split."""
+        return self.depth
 
 
 @dataclass(frozen=True)
@@ -178,9 +189,52 @@ class JoinDeepStack(nn.Module):
 
 
 class PackedTower(nn.Module):
-    """What `ModalitySubmodule` asks of an encoder of packed items: tokens per item and the smallest item."""
+    """What `ModalitySubmodule` asks of an encoder of packed items: tokens per item and the smallest item; and
+    what a pipeline stage of one is (`layer_range`, the message between stages)."""
 
     config: QwenVisionConfig
+    layer_range: tuple[int, int]
+
+    @property
+    def has_front(self) -> bool:
+        """Whether this (stage of the) tower takes patches: it holds the patch embedding (block 0 on)."""
+        return self.layer_range[0] == 0
+
+    @property
+    def has_end(self) -> bool:
+        """Whether this (stage of the) tower emits merged tokens: it holds the last block and the merger."""
+        return self.layer_range[1] == self.config.depth
+
+    def carried_features(self) -> int:
+        """DeepStack features merged on the stages before this one (they arrive with the hidden states)."""
+        return 0
+
+    def stage_input_numel(self, grid_thw: torch.Tensor) -> int:
+        """Values a stage past the first receives for a call of `grid_thw`, flat: the hidden states [N, H], then
+        each DeepStack feature merged before it [N / merge², out]."""
+        c, patches = self.config, int(grid_thw.prod(dim=1).sum())
+        return patches * c.hidden_size + self.carried_features() * (patches // c.merge_unit) * c.out_hidden_size
+
+    def stage_geometry(self, inputs: torch.Tensor, grid_thw: torch.Tensor,
+                       geometry: VisionGeometry | None) -> VisionGeometry:
+        """The call's geometry on the inputs' device, the inputs checked: packed patches on the first stage, the
+        message of `stage_input_numel` values on a later one."""
+        if self.has_front:
+            _check_patches(inputs, self.config)
+            patches = inputs.shape[0]
+        else:
+            expected = self.stage_input_numel(grid_thw)
+            if inputs.numel() != expected:
+                raise ValueError(f"a tower stage from block {self.layer_range[0]} takes {expected} values for "
+                                 f"grid_thw {grid_thw.tolist()} (the stage before's hidden states and DeepStack "
+                                 f"features), got {tuple(inputs.shape)}")
+            patches = int(grid_thw.prod(dim=1).sum())
+        # the grids come on the CPU (the step's host metadata): the index tensors go where the inputs are
+        return (geometry or self.geometry(grid_thw, patches)).to(inputs.device)
+
+    def geometry(self, grid_thw: torch.Tensor, num_patches: int) -> VisionGeometry:
+        """The call's positions and frames (each tower's own)."""
+        raise NotImplementedError
 
     def tokens_of(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """Merged tokens of each item [n]: its patches over merge² (on the CPU, from the grids)."""
@@ -321,13 +375,17 @@ class Qwen25Merger(nn.Module):
 class Qwen25VisionTower(PackedTower):
     """Qwen2.5-VL's vision tower: packed patches + grid_thw → merged tokens (`VisionOutput`, no DeepStack)."""
 
-    def __init__(self, config: Qwen25VisionConfig) -> None:
-        """Build patch embedding, blocks and merger under Hugging Face's names."""
+    def __init__(self, config: Qwen25VisionConfig, layer_range: tuple[int, int] | None = None) -> None:
+        """Build patch embedding, blocks and merger under Hugging Face's names; with `layer_range`, one pipeline
+        stage: those blocks, the patch embedding only from block 0, the merger only at the end."""
         super().__init__()
         self.config = config
-        self.patch_embed = PatchEmbed(config, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(config, qwen3=False) for _ in range(config.depth))
-        self.merger = Qwen25Merger(config)
+        self.layer_range = stage_range(layer_range, config.depth)
+        if self.has_front:
+            self.patch_embed = PatchEmbed(config, bias=False)
+        self.blocks = block_stack(self.layer_range, lambda: VisionBlock(config, qwen3=False))
+        if self.has_end:
+            self.merger = Qwen25Merger(config)
 
     def geometry(self, grid_thw: torch.Tensor, num_patches: int) -> VisionGeometry:
         """The call's positions, frames and windows (may be built ahead, outside a compiled region)."""
@@ -335,27 +393,31 @@ class Qwen25VisionTower(PackedTower):
         return vision_geometry(grid_thw, c.spatial_merge_size, num_patches, window_tokens=c.window_tokens)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                geometry: VisionGeometry | None = None) -> VisionOutput:
-        """Embed, reorder window by window, run the blocks (full or windowed), merge, restore packed order."""
+                geometry: VisionGeometry | None = None) -> VisionOutput | torch.Tensor:
+        """Embed, reorder window by window, run the blocks (full or windowed), merge, restore packed order. A stage
+        past the first takes the stage before's hidden states (flat, in window order) as `pixel_values`; one before
+        the last returns its own so."""
         c = self.config
-        _check_patches(pixel_values, c)
-        # the grids come on the CPU (the step's host metadata): the index tensors go where the patches are
-        geometry = (geometry or self.geometry(grid_thw, pixel_values.shape[0])).to(pixel_values.device)
+        geometry = self.stage_geometry(pixel_values, grid_thw, geometry)
         order = geometry.window_order
         if order is None:
             raise ValueError("Qwen2.5-VL's tower needs a geometry with its windows: build it with tower.geometry()")
-        x = self.patch_embed(pixel_values)[order]
+        x = self.patch_embed(pixel_values)[order] if self.has_front else pixel_values.view(-1, c.hidden_size)
         cos, sin = rotary_tables(geometry.positions[order], c.head_dim, c.rope_theta)
         full = segment_attention(geometry.frame_lengths, x.device, compute_dtype(x))
         windowed = segment_attention(geometry.window_lengths, x.device, compute_dtype(x))
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full if i in c.fullatt_block_indexes else windowed)
+        for i, block in self.blocks.items():
+            x = block(x, cos, sin, full if int(i) in c.fullatt_block_indexes else windowed)
+        if not self.has_end:
+            return x.flatten()
         return VisionOutput(self.merger(x)[geometry.merged_inverse])
 
     def tp_plan(self) -> dict[str, ParallelStyle]:
         """Every block's attention (by heads) and MLP sharded, and the merger's MLP; embeddings and norms replicated."""
-        plan: dict[str, ParallelStyle] = {"merger.mlp.0": ColwiseParallel(), "merger.mlp.2": RowwiseParallel()}
-        for i in range(len(self.blocks)):
+        plan: dict[str, ParallelStyle] = {}
+        if self.has_end:
+            plan.update({"merger.mlp.0": ColwiseParallel(), "merger.mlp.2": RowwiseParallel()})
+        for i in self.blocks:
             plan.update(block_tp_plan(f"blocks.{i}.", qwen3=False))
         return plan
 
@@ -398,16 +460,27 @@ def interpolation_taps(positions: torch.Tensor, sizes: torch.Tensor, side: int) 
 class Qwen3VisionTower(PackedTower):
     """Qwen3-VL's vision tower: packed patches + grid_thw → merged tokens and DeepStack features (`VisionOutput`)."""
 
-    def __init__(self, config: Qwen3VisionConfig) -> None:
-        """Build patch embedding, position table, blocks, merger and the DeepStack mergers under HF's names."""
+    def __init__(self, config: Qwen3VisionConfig, layer_range: tuple[int, int] | None = None) -> None:
+        """Build patch embedding, position table, blocks, merger and the DeepStack mergers under HF's names; with
+        `layer_range`, one pipeline stage: those blocks and the DeepStack mergers of their layers, the embedding
+        and position table only from block 0, the merger only at the end."""
         super().__init__()
         self.config = config
-        self.patch_embed = PatchEmbed(config, bias=True)
-        self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
-        self.blocks = nn.ModuleList(VisionBlock(config, qwen3=True) for _ in range(config.depth))
-        self.merger = Qwen3Merger(config, postshuffle=False)
-        self.deepstack_merger_list = nn.ModuleList(
-            Qwen3Merger(config, postshuffle=True) for _ in config.deepstack_visual_indexes)
+        self.layer_range = stage_range(layer_range, config.depth)
+        if self.has_front:
+            self.patch_embed = PatchEmbed(config, bias=True)
+            self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
+        self.blocks = block_stack(self.layer_range, lambda: VisionBlock(config, qwen3=True))
+        if self.has_end:
+            self.merger = Qwen3Merger(config, postshuffle=False)
+        start, end = self.layer_range
+        self.deepstack_merger_list = nn.ModuleDict({  # merger j beside its layer indexes[j]
+            str(j): Qwen3Merger(config, postshuffle=True)
+            for j, layer in enumerate(config.deepstack_visual_indexes) if start <= layer < end})
+
+    def carried_features(self) -> int:
+        """DeepStack's features of layers before this stage (merged there)."""
+        return sum(layer < self.layer_range[0] for layer in self.config.deepstack_visual_indexes)
 
     def geometry(self, grid_thw: torch.Tensor, num_patches: int) -> VisionGeometry:
         """The call's positions and frames (may be built ahead, outside a compiled region)."""
@@ -420,30 +493,42 @@ class Qwen3VisionTower(PackedTower):
                                mode="sum")
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                geometry: VisionGeometry | None = None) -> VisionOutput:
-        """Embed, add positions, run the blocks (full attention per frame), merge; DeepStack on the way."""
+                geometry: VisionGeometry | None = None) -> VisionOutput | torch.Tensor:
+        """Embed, add positions, run the blocks (full attention per frame), merge; DeepStack on the way. A stage
+        past the first takes the stage before's message (`stage_input_numel`) as `pixel_values`; one before the
+        last returns its own: hidden states and every DeepStack feature merged so far, flat."""
         c = self.config
-        _check_patches(pixel_values, c)
-        # the grids come on the CPU (the step's host metadata): the index tensors go where the patches are
-        geometry = (geometry or self.geometry(grid_thw, pixel_values.shape[0])).to(pixel_values.device)
-        x = self.patch_embed(pixel_values)
-        x = x + self.positions(geometry).to(x.dtype)
+        geometry = self.stage_geometry(pixel_values, grid_thw, geometry)
+        if self.has_front:
+            x = self.patch_embed(pixel_values)
+            x, deepstack = x + self.positions(geometry).to(x.dtype), []
+        else:
+            x, deepstack = self._unpack(pixel_values, geometry.num_patches)
         cos, sin = rotary_tables(geometry.positions, c.head_dim, c.rope_theta)
         attend = segment_attention(geometry.frame_lengths, x.device, compute_dtype(x))
-        deepstack = []
-        for i, block in enumerate(self.blocks):
+        for i, block in self.blocks.items():
             x = block(x, cos, sin, attend)
-            if i in c.deepstack_visual_indexes:  # merger j belongs to layer indexes[j]; features go in layer order
-                deepstack.append(self.deepstack_merger_list[c.deepstack_visual_indexes.index(i)](x))
+            if int(i) in c.deepstack_visual_indexes:  # merger j belongs to layer indexes[j]; features in layer order
+                deepstack.append(self.deepstack_merger_list[str(c.deepstack_visual_indexes.index(int(i)))](x))
+        if not self.has_end:
+            return torch.cat([x.flatten(), *(f.flatten() for f in deepstack)])
         return VisionOutput(self.merger(x), tuple(deepstack))
+
+    def _unpack(self, message: torch.Tensor, patches: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage before's flat message → hidden states [N, H] and its DeepStack features [N / merge², out]."""
+        c = self.config
+        sizes = [patches * c.hidden_size] + [patches // c.merge_unit * c.out_hidden_size] * self.carried_features()
+        hidden, *features = message.split(sizes)
+        return hidden.view(patches, c.hidden_size), [f.view(-1, c.out_hidden_size) for f in features]
 
     def tp_plan(self) -> dict[str, ParallelStyle]:
         """Every block's attention (by heads) and MLP sharded, and every merger's MLP; the rest replicated."""
         plan: dict[str, ParallelStyle] = {}
-        mergers = ["merger", *(f"deepstack_merger_list.{j}" for j in range(len(self.deepstack_merger_list)))]
+        mergers = [*(["merger"] if self.has_end else []), *(f"deepstack_merger_list.{j}"
+                                                             for j in self.deepstack_merger_list)]
         for name in mergers:
             plan.update({f"{name}.linear_fc1": ColwiseParallel(), f"{name}.linear_fc2": RowwiseParallel()})
-        for i in range(len(self.blocks)):
+        for i in self.blocks:
             plan.update(block_tp_plan(f"blocks.{i}.", qwen3=True))
         return plan
 

@@ -60,7 +60,6 @@ class EncoderStages:
     grid: ModuleGrid
     index: int  # the module's place in the layout: tags of two encoders' pipelines on the same ranks differ
     training: StageTraining
-    stack_shape: tuple[int, int]  # per item, what a stage hands the next: (tokens, hidden)
     dtype: torch.dtype
     device: torch.device
     p2p_groups: P2PGroups | None = None
@@ -87,13 +86,15 @@ class EncoderStages:
         """Whether this stage backpropagates at all."""
         return self.training.runs_backward(self.stage)
 
-    def forward(self, m: int, items: int, run: Callable[[torch.Tensor | None], torch.Tensor]) -> torch.Tensor | None:
-        """Micro-batch m (of `items` items on this replica, at least the stand-in one) through this stage: `run`
-        takes the input received from the stage before (None on stage 0) and returns the stage's output, which
-        goes on to the next stage (None returned) or, on the last, is returned for the bridge."""
+    def forward(self, m: int, shape: tuple[int, ...], run: Callable[[torch.Tensor | None], torch.Tensor]
+                ) -> torch.Tensor | None:
+        """Micro-batch m through this stage: `run` takes the input received from the stage before (None on stage
+        0; of `shape`, which the receiver knows from the items' count or grids: `ModalitySubmodule.stage_input_shape`)
+        and returns the stage's output, which goes on to the next stage (None returned) or, on the last, is
+        returned for the bridge."""
         x = None
         if not self.is_first:
-            x = self._recv(self._peer(-1), self._tag(m, 0), (max(items, 1), *self.stack_shape))
+            x = self._recv(self._peer(-1), self._tag(m, 0), shape)
             if self.training.input_needs_grad(self.stage):
                 x.requires_grad_()
         with contextlib.nullcontext() if self.runs_backward else torch.no_grad():

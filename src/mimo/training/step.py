@@ -172,8 +172,8 @@ class MimoTrainer:
             sub = unwrap(self.model.modality_submodules[name])
             trains = any(p.requires_grad for p in sub.parameters())
             training = StageTraining.gather(trains, grid.get_group("pp"), self.device)
-            stages[name] = EncoderStages(grid, index, training, (sub.encoder.stack_tokens, sub.encoder.hidden_size),
-                                         self.activation_dtype, self.device, self.infra.p2p_groups)
+            stages[name] = EncoderStages(grid, index, training, self.activation_dtype, self.device,
+                                         self.infra.p2p_groups)
         return stages
 
     # -- the step -----------------------------------------------------------------------------------------
@@ -278,16 +278,14 @@ class MimoTrainer:
 
     def _encode_stage(self, name: str, m: int, work: _EncoderWork) -> torch.Tensor | None:
         """Micro-batch m through this rank's stage of a pipelined encoder: stage 0 takes the items, a later stage
-        the hidden states of the one before; the last stage's rows are returned, an earlier stage's sent on."""
-        encoder, items = self.model.modality_submodules[name], work.items.items
-        if work.items.item_grids is not None:
-            raise ValueError(f"module '{name}': a pipelined encoder takes items of one size (stacked), but its items "
-                             f"are packed (item_grids); use pipeline_model_parallel_size 1")
+        the hidden states of the one before (packed items: every stage reads the grids); the last stage's rows are
+        returned, an earlier stage's sent on."""
+        encoder, items, grids = self.model.modality_submodules[name], work.items.items, work.items.item_grids
 
         def run(x: torch.Tensor | None) -> torch.Tensor:
             with no_sync_forward(encoder):
-                return encoder(items, None) if x is None else encoder(x, None, empty=items.shape[0] == 0)
-        return self.encoder_stages[name].forward(m, items.shape[0], run)
+                return encoder(items if x is None else x, grids, empty=x is not None and items.shape[0] == 0)
+        return self.encoder_stages[name].forward(m, unwrap(encoder).stage_input_shape(work.items), run)
 
     def _replica_chunks(self, name: str, m: int) -> Callable[[int], list[torch.Tensor]] | None:
         """Under context parallelism, for a language DP replica d: which of its `name` rows of micro-batch m each CP
@@ -345,8 +343,9 @@ class MimoTrainer:
         encoder = unwrap(self.model.modality_submodules[name])
         own = share.modality_inputs[name]
         counts = encoder.tokens_per_sample(own)  # host metadata: stays on the CPU
-        if name in self.encoder_stages and not self.encoder_stages[name].is_first:
-            return _EncoderWork(own, counts)  # a later stage reads only how many items there are
+        later = name in self.encoder_stages and not self.encoder_stages[name].is_first
+        if later and name not in splits:
+            return _EncoderWork(own, counts)  # a later stage reads only how many items there are, or their grids
         if name not in splits:
             return _EncoderWork(own.with_items(to_device(own.items, self.device)), counts)
         whole = batch.microbatch(m, self.num_microbatches).modality_inputs[name]
@@ -355,8 +354,8 @@ class MimoTrainer:
             return self._chunk_work(name, whole, splits[name][m], counts, text)
         rank = grid.coord.dp
         balance = PatchBalance.plan(whole, encoder.item_tokens(whole), splits[name][m], rank)
-        items = balance.items(whole)
-        return _EncoderWork(items.with_items(to_device(items.items, self.device)), counts, balance)
+        items = balance.items(whole)  # a later stage of a pipeline reads their grids (the last also exchanges)
+        return _EncoderWork(items if later else items.with_items(to_device(items.items, self.device)), counts, balance)
 
     def _chunk_work(self, name: str, whole: ModalityBatch, split: RankSplit, counts: torch.Tensor,
                     text: ContextText) -> _EncoderWork:
