@@ -231,3 +231,17 @@ def test_an_encoder_that_cannot_split_is_refused_in_one_line():
                                             r"stages; use pipeline_model_parallel_size <= 2$"):
         provider(None, IMAGES).check_layout(layout)
 
+
+
+def test_a_stacked_encoder_given_packed_items_on_a_later_stage_says_so_in_one_line():
+    """A ViT stage past the first cannot size the message packed items of many sizes would need (a Qwen-VL tower
+    can: `stage_input_numel`); it says so rather than failing on a missing attribute."""
+    from mimo.models import ModalityBatch, ModalitySubmodule
+
+    config = ViTConfig.tiny()
+    stage = ModalitySubmodule(ViTEncoder(config, layer_range=(1, config.num_layers_built)), None)
+    grids = torch.tensor([[1, 2, 2], [1, 2, 4]])
+    batch = ModalityBatch(torch.zeros(12, 4), torch.tensor([2]), grids)
+    with pytest.raises(ValueError, match=r"^ViTEncoder takes items of one size \(stacked\), but these items are "
+                                         r"packed \(item_grids\)"):
+        stage.stage_input_shape(batch)

@@ -154,6 +154,9 @@ class ModalitySubmodule(nn.Module):
         grids = batch.item_grids
         if grids is None:
             return max(int(batch.items.shape[0]), 1), self.encoder.stack_tokens, self.encoder.hidden_size
+        if not hasattr(self.encoder, "stage_input_numel"):
+            raise ValueError(f"{type(self.encoder).__name__} takes items of one size (stacked), but these items are "
+                             f"packed (item_grids): a pipelined encoder of packed items is a packed tower (Qwen-VL's)")
         grids = grids if grids.shape[0] else self.encoder.smallest_grid.reshape(1, -1)
         return (self.encoder.stage_input_numel(grids),)
 
