@@ -232,7 +232,6 @@ def test_an_encoder_that_cannot_split_is_refused_in_one_line():
         provider(None, IMAGES).check_layout(layout)
 
 
-
 def test_a_stacked_encoder_given_packed_items_on_a_later_stage_says_so_in_one_line():
     """A ViT stage past the first cannot size the message packed items of many sizes would need (a Qwen-VL tower
     can: `stage_input_numel`); it says so rather than failing on a missing attribute."""

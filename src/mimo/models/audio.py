@@ -16,6 +16,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from mimo.models.encoder_block import (
     EncoderBlock,
+    EncoderStage,
     block_stack,
     encoder_block_params,
     encoder_stack_tp_plan,
@@ -68,7 +69,7 @@ class AudioConfig:
         return cls(n_mels=16, num_frames=16, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64)
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(EncoderStage, nn.Module):
     """Log-mel frames [N, n_mels, frames] → tokens [N, tokens_per_item, hidden]."""
 
     def __init__(self, config: AudioConfig, layer_range: tuple[int, int] | None = None) -> None:
@@ -77,7 +78,8 @@ class AudioEncoder(nn.Module):
         norm only on the one that ends the stack."""
         super().__init__()
         self.config = config
-        self.layer_range = stage_range(layer_range, config.num_layers)
+        self.num_blocks = config.num_layers
+        self.layer_range = stage_range(layer_range, self.num_blocks)
         h = config.hidden_size
         if self.has_front:
             self.conv1 = nn.Conv1d(config.n_mels, h, kernel_size=_KERNEL, padding=1)
@@ -87,16 +89,6 @@ class AudioEncoder(nn.Module):
             h, config.num_heads, config.ffn_hidden_size, config.layer_norm_eps, config.activation))
         if self.has_end:
             self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-
-    @property
-    def has_front(self) -> bool:
-        """Whether this (stage of the) encoder takes log-mel frames: it holds the conv stem (block 0 on)."""
-        return self.layer_range[0] == 0
-
-    @property
-    def has_end(self) -> bool:
-        """Whether this (stage of the) encoder emits the final tokens (it holds the last block and norm)."""
-        return self.layer_range[1] == self.config.num_layers
 
     @property
     def stack_tokens(self) -> int:

@@ -150,6 +150,24 @@ def stage_range(layer_range: tuple[int, int] | None, num_layers: int) -> tuple[i
     return start, end
 
 
+class EncoderStage:
+    """What every encoder built by `stage_range` knows of its place in the pipeline: `layer_range` of `num_blocks`
+    (the stack's depth, set by the encoder)."""
+
+    layer_range: tuple[int, int]
+    num_blocks: int
+
+    @property
+    def has_front(self) -> bool:
+        """Whether this (stage of the) encoder takes the raw items: it holds the front (block 0 on)."""
+        return self.layer_range[0] == 0
+
+    @property
+    def has_end(self) -> bool:
+        """Whether this (stage of the) encoder emits the final tokens: it holds the last block."""
+        return self.layer_range[1] == self.num_blocks
+
+
 def block_stack(layer_range: tuple[int, int], build: Callable[[], nn.Module]) -> nn.ModuleDict:
     """Blocks `build()` keyed by their global index (`layers.N` on every pipeline layout, so checkpoints and
     Hugging Face names match whatever the encoder's PP size)."""

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from mimo.models.attention import compute_dtype
-from mimo.models.encoder_block import ACTIVATIONS, block_stack, stage_range
+from mimo.models.encoder_block import ACTIVATIONS, EncoderStage, block_stack, stage_range
 from mimo.models.fused_parallel import FusedColwiseParallel
 from mimo.models.qwen_vision_geometry import VisionGeometry, vision_geometry
 from mimo.models.rmsnorm import RMSNorm
@@ -188,22 +188,11 @@ class JoinDeepStack(nn.Module):
         return {}
 
 
-class PackedTower(nn.Module):
+class PackedTower(EncoderStage, nn.Module):
     """What `ModalitySubmodule` asks of an encoder of packed items: tokens per item and the smallest item; and
     what a pipeline stage of one is (`layer_range`, the message between stages)."""
 
     config: QwenVisionConfig
-    layer_range: tuple[int, int]
-
-    @property
-    def has_front(self) -> bool:
-        """Whether this (stage of the) tower takes patches: it holds the patch embedding (block 0 on)."""
-        return self.layer_range[0] == 0
-
-    @property
-    def has_end(self) -> bool:
-        """Whether this (stage of the) tower emits merged tokens: it holds the last block and the merger."""
-        return self.layer_range[1] == self.config.depth
 
     def carried_features(self) -> int:
         """DeepStack features merged on the stages before this one (they arrive with the hidden states)."""
@@ -380,7 +369,8 @@ class Qwen25VisionTower(PackedTower):
         stage: those blocks, the patch embedding only from block 0, the merger only at the end."""
         super().__init__()
         self.config = config
-        self.layer_range = stage_range(layer_range, config.depth)
+        self.num_blocks = config.depth
+        self.layer_range = stage_range(layer_range, self.num_blocks)
         if self.has_front:
             self.patch_embed = PatchEmbed(config, bias=False)
         self.blocks = block_stack(self.layer_range, lambda: VisionBlock(config, qwen3=False))
@@ -466,7 +456,8 @@ class Qwen3VisionTower(PackedTower):
         and position table only from block 0, the merger only at the end."""
         super().__init__()
         self.config = config
-        self.layer_range = stage_range(layer_range, config.depth)
+        self.num_blocks = config.depth
+        self.layer_range = stage_range(layer_range, self.num_blocks)
         if self.has_front:
             self.patch_embed = PatchEmbed(config, bias=True)
             self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)

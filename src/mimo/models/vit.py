@@ -20,6 +20,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from mimo.models.encoder_block import (
     EncoderBlock,
+    EncoderStage,
     block_stack,
     encoder_block_params,
     encoder_stack_tp_plan,
@@ -168,7 +169,7 @@ class ViTLayers(nn.Module):
         return x
 
 
-class ViTEncoder(nn.Module):
+class ViTEncoder(EncoderStage, nn.Module):
     """CLIP (or SigLIP) vision tower: images [N, C, H, W] → features [N, tokens_per_item, hidden] of `select_layer`."""
 
     def __init__(self, config: ViTConfig, layer_range: tuple[int, int] | None = None) -> None:
@@ -176,22 +177,13 @@ class ViTEncoder(nn.Module):
         pipeline stage: those blocks, the embeddings and pre-LayerNorm only on the stage that starts at block 0."""
         super().__init__()
         self.config = config
-        self.layer_range = stage_range(layer_range, config.num_layers_built)
+        self.num_blocks = config.num_layers_built
+        self.layer_range = stage_range(layer_range, self.num_blocks)
         if self.has_front:
             self.embeddings = ViTEmbeddings(config) if config.class_token else PatchEmbeddings(config)
             self.pre_layrnorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm
                                  else nn.Identity())
         self.encoder = ViTLayers(config, self.layer_range)
-
-    @property
-    def has_front(self) -> bool:
-        """Whether this (stage of the) tower takes images: it holds the embeddings (block 0 on)."""
-        return self.layer_range[0] == 0
-
-    @property
-    def has_end(self) -> bool:
-        """Whether this (stage of the) tower emits the selected layer's tokens (it holds the last block)."""
-        return self.layer_range[1] == self.config.num_layers_built
 
     @property
     def stack_tokens(self) -> int:
