@@ -29,11 +29,10 @@ from mimo.models.qwen_vision import Qwen3VisionTower, Qwen25VisionTower
 from mimo.testing import run_distributed
 from mimo.training.checkpoint import Checkpointer
 from mimo.training.encoder_pipeline import _TAG_BASE
-from mimo.training.optim import make_adamw, param_groups
 from mimo.training.plan import plan_run
 from mimo.training.run_config import parse_run_config
 from mimo.training.step import MimoTrainer
-from tests.training.test_parity import full_params
+from tests.training.test_parity import full_params, train_one_process
 from tests.training.test_pipeline_traffic import Recorder, nccl_mismatches
 from tests.training.test_qwen_parity import CLIP, GLOBAL_BATCH, MICRO, OPTIM, STEPS, batches, spec
 from tests.training.test_virtual_pipeline import check
@@ -72,21 +71,7 @@ def reference(kind: str, frozen: bool = False) -> tuple[list, list, dict]:
     """One process (`test_qwen_parity.reference`'s loop): every step's loss and gradient norm, the final parameters."""
     prov = _provider(kind, None, frozen)
     model = prov.provide()
-    opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
-    losses, norms = [], []
-    for batch in batches(kind):
-        tokens = int(batch.num_label_tokens(model.special_token_ids))
-        total = 0.0
-        for m in range(MICRO):
-            mb = batch.microbatch(m, MICRO)
-            loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs,
-                                position_ids=prov.text_positions.rows(mb.input_ids, mb))
-            (loss_sum / tokens).backward()
-            total += float(loss_sum.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(total / tokens)
+    losses, norms = train_one_process(model, batches(kind), MICRO, prov.text_positions.rows)
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

@@ -25,10 +25,10 @@ from mimo.models import DecoderConfig
 from mimo.models.qwen_vision import Qwen3VisionConfig, Qwen25VisionConfig
 from mimo.models.rotary import MRopeLayout
 from mimo.testing import assert_matches_reference, run_distributed
-from mimo.training.optim import OptimizerConfig, make_adamw, param_groups
+from mimo.training.optim import OptimizerConfig
 from mimo.training.patch_balance import split_images, split_replicas, step_imbalance
 from mimo.training.step import MimoTrainer
-from tests.training.test_parity import full_params
+from tests.training.test_parity import full_params, train_one_process
 
 STEPS, GLOBAL_BATCH, MICRO, CLIP = 2, 8, 2, 1.0
 OPTIM = OptimizerConfig(lr=1e-2, weight_decay=0.1)
@@ -104,21 +104,7 @@ def reference(kind: str) -> tuple[list, list, dict]:
     """One process: `MimoModel.forward` per micro-batch with M-RoPE positions, torch's clipping, mimo's AdamW."""
     prov = provider(kind, None)
     model = prov.provide()
-    opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
-    losses, norms = [], []
-    for batch in batches(kind):
-        tokens = int(batch.num_label_tokens(model.special_token_ids))
-        total = 0.0
-        for m in range(MICRO):
-            mb = batch.microbatch(m, MICRO)
-            positions = prov.text_positions.rows(mb.input_ids, mb)
-            loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs, position_ids=positions)
-            (loss_sum / tokens).backward()
-            total += float(loss_sum.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(total / tokens)
+    losses, norms = train_one_process(model, batches(kind), MICRO, prov.text_positions.rows)
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
