@@ -4,7 +4,8 @@
         --time-limit 540 --json benchmarks/results/llava15_h200x2.json          # GPUs (see LLAVA15.md)
     PYTHONPATH=src python benchmarks/llava15.py --dry-run --out /tmp/llava15     # tiny, CPU, gloo, 2 processes
     PYTHONPATH=src python benchmarks/llava15.py --out runs/llava15 --layouts one,one+fp8 --stages 2 \
-        --stage1-from runs/llava15/runs/stage1-one --json benchmarks/results/llava15_fp8.json   # FP8 beside bf16
+        --stage1-from none --json benchmarks/results/llava15_fp8.json   # FP8 beside bf16, one cold call
+    PYTHONPATH=src python benchmarks/llava15.py --compare bf16.json fp8.json   # two calls' rows side by side
 
 Issue 16's GPU measurement. Everything is written once under OUT and reused by later calls:
 - OUT/models: random weights at the preset's shapes (7b: CLIP ViT-L/14-336 and Vicuna-7B) as the two local
@@ -21,7 +22,15 @@ Issue 16's GPU measurement. Everything is written once under OUT and reused by l
   final one in stage 2, below) and the layout (`LAYOUTS`: parallelism, the language model's DDP/FSDP2, and
   micro-batches so that each language DP rank's micro-batch keeps the YAML's sample count). Stage 2 starts
   from stage 1's checkpoint (`checkpoint.pretrained_checkpoint`, as the recipe does): the first stage-1 row of
-  the call, else `--stage1-from`, else a stage-1 run an earlier call left in OUT.
+  the call, else `--stage1-from`, else a stage-1 run an earlier call left in OUT; with `--stage1-from none`
+  from none: the projector at its seeded initial values (a function of train.seed and each parameter's name,
+  `mimo.models.init`), so that stage 2 runs alone in one call on a cold machine.
+
+Every row records what it starts from (`start_record`, in the JSON; the table's note for a stage-2 row from no
+checkpoint): train.seed, the stage-1 checkpoint, the models' fingerprints (`mimo.hf.load.fingerprint`), SHA-256s
+of the data file and the JPEGs, and of the seeded parameters' initial values. The models are drawn from a fixed
+seed and the data from fixed seeds, so two cold calls write the same bytes on the same kind of GPU (the GPU's
+random numbers depend on its SM count); the records show whether they did.
 
 Before any run, every asked row's config is checked as `mimo validate` checks it (`preflight`): a layout mimo
 refuses stops the call at once, naming the row.
@@ -51,7 +60,9 @@ FP8 (issue 28): a layout name with `+fp8` (or `+fp8row`) after it is that layout
 `distributed.language.fp8=tensorwise` (rowwise), its own run directory; `--layouts one,one+fp8` runs both in one
 call from the same seed and the same stage-1 checkpoint, and the report ends with each fp8 row against its bf16
 row: samples/s ratio and, for a curve (`--steps 200`), the relative difference of their mean loss over the last
-50 steps. FP8 needs bfloat16 and a GPU of compute capability 8.9+: the CPU dry run (float32) refuses it.
+50 steps, and whether the two started alike (their start records). Curves of one call per precision, each
+written to its own --json on its own cold machine, are compared with `--compare BF16_JSON FP8_JSON` (nothing is
+run). FP8 needs bfloat16 and a GPU of compute capability 8.9+: the CPU dry run (float32) refuses it.
 """
 
 from __future__ import annotations
