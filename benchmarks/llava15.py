@@ -690,9 +690,11 @@ def compare(paths: list[Path]) -> dict[str, Any]:
     """The rows of earlier calls' --json files, merged in order; their table and fp8 comparisons printed."""
     rows: list[dict[str, Any]] = []
     for path in paths:
-        if not path.is_file():
-            raise SystemExit(f"llava15.py: error: --compare {path}: no such file (give the --json of earlier calls)")
-        rows = rows_over(rows, json.loads(path.read_text())["rows"])
+        try:
+            rows = rows_over(rows, json.loads(path.read_text())["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"llava15.py: error: --compare {path}: not a --json file of this script ({e!r}): give "
+                             f"the files earlier calls wrote") from None
     print(markdown(rows), flush=True)
     return {"rows": rows}
 

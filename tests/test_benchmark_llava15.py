@@ -263,6 +263,8 @@ def test_stage2_alone_starts_from_the_seed_and_two_calls_compare(dry_run, tmp_pa
     assert "no stage 1: projector at its seeded initial values (train.seed 0, sha256 " in text
     assert "stage 2 one+fp8 vs one: samples/s x1.000; mean loss over the last 2 steps" in text
     assert "relative difference 1.00%; same start (seed, models, data, seeds)" in text
+    with pytest.raises(SystemExit, match="--compare .*none.json: not a --json file of this script"):
+        bench.main(["--compare", str(first), str(tmp_path / "none.json")])
 
 
 def test_both_curves_start_from_weights_that_depend_on_the_seed_only(dry_run, tmp_path):
