@@ -4,7 +4,8 @@
         --time-limit 540 --json benchmarks/results/llava15_h200x2.json          # GPUs (see LLAVA15.md)
     PYTHONPATH=src python benchmarks/llava15.py --dry-run --out /tmp/llava15     # tiny, CPU, gloo, 2 processes
     PYTHONPATH=src python benchmarks/llava15.py --out runs/llava15 --layouts one,one+fp8 --stages 2 \
-        --stage1-from runs/llava15/runs/stage1-one --json benchmarks/results/llava15_fp8.json   # FP8 beside bf16
+        --stage1-from none --json benchmarks/results/llava15_fp8.json   # FP8 beside bf16, one cold call
+    PYTHONPATH=src python benchmarks/llava15.py --compare bf16.json fp8.json   # two calls' rows side by side
 
 Issue 16's GPU measurement. Everything is written once under OUT and reused by later calls:
 - OUT/models: random weights at the preset's shapes (7b: CLIP ViT-L/14-336 and Vicuna-7B) as the two local
@@ -21,7 +22,15 @@ Issue 16's GPU measurement. Everything is written once under OUT and reused by l
   final one in stage 2, below) and the layout (`LAYOUTS`: parallelism, the language model's DDP/FSDP2, and
   micro-batches so that each language DP rank's micro-batch keeps the YAML's sample count). Stage 2 starts
   from stage 1's checkpoint (`checkpoint.pretrained_checkpoint`, as the recipe does): the first stage-1 row of
-  the call, else `--stage1-from`, else a stage-1 run an earlier call left in OUT.
+  the call, else `--stage1-from`, else a stage-1 run an earlier call left in OUT; with `--stage1-from none`
+  from none: the projector at its seeded initial values (a function of train.seed and each parameter's name,
+  `mimo.models.init`), so that stage 2 runs alone in one call on a cold machine.
+
+Every row records what it starts from (`start_record`, in the JSON; the table's note for a stage-2 row from no
+checkpoint): train.seed, the stage-1 checkpoint, the models' fingerprints (`mimo.hf.load.fingerprint`), SHA-256s
+of the data file and the JPEGs, and of the seeded parameters' initial values. The models are drawn from a fixed
+seed and the data from fixed seeds, so two cold calls write the same bytes on the same kind of GPU (the GPU's
+random numbers depend on its SM count); the records show whether they did.
 
 Before any run, every asked row's config is checked as `mimo validate` checks it (`preflight`): a layout mimo
 refuses stops the call at once, naming the row.
@@ -51,13 +60,16 @@ FP8 (issue 28): a layout name with `+fp8` (or `+fp8row`) after it is that layout
 `distributed.language.fp8=tensorwise` (rowwise), its own run directory; `--layouts one,one+fp8` runs both in one
 call from the same seed and the same stage-1 checkpoint, and the report ends with each fp8 row against its bf16
 row: samples/s ratio and, for a curve (`--steps 200`), the relative difference of their mean loss over the last
-50 steps. FP8 needs bfloat16 and a GPU of compute capability 8.9+: the CPU dry run (float32) refuses it.
+50 steps, and whether the two started alike (their start records). Curves of one call per precision, each
+written to its own --json on its own cold machine, are compared with `--compare BF16_JSON FP8_JSON` (nothing is
+run). FP8 needs bfloat16 and a GPU of compute capability 8.9+: the CPU dry run (float32) refuses it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import multiprocessing
@@ -86,8 +98,9 @@ from packing import INSTRUCTION_MIX, sample_lengths  # noqa: E402  (the instruct
 
 from mimo.data.templates import VicunaV1Template  # noqa: E402
 from mimo.families.llava import LlavaMimoProvider  # noqa: E402
+from mimo.models.init import initial_value, seeding_names  # noqa: E402
 from mimo.training.checkpoint import Checkpointer, checkpoint_step, weights_path  # noqa: E402
-from mimo.training.plan import plan_run  # noqa: E402
+from mimo.training.plan import plan_model, plan_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -161,6 +174,7 @@ LAYOUTS: dict[str, Layout] = {
 # (issue 28: `--layouts one,one+fp8` runs bf16 and FP8 side by side, from the same seed and stage-1 checkpoint).
 FP8_VARIANTS = {"+fp8": "tensorwise", "+fp8row": "rowwise"}
 CURVE_TAIL = 50  # an fp8 row's loss is compared with its bf16 row's over this many last steps
+NO_STAGE1 = "none"  # --stage1-from none: stage 2 starts with the projector at its seeded initial values
 
 
 def layout_of(name: str) -> Layout:
@@ -258,13 +272,13 @@ def write_models(preset: str, models: Path) -> None:
 
 
 def write_data(data: Path, args: argparse.Namespace, provider: LlavaMimoProvider, max_len: int) -> None:
-    """The JPEGs and both stages' files, each written once (a file already there is kept)."""
+    """The JPEGs and the asked stages' files, each written once (a file already there is kept)."""
     folder = data / "images"
     if not (folder / f"{args.images - 1:06d}.jpg").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         write_images(folder, args.images, args.image_size)
     vocab, tokens = provider.language_config.vocab_size, provider.vision_config.tokens_per_image
-    for stage in STAGES:
+    for stage in args.stages:
         path = data / f"stage{stage}.json"
         count = stage_yaml(stage)["train"]["global_batch_size"] if not args.dry_run else args.dry_batch
         count *= args.warmup + args.steps
@@ -309,6 +323,7 @@ def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None
     if resumed is None:
         shutil.rmtree(run_dir, ignore_errors=True)
     sets = row_overrides(stage, layout, args, run_dir, stage1) + stop_before(deadline, stage, args.resume)
+    start_from = start_record(stage, name, args, stage1)
     command = [sys.executable, "-m", "mimo", "train", str(EXAMPLES / f"llava15_stage{stage}.yaml"),
                *(a for s in sets for a in ("--set", s)), *(["--resume"] if resumed is not None else [])]
     log = run_dir.with_suffix(".log")
@@ -322,7 +337,8 @@ def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None
     text = log.read_text()
     row = {"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "overrides": sets,
            "wall_s": time.perf_counter() - start, "log": str(log), "run_dir": str(run_dir),
-           "gpu_memory_max_gib": [memory.peaks[i] for i in sorted(memory.peaks)], "resumed_at": resumed}
+           "gpu_memory_max_gib": [memory.peaks[i] for i in sorted(memory.peaks)], "resumed_at": resumed,
+           "start": start_from}
     row.update(summarize(stage, run_dir, args.warmup, layout.gpus, resumed or 0))
     stopped = LOG_STOPPED.findall(text)
     if stopped and not proc.returncode and row.get("steps_logged", 0) < args.warmup + args.steps:
@@ -333,6 +349,65 @@ def run_row(stage: int, name: str, args: argparse.Namespace, stage1: Path | None
         found = LOG_WEIGHTS.search(text)
         row["pretrained_from"] = found[1] if found else None
     return row
+
+
+# -- what a row starts from ------------------------------------------------------------------------------------
+def start_record(stage: int, name: str, args: argparse.Namespace, stage1: Path | None) -> dict[str, Any]:
+    """What a row's weights and data start from, so that rows of two calls (two cold machines) can be told to have
+    started alike: train.seed, the stage-1 checkpoint (None: none), the Hugging Face directories' fingerprints
+    (`mimo.hf.load.fingerprint`: the models written here, drawn on the GPU), SHA-256s of the data file and the
+    JPEGs, and `seeded_values` where no checkpoint fills what the directories do not hold."""
+    from mimo.training.run_config import load_run_config
+
+    sets = row_overrides(stage, layout_of(name), args, run_dir_of(args.out, stage, name), stage1)
+    plan = plan_model(load_run_config(EXAMPLES / f"llava15_stage{stage}.yaml", sets))
+    data = plan.config.data
+    record: dict[str, Any] = {
+        "seed": plan.config.train.seed, "stage1": str(stage1) if stage == 2 and stage1 else None,
+        "models": {p.name: p.fingerprint for p in plan.hf_parts},
+        "data_sha256": hashlib.sha256(Path(data.path).read_bytes()).hexdigest(),
+        "images_sha256": files_sha256(sorted(Path(data.image_folder).glob("*.jpg")))}
+    if record["stage1"] is None:
+        record["seeded"] = seeded_values(plan)
+    return record
+
+
+def seeded_values(plan: Any) -> dict[str, Any]:
+    """The parameters the run seeds (no Hugging Face directory holds them: the projector), by name, and a SHA-256
+    of their initial float32 values, each `mimo.models.init.initial_value` of train.seed and its name alone (so
+    the same in every layout and precision: the language model's fp8 conversion renames nothing)."""
+    source, digest, names = plan.provider.initial_weights, hashlib.sha256(), []
+    for name, param, owner in seeding_names(plan.provider.whole_meta_model()):
+        if source is not None and source.check(name, param):
+            continue
+        digest.update(name.encode())
+        digest.update(initial_value(plan.config.train.seed, name, param.shape, owner).numpy().tobytes())
+        names.append(name)
+    return {"parameters": names, "sha256": digest.hexdigest()}
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """One SHA-256 of the files' names and bytes, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def start_note(row: dict[str, Any]) -> str:
+    """The table's note on a stage-2 row that starts from no stage-1 checkpoint (empty for any other row)."""
+    start = row.get("start") or {}
+    if row["stage"] != 2 or start.get("stage1") is not None or "seeded" not in start:
+        return ""
+    return (f"no stage 1: projector at its seeded initial values (train.seed {start['seed']}, sha256 "
+            f"{start['seeded']['sha256'][:12]})")
+
+
+def start_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Which parts of two rows' `start_record`s differ, in a few words ('' if they agree)."""
+    keys = [k for k in ("seed", "stage1", "models", "data_sha256", "images_sha256", "seeded") if a.get(k) != b.get(k)]
+    return ", ".join(keys)
 
 
 class GpuMemory:
@@ -489,9 +564,11 @@ def finished_stage1(run_dir: Path) -> Path | None:
 
 
 def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
-    """Stage 1 in every asked layout, then stage 2 from one stage-1 checkpoint; rows in that order. At most one
-    stage-1 checkpoint is kept: `--stage1-from`, an earlier call's, or else this call's first."""
-    rows, source = [], args.stage1_from or earlier_stage1(args.out)
+    """Stage 1 in every asked layout, then stage 2 from one stage-1 checkpoint (`--stage1-from none`: from none);
+    rows in that order. At most one stage-1 checkpoint is kept: `--stage1-from`, an earlier call's, or else this
+    call's first."""
+    seeded = args.stage1_from == NO_STAGE1
+    rows, source = [], None if seeded else args.stage1_from or earlier_stage1(args.out)
     for stage, name in rows_asked(args):
         layout = layout_of(name)
         if args.resume and run_finished(run_dir_of(args.out, stage, name)):
@@ -500,40 +577,42 @@ def run_stages(args: argparse.Namespace, deadline: float) -> list[dict[str, Any]
             continue
         if source is not None and run_dir_of(args.out, stage, name) in source.parents:
             source = None  # this row replaces the run the checkpoint came from
-        skip = why_not_run(stage, source, deadline, args.resume)
+        skip = why_not_run(stage, source, deadline, args.resume, seeded)
         if skip:
             rows.append({"stage": stage, "layout": name, "gpus": layout.gpus, "what": layout.what, "error": skip})
             continue
         row = run_row(stage, name, args, source, deadline)
         rows.append(row)
         if stage == 1:  # under --resume every row's checkpoints stay: a later call continues from them
-            source = keep_or_drop(row, source, args.keep_checkpoints or args.resume)
+            source = keep_or_drop(row, source, args.keep_checkpoints or args.resume, wanted=not seeded)
         print(f"# stage {stage} {name}: {describe_row(row)}", flush=True)
     return rows
 
 
-def why_not_run(stage: int, source: Path | None, deadline: float, resumable: bool = False) -> str | None:
+def why_not_run(stage: int, source: Path | None, deadline: float, resumable: bool = False,
+                seeded: bool = False) -> str | None:
     """Why a row cannot start now (None: it can): a resumable row needs time to load and to checkpoint
-    (`START_S` + `SAVE_S`) before the limit."""
+    (`START_S` + `SAVE_S`) before the limit; stage 2 needs a stage-1 checkpoint unless `seeded` (`--stage1-from
+    none`)."""
     left = deadline - time.time()
     if left <= 0:
         return "not run: --time-limit reached"
     if resumable and left < START_S + SAVE_S[stage]:
         return f"not run: {left:.0f} s left before --time-limit, too few to load, train a step and checkpoint"
-    if stage == 2 and source is None:
-        return "no stage-1 checkpoint (run stage 1 first, or give --stage1-from)"
+    if stage == 2 and source is None and not seeded:
+        return "no stage-1 checkpoint (run stage 1 first, or give --stage1-from, or --stage1-from none)"
     return None
 
 
-def keep_or_drop(row: dict[str, Any], source: Path | None, keep_all: bool) -> Path | None:
-    """After a stage-1 row: its checkpoint becomes stage 2's source if there is none yet, else it is deleted
-    (the projector's ~250 MB at 7B) unless `keep_all`; the source from now on. A row stopped before its last step
-    keeps its checkpoint for the call that resumes it, and is no stage 2's source: stage 2 starts from a finished
-    stage 1."""
+def keep_or_drop(row: dict[str, Any], source: Path | None, keep_all: bool, wanted: bool = True) -> Path | None:
+    """After a stage-1 row: its checkpoint becomes stage 2's source if there is none yet (and stage 2 `wanted` one),
+    else it is deleted (the projector's ~250 MB at 7B) unless `keep_all`; the source from now on. A row stopped
+    before its last step keeps its checkpoint for the call that resumes it, and is no stage 2's source: stage 2
+    starts from a finished stage 1."""
     if "stopped" in row:
         return source
     checkpoint = finished_stage1(Path(row["run_dir"]))  # a failed row's run may hold an earlier call's stopped one
-    if source is None and checkpoint is not None:
+    if wanted and source is None and checkpoint is not None:
         row["stage1_checkpoint"] = str(checkpoint)
         return checkpoint
     if not keep_all:
@@ -563,7 +642,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _f(r.get("data_wait_s")), _f(r.get("samples_per_s")), _f(r.get("samples_per_s_per_gpu")),
             _f(r.get("vs_anchor")), _f(r.get("vs_target")), _f(r.get("peak_memory_gb_rank0")),
             " / ".join(f"{g:.0f}" for g in r.get("gpu_memory_max_gib", [])) or "-", _f(r.get("steps_timed")),
-            r.get("error", r.get("stopped", ""))]) + " |")
+            "; ".join(filter(None, [r.get("error", r.get("stopped", "")), start_note(r)]))]) + " |")
     lines += ["", f"Anchor: LLaVA-1.5 on 8xA100, stage 1 {ANCHOR[1]}, stage 2 {ANCHOR[2]} samples/s per GPU; "
               f"target {TARGET_RATIO:g}x: {TARGET_RATIO * ANCHOR[1]:g} and {TARGET_RATIO * ANCHOR[2]:g}.",
               "Layouts: " + "; ".join(f"{n}: {layout_of(n).what}" for n in dict.fromkeys(r["layout"] for r in rows))]
@@ -587,6 +666,9 @@ def fp8_comparisons(rows: list[dict[str, Any]]) -> list[str]:
             mine, theirs = (sum(x["losses"][-tail:]) / tail for x in (r, base))
             line += (f" mean loss over the last {tail} steps {mine:.4f} vs {theirs:.4f}, relative difference "
                      f"{abs(mine - theirs) / abs(theirs):.2%}")
+        if "start" in r and "start" in base:
+            differ = start_difference(r["start"], base["start"])
+            line += f"; started apart: {differ} differ" if differ else "; same start (seed, models, data, seeds)"
         out.append(line)
     return [""] + out if out else []
 
@@ -595,8 +677,26 @@ def merged_rows(path: Path | None, rows: list[dict[str, Any]]) -> list[dict[str,
     """`rows` over those an earlier call wrote to `path` (same stage and layout: this call's row wins)."""
     if path is None or not path.is_file():
         return rows
-    ours = {(r["stage"], r["layout"]) for r in rows}
-    return [r for r in json.loads(path.read_text())["rows"] if (r["stage"], r["layout"]) not in ours] + rows
+    return rows_over(json.loads(path.read_text())["rows"], rows)
+
+
+def rows_over(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`earlier`'s rows that `later` has not (by stage and layout), then `later`'s."""
+    ours = {(r["stage"], r["layout"]) for r in later}
+    return [r for r in earlier if (r["stage"], r["layout"]) not in ours] + later
+
+
+def compare(paths: list[Path]) -> dict[str, Any]:
+    """The rows of earlier calls' --json files, merged in order; their table and fp8 comparisons printed."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            rows = rows_over(rows, json.loads(path.read_text())["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"llava15.py: error: --compare {path}: not a --json file of this script ({e!r}): give "
+                             f"the files earlier calls wrote") from None
+    print(markdown(rows), flush=True)
+    return {"rows": rows}
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -624,7 +724,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="JPEGs in the pool (default 512; dry run 8)")
     p.add_argument("--image-size", default=None, help="WxH of the JPEGs (default 640x480; dry run 64x48)")
     p.add_argument("--stage1-from", type=Path, default=None, help="stage 2's pretrained checkpoint (default: "
-                   "this call's first stage-1 row, else a stage-1 run an earlier call left in OUT)")
+                   "this call's first stage-1 row, else a stage-1 run an earlier call left in OUT); `none`: "
+                   "none, the projector at its seeded initial values (stage 2 alone in one call, from the seed)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole call (rows past it are "
                    "not started; a running one is stopped, its logged steps reported)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every row's checkpoints")
@@ -634,6 +735,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a `mimo train --set` for every row, after the layout's (repeatable), e.g. "
                         "train.recompute_granularity=full")
     p.add_argument("--json", type=Path, default=None, help="write (merge) the rows here")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="JSON", default=None, help="run nothing: print the "
+                   "table and the fp8 comparisons of the rows these --json files hold (a later file's row replaces "
+                   "an earlier's of the same stage and layout): the curves of two calls, bf16's and fp8's")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU (gloo, 2 processes, float32, no "
                    "compilation, global batch 8): seconds; a functional check, not a measurement")
     args = p.parse_args(argv)
@@ -654,7 +758,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--stages: give 1, 2 or 1,2, got {args.stages}")
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (the first timed step is measured from the warm-up's end)")
-    if args.stage1_from is not None:
+    if str(args.stage1_from) == NO_STAGE1:
+        args.stage1_from = NO_STAGE1
+    elif args.stage1_from is not None:
         args.stage1_from = weights_path(args.stage1_from)
         if not (args.stage1_from / "COMPLETE").is_file():
             p.error(f"--stage1-from {args.stage1_from}: not a complete checkpoint (give a step_N directory or a "
@@ -668,6 +774,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Write what is missing, run the rows, print the table, write the JSON; (the report, this call's rows)."""
     args = parse_args(argv)
+    if args.compare:
+        return compare(args.compare), []
     start = time.time()
     deadline = start + args.time_limit if args.time_limit else math.inf
     provider = LlavaMimoProvider.preset(args.preset)

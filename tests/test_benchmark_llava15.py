@@ -238,3 +238,65 @@ def test_an_fp8_variant_of_a_layout_sets_fp8_and_is_compared_with_its_bf16_row()
     assert bench.fp8_comparisons(rows) == ["", "stage 2 one+fp8 vs one: samples/s x1.200; mean loss over the last "
                                                "50 steps 2.0200 vs 2.0000, relative difference 1.00%"]
     assert [r["layout"] for r in sorted(rows, key=lambda r: bench.layout_order(r["layout"]))] == ["one", "one+fp8"]
+
+
+def test_stage2_alone_starts_from_the_seed_and_two_calls_compare(dry_run, tmp_path, capsys):
+    """`--stage1-from none` (a curve in one cold call): stage 2 trains from the projector's seeded initial values,
+    the row says so, and `--compare` of two calls' JSONs reports the loss difference and that they started alike."""
+    out, first = tmp_path / "out", tmp_path / "one.json"
+    shutil.copytree(dry_run[0] / "models", out / "models")
+    bench.main(["--dry-run", "--out", str(out), "--stages", "2", "--layouts", "one", "--stage1-from", "none",
+                "--warmup", "1", "--steps", "1", "--json", str(first), "--set", "train.global_batch_size=4",
+                "--set", "train.num_microbatches=1"])  # the smallest step (the curves' commands shrink the batch too)
+    assert "| 2 | one | 1 | 1 |" in capsys.readouterr().out
+    (row,) = json.loads(first.read_text())["rows"]
+    assert "error" not in row and len(row["losses"]) == 2 and row["pretrained_from"] is None
+    assert row["start"]["stage1"] is None and row["start"]["seed"] == 0
+    assert [n.rsplit(".", 2)[-2] for n in row["start"]["seeded"]["parameters"]] == ["fc1", "fc1", "fc2", "fc2"]
+    run = yaml.safe_load((out / "runs" / "stage2-one" / "config.yaml").read_text())
+    assert run["checkpoint"]["pretrained_checkpoint"] is None
+    assert not (out / "data" / "stage1.json").exists()  # only the asked stage's data is written
+    second = tmp_path / "fp8.json"  # as an fp8 call's row would come back: its own layout, its own losses
+    second.write_text(json.dumps({"rows": [{**row, "layout": "one+fp8", "losses": [x * 1.01 for x in row["losses"]]}]}))
+    bench.main(["--compare", str(first), str(second)])
+    text = capsys.readouterr().out
+    assert "no stage 1: projector at its seeded initial values (train.seed 0, sha256 " in text
+    assert "stage 2 one+fp8 vs one: samples/s x1.000; mean loss over the last 2 steps" in text
+    assert "relative difference 1.00%; same start (seed, models, data, seeds)" in text
+    with pytest.raises(SystemExit, match="--compare .*none.json: not a --json file of this script"):
+        bench.main(["--compare", str(first), str(tmp_path / "none.json")])
+
+
+def test_both_curves_start_from_weights_that_depend_on_the_seed_only(dry_run, tmp_path):
+    """Two cold calls (bf16, fp8) must start alike: the models written again elsewhere are the same bytes, every
+    layout and precision seeds the same projector values, the model mimo builds holds exactly those, and another
+    train.seed gives others."""
+    from mimo.hf.load import fingerprint
+    from mimo.training.plan import plan_model
+    from mimo.training.run_config import load_run_config
+
+    out = dry_run[0]
+    bench.write_pair("tiny", tmp_path / "clip", tmp_path / "vicuna")
+    for part in ("clip", "vicuna"):
+        assert fingerprint(tmp_path / part) == fingerprint(out / "models" / part)
+        assert (tmp_path / part / "model.safetensors").read_bytes() == \
+            (out / "models" / part / "model.safetensors").read_bytes()
+
+    def starts(*extra: str) -> dict[str, dict]:
+        args = bench.parse_args(["--dry-run", "--out", str(out), "--stages", "2", "--stage1-from", "none",
+                                 "--set", "train.dtype=bfloat16", *extra])  # fp8 needs bfloat16
+        return {n: bench.start_record(2, n, args, None) for n in ("one", "one+fp8", "yaml")}
+
+    first = starts()
+    assert first["one"] == first["one+fp8"] == first["yaml"]
+    other = starts("--set", "train.seed=1")["one"]
+    assert bench.start_difference(first["one"], other) == "seed, seeded"
+    args = bench.parse_args(["--dry-run", "--out", str(out), "--stages", "2", "--stage1-from", "none"])
+    plan = plan_model(load_run_config(bench.EXAMPLES / "llava15_stage2.yaml",
+                                      bench.row_overrides(2, bench.layout_of("one"), args, tmp_path / "run", None)))
+    params = dict(plan.whole_model_provider().provide().named_parameters())
+    built = bench.hashlib.sha256()
+    for name in first["one"]["seeded"]["parameters"]:
+        built.update(name.encode())
+        built.update(params[name].detach().numpy().tobytes())
+    assert built.hexdigest() == first["one"]["seeded"]["sha256"]
