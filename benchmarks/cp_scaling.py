@@ -197,7 +197,7 @@ def run_job(device: torch.device, job: Job, args: argparse.Namespace) -> dict[st
     fixed = None if job.curve else step_batch(provider, job, args, args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    walls, losses = [], []
+    walls, losses, spent = [], [], 0.0
     t_start = time.perf_counter()
     for step in range(job.warmup + job.steps):
         batch = fixed if fixed is not None else step_batch(provider, job, args, step)
@@ -206,11 +206,15 @@ def run_job(device: torch.device, job: Job, args: argparse.Namespace) -> dict[st
         t0 = time.perf_counter()
         result = trainer.train_step(batch.pin_memory() if device.type == "cuda" else batch)
         clock.sync()
-        if step >= job.warmup:
-            walls.append(slowest(time.perf_counter() - t0, device))
+        wall = slowest(time.perf_counter() - t0, device)  # every rank the same: the same decision below
+        spent += wall
         losses.append(result.loss)
+        if step >= job.warmup:
+            walls.append(wall)
+            if not job.curve and spent + wall > args.job_budget_s:  # a slow row times fewer steps, said below
+                break
     out = {"name": job.name, "cp": job.cp, "dp": job.dp, "world": job.world, "length": job.length,
-           "layers": args.layers, "steps": job.steps, "warmup": job.warmup, "losses": losses,
+           "layers": args.layers, "steps": len(walls), "warmup": job.warmup, "losses": losses,
            "wall_s": time.perf_counter() - t_start}
     step_s = sum(walls) / len(walls)
     out.update(step_s=step_s, tokens_per_s_per_gpu=job.length * job.dp / step_s / job.world)
@@ -286,45 +290,79 @@ def search_longest(cp: int, start: int, args: argparse.Namespace) -> dict[str, A
     """The longest row one step of CP`cp` trains: doubling from `start` while it fits (halving first if `start`
     does not), then bisection until the bounds are within --resolution of the longest (or one --granule)."""
     probes: list[dict[str, Any]] = []
+    state = {"cp": cp, "probes": probes}
 
     def fits(length: int) -> bool:
+        t0 = time.perf_counter()
         record = launch([Job(f"longest-cp{cp}-{length}", cp=cp, length=length)], args)[0]
+        record["probe_s"] = time.perf_counter() - t0
         probes.append(record)
+        progress({"mode": "longest-in-progress", **state}, args)
         what = f"ok, peak {record['peak_gb']:.1f} GB" if "step_s" in record else \
             f"out of memory: {record['oom']}" if "oom" in record else f"error: {record['error']}"
         print(f"# longest CP{cp}: {length} tokens: {what}", flush=True)
         return "step_s" in record
 
     good, bad, length = 0, None, start
-    while length <= args.max_length and bad is None:
+    while length <= args.max_length and bad is None and affordable(length, probes, args):
         if fits(length):
             good, length = length, length * 2
         else:
             bad = length
     while not good and bad is not None and bad // 2 // args.granule * args.granule >= args.granule:
         length = bad // 2 // args.granule * args.granule
+        if not affordable(length, probes, args):
+            break
         if fits(length):
             good = length
         else:
             bad = length
     while good and bad is not None and bad - good > max(args.granule, int(good * args.resolution)):
         mid = good + (bad - good) // 2 // args.granule * args.granule
-        if mid == good:
+        if mid == good or not affordable(mid, probes, args):
             break
         if fits(mid):
             good = mid
         else:
             bad = mid
-    return {"cp": cp, "longest": good, "first_failing": bad, "capped_at_max_length": bad is None, "probes": probes}
+    settled = bad is not None and bad - good <= max(args.granule, int(good * args.resolution))
+    return {"cp": cp, "longest": good, "first_failing": bad, "settled": settled,
+            "capped_at_max_length": bad is None and length > args.max_length, "probes": probes}
+
+
+def affordable(length: int, probes: list[dict[str, Any]], args: argparse.Namespace) -> bool:
+    """Whether a probe of `length` should still start: the mode's time so far plus the probe's estimate (the
+    longest probe yet, its step time scaled by the length squared: attention's share grows so) within
+    --budget-s. Past it the search stops where it is and says so (`settled` false)."""
+    spent = time.perf_counter() - args.started
+    done = [p for p in probes if "step_s" in p]
+    if not done:
+        return spent < args.budget_s
+    last = max(done, key=lambda p: p["length"])
+    estimate = last["probe_s"] - last["step_s"] + last["step_s"] * (length / last["length"]) ** 2
+    if spent + estimate > args.budget_s:
+        print(f"# longest: a {length}-token probe (about {estimate:.0f} s) would pass --budget-s {args.budget_s:.0f} "
+              f"({spent:.0f} s spent): the search stops here", flush=True)
+        return False
+    return True
+
+
+def progress(partial: dict[str, Any], args: argparse.Namespace) -> None:
+    """Every record so far and the one in progress to --json (a call cut short keeps every probe)."""
+    if args.json:
+        write_json(str(args.json), args.env, [*args.records, partial])
 
 
 def longest(args: argparse.Namespace) -> dict[str, Any]:
-    """CP1's longest from --start, then CP2's from twice CP1's (CP2 holds at least CP1's: each rank keeps half)."""
-    one = search_longest(1, args.start, args)
-    two = search_longest(2, max(args.start, 2 * one["longest"]), args)
-    ratio = two["longest"] / one["longest"] if one["longest"] else None
-    return {"mode": "longest", "layers": args.layers, "dtype": args.dtype, "cp1": one, "cp2": two,
-            "cp1_longest": one["longest"], "cp2_longest": two["longest"], "ratio": ratio,
+    """CP1's longest from --start, then CP2's from twice CP1's (CP2 holds at least CP1's: each rank keeps half),
+    or from --start where CP1 is not searched in this call (`--cps 2`)."""
+    runs: dict[int, dict[str, Any]] = {}
+    for cp in args.cps:
+        start = 2 * runs[1]["longest"] if cp == 2 and runs.get(1, {}).get("longest") else args.start
+        runs[cp] = search_longest(cp, start, args)
+    one, two = (runs.get(cp, {}).get("longest") for cp in (1, 2))
+    return {"mode": "longest", "layers": args.layers, "dtype": args.dtype, "cp1": runs.get(1), "cp2": runs.get(2),
+            "cp1_longest": one, "cp2_longest": two, "ratio": two / one if one and two else None,
             "target": TARGETS["longest_ratio"]}
 
 
@@ -449,6 +487,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
     parser.add_argument("--simulate-capacity", type=int, default=None, help="CPU only: tokens per rank beyond "
                         "which a probe raises torch.OutOfMemoryError (the dry run's stand-in for GPU memory)")
+    parser.add_argument("--cps", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="--longest's CP sizes, "
+                        "in order (default 1 2; CP2 starts at twice CP1's longest when both run)")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="--longest starts no probe it expects to end "
+                        "past this many seconds of the call (default 540: one 10-minute device call)")
+    parser.add_argument("--job-budget-s", type=float, default=120.0, help="a timed row stops after the step that "
+                        "brings its steps past this many seconds (at least one timed step; --curves rows never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout per rank, seconds")
     parser.add_argument("--out", type=Path, default=Path("runs/cp_scaling"), help="scratch and run directory")
@@ -476,6 +520,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.start % args.granule or args.length < 1 or args.layers < 1:
         parser.error(f"--start {args.start} must be a multiple of --granule {args.granule}; --length and --layers >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.started = time.perf_counter()
     return args
 
 
@@ -491,10 +536,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
            "nccl_env": {k: os.environ.get(k) for k in NCCL_ENV.replace("=0", "").replace("=1", "").split()},
            "functional_dry_run": args.device == "cpu"}
     print("# cp_scaling: " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "command"), flush=True)
+    args.env, args.records = env, []
     import multiprocessing
 
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "mimo.training.loop"])
-    records: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = args.records
     if args.longest:
         records.append(longest(args))
         report(records, env, args)

@@ -31,7 +31,7 @@ def test_dry_run_writes_every_mode(tmp_path):
     # capacity 64 tokens per rank: CP1 holds 64, CP2 128; each search ended on a caught out-of-memory probe
     assert (longest["cp1_longest"], longest["cp2_longest"], longest["ratio"]) == (64, 128, 2.0)
     for run, failing in ((longest["cp1"], 128), (longest["cp2"], 256)):
-        assert run["first_failing"] == failing and not run["capped_at_max_length"]
+        assert run["first_failing"] == failing and run["settled"] and not run["capped_at_max_length"]
         oom = [p for p in run["probes"] if "oom" in p]
         assert [p["length"] for p in oom] == [failing] and "simulated" in oom[0]["oom"]
         assert all(p["peak_gb"] > 0 and p["layers"] == 2 for p in run["probes"] if "oom" not in p)
@@ -69,3 +69,16 @@ def test_replicated_encoder_encodes_cp_copies_and_keeps_one():
     bench.replicate_encoder(model, 2)
     got = encoder(x)
     assert batches == [5, 10] and torch.equal(got, want)
+
+
+def test_longest_starts_no_probe_past_the_budget():
+    """The search stops before a probe whose estimate (start-up, plus the step scaled by the length squared)
+    would end past --budget-s: a 10-minute device call keeps what it found."""
+    import time
+
+    probes = [{"length": 64, "step_s": 1.0, "probe_s": 3.0}]  # 2 s of start-up, a 1 s step
+    args = types.SimpleNamespace(started=time.perf_counter(), budget_s=5.0)
+    assert bench.affordable(64, probes, args)  # about 3 s
+    assert not bench.affordable(128, probes, args)  # about 2 + 4 s
+    args.budget_s = 10.0
+    assert bench.affordable(128, probes, args)
