@@ -1,41 +1,45 @@
 """Issue 30's two-GPU context-parallel runs: longest packed sequence, speed per GPU, the encoder, loss curves.
 
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-        PYTHONPATH=src python benchmarks/cp_scaling.py --longest --layers 4 --json cp_longest.json
-    python benchmarks/cp_scaling.py --speed --length 16384 --at-longest 40960 --layers 4
-    python benchmarks/cp_scaling.py --encoder --length 16384 --layers 4
-    python benchmarks/cp_scaling.py --curves 200 --length 8192 --layers 4
-    python benchmarks/cp_scaling.py --dry-run --json out.json    # all four on CPU, gloo, tiny shapes (CI)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    PYTHONPATH=src python benchmarks/cp_scaling.py --longest --json longest.json         # CP1's, then CP2's
+    PYTHONPATH=src python benchmarks/cp_scaling.py --speed --encoder --length 16384 --at-longest L1 --json s.json
+    PYTHONPATH=src python benchmarks/cp_scaling.py --curves 200 --length 8192 --json curves.json
+    PYTHONPATH=src python benchmarks/cp_scaling.py --dry-run --json out.json   # all four on CPU, gloo, tiny (CI)
 
 The model is the LLaVA-1.5-7B preset (CLIP ViT-L/14-336: 576 tokens an image; Vicuna-7B's decoder) with only
 `--layers` decoder layers (default 4: a whole 7B with AdamW is 112 GB of fp32 state, more than one H100), the
 rotary table as long as the row. Random weights are drawn on the device (mimo's seeded init; no download).
 Every run is bf16 autocast over float32 parameters, full recomputation of every block (encoder and decoder),
 AdamW, clip 1.0, `data.packing` on. Its data: one packed row per language replica and step, `--row-docs`
-documents end to end (default 4; the tail document takes what the length leaves), each document images of
-576 tokens with `--text-per-image` text tokens after each (default 32): many images per sample, short text.
+documents end to end (default 4; the last takes what the length leaves), each document images of 576 tokens
+with `--text-per-image` text tokens after each (default 32): many images per sample, short text.
 
 A world is started the way `mimo train` starts one (`run_on_a_free_port`, as `benchmarks/deployments.py`), its
 ranks build the run as `mimo train` does (`plan_model`, `provide_distributed_model`, `build_trainer`,
-`MimoTrainer.train_step`). CP1 is a world of one (one GPU of the two), CP2 and DP2 worlds of two.
-- `--longest`: for CP1 and CP2 a doubling search on the row length from `--start` (a multiple of
-  `--granule`), then bisection until the bounds are within `--resolution`; each probe is its own world (a fresh
-  process: nothing of an earlier probe's memory survives) running one step; an out-of-memory error is caught,
-  written by the rank it hit and reported with the probe (the world's other rank is then stopped by the agent).
+`MimoTrainer.train_step`). CP1 is a world of one (one GPU of the two), CP2 and DP2 worlds of two. The
+homogeneous layout (the encoder in the language model's layout: under CP2 each CP rank encodes a share of
+the images) except in `--encoder`.
+- `--longest`: for CP1 and CP2 (`--cps`) a doubling search on the row length from `--start` (CP2 from twice
+  CP1's longest when both run; halving first if the start does not fit), then bisection until the bounds are
+  within `--resolution`; each probe is its own world (a fresh process: nothing of an earlier probe's memory
+  survives) running one step; an out-of-memory error is caught, written by the rank it hit and reported with
+  the probe (that rank exits, and the agent stops the world's other rank, which may wait in a collective). No
+  probe starts that its estimate puts past `--budget-s` (the search then stops where it is: `settled` false).
   Prints CP2's longest over CP1's (target >= 1.8).
 - `--speed`: at `--length` tokens/s per GPU of CP1 and CP2 (target CP2 >= 0.9x CP1), and at `--at-longest`
-  (default: this run's `--longest` result for CP1, else `--length`) CP2 against homogeneous DP2 (two rows, one
+  (default: this call's `--longest` result for CP1, else `--length`) CP2 against homogeneous DP2 (two rows, one
   per GPU), recomputation on in both.
 - `--encoder`: colocated images DP2 + language CP2, against the same run where each CP rank encodes CP times its
   share of images (its share repeated, in one call: the work of the micro-batch's whole image set, which
   Megatron-LM's `_forward_all_modules` does on every CP rank; mimo has no such switch, so this benchmark
-  patches the encoder's forward: see `replicate_encoder`). Reports the encoder's forward + backward ms per step
-  per GPU (llava_speed's `ModuleTimer`, on one extra step).
+  patches the encoder's forward: `replicate_encoder`). Reports the encoder's forward + backward ms per step per
+  GPU (llava_speed's `ModuleTimer`, on one extra step; target: about half).
 - `--curves N`: N steps of CP2 and of CP1 from the same seed on the same batches (step i's data seeded by i),
   the relative difference of the mean loss over the last 50 steps (target <= 1e-2).
-Rows that are not out-of-memory failures are kept with their error; the JSON (`--json`) has every record and
-the environment (`llava_speed.write_json`), written after each mode.
-`--dry-run`: CPU, gloo, the tiny preset with 2 layers and rows of a few dozen tokens, 1 step each, a simulated
+The timed modes' jobs share one world per size, shortest rows first; a timed row stops after the step that takes
+its steps past `--job-budget-s` (at least one timed step; `steps` says how many). The JSON (`--json`) has every
+record and the environment (`llava_speed.write_json`), written after each mode and each `--longest` probe.
+`--dry-run`: CPU, gloo, the tiny preset with 2 layers and rows of 64-256 tokens, 1 step each, a simulated
 memory capacity (`--simulate-capacity` tokens per rank: a probe beyond it raises torch.OutOfMemoryError before
 its step, so the search's out-of-memory path runs without a GPU): a functional check, not a measurement.
 """
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -257,6 +262,7 @@ def _jobs(device: torch.device, jobs: list[Job], args: argparse.Namespace, out_d
             sys.stdout.flush()
             os._exit(OOM_EXIT)  # a peer may wait in a collective this rank never joins: end the world now
         path.write_text(json.dumps(records))
+        gc.collect()  # the job's model, trainer and DDP reducer, before the next job's
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -427,7 +433,9 @@ def run_pooled(jobs: list[Job], args: argparse.Namespace) -> dict[str, dict[str,
     it, in order); the records by job name."""
     rows: dict[str, dict[str, Any]] = {}
     for world in sorted({j.world for j in jobs}):
-        rows.update((r["name"], r) for r in launch([j for j in jobs if j.world == world], args))
+        # shortest rows first: an out-of-memory error ends its world, and the longest rows are at the edge
+        mine = sorted((j for j in jobs if j.world == world), key=lambda j: j.length)
+        rows.update((r["name"], r) for r in launch(mine, args))
     return rows
 
 
