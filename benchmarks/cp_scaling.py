@@ -199,17 +199,18 @@ def run_job(device: torch.device, job: Job, args: argparse.Namespace) -> dict[st
         replicate_encoder(model, job.cp)
     trainer = build_trainer(config, provider, model, device)
     clock = Clock(device)
-    fixed = None if job.curve else step_batch(provider, job, args, args.seed)
+    pinned = (lambda b: b.pin_memory()) if device.type == "cuda" else (lambda b: b)  # as `mimo train`'s loader
+    fixed = None if job.curve else pinned(step_batch(provider, job, args, args.seed))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     walls, losses, spent = [], [], 0.0
     t_start = time.perf_counter()
     for step in range(job.warmup + job.steps):
-        batch = fixed if fixed is not None else step_batch(provider, job, args, step)
+        batch = fixed if fixed is not None else pinned(step_batch(provider, job, args, step))  # drawn untimed
         simulate_capacity(job, args.simulate_capacity)
         clock.sync()
         t0 = time.perf_counter()
-        result = trainer.train_step(batch.pin_memory() if device.type == "cuda" else batch)
+        result = trainer.train_step(batch)
         clock.sync()
         wall = slowest(time.perf_counter() - t0, device)  # every rank the same: the same decision below
         spent += wall
@@ -236,7 +237,7 @@ def encoder_ms(model: Any, trainer: Any, batch: MimoBatch, clock: Clock, device:
     sub = unwrap(model.modality_submodules[IMAGES])
     lm = unwrap(model.language_model)
     timer = ModuleTimer(ModuleParts(sub.encoder, sub.projection, lm, lm, lambda out: out[0]), clock)
-    trainer.train_step(batch.pin_memory() if device.type == "cuda" else batch)
+    trainer.train_step(batch)
     clock.sync()
     ms = timer.totals_ms()["encoder"]
     timer.remove()
