@@ -51,6 +51,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -71,9 +72,10 @@ from llava_speed import ModuleParts, ModuleTimer, write_json  # noqa: E402
 
 from mimo.data import MimoBatch, Sample, next_token_labels  # noqa: E402
 from mimo.distributed import unwrap  # noqa: E402
+from mimo.families.llava import LlavaMimoProvider  # noqa: E402
 from mimo.launch import _reason, run_on_a_free_port  # noqa: E402
 from mimo.models.decoder import IGNORE_INDEX  # noqa: E402
-from mimo.provider import ModuleSpec  # noqa: E402
+from mimo.provider import ModuleSpec, ProviderError  # noqa: E402
 from mimo.training.loop import build_trainer, run_in_world  # noqa: E402
 from mimo.training.metrics import Clock, peak_memory_gb  # noqa: E402
 from mimo.training.plan import plan_model  # noqa: E402
@@ -83,7 +85,7 @@ IMAGES, LANGUAGE = "images", "language"
 TARGETS = {"longest_ratio": 1.8, "speed_ratio": 0.9, "encoder_ratio": 0.5, "curves_rel": 1e-2}
 CURVE_TAIL = 50
 OOM_EXIT = 3  # a rank that ran out of memory exits so: the agent stops the world's other ranks
-NCCL_ENV = "NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1"
+NCCL_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")  # the commands set them
 
 
 # -- the run of one world --------------------------------------------------------------------------------------
@@ -104,6 +106,7 @@ class Job:
 
     @property
     def world(self) -> int:
+        """Ranks of its world: CP x DP."""
         return self.cp * self.dp
 
 
@@ -252,6 +255,7 @@ def worker(jobs: list[Job], args: argparse.Namespace, out_dir: str) -> None:
 
 
 def _jobs(device: torch.device, jobs: list[Job], args: argparse.Namespace, out_dir: Path) -> None:
+    """`worker`'s body, in the world `run_in_world` joined."""
     rank, records = dist.get_rank(), []
     path = out_dir / f"rank{rank}.json"
     for job in jobs:
@@ -277,11 +281,11 @@ def launch(jobs: list[Job], args: argparse.Namespace) -> list[dict[str, Any]]:
         error = None
     except ChildFailedError as e:
         error = "; ".join(f"rank {rank}: {_reason(f)}" for rank, f in sorted(e.failures.items()))
-    by_rank = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
+    by_rank = {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in out_dir.glob("rank*.json")}
     records = []
     for i, job in enumerate(jobs):
-        ooms = [r[i]["oom"] for r in by_rank if len(r) > i and "oom" in r[i]]
-        mine = by_rank[0][i] if by_rank and len(by_rank[0]) > i else None
+        ooms = [r[i]["oom"] for r in by_rank.values() if len(r) > i and "oom" in r[i]]
+        mine = by_rank[0][i] if len(by_rank.get(0, [])) > i else None
         if ooms:
             records.append({"name": job.name, "length": job.length, "cp": job.cp, "dp": job.dp, "oom": ooms[0]})
         elif mine is not None and "oom" not in mine:
@@ -374,10 +378,12 @@ def longest(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def timed(name: str, args: argparse.Namespace, **kw: Any) -> Job:
+    """A job of --warmup untimed and --steps timed steps."""
     return Job(name, warmup=args.warmup, steps=args.steps, **kw)
 
 
 def speed_jobs(args: argparse.Namespace, at_longest: int) -> list[Job]:
+    """CP1 and CP2 at --length; CP2 and DP2 at `at_longest`."""
     return [timed("speed-cp1", args, length=args.length), timed("speed-cp2", args, cp=2, length=args.length),
             timed("speed-cp2-longest", args, cp=2, length=at_longest),
             timed("speed-dp2-longest", args, dp=2, length=at_longest)]
@@ -395,6 +401,7 @@ def speed(args: argparse.Namespace, rows: dict[str, dict[str, Any]], at_longest:
 
 
 def encoder_jobs(args: argparse.Namespace) -> list[Job]:
+    """Colocated images DP2 + LM CP2, as mimo runs it and with every CP rank encoding CP times its share."""
     return [timed("encoder-colocated-cp2", args, cp=2, colocated=True, length=args.length, time_encoder=True),
             timed("encoder-replicated-cp2", args, cp=2, colocated=True, length=args.length, time_encoder=True,
                   replicate_encoder=True)]
@@ -412,6 +419,7 @@ def encoder(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> dict[s
 
 
 def curves_jobs(args: argparse.Namespace) -> list[Job]:
+    """--curves steps at CP1 and at CP2, each step on its own data."""
     return [Job(f"curves-cp{cp}", cp=cp, length=args.length, steps=args.curves, curve=True) for cp in (1, 2)]
 
 
@@ -469,6 +477,7 @@ DRY_RUN = {"device": "cpu", "preset": "tiny", "layers": 2, "granule": 8, "start"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, its defaults (the dry run's first), checked: a bad value is one line before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--longest", action="store_true", help="CP1's and CP2's longest row (one step each probe)")
@@ -526,14 +535,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--device cuda: CP2 needs 2 GPUs, {torch.cuda.device_count()} visible")
     if args.simulate_capacity is not None and args.device != "cpu":
         parser.error("--simulate-capacity stands in for GPU memory on CPU only; on CUDA the allocator decides")
-    if args.start % args.granule or args.length < 1 or args.layers < 1:
-        parser.error(f"--start {args.start} must be a multiple of --granule {args.granule}; --length and --layers >= 1")
+    if args.start % args.granule or args.layers < 1:
+        parser.error(f"--start {args.start} must be a multiple of --granule {args.granule}, --layers >= 1")
+    try:
+        tokens = LlavaMimoProvider.preset(args.preset).vision_config.tokens_per_image
+    except ProviderError as e:
+        parser.error(f"--preset: {e}")
+    shortest = args.row_docs * (2 + tokens + args.text_per_image)  # one image a document
+    for name in ("length", "at_longest", "start"):
+        value = getattr(args, name)
+        if value is not None and value < shortest:
+            parser.error(f"--{name.replace('_', '-')} {value}: a row of {args.row_docs} documents of at least one "
+                         f"{tokens}-token image and {args.text_per_image} text tokens needs >= {shortest} tokens")
     args.out.mkdir(parents=True, exist_ok=True)
     args.started = time.perf_counter()
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """--longest first (its CP1 result is --speed's default long row), then the timed modes' jobs pooled."""
     args = parse_args(argv)
     env = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -542,12 +562,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       else f"CPU ({os.cpu_count()} cores)"),
            "backend": "nccl" if args.device == "cuda" else "gloo", "preset": args.preset, "layers": args.layers,
            "dtype": args.dtype, "recompute": "full", "row_docs": args.row_docs, "text_per_image": args.text_per_image,
-           "nccl_env": {k: os.environ.get(k) for k in NCCL_ENV.replace("=0", "").replace("=1", "").split()},
+           "nccl_env": {k: os.environ.get(k) for k in NCCL_VARS},
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # llava_speed's default: expandable segments
            "functional_dry_run": args.device == "cpu"}
     print("# cp_scaling: " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "command"), flush=True)
     args.env, args.records = env, []
-    import multiprocessing
-
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "mimo.training.loop"])
     records: list[dict[str, Any]] = args.records
     if args.longest:

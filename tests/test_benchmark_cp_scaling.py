@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import types
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,11 +76,19 @@ def test_replicated_encoder_encodes_cp_copies_and_keeps_one():
 def test_longest_starts_no_probe_past_the_budget():
     """The search stops before a probe whose estimate (start-up, plus the step scaled by the length squared)
     would end past --budget-s: a 10-minute device call keeps what it found."""
-    import time
-
     probes = [{"length": 64, "step_s": 1.0, "probe_s": 3.0}]  # 2 s of start-up, a 1 s step
     args = types.SimpleNamespace(started=time.perf_counter(), budget_s=5.0)
     assert bench.affordable(64, probes, args)  # about 3 s
     assert not bench.affordable(128, probes, args)  # about 2 + 4 s
     args.budget_s = 10.0
     assert bench.affordable(128, probes, args)
+
+
+def test_bad_command_lines_say_what_is_wrong_in_one_line(capsys, tmp_path):
+    for argv, says in ((["--device", "cpu"], "nothing to run"),
+                       (["--speed", "--device", "cpu", "--length", "1000"], "needs >= 2440 tokens"),
+                       (["--longest", "--device", "cpu", "--preset", "nope"], "unknown LLaVA preset 'nope'"),
+                       (["--longest", "--device", "cpu", "--start", "20000"], "multiple of --granule 1024")):
+        with pytest.raises(SystemExit):
+            bench.parse_args([*argv, "--out", str(tmp_path)])
+        assert says in capsys.readouterr().err.splitlines()[-1]
