@@ -228,23 +228,28 @@ def run_job(device: torch.device, job: Job, args: argparse.Namespace) -> dict[st
     step_s = sum(walls) / len(walls)
     out.update(step_s=step_s, tokens_per_s_per_gpu=job.length * job.dp / step_s / job.world)
     if job.time_encoder:
-        out["encoder_ms"] = encoder_ms(model, trainer, fixed, clock, device)
+        out["encoder_ms"], out["encoded_images"] = encoder_ms(model, trainer, fixed, clock, device)
     peaks: list[Any] = [None] * job.world
     dist.all_gather_object(peaks, peak_memory_gb())
     out["peak_gb"] = max(p or 0.0 for p in peaks)
     return out
 
 
-def encoder_ms(model: Any, trainer: Any, batch: MimoBatch, clock: Clock, device: torch.device) -> float:
-    """The encoder's forward + backward ms on one more step, the slowest rank's (llava_speed's ModuleTimer)."""
+def encoder_ms(model: Any, trainer: Any, batch: MimoBatch, clock: Clock, device: torch.device
+               ) -> tuple[float, int]:
+    """The encoder's forward + backward ms on one more step (llava_speed's ModuleTimer) and the images its
+    blocks ran on, each the slowest or busiest rank's."""
     sub = unwrap(model.modality_submodules[IMAGES])
     lm = unwrap(model.language_model)
     timer = ModuleTimer(ModuleParts(sub.encoder, sub.projection, lm, lm, lambda out: out[0]), clock)
+    images: list[int] = []
+    counter = sub.encoder.encoder.register_forward_pre_hook(lambda _m, args: images.append(args[0].shape[0]))
     trainer.train_step(batch)
     clock.sync()
     ms = timer.totals_ms()["encoder"]
     timer.remove()
-    return 1e3 * slowest(ms / 1e3, device)
+    counter.remove()
+    return 1e3 * slowest(ms / 1e3, device), round(slowest(float(sum(images)), device))
 
 
 @record

@@ -45,6 +45,8 @@ def test_dry_run_writes_every_mode(tmp_path):
     assert speed["cp2_over_cp1"] > 0 and speed["cp2_over_dp2_at_longest"] > 0
 
     assert all(r["encoder_ms"] > 0 and r["world"] == 2 for r in encoder["rows"])
+    once, everyone = encoder["rows"]  # 2 documents of one image: one a rank, or both (Megatron's way)
+    assert (once["encoded_images"], everyone["encoded_images"]) == (1, 2)
     assert encoder["ratio"] > 0 and "whole image set" in encoder["replicated_means"]
 
     one, two = curves["rows"]
