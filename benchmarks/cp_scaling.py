@@ -23,8 +23,9 @@ the images) except in `--encoder`.
   CP1's longest when both run; halving first if the start does not fit), then bisection until the bounds are
   within `--resolution`; each probe is its own world (a fresh process: nothing of an earlier probe's memory
   survives) running one step; an out-of-memory error is caught, written by the rank it hit and reported with
-  the probe (that rank exits, and the agent stops the world's other rank, which may wait in a collective). No
-  probe starts that its estimate puts past `--budget-s` (the search then stops where it is: `settled` false).
+  the probe (that rank exits, and the agent stops the world's other rank, which may wait in a collective); a
+  probe failing otherwise stops the search with its error (shorter rows would fail alike). No probe starts
+  that its estimate puts past `--budget-s` (the search then stops where it is: `settled` false).
   Prints CP2's longest over CP1's (target >= 1.8).
 - `--speed`: at `--length` tokens/s per GPU of CP1 and CP2 (target CP2 >= 0.9x CP1), and at `--at-longest`
   (default: this call's `--longest` result for CP1, else `--length`) CP2 against homogeneous DP2 (two rows, one
@@ -266,7 +267,9 @@ def _jobs(device: torch.device, jobs: list[Job], args: argparse.Namespace, out_d
     for job in jobs:
         try:
             records.append(run_job(device, job, args))
-        except torch.OutOfMemoryError as e:
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
             records.append({"name": job.name, "length": job.length, "oom": str(e).splitlines()[0][:200]})
             path.write_text(json.dumps(records))
             sys.stdout.flush()
@@ -275,6 +278,13 @@ def _jobs(device: torch.device, jobs: list[Job], args: argparse.Namespace, out_d
         gc.collect()  # the job's model, trainer and DDP reducer, before the next job's
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """The allocator's error, or a library's allocation failure that arrives as another RuntimeError (a CUDA
+    launch, cuBLAS's workspace, NCCL's buffers)."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "ALLOC_FAILED" in text
 
 
 def launch(jobs: list[Job], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -317,8 +327,25 @@ def search_longest(cp: int, start: int, args: argparse.Namespace) -> dict[str, A
         what = f"ok, peak {record['peak_gb']:.1f} GB" if "step_s" in record else \
             f"out of memory: {record['oom']}" if "oom" in record else f"error: {record['error']}"
         print(f"# longest CP{cp}: {length} tokens: {what}", flush=True)
+        if "error" in record:  # not a memory limit: shorter rows would fail alike
+            raise ProbeFailed(record["error"])
         return "step_s" in record
 
+    try:
+        good, bad, length, settled = bounds(fits, start, probes, args)
+    except ProbeFailed as e:
+        return {"cp": cp, "longest": None, "error": str(e), "probes": probes}
+    return {"cp": cp, "longest": good, "first_failing": bad, "settled": settled,
+            "capped_at_max_length": bad is None and length > args.max_length, "probes": probes}
+
+
+class ProbeFailed(RuntimeError):
+    """A probe failed other than by running out of memory: the search stops and says why."""
+
+
+def bounds(fits: Any, start: int, probes: list[dict[str, Any]], args: argparse.Namespace
+           ) -> tuple[int, int | None, int, bool]:
+    """The search itself: (longest that fit, shortest that did not, the last length tried, whether settled)."""
     good, bad, length = 0, None, start
     while length <= args.max_length and bad is None and affordable(length, probes, args):
         if fits(length):
@@ -342,8 +369,7 @@ def search_longest(cp: int, start: int, args: argparse.Namespace) -> dict[str, A
         else:
             bad = mid
     settled = bad is not None and bad - good <= max(args.granule, int(good * args.resolution))
-    return {"cp": cp, "longest": good, "first_failing": bad, "settled": settled,
-            "capped_at_max_length": bad is None and length > args.max_length, "probes": probes}
+    return good, bad, length, settled
 
 
 def affordable(length: int, probes: list[dict[str, Any]], args: argparse.Namespace) -> bool:
@@ -375,6 +401,8 @@ def longest(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[int, dict[str, Any]] = {}
     for cp in args.cps:
         start = 2 * runs[1]["longest"] if cp == 2 and runs.get(1, {}).get("longest") else args.start
+        if runs.get(1, {}).get("error"):
+            break  # CP2 would fail alike
         runs[cp] = search_longest(cp, start, args)
     one, two = (runs.get(cp, {}).get("longest") for cp in (1, 2))
     return {"mode": "longest", "layers": args.layers, "dtype": args.dtype, "cp1": runs.get(1), "cp2": runs.get(2),

@@ -94,3 +94,18 @@ def test_bad_command_lines_say_what_is_wrong_in_one_line(capsys, tmp_path):
         with pytest.raises(SystemExit):
             bench.parse_args([*argv, "--out", str(tmp_path)])
         assert says in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("start", [64, 512])
+def test_search_doubles_or_halves_then_bisects_to_the_resolution(start):
+    tried = []
+
+    def fits(length: int) -> bool:
+        tried.append(length)
+        return length <= 100
+
+    args = types.SimpleNamespace(started=time.perf_counter(), budget_s=1e9, max_length=1 << 20, granule=8,
+                                 resolution=0.05)
+    assert bench.bounds(fits, start, [], args)[:2] == (96, 104)  # within one granule: settled
+    assert tried[-3:] == [96, 112, 104]
+    assert bench.out_of_memory(RuntimeError("CUDA error: out of memory")) and not bench.out_of_memory(ValueError("x"))
