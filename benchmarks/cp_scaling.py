@@ -85,6 +85,7 @@ from mimo.training.run_config import RunConfig, parse_run_config  # noqa: E402
 IMAGES, LANGUAGE = "images", "language"
 TARGETS = {"longest_ratio": 1.8, "speed_ratio": 0.9, "encoder_ratio": 0.5, "curves_rel": 1e-2}
 CURVE_TAIL = 50
+CP1_SHARE = 0.55  # of --budget-s, for a --longest search another follows
 OOM_EXIT = 3  # a rank that ran out of memory exits so: the agent stops the world's other ranks
 NCCL_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")  # the commands set them
 
@@ -312,7 +313,7 @@ def launch(jobs: list[Job], args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # -- the modes -------------------------------------------------------------------------------------------------
-def search_longest(cp: int, start: int, args: argparse.Namespace) -> dict[str, Any]:
+def search_longest(cp: int, start: int, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     """The longest row one step of CP`cp` trains: doubling from `start` while it fits (halving first if `start`
     does not), then bisection until the bounds are within --resolution of the longest (or one --granule)."""
     probes: list[dict[str, Any]] = []
@@ -332,7 +333,7 @@ def search_longest(cp: int, start: int, args: argparse.Namespace) -> dict[str, A
         return "step_s" in record
 
     try:
-        good, bad, length, settled = bounds(fits, start, probes, args)
+        good, bad, length, settled = bounds(fits, start, probes, args, deadline)
     except ProbeFailed as e:
         return {"cp": cp, "longest": None, "error": str(e), "probes": probes}
     return {"cp": cp, "longest": good, "first_failing": bad, "settled": settled,
@@ -343,18 +344,19 @@ class ProbeFailed(RuntimeError):
     """A probe failed other than by running out of memory: the search stops and says why."""
 
 
-def bounds(fits: Any, start: int, probes: list[dict[str, Any]], args: argparse.Namespace
+def bounds(fits: Any, start: int, probes: list[dict[str, Any]], args: argparse.Namespace, deadline: float
            ) -> tuple[int, int | None, int, bool]:
-    """The search itself: (longest that fit, shortest that did not, the last length tried, whether settled)."""
+    """The search itself, its probes started before `deadline` (seconds of the call): (longest that fit, shortest
+    that did not, the last length tried, whether settled)."""
     good, bad, length = 0, None, start
-    while length <= args.max_length and bad is None and affordable(length, probes, args):
+    while length <= args.max_length and bad is None and affordable(length, probes, args.started, deadline):
         if fits(length):
             good, length = length, length * 2
         else:
             bad = length
     while not good and bad is not None and bad // 2 // args.granule * args.granule >= args.granule:
         length = bad // 2 // args.granule * args.granule
-        if not affordable(length, probes, args):
+        if not affordable(length, probes, args.started, deadline):
             break
         if fits(length):
             good = length
@@ -362,7 +364,7 @@ def bounds(fits: Any, start: int, probes: list[dict[str, Any]], args: argparse.N
             bad = length
     while good and bad is not None and bad - good > max(args.granule, int(good * args.resolution)):
         mid = good + (bad - good) // 2 // args.granule * args.granule
-        if mid == good or not affordable(mid, probes, args):
+        if mid == good or not affordable(mid, probes, args.started, deadline):
             break
         if fits(mid):
             good = mid
@@ -372,19 +374,20 @@ def bounds(fits: Any, start: int, probes: list[dict[str, Any]], args: argparse.N
     return good, bad, length, settled
 
 
-def affordable(length: int, probes: list[dict[str, Any]], args: argparse.Namespace) -> bool:
-    """Whether a probe of `length` should still start: the mode's time so far plus the probe's estimate (the
-    longest probe yet, its step time scaled by the length squared: attention's share grows so) within
-    --budget-s. Past it the search stops where it is and says so (`settled` false)."""
-    spent = time.perf_counter() - args.started
+def affordable(length: int, probes: list[dict[str, Any]], started: float, deadline: float) -> bool:
+    """Whether a probe of `length` should still start: the call's time so far (from `started`) plus the probe's
+    estimate (the longest probe yet, its step time scaled by the length squared: attention's share grows so)
+    within `deadline` seconds; a search's first probe, when the time so far is. Past it the search stops where
+    it is and says so (`settled` false)."""
+    spent = time.perf_counter() - started
     done = [p for p in probes if "step_s" in p]
     if not done:
-        return spent < args.budget_s
+        return spent < deadline
     last = max(done, key=lambda p: p["length"])
     estimate = last["probe_s"] - last["step_s"] + last["step_s"] * (length / last["length"]) ** 2
-    if spent + estimate > args.budget_s:
-        print(f"# longest: a {length}-token probe (about {estimate:.0f} s) would pass --budget-s {args.budget_s:.0f} "
-              f"({spent:.0f} s spent): the search stops here", flush=True)
+    if spent + estimate > deadline:
+        print(f"# longest: a {length}-token probe (about {estimate:.0f} s) would end past {deadline:.0f} s of the "
+              f"call ({spent:.0f} s spent): the search stops here", flush=True)
         return False
     return True
 
@@ -399,14 +402,19 @@ def longest(args: argparse.Namespace) -> dict[str, Any]:
     """CP1's longest from --start, then CP2's from twice CP1's (CP2 holds at least CP1's: each rank keeps half),
     or from --start where CP1 is not searched in this call (`--cps 2`)."""
     runs: dict[int, dict[str, Any]] = {}
-    for cp in args.cps:
+    for i, cp in enumerate(args.cps):
         start = 2 * runs[1]["longest"] if cp == 2 and runs.get(1, {}).get("longest") else args.start
         if runs.get(1, {}).get("error"):
             break  # CP2 would fail alike
-        runs[cp] = search_longest(cp, start, args)
+        # a search followed by another keeps CP1_SHARE of the budget: the next one's first probe is the one
+        # that answers the target (CP2 at twice CP1's longest), and it has no estimate of its own yet
+        share = CP1_SHARE if i + 1 < len(args.cps) else 1.0
+        runs[cp] = search_longest(cp, start, args, share * args.budget_s)
     one, two = (runs.get(cp, {}).get("longest") for cp in (1, 2))
+    # a search the budget stopped before a row failed found a lower bound only (CP2 often: its first probe is 2x)
+    at_least = {f"cp{cp}_at_least": run.get("first_failing") is None for cp, run in runs.items() if run.get("longest")}
     return {"mode": "longest", "layers": args.layers, "dtype": args.dtype, "cp1": runs.get(1), "cp2": runs.get(2),
-            "cp1_longest": one, "cp2_longest": two, "ratio": two / one if one and two else None,
+            "cp1_longest": one, "cp2_longest": two, "ratio": two / one if one and two else None, **at_least,
             "target": TARGETS["longest_ratio"]}
 
 
@@ -486,9 +494,11 @@ def summary(record: dict[str, Any]) -> str:
     mode = record["mode"]
     f = lambda x, d=3: "-" if x is None else f"{x:.{d}g}"  # noqa: E731
     if mode == "longest":
-        return (f"longest ({record['dtype']}, full recompute, {record['layers']} layers): CP1 "
-                f"{record['cp1_longest']} tokens, CP2 {record['cp2_longest']}: {f(record['ratio'])}x "
-                f"(target >= {record['target']})")
+        bound = lambda cp: ">= " if record.get(f"cp{cp}_at_least") else ""  # noqa: E731
+        return (f"longest ({record['dtype']}, full recompute, {record['layers']} layers): CP1 {bound(1)}"
+                f"{record['cp1_longest']} tokens, CP2 {bound(2)}{record['cp2_longest']}: {f(record['ratio'])}x "
+                f"(target >= {record['target']}; a bound where the time budget stopped the search before a row "
+                f"failed)")
     if mode == "speed":
         rows = record["rows"]
         return (f"speed at {record['length']}: CP1 {f(rows[0].get('tokens_per_s_per_gpu'), 5)}, CP2 "

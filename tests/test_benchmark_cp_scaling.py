@@ -79,11 +79,11 @@ def test_longest_starts_no_probe_past_the_budget():
     """The search stops before a probe whose estimate (start-up, plus the step scaled by the length squared)
     would end past --budget-s: a 10-minute device call keeps what it found."""
     probes = [{"length": 64, "step_s": 1.0, "probe_s": 3.0}]  # 2 s of start-up, a 1 s step
-    args = types.SimpleNamespace(started=time.perf_counter(), budget_s=5.0)
-    assert bench.affordable(64, probes, args)  # about 3 s
-    assert not bench.affordable(128, probes, args)  # about 2 + 4 s
-    args.budget_s = 10.0
-    assert bench.affordable(128, probes, args)
+    started = time.perf_counter()
+    assert bench.affordable(64, probes, started, 5.0)  # about 3 s
+    assert not bench.affordable(128, probes, started, 5.0)  # about 2 + 4 s
+    assert bench.affordable(128, probes, started, 10.0)
+    assert bench.affordable(1 << 20, [], started, 10.0)  # a search's first probe: if any time is left
 
 
 def test_bad_command_lines_say_what_is_wrong_in_one_line(capsys, tmp_path):
@@ -104,8 +104,8 @@ def test_search_doubles_or_halves_then_bisects_to_the_resolution(start):
         tried.append(length)
         return length <= 100
 
-    args = types.SimpleNamespace(started=time.perf_counter(), budget_s=1e9, max_length=1 << 20, granule=8,
-                                 resolution=0.05)
-    assert bench.bounds(fits, start, [], args)[:2] == (96, 104)  # within one granule: settled
+    args = types.SimpleNamespace(started=time.perf_counter(), max_length=1 << 20, granule=8, resolution=0.05)
+    good, bad, _, settled = bench.bounds(fits, start, [], args, 1e9)
+    assert (good, bad, settled) == (96, 104, True)  # within one granule
     assert tried[-3:] == [96, 112, 104]
     assert bench.out_of_memory(RuntimeError("CUDA error: out of memory")) and not bench.out_of_memory(ValueError("x"))
