@@ -250,6 +250,19 @@ class P2PGroups:
                                "for a layout with virtual_pipeline_model_parallel_size > 1")
         return groups.seam_backward if backward else groups.seam_forward
 
+    @staticmethod
+    def isend(groups: P2PGroups | None, tensor: torch.Tensor, peer: int, tag: int, seam: bool = False) -> dist.Work:
+        """Post `tensor` to global rank `peer` on its direction's group, told by the tag (even: forward, odd:
+        gradients back), as the pipelines tag their messages."""
+        group = P2PGroups.pick(groups, backward=tag % 2 == 1, seam=seam)
+        return dist.isend(tensor.contiguous(), peer, group=group, tag=tag)
+
+    @staticmethod
+    def recv(groups: P2PGroups | None, buffer: torch.Tensor, peer: int, tag: int, seam: bool = False) -> torch.Tensor:
+        """Receive into `buffer` from global rank `peer` on the tag's direction's group (blocking); returns it."""
+        dist.recv(buffer, peer, group=P2PGroups.pick(groups, backward=tag % 2 == 1, seam=seam), tag=tag)
+        return buffer
+
     @property
     def seam_groups(self) -> tuple[dist.ProcessGroup, ...]:
         """The seam's groups (none without virtual stages)."""

@@ -64,7 +64,7 @@ class EncoderStages:
     device: torch.device
     p2p_groups: P2PGroups | None = None
     _saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list, repr=False)
+    _sends: list[dist.Work] = field(default_factory=list, repr=False)
 
     @property
     def stage(self) -> int:
@@ -125,7 +125,7 @@ class EncoderStages:
 
     def wait(self) -> None:
         """Complete every send still in flight (the end of a step)."""
-        for work, _ in self._sends:
+        for work in self._sends:
             work.wait()
         self._sends.clear()
 
@@ -139,11 +139,8 @@ class EncoderStages:
         return _TAG_BASE + (((self.index << _MICROBATCH_BITS) | m % 2**_MICROBATCH_BITS) << 1) + direction
 
     def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
-        tensor = tensor.contiguous()
-        group = P2PGroups.pick(self.p2p_groups, backward=tag % 2 == 1)
-        self._sends.append((dist.isend(tensor, peer, group=group, tag=tag), tensor))
+        self._sends.append(P2PGroups.isend(self.p2p_groups, tensor, peer, tag))
 
     def _recv(self, peer: int, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
-        dist.recv(buffer, peer, group=P2PGroups.pick(self.p2p_groups, backward=tag % 2 == 1), tag=tag)
-        return buffer
+        return P2PGroups.recv(self.p2p_groups, buffer, peer, tag)

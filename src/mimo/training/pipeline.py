@@ -159,21 +159,16 @@ class PipelineSchedule:
         chunk c → rank 0's chunk c+1, or its gradient back)."""
         return self.chunks > 1 and (self.is_last if step > 0 else self.is_first)
 
-    def _group(self, tag: int, step: int) -> dist.ProcessGroup | None:
-        """The world-wide group of the message's direction (tags: even forward, odd backward), the seam's own
-        across it: at PP 2 the seam joins the same two ranks as stage 0 → 1, the other way, and NCCL serializes
-        one (pair, group)'s messages in posting order (`P2PGroups`)."""
-        return P2PGroups.pick(self.p2p_groups, backward=tag % 2 == 1, seam=self._crosses_seam(step))
-
     def _send(self, tensor: torch.Tensor, step: int, tag: int) -> None:
-        """Post `tensor` to the stage `step` away (asynchronous; completed at the end of `run`)."""
-        self._sends.append(dist.isend(tensor.contiguous(), self._peer(step), group=self._group(tag, step), tag=tag))
+        """Post `tensor` to the stage `step` away (asynchronous; completed at the end of `run`); across the
+        interleaved ring's seam on the seam's groups: at PP 2 the seam joins the same two ranks as stage 0 → 1, the
+        other way, and NCCL serializes one (pair, group)'s messages in posting order (`P2PGroups`)."""
+        self._sends.append(P2PGroups.isend(self.p2p_groups, tensor, self._peer(step), tag, self._crosses_seam(step)))
 
     def _recv(self, step: int, tag: int, shape: Shape) -> torch.Tensor:
         """Receive a tensor of `shape` from the stage `step` away (blocking)."""
         buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
-        dist.recv(buffer, self._peer(step), group=self._group(tag, step), tag=tag)
-        return buffer
+        return P2PGroups.recv(self.p2p_groups, buffer, self._peer(step), tag, self._crosses_seam(step))
 
 
 def _shapes(shapes: Shape | tuple[Shape, ...]) -> tuple[Shape, ...]:
