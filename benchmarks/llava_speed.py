@@ -766,11 +766,8 @@ def run_row(spec: str, ctx: Context, args: argparse.Namespace, flops: int, peak:
         if spec in args.trace:
             record["trace"] = trace_step(row, clock, ctx.device, record["step_ms"])
         del row
-    except torch.OutOfMemoryError as e:
-        record["error"] = f"OOM: {str(e).splitlines()[0][:160]}"
     except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
-        record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        record["traceback"] = traceback.format_exc()
+        record.update(row_error(e))
     finally:
         for undo in undo_patches:
             undo()
@@ -778,6 +775,15 @@ def run_row(spec: str, ctx: Context, args: argparse.Namespace, flops: int, peak:
             torch._dynamo.reset()
         _free(ctx.device)
     return record
+
+
+def row_error(e: Exception) -> dict[str, str]:
+    """What a failed row records: its error's first line ("OOM: ..." for running out of memory) and, unless it
+    ran out of memory, the traceback."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, torch.OutOfMemoryError):
+        return {"error": f"OOM: {first[:200]}"}
+    return {"error": f"{type(e).__name__}: {first[:300]}", "traceback": traceback.format_exc()}
 
 
 def loss_curve(row: Row, ctx: Context, steps: int) -> dict[str, Any]:

@@ -74,7 +74,6 @@ import os
 import platform
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,9 +83,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # llava_speed, b
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from llava_speed import _free, hf_available, init_like_mimo, init_world, measure_peak, trace_step  # noqa: E402
+from llava_speed import _free, hf_available, init_like_mimo, init_world, measure_peak, row_error, trace_step  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mimo.cli import positive_int  # noqa: E402
 from mimo.data import MimoBatch  # noqa: E402
 from mimo.data.batch import Sample  # noqa: E402
 from mimo.data.packing import real_tokens, sample_extents  # noqa: E402
@@ -580,11 +580,8 @@ def run_row(name: str, ctx: Context, args: argparse.Namespace, peaks: dict[str, 
         record["mfu"] = record["tflops"] / peaks["measured"] if peaks["measured"] else None
         record["mfu_nominal"] = record["tflops"] / peaks["nominal"] if peaks["nominal"] else None
         del row
-    except torch.OutOfMemoryError as e:
-        record["error"] = f"OOM: {str(e).splitlines()[0][:200]}"
     except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
-        record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        record["traceback"] = traceback.format_exc()
+        record.update(row_error(e))
     finally:
         torch._dynamo.reset()
         _free(ctx.device)
@@ -604,22 +601,14 @@ def ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def positive(text: str) -> int:
-    """A command-line count of at least one."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default=None, help=f"comma separated, of {list(BUILDERS)} (default: all)")
     parser.add_argument("--vit-only", action="store_true", help="the ViT rows alone (vit-mimo, vit-hf)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, uncompiled: a smoke run")
-    parser.add_argument("--lm-layers", type=positive, default=None, help="decoder layers kept of 28 (default 8)")
-    parser.add_argument("--samples", type=positive, default=None, help="samples (one image each) per step (16)")
-    parser.add_argument("--microbatches", type=positive, default=None, help="micro-batches per step (4)")
+    parser.add_argument("--lm-layers", type=positive_int, default=None, help="decoder layers kept of 28 (default 8)")
+    parser.add_argument("--samples", type=positive_int, default=None, help="samples (one image each) per step (16)")
+    parser.add_argument("--microbatches", type=positive_int, default=None, help="micro-batches per step (4)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compiled blocks on both sides (default: on; off with --tiny)")
     parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
@@ -630,7 +619,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "--hf-attn: torch-varlen (torch's varlen kernel, the one mimo's tower runs, through "
                         "transformers' AttentionInterface: HF's cu_seqlens path without flash_attn)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (2; tiny: 1)")
-    parser.add_argument("--steps", type=positive, default=None, help="timed steps (4; tiny: 1)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps (4; tiny: 1)")
     parser.add_argument("--seed", type=int, default=0, help="the data's seed")
     parser.add_argument("--device", default=None, help="default: cuda, or cpu for --tiny")
     parser.add_argument("--json", default=None, help="write every record (and the environment) to this file")

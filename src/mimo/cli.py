@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="a YAML run config (see examples/llava_digits.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any key, e.g. --set train.steps=50 (repeatable)")
-        p.add_argument("--nproc-per-node", type=_positive_int, default=None,
+        p.add_argument("--nproc-per-node", type=positive_int, default=None,
                        help="worker processes (default: the layout's world size)")
         p.set_defaults(run=run)
         if name == "train":
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, action="append", help="an image file (repeatable: one per <image>)")
     gen.add_argument("--prompt", required=True,
                      help="the text about the image(s): <image> where each goes, or none (the image(s) first)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32, help="at most this many tokens (32)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=PATH", help=MOVED_HELP)
     gen.set_defaults(run=cmd_generate)
     ev = sub.add_parser("eval", help="answer a held-out file's questions and score them (one process)")
@@ -399,20 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--template", choices=("chat", "plain", "vicuna_v1"), default=None,
                     help="how conversations are rendered (default: the run's data.template, else chat)")
     ev.add_argument("--out", default=None, help="the answers' JSONL file (default: DATA_STEM.answers.jsonl here)")
-    ev.add_argument("--max-new-tokens", type=_positive_int, default=32, help="at most this many tokens (32)")
-    ev.add_argument("--batch-size", type=_positive_int, default=32, help="questions decoded together (32)")
+    ev.add_argument("--max-new-tokens", type=positive_int, default=32, help="at most this many tokens (32)")
+    ev.add_argument("--batch-size", type=positive_int, default=32, help="questions decoded together (32)")
     ev.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=PATH", help=MOVED_HELP)
     ev.set_defaults(run=cmd_eval)
     layout = sub.add_parser("layout", help="validate a parallel layout and print its rank map")
     layout.add_argument("config", help="a YAML file with a 'parallelism' section")
-    layout.add_argument("--world-size", type=_positive_int, default=None,
+    layout.add_argument("--world-size", type=positive_int, default=None,
                         help="number of ranks (default: the file's world_size, or the end of the last span)")
     layout.set_defaults(run=cmd_layout)
     return parser
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (benchmarks take it too)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
