@@ -123,21 +123,35 @@ def train(layout: dict, root: str, frozen: bool = False, save_at: int | None = N
         model = prov.provide_distributed_model(DistributedConfig(ModuleDistributedConfig(data_parallel)))
     trainer = MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
                           num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64)
+    traffic = []
+
+    def step(batch) -> StepResult:  # the first step recorded where asked
+        if record and not traffic:
+            result, seen = _recorded_step(trainer, batch)
+            traffic.append(seen)
+            return result
+        return trainer.train_step(batch)
+    return {**run_steps(trainer, model, batches(IMAGES), root, save_at, load, step),
+            "traffic": traffic[0] if traffic else None}
+
+
+def run_steps(trainer: MimoTrainer, model, data: list, root: str, save_at: int | None = None,
+              load: str | None = None, step=None) -> dict:
+    """Load `load` first, then train to the last of `data` (each step `step(batch)`, default the trainer's),
+    saving after step `save_at`: every step's loss and gradient norm, the final parameters and the names of the
+    images module's parameters this rank holds."""
     ckpt = Checkpointer(root)
     if load is not None:
         ckpt.load(load, trainer)
-    losses, norms, data, traffic = [], [], batches(IMAGES), None
+    losses, norms = [], []
     while trainer.step_count < len(data):
-        if record and traffic is None:
-            result, traffic = _recorded_step(trainer, data[trainer.step_count])
-        else:
-            result = trainer.train_step(data[trainer.step_count])
+        result = (step or trainer.train_step)(data[trainer.step_count])
         losses.append(result.loss)
         norms.append(result.grad_norm)
         if trainer.step_count == save_at:
             ckpt.save(trainer.step_count, trainer, {})
     images = unwrap(model.modality_submodules["images"]) if "images" in model.modality_submodules else None
-    return {"losses": losses, "norms": norms, "params": full_params(model), "traffic": traffic,
+    return {"losses": losses, "norms": norms, "params": full_params(model),
             "names": sorted(n for n, _ in images.named_parameters()) if images is not None else []}
 
 

@@ -22,7 +22,7 @@ import torch
 
 from mimo.config import MimoParallelismConfig
 from mimo.data.packing import PaddedText
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.families.qwen_vl import QwenVLMimoProvider
 from mimo.models import init_parameters
 from mimo.models.qwen_vision import Qwen3VisionTower, Qwen25VisionTower
@@ -32,7 +32,8 @@ from mimo.training.encoder_pipeline import _TAG_BASE
 from mimo.training.plan import plan_run
 from mimo.training.run_config import parse_run_config
 from mimo.training.step import MimoTrainer
-from tests.training.test_parity import full_params, train_one_process
+from tests.training.test_encoder_pipeline import run_steps
+from tests.training.test_parity import train_one_process
 from tests.training.test_pipeline_traffic import Recorder, nccl_mismatches
 from tests.training.test_qwen_parity import CLIP, GLOBAL_BATCH, MICRO, OPTIM, STEPS, batches, spec
 from tests.training.test_virtual_pipeline import check
@@ -86,19 +87,7 @@ def train(kind: str, layout: dict, root: str, frozen: bool = False, save_at: int
                           num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=torch.float64,
                           text_layout=PaddedText(positions_rule=prov.text_positions),
                           embedding_widths=prov.embedding_widths())
-    ckpt = Checkpointer(root)
-    if load is not None:
-        ckpt.load(load, trainer)
-    losses, norms, data = [], [], batches(kind)
-    while trainer.step_count < len(data):
-        result = trainer.train_step(data[trainer.step_count])
-        losses.append(result.loss)
-        norms.append(result.grad_norm)
-        if trainer.step_count == save_at:
-            ckpt.save(trainer.step_count, trainer, {})
-    images = unwrap(model.modality_submodules["images"]) if "images" in model.modality_submodules else None
-    return {"losses": losses, "norms": norms, "params": full_params(model),
-            "names": sorted(n for n, _ in images.named_parameters()) if images is not None else []}
+    return run_steps(trainer, model, batches(kind), root, save_at, load)
 
 
 def every_row(rank: int, world: int, root: str) -> dict:
