@@ -148,16 +148,16 @@ class MimoTrainer:
         return {name for name, flag in zip(names, flags.tolist(), strict=True) if flag}
 
     def _open_p2p_channels(self) -> list[tuple[int, int]]:
-        """Every rank pair the bridges and the language pipeline send between, opened now (`P2PGroups.warm_up`),
+        """Every rank pair the bridges and the pipelines send between, opened now (`P2PGroups.warm_up`),
         the interleaved ring's seam on its own groups: no NCCL communicator is created inside a step."""
         groups = self.infra.p2p_groups
         if groups is None:
             return []
-        grid = self.infra.module_to_grid_map[LANGUAGE]
+        grids = self.infra.module_to_grid_map
         pairs = [pair for bridge in self.bridges.values() for pair in bridge.p2p_pairs()]
-        pairs += [pair for grid in self.infra.module_to_grid_map.values() for pair in pipeline_pairs(grid)]
+        pairs += [pair for grid in grids.values() for pair in pipeline_pairs(grid)]  # the encoders' pipelines too
         opened = groups.warm_up(pairs, self.device)
-        if seam := seam_pairs(grid):
+        if seam := seam_pairs(grids[LANGUAGE]):
             opened = sorted({*opened, *groups.warm_up(seam, self.device, groups.seam_groups)})
         return opened
 
