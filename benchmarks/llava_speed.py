@@ -728,15 +728,10 @@ def run_row(spec: str, ctx: Context, args: argparse.Namespace, flops: int, peak:
         clock.sync()
         record["warmup_s"] = time.perf_counter() - t0
         record["loss_first"] = row.loss() if args.warmup else None
-        marks = [clock.mark()]
-        for _ in range(args.steps):
-            row.step()
-            marks.append(clock.mark())
-        clock.sync()
-        times = sorted(clock.ms(a, b) for a, b in zip(marks, marks[1:], strict=False))
+        times = timed_steps(row.step, clock, args.steps)
         record["loss_last"] = row.loss()
         step_ms = times[len(times) // 2]
-        record.update(step_ms=step_ms, step_ms_mean=clock.ms(marks[0], marks[-1]) / args.steps,
+        record.update(step_ms=step_ms, step_ms_mean=sum(times) / args.steps,
                       step_ms_min=times[0], step_ms_max=times[-1])
         if cuda:
             record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -775,6 +770,16 @@ def run_row(spec: str, ctx: Context, args: argparse.Namespace, flops: int, peak:
             torch._dynamo.reset()
         _free(ctx.device)
     return record
+
+
+def timed_steps(step: Callable[[], None], clock: Clock, steps: int) -> list[float]:
+    """`steps` calls of `step`, each timed on the device's clock (ms), sorted: the median is the row's step."""
+    marks = [clock.mark()]
+    for _ in range(steps):
+        step()
+        marks.append(clock.mark())
+    clock.sync()
+    return sorted(clock.ms(a, b) for a, b in zip(marks, marks[1:], strict=False))
 
 
 def row_error(e: Exception) -> dict[str, str]:

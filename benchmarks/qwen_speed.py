@@ -83,7 +83,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # llava_speed, b
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from llava_speed import _free, hf_available, init_like_mimo, init_world, measure_peak, row_error, trace_step  # noqa: E402
+from llava_speed import (  # noqa: E402
+    _free,
+    hf_available,
+    init_like_mimo,
+    init_world,
+    measure_peak,
+    row_error,
+    timed_steps,
+    trace_step,
+)
 from torch import nn  # noqa: E402
 
 from mimo.cli import positive_int  # noqa: E402
@@ -562,12 +571,7 @@ def run_row(name: str, ctx: Context, args: argparse.Namespace, peaks: dict[str, 
             row.step()
         clock.sync()
         record["warmup_s"] = round(time.perf_counter() - t0, 1)
-        marks = [clock.mark()]
-        for _ in range(args.steps):
-            row.step()
-            marks.append(clock.mark())
-        clock.sync()
-        times = sorted(clock.ms(a, b) for a, b in zip(marks, marks[1:], strict=False))
+        times = timed_steps(row.step, clock, args.steps)
         step_ms = times[len(times) // 2]
         record.update(step_ms=step_ms, step_ms_min=times[0], step_ms_max=times[-1], loss=row.loss())
         if cuda:
