@@ -11,6 +11,7 @@ the GPU if any).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,9 +64,10 @@ def write_directory(preset: str, directory: Path) -> None:
     write_model(random_tensors(provider.build_meta_model(), to_llava_name), directory, config)
 
 
-def write_pair(preset: str, vision_dir: Path, language_dir: Path) -> None:
+def write_pair(preset: str, vision_dir: Path, language_dir: Path, language_layers: int | None = None) -> None:
     """The preset's tower and language model, random, as a CLIP vision directory (with its preprocessor config)
-    and a Llama directory (with a tokenizer of its vocabulary); each skipped if already written.
+    and a Llama directory (with a tokenizer of its vocabulary); each skipped if already written. `language_layers`:
+    the language model's first that many decoder layers only (a 7B's shapes on a GPU that cannot hold all 32).
 
     The tower's config has all its layers; the weights hold those mimo builds for the preset's feature layer
     (CLIP ViT-L/14-336 at LLaVA's -2: 23 of 24; the last is never computed). No projector: it starts fresh."""
@@ -74,6 +76,9 @@ def write_pair(preset: str, vision_dir: Path, language_dir: Path) -> None:
     from mimo.hf.config import language_to_hf, vision_to_hf
 
     provider = LlavaMimoProvider.preset(preset)
+    if language_layers is not None:
+        language = dataclasses.replace(provider.language_config, num_layers=language_layers)
+        provider = LlavaMimoProvider.preset(preset, language_config=language)
     vision, language = provider.vision_config, provider.language_config
     model = None if (vision_dir / "config.json").is_file() and (language_dir / "config.json").is_file() \
         else provider.build_meta_model()

@@ -96,6 +96,7 @@ from data_wait import write_images  # noqa: E402  (photo-like JPEGs)
 from hf_random import tokenizer_word, write_pair  # noqa: E402  (random HF directories)
 from packing import INSTRUCTION_MIX, sample_lengths  # noqa: E402  (the instruction-mix length distribution)
 
+from mimo.cli import positive_int  # noqa: E402
 from mimo.data.templates import VicunaV1Template  # noqa: E402
 from mimo.families.llava import LlavaMimoProvider  # noqa: E402
 from mimo.models.init import initial_value, seeding_names  # noqa: E402
@@ -261,10 +262,10 @@ def stage2_entries(count: int, images: int, vocab: int, image_tokens: int, max_l
     return out
 
 
-def write_models(preset: str, models: Path) -> None:
+def write_models(preset: str, models: Path, language_layers: int | None = None) -> None:
     """`hf_random.write_pair` into models/clip and models/vicuna; with CUDA in a child process, so that this
     process never holds a CUDA context (memory on GPU 0) while the runs train."""
-    where = (preset, models / "clip", models / "vicuna")
+    where = (preset, models / "clip", models / "vicuna", language_layers)
     if not torch.cuda.is_available():
         return write_pair(*where)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -706,7 +707,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": torch.__version__, "python": platform.python_version(),
             "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else "CPU",
-            "preset": args.preset, "warmup": args.warmup, "steps": args.steps, "images": args.images,
+            "preset": args.preset, "language_layers": args.language_layers, "warmup": args.warmup,
+            "steps": args.steps, "images": args.images,
             "image_size": list(args.image_size), "dry_run": args.dry_run,
             "anchor_samples_per_s_per_gpu": ANCHOR, "target_ratio": TARGET_RATIO}
 
@@ -738,6 +740,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", type=Path, nargs="+", metavar="JSON", default=None, help="run nothing: print the "
                    "table and the fp8 comparisons of the rows these --json files hold (a later file's row replaces "
                    "an earlier's of the same stage and layout): the curves of two calls, bf16's and fp8's")
+    p.add_argument("--language-layers", type=positive_int, default=None, help="write Vicuna-7B with only its "
+                   "first N decoder layers (default: all 32; fewer fit an 80 GB GPU: not the issue's row, a ratio "
+                   "at its shapes); into a fresh --out, the models folder is reused as written")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU (gloo, 2 processes, float32, no "
                    "compilation, global batch 8): seconds; a functional check, not a measurement")
     args = p.parse_args(argv)
@@ -779,7 +784,7 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, 
     start = time.time()
     deadline = start + args.time_limit if args.time_limit else math.inf
     provider = LlavaMimoProvider.preset(args.preset)
-    write_models(args.preset, args.out / "models")
+    write_models(args.preset, args.out / "models", args.language_layers)
     write_data(args.out / "data", args, provider, args.max_len)
     print(f"# models and data in {args.out}: ready after {time.time() - start:.0f} s", flush=True)
     problems = preflight(args)

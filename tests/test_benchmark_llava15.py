@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors
 import yaml
 
 from tests.scripts import BENCHMARKS, load_script
@@ -300,3 +301,17 @@ def test_both_curves_start_from_weights_that_depend_on_the_seed_only(dry_run, tm
         built.update(name.encode())
         built.update(params[name].detach().numpy().tobytes())
     assert built.hexdigest() == first["one"]["seeded"]["sha256"]
+
+
+def test_language_layers_writes_the_first_n_decoder_layers_only(tmp_path, capsys):
+    """`--language-layers N` (the 7B's shapes on a GPU too small for all 32 layers): the Vicuna folder's config and
+    weights hold N layers, the tower all of its; N must be positive."""
+    assert bench.parse_args(["--language-layers", "12"]).language_layers == 12
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--language-layers", "0"])
+    assert "--language-layers" in capsys.readouterr().err
+    bench.write_models("tiny", tmp_path, 1)
+    config = json.loads((tmp_path / "vicuna" / "config.json").read_text())
+    names = safetensors.safe_open(next((tmp_path / "vicuna").glob("*.safetensors")), "pt").keys()
+    assert config["num_hidden_layers"] == 1
+    assert {n.split(".")[2] for n in names if ".layers." in n} == {"0"}
