@@ -130,17 +130,3 @@ def test_the_cpu_keeps_the_masked_core():
     """The float64 parity tests' path (the CUDA file checks that narrow heads keep it there too)."""
     assert not uses_flex(torch.zeros(1, 1, 4, 128))
 
-
-def test_compiled_flex_skips_blocks_and_still_equals_the_masked_core():
-    """The CUDA path's compiled flex_attention, which reads the block tables (eager flex does not), here through
-    inductor's CPU kernel: forward only, float32, one layout (a packed CP2 rank), in a fresh compiler state."""
-    attention, length = rank_attention(packed_text(), 0, 2)
-    q, k, v = (t.float() for t in qkv(1, length, attention.keys))
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            got = attention.flex_core(q, k, v)  # compiled_flex_attention()
-    finally:
-        torch._dynamo.reset()
-    err = float((got - attention.masked_core(q, k, v)).abs().max())
-    assert err <= 1e-5, f"compiled flex differs from the masked core by {err:.1e}"
