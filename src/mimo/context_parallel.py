@@ -12,9 +12,13 @@ chunks hold (`every_rank_rows`: what the encoder's rows are routed by): splicing
 chunks equals keeping the rows the chunks hold.
 
 **The attention.** `ContextParallelAttention` all-gathers K and V over the CP group (`gather_sequence`: the
-backward reduce-scatters their gradients) and lets each local query see the gathered keys that are in its own
-document and not after it in the unsplit row (an explicit SDPA mask from the global columns, built per block of
-queries inside a core recomputed in the backward): exact for any split.
+backward reduce-scatters their gradients; outside any compiled graph) and lets each local query see the gathered
+keys that are in its own document and not after it in the unsplit row (`context_mask`, from the global columns
+and documents): exact for any split. On CUDA the core is compiled `flex_attention` over a block mask built once
+per micro-batch, so the key blocks no query of a block sees (other documents, later chunks) are skipped: about
+the query-key pairs CP1's varlen kernel computes, not all CP·L keys of every query. On the CPU (the float64
+parity tests) and for heads narrower than compiled flex takes, an explicit SDPA mask built per block of queries
+inside a core recomputed in the backward.
 The decoder takes it as its `attention` argument; nothing in `mimo.models` knows about process groups.
 The loss is each rank's chunks' summed cross-entropy; the step divides by the label count of the whole global
 batch and sums the loss over CP ranks, so the loss and the gradients are those of the unsplit sequence.
