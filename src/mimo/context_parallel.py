@@ -219,14 +219,14 @@ class ContextParallelAttention:
         return self._block_mask
 
     def masked_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """SDPA of each block of queries over every key, with that block's explicit mask."""
+        """SDPA of each block of queries over every key, with that block's explicit mask [R or 1, 1, rows, CP·L]."""
         rows = query_block(q, k)
         batch = torch.arange(self.rows, device=q.device)[:, None, None, None]
         keys = torch.arange(self.keys, device=q.device)
         out = []
         for start in range(0, q.shape[2], rows):
             block = torch.arange(start, min(start + rows, q.shape[2]), device=q.device)
-            mask = self.mask_mod(batch, 0, block[:, None], keys[None, :])  # [R or 1, 1, rows, CP·L]
+            mask = self.mask_mod(batch, 0, block[:, None], keys[None, :]).view(-1, 1, block.numel(), self.keys)
             out.append(F.scaled_dot_product_attention(q[:, :, start:start + rows], k, v, attn_mask=mask,
                                                       enable_gqa=True))
         return torch.cat(out, dim=2)
