@@ -152,15 +152,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=None, help="head width (default 128)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="(default bfloat16)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row and core (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed calls per row and core (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per row and core (default 1: "
+                        "flex compiles its forward and backward in the first)")
+    parser.add_argument("--steps", type=int, default=None, help="timed calls per row and core (default 3)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, float32, tiny: a functional check")
     parser.add_argument("--json", type=Path, default=None, help="every record and the environment")
     args = parser.parse_args(argv)
     tiny = args.dry_run
     defaults = {"lengths": [512, 1024] if tiny else [16384, 32768, 65536], "heads": 2 if tiny else 32,
                 "head_dim": 16 if tiny else 128, "dtype": "float32" if tiny else "bfloat16",
-                "warmup": 0 if tiny else 2, "steps": 1 if tiny else 5}
+                "warmup": 0 if tiny else 1, "steps": 1 if tiny else 3}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
