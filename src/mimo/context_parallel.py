@@ -12,9 +12,13 @@ chunks hold (`every_rank_rows`: what the encoder's rows are routed by): splicing
 chunks equals keeping the rows the chunks hold.
 
 **The attention.** `ContextParallelAttention` all-gathers K and V over the CP group (`gather_sequence`: the
-backward reduce-scatters their gradients) and lets each local query see the gathered keys that are in its own
-document and not after it in the unsplit row (an explicit SDPA mask from the global columns, built per block of
-queries inside a core recomputed in the backward): exact for any split.
+backward reduce-scatters their gradients; outside any compiled graph) and lets each local query see the gathered
+keys that are in its own document and not after it in the unsplit row (`context_mask`, from the global columns
+and documents): exact for any split. On CUDA the core is compiled `flex_attention` over a block mask built once
+per micro-batch, so the key blocks no query of a block sees (other documents, later chunks) are skipped: about
+the query-key pairs CP1's varlen kernel computes, not all CP·L keys of every query. On the CPU (the float64
+parity tests) and for heads narrower than compiled flex takes, an explicit SDPA mask built per block of queries
+inside a core recomputed in the backward.
 The decoder takes it as its `attention` argument; nothing in `mimo.models` knows about process groups.
 The loss is each rank's chunks' summed cross-entropy; the step divides by the label count of the whole global
 batch and sums the loss over CP ranks, so the loss and the gradients are those of the unsplit sequence.
@@ -27,15 +31,17 @@ heterogeneous bridges deliver each CP rank its chunks' rows (`mimo.bridge`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from mimo.data.packing import LanguageText
+from mimo.models.attention import FLEX_MIN_HEAD_DIM, attention_dtype, compiled_flex_attention
 from mimo.models.labels import IGNORE_INDEX
 from mimo.torch_compat import compiler_loaded
 
@@ -161,20 +167,25 @@ def _rows_held(special: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) 
 
 class ContextParallelAttention:
     """Local queries over every CP rank's keys and values, all-gathered; a query sees the keys of its document at
-    or before its own column of the unsplit row.
+    or before its own column of the unsplit row (`context_mask`).
 
-    The mask is never stored: the core (mask, scores, softmax) runs in blocks of queries, each block's mask built
-    from the column and document vectors, under `torch.utils.checkpoint`, so what the backward keeps is q and the
-    gathered k, v (O(L + CP·L) per rank, as a flash kernel's) and the core is recomputed in the backward (Megatron's
-    core-attention recompute). An explicit mask sends SDPA to its math kernel, which would otherwise save
-    the [L, CP·L] probabilities per head and layer, more than the split saves."""
+    Two cores, one mask. On CUDA (heads of `FLEX_MIN_HEAD_DIM` or more) `flex_core`: compiled `flex_attention`
+    with a block mask built once per micro-batch (the first layer's call; every layer shares this object), so the
+    blocks no query of a block sees (other documents, later chunks) are skipped: about the query-key pairs CP1's
+    varlen kernel computes, and flex saves only q, k, v, its output and logsumexp for the backward. Elsewhere (the
+    CPU, the float64 parity tests; narrow test heads) `masked_core`: SDPA with an explicit mask built per block
+    of queries, under `torch.utils.checkpoint`, so what the backward keeps is q and the gathered k, v (O(L + CP·L)
+    per rank, as a flash kernel's) and the core is recomputed in the backward (Megatron's core-attention
+    recompute). An explicit mask sends SDPA to its math kernel, which would otherwise save the [L, CP·L]
+    probabilities per head and layer, more than the split saves."""
 
     def __init__(self, query_columns: torch.Tensor, key_columns: torch.Tensor, query_documents: torch.Tensor,
                  key_documents: torch.Tensor, group: dist.ProcessGroup | None) -> None:
         """Keep the columns and documents of the local queries [L], [R or 1, L] and of every rank's keys."""
-        self.query_columns, self.key_columns = query_columns, key_columns
-        self.query_documents, self.key_documents = query_documents, key_documents
+        self.mask_mod = context_mask(query_columns, key_columns, query_documents, key_documents)
+        self.rows, self.queries, self.keys = query_documents.shape[0], query_columns.numel(), key_columns.numel()
         self.group = group
+        self._block_mask: BlockMask | None = None
         # outside any compiled block's graph (it breaks around the call), as the flex variant: a collective in an
         # autograd.Function is not something to trace. Only where something was compiled (torch.compile imported
         # dynamo when the blocks were wrapped): `torch.compiler.disable` imports dynamo, seconds per process
@@ -185,30 +196,106 @@ class ContextParallelAttention:
         return self._attend(q, k, v)
 
     def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """K and V gathered in one collective (side by side along the heads), then the recomputed core."""
+        """K and V gathered in one collective (side by side along the heads), then the core for q's device."""
         heads = k.shape[1]
         kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), self.group)
         k, v = kv[:, :heads], kv[:, heads:].to(v.dtype)
-        return checkpoint(self._core, q, k, v, use_reentrant=False, preserve_rng_state=False)  # no randomness
+        if uses_flex(q):
+            return self.flex_core(q, k, v)
+        return checkpoint(self.masked_core, q, k, v, use_reentrant=False, preserve_rng_state=False)  # no randomness
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """SDPA of each block of queries over every key, with that block's mask."""
+    def flex_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attend: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """`attend` (compiled flex_attention unless given: eager flex on CPU, the tests') over the blocks the mask
+        keeps, on q, k, v of one dtype (`attention_dtype`), as the decoder's flex variant."""
+        dtype = attention_dtype(q, k, v)
+        attend = attend or compiled_flex_attention()
+        return attend(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask(q.device), enable_gqa=True)
+
+    def block_mask(self, device: torch.device) -> BlockMask:
+        """The micro-batch's block mask on `device`, built on the first call and kept (every layer's)."""
+        if self._block_mask is None:
+            self._block_mask = build_block_mask(self.mask_mod, self.rows, self.queries, self.keys, device)
+        return self._block_mask
+
+    def masked_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA of each block of queries over every key, with that block's explicit mask [R or 1, 1, rows, CP·L]."""
         rows = query_block(q, k)
+        batch = torch.arange(self.rows, device=q.device)[:, None, None, None]
+        keys = torch.arange(self.keys, device=q.device)
         out = []
         for start in range(0, q.shape[2], rows):
-            block = slice(start, start + rows)
-            causal = self.query_columns[block, None] >= self.key_columns[None, :]
-            same = self.query_documents[:, block, None] == self.key_documents[:, None, :]
-            mask = (same & causal).unsqueeze(1)
-            out.append(F.scaled_dot_product_attention(q[:, :, block], k, v, attn_mask=mask, enable_gqa=True))
+            block = torch.arange(start, min(start + rows, q.shape[2]), device=q.device)
+            mask = self.mask_mod(batch, 0, block[:, None], keys[None, :]).view(-1, 1, block.numel(), self.keys)
+            out.append(F.scaled_dot_product_attention(q[:, :, start:start + rows], k, v, attn_mask=mask,
+                                                      enable_gqa=True))
         return torch.cat(out, dim=2)
 
 
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def context_mask(query_columns: torch.Tensor, key_columns: torch.Tensor, query_documents: torch.Tensor,
+                 key_documents: torch.Tensor) -> MaskMod:
+    """flex's mask_mod (b, h, query index, key index) → whether the local query sees the gathered key: the same
+    document, at or before the query's column of the unsplit row (a lookup from local index to global column:
+    a rank's queries are two column ranges per sequence). Broadcasting index tensors give the explicit mask.
+    Documents of one row [1, L] serve every row and leave `b` unread (the block mask then has one row too)."""
+    if query_documents.shape[0] == 1:
+        query_document, key_document = query_documents[0], key_documents[0]
+
+        def shared(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return (query_columns[q] >= key_columns[kv]) & (query_document[q] == key_document[kv])
+
+        return shared
+
+    def per_row(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (query_columns[q] >= key_columns[kv]) & (query_documents[b, q] == key_documents[b, kv])
+
+    return per_row
+
+
+FLEX_BLOCK = 128  # flex_attention's default sparse block (queries and keys): the block mask's granularity
+
+
+def build_block_mask(mask_mod: MaskMod, rows: int, queries: int, keys: int, device: torch.device | str,
+                     cells: int = 2**28) -> BlockMask:
+    """`create_block_mask` of `mask_mod` over [rows, queries, keys], made a few query blocks at a time, each
+    piece's dense mask at most about `cells` booleans: torch's builds the whole [queries, keys] mask at once
+    (2**31 booleans and its comparisons' temporaries for a 64k-token row at CP2). The pieces' block tables are
+    joined along the query blocks."""
+    step = max(1, cells // max(1, rows * keys) // FLEX_BLOCK) * FLEX_BLOCK
+    pieces = [create_block_mask(_shifted(mask_mod, start), rows, None, min(step, queries - start), keys,
+                                device=device, BLOCK_SIZE=FLEX_BLOCK) for start in range(0, queries, step)]
+
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in pieces], dim=2)  # [rows, 1, query blocks, ...]
+
+    return BlockMask.from_kv_blocks(joined("kv_num_blocks"), joined("kv_indices"), joined("full_kv_num_blocks"),
+                                    joined("full_kv_indices"), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(queries, keys))
+
+
+def _shifted(mask_mod: MaskMod, start: int) -> MaskMod:
+    """`mask_mod` for the queries from `start` on (a piece of `build_block_mask`)."""
+    def shifted(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return mask_mod(b, h, q + start, kv)
+
+    return shifted
+
+
+def uses_flex(q: torch.Tensor) -> bool:
+    """Whether the core runs flex_attention for queries like `q`: on CUDA in any dtype, as the decoder's packed
+    rows take flex wherever they do not take flash's varlen kernel (which a CP rank's chunks, seeing other ranks'
+    keys, cannot use), and heads wide enough for compiled flex (`FLEX_MIN_HEAD_DIM`)."""
+    return q.device.type == "cuda" and q.shape[-1] >= FLEX_MIN_HEAD_DIM
+
+
 def query_block(q: torch.Tensor, k: torch.Tensor) -> int:
-    """Queries per block of the core, so that its transients stay bounded: on CUDA SDPA's kernels take the mask
-    and materialize no scores, so the block's [rows, CP·L] mask is bounded (2**28 booleans, 256 MB; few blocks);
-    elsewhere SDPA's math kernel materializes the block's scores for every row and head, so those are
-    (2**24 floats)."""
+    """Queries per block of the explicit-mask core, so that its transients stay bounded: on CUDA (narrow heads
+    only) SDPA's kernels take the mask and materialize no scores, so the block's [rows, CP·L] mask is bounded
+    (2**28 booleans, 256 MB; few blocks); elsewhere SDPA's math kernel materializes the block's scores for every
+    row and head, so those are (2**24 floats)."""
     rows, heads = q.shape[:2]
     keys = max(k.shape[2], 1)
     if q.device.type == "cuda":

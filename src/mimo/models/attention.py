@@ -71,7 +71,7 @@ class FlexDocumentAttention:
         return self._attend(q, k, v)
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """flex_attention over the blocks the mask keeps, on q, k, v of one dtype (`_attention_dtype`). Kept out
+        """flex_attention over the blocks the mask keeps, on q, k, v of one dtype (`attention_dtype`). Kept out
         of an enclosing compiled block's graph (the block breaks around it): traced inside, every micro-batch's
         new mask (its closure, its lengths) is guarded and a block recompiled per packed length until torch's
         recompile limit sent it back to eager, unfused flex; here `compiled_flex_attention()` is its own compiled
@@ -79,7 +79,7 @@ class FlexDocumentAttention:
         ranges (one compilation each; benchmarks/DATA.md: packed compiled 0.86x padded)."""
         if q.shape[-1] < FLEX_MIN_HEAD_DIM:
             return MaskedDocumentAttention(self.document_ids)(q, k, v)
-        dtype = _attention_dtype(q, k, v)
+        dtype = attention_dtype(q, k, v)
         attend = compiled_flex_attention()
         return attend(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=self.block_mask, enable_gqa=True)
 
@@ -108,12 +108,12 @@ class VarlenDocumentAttention:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int,
                      options: dict[str, object]) -> torch.Tensor:
     """q [R, H, T, D], k, v [R, Hkv, T, D] as one sequence of R·T tokens cut at `cu_seqlens` (no sequence longer
-    than `longest`), attended within each piece by flash's varlen kernel in one dtype (`_attention_dtype`), with
+    than `longest`), attended within each piece by flash's varlen kernel in one dtype (`attention_dtype`), with
     `varlen_options` (causal or not)."""
     from torch.nn.attention.varlen import varlen_attn
 
     rows, heads, length, dim = q.shape
-    dtype = _attention_dtype(q, k, v)
+    dtype = attention_dtype(q, k, v)
 
     def tokens(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2).reshape(rows * length, t.shape[1], dim).to(dtype)
@@ -158,7 +158,7 @@ def has_varlen_attention() -> bool:
     return True
 
 
-def _attention_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+def attention_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
     """The one dtype q, k, v are attended in: autocast's, as SDPA would take under autocast (rotary leaves q, k
     in the residual's float32 while v is bf16), else their common one."""
     device = q.device.type
