@@ -304,9 +304,11 @@ LAYOUTS = {
     # frozen, the projection trained: the frozen tower's stages exchange no gradient)
     "encoder-pp2-colocated-lm-pp2": (ENCODER_PP2, False, False, "ddp"),
     "encoder-pp2-colocated-lm-pp2-stage1": (ENCODER_PP2, True, False, "ddp"),
-    # a frozen tower (encoder and projection): the frozen-aware bridge sends no gradient back (`carries_grad`)
+    # a frozen tower (encoder and projection): the frozen-aware bridges send no gradient back (`carries_grad`),
+    # heterogeneous (no message) and colocated behind a tower pipeline (no reduce-scatter)
     "heterogeneous-frozen-tower": ({"images": {"data_parallel_size": 1},
                                     "language": {"data_parallel_size": 1, "rank_offset": 1}}, "tower", False, "ddp"),
+    "encoder-pp2-colocated-lm-pp2-frozen-tower": (ENCODER_PP2, "tower", False, "ddp"),
 }
 QWEN_LAYOUTS = {
     # id: family, layout (test_qwen_parity's tiny models and packed images of four sizes; DDP). A tower at DP2
