@@ -1,6 +1,8 @@
 """Every layout that fits on two GPUs trains correctly under NCCL (two CUDA devices; skipped without them).
 
-Each layout runs in one pair of NCCL processes (one GPU each), three checks in turn:
+The models: the parity suite's tiny ViT into a decoder (`LAYOUTS`), and the tiny Qwen2.5-VL and Qwen3-VL of
+tests/training/test_qwen_parity.py, packed images of four sizes (`QWEN_LAYOUTS`). Each layout runs in one pair
+of NCCL processes (one GPU each), three checks in turn:
 1. **float32 parity**, TF32 off (matmuls and cuDNN convolutions), 3 AdamW steps with global-norm clipping,
    against the same 3 steps in one process on one GPU. To `RTOL` = 1e-5 relative: every step's loss and
    gradient norm, and the first step's clipped gradients (each tensor whole, relative 2-norm of the
@@ -17,6 +19,16 @@ Each layout runs in one pair of NCCL processes (one GPU each), three checks in t
    The exception is named: the ViT's attention key biases get an exactly zero gradient in exact arithmetic
    (softmax ignores a shift shared by all keys), so in float32 they hold rounding noise that AdamW scales up
    to ±lr; they are checked by the float64 CPU parity suite instead (tests/training/test_parity.py, to 1e-8).
+   The second named exception is the Qwen-VL models (`ADAM_NOISE`): float32 rounding alone moves their later
+   steps several times further than the ViT's (measured on CPU, not derived: the same few-element AdamW
+   amplification, e.g. one element of Qwen2.5-VL's merger output weight with a 2e-9 gradient moving 2e-4 in
+   step 1, and the towers' later gradients respond more strongly to it). One-process float32 against float64:
+   step 3's gradients differ by 1.5e-4 (Qwen3-VL). Two one-process float32 runs differing only in GEMM padding
+   (`mimo.gemm_alignment`, which layouts without TP apply and the reference does not): 3.1e-5 in step 3's
+   gradient norm, 4.8e-4 in the final parameters (Qwen2.5-VL). Their later steps' norms and gradients and their
+   final parameters get 1e-3 (Qwen3-VL) and 3e-3 (Qwen2.5-VL), about 6 times those floors and 30 times under a
+   wrong update's ~1e-1; their losses and first step keep 1e-5 (a wrong gradient, such as a missed TP sum of
+   the q/k norms', shows there, from identical parameters).
 2. **bfloat16** compute with float32 master weights, 20 steps: finite, decreasing, and at every step within
    `BF16_BAND` times the largest gap between the one-GPU bf16 and float32 curves (the size of bf16's own
    rounding drift) of the one-GPU bf16 curve. Why 4: the reference autocasts (norms, softmax and loss stay in
@@ -26,7 +38,11 @@ Each layout runs in one pair of NCCL processes (one GPU each), three checks in t
    Adam's scale invariance would hide it anyway.) Steps 4-20 run with a host sync (`torch.cuda.synchronize()`)
    at every phase boundary on every rank: the deployments benchmark's phase timer, which once deadlocked the
    heterogeneous layout on a lazily created NCCL communicator.
-3. **one host sync per step** (CUDA's sync debug mode), on step 3, after two warm-up steps.
+3. **one host sync per step** (CUDA's sync debug mode), on step 3, after two warm-up steps. The Qwen-VL rows
+   allow, besides it, syncs in the towers' own files only (`TOWER_FILES`): each tower call builds its geometry's
+   index tensors on the host from the grids and copies them without pinning (`VisionGeometry.to`,
+   `segment_attention`), a per-call sync the ViT never makes; the report counts them, and any sync elsewhere
+   (bridges, patch balance, DeepStack between stages) fails the row.
 Run: `python -m pytest tests/gpu -q` on a machine with two GPUs (tests/gpu/README.md has the last figures).
 """
 
@@ -37,6 +53,7 @@ import math
 import os
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,18 +61,31 @@ import torch
 
 from mimo.config import MimoParallelismConfig
 from mimo.data import ModalitySpec, SyntheticDataset
+from mimo.data.packing import PaddedText
 from mimo.ddp_shards import full_tensor
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig, unwrap, wrapped_modules
 from mimo.models import ViTConfig
+from mimo.provider import MimoModelProvider
 from mimo.testing import run_distributed
-from mimo.training.optim import make_adamw, param_groups
 from mimo.training.step import MimoTrainer
-from tests.training.test_parity import CLIP, GLOBAL_BATCH, MICRO, OPTIM, _freezing, full_params, provider
+from tests.training import test_qwen_parity as qwen
+from tests.training.test_parity import (
+    CLIP,
+    GLOBAL_BATCH,
+    MICRO,
+    OPTIM,
+    _freezing,
+    full_params,
+    provider,
+    train_one_process,
+)
 
 RTOL, PARAM_RTOL = 1e-5, 1e-4
 BF16_BAND = 4  # times the one-GPU bf16 curve's own drift from float32: see the module docstring
 BF16_STEPS, SYNCED_FROM = 20, 3  # steps 0-1 warm up, step 2 counts syncs, steps 3.. sync at every phase boundary
 NOISE_ONLY = ("attn.k_proj.bias",)  # exactly-zero gradient in exact arithmetic: see the module docstring
+TOWER_FILES = ("qwen_vision.py", "qwen_vision_geometry.py", "segment_attention.py")  # 3. in the docstring
+ADAM_NOISE = {"qwen2_5_vl": 3e-3, "qwen3_vl": 1e-3}  # steps after the first where AdamW amplifies rounding: 1.
 
 
 def _tf32_off() -> None:
@@ -63,7 +93,39 @@ def _tf32_off() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def _batches(steps: int) -> list:
+@dataclass(frozen=True)
+class Row:
+    """What one layout trains: `model` "vit" (the parity suite's tiny ViT into a 2-layer decoder, `_layers` under
+    VPP) or a Qwen-VL family (`test_qwen_parity`'s tiny model, images of four sizes packed, M-RoPE positions);
+    `frozen` False, True (LLaVA stage 1: encoder and language model frozen, projection trained) or "tower" (encoder
+    and projection frozen, language model trained: no gradient crosses the bridge); tied embeddings (the ViT
+    model; Qwen3-VL's are tied by its spec); the DP kind ("fsdp-never": FSDP2 with that reshard policy)."""
+
+    layout: dict
+    frozen: bool | str = False
+    tied: bool = False
+    dp_kind: str = "ddp"
+    model: str = "vit"
+
+    @property
+    def reference_key(self) -> tuple:
+        """What the one-GPU reference depends on."""
+        return self.model, self.frozen, self.tied, _layers(self.layout)
+
+
+def _provider(row: Row, layout: dict | None, device: torch.device) -> MimoModelProvider:
+    """The row's model in float32 on `device`, placed by `layout` (None: one process)."""
+    frozen = TOWER if row.frozen == "tower" else _freezing(row.frozen, ("images",))
+    if row.model == "vit":
+        return provider(layout, ("images",), row.tied, _layers(row.layout), params_dtype=torch.float32,
+                        device=device, **frozen)
+    return qwen.provider(row.model, layout, params_dtype=torch.float32, device=device, **frozen)
+
+
+def _batches(model: str, steps: int) -> list:
+    """`steps` global batches of the row's model, float32 (the first steps alike for any count)."""
+    if model != "vit":
+        return qwen.batches(model, steps, torch.float32)
     spec = ModalitySpec.image(256, ViTConfig.tiny().tokens_per_image)
     data = SyntheticDataset(GLOBAL_BATCH * steps, {"images": spec}, items_per_sample=(0, 1, 3), seed=5,
                             dtype=torch.float32)
@@ -75,48 +137,39 @@ def _cpu(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # -- one GPU ---------------------------------------------------------------------------------------------
-def reference(frozen: bool, tied: bool, compute: torch.dtype, steps: int,
-              layers: int = 2) -> tuple[list, list, list, dict]:
-    """One process on GPU 0: MimoModel.forward per micro-batch (under autocast for bf16), torch's clipping,
-    mimo's AdamW (the same fused kernel); the losses, gradient norms, clipped gradients and final parameters."""
+def reference(row: Row, compute: torch.dtype, steps: int) -> tuple[list, list, list, dict]:
+    """One process on GPU 0 (`test_parity.train_one_process`): MimoModel.forward per micro-batch (under autocast
+    for bf16; M-RoPE positions for Qwen-VL), torch's clipping, mimo's AdamW (the same fused kernel); the losses,
+    gradient norms, clipped gradients and final parameters."""
     _tf32_off()
     device = torch.device("cuda", 0)
-    prov = provider(None, ("images",), tied, layers, params_dtype=torch.float32, device=device,
-                    **_freezing(frozen, ("images",)))
+    prov = _provider(row, None, device)
     model = prov.provide()
-    opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
-    losses, norms, grads = [], [], []
-    for batch in _batches(steps):
-        tokens = int(batch.num_label_tokens(model.special_token_ids))
-        total = 0.0
-        for m in range(MICRO):
-            mb = batch.microbatch(m, MICRO).prefetch(device, modalities=("images",))
-            with torch.autocast("cuda", dtype=compute, enabled=compute != torch.float32):
-                loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs)
-            (loss_sum.float() / tokens).backward()
-            total += float(loss_sum.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)))
+    grads: list[dict] = []
+
+    def clipped(model) -> None:
         grads.append(_cpu({n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-        opt.step()
-        opt.zero_grad()
-        losses.append(total / tokens)
+    positions = None if prov.text_positions is None else prov.text_positions.rows
+    losses, norms = train_one_process(model, _batches(row.model, steps), MICRO, positions, device,
+                                      None if compute == torch.float32 else compute, clipped)
     return losses, norms, grads, _cpu({n: p.detach() for n, p in model.named_parameters()})
 
 
 # -- two GPUs --------------------------------------------------------------------------------------------
-def _trainer(layout: dict, frozen: bool, tied: bool, dp_kind: str, compute: str | None) -> MimoTrainer:
+def _trainer(row: Row, compute: str | None) -> MimoTrainer:
     device = torch.device("cuda", torch.cuda.current_device())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prov = provider(layout, ("images",), tied, _layers(layout), params_dtype=torch.float32, device=device,
-                        **_freezing(frozen, ("images",)))
-        kind, _, reshard = dp_kind.partition("-")  # "fsdp-never": FSDP2 with that reshard policy
+        prov = _provider(row, row.layout, device)
+        kind, _, reshard = row.dp_kind.partition("-")  # "fsdp-never": FSDP2 with that reshard policy
         wrap = ModuleDistributedConfig(kind, compute and getattr(torch, compute),
                                        reshard_after_forward=reshard or "default")
         model = prov.provide_distributed_model(DistributedConfig(wrap))
     dtype = torch.bfloat16 if compute == "bfloat16" else torch.float32
-    return MimoTrainer(model, prov.build_infra(), hidden_size=64, global_batch_size=GLOBAL_BATCH,
-                       num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP, activation_dtype=dtype, device=device)
+    return MimoTrainer(model, prov.build_infra(), hidden_size=prov.language_config.hidden_size,
+                       global_batch_size=GLOBAL_BATCH, num_microbatches=MICRO, optimizer=OPTIM, clip_grad=CLIP,
+                       activation_dtype=dtype, device=device, embedding_widths=prov.embedding_widths(),
+                       text_layout=PaddedText(positions_rule=prov.text_positions))
 
 
 def _synced_timer(seconds: dict[str, float], key: str, fn, *args) -> None:
@@ -167,16 +220,16 @@ def _recording_grads(trainer: MimoTrainer) -> list[dict]:
     return grads
 
 
-def train_layout(rank: int, world_size: int, layout: dict, frozen: bool, tied: bool, dp_kind: str) -> dict:
+def train_layout(rank: int, world_size: int, row: Row) -> dict:
     """float32 parity steps, then the bf16 run with its sync count and its synchronized phases."""
     _tf32_off()
-    trainer = _trainer(layout, frozen, tied, dp_kind, None)
+    trainer = _trainer(row, None)
     grads = _recording_grads(trainer)
-    fp32 = [trainer.train_step(b) for b in _batches(3)]
+    fp32 = [trainer.train_step(b) for b in _batches(row.model, 3)]
     params = _cpu(full_params(trainer.model))
-    trainer = _trainer(layout, frozen, tied, dp_kind, "bfloat16")
+    trainer = _trainer(row, "bfloat16")
     bf16, syncs = [], []
-    for step, batch in enumerate(_batches(BF16_STEPS)):
+    for step, batch in enumerate(_batches(row.model, BF16_STEPS)):
         if step == SYNCED_FROM - 1:
             result, syncs = _count_syncs(trainer, batch)
             bf16.append(result)
@@ -185,11 +238,14 @@ def train_layout(rank: int, world_size: int, layout: dict, frozen: bool, tied: b
             trainer._timed = _synced_timer
         bf16.append(trainer.train_step(batch))
     return {"losses": [r.loss for r in fp32], "norms": [r.grad_norm for r in fp32], "grads": grads, "params": params,
-            "bf16": [r.loss for r in bf16], "syncs": syncs}
+            "bf16": [r.loss for r in bf16], "syncs": syncs, "balance": [r.patch_balance for r in fp32]}
 
 
+ENCODER_PP2 = {"images": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1},
+               "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1}}
+TOWER = {"freeze_modality_encoders": {"images": True}, "freeze_modality_projections": {"images": True}}
 LAYOUTS = {
-    # id: layout, frozen (LLaVA stage 1), tied embeddings, DP kind
+    # id: layout, frozen (`Row.frozen`), tied embeddings, DP kind: the ViT model
     "homogeneous-dp2": ({"images": {}, "language": {}}, False, False, "ddp"),
     "homogeneous-dp2-fsdp": ({"images": {}, "language": {}}, False, False, "fsdp"),
     # FSDP2 gathering each block once a step (the blocks stay gathered over the micro-batches)
@@ -242,7 +298,37 @@ LAYOUTS = {
     "colocated-dp2-pp2-vpp2": ({"images": {"data_parallel_size": 2},
                                 "language": {"pipeline_model_parallel_size": 2, "data_parallel_size": 1,
                                              "virtual_pipeline_model_parallel_size": 2}}, False, False, "ddp"),
+    # encoder pipeline parallelism (issue 29): the tower's stage s on the language model's stage s, the tower's
+    # activations and their gradients between its stages on the GPUs' p2p groups, the colocated bridge from rank 1
+    # (the tower's last stage) to rank 0 (the language model's first); trained, then LLaVA stage 1 (both pipelines
+    # frozen, the projection trained: the frozen tower's stages exchange no gradient)
+    "encoder-pp2-colocated-lm-pp2": (ENCODER_PP2, False, False, "ddp"),
+    "encoder-pp2-colocated-lm-pp2-stage1": (ENCODER_PP2, True, False, "ddp"),
+    # a frozen tower (encoder and projection): the frozen-aware bridges send no gradient back (`carries_grad`),
+    # heterogeneous (no message) and colocated behind a tower pipeline (no reduce-scatter)
+    "heterogeneous-frozen-tower": ({"images": {"data_parallel_size": 1},
+                                    "language": {"data_parallel_size": 1, "rank_offset": 1}}, "tower", False, "ddp"),
+    "encoder-pp2-colocated-lm-pp2-frozen-tower": (ENCODER_PP2, "tower", False, "ddp"),
 }
+QWEN_LAYOUTS = {
+    # id: family, layout (test_qwen_parity's tiny models and packed images of four sizes; DDP). A tower at DP2
+    # splits each micro-batch's images by patch count (`training.patch_balance`'s all-to-all), checked too.
+    # The towers' fused QKV under TP (`FusedColwiseParallel`'s all-gather), Qwen3-VL's q/k norms (their
+    # gradients summed over TP) and its tower's DeepStack mergers under TP
+    "qwen25-homogeneous-tp2": ("qwen2_5_vl", {"images": {"tensor_model_parallel_size": 2},
+                                              "language": {"tensor_model_parallel_size": 2}}),
+    "qwen3-homogeneous-tp2": ("qwen3_vl", {"images": {"tensor_model_parallel_size": 2},
+                                           "language": {"tensor_model_parallel_size": 2}}),
+    # patch balance at DP2 (windowed and full attention in the tower)
+    "qwen25-homogeneous-dp2": ("qwen2_5_vl", {"images": {}, "language": {}}),
+    # DeepStack's features carried with the activations from LM stage 0 to 1 (layers 0-1 | 2-3), tied embeddings
+    # across the stages, the tower at DP2 with patch balance
+    "qwen3-colocated-dp2-lm-pp2": ("qwen3_vl", {"images": {"data_parallel_size": 2},
+                                                "language": {"pipeline_model_parallel_size": 2,
+                                                             "data_parallel_size": 1}}),
+}
+ROWS = {**{name: Row(*spec) for name, spec in LAYOUTS.items()},
+        **{name: Row(layout, model=family) for name, (family, layout) in QWEN_LAYOUTS.items()}}
 
 _REFERENCES: dict = {}
 
@@ -254,12 +340,12 @@ def _layers(layout: dict) -> int:
     return 2 if vpp == 1 else vpp * language.get("pipeline_model_parallel_size", 1)
 
 
-def _reference(frozen: bool, tied: bool, layers: int = 2) -> dict:
-    key = frozen, tied, layers
+def _reference(row: Row) -> dict:
+    key = row.reference_key
     if key not in _REFERENCES:
-        losses, norms, grads, params = reference(frozen, tied, torch.float32, 3, layers)
-        bf16 = reference(frozen, tied, torch.bfloat16, BF16_STEPS, layers)[0]
-        fp32 = reference(frozen, tied, torch.float32, BF16_STEPS, layers)[0]
+        losses, norms, grads, params = reference(row, torch.float32, 3)
+        bf16 = reference(row, torch.bfloat16, BF16_STEPS)[0]
+        fp32 = reference(row, torch.float32, BF16_STEPS)[0]
         drift = max(_rel(b, f) for b, f in zip(bf16, fp32, strict=True))
         _REFERENCES[key] = {"losses": losses, "norms": norms, "grads": grads, "params": params, "bf16": bf16,
                             "bf16_band": BF16_BAND * drift}
@@ -282,13 +368,12 @@ def _report(name: str, row: dict) -> None:
             f.write(json.dumps({"layout": name, **row}) + "\n")
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(ROWS))
 def test_layout_on_two_gpus(name):
-    layout, frozen, tied, dp_kind = LAYOUTS[name]
-    MimoParallelismConfig.from_dict(layout)  # a typo in the table fails here, not in the workers
-    want = _reference(frozen, tied, _layers(layout))
-    results = run_distributed(train_layout, 2, layout, frozen, tied, dp_kind, backend="nccl", timeout_s=300,
-                              pg_timeout_s=120)
+    row = ROWS[name]
+    layout = MimoParallelismConfig.from_dict(row.layout).finalize(2)  # a typo fails here, not in the workers
+    want = _reference(row)
+    results = run_distributed(train_layout, 2, row, backend="nccl", timeout_s=300, pg_timeout_s=120)
     worst = {"loss": 0.0, "norm": 0.0, "grad": 0.0, "later_grad": 0.0, "param": 0.0, "bf16": 0.0}
     tensors: dict[str, float] = {}  # the largest difference of each gradient and parameter, for the report
     seen = set()
@@ -314,15 +399,24 @@ def test_layout_on_two_gpus(name):
                    "largest": top})
     print(f"\n{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + f"; largest {top}")
     assert seen == set(want["params"]), f"parameters nobody holds: {sorted(set(want['params']) - seen)}"
-    assert worst["loss"] <= RTOL and worst["norm"] <= RTOL and worst["grad"] <= RTOL, (worst, top)
-    assert worst["later_grad"] <= PARAM_RTOL and worst["param"] <= PARAM_RTOL, (worst, top)
+    first_norm = max(_rel(res["norms"][0], want["norms"][0]) for res in results)
+    assert worst["loss"] <= RTOL and first_norm <= RTOL and worst["grad"] <= RTOL, (worst, top)
+    later = ADAM_NOISE.get(row.model)
+    assert worst["norm"] <= (later or RTOL), (worst, top)
+    assert worst["later_grad"] <= (later or PARAM_RTOL) and worst["param"] <= (later or PARAM_RTOL), (worst, top)
     for rank, res in enumerate(results):
         curve = res["bf16"]
         assert all(math.isfinite(x) for x in curve), curve
         assert sum(curve[-5:]) < sum(curve[:5]), f"rank {rank}: bf16 loss did not decrease: {curve}"
     assert worst["bf16"] <= want["bf16_band"], (worst, want["bf16_band"])
     for rank, found in syncs.items():
-        assert len(found) == 1 and found[0].startswith("step.py"), f"rank {rank}: {sorted(Counter(found).items())}"
+        step = [f for f in found if row.model == "vit" or not f.startswith(TOWER_FILES)]
+        assert len(step) == 1 and step[0].startswith("step.py"), f"rank {rank}: {sorted(Counter(found).items())}"
+    if row.model != "vit":  # a tower at DP2 split its images by patch count
+        images = layout.module_parallelisms["images"]
+        balanced = [qwen.balanced(b, images.data_parallel_size, images.context_parallel_size)
+                    for b in _batches(row.model, 3)]
+        assert all(res["balance"] == balanced for res in results), [res["balance"] for res in results]
 
 
 def _single_process(name: str, names: dict) -> str:

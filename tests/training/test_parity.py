@@ -77,10 +77,13 @@ def reference(modalities: tuple[str, ...], frozen: bool = False, tied: bool = Fa
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def train_one_process(model, steps: list, micro: int = MICRO, positions=None) -> tuple[list, list]:
+def train_one_process(model, steps: list, micro: int = MICRO, positions=None, device: torch.device | None = None,
+                      compute: torch.dtype | None = None, clipped=None) -> tuple[list, list]:
     """The single-process reference loop: per-token mean over the global batch, `micro` micro-batches, torch's
     clipping, mimo's AdamW; the losses and the gradient norms of each step. `positions(input_ids, micro_batch)`:
-    the text's position ids where the family computes its own (Qwen-VL's M-RoPE)."""
+    the text's position ids where the family computes its own (Qwen-VL's M-RoPE). The one-GPU reference of
+    tests/gpu also gives `device` (each micro-batch's text and items copied there), `compute` (autocast to that
+    dtype) and `clipped(model)` (called after clipping, before the optimizer step: to record the gradients)."""
     opt = make_adamw(param_groups(model, OPTIM.weight_decay), OPTIM)
     losses, norms = [], []
     for batch in steps:
@@ -88,11 +91,16 @@ def train_one_process(model, steps: list, micro: int = MICRO, positions=None) ->
         total = 0.0
         for m in range(micro):
             mb = batch.microbatch(m, micro)
+            if device is not None:
+                mb = mb.prefetch(device, modalities=mb.modality_inputs)
             extra = {} if positions is None else {"position_ids": positions(mb.input_ids, mb)}
-            loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs, **extra)
+            with torch.autocast(mb.input_ids.device.type, dtype=compute, enabled=compute is not None):
+                loss_sum, _ = model(mb.input_ids, mb.labels, mb.modality_inputs, **extra)
             (loss_sum / tokens).backward()
             total += float(loss_sum.detach())
         norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)))
+        if clipped is not None:
+            clipped(model)
         opt.step()
         opt.zero_grad()
         losses.append(total / tokens)

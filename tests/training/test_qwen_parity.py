@@ -88,16 +88,18 @@ def spec(kind: str) -> QwenVLSpec:
     return QwenVLSpec(kind, vision, language, IMAGE, 65, 66, 67)
 
 
-def provider(kind: str, layout: dict | None) -> QwenVLMimoProvider:
+def provider(kind: str, layout: dict | None, **kw) -> QwenVLMimoProvider:
     config = None if layout is None else MimoParallelismConfig.from_dict(layout)
-    return QwenVLMimoProvider(spec(kind), config, params_dtype=torch.float64, seed=3)
+    return QwenVLMimoProvider(spec(kind), config, **{"params_dtype": torch.float64, "seed": 3, **kw})
 
 
-def batches(kind: str) -> list:
+def batches(kind: str, steps: int = STEPS, dtype: torch.dtype = torch.float64) -> list:
+    """`steps` global batches (each sample drawn from its index alone: the first steps are alike for any count)."""
     patch = spec(kind).vision.patch_dim
-    data = SyntheticDataset(64, {"images": ModalitySpec.packed(IMAGE, patch, GRIDS, merge=4)}, vocab_size=64,
-                            items_per_sample=(0, 1, 3), seed=5, dtype=torch.float64)
-    return [data.batch(range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)) for s in range(STEPS)]
+    images = ModalitySpec.packed(IMAGE, patch, GRIDS, merge=4)
+    data = SyntheticDataset(max(64, GLOBAL_BATCH * steps), {"images": images}, vocab_size=64,
+                            items_per_sample=(0, 1, 3), seed=5, dtype=dtype)
+    return [data.batch(range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)) for s in range(steps)]
 
 
 def reference(kind: str) -> tuple[list, list, dict]:
@@ -138,15 +140,22 @@ def split(images, dp: int, cp: int):
     return split_replicas(images, dp, cp) if cp > 1 else split_images(images, dp)
 
 
+def balanced(batch, dp: int, cp: int = 1, micro: int = MICRO) -> dict:
+    """The patch balance a step reports for `batch` with the tower at DP `dp` × CP `cp` (none at 1 × 1)."""
+    if dp * cp == 1:
+        return {}
+    return {"images": step_imbalance([split(batch.microbatch(m, micro).modality_inputs["images"], dp, cp)
+                                      for m in range(micro)])}
+
+
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
 def test_every_layout_trains_like_one_process(kind: str) -> None:
     ref_losses, ref_norms, ref_params = reference(kind)
     results = run_distributed(train_layouts, 4, kind, timeout_s=300)
     for name in results[0]:
         dp, cp = results[0][name]["images_dp"], results[0][name]["images_cp"]
-        balanced = [{"images": step_imbalance([split(b.microbatch(m, MICRO).modality_inputs["images"], dp, cp)
-                                               for m in range(MICRO)])} if dp * cp > 1 else {} for b in batches(kind)]
-        assert all(res[name]["balance"] == balanced for res in results), f"{kind} {name}: images not split by patches"
+        want = [balanced(b, dp, cp) for b in batches(kind)]
+        assert all(res[name]["balance"] == want for res in results), f"{kind} {name}: images not split by patches"
         seen = set()
         for rank, per_rank in enumerate(results):
             res = per_rank[name]
