@@ -196,10 +196,11 @@ class ContextParallelAttention:
         return self._attend(q, k, v)
 
     def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """K and V gathered in one collective (side by side along the heads), then the core for q's device."""
+        """K and V gathered in one collective (side by side along the heads, in the dtype the core attends in),
+        then the core for q's device."""
         heads = k.shape[1]
-        kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), self.group)
-        k, v = kv[:, :heads], kv[:, heads:].to(v.dtype)
+        kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), self.group, attention_dtype(q, k, v))
+        k, v = kv[:, :heads], kv[:, heads:]
         if uses_flex(q):
             return self.flex_core(q, k, v)
         return checkpoint(self.masked_core, q, k, v, use_reentrant=False, preserve_rng_state=False)  # no randomness
@@ -304,23 +305,27 @@ def query_block(q: torch.Tensor, k: torch.Tensor) -> int:
 
 
 class _GatherSequence(torch.autograd.Function):
-    """All-gather along dim 2 (the sequence of [R, heads, L, d]) over a group; backward: reduce-scatter."""
+    """All-gather along dim 2 (the sequence of [R, heads, L, d]) over a group, in `dtype`; backward: reduce-scatter
+    in x's own dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None, dtype: torch.dtype) -> torch.Tensor:
+        ctx.group, ctx.dtype = group, x.dtype
+        x = x.to(dtype).contiguous()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        dist.all_gather(parts, x, group=group)
         return torch.cat(parts, dim=2)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        pieces = [p.contiguous() for p in grad.chunk(dist.get_world_size(ctx.group), dim=2)]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        pieces = [p.to(ctx.dtype).contiguous() for p in grad.chunk(dist.get_world_size(ctx.group), dim=2)]
         out = torch.empty_like(pieces[0])
         dist.reduce_scatter(out, pieces, group=ctx.group)
-        return out, None
+        return out, None, None
 
 
-def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Every CP rank's x [R, heads, L, d] joined along the sequence in rank order (a differentiable all-gather)."""
-    return _GatherSequence.apply(x, group)
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every CP rank's x [R, heads, L, d] joined along the sequence in rank order (a differentiable all-gather),
+    sent in `dtype` (default x's): the cores attend in autocast's dtype, so K and V cross in it, half float32's
+    bytes, while their gradients are summed over the ranks in x's dtype, as a cast after the gather would."""
+    return _GatherSequence.apply(x, group, dtype or x.dtype)

@@ -312,3 +312,42 @@ def test_fsdp_beside_tp_under_cp_is_one_line_before_any_work():
     check_distributed(DistributedConfig(), layout.module_names, layout)
     no_tp = MimoParallelismConfig.from_dict(ROWS[0][1]).finalize(4)
     check_distributed(fsdp, no_tp.module_names, no_tp)
+
+
+def gather_in_bf16(rank: int, world_size: int) -> dict[str, object]:
+    """K and V crossing in bf16 (the dtype the core attends in under autocast) against gathering float32 and
+    casting after: the same values and the same float32 gradients; and what the all-gather moved."""
+    import torch.distributed as dist
+
+    from mimo.context_parallel import gather_sequence
+
+    moved = []
+    all_gather = dist.all_gather
+
+    def recording(parts, x, group=None):
+        moved.append(x.dtype)
+        return all_gather(parts, x, group=group)
+
+    gen = torch.Generator().manual_seed(rank)
+    k = torch.randn(2, 3, 8, 4, generator=gen, requires_grad=True)
+    v = torch.randn(2, 3, 8, 4, generator=gen).bfloat16().requires_grad_()
+    grad = torch.randn(2, 6, 8 * world_size, 4, generator=gen).bfloat16()  # each rank's own: sums round
+    results = {}
+    dist.all_gather = recording
+    try:
+        for name, dtype in (("cast after", None), ("bf16 on the wire", torch.bfloat16)):
+            kv = gather_sequence(torch.cat([k, v.to(k.dtype)], dim=1), None, dtype)
+            kv = kv.to(torch.bfloat16)  # what the core attends in
+            k.grad = v.grad = None
+            kv.backward(grad)
+            results[name] = (kv.detach(), k.grad.clone(), v.grad.clone())
+    finally:
+        dist.all_gather = all_gather
+    return {"moved": moved, "same": all(torch.equal(a, b) for a, b in zip(*results.values(), strict=True)),
+            "grad dtypes": (results["bf16 on the wire"][1].dtype, results["bf16 on the wire"][2].dtype)}
+
+
+def test_keys_and_values_cross_in_the_attention_dtype_and_their_gradients_sum_in_float32():
+    for out in run_distributed(gather_in_bf16, 2):
+        assert out["moved"] == [torch.float32, torch.bfloat16]
+        assert out["same"] and out["grad dtypes"] == (torch.float32, torch.bfloat16)
