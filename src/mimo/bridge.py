@@ -40,6 +40,7 @@ from torch import Tensor
 
 from mimo.exchange import RowRoute
 from mimo.grid import ModuleGrid, P2PGroups
+from mimo.models.transfer import to_device
 
 Kind = Literal["homogeneous", "colocated", "heterogeneous"]
 Piece = tuple[int, int, int]  # (peer replica or rank, start, stop)
@@ -432,7 +433,7 @@ class HeterogeneousBridge(Bridge):
         if self._is_dst_leader:
             pieces = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
             for piece, cp in zip(pieces, self._group_cp_ranks(group), strict=True):
-                piece[:len(chunks[cp])] = rows.index_select(0, _on(chunks[cp], self.device))
+                piece[:len(chunks[cp])] = rows.index_select(0, to_device(chunks[cp], self.device))
         if width:
             dist.scatter(mine, pieces, src=leader, group=group)
         return mine[:len(chunks[self.dst.coord.cp])].clone()
@@ -453,7 +454,7 @@ class HeterogeneousBridge(Bridge):
         full = torch.zeros(rows, self.hidden_size, dtype=self.dtype, device=self.device)
         for i, cp in enumerate(self._group_cp_ranks(group)):
             if self.dst.coordinates(dist.get_global_rank(group, i)).tp == 0:  # TP peers hold copies
-                full.index_copy_(0, _on(chunks[cp], self.device), gathered[i][:len(chunks[cp])])
+                full.index_copy_(0, to_device(chunks[cp], self.device), gathered[i][:len(chunks[cp])])
         return full
 
     def _receive_counts(self, microbatch: int, pieces: list[Piece], group: dist.ProcessGroup | None,
@@ -744,12 +745,6 @@ def make_bridge(src: ModuleGrid, dst: ModuleGrid, micro_batch_size: int, hidden_
     return BRIDGES[bridge_kind(src, dst)](src, dst, micro_batch_size, hidden_size, dtype, device, p2p_groups,
                                           carries_grad)
 
-
-def _on(index: Tensor, device: torch.device) -> Tensor:
-    """A host index on `device`, copied from pinned memory without blocking the host."""
-    if device.type == "cpu":
-        return index
-    return index.pin_memory().to(device, non_blocking=True)
 
 
 def _backward(embeddings: Tensor, grad: Tensor) -> None:

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from mimo.data.packing import LanguageText
 from mimo.models.attention import FLEX_MIN_HEAD_DIM, attention_dtype, compiled_flex_attention
 from mimo.models.labels import IGNORE_INDEX
+from mimo.models.transfer import to_device
 from mimo.torch_compat import compiler_loaded
 
 PAD = -1  # the source column of a split's padding position, and the document of pads
@@ -111,14 +112,9 @@ class ContextText(LanguageText):
             return self
         moved = LanguageText.to(self, device)
         return ContextText(moved.input_ids, moved.labels, moved.position_ids, None,
-                           scored_positions=moved.scored_positions, key_columns=_copy(self.key_columns, device),
-                           key_documents=_copy(self.key_documents, device), rank=self.rank, size=self.size,
+                           scored_positions=moved.scored_positions, key_columns=to_device(self.key_columns, device),
+                           key_documents=to_device(self.key_documents, device), rank=self.rank, size=self.size,
                            group=self.group, every_rank_rows=self.every_rank_rows)
-
-
-def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device`, from pinned memory without blocking the host (as `LanguageText.to`)."""
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def split_text(text: LanguageText, rank: int, size: int, special_ids: Iterable[int] = (),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mimo.models.transfer import to_device
+
 
 class _AllToAll(torch.autograd.Function):
     """Rows [n, ...] sent in runs of `send` rows to each rank of `group`, `recv` rows from each; the backward
@@ -75,17 +77,11 @@ class RowRoute:
         order[arrival] = torch.arange(arrival.numel())
         sends = [slot[rows[holder[rows] == rank]] for rows in needed]
         recv = torch.bincount(source, minlength=len(held)).tolist()
-        return cls(_on(torch.cat(sends), device), tuple(s.numel() for s in sends), tuple(recv), _on(order, device))
+        return cls(to_device(torch.cat(sends), device), tuple(s.numel() for s in sends), tuple(recv),
+                   to_device(order, device))
 
     def __call__(self, rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         """This rank's block [n, ...] (rows as `held` numbers them) → the rows it needs, in `needed`'s order."""
         moved = all_to_all_rows(rows.index_select(0, self.send_index), self.send, self.recv, group)
         return moved.index_select(0, self.order)
 
-
-def _on(index: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host index on `device`, copied from pinned memory without blocking the host."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return index
-    return index.pin_memory().to(device, non_blocking=True)

@@ -90,3 +90,33 @@ def test_a_tower_on_the_gpu_takes_the_grids_on_the_cpu_as_the_step_passes_them(t
         cpu = tower(pixels, grid)
         gpu = tower.cuda()(pixels.cuda(), grid)
     torch.testing.assert_close(gpu.embeddings.cpu(), cpu.embeddings, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tower_class, config", [(Qwen25VisionTower, Qwen25VisionConfig.tiny()),
+                                                 (Qwen3VisionTower, Qwen3VisionConfig.tiny())])
+def test_a_tower_call_never_blocks_the_host(tower_class, config):
+    """A training step's tower call (patches on the GPU, grids on the CPU, bf16 autocast: the varlen kernel)
+    forward and backward makes no host sync: its geometry and segment lengths are built on the host and cross
+    from pinned memory (`mimo.models.transfer`); a pageable copy or a device `repeat_interleave` would sync."""
+    import warnings
+
+    torch.manual_seed(0)
+    tower = tower_class(config).cuda()
+    grid = torch.tensor([[1, 8, 10], [1, 6, 4], [2, 4, 6]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), config.patch_dim, device="cuda")
+
+    def call() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            tower(pixels, grid).embeddings.float().square().sum().backward()
+
+    call()  # first use: kernels, allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, syncs

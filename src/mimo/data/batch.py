@@ -17,13 +17,7 @@ from mimo.data.bad_samples import SkippedSample
 from mimo.data.labels import loss_token_mask
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.mimo_model import ModalityBatch
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device`, copied from pinned memory (pinned here unless it is) without blocking the host."""
-    if device.type == "cpu":
-        return t
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+from mimo.models.transfer import to_device
 
 
 @dataclass

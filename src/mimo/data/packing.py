@@ -24,6 +24,7 @@ import torch
 from mimo.data.batch import MimoBatch
 from mimo.data.positions import MRopePositions
 from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
+from mimo.models.transfer import to_device
 
 SpecialIds = Mapping[str, int] | Iterable[int]
 
@@ -67,7 +68,7 @@ class LanguageText:
             return self
 
         def copy(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+            return None if t is None else to_device(t, device)
 
         return LanguageText(copy(self.input_ids), copy(self.labels), copy(self.position_ids), copy(self.document_ids),
                             copy(self.scored_positions))

@@ -21,6 +21,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from mimo.models.decoder import Decoder
 from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
 from mimo.models.sequence_parallel import takes_sequence_parallel
+from mimo.models.transfer import to_device
 
 
 @dataclass
@@ -237,9 +238,7 @@ class MimoModel(nn.Module):
         if host_ids is None:
             return input_ids == token_id
         positions = (host_ids == token_id).flatten().nonzero().squeeze(1)
-        if input_ids.device.type != "cpu":
-            positions = positions.pin_memory().to(input_ids.device, non_blocking=True)
-        return positions
+        return to_device(positions, input_ids.device)
 
     def check_alignment(self, input_ids: torch.Tensor, tokens_per_sample: Mapping[str, torch.Tensor],
                         rows: Mapping[str, int]) -> None:

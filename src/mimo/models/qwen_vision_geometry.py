@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from mimo.models.transfer import to_device
+
 
 @dataclass(frozen=True)
 class VisionGeometry:
@@ -39,7 +41,7 @@ class VisionGeometry:
         device = torch.device(device)
         if self.positions.device == device:
             return self
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+        return replace(self, **{f.name: to_device(getattr(self, f.name), device) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
@@ -104,7 +106,8 @@ def vision_geometry(grid_thw: torch.Tensor, merge: int, num_patches: int,
     if window_tokens is not None:
         geometry.update(_windows(grid, merge, window_tokens))
     device = grid_thw.device
-    return VisionGeometry(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in geometry.items()})
+    return VisionGeometry(**{k: to_device(v, device) if isinstance(v, torch.Tensor) else v
+                             for k, v in geometry.items()})
 
 
 def _windows(grid: list[tuple[int, int, int]], merge: int, side: int) -> dict[str, object]:

@@ -23,12 +23,15 @@ from mimo.models.attention import (
     varlen_attention,
     varlen_options,
 )
+from mimo.models.transfer import to_device
 
 
 def segment_ids(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """[N] long: the segment number of each position (segments of `lengths`, back to back)."""
-    counts = torch.tensor(list(lengths), dtype=torch.long, device=device)
-    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    """[N] long: the segment number of each position (segments of `lengths`, back to back), built on the host
+    and sent without blocking it (on a GPU, `repeat_interleave` of device counts reads their sum back)."""
+    counts = torch.tensor(list(lengths), dtype=torch.long)
+    ids = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return ids if device is None else to_device(ids, device)
 
 
 class MaskedSegmentAttention:
@@ -81,7 +84,7 @@ class VarlenSegmentAttention:
         """The segments' cumulative lengths (on `device`) and the longest one."""
         sizes = [int(n) for n in lengths]
         bounds = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        self.cu_seqlens = bounds.to(device)
+        self.cu_seqlens = bounds if device is None else to_device(bounds, device)
         self.longest = max(sizes, default=1)
         self.options = varlen_options(causal=False)
 

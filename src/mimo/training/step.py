@@ -34,7 +34,6 @@ from mimo.config import LANGUAGE
 from mimo.context_parallel import ContextText, chunk_rows, split_text
 from mimo.data import MimoBatch
 from mimo.data.balance import RankSplit
-from mimo.data.batch import to_device
 from mimo.data.packing import LanguageText, PaddedText, TextLayout, sample_extents
 from mimo.ddp_shards import local_tensor
 from mimo.distributed import (
@@ -51,6 +50,7 @@ from mimo.exchange import RowRoute
 from mimo.grid import pipeline_pairs, seam_pairs
 from mimo.infra import MimoModelInfra
 from mimo.models import MimoModel, ModalityBatch
+from mimo.models.transfer import to_device
 from mimo.training.deepstack import DeepStackCarry
 from mimo.training.encoder_pipeline import EncoderStages, StageTraining
 from mimo.training.grad_scaler import GlobalGradScaler
