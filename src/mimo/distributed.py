@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mimo import fp8
+from mimo import fp8, weight_casts
 from mimo.config import LANGUAGE, MimoParallelismConfig, _distinct_spans, _names, _ranks
 from mimo.ddp_shards import arm_reducer, dtensor_params, local_tensor, localize, not_a_view, sum_partial_grads
 from mimo.fp8 import Recipe as FP8Recipe
@@ -80,6 +80,10 @@ class ModuleDistributedConfig:
     # with fp8: skip (default) keeps layers whose matmul is too small to gain in the compute dtype (torchao's H100
     # thresholds, `mimo.fp8.too_small`); convert converts every linear layer whose dims are multiples of 16
     fp8_small_layers: FP8SmallLayers = "skip"
+    # with fp8 tensorwise: each converted layer's weight is cast to float8 once per step, not in every micro-batch's
+    # forward, recomputed forward and backward (`mimo.weight_casts`; exact). Only with replicated weights (DDP or
+    # one rank, TP 1): FSDP2 gathers float8 weights per use, TP's are DTensors; rowwise casts twice (not cached)
+    cache_weight_casts: bool = True
     fp8_emulate: bool = False  # torchao's emulated float8 matmuls on any device (CPU tests); not a run config key
     # linear layers whose width is not a multiple of 8 compute on zero-padded weights, same function (cuBLAS's fast
     # Hopper kernels need 16-byte-aligned rows: Qwen2.5-VL's 3420-wide vision MLP runs 3x faster); TP modules: off
@@ -296,9 +300,18 @@ def apply_fp8(model: MimoModel, infra: MimoModelInfra, settings: DistributedConf
         module = module_of(model, name)
         done[name] = module_fp8_layers(name, module, cfg, grid.size("tp"), grid.config.sequence_parallel)
         fp8.convert(module, done[name], fsdp_all_gather=cfg.data_parallel == "fsdp", emulate=cfg.fp8_emulate)
+        if caches_weight_casts(cfg, grid.size("tp")):
+            weight_casts.enable(module)
         if cfg.fp8 == "rowwise" and cfg.compile:
             emulate_precision_casts()
     return done
+
+
+def caches_weight_casts(cfg: ModuleDistributedConfig, tp: int) -> bool:
+    """Whether a module's float8 weight casts are made once per step (`cache_weight_casts`, `mimo.weight_casts`):
+    asked, tensorwise (rowwise casts the weight differently for the forward and the backward), and on weights every
+    rank holds whole (DDP or one rank; FSDP2's are gathered per use, TP's are DTensors)."""
+    return cfg.cache_weight_casts and cfg.fp8 == "tensorwise" and cfg.data_parallel == "ddp" and tp == 1
 
 
 def module_fp8_layers(name: str, module: nn.Module, cfg: ModuleDistributedConfig, tp: int,

@@ -216,7 +216,8 @@ SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # The keys of a `distributed.<module>` section: `ModuleDistributedConfig`'s fields but the compute dtype (the
 # run's, from train.dtype) and fp8_emulate (tests); compile and the recompute pair override train's for that module
 DISTRIBUTED_KEYS = ("data_parallel", "reshard_after_forward", "compile", "recompute_granularity",
-                    "recompute_num_layers", "fp8", "fp8_small_layers", "align_gemms")
+                    "recompute_num_layers", "fp8", "fp8_small_layers", "cache_weight_casts",
+                    "align_gemms")
 
 
 def distributed_settings(sections: dict[str, dict[str, Any]], train: TrainSection,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mimo import weight_casts
 from mimo.bridge import Bridge, make_bridge
 from mimo.config import LANGUAGE
 from mimo.context_parallel import ContextText, chunk_rows, split_text
@@ -136,6 +137,9 @@ class MimoTrainer:
         self.optimizers = build_optimizers(model, self.optimizer_config)
         self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
         self.step_count = 0
+        # float8 weight casts made once per step (`cache_weight_casts`): filled as a step starts, dropped after its
+        # optimizer step (the one place that decides when the weights change)
+        self.cached_casts = weight_casts.cached_layers(wrapped_modules(model).values())
 
     def _trained_modules(self) -> set[str]:
         """The modules with a parameter to train, agreed by every rank (one all-reduce, at build): a language rank
@@ -192,6 +196,7 @@ class MimoTrainer:
         splits = self._patch_splits(batch)
         self._state = _StepState(batch, label_tokens, extents, *self._prefetch(batch, extents, splits))
         seconds = self._state.seconds
+        weight_casts.fill(self.cached_casts)  # valid for every micro-batch's forward, recomputation and backward
         hosted = self.infra.participating_modules
         inside = [n for n in hosted if n != LANGUAGE and self.bridges[n].encodes_inside_language_forward]
         encoded = [n for n in self.bridges if n in hosted and n not in inside]
@@ -597,6 +602,7 @@ class MimoTrainer:
                 opt.step()
                 self.schedulers[name].step()
             opt.zero_grad(set_to_none=True)
+        weight_casts.drop(self.cached_casts)  # the weights changed (and the casts' graphs are spent)
         if self.scaler is not None:
             self.scaler.update()
         self.step_count += 1

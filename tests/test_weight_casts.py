@@ -1,0 +1,155 @@
+"""`distributed.<module>.cache_weight_casts`: float8 weight casts made once per step (`mimo.weight_casts`), exact.
+
+Trained through `MimoTrainer` on 2 gloo ranks (the tiny LLaVA, DDP over DP2, the language model in tensorwise fp8
+with torchao's emulated matmuls: no CPU has float8 ones), 3 steps of 3 micro-batches, with the cache on and off,
+eager and compiled (`aot_eager`, as tests/test_fp8.py: inductor's CPU build takes ~30 s; the cache was checked
+bitwise with inductor on the CPU too, by hand), recomputed and not. torchao is imported only in the workers."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import weakref
+from unittest import mock
+
+import pytest
+import torch
+
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, caches_weight_casts
+from mimo.testing import run_distributed
+from mimo.training.run_config import parse_run_config
+from tests.test_distributed_modules import DP2, IMAGE_ID, IMAGES, TOKENS, llava
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="the fp8 extra (pip install 'mimo[fp8]') is not installed")
+
+STEPS, MICROBATCHES, BATCH = 3, 3, 6
+VARIANTS = [(compiled, recompute) for compiled in (False, True) for recompute in ("none", "full")]
+
+
+def _settings(cache: bool, compiled: bool, recompute: str) -> DistributedConfig:
+    """bfloat16 compute; the language model in emulated tensorwise fp8, every layer converted."""
+    language = ModuleDistributedConfig("ddp", torch.bfloat16, compiled, recompute, fp8="tensorwise",
+                                       fp8_small_layers="convert", fp8_emulate=True, cache_weight_casts=cache)
+    return DistributedConfig(ModuleDistributedConfig("ddp", torch.bfloat16), {"language": language})
+
+
+def _batch():
+    """One batch for every step: a new length would compile anew, cache or not."""
+    from mimo.data import ModalitySpec, SyntheticDataset
+
+    data = SyntheticDataset(BATCH, {IMAGES: ModalitySpec.image(IMAGE_ID, TOKENS)}, seed=0, dtype=torch.float32)
+    return data.batch(range(BATCH))
+
+
+def _train(cache: bool, compiled: bool, recompute: str) -> dict:
+    """STEPS steps; the losses, the language gradients each optimizer step saw, the final parameters, the weight
+    casts torchao's matmuls made (all steps) and the cache's (per step), the compiled graphs after each step, and
+    whether any cached cast outlived its step."""
+    import torchao.float8.float8_linear as f8
+    from torch._dynamo.utils import counters
+
+    from mimo.training.optim import OptimizerConfig
+    from mimo.training.step import MimoTrainer
+
+    provider = llava(DP2, dtype=torch.float32)
+    with mock.patch.object(torch, "compile", functools.partial(torch.compile, backend="aot_eager")):
+        model = provider.provide_distributed_model(_settings(cache, compiled, recompute))
+    trainer = MimoTrainer(model, provider.build_infra(), hidden_size=64, global_batch_size=BATCH,
+                          num_microbatches=MICROBATCHES, optimizer=OptimizerConfig(lr=3e-3),
+                          activation_dtype=torch.bfloat16)
+    lm = model.language_model.module
+    grads, kept = [], []
+    trainer.optimizers["language"].register_step_pre_hook(
+        lambda *_: grads.append([p.grad.clone() for p in lm.parameters()]))
+    trainer.optimizers["language"].register_step_pre_hook(  # the casts this step used, watched past its end
+        lambda *_: kept.extend(weakref.ref(layer.cached_weight_t) for layer in trainer.cached_casts))
+    weight_casts, graphs, losses = [], [], []
+    real = f8.hp_tensor_to_float8_dynamic
+    calls = mock.patch.object(f8, "hp_tensor_to_float8_dynamic", side_effect=real)
+    cache_fills = mock.patch.object(type(trainer.cached_casts[0]), "cast_weight", autospec=True,
+                                    side_effect=type(trainer.cached_casts[0]).cast_weight) if cache else None
+    compiled_before = counters["stats"]["unique_graphs"]
+    with calls as spy:
+        for batch in [_batch()] * STEPS:
+            if cache_fills is not None:
+                with cache_fills as filled:
+                    losses.append(trainer.train_step(batch).loss)
+                weight_casts.append(filled.call_count)
+            else:
+                losses.append(trainer.train_step(batch).loss)
+            graphs.append(counters["stats"]["unique_graphs"] - compiled_before)
+    matmul_casts = sum(1 for c in spy.call_args_list if c.kwargs.get("gemm_input_role") == f8.GemmInputRole.WEIGHT)
+    return {"losses": losses, "grads": grads, "params": [p.detach().clone() for p in lm.parameters()],
+            "cached_layers": len(trainer.cached_casts), "matmul_weight_casts": matmul_casts,
+            "cache_fills": weight_casts, "graphs": graphs, "left": [layer.cached_weight_t for layer in
+                                                                    trainer.cached_casts if layer.cached_weight_t
+                                                                    is not None],
+            "alive": sum(ref() is not None for ref in kept), "watched": len(kept)}
+
+
+def variants(rank: int, world_size: int) -> dict:
+    """Each (compiled, recompute) variant trained with the cache off and on."""
+    torch.set_autocast_dtype("cuda", torch.bfloat16)  # Float8Linear casts under autocast to CUDA's dtype
+    return {(compiled, recompute): (_train(False, compiled, recompute), _train(True, compiled, recompute))
+            for compiled, recompute in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def worlds() -> list[dict]:
+    return run_distributed(variants, 2, timeout_s=300)
+
+
+def _equal(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@needs_torchao
+@pytest.mark.parametrize(("compiled", "recompute"), VARIANTS)
+def test_cached_casts_train_bitwise_like_uncached(worlds, compiled, recompute):
+    for rank, world in enumerate(worlds):
+        plain, cached = world[(compiled, recompute)]
+        assert cached["losses"] == plain["losses"], (rank, cached["losses"], plain["losses"])
+        assert len(cached["grads"]) == STEPS and all(_equal(c, p) for c, p in zip(cached["grads"], plain["grads"],
+                                                                                   strict=True)), rank
+        assert _equal(cached["params"], plain["params"]), rank
+        assert cached["losses"][-1] < cached["losses"][0], cached["losses"]
+
+
+@needs_torchao
+@pytest.mark.parametrize(("compiled", "recompute"), VARIANTS)
+def test_each_weight_is_cast_once_a_step_and_dropped_after_it(worlds, compiled, recompute):
+    """14 converted layers: uncached, each cast in every micro-batch's forward and backward (and recomputed
+    forward); cached, once a step, never by the matmuls; nothing cached outlives its step; compiled, a new step's
+    cache compiles nothing new."""
+    for world in worlds:
+        plain, cached = world[(compiled, recompute)]
+        assert cached["cached_layers"] == 14 and plain["cached_layers"] == 0
+        if not compiled:  # compiled, dynamo traces the casts once
+            per_microbatch = 3 if recompute == "full" else 2
+            assert plain["matmul_weight_casts"] == STEPS * MICROBATCHES * 14 * per_microbatch
+            assert cached["matmul_weight_casts"] == 0
+        assert cached["cache_fills"] == [14] * STEPS
+        assert cached["left"] == [] and cached["watched"] == 14 * STEPS and cached["alive"] == 0
+        if compiled:  # the first step compiles (recomputed: around the blocks already compiled), later ones not
+            assert cached["graphs"] == [cached["graphs"][0]] * STEPS, cached["graphs"]
+            assert recompute == "full" or cached["graphs"][0] > 0
+
+
+def test_casts_are_cached_only_for_tensorwise_on_replicated_weights():
+    tensorwise = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise")
+    assert caches_weight_casts(tensorwise, tp=1)
+    assert not caches_weight_casts(tensorwise, tp=2), "TP: DTensor weights"
+    assert not caches_weight_casts(ModuleDistributedConfig("fsdp", torch.bfloat16, fp8="tensorwise"), tp=1)
+    assert not caches_weight_casts(ModuleDistributedConfig("ddp", torch.bfloat16, fp8="rowwise"), tp=1)
+    assert not caches_weight_casts(ModuleDistributedConfig("ddp", torch.bfloat16), tp=1)
+    off = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise", cache_weight_casts=False)
+    assert not caches_weight_casts(off, tp=1)
+
+
+def test_the_setting_is_a_run_config_key():
+    config = parse_run_config({"parallelism": {"language": {}}, "train": {"dtype": "bfloat16"},
+                               "distributed": {"language": {"fp8": "tensorwise", "cache_weight_casts": False}}})
+    settings = config.distributed_config
+    assert settings.for_module("language").cache_weight_casts is False
+    assert settings.for_module("images").cache_weight_casts is True
