@@ -143,7 +143,8 @@ def test_fp8_on_a_machine_without_a_gpu_is_refused_before_any_worker(tmp_path):
         "fp8 language tensorwise: converted 14 linear layers: layers.*.self_attn.q_proj ×2, "
         "layers.*.self_attn.k_proj ×2, layers.*.self_attn.v_proj ×2, layers.*.self_attn.o_proj ×2, "
         "layers.*.mlp.gate_proj ×2, layers.*.mlp.up_proj ×2, layers.*.mlp.down_proj ×2; kept in the compute dtype: "
-        "lm_head (output head); compile is off: the float8 casts run unfused (torchao is fast only compiled)"), \
+        "lm_head (output head); weights cast to float8 once a step; compile is off: the float8 casts run unfused "
+        "(torchao is fast only compiled)"), \
         done.stdout
 
 

@@ -101,10 +101,11 @@ def fp8_layers(module: nn.Module, recipe: Recipe, small_layers: SmallLayers = "s
     return out
 
 
-def summary(module_name: str, layers: FP8Layers, compiled: bool = True) -> str:
+def summary(module_name: str, layers: FP8Layers, compiled: bool = True, cached: bool = False) -> str:
     """One line: the module, its recipe, the layers converted and those kept (repeated blocks' layers once, with
     their count), e.g. `fp8 language tensorwise: converted layers.*.self_attn.q_proj ×32, ...; kept lm_head (output
-    head)`; and, for a module not `compiled`, that its casts run unfused (torchao's float8 gains need compile)."""
+    head)`; whether the weights' casts are `cached` once a step (`mimo.weight_casts`); and, for a module not
+    `compiled`, that its casts run unfused (torchao's float8 gains need compile)."""
     kept: dict[str, list[str]] = {}
     for name, reason in layers.kept.items():
         kept.setdefault(reason, []).append(name)
@@ -112,6 +113,7 @@ def summary(module_name: str, layers: FP8Layers, compiled: bool = True) -> str:
     return (f"fp8 {module_name} {layers.recipe}: converted {len(layers.converted)} linear layers"
             f"{': ' + _grouped(layers.converted) if layers.converted else ''}"
             f"{'; kept in the compute dtype: ' + kept_text if kept_text else ''}"
+            f"{'; weights cast to float8 once a step' if cached and layers.converted else ''}"
             f"{'' if compiled else '; compile is off: the float8 casts run unfused (torchao is fast only compiled)'}")
 
 
