@@ -15,9 +15,10 @@ from unittest import mock
 import pytest
 import torch
 
-from mimo.distributed import DistributedConfig, ModuleDistributedConfig, caches_weight_casts
+from mimo.distributed import DistributedConfig, ModuleDistributedConfig, caches_float8_casts, caches_weight_casts
 from mimo.testing import run_distributed
 from mimo.training.run_config import parse_run_config
+from mimo.weight_casts import drop, enable, fill
 from tests.test_distributed_modules import DP2, IMAGE_ID, IMAGES, TOKENS, llava
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
@@ -28,10 +29,12 @@ VARIANTS = [(compiled, recompute) for compiled in (False, True) for recompute in
 
 
 def _settings(cache: bool, compiled: bool, recompute: str) -> DistributedConfig:
-    """bfloat16 compute; the language model in emulated tensorwise fp8, every layer converted."""
+    """bfloat16 compute, both modules compiled and recomputed alike; the language model in emulated tensorwise fp8,
+    every layer converted but the head (bf16 under autocast, as the images module's layers)."""
     language = ModuleDistributedConfig("ddp", torch.bfloat16, compiled, recompute, fp8="tensorwise",
                                        fp8_small_layers="convert", fp8_emulate=True, cache_weight_casts=cache)
-    return DistributedConfig(ModuleDistributedConfig("ddp", torch.bfloat16), {"language": language})
+    images = ModuleDistributedConfig("ddp", torch.bfloat16, False, recompute, cache_weight_casts=cache)
+    return DistributedConfig(images, {"language": language})
 
 
 def _batch():
@@ -58,17 +61,22 @@ def _train(cache: bool, compiled: bool, recompute: str) -> dict:
     trainer = MimoTrainer(model, provider.build_infra(), hidden_size=64, global_batch_size=BATCH,
                           num_microbatches=MICROBATCHES, optimizer=OptimizerConfig(lr=3e-3),
                           activation_dtype=torch.bfloat16)
-    lm = model.language_model.module
+    from mimo.weight_casts import CachedCast, CachedCastLinear
+
+    lm, images = model.language_model.module, model.modality_submodules[IMAGES].module
+    params = [*lm.parameters(), *images.parameters()]
     grads, kept = [], []
-    trainer.optimizers["language"].register_step_pre_hook(
-        lambda *_: grads.append([p.grad.clone() for p in lm.parameters()]))
+    for opt in trainer.optimizers.values():  # each module's gradients as its optimizer steps
+        opt.register_step_pre_hook(lambda o, *_: grads.append(
+            [p.grad.clone() for g in o.param_groups for p in g["params"] if p.grad is not None]))
     trainer.optimizers["language"].register_step_pre_hook(  # the casts this step used, watched past its end
-        lambda *_: kept.extend(weakref.ref(layer.cached_weight_t) for layer in trainer.cached_casts))
+        lambda *_: kept.extend(weakref.ref(layer.weight_cast) for layer in trainer.cached_casts))
+    float8 = [m for m in trainer.cached_casts if not isinstance(m, CachedCastLinear)]
     weight_casts, graphs, losses = [], [], []
     real = f8.hp_tensor_to_float8_dynamic
     calls = mock.patch.object(f8, "hp_tensor_to_float8_dynamic", side_effect=real)
-    cache_fills = mock.patch.object(type(trainer.cached_casts[0]), "cast_weight", autospec=True,
-                                    side_effect=type(trainer.cached_casts[0]).cast_weight) if cache else None
+    cache_fills = mock.patch.object(type(float8[0]), "cast_weight", autospec=True,
+                                    side_effect=type(float8[0]).cast_weight) if cache else None
     compiled_before = counters["stats"]["unique_graphs"]
     with calls as spy:
         for batch in [_batch()] * STEPS:
@@ -80,11 +88,12 @@ def _train(cache: bool, compiled: bool, recompute: str) -> dict:
                 losses.append(trainer.train_step(batch).loss)
             graphs.append(counters["stats"]["unique_graphs"] - compiled_before)
     matmul_casts = sum(1 for c in spy.call_args_list if c.kwargs.get("gemm_input_role") == f8.GemmInputRole.WEIGHT)
-    return {"losses": losses, "grads": grads, "params": [p.detach().clone() for p in lm.parameters()],
-            "cached_layers": len(trainer.cached_casts), "matmul_weight_casts": matmul_casts,
-            "cache_fills": weight_casts, "graphs": graphs, "left": [layer.cached_weight_t for layer in
-                                                                    trainer.cached_casts if layer.cached_weight_t
-                                                                    is not None],
+    cached = {"float8": len(float8), "head": [n for n, m in lm.named_modules() if isinstance(m, CachedCastLinear)],
+              "images": sum(isinstance(m, CachedCast) for m in images.modules())}
+    return {"losses": losses, "grads": grads, "params": [p.detach().clone() for p in params],
+            "cached": cached, "cached_layers": len(trainer.cached_casts), "matmul_weight_casts": matmul_casts,
+            "float8_fills": weight_casts, "graphs": graphs,
+            "left": [layer.weight_cast for layer in trainer.cached_casts if layer.weight_cast is not None],
             "alive": sum(ref() is not None for ref in kept), "watched": len(kept)}
 
 
@@ -110,7 +119,7 @@ def test_cached_casts_train_bitwise_like_uncached(worlds, compiled, recompute):
     for rank, world in enumerate(worlds):
         plain, cached = world[(compiled, recompute)]
         assert cached["losses"] == plain["losses"], (rank, cached["losses"], plain["losses"])
-        assert len(cached["grads"]) == STEPS and all(_equal(c, p) for c, p in zip(cached["grads"], plain["grads"],
+        assert len(cached["grads"]) == 2 * STEPS and all(_equal(c, p) for c, p in zip(cached["grads"], plain["grads"],
                                                                                    strict=True)), rank
         assert _equal(cached["params"], plain["params"]), rank
         assert cached["losses"][-1] < cached["losses"][0], cached["losses"]
@@ -120,31 +129,56 @@ def test_cached_casts_train_bitwise_like_uncached(worlds, compiled, recompute):
 @pytest.mark.parametrize(("compiled", "recompute"), VARIANTS)
 def test_each_weight_is_cast_once_a_step_and_dropped_after_it(worlds, compiled, recompute):
     """14 converted layers: uncached, each cast in every micro-batch's forward and backward (and recomputed
-    forward); cached, once a step, never by the matmuls; nothing cached outlives its step; compiled, a new step's
-    cache compiles nothing new."""
+    forward); cached, once a step, never by the matmuls; the head and the images module's linear layers cached
+    in bf16; nothing cached outlives its step; compiled, a new step's cache compiles nothing new."""
     for world in worlds:
         plain, cached = world[(compiled, recompute)]
-        assert cached["cached_layers"] == 14 and plain["cached_layers"] == 0
+        assert cached["cached"]["float8"] == 14 and cached["cached"]["head"] == ["lm_head"]
+        assert cached["cached"]["images"] > 0 and plain["cached_layers"] == 0
+        layers = cached["cached_layers"]
         if not compiled:  # compiled, dynamo traces the casts once
             per_microbatch = 3 if recompute == "full" else 2
             assert plain["matmul_weight_casts"] == STEPS * MICROBATCHES * 14 * per_microbatch
             assert cached["matmul_weight_casts"] == 0
-        assert cached["cache_fills"] == [14] * STEPS
-        assert cached["left"] == [] and cached["watched"] == 14 * STEPS and cached["alive"] == 0
+        assert cached["float8_fills"] == [14] * STEPS
+        assert cached["left"] == [] and cached["watched"] == layers * STEPS and cached["alive"] == 0
         if compiled:  # the first step compiles (recomputed: around the blocks already compiled), later ones not
             assert cached["graphs"] == [cached["graphs"][0]] * STEPS, cached["graphs"]
             assert recompute == "full" or cached["graphs"][0] > 0
 
 
-def test_casts_are_cached_only_for_tensorwise_on_replicated_weights():
+def test_casts_are_cached_in_mixed_precision_on_whole_weights_float8_ones_tensorwise():
     tensorwise = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise")
-    assert caches_weight_casts(tensorwise, tp=1)
+    assert caches_weight_casts(tensorwise, tp=1) and caches_float8_casts(tensorwise, tp=1)
     assert not caches_weight_casts(tensorwise, tp=2), "TP: DTensor weights"
     assert not caches_weight_casts(ModuleDistributedConfig("fsdp", torch.bfloat16, fp8="tensorwise"), tp=1)
-    assert not caches_weight_casts(ModuleDistributedConfig("ddp", torch.bfloat16, fp8="rowwise"), tp=1)
-    assert not caches_weight_casts(ModuleDistributedConfig("ddp", torch.bfloat16), tp=1)
+    rowwise = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="rowwise")
+    assert caches_weight_casts(rowwise, tp=1) and not caches_float8_casts(rowwise, tp=1), "bf16 layers only"
+    assert caches_weight_casts(ModuleDistributedConfig("ddp", torch.bfloat16), tp=1)
+    assert not caches_weight_casts(ModuleDistributedConfig("ddp", None), tp=1), "no autocast: nothing cast"
     off = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise", cache_weight_casts=False)
     assert not caches_weight_casts(off, tp=1)
+
+
+def test_a_cached_bf16_weight_serves_only_autocast_in_its_dtype():
+    """Outside autocast (or in another dtype) a cached layer computes on its float32 weight, as without the cache;
+    under autocast bitwise as autocast's own cast; aligned layers only (a misaligned one computes padded)."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 12))
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = module[0](x)
+    assert enable(module, torch.bfloat16) == ["0"], "12 is no multiple of 8: gemm_alignment's"
+    layer = module[0]
+    fill([layer])
+    assert layer.weight_cast.dtype == torch.bfloat16 and layer.weight_cast.grad_fn is not None
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(layer(x), expected)
+    assert torch.equal(layer(x), x @ layer.weight.T + layer.bias), "no autocast: float32, as without the cache"
+    with torch.autocast("cpu", torch.float16):
+        assert layer(x).dtype == torch.float16
+    drop([layer])
+    assert layer.weight_cast is None
 
 
 def test_the_setting_is_a_run_config_key():

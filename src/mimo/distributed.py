@@ -80,9 +80,10 @@ class ModuleDistributedConfig:
     # with fp8: skip (default) keeps layers whose matmul is too small to gain in the compute dtype (torchao's H100
     # thresholds, `mimo.fp8.too_small`); convert converts every linear layer whose dims are multiples of 16
     fp8_small_layers: FP8SmallLayers = "skip"
-    # with fp8 tensorwise: each converted layer's weight is cast to float8 once per step, not in every micro-batch's
-    # forward, recomputed forward and backward (`mimo.weight_casts`; exact). Only with replicated weights (DDP or
-    # one rank, TP 1): FSDP2 gathers float8 weights per use, TP's are DTensors; rowwise casts twice (not cached)
+    # mixed precision: each linear layer's weight is cast once per step (to float8 for fp8 tensorwise, else to the
+    # compute dtype), not in every micro-batch's forward, recomputed forward (and fp8's backward); exact, held for the
+    # step (1 byte a parameter in float8, 2 in bf16; `mimo.weight_casts`). Only with whole weights (DDP or one rank,
+    # TP 1): FSDP2 gathers weights per use, TP's are DTensors; fp8 rowwise casts twice (its layers not cached)
     cache_weight_casts: bool = True
     fp8_emulate: bool = False  # torchao's emulated float8 matmuls on any device (CPU tests); not a run config key
     # linear layers whose width is not a multiple of 8 compute on zero-padded weights, same function (cuBLAS's fast
@@ -261,8 +262,9 @@ def parallelize(model: MimoModel, infra: MimoModelInfra, settings: DistributedCo
     """Each hosted module's parallelism, in this order (torchtitan's `parallelize_llama`): fp8 conversion
     (`apply_fp8`: torchao's float8 TP styles need its layers) and tensor parallelism, on the meta model so that no
     rank ever holds a full module; `materialize` (the provider's: values for the shards, freezing), since DDP needs
-    real parameters and whether a module trains; then asynchronous TP, GEMM alignment (`align_gemms`), compile,
-    recomputation (around the compiled forward) and data parallelism (DDP/FSDP2, autocast)."""
+    real parameters and whether a module trains; then asynchronous TP, GEMM alignment (`align_gemms`), the weight
+    casts cached per step (`cache_weight_casts`), compile, recomputation (around the compiled forward) and data
+    parallelism (DDP/FSDP2, autocast)."""
     converted = apply_fp8(model, infra, settings)
     apply_tensor_parallel(model, infra, converted)
     if materialize is not None:
@@ -273,6 +275,8 @@ def parallelize(model: MimoModel, infra: MimoModelInfra, settings: DistributedCo
             overlap_tp_comms(grid)
         if cfg.align_gemms and tp == 1:
             align_linears(module_of(model, name))
+        if caches_weight_casts(cfg, tp):
+            weight_casts.enable(module_of(model, name), cfg.compute_dtype)
         if cfg.compile:
             compile_blocks(module_of(model, name), tp)
         if cfg.recompute_granularity == "full":
@@ -300,18 +304,22 @@ def apply_fp8(model: MimoModel, infra: MimoModelInfra, settings: DistributedConf
         module = module_of(model, name)
         done[name] = module_fp8_layers(name, module, cfg, grid.size("tp"), grid.config.sequence_parallel)
         fp8.convert(module, done[name], fsdp_all_gather=cfg.data_parallel == "fsdp", emulate=cfg.fp8_emulate)
-        if caches_weight_casts(cfg, grid.size("tp")):
-            weight_casts.enable(module)
         if cfg.fp8 == "rowwise" and cfg.compile:
             emulate_precision_casts()
     return done
 
 
 def caches_weight_casts(cfg: ModuleDistributedConfig, tp: int) -> bool:
-    """Whether a module's float8 weight casts are made once per step (`cache_weight_casts`, `mimo.weight_casts`):
-    asked, tensorwise (rowwise casts the weight differently for the forward and the backward), and on weights every
-    rank holds whole (DDP or one rank; FSDP2's are gathered per use, TP's are DTensors)."""
-    return cfg.cache_weight_casts and cfg.fp8 == "tensorwise" and cfg.data_parallel == "ddp" and tp == 1
+    """Whether a module's weight casts are made once per step (`cache_weight_casts`, `mimo.weight_casts`, which
+    picks the layers: tensorwise float8 ones, and plain linear ones that autocast casts): asked, in mixed precision,
+    and on weights every rank holds whole (DDP or one rank; FSDP2's are gathered per use, TP's are DTensors)."""
+    return cfg.cache_weight_casts and cfg.compute_dtype is not None and cfg.data_parallel == "ddp" and tp == 1
+
+
+def caches_float8_casts(cfg: ModuleDistributedConfig, tp: int) -> bool:
+    """Whether a module's float8 weight casts are made once per step: its casts are, and its recipe is tensorwise
+    (rowwise casts a weight differently for the forward's and the backward's matmul: `float8_cacheable`)."""
+    return caches_weight_casts(cfg, tp) and cfg.fp8 == "tensorwise"
 
 
 def module_fp8_layers(name: str, module: nn.Module, cfg: ModuleDistributedConfig, tp: int,

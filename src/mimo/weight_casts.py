@@ -1,48 +1,72 @@
-"""Float8 weight casts made once per training step, not per micro-batch (`distributed.<module>.cache_weight_casts`).
+"""Weight casts made once per training step, not per micro-batch (`distributed.<module>.cache_weight_casts`).
 
 torchao's `Float8Linear` casts its float32 master weight to float8 (an amax pass, then the cast) in every forward,
-again in a recomputed forward and again in the backward: ~27 bytes moved per parameter per micro-batch. The
-weights do not change between a step's micro-batches, so a converted layer here takes its cast from a cache filled
-once per step (TransformerEngine's `is_first_microbatch` weight caching is the precedent), which torchao's matmul
-uses as is in the forward and the backward (`tensor_already_casted_to_fp8`).
+again in a recomputed forward and again in the backward: ~27 bytes moved per parameter per micro-batch. A plain
+`nn.Linear` under autocast casts its float32 weight to the compute dtype in every forward and recomputed forward
+(autocast's cache lives for one forward): ~12 bytes. The weights do not change between a step's micro-batches, so a
+layer here takes its cast from a cache filled once per step (TransformerEngine's `is_first_microbatch` weight
+caching is the precedent): torchao's matmul uses a float8 weight as is in the forward and the backward
+(`tensor_already_casted_to_fp8`), autocast leaves a weight already in its dtype alone.
 
-Exact (bitwise): the cast is torchao's own (`hp_tensor_to_float8_dynamic`, with the layer's weight cast config),
-made in autograd: its node passes the gradient through unchanged and saves no tensor (the amax and the scale are
-computed without gradient), so every micro-batch's backward reaches the parameter through it, and recomputation
-re-reads the same cached tensor. Only where it holds: a tensorwise recipe (rowwise scales the weight along a
-different dim for the backward's matmul than for the forward's: two casts), plain replicated weights (one GPU,
-DDP); not FSDP2 (sharded weights gathered per use: torchao's float8 all-gather serves it) nor TP (DTensor weights).
+Exact (bitwise): each cast is the one the layer would make (torchao's `hp_tensor_to_float8_dynamic` with the layer's
+weight cast config; autocast's `weight.to(dtype)`), made in autograd: its nodes pass the gradient through (cast
+back to float32) and save no tensor (float8's amax and scale are computed without gradient), so every micro-batch's
+backward reaches the parameter through them, and recomputation re-reads the same cached tensor. Held for the step:
+1 byte per float8 parameter, 2 per bf16 one. Only where one cast serves: a tensorwise float8 recipe (rowwise scales
+the weight along a different dim for the backward's matmul than for the forward's), weights every rank holds whole
+(one rank, DDP: `mimo.distributed.caches_weight_casts`; not FSDP2's, gathered per use, nor TP's DTensors), and for a
+plain linear layer only while autocast runs in the cached dtype (else it computes as without the cache).
 
-Who fills and drops the cache is the training step's decision (`mimo.training.step`: at the step's start, and
-after its optimizer step, when the weights change); outside an open step every layer casts as torchao does.
+Who fills and drops the cache is the training step (`mimo.training.step`: as the step starts, and after its
+optimizer step, when the weights change); outside a step every layer casts as it would without this module.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from mimo.gemm_alignment import misaligned
 
 
 class CachedCast(nn.Module):
-    """What marks a layer whose float8 weight cast the step caches (`cached_cast_linear`); torchao-free, so the
-    training step can find such layers without importing torchao."""
+    """A linear layer whose weight's cast the step caches in `weight_cast` (None outside a step). A plain tensor
+    attribute, read in the forward: compiled blocks take it as a graph input (guarded on its metadata, not its
+    identity), so a new step's cache compiles nothing new."""
 
-    cached_weight_t: torch.Tensor | None
+    weight_cast: torch.Tensor | None
 
     def cast_weight(self) -> None:
-        """Fill `cached_weight_t` (`cached_cast_linear`)."""
+        """Fill `weight_cast` with the cast this layer's forward and backward would make."""
         raise NotImplementedError
 
 
+class CachedCastLinear(CachedCast, nn.Linear):
+    """`nn.Linear` under autocast, with its weight cast to the compute dtype (`cast_dtype`) once a step."""
+
+    cast_dtype: torch.dtype
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """`F.linear` on the cached weight where autocast would cast to its dtype; else on the weight itself."""
+        cast, device = self.weight_cast, input.device.type
+        if cast is None or not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != cast.dtype:
+            return F.linear(input, self.weight, self.bias)
+        return F.linear(input, cast, self.bias)
+
+    def cast_weight(self) -> None:
+        """autocast's cast of the weight, once (under autograd where the weight trains)."""
+        self.weight_cast = self.weight.to(self.cast_dtype)
+
+
 @functools.cache
-def cached_cast_linear() -> type[CachedCast]:
-    """torchao's `Float8Linear` taking its float8 weight from `cached_weight_t` when the step filled it (else
-    casting as torchao does). A plain tensor attribute, read in the forward: compiled blocks take it as a graph
-    input (guarded on its metadata, not its identity), so a new step's cache compiles nothing new. Built on first
-    use: torchao is imported only where a module asks for fp8."""
+def cached_cast_float8_linear() -> type[CachedCast]:
+    """torchao's `Float8Linear` taking its float8 weight from `weight_cast` when the step filled it (else casting as
+    torchao does). Built on first use: torchao is imported only where a module asks for fp8."""
     from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
     from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
     from torchao.float8.float8_training_tensor import GemmInputRole
@@ -50,7 +74,7 @@ def cached_cast_linear() -> type[CachedCast]:
     class CachedCastFloat8Linear(CachedCast, Float8Linear):
         def forward(self, input: torch.Tensor) -> torch.Tensor:
             """torchao's forward, with the cached transposed float8 weight in place of the master weight."""
-            weight_t = self.cached_weight_t
+            weight_t = self.weight_cast
             if weight_t is None:
                 return Float8Linear.forward(self, input)
             if torch.is_autocast_enabled():  # as Float8Linear: the output in the autocast dtype
@@ -61,10 +85,10 @@ def cached_cast_linear() -> type[CachedCast]:
             return output
 
         def cast_weight(self) -> None:
-            """Cast the master weight as `matmul_with_hp_or_float8_args` does (the same for its forward and
-            backward, tensorwise), once, under autograd where the weight trains."""
+            """The master weight cast as `matmul_with_hp_or_float8_args` casts it (tensorwise: the same for its
+            forward and backward), once (under autograd where the weight trains)."""
             c = self.config.cast_config_weight
-            self.cached_weight_t = hp_tensor_to_float8_dynamic(
+            self.weight_cast = hp_tensor_to_float8_dynamic(
                 self.weight.t(), c.target_dtype, self.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT,
                 scaling_granularity=c.scaling_granularity,
                 round_scales_to_power_of_2=self.config.round_scales_to_power_of_2)
@@ -72,31 +96,43 @@ def cached_cast_linear() -> type[CachedCast]:
     return CachedCastFloat8Linear
 
 
-def cacheable(layer: nn.Module) -> bool:
-    """Whether one cast of `layer`'s weight serves its forward and its backward: a torchao `Float8Linear` casting
-    its weight dynamically, tensorwise, the same way for both matmuls, on a plain tensor (not a DTensor, nor
-    FSDP2's float8 all-gather weight)."""
-    from torchao.float8.config import ScalingGranularity, ScalingType
-    from torchao.float8.float8_linear import Float8Linear
-
-    if not isinstance(layer, Float8Linear):
+def float8_cacheable(layer: nn.Module) -> bool:
+    """Whether one cast of `layer`'s weight serves its forward and its backward: a torchao `Float8Linear` (torchao is
+    loaded wherever one exists) casting its weight dynamically, tensorwise, the same way for both matmuls."""
+    module = sys.modules.get("torchao.float8.float8_linear")
+    if module is None or not isinstance(layer, module.Float8Linear):
         return False
+    from torchao.float8.config import ScalingGranularity, ScalingType
+
     config = layer.config
     weight = config.cast_config_weight
     return (weight == config.cast_config_weight_for_grad_input and weight.scaling_type is ScalingType.DYNAMIC
-            and weight.scaling_granularity is ScalingGranularity.TENSORWISE
-            and type(layer.weight) is nn.Parameter and type(layer.weight.data) is torch.Tensor)
+            and weight.scaling_granularity is ScalingGranularity.TENSORWISE)
 
 
-def enable(module: nn.Module) -> list[str]:
-    """Make every cacheable `Float8Linear` of `module` a `cached_cast_linear()` (in place: same parameters, names
-    and config; before compile, so the compiled blocks trace the class they run); the names of those made."""
+def autocast_cacheable(layer: nn.Module, compute_dtype: torch.dtype) -> bool:
+    """Whether autocast casts `layer`'s weight per forward: a plain `nn.Linear` (not GEMM-aligned: that one computes
+    on padded weights, `mimo.gemm_alignment`) whose weight is not in the compute dtype."""
+    return type(layer) is nn.Linear and not misaligned(layer) and layer.weight.dtype != compute_dtype
+
+
+def enable(module: nn.Module, compute_dtype: torch.dtype) -> list[str]:
+    """Make every linear layer of `module` whose cast can be cached a `CachedCast` (in place: same parameters,
+    names and config; before compile, so the compiled blocks trace the class they run), computing in
+    `compute_dtype`; the names of those made. Its weights must be plain tensors (one rank, DDP)."""
     done = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, CachedCast) and cacheable(layer):
-            layer.__class__ = cached_cast_linear()
-            layer.cached_weight_t = None
-            done.append(name)
+        if isinstance(layer, CachedCast) or type(getattr(layer, "weight", None)) is not nn.Parameter:
+            continue
+        if float8_cacheable(layer):
+            layer.__class__ = cached_cast_float8_linear()
+        elif autocast_cacheable(layer, compute_dtype):
+            layer.__class__ = CachedCastLinear
+            layer.cast_dtype = compute_dtype
+        else:
+            continue
+        layer.weight_cast = None
+        done.append(name)
     return done
 
 
@@ -114,4 +150,4 @@ def fill(layers: Iterable[CachedCast]) -> None:
 def drop(layers: Iterable[CachedCast]) -> None:
     """The step's optimizer changed the weights: forget every cast (and the graph each held)."""
     for layer in layers:
-        layer.cached_weight_t = None
+        layer.weight_cast = None

@@ -23,7 +23,7 @@ from mimo.config import RunConfigError
 from mimo.data import SyntheticDataset
 from mimo.data.scan import DataScan
 from mimo.data.section import DataSection
-from mimo.distributed import WrapError, caches_weight_casts, module_fp8_layers, module_of
+from mimo.distributed import WrapError, caches_float8_casts, module_fp8_layers, module_of
 from mimo.families.registry import BuildSettings, ModelFamily, family_named
 from mimo.flops import ModalityFlops
 from mimo.fp8 import FP8Error, check_machine, check_torchao, summary
@@ -166,7 +166,7 @@ def fp8_lines(plan: RunPlan) -> list[str]:
         parallelism = layout.get_parallelism(name)
         cfg, tp = settings.for_module(name), parallelism.tensor_model_parallel_size
         layers = module_fp8_layers(name, module_of(model, name), cfg, tp, parallelism.sequence_parallel)
-        lines.append(summary(name, layers, compiled=cfg.compile, cached=caches_weight_casts(cfg, tp)))
+        lines.append(summary(name, layers, compiled=cfg.compile, cached=caches_float8_casts(cfg, tp)))
     return lines
 
 
