@@ -42,3 +42,54 @@ def test_the_digits_default_reaches_90_percent_in_fp8(tmp_path, compiled):
     accuracy = [m["exact_match"] for m in metrics(tmp_path / "run") if m["kind"] == "eval"][-1]
     print(f"\nfp8 digits (compile {compiled}): held-out exact match {accuracy:.1%}")
     assert accuracy >= 0.90
+
+
+def _cached_and_uncached(tmp_path: Path) -> dict[bool, tuple[list[float], int, int]]:
+    """The tiny LLaVA on a one-rank NCCL world, bf16, compiled (inductor) and recomputed, the language model in
+    tensorwise fp8 (every layer but the head): 3 steps of 2 micro-batches on the same batch with the weight casts
+    cached once a step and without; the losses, the cached layers, and the graphs compiled after the first step."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from mimo.training.loop import build_trainer
+    from mimo.training.plan import plan_model
+    from mimo.training.run_config import parse_run_config
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=device)
+    out = {}
+    try:
+        for cache in (False, True):
+            config = parse_run_config({
+                "parallelism": {"images": {}, "language": {}}, "model": {"preset": "tiny"},
+                "train": {"global_batch_size": 8, "num_microbatches": 2, "dtype": "bfloat16", "steps": 10,
+                          "compile": True, "recompute_granularity": "full"},
+                "distributed": {"language": {"fp8": "tensorwise", "fp8_small_layers": "convert",
+                                             "cache_weight_casts": cache},
+                                "images": {"cache_weight_casts": cache}},
+                "data": {"name": "synthetic"}})
+            provider = plan_model(config).provider_on(device)
+            model = provider.provide_distributed_model(config.distributed_config)
+            batch = plan_model(config).dataset(provider).batch(range(8))
+            trainer = build_trainer(config, provider, model, device)
+            losses = [trainer.train_step(batch).loss]
+            compiled = counters["stats"]["unique_graphs"]
+            losses += [trainer.train_step(batch).loss for _ in range(2)]
+            out[cache] = (losses, len(trainer.cached_casts), counters["stats"]["unique_graphs"] - compiled)
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def test_weight_casts_cached_once_a_step_train_like_uncached(tmp_path):
+    """`cache_weight_casts` on the GPU, compiled by inductor with torch's float8 matmuls: the first loss is the same
+    forward bit for bit; later ones within bf16 kernels' run-to-run noise (attention's backward may sum in another
+    order); no step after the first compiles anything (the cached float8 weights enter the graphs as inputs)."""
+    runs = _cached_and_uncached(tmp_path)
+    (plain, plain_layers, _), (cached, layers, recompiled) = runs[False], runs[True]
+    print(f"\nlosses uncached {plain}, cached {cached}")
+    assert plain_layers == 0 and layers > 14, "14 float8 layers, the head and the images module's bf16 ones"
+    assert cached[0] == plain[0]
+    assert cached == pytest.approx(plain, rel=1e-3)
+    assert recompiled == 0
