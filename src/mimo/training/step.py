@@ -137,8 +137,8 @@ class MimoTrainer:
         self.optimizers = build_optimizers(model, self.optimizer_config)
         self.schedulers = build_schedulers(self.optimizers, self.optimizer_config)
         self.step_count = 0
-        # float8 weight casts made once per step (`cache_weight_casts`): filled as a step starts, dropped after its
-        # optimizer step (the one place that decides when the weights change)
+        # the layers whose weight casts (float8, or autocast's) are made once a step (`cache_weight_casts`,
+        # `mimo.weight_casts`): filled as a step starts, dropped after its optimizer step, when the weights change
         self.cached_casts = weight_casts.cached_layers(wrapped_modules(model).values())
 
     def _trained_modules(self) -> set[str]:
