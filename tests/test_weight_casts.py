@@ -71,6 +71,9 @@ def _train(cache: bool, compiled: bool, recompute: str) -> dict:
             [p.grad.clone() for g in o.param_groups for p in g["params"] if p.grad is not None]))
     trainer.optimizers["language"].register_step_pre_hook(  # the casts this step used, watched past its end
         lambda *_: kept.extend(weakref.ref(layer.weight_cast) for layer in trainer.cached_casts))
+    scales = []  # float8 casts' scales: computed without gradient (only the cast's identity backward carries one)
+    trainer.optimizers["language"].register_step_pre_hook(
+        lambda *_: scales.extend(layer.weight_cast._scale.requires_grad for layer in float8))
     float8 = [m for m in trainer.cached_casts if not isinstance(m, CachedCastLinear)]
     weight_casts, graphs, losses = [], [], []
     real = f8.hp_tensor_to_float8_dynamic
@@ -94,7 +97,7 @@ def _train(cache: bool, compiled: bool, recompute: str) -> dict:
             "cached": cached, "cached_layers": len(trainer.cached_casts), "matmul_weight_casts": matmul_casts,
             "float8_fills": weight_casts, "graphs": graphs,
             "left": [layer.weight_cast for layer in trainer.cached_casts if layer.weight_cast is not None],
-            "alive": sum(ref() is not None for ref in kept), "watched": len(kept)}
+            "alive": sum(ref() is not None for ref in kept), "watched": len(kept), "scales_grad": any(scales)}
 
 
 def variants(rank: int, world_size: int) -> dict:
@@ -140,7 +143,7 @@ def test_each_weight_is_cast_once_a_step_and_dropped_after_it(worlds, compiled, 
             per_microbatch = 3 if recompute == "full" else 2
             assert plain["matmul_weight_casts"] == STEPS * MICROBATCHES * 14 * per_microbatch
             assert cached["matmul_weight_casts"] == 0
-        assert cached["float8_fills"] == [14] * STEPS
+        assert cached["float8_fills"] == [14] * STEPS and not cached["scales_grad"]
         assert cached["left"] == [] and cached["watched"] == layers * STEPS and cached["alive"] == 0
         if compiled:  # the first step compiles (recomputed: around the blocks already compiled), later ones not
             assert cached["graphs"] == [cached["graphs"][0]] * STEPS, cached["graphs"]
@@ -174,6 +177,12 @@ def test_a_cached_bf16_weight_serves_only_autocast_in_its_dtype():
     assert layer.weight_cast.dtype == torch.bfloat16 and layer.weight_cast.grad_fn is not None
     with torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(layer(x), expected)
+        for _ in range(2):  # two backwards through the one cast: its node saves no tensor to be freed
+            layer(x).sum().backward()
+        reference = torch.nn.Linear(16, 8)
+        reference.load_state_dict(layer.state_dict())
+        reference(x).sum().backward()
+    assert torch.equal(layer.weight.grad, 2 * reference.weight.grad), "each backward's gradient, cast to float32"
     assert torch.equal(layer(x), x @ layer.weight.T + layer.bias), "no autocast: float32, as without the cache"
     with torch.autocast("cpu", torch.float16):
         assert layer(x).dtype == torch.float16
