@@ -1,9 +1,11 @@
-"""`distributed.<module>.cache_weight_casts`: float8 weight casts made once per step (`mimo.weight_casts`), exact.
+"""`distributed.<module>.cache_weight_casts`: weight casts made once per step (`mimo.weight_casts`), exact.
 
-Trained through `MimoTrainer` on 2 gloo ranks (the tiny LLaVA, DDP over DP2, the language model in tensorwise fp8
-with torchao's emulated matmuls: no CPU has float8 ones), 3 steps of 3 micro-batches, with the cache on and off,
-eager and compiled (`aot_eager`, as tests/test_fp8.py: inductor's CPU build takes ~30 s; the cache was checked
-bitwise with inductor on the CPU too, by hand), recomputed and not. torchao is imported only in the workers."""
+Trained through `MimoTrainer` on 2 gloo ranks (the tiny LLaVA, DDP over DP2, bf16 autocast; the language model in
+tensorwise fp8 with torchao's emulated matmuls, no CPU having float8 ones, but its head in bf16, as the images
+module), 3 steps of 3 micro-batches, with the cache on and off, the language model eager and compiled (`aot_eager`,
+as tests/test_fp8.py: inductor's CPU build takes ~30 s; the cache was checked bitwise with inductor on the CPU too,
+by hand, float8 and bf16 layers inside compiled blocks), recomputed and not. torchao is imported only in the
+workers."""
 
 from __future__ import annotations
 
