@@ -56,7 +56,7 @@ def test_set_overrides_any_key_with_yaml_typing():
         ({"parallelism": LAYOUT, "distributed": {"language": {"compute_dtype": "bfloat16"}}},  # train.dtype's
          "distributed.language: unknown key(s) ['compute_dtype']; allowed keys are ['data_parallel', "
          "'reshard_after_forward', 'compile', 'recompute_granularity', 'recompute_num_layers', 'fp8', "
-         "'fp8_small_layers', 'align_gemms']"),
+         "'fp8_small_layers', 'cache_weight_casts', 'align_gemms']"),
         ({"parallelism": LAYOUT, "distributed": {"language": {"reshard_after_forward": "never"}}},
          "distributed.language: reshard_after_forward 'never' applies to data_parallel 'fsdp' only, and it is 'ddp' "
          "(use 'fsdp', or leave reshard_after_forward 'default')"),
