@@ -5,6 +5,7 @@ more bad rows than `data.max_bad_sample_rate` in one line, before any worker or 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -147,9 +148,11 @@ def test_a_json_syntax_error_is_named_by_line_and_column(tmp_path):
 
 
 def _facts_in_a_process(path: str, cache: str, log: str) -> None:
-    """`file_facts` in a forked process, each finding of facts noted in `log`."""
-    data = open_dataset(Path(path).parent, Path(path))
-    rules = RowRules(data.prompter, data.template, TOKENS_PER_IMAGE, 64, Path(path).parent / "images")
+    """`file_facts` in a forked process, each finding of facts noted in `log` (each process writes its tokenizer
+    into a folder of its own: one shared file, rewritten by each, could be read half written)."""
+    images = Path(path).parent / "images"
+    data = open_dataset(Path(cache).parent / f"process{os.getpid()}", Path(path), image_folder=images)
+    rules = RowRules(data.prompter, data.template, TOKENS_PER_IMAGE, 64, images)
     found = scan_module.row_facts
 
     def noted(*args, **kw):
