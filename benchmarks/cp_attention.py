@@ -24,7 +24,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from llava_speed import write_json  # noqa: E402
 from mimo.context_parallel import ContextParallelAttention, build_block_mask, split_text  # noqa: E402
 from mimo.data.packing import LanguageText  # noqa: E402
 from mimo.models.attention import document_attention  # noqa: E402
+from mimo.training.metrics import Clock  # noqa: E402
 
 SHARES = (4, 3, 2, 1)  # the documents' relative lengths (cycled for more documents)
 
@@ -57,30 +57,12 @@ def packed_row(length: int, documents: int) -> LanguageText:
 
 def rank_attention(text: LanguageText, rank: int, cp: int, device: str) -> ContextParallelAttention:
     """CP rank `rank`'s attention over every rank's keys, its columns and documents on `device` (no group)."""
-    mine = split_text(text, rank, cp)
-    length = mine.input_ids.shape[1]
-    columns, documents = mine.key_columns.to(device), mine.key_documents.to(device)
-    own = slice(rank * length, (rank + 1) * length)
-    return ContextParallelAttention(columns[own], columns, documents[:, own], documents, None)
+    return split_text(text, rank, cp).to(device).attention()
 
 
 def device_ms(call: Callable[[], None], warmup: int, steps: int, device: str) -> float:
-    """Mean milliseconds of `call` over `steps` after `warmup` untimed calls (CUDA events; the CPU's clock)."""
-    for _ in range(warmup):
-        call()
-    if device != "cuda":
-        start = time.perf_counter()
-        for _ in range(steps):
-            call()
-        return (time.perf_counter() - start) * 1e3 / steps
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    begin.record()
-    for _ in range(steps):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / steps
+    """Mean milliseconds of `call` over `steps` after `warmup` untimed calls, on `device`'s clock."""
+    return Clock(torch.device(device)).mean_ms(call, warmup, steps)
 
 
 def forward_backward(core: Callable[..., torch.Tensor], inputs: list[torch.Tensor],

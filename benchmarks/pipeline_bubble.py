@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mimo.training.metrics import Clock
 from mimo.training.schedules import Timeline, forward_only, interleaved_one_f_one_b, simulate
 
 LAYERS, VIT_LAYERS = 32, 24
@@ -36,16 +37,8 @@ PLACEHOLDER = {"layer_forward_ms": 6.0, "layer_backward_ms": 12.0, "embedding_fo
 
 
 def _time_ms(fn, reps: int) -> float:
-    """Median-free mean of `reps` CUDA-event-timed calls after two warm-ups."""
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    """Mean of `reps` CUDA-event-timed calls after two warm-ups."""
+    return Clock(torch.device("cuda")).mean_ms(fn, 2, reps)
 
 
 def measure(seq: int, images: int, reps: int) -> dict[str, Any]:

@@ -48,9 +48,7 @@ def rank_attention(text: LanguageText, rank: int, cp: int,
                    device: str = "cpu") -> tuple[ContextParallelAttention, int]:
     """CP rank `rank`'s attention over every rank's keys, and its L."""
     mine = split_text(text, rank, cp)
-    length = mine.input_ids.shape[1]
-    own = slice(rank * length, (rank + 1) * length)
-    return attention_on(mine.key_columns, mine.key_documents, own, device), length
+    return mine.to(device).attention(), mine.input_ids.shape[1]
 
 
 def per_row_attention(device: str) -> tuple[ContextParallelAttention, int]:

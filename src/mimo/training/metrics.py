@@ -14,7 +14,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -60,6 +60,19 @@ class Clock:
         """Wait for the device (a no-op on the CPU)."""
         if self.cuda:
             torch.cuda.synchronize()
+
+    def mean_ms(self, call: Callable[[], Any], warmup: int, steps: int) -> float:
+        """Mean milliseconds of `call` over `steps` calls after `warmup` untimed ones (one mark each side, the
+        device drained before the first and read after the last)."""
+        for _ in range(warmup):
+            call()
+        self.sync()
+        start = self.mark()
+        for _ in range(steps):
+            call()
+        end = self.mark()
+        self.sync()
+        return self.ms(start, end) / steps
 
     def sync_stream(self) -> None:
         """Wait for the current stream only: work left on other streams (a send waiting for its receiver on a
