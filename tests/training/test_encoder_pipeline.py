@@ -203,6 +203,18 @@ def test_encoder_pipeline_parity_frozen_stages_and_resume_across_encoder_pp(tmp_
     assert runs[0]["frozen"]["traffic"]["saved"] == 0 and runs[0]["pp2"]["traffic"]["saved"] > 0
 
 
+def whole_and_stages(build, config, bounds: tuple[int, ...]) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """An encoder and its stages over `bounds` (built by layer range, float64, initialized alike), after checking
+    the stages' parameter names are the whole encoder's."""
+    whole = build(config).double()
+    stages = [build(config, layer_range=r).double() for r in zip(bounds, bounds[1:], strict=False)]
+    for module in (whole, *stages):
+        init_parameters(module, seed=3)
+    names = [n for stage in stages for n, _ in stage.named_parameters()]
+    assert sorted(names) == sorted(n for n, _ in whole.named_parameters())
+    return whole, stages
+
+
 @pytest.mark.parametrize(("encoder", "config", "items"), [
     (ViTEncoder, ViTConfig(image_size=8, patch_size=2, hidden_size=32, num_layers=4, num_heads=4,
                            ffn_hidden_size=64), torch.randn(2, 3, 8, 8, dtype=torch.float64)),
@@ -211,12 +223,7 @@ def test_encoder_pipeline_parity_frozen_stages_and_resume_across_encoder_pp(tmp_
 ])
 def test_encoder_stages_compose_to_the_whole_encoder(encoder, config, items):
     """Stages built by layer range, under the whole encoder's names, run one after another give its output."""
-    whole = encoder(config).double()
-    stages = [encoder(config, layer_range=r).double() for r in ((0, 1), (1, 2), (2, config.num_layers_built))]
-    for module in (whole, *stages):
-        init_parameters(module, seed=3)
-    names = [n for stage in stages for n, _ in stage.named_parameters()]
-    assert sorted(names) == sorted(n for n, _ in whole.named_parameters())
+    whole, stages = whole_and_stages(encoder, config, (0, 1, 2, config.num_layers_built))
     x = items
     for stage in stages:
         x = stage(x)

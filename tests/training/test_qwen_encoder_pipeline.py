@@ -24,7 +24,6 @@ from mimo.config import MimoParallelismConfig
 from mimo.data.packing import PaddedText
 from mimo.distributed import DistributedConfig, ModuleDistributedConfig
 from mimo.families.qwen_vl import QwenVLMimoProvider
-from mimo.models import init_parameters
 from mimo.models.qwen_vision import Qwen3VisionTower, Qwen25VisionTower
 from mimo.testing import run_distributed
 from mimo.training.checkpoint import Checkpointer
@@ -32,7 +31,7 @@ from mimo.training.encoder_pipeline import _TAG_BASE
 from mimo.training.plan import plan_run
 from mimo.training.run_config import parse_run_config
 from mimo.training.step import MimoTrainer
-from tests.training.test_encoder_pipeline import run_steps
+from tests.training.test_encoder_pipeline import run_steps, whole_and_stages
 from tests.training.test_parity import train_one_process
 from tests.training.test_pipeline_traffic import Recorder, nccl_mismatches
 from tests.training.test_qwen_parity import CLIP, GLOBAL_BATCH, MICRO, OPTIM, STEPS, batches, spec
@@ -145,12 +144,7 @@ def test_qwen_tower_stages_compose_to_the_whole_tower():
     grid = torch.tensor([[1, 4, 6], [1, 8, 4], [1, 2, 2]])
     for tower, kind in ((Qwen25VisionTower, "qwen2_5_vl"), (Qwen3VisionTower, "qwen3_vl")):
         config = _spec(kind).vision
-        whole = tower(config).double()
-        stages = [tower(config, layer_range=r).double() for r in ((0, 1), (1, 3), (3, config.depth))]
-        for module in (whole, *stages):
-            init_parameters(module, seed=3)
-        names = [n for stage in stages for n, _ in stage.named_parameters()]
-        assert sorted(names) == sorted(n for n, _ in whole.named_parameters())
+        whole, stages = whole_and_stages(tower, config, (0, 1, 3, config.depth))
         x = patches = torch.randn(int(grid.prod(1).sum()), config.patch_dim, dtype=torch.float64)
         for stage in stages:
             assert stage.has_front or x.numel() == stage.stage_input_numel(grid)
