@@ -46,7 +46,8 @@ def test_packed_row_lays_samples_end_to_end_with_restarting_positions():
     # each sample's labels are its own next tokens: the last kept label never names the next sample's first token
     assert text.labels.tolist() == [[10, 11, IMAGE, IMAGE, 12]]
     assert text.longest == 3
-    assert text.model_kwargs().keys() == {"position_ids", "document_ids", "scored_positions"}
+    assert text.model_kwargs().keys() == {"position_ids", "document_ids", "document_bounds", "scored_positions"}
+    assert text.document_bounds.tolist() == [0, 2, 5]
     assert text.scored_positions.tolist() == [0, 1, 2, 3, 4]  # every position with a target (modality ones too)
 
 

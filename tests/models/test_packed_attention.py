@@ -63,6 +63,17 @@ def test_varlen_bounds_are_each_documents_start_with_rows_end_to_end():
     assert VarlenDocumentAttention(docs).cu_seqlens.tolist() == [0, 5, 14, 16, 20, 32, 40]
 
 
+def test_packed_text_finds_its_bounds_on_the_host_and_gives_them_to_the_decoder():
+    """A packed micro-batch's bounds are found where its rows are arranged, before any copy to a GPU, so the
+    varlen attention there takes them as they are instead of reading a count back (one sync per micro-batch)."""
+    text = PackedText().arrange(MimoBatch.collate(_samples(), pad_id=0), {})
+    assert text.document_bounds.tolist() == VarlenDocumentAttention(text.document_ids).cu_seqlens.tolist()
+    assert text.document_bounds.tolist() == [0, 2, 18, 26]  # lengths 3, 17, 9 packed as 2, 16 and 8 positions
+    assert text.model_kwargs()["document_bounds"] is text.document_bounds
+    given = torch.tensor([0, 7, 20], dtype=torch.int32)
+    assert VarlenDocumentAttention(DOCS, given).cu_seqlens is given
+
+
 def test_cpu_tensors_get_the_explicit_mask():
     assert isinstance(document_attention(DOCS), MaskedDocumentAttention)
 

@@ -25,7 +25,7 @@ def _packed_inputs(length: int) -> dict[str, torch.Tensor]:
 def test_compiled_blocks_compile_a_bounded_number_of_times_over_packed_lengths(monkeypatch):
     """Padded rows (causal) then ten packed lengths (document flex): each compiled frame at most 3 times
     (static, dynamic, the packed variant) whatever the number of lengths, and flex_attention never eager."""
-    monkeypatch.setattr(decoder_module, "document_attention", lambda ids, dtype: FlexDocumentAttention(ids))
+    monkeypatch.setattr(decoder_module, "document_attention", lambda ids, *_: FlexDocumentAttention(ids))
     torch._dynamo.reset()
     decoder = Decoder(DecoderConfig.tiny(max_seq_len=2048))
     init_parameters(decoder, seed=1)

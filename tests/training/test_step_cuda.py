@@ -18,9 +18,9 @@ import torch.distributed as dist
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _trainer_and_batches(num_microbatches: int, compile_blocks: bool, **train):
-    """The tiny LLaVA of `mimo train` on a one-rank NCCL world (images and language on rank 0), bf16; `train`:
-    more keys of the train section."""
+def _trainer_and_batches(num_microbatches: int, compile_blocks: bool, packing: bool = False, **train):
+    """The tiny LLaVA of `mimo train` on a one-rank NCCL world (images and language on rank 0), bf16, its samples
+    packed into one row per micro-batch or padded; `train`: more keys of the train section."""
     from mimo.training.loop import build_trainer
     from mimo.training.plan import plan_model
     from mimo.training.run_config import parse_run_config
@@ -29,7 +29,7 @@ def _trainer_and_batches(num_microbatches: int, compile_blocks: bool, **train):
         "parallelism": {"images": {}, "language": {}}, "model": {"preset": "tiny"},
         "train": {"global_batch_size": 8, "num_microbatches": num_microbatches, "dtype": "bfloat16", "steps": 10,
                   "compile": compile_blocks, **train},
-        "data": {"name": "synthetic"},
+        "data": {"name": "synthetic", "packing": packing},
     })
     device = torch.device("cuda", torch.cuda.current_device())
     provider = plan_model(config).provider_on(device)
@@ -38,13 +38,15 @@ def _trainer_and_batches(num_microbatches: int, compile_blocks: bool, **train):
     return build_trainer(config, provider, model, device), [data.batch(range(i * 8, i * 8 + 8)) for i in range(3)]
 
 
-@pytest.mark.parametrize(("num_microbatches", "compile_blocks"), [(1, False), (2, False), (2, True)])
-def test_a_step_syncs_the_host_once(tmp_path, num_microbatches, compile_blocks):
+@pytest.mark.parametrize(("num_microbatches", "compile_blocks", "packing"),
+                         [(1, False, False), (2, False, False), (2, True, False), (2, True, True)])
+def test_a_step_syncs_the_host_once(tmp_path, num_microbatches, compile_blocks, packing):
+    """Packed rows too: their varlen attention takes the documents' bounds found on the host."""
     device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
                             device_id=device)
     try:
-        trainer, batches = _trainer_and_batches(num_microbatches, compile_blocks)
+        trainer, batches = _trainer_and_batches(num_microbatches, compile_blocks, packing)
         for batch in batches[:2]:  # warm up: first-use allocations and NCCL setup may sync
             trainer.train_step(batch)
         torch.cuda.synchronize()

@@ -23,6 +23,7 @@ import torch
 
 from mimo.data.batch import MimoBatch
 from mimo.data.positions import MRopePositions
+from mimo.models.attention import document_bounds
 from mimo.models.labels import IGNORE_INDEX, is_special, loss_token_mask
 from mimo.models.transfer import to_device
 
@@ -35,17 +36,22 @@ class LanguageText:
     each token's position and document (sample) number; `longest` the most positions one sample uses.
     `scored_positions`: the flat indices (into R·T) of the positions with a label, found on the host where the
     text is arranged, so the head computes logits there alone with no host sync (`Decoder.loss`); a superset of
-    what the loss scores (modality positions are ignored later), which changes nothing: ignored rows add 0."""
+    what the loss scores (modality positions are ignored later), which changes nothing: ignored rows add 0.
+    `document_bounds`: a packed row's cumulative sample lengths (`attention.document_bounds`), found on the host
+    too, so the GPU's varlen attention reads no count back."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None = None
     document_ids: torch.Tensor | None = None
     scored_positions: torch.Tensor | None = None
+    document_bounds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.scored_positions is None:
             self.scored_positions = scored_positions(self.labels)
+        if self.document_bounds is None and self.document_ids is not None:
+            self.document_bounds = document_bounds(self.document_ids)
 
     @property
     def longest(self) -> int:
@@ -58,7 +64,7 @@ class LanguageText:
         """The decoder's layout arguments: none for padded rows numbered 0, 1, ...; positions (M-RoPE's [3, R, T]
         too) and, for a packed row, documents; and the positions its head scores."""
         kwargs = {"position_ids": self.position_ids, "document_ids": self.document_ids,
-                  "scored_positions": self.scored_positions}
+                  "document_bounds": self.document_bounds, "scored_positions": self.scored_positions}
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def to(self, device: torch.device | str) -> LanguageText:
@@ -71,7 +77,7 @@ class LanguageText:
             return None if t is None else to_device(t, device)
 
         return LanguageText(copy(self.input_ids), copy(self.labels), copy(self.position_ids), copy(self.document_ids),
-                            copy(self.scored_positions))
+                            copy(self.scored_positions), copy(self.document_bounds))
 
 
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -89,20 +89,26 @@ class VarlenDocumentAttention:
     tokens are one sequence of documents bounded by cumulative lengths (`cu_seqlens`), so nothing is masked.
     bf16/fp16 only (flash's dtypes): `document_attention` picks it for those."""
 
-    def __init__(self, document_ids: torch.Tensor) -> None:
-        """Cumulative document lengths of the rows [R, T] end to end (a row's start always bounds a document);
-        found once per micro-batch (one host sync: the number of documents is the data's)."""
-        rows, length = document_ids.shape
-        starts = torch.ones_like(document_ids, dtype=torch.bool)
-        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        bounds = starts.flatten().nonzero().flatten()
-        self.cu_seqlens = torch.cat([bounds, bounds.new_tensor([rows * length])]).to(torch.int32)
+    def __init__(self, document_ids: torch.Tensor, bounds: torch.Tensor | None = None) -> None:
+        """Cumulative document lengths of the rows [R, T] end to end: `bounds` where the data found them on the
+        host (`LanguageText.document_bounds`, no sync), else found here (one host sync per micro-batch)."""
+        self.cu_seqlens = document_bounds(document_ids) if bounds is None else bounds
         self.options = varlen_options(causal=True)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [R, H, T, D], k, v [R, Hkv, T, D] → [R, H, T, D]. The longest document is bounded by T, a shape:
         a compiled block guards on no per-batch number."""
         return varlen_attention(q, k, v, self.cu_seqlens, q.shape[2], self.options)
+
+
+def document_bounds(document_ids: torch.Tensor) -> torch.Tensor:
+    """The varlen kernel's cumulative lengths (int32) of rows [R, T] of documents end to end: each document's start,
+    then R·T (a row's start always starts a document). On a device tensor, `nonzero` reads its count back."""
+    rows, length = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    bounds = starts.flatten().nonzero().flatten()
+    return torch.cat([bounds, bounds.new_tensor([rows * length])]).to(torch.int32)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int,
@@ -193,11 +199,13 @@ def use_varlen(device: torch.device | str, dtype: torch.dtype) -> bool:
             and has_varlen_attention())
 
 
-def document_attention(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> DocumentAttention:
+def document_attention(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32,
+                       bounds: torch.Tensor | None = None) -> DocumentAttention:
     """The document-causal variant for the ids' device and the attention's `dtype`: on CUDA the varlen kernel in
-    bf16/fp16 (`use_varlen`), flex_attention otherwise; the explicit mask elsewhere."""
+    bf16/fp16 (`use_varlen`; over `bounds`, `document_bounds` found on the host, when given), flex_attention
+    otherwise; the explicit mask elsewhere."""
     if document_ids.device.type != "cuda":
         return MaskedDocumentAttention(document_ids)
     if use_varlen(document_ids.device, dtype):
-        return VarlenDocumentAttention(document_ids)
+        return VarlenDocumentAttention(document_ids, bounds)
     return FlexDocumentAttention(document_ids)

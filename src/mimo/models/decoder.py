@@ -384,6 +384,7 @@ class Decoder(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        document_bounds: torch.Tensor | None = None,
         added_after_layer: AddedAfterLayer | None = None,
         scored_positions: torch.Tensor | None = None,
         cache: CacheStep | None = None,
@@ -397,7 +398,8 @@ class Decoder(nn.Module):
         stage's layers (and the final norm on the last stage); with `labels` (last stage) return
         `(loss_sum, num_label_tokens)`, else the hidden states. A packed row (`mimo.data.packing`) gives
         each token's rotary position (`position_ids` [B, S], restarting per sample; by default 0..S-1) and
-        its sample (`document_ids` [B, S]: attention stays inside a sample; by default causal per row).
+        its sample (`document_ids` [B, S]: attention stays inside a sample; by default causal per row), and may
+        give the samples' cumulative bounds found on the host (`document_bounds`, `attention.document_bounds`).
         With `config.mrope`, `position_ids` may be 3-D [3, B, S] (temporal, height, width: `models.mrope`).
         `added_after_layer` {global layer index: (where, values)} adds values at those positions of that
         layer's output (Qwen3-VL's DeepStack: `_deepstack_process`); this stage applies the layers it holds.
@@ -410,7 +412,8 @@ class Decoder(nn.Module):
         if input_ids is not None:
             embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache, attention, chunk)
+        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache, attention, chunk,
+                              document_bounds)
         return self.loss(hidden, labels, scored_positions) if labels is not None else hidden
 
     def _deepstack(self, embeddings_at: EmbeddingsAt,
@@ -439,7 +442,8 @@ class Decoder(nn.Module):
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None,
                 added_after_layer: AddedAfterLayer | None = None,
-                cache: CacheStep | None = None, attention: Attention | None = None, chunk: int = 0) -> torch.Tensor:
+                cache: CacheStep | None = None, attention: Attention | None = None, chunk: int = 0,
+                document_bounds: torch.Tensor | None = None) -> torch.Tensor:
         """This stage's layers of model chunk `chunk` (and the final norm after the last layer): [B, S, H] →
         [B, S, H]."""
         start, end = self.chunk_ranges[chunk]
@@ -449,7 +453,8 @@ class Decoder(nn.Module):
         if cache is not None:
             attention = cache
         elif attention is None:
-            attention = CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden))
+            attention = (CAUSAL if document_ids is None
+                         else document_attention(document_ids, compute_dtype(hidden), document_bounds))
         for index in map(str, range(start, end)):
             layer = self.layers[index]
             hidden = layer(hidden, cos, sin, attention, cache=None if cache is None else cache.layer(index))
