@@ -162,6 +162,30 @@ def test_a_gpu_without_float8_is_refused():
         fp8.check_device("module 'language'", "rowwise", torch.device("cpu"))
 
 
+def test_a_module_whose_token_count_is_not_laid_out_pads_its_float8_matmuls():
+    """The language model's rows are laid out to a multiple of 16 tokens (`text_layout`); an encoder's token count
+    is its inputs' (577 patches an image for CLIP-336), and its float8 matmuls pad their inner dims to 16 (torchao's
+    `pad_inner_dim`): at 577 tokens (emulated) the padded layer computes what the unpadded one does."""
+    from mimo.distributed import aligned_tokens
+
+    grid = types.SimpleNamespace(size={"cp": 1}.get)
+    assert aligned_tokens("language", grid) and not aligned_tokens("images", grid)
+    assert not aligned_tokens("language", types.SimpleNamespace(size={"cp": 2}.get))  # CP's chunks: any length
+    outputs, grads = [], []
+    for pad in (False, True):
+        torch.manual_seed(0)
+        layer = nn.Sequential(nn.Linear(32, 48))
+        fp8.convert(layer, fp8.FP8Layers("tensorwise", ["0"]), emulate=True, pad_tokens=pad)
+        assert layer[0].config.pad_inner_dim is pad
+        x = torch.randn(577, 32, requires_grad=True)
+        out = layer(x)
+        outputs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (x, layer[0].weight)))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    for padded, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(padded, plain, rtol=0, atol=0)
+
+
 # -- in parallelize (2 gloo ranks, emulated float8 matmuls) ---------------------------------------------------
 def _settings(kind: str, recipe: str, **language) -> DistributedConfig:
     """Both modules computing in bfloat16 with `kind`; only the language model in fp8 (emulated)."""

@@ -152,17 +152,19 @@ def test_each_weight_is_cast_once_a_step_and_dropped_after_it(worlds, compiled, 
             assert recompute == "full" or cached["graphs"][0] > 0
 
 
-def test_casts_are_cached_in_mixed_precision_on_whole_weights_float8_ones_tensorwise():
-    tensorwise = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise")
+def test_casts_are_cached_when_asked_in_mixed_precision_on_whole_weights_float8_ones_tensorwise():
+    tensorwise = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise", cache_weight_casts=True)
     assert caches_weight_casts(tensorwise, tp=1) and caches_float8_casts(tensorwise, tp=1)
     assert not caches_weight_casts(tensorwise, tp=2), "TP: DTensor weights"
-    assert not caches_weight_casts(ModuleDistributedConfig("fsdp", torch.bfloat16, fp8="tensorwise"), tp=1)
-    rowwise = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="rowwise")
+    assert not caches_weight_casts(ModuleDistributedConfig("fsdp", torch.bfloat16, fp8="tensorwise",
+                                                           cache_weight_casts=True), tp=1)
+    rowwise = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="rowwise", cache_weight_casts=True)
     assert caches_weight_casts(rowwise, tp=1) and not caches_float8_casts(rowwise, tp=1), "bf16 layers only"
-    assert caches_weight_casts(ModuleDistributedConfig("ddp", torch.bfloat16), tp=1)
-    assert not caches_weight_casts(ModuleDistributedConfig("ddp", None), tp=1), "no autocast: nothing cast"
-    off = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise", cache_weight_casts=False)
-    assert not caches_weight_casts(off, tp=1)
+    assert caches_weight_casts(ModuleDistributedConfig("ddp", torch.bfloat16, cache_weight_casts=True), tp=1)
+    assert not caches_weight_casts(ModuleDistributedConfig("ddp", None, cache_weight_casts=True), tp=1), \
+        "no autocast: nothing cast"
+    default = ModuleDistributedConfig("ddp", torch.bfloat16, fp8="tensorwise")
+    assert not caches_weight_casts(default, tp=1), "off unless asked (its memory)"
 
 
 def test_a_cached_bf16_weight_serves_only_autocast_in_its_dtype():
@@ -194,7 +196,7 @@ def test_a_cached_bf16_weight_serves_only_autocast_in_its_dtype():
 
 def test_the_setting_is_a_run_config_key():
     config = parse_run_config({"parallelism": {"language": {}}, "train": {"dtype": "bfloat16"},
-                               "distributed": {"language": {"fp8": "tensorwise", "cache_weight_casts": False}}})
+                               "distributed": {"language": {"fp8": "tensorwise", "cache_weight_casts": True}}})
     settings = config.distributed_config
-    assert settings.for_module("language").cache_weight_casts is False
-    assert settings.for_module("images").cache_weight_casts is True
+    assert settings.for_module("language").cache_weight_casts is True
+    assert settings.for_module("images").cache_weight_casts is False  # off by default: it costs memory

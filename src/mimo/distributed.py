@@ -13,11 +13,13 @@ from its own loss or across the bridge. DDP gets a sum comm hook, FSDP2 a divide
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -83,8 +85,9 @@ class ModuleDistributedConfig:
     # mixed precision: each linear layer's weight is cast once per step (to float8 for fp8 tensorwise, else to the
     # compute dtype), not in every micro-batch's forward, recomputed forward (and fp8's backward); exact, held for the
     # step (1 byte a parameter in float8, 2 in bf16; `mimo.weight_casts`). Only with whole weights (DDP or one rank,
-    # TP 1): FSDP2 gathers weights per use, TP's are DTensors; fp8 rowwise casts twice (its layers not cached)
-    cache_weight_casts: bool = True
+    # TP 1): FSDP2 gathers weights per use, TP's are DTensors; fp8 rowwise casts twice (its layers not cached).
+    # Off by default: LLaVA-7B stage 2 on one H200 gained 0.8% in bf16 for 22 GB more, and fp8 ran out of memory
+    cache_weight_casts: bool = False
     fp8_emulate: bool = False  # torchao's emulated float8 matmuls on any device (CPU tests); not a run config key
     # linear layers whose width is not a multiple of 8 compute on zero-padded weights, same function (cuBLAS's fast
     # Hopper kernels need 16-byte-aligned rows: Qwen2.5-VL's 3420-wide vision MLP runs 3x faster); TP modules: off
@@ -303,10 +306,18 @@ def apply_fp8(model: MimoModel, infra: MimoModelInfra, settings: DistributedConf
             continue
         module = module_of(model, name)
         done[name] = module_fp8_layers(name, module, cfg, grid.size("tp"), grid.config.sequence_parallel)
-        fp8.convert(module, done[name], fsdp_all_gather=cfg.data_parallel == "fsdp", emulate=cfg.fp8_emulate)
+        fp8.convert(module, done[name], fsdp_all_gather=cfg.data_parallel == "fsdp", emulate=cfg.fp8_emulate,
+                    pad_tokens=not aligned_tokens(name, grid))
         if cfg.fp8 == "rowwise" and cfg.compile:
             emulate_precision_casts()
     return done
+
+
+def aligned_tokens(name: str, grid: ModuleGrid) -> bool:
+    """Whether a module's token count per micro-batch is always a multiple of 16, as float8 matmuls need it (else
+    torchao pads each matmul): the language model's rows are laid out so on a GPU (`training.loop.text_layout`),
+    whole on each rank without CP; an encoder's count is its inputs' (577 patches an image for CLIP-336)."""
+    return name == LANGUAGE and grid.size("cp") == 1
 
 
 def caches_weight_casts(cfg: ModuleDistributedConfig, tp: int) -> bool:
@@ -427,7 +438,8 @@ def overlap_tp_comms(grid: ModuleGrid) -> None:
 
 
 def _compile_blocks_settings() -> None:
-    """Dynamo's settings for compiled blocks: the per-frame recompile limit raised to `BLOCK_RECOMPILE_LIMIT`
+    """Dynamo's settings for compiled blocks, in the calling thread (dynamo's config is per thread since torch
+    2.12: pytorch#186537): the per-frame recompile limit raised to `BLOCK_RECOMPILE_LIMIT`
     (never lower a user's), and its DDP optimizer off. That one splits every graph compiled inside a DDP
     forward at the 25 MB bucket boundaries, so that reductions can start within it; but each block is already
     a graph of its own, whose gradients reach DDP's buckets as its backward ends. Split, a 1b step ran 1,810
@@ -439,13 +451,36 @@ def _compile_blocks_settings() -> None:
     torch._dynamo.config.optimize_ddp = False
 
 
+_THREAD = threading.local()  # the intra-op thread count this thread's compiled blocks were set up with
+
+
+def _in_any_thread(compiled: Callable[..., Any], threads: int) -> Callable[..., Any]:
+    """`compiled` called in whichever thread calls it as in the one that compiled it: there, first, dynamo's
+    settings (`_compile_blocks_settings`) and `threads` intra-op threads. On a GPU the autograd device thread
+    recomputes blocks in the backward (`recompute`): its dynamo config is its own, and so is its thread count, on
+    which every compiled frame guards ("GLOBAL_STATE changed: num_threads"); at a different count each block
+    compiled twice, its recompile limit at torch's default (LLaVA-7B on an H200: 8 compilations a block, half of
+    them for the count alone)."""
+
+    @functools.wraps(compiled)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_THREAD, "threads", None) != threads:
+            _compile_blocks_settings()
+            torch.set_num_threads(threads)
+            _THREAD.threads = threads
+        return compiled(*args, **kwargs)
+
+    return run
+
+
 def compile_blocks(module: nn.Module, tp: int) -> None:
     """`compile`: torch.compile every block's forward (`_blocks`) in place (parameter names do not change), with
-    static shapes under TP (`static_shapes`)."""
+    static shapes under TP (`static_shapes`), called in any thread as in this one (`_in_any_thread`)."""
     _compile_blocks_settings()
     dynamic = False if static_shapes(tp) else None
+    threads = torch.get_num_threads()
     for block in _blocks(module):
-        block.forward = torch.compile(block.forward, dynamic=dynamic)
+        block.forward = _in_any_thread(torch.compile(block.forward, dynamic=dynamic), threads)
 
 
 def recompute(module: nn.Module, tp: int, num_layers: int | None) -> None:

@@ -188,27 +188,31 @@ def _capability(cap: tuple[int, int]) -> str:
 
 
 # -- conversion ------------------------------------------------------------------------------------
-def float8_config(recipe: Recipe, fsdp_all_gather: bool, emulate: bool):  # -> torchao Float8LinearConfig
+def float8_config(recipe: Recipe, fsdp_all_gather: bool, emulate: bool,
+                  pad_tokens: bool = False):  # -> torchao Float8LinearConfig
     """torchao's config of a recipe; tensorwise under FSDP2 all-gathers the weights in float8 (torchao's
     `enable_fsdp_float8_all_gather`, tensorwise only). `emulate`: torchao's emulated matmuls (high precision on
-    float8-rounded values, any device: the CPU tests), never faster."""
+    float8-rounded values, any device: the CPU tests), never faster. `pad_tokens`: torchao pads each matmul's inner
+    dim to a multiple of 16 (`pad_inner_dim`, a copy), for a module whose token count is not laid out so: the
+    weight gradient's matmul sums over the tokens, and float8 matmuls need that count a multiple of 16."""
     from torchao.float8 import Float8LinearConfig
 
     config = Float8LinearConfig.from_recipe_name(recipe)
     return dataclasses.replace(config, enable_fsdp_float8_all_gather=fsdp_all_gather and recipe == "tensorwise",
-                               emulate=emulate)
+                               emulate=emulate, pad_inner_dim=pad_tokens)
 
 
-def convert(module: nn.Module, layers: FP8Layers, fsdp_all_gather: bool = False, emulate: bool = False) -> None:
+def convert(module: nn.Module, layers: FP8Layers, fsdp_all_gather: bool = False, emulate: bool = False,
+            pad_tokens: bool = False) -> None:
     """Swap `layers.converted` of `module` for torchao's `Float8Linear` in place (same parameter names and
-    values; on the meta model, before TP)."""
+    values; on the meta model, before TP); `float8_config` says what the flags do."""
     if not layers.converted:
         return
     from torchao.float8 import convert_to_float8_training
 
     chosen = set(layers.converted)
     convert_to_float8_training(module, module_filter_fn=lambda _m, fqn: fqn in chosen,
-                               config=float8_config(layers.recipe, fsdp_all_gather, emulate))
+                               config=float8_config(layers.recipe, fsdp_all_gather, emulate, pad_tokens))
 
 
 def float8_tp_plan(plan: Mapping[str, ParallelStyle], module: nn.Module, layers: FP8Layers) -> dict[str, ParallelStyle]:

@@ -133,3 +133,17 @@ def test_the_run_picks_its_text_layout(packing, compile_, tp, device, want):
     config = parse_run_config({"parallelism": {"images": {}, "language": {"tensor_model_parallel_size": tp}},
                                "train": {"compile": compile_}, "data": {"name": "synthetic", "packing": packing}})
     assert text_layout(config, torch.device(device)) == want
+
+
+@pytest.mark.parametrize(("tp", "device", "want"), [(1, "cuda", PaddedText(16)), (2, "cuda", PaddedText(64)),
+                                                    (1, "cpu", PaddedText(1))])
+def test_fp8_rows_hold_a_multiple_of_16_tokens_on_a_gpu(tp, device, want):
+    """A float8 weight gradient's matmul sums over the micro-batch's tokens, and float8 matmuls need that count a
+    multiple of 16: a GPU's padded rows are as wide as that (the CPU's emulated matmuls need nothing)."""
+    from mimo.training.loop import text_layout
+    from mimo.training.run_config import parse_run_config
+
+    config = parse_run_config({"parallelism": {"images": {}, "language": {"tensor_model_parallel_size": tp}},
+                               "train": {"compile": True, "dtype": "bfloat16"},
+                               "distributed": {"language": {"fp8": "tensorwise"}}, "data": {"name": "synthetic"}})
+    assert text_layout(config, torch.device(device)) == want

@@ -7,6 +7,7 @@ writes the run directory: the resolved config, `metrics.jsonl`, the progress lin
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from mimo.data.prefetch import default_num_workers
 from mimo.distributed import static_shapes
 from mimo.families.family import EvalRequest
 from mimo.flops import PackedRows, batch_flops
+from mimo.fp8 import FP8_MULTIPLE
 from mimo.grid import group_options
 from mimo.provider import MimoModelProvider
 from mimo.training.checkpoint import (
@@ -109,14 +111,21 @@ def packed_rows(result: StepResult) -> PackedRows | None:
     return None if result.documents is None else PackedRows(result.positions, result.documents)
 
 
+# a packed row's length on a GPU: flex_attention's block (few distinct lengths compile), a multiple of fp8's 16
+PACKED_MULTIPLE = 128
+
+
 def text_layout(config: RunConfig, device: torch.device, rule: MRopePositions | None = None) -> TextLayout:
     """`data.packing`: each micro-batch's samples end to end in one row (its length rounded up to 128 on a GPU,
     flex_attention's block, so few distinct lengths compile), else one padded row per sample (its width rounded
-    up to 64 on a GPU where the language model's compiled blocks take static shapes: each width compiles)."""
+    up on a GPU: to 64 where the language model's compiled blocks take static shapes, each width compiling; to
+    16 with fp8, whose matmuls need the token count a multiple of 16, `distributed.aligned_tokens`)."""
     if config.data.packing:
-        return PackedText(multiple=128 if device.type == "cuda" else 1, positions_rule=rule)
+        return PackedText(multiple=PACKED_MULTIPLE if device.type == "cuda" else 1, positions_rule=rule)
     static = config.train.compile and static_shapes(config.layout.get_parallelism(LANGUAGE).tensor_model_parallel_size)
-    return PaddedText(multiple=64 if device.type == "cuda" and static else 1, positions_rule=rule)
+    float8 = config.distributed_config.for_module(LANGUAGE).fp8 != "none"
+    multiple = math.lcm(64 if static else 1, FP8_MULTIPLE if float8 else 1)
+    return PaddedText(multiple=multiple if device.type == "cuda" else 1, positions_rule=rule)
 
 
 def run_training(plan: RunPlan, resume: bool = False, quiet: bool = False,
