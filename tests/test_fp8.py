@@ -132,7 +132,7 @@ def test_fp8_on_a_machine_without_a_gpu_is_refused_before_any_worker(tmp_path):
     """`mimo validate` (`plan_run`, as `mimo train`'s parent) refuses in one line, CUDA's availability mocked off
     (true on this machine anyway); mocked on, it prints the line of converted layers that `mimo train` prints."""
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(_run_config(fp8="tensorwise", fp8_small_layers="convert")))
+    path.write_text(yaml.safe_dump(_run_config(fp8="tensorwise", fp8_small_layers="convert", cache_weight_casts=True)))
     with mock.patch.object(torch.cuda, "is_available", return_value=False):
         done = in_process("validate", str(path))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
