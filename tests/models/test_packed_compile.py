@@ -42,3 +42,25 @@ def test_compiled_blocks_compile_a_bounded_number_of_times_over_packed_lengths(m
     finally:
         torch._dynamo.reset()
 
+
+
+def test_rows_written_with_modality_embeddings_compile_the_blocks_no_more_than_text_rows():
+    """The first layer's input after modality rows are written into the embeddings, and every later layer's input,
+    are tensors of their own: were the first a view of the flattened rows (the `_base` every compiled frame guards
+    on), the block would compile once more for it. Two lengths: a static graph and a dynamic one, no third."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    decoder = Decoder(DecoderConfig.tiny())
+    init_parameters(decoder, seed=1)
+    for layer in decoder.layers.values():
+        layer.compile(backend="eager")
+    try:
+        with torch.no_grad():
+            for length in (24, 40):
+                ids = torch.randint(1, 256, (2, length))
+                where = torch.tensor([1, 2, length + 3])  # flat indices into B·S: rows 0 and 1
+                decoder(input_ids=ids, embeddings_at=[(where, torch.randn(3, 64))])
+        assert counters["stats"]["unique_graphs"] == 2, counters["stats"]
+    finally:
+        torch._dynamo.reset()

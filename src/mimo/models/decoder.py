@@ -230,7 +230,14 @@ def add_at(hidden: torch.Tensor, where: torch.Tensor, values: torch.Tensor) -> t
     index = where.flatten().nonzero().squeeze(1) if where.dtype == torch.bool else where
     if isinstance(hidden, DTensor):
         return _add_at_sharded(hidden, index, values)
-    return hidden.flatten(0, 1).index_add(0, index, values.to(hidden.dtype)).view_as(hidden)
+    return hidden.index_put(row_major(index, hidden.shape[1]), values.to(hidden.dtype), accumulate=True)
+
+
+def row_major(index: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into B·S (rows of `length`) as (row, column) index tensors. A write through them leaves [B, S,
+    H] a tensor of its own, where one through the flattened rows gave a view of them: a compiled block guards on
+    whether its input is a view, and the first layer (a view) and the others compiled apart (one graph more)."""
+    return torch.div(index, length, rounding_mode="floor"), index % length
 
 
 def _add_at_sharded(hidden: DTensor, index: torch.Tensor, values: torch.Tensor) -> DTensor:
@@ -362,7 +369,7 @@ class Decoder(nn.Module):
     def embed(self, input_ids: torch.Tensor, embeddings_at: EmbeddingsAt = ()) -> torch.Tensor:
         """Token ids [B, S] → embeddings [B, S, H], with each (where, values [n, H]) of `embeddings_at` written
         over its positions in row-major order; only on the stage holding layer 0. `where` is a bool mask
-        [B, S], or n flat indices into B·S: `index_copy`, whose backward never syncs the host (the mask's
+        [B, S], or n flat indices into B·S: `index_put` (`row_major`), whose backward never syncs the host (the mask's
         `masked_scatter` backward does, to size its `masked_select`)."""
         if self.embed_tokens is None:
             raise RuntimeError(f"this decoder stage holds layers {self.layer_range}, not the embedding")
@@ -372,7 +379,7 @@ class Decoder(nn.Module):
             if where.dtype == torch.bool:
                 hidden = hidden.masked_scatter(where.unsqueeze(-1), values)
             else:
-                hidden = hidden.flatten(0, 1).index_copy(0, where, values).view_as(hidden)
+                hidden = hidden.index_put(row_major(where, hidden.shape[1]), values)
         return hidden
 
     def forward(
