@@ -41,7 +41,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from mimo.data.packing import LanguageText
-from mimo.models.attention import FLEX_MIN_HEAD_DIM, attention_dtype, compiled_flex_attention
+from mimo.models.attention import FLEX_MIN_HEAD_DIM, attention_dtype, compiled_flex_attention, document_bounds
 from mimo.models.labels import IGNORE_INDEX
 from mimo.models.transfer import to_device
 from mimo.torch_compat import compiler_loaded
@@ -72,8 +72,7 @@ def _segments(length: int, documents: torch.Tensor | None) -> list[tuple[int, in
     """[start, stop) of each run of equal document ids (the whole row when there are none)."""
     if documents is None or length == 0:
         return [(0, length)] if length else []
-    change = (documents[1:] != documents[:-1]).nonzero().squeeze(1) + 1
-    bounds = [0, *change.tolist(), length]
+    bounds = document_bounds(documents[None]).tolist()
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mimo.models.attention import document_bounds
+
 TEXT, IMAGE, VIDEO = 0, 1, 2  # token kinds (transformers' `mm_token_type_ids`)
 
 
@@ -70,7 +72,7 @@ def packed_rope_index(
     kinds = _kinds(input_ids, image_token_id, video).cpu()
     for row in range(input_ids.shape[0]):
         docs = document_ids[row].cpu()
-        starts = [0, *(torch.nonzero(docs[1:] != docs[:-1]).flatten() + 1).tolist(), docs.numel()]
+        starts = document_bounds(docs[None]).tolist()
         for start, end in zip(starts[:-1], starts[1:], strict=True):
             positions[:, row, start:end] = _sample_positions(kinds[row, start:end], grids)
     grids.check_all_used()
