@@ -1,0 +1,57 @@
+"""Tokens per micro-batch of `llava15.py`'s stage-2 data, in the order training takes them: for memory planning.
+
+A layer that is not recomputed keeps activations in proportion to its micro-batch's tokens, so a row's peak
+comes from its longest micro-batch, not its mean one. This prints both, without a GPU or a model:
+
+    PYTHONPATH=src python benchmarks/microbatch_tokens.py --steps 7 --microbatches 16 32
+
+The samples are `llava15.stage2_entries` (the benchmark's seed and counts), ordered by mimo's
+`GlobalBatchSampler` (seed 0) and cut into contiguous micro-batches as `MimoBatch.microbatch` cuts them. A
+sample's tokens are counted as the benchmark's tokenizer makes them: one a word, the vicuna_v1 template's,
+and 576 for an image (CLIP-336); packed rows' rounding up to 128 is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llava15  # noqa: E402
+
+from mimo.data.sampler import GlobalBatchSampler  # noqa: E402
+
+GLOBAL_BATCH, IMAGE_TOKENS, MAX_LEN, STAGE, IMAGES, VOCAB = 128, 576, 2048, 2, 512, 32000
+
+
+def sample_tokens(entry: dict[str, Any]) -> int:
+    """One stage-2 sample's tokens: its words, the template's, its image's."""
+    turns = len(entry["conversations"]) // 2
+    words = sum(len(c["value"].replace("<image>\n", "").split()) for c in entry["conversations"])
+    return words + llava15.vicuna_overhead(turns) + IMAGE_TOKENS * ("image" in entry)
+
+
+def microbatch_tokens(steps: int, microbatches: int) -> list[int]:
+    """Every micro-batch's tokens over `steps` global batches of 128, in training's order."""
+    entries = llava15.stage2_entries(GLOBAL_BATCH * steps, IMAGES, VOCAB, IMAGE_TOKENS, MAX_LEN, STAGE)
+    sampler, size = GlobalBatchSampler(len(entries), GLOBAL_BATCH, seed=0), GLOBAL_BATCH // microbatches
+    return [sum(sample_tokens(entries[i]) for i in batch[k:k + size])
+            for batch in (sampler.batch_at(0, s) for s in range(steps)) for k in range(0, GLOBAL_BATCH, size)]
+
+
+def main() -> None:
+    """Print the mean and the longest micro-batch for each asked micro-batch count."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=7, help="global batches (llava15.py's --warmup + --steps)")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[16, 32], help="micro-batches a step")
+    args = p.parse_args()
+    for m in args.microbatches:
+        tokens = microbatch_tokens(args.steps, m)
+        print(f"{m} micro-batches of {GLOBAL_BATCH // m}: mean {sum(tokens) / len(tokens):.0f} tokens, "
+              f"longest {max(tokens)}")
+
+
+if __name__ == "__main__":
+    main()
