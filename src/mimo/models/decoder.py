@@ -419,8 +419,8 @@ class Decoder(nn.Module):
         if input_ids is not None:
             embeddings_at, added_after_layer = self._deepstack(embeddings_at, added_after_layer)
             hidden = self.embed(input_ids, embeddings_at)
-        hidden = self._layers(hidden, position_ids, document_ids, added_after_layer, cache, attention, chunk,
-                              document_bounds)
+        attention = self._attention(hidden, document_ids, document_bounds, cache, attention)
+        hidden = self._layers(hidden, position_ids, attention, added_after_layer, cache, chunk)
         return self.loss(hidden, labels, scored_positions) if labels is not None else hidden
 
     def _deepstack(self, embeddings_at: EmbeddingsAt,
@@ -446,22 +446,26 @@ class Decoder(nn.Module):
                 added[layer] = (where, block)
         return written, added
 
-    def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None,
-                added_after_layer: AddedAfterLayer | None = None,
-                cache: CacheStep | None = None, attention: Attention | None = None, chunk: int = 0,
-                document_bounds: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def _attention(hidden: torch.Tensor, document_ids: torch.Tensor | None, document_bounds: torch.Tensor | None,
+                   cache: CacheStep | None, attention: Attention | None) -> Attention:
+        """What the layers attend with: the KV cache's step, else the layout given from outside, else causal per
+        row or, for a packed row, per sample (`document_attention`)."""
+        if cache is not None and document_ids is not None:
+            raise ValueError("a KV cache decodes padded rows, not packed ones: give no document_ids with a cache")
+        if cache is not None:
+            return cache
+        if attention is not None:
+            return attention
+        return CAUSAL if document_ids is None else document_attention(document_ids, compute_dtype(hidden),
+                                                                      document_bounds)
+
+    def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None, attention: Attention,
+                added_after_layer: AddedAfterLayer | None, cache: CacheStep | None, chunk: int) -> torch.Tensor:
         """This stage's layers of model chunk `chunk` (and the final norm after the last layer): [B, S, H] →
         [B, S, H]."""
         start, end = self.chunk_ranges[chunk]
         cos, sin = self._rotary(hidden, position_ids)
-        if cache is not None and document_ids is not None:
-            raise ValueError("a KV cache decodes padded rows, not packed ones: give no document_ids with a cache")
-        if cache is not None:
-            attention = cache
-        elif attention is None:
-            attention = (CAUSAL if document_ids is None
-                         else document_attention(document_ids, compute_dtype(hidden), document_bounds))
         for index in map(str, range(start, end)):
             layer = self.layers[index]
             hidden = layer(hidden, cos, sin, attention, cache=None if cache is None else cache.layer(index))
