@@ -120,30 +120,22 @@ def test_packed_layout_hands_on_each_kept_sample_as_a_document(multiple):
     assert PaddedText().documents(extents) is None
 
 
-@pytest.mark.parametrize(("packing", "compile_", "tp", "device", "want"), [
-    (True, False, 1, "cuda", PackedText(128)), (True, False, 1, "cpu", PackedText(1)),
-    (False, True, 2, "cuda", PaddedText(64)),  # compiled TP blocks take static shapes: few widths to compile
-    (False, True, 2, "cpu", PaddedText(1)), (False, True, 1, "cuda", PaddedText(1)),
-    (False, False, 2, "cuda", PaddedText(1)),
+@pytest.mark.parametrize(("packing", "compile_", "tp", "fp8", "device", "want"), [
+    (True, False, 1, False, "cuda", PackedText(128)), (True, False, 1, False, "cpu", PackedText(1)),
+    (False, True, 2, False, "cuda", PaddedText(64)),  # compiled TP blocks take static shapes: few widths to compile
+    (False, True, 2, False, "cpu", PaddedText(1)), (False, True, 1, False, "cuda", PaddedText(1)),
+    (False, False, 2, False, "cuda", PaddedText(1)),
+    # a float8 weight gradient's matmul sums over the micro-batch's tokens, and float8 matmuls need that count a
+    # multiple of 16: a GPU's padded rows are as wide as that (the CPU's emulated matmuls need nothing)
+    (False, True, 1, True, "cuda", PaddedText(16)), (False, True, 2, True, "cuda", PaddedText(64)),
+    (False, True, 1, True, "cpu", PaddedText(1)),
 ])
-def test_the_run_picks_its_text_layout(packing, compile_, tp, device, want):
+def test_the_run_picks_its_text_layout(packing, compile_, tp, fp8, device, want):
     from mimo.training.loop import text_layout
     from mimo.training.run_config import parse_run_config
 
     config = parse_run_config({"parallelism": {"images": {}, "language": {"tensor_model_parallel_size": tp}},
-                               "train": {"compile": compile_}, "data": {"name": "synthetic", "packing": packing}})
-    assert text_layout(config, torch.device(device)) == want
-
-
-@pytest.mark.parametrize(("tp", "device", "want"), [(1, "cuda", PaddedText(16)), (2, "cuda", PaddedText(64)),
-                                                    (1, "cpu", PaddedText(1))])
-def test_fp8_rows_hold_a_multiple_of_16_tokens_on_a_gpu(tp, device, want):
-    """A float8 weight gradient's matmul sums over the micro-batch's tokens, and float8 matmuls need that count a
-    multiple of 16: a GPU's padded rows are as wide as that (the CPU's emulated matmuls need nothing)."""
-    from mimo.training.loop import text_layout
-    from mimo.training.run_config import parse_run_config
-
-    config = parse_run_config({"parallelism": {"images": {}, "language": {"tensor_model_parallel_size": tp}},
-                               "train": {"compile": True, "dtype": "bfloat16"},
-                               "distributed": {"language": {"fp8": "tensorwise"}}, "data": {"name": "synthetic"}})
+                               "train": {"compile": compile_, "dtype": "bfloat16"},
+                               "distributed": {"language": {"fp8": "tensorwise" if fp8 else "none"}},
+                               "data": {"name": "synthetic", "packing": packing}})
     assert text_layout(config, torch.device(device)) == want

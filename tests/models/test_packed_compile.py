@@ -43,7 +43,6 @@ def test_compiled_blocks_compile_a_bounded_number_of_times_over_packed_lengths(m
         torch._dynamo.reset()
 
 
-
 def test_rows_written_with_modality_embeddings_compile_the_blocks_no_more_than_text_rows():
     """The first layer's input after modality rows are written into the embeddings, and every later layer's input,
     are tensors of their own: were the first a view of the flattened rows (the `_base` every compiled frame guards
