@@ -5,10 +5,11 @@ comes from its longest micro-batch, not its mean one. This prints both, without 
 
     PYTHONPATH=src python benchmarks/microbatch_tokens.py --steps 7 --microbatches 16 32
 
-The samples are `llava15.stage2_entries` (the benchmark's seed and counts), ordered by mimo's
-`GlobalBatchSampler` (seed 0) and cut into contiguous micro-batches as `MimoBatch.microbatch` cuts them. A
-sample's tokens are counted as the benchmark's tokenizer makes them: one a word, the vicuna_v1 template's,
-and 576 for an image (CLIP-336); packed rows' rounding up to 128 is left out.
+The samples are `llava15.stage2_entries` with `llava15.py`'s defaults (the 7b preset, its image pool and maximum
+length), ordered by mimo's `GlobalBatchSampler` under the stage-2 YAML's batch and seed and cut into contiguous
+micro-batches as `MimoBatch.microbatch` cuts them. A sample's tokens are counted as the benchmark's tokenizer makes
+them: one a word, the vicuna_v1 template's, and the vision tower's per image; packed rows' rounding up to 128 is
+left out.
 """
 
 from __future__ import annotations
@@ -22,23 +23,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llava15  # noqa: E402
 
 from mimo.data.sampler import GlobalBatchSampler  # noqa: E402
+from mimo.families.llava import LlavaMimoProvider  # noqa: E402
+from mimo.training.run_config import TrainSection  # noqa: E402
 
-GLOBAL_BATCH, IMAGE_TOKENS, MAX_LEN, STAGE, IMAGES, VOCAB = 128, 576, 2048, 2, 512, 32000
+STAGE = 2
 
 
-def sample_tokens(entry: dict[str, Any]) -> int:
+def sample_tokens(entry: dict[str, Any], image_tokens: int) -> int:
     """One stage-2 sample's tokens: its words, the template's, its image's."""
     turns = len(entry["conversations"]) // 2
     words = sum(len(c["value"].replace("<image>\n", "").split()) for c in entry["conversations"])
-    return words + llava15.vicuna_overhead(turns) + IMAGE_TOKENS * ("image" in entry)
+    return words + llava15.vicuna_overhead(turns) + image_tokens * ("image" in entry)
 
 
 def microbatch_tokens(steps: int, microbatches: int) -> list[int]:
-    """Every micro-batch's tokens over `steps` global batches of 128, in training's order."""
-    entries = llava15.stage2_entries(GLOBAL_BATCH * steps, IMAGES, VOCAB, IMAGE_TOKENS, MAX_LEN, STAGE)
-    sampler, size = GlobalBatchSampler(len(entries), GLOBAL_BATCH, seed=0), GLOBAL_BATCH // microbatches
-    return [sum(sample_tokens(entries[i]) for i in batch[k:k + size])
-            for batch in (sampler.batch_at(0, s) for s in range(steps)) for k in range(0, GLOBAL_BATCH, size)]
+    """Every micro-batch's tokens over `steps` global batches, in training's order: the data `llava15.py` writes
+    (its defaults: the 7b preset, its image pool, its max length) for the stage's YAML and seed."""
+    args = llava15.parse_args(["--stages", str(STAGE)])
+    train = llava15.stage_yaml(STAGE)["train"]
+    batch, seed = train["global_batch_size"], train.get("seed", TrainSection.seed)
+    provider = LlavaMimoProvider.preset(args.preset)
+    vocab, image_tokens = provider.language_config.vocab_size, provider.vision_config.tokens_per_image
+    entries = llava15.stage2_entries(batch * steps, args.images, vocab, image_tokens, args.max_len, STAGE)
+    sampler, size = GlobalBatchSampler(len(entries), batch, seed=seed), batch // microbatches
+    return [sum(sample_tokens(entries[i], image_tokens) for i in indices[k:k + size])
+            for indices in (sampler.batch_at(0, s) for s in range(steps)) for k in range(0, batch, size)]
 
 
 def main() -> None:
@@ -49,7 +58,7 @@ def main() -> None:
     args = p.parse_args()
     for m in args.microbatches:
         tokens = microbatch_tokens(args.steps, m)
-        print(f"{m} micro-batches of {GLOBAL_BATCH // m}: mean {sum(tokens) / len(tokens):.0f} tokens, "
+        print(f"{m} micro-batches a step: mean {sum(tokens) / len(tokens):.0f} tokens, "
               f"longest {max(tokens)}")
 
 
