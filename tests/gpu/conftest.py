@@ -4,7 +4,7 @@ skipped."""
 import pytest
 import torch
 
-ONE_GPU = {"test_fp8_gpu.py"}  # files whose tests need one CUDA device, not two
+ONE_GPU = {"test_fp8_gpu.py", "test_memory_history_gpu.py"}  # files whose tests need one CUDA device, not two
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,6 +42,7 @@ from mimo.training.checkpoint import (
 from mimo.training.deadline import Deadline
 from mimo.training.evaluate import answer_questions, held_out_loss
 from mimo.training.grad_scaler import GlobalGradScaler
+from mimo.training.memory_history import MemoryHistory
 from mimo.training.metrics import METRICS_FILE, MetricsWriter, Progress, SkippedSamples, cut_metrics
 from mimo.training.nonfinite import NonFiniteWatch
 from mimo.training.optim import OptimizerConfig
@@ -142,6 +143,16 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
            resume_from: str | None, start: float) -> dict[str, Any]:
     """`run_training`'s body on this rank, in the world `run_in_world` set up (the plan was checked before)."""
     config, rank = plan.config, dist.get_rank()
+    memory = MemoryHistory(config.log.memory_snapshot, config.run_dir, rank, device)
+    memory.start()  # before the model: its weights, gradients and optimizer state are attributed too
+    with memory.watching():
+        return _train_recorded(device, plan, resume, quiet, rank_map, resume_from, start, memory)
+
+
+def _train_recorded(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_map: str,
+                    resume_from: str | None, start: float, memory: MemoryHistory) -> dict[str, Any]:
+    """`_train`'s work, its GPU allocator recorded as `log.memory_snapshot` asks (`memory`)."""
+    config, rank = plan.config, dist.get_rank()
     provider = plan.provider_on(device)
     model = provider.provide_distributed_model(config.distributed_config)
     dataset = plan.dataset(provider)
@@ -186,6 +197,7 @@ def _train(device: torch.device, plan: RunPlan, resume: bool, quiet: bool, rank_
                 waited = time.perf_counter() - t0
                 skipped.add(batch.skipped)
                 result = trainer.train_step(batch, deadline.votes)
+                memory.after_step(step + 1)
                 finite = diverged.finite(step + 1, result)
                 result.seconds["data_wait"] = waited  # the step's time blocked on the loader (logged as data_wait_s)
                 last = {"step": step + 1, "loss": result.loss, "skipped_samples": skipped.count}

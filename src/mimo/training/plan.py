@@ -115,6 +115,7 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
     plan.warnings = [str(w.message) for w in caught] + _no_evaluation(config)
     _check_model_fits(plan)
     _check_fp8_machine(config)
+    _check_memory_machine(config)
     plan.fp8_lines = fp8_lines(plan)
     _check_hf_weights(plan)
     _check_pretrained(plan)
@@ -150,6 +151,13 @@ def _check_fp8_machine(config: RunConfig) -> None:
             check_machine(f"distributed.{name}", recipe)
         except FP8Error as e:
             raise RunConfigError(str(e)) from None
+
+
+def _check_memory_machine(config: RunConfig) -> None:
+    """`log.memory_snapshot` records the CUDA allocator: refused where there is none (a CPU run has no such record)."""
+    if config.log.memory_snapshot and not torch.cuda.is_available():
+        raise RunConfigError(f"log.memory_snapshot: {config.log.memory_snapshot} records the CUDA allocator, and this "
+                             f"machine has no CUDA GPU; set log.memory_snapshot: 0")
 
 
 def fp8_lines(plan: RunPlan) -> list[str]:

@@ -98,6 +98,9 @@ class LogSection:
     dir: str = "runs/mimo"  # the run directory: config.yaml, metrics.jsonl, and checkpoints unless checkpoint.dir
     interval: int = field(default=10, metadata={"min": 1})  # write a metrics.jsonl line every this many steps
     tensorboard: bool = False  # also write TensorBoard event files to the run directory's tb/
+    # GPU runs: record the CUDA allocator from the start; after this step (or at an out-of-memory error) each rank
+    # writes memory/rank{r}.pickle (https://pytorch.org/memory_viz) and rank{r}.txt (who held the peak); 0: off
+    memory_snapshot: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass
@@ -149,6 +152,9 @@ class RunConfig:
             raise RunConfigError(f"checkpoint.final: false leaves no checkpoint for the held-out evaluation of {what}; "
                                  f"set eval.enabled: false, or keep checkpoint.final: true")
         self._check_eval()
+        if self.log.memory_snapshot > self.train.steps:
+            raise RunConfigError(f"log.memory_snapshot: step {self.log.memory_snapshot} is past the run's last "
+                                 f"(train.steps {self.train.steps}); ask for a step up to it, or 0 (off)")
 
     def _check_eval(self) -> None:
         """eval.path is LLaVA-format data's held-out file; eval.interval falls on checkpoints."""
