@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from mimo.training.memory_history import BEFORE, MemoryHistory, PeakReport, holder, peak_holders
+from mimo.training.memory_history import BEFORE, NO_FRAME, MemoryHistory, PeakReport, holder, peak_holders
 from tests.test_train_cli import in_process
 
 OURS = "/work/src/mimo/models/decoder.py"
@@ -70,8 +70,11 @@ def test_a_peak_before_any_recorded_allocation_is_the_start():
 
 def test_the_holder_is_the_innermost_frame_outside_torch():
     assert holder(frames(TORCH_FILE, "/x/torchao/float8/cast.py", OURS)) == "/x/torchao/float8/cast.py:1 f"
+    generated = "/tmp/torchinductor_me/ab/cabc.py"  # inductor's code: the compiled block's line in mimo is the holder
+    assert holder(frames(TORCH_FILE, generated, TORCH_FILE, OURS)) == f"{OURS}:1 f"
+    assert holder(frames(TORCH_FILE, generated, TORCH_FILE)) == f"{generated}:1 f"
     assert holder(frames(TORCH_FILE)) == f"{TORCH_FILE}:1 f"
-    assert holder([]) == "(no Python frame)"
+    assert holder([]) == NO_FRAME
 
 
 def test_the_report_ranks_holders_and_sums_the_rest():
@@ -154,6 +157,20 @@ def test_an_out_of_memory_error_writes_the_history_and_goes_on(tmp_path):
             raise torch.OutOfMemoryError("CUDA out of memory")
     assert fake.calls == ["all", None]
     assert (tmp_path / "memory" / "rank1.txt").read_text().startswith("GPU memory of rank 1 at an out-of-memory")
+
+
+def test_a_run_resumed_at_or_after_the_asked_step_records_nothing(tmp_path, capsys):
+    fake = FakeAllocator()
+    with fake.patched():
+        for resumed, calls in ((1, ["all"]), (2, ["all", None])):
+            memory = MemoryHistory(2, tmp_path, 0, torch.device("cuda", 0))
+            memory.start()
+            memory.resumed_at(resumed)
+            assert fake.calls == calls and memory.recording == (resumed < 2)
+            memory.stop()
+            fake.calls.clear()
+    assert capsys.readouterr().out == ("log.memory_snapshot: step 2 is not after the resumed step 2; nothing is "
+                                       "recorded\n")
 
 
 def test_nothing_is_recorded_when_not_asked_or_on_a_cpu(tmp_path):

@@ -168,6 +168,7 @@ def _train_recorded(device: torch.device, plan: RunPlan, resume: bool, quiet: bo
         print(f"no complete checkpoint in {checkpointer.root}; starting from step 0", flush=True)
     if resuming:
         _resume(checkpointer, trainer, sampler, skipped, rank, start_from, verified=resume_from is not None)
+        memory.resumed_at(trainer.step_count)
     elif start_from is not None:
         load_weights(start_from, trainer, checkpointer.hf_parts, verify=False)  # the plan verified it (`plan_run`)
         if rank == 0 and not quiet:

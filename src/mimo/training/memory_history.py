@@ -25,6 +25,7 @@ import torch
 # the recorded allocator events kept (a ring: older ones are dropped); a 7B step makes ~10^5
 MAX_ENTRIES = 1_000_000
 BEFORE = "(allocated before the recording)"
+NO_FRAME = "(no Python frame: autograd's backward thread, or C++)"
 TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -51,12 +52,13 @@ class PeakReport:
 
 
 def holder(frames: list[dict[str, Any]]) -> str:
-    """Where a block was allocated: its innermost frame outside torch's own package (mimo's, torchao's, the user's),
-    else its innermost frame."""
-    for f in frames:
-        if not f["filename"].startswith(TORCH_DIR):
-            return f"{f['filename']}:{f['line']} {f['name']}"
-    return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else "(no Python frame)"
+    """Where a block was allocated: its innermost frame outside torch's package and inductor's generated code
+    (mimo's, torchao's, the user's), else outside torch's package, else the innermost. The backward's blocks are
+    allocated on autograd's own thread, which runs no Python of ours: they often have no frame at all."""
+    outside = [f for f in frames if not f["filename"].startswith(TORCH_DIR)]
+    ours = [f for f in outside if "torchinductor" not in f["filename"]]
+    f = (ours or outside or frames or [None])[0]
+    return NO_FRAME if f is None else f"{f['filename']}:{f['line']} {f['name']}"
 
 
 def peak_holders(snapshot: dict[str, Any], device: int) -> PeakReport:
@@ -118,6 +120,14 @@ class MemoryHistory:
             torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python",
                                                      max_entries=MAX_ENTRIES)
             self.recording = True
+
+    def resumed_at(self, step: int) -> None:
+        """A resumed run starts after `step`: at or past the asked one, nothing is recorded (rank 0 says so)."""
+        if self.recording and step >= self.step:
+            self.stop()
+            if self.rank == 0:
+                print(f"log.memory_snapshot: step {self.step} is not after the resumed step {step}; nothing is "
+                      f"recorded", flush=True)
 
     def after_step(self, step: int) -> None:
         """Write the snapshot after the asked step, and stop recording."""

@@ -98,8 +98,9 @@ class LogSection:
     dir: str = "runs/mimo"  # the run directory: config.yaml, metrics.jsonl, and checkpoints unless checkpoint.dir
     interval: int = field(default=10, metadata={"min": 1})  # write a metrics.jsonl line every this many steps
     tensorboard: bool = False  # also write TensorBoard event files to the run directory's tb/
-    # GPU runs: record the CUDA allocator from the start; after this step (or at an out-of-memory error) each rank
-    # writes memory/rank{r}.pickle (https://pytorch.org/memory_viz) and rank{r}.txt (who held the peak); 0: off
+    # GPU runs: record the CUDA allocator from the start (slower steps until then); after this step (or at an
+    # out-of-memory error) each rank writes memory/rank{r}.pickle (https://pytorch.org/memory_viz) and rank{r}.txt
+    # (who held the peak); 0: off
     memory_snapshot: int = field(default=0, metadata={"min": 0})
 
 
