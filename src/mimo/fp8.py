@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from unittest import mock
 
 import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel
+
+from mimo.launch import cuda_present
 
 Recipe = Literal["none", "tensorwise", "rowwise"]
 SmallLayers = Literal["skip", "convert"]
@@ -168,19 +168,15 @@ def check_device(where: str, recipe: Recipe, device: torch.device) -> None:
 
 
 def check_machine(where: str, recipe: Recipe) -> None:
-    """Before any worker starts: this machine has a CUDA GPU (asked through NVML, which leaves the CUDA runtime
-    uninitialized, so workers can still be forked); each rank checks its own GPU's capability (`check_device`)."""
+    """Before any worker starts: this machine has a CUDA GPU (`launch.cuda_present`, which leaves workers forkable);
+    each rank checks its own GPU's capability (`check_device`)."""
     if recipe == "none":
         return
-    with mock.patch.dict(os.environ, {_NVML_CHECK: "1"}):
-        present = torch.cuda.is_available()
-    if not present:
+    if not cuda_present():
         raise FP8Error(f"{where}: fp8 {recipe!r} needs a CUDA GPU with float8 matmuls (compute capability "
                        f"{_capability(MIN_CAPABILITY)} or newer: Ada, Hopper, Blackwell), and this machine has "
                        f"none (the ranks would compute on the CPU); set fp8: none")
 
-
-_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def _capability(cap: tuple[int, int]) -> str:

@@ -145,6 +145,15 @@ def run_on_a_free_port(nproc: int, entrypoint: Callable[..., Any], args: tuple[A
                 raise
 
 
+def cuda_present() -> bool:
+    """Whether this machine has a CUDA GPU, asked through NVML: the CUDA runtime stays uninitialized, so workers
+    can still be forked (`start_method`); what the parent's checks call before any worker starts."""
+    import torch
+
+    with mock.patch.dict(os.environ, {_NVML_CHECK: "1"}):
+        return torch.cuda.is_available()
+
+
 def start_method() -> str:
     """'fork' (workers inherit this process's imports), or 'spawn' once CUDA is initialized here: a forked
     child cannot use a CUDA context its parent created. (The CUDA runtime's availability check poisons fork

@@ -123,6 +123,8 @@ class FakeAllocator:
 
     def record(self, enabled="all", **kwargs):
         self.calls.append(enabled)
+        if enabled is not None:
+            self.settings = kwargs
 
     def snapshot(self):
         return snapshot([alloc(100, 2_000_000_000)])
@@ -141,6 +143,8 @@ def test_the_history_is_written_after_the_asked_step_only_and_recording_ends(tmp
             assert not (tmp_path / "memory").exists()
             memory.after_step(2)
     assert fake.calls == ["all", None]  # recorded from the start, stopped once written
+    # Python stacks of allocations only: stacks of frees crash compiled blocks recomputed in the backward (torch 2.11)
+    assert fake.settings["context"] == "alloc" and fake.settings["stacks"] == "python"
     assert (tmp_path / "memory" / "rank0.txt").read_text().splitlines() == [
         "GPU memory of rank 0 after step 2, recorded from the run's start",
         "peak 2.00 GB allocated, at event 1 of 1 recorded", f"    2.000 GB       1 blocks  {OURS}:1 f"]

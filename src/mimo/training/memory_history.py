@@ -24,6 +24,9 @@ import torch
 
 # the recorded allocator events kept (a ring: older ones are dropped); a 7B step makes ~10^5
 MAX_ENTRIES = 1_000_000
+# the stack of each allocation only: frees' stacks are not needed here, and recording them crashes a compiled block
+# recomputed in the backward on torch 2.11 ("returned NULL without setting an exception", pytorch/pytorch#179536)
+CONTEXT = "alloc"
 BEFORE = "(allocated before the recording)"
 NO_FRAME = "(no Python frame: autograd's backward thread, or C++)"
 TORCH_DIR = os.path.dirname(torch.__file__)
@@ -117,7 +120,7 @@ class MemoryHistory:
     def start(self) -> None:
         """Begin recording, with Python stacks (mimo's lines), if asked and on a GPU."""
         if self.step and self.device.type == "cuda":
-            torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python",
+            torch.cuda.memory._record_memory_history(enabled="all", context=CONTEXT, stacks="python",
                                                      max_entries=MAX_ENTRIES)
             self.recording = True
 
