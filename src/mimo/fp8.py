@@ -178,7 +178,6 @@ def check_machine(where: str, recipe: Recipe) -> None:
                        f"none (the ranks would compute on the CPU); set fp8: none")
 
 
-
 def _capability(cap: tuple[int, int]) -> str:
     return f"{cap[0]}.{cap[1]}"
 
