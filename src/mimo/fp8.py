@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel
 
-from mimo.launch import cuda_present
+from mimo.fork_safe import cuda_present
 
 Recipe = Literal["none", "tensorwise", "rowwise"]
 SmallLayers = Literal["skip", "convert"]
@@ -168,7 +168,7 @@ def check_device(where: str, recipe: Recipe, device: torch.device) -> None:
 
 
 def check_machine(where: str, recipe: Recipe) -> None:
-    """Before any worker starts: this machine has a CUDA GPU (`launch.cuda_present`, which leaves workers forkable);
+    """Before any worker starts: this machine has a CUDA GPU (`fork_safe.cuda_present`, which leaves workers forkable);
     each rank checks its own GPU's capability (`check_device`)."""
     if recipe == "none":
         return

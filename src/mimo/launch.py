@@ -39,7 +39,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from torch.distributed import DistNetworkError
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -47,11 +46,11 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from mimo.fork_safe import nvml_check
 from mimo.training.phase import WAITS_ON, current, enter, phase_bounds
 
 HEARTBEAT_S = 1.0  # how often each worker touches its heartbeat file
 HANG_S = 60.0  # default of MIMO_HANG_S: a heartbeat older than this means the rank is hung (tests lower it)
-_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch checks CUDA through NVML (which leaves fork usable)
 
 
 def launch(plan: Any, nproc: int, **kwargs: Any) -> int:
@@ -131,7 +130,7 @@ def run_on_a_free_port(nproc: int, entrypoint: Callable[..., Any], args: tuple[A
     another port is tried."""
     for attempt in range(_RENDEZVOUS_TRIES):
         # LaunchConfig asks torch.cuda.is_available() (for NUMA defaults): through NVML, which leaves fork usable
-        with mock.patch.dict(os.environ, {_NVML_CHECK: "1"}):
+        with nvml_check():
             launch_config = LaunchConfig(
                 min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mimo-{uuid.uuid4().hex[:8]}",
                 rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"rank": 0},
@@ -145,19 +144,10 @@ def run_on_a_free_port(nproc: int, entrypoint: Callable[..., Any], args: tuple[A
                 raise
 
 
-def cuda_present() -> bool:
-    """Whether this machine has a CUDA GPU, asked through NVML: the CUDA runtime stays uninitialized, so workers
-    can still be forked (`start_method`); what the parent's checks call before any worker starts."""
-    import torch
-
-    with mock.patch.dict(os.environ, {_NVML_CHECK: "1"}):
-        return torch.cuda.is_available()
-
-
 def start_method() -> str:
     """'fork' (workers inherit this process's imports), or 'spawn' once CUDA is initialized here: a forked
     child cannot use a CUDA context its parent created. (The CUDA runtime's availability check poisons fork
-    too; nothing before the launch calls it, and `_NVML_CHECK` keeps torch's launcher from it.)"""
+    too; nothing before the launch calls it, and `fork_safe.nvml_check` keeps torch's launcher from it.)"""
     import torch
 
     return "spawn" if torch.cuda.is_initialized() else "fork"

@@ -26,9 +26,9 @@ from mimo.data.section import DataSection
 from mimo.distributed import WrapError, caches_float8_casts, module_fp8_layers, module_of
 from mimo.families.registry import BuildSettings, ModelFamily, family_named
 from mimo.flops import ModalityFlops
+from mimo.fork_safe import cuda_present
 from mimo.fp8 import FP8Error, check_machine, check_torchao, summary
 from mimo.hf.load import fingerprint
-from mimo.launch import cuda_present
 from mimo.models.init import seeding_names
 from mimo.provider import MimoModelProvider, ProviderError
 from mimo.training.checkpoint import CheckpointError, HFPart, check_weights_fit, parts_left_out, weights_path
@@ -155,7 +155,7 @@ def _check_fp8_machine(config: RunConfig) -> None:
 
 
 def _check_memory_machine(config: RunConfig) -> None:
-    """`log.memory_snapshot` records the CUDA allocator: refused where there is none (`launch.cuda_present`, which
+    """`log.memory_snapshot` records the CUDA allocator: refused where there is none (`fork_safe.cuda_present`, which
     leaves workers forkable)."""
     if config.log.memory_snapshot and not cuda_present():
         raise RunConfigError(f"log.memory_snapshot: {config.log.memory_snapshot} records the CUDA allocator, and this "
