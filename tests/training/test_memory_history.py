@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from mimo.fork_safe import NVML_CHECK
 from mimo.training.memory_history import BEFORE, NO_FRAME, MemoryHistory, PeakReport, holder, peak_holders
 from tests.test_train_cli import in_process
 
@@ -110,8 +111,11 @@ def test_a_machine_without_cuda_is_refused_before_any_worker_and_one_with_cuda_i
     assert done.returncode == 2 and done.stderr == ("mimo validate: error: log.memory_snapshot: 1 records the CUDA "
                                                     "allocator, and this machine has no CUDA GPU; set "
                                                     "log.memory_snapshot: 0\n")
-    with mock.patch.object(torch.cuda, "is_available", return_value=True):
+    asked = []  # how each check asked: through NVML, or by initializing CUDA (a forked worker then dies)
+    with mock.patch.object(torch.cuda, "is_available", side_effect=lambda: asked.append(os.environ.get(NVML_CHECK))
+                           or True):
         assert in_process("validate", _run_yaml(tmp_path, 2)).returncode == 0
+    assert asked and set(asked) == {"1"} and NVML_CHECK not in os.environ
 
 
 class FakeAllocator:
