@@ -5,6 +5,8 @@ unless it is told to ask NVML instead."""
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
+from typing import Any
 from unittest import mock
 
 import torch
@@ -12,7 +14,7 @@ import torch
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch checks CUDA through NVML (which leaves fork usable)
 
 
-def nvml_check() -> mock._patch_dict:
+def nvml_check() -> AbstractContextManager[Any]:
     """A context in which torch's CUDA availability checks go through NVML (torch's launcher asks one too)."""
     return mock.patch.dict(os.environ, {NVML_CHECK: "1"})
 
