@@ -30,6 +30,7 @@ CONTEXT = "alloc"
 BEFORE = "(allocated before the recording)"
 NO_FRAME = "(no Python frame: autograd's backward thread, or C++)"
 TORCH_DIR = os.path.dirname(torch.__file__)
+Live = dict[int, tuple[int, list[dict[str, Any]] | None]]  # address: (bytes, frames; None: before the recording)
 
 
 @dataclass
@@ -73,40 +74,38 @@ def peak_holders(snapshot: dict[str, Any], device: int) -> PeakReport:
     for e in trace:
         if e["action"] in ("alloc", "free_completed"):
             first.setdefault(e["addr"], e)
-    live = {addr: (e["size"], BEFORE) for addr, e in first.items() if e["action"] == "free_completed"}
+    start: Live = {addr: (e["size"], None) for addr, e in first.items() if e["action"] == "free_completed"}
     for seg in snapshot["segments"]:  # allocated before the trace and never freed
         if seg["device"] == device:
             for b in seg["blocks"]:
                 if b["state"] != "inactive" and b["address"] not in first:
-                    live[b["address"]] = (b["size"], BEFORE)
+                    start[b["address"]] = (b["size"], None)
+    live = dict(start)
     total = sum(size for size, _ in live.values())
-    peak, at, best = total, -1, dict(live)
+    peak, at = total, -1
     for i, e in enumerate(trace):
-        if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], holder(e["frames"]))
-            total += e["size"]
-            if total > peak:
-                peak, at = total, i
-        elif e["action"] == "free_completed" and e["addr"] in live:
-            total -= live.pop(e["addr"])[0]
-    if at >= 0:
-        best = _live_at(trace, at, best)
+        total += _apply(live, e)
+        if total > peak:
+            peak, at = total, i
+    live = dict(start)
+    for e in trace[:at + 1]:  # again, to the peak: the blocks live then
+        _apply(live, e)
     holders: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for size, who in best.values():
+    for size, frames in live.values():
+        who = holder(frames) if frames is not None else BEFORE
         holders[who][0] += size
         holders[who][1] += 1
     return PeakReport(peak, at, len(trace), dict(holders))
 
 
-def _live_at(trace: list[dict[str, Any]], at: int, start: dict[int, tuple[int, str]]) -> dict[int, tuple[int, str]]:
-    """The blocks live just after event `at`, from those live before the trace (`start`)."""
-    live = dict(start)
-    for e in trace[:at + 1]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], holder(e["frames"]))
-        elif e["action"] == "free_completed":
-            live.pop(e["addr"], None)
-    return live
+def _apply(live: Live, event: dict[str, Any]) -> int:
+    """One trace event applied to the live blocks; the bytes it allocated (freed: negative)."""
+    if event["action"] == "alloc":
+        live[event["addr"]] = (event["size"], event["frames"])
+        return event["size"]
+    if event["action"] == "free_completed" and event["addr"] in live:
+        return -live.pop(event["addr"])[0]
+    return 0
 
 
 class MemoryHistory:
