@@ -9,9 +9,11 @@ caching is the precedent): torchao's matmul uses a float8 weight as is in the fo
 (`tensor_already_casted_to_fp8`), autocast leaves a weight already in its dtype alone.
 
 Exact (bitwise): each cast is the one the layer would make (torchao's `hp_tensor_to_float8_dynamic` with the layer's
-weight cast config; autocast's `weight.to(dtype)`), made in autograd: its nodes pass the gradient through (cast
-back to float32) and save no tensor (float8's amax and scale are computed without gradient), so every micro-batch's
-backward reaches the parameter through them, and recomputation re-reads the same cached tensor. Held for the step:
+weight cast config; autocast's `weight.to(dtype)`), made without autograd; each forward (and recomputed forward)
+reads it through `CastGradient`, a node made there, which passes the gradient to the float32 parameter as the cast's
+own node would (torchao's and `to`'s backward pass it through). Made in the forward, not once with the cache:
+autograd runs the newest ready node first, so a node older than every micro-batch's would hold each weight's
+gradient until the backward's end, a second float32 gradient per weight (RESULTS "Session 17"). Held for the step:
 1 byte per float8 parameter, 2 per bf16 one. Only where one cast serves: a tensorwise float8 recipe (rowwise scales
 the weight along a different dim for the backward's matmul than for the forward's), weights every rank holds whole
 (one rank, DDP: `mimo.distributed.caches_weight_casts`; not FSDP2's, gathered per use, nor TP's DTensors), and for a
@@ -32,6 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.gemm_alignment import misaligned
+
+
+class CastGradient(torch.autograd.Function):
+    """The step's cached cast of `weight` (`cast`, no autograd), read by one forward; its gradient goes straight to
+    `weight` (transposed back where the cast is of `weight.t()`, in `weight`'s dtype), as the cast's own node's."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, cast: torch.Tensor, transposed: bool) -> torch.Tensor:
+        ctx.transposed, ctx.dtype = transposed, weight.dtype
+        return cast.view_as(cast)  # an alias: a Function's output must be its own tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return (grad.t() if ctx.transposed else grad).to(ctx.dtype), None, None
 
 
 class CachedCast(nn.Module):
@@ -56,10 +72,10 @@ class CachedCastLinear(CachedCast, nn.Linear):
         cast, device = self.weight_cast, input.device.type
         if cast is None or not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != cast.dtype:
             return F.linear(input, self.weight, self.bias)
-        return F.linear(input, cast, self.bias)
+        return F.linear(input, CastGradient.apply(self.weight, cast, False), self.bias)
 
     def cast_weight(self) -> None:
-        """autocast's cast of the weight, once (under autograd where the weight trains)."""
+        """autocast's cast of the weight, once."""
         self.weight_cast = self.weight.to(self.cast_dtype)
 
 
@@ -79,6 +95,7 @@ def cached_cast_float8_linear() -> type[CachedCast]:
                 return Float8Linear.forward(self, input)
             if torch.is_autocast_enabled():  # as Float8Linear: the output in the autocast dtype
                 input = input.to(torch.get_autocast_gpu_dtype())
+            weight_t = CastGradient.apply(self.weight, weight_t, True)
             output = matmul_with_hp_or_float8_args.apply(input, weight_t, self.linear_mm_config, self.config)
             if self.bias is not None:
                 output = output + self.bias.to(output.dtype)
@@ -86,7 +103,7 @@ def cached_cast_float8_linear() -> type[CachedCast]:
 
         def cast_weight(self) -> None:
             """The master weight cast as `matmul_with_hp_or_float8_args` casts it (tensorwise: the same for its
-            forward and backward), once (under autograd where the weight trains)."""
+            forward and backward), once."""
             c = self.config.cast_config_weight
             self.weight_cast = hp_tensor_to_float8_dynamic(
                 self.weight.t(), c.target_dtype, self.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT,
@@ -142,12 +159,14 @@ def cached_layers(modules: Iterable[nn.Module]) -> list[CachedCast]:
 
 
 def fill(layers: Iterable[CachedCast]) -> None:
-    """A step starts: each layer's weight cast once for all its micro-batches (under grad mode: the step's graph)."""
-    for layer in layers:
-        layer.cast_weight()
+    """A step starts: each layer's weight cast once for all its micro-batches (no autograd: `CastGradient` carries
+    each forward's gradient)."""
+    with torch.no_grad():
+        for layer in layers:
+            layer.cast_weight()
 
 
 def drop(layers: Iterable[CachedCast]) -> None:
-    """The step's optimizer changed the weights: forget every cast (and the graph each held)."""
+    """The step's optimizer changed the weights: forget every cast."""
     for layer in layers:
         layer.weight_cast = None
