@@ -93,3 +93,51 @@ def test_weight_casts_cached_once_a_step_train_like_uncached(tmp_path):
     assert cached[0] == plain[0]
     assert cached == pytest.approx(plain, rel=1e-3)
     assert recompiled == 0
+
+
+def _backward_peak(cache: bool, layers: int, width: int, tokens: int) -> tuple[int, int]:
+    """A stack of float8 (tensorwise, torch's float8 matmuls) linear layers, each compiled alone as mimo compiles
+    blocks, bf16 autocast: the memory one step of 2 micro-batches adds at its peak (weights' gradients from None,
+    and the casts where cached), after a first step compiled; and the float8 casts' bytes."""
+    from mimo.fp8 import FP8Layers, convert
+    from mimo.weight_casts import drop, enable, fill
+
+    torch.manual_seed(0)
+    names = [str(i) for i in range(layers)]
+    stack = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in names)).cuda()
+    convert(stack, FP8Layers("tensorwise", names))
+    cached = [stack[i] for i in range(layers)] if enable(stack, torch.bfloat16) == names and cache else []
+    blocks = [torch.compile(layer) for layer in stack]
+    x = torch.randn(tokens, width, device="cuda")
+
+    def step() -> None:
+        fill(cached)
+        for _ in range(2):
+            h = x
+            with torch.autocast("cuda", torch.bfloat16):
+                for block in blocks:
+                    h = block(h)
+            h.float().square().mean().backward()
+        drop(cached)
+
+    step()  # compiles
+    stack.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, layers * width * width
+
+
+def test_cached_casts_cost_their_bytes_and_no_second_gradient():
+    """Cached float8 casts add their own bytes (1 a parameter) to a step's peak, and nothing more: each weight's
+    gradient reaches it as its layer's backward makes it (`weight_casts.CastGradient`). Before, the cast's node made
+    once a step ran at the backward's end and held a second float32 gradient per weight until then (4 bytes a
+    parameter: RESULTS "Session 17")."""
+    layers, width, tokens = 8, 2048, 256
+    plain, casts = _backward_peak(False, layers, width, tokens)
+    cached, _ = _backward_peak(True, layers, width, tokens)
+    print(f"\nstep peak above the start: uncached {plain / 2**20:.1f} MiB, cached {cached / 2**20:.1f} MiB, "
+          f"casts {casts / 2**20:.1f} MiB")
+    assert cached <= plain + casts + 2 * 2**20, (cached, plain, casts)
