@@ -134,10 +134,11 @@ def test_cached_casts_cost_their_bytes_and_no_second_gradient():
     """Cached float8 casts add their own bytes (1 a parameter) to a step's peak, and nothing more: each weight's
     gradient reaches it as its layer's backward makes it (`weight_casts.CastGradient`). Before, the cast's node made
     once a step ran at the backward's end and held a second float32 gradient per weight until then (4 bytes a
-    parameter: RESULTS "Session 17")."""
+    parameter: RESULTS "Session 17"). Allowed beyond the casts: one layer's bf16 weight gradient in flight (torchao's,
+    before `CastGradient` makes it float32; an H200 measured 2.5 MiB beyond, the code before the fix 107.5 MiB)."""
     layers, width, tokens = 8, 2048, 256
     plain, casts = _backward_peak(False, layers, width, tokens)
     cached, _ = _backward_peak(True, layers, width, tokens)
     print(f"\nstep peak above the start: uncached {plain / 2**20:.1f} MiB, cached {cached / 2**20:.1f} MiB, "
           f"casts {casts / 2**20:.1f} MiB")
-    assert cached <= plain + casts + 2 * 2**20, (cached, plain, casts)
+    assert cached <= plain + casts + width * width * 2, (cached, plain, casts)
