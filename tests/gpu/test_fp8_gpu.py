@@ -106,7 +106,9 @@ def _backward_peak(cache: bool, layers: int, width: int, tokens: int) -> tuple[i
     names = [str(i) for i in range(layers)]
     stack = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in names)).cuda()
     convert(stack, FP8Layers("tensorwise", names))
-    cached = [stack[i] for i in range(layers)] if enable(stack, torch.bfloat16) == names and cache else []
+    if cache:
+        assert enable(stack, torch.bfloat16) == names, "every float8 layer's cast cached"
+    cached = list(stack) if cache else []
     blocks = [torch.compile(layer) for layer in stack]
     x = torch.randn(tokens, width, device="cuda")
 
